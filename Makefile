@@ -1,0 +1,34 @@
+# Set-up and common jobs. Everything installs into a local virtual environment (.venv).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NMT := $(VENV)/bin/nmt
+# The CPU build of torch; set TORCH_SPEC= (empty) to keep whatever torch pip picks for your GPU.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DIR ?= demo-run
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(if $(TORCH_SPEC),$(PY) -m pip install -q "$(TORCH_SPEC)")
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+# Prepare, train, translate and score on the bundled Tatoeba English-Spanish sample (CPU, offline).
+demo: install
+	$(NMT) prepare --tsv nmt/corpora/tatoeba-en-es-15k.tsv.gz --tsv-langs en,es --src en --tgt es \
+		--valid-size 500 --test-size 1000 --vocab-size 4000 --out $(DEMO_DIR)/data --overwrite
+	$(NMT) train recipes/tatoeba-en-es/transformer-cpu-demo.yaml --data $(DEMO_DIR)/data \
+		--out $(DEMO_DIR)/model --overwrite
+	$(NMT) translate $(DEMO_DIR)/model --input $(DEMO_DIR)/data/test.src.txt \
+		--output $(DEMO_DIR)/test.hyp.txt --beam 5
+	$(NMT) evaluate --hyp $(DEMO_DIR)/test.hyp.txt --ref $(DEMO_DIR)/data/test.tgt.txt
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
