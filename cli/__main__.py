@@ -1,0 +1,3 @@
+from nmt_cli.main import app
+
+app()

@@ -1,0 +1,202 @@
+"""The `nmt` command: each subcommand parses its options and calls one library function."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from nmt.errors import NmtError
+
+app = typer.Typer(
+    name="nmt",
+    help="Neural machine translation: prepare data, train, translate, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn errors a user can fix into one line on stderr and exit status 1."""
+    try:
+        yield
+    except NmtError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def prepare(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Data directory to create.")],
+    src: Annotated[str, typer.Option(help="Source language code, e.g. de.")],
+    tgt: Annotated[str, typer.Option(help="Target language code, e.g. en.")],
+    train: Annotated[Optional[str], typer.Option(help="Training files prefix: PREFIX.SRC and PREFIX.TGT (.gz allowed).")] = None,
+    valid: Annotated[Optional[str], typer.Option(help="Validation files prefix (with --train).")] = None,
+    test: Annotated[Optional[str], typer.Option(help="Test files prefix (with --train).")] = None,
+    tsv: Annotated[Optional[Path], typer.Option(help="Tab-separated corpus (.gz allowed).")] = None,
+    tsv_langs: Annotated[Optional[str], typer.Option(help="Language of each TSV column, e.g. en,es.")] = None,
+    hf: Annotated[Optional[str], typer.Option(help="Hugging Face dataset id, or a local folder of json/csv/parquet files.")] = None,
+    hf_config: Annotated[Optional[str], typer.Option(help="Dataset config, e.g. de-en.")] = None,
+    hf_revision: Annotated[Optional[str], typer.Option(help="Dataset revision (branch, tag or commit).")] = None,
+    valid_size: Annotated[int, typer.Option(help="Pairs held out for validation when the input has no valid split.")] = 1000,
+    test_size: Annotated[int, typer.Option(help="Pairs held out for testing when the input has no test split.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out split.")] = 1,
+    normalize: Annotated[str, typer.Option(help="Unicode normalization: NFC, NFKC, NFD, NFKD or none.")] = "NFC",
+    max_words: Annotated[int, typer.Option(help="Drop pairs with a side longer than this many words.")] = 250,
+    max_ratio: Annotated[float, typer.Option(help="Drop pairs whose longer side has more than this times the words of the other.")] = 3.0,
+    dedup: Annotated[bool, typer.Option(help="Drop exact duplicate pairs.")] = True,
+    vocab_size: Annotated[int, typer.Option(help="SentencePiece vocabulary size (a soft limit for small corpora).")] = 8000,
+    spm_type: Annotated[str, typer.Option(help="SentencePiece model: unigram or bpe.")] = "unigram",
+    joint_vocab: Annotated[bool, typer.Option("--joint-vocab/--separate-vocab", help="One vocabulary for both languages, or one each.")] = True,
+    character_coverage: Annotated[float, typer.Option(help="SentencePiece character coverage.")] = 1.0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+) -> None:
+    """Clean, split, tokenize and binarize a parallel corpus."""
+    from nmt.data import CleanConfig
+    from nmt.prepare import PrepareConfig, prepare as run_prepare
+
+    with user_errors():
+        if normalize.upper() not in ("NFC", "NFKC", "NFD", "NFKD", "NONE"):
+            raise NmtError(f"--normalize must be NFC, NFKC, NFD, NFKD or none (got {normalize!r})")
+        langs = None
+        if tsv_langs:
+            langs = tuple(x.strip() for x in tsv_langs.split(","))
+            if len(langs) < 2:
+                raise NmtError("--tsv-langs needs one language per column, e.g. en,es")
+        manifest = run_prepare(
+            PrepareConfig(
+                out_dir=out, src_lang=src, tgt_lang=tgt, train_prefix=train, valid_prefix=valid,
+                test_prefix=test, tsv=tsv, tsv_langs=langs, hf_name=hf, hf_config=hf_config,
+                hf_revision=hf_revision, valid_size=valid_size, test_size=test_size, seed=seed,
+                clean=CleanConfig(normalization=normalize, max_words=max_words, max_ratio=max_ratio, dedup=dedup),
+                vocab_size=vocab_size, spm_type=spm_type, joint_vocab=joint_vocab,
+                character_coverage=character_coverage, overwrite=overwrite,
+            )
+        )
+    cleaning = manifest["cleaning"]
+    typer.echo(f"prepared {out} ({manifest['src_lang']} -> {manifest['tgt_lang']}) in {manifest['seconds']} s")
+    typer.echo(
+        "cleaning: {pairs_read} pairs read; changed: {normalized} by Unicode normalization, "
+        "{whitespace_fixed} by whitespace; dropped: {empty} empty, {too_long} too long, {ratio} by length "
+        "ratio, {duplicates} duplicates, {overlap_with_valid_test} also in valid/test".format(**cleaning)
+    )
+    for split, counts in manifest["counts"].items():
+        typer.echo(
+            f"{split:>5}: {counts['pairs']:>8} pairs, {counts['src_tokens']:>9} source tokens, "
+            f"{counts['tgt_tokens']:>9} target tokens"
+        )
+    vocab = manifest["vocab"]
+    kind = "joint" if vocab["joint"] else "separate"
+    typer.echo(f"vocab: {kind} {vocab['type']}, {vocab['src_size']} source / {vocab['tgt_size']} target pieces")
+
+
+@app.command()
+def train(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config, e.g. recipes/multi30k/transformer-cpu.yaml.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Data directory from nmt prepare (overrides data_dir).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Checkpoint directory (overrides save_dir).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: section.key=value (repeatable).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (overrides train.device).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in the checkpoint directory.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start again, replacing the model in the checkpoint directory.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train a model on a prepared data directory."""
+    from nmt.config import load_config
+    from nmt.train import train as run_train
+
+    overrides = list(set_ or [])
+    if data is not None:
+        overrides.append(f"data_dir={json.dumps(str(data))}")
+    if out is not None:
+        overrides.append(f"save_dir={json.dumps(str(out))}")
+    if device is not None:
+        overrides.append(f"train.device={device}")
+    with user_errors():
+        result = run_train(load_config(config, overrides), resume=resume, overwrite=overwrite, progress=progress)
+    typer.echo(
+        f"trained {result.steps} steps ({result.epochs} epochs) in {result.seconds:.0f} s, stopped by "
+        f"{result.stop_reason or 'end'}; best dev BLEU {result.best_bleu:.2f} at step {result.best_step}; "
+        f"checkpoints in {result.save_dir}"
+    )
+
+
+@app.command()
+def translate(
+    model_dir: Annotated[Path, typer.Argument(help="Checkpoint directory from nmt train.")],
+    input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Text to translate, one sentence per line (default: stdin).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write translations (default: stdout).")] = None,
+    beam: Annotated[Optional[int], typer.Option(help="Beam size; 1 is greedy search.")] = None,
+    nbest: Annotated[Optional[int], typer.Option(help="Write the N best as 'line ||| text ||| score'.")] = None,
+    len_penalty: Annotated[Optional[float], typer.Option(help="Score = log-prob / length**len_penalty.")] = None,
+    max_len_a: Annotated[Optional[float], typer.Option(help="Longest output = a * source length + b.")] = None,
+    max_len_b: Annotated[Optional[int], typer.Option(help="Longest output = a * source length + b.")] = None,
+    batch_tokens: Annotated[Optional[int], typer.Option(help="Source tokens per decoding batch.")] = None,
+    checkpoint: Annotated[str, typer.Option(help="Which weights: best or last.")] = "best",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    replace_invalid: Annotated[bool, typer.Option(help="Replace invalid UTF-8 instead of stopping.")] = False,
+) -> None:
+    """Translate text with a trained model: one output line per input line."""
+    import dataclasses
+
+    from nmt.checkpoint import read_config
+    from nmt.translate import translate_file
+
+    with user_errors():
+        decode = read_config(model_dir).decode
+        chosen = dict(beam=beam, nbest=nbest, len_penalty=len_penalty, max_len_a=max_len_a,
+                      max_len_b=max_len_b, batch_tokens=batch_tokens)
+        decode = dataclasses.replace(decode, **{k: v for k, v in chosen.items() if v is not None})
+        if nbest is None:
+            decode.nbest = 1
+        decode.validate()
+        translate_file(model_dir, input, output, decode, checkpoint, device, replace_invalid)
+
+
+@app.command()
+def evaluate(
+    hyp: Annotated[Optional[Path], typer.Option(help="Translations, one per line.")] = None,
+    ref: Annotated[Path, typer.Option(help="References, one per line.")] = ...,
+    src: Annotated[Optional[Path], typer.Option(help="Source text to translate first with --model.")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory for --src.")] = None,
+    beam: Annotated[Optional[int], typer.Option(help="Beam size when translating --src.")] = None,
+    metrics: Annotated[str, typer.Option(help="Comma-separated: bleu, chrf, ter.")] = "bleu,chrf,ter",
+    tokenize: Annotated[Optional[str], typer.Option(help="sacreBLEU tokenizer for BLEU (default 13a).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (with --src).")] = "auto",
+) -> None:
+    """Score translations against references with sacreBLEU."""
+    from nmt.evaluate import score_files
+
+    with user_errors():
+        if (hyp is None) == (src is None):
+            raise NmtError("give either --hyp, or --src with --model")
+        if src is not None:
+            import dataclasses
+            import tempfile
+
+            from nmt.checkpoint import read_config
+            from nmt.translate import translate_file
+
+            if model is None:
+                raise NmtError("--src needs --model")
+            decode = read_config(model).decode
+            decode = dataclasses.replace(decode, nbest=1, beam=beam or decode.beam)
+            hyp = Path(tempfile.mkdtemp(prefix="nmt-eval-")) / "hyp.txt"
+            translate_file(model, src, hyp, decode, device=device)
+        names = tuple(m.strip().lower() for m in metrics.split(",") if m.strip())
+        scores = score_files(hyp, ref, names, tokenize)
+    if json_output:
+        typer.echo(json.dumps([s.as_dict() for s in scores], indent=2))
+    else:
+        for s in scores:
+            typer.echo(f"{s.text}\n  signature: {s.signature}")
+
+
+if __name__ == "__main__":
+    app()

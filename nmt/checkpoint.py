@@ -1,0 +1,178 @@
+"""Checkpoint directories: everything needed to rebuild the model and translate, and to resume.
+
+    SAVE_DIR/
+      config.yaml            the full config the model was built and trained with
+      vocab.json             languages and SentencePiece models (names, sizes, checksums)
+      spm.*.model            the SentencePiece model(s)
+      best/model.safetensors weights with the best dev BLEU (+ info.json)
+      last/model.safetensors latest weights, with optimizer.safetensors and trainer.json to resume
+      train_log.jsonl        metrics
+
+Only safetensors and JSON/YAML are read back: loading never unpickles objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+from nmt.atomic import replace_dir, write_text_atomic
+from nmt.config import Config, config_from_dict, save_config
+from nmt.errors import CheckpointError, ConfigError
+from nmt.models import build_model
+from nmt.tokenizer import Tokenizer
+
+import yaml
+
+CHECKPOINT_NAMES = ("best", "last")
+
+
+def has_checkpoint(save_dir: Path) -> bool:
+    return any((Path(save_dir) / name / "model.safetensors").is_file() for name in CHECKPOINT_NAMES)
+
+
+def init_save_dir(save_dir: Path, config: Config, data_dir: Path, manifest: dict) -> None:
+    """Write the config, vocabulary description and SentencePiece models into `save_dir`."""
+    save_dir.mkdir(parents=True, exist_ok=True)
+    vocab = manifest["vocab"]
+    for key in ("src_model", "tgt_model"):
+        shutil.copyfile(data_dir / vocab[key], save_dir / vocab[key])
+    info = {
+        "src_lang": manifest["src_lang"],
+        "tgt_lang": manifest["tgt_lang"],
+        "normalization": manifest["filters"]["normalization"],  # applied to input text at translate time
+        "vocab": vocab,
+    }
+    write_text_atomic(save_dir / "vocab.json", json.dumps(info, indent=2))
+    save_config(config, save_dir / "config.yaml")
+
+
+def read_vocab_info(save_dir: Path) -> dict:
+    path = Path(save_dir) / "vocab.json"
+    if not path.is_file():
+        raise CheckpointError(f"{save_dir} is not a checkpoint directory (no vocab.json)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path} is damaged") from None
+
+
+def read_config(save_dir: Path) -> Config:
+    path = Path(save_dir) / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"{save_dir} is not a checkpoint directory (no config.yaml)")
+    try:
+        return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    except (yaml.YAMLError, ConfigError) as e:
+        raise CheckpointError(f"{path} is damaged or from another version: {e}") from None
+
+
+def save_checkpoint(
+    save_dir: Path,
+    name: str,
+    model: nn.Module,
+    info: dict,
+    optimizer: torch.optim.Optimizer | None = None,
+    rng_state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write `save_dir/name/` atomically: a crash leaves the previous one intact."""
+    tmp = save_dir / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    if optimizer is not None:
+        tensors, groups = _flatten_optimizer(optimizer)
+        tensors.update({f"rng.{k}": v for k, v in (rng_state or {}).items()})
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        info = {**info, "param_groups": groups}
+    (tmp / "info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    replace_dir(tmp, save_dir / name)
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is damaged or truncated ({e})") from None
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
+        raise CheckpointError(f"{path} does not match the model config: {detail}") from None
+    if missing or unexpected:
+        names = list(missing) + list(unexpected)
+        raise CheckpointError(f"{path} does not match the model config (first mismatching tensor: {names[0]})")
+
+
+def read_info(save_dir: Path, name: str) -> dict:
+    path = Path(save_dir) / name / "info.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        raise CheckpointError(f"{path} is missing or damaged") from None
+
+
+def load_training_state(save_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Restore model and optimizer from `save_dir/last`; returns (info, rng tensors)."""
+    directory = Path(save_dir) / "last"
+    load_weights(model, directory / "model.safetensors")
+    info = read_info(save_dir, "last")
+    try:
+        tensors = load_file(str(directory / "optimizer.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{directory / 'optimizer.safetensors'} is missing or damaged ({e})") from None
+    rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("rng."):
+            continue
+        param_id, field = key.split(".", 1)
+        state.setdefault(int(param_id), {})[field] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in info.pop("param_groups")]
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{directory}: optimizer state does not match the model ({e})") from None
+    return info, rng
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    state_dict = optimizer.state_dict()
+    tensors = {}
+    for param_id, param_state in state_dict["state"].items():
+        for field, value in param_state.items():
+            tensor = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{param_id}.{field}"] = tensor.detach().contiguous().cpu()
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state_dict["param_groups"]]
+    return tensors, groups
+
+
+def load_for_inference(save_dir: Path, which: str = "best", device: torch.device | str = "cpu"):
+    """Rebuild model, tokenizer and config from a checkpoint directory alone."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {save_dir}")
+    config = read_config(save_dir)
+    vocab_info = read_vocab_info(save_dir)["vocab"]
+    tokenizer = Tokenizer(save_dir / vocab_info["src_model"], save_dir / vocab_info["tgt_model"])
+    if (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) != (vocab_info["src_size"], vocab_info["tgt_size"]):
+        raise CheckpointError(f"{save_dir}: SentencePiece models do not match vocab.json")
+    if which not in CHECKPOINT_NAMES:
+        raise CheckpointError(f"checkpoint name must be one of {', '.join(CHECKPOINT_NAMES)}")
+    if not (save_dir / which / "model.safetensors").is_file():
+        other = "last" if which == "best" else "best"
+        if not (save_dir / other / "model.safetensors").is_file():
+            raise CheckpointError(f"{save_dir} holds no trained weights (no best/ or last/)")
+        which = other
+    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    load_weights(model, save_dir / which / "model.safetensors")
+    model.to(device).eval()
+    return model, tokenizer, config

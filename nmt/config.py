@@ -1,0 +1,229 @@
+"""Typed configuration: dataclasses loaded from YAML, with `section.key=value` overrides.
+
+Unknown keys and values of the wrong type are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nmt.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "transformer"  # "transformer" or "rnn"
+    embed_dim: int = 256  # Transformer: d_model. RNN: word embedding size.
+    enc_layers: int = 3
+    dec_layers: int = 3
+    dropout: float = 0.1
+    share_embeddings: bool = False  # one matrix for source and target embeddings (joint vocab only)
+    tie_output: bool = True  # output projection uses the decoder's embedding matrix
+    # Transformer
+    heads: int = 4
+    ff_dim: int = 1024
+    norm: str = "pre"  # "pre" (LayerNorm before each sublayer) or "post" (original paper)
+    attn_dropout: float = 0.0
+    # RNN-attention
+    cell: str = "lstm"  # "rnn" (tanh), "gru" or "lstm"
+    hidden_dim: int = 512  # encoder output size (both directions together) and decoder state size
+    attention: str = "additive"  # "additive" (Bahdanau), "dot" or "general" (Luong)
+    input_feeding: bool = True
+
+    def validate(self) -> None:
+        _choice("model.arch", self.arch, ("transformer", "rnn"))
+        _choice("model.norm", self.norm, ("pre", "post"))
+        _choice("model.cell", self.cell, ("rnn", "gru", "lstm"))
+        _choice("model.attention", self.attention, ("additive", "dot", "general"))
+        for name in ("embed_dim", "enc_layers", "dec_layers", "heads", "ff_dim", "hidden_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be at least 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("model.dropout must be in [0, 1)")
+        if self.arch == "transformer" and self.embed_dim % self.heads:
+            raise ConfigError("model.embed_dim must be divisible by model.heads")
+        if self.arch == "rnn":
+            if self.hidden_dim % 2:
+                raise ConfigError("model.hidden_dim must be even (the encoder is bidirectional)")
+            if self.tie_output and self.embed_dim != self.hidden_dim:
+                raise ConfigError(
+                    "model.tie_output needs model.embed_dim == model.hidden_dim for the RNN; "
+                    "set model.tie_output=false"
+                )
+
+
+@dataclass
+class TrainConfig:
+    batch_tokens: int = 4096  # padded tokens per batch: sentences × longest side
+    accum_steps: int = 1  # batches whose gradients add up to one update
+    lr: float = 5e-4  # peak learning rate, reached after warmup_steps
+    warmup_steps: int = 4000
+    min_lr: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0  # 0 turns clipping off
+    label_smoothing: float = 0.1
+    max_steps: int = 0  # 0: no limit
+    max_epochs: int = 0  # 0: no limit
+    max_minutes: float = 0.0  # wall-clock training budget; 0: no limit
+    valid_every: int = 1000  # updates between validations
+    valid_max_sentences: int = 0  # dev sentences decoded for BLEU; 0: all
+    valid_beam: int = 1
+    patience: int = 0  # validations without a better dev BLEU before stopping; 0: off
+    log_every: int = 100
+    seed: int = 1
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    precision: str = "auto"  # "auto" (bf16 on GPUs that have it, else fp16; fp32 on CPU), "bf16", "fp16", "fp32"
+    threads: int = 0  # CPU threads for torch; 0: torch's default
+
+    def validate(self) -> None:
+        _choice("train.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        for name in ("batch_tokens", "accum_steps", "valid_every", "log_every", "valid_beam"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1")
+        if self.lr <= 0:
+            raise ConfigError("train.lr must be positive")
+        if len(self.betas) != 2:
+            raise ConfigError("train.betas must have two values")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError("train.label_smoothing must be in [0, 1)")
+
+
+@dataclass
+class DecodeConfig:
+    beam: int = 5
+    len_penalty: float = 1.0  # hypothesis score = log-prob / length**len_penalty
+    max_len_a: float = 1.5  # longest output = a * source length + b
+    max_len_b: int = 10
+    nbest: int = 1
+    batch_tokens: int = 6000  # source tokens per decoding batch
+    max_input_tokens: int = 1024  # longer inputs are truncated with a warning
+
+    def validate(self) -> None:
+        if self.beam < 1:
+            raise ConfigError("decode.beam must be at least 1")
+        if not 1 <= self.nbest <= self.beam:
+            raise ConfigError("decode.nbest must be between 1 and decode.beam")
+        if self.batch_tokens < 1 or self.max_input_tokens < 1:
+            raise ConfigError("decode.batch_tokens and decode.max_input_tokens must be at least 1")
+
+
+@dataclass
+class Config:
+    data_dir: str = ""  # output of `nmt prepare`
+    save_dir: str = ""  # checkpoint directory
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.train.validate()
+        self.decode.validate()
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)} (got {value!r})")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against a field's type hint; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list (got {value!r})")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false (got {value!r})")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer (got {value!r})")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number (got {value!r})")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string (got {value!r})")
+        return value
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"unknown config key '{prefix}{key}'")
+    values = {}
+    for name in known:
+        if name not in data:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _from_dict(hint, data[name] or {}, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(f"{prefix}{name}", data[name], hint)
+    return cls(**values)
+
+
+def config_from_dict(data: dict) -> Config:
+    config = _from_dict(Config, data)
+    config.validate()
+    return config
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings (values parsed as YAML) to a config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the config must be a YAML mapping")
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")

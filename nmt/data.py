@@ -1,0 +1,392 @@
+"""Parallel text: reading (files, TSV, Hugging Face `datasets`), cleaning, binarized storage and
+token-bucketed batches."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import unicodedata
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nmt.errors import DataError
+from nmt.tokenizer import BOS, EOS, PAD
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def open_binary(path: Path):
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def decode_lines(binary_lines: Iterable[bytes], name: str, replace_invalid: bool = False) -> Iterator[str]:
+    """Decode UTF-8 lines, naming the file and line of invalid bytes, and strip the line ending.
+
+    Only `\\n` ends a line: a stray `\\r` or Unicode line separator inside a sentence must not
+    split it, or the two sides of a corpus drift apart.
+    """
+    errors = "replace" if replace_invalid else "strict"
+    lineno = 0
+    try:
+        for lineno, raw in enumerate(binary_lines, 1):
+            try:
+                line = raw.decode("utf-8", errors=errors)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{name}:{lineno}: invalid UTF-8 (byte {e.start}: {e.reason})") from None
+            if line.endswith("\n"):
+                line = line[:-1]
+            if line.endswith("\r"):
+                line = line[:-1]
+            yield line
+    except (OSError, EOFError) as e:  # e.g. a truncated .gz file
+        raise DataError(f"{name}: cannot read after line {lineno} ({e})") from None
+
+
+def read_lines(path: Path, replace_invalid: bool = False) -> Iterator[str]:
+    """Yield the lines of a UTF-8 text file (plain or .gz) without their line ending."""
+    with open_binary(path) as f:
+        yield from decode_lines(f, str(path), replace_invalid)
+
+
+def read_parallel_files(src_path: Path, tgt_path: Path) -> Iterator[tuple[str, str]]:
+    """Yield aligned (source, target) lines; a different number of lines is an error."""
+    src_lines, tgt_lines = read_lines(src_path), read_lines(tgt_path)
+    count = 0
+    for src in src_lines:
+        tgt = next(tgt_lines, None)
+        if tgt is None:
+            rest = sum(1 for _ in src_lines)
+            raise DataError(
+                f"line counts differ: {src_path} has {count + 1 + rest} lines, {tgt_path} has {count}"
+            )
+        count += 1
+        yield src, tgt
+    rest = sum(1 for _ in tgt_lines)
+    if rest:
+        raise DataError(f"line counts differ: {src_path} has {count} lines, {tgt_path} has {count + rest}")
+
+
+def read_tsv(path: Path, src_column: int, tgt_column: int) -> Iterator[tuple[str, str]]:
+    """Yield (source, target) from a tab-separated file; every row must have the same fields."""
+    expected = None
+    for lineno, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if expected is None:
+            expected = len(fields)
+            if expected <= max(src_column, tgt_column):
+                raise DataError(
+                    f"{path}:{lineno}: {expected} tab-separated fields, but column "
+                    f"{max(src_column, tgt_column) + 1} was asked for"
+                )
+        elif len(fields) != expected:
+            raise DataError(f"{path}:{lineno}: {len(fields)} tab-separated fields, expected {expected}")
+        yield fields[src_column], fields[tgt_column]
+
+
+def find_side_file(prefix: str | Path, lang: str) -> Path:
+    """`data/train` + `de` -> `data/train.de` or `data/train.de.gz`, whichever exists."""
+    for candidate in (Path(f"{prefix}.{lang}"), Path(f"{prefix}.{lang}.gz")):
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"file not found: {prefix}.{lang} (or {prefix}.{lang}.gz)")
+
+
+HF_SPLIT_NAMES = {
+    "train": ("train",),
+    "valid": ("validation", "valid", "dev", "val"),
+    "test": ("test",),
+}
+
+
+def load_hf_corpus(
+    name: str, config: str | None, src_lang: str, tgt_lang: str, revision: str | None = None
+) -> dict[str, list[tuple[str, str]]]:
+    """Load a parallel corpus with Hugging Face `datasets`: a Hub id or a local folder/file.
+
+    Returns the pairs of each split found (train, valid, test). Handles the three usual column
+    layouts: a `translation` dict, flat language columns, or `sourceString`/`targetString`.
+    """
+    import datasets  # slow to import; only prepare needs it
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    kwargs = {"revision": revision} if revision else {}
+    try:
+        try:
+            loaded = datasets.load_dataset(name, config, **kwargs)
+        except RuntimeError as e:
+            if "scripts are no longer supported" not in str(e) or revision:
+                raise
+            # Script-based Hub repos: their automatic parquet export holds the same data.
+            loaded = datasets.load_dataset(
+                name, revision="refs/convert/parquet", data_dir=config or None
+            )
+    except FileNotFoundError as e:
+        raise DataError(f"dataset {name!r} not found ({_first_line(e)})") from None
+    except (ValueError, ConnectionError, OSError, RuntimeError) as e:
+        raise DataError(f"cannot load dataset {name!r}: {_first_line(e)}") from None
+    splits: dict[str, list[tuple[str, str]]] = {}
+    for split, names in HF_SPLIT_NAMES.items():
+        found = next((n for n in names if n in loaded), None)
+        if found is not None:
+            splits[split] = list(_hf_pairs(loaded[found], src_lang, tgt_lang, f"{name}:{found}"))
+    if "train" not in splits:
+        raise DataError(f"dataset {name!r} has no train split (splits: {', '.join(loaded)})")
+    return splits
+
+
+def _hf_pairs(table, src_lang: str, tgt_lang: str, where: str) -> Iterator[tuple[str, str]]:
+    columns = table.column_names
+    if "translation" in columns:
+        for row in table["translation"]:
+            if src_lang not in row or tgt_lang not in row:
+                raise DataError(f"{where}: translation has no {src_lang!r}/{tgt_lang!r} (has {list(row)})")
+            yield row[src_lang] or "", row[tgt_lang] or ""
+    elif src_lang in columns and tgt_lang in columns:
+        for src, tgt in zip(table[src_lang], table[tgt_lang]):
+            yield src or "", tgt or ""
+    else:
+        raise DataError(
+            f"{where}: no 'translation' column and no {src_lang!r}/{tgt_lang!r} columns "
+            f"(columns: {', '.join(columns)})"
+        )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Cleaning
+
+
+@dataclass
+class CleanConfig:
+    normalization: str = "NFC"  # Unicode normal form, or "none"
+    max_words: int = 250  # pairs with a longer side (in whitespace-separated words) are dropped
+    max_ratio: float = 3.0  # pairs whose longer side has more than this × the words of the other
+    dedup: bool = True
+
+
+@dataclass
+class CleanStats:
+    pairs_read: int = 0
+    normalized: int = 0  # pairs changed by Unicode normalization
+    whitespace_fixed: int = 0  # pairs changed by stripping/collapsing whitespace
+    empty: int = 0
+    too_long: int = 0
+    ratio: int = 0
+    duplicates: int = 0
+    kept: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def normalize_text(text: str, form: str) -> str:
+    if form.lower() == "none":
+        return text
+    return unicodedata.normalize(form.upper(), text)
+
+
+def clean_whitespace(text: str) -> str:
+    # str.split() also splits on control separators such as \r, \t, \x1c-\x1f and U+2028.
+    return " ".join(text.split())
+
+
+def clean_pairs(pairs: Iterable[tuple[str, str]], config: CleanConfig) -> tuple[list[tuple[str, str]], CleanStats]:
+    """Normalize and filter pairs, counting what each step changed or dropped."""
+    stats = CleanStats()
+    seen: set[int] = set()
+    kept: list[tuple[str, str]] = []
+    for src, tgt in pairs:
+        stats.pairs_read += 1
+        norm_src, norm_tgt = normalize_text(src, config.normalization), normalize_text(tgt, config.normalization)
+        stats.normalized += (norm_src, norm_tgt) != (src, tgt)
+        src, tgt = clean_whitespace(norm_src), clean_whitespace(norm_tgt)
+        stats.whitespace_fixed += (src, tgt) != (norm_src, norm_tgt)
+        if not src or not tgt:
+            stats.empty += 1
+            continue
+        src_words, tgt_words = src.count(" ") + 1, tgt.count(" ") + 1
+        if max(src_words, tgt_words) > config.max_words:
+            stats.too_long += 1
+            continue
+        if max(src_words, tgt_words) > config.max_ratio * min(src_words, tgt_words):
+            stats.ratio += 1
+            continue
+        if config.dedup:
+            key = hash((src, tgt))
+            if key in seen:
+                stats.duplicates += 1
+                continue
+            seen.add(key)
+        kept.append((src, tgt))
+    stats.kept = len(kept)
+    return kept, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Binarized storage: per split and side, one flat token array and an offsets array (.npy).
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
+
+
+def write_token_file(directory: Path, stem: str, sequences: list[list[int]], dtype: np.dtype) -> None:
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.fromiter((t for s in sequences for t in s), dtype=dtype, count=int(offsets[-1]))
+    np.save(directory / f"{stem}.tokens.npy", tokens)
+    np.save(directory / f"{stem}.offsets.npy", offsets)
+
+
+class TokenArray:
+    """A list of token sequences stored as one flat array plus offsets, memory-mapped."""
+
+    def __init__(self, directory: Path, stem: str):
+        try:
+            self.tokens = np.load(directory / f"{stem}.tokens.npy", mmap_mode="r")
+            self.offsets = np.load(directory / f"{stem}.offsets.npy")
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read {directory / stem} ({_first_line(e)}); run nmt prepare again") from None
+        self.lengths = np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+
+@dataclass
+class ParallelSplit:
+    src: TokenArray
+    tgt: TokenArray
+
+    @classmethod
+    def load(cls, data_dir: Path, split: str) -> "ParallelSplit":
+        pair = cls(TokenArray(data_dir, f"{split}.src"), TokenArray(data_dir, f"{split}.tgt"))
+        if len(pair.src) != len(pair.tgt):
+            raise DataError(f"{data_dir}: {split} source and target counts differ; run nmt prepare again")
+        return pair
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+
+def read_manifest(data_dir: Path) -> dict:
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{data_dir} is not a prepared data dir (no manifest.json); run nmt prepare")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise DataError(f"{path} is damaged; run nmt prepare again") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def token_batches(
+    src_lengths: np.ndarray,
+    tgt_lengths: np.ndarray,
+    batch_tokens: int,
+    seed: int | None = None,
+    max_sentences: int = 0,
+) -> list[np.ndarray]:
+    """Group sentence indices into batches of similar length.
+
+    A batch holds as many sentences as fit `batch_tokens` padded tokens, counting the longer
+    side plus its BOS/EOS. With a seed, ties in length are broken at random and the batch order
+    is shuffled, so each epoch sees different batches; without one, the order is by length.
+    """
+    sizes = np.maximum(src_lengths, tgt_lengths) + 1
+    rng = np.random.default_rng(seed) if seed is not None else None
+    order = rng.permutation(len(sizes)) if rng is not None else np.arange(len(sizes))
+    order = order[np.argsort(sizes[order], kind="stable")]
+    batches: list[np.ndarray] = []
+    start, longest = 0, 0
+    for pos, index in enumerate(order):
+        size = int(sizes[index])
+        count = pos - start
+        if count and (max(longest, size) * (count + 1) > batch_tokens or count == max_sentences):
+            batches.append(order[start:pos])
+            start, longest = pos, 0
+        longest = max(longest, size)
+    if start < len(order):
+        batches.append(order[start:])
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+@dataclass
+class Batch:
+    src: torch.Tensor  # (B, S) source ids + EOS, padded with PAD
+    tgt_in: torch.Tensor  # (B, T) BOS + target ids
+    tgt_out: torch.Tensor  # (B, T) target ids + EOS
+    num_tgt_tokens: int  # real (non-pad) tokens in tgt_out
+    num_src_tokens: int = 0
+    indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def to(self, device: torch.device) -> "Batch":
+        non_blocking = device.type == "cuda"
+        return Batch(
+            self.src.to(device, non_blocking=non_blocking),
+            self.tgt_in.to(device, non_blocking=non_blocking),
+            self.tgt_out.to(device, non_blocking=non_blocking),
+            self.num_tgt_tokens,
+            self.num_src_tokens,
+            self.indices,
+        )
+
+
+def pad_source(sequences: list[np.ndarray] | list[list[int]]) -> torch.Tensor:
+    """Source ids + EOS, right-padded: (B, S)."""
+    width = max(len(s) for s in sequences) + 1
+    out = np.full((len(sequences), width), PAD, dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        out[row, : len(seq)] = seq
+        out[row, len(seq)] = EOS
+    return torch.from_numpy(out)
+
+
+def make_batch(split: ParallelSplit, indices: np.ndarray, pin_memory: bool = False) -> Batch:
+    src = pad_source([split.src[i] for i in indices])
+    tgt_seqs = [split.tgt[i] for i in indices]
+    width = max(len(s) for s in tgt_seqs) + 1
+    tgt_in = np.full((len(indices), width), PAD, dtype=np.int64)
+    tgt_out = np.full((len(indices), width), PAD, dtype=np.int64)
+    for row, seq in enumerate(tgt_seqs):
+        tgt_in[row, 0] = BOS
+        tgt_in[row, 1 : len(seq) + 1] = seq
+        tgt_out[row, : len(seq)] = seq
+        tgt_out[row, len(seq)] = EOS
+    batch = Batch(
+        src,
+        torch.from_numpy(tgt_in),
+        torch.from_numpy(tgt_out),
+        num_tgt_tokens=int(sum(len(s) for s in tgt_seqs) + len(tgt_seqs)),
+        num_src_tokens=int((src != PAD).sum()),
+        indices=indices,
+    )
+    if pin_memory:
+        batch.src, batch.tgt_in, batch.tgt_out = (t.pin_memory() for t in (batch.src, batch.tgt_in, batch.tgt_out))
+    return batch

@@ -1,0 +1,198 @@
+"""Transformer encoder-decoder (Vaswani et al., 2017) with sinusoidal positions, pre- or
+post-norm, and cached keys/values for incremental decoding."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nmt.config import ModelConfig
+from nmt.models.attention import MultiHeadAttention
+from nmt.tokenizer import PAD
+
+KeysValues = tuple[torch.Tensor, torch.Tensor]  # (B, H, S, Dh) each
+
+
+def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)): (length, dim)."""
+    position = torch.arange(length, dtype=torch.float64)[:, None]  # (L, 1)
+    two_i = torch.arange(0, dim, 2, dtype=torch.float64)  # (dim/2,)
+    angle = position / torch.pow(10000.0, two_i / dim)  # (L, dim/2)
+    pe = torch.zeros(length, dim, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(angle)
+    pe[:, 1::2] = torch.cos(angle[:, : dim // 2])
+    return pe.float()
+
+
+@dataclass
+class TransformerMemory:
+    states: torch.Tensor  # (B, S, D) encoder output
+    mask: torch.Tensor  # (B, S) True at real source tokens
+    cross_kv: list[KeysValues]  # per decoder layer: cross-attention keys/values of the source
+
+    def reorder(self, indices: torch.Tensor) -> "TransformerMemory":
+        return TransformerMemory(
+            self.states.index_select(0, indices),
+            self.mask.index_select(0, indices),
+            [(k.index_select(0, indices), v.index_select(0, indices)) for k, v in self.cross_kv],
+        )
+
+
+@dataclass
+class TransformerState:
+    self_kv: list[KeysValues]  # per decoder layer: self-attention keys/values of the steps so far
+    step: int  # position of the next token
+
+    def reorder(self, indices: torch.Tensor) -> "TransformerState":
+        return TransformerState(
+            [(k.index_select(0, indices), v.index_select(0, indices)) for k, v in self.self_kv], self.step
+        )
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, ff_dim: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, ff_dim)
+        self.fc2 = nn.Linear(ff_dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(F.relu(self.fc1(x))))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre_norm = cfg.norm == "pre"
+        self.self_attn = MultiHeadAttention(cfg.embed_dim, cfg.heads, cfg.attn_dropout)
+        self.ff = FeedForward(cfg.embed_dim, cfg.ff_dim, cfg.dropout)
+        self.norm1 = nn.LayerNorm(cfg.embed_dim)
+        self.norm2 = nn.LayerNorm(cfg.embed_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # x: (B, S, D); mask: (B, 1, 1, S)
+        if self.pre_norm:
+            x = x + self.dropout(self.self_attn(self.norm1(x), mask))
+            return x + self.dropout(self.ff(self.norm2(x)))
+        x = self.norm1(x + self.dropout(self.self_attn(x, mask)))
+        return self.norm2(x + self.dropout(self.ff(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre_norm = cfg.norm == "pre"
+        self.self_attn = MultiHeadAttention(cfg.embed_dim, cfg.heads, cfg.attn_dropout)
+        self.cross_attn = MultiHeadAttention(cfg.embed_dim, cfg.heads, cfg.attn_dropout)
+        self.ff = FeedForward(cfg.embed_dim, cfg.ff_dim, cfg.dropout)
+        self.norm1 = nn.LayerNorm(cfg.embed_dim)
+        self.norm2 = nn.LayerNorm(cfg.embed_dim)
+        self.norm3 = nn.LayerNorm(cfg.embed_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def _sublayer(self, x: torch.Tensor, norm: nn.LayerNorm, fn) -> tuple[torch.Tensor, object]:
+        out, extra = fn(norm(x) if self.pre_norm else x)
+        x = x + self.dropout(out)
+        return (x if self.pre_norm else norm(x)), extra
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, D)
+        memory_kv: KeysValues,  # (B, H, S, Dh) each
+        memory_mask: torch.Tensor,  # (B, 1, 1, S)
+        past_kv: KeysValues | None = None,  # (B, H, t, Dh): earlier steps when decoding incrementally
+    ) -> tuple[torch.Tensor, KeysValues]:
+        def self_attention(h):
+            k, v = self.self_attn.keys_values(h)  # (B, H, T, Dh)
+            if past_kv is not None:
+                k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+            # Teacher forcing sees the whole target at once and needs the causal mask; a single
+            # incremental step may see every cached position.
+            return self.self_attn.attend(h, k, v, causal=past_kv is None), (k, v)
+
+        x, kv = self._sublayer(x, self.norm1, self_attention)
+        x, _ = self._sublayer(x, self.norm2, lambda h: (self.cross_attn.attend(h, *memory_kv, mask=memory_mask), None))
+        x, _ = self._sublayer(x, self.norm3, lambda h: (self.ff(h), None))
+        return x, kv
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int):
+        super().__init__()
+        self.dim = cfg.embed_dim
+        self.heads = cfg.heads
+        self.src_embed = nn.Embedding(src_vocab_size, cfg.embed_dim, padding_idx=PAD)
+        self.tgt_embed = self.src_embed if cfg.share_embeddings else nn.Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=PAD)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
+        # Pre-norm leaves the residual stream unnormalized: normalize once at the end.
+        self.encoder_norm = nn.LayerNorm(cfg.embed_dim) if cfg.norm == "pre" else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(cfg.embed_dim) if cfg.norm == "pre" else nn.Identity()
+        self.output = nn.Linear(cfg.embed_dim, tgt_vocab_size, bias=False)
+        self.register_buffer("positions", sinusoidal_positions(1024, cfg.embed_dim), persistent=False)
+        self._init_weights()
+        if cfg.tie_output:
+            self.output.weight = self.tgt_embed.weight
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for embed in (self.src_embed, self.tgt_embed):
+            nn.init.normal_(embed.weight, mean=0.0, std=self.dim**-0.5)
+            nn.init.zeros_(embed.weight[PAD])
+
+    def _embed(self, table: nn.Embedding, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        T = tokens.shape[1]
+        if offset + T > self.positions.shape[0]:
+            self.positions = sinusoidal_positions(2 * (offset + T), self.dim).to(self.positions.device)
+        x = table(tokens) * math.sqrt(self.dim) + self.positions[offset : offset + T]  # (B, T, D)
+        return self.embed_dropout(x)
+
+    def encode(self, src: torch.Tensor) -> TransformerMemory:
+        # src: (B, S)
+        mask = src != PAD  # (B, S)
+        attn_mask = mask[:, None, None, :]  # (B, 1, 1, S)
+        x = self._embed(self.src_embed, src)
+        for layer in self.encoder_layers:
+            x = layer(x, attn_mask)
+        x = self.encoder_norm(x)
+        cross_kv = [layer.cross_attn.keys_values(x) for layer in self.decoder_layers]
+        return TransformerMemory(x, mask, cross_kv)
+
+    def decode(self, tgt_in: torch.Tensor, memory: TransformerMemory) -> torch.Tensor:
+        """Teacher-forced decoder over the whole target prefix: (B, T) -> logits (B, T, V)."""
+        x = self._embed(self.tgt_embed, tgt_in)
+        memory_mask = memory.mask[:, None, None, :]
+        for layer, kv in zip(self.decoder_layers, memory.cross_kv):
+            x, _ = layer(x, kv, memory_mask)
+        return self.output(self.decoder_norm(x))
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        return self.decode(tgt_in, self.encode(src))  # (B, T, V)
+
+    def init_state(self, memory: TransformerMemory) -> TransformerState:
+        B = memory.states.shape[0]
+        empty = memory.states.new_zeros(B, self.heads, 0, self.dim // self.heads)  # (B, H, 0, Dh)
+        return TransformerState([(empty, empty) for _ in self.decoder_layers], step=0)
+
+    def decode_step(
+        self, prev_tokens: torch.Tensor, memory: TransformerMemory, state: TransformerState
+    ) -> tuple[torch.Tensor, TransformerState]:
+        # prev_tokens: (B,) -> log-probs of the next token (B, V)
+        x = self._embed(self.tgt_embed, prev_tokens[:, None], offset=state.step)  # (B, 1, D)
+        memory_mask = memory.mask[:, None, None, :]
+        new_kv = []
+        for layer, kv, past in zip(self.decoder_layers, memory.cross_kv, state.self_kv):
+            x, step_kv = layer(x, kv, memory_mask, past_kv=past)
+            new_kv.append(step_kv)
+        logits = self.output(self.decoder_norm(x[:, 0]))  # (B, V)
+        return F.log_softmax(logits.float(), dim=-1), TransformerState(new_kv, state.step + 1)

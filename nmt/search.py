@@ -1,0 +1,139 @@
+"""Greedy and batched beam search, written once against the model interface in `nmt.models`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nmt.tokenizer import BOS, EOS, PAD
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # without BOS and EOS
+    score: float  # beam: log-prob / length**len_penalty; greedy: log-prob
+
+
+def max_lengths(src: torch.Tensor, a: float, b: int) -> torch.Tensor:
+    """Longest output per sentence, a·|src| + b, counting the final EOS: (B,)."""
+    src_len = (src != PAD).sum(1) - 1  # without the source EOS
+    return (a * src_len.float() + b).floor().long().clamp(min=1)
+
+
+def _restrict(log_probs: torch.Tensor, must_end: torch.Tensor) -> torch.Tensor:
+    """Never produce PAD or BOS; rows that reached their length limit must produce EOS."""
+    log_probs[:, PAD] = float("-inf")
+    log_probs[:, BOS] = float("-inf")
+    if must_end.any():
+        eos_scores = log_probs[:, EOS].clone()
+        log_probs[must_end] = float("-inf")
+        log_probs[must_end, EOS] = eos_scores[must_end]
+    return log_probs
+
+
+@torch.inference_mode()
+def greedy_search(model, src: torch.Tensor, max_len_a: float = 1.5, max_len_b: int = 10) -> list[Hypothesis]:
+    """Pick the most probable token at each step. src: (B, S)."""
+    B = src.shape[0]
+    limits = max_lengths(src, max_len_a, max_len_b)  # (B,)
+    memory = model.encode(src)
+    state = model.init_state(memory)
+    prev = torch.full((B,), BOS, dtype=torch.long, device=src.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=src.device)
+    scores = torch.zeros(B, device=src.device)
+    steps = []
+    for t in range(int(limits.max())):
+        log_probs, state = model.decode_step(prev, memory, state)  # (B, V)
+        log_probs = _restrict(log_probs, limits <= t + 1)
+        best_scores, tokens = log_probs.max(dim=-1)  # (B,)
+        tokens = tokens.masked_fill(finished, PAD)
+        scores += best_scores.masked_fill(finished, 0.0)
+        steps.append(tokens)
+        finished |= tokens == EOS
+        if bool(finished.all()):
+            break
+        prev = tokens
+    out = torch.stack(steps, dim=1).tolist()  # (B, T)
+    return [
+        Hypothesis(row[: row.index(EOS)] if EOS in row else row, score)
+        for row, score in zip(out, scores.tolist())
+    ]
+
+
+@torch.inference_mode()
+def beam_search(
+    model,
+    src: torch.Tensor,
+    beam_size: int = 5,
+    len_penalty: float = 1.0,
+    max_len_a: float = 1.5,
+    max_len_b: int = 10,
+    nbest: int = 1,
+) -> list[list[Hypothesis]]:
+    """Batched beam search with incremental decoding; returns the `nbest` best per sentence.
+
+    At each step the 2K best continuations of the K beams are taken; those ending in EOS among
+    the first K are finished hypotheses, and the best K others continue. A sentence is done once
+    it has K finished hypotheses, and is then removed from the batch.
+    """
+    B, K = src.shape[0], beam_size
+    device = src.device
+    limits = max_lengths(src, max_len_a, max_len_b)  # (B,)
+    memory = model.encode(src)
+    memory = memory.reorder(torch.arange(B, device=device).repeat_interleave(K))  # (B*K, ...)
+    state = model.init_state(memory)
+
+    active = torch.arange(B, device=device)  # original sentence index of each row group
+    scores = torch.full((B, K), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    history = torch.full((B * K, 0), BOS, dtype=torch.long, device=device)  # (N*K, t)
+    prev = torch.full((B * K,), BOS, dtype=torch.long, device=device)
+    finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+
+    for t in range(int(limits.max())):
+        N = active.shape[0]
+        log_probs, state = model.decode_step(prev, memory, state)  # (N*K, V)
+        must_end = (limits[active] <= t + 1).repeat_interleave(K)  # (N*K,)
+        log_probs = _restrict(log_probs, must_end)
+        V = log_probs.shape[-1]
+        candidates = (scores[:, :, None] + log_probs.view(N, K, V)).view(N, K * V)
+        top_scores, top_ids = candidates.topk(min(2 * K, K * V), dim=-1)  # (N, 2K)
+        top_beams, top_tokens = top_ids // V, top_ids % V
+
+        # Finished hypotheses: EOS among the first K candidates.
+        ends = (top_tokens == EOS) & torch.isfinite(top_scores)
+        ends[:, K:] = False
+        if bool(ends.any()):
+            for n, j in ends.nonzero().tolist():
+                sentence = int(active[n])
+                if len(finished[sentence]) < K:
+                    beam = n * K + int(top_beams[n, j])
+                    length = t + 1  # generated tokens including EOS
+                    finished[sentence].append(
+                        Hypothesis(history[beam].tolist(), float(top_scores[n, j]) / length**len_penalty)
+                    )
+
+        # Continue with the K best candidates that do not end.
+        keep_scores = top_scores.masked_fill(top_tokens == EOS, float("-inf"))
+        keep_scores, order = keep_scores.topk(K, dim=-1)  # (N, K)
+        keep_beams = top_beams.gather(1, order)  # (N, K)
+        keep_tokens = top_tokens.gather(1, order)  # (N, K)
+
+        done = torch.tensor([len(finished[int(s)]) >= K for s in active.tolist()], device=device)
+        if t + 1 >= int(limits.max()) or bool(done.all()):
+            break
+        alive = (~done).nonzero().squeeze(1)  # (N',)
+        rows = (alive[:, None] * K + keep_beams[alive]).view(-1)  # (N'*K,) rows of the old batch
+        if alive.shape[0] < N:  # drop finished sentences (beams of one sentence share memory)
+            memory = memory.reorder(rows)
+        state = state.reorder(rows)
+        history = torch.cat([history[rows], keep_tokens[alive].view(-1, 1)], dim=1)
+        prev = keep_tokens[alive].view(-1)
+        scores = keep_scores[alive]
+        active = active[alive]
+    for sentence in range(B):
+        if not finished[sentence]:  # cannot happen with finite scores; keep an empty output
+            finished[sentence].append(Hypothesis([], float("-inf")))
+        finished[sentence].sort(key=lambda h: h.score, reverse=True)
+    return [hyps[:nbest] for hyps in finished]

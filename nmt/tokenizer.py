@@ -1,0 +1,108 @@
+"""SentencePiece models for the source and target sides (one shared model when joint)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import sentencepiece as spm
+
+from nmt.errors import DataError
+
+# Fixed special ids, the same in every model this toolkit trains.
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+
+
+def train_sentencepiece(
+    sentences: Iterable[str],
+    model_prefix: Path,
+    vocab_size: int,
+    model_type: str = "unigram",
+    character_coverage: float = 1.0,
+    max_sentences: int = 1_000_000,
+    seed_sentencepieces: int | None = None,
+    threads: int = 2,
+) -> Path:
+    """Train a SentencePiece model on `sentences`; returns the `.model` path.
+
+    `vocab_size` is a soft limit, so that a small corpus gets a smaller vocabulary instead of
+    an error.
+    """
+    if model_type not in ("unigram", "bpe"):
+        raise DataError(f"SentencePiece model type must be unigram or bpe (got {model_type!r})")
+    options = dict(
+        sentence_iterator=iter(sentences),
+        model_prefix=str(model_prefix),
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        pad_id=PAD,
+        unk_id=UNK,
+        bos_id=BOS,
+        eos_id=EOS,
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=True,
+        hard_vocab_limit=False,
+        num_threads=threads,
+        minloglevel=2,
+    )
+    if seed_sentencepieces is not None:
+        options["seed_sentencepiece_size"] = seed_sentencepieces
+    try:
+        spm.SentencePieceTrainer.train(**options)
+    except RuntimeError as e:
+        raise DataError(f"SentencePiece training failed: {e}") from None
+    return Path(f"{model_prefix}.model")
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class Tokenizer:
+    """Encodes source text and decodes target ids with the data dir's SentencePiece models."""
+
+    def __init__(self, src_model: Path, tgt_model: Path):
+        self.src_model_path = Path(src_model)
+        self.tgt_model_path = Path(tgt_model)
+        self.src = _load(self.src_model_path)
+        self.tgt = self.src if self.tgt_model_path == self.src_model_path else _load(self.tgt_model_path)
+
+    @property
+    def joint(self) -> bool:
+        return self.src is self.tgt
+
+    @property
+    def src_vocab_size(self) -> int:
+        return self.src.get_piece_size()
+
+    @property
+    def tgt_vocab_size(self) -> int:
+        return self.tgt.get_piece_size()
+
+    def encode_src(self, lines: list[str]) -> list[list[int]]:
+        return self.src.encode(lines)
+
+    def encode_tgt(self, lines: list[str]) -> list[list[int]]:
+        return self.tgt.encode(lines)
+
+    def decode_tgt(self, ids: list[list[int]]) -> list[str]:
+        return self.tgt.decode(ids)
+
+    def src_pieces(self, line: str) -> list[str]:
+        return self.src.encode(line, out_type=str)
+
+    def tgt_pieces(self, ids: list[int]) -> list[str]:
+        return [self.tgt.id_to_piece(i) for i in ids]
+
+
+def _load(path: Path) -> spm.SentencePieceProcessor:
+    if not path.is_file():
+        raise DataError(f"SentencePiece model not found: {path}")
+    processor = spm.SentencePieceProcessor()
+    try:
+        processor.load(str(path))
+    except (OSError, RuntimeError):
+        raise DataError(f"not a SentencePiece model: {path}") from None
+    return processor

@@ -1,0 +1,330 @@
+"""`nmt train`: token-bucketed batches, AdamW with inverse-square-root warmup, label smoothing,
+mixed precision, periodic validation (loss and BLEU), best/last checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from nmt.checkpoint import (
+    has_checkpoint,
+    init_save_dir,
+    load_training_state,
+    read_config,
+    read_vocab_info,
+    save_checkpoint,
+)
+from nmt.config import Config, DecodeConfig
+from nmt.data import ParallelSplit, make_batch, read_lines, read_manifest, token_batches
+from nmt.devices import autocast, resolve_device, resolve_precision
+from nmt.errors import CheckpointError, ConfigError
+from nmt.evaluate import corpus_bleu
+from nmt.models import build_model
+from nmt.tokenizer import PAD, Tokenizer
+from nmt.translate import translate_ids
+
+
+@dataclass
+class TrainResult:
+    save_dir: Path
+    steps: int
+    epochs: float
+    best_bleu: float
+    best_step: int
+    last_valid: dict
+    seconds: float
+    stop_reason: str
+
+
+def inverse_sqrt_lr(step: int, peak: float, warmup: int, min_lr: float = 0.0) -> float:
+    """Linear warmup to `peak` over `warmup` updates, then peak·sqrt(warmup/step)."""
+    if warmup <= 0:
+        return peak
+    if step < warmup:
+        return peak * step / warmup
+    return max(min_lr, peak * math.sqrt(warmup / step))
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Summed cross-entropy over non-pad target tokens. logits (B, T, V), targets (B, T)."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        targets.reshape(-1),
+        ignore_index=PAD,
+        label_smoothing=label_smoothing,
+        reduction="sum",
+    )
+
+
+@torch.no_grad()
+def validate(
+    model,
+    split: ParallelSplit,
+    references: list[str],
+    tokenizer: Tokenizer,
+    config: Config,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict:
+    """Dev loss (teacher forced, no smoothing) and BLEU of the decoded dev sources."""
+    was_training = model.training
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    for indices in token_batches(split.src.lengths, split.tgt.lengths, config.train.batch_tokens):
+        batch = make_batch(split, indices).to(device)
+        with autocast(device, dtype):
+            logits = model(batch.src, batch.tgt_in)
+        total_loss += float(token_loss(logits, batch.tgt_out, 0.0))
+        total_tokens += batch.num_tgt_tokens
+    count = len(split)
+    if config.train.valid_max_sentences:
+        count = min(count, config.train.valid_max_sentences)
+    decode = dataclasses.replace(config.decode, beam=config.train.valid_beam, nbest=1)
+    with autocast(device, dtype):
+        hyps = translate_ids(model, [split.src[i] for i in range(count)], decode, device)
+    texts = tokenizer.decode_tgt([nbest[0].tokens for nbest in hyps])
+    model.train(was_training)
+    loss = total_loss / max(total_tokens, 1)
+    return {
+        "loss": round(loss, 4),
+        "ppl": round(math.exp(min(loss, 50.0)), 2),
+        "bleu": round(corpus_bleu(texts, references[:count]), 2),
+        "sentences": count,
+    }
+
+
+def _check_resumable(save_dir: Path, config: Config, manifest: dict) -> None:
+    saved = read_config(save_dir)
+    if saved.model != config.model:
+        for field in dataclasses.fields(saved.model):
+            old, new = getattr(saved.model, field.name), getattr(config.model, field.name)
+            if old != new:
+                raise ConfigError(
+                    f"model.{field.name} is {new!r} but the checkpoint in {save_dir} was built with {old!r}"
+                )
+    _check_vocab(save_dir, manifest, config.data_dir)
+
+
+def _check_vocab(save_dir: Path, manifest: dict, data_dir: str) -> None:
+    saved = read_vocab_info(save_dir)["vocab"]
+    if (saved["src_sha256"], saved["tgt_sha256"]) != (manifest["vocab"]["src_sha256"], manifest["vocab"]["tgt_sha256"]):
+        raise CheckpointError(
+            f"the checkpoint in {save_dir} was trained with a different vocabulary than data dir {data_dir}"
+        )
+
+
+def train(
+    config: Config,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda message: tqdm.write(message, file=sys.stderr),
+) -> TrainResult:
+    """Train a model as `config` says, writing checkpoints into `config.save_dir`."""
+    started = time.time()
+    if not config.data_dir:
+        raise ConfigError("no data dir: set data_dir in the config or pass --data")
+    if not config.save_dir:
+        raise ConfigError("no checkpoint dir: set save_dir in the config or pass --out")
+    data_dir, save_dir = Path(config.data_dir), Path(config.save_dir)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    manifest = read_manifest(data_dir)
+    tc = config.train
+    device = resolve_device(tc.device)
+    dtype = resolve_precision(tc.precision, device)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+
+    if has_checkpoint(save_dir):
+        if resume:
+            _check_resumable(save_dir, config, manifest)
+        elif overwrite:
+            for name in ("best", "last", "train_log.jsonl"):
+                path = save_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        else:
+            raise CheckpointError(
+                f"{save_dir} already holds a model; pass --resume to continue it or --overwrite to start again"
+            )
+    elif resume:
+        raise CheckpointError(f"nothing to resume: {save_dir} holds no checkpoint")
+
+    tokenizer = Tokenizer(data_dir / manifest["vocab"]["src_model"], data_dir / manifest["vocab"]["tgt_model"])
+    train_split = ParallelSplit.load(data_dir, "train")
+    valid_split = ParallelSplit.load(data_dir, "valid")
+    references = list(read_lines(data_dir / "valid.tgt.txt"))
+
+    torch.manual_seed(tc.seed)
+    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size).to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
+        fused=device.type == "cuda",
+    )
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+    step, epoch, group_in_epoch = 0, 0, 0
+    best_bleu, best_step, bad_validations, elapsed_before = -1.0, 0, 0, 0.0
+    last_valid: dict = {}
+    if resume:
+        info, rng = load_training_state(save_dir, model, optimizer)
+        step, epoch, group_in_epoch = info["step"], info["epoch"], info["group_in_epoch"]
+        best_bleu, best_step = info["best_bleu"], info["best_step"]
+        bad_validations, elapsed_before = info["bad_validations"], info["seconds"]
+        last_valid = info.get("last_valid", {})
+        if "cpu" in rng:
+            torch.set_rng_state(rng["cpu"])
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        log(f"resuming {save_dir} at step {step} (epoch {epoch + 1})")
+    else:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        init_save_dir(save_dir, config, data_dir, manifest)
+
+    params = sum(p.numel() for p in model.parameters())
+    log(
+        f"model: {config.model.arch}, {params / 1e6:.1f}M parameters; device {device}, "
+        f"{str(dtype).replace('torch.', '')}; {len(train_split)} training pairs"
+    )
+    log_file = open(save_dir / "train_log.jsonl", "a", encoding="utf-8")
+
+    def write_log(record: dict) -> None:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
+    def save(name: str) -> None:
+        rng = {"cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        info = {
+            "step": step, "epoch": epoch, "group_in_epoch": group_in_epoch, "best_bleu": best_bleu,
+            "best_step": best_step, "bad_validations": bad_validations,
+            "seconds": round(elapsed_before + time.time() - started, 1), "last_valid": last_valid,
+        }
+        if name == "last":
+            save_checkpoint(save_dir, name, model, info, optimizer, rng)
+        else:
+            save_checkpoint(save_dir, name, model, info)
+
+    def run_validation() -> bool:
+        """Validate, save checkpoints; returns True when patience is exhausted."""
+        nonlocal best_bleu, best_step, bad_validations, last_valid
+        last_valid = {"step": step, **validate(model, valid_split, references, tokenizer, config, device, dtype)}
+        improved = last_valid["bleu"] > best_bleu
+        if improved:
+            best_bleu, best_step, bad_validations = last_valid["bleu"], step, 0
+            save("best")
+        else:
+            bad_validations += 1
+        save("last")
+        write_log({"type": "valid", **last_valid, "seconds": round(elapsed_before + time.time() - started, 1)})
+        log(
+            f"step {step}: dev loss {last_valid['loss']:.3f}, ppl {last_valid['ppl']:.2f}, "
+            f"BLEU {last_valid['bleu']:.2f}" + (" (best)" if improved else f" (best {best_bleu:.2f} at {best_step})")
+        )
+        return bool(tc.patience) and bad_validations >= tc.patience
+
+    model.train()
+    bar = tqdm(
+        total=tc.max_steps or None, initial=step, unit="step", disable=not progress, file=sys.stderr,
+        dynamic_ncols=True, desc="training",
+    )
+    interval_loss = torch.zeros((), device=device)
+    interval_tokens, interval_src_tokens, interval_start = 0, 0, time.time()
+    stop_reason = ""
+    groups: list = []
+    validated_at = step if resume else -1
+    pin = device.type == "cuda"
+    try:
+        while not stop_reason:
+            if tc.max_epochs and epoch >= tc.max_epochs:
+                stop_reason = "max_epochs"
+                break
+            batches = token_batches(
+                train_split.src.lengths, train_split.tgt.lengths, tc.batch_tokens, seed=tc.seed * 100_003 + epoch
+            )
+            groups = [batches[i : i + tc.accum_steps] for i in range(0, len(batches), tc.accum_steps)]
+            while group_in_epoch < len(groups):
+                group = [make_batch(train_split, indices, pin).to(device) for indices in groups[group_in_epoch]]
+                group_in_epoch += 1
+                group_tokens = sum(b.num_tgt_tokens for b in group)
+                for batch in group:
+                    with autocast(device, dtype):
+                        logits = model(batch.src, batch.tgt_in)  # (B, T, V)
+                    loss = token_loss(logits, batch.tgt_out, tc.label_smoothing)
+                    interval_loss += loss.detach()
+                    scaled = loss / group_tokens
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                    interval_src_tokens += batch.num_src_tokens
+                interval_tokens += group_tokens
+                step += 1
+                lr = inverse_sqrt_lr(step, tc.lr, tc.warmup_steps, tc.min_lr)
+                for param_group in optimizer.param_groups:
+                    param_group["lr"] = lr
+                if scaler:
+                    scaler.unscale_(optimizer)
+                if tc.clip_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm)
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                bar.update(1)
+
+                if step % tc.log_every == 0:
+                    seconds = max(time.time() - interval_start, 1e-9)
+                    record = {
+                        "type": "train", "step": step, "epoch": epoch + group_in_epoch / len(groups),
+                        "loss": round(float(interval_loss) / max(interval_tokens, 1), 4), "lr": lr,
+                        "tgt_tokens_per_s": round(interval_tokens / seconds),
+                        "tokens_per_s": round((interval_tokens + interval_src_tokens) / seconds),
+                    }
+                    write_log(record)
+                    postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.2e}", "tok/s": record["tgt_tokens_per_s"]}
+                    if tc.max_minutes and not tc.max_steps:
+                        left = tc.max_minutes - (elapsed_before + time.time() - started) / 60
+                        postfix["left"] = f"{max(left, 0):.1f}min"
+                    bar.set_postfix(postfix)
+                    interval_loss.zero_()
+                    interval_tokens, interval_src_tokens, interval_start = 0, 0, time.time()
+
+                if step % tc.valid_every == 0:
+                    validated_at = step
+                    if run_validation():
+                        stop_reason = "patience"
+                if not stop_reason and tc.max_steps and step >= tc.max_steps:
+                    stop_reason = "max_steps"
+                if not stop_reason and tc.max_minutes and elapsed_before + time.time() - started >= tc.max_minutes * 60:
+                    stop_reason = "max_minutes"
+                if stop_reason:
+                    break
+            if group_in_epoch >= len(groups):
+                epoch, group_in_epoch = epoch + 1, 0
+        if validated_at != step:
+            run_validation()
+    finally:
+        bar.close()
+        log_file.close()
+    return TrainResult(
+        save_dir=save_dir,
+        steps=step,
+        epochs=round(epoch + group_in_epoch / max(len(groups), 1), 2),
+        best_bleu=best_bleu,
+        best_step=best_step,
+        last_valid=last_valid,
+        seconds=round(elapsed_before + time.time() - started, 1),
+        stop_reason=stop_reason,
+    )

@@ -1,0 +1,133 @@
+"""`nmt translate`: text in, one translation per input line out, in the input order."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nmt.atomic import write_text_atomic
+from nmt.checkpoint import load_for_inference, read_vocab_info
+from nmt.config import DecodeConfig
+from nmt.data import clean_whitespace, decode_lines, normalize_text, pad_source, read_lines
+from nmt.devices import resolve_device
+from nmt.search import Hypothesis, beam_search, greedy_search
+from nmt.tokenizer import Tokenizer
+
+
+def decode_batches(lengths: Sequence[int], batch_tokens: int) -> list[np.ndarray]:
+    """Indices grouped longest first, each batch within `batch_tokens` padded source tokens."""
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    batches, start = [], 0
+    for pos in range(len(order)):
+        longest = int(lengths[order[start]]) + 1  # + EOS; the first of a batch is its longest
+        if pos > start and (pos - start + 1) * longest > batch_tokens:
+            batches.append(order[start:pos])
+            start = pos
+    if start < len(order):
+        batches.append(order[start:])
+    return batches
+
+
+def translate_ids(
+    model, sources: Sequence[Sequence[int]], decode: DecodeConfig, device: torch.device, progress: bool = False
+) -> list[list[Hypothesis]]:
+    """Translate token-id sequences (without EOS); returns the n-best list of each, in order."""
+    results: list[list[Hypothesis]] = [[] for _ in sources]
+    batches = decode_batches([len(s) for s in sources], decode.batch_tokens)
+    for indices in tqdm(batches, desc="translating", unit="batch", disable=not progress, file=sys.stderr):
+        src = pad_source([sources[i] for i in indices]).to(device)
+        if decode.beam == 1:
+            hyps = [[h] for h in greedy_search(model, src, decode.max_len_a, decode.max_len_b)]
+        else:
+            hyps = beam_search(
+                model, src, decode.beam, decode.len_penalty, decode.max_len_a, decode.max_len_b, decode.nbest
+            )
+        for i, nbest in zip(indices, hyps):
+            results[i] = nbest
+    return results
+
+
+@dataclass
+class Translations:
+    hypotheses: list[list[Hypothesis]]  # n-best per input line (empty for empty lines)
+    texts: list[list[str]]  # detokenized n-best per input line
+    truncated: list[int]  # 1-based numbers of input lines cut to decode.max_input_tokens
+
+
+def translate_lines(
+    model,
+    tokenizer: Tokenizer,
+    lines: Sequence[str],
+    decode: DecodeConfig,
+    device: torch.device,
+    normalization: str = "NFC",
+    progress: bool = False,
+) -> Translations:
+    cleaned = [clean_whitespace(normalize_text(line, normalization)) for line in lines]
+    non_empty = [i for i, line in enumerate(cleaned) if line]
+    encoded = tokenizer.encode_src([cleaned[i] for i in non_empty])
+    truncated = [non_empty[k] + 1 for k, ids in enumerate(encoded) if len(ids) > decode.max_input_tokens]
+    encoded = [ids[: decode.max_input_tokens] for ids in encoded]
+    hyps = translate_ids(model, encoded, decode, device, progress)
+    hypotheses: list[list[Hypothesis]] = [[] for _ in lines]
+    texts: list[list[str]] = [[""] for _ in lines]
+    for i, nbest in zip(non_empty, hyps):
+        hypotheses[i] = nbest
+        texts[i] = tokenizer.decode_tgt([h.tokens for h in nbest])
+    return Translations(hypotheses, texts, truncated)
+
+
+def format_output(translations: Translations, nbest: int) -> str:
+    if nbest == 1:
+        return "".join(texts[0] + "\n" for texts in translations.texts)
+    out = []
+    for i, (hyps, texts) in enumerate(zip(translations.hypotheses, translations.texts)):
+        if not hyps:
+            out.append(f"{i} ||| ||| 0.0000\n")
+        for hyp, text in zip(hyps, texts):
+            out.append(f"{i} ||| {text} ||| {hyp.score:.4f}\n")
+    return "".join(out)
+
+
+def translate_file(
+    save_dir: Path,
+    input_path: Path | None,
+    output_path: Path | None,
+    decode: DecodeConfig,
+    checkpoint: str = "best",
+    device: str = "auto",
+    replace_invalid: bool = False,
+    warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+) -> int:
+    """Translate a file (or stdin when None) into a file (or stdout); returns the line count."""
+    torch_device = resolve_device(device)
+    model, tokenizer, _ = load_for_inference(save_dir, checkpoint, torch_device)
+    normalization = read_vocab_info(save_dir).get("normalization", "NFC")
+    if input_path is None:
+        lines = _read_stdin(replace_invalid)
+    else:
+        lines = list(read_lines(Path(input_path), replace_invalid=replace_invalid))
+    result = translate_lines(
+        model, tokenizer, lines, decode, torch_device, normalization, progress=output_path is not None
+    )
+    for lineno in result.truncated[:5]:
+        warn(f"warning: line {lineno} has more than {decode.max_input_tokens} tokens and was truncated")
+    if len(result.truncated) > 5:
+        warn(f"warning: {len(result.truncated)} lines were truncated in all")
+    text = format_output(result, decode.nbest)
+    if output_path is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        write_text_atomic(Path(output_path), text)
+    return len(lines)
+
+
+def _read_stdin(replace_invalid: bool) -> list[str]:
+    return list(decode_lines(sys.stdin.buffer, "<stdin>", replace_invalid))
