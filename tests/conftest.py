@@ -1,0 +1,46 @@
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# A toy language pair: each source word has one target word, and the target reverses the order.
+SRC_WORDS = [f"w{i}" for i in range(12)]
+TGT_WORDS = [f"V{i}" for i in range(12)]
+
+
+def toy_pairs(count: int, seed: int = 0, min_len: int = 2, max_len: int = 5) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    pairs, seen = [], set()
+    while len(pairs) < count:
+        ids = [rng.randrange(len(SRC_WORDS)) for _ in range(rng.randint(min_len, max_len))]
+        src = " ".join(SRC_WORDS[i] for i in ids)
+        if src in seen:
+            continue
+        seen.add(src)
+        pairs.append((src, " ".join(TGT_WORDS[i] for i in reversed(ids))))
+    return pairs
+
+
+def write_pairs(prefix: Path, pairs, src="xx", tgt="yy") -> None:
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{prefix}.{src}").write_text("".join(s + "\n" for s, _ in pairs), encoding="utf-8")
+    Path(f"{prefix}.{tgt}").write_text("".join(t + "\n" for _, t in pairs), encoding="utf-8")
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    random.seed(0)
+    yield
+
+
+@pytest.fixture
+def toy_corpus(tmp_path) -> Path:
+    """Files toy/train.xx|yy, toy/valid.*, toy/test.* of the toy language; returns the folder."""
+    write_pairs(tmp_path / "toy" / "train", toy_pairs(300, seed=1))
+    write_pairs(tmp_path / "toy" / "valid", toy_pairs(20, seed=2))
+    write_pairs(tmp_path / "toy" / "test", toy_pairs(20, seed=3))
+    return tmp_path / "toy"

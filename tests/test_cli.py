@@ -1,0 +1,128 @@
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import toy_pairs, write_pairs
+from nmt_cli.main import app
+
+runner = CliRunner()
+
+TINY = [
+    "--set", "model.embed_dim=32", "--set", "model.ff_dim=64", "--set", "model.heads=2",
+    "--set", "model.enc_layers=1", "--set", "model.dec_layers=1", "--set", "train.max_steps=4",
+    "--set", "train.batch_tokens=300", "--set", "train.valid_every=2", "--no-progress",
+]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, *fragments):
+    assert result.exit_code != 0
+    message = result.output.strip()
+    assert "Traceback" not in message
+    assert len(message.splitlines()) == 1, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    write_pairs(root / "c" / "train", toy_pairs(200, seed=1))
+    write_pairs(root / "c" / "valid", toy_pairs(10, seed=2))
+    write_pairs(root / "c" / "test", toy_pairs(10, seed=3))
+    result = invoke("prepare", "--train", root / "c" / "train", "--valid", root / "c" / "valid", "--test",
+                    root / "c" / "test", "--src", "xx", "--tgt", "yy", "--vocab-size", "50", "--out", root / "data")
+    assert result.exit_code == 0, result.output
+    assert "cleaning: 200 pairs read" in result.output
+    result = invoke("train", "--data", root / "data", "--out", root / "model", *TINY)
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def test_translate_keeps_one_line_per_input_line(trained):
+    lines = ["w1 w2 w3", "", "   ", "w4 \u2028 w5", "w6 😀 ∑ 中文", "w7\tw8"]
+    (trained / "in.txt").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    result = invoke("translate", trained / "model", "-i", trained / "in.txt", "-o", trained / "out.txt", "--beam", "3")
+    assert result.exit_code == 0, result.output
+    out = (trained / "out.txt").read_text(encoding="utf-8").split("\n")
+    assert out[-1] == "" and len(out) - 1 == len(lines)
+    assert out[1] == "" and out[2] == ""
+    stdin = runner.invoke(app, ["translate", str(trained / "model"), "--beam", "1"], input="w1 w2\n\nw3\n")
+    assert stdin.exit_code == 0 and len(stdin.stdout.split("\n")) == 4
+
+
+def test_nbest_output(trained):
+    (trained / "in2.txt").write_text("w1 w2\nw3\n")
+    result = runner.invoke(app, ["translate", str(trained / "model"), "-i", str(trained / "in2.txt"),
+                                 "--beam", "3", "--nbest", "2"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split(" ||| ") for line in result.stdout.strip().split("\n")]
+    assert [r[0] for r in rows] == ["0", "0", "1", "1"]
+
+
+def test_evaluate_json_and_signatures(trained):
+    result = invoke("evaluate", "--src", trained / "data" / "test.src.txt", "--model", trained / "model",
+                    "--ref", trained / "data" / "test.tgt.txt", "--json")
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)
+    assert [s["metric"] for s in scores] == ["bleu", "chrf", "ter"]
+    assert scores[0]["signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    same = invoke("evaluate", "--hyp", trained / "data" / "test.tgt.txt", "--ref", trained / "data" / "test.tgt.txt")
+    assert same.exit_code == 0 and "BLEU = 100.00" in same.output
+
+
+def test_existing_model_needs_resume_or_overwrite(trained):
+    result = invoke("train", "--data", trained / "data", "--out", trained / "model", *TINY)
+    one_line_error(result, "already holds a model", "--resume", "--overwrite")
+    resumed = invoke("train", "--data", trained / "data", "--out", trained / "model", *TINY[:-3],
+                     "--set", "train.max_steps=6", "--resume", "--no-progress")
+    assert resumed.exit_code == 0, resumed.output
+    assert "trained 6 steps" in resumed.output
+
+
+def test_checkpoint_that_does_not_match_the_data(trained, tmp_path):
+    write_pairs(tmp_path / "o" / "train", toy_pairs(150, seed=9), src="xx", tgt="yy")
+    assert invoke("prepare", "--train", tmp_path / "o" / "train", "--src", "xx", "--tgt", "yy", "--vocab-size",
+                  "45", "--valid-size", "5", "--test-size", "5", "--out", tmp_path / "other").exit_code == 0
+    result = invoke("train", "--data", tmp_path / "other", "--out", trained / "model", *TINY, "--resume")
+    one_line_error(result, "different vocabulary")
+
+
+def test_bad_inputs_give_one_line_errors(trained, tmp_path):
+    one_line_error(invoke("prepare", "--train", tmp_path / "none", "--src", "a", "--tgt", "b", "--out", tmp_path / "x"),
+                   "file not found")
+    (tmp_path / "m.a").write_text("1\n2\n")
+    (tmp_path / "m.b").write_text("1\n")
+    one_line_error(invoke("prepare", "--train", tmp_path / "m", "--src", "a", "--tgt", "b", "--out", tmp_path / "x"),
+                   "line counts differ")
+    (tmp_path / "u.a").write_bytes(b"ok\n\xc3\x28\n")
+    (tmp_path / "u.b").write_text("ok\nok\n")
+    one_line_error(invoke("prepare", "--train", tmp_path / "u", "--src", "a", "--tgt", "b", "--out", tmp_path / "x"),
+                   "u.a:2: invalid UTF-8")
+    (tmp_path / "e.a").write_text("\n \n")
+    (tmp_path / "e.b").write_text("x\n\n")
+    one_line_error(invoke("prepare", "--train", tmp_path / "e", "--src", "a", "--tgt", "b", "--out", tmp_path / "x"),
+                   "no sentence pairs left after cleaning")
+    assert not (tmp_path / "x").exists()
+    (tmp_path / "bad.yaml").write_text("model:\n  n_layers: 3\n")
+    one_line_error(invoke("train", tmp_path / "bad.yaml", "--data", trained / "data", "--out", tmp_path / "m"),
+                   "unknown config key 'model.n_layers'")
+    one_line_error(invoke("translate", tmp_path / "no-model", "-i", tmp_path / "e.a"), "not found")
+    one_line_error(invoke("translate", trained / "model", "-i", tmp_path / "u.a"), "u.a:2: invalid UTF-8")
+    one_line_error(invoke("evaluate", "--hyp", tmp_path / "m.a", "--ref", tmp_path / "m.b"), "line counts differ")
+    one_line_error(invoke("translate", trained / "data", "-i", tmp_path / "e.a"), "not a checkpoint directory")
+    unknown = invoke("translate", trained / "model", "--beam-size", "3")
+    assert unknown.exit_code == 2 and "No such option" in unknown.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_but_absent(trained, tmp_path):
+    one_line_error(invoke("train", "--data", trained / "data", "--out", tmp_path / "m", "--device", "cuda", *TINY),
+                   "CUDA is not available")
+    one_line_error(invoke("translate", trained / "model", "-i", trained / "data" / "test.src.txt", "--device", "cuda"),
+                   "CUDA is not available")

@@ -1,0 +1,46 @@
+import pytest
+
+from nmt.config import Config, apply_overrides, config_from_dict, config_to_dict, load_config
+from nmt.errors import ConfigError
+
+
+def test_yaml_with_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  arch: rnn\n  embed_dim: 64\n  hidden_dim: 64\ntrain:\n  lr: 0.002\n")
+    config = load_config(path, ["train.lr=0.01", "model.cell=gru", "train.betas=[0.9, 0.99]", "data_dir=d"])
+    assert config.model.arch == "rnn" and config.model.cell == "gru"
+    assert config.train.lr == 0.01 and config.train.betas == [0.9, 0.99]
+    assert config.data_dir == "d"
+    assert config_from_dict(config_to_dict(config)) == config
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"model": {"layers": 3}}, "unknown config key 'model.layers'"),
+        ({"trian": {}}, "unknown config key 'trian'"),
+        ({"train": {"lr": "fast"}}, "train.lr must be a number"),
+        ({"train": {"max_steps": 1.5}}, "train.max_steps must be an integer"),
+        ({"model": {"tie_output": "yes"}}, "model.tie_output must be true or false"),
+        ({"model": {"arch": "lstm"}}, "model.arch must be one of"),
+        ({"model": {"embed_dim": 250, "heads": 4, "arch": "transformer"}}, "divisible"),
+        ({"model": {"arch": "rnn", "embed_dim": 32, "hidden_dim": 64}}, "tie_output"),
+    ],
+)
+def test_bad_configs_name_the_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(data)
+
+
+def test_override_must_have_equals():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides({}, ["train.lr"])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_defaults_are_valid():
+    Config().validate()

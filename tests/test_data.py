@@ -1,0 +1,101 @@
+import gzip
+
+import numpy as np
+import pytest
+
+from nmt.data import (
+    CleanConfig,
+    ParallelSplit,
+    clean_pairs,
+    make_batch,
+    read_lines,
+    read_parallel_files,
+    read_tsv,
+    token_batches,
+    write_token_file,
+)
+from nmt.errors import DataError
+from nmt.tokenizer import BOS, EOS, PAD
+
+
+def test_read_lines_gz_and_carriage_return(tmp_path):
+    path = tmp_path / "a.txt.gz"
+    with gzip.open(path, "wb") as f:
+        f.write("one\r\ntwo has \r inside\nthree\u2028same line\n".encode())
+    assert list(read_lines(path)) == ["one", "two has \r inside", "three\u2028same line"]
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"good\nalso good\nbad \xff byte\n")
+    with pytest.raises(DataError, match=r"bad.txt:3: invalid UTF-8"):
+        list(read_lines(path))
+    assert list(read_lines(path, replace_invalid=True))[2] == "bad \ufffd byte"
+
+
+def test_misaligned_files(tmp_path):
+    (tmp_path / "a.de").write_text("1\n2\n3\n")
+    (tmp_path / "a.en").write_text("1\n2\n")
+    with pytest.raises(DataError, match=r"a.de has 3 lines, .*a.en has 2"):
+        list(read_parallel_files(tmp_path / "a.de", tmp_path / "a.en"))
+    with pytest.raises(DataError, match=r"a.en has 2 lines, .*a.de has 3"):
+        list(read_parallel_files(tmp_path / "a.en", tmp_path / "a.de"))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="file not found"):
+        list(read_lines(tmp_path / "nope.txt"))
+
+
+def test_tsv_wrong_field_count(tmp_path):
+    path = tmp_path / "c.tsv"
+    path.write_text("a\tb\nc\td\ne\tf\tg\n")
+    with pytest.raises(DataError, match=r"c.tsv:3: 3 tab-separated fields, expected 2"):
+        list(read_tsv(path, 0, 1))
+    path.write_text("a\tb\nc\td\n")
+    assert list(read_tsv(path, 1, 0)) == [("b", "a"), ("d", "c")]
+
+
+def test_cleaning_counts_each_step():
+    pairs = [
+        ("Hello  world ", "Hallo Welt"),  # whitespace fixed
+        ("Cafe\u0301", "Cafe\u0301"),  # normalized (NFC)
+        ("", "leer"),  # empty
+        ("a " * 300, "b " * 300),  # too long
+        ("one", "one two three four five"),  # ratio
+        ("Hello world", "Hallo Welt"),  # duplicate of the first after cleaning
+        ("fine", "gut"),
+    ]
+    kept, stats = clean_pairs(pairs, CleanConfig(max_words=250, max_ratio=3.0))
+    assert kept == [("Hello world", "Hallo Welt"), ("Café", "Café"), ("fine", "gut")]
+    assert (stats.pairs_read, stats.whitespace_fixed, stats.normalized) == (7, 2, 1)
+    assert (stats.empty, stats.too_long, stats.ratio, stats.duplicates, stats.kept) == (1, 1, 1, 1, 3)
+
+
+def test_token_batches_cover_all_and_respect_budget():
+    rng = np.random.default_rng(0)
+    src_len, tgt_len = rng.integers(1, 40, 500), rng.integers(1, 40, 500)
+    batches = token_batches(src_len, tgt_len, batch_tokens=300, seed=5)
+    flat = np.sort(np.concatenate(batches))
+    assert (flat == np.arange(500)).all()
+    for batch in batches:
+        longest = int(np.maximum(src_len[batch], tgt_len[batch]).max()) + 1
+        assert longest * len(batch) <= 300
+    again = token_batches(src_len, tgt_len, batch_tokens=300, seed=5)
+    assert all((a == b).all() for a, b in zip(batches, again))
+    other = token_batches(src_len, tgt_len, batch_tokens=300, seed=6)
+    assert any(len(a) != len(b) or (a != b).any() for a, b in zip(batches, other))
+
+
+def test_binarized_round_trip_and_batch(tmp_path):
+    src = [[5, 6, 7], [8], [9, 10]]
+    tgt = [[11], [12, 13, 14, 15], [16, 17]]
+    write_token_file(tmp_path, "train.src", src, np.dtype(np.uint16))
+    write_token_file(tmp_path, "train.tgt", tgt, np.dtype(np.uint16))
+    split = ParallelSplit.load(tmp_path, "train")
+    assert [split.src[i].tolist() for i in range(3)] == src
+    batch = make_batch(split, np.array([1, 0]))
+    assert batch.src.tolist() == [[8, EOS, PAD, PAD], [5, 6, 7, EOS]]
+    assert batch.tgt_in.tolist() == [[BOS, 12, 13, 14, 15], [BOS, 11, PAD, PAD, PAD]]
+    assert batch.tgt_out.tolist() == [[12, 13, 14, 15, EOS], [11, EOS, PAD, PAD, PAD]]
+    assert batch.num_tgt_tokens == 7

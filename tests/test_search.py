@@ -1,0 +1,127 @@
+import itertools
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from nmt.config import ModelConfig
+from nmt.models import build_model
+from nmt.search import beam_search, greedy_search, max_lengths
+from nmt.tokenizer import BOS, EOS, PAD
+
+
+@dataclass
+class TableMemory:
+    src: torch.Tensor
+
+    def reorder(self, indices):
+        return TableMemory(self.src.index_select(0, indices))
+
+
+@dataclass
+class TableState:
+    prev: torch.Tensor  # (B,) previous token
+
+    def reorder(self, indices):
+        return TableState(self.prev.index_select(0, indices))
+
+
+class TableModel:
+    """Next-token distribution given by a table indexed by the previous token."""
+
+    def __init__(self, table: torch.Tensor):
+        self.log_table = table.log()  # (V, V)
+
+    def encode(self, src):
+        return TableMemory(src)
+
+    def init_state(self, memory):
+        return TableState(torch.full((memory.src.shape[0],), BOS))
+
+    def decode_step(self, prev_tokens, memory, state):
+        return self.log_table[prev_tokens].clone(), TableState(prev_tokens)
+
+
+def _table(rows: dict[int, dict[int, float]], V: int = 6) -> torch.Tensor:
+    table = torch.full((V, V), 1e-9)
+    for prev, dist in rows.items():
+        for tok, p in dist.items():
+            table[prev, tok] = p
+    return table / table.sum(1, keepdim=True)
+
+
+def test_beam_finds_the_best_sequence_greedy_misses():
+    A, B = 4, 5
+    table = _table({BOS: {A: 0.6, B: 0.4}, A: {A: 0.35, B: 0.35, EOS: 0.3}, B: {EOS: 0.9, A: 0.1}})
+    model = TableModel(table)
+    src = torch.tensor([[7, 7, EOS]])
+    greedy = greedy_search(model, src, max_len_a=0, max_len_b=4)
+    beam = beam_search(model, src, beam_size=2, len_penalty=0.0, max_len_a=0, max_len_b=4)
+    assert greedy[0].tokens[0] == A
+    assert beam[0][0].tokens == [B]
+    assert beam[0][0].score == pytest.approx(float(torch.log(table[BOS, B] * table[B, EOS])), abs=1e-5)
+
+
+def test_large_beam_equals_exhaustive_search():
+    torch.manual_seed(3)
+    V, L = 7, 4  # tokens 4..6 plus EOS; outputs of at most L tokens including EOS
+    table = torch.rand(V, V) ** 3 + 1e-3
+    table = table / table.sum(1, keepdim=True)
+    model = TableModel(table)
+    src = torch.tensor([[5, EOS]])
+    best_score, best_seq = float("-inf"), None
+    for length in range(0, L):
+        for seq in itertools.product(range(4, V), repeat=length):
+            path = [BOS, *seq, EOS]
+            score = sum(float(torch.log(table[a, b])) for a, b in zip(path, path[1:]))
+            if score > best_score:
+                best_score, best_seq = score, list(seq)
+    hyps = beam_search(model, src, beam_size=V**L, len_penalty=0.0, max_len_a=0, max_len_b=L)
+    assert hyps[0][0].tokens == best_seq
+    assert hyps[0][0].score == pytest.approx(best_score, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ModelConfig(embed_dim=32, ff_dim=64, heads=4, enc_layers=2, dec_layers=2),
+        ModelConfig(arch="rnn", embed_dim=16, hidden_dim=32, tie_output=False, attention="general"),
+    ],
+    ids=["transformer", "rnn"],
+)
+def test_beam_one_equals_greedy(config):
+    torch.manual_seed(1)
+    model = build_model(config, 30, 30).eval()
+    src = torch.randint(4, 30, (6, 9))
+    src[:, -1] = EOS
+    src[2, 5:] = PAD
+    src[2, 4] = EOS
+    greedy = greedy_search(model, src, 1.5, 5)
+    beam = beam_search(model, src, beam_size=1, max_len_a=1.5, max_len_b=5)
+    assert [h.tokens for h in greedy] == [b[0].tokens for b in beam]
+
+
+def test_batched_beam_equals_one_sentence_at_a_time():
+    model = build_model(ModelConfig(embed_dim=32, ff_dim=64, heads=4), 30, 30).eval()
+    src = torch.randint(4, 30, (4, 8))
+    src[:, -1] = EOS
+    src[1, 3:] = PAD
+    src[1, 2] = EOS
+    batched = beam_search(model, src, beam_size=4, nbest=2)
+    for i in range(4):
+        length = int((src[i] != PAD).sum())
+        single = beam_search(model, src[i : i + 1, :length], beam_size=4, nbest=2)
+        assert [h.tokens for h in single[0]] == [h.tokens for h in batched[i]]
+
+
+def test_nbest_sorted_and_within_length_limit():
+    model = build_model(ModelConfig(embed_dim=32, ff_dim=64, heads=4), 30, 30).eval()
+    src = torch.randint(4, 30, (3, 5))
+    src[:, -1] = EOS
+    hyps = beam_search(model, src, beam_size=4, nbest=4, max_len_a=1.0, max_len_b=2)
+    limits = max_lengths(src, 1.0, 2)
+    for nbest, limit in zip(hyps, limits.tolist()):
+        assert len(nbest) == 4
+        assert [h.score for h in nbest] == sorted((h.score for h in nbest), reverse=True)
+        assert all(len(h.tokens) + 1 <= limit for h in nbest)
+        assert all(PAD not in h.tokens and BOS not in h.tokens and EOS not in h.tokens for h in nbest)

@@ -1,0 +1,76 @@
+import json
+
+import pytest
+
+from conftest import toy_pairs, write_pairs
+from nmt.checkpoint import load_for_inference
+from nmt.config import config_from_dict
+from nmt.config import DecodeConfig
+from nmt.prepare import PrepareConfig, prepare
+from nmt.train import inverse_sqrt_lr, train
+from nmt.translate import translate_lines
+
+TINY_MODELS = {
+    "transformer": {"arch": "transformer", "embed_dim": 64, "ff_dim": 128, "heads": 4, "enc_layers": 2,
+                    "dec_layers": 2, "dropout": 0.0},
+    "rnn": {"arch": "rnn", "cell": "gru", "embed_dim": 32, "hidden_dim": 64, "enc_layers": 1, "dec_layers": 1,
+            "dropout": 0.0, "tie_output": False},
+}
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    pairs = toy_pairs(12, seed=11)
+    write_pairs(tmp_path / "c" / "train", pairs)
+    write_pairs(tmp_path / "c" / "valid", toy_pairs(4, seed=12))
+    write_pairs(tmp_path / "c" / "test", toy_pairs(4, seed=13))
+    prepare(PrepareConfig(
+        out_dir=tmp_path / "data", src_lang="xx", tgt_lang="yy", vocab_size=40,
+        train_prefix=str(tmp_path / "c" / "train"), valid_prefix=str(tmp_path / "c" / "valid"),
+        test_prefix=str(tmp_path / "c" / "test"),
+    ))
+    return tmp_path / "data", pairs
+
+
+def _config(data_dir, save_dir, model, **train):
+    return config_from_dict({
+        "data_dir": str(data_dir), "save_dir": str(save_dir), "model": model,
+        "train": {"batch_tokens": 500, "lr": 3e-3, "warmup_steps": 20, "label_smoothing": 0.0,
+                  "valid_every": 1000, "log_every": 10, **train},
+    })
+
+
+@pytest.mark.parametrize("arch", ["transformer", "rnn"])
+def test_pipeline_overfits_tiny_corpus(tiny_data, tmp_path, arch):
+    data_dir, pairs = tiny_data
+    result = train(_config(data_dir, tmp_path / "model", TINY_MODELS[arch], max_steps=250), progress=False)
+    assert result.steps == 250 and (tmp_path / "model" / "best" / "model.safetensors").is_file()
+    model, tokenizer, config = load_for_inference(tmp_path / "model", "last")
+    for beam in (1, 4):
+        out = translate_lines(model, tokenizer, [s for s, _ in pairs], DecodeConfig(beam=beam), "cpu")
+        assert [texts[0] for texts in out.texts] == [t for _, t in pairs]
+    log = [json.loads(line) for line in (tmp_path / "model" / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if r["type"] == "train"]
+    assert losses[-1] < 0.05 * losses[0]
+
+
+def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
+    data_dir, _ = tiny_data
+    model = {**TINY_MODELS["transformer"], "dropout": 0.3}
+    settings = dict(valid_every=4, log_every=1, batch_tokens=60)
+    train(_config(data_dir, tmp_path / "a", model, max_steps=10, **settings), progress=False)
+    train(_config(data_dir, tmp_path / "b", model, max_steps=4, **settings), progress=False)
+    result = train(_config(data_dir, tmp_path / "b", model, max_steps=10, **settings), resume=True, progress=False)
+    assert result.steps == 10
+
+    def losses(name):
+        records = [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in records if r["type"] == "train"}
+
+    assert losses("a") == losses("b")
+
+
+def test_inverse_sqrt_schedule():
+    assert inverse_sqrt_lr(50, 1e-3, 100) == pytest.approx(5e-4)
+    assert inverse_sqrt_lr(100, 1e-3, 100) == pytest.approx(1e-3)
+    assert inverse_sqrt_lr(400, 1e-3, 100) == pytest.approx(5e-4)
