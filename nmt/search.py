@@ -75,7 +75,8 @@ def beam_search(
 
     At each step the 2K best continuations of the K beams are taken; those ending in EOS among
     the first K are finished hypotheses, and the best K others continue. A sentence is done once
-    it has K finished hypotheses, and is then removed from the batch.
+    it has K finished hypotheses that no live beam is likely to beat, and is then removed from
+    the batch.
     """
     B, K = src.shape[0], beam_size
     device = src.device
@@ -101,27 +102,41 @@ def beam_search(
         top_scores, top_ids = candidates.topk(min(2 * K, K * V), dim=-1)  # (N, 2K)
         top_beams, top_tokens = top_ids // V, top_ids % V
 
-        # Finished hypotheses: EOS among the first K candidates.
+        # Finished hypotheses: EOS among the first K candidates; each sentence keeps its K best.
         ends = (top_tokens == EOS) & torch.isfinite(top_scores)
         ends[:, K:] = False
         if bool(ends.any()):
+            length = t + 1  # generated tokens including EOS
             for n, j in ends.nonzero().tolist():
-                sentence = int(active[n])
-                if len(finished[sentence]) < K:
-                    beam = n * K + int(top_beams[n, j])
-                    length = t + 1  # generated tokens including EOS
-                    finished[sentence].append(
-                        Hypothesis(history[beam].tolist(), float(top_scores[n, j]) / length**len_penalty)
-                    )
+                hyps = finished[int(active[n])]
+                score = float(top_scores[n, j]) / length**len_penalty
+                if len(hyps) == K:
+                    worst = min(range(K), key=lambda i: hyps[i].score)
+                    if score <= hyps[worst].score:
+                        continue
+                    hyps.pop(worst)
+                hyps.append(Hypothesis(history[n * K + int(top_beams[n, j])].tolist(), score))
 
         # Continue with the K best candidates that do not end.
         keep_scores = top_scores.masked_fill(top_tokens == EOS, float("-inf"))
-        keep_scores, order = keep_scores.topk(K, dim=-1)  # (N, K)
+        keep_scores, order = keep_scores.topk(K, dim=-1)  # (N, K), best first
         keep_beams = top_beams.gather(1, order)  # (N, K)
         keep_tokens = top_tokens.gather(1, order)  # (N, K)
 
-        done = torch.tensor([len(finished[int(s)]) >= K for s in active.tolist()], device=device)
-        if t + 1 >= int(limits.max()) or bool(done.all()):
+        if t + 1 >= int(limits.max()):
+            break
+        # A sentence is done when its K finished hypotheses all score at least as well as the
+        # best live beam would if it ended now (log-probs only fall as a hypothesis grows).
+        best_alive = (keep_scores[:, 0] / (t + 1) ** len_penalty).tolist()
+        at_limit = (limits[active] <= t + 1).tolist()
+        done = torch.tensor(
+            [
+                ended or (len(finished[s]) == K and min(h.score for h in finished[s]) >= alive_score)
+                for s, alive_score, ended in zip(active.tolist(), best_alive, at_limit)
+            ],
+            device=device,
+        )
+        if bool(done.all()):
             break
         alive = (~done).nonzero().squeeze(1)  # (N',)
         rows = (alive[:, None] * K + keep_beams[alive]).view(-1)  # (N'*K,) rows of the old batch
