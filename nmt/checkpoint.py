@@ -65,6 +65,8 @@ def read_vocab_info(save_dir: Path) -> dict:
 
 
 def read_config(save_dir: Path) -> Config:
+    if not Path(save_dir).is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {save_dir}")
     path = Path(save_dir) / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"{save_dir} is not a checkpoint directory (no config.yaml)")
