@@ -142,20 +142,12 @@ def translate(
     replace_invalid: Annotated[bool, typer.Option(help="Replace invalid UTF-8 instead of stopping.")] = False,
 ) -> None:
     """Translate text with a trained model: one output line per input line."""
-    import dataclasses
-
-    from nmt.checkpoint import read_config
     from nmt.translate import translate_file
 
+    options = dict(beam=beam, nbest=nbest, len_penalty=len_penalty, max_len_a=max_len_a,
+                   max_len_b=max_len_b, batch_tokens=batch_tokens)
     with user_errors():
-        decode = read_config(model_dir).decode
-        chosen = dict(beam=beam, nbest=nbest, len_penalty=len_penalty, max_len_a=max_len_a,
-                      max_len_b=max_len_b, batch_tokens=batch_tokens)
-        decode = dataclasses.replace(decode, **{k: v for k, v in chosen.items() if v is not None})
-        if nbest is None:
-            decode.nbest = 1
-        decode.validate()
-        translate_file(model_dir, input, output, decode, checkpoint, device, replace_invalid)
+        translate_file(model_dir, input, output, options, checkpoint, device, replace_invalid)
 
 
 @app.command()
@@ -171,26 +163,18 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (with --src).")] = "auto",
 ) -> None:
     """Score translations against references with sacreBLEU."""
-    from nmt.evaluate import score_files
+    from nmt.evaluate import score_files, translate_and_score
 
+    names = tuple(m.strip().lower() for m in metrics.split(",") if m.strip())
     with user_errors():
         if (hyp is None) == (src is None):
             raise NmtError("give either --hyp, or --src with --model")
         if src is not None:
-            import dataclasses
-            import tempfile
-
-            from nmt.checkpoint import read_config
-            from nmt.translate import translate_file
-
             if model is None:
                 raise NmtError("--src needs --model")
-            decode = read_config(model).decode
-            decode = dataclasses.replace(decode, nbest=1, beam=beam or decode.beam)
-            hyp = Path(tempfile.mkdtemp(prefix="nmt-eval-")) / "hyp.txt"
-            translate_file(model, src, hyp, decode, device=device)
-        names = tuple(m.strip().lower() for m in metrics.split(",") if m.strip())
-        scores = score_files(hyp, ref, names, tokenize)
+            scores = translate_and_score(model, src, ref, {"beam": beam}, names, tokenize, device)
+        else:
+            scores = score_files(hyp, ref, names, tokenize)
     if json_output:
         typer.echo(json.dumps([s.as_dict() for s in scores], indent=2))
     else:

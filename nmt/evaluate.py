@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,8 @@ def score_texts(
     scores = []
     for name in metrics:
         if name == "bleu":
+            if tokenize and tokenize not in BLEU.TOKENIZERS:
+                raise DataError(f"unknown BLEU tokenizer {tokenize!r} (choose from {', '.join(BLEU.TOKENIZERS)})")
             metric = BLEU(tokenize=tokenize) if tokenize else BLEU()
         elif name == "chrf":
             metric = CHRF()
@@ -56,3 +59,21 @@ def score_files(hyp_path: Path, ref_path: Path, metrics=METRICS, tokenize: str |
             f"line counts differ: {hyp_path} has {len(hypotheses)} lines, {ref_path} has {len(references)}"
         )
     return score_texts(hypotheses, references, metrics, tokenize)
+
+
+def translate_and_score(
+    model_dir: Path,
+    src_path: Path,
+    ref_path: Path,
+    decode_options: dict | None = None,
+    metrics=METRICS,
+    tokenize: str | None = None,
+    device: str = "auto",
+) -> list[Score]:
+    """Translate `src_path` with a checkpoint, then score the output against `ref_path`."""
+    from nmt.translate import translate_file
+
+    with tempfile.TemporaryDirectory(prefix="nmt-eval-") as tmp:
+        hyp_path = Path(tmp) / "hyp.txt"
+        translate_file(model_dir, src_path, hyp_path, decode_options, device=device)
+        return score_files(hyp_path, ref_path, metrics, tokenize)

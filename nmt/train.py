@@ -7,7 +7,9 @@ import dataclasses
 import json
 import math
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +35,27 @@ from nmt.evaluate import corpus_bleu
 from nmt.models import build_model
 from nmt.tokenizer import PAD, Tokenizer
 from nmt.translate import translate_ids
+
+
+class StopSignal:
+    """Ctrl-C (SIGINT) and SIGTERM ask training to stop after the current update, which is then
+    saved as `last/`, instead of killing it mid-step."""
+
+    def __init__(self):
+        self.received = ""
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -246,6 +269,7 @@ def train(
     groups: list = []
     validated_at = step if resume else -1
     pin = device.type == "cuda"
+    stop_signal = StopSignal()
     try:
         while not stop_reason:
             if tc.max_epochs and epoch >= tc.max_epochs:
@@ -255,9 +279,10 @@ def train(
                 train_split.src.lengths, train_split.tgt.lengths, tc.batch_tokens, seed=tc.seed * 100_003 + epoch
             )
             groups = [batches[i : i + tc.accum_steps] for i in range(0, len(batches), tc.accum_steps)]
+            if not tc.max_steps and tc.max_epochs and bar.total is None:
+                bar.total = tc.max_epochs * len(groups)  # for the ETA; batch counts vary a little
             while group_in_epoch < len(groups):
                 group = [make_batch(train_split, indices, pin).to(device) for indices in groups[group_in_epoch]]
-                group_in_epoch += 1
                 group_tokens = sum(b.num_tgt_tokens for b in group)
                 for batch in group:
                     with autocast(device, dtype):
@@ -282,6 +307,7 @@ def train(
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                group_in_epoch += 1
                 bar.update(1)
 
                 if step % tc.log_every == 0:
@@ -305,6 +331,11 @@ def train(
                     validated_at = step
                     if run_validation():
                         stop_reason = "patience"
+                if not stop_reason and stop_signal.received:
+                    stop_reason = f"signal ({stop_signal.received})"
+                    save("last")
+                    log(f"stopped by {stop_signal.received} at step {step}; continue with --resume")
+                    validated_at = step  # saved; no final validation on the way out
                 if not stop_reason and tc.max_steps and step >= tc.max_steps:
                     stop_reason = "max_steps"
                 if not stop_reason and tc.max_minutes and elapsed_before + time.time() - started >= tc.max_minutes * 60:
@@ -316,6 +347,7 @@ def train(
         if validated_at != step:
             run_validation()
     finally:
+        stop_signal.restore()
         bar.close()
         log_file.close()
     return TrainResult(

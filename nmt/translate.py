@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -99,15 +100,23 @@ def translate_file(
     save_dir: Path,
     input_path: Path | None,
     output_path: Path | None,
-    decode: DecodeConfig,
+    decode_options: dict | None = None,
     checkpoint: str = "best",
     device: str = "auto",
     replace_invalid: bool = False,
     warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
 ) -> int:
-    """Translate a file (or stdin when None) into a file (or stdout); returns the line count."""
+    """Translate a file (or stdin when None) into a file (or stdout); returns the line count.
+
+    Decoding settings are the checkpoint's `decode` config with `decode_options` (beam, nbest,
+    len_penalty, ...) replacing the values that are given; only the best translation is written
+    unless `nbest` is given.
+    """
     torch_device = resolve_device(device)
-    model, tokenizer, _ = load_for_inference(save_dir, checkpoint, torch_device)
+    model, tokenizer, config = load_for_inference(save_dir, checkpoint, torch_device)
+    options = {k: v for k, v in (decode_options or {}).items() if v is not None}
+    decode = dataclasses.replace(config.decode, **{"nbest": 1, **options})
+    decode.validate()
     normalization = read_vocab_info(save_dir).get("normalization", "NFC")
     if input_path is None:
         lines = _read_stdin(replace_invalid)

@@ -132,3 +132,16 @@ def test_tied_and_shared_embeddings():
     model = build_model(config, 30, 30)
     assert model.src_embed is model.tgt_embed
     assert model.output.weight is model.tgt_embed.weight
+
+
+@pytest.mark.parametrize("config", [MODEL_CONFIGS[0], MODEL_CONFIGS[-1], MODEL_CONFIGS[-4]], ids=_ids)
+def test_forward_and_search_under_bf16_autocast(config):
+    from nmt.search import beam_search
+
+    model = build_model(config, V_SRC, V_TGT).eval()
+    src, tgt_in = random_batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(src, tgt_in)
+        hyps = beam_search(model, src, beam_size=3, max_len_b=4)
+    assert torch.isfinite(logits.float()).all()
+    assert len(hyps) == src.shape[0]

@@ -74,3 +74,41 @@ def test_inverse_sqrt_schedule():
     assert inverse_sqrt_lr(50, 1e-3, 100) == pytest.approx(5e-4)
     assert inverse_sqrt_lr(100, 1e-3, 100) == pytest.approx(1e-3)
     assert inverse_sqrt_lr(400, 1e-3, 100) == pytest.approx(5e-4)
+
+
+def test_sigterm_saves_last_checkpoint_and_resume_continues(tiny_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data_dir, _ = tiny_data
+    save_dir = tmp_path / "model"
+    command = [sys.executable, "-m", "nmt_cli", "train", "--data", str(data_dir), "--out", str(save_dir),
+               "--set", "model.embed_dim=32", "--set", "model.ff_dim=64", "--set", "model.heads=2",
+               "--set", "train.batch_tokens=60", "--set", "train.log_every=1", "--set", "train.valid_every=100000",
+               "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = save_dir / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and log.read_text().count("\n") >= 5):
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "stopped by SIGTERM" in output and "Traceback" not in output
+    info = json.loads((save_dir / "last" / "info.json").read_text())
+    assert info["step"] >= 5
+    resumed = subprocess.run(command[:-1] + ["--set", f"train.max_steps={info['step'] + 3}", "--resume", "--no-progress"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"trained {info['step'] + 3} steps" in resumed.stdout
+
+
+@pytest.mark.parametrize("arch", ["transformer", "rnn"])
+def test_mixed_precision_training_step(tiny_data, tmp_path, arch):
+    data_dir, _ = tiny_data
+    model = {**TINY_MODELS[arch], "cell": "lstm"} if arch == "rnn" else TINY_MODELS[arch]
+    result = train(_config(data_dir, tmp_path / "m", model, max_steps=3, precision="bf16"), progress=False)
+    assert result.steps == 3 and result.last_valid["loss"] > 0

@@ -91,7 +91,7 @@ class RNNSeq2Seq(nn.Module):
         mean = (memory.states * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, D)
         hidden = torch.tanh(self.bridge(mean)).view(B, self.dec_layers, self.hidden_dim)
         hidden = hidden.transpose(0, 1).contiguous()  # (L, B, D)
-        cell = torch.zeros_like(hidden) if self.is_lstm else None
+        cell = torch.zeros_like(hidden) if self.is_lstm else None  # same dtype as hidden
         return RNNState(hidden, cell, memory.states.new_zeros(B, self.hidden_dim))
 
     def _attentional(self, dec_out: torch.Tensor, memory: RNNMemory) -> torch.Tensor:
@@ -103,7 +103,9 @@ class RNNSeq2Seq(nn.Module):
         # embedded: (B, E) previous target word
         x = torch.cat([embedded, state.att_vec], dim=-1) if self.input_feeding else embedded
         hx = (state.hidden, state.cell) if self.is_lstm else state.hidden
-        dec_out, hx = self.decoder(x[:, None, :], hx)  # (B, 1, D)
+        # Under autocast the state may be bf16/fp16 while embeddings stay fp32: the recurrent
+        # layer needs input and state in one dtype.
+        dec_out, hx = self.decoder(x[:, None, :].to(state.hidden.dtype), hx)  # (B, 1, D)
         hidden, cell = hx if self.is_lstm else (hx, None)
         att_vec = self._attentional(dec_out, memory)[:, 0]  # (B, D)
         return RNNState(hidden, cell, att_vec)
@@ -120,7 +122,7 @@ class RNNSeq2Seq(nn.Module):
             att_vec = torch.stack(att_vecs, dim=1)  # (B, T, D)
         else:  # the recurrence runs over the whole target at once, attention after it
             hx = (state.hidden, state.cell) if self.is_lstm else state.hidden
-            dec_out, _ = self.decoder(embedded, hx)  # (B, T, D)
+            dec_out, _ = self.decoder(embedded.to(state.hidden.dtype), hx)  # (B, T, D)
             att_vec = self._attentional(dec_out, memory)
         return self.output(self.dropout(att_vec))
 
