@@ -7,7 +7,7 @@ NMT := $(VENV)/bin/nmt
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo-run
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Training and decoding speed on Multi30k (../shared/data/multi30k) on the device present.
+BENCH_OUT ?= bench.json
+bench: install
+	$(NMT) bench --out $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

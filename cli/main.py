@@ -140,6 +140,7 @@ def translate(
     checkpoint: Annotated[str, typer.Option(help="Which weights: best or last.")] = "best",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     replace_invalid: Annotated[bool, typer.Option(help="Replace invalid UTF-8 instead of stopping.")] = False,
+    int8: Annotated[bool, typer.Option(help="Run the Linear layers in int8 (dynamic quantization; CPU only).")] = False,
 ) -> None:
     """Translate text with a trained model: one output line per input line."""
     from nmt.translate import translate_file
@@ -147,7 +148,7 @@ def translate(
     options = dict(beam=beam, nbest=nbest, len_penalty=len_penalty, max_len_a=max_len_a,
                    max_len_b=max_len_b, batch_tokens=batch_tokens)
     with user_errors():
-        translate_file(model_dir, input, output, options, checkpoint, device, replace_invalid)
+        translate_file(model_dir, input, output, options, checkpoint, device, replace_invalid, quantize=int8)
 
 
 @app.command()
@@ -180,6 +181,50 @@ def evaluate(
     else:
         for s in scores:
             typer.echo(f"{s.text}\n  signature: {s.signature}")
+
+
+def _named_paths(values: list[str] | None, option: str) -> dict[str, Path]:
+    """["transformer=path", ...] -> {"transformer": Path("path")}."""
+    named = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise NmtError(f"{option} takes NAME=PATH, got {value!r}")
+        named[name] = Path(path)
+    return named
+
+
+@app.command()
+def bench(
+    data: Annotated[Path, typer.Option(help="Folder with the Multi30k files (train.de.gz, val.*, test_2016_flickr.*).")] = Path("../shared/data/multi30k"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON report.")] = Path("bench.json"),
+    sections: Annotated[str, typer.Option(help="Comma-separated: train, ttq (time to quality), decode.")] = "train,ttq,decode",
+    recipe: Annotated[Optional[list[str]], typer.Option(help="NAME=CONFIG to benchmark (repeatable); default: the Multi30k transformer and rnn recipes for the device.")] = None,
+    checkpoint: Annotated[Optional[list[str]], typer.Option(help="NAME=CHECKPOINT_DIR to decode instead of training one (repeatable).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    steps: Annotated[int, typer.Option(help="Timed training updates per repeat (0: 40 on a GPU, 4 on a CPU).")] = 0,
+    repeats: Annotated[int, typer.Option(help="Repeats of each measurement; the median is reported.")] = 3,
+    vocab_size: Annotated[int, typer.Option(help="Joint vocabulary size (0: 8000 on a GPU, 5000 on a CPU).")] = 0,
+    ttq_bleu: Annotated[float, typer.Option(help="Dev BLEU to reach for time to quality (0: 35 on a GPU, 20 on a CPU).")] = 0.0,
+    ttq_minutes: Annotated[float, typer.Option(help="Longest training for time to quality (0: 10 minutes).")] = 0.0,
+    work_dir: Annotated[Optional[Path], typer.Option(help="Keep the prepared data and trained models here.")] = None,
+) -> None:
+    """Measure training and decoding speed on Multi30k de-en; print a table and write JSON."""
+    from nmt.bench import BenchConfig, format_report, run_bench
+
+    with user_errors():
+        if repeats < 1 or steps < 0:
+            raise NmtError("--repeats must be at least 1 and --steps at least 0")
+        config = BenchConfig(
+            data=data, out=out, recipes=_named_paths(recipe, "--recipe") or None,
+            checkpoints=_named_paths(checkpoint, "--checkpoint"),
+            sections=tuple(s.strip() for s in sections.split(",") if s.strip()), device=device,
+            steps=steps, repeats=repeats, vocab_size=vocab_size, ttq_bleu=ttq_bleu, ttq_minutes=ttq_minutes,
+            work_dir=work_dir,
+        )
+        report = run_bench(config)
+    typer.echo(format_report(report))
+    typer.echo(f"\nwritten to {out}")
 
 
 if __name__ == "__main__":

@@ -76,11 +76,13 @@ class TrainConfig:
     valid_max_sentences: int = 0  # dev sentences decoded for BLEU; 0: all
     valid_beam: int = 1
     patience: int = 0  # validations without a better dev BLEU before stopping; 0: off
+    target_bleu: float = 0.0  # stop once the dev BLEU reaches this; 0: off
     log_every: int = 100
     seed: int = 1
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     precision: str = "auto"  # "auto" (bf16 on GPUs that have it, else fp16; fp32 on CPU), "bf16", "fp16", "fp32"
     threads: int = 0  # CPU threads for torch; 0: torch's default
+    compile: bool = False  # torch.compile the training forward pass (falls back to eager if it fails)
 
     def validate(self) -> None:
         _choice("train.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))

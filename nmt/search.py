@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from nmt.tokenizer import BOS, EOS, PAD
 
@@ -13,6 +14,38 @@ from nmt.tokenizer import BOS, EOS, PAD
 class Hypothesis:
     tokens: list[int]  # without BOS and EOS
     score: float  # beam: log-prob / length**len_penalty; greedy: log-prob
+
+
+@dataclass
+class PrefixState:
+    tokens: torch.Tensor | None  # (B, t) the target tokens fed so far, BOS first; None before the first
+
+    def reorder(self, indices: torch.Tensor) -> "PrefixState":
+        return PrefixState(None if self.tokens is None else self.tokens.index_select(0, indices))
+
+
+class FullPrefixDecoding:
+    """A model's decoder without incremental state: each step reruns the teacher-forced decoder
+    over the whole prefix and keeps the last position.
+
+    Quadratic in the output length, and plain: it is the reference that incremental decoding
+    (cached keys/values, carried recurrent state) must reproduce, and the benchmark's baseline.
+    """
+
+    def __init__(self, model):
+        self.model = model
+
+    def encode(self, src: torch.Tensor):
+        return self.model.encode(src)
+
+    def init_state(self, memory) -> PrefixState:
+        return PrefixState(None)
+
+    def decode_step(self, prev_tokens: torch.Tensor, memory, state: PrefixState) -> tuple[torch.Tensor, PrefixState]:
+        new = prev_tokens[:, None]  # (B, 1)
+        tokens = new if state.tokens is None else torch.cat([state.tokens, new], dim=1)  # (B, t+1)
+        logits = self.model.decode(tokens, memory)[:, -1]  # (B, V)
+        return F.log_softmax(logits.float(), dim=-1), PrefixState(tokens)
 
 
 def max_lengths(src: torch.Tensor, a: float, b: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ from nmt.config import ModelConfig
 from nmt.models import build_model
 from nmt.models.attention import MultiHeadAttention, rnn_attention
 from nmt.models.transformer import sinusoidal_positions
-from nmt.tokenizer import BOS, PAD
+from nmt.tokenizer import BOS, EOS, PAD
 
 V_SRC, V_TGT = 40, 50
 
@@ -145,3 +145,20 @@ def test_forward_and_search_under_bf16_autocast(config):
         hyps = beam_search(model, src, beam_size=3, max_len_b=4)
     assert torch.isfinite(logits.float()).all()
     assert len(hyps) == src.shape[0]
+
+
+def test_int8_quantized_model_stays_close_to_float():
+    from nmt.translate import quantize_int8
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(embed_dim=64, ff_dim=128, heads=4, enc_layers=2, dec_layers=2), 40, 40).eval()
+    quantized = quantize_int8(model)
+    assert not any(type(m) is torch.nn.Linear for m in quantized.modules())
+    assert any(type(m) is torch.nn.Linear for m in model.modules())  # the original is left as it was
+    src = torch.randint(4, 40, (3, 6))
+    src[:, -1] = EOS
+    tgt_in = torch.randint(4, 40, (3, 5))
+    with torch.inference_mode():
+        exact, approx = model(src, tgt_in).log_softmax(-1), quantized(src, tgt_in).log_softmax(-1)
+    error = (exact - approx).abs()
+    assert error.mean() < 0.03 and error.max() < 0.3

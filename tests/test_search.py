@@ -6,7 +6,7 @@ import torch
 
 from nmt.config import ModelConfig
 from nmt.models import build_model
-from nmt.search import beam_search, greedy_search, max_lengths
+from nmt.search import FullPrefixDecoding, beam_search, greedy_search, max_lengths
 from nmt.tokenizer import BOS, EOS, PAD
 
 
@@ -125,3 +125,26 @@ def test_nbest_sorted_and_within_length_limit():
         assert [h.score for h in nbest] == sorted((h.score for h in nbest), reverse=True)
         assert all(len(h.tokens) + 1 <= limit for h in nbest)
         assert all(PAD not in h.tokens and BOS not in h.tokens and EOS not in h.tokens for h in nbest)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ModelConfig(embed_dim=32, ff_dim=64, heads=4, enc_layers=2, dec_layers=2),
+        ModelConfig(arch="rnn", cell="lstm", embed_dim=16, hidden_dim=32, enc_layers=2, dec_layers=2, tie_output=False),
+    ],
+    ids=["transformer", "rnn"],
+)
+def test_incremental_search_equals_full_prefix_recompute(config):
+    torch.manual_seed(2)
+    model = build_model(config, 30, 30).eval()
+    src = torch.randint(4, 30, (5, 7))
+    src[:, -1] = EOS
+    src[3, 4:] = PAD
+    src[3, 3] = EOS
+    plain = FullPrefixDecoding(model)
+    assert [h.tokens for h in greedy_search(model, src)] == [h.tokens for h in greedy_search(plain, src)]
+    fast, slow = beam_search(model, src, beam_size=4, nbest=3), beam_search(plain, src, beam_size=4, nbest=3)
+    assert [[h.tokens for h in n] for n in fast] == [[h.tokens for h in n] for n in slow]
+    for fast_nbest, slow_nbest in zip(fast, slow):
+        assert [h.score for h in fast_nbest] == pytest.approx([h.score for h in slow_nbest], abs=1e-4)

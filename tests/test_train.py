@@ -112,3 +112,19 @@ def test_mixed_precision_training_step(tiny_data, tmp_path, arch):
     model = {**TINY_MODELS[arch], "cell": "lstm"} if arch == "rnn" else TINY_MODELS[arch]
     result = train(_config(data_dir, tmp_path / "m", model, max_steps=3, precision="bf16"), progress=False)
     assert result.steps == 3 and result.last_valid["loss"] > 0
+
+
+def test_target_bleu_stops_training_and_logs_training_seconds(toy_corpus, tmp_path):
+    prepare(PrepareConfig(
+        out_dir=tmp_path / "data", src_lang="xx", tgt_lang="yy", vocab_size=40,
+        train_prefix=str(toy_corpus / "train"), valid_prefix=str(toy_corpus / "valid"),
+        test_prefix=str(toy_corpus / "test"),
+    ))
+    config = _config(tmp_path / "data", tmp_path / "m", TINY_MODELS["transformer"], max_steps=1000,
+                     valid_every=20, target_bleu=60.0)
+    result = train(config, progress=False)
+    valid = [json.loads(line) for line in (tmp_path / "m" / "train_log.jsonl").read_text().splitlines()]
+    valid = [r for r in valid if r["type"] == "valid"]
+    assert result.stop_reason == "target_bleu" and result.steps < 1000
+    assert valid[-1]["bleu"] >= 60.0 and all(r["bleu"] < 60.0 for r in valid[:-1])
+    assert all(0 < r["train_seconds"] <= r["seconds"] for r in valid)

@@ -3,7 +3,8 @@
 - `encode(src) -> memory`: src (B, S) token ids, padded with PAD;
 - `init_state(memory) -> state`: the decoder state before the first target token;
 - `decode_step(prev_tokens, memory, state) -> (log_probs, state)`: prev_tokens (B,), log_probs (B, V);
-- `forward(src, tgt_in) -> logits`: teacher forcing, tgt_in (B, T), logits (B, T, V).
+- `decode(tgt_in, memory) -> logits`: the teacher-forced decoder, tgt_in (B, T), logits (B, T, V);
+- `forward(src, tgt_in) -> logits`: `decode(tgt_in, encode(src))`.
 
 Memory and state are explicit objects with `reorder(indices)`, which selects (and repeats)
 batch rows, as beam search needs.

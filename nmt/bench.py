@@ -1,0 +1,401 @@
+"""`nmt bench`: how fast training and decoding run on the device present, on Multi30k de→en.
+
+Every figure is the median of `repeats` runs and comes with a plain baseline measured in the same
+run, so that the ratio says what the toolkit's own paths gain:
+
+- training: target and source+target tokens/s, peak memory, and model FLOPs utilization (matmul
+  FLOPs counted by torch's FlopCounterMode ÷ the device's peak: the datasheet figure where the
+  GPU is known, and always the matrix-product rate measured in the same run). Baseline: a plain
+  PyTorch step (fp32, eager, unfused AdamW) on the same batches;
+- time to quality: training seconds (validation left out) until the dev BLEU first reaches a
+  threshold, with the recipe's settings;
+- decoding test_2016_flickr from raw text (tokenization included), greedy and beam 5, with the
+  model trained for time to quality. Baseline: rerunning the decoder over the whole prefix at
+  every step, which must give the same output as incremental decoding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from nmt import __version__
+from nmt.checkpoint import load_for_inference, read_vocab_info
+from nmt.config import Config, load_config
+from nmt.data import ParallelSplit, make_batch, read_lines, read_manifest, token_batches
+from nmt.devices import resolve_device, resolve_precision
+from nmt.errors import ConfigError, DataError
+from nmt.evaluate import corpus_bleu
+from nmt.models import build_model
+from nmt.prepare import PrepareConfig, prepare
+from nmt.search import FullPrefixDecoding
+from nmt.tokenizer import Tokenizer
+from nmt.train import compile_model, make_optimizer, train, training_update
+from nmt.translate import quantize_int8, translate_lines
+
+SECTIONS = ("train", "ttq", "decode")
+
+# Dense matrix-unit peaks from NVIDIA's datasheets (FLOP/s), by the name torch reports.
+DATASHEET_PEAKS = {
+    "H200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, torch.float32: 494.7e12},
+    "H100 80GB HBM3": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, torch.float32: 494.7e12},
+    "H100 PCIe": {torch.bfloat16: 756.5e12, torch.float16: 756.5e12, torch.float32: 378e12},
+    "A100": {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 156e12},
+}
+
+
+@dataclass
+class BenchConfig:
+    data: Path = Path("../shared/data/multi30k")  # Multi30k files: train.de.gz, val.*, test_2016_flickr.*
+    out: Path = Path("bench.json")
+    # Model configs by name; default: recipes/multi30k/{transformer,rnn}-{gpu,cpu}.yaml for the device.
+    recipes: dict[str, Path] | None = None
+    # Trained checkpoint dirs (by model name) to decode instead of the model trained for time to quality.
+    checkpoints: dict[str, Path] = field(default_factory=dict)
+    sections: tuple[str, ...] = SECTIONS
+    device: str = "auto"
+    steps: int = 0  # timed updates per repeat; 0: 40 on a GPU, 4 on a CPU
+    repeats: int = 3
+    vocab_size: int = 0  # joint SentencePiece vocabulary; 0: 8000 on a GPU, 5000 on a CPU (as the recipes)
+    ttq_bleu: float = 0.0  # dev BLEU to reach; 0: 35 on a GPU, 20 on a CPU
+    ttq_minutes: float = 0.0  # give up after this much training; 0: 10 on a GPU, 10 on a CPU
+    ttq_valid_every: int = 100  # updates between validations while timing
+    work_dir: Path | None = None  # keeps the prepared data and trained models; default: a temporary dir
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def datasheet_peak(device: torch.device, dtype: torch.dtype) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in DATASHEET_PEAKS.items():
+        if key in name:
+            return peaks.get(dtype)
+    return None
+
+
+def measure_matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int) -> float:
+    """FLOP/s of a large square matrix product on random data (median of repeats)."""
+    size, count = (8192, 20) if device.type == "cuda" else (2048, 3)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    a @ b  # warm-up: library handles, kernel choice
+    times = []
+    for _ in range(max(repeats, 3)):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(count):
+            a @ b
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 * count / statistics.median(times)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS, KiB on Linux
+
+
+def bench_training(
+    name: str,
+    config: Config,
+    split: ParallelSplit,
+    vocab_sizes: tuple[int, int],
+    device: torch.device,
+    plain: bool,
+    steps: int,
+    repeats: int,
+) -> dict:
+    """Time `steps` updates on fixed real batches, `repeats` times, after one counted warm-up pass."""
+    tc = config.train
+    dtype = torch.float32 if plain else resolve_precision(tc.precision, device)
+    torch.manual_seed(tc.seed)
+    model = build_model(config.model, *vocab_sizes).to(device).train()
+    optimizer = make_optimizer(model, tc, device, fused=False if plain else None)
+    step_model = compile_model(model) if tc.compile and not plain else model
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    batches = token_batches(split.src.lengths, split.tgt.lengths, tc.batch_tokens, seed=tc.seed)[:steps]
+    pin = device.type == "cuda" and not plain
+    tgt_tokens = sum(len(b) + int(split.tgt.lengths[b].sum()) for b in batches)  # + EOS per sentence
+    src_tokens = sum(len(b) + int(split.src.lengths[b].sum()) for b in batches)
+
+    def run_pass(forward_model: torch.nn.Module) -> None:
+        for indices in batches:
+            batch = make_batch(split, indices, pin).to(device)
+            training_update(forward_model, optimizer, scaler, [batch], tc, tc.lr * 0.1, device, dtype)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    # FLOPs are counted for the Transformer only: fused recurrent kernels (cuDNN) escape the counter.
+    count_flops = config.model.arch == "transformer"
+    with FlopCounterMode(display=False) if count_flops else contextlib.nullcontext() as counter:
+        run_pass(model)  # also the warm-up
+    flops = counter.get_total_flops() if count_flops else None
+    if step_model is not model:
+        compile_started = time.perf_counter()
+        run_pass(step_model)  # compiles
+        compile_seconds = time.perf_counter() - compile_started
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        run_pass(step_model)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return {
+        "model": name,
+        "path": "plain" if plain else "nmt",
+        "dtype": str(dtype).replace("torch.", ""),
+        "compiled": step_model is not model,
+        "compile_and_first_pass_seconds": compile_seconds if step_model is not model else None,
+        "updates": len(batches),
+        "tgt_tokens_per_s": tgt_tokens / seconds,
+        "tokens_per_s": (tgt_tokens + src_tokens) / seconds,
+        "seconds_per_update": seconds / len(batches),
+        "flops_per_s": flops / seconds if flops else None,
+        "peak_memory_mb": peak_memory_mb(device),
+        "seconds_all_repeats": times,
+    }
+
+
+def bench_time_to_quality(
+    name: str, config: Config, data_dir: Path, save_dir: Path, threshold: float, minutes: float, valid_every: int,
+    log: Callable[[str], None],
+) -> dict:
+    config = copy.deepcopy(config)
+    config.data_dir, config.save_dir = str(data_dir), str(save_dir)
+    tc = config.train
+    tc.target_bleu, tc.max_minutes, tc.valid_every = threshold, minutes, valid_every
+    tc.max_epochs, tc.max_steps, tc.patience, tc.valid_max_sentences = 0, 0, 0, 0
+    result = train(config, overwrite=True, progress=False, log=log)
+    records = [json.loads(line) for line in (save_dir / "train_log.jsonl").read_text().splitlines()]
+    valid = [r for r in records if r["type"] == "valid"]
+    reached = next((r for r in valid if r["bleu"] >= threshold), None)
+    return {
+        "model": name,
+        "dev_bleu_threshold": threshold,
+        "reached": reached is not None,
+        "train_seconds": reached["train_seconds"] if reached else None,
+        "wall_seconds": reached["seconds"] if reached else None,
+        "updates": reached["step"] if reached else None,
+        "best_dev_bleu": result.best_bleu,
+        "trained_seconds": result.seconds,
+        "curve": [{k: r[k] for k in ("step", "bleu", "train_seconds")} for r in valid],
+    }
+
+
+def bench_decoding(
+    name: str, save_dir: Path, lines: list[str], references: list[str], device: torch.device, repeats: int,
+    with_int8: bool,
+) -> list[dict]:
+    model, tokenizer, config = load_for_inference(save_dir, "best", device)
+    normalization = read_vocab_info(save_dir).get("normalization", "NFC")
+    paths = [("plain", FullPrefixDecoding(model)), ("nmt", model)]
+    if with_int8:
+        paths.append(("nmt-int8", quantize_int8(model)))
+    records, plain_texts = [], {}
+    for beam in (1, 5):
+        decode = dataclasses.replace(config.decode, beam=beam, nbest=1)
+        for path_name, decoder in paths:
+            times, translations = [], None
+            for _ in range(repeats):
+                _sync(device)
+                start = time.perf_counter()
+                translations = translate_lines(decoder, tokenizer, lines, decode, device, normalization)
+                _sync(device)
+                times.append(time.perf_counter() - start)
+            texts = [nbest[0] for nbest in translations.texts]
+            tokens = sum(len(h[0].tokens) + 1 for h in translations.hypotheses if h)
+            seconds = statistics.median(times)
+            if path_name == "plain":
+                plain_texts[beam] = texts
+            records.append({
+                "model": name,
+                "path": path_name,
+                "beam": beam,
+                "sentences": len(lines),
+                "seconds": seconds,
+                "sentences_per_s": len(lines) / seconds,
+                "tokens_per_s": tokens / seconds,
+                "bleu": corpus_bleu(texts, references),
+                "lines_differing_from_plain": sum(a != b for a, b in zip(texts, plain_texts[beam])),
+                "seconds_all_repeats": times,
+            })
+    return records
+
+
+def run_bench(bc: BenchConfig, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
+    device = resolve_device(bc.device)
+    gpu = device.type == "cuda"
+    steps = bc.steps or (40 if gpu else 4)
+    threshold = bc.ttq_bleu or (35.0 if gpu else 20.0)
+    minutes = bc.ttq_minutes or 10.0
+    valid_every = bc.ttq_valid_every
+    vocab_size = bc.vocab_size or (8000 if gpu else 5000)
+    kind = "gpu" if gpu else "cpu"
+    recipes = bc.recipes or {name: Path(f"recipes/multi30k/{name}-{kind}.yaml") for name in ("transformer", "rnn")}
+    unknown = set(bc.sections) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown bench section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    configs = {}
+    for name, path in recipes.items():
+        configs[name] = load_config(path)
+        configs[name].train.device = bc.device
+    for split in ("train", "val", "test_2016_flickr"):
+        for lang in ("de", "en"):
+            if not (bc.data / f"{split}.{lang}.gz").exists() and not (bc.data / f"{split}.{lang}").exists():
+                raise DataError(f"Multi30k file {bc.data / f'{split}.{lang}.gz'} not found (pass --data)")
+
+    temporary = tempfile.TemporaryDirectory(prefix="nmt-bench-") if bc.work_dir is None else None
+    work_dir = Path(temporary.name) if temporary else Path(bc.work_dir)
+    try:
+        data_dir = work_dir / "data"
+        if not (data_dir / "manifest.json").exists():
+            log(f"preparing Multi30k de-en ({vocab_size} joint vocabulary) in {data_dir}")
+            prepare(PrepareConfig(
+                out_dir=data_dir, src_lang="de", tgt_lang="en", train_prefix=str(bc.data / "train"),
+                valid_prefix=str(bc.data / "val"), test_prefix=str(bc.data / "test_2016_flickr"),
+                vocab_size=vocab_size, overwrite=True,
+            ))
+        manifest = read_manifest(data_dir)
+        tokenizer = Tokenizer(data_dir / manifest["vocab"]["src_model"], data_dir / manifest["vocab"]["tgt_model"])
+        vocab_sizes = (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+
+        nmt_dtype = resolve_precision("auto", device)
+        report: dict = {
+            "nmt_version": __version__,
+            "torch": torch.__version__,
+            "device": device_description(device),
+            "cuda": torch.version.cuda if gpu else None,
+            "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "settings": {
+                "steps": steps, "repeats": bc.repeats, "vocab_size": vocab_size, "ttq_dev_bleu": threshold,
+                "ttq_minutes": minutes, "ttq_valid_every": valid_every, "sections": list(bc.sections),
+            },
+            "recipes": {name: str(path) for name, path in recipes.items()},
+            "configs": {name: dataclasses.asdict(cfg) for name, cfg in configs.items()},
+            "matmul": {},
+            "train": [],
+            "time_to_quality": [],
+            "decode": [],
+        }
+        for dtype in sorted({torch.float32, nmt_dtype}, key=str):
+            label = str(dtype).replace("torch.", "")
+            log(f"measuring the {label} matrix-product rate")
+            report["matmul"][label] = {
+                "measured_flops_per_s": measure_matmul_rate(device, dtype, bc.repeats),
+                "datasheet_flops_per_s": datasheet_peak(device, dtype),
+            }
+
+        if "train" in bc.sections:
+            train_split = ParallelSplit.load(data_dir, "train")
+            for name, cfg in configs.items():
+                for plain in (True, False):
+                    log(f"training throughput: {name}, {'plain PyTorch' if plain else 'nmt'} step, {steps} updates x {bc.repeats}")
+                    record = bench_training(name, cfg, train_split, vocab_sizes, device, plain, steps, bc.repeats)
+                    rates = report["matmul"][record["dtype"]]
+                    if record["flops_per_s"]:
+                        record["mfu_of_measured_matmul"] = record["flops_per_s"] / rates["measured_flops_per_s"]
+                        if rates["datasheet_flops_per_s"]:
+                            record["mfu"] = record["flops_per_s"] / rates["datasheet_flops_per_s"]
+                    report["train"].append(record)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+        if "ttq" in bc.sections or "decode" in bc.sections:
+            lines = list(read_lines(data_dir / "test.src.txt"))
+            references = list(read_lines(data_dir / "test.tgt.txt"))
+            for name, cfg in configs.items():
+                save_dir = bc.checkpoints.get(name) or work_dir / f"model-{name}"
+                if name not in bc.checkpoints and ("ttq" in bc.sections or not (save_dir / "best").exists()):
+                    log(f"time to dev BLEU {threshold}: {name} (at most {minutes} minutes)")
+                    record = bench_time_to_quality(name, cfg, data_dir, save_dir, threshold, minutes, valid_every, log)
+                    report["time_to_quality"].append(record)
+                if "decode" in bc.sections:
+                    log(f"decoding test_2016_flickr: {name}")
+                    decoded = bench_decoding(
+                        name, save_dir, lines, references, device, bc.repeats, with_int8=device.type == "cpu"
+                    )
+                    report["decode"] += decoded
+                    for record in report["time_to_quality"]:
+                        if record["model"] == name and name not in bc.checkpoints:
+                            beam5 = next(r for r in decoded if r["path"] == "nmt" and r["beam"] == 5)
+                            record["test_bleu_beam5"] = beam5["bleu"]
+    finally:
+        if temporary:
+            temporary.cleanup()
+
+    bc.out.parent.mkdir(parents=True, exist_ok=True)
+    bc.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def format_report(report: dict) -> str:
+    out = [f"nmt {report['nmt_version']}, torch {report['torch']}, {report['device']}"]
+    for label, rates in report["matmul"].items():
+        sheet = rates["datasheet_flops_per_s"]
+        out.append(
+            f"matmul {label}: {rates['measured_flops_per_s'] / 1e12:.3f} TFLOP/s measured"
+            + (f", {sheet / 1e12:.1f} datasheet" if sheet else "")
+        )
+    if report["train"]:
+        out += ["", "training (median of repeats)",
+                f"{'model':<12}{'path':<7}{'dtype':<10}{'tgt tok/s':>11}{'tok/s':>11}{'vs plain':>9}{'TFLOP/s':>9}{'MFU':>7}{'peak MB':>9}"]
+        plain = {r["model"]: r for r in report["train"] if r["path"] == "plain"}
+        for r in report["train"]:
+            mfu = r.get("mfu", r.get("mfu_of_measured_matmul"))
+            flops = f"{r['flops_per_s'] / 1e12:>9.3f}{mfu:>7.1%}" if r["flops_per_s"] else f"{'-':>9}{'-':>7}"
+            out.append(
+                f"{r['model']:<12}{r['path']:<7}{r['dtype']:<10}{r['tgt_tokens_per_s']:>11,.0f}{r['tokens_per_s']:>11,.0f}"
+                f"{r['tgt_tokens_per_s'] / plain[r['model']]['tgt_tokens_per_s']:>8.2f}x{flops}{r['peak_memory_mb']:>9,.0f}"
+            )
+        if not any("mfu" in r for r in report["train"]):
+            out.append("MFU: of the matrix-product rate measured above (no datasheet peak for this device)")
+    if report["time_to_quality"]:
+        out += ["", "time to quality (training seconds, validation left out)"]
+        for r in report["time_to_quality"]:
+            if r["reached"]:
+                text = f"dev BLEU {r['dev_bleu_threshold']} after {r['train_seconds']:.0f} s ({r['updates']} updates)"
+            else:
+                text = f"dev BLEU {r['dev_bleu_threshold']} not reached in {r['trained_seconds']:.0f} s (best {r['best_dev_bleu']:.2f})"
+            if "test_bleu_beam5" in r:
+                text += f"; test BLEU (beam 5) {r['test_bleu_beam5']:.2f}"
+            out.append(f"{r['model']:<12}{text}")
+    if report["decode"]:
+        out += ["", "decoding test_2016_flickr (1,000 sentences from raw text; median of repeats)",
+                f"{'model':<12}{'path':<10}{'beam':>5}{'seconds':>9}{'sent/s':>9}{'tok/s':>9}{'vs plain':>9}{'BLEU':>7}{'differ':>7}"]
+        plain = {(r["model"], r["beam"]): r for r in report["decode"] if r["path"] == "plain"}
+        for r in report["decode"]:
+            base = plain[(r["model"], r["beam"])]
+            out.append(
+                f"{r['model']:<12}{r['path']:<10}{r['beam']:>5}{r['seconds']:>9.2f}{r['sentences_per_s']:>9.1f}"
+                f"{r['tokens_per_s']:>9,.0f}{base['seconds'] / r['seconds']:>8.2f}x{r['bleu']:>7.2f}{r['lines_differing_from_plain']:>7}"
+            )
+    return "\n".join(out)

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import toy_pairs, write_pairs
+from nmt.bench import BenchConfig, format_report, run_bench
+from nmt_cli.main import app
+
+TINY_RECIPES = {
+    "transformer": {"arch": "transformer", "embed_dim": 32, "ff_dim": 64, "heads": 2, "enc_layers": 1,
+                    "dec_layers": 1, "dropout": 0.0},
+    "rnn": {"arch": "rnn", "cell": "lstm", "embed_dim": 16, "hidden_dim": 32, "enc_layers": 1, "dec_layers": 1,
+            "dropout": 0.0, "tie_output": False},
+}
+
+
+@pytest.fixture
+def bench_inputs(tmp_path):
+    """A toy corpus under Multi30k's file names, and tiny configs for both model families."""
+    corpus = tmp_path / "m30k"
+    write_pairs(corpus / "train", toy_pairs(200, seed=1), "de", "en")
+    write_pairs(corpus / "val", toy_pairs(20, seed=2), "de", "en")
+    write_pairs(corpus / "test_2016_flickr", toy_pairs(20, seed=3), "de", "en")
+    recipes = {}
+    for name, model in TINY_RECIPES.items():
+        recipes[name] = tmp_path / f"{name}.yaml"
+        recipes[name].write_text(yaml.safe_dump({
+            "model": model,
+            "train": {"batch_tokens": 200, "lr": 3e-3, "warmup_steps": 10, "device": "cpu"},
+            "decode": {"beam": 5},
+        }))
+    return corpus, recipes
+
+
+def test_bench_measures_every_section_against_its_baseline(bench_inputs, tmp_path):
+    corpus, recipes = bench_inputs
+    config = BenchConfig(data=corpus, out=tmp_path / "out" / "bench.json", recipes=recipes, device="cpu", steps=3,
+                         repeats=2, vocab_size=40, ttq_bleu=90.0, ttq_minutes=0.1, ttq_valid_every=5)
+    report = run_bench(config, log=lambda message: None)
+    assert json.loads(config.out.read_text()) == json.loads(json.dumps(report))
+    assert report["torch"] and report["device"] and report["configs"]["rnn"]["model"]["cell"] == "lstm"
+
+    train = {(r["model"], r["path"]): r for r in report["train"]}
+    assert set(train) == {(m, p) for m in recipes for p in ("plain", "nmt")}
+    for record in train.values():
+        assert record["updates"] == 3 and len(record["seconds_all_repeats"]) == 2
+        assert record["tokens_per_s"] > record["tgt_tokens_per_s"] > 0
+    for path in ("plain", "nmt"):  # model FLOPs are counted for the Transformer
+        record = train[("transformer", path)]
+        assert record["flops_per_s"] > 0 and 0 < record["mfu_of_measured_matmul"] < 1
+
+    for record in report["time_to_quality"]:
+        assert record["curve"] and record["curve"][0]["step"] == 5
+        if record["reached"]:
+            assert record["train_seconds"] <= record["trained_seconds"]
+            assert record["updates"] % 5 == 0
+        assert "test_bleu_beam5" in record
+
+    decode = {(r["model"], r["path"], r["beam"]): r for r in report["decode"]}
+    assert set(decode) == {(m, p, b) for m in recipes for p in ("plain", "nmt", "nmt-int8") for b in (1, 5)}
+    for (model, path, beam), record in decode.items():
+        assert record["sentences"] == 20 and record["sentences_per_s"] > 0
+        if path == "nmt":  # the incremental path translates exactly as the plain one
+            assert record["lines_differing_from_plain"] == 0
+
+    table = format_report(report)
+    assert "training" in table and "decoding test_2016_flickr" in table and "time to quality" in table
+
+
+def test_bench_cli_reports_bad_input_in_one_line(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", "--data", str(tmp_path / "nowhere"), "--device", "cpu"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "not found" in result.output and len(result.output.strip().splitlines()) == 1
+    result = runner.invoke(app, ["bench", "--sections", "train,speed", "--device", "cpu"])
+    assert result.exit_code == 1 and "unknown bench section" in result.output
+    result = runner.invoke(app, ["bench", "--recipe", "transformer", "--device", "cpu"])
+    assert result.exit_code == 1 and "NAME=PATH" in result.output
