@@ -62,6 +62,7 @@ def test_bench_measures_every_section_against_its_baseline(bench_inputs, tmp_pat
     assert set(decode) == {(m, p, b) for m in recipes for p in ("plain", "nmt", "nmt-int8") for b in (1, 5)}
     for (model, path, beam), record in decode.items():
         assert record["sentences"] == 20 and record["sentences_per_s"] > 0
+        assert record["repeats"] == (1 if path == "plain" else 2)
         if path == "nmt":  # the incremental path translates exactly as the plain one
             assert record["lines_differing_from_plain"] == 0
 
