@@ -108,6 +108,7 @@ def train(
 ) -> None:
     """Train a model on a prepared data directory."""
     from nmt.config import load_config
+    from nmt.train import TOO_MANY_SKIPPED
     from nmt.train import train as run_train
 
     overrides = list(set_ or [])
@@ -124,6 +125,8 @@ def train(
         f"{result.stop_reason or 'end'}; best dev BLEU {result.best_bleu:.2f} at step {result.best_step}; "
         f"checkpoints in {result.save_dir}"
     )
+    if result.stop_reason == TOO_MANY_SKIPPED:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -54,3 +54,24 @@ def write_text_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def complete_dir(target: Path) -> Path | None:
+    """`target`, or while `replace_dir` is between its two renames (or was killed there), the
+    complete previous version moved aside beside it; None when neither exists. Only reads."""
+    if target.is_dir():
+        return target
+    aside = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    return aside[-1] if aside else None
+
+
+def recover_dir(target: Path) -> None:
+    """Undo what a killed `replace_dir` left behind: put the moved-aside version back when
+    `target` is missing, and remove leftover temporary and old copies. For the writer only."""
+    found = complete_dir(target)
+    if found is not None and found != target:
+        os.replace(found, target)
+        fsync_dir(target.parent)
+    for pattern in (f".{target.name}.old-*", f".{target.name}.tmp-*"):
+        for leftover in target.parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)

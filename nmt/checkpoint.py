@@ -23,19 +23,33 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from nmt.atomic import replace_dir, write_text_atomic
+from nmt.atomic import complete_dir, recover_dir, replace_dir, write_text_atomic
 from nmt.config import Config, config_from_dict, save_config
 from nmt.errors import CheckpointError, ConfigError
 from nmt.models import build_model
-from nmt.tokenizer import Tokenizer
+from nmt.tokenizer import Tokenizer, file_sha256
 
 import yaml
 
 CHECKPOINT_NAMES = ("best", "last")
 
 
+def checkpoint_dir(save_dir: Path, name: str) -> Path | None:
+    """`save_dir/name`, or its previous version if a save was interrupted mid-replace."""
+    return complete_dir(Path(save_dir) / name)
+
+
 def has_checkpoint(save_dir: Path) -> bool:
-    return any((Path(save_dir) / name / "model.safetensors").is_file() for name in CHECKPOINT_NAMES)
+    return any(
+        (found := checkpoint_dir(save_dir, name)) is not None and (found / "model.safetensors").is_file()
+        for name in CHECKPOINT_NAMES
+    )
+
+
+def recover_checkpoints(save_dir: Path) -> None:
+    """Before training writes to `save_dir`: repair what a killed save left behind."""
+    for name in CHECKPOINT_NAMES:
+        recover_dir(Path(save_dir) / name)
 
 
 def init_save_dir(save_dir: Path, config: Config, data_dir: Path, manifest: dict) -> None:
@@ -89,11 +103,13 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))
+    info = {**info, "sha256": {"model.safetensors": file_sha256(tmp / "model.safetensors")}}
     if optimizer is not None:
         tensors, groups = _flatten_optimizer(optimizer)
         tensors.update({f"rng.{k}": v for k, v in (rng_state or {}).items()})
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        info = {**info, "param_groups": groups}
+        info["param_groups"] = groups
+        info["sha256"]["optimizer.safetensors"] = file_sha256(tmp / "optimizer.safetensors")
     (tmp / "info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     replace_dir(tmp, save_dir / name)
 
@@ -114,19 +130,32 @@ def load_weights(model: nn.Module, path: Path) -> None:
         raise CheckpointError(f"{path} does not match the model config (first mismatching tensor: {names[0]})")
 
 
-def read_info(save_dir: Path, name: str) -> dict:
-    path = Path(save_dir) / name / "info.json"
+def read_info(directory: Path) -> dict:
+    path = Path(directory) / "info.json"
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         raise CheckpointError(f"{path} is missing or damaged") from None
 
 
+def verify_files(directory: Path, info: dict) -> None:
+    """Compare the checkpoint's files with the checksums written beside them."""
+    for name, expected in info.get("sha256", {}).items():
+        path = Path(directory) / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        if file_sha256(path) != expected:
+            raise CheckpointError(f"{path} is damaged (its checksum does not match info.json)")
+
+
 def load_training_state(save_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Restore model and optimizer from `save_dir/last`; returns (info, rng tensors)."""
-    directory = Path(save_dir) / "last"
+    directory = checkpoint_dir(save_dir, "last")
+    if directory is None:
+        raise CheckpointError(f"nothing to resume: {save_dir} has no last/ checkpoint")
+    info = read_info(directory)
+    verify_files(directory, info)
     load_weights(model, directory / "model.safetensors")
-    info = read_info(save_dir, "last")
     try:
         tensors = load_file(str(directory / "optimizer.safetensors"))
     except (SafetensorError, OSError) as e:
@@ -169,12 +198,13 @@ def load_for_inference(save_dir: Path, which: str = "best", device: torch.device
         raise CheckpointError(f"{save_dir}: SentencePiece models do not match vocab.json")
     if which not in CHECKPOINT_NAMES:
         raise CheckpointError(f"checkpoint name must be one of {', '.join(CHECKPOINT_NAMES)}")
-    if not (save_dir / which / "model.safetensors").is_file():
-        other = "last" if which == "best" else "best"
-        if not (save_dir / other / "model.safetensors").is_file():
+    directory = checkpoint_dir(save_dir, which)
+    if directory is None or not (directory / "model.safetensors").is_file():
+        directory = checkpoint_dir(save_dir, "last" if which == "best" else "best")
+        if directory is None or not (directory / "model.safetensors").is_file():
             raise CheckpointError(f"{save_dir} holds no trained weights (no best/ or last/)")
-        which = other
+    verify_files(directory, read_info(directory))
     model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
-    load_weights(model, save_dir / which / "model.safetensors")
+    load_weights(model, directory / "model.safetensors")
     model.to(device).eval()
     return model, tokenizer, config

@@ -77,6 +77,7 @@ class TrainConfig:
     valid_beam: int = 1
     patience: int = 0  # validations without a better dev BLEU before stopping; 0: off
     target_bleu: float = 0.0  # stop once the dev BLEU reaches this; 0: off
+    max_skipped_updates: int = 20  # stop after this many updates in a row skipped (non-finite loss, out of memory); 0: never
     log_every: int = 100
     seed: int = 1
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...

@@ -68,6 +68,7 @@ def prepare(config: PrepareConfig) -> dict:
     if out_dir.exists() and any(out_dir.iterdir()) and not config.overwrite:
         raise DataError(f"output directory {out_dir} already exists and is not empty; pass --overwrite")
 
+    shutil.rmtree(_make_tmp_dir(out_dir))  # fail now, not after the work, if out_dir cannot be written
     train_pairs, given_eval = _read_inputs(config)
     train, stats = clean_pairs(train_pairs, config.clean)
     if not train:
@@ -105,13 +106,7 @@ def prepare(config: PrepareConfig) -> dict:
     if not train:
         raise DataError("no training pairs left once valid/test pairs are removed")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    try:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        tmp_dir.mkdir()
-    except OSError as e:
-        raise DataError(f"cannot write to {out_dir.parent}: {e.strerror}") from None
+    tmp_dir = _make_tmp_dir(out_dir)
     try:
         manifest = _write_data_dir(tmp_dir, config, train, eval_raw, eval_clean)
         manifest["cleaning"] = {**stats.as_dict(), "overlap_with_valid_test": overlap}
@@ -121,6 +116,18 @@ def prepare(config: PrepareConfig) -> dict:
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return manifest
+
+
+def _make_tmp_dir(out_dir: Path) -> Path:
+    """An empty directory beside `out_dir`, where the data dir is built before it is renamed."""
+    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir()
+    except OSError as e:
+        raise DataError(f"cannot write the output directory {out_dir}: {e.strerror or e}") from None
+    return tmp_dir
 
 
 def _read_inputs(config: PrepareConfig):

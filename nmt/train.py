@@ -25,6 +25,7 @@ from nmt.checkpoint import (
     load_training_state,
     read_config,
     read_vocab_info,
+    recover_checkpoints,
     save_checkpoint,
 )
 from nmt.config import Config, DecodeConfig, TrainConfig
@@ -35,6 +36,9 @@ from nmt.evaluate import corpus_bleu
 from nmt.models import build_model
 from nmt.tokenizer import PAD, Tokenizer
 from nmt.translate import translate_ids
+
+
+TOO_MANY_SKIPPED = "skipped updates"
 
 
 class StopSignal:
@@ -98,6 +102,21 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device
     )
 
 
+def split_batch(batch: Batch) -> list[Batch]:
+    """The batch as two halves by sentences (one sentence stays one batch)."""
+    half = batch.src.shape[0] // 2
+    if half == 0:
+        return [batch]
+    parts = []
+    for rows in (slice(0, half), slice(half, None)):
+        src, tgt_in, tgt_out = batch.src[rows], batch.tgt_in[rows], batch.tgt_out[rows]
+        parts.append(Batch(
+            src, tgt_in, tgt_out, num_tgt_tokens=int((tgt_out != PAD).sum()),
+            num_src_tokens=int((src != PAD).sum()), indices=batch.indices[rows],
+        ))
+    return parts
+
+
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     """The model's forward compiled by torch.compile, for the varying batch shapes of training."""
     return torch.compile(model, dynamic=True)
@@ -117,11 +136,12 @@ def training_update(
     lr: float,
     device: torch.device,
     dtype: torch.dtype,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer update from the gradients of `group`'s batches added up (accumulation).
 
-    Returns the summed label-smoothed loss as a tensor left on the device: reading it would
-    wait for the GPU, so the caller decides when.
+    An update whose loss or gradient norm is not finite is skipped. Returns the summed
+    label-smoothed loss (0 when skipped) and whether it was skipped, as tensors left on the
+    device: reading them would wait for the GPU, so the caller decides when.
     """
     group_tokens = sum(b.num_tgt_tokens for b in group)
     total = torch.zeros((), device=device)
@@ -136,15 +156,23 @@ def training_update(
         param_group["lr"] = lr
     if scaler:
         scaler.unscale_(optimizer)
-    if tc.clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm)
-    if scaler:
+    # The norm is needed even without clipping, to see non-finite gradients.
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm if tc.clip_norm > 0 else float("inf"))
+    if scaler:  # fp16: overflowing gradients are routine; the scaler skips those updates itself
+        skipped = ~torch.isfinite(total)
         scaler.step(optimizer)
         scaler.update()
     else:
-        optimizer.step()
+        skipped = ~(torch.isfinite(total) & torch.isfinite(norm))
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            # Fused AdamW takes the decision as a tensor and skips on the device: no host sync.
+            optimizer.found_inf = skipped.float()
+            optimizer.step()
+            del optimizer.found_inf
+        elif not bool(skipped):
+            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total
+    return torch.where(skipped, torch.zeros_like(total), total), skipped
 
 
 @torch.no_grad()
@@ -227,6 +255,7 @@ def train(
     if tc.threads:
         torch.set_num_threads(tc.threads)
 
+    recover_checkpoints(save_dir)
     if has_checkpoint(save_dir):
         if resume:
             _check_resumable(save_dir, config, manifest)
@@ -325,12 +354,34 @@ def train(
             return "target_bleu"
         return "patience" if tc.patience and bad_validations >= tc.patience else ""
 
+    def retry_out_of_memory(group: list[Batch], lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """After running out of memory on `group`: the same update from half-size batches, or
+        none if that fails too (counted as a skipped update)."""
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        halves = [half for batch in group for half in split_batch(batch)]
+        try:
+            loss, skipped = training_update(step_model, optimizer, scaler, halves, tc, lr, device, dtype)
+            log(f"warning: out of memory at step {step}; the update was made from half-size batches")
+            return loss, skipped
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            sizes = "+".join(str(b.src.shape[0]) for b in group)
+            log(f"warning: out of memory at step {step} even with half-size batches; skipped {sizes} sentences")
+            return torch.zeros((), device=device), torch.ones((), dtype=torch.bool, device=device)
+
     model.train()
     bar = tqdm(
         total=tc.max_steps or None, initial=step, unit="step", disable=not progress, file=sys.stderr,
         dynamic_ncols=True, desc="training",
     )
     interval_loss = torch.zeros((), device=device)
+    interval_skipped = torch.zeros((), dtype=torch.long, device=device)
+    skipped_run = torch.zeros((), dtype=torch.long, device=device)
+    longest_skipped_run = torch.zeros((), dtype=torch.long, device=device)
     interval_tokens, interval_src_tokens, interval_start = 0, 0, time.time()
     stop_reason = ""
     groups: list = []
@@ -353,15 +404,20 @@ def train(
                 step += 1
                 lr = inverse_sqrt_lr(step, tc.lr, tc.warmup_steps, tc.min_lr)
                 try:
-                    loss = training_update(step_model, optimizer, scaler, group, tc, lr, device, dtype)
+                    loss, skipped = training_update(step_model, optimizer, scaler, group, tc, lr, device, dtype)
+                except torch.OutOfMemoryError:
+                    loss, skipped = retry_out_of_memory(group, lr)
                 except Exception as e:  # torch.compile fails at the first call, if at all
                     if step_model is model:
                         raise
                     log(f"warning: torch.compile failed ({_first_line(e)}); training continues without it")
                     step_model = model
                     optimizer.zero_grad(set_to_none=True)
-                    loss = training_update(model, optimizer, scaler, group, tc, lr, device, dtype)
+                    loss, skipped = training_update(model, optimizer, scaler, group, tc, lr, device, dtype)
                 interval_loss += loss
+                skipped_run = (skipped_run + 1) * skipped  # updates skipped in a row, on the device
+                longest_skipped_run = torch.maximum(longest_skipped_run, skipped_run)
+                interval_skipped += skipped
                 interval_tokens += sum(b.num_tgt_tokens for b in group)
                 interval_src_tokens += sum(b.num_src_tokens for b in group)
                 group_in_epoch += 1
@@ -375,6 +431,11 @@ def train(
                         "tgt_tokens_per_s": round(interval_tokens / seconds),
                         "tokens_per_s": round((interval_tokens + interval_src_tokens) / seconds),
                     }
+                    skipped_count = int(interval_skipped)
+                    if skipped_count:
+                        record["skipped_updates"] = skipped_count
+                        log(f"warning: {skipped_count} update(s) up to step {step} skipped: non-finite loss or gradient")
+                        interval_skipped.zero_()
                     write_log(record)
                     postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.2e}", "tok/s": record["tgt_tokens_per_s"]}
                     if tc.max_minutes and not tc.max_steps:
@@ -384,6 +445,17 @@ def train(
                     interval_loss.zero_()
                     interval_tokens, interval_src_tokens, interval_start = 0, 0, time.time()
 
+                # Reading the count waits for the GPU: there, only at log steps.
+                if tc.max_skipped_updates and (device.type != "cuda" or step % tc.log_every == 0):
+                    if int(longest_skipped_run) >= tc.max_skipped_updates:
+                        stop_reason = TOO_MANY_SKIPPED
+                        log(
+                            f"error: {int(longest_skipped_run)} updates in a row were skipped (non-finite loss or "
+                            f"gradient, or out of memory); stopping at step {step} with the weights of the last "
+                            "good update. A lower train.lr, more train.warmup_steps or a smaller "
+                            "train.batch_tokens may help."
+                        )
+                        break
                 if step % tc.valid_every == 0:
                     validated_at = step
                     stop_reason = run_validation()

@@ -105,6 +105,17 @@ def test_sigterm_saves_last_checkpoint_and_resume_continues(tiny_data, tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert f"trained {info['step'] + 3} steps" in resumed.stdout
 
+    # The interrupted and resumed run trained exactly as an uninterrupted one (dropout included).
+    model = {"embed_dim": 32, "ff_dim": 64, "heads": 2}
+    train(_config(data_dir, tmp_path / "whole", model, max_steps=info["step"] + 3, batch_tokens=60, log_every=1,
+                  valid_every=100000, lr=5e-4, warmup_steps=4000, label_smoothing=0.1), progress=False)
+
+    def losses(directory):
+        records = [json.loads(line) for line in (directory / "train_log.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in records if r["type"] == "train"}
+
+    assert losses(save_dir) == losses(tmp_path / "whole")
+
 
 @pytest.mark.parametrize("arch", ["transformer", "rnn"])
 def test_mixed_precision_training_step(tiny_data, tmp_path, arch):

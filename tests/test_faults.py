@@ -1,0 +1,212 @@
+"""Faults during training and damaged checkpoints: work is never lost, errors are one line."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import toy_pairs, write_pairs
+from nmt import train as train_module
+from nmt.checkpoint import load_for_inference
+from nmt.config import ModelConfig, TrainConfig, config_from_dict
+from nmt.data import Batch
+from nmt.errors import CheckpointError
+from nmt.models import build_model
+from nmt.models.transformer import Transformer
+from nmt.prepare import PrepareConfig, prepare
+from nmt.tokenizer import BOS, EOS, PAD
+from nmt.train import TOO_MANY_SKIPPED, make_optimizer, train, training_update
+from nmt_cli.main import app
+
+TINY = {"arch": "transformer", "embed_dim": 32, "ff_dim": 64, "heads": 2, "enc_layers": 1, "dec_layers": 1}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    write_pairs(root / "c" / "train", toy_pairs(60, seed=1))
+    write_pairs(root / "c" / "valid", toy_pairs(5, seed=2))
+    write_pairs(root / "c" / "test", toy_pairs(5, seed=3))
+    prepare(PrepareConfig(
+        out_dir=root / "data", src_lang="xx", tgt_lang="yy", vocab_size=40, train_prefix=str(root / "c" / "train"),
+        valid_prefix=str(root / "c" / "valid"), test_prefix=str(root / "c" / "test"),
+    ))
+    return root / "data"
+
+
+def _config(data_dir, save_dir, **train):
+    return config_from_dict({
+        "data_dir": str(data_dir), "save_dir": str(save_dir), "model": TINY,
+        "train": {"batch_tokens": 120, "lr": 3e-3, "warmup_steps": 5, "valid_every": 1000, "log_every": 1, **train},
+    })
+
+
+def _batch():
+    src = torch.tensor([[5, 6, 7, EOS], [8, 9, EOS, PAD]])
+    tgt_in = torch.tensor([[BOS, 10, 11], [BOS, 12, PAD]])
+    tgt_out = torch.tensor([[10, 11, EOS], [12, EOS, PAD]])
+    return Batch(src, tgt_in, tgt_out, num_tgt_tokens=5, num_src_tokens=7)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_update_with_non_finite_loss_is_skipped(fused):
+    model = build_model(ModelConfig(**TINY), 20, 20)
+    tc = TrainConfig()
+    optimizer = make_optimizer(model, tc, torch.device("cpu"), fused=fused)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.output.weight[10, 0] = float("nan")  # the logits of token 10 become NaN
+    poisoned = {k: v.clone() for k, v in model.state_dict().items()}
+    loss, skipped = training_update(model, optimizer, None, [_batch()], tc, 1e-3, torch.device("cpu"), torch.float32)
+    assert bool(skipped) and float(loss) == 0.0
+    after = model.state_dict()
+    assert all(torch.allclose(after[k], poisoned[k], rtol=0, atol=0, equal_nan=True) for k in after)
+    assert all(float(s["step"]) == 0 for s in optimizer.state.values())  # AdamW's step count did not move
+
+    model.load_state_dict(before)
+    loss, skipped = training_update(model, optimizer, None, [_batch()], tc, 1e-3, torch.device("cpu"), torch.float32)
+    assert not bool(skipped) and float(loss) > 0
+    assert not torch.equal(model.state_dict()["encoder_layers.0.ff.fc1.weight"], before["encoder_layers.0.ff.fc1.weight"])
+
+
+def test_training_skips_non_finite_losses_then_stops_when_they_persist(data_dir, tmp_path, monkeypatch):
+    real_loss, calls = train_module.token_loss, {"n": 0}
+
+    def flaky_loss(logits, targets, smoothing):
+        calls["n"] += 1
+        loss = real_loss(logits, targets, smoothing)
+        return loss * float("nan") if calls["n"] in (3, 4) else loss
+
+    monkeypatch.setattr(train_module, "token_loss", flaky_loss)
+    messages = []
+    result = train(_config(data_dir, tmp_path / "a", max_steps=8), progress=False, log=messages.append)
+    assert result.steps == 8 and result.stop_reason == "max_steps"
+    records = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    skipped = {r["step"]: r.get("skipped_updates", 0) for r in records if r["type"] == "train"}
+    assert skipped[3] == skipped[4] == 1 and sum(skipped.values()) == 2
+    assert all(r["loss"] == r["loss"] for r in records if "loss" in r)  # no NaN in the log
+    assert any("non-finite" in m for m in messages)
+
+    monkeypatch.setattr(train_module, "token_loss", lambda *a: real_loss(*a) * float("nan"))
+    result = train(_config(data_dir, tmp_path / "b", max_steps=50, max_skipped_updates=4), progress=False,
+                   log=messages.append)
+    assert result.stop_reason == TOO_MANY_SKIPPED and result.steps == 4
+    model, _, _ = load_for_inference(tmp_path / "b", "last")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_out_of_memory_batch_is_split_then_skipped(data_dir, tmp_path, monkeypatch):
+    real_forward, limit = Transformer.forward, {"rows": 4}
+
+    def forward_with_memory_limit(self, src, tgt_in):
+        if self.training and src.shape[0] > limit["rows"]:  # training batches only
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(self, src, tgt_in)
+
+    monkeypatch.setattr(Transformer, "forward", forward_with_memory_limit)
+    messages = []
+    result = train(_config(data_dir, tmp_path / "a", max_steps=6, batch_tokens=60), progress=False, log=messages.append)
+    assert result.steps == 6 and result.stop_reason == "max_steps"
+    assert any("half-size batches" in m for m in messages)
+    records = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    assert all(r.get("skipped_updates", 0) == 0 for r in records)
+
+    limit["rows"] = 0  # nothing fits
+    messages.clear()
+    result = train(_config(data_dir, tmp_path / "b", max_steps=50, max_skipped_updates=3), progress=False,
+                   log=messages.append)
+    assert result.stop_reason == TOO_MANY_SKIPPED and result.steps == 3
+    assert sum(m.startswith("warning: out of memory") and "skipped" in m for m in messages) == 3
+    assert any(m.startswith("error: 3 updates in a row were skipped") for m in messages)
+
+
+def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(data_dir, tmp_path):
+    save_dir = tmp_path / "model"
+    command = [sys.executable, "-m", "nmt_cli", "train", "--data", str(data_dir), "--out", str(save_dir),
+               "--set", "model.embed_dim=32", "--set", "model.ff_dim=64", "--set", "model.heads=2",
+               "--set", "train.batch_tokens=60", "--set", "train.valid_every=1", "--set",
+               "train.valid_max_sentences=2", "--no-progress"]
+    rng = random.Random(0)
+    for attempt in range(5):
+        process = subprocess.Popen(command + (["--resume"] if attempt else []), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        log = save_dir / "train_log.jsonl"
+        lines_before = log.read_text().count("\n") if log.exists() else 0
+        deadline = time.time() + 120
+        while time.time() < deadline and not (log.exists() and log.read_text().count("\n") > lines_before + 1):
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))  # checkpoints are written at every update: kill one mid-write
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        for which in ("best", "last"):
+            model, tokenizer, config = load_for_inference(save_dir, which)
+            assert model is not None
+    resumed = subprocess.run(command + ["--set", "train.max_steps=1000000", "--set", "train.max_minutes=0.02",
+                                        "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not list(save_dir.glob(".*.old-*")) and not list(save_dir.glob(".*.tmp-*"))
+
+
+def test_interrupted_replace_is_recovered(data_dir, tmp_path):
+    save_dir = tmp_path / "model"
+    train(_config(data_dir, save_dir, max_steps=3), progress=False)
+    # The state a kill between replace_dir's two renames leaves: last/ moved aside, new copy partial.
+    os.replace(save_dir / "last", save_dir / ".last.old-999")
+    (save_dir / ".last.tmp-999").mkdir()
+    (save_dir / ".last.tmp-999" / "model.safetensors").write_bytes(b"partial")
+    model, _, _ = load_for_inference(save_dir, "last")
+    assert model is not None and not (save_dir / "last").exists()  # reading changes nothing
+    result = train(_config(data_dir, save_dir, max_steps=5), resume=True, progress=False)
+    assert result.steps == 5 and (save_dir / "last" / "model.safetensors").is_file()
+    assert not list(save_dir.glob(".last.*"))
+
+
+def test_damaged_checkpoint_is_reported_in_one_line(data_dir, tmp_path):
+    save_dir = tmp_path / "model"
+    train(_config(data_dir, save_dir, max_steps=2), progress=False)
+    weights = save_dir / "best" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside a tensor: the format itself stays valid
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_for_inference(save_dir, "best")
+    result = CliRunner().invoke(app, ["translate", str(save_dir), "-i", str(data_dir / "test.src.txt")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "model.safetensors is damaged" in result.output and len(result.output.strip().splitlines()) == 1
+
+    shutil.copy(save_dir / "last" / "optimizer.safetensors", tmp_path / "optimizer.safetensors")
+    (save_dir / "last" / "optimizer.safetensors").write_bytes(
+        (tmp_path / "optimizer.safetensors").read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match="optimizer.safetensors is damaged"):
+        train(_config(data_dir, save_dir, max_steps=4), resume=True, progress=False)
+    assert weights.read_bytes() == bytes(data)  # a failed resume writes nothing
+
+
+def test_prepare_into_an_unwritable_place_says_so(tmp_path):
+    write_pairs(tmp_path / "c" / "train", toy_pairs(30, seed=1))
+    (tmp_path / "a-file").write_text("not a directory\n")
+    result = CliRunner().invoke(app, ["prepare", "--train", str(tmp_path / "c" / "train"), "--src", "xx", "--tgt",
+                                      "yy", "--out", str(tmp_path / "a-file" / "data")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "cannot write the output directory" in result.output and len(result.output.strip().splitlines()) == 1
+    assert (tmp_path / "a-file").read_text() == "not a directory\n"
+
+
+def test_long_line_is_truncated_with_a_warning(data_dir, tmp_path):
+    from nmt.translate import translate_file
+
+    train(_config(data_dir, tmp_path / "model", max_steps=2), progress=False)
+    (tmp_path / "in.txt").write_text("w1 w2 " * 200 + "\n\nw3\n", encoding="utf-8")
+    warnings = []
+    count = translate_file(tmp_path / "model", tmp_path / "in.txt", tmp_path / "out.txt", {"max_input_tokens": 8},
+                           device="cpu", warn=warnings.append)
+    assert count == 3 and len((tmp_path / "out.txt").read_text(encoding="utf-8").split("\n")) == 4
+    assert warnings == ["warning: line 1 has more than 8 tokens and was truncated"]
