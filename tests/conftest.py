@@ -44,3 +44,18 @@ def toy_corpus(tmp_path) -> Path:
     write_pairs(tmp_path / "toy" / "valid", toy_pairs(20, seed=2))
     write_pairs(tmp_path / "toy" / "test", toy_pairs(20, seed=3))
     return tmp_path / "toy"
+
+
+def prepare_toy_data(root: Path, train: int, valid: int = 5, test: int = 5, vocab_size: int = 40) -> Path:
+    """A prepared data dir (xx -> yy) of the toy language under `root`; returns its path."""
+    from nmt.prepare import PrepareConfig, prepare
+
+    write_pairs(root / "c" / "train", toy_pairs(train, seed=1))
+    write_pairs(root / "c" / "valid", toy_pairs(valid, seed=2))
+    write_pairs(root / "c" / "test", toy_pairs(test, seed=3))
+    prepare(PrepareConfig(
+        out_dir=root / "data", src_lang="xx", tgt_lang="yy", vocab_size=vocab_size,
+        train_prefix=str(root / "c" / "train"), valid_prefix=str(root / "c" / "valid"),
+        test_prefix=str(root / "c" / "test"),
+    ))
+    return root / "data"

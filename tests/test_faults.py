@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import toy_pairs, write_pairs
+from conftest import prepare_toy_data, toy_pairs, write_pairs
 from nmt import train as train_module
 from nmt.checkpoint import load_for_inference
 from nmt.config import ModelConfig, TrainConfig, config_from_dict
@@ -21,7 +21,6 @@ from nmt.data import Batch
 from nmt.errors import CheckpointError
 from nmt.models import build_model
 from nmt.models.transformer import Transformer
-from nmt.prepare import PrepareConfig, prepare
 from nmt.tokenizer import BOS, EOS, PAD
 from nmt.train import TOO_MANY_SKIPPED, make_optimizer, train, training_update
 from nmt_cli.main import app
@@ -31,15 +30,7 @@ TINY = {"arch": "transformer", "embed_dim": 32, "ff_dim": 64, "heads": 2, "enc_l
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    write_pairs(root / "c" / "train", toy_pairs(60, seed=1))
-    write_pairs(root / "c" / "valid", toy_pairs(5, seed=2))
-    write_pairs(root / "c" / "test", toy_pairs(5, seed=3))
-    prepare(PrepareConfig(
-        out_dir=root / "data", src_lang="xx", tgt_lang="yy", vocab_size=40, train_prefix=str(root / "c" / "train"),
-        valid_prefix=str(root / "c" / "valid"), test_prefix=str(root / "c" / "test"),
-    ))
-    return root / "data"
+    return prepare_toy_data(tmp_path_factory.mktemp("faults"), train=60)
 
 
 def _config(data_dir, save_dir, **train):

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import toy_pairs, write_pairs
+from conftest import prepare_toy_data
 from nmt.checkpoint import load_for_inference
 from nmt.config import DecodeConfig, config_from_dict
 from nmt.errors import NmtError
@@ -27,15 +27,8 @@ SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("props")
-    write_pairs(root / "c" / "train", toy_pairs(200, seed=1))
-    write_pairs(root / "c" / "valid", toy_pairs(5, seed=2))
-    write_pairs(root / "c" / "test", toy_pairs(5, seed=3))
-    prepare(PrepareConfig(
-        out_dir=root / "data", src_lang="xx", tgt_lang="yy", vocab_size=40, train_prefix=str(root / "c" / "train"),
-        valid_prefix=str(root / "c" / "valid"), test_prefix=str(root / "c" / "test"),
-    ))
     train(config_from_dict({
-        "data_dir": str(root / "data"), "save_dir": str(root / "model"),
+        "data_dir": str(prepare_toy_data(root, train=200)), "save_dir": str(root / "model"),
         "model": {"embed_dim": 32, "ff_dim": 64, "heads": 2, "enc_layers": 1, "dec_layers": 1},
         "train": {"max_steps": 150, "batch_tokens": 400, "lr": 3e-3, "warmup_steps": 20, "valid_every": 1000},
     }), progress=False)
