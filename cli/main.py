@@ -105,11 +105,28 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in the checkpoint directory.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start again, replacing the model in the checkpoint directory.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    devices: Annotated[int, typer.Option(help="Data-parallel processes on this machine, started with torchrun: one per GPU (or CPU processes with --device cpu).")] = 1,
 ) -> None:
     """Train a model on a prepared data directory."""
+    import os
+
     from nmt.config import load_config
     from nmt.train import TOO_MANY_SKIPPED
     from nmt.train import train as run_train
+
+    if devices != 1 and "WORLD_SIZE" not in os.environ:
+        from nmt.distributed import launch
+
+        args = [str(config)] if config else []
+        for name, value in (("--data", data), ("--out", out), ("--device", device)):
+            if value is not None:
+                args += [name, str(value)]
+        for item in set_ or []:
+            args += ["--set", item]
+        args += ["--resume"] * resume + ["--overwrite"] * overwrite + ([] if progress else ["--no-progress"])
+        with user_errors():
+            code = launch(devices, args)
+        raise typer.Exit(code)
 
     overrides = list(set_ or [])
     if data is not None:
@@ -120,6 +137,8 @@ def train(
         overrides.append(f"train.device={device}")
     with user_errors():
         result = run_train(load_config(config, overrides), resume=resume, overwrite=overwrite, progress=progress)
+    if not result.main_process:
+        return
     typer.echo(
         f"trained {result.steps} steps ({result.epochs} epochs) in {result.seconds:.0f} s, stopped by "
         f"{result.stop_reason or 'end'}; best dev BLEU {result.best_bleu:.2f} at step {result.best_step}; "

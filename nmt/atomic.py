@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -61,8 +62,11 @@ def complete_dir(target: Path) -> Path | None:
     complete previous version moved aside beside it; None when neither exists. Only reads."""
     if target.is_dir():
         return target
-    aside = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    return aside[-1] if aside else None
+    aside = []
+    for path in target.parent.glob(f".{target.name}.old-*"):
+        with contextlib.suppress(FileNotFoundError):  # the writer may remove it meanwhile
+            aside.append((path.stat().st_mtime, path))
+    return max(aside)[1] if aside else None
 
 
 def recover_dir(target: Path) -> None:

@@ -198,13 +198,19 @@ def load_for_inference(save_dir: Path, which: str = "best", device: torch.device
         raise CheckpointError(f"{save_dir}: SentencePiece models do not match vocab.json")
     if which not in CHECKPOINT_NAMES:
         raise CheckpointError(f"checkpoint name must be one of {', '.join(CHECKPOINT_NAMES)}")
-    directory = checkpoint_dir(save_dir, which)
-    if directory is None or not (directory / "model.safetensors").is_file():
-        directory = checkpoint_dir(save_dir, "last" if which == "best" else "best")
-        if directory is None or not (directory / "model.safetensors").is_file():
-            raise CheckpointError(f"{save_dir} holds no trained weights (no best/ or last/)")
-    verify_files(directory, read_info(directory))
     model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
-    load_weights(model, directory / "model.safetensors")
+    for attempt in range(2):  # a save by a running training may replace the files mid-read: look again
+        directory = checkpoint_dir(save_dir, which)
+        if directory is None or not (directory / "model.safetensors").is_file():
+            directory = checkpoint_dir(save_dir, "last" if which == "best" else "best")
+            if directory is None or not (directory / "model.safetensors").is_file():
+                raise CheckpointError(f"{save_dir} holds no trained weights (no best/ or last/)")
+        try:
+            verify_files(directory, read_info(directory))
+            load_weights(model, directory / "model.safetensors")
+            break
+        except CheckpointError:
+            if attempt == 1:
+                raise
     model.to(device).eval()
     return model, tokenizer, config

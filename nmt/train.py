@@ -3,6 +3,7 @@ mixed precision, periodic validation (loss and BLEU), best/last checkpoints and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from nmt.checkpoint import (
@@ -31,6 +33,7 @@ from nmt.checkpoint import (
 from nmt.config import Config, DecodeConfig, TrainConfig
 from nmt.data import Batch, ParallelSplit, make_batch, read_lines, read_manifest, token_batches
 from nmt.devices import autocast, resolve_device, resolve_precision
+from nmt.distributed import Ranks, init_ranks, rank_device
 from nmt.errors import CheckpointError, ConfigError
 from nmt.evaluate import corpus_bleu
 from nmt.models import build_model
@@ -39,6 +42,7 @@ from nmt.translate import translate_ids
 
 
 TOO_MANY_SKIPPED = "skipped updates"
+VALIDATION_STOPS = ("", "patience", "target_bleu")
 
 
 class StopSignal:
@@ -72,6 +76,7 @@ class TrainResult:
     last_valid: dict
     seconds: float
     stop_reason: str
+    main_process: bool = True  # False in the other processes of a data-parallel run
 
 
 def inverse_sqrt_lr(step: int, peak: float, warmup: int, min_lr: float = 0.0) -> float:
@@ -136,22 +141,32 @@ def training_update(
     lr: float,
     device: torch.device,
     dtype: torch.dtype,
+    normalizer: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer update from the gradients of `group`'s batches added up (accumulation).
+
+    The summed loss is divided by `normalizer`, by default the group's target tokens, so that
+    the update follows the mean loss per token. Under DistributedDataParallel (a model with
+    `no_sync`) gradients are averaged over processes: there, `normalizer` is the update's target
+    tokens over all processes divided by their number.
 
     An update whose loss or gradient norm is not finite is skipped. Returns the summed
     label-smoothed loss (0 when skipped) and whether it was skipped, as tensors left on the
     device: reading them would wait for the GPU, so the caller decides when.
     """
-    group_tokens = sum(b.num_tgt_tokens for b in group)
+    normalizer = normalizer or sum(b.num_tgt_tokens for b in group)
+    data_parallel = hasattr(model, "no_sync")
     total = torch.zeros((), device=device)
-    for batch in group:
-        with autocast(device, dtype):
-            logits = model(batch.src, batch.tgt_in)  # (B, T, V)
-        loss = token_loss(logits, batch.tgt_out, tc.label_smoothing)
-        total += loss.detach()
-        scaled = loss / group_tokens  # the update follows the mean loss per target token
-        (scaler.scale(scaled) if scaler else scaled).backward()
+    for i, batch in enumerate(group):
+        # Processes exchange gradients once per update: after the group's last batch.
+        exchange = not data_parallel or i == len(group) - 1
+        with contextlib.nullcontext() if exchange else model.no_sync():
+            with autocast(device, dtype):
+                logits = model(batch.src, batch.tgt_in)  # (B, T, V)
+            loss = token_loss(logits, batch.tgt_out, tc.label_smoothing)
+            total += loss.detach()
+            scaled = loss / normalizer
+            (scaler.scale(scaled) if scaler else scaled).backward()
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
     if scaler:
@@ -163,12 +178,15 @@ def training_update(
         scaler.step(optimizer)
         scaler.update()
     else:
-        skipped = ~(torch.isfinite(total) & torch.isfinite(norm))
+        # With data parallelism gradients, hence the norm, are the same in every process; losses are not.
+        skipped = ~torch.isfinite(norm) if data_parallel else ~(torch.isfinite(total) & torch.isfinite(norm))
         if getattr(optimizer, "_step_supports_amp_scaling", False):
             # Fused AdamW takes the decision as a tensor and skips on the device: no host sync.
             optimizer.found_inf = skipped.float()
-            optimizer.step()
-            del optimizer.found_inf
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
         elif not bool(skipped):
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -250,36 +268,67 @@ def train(
         raise ConfigError("--resume and --overwrite exclude each other")
     manifest = read_manifest(data_dir)
     tc = config.train
-    device = resolve_device(tc.device)
+    ranks = init_ranks(tc.device)
+    try:
+        return _train(config, ranks, data_dir, save_dir, manifest, resume, overwrite, progress, log, started)
+    finally:
+        ranks.close()
+
+
+def _train(
+    config: Config, ranks: Ranks, data_dir: Path, save_dir: Path, manifest: dict, resume: bool, overwrite: bool,
+    progress: bool, log: Callable[[str], None], started: float,
+) -> TrainResult:
+    tc = config.train
+    device = rank_device(ranks, resolve_device(tc.device))
     dtype = resolve_precision(tc.precision, device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    if not ranks.is_main:  # one process writes the log and checkpoints, and validates
+        log, progress = (lambda message: None), False
 
-    recover_checkpoints(save_dir)
+    if ranks.is_main:
+        recover_checkpoints(save_dir)
+    ranks.barrier()
     if has_checkpoint(save_dir):
         if resume:
             _check_resumable(save_dir, config, manifest)
-        elif overwrite:
-            for name in ("best", "last", "train_log.jsonl"):
-                path = save_dir / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        else:
+        elif not overwrite:
             raise CheckpointError(
                 f"{save_dir} already holds a model; pass --resume to continue it or --overwrite to start again"
             )
     elif resume:
         raise CheckpointError(f"nothing to resume: {save_dir} holds no checkpoint")
+    ranks.barrier()  # every process has looked before the main one clears anything
+    if overwrite and ranks.is_main:
+        for name in ("best", "last", "train_log.jsonl"):
+            path = save_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
     tokenizer = Tokenizer(data_dir / manifest["vocab"]["src_model"], data_dir / manifest["vocab"]["tgt_model"])
     train_split = ParallelSplit.load(data_dir, "train")
     valid_split = ParallelSplit.load(data_dir, "valid")
     references = list(read_lines(data_dir / "valid.tgt.txt"))
 
-    torch.manual_seed(tc.seed)
+    torch.manual_seed(tc.seed)  # the same initial weights in every process
     model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size).to(device)
+    if ranks.active:
+        torch.manual_seed(tc.seed * 1_000_003 + ranks.rank)  # each process its own dropout
     optimizer = make_optimizer(model, tc, device)
     # Updates run through `step_model`; checkpoints save `model`, whose parameter names are plain.
-    step_model = compile_model(model) if tc.compile else model
+    eager_model = model
+    if ranks.active:
+        eager_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = compile_model(eager_model) if tc.compile else eager_model
+    # Each update takes `accum_steps` batches of `batch_tokens`, whatever the number of processes:
+    # they share them out. When they cannot, each takes one batch of the same share of tokens.
+    rank_accum, rank_tokens = tc.accum_steps, tc.batch_tokens
+    if ranks.active:
+        if tc.accum_steps % ranks.world == 0:
+            rank_accum = tc.accum_steps // ranks.world
+        else:
+            rank_accum, rank_tokens = 1, max(1, tc.batch_tokens * tc.accum_steps // ranks.world)
+    update_batches = rank_accum * ranks.world
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
     step, epoch, group_in_epoch = 0, 0, 0
@@ -292,12 +341,13 @@ def train(
         bad_validations, elapsed_before = info["bad_validations"], info["seconds"]
         valid_seconds = info.get("valid_seconds", 0.0)
         last_valid = info.get("last_valid", {})
-        if "cpu" in rng:
-            torch.set_rng_state(rng["cpu"])
-        if device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], device)
+        suffix = f".rank{ranks.rank}" if ranks.active else ""
+        if f"cpu{suffix}" in rng:
+            torch.set_rng_state(rng[f"cpu{suffix}"])
+        if device.type == "cuda" and f"cuda{suffix}" in rng:
+            torch.cuda.set_rng_state(rng[f"cuda{suffix}"], device)
         log(f"resuming {save_dir} at step {step} (epoch {epoch + 1})")
-    else:
+    elif ranks.is_main:
         save_dir.mkdir(parents=True, exist_ok=True)
         init_save_dir(save_dir, config, data_dir, manifest)
 
@@ -305,17 +355,24 @@ def train(
     log(
         f"model: {config.model.arch}, {params / 1e6:.1f}M parameters; device {device}, "
         f"{str(dtype).replace('torch.', '')}; {len(train_split)} training pairs"
+        + (f"; {ranks.world} processes, {rank_accum} batch(es) of {rank_tokens} tokens each per update" if ranks.active else "")
     )
-    log_file = open(save_dir / "train_log.jsonl", "a", encoding="utf-8")
+    log_file = open(save_dir / "train_log.jsonl", "a", encoding="utf-8") if ranks.is_main else None
 
     def write_log(record: dict) -> None:
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
+        if log_file:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
 
     def save(name: str) -> None:
+        """Every process calls this for `last` (its random state is saved too); only the main one writes."""
         rng = {"cpu": torch.get_rng_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
+        if ranks.active and name == "last":
+            rng = {f"{kind}.rank{r}": state for kind in list(rng) for r, state in enumerate(ranks.gather(rng[kind].cpu()))}
+        if not ranks.is_main:
+            return
         info = {
             "step": step, "epoch": epoch, "group_in_epoch": group_in_epoch, "best_bleu": best_bleu,
             "best_step": best_step, "bad_validations": bad_validations,
@@ -328,36 +385,43 @@ def train(
             save_checkpoint(save_dir, name, model, info)
 
     def run_validation() -> str:
-        """Validate and save checkpoints; returns why training should stop, or ""."""
+        """Validate (main process) and save checkpoints; returns why training should stop, or ""."""
         nonlocal best_bleu, best_step, bad_validations, last_valid, valid_seconds
-        valid_started = time.time()
-        last_valid = {"step": step, **validate(model, valid_split, references, tokenizer, config, device, dtype)}
-        valid_seconds += time.time() - valid_started
-        seconds = elapsed_before + time.time() - started
-        improved = last_valid["bleu"] > best_bleu
-        if improved:
-            best_bleu, best_step, bad_validations = last_valid["bleu"], step, 0
-            save("best")
-        else:
-            bad_validations += 1
+        reason = ""
+        if ranks.is_main:
+            valid_started = time.time()
+            last_valid = {"step": step, **validate(model, valid_split, references, tokenizer, config, device, dtype)}
+            valid_seconds += time.time() - valid_started
+            seconds = elapsed_before + time.time() - started
+            improved = last_valid["bleu"] > best_bleu
+            if improved:
+                best_bleu, best_step, bad_validations = last_valid["bleu"], step, 0
+                save("best")
+            else:
+                bad_validations += 1
+            # train_seconds leaves out validation: the time to reach a dev BLEU, as benchmarks count it
+            write_log({
+                "type": "valid", **last_valid, "seconds": round(seconds, 1),
+                "train_seconds": round(seconds - valid_seconds, 1),
+            })
+            log(
+                f"step {step}: dev loss {last_valid['loss']:.3f}, ppl {last_valid['ppl']:.2f}, "
+                f"BLEU {last_valid['bleu']:.2f}" + (" (best)" if improved else f" (best {best_bleu:.2f} at {best_step})")
+            )
+            if tc.target_bleu and last_valid["bleu"] >= tc.target_bleu:
+                reason = "target_bleu"
+            elif tc.patience and bad_validations >= tc.patience:
+                reason = "patience"
         save("last")
-        # train_seconds leaves out validation: the time to reach a dev BLEU, as benchmarks count it
-        write_log({
-            "type": "valid", **last_valid, "seconds": round(seconds, 1),
-            "train_seconds": round(seconds - valid_seconds, 1),
-        })
-        log(
-            f"step {step}: dev loss {last_valid['loss']:.3f}, ppl {last_valid['ppl']:.2f}, "
-            f"BLEU {last_valid['bleu']:.2f}" + (" (best)" if improved else f" (best {best_bleu:.2f} at {best_step})")
-        )
-        if tc.target_bleu and last_valid["bleu"] >= tc.target_bleu:
-            return "target_bleu"
-        return "patience" if tc.patience and bad_validations >= tc.patience else ""
+        return VALIDATION_STOPS[ranks.agree(VALIDATION_STOPS.index(reason), device)]
 
     def retry_out_of_memory(group: list[Batch], lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """After running out of memory on `group`: the same update from half-size batches, or
         none if that fails too (counted as a skipped update)."""
         optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            with contextlib.suppress(AssertionError, RuntimeError):
+                scaler.update()  # forget the failed attempt's unscale_, if it got that far
         if device.type == "cuda":
             torch.cuda.empty_cache()
         halves = [half for batch in group for half in split_batch(batch)]
@@ -367,6 +431,8 @@ def train(
             return loss, skipped
         except torch.OutOfMemoryError:
             optimizer.zero_grad(set_to_none=True)
+            if ranks.active:  # the other processes wait for this one's gradients: it cannot skip
+                raise
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             sizes = "+".join(str(b.src.shape[0]) for b in group)
@@ -394,26 +460,41 @@ def train(
                 stop_reason = "max_epochs"
                 break
             batches = token_batches(
-                train_split.src.lengths, train_split.tgt.lengths, tc.batch_tokens, seed=tc.seed * 100_003 + epoch
+                train_split.src.lengths, train_split.tgt.lengths, rank_tokens, seed=tc.seed * 100_003 + epoch
             )
-            groups = [batches[i : i + tc.accum_steps] for i in range(0, len(batches), tc.accum_steps)]
+            # Every process builds the same list of updates and takes its share of each; with
+            # several processes, a last update too small to share is left out.
+            last_start = len(batches) - update_batches + 1 if ranks.active else len(batches)
+            groups = [batches[i : i + update_batches] for i in range(0, max(last_start, 0), update_batches)]
             if not tc.max_steps and tc.max_epochs and bar.total is None:
                 bar.total = tc.max_epochs * len(groups)  # for the ETA; batch counts vary a little
             while group_in_epoch < len(groups):
-                group = [make_batch(train_split, indices, pin).to(device) for indices in groups[group_in_epoch]]
+                update = groups[group_in_epoch]
+                share = update[ranks.rank * rank_accum : (ranks.rank + 1) * rank_accum]
+                group = [make_batch(train_split, indices, pin).to(device) for indices in share]
+                normalizer = None
+                if ranks.active:  # the update's target tokens in all processes (+1 EOS each), per process
+                    update_tokens = sum(len(b) + int(train_split.tgt.lengths[b].sum()) for b in update)
+                    normalizer = update_tokens / ranks.world
                 step += 1
                 lr = inverse_sqrt_lr(step, tc.lr, tc.warmup_steps, tc.min_lr)
+                failure = ""
                 try:
-                    loss, skipped = training_update(step_model, optimizer, scaler, group, tc, lr, device, dtype)
+                    loss, skipped = training_update(step_model, optimizer, scaler, group, tc, lr, device, dtype, normalizer)
                 except torch.OutOfMemoryError:
-                    loss, skipped = retry_out_of_memory(group, lr)
+                    failure = "out of memory"
                 except Exception as e:  # torch.compile fails at the first call, if at all
-                    if step_model is model:
+                    if step_model is eager_model:
                         raise
-                    log(f"warning: torch.compile failed ({_first_line(e)}); training continues without it")
-                    step_model = model
+                    failure = _first_line(e)
+                # Retries run outside the except blocks: there, the failed attempt's tensors are freed.
+                if failure == "out of memory":
+                    loss, skipped = retry_out_of_memory(group, lr)
+                elif failure:
+                    log(f"warning: torch.compile failed ({failure}); training continues without it")
+                    step_model = eager_model
                     optimizer.zero_grad(set_to_none=True)
-                    loss, skipped = training_update(model, optimizer, scaler, group, tc, lr, device, dtype)
+                    loss, skipped = training_update(step_model, optimizer, scaler, group, tc, lr, device, dtype, normalizer)
                 interval_loss += loss
                 skipped_run = (skipped_run + 1) * skipped  # updates skipped in a row, on the device
                 longest_skipped_run = torch.maximum(longest_skipped_run, skipped_run)
@@ -425,13 +506,17 @@ def train(
 
                 if step % tc.log_every == 0:
                     seconds = max(time.time() - interval_start, 1e-9)
+                    loss_sum, tgt_tokens, src_tokens, skipped_count = ranks.sum(
+                        [float(interval_loss), interval_tokens, interval_src_tokens, int(interval_skipped)], device
+                    )
+                    skipped_count //= ranks.world  # every process skips the same updates
                     record = {
                         "type": "train", "step": step, "epoch": epoch + group_in_epoch / len(groups),
-                        "loss": round(float(interval_loss) / max(interval_tokens, 1), 4), "lr": lr,
-                        "tgt_tokens_per_s": round(interval_tokens / seconds),
-                        "tokens_per_s": round((interval_tokens + interval_src_tokens) / seconds),
+                        "loss": round(loss_sum / max(tgt_tokens, 1), 4), "lr": lr,
+                        "tgt_tokens_per_s": round(tgt_tokens / seconds),
+                        "tokens_per_s": round((tgt_tokens + src_tokens) / seconds),
                     }
-                    skipped_count = int(interval_skipped)
+                    skipped_count = int(skipped_count)
                     if skipped_count:
                         record["skipped_updates"] = skipped_count
                         log(f"warning: {skipped_count} update(s) up to step {step} skipped: non-finite loss or gradient")
@@ -459,15 +544,21 @@ def train(
                 if step % tc.valid_every == 0:
                     validated_at = step
                     stop_reason = run_validation()
-                if not stop_reason and stop_signal.received:
-                    stop_reason = f"signal ({stop_signal.received})"
-                    save("last")
-                    log(f"stopped by {stop_signal.received} at step {step}; continue with --resume")
-                    validated_at = step  # saved; no final validation on the way out
+                # Signals and the clock differ between processes: with several, they decide
+                # together at log steps, so that all stop at the same update.
+                if not stop_reason and (not ranks.active or step % tc.log_every == 0):
+                    out_of_time = tc.max_minutes and elapsed_before + time.time() - started >= tc.max_minutes * 60
+                    signalled = ranks.agree(int(bool(stop_signal.received)), device)
+                    if signalled:
+                        name = stop_signal.received or "SIGTERM"
+                        stop_reason = f"signal ({name})"
+                        save("last")
+                        log(f"stopped by {name} at step {step}; continue with --resume")
+                        validated_at = step  # saved; no final validation on the way out
+                    elif ranks.agree(int(bool(out_of_time)), device):
+                        stop_reason = "max_minutes"
                 if not stop_reason and tc.max_steps and step >= tc.max_steps:
                     stop_reason = "max_steps"
-                if not stop_reason and tc.max_minutes and elapsed_before + time.time() - started >= tc.max_minutes * 60:
-                    stop_reason = "max_minutes"
                 if stop_reason:
                     break
             if group_in_epoch >= len(groups):
@@ -477,7 +568,8 @@ def train(
     finally:
         stop_signal.restore()
         bar.close()
-        log_file.close()
+        if log_file:
+            log_file.close()
     return TrainResult(
         save_dir=save_dir,
         steps=step,
@@ -487,4 +579,5 @@ def train(
         last_valid=last_valid,
         seconds=round(elapsed_before + time.time() - started, 1),
         stop_reason=stop_reason,
+        main_process=ranks.is_main,
     )

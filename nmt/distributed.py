@@ -1,0 +1,107 @@
+"""Data-parallel training over several processes (one per GPU, or CPU processes with gloo).
+
+Processes are started by `torchrun` (or `nmt train --devices N`, which calls it); each reads its
+rank from the environment torchrun sets. With one process every method here is a no-op.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nmt.errors import ConfigError
+
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes checkpoints and logs, and validates."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Element-wise sum over all processes (waits for them)."""
+        if not self.active:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.tolist()
+
+    def agree(self, code: int, device: torch.device) -> int:
+        """The largest of every process's `code`: one decision (such as stopping) for all."""
+        if not self.active:
+            return code
+        tensor = torch.tensor([code], dtype=torch.long, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
+
+    def gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every process's CPU `tensor`, in rank order (for saving per-rank random state)."""
+        if not self.active:
+            return [tensor]
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, tensor)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_ranks(device_name: str) -> Ranks:
+    """Join the process group torchrun set up, if any. GPUs use NCCL, one GPU per local rank;
+    CPU processes use gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    ranks = Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if device_name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device_name!r} was asked for, but CUDA is not available on this machine")
+    if use_cuda:
+        torch.cuda.set_device(ranks.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    return ranks
+
+
+def rank_device(ranks: Ranks, device: torch.device) -> torch.device:
+    """Each process on its own GPU."""
+    if ranks.active and device.type == "cuda":
+        return torch.device("cuda", ranks.local_rank)
+    return device
+
+
+def launch(devices: int, train_args: list[str]) -> int:
+    """Run `nmt train` with `train_args` in `devices` processes on this machine, through torchrun."""
+    from torch.distributed.run import main as torchrun
+
+    if devices < 1:
+        raise ConfigError("--devices must be at least 1")
+    if torch.cuda.is_available() and devices > torch.cuda.device_count():
+        raise ConfigError(f"--devices {devices} asked for, but this machine has {torch.cuda.device_count()} GPUs")
+    try:
+        torchrun(["--standalone", f"--nproc_per_node={devices}", "-m", "nmt_cli", "train", *train_args])
+    except SystemExit as e:
+        return int(e.code or 0)
+    except Exception as e:  # torchrun reports a failed worker as ChildFailedError, after its output
+        print(f"error: training failed in a worker process ({type(e).__name__})", file=sys.stderr)
+        return 1
+    return 0

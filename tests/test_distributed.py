@@ -1,0 +1,66 @@
+"""Data-parallel training with torchrun: 2 CPU processes (gloo) against one process."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import prepare_toy_data
+from nmt.config import config_from_dict
+from nmt.train import train
+
+MODEL = ["--set", "model.embed_dim=32", "--set", "model.ff_dim=64", "--set", "model.heads=2",
+         "--set", "model.enc_layers=1", "--set", "model.dec_layers=1", "--set", "model.dropout=0.0"]
+TRAIN = ["--set", "train.batch_tokens=80", "--set", "train.accum_steps=2", "--set", "train.lr=0.003",
+         "--set", "train.warmup_steps=5", "--set", "train.max_steps=4", "--set", "train.log_every=2",
+         "--set", "train.valid_every=3", "--set", "train.valid_max_sentences=3"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepare_toy_data(tmp_path_factory.mktemp("ddp"), train=80)
+
+
+def _losses(save_dir):
+    records = [json.loads(line) for line in (save_dir / "train_log.jsonl").read_text().splitlines()]
+    return [r for r in records if r["type"] == "train"], [r for r in records if r["type"] == "valid"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_two_processes_train_as_one_with_the_same_global_batch(data_dir, tmp_path):
+    two = tmp_path / "two"
+    result = subprocess.run(
+        [sys.executable, "-m", "nmt_cli", "train", "--data", str(data_dir), "--out", str(two), "--device", "cpu",
+         "--devices", "2", "--no-progress", *MODEL, *TRAIN],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("trained 4 steps") == 1  # the main process reports, once
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]
+    train_records, valid_records = _losses(two)
+    assert [r["step"] for r in train_records] == [2, 4]  # logged once, not once per process
+    assert [r["step"] for r in valid_records] == [3, 4]
+
+    # One process, accumulating the two batches the processes shared (within the first epoch: at
+    # its end, several processes leave out a last update too small to share).
+    overrides = {a.split("=")[0]: a.split("=")[1] for a in (MODEL + TRAIN)[1::2]}
+    config = {"data_dir": str(data_dir), "save_dir": str(tmp_path / "one"), "model": {}, "train": {"device": "cpu"}}
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        config[section][name] = float(value) if "." in value else int(value)
+    train(config_from_dict(config), progress=False)
+    one_records, _ = _losses(tmp_path / "one")
+    assert [r["loss"] for r in train_records] == pytest.approx([r["loss"] for r in one_records], abs=1e-3)
+    weights_two = load_file(str(two / "last" / "model.safetensors"))
+    weights_one = load_file(str(tmp_path / "one" / "last" / "model.safetensors"))
+    for name, tensor in weights_one.items():
+        if name.endswith("k_proj.bias"):
+            # Attention ignores a bias added to every key, so its gradient is zero plus rounding
+            # noise, which Adam scales up to whole steps of either sign.
+            continue
+        torch.testing.assert_close(weights_two[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    rng = load_file(str(two / "last" / "optimizer.safetensors"))
+    assert {"rng.cpu.rank0", "rng.cpu.rank1"} <= set(rng)
