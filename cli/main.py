@@ -43,6 +43,8 @@ def prepare(
     hf: Annotated[Optional[str], typer.Option(help="Hugging Face dataset id, or a local folder of json/csv/parquet files.")] = None,
     hf_config: Annotated[Optional[str], typer.Option(help="Dataset config, e.g. de-en.")] = None,
     hf_revision: Annotated[Optional[str], typer.Option(help="Dataset revision (branch, tag or commit).")] = None,
+    corpus: Annotated[Optional[str], typer.Option(help="A known public corpus: multi30k, iwslt2017-de-en, wmt14-de-en, wmt16-ro-en.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="With --corpus: read it from this folder of local files instead of the Hub.")] = None,
     valid_size: Annotated[int, typer.Option(help="Pairs held out for validation when the input has no valid split.")] = 1000,
     test_size: Annotated[int, typer.Option(help="Pairs held out for testing when the input has no test split.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the held-out split.")] = 1,
@@ -72,7 +74,7 @@ def prepare(
             PrepareConfig(
                 out_dir=out, src_lang=src, tgt_lang=tgt, train_prefix=train, valid_prefix=valid,
                 test_prefix=test, tsv=tsv, tsv_langs=langs, hf_name=hf, hf_config=hf_config,
-                hf_revision=hf_revision, valid_size=valid_size, test_size=test_size, seed=seed,
+                hf_revision=hf_revision, corpus=corpus, corpus_dir=data_dir, valid_size=valid_size, test_size=test_size, seed=seed,
                 clean=CleanConfig(normalization=normalize, max_words=max_words, max_ratio=max_ratio, dedup=dedup),
                 vocab_size=vocab_size, spm_type=spm_type, joint_vocab=joint_vocab,
                 character_coverage=character_coverage, overwrite=overwrite,

@@ -111,7 +111,8 @@ HF_SPLIT_NAMES = {
 
 
 def load_hf_corpus(
-    name: str, config: str | None, src_lang: str, tgt_lang: str, revision: str | None = None
+    name: str, config: str | None, src_lang: str, tgt_lang: str, revision: str | None = None,
+    data_dir: str | None = None,
 ) -> dict[str, list[tuple[str, str]]]:
     """Load a parallel corpus with Hugging Face `datasets`: a Hub id or a local folder/file.
 
@@ -122,7 +123,7 @@ def load_hf_corpus(
 
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    kwargs = {"revision": revision} if revision else {}
+    kwargs = {k: v for k, v in (("revision", revision), ("data_dir", data_dir)) if v}
     try:
         try:
             loaded = datasets.load_dataset(name, config, **kwargs)

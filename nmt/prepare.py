@@ -24,6 +24,7 @@ from nmt.data import (
     token_dtype,
     write_token_file,
 )
+from nmt.corpora import find_corpus
 from nmt.errors import DataError
 from nmt.tokenizer import Tokenizer, file_sha256, train_sentencepiece
 
@@ -45,6 +46,8 @@ class PrepareConfig:
     hf_name: str | None = None
     hf_config: str | None = None
     hf_revision: str | None = None
+    corpus: str | None = None  # a name from nmt.corpora.CORPORA
+    corpus_dir: Path | None = None  # read `corpus` from these local files instead of the Hub
     # Splits carved out of the training corpus when the input has none (fixed seed).
     valid_size: int = 1000
     test_size: int = 1000
@@ -132,9 +135,11 @@ def _make_tmp_dir(out_dir: Path) -> Path:
 
 def _read_inputs(config: PrepareConfig):
     """Returns (train pairs iterable, {split: pairs} for the splits the input provides)."""
-    chosen = [x is not None for x in (config.train_prefix, config.tsv, config.hf_name)]
+    chosen = [x is not None for x in (config.train_prefix, config.tsv, config.hf_name, config.corpus)]
     if sum(chosen) != 1:
-        raise DataError("give exactly one input: --train PREFIX, --tsv FILE or --hf NAME")
+        raise DataError("give exactly one input: --train PREFIX, --tsv FILE, --hf NAME or --corpus NAME")
+    if config.corpus_dir is not None and config.corpus is None:
+        raise DataError("--data-dir goes with --corpus")
     src, tgt = config.src_lang, config.tgt_lang
     given: dict[str, list[tuple[str, str]]] = {}
     if config.train_prefix is not None:
@@ -153,7 +158,14 @@ def _read_inputs(config: PrepareConfig):
             if lang not in langs:
                 raise DataError(f"language {lang!r} is not one of the TSV columns ({', '.join(langs)})")
         return read_tsv(Path(config.tsv), langs.index(src), langs.index(tgt)), given
-    splits = load_hf_corpus(config.hf_name, config.hf_config, src, tgt, config.hf_revision)
+    if config.corpus is not None:
+        corpus = find_corpus(config.corpus, src, tgt)
+        if config.corpus_dir is not None:
+            splits = load_hf_corpus(str(config.corpus_dir), None, src, tgt)
+        else:
+            splits = load_hf_corpus(corpus.hub_id, corpus.config, src, tgt, corpus.revision, corpus.data_dir)
+    else:
+        splits = load_hf_corpus(config.hf_name, config.hf_config, src, tgt, config.hf_revision)
     given = {k: v for k, v in splits.items() if k != "train"}
     if given and len(given) != 2:
         given = {}  # only one held-out split: carve both from train for a consistent layout
@@ -226,6 +238,8 @@ def _describe_input(config: PrepareConfig) -> dict:
         return {"train": config.train_prefix, "valid": config.valid_prefix, "test": config.test_prefix}
     if config.tsv is not None:
         return {"tsv": str(config.tsv), "columns": list(config.tsv_langs or (config.src_lang, config.tgt_lang))}
+    if config.corpus is not None:
+        return {"corpus": config.corpus, "local_files": str(config.corpus_dir) if config.corpus_dir else None}
     return {"datasets": config.hf_name, "config": config.hf_config, "revision": config.hf_revision}
 
 

@@ -44,3 +44,17 @@ def test_missing_config_file(tmp_path):
 
 def test_defaults_are_valid():
     Config().validate()
+
+
+def test_every_recipe_loads_and_builds():
+    from pathlib import Path
+
+    from nmt.config import load_config
+    from nmt.models import build_model
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*/*.yaml"))
+    assert len(recipes) >= 14
+    for path in recipes:
+        config = load_config(path)  # unknown keys would be errors
+        model = build_model(config.model, 1000, 1000)
+        assert sum(p.numel() for p in model.parameters()) > 0, path
