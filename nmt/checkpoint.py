@@ -13,6 +13,7 @@ Only safetensors and JSON/YAML are read back: loading never unpickles objects.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,6 +33,21 @@ from nmt.tokenizer import Tokenizer, file_sha256
 import yaml
 
 CHECKPOINT_NAMES = ("best", "last")
+
+
+@contextlib.contextmanager
+def training_lock(save_dir: Path):
+    """Held by the training run that writes `save_dir`: a second one on the same directory is
+    refused instead of racing the first one's saves."""
+    import fcntl
+
+    save_dir.mkdir(parents=True, exist_ok=True)
+    with open(save_dir / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise CheckpointError(f"another training run is using {save_dir}") from None
+        yield
 
 
 def checkpoint_dir(save_dir: Path, name: str) -> Path | None:

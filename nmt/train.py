@@ -29,6 +29,7 @@ from nmt.checkpoint import (
     read_vocab_info,
     recover_checkpoints,
     save_checkpoint,
+    training_lock,
 )
 from nmt.config import Config, DecodeConfig, TrainConfig
 from nmt.data import Batch, ParallelSplit, make_batch, read_lines, read_manifest, token_batches
@@ -270,7 +271,8 @@ def train(
     tc = config.train
     ranks = init_ranks(tc.device)
     try:
-        return _train(config, ranks, data_dir, save_dir, manifest, resume, overwrite, progress, log, started)
+        with training_lock(save_dir) if ranks.is_main else contextlib.nullcontext():
+            return _train(config, ranks, data_dir, save_dir, manifest, resume, overwrite, progress, log, started)
     finally:
         ranks.close()
 

@@ -201,3 +201,15 @@ def test_long_line_is_truncated_with_a_warning(data_dir, tmp_path):
                            device="cpu", warn=warnings.append)
     assert count == 3 and len((tmp_path / "out.txt").read_text(encoding="utf-8").split("\n")) == 4
     assert warnings == ["warning: line 1 has more than 8 tokens and was truncated"]
+
+
+def test_second_training_run_on_the_same_directory_is_refused(data_dir, tmp_path):
+    import fcntl
+
+    save_dir = tmp_path / "model"
+    save_dir.mkdir()
+    with open(save_dir / ".lock", "w") as held:  # as a running `nmt train` holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(CheckpointError, match="another training run is using"):
+            train(_config(data_dir, save_dir, max_steps=2), progress=False)
+    assert train(_config(data_dir, save_dir, max_steps=2), progress=False).steps == 2
