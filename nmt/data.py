@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nmt.errors import DataError
+from nmt.errors import DataError, first_line
 from nmt.tokenizer import BOS, EOS, PAD
 
 # ---------------------------------------------------------------------------------------------
@@ -135,9 +135,9 @@ def load_hf_corpus(
                 name, revision="refs/convert/parquet", data_dir=config or None
             )
     except FileNotFoundError as e:
-        raise DataError(f"dataset {name!r} not found ({_first_line(e)})") from None
+        raise DataError(f"dataset {name!r} not found ({first_line(e)})") from None
     except (ValueError, ConnectionError, OSError, RuntimeError) as e:
-        raise DataError(f"cannot load dataset {name!r}: {_first_line(e)}") from None
+        raise DataError(f"cannot load dataset {name!r}: {first_line(e)}") from None
     splits: dict[str, list[tuple[str, str]]] = {}
     for split, names in HF_SPLIT_NAMES.items():
         found = next((n for n in names if n in loaded), None)
@@ -163,11 +163,6 @@ def _hf_pairs(table, src_lang: str, tgt_lang: str, where: str) -> Iterator[tuple
             f"{where}: no 'translation' column and no {src_lang!r}/{tgt_lang!r} columns "
             f"(columns: {', '.join(columns)})"
         )
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +260,7 @@ class TokenArray:
             self.tokens = np.load(directory / f"{stem}.tokens.npy", mmap_mode="r")
             self.offsets = np.load(directory / f"{stem}.offsets.npy")
         except (OSError, ValueError) as e:
-            raise DataError(f"cannot read {directory / stem} ({_first_line(e)}); run nmt prepare again") from None
+            raise DataError(f"cannot read {directory / stem} ({first_line(e)}); run nmt prepare again") from None
         self.lengths = np.diff(self.offsets)
 
     def __len__(self) -> int:

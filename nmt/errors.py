@@ -15,3 +15,9 @@ class DataError(NmtError):
 
 class CheckpointError(NmtError):
     pass
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -31,11 +31,11 @@ from nmt.checkpoint import (
     save_checkpoint,
     training_lock,
 )
-from nmt.config import Config, DecodeConfig, TrainConfig
+from nmt.config import Config, TrainConfig
 from nmt.data import Batch, ParallelSplit, make_batch, read_lines, read_manifest, token_batches
 from nmt.devices import autocast, resolve_device, resolve_precision
 from nmt.distributed import Ranks, init_ranks, rank_device
-from nmt.errors import CheckpointError, ConfigError
+from nmt.errors import CheckpointError, ConfigError, first_line
 from nmt.evaluate import corpus_bleu
 from nmt.models import build_model
 from nmt.tokenizer import PAD, Tokenizer
@@ -126,11 +126,6 @@ def split_batch(batch: Batch) -> list[Batch]:
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     """The model's forward compiled by torch.compile, for the varying batch shapes of training."""
     return torch.compile(model, dynamic=True)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def training_update(
@@ -488,7 +483,7 @@ def _train(
                 except Exception as e:  # torch.compile fails at the first call, if at all
                     if step_model is eager_model:
                         raise
-                    failure = _first_line(e)
+                    failure = f"{type(e).__name__}: {first_line(e)}"
                 # Retries run outside the except blocks: there, the failed attempt's tensors are freed.
                 if failure == "out of memory":
                     loss, skipped = retry_out_of_memory(group, lr)
