@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-# Prepare, train, translate and score on the bundled Tatoeba English-Spanish sample (CPU, offline).
+# Prepare, train, translate and score on the bundled Tatoeba English-Spanish sample (CPU, offline),
+# then draw where the model looked for one sentence, and its training curves.
 demo: install
 	$(NMT) prepare --tsv nmt/corpora/tatoeba-en-es-15k.tsv.gz --tsv-langs en,es --src en --tgt es \
 		--valid-size 500 --test-size 1000 --vocab-size 4000 --out $(DEMO_DIR)/data --overwrite
@@ -26,6 +27,11 @@ demo: install
 	$(NMT) translate $(DEMO_DIR)/model --input $(DEMO_DIR)/data/test.src.txt \
 		--output $(DEMO_DIR)/test.hyp.txt --beam 5
 	$(NMT) evaluate --hyp $(DEMO_DIR)/test.hyp.txt --ref $(DEMO_DIR)/data/test.tgt.txt
+	echo "I would like a cup of coffee, please." | $(NMT) translate $(DEMO_DIR)/model --beam 5 \
+		--attention $(DEMO_DIR)/attention
+	$(NMT) plot $(DEMO_DIR)/model --out $(DEMO_DIR)/training-curves.png
+	@echo "attention heat-map: $(DEMO_DIR)/attention/line-000001.png"
+	@echo "training curves:    $(DEMO_DIR)/training-curves.png"
 
 test: install
 	$(PY) -m pytest -q

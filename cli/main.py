@@ -165,14 +165,35 @@ def translate(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     replace_invalid: Annotated[bool, typer.Option(help="Replace invalid UTF-8 instead of stopping.")] = False,
     int8: Annotated[bool, typer.Option(help="Run the Linear layers in int8 (dynamic quantization; CPU only).")] = False,
+    attention: Annotated[Optional[Path], typer.Option(help="Write the decoder's cross-attention here: a heat-map PNG per line and alignments.txt ('i-j' pairs, one line per input line).")] = None,
+    attention_lines: Annotated[int, typer.Option(help="With --attention: heat-maps for the first N lines only; 0: every line.")] = 0,
+    attention_layer: Annotated[Optional[int], typer.Option(help="With --attention: Transformer decoder layer, from 1 (default: the last).")] = None,
+    attention_head: Annotated[Optional[int], typer.Option(help="With --attention: Transformer head, from 1 (default: the mean over heads).")] = None,
+    attention_words: Annotated[bool, typer.Option(help="With --attention: merge subword pieces into words (source: sum, output: mean).")] = False,
+    json_weights: Annotated[bool, typer.Option("--json", help="With --attention: also write the weights to attention.jsonl.")] = False,
 ) -> None:
     """Translate text with a trained model: one output line per input line."""
+    from nmt.alignment import AttentionOutput
+    from nmt.models.attention import AttentionChoice
     from nmt.translate import translate_file
 
     options = dict(beam=beam, nbest=nbest, len_penalty=len_penalty, max_len_a=max_len_a,
                    max_len_b=max_len_b, batch_tokens=batch_tokens)
     with user_errors():
-        translate_file(model_dir, input, output, options, checkpoint, device, replace_invalid, quantize=int8)
+        attention_output = None
+        if attention is not None:
+            if attention_lines < 0:
+                raise NmtError("--attention-lines must be 0 (every line) or more")
+            attention_output = AttentionOutput(
+                attention, AttentionChoice(attention_layer, attention_head), attention_lines, attention_words,
+                json_weights,
+            )
+        elif attention_layer or attention_head or attention_words or json_weights or attention_lines:
+            raise NmtError("--attention-layer, --attention-head, --attention-words, --attention-lines and --json need --attention DIR")
+        translate_file(
+            model_dir, input, output, options, checkpoint, device, replace_invalid, quantize=int8,
+            attention=attention_output,
+        )
 
 
 @app.command()
@@ -205,6 +226,19 @@ def evaluate(
     else:
         for s in scores:
             typer.echo(f"{s.text}\n  signature: {s.signature}")
+
+
+@app.command()
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="Checkpoint directories of nmt train; several are drawn over each other.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("training-curves.png"),
+) -> None:
+    """Draw loss, dev BLEU and learning rate against training steps."""
+    from nmt.plots import plot_training
+
+    with user_errors():
+        path = plot_training(runs, out)
+    typer.echo(f"training curves of {len(runs)} run(s) in {path}")
 
 
 def _named_paths(values: list[str] | None, option: str) -> dict[str, Path]:

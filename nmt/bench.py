@@ -46,6 +46,7 @@ from nmt.prepare import PrepareConfig, prepare
 from nmt.search import FullPrefixDecoding
 from nmt.tokenizer import Tokenizer
 from nmt.train import compile_model, make_optimizer, train, training_update
+from nmt.train_log import read_train_log
 from nmt.translate import quantize_int8, translate_lines
 
 SECTIONS = ("train", "ttq", "decode")
@@ -196,8 +197,7 @@ def bench_time_to_quality(
     tc.target_bleu, tc.max_minutes, tc.valid_every = threshold, minutes, valid_every
     tc.max_epochs, tc.max_steps, tc.patience, tc.valid_max_sentences = 0, 0, 0, 0
     result = train(config, overwrite=True, progress=False, log=log)
-    records = [json.loads(line) for line in (save_dir / "train_log.jsonl").read_text().splitlines()]
-    valid = [r for r in records if r["type"] == "valid"]
+    _, valid = read_train_log(save_dir)
     reached = next((r for r in valid if r["bleu"] >= threshold), None)
     return {
         "model": name,

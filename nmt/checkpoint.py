@@ -6,7 +6,8 @@
       spm.*.model            the SentencePiece model(s)
       best/model.safetensors weights with the best dev BLEU (+ info.json)
       last/model.safetensors latest weights, with optimizer.safetensors and trainer.json to resume
-      train_log.jsonl        metrics
+      train_log.jsonl        metrics (`nmt plot` draws them)
+      tensorboard/           the same metrics for TensorBoard, when it is installed
 
 Only safetensors and JSON/YAML are read back: loading never unpickles objects.
 """

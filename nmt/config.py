@@ -5,7 +5,9 @@ Unknown keys and values of the wrong type are errors that name the key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +81,7 @@ class TrainConfig:
     target_bleu: float = 0.0  # stop once the dev BLEU reaches this; 0: off
     max_skipped_updates: int = 20  # stop after this many updates in a row skipped (non-finite loss, out of memory); 0: never
     log_every: int = 100
+    tensorboard: bool = True  # also log to save_dir/tensorboard when the tensorboard package is installed
     seed: int = 1
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     precision: str = "auto"  # "auto" (bf16 on GPUs that have it, else fp16; fp32 on CPU), "bf16", "fp16", "fp32"
@@ -137,7 +140,7 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check `value` against a field's type hint; ints are accepted for floats."""
+    """Check `value` against a field's type hint; ints (and 3e-4 written without a dot) are accepted for floats."""
     origin = typing.get_origin(hint)
     if origin is list:
         (item,) = typing.get_args(hint)
@@ -153,6 +156,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key} must be an integer (got {value!r})")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value) if math.isfinite(float(value)) else value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number (got {value!r})")
         return float(value)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nmt.models.attention import AttentionChoice
 from nmt.tokenizer import BOS, EOS, PAD
 
 
@@ -14,6 +15,13 @@ from nmt.tokenizer import BOS, EOS, PAD
 class Hypothesis:
     tokens: list[int]  # without BOS and EOS
     score: float  # beam: log-prob / length**len_penalty; greedy: log-prob
+    # (T, S) when asked for: the cross-attention weights with which each output token (the final
+    # EOS included) was produced, over the padded source of its batch
+    attention: torch.Tensor | None = None
+
+
+def _init_state(model, memory, attention: AttentionChoice | None):
+    return model.init_state(memory) if attention is None else model.init_state(memory, attention)
 
 
 @dataclass
@@ -66,18 +74,23 @@ def _restrict(log_probs: torch.Tensor, must_end: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def greedy_search(model, src: torch.Tensor, max_len_a: float = 1.5, max_len_b: int = 10) -> list[Hypothesis]:
-    """Pick the most probable token at each step. src: (B, S)."""
+def greedy_search(
+    model, src: torch.Tensor, max_len_a: float = 1.5, max_len_b: int = 10, attention: AttentionChoice | None = None
+) -> list[Hypothesis]:
+    """Pick the most probable token at each step. src: (B, S). With `attention`, each
+    hypothesis keeps the chosen cross-attention weights."""
     B = src.shape[0]
     limits = max_lengths(src, max_len_a, max_len_b)  # (B,)
     memory = model.encode(src)
-    state = model.init_state(memory)
+    state = _init_state(model, memory, attention)
     prev = torch.full((B,), BOS, dtype=torch.long, device=src.device)
     finished = torch.zeros(B, dtype=torch.bool, device=src.device)
     scores = torch.zeros(B, device=src.device)
-    steps = []
+    steps, step_weights = [], []
     for t in range(int(limits.max())):
         log_probs, state = model.decode_step(prev, memory, state)  # (B, V)
+        if attention is not None:
+            step_weights.append(state.attention.float())  # (B, S)
         log_probs = _restrict(log_probs, limits <= t + 1)
         best_scores, tokens = log_probs.max(dim=-1)  # (B,)
         tokens = tokens.masked_fill(finished, PAD)
@@ -88,10 +101,13 @@ def greedy_search(model, src: torch.Tensor, max_len_a: float = 1.5, max_len_b: i
             break
         prev = tokens
     out = torch.stack(steps, dim=1).tolist()  # (B, T)
-    return [
-        Hypothesis(row[: row.index(EOS)] if EOS in row else row, score)
-        for row, score in zip(out, scores.tolist())
-    ]
+    weights = torch.stack(step_weights, dim=1) if attention is not None else None  # (B, T, S)
+    hyps = []
+    for b, (row, score) in enumerate(zip(out, scores.tolist())):
+        length = row.index(EOS) + 1 if EOS in row else len(row)  # output tokens, EOS included
+        tokens = row[: length - 1] if EOS in row else row
+        hyps.append(Hypothesis(tokens, score, None if weights is None else weights[b, :length]))
+    return hyps
 
 
 @torch.inference_mode()
@@ -103,20 +119,23 @@ def beam_search(
     max_len_a: float = 1.5,
     max_len_b: int = 10,
     nbest: int = 1,
+    attention: AttentionChoice | None = None,
 ) -> list[list[Hypothesis]]:
     """Batched beam search with incremental decoding; returns the `nbest` best per sentence.
 
     At each step the 2K best continuations of the K beams are taken; those ending in EOS among
     the first K are finished hypotheses, and the best K others continue. A sentence is done once
     it has K finished hypotheses that no live beam is likely to beat, and is then removed from
-    the batch.
+    the batch. With `attention`, each beam carries the chosen cross-attention weights of its
+    steps, reordered with it, and each hypothesis keeps its own.
     """
     B, K = src.shape[0], beam_size
     device = src.device
     limits = max_lengths(src, max_len_a, max_len_b)  # (B,)
     memory = model.encode(src)
     memory = memory.reorder(torch.arange(B, device=device).repeat_interleave(K))  # (B*K, ...)
-    state = model.init_state(memory)
+    state = _init_state(model, memory, attention)
+    weights_history = torch.zeros(B * K, 0, src.shape[1], device=device) if attention is not None else None  # (N*K, t, S)
 
     active = torch.arange(B, device=device)  # original sentence index of each row group
     scores = torch.full((B, K), float("-inf"), device=device)
@@ -128,6 +147,7 @@ def beam_search(
     for t in range(int(limits.max())):
         N = active.shape[0]
         log_probs, state = model.decode_step(prev, memory, state)  # (N*K, V)
+        step_weights = None if attention is None else state.attention.float()  # (N*K, S)
         must_end = (limits[active] <= t + 1).repeat_interleave(K)  # (N*K,)
         log_probs = _restrict(log_probs, must_end)
         V = log_probs.shape[-1]
@@ -148,7 +168,11 @@ def beam_search(
                     if score <= hyps[worst].score:
                         continue
                     hyps.pop(worst)
-                hyps.append(Hypothesis(history[n * K + int(top_beams[n, j])].tolist(), score))
+                row = n * K + int(top_beams[n, j])
+                weights = None
+                if step_weights is not None:
+                    weights = torch.cat([weights_history[row], step_weights[row, None]])  # (t+1, S)
+                hyps.append(Hypothesis(history[row].tolist(), score, weights))
 
         # Continue with the K best candidates that do not end.
         keep_scores = top_scores.masked_fill(top_tokens == EOS, float("-inf"))
@@ -177,6 +201,8 @@ def beam_search(
             memory = memory.reorder(rows)
         state = state.reorder(rows)
         history = torch.cat([history[rows], keep_tokens[alive].view(-1, 1)], dim=1)
+        if step_weights is not None:
+            weights_history = torch.cat([weights_history[rows], step_weights[rows, None]], dim=1)
         prev = keep_tokens[alive].view(-1)
         scores = keep_scores[alive]
         active = active[alive]

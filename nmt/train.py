@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import shutil
 import signal
@@ -39,6 +38,7 @@ from nmt.errors import CheckpointError, ConfigError, first_line
 from nmt.evaluate import corpus_bleu
 from nmt.models import build_model
 from nmt.tokenizer import PAD, Tokenizer
+from nmt.train_log import LOG_NAME, TENSORBOARD_DIR, TrainLog
 from nmt.translate import translate_ids
 
 
@@ -298,7 +298,7 @@ def _train(
         raise CheckpointError(f"nothing to resume: {save_dir} holds no checkpoint")
     ranks.barrier()  # every process has looked before the main one clears anything
     if overwrite and ranks.is_main:
-        for name in ("best", "last", "train_log.jsonl"):
+        for name in ("best", "last", LOG_NAME, TENSORBOARD_DIR):
             path = save_dir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
@@ -354,12 +354,11 @@ def _train(
         f"{str(dtype).replace('torch.', '')}; {len(train_split)} training pairs"
         + (f"; {ranks.world} processes, {rank_accum} batch(es) of {rank_tokens} tokens each per update" if ranks.active else "")
     )
-    log_file = open(save_dir / "train_log.jsonl", "a", encoding="utf-8") if ranks.is_main else None
+    train_log = TrainLog(save_dir, tc.tensorboard, log) if ranks.is_main else None
 
     def write_log(record: dict) -> None:
-        if log_file:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+        if train_log:
+            train_log.write(record)
 
     def save(name: str) -> None:
         """Every process calls this for `last` (its random state is saved too); only the main one writes."""
@@ -565,8 +564,8 @@ def _train(
     finally:
         stop_signal.restore()
         bar.close()
-        if log_file:
-            log_file.close()
+        if train_log:
+            train_log.close()
     return TrainResult(
         save_dir=save_dir,
         steps=step,

@@ -13,12 +13,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nmt.alignment import EOS_LABEL, AttentionMap, AttentionOutput, describe_attention, write_attention
 from nmt.atomic import write_text_atomic
 from nmt.checkpoint import load_for_inference, read_vocab_info
 from nmt.config import DecodeConfig
 from nmt.data import clean_whitespace, decode_lines, normalize_text, pad_source, read_lines
 from nmt.devices import resolve_device
 from nmt.errors import ConfigError
+from nmt.models.attention import AttentionChoice
 from nmt.search import Hypothesis, beam_search, greedy_search
 from nmt.tokenizer import Tokenizer
 
@@ -53,20 +55,33 @@ def decode_batches(lengths: Sequence[int], batch_tokens: int) -> list[np.ndarray
 
 
 def translate_ids(
-    model, sources: Sequence[Sequence[int]], decode: DecodeConfig, device: torch.device, progress: bool = False
+    model,
+    sources: Sequence[Sequence[int]],
+    decode: DecodeConfig,
+    device: torch.device,
+    progress: bool = False,
+    attention: AttentionChoice | None = None,
 ) -> list[list[Hypothesis]]:
-    """Translate token-id sequences (without EOS); returns the n-best list of each, in order."""
+    """Translate token-id sequences (without EOS); returns the n-best list of each, in order.
+
+    With `attention`, each hypothesis keeps the chosen cross-attention weights (on the CPU),
+    one row per output token (EOS included) over its source tokens and the source EOS.
+    """
     results: list[list[Hypothesis]] = [[] for _ in sources]
     batches = decode_batches([len(s) for s in sources], decode.batch_tokens)
     for indices in tqdm(batches, desc="translating", unit="batch", disable=not progress, file=sys.stderr):
         src = pad_source([sources[i] for i in indices]).to(device)
         if decode.beam == 1:
-            hyps = [[h] for h in greedy_search(model, src, decode.max_len_a, decode.max_len_b)]
+            hyps = [[h] for h in greedy_search(model, src, decode.max_len_a, decode.max_len_b, attention)]
         else:
             hyps = beam_search(
-                model, src, decode.beam, decode.len_penalty, decode.max_len_a, decode.max_len_b, decode.nbest
+                model, src, decode.beam, decode.len_penalty, decode.max_len_a, decode.max_len_b, decode.nbest,
+                attention,
             )
         for i, nbest in zip(indices, hyps):
+            if attention is not None:
+                for h in nbest:  # the batch pads sources on the right: keep this one's columns
+                    h.attention = h.attention[:, : len(sources[i]) + 1].cpu()
             results[i] = nbest
     return results
 
@@ -76,6 +91,8 @@ class Translations:
     hypotheses: list[list[Hypothesis]]  # n-best per input line (empty for empty lines)
     texts: list[list[str]]  # detokenized n-best per input line
     truncated: list[int]  # 1-based numbers of input lines cut to decode.max_input_tokens
+    # with attention: the map of each line's best translation (None for empty lines)
+    attention_maps: list[AttentionMap | None] | None = None
 
 
 def translate_lines(
@@ -86,19 +103,29 @@ def translate_lines(
     device: torch.device,
     normalization: str = "NFC",
     progress: bool = False,
+    attention: AttentionChoice | None = None,
 ) -> Translations:
     cleaned = [clean_whitespace(normalize_text(line, normalization)) for line in lines]
     non_empty = [i for i, line in enumerate(cleaned) if line]
     encoded = tokenizer.encode_src([cleaned[i] for i in non_empty])
     truncated = [non_empty[k] + 1 for k, ids in enumerate(encoded) if len(ids) > decode.max_input_tokens]
     encoded = [ids[: decode.max_input_tokens] for ids in encoded]
-    hyps = translate_ids(model, encoded, decode, device, progress)
+    hyps = translate_ids(model, encoded, decode, device, progress, attention)
     hypotheses: list[list[Hypothesis]] = [[] for _ in lines]
     texts: list[list[str]] = [[""] for _ in lines]
-    for i, nbest in zip(non_empty, hyps):
+    maps: list[AttentionMap | None] = [None for _ in lines]
+    for i, ids, nbest in zip(non_empty, encoded, hyps):
         hypotheses[i] = nbest
         texts[i] = tokenizer.decode_tgt([h.tokens for h in nbest])
-    return Translations(hypotheses, texts, truncated)
+        if attention is not None:
+            best = nbest[0]
+            maps[i] = AttentionMap(
+                line=i + 1,
+                source=tokenizer.src_pieces(ids) + [EOS_LABEL],
+                output=tokenizer.tgt_pieces(best.tokens) + [EOS_LABEL],
+                weights=best.attention.numpy(),
+            )
+    return Translations(hypotheses, texts, truncated, maps if attention is not None else None)
 
 
 def format_output(translations: Translations, nbest: int) -> str:
@@ -123,12 +150,14 @@ def translate_file(
     replace_invalid: bool = False,
     warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
     quantize: bool = False,
+    attention: AttentionOutput | None = None,
 ) -> int:
     """Translate a file (or stdin when None) into a file (or stdout); returns the line count.
 
     Decoding settings are the checkpoint's `decode` config with `decode_options` (beam, nbest,
     len_penalty, ...) replacing the values that are given; only the best translation is written
-    unless `nbest` is given. `quantize` runs the Linear layers in int8 (CPU only).
+    unless `nbest` is given. `quantize` runs the Linear layers in int8 (CPU only). `attention`
+    writes the cross-attention of each best translation: alignments, heat-maps, weights.
     """
     torch_device = resolve_device(device)
     if quantize and torch_device.type != "cpu":
@@ -145,7 +174,8 @@ def translate_file(
     else:
         lines = list(read_lines(Path(input_path), replace_invalid=replace_invalid))
     result = translate_lines(
-        model, tokenizer, lines, decode, torch_device, normalization, progress=output_path is not None
+        model, tokenizer, lines, decode, torch_device, normalization, progress=output_path is not None,
+        attention=None if attention is None else attention.choice,
     )
     for lineno in result.truncated[:5]:
         warn(f"warning: line {lineno} has more than {decode.max_input_tokens} tokens and was truncated")
@@ -157,6 +187,12 @@ def translate_file(
         sys.stdout.flush()
     else:
         write_text_atomic(Path(output_path), text)
+    if attention is not None:
+        title = f"{Path(save_dir).resolve().name} ({config.model.arch})"
+        pictures, directory = write_attention(
+            result.attention_maps, attention, title, describe_attention(config.model, attention.choice)
+        )
+        warn(f"attention: {pictures} heat-map(s) and alignments.txt in {directory}")
     return len(lines)
 
 

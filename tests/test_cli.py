@@ -126,3 +126,59 @@ def test_cuda_asked_for_but_absent(trained, tmp_path):
                    "CUDA is not available")
     one_line_error(invoke("translate", trained / "model", "-i", trained / "data" / "test.src.txt", "--device", "cuda"),
                    "CUDA is not available")
+
+
+def test_translate_writes_attention_heatmaps_alignments_and_weights(trained, tmp_path):
+    from PIL import Image
+
+    from nmt.alignment import AttentionMap
+    from nmt.plots import DPI, heatmap_size
+
+    lines = ["w1 w2 w3", "", "w4 w5", "w6 w7 w8 w9 w10 w11"]
+    (tmp_path / "in.txt").write_text("".join(line + "\n" for line in lines))
+    out = tmp_path / "att"
+    result = invoke("translate", trained / "model", "-i", tmp_path / "in.txt", "-o", tmp_path / "out.txt",
+                    "--beam", "3", "--attention", out, "--json")
+    assert result.exit_code == 0, result.output
+    alignments = (out / "alignments.txt").read_text().split("\n")
+    assert len(alignments) - 1 == len(lines) and alignments[1] == ""
+    records = [json.loads(line) for line in (out / "attention.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in records] == [1, 3, 4]
+    assert sorted(p.name for p in out.glob("*.png")) == ["line-000001.png", "line-000003.png", "line-000004.png"]
+    for record in records:
+        weights = record["weights"]
+        assert len(weights) == len(record["output"]) and all(len(row) == len(record["source"]) for row in weights)
+        assert all(abs(sum(row) - 1) < 1e-3 for row in weights)
+        assert record["source"][-1] == record["output"][-1] == "</s>"
+        assert "transformer, decoder layer 1 of 1, mean of 2 heads" == record["attention"]
+        for pair in alignments[record["line"] - 1].split():
+            i, j = map(int, pair.split("-"))
+            assert 0 <= i < len(record["source"]) - 1 and 0 <= j < len(record["output"]) - 1
+        with Image.open(out / f"line-{record['line']:06d}.png") as image:
+            width, height, _ = heatmap_size(AttentionMap(record["line"], record["source"], record["output"], None))
+            assert image.size == (round(width * DPI), round(height * DPI))
+    few = invoke("translate", trained / "model", "-i", tmp_path / "in.txt", "-o", tmp_path / "out2.txt",
+                 "--attention", tmp_path / "few", "--attention-lines", "1", "--attention-words", "--attention-head", "2")
+    assert few.exit_code == 0, few.output
+    assert [p.name for p in (tmp_path / "few").glob("*.png")] == ["line-000001.png"]
+    assert len((tmp_path / "few" / "alignments.txt").read_text().splitlines()) == len(lines)
+    one_line_error(invoke("translate", trained / "model", "-i", tmp_path / "in.txt", "--json"), "need --attention DIR")
+    one_line_error(invoke("translate", trained / "model", "-i", tmp_path / "in.txt", "--attention", tmp_path / "x",
+                          "--attention-layer", "2"), "attention layer 2 does not exist")
+
+
+def test_plot_draws_training_curves_of_several_runs(trained, tmp_path):
+    from PIL import Image
+
+    from nmt.plots import DPI
+
+    second = tmp_path / "run2"
+    second.mkdir()
+    records = [{"type": "train", "step": s, "loss": 3.0 / s, "lr": 1e-3} for s in (1, 2, 3)]
+    records.append({"type": "valid", "step": 3, "loss": 1.5, "ppl": 4.5, "bleu": 12.0})
+    (second / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = invoke("plot", trained / "model", second, "-o", tmp_path / "curves.png")
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "curves.png") as image:
+        assert image.size == (15 * DPI, round(4.5 * DPI))
+    one_line_error(invoke("plot", tmp_path / "nothing", "-o", tmp_path / "c.png"), "no train_log.jsonl")

@@ -7,9 +7,9 @@ from nmt.errors import ConfigError
 def test_yaml_with_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  arch: rnn\n  embed_dim: 64\n  hidden_dim: 64\ntrain:\n  lr: 0.002\n")
-    config = load_config(path, ["train.lr=0.01", "model.cell=gru", "train.betas=[0.9, 0.99]", "data_dir=d"])
+    config = load_config(path, ["train.lr=3e-4", "model.cell=gru", "train.betas=[0.9, 0.99]", "data_dir=d"])
     assert config.model.arch == "rnn" and config.model.cell == "gru"
-    assert config.train.lr == 0.01 and config.train.betas == [0.9, 0.99]
+    assert config.train.lr == 3e-4 and config.train.betas == [0.9, 0.99]  # 3e-4: a string to YAML 1.1
     assert config.data_dir == "d"
     assert config_from_dict(config_to_dict(config)) == config
 
@@ -20,6 +20,7 @@ def test_yaml_with_overrides(tmp_path):
         ({"model": {"layers": 3}}, "unknown config key 'model.layers'"),
         ({"trian": {}}, "unknown config key 'trian'"),
         ({"train": {"lr": "fast"}}, "train.lr must be a number"),
+        ({"train": {"lr": "nan"}}, "train.lr must be a number"),
         ({"train": {"max_steps": 1.5}}, "train.max_steps must be an integer"),
         ({"model": {"tie_output": "yes"}}, "model.tie_output must be true or false"),
         ({"model": {"arch": "lstm"}}, "model.arch must be one of"),

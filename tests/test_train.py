@@ -139,3 +139,23 @@ def test_target_bleu_stops_training_and_logs_training_seconds(toy_corpus, tmp_pa
     assert result.stop_reason == "target_bleu" and result.steps < 1000
     assert valid[-1]["bleu"] >= 60.0 and all(r["bleu"] < 60.0 for r in valid[:-1])
     assert all(0 < r["train_seconds"] <= r["seconds"] for r in valid)
+
+
+def test_training_metrics_are_mirrored_to_tensorboard(tiny_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data_dir, _ = tiny_data
+    config = _config(data_dir, tmp_path / "m", TINY_MODELS["transformer"], max_steps=8, log_every=2, valid_every=4)
+    train(config, progress=False)
+    train(config, overwrite=True, progress=False)  # --overwrite starts the TensorBoard log again too
+    events = EventAccumulator(str(tmp_path / "m" / "tensorboard"))
+    events.Reload()
+    records = [json.loads(line) for line in (tmp_path / "m" / "train_log.jsonl").read_text().splitlines()]
+    train_loss = {r["step"]: r["loss"] for r in records if r["type"] == "train"}
+    dev_bleu = {r["step"]: r["bleu"] for r in records if r["type"] == "valid"}
+    assert {e.step: e.value for e in events.Scalars("train/loss")} == pytest.approx(train_loss)
+    assert {e.step: e.value for e in events.Scalars("dev/bleu")} == pytest.approx(dev_bleu)
+    assert sorted(train_loss) == [2, 4, 6, 8] and sorted(dev_bleu) == [4, 8]
+    assert len(events.Scalars("train/loss")) == 4 and len(list((tmp_path / "m" / "tensorboard").iterdir())) == 1
+    assert {"train/lr", "dev/loss", "dev/ppl"} <= set(events.Tags()["scalars"])

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    """Which cross-attention weights decoding keeps, one row over the source per output token.
+
+    For a Transformer: decoder `layer` (1-based; None: the last) and `head` (1-based; None: the
+    mean over heads). An RNN decoder has a single attention and takes neither.
+    """
+
+    layer: int | None = None
+    head: int | None = None
 
 
 class RNNAttention(nn.Module):
@@ -114,6 +129,22 @@ class MultiHeadAttention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, Dh)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
+
+    def attend_with_weights(
+        self,
+        x: torch.Tensor,  # (B, T, D) queries
+        k: torch.Tensor,  # (B, H, S, Dh)
+        v: torch.Tensor,  # (B, H, S, Dh)
+        mask: torch.Tensor,  # (B, 1, 1, S) bool, True = attend
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`attend` spelt out, for when the attention weights are wanted too: (B, T, D), (B, H, T, S)."""
+        B, T, D = x.shape
+        q = self.split_heads(self.q_proj(x))  # (B, H, T, Dh)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, S)
+        weights = torch.softmax(scores.float().masked_fill(~mask, float("-inf")), dim=-1)  # (B, H, T, S)
+        used = F.dropout(weights, self.dropout, self.training).to(v.dtype)
+        out = used @ v  # (B, H, T, Dh)
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, D)), weights
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
         """Self-attention of `x` over itself."""

@@ -12,7 +12,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from nmt.config import ModelConfig
-from nmt.models.attention import rnn_attention
+from nmt.errors import ConfigError
+from nmt.models.attention import AttentionChoice, rnn_attention
 from nmt.tokenizer import PAD
 
 
@@ -35,12 +36,16 @@ class RNNState:
     hidden: torch.Tensor  # (L, B, D) decoder hidden state per layer
     cell: torch.Tensor | None  # (L, B, D) LSTM cell state; None for RNN and GRU
     att_vec: torch.Tensor  # (B, D) last attentional vector, fed back when input feeding
+    keep_attention: bool = False  # keep each step's attention weights in `attention`
+    attention: torch.Tensor | None = None  # (B, S) the attention weights of the last step
 
     def reorder(self, indices: torch.Tensor) -> "RNNState":
         return RNNState(
             self.hidden.index_select(1, indices),
             None if self.cell is None else self.cell.index_select(1, indices),
             self.att_vec.index_select(0, indices),
+            self.keep_attention,
+            None if self.attention is None else self.attention.index_select(0, indices),
         )
 
 
@@ -85,19 +90,22 @@ class RNNSeq2Seq(nn.Module):
         states, _ = pad_packed_sequence(states, batch_first=True, total_length=src.shape[1])  # (B, S, D)
         return RNNMemory(states, mask, self.attention.project_keys(states))
 
-    def init_state(self, memory: RNNMemory) -> RNNState:
+    def init_state(self, memory: RNNMemory, attention: AttentionChoice | None = None) -> RNNState:
+        """`attention`: keep the attention weights of each step (state.attention)."""
+        if attention is not None and (attention.layer is not None or attention.head is not None):
+            raise ConfigError("an RNN decoder has a single attention: there is no layer or head to choose")
         B = memory.states.shape[0]
         weights = memory.mask.to(memory.states.dtype)[:, :, None]  # (B, S, 1)
         mean = (memory.states * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, D)
         hidden = torch.tanh(self.bridge(mean)).view(B, self.dec_layers, self.hidden_dim)
         hidden = hidden.transpose(0, 1).contiguous()  # (L, B, D)
         cell = torch.zeros_like(hidden) if self.is_lstm else None  # same dtype as hidden
-        return RNNState(hidden, cell, memory.states.new_zeros(B, self.hidden_dim))
+        return RNNState(hidden, cell, memory.states.new_zeros(B, self.hidden_dim), attention is not None)
 
-    def _attentional(self, dec_out: torch.Tensor, memory: RNNMemory) -> torch.Tensor:
-        # dec_out: (B, T, D) -> attentional vectors (B, T, D)
-        context, _ = self.attention(dec_out, memory.states, memory.projected_keys, memory.mask)
-        return torch.tanh(self.combine(torch.cat([dec_out, context], dim=-1)))
+    def _attentional(self, dec_out: torch.Tensor, memory: RNNMemory) -> tuple[torch.Tensor, torch.Tensor]:
+        # dec_out: (B, T, D) -> attentional vectors (B, T, D), attention weights (B, T, S)
+        context, weights = self.attention(dec_out, memory.states, memory.projected_keys, memory.mask)
+        return torch.tanh(self.combine(torch.cat([dec_out, context], dim=-1))), weights
 
     def _step(self, embedded: torch.Tensor, memory: RNNMemory, state: RNNState) -> RNNState:
         # embedded: (B, E) previous target word
@@ -107,8 +115,9 @@ class RNNSeq2Seq(nn.Module):
         # layer needs input and state in one dtype.
         dec_out, hx = self.decoder(x[:, None, :].to(state.hidden.dtype), hx)  # (B, 1, D)
         hidden, cell = hx if self.is_lstm else (hx, None)
-        att_vec = self._attentional(dec_out, memory)[:, 0]  # (B, D)
-        return RNNState(hidden, cell, att_vec)
+        att_vec, weights = self._attentional(dec_out, memory)  # (B, 1, D), (B, 1, S)
+        attention = weights[:, 0] if state.keep_attention else None
+        return RNNState(hidden, cell, att_vec[:, 0], state.keep_attention, attention)
 
     def decode(self, tgt_in: torch.Tensor, memory: RNNMemory) -> torch.Tensor:
         """Teacher-forced decoder: (B, T) -> logits (B, T, V)."""
@@ -123,7 +132,7 @@ class RNNSeq2Seq(nn.Module):
         else:  # the recurrence runs over the whole target at once, attention after it
             hx = (state.hidden, state.cell) if self.is_lstm else state.hidden
             dec_out, _ = self.decoder(embedded.to(state.hidden.dtype), hx)  # (B, T, D)
-            att_vec = self._attentional(dec_out, memory)
+            att_vec, _ = self._attentional(dec_out, memory)
         return self.output(self.dropout(att_vec))
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmt.config import ModelConfig
-from nmt.models.attention import MultiHeadAttention
+from nmt.errors import ConfigError
+from nmt.models.attention import AttentionChoice, MultiHeadAttention
 from nmt.tokenizer import PAD
 
 KeysValues = tuple[torch.Tensor, torch.Tensor]  # (B, H, S, Dh) each
@@ -46,10 +47,15 @@ class TransformerMemory:
 class TransformerState:
     self_kv: list[KeysValues]  # per decoder layer: self-attention keys/values of the steps so far
     step: int  # position of the next token
+    attention_choice: AttentionChoice | None = None  # which cross-attention weights to keep
+    attention: torch.Tensor | None = None  # (B, S) the kept weights of the last step
 
     def reorder(self, indices: torch.Tensor) -> "TransformerState":
         return TransformerState(
-            [(k.index_select(0, indices), v.index_select(0, indices)) for k, v in self.self_kv], self.step
+            [(k.index_select(0, indices), v.index_select(0, indices)) for k, v in self.self_kv],
+            self.step,
+            self.attention_choice,
+            None if self.attention is None else self.attention.index_select(0, indices),
         )
 
 
@@ -106,7 +112,8 @@ class DecoderLayer(nn.Module):
         memory_kv: KeysValues,  # (B, H, S, Dh) each
         memory_mask: torch.Tensor,  # (B, 1, 1, S)
         past_kv: KeysValues | None = None,  # (B, H, t, Dh): earlier steps when decoding incrementally
-    ) -> tuple[torch.Tensor, KeysValues]:
+        cross_weights: bool = False,  # also return the cross-attention weights (B, H, T, S)
+    ) -> tuple[torch.Tensor, KeysValues, torch.Tensor | None]:
         def self_attention(h):
             k, v = self.self_attn.keys_values(h)  # (B, H, T, Dh)
             if past_kv is not None:
@@ -115,10 +122,15 @@ class DecoderLayer(nn.Module):
             # incremental step may see every cached position.
             return self.self_attn.attend(h, k, v, causal=past_kv is None), (k, v)
 
+        def cross_attention(h):
+            if cross_weights:
+                return self.cross_attn.attend_with_weights(h, *memory_kv, mask=memory_mask)
+            return self.cross_attn.attend(h, *memory_kv, mask=memory_mask), None
+
         x, kv = self._sublayer(x, self.norm1, self_attention)
-        x, _ = self._sublayer(x, self.norm2, lambda h: (self.cross_attn.attend(h, *memory_kv, mask=memory_mask), None))
+        x, weights = self._sublayer(x, self.norm2, cross_attention)
         x, _ = self._sublayer(x, self.norm3, lambda h: (self.ff(h), None))
-        return x, kv
+        return x, kv, weights
 
 
 class Transformer(nn.Module):
@@ -173,16 +185,24 @@ class Transformer(nn.Module):
         x = self._embed(self.tgt_embed, tgt_in)
         memory_mask = memory.mask[:, None, None, :]
         for layer, kv in zip(self.decoder_layers, memory.cross_kv):
-            x, _ = layer(x, kv, memory_mask)
+            x, _, _ = layer(x, kv, memory_mask)
         return self.output(self.decoder_norm(x))
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         return self.decode(tgt_in, self.encode(src))  # (B, T, V)
 
-    def init_state(self, memory: TransformerMemory) -> TransformerState:
+    def init_state(self, memory: TransformerMemory, attention: AttentionChoice | None = None) -> TransformerState:
+        """`attention`: keep these cross-attention weights at each step (state.attention)."""
+        if attention is not None:
+            layers = len(self.decoder_layers)
+            if attention.layer is not None and not 1 <= attention.layer <= layers:
+                raise ConfigError(f"attention layer {attention.layer} does not exist: the decoder has {layers} layers")
+            if attention.head is not None and not 1 <= attention.head <= self.heads:
+                raise ConfigError(f"attention head {attention.head} does not exist: each layer has {self.heads} heads")
+            attention = AttentionChoice(attention.layer or layers, attention.head)
         B = memory.states.shape[0]
         empty = memory.states.new_zeros(B, self.heads, 0, self.dim // self.heads)  # (B, H, 0, Dh)
-        return TransformerState([(empty, empty) for _ in self.decoder_layers], step=0)
+        return TransformerState([(empty, empty) for _ in self.decoder_layers], step=0, attention_choice=attention)
 
     def decode_step(
         self, prev_tokens: torch.Tensor, memory: TransformerMemory, state: TransformerState
@@ -190,9 +210,14 @@ class Transformer(nn.Module):
         # prev_tokens: (B,) -> log-probs of the next token (B, V)
         x = self._embed(self.tgt_embed, prev_tokens[:, None], offset=state.step)  # (B, 1, D)
         memory_mask = memory.mask[:, None, None, :]
-        new_kv = []
-        for layer, kv, past in zip(self.decoder_layers, memory.cross_kv, state.self_kv):
-            x, step_kv = layer(x, kv, memory_mask, past_kv=past)
+        choice = state.attention_choice
+        new_kv, attention = [], None
+        for number, (layer, kv, past) in enumerate(zip(self.decoder_layers, memory.cross_kv, state.self_kv), 1):
+            keep = choice is not None and number == choice.layer
+            x, step_kv, weights = layer(x, kv, memory_mask, past_kv=past, cross_weights=keep)
+            if keep:
+                weights = weights[:, :, 0]  # (B, H, S)
+                attention = weights.mean(1) if choice.head is None else weights[:, choice.head - 1]  # (B, S)
             new_kv.append(step_kv)
         logits = self.output(self.decoder_norm(x[:, 0]))  # (B, V)
-        return F.log_softmax(logits.float(), dim=-1), TransformerState(new_kv, state.step + 1)
+        return F.log_softmax(logits.float(), dim=-1), TransformerState(new_kv, state.step + 1, choice, attention)

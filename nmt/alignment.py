@@ -1,0 +1,133 @@
+"""What the decoder looked at: cross-attention maps of translated lines, word-level merging, hard
+alignments (`i-j` pairs) and the files `nmt translate --attention DIR` writes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from nmt.atomic import write_text_atomic
+from nmt.config import ModelConfig
+from nmt.models.attention import AttentionChoice
+
+EOS_LABEL = "</s>"
+WORD_START = "\u2581"  # SentencePiece's mark of a piece that begins a word
+
+
+@dataclass
+class AttentionMap:
+    """Cross-attention of one translated line: row i is the distribution over the source with
+    which output token i was produced."""
+
+    line: int  # 1-based input line number
+    source: list[str]  # source pieces (or words), EOS_LABEL last
+    output: list[str]  # output pieces (or words), EOS_LABEL last
+    weights: np.ndarray  # (len(output), len(source))
+
+
+@dataclass
+class AttentionOutput:
+    """Where and what `nmt translate --attention` writes."""
+
+    directory: Path
+    choice: AttentionChoice = field(default_factory=AttentionChoice)
+    pictures: int = 0  # heat-maps for the first N translated lines; 0: every line
+    words: bool = False  # merge subword pieces into words
+    json: bool = False  # also write the weights as JSON lines
+
+
+def describe_attention(model: ModelConfig, choice: AttentionChoice) -> str:
+    """Which weights a map shows, in words, e.g. 'transformer, decoder layer 6 of 6, mean of 8 heads'."""
+    if model.arch == "rnn":
+        return f"rnn ({model.cell}), {model.attention} attention"
+    layer = choice.layer or model.dec_layers
+    heads = f"mean of {model.heads} heads" if choice.head is None else f"head {choice.head} of {model.heads}"
+    return f"transformer, decoder layer {layer} of {model.dec_layers}, {heads}"
+
+
+def word_groups(pieces: list[str]) -> list[list[int]]:
+    """Indices of the pieces that make up each word: a word starts at a piece beginning with
+    the word mark; EOS_LABEL is a word of its own."""
+    groups: list[list[int]] = []
+    for i, piece in enumerate(pieces):
+        if not groups or piece == EOS_LABEL or piece.startswith(WORD_START) or pieces[i - 1] == EOS_LABEL:
+            groups.append([i])
+        else:
+            groups[-1].append(i)
+    return groups
+
+
+def _word(pieces: list[str], group: list[int]) -> str:
+    text = "".join(pieces[i] for i in group).replace(WORD_START, "")
+    return text or WORD_START
+
+
+def merge_words(amap: AttentionMap) -> AttentionMap:
+    """Word-level map: a source word gets the sum of its pieces' weights (the attention mass on
+    the word); an output word the mean of its pieces' rows, so rows stay distributions."""
+    src_groups, out_groups = word_groups(amap.source), word_groups(amap.output)
+    columns = np.stack([amap.weights[:, g].sum(1) for g in src_groups], axis=1)  # (T, S_words)
+    weights = np.stack([columns[g].mean(0) for g in out_groups], axis=0)  # (T_words, S_words)
+    return replace(
+        amap,
+        source=[_word(amap.source, g) for g in src_groups],
+        output=[_word(amap.output, g) for g in out_groups],
+        weights=weights,
+    )
+
+
+def hard_alignments(amap: AttentionMap) -> list[tuple[int, int]]:
+    """(source index, output index) for each output token: the source position it attended to
+    most. The end-of-sentence tokens are left out on both sides."""
+    pairs = []
+    for j, row in enumerate(amap.weights):
+        if amap.output[j] == EOS_LABEL:
+            continue
+        i = int(np.argmax(row))
+        if amap.source[i] != EOS_LABEL:
+            pairs.append((i, j))
+    return sorted(pairs)
+
+
+def format_alignments(pairs: list[tuple[int, int]]) -> str:
+    """The usual `i-j` format (0-based source-output pairs, as fast_align and Moses write them)."""
+    return " ".join(f"{i}-{j}" for i, j in pairs)
+
+
+def write_attention(
+    maps: list[AttentionMap | None], output: AttentionOutput, title: str, description: str
+) -> tuple[int, Path]:
+    """Write alignments.txt (one line per input line), attention.jsonl with --json, and a
+    heat-map PNG for the first `output.pictures` translated lines (all when 0).
+
+    Returns the number of pictures and the folder.
+    """
+    from nmt.plots import draw_attention
+
+    directory = Path(output.directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if output.words:
+        maps = [None if m is None else merge_words(m) for m in maps]
+    write_text_atomic(
+        directory / "alignments.txt",
+        "".join(("" if m is None else format_alignments(hard_alignments(m))) + "\n" for m in maps),
+    )
+    if output.json:
+        records = (
+            json.dumps({
+                "line": m.line, "attention": description, "source": m.source, "output": m.output,
+                "weights": np.round(m.weights.astype(np.float64), 5).tolist(),
+            }, ensure_ascii=False)
+            + "\n"
+            for m in maps if m is not None
+        )
+        write_text_atomic(directory / "attention.jsonl", "".join(records))
+    drawn = [m for m in maps if m is not None]
+    if output.pictures:
+        drawn = drawn[: output.pictures]
+    for m in drawn:
+        draw_attention(m, directory / f"line-{m.line:06d}.png", f"line {m.line} · {title}", description)
+    return len(drawn), directory

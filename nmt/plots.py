@@ -1,0 +1,111 @@
+"""Pictures: attention heat-maps of translated lines and training curves of one or more runs.
+
+Figures are built with matplotlib's object API (no pyplot), so drawing needs no display and
+leaves no global state behind.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from nmt.alignment import AttentionMap
+from nmt.errors import DataError
+from nmt.train_log import read_train_log
+
+DPI = 100
+CELL = 0.3  # inches per token in a heat-map: room for a 9-point label
+LABEL_FONT = 9
+CHAR_WIDTH = 0.075  # inches per character of a 9-point label, roughly
+COLORBAR = 1.0  # inches right of the map: the colour bar and its ticks
+MIN_WIDTH = 5.0  # inches: room for the title
+
+
+def heatmap_size(amap: AttentionMap) -> tuple[float, float, dict[str, float]]:
+    """Figure width and height in inches, and the margins around the map, from the labels."""
+    longest_source = max(len(label) for label in amap.source)
+    longest_output = max(len(label) for label in amap.output)
+    margins = {
+        "left": 0.3 + CHAR_WIDTH * longest_output,
+        "top": 1.0 + CHAR_WIDTH * longest_source,  # two title lines above the rotated labels
+        "bottom": 0.3,
+    }
+    map_width, map_height = CELL * len(amap.source), CELL * len(amap.output)
+    width = max(MIN_WIDTH, margins["left"] + map_width + COLORBAR)
+    height = margins["top"] + map_height + margins["bottom"]
+    return width, height, margins
+
+
+def draw_attention(amap: AttentionMap, path: Path, title: str, description: str) -> Path:
+    """A heat-map PNG: source along the top, output down the side, one cell per weight."""
+    width, height, margins = heatmap_size(amap)
+    map_width, map_height = CELL * len(amap.source), CELL * len(amap.output)
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    left, bottom = margins["left"] / width, margins["bottom"] / height
+    ax = fig.add_axes((left, bottom, map_width / width, map_height / height))
+    image = ax.imshow(amap.weights, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+    ax.set_xticks(np.arange(len(amap.source)), amap.source, rotation=90, fontsize=LABEL_FONT)
+    ax.set_yticks(np.arange(len(amap.output)), amap.output, fontsize=LABEL_FONT)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    colorbar_axes = fig.add_axes(
+        ((margins["left"] + map_width + 0.15) / width, bottom, 0.15 / width, map_height / height)
+    )
+    fig.colorbar(image, cax=colorbar_axes)
+    colorbar_axes.tick_params(labelsize=LABEL_FONT)
+    chars = max(20, int(width / (CHAR_WIDTH * 1.2)))
+    fig.text(
+        0.5, 1 - 0.1 / height, textwrap.shorten(title, chars) + "\n" + textwrap.shorten(description, chars),
+        ha="center", va="top", fontsize=10,
+    )
+    with warnings.catch_warnings():  # labels in scripts the default font lacks are drawn as boxes
+        warnings.filterwarnings("ignore", message="Glyph .* missing")
+        fig.savefig(path, dpi=DPI)
+    return path
+
+
+def plot_training(run_dirs: list[Path], out: Path) -> Path:
+    """Loss, dev BLEU and learning rate against steps, one colour per run, into a PNG."""
+    runs = []
+    for run_dir in run_dirs:
+        train, valid = read_train_log(Path(run_dir))
+        if not train and not valid:
+            raise DataError(f"{run_dir} has no training records yet")
+        runs.append((Path(run_dir), train, valid))
+    names = [path.name for path, _, _ in runs]
+    if len(set(names)) < len(names):  # same folder names: tell them apart by the full path
+        names = [str(path) for path, _, _ in runs]
+
+    fig = Figure(figsize=(15, 4.5), dpi=DPI)
+    loss_ax, bleu_ax, lr_ax = fig.subplots(1, 3)
+    for index, (name, (_, train, valid)) in enumerate(zip(names, runs)):
+        colour = f"C{index % 10}"
+        if train:
+            steps = [r["step"] for r in train]
+            loss_ax.plot(steps, [r["loss"] for r in train], color=colour, label=f"{name} train")
+            lr_ax.plot(steps, [r["lr"] for r in train], color=colour, label=name)
+        if valid:
+            steps = [r["step"] for r in valid]
+            loss_ax.plot(steps, [r["loss"] for r in valid], color=colour, linestyle="--", marker="o",
+                         markersize=3, label=f"{name} dev")
+            bleu_ax.plot(steps, [r["bleu"] for r in valid], color=colour, marker="o", markersize=3, label=name)
+    for ax, title, ylabel in (
+        (loss_ax, "loss per target token", "loss (train: label-smoothed)"),
+        (bleu_ax, "dev BLEU", "BLEU"),
+        (lr_ax, "learning rate", "lr"),
+    ):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    loss_ax.legend(fontsize=8)
+    bleu_ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI)
+    return out

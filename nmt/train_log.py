@@ -1,0 +1,77 @@
+"""The training log of a checkpoint directory: `train_log.jsonl` (one JSON record per log step
+and per validation), mirrored to TensorBoard when the tensorboard package is installed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from nmt.errors import DataError
+
+LOG_NAME = "train_log.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+# Which record fields become TensorBoard scalars, under which tag.
+TENSORBOARD_SCALARS = {
+    "train": {"loss": "train/loss", "lr": "train/lr", "tgt_tokens_per_s": "train/target_tokens_per_s"},
+    "valid": {"loss": "dev/loss", "ppl": "dev/ppl", "bleu": "dev/bleu"},
+}
+
+
+class TrainLog:
+    """Appends records to train_log.jsonl and, optionally, to TensorBoard event files."""
+
+    def __init__(self, save_dir: Path, tensorboard: bool, warn: Callable[[str], None]):
+        self.file = open(save_dir / LOG_NAME, "a", encoding="utf-8")
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warn("note: TensorBoard logs are off: the tensorboard package is not installed")
+            else:
+                self.writer = SummaryWriter(str(save_dir / TENSORBOARD_DIR))
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, tag in TENSORBOARD_SCALARS.get(record.get("type"), {}).items():
+                if key in record:
+                    self.writer.add_scalar(tag, record[key], record["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_train_log(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """The training and the validation records of a run, by step.
+
+    A run resumed from its last checkpoint logs again the steps after that checkpoint: the
+    later records replace the earlier ones from the same step on.
+    """
+    path = Path(run_dir) / LOG_NAME
+    if not path.is_file():
+        raise DataError(f"no {LOG_NAME} in {run_dir}: not a checkpoint directory of nmt train")
+    records: dict[str, list[dict]] = {"train": [], "valid": []}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if f.read(1) == "":  # a last line cut short by a crash
+                    break
+                raise DataError(f"{path}, line {lineno}: not a JSON record") from None
+            kind = record.get("type")
+            if kind not in records or "step" not in record:
+                continue
+            same_kind = records[kind]
+            while same_kind and same_kind[-1]["step"] >= record["step"]:
+                same_kind.pop()
+            same_kind.append(record)
+    return records["train"], records["valid"]

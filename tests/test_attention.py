@@ -1,0 +1,185 @@
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nmt.alignment import EOS_LABEL, AttentionMap, hard_alignments, merge_words, word_groups
+from nmt.config import ModelConfig
+from nmt.data import pad_source
+from nmt.errors import ConfigError
+from nmt.models import build_model
+from nmt.models.attention import AttentionChoice
+from nmt.search import beam_search, greedy_search
+from nmt.tokenizer import BOS, EOS, PAD
+from nmt.train_log import TrainLog, read_train_log
+
+V = 24
+MODELS = {
+    "transformer": ModelConfig(arch="transformer", embed_dim=64, ff_dim=128, heads=4, enc_layers=1, dec_layers=2,
+                               dropout=0.0),
+    "rnn": ModelConfig(arch="rnn", cell="gru", embed_dim=32, hidden_dim=64, enc_layers=1, dec_layers=1, dropout=0.0,
+                       tie_output=False),
+}
+SOURCES = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+
+
+def _search(model, src, beam, choice=AttentionChoice()):
+    if beam == 1:
+        return greedy_search(model, src, max_len_a=1.0, max_len_b=4, attention=choice)
+    return [nbest[0] for nbest in beam_search(model, src, beam, max_len_a=1.0, max_len_b=4, attention=choice)]
+
+
+def _forced_attention(model, src, tokens, choice=AttentionChoice()):
+    """The attention rows of teacher-forcing `tokens` (then EOS) step by step through decode_step."""
+    memory = model.encode(src)
+    state = model.init_state(memory, choice)
+    rows = []
+    for prev in [BOS] + tokens:
+        _, state = model.decode_step(torch.tensor([prev]), memory, state)
+        rows.append(state.attention[0])
+    return torch.stack(rows)  # (T+1, S)
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+@pytest.mark.parametrize("arch", ["transformer", "rnn"])
+def test_attention_rows_are_distributions_over_the_real_source_tokens(arch, beam):
+    model = build_model(MODELS[arch], V, V).eval()
+    src = pad_source(SOURCES)  # (3, 8): the shorter sources are padded
+    batched = _search(model, src, beam)
+    for sentence, hyp in zip(SOURCES, batched):
+        real = len(sentence) + 1  # the source tokens and EOS
+        assert hyp.attention.shape == (len(hyp.tokens) + 1, src.shape[1])
+        torch.testing.assert_close(hyp.attention[:, :real].sum(-1), torch.ones(len(hyp.tokens) + 1))
+        assert bool((hyp.attention[:, real:] == 0).all())
+        alone = _search(model, pad_source([sentence]), beam)[0]  # unbatched: the same weights
+        assert alone.tokens == hyp.tokens
+        torch.testing.assert_close(alone.attention, hyp.attention[:, :real], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["transformer", "rnn"])
+def test_beam_keeps_the_weights_of_the_hypothesis_it_outputs(arch):
+    """Beam search reorders the weights with its beams: each finished hypothesis carries the
+    weights of its own decoding path, which forced decoding of its tokens reproduces."""
+    model = build_model(MODELS[arch], V, V).eval()
+    src = pad_source(SOURCES)
+    with torch.inference_mode():
+        nbests = beam_search(model, src, 4, max_len_a=1.0, max_len_b=4, nbest=4, attention=AttentionChoice())
+        for b, nbest in enumerate(nbests):
+            assert len({tuple(h.tokens) for h in nbest}) == 4
+            for hyp in nbest:
+                forced = _forced_attention(model, src[b : b + 1], hyp.tokens)
+                torch.testing.assert_close(hyp.attention, forced, atol=1e-5, rtol=1e-4)
+
+
+def test_transformer_layer_and_head_choice():
+    model = build_model(MODELS["transformer"], V, V).eval()
+    src, tokens = pad_source(SOURCES[:1]), [7, 8, 9]
+    with torch.inference_mode():
+        heads = [_forced_attention(model, src, tokens, AttentionChoice(layer=1, head=h)) for h in range(1, 5)]
+        mean = _forced_attention(model, src, tokens, AttentionChoice(layer=1))
+        last = _forced_attention(model, src, tokens, AttentionChoice())
+        torch.testing.assert_close(torch.stack(heads).mean(0), mean)
+        assert not torch.allclose(heads[0], heads[1])
+        assert not torch.allclose(mean, last)  # the default is the last layer (2), not the first
+        torch.testing.assert_close(last, _forced_attention(model, src, tokens, AttentionChoice(layer=2)))
+        memory = model.encode(src)
+        for bad in (AttentionChoice(layer=3), AttentionChoice(head=5), AttentionChoice(layer=0)):
+            with pytest.raises(ConfigError, match="does not exist"):
+                model.init_state(memory, bad)
+        rnn = build_model(MODELS["rnn"], V, V).eval()
+        with pytest.raises(ConfigError, match="single attention"):
+            rnn.init_state(rnn.encode(src), AttentionChoice(head=1))
+
+
+@pytest.mark.parametrize("arch", ["transformer", "rnn"])
+def test_copy_task_attention_is_the_diagonal(arch):
+    """A model trained to copy its input attends, for each output token, to the source token it copies."""
+    torch.manual_seed(0)
+    data = torch.Generator().manual_seed(0)
+
+    def sample(count):
+        return [torch.randint(4, V, (int(torch.randint(4, 11, (1,), generator=data)),), generator=data).tolist()
+                for _ in range(count)]
+
+    config = MODELS[arch]
+    if arch == "transformer":
+        config = dataclasses.replace(config, dec_layers=1)
+    model = build_model(config, V, V)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        sequences = sample(32)
+        src = pad_source(sequences)  # (B, S): tokens, EOS, padding
+        tgt_in = torch.cat([torch.full((len(sequences), 1), BOS), src[:, :-1].masked_fill(src[:, :-1] == EOS, PAD)], 1)
+        logits = model(src, tgt_in)  # (B, S, V)
+        loss = F.cross_entropy(logits.reshape(-1, V), src.reshape(-1), ignore_index=PAD)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    sequences = sample(50)
+    hyps = greedy_search(model, pad_source(sequences), attention=AttentionChoice())
+    on_diagonal = total = 0
+    for hyp, sequence in zip(hyps, sequences):
+        amap = AttentionMap(1, [str(t) for t in sequence] + [EOS_LABEL], [str(t) for t in hyp.tokens] + [EOS_LABEL],
+                            hyp.attention[:, : len(sequence) + 1].numpy())
+        pairs = hard_alignments(amap)
+        on_diagonal += sum(i == j for i, j in pairs)
+        total += len(hyp.tokens)
+    assert sum(h.tokens == s for h, s in zip(hyps, sequences)) >= 40  # it learned to copy
+    assert on_diagonal / total >= 0.9
+
+
+def test_word_level_merging_sums_source_pieces_and_averages_output_pieces():
+    weights = np.array([
+        [0.1, 0.2, 0.3, 0.4],
+        [0.5, 0.1, 0.2, 0.2],
+        [0.0, 0.6, 0.3, 0.1],
+        [0.25, 0.25, 0.25, 0.25],
+    ])
+    amap = AttentionMap(1, ["\u2581The", "\u2581do", "g", EOS_LABEL], ["\u2581Der", "\u2581Hu", "nd", EOS_LABEL], weights)
+    assert word_groups(amap.source) == [[0], [1, 2], [3]]
+    words = merge_words(amap)
+    assert words.source == ["The", "dog", EOS_LABEL] and words.output == ["Der", "Hund", EOS_LABEL]
+    expected = np.array([
+        [0.1, 0.5, 0.4],
+        [(0.5 + 0.0) / 2, (0.3 + 0.9) / 2, (0.2 + 0.1) / 2],
+        [0.25, 0.5, 0.25],
+    ])
+    np.testing.assert_allclose(words.weights, expected)
+    np.testing.assert_allclose(words.weights.sum(1), 1.0)
+
+
+def test_hard_alignments_leave_out_end_of_sentence():
+    weights = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8]])
+    amap = AttentionMap(1, ["a", "b", EOS_LABEL], ["x", "y", "z", EOS_LABEL], weights)
+    assert hard_alignments(amap) == [(0, 0), (1, 2)]  # y looked at the source EOS: no pair
+
+
+def test_train_log_reads_back_a_resumed_run_and_a_cut_last_line(tmp_path):
+    log = TrainLog(tmp_path, tensorboard=False, warn=print)
+    for step in (10, 20, 30):
+        log.write({"type": "train", "step": step, "loss": 3.0 - step / 100, "lr": 1e-3})
+    log.write({"type": "valid", "step": 20, "bleu": 5.0, "loss": 2.0, "ppl": 7.4})
+    log.close()
+    with open(tmp_path / "train_log.jsonl", "a") as f:  # resumed from the checkpoint at step 20
+        f.write(json.dumps({"type": "train", "step": 30, "loss": 2.5, "lr": 1e-3}) + "\n")
+        f.write('{"type": "train", "st')  # a crash mid-line
+    train, valid = read_train_log(tmp_path)
+    assert [r["step"] for r in train] == [10, 20, 30] and train[-1]["loss"] == 2.5
+    assert [r["bleu"] for r in valid] == [5.0]
+
+
+def test_train_log_without_tensorboard_warns_and_keeps_the_json_log(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    notes = []
+    log = TrainLog(tmp_path, tensorboard=True, warn=notes.append)
+    log.write({"type": "train", "step": 1, "loss": 1.0, "lr": 1e-3})
+    log.close()
+    assert len(notes) == 1 and "tensorboard" in notes[0]
+    assert not (tmp_path / "tensorboard").exists()
+    assert read_train_log(tmp_path)[0][0]["loss"] == 1.0
