@@ -188,7 +188,7 @@ def translate_file(
     else:
         write_text_atomic(Path(output_path), text)
     if attention is not None:
-        title = f"{Path(save_dir).resolve().name} ({config.model.arch})"
+        title = f"model {save_dir}"
         pictures, directory = write_attention(
             result.attention_maps, attention, title, describe_attention(config.model, attention.choice)
         )
