@@ -4,9 +4,12 @@ token-bucketed batches."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import numpy as np
 import torch
 
 from nmt.errors import DataError, first_line
+from nmt.shards import TokenArray
 from nmt.tokenizer import BOS, EOS, PAD
 
 # ---------------------------------------------------------------------------------------------
@@ -203,12 +207,18 @@ def clean_whitespace(text: str) -> str:
     return " ".join(text.split())
 
 
-def clean_pairs(pairs: Iterable[tuple[str, str]], config: CleanConfig) -> tuple[list[tuple[str, str]], CleanStats]:
-    """Normalize and filter pairs, counting what each step changed or dropped."""
-    stats = CleanStats()
-    seen: set[int] = set()
-    kept: list[tuple[str, str]] = []
-    for src, tgt in pairs:
+class PairCleaner:
+    """Normalizes and filters pairs one at a time, counting what each step changed or dropped.
+
+    Duplicates are not its business: prepare finds them from `pair_hash` once all pairs are read.
+    """
+
+    def __init__(self, config: CleanConfig):
+        self.config = config
+        self.stats = CleanStats()
+
+    def __call__(self, src: str, tgt: str) -> tuple[str, str] | None:
+        stats, config = self.stats, self.config
         stats.pairs_read += 1
         norm_src, norm_tgt = normalize_text(src, config.normalization), normalize_text(tgt, config.normalization)
         stats.normalized += (norm_src, norm_tgt) != (src, tgt)
@@ -216,58 +226,25 @@ def clean_pairs(pairs: Iterable[tuple[str, str]], config: CleanConfig) -> tuple[
         stats.whitespace_fixed += (src, tgt) != (norm_src, norm_tgt)
         if not src or not tgt:
             stats.empty += 1
-            continue
+            return None
         src_words, tgt_words = src.count(" ") + 1, tgt.count(" ") + 1
         if max(src_words, tgt_words) > config.max_words:
             stats.too_long += 1
-            continue
+            return None
         if max(src_words, tgt_words) > config.max_ratio * min(src_words, tgt_words):
             stats.ratio += 1
-            continue
-        if config.dedup:
-            key = hash((src, tgt))
-            if key in seen:
-                stats.duplicates += 1
-                continue
-            seen.add(key)
-        kept.append((src, tgt))
-    stats.kept = len(kept)
-    return kept, stats
+            return None
+        return src, tgt
+
+
+def pair_hash(src: str, tgt: str) -> int:
+    """A 64-bit hash of a cleaned pair, the same in every process and run: duplicates share it."""
+    digest = hashlib.blake2b(src.encode("utf-8") + b"\t" + tgt.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 # ---------------------------------------------------------------------------------------------
-# Binarized storage: per split and side, one flat token array and an offsets array (.npy).
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
-
-
-def write_token_file(directory: Path, stem: str, sequences: list[list[int]], dtype: np.dtype) -> None:
-    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
-    offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    tokens = np.fromiter((t for s in sequences for t in s), dtype=dtype, count=int(offsets[-1]))
-    np.save(directory / f"{stem}.tokens.npy", tokens)
-    np.save(directory / f"{stem}.offsets.npy", offsets)
-
-
-class TokenArray:
-    """A list of token sequences stored as one flat array plus offsets, memory-mapped."""
-
-    def __init__(self, directory: Path, stem: str):
-        try:
-            self.tokens = np.load(directory / f"{stem}.tokens.npy", mmap_mode="r")
-            self.offsets = np.load(directory / f"{stem}.offsets.npy")
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot read {directory / stem} ({first_line(e)}); run nmt prepare again") from None
-        self.lengths = np.diff(self.offsets)
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+# Prepared splits
 
 
 @dataclass
@@ -317,17 +294,33 @@ def token_batches(
     rng = np.random.default_rng(seed) if seed is not None else None
     order = rng.permutation(len(sizes)) if rng is not None else np.arange(len(sizes))
     order = order[np.argsort(sizes[order], kind="stable")]
-    batches: list[np.ndarray] = []
-    start, longest = 0, 0
-    for pos, index in enumerate(order):
-        size = int(sizes[index])
-        count = pos - start
-        if count and (max(longest, size) * (count + 1) > batch_tokens or count == max_sentences):
-            batches.append(order[start:pos])
-            start, longest = pos, 0
-        longest = max(longest, size)
-    if start < len(order):
-        batches.append(order[start:])
+    # Sorted by size, a batch is a run of sentences; fill runs greedily, one size at a time
+    # (a few hundred sizes, not millions of sentences): a batch holds `capacity` sentences of
+    # its longest size, and one that is not full takes sentences of the next size.
+    values, counts = np.unique(sizes[order], return_counts=True)
+    starts: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
+    position, in_batch = 0, 0  # sentences placed so far; of them, in the open batch
+    for size, count in zip(values.tolist(), counts.tolist()):
+        capacity = max(1, batch_tokens // size)
+        if max_sentences:
+            capacity = min(capacity, max_sentences)
+        taken = 0
+        if in_batch:
+            taken = min(count, max(0, capacity - in_batch))
+            in_batch += taken
+            if taken < count:  # the open batch is full: the rest starts new ones
+                starts.append(np.array([position + taken]))
+                in_batch = 0
+        rest = count - taken
+        full, partial = divmod(rest, capacity)
+        first = position + taken
+        starts.append(first + capacity * np.arange(1, full + (partial > 0)))  # batches after the first of the rest
+        if rest:
+            in_batch = partial or capacity
+        position += count
+    bounds = np.concatenate(starts + [np.array([len(order)])])
+    bounds = bounds[bounds <= len(order)]
+    batches = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     if rng is not None:
         rng.shuffle(batches)
     return batches
@@ -386,3 +379,35 @@ def make_batch(split: ParallelSplit, indices: np.ndarray, pin_memory: bool = Fal
     if pin_memory:
         batch.src, batch.tgt_in, batch.tgt_out = (t.pin_memory() for t in (batch.src, batch.tgt_in, batch.tgt_out))
     return batch
+
+
+class BatchPrefetcher:
+    """Builds the batches of the next updates in a background thread, `ahead` updates ahead of
+    the one training, so that the device does not wait for data.
+
+    `build(index)` makes the batches of update `index`; `next()` returns them for `first`,
+    `first + 1`, ... up to `end`, in order. A failure in `build` is raised by `next()`.
+    """
+
+    def __init__(self, build: Callable[[int], list[Batch]], first: int, end: int, ahead: int = 2):
+        self.build, self.next_index, self.end = build, first, end
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="batches")
+        self.pending: deque[Future] = deque()
+        for _ in range(ahead):
+            self._submit()
+
+    def _submit(self) -> None:
+        if self.next_index < self.end:
+            self.pending.append(self.pool.submit(self.build, self.next_index))
+            self.next_index += 1
+
+    def next(self) -> list[Batch]:
+        future = self.pending.popleft()
+        self._submit()
+        return future.result()
+
+    def __enter__(self) -> "BatchPrefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)

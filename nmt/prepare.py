@@ -2,34 +2,41 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-import random
 import shutil
+import sys
 import time
+from array import array
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
 
 from nmt import __version__
 from nmt.atomic import replace_dir
 from nmt.data import (
     CleanConfig,
-    clean_pairs,
+    PairCleaner,
     clean_whitespace,
     find_side_file,
     load_hf_corpus,
     normalize_text,
+    pair_hash,
     read_parallel_files,
     read_tsv,
-    token_dtype,
-    write_token_file,
 )
+from nmt.shards import chunked, encode_to_token_files, token_dtype, worker_count, write_token_file
 from nmt.corpora import find_corpus
 from nmt.errors import DataError
 from nmt.tokenizer import Tokenizer, file_sha256, train_sentencepiece
 
 DATA_FORMAT_VERSION = 1
-SPLITS = ("train", "valid", "test")
+ENCODE_CHUNK_PAIRS = 20_000  # pairs per encoding task
+PARALLEL_ENCODE_PAIRS = 200_000  # smaller corpora are encoded in this process: workers take time to start
 
 
 @dataclass
@@ -58,27 +65,85 @@ class PrepareConfig:
     spm_type: str = "unigram"
     joint_vocab: bool = True
     character_coverage: float = 1.0
+    # Sentences SentencePiece trains on, sampled at random: its trainer holds them all, about
+    # 2.9 GB per million sentences; more adds little to vocabularies of this size.
     spm_max_sentences: int = 1_000_000
+    workers: int = 0  # encoding processes; 0: one per core
     overwrite: bool = False
 
 
-def prepare(config: PrepareConfig) -> dict:
-    """Build the data dir; returns its manifest (which includes the cleaning summary)."""
+def prepare(config: PrepareConfig, progress: bool = False) -> dict:
+    """Build the data dir; returns its manifest (which includes the cleaning summary).
+
+    The training pairs stream through: read and clean one at a time into work files, find
+    duplicates and held-out pairs from 64-bit hashes, train SentencePiece on a sample, encode
+    in worker processes into token files. Memory holds a few bytes per pair, not the corpus.
+    """
     started = time.time()
     out_dir = Path(config.out_dir)
     if config.src_lang == config.tgt_lang:
         raise DataError("source and target languages must differ")
+    _tidy_leftovers(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not config.overwrite:
         raise DataError(f"output directory {out_dir} already exists and is not empty; pass --overwrite")
 
-    shutil.rmtree(_make_tmp_dir(out_dir))  # fail now, not after the work, if out_dir cannot be written
+    tmp_dir = _make_tmp_dir(out_dir)  # fails now, not after the work, if out_dir cannot be written
+    try:
+        manifest = _build_data_dir(tmp_dir, config, progress)
+        manifest["seconds"] = round(time.time() - started, 1)
+        (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        replace_dir(tmp_dir, out_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return manifest
+
+
+class _Stages:
+    """Wall time of each stage of prepare."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.started = time.time()
+
+    def done(self, name: str) -> None:
+        now = time.time()
+        self.seconds[name] = round(now - self.started, 1)
+        self.started = now
+
+
+def _build_data_dir(directory: Path, config: PrepareConfig, progress: bool) -> dict:
+    stages = _Stages()
     train_pairs, given_eval = _read_inputs(config)
-    train, stats = clean_pairs(train_pairs, config.clean)
-    if not train:
+    work = directory / "work"  # cleaned training text, removed before the data dir is complete
+    work.mkdir()
+    cleaner = PairCleaner(config.clean)
+    hash_list = array("Q")
+    with open(work / "train.src", "w", encoding="utf-8", newline="\n") as src_file, \
+            open(work / "train.tgt", "w", encoding="utf-8", newline="\n") as tgt_file:
+        for src, tgt in tqdm(train_pairs, desc="reading", unit=" pairs", unit_scale=True, file=sys.stderr,
+                             disable=None if progress else True, mininterval=1.0):
+            pair = cleaner(src, tgt)
+            if pair is not None:
+                src_file.write(pair[0] + "\n")
+                tgt_file.write(pair[1] + "\n")
+                hash_list.append(pair_hash(*pair))
+    hashes = np.frombuffer(hash_list, dtype=np.uint64)
+    stats = cleaner.stats
+    stages.done("read_clean")
+
+    keep = np.ones(len(hashes), dtype=bool)
+    if config.clean.dedup and len(hashes):
+        _, first = np.unique(hashes, return_index=True)  # the first of each set of duplicates
+        keep[:] = False
+        keep[first] = True
+        stats.duplicates = len(hashes) - len(first)
+    if not keep.any():
         raise DataError(f"no sentence pairs left after cleaning ({_dropped_summary(stats.as_dict())})")
+    stats.kept = int(keep.sum())
 
     eval_raw: dict[str, list[tuple[str, str]]] = {}
     eval_clean: dict[str, list[tuple[str, str]]] = {}
+    overlap = 0
     if given_eval:
         for split, pairs in given_eval.items():
             eval_raw[split] = pairs
@@ -86,39 +151,153 @@ def prepare(config: PrepareConfig) -> dict:
                 tuple(clean_whitespace(normalize_text(s, config.clean.normalization)) for s in pair)
                 for pair in pairs
             ]
-        held_out = {pair for pairs in eval_clean.values() for pair in pairs}
-        before = len(train)
-        train = [pair for pair in train if pair not in held_out]
-        overlap = before - len(train)
+        held_out = np.array([pair_hash(*p) for pairs in eval_clean.values() for p in pairs], dtype=np.uint64)
+        in_held_out = keep & np.isin(hashes, held_out)
+        overlap = int(in_held_out.sum())
+        keep &= ~in_held_out
     else:
-        overlap = 0
+        candidates = np.flatnonzero(keep)
         needed = config.valid_size + config.test_size
-        if len(train) <= needed:
+        if len(candidates) <= needed:
             raise DataError(
-                f"only {len(train)} pairs after cleaning: too few to hold out {config.valid_size} "
+                f"only {len(candidates)} pairs after cleaning: too few to hold out {config.valid_size} "
                 f"valid and {config.test_size} test pairs; lower --valid-size/--test-size"
             )
-        order = list(range(len(train)))
-        random.Random(config.seed).shuffle(order)
-        test_ids = set(order[: config.test_size])
-        valid_ids = set(order[config.test_size : needed])
-        for split, ids in (("valid", valid_ids), ("test", test_ids)):
-            picked = [train[i] for i in sorted(ids)]
-            eval_raw[split] = eval_clean[split] = picked
-        train = [pair for i, pair in enumerate(train) if i not in test_ids and i not in valid_ids]
-    if not train:
+        picked = candidates[np.random.default_rng(config.seed).permutation(len(candidates))[:needed]]
+        held = {"test": np.sort(picked[: config.test_size]), "valid": np.sort(picked[config.test_size :])}
+        keep[picked] = False
+        for split in ("valid", "test"):
+            eval_raw[split] = eval_clean[split] = _pairs_at(work, held[split])
+    if not keep.any():
         raise DataError("no training pairs left once valid/test pairs are removed")
+    stages.done("dedup_split")
 
-    tmp_dir = _make_tmp_dir(out_dir)
-    try:
-        manifest = _write_data_dir(tmp_dir, config, train, eval_raw, eval_clean)
-        manifest["cleaning"] = {**stats.as_dict(), "overlap_with_valid_test": overlap}
-        manifest["seconds"] = round(time.time() - started, 1)
-        (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-        replace_dir(tmp_dir, out_dir)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return manifest
+    src_model, tgt_model = _train_sentencepiece(directory, work, keep, config)
+    tokenizer = Tokenizer(src_model, tgt_model)
+    dtype = token_dtype(max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size))
+    stages.done("sentencepiece")
+
+    train_count = int(keep.sum())
+    workers = worker_count(config.workers) if train_count >= PARALLEL_ENCODE_PAIRS else 1
+    with tqdm(total=train_count, desc="encoding", unit=" pairs", unit_scale=True, file=sys.stderr,
+              disable=None if progress else True, mininterval=1.0) as bar:
+        src_counts, tgt_counts = encode_to_token_files(
+            chunked(_kept_pairs(work, keep), ENCODE_CHUNK_PAIRS), src_model, tgt_model, directory, "train", dtype,
+            workers, on_chunk=bar.update,
+        )
+    counts = {"train": {"pairs": train_count, "src_tokens": src_counts["tokens"], "tgt_tokens": tgt_counts["tokens"]}}
+    shutil.rmtree(work)
+    stages.done("encode")
+
+    for split in ("valid", "test"):
+        pairs = eval_clean[split]
+        src_ids = tokenizer.encode_src([s for s, _ in pairs])
+        tgt_ids = tokenizer.encode_tgt([t for _, t in pairs])
+        write_token_file(directory, f"{split}.src", src_ids, dtype)
+        write_token_file(directory, f"{split}.tgt", tgt_ids, dtype)
+        counts[split] = {"pairs": len(pairs), "src_tokens": sum(map(len, src_ids)), "tgt_tokens": sum(map(len, tgt_ids))}
+        raw = eval_raw[split]  # references for BLEU, and sources to translate
+        for side, texts in (("src", [s for s, _ in raw]), ("tgt", [t for _, t in raw])):
+            with open(directory / f"{split}.{side}.txt", "w", encoding="utf-8", newline="\n") as f:
+                f.writelines(clean_whitespace(text) + "\n" for text in texts)
+    stages.done("valid_test")
+
+    files = sorted(p.name for p in directory.iterdir())
+    return {
+        "format_version": DATA_FORMAT_VERSION,
+        "nmt_version": __version__,
+        "src_lang": config.src_lang,
+        "tgt_lang": config.tgt_lang,
+        "input": _describe_input(config),
+        "counts": counts,
+        "filters": asdict(config.clean),
+        "cleaning": {**stats.as_dict(), "overlap_with_valid_test": overlap},
+        "vocab": {
+            "joint": config.joint_vocab,
+            "type": config.spm_type,
+            "requested_size": config.vocab_size,
+            "character_coverage": config.character_coverage,
+            "sample_sentences": config.spm_max_sentences,
+            "src_model": src_model.name,
+            "tgt_model": tgt_model.name,
+            "src_size": tokenizer.src_vocab_size,
+            "tgt_size": tokenizer.tgt_vocab_size,
+            "src_sha256": file_sha256(src_model),
+            "tgt_sha256": file_sha256(tgt_model),
+        },
+        "token_dtype": dtype.name,
+        "files": files,
+        "disk_bytes": sum((directory / name).stat().st_size for name in files),
+        "stage_seconds": stages.seconds,
+        "encode_workers": workers,
+        "split_seed": config.seed,
+    }
+
+
+def _work_lines(work: Path) -> Iterator[tuple[str, str]]:
+    with open(work / "train.src", encoding="utf-8", newline="\n") as src_file, \
+            open(work / "train.tgt", encoding="utf-8", newline="\n") as tgt_file:
+        for src, tgt in zip(src_file, tgt_file):
+            yield src[:-1], tgt[:-1]
+
+
+def _kept_pairs(work: Path, keep: np.ndarray) -> Iterator[tuple[str, str]]:
+    return itertools.compress(_work_lines(work), keep)
+
+
+def _pairs_at(work: Path, indices: np.ndarray) -> list[tuple[str, str]]:
+    """The cleaned pairs at these (sorted) positions of the work files."""
+    mask = np.zeros(int(indices[-1]) + 1 if len(indices) else 0, dtype=bool)
+    mask[indices] = True
+    return list(itertools.compress(_work_lines(work), mask))
+
+
+def _train_sentencepiece(directory: Path, work: Path, keep: np.ndarray, config: PrepareConfig) -> tuple[Path, Path]:
+    """SentencePiece on a random sample of the training pairs: about `spm_max_sentences`
+    sentences for the joint model (half from each side), or that many per side."""
+    kept = np.flatnonzero(keep)
+    per_model = config.spm_max_sentences // 2 if config.joint_vocab else config.spm_max_sentences
+    rng = np.random.default_rng(config.seed)
+    chosen = np.sort(rng.choice(kept, size=min(len(kept), max(per_model, 1)), replace=False))
+    mask = np.zeros(len(keep), dtype=bool)
+    mask[chosen] = True
+
+    def sample(sides: tuple[int, ...]) -> Iterator[str]:
+        for pair in itertools.compress(_work_lines(work), mask):
+            for side in sides:
+                yield pair[side]
+
+    spm_args = dict(
+        vocab_size=config.vocab_size,
+        model_type=config.spm_type,
+        character_coverage=config.character_coverage,
+        max_sentences=config.spm_max_sentences,
+        threads=worker_count(config.workers),
+    )
+    if config.joint_vocab:
+        model = train_sentencepiece(sample((0, 1)), directory / "spm.joint", **spm_args)
+        return model, model
+    return (
+        train_sentencepiece(sample((0,)), directory / "spm.src", **spm_args),
+        train_sentencepiece(sample((1,)), directory / "spm.tgt", **spm_args),
+    )
+
+
+def _tidy_leftovers(out_dir: Path) -> None:
+    """Tidy what a prepare that was killed (its process is gone) left beside `out_dir`: its
+    unfinished directory is removed, never read as data, and a previous data dir it had moved
+    aside to replace is put back."""
+    if not out_dir.parent.is_dir():
+        return
+    for pattern in (f".{out_dir.name}.tmp-*", f".{out_dir.name}.old-*"):
+        for stale in out_dir.parent.glob(pattern):
+            pid = stale.name.rpartition("-")[2]
+            if not pid.isdigit() or _process_exists(int(pid)):
+                continue
+            if pattern.endswith("old-*") and not out_dir.exists():
+                os.replace(stale, out_dir)
+            else:
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 def _make_tmp_dir(out_dir: Path) -> Path:
@@ -131,6 +310,16 @@ def _make_tmp_dir(out_dir: Path) -> Path:
     except OSError as e:
         raise DataError(f"cannot write the output directory {out_dir}: {e.strerror or e}") from None
     return tmp_dir
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _read_inputs(config: PrepareConfig):
@@ -170,67 +359,6 @@ def _read_inputs(config: PrepareConfig):
     if given and len(given) != 2:
         given = {}  # only one held-out split: carve both from train for a consistent layout
     return splits["train"], given
-
-
-def _write_data_dir(directory: Path, config: PrepareConfig, train, eval_raw, eval_clean) -> dict:
-    spm_args = dict(
-        vocab_size=config.vocab_size,
-        model_type=config.spm_type,
-        character_coverage=config.character_coverage,
-        max_sentences=config.spm_max_sentences,
-    )
-    if config.joint_vocab:
-        src_model = tgt_model = train_sentencepiece(
-            (s for pair in train for s in pair), directory / "spm.joint", **spm_args
-        )
-    else:
-        src_model = train_sentencepiece((s for s, _ in train), directory / "spm.src", **spm_args)
-        tgt_model = train_sentencepiece((t for _, t in train), directory / "spm.tgt", **spm_args)
-    tokenizer = Tokenizer(src_model, tgt_model)
-    dtype = token_dtype(max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size))
-
-    counts: dict[str, dict[str, int]] = {}
-    for split in SPLITS:
-        pairs = train if split == "train" else eval_clean[split]
-        src_ids = tokenizer.encode_src([s for s, _ in pairs])
-        tgt_ids = tokenizer.encode_tgt([t for _, t in pairs])
-        write_token_file(directory, f"{split}.src", src_ids, dtype)
-        write_token_file(directory, f"{split}.tgt", tgt_ids, dtype)
-        counts[split] = {
-            "pairs": len(pairs),
-            "src_tokens": sum(map(len, src_ids)),
-            "tgt_tokens": sum(map(len, tgt_ids)),
-        }
-        if split != "train":  # references for BLEU, and sources to translate
-            raw = eval_raw[split]
-            for side, texts in (("src", [s for s, _ in raw]), ("tgt", [t for _, t in raw])):
-                with open(directory / f"{split}.{side}.txt", "w", encoding="utf-8", newline="\n") as f:
-                    f.writelines(clean_whitespace(text) + "\n" for text in texts)
-
-    return {
-        "format_version": DATA_FORMAT_VERSION,
-        "nmt_version": __version__,
-        "src_lang": config.src_lang,
-        "tgt_lang": config.tgt_lang,
-        "input": _describe_input(config),
-        "counts": counts,
-        "filters": asdict(config.clean),
-        "vocab": {
-            "joint": config.joint_vocab,
-            "type": config.spm_type,
-            "requested_size": config.vocab_size,
-            "character_coverage": config.character_coverage,
-            "src_model": src_model.name,
-            "tgt_model": tgt_model.name,
-            "src_size": tokenizer.src_vocab_size,
-            "tgt_size": tokenizer.tgt_vocab_size,
-            "src_sha256": file_sha256(src_model),
-            "tgt_sha256": file_sha256(tgt_model),
-        },
-        "token_dtype": dtype.name,
-        "files": sorted(p.name for p in directory.iterdir()),
-        "split_seed": config.seed,
-    }
 
 
 def _describe_input(config: PrepareConfig) -> dict:

@@ -31,7 +31,7 @@ from nmt.checkpoint import (
     training_lock,
 )
 from nmt.config import Config, TrainConfig
-from nmt.data import Batch, ParallelSplit, make_batch, read_lines, read_manifest, token_batches
+from nmt.data import Batch, BatchPrefetcher, ParallelSplit, make_batch, read_lines, read_manifest, token_batches
 from nmt.devices import autocast, resolve_device, resolve_precision
 from nmt.distributed import Ranks, init_ranks, rank_device
 from nmt.errors import CheckpointError, ConfigError, first_line
@@ -464,99 +464,105 @@ def _train(
             groups = [batches[i : i + update_batches] for i in range(0, max(last_start, 0), update_batches)]
             if not tc.max_steps and tc.max_epochs and bar.total is None:
                 bar.total = tc.max_epochs * len(groups)  # for the ETA; batch counts vary a little
-            while group_in_epoch < len(groups):
-                update = groups[group_in_epoch]
-                share = update[ranks.rank * rank_accum : (ranks.rank + 1) * rank_accum]
-                group = [make_batch(train_split, indices, pin).to(device) for indices in share]
-                normalizer = None
-                if ranks.active:  # the update's target tokens in all processes (+1 EOS each), per process
-                    update_tokens = sum(len(b) + int(train_split.tgt.lengths[b].sum()) for b in update)
-                    normalizer = update_tokens / ranks.world
-                step += 1
-                lr = inverse_sqrt_lr(step, tc.lr, tc.warmup_steps, tc.min_lr)
-                failure = ""
-                try:
-                    loss, skipped = training_update(step_model, optimizer, scaler, group, tc, lr, device, dtype, normalizer)
-                except torch.OutOfMemoryError:
-                    failure = "out of memory"
-                except Exception as e:  # torch.compile fails at the first call, if at all
-                    if step_model is eager_model:
-                        raise
-                    failure = f"{type(e).__name__}: {first_line(e)}"
-                # Retries run outside the except blocks: there, the failed attempt's tensors are freed.
-                if failure == "out of memory":
-                    loss, skipped = retry_out_of_memory(group, lr)
-                elif failure:
-                    log(f"warning: torch.compile failed ({failure}); training continues without it")
-                    step_model = eager_model
-                    optimizer.zero_grad(set_to_none=True)
-                    loss, skipped = training_update(step_model, optimizer, scaler, group, tc, lr, device, dtype, normalizer)
-                interval_loss += loss
-                skipped_run = (skipped_run + 1) * skipped  # updates skipped in a row, on the device
-                longest_skipped_run = torch.maximum(longest_skipped_run, skipped_run)
-                interval_skipped += skipped
-                interval_tokens += sum(b.num_tgt_tokens for b in group)
-                interval_src_tokens += sum(b.num_src_tokens for b in group)
-                group_in_epoch += 1
-                bar.update(1)
 
-                if step % tc.log_every == 0:
-                    seconds = max(time.time() - interval_start, 1e-9)
-                    loss_sum, tgt_tokens, src_tokens, skipped_count = ranks.sum(
-                        [float(interval_loss), interval_tokens, interval_src_tokens, int(interval_skipped)], device
-                    )
-                    skipped_count //= ranks.world  # every process skips the same updates
-                    record = {
-                        "type": "train", "step": step, "epoch": epoch + group_in_epoch / len(groups),
-                        "loss": round(loss_sum / max(tgt_tokens, 1), 4), "lr": lr,
-                        "tgt_tokens_per_s": round(tgt_tokens / seconds),
-                        "tokens_per_s": round((tgt_tokens + src_tokens) / seconds),
-                    }
-                    skipped_count = int(skipped_count)
-                    if skipped_count:
-                        record["skipped_updates"] = skipped_count
-                        log(f"warning: {skipped_count} update(s) up to step {step} skipped: non-finite loss or gradient")
-                        interval_skipped.zero_()
-                    write_log(record)
-                    postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.2e}", "tok/s": record["tgt_tokens_per_s"]}
-                    if tc.max_minutes and not tc.max_steps:
-                        left = tc.max_minutes - (elapsed_before + time.time() - started) / 60
-                        postfix["left"] = f"{max(left, 0):.1f}min"
-                    bar.set_postfix(postfix)
-                    interval_loss.zero_()
-                    interval_tokens, interval_src_tokens, interval_start = 0, 0, time.time()
+            def build_update(index: int, groups=groups) -> list[Batch]:
+                share = groups[index][ranks.rank * rank_accum : (ranks.rank + 1) * rank_accum]
+                return [make_batch(train_split, indices, pin) for indices in share]
 
-                # Reading the count waits for the GPU: there, only at log steps.
-                if tc.max_skipped_updates and (device.type != "cuda" or step % tc.log_every == 0):
-                    if int(longest_skipped_run) >= tc.max_skipped_updates:
-                        stop_reason = TOO_MANY_SKIPPED
-                        log(
-                            f"error: {int(longest_skipped_run)} updates in a row were skipped (non-finite loss or "
-                            f"gradient, or out of memory); stopping at step {step} with the weights of the last "
-                            "good update. A lower train.lr, more train.warmup_steps or a smaller "
-                            "train.batch_tokens may help."
+            # The next updates' batches are built in a background thread while this one runs.
+            with BatchPrefetcher(build_update, group_in_epoch, len(groups)) as prefetcher:
+                while group_in_epoch < len(groups):
+                    update = groups[group_in_epoch]
+                    group = [batch.to(device) for batch in prefetcher.next()]
+                    normalizer = None
+                    if ranks.active:  # the update's target tokens in all processes (+1 EOS each), per process
+                        update_tokens = sum(len(b) + int(train_split.tgt.lengths[b].sum()) for b in update)
+                        normalizer = update_tokens / ranks.world
+                    step += 1
+                    lr = inverse_sqrt_lr(step, tc.lr, tc.warmup_steps, tc.min_lr)
+                    failure = ""
+                    try:
+                        loss, skipped = training_update(step_model, optimizer, scaler, group, tc, lr, device, dtype, normalizer)
+                    except torch.OutOfMemoryError:
+                        failure = "out of memory"
+                    except Exception as e:  # torch.compile fails at the first call, if at all
+                        if step_model is eager_model:
+                            raise
+                        failure = f"{type(e).__name__}: {first_line(e)}"
+                    # Retries run outside the except blocks: there, the failed attempt's tensors are freed.
+                    if failure == "out of memory":
+                        loss, skipped = retry_out_of_memory(group, lr)
+                    elif failure:
+                        log(f"warning: torch.compile failed ({failure}); training continues without it")
+                        step_model = eager_model
+                        optimizer.zero_grad(set_to_none=True)
+                        loss, skipped = training_update(step_model, optimizer, scaler, group, tc, lr, device, dtype, normalizer)
+                    interval_loss += loss
+                    skipped_run = (skipped_run + 1) * skipped  # updates skipped in a row, on the device
+                    longest_skipped_run = torch.maximum(longest_skipped_run, skipped_run)
+                    interval_skipped += skipped
+                    interval_tokens += sum(b.num_tgt_tokens for b in group)
+                    interval_src_tokens += sum(b.num_src_tokens for b in group)
+                    group_in_epoch += 1
+                    bar.update(1)
+
+                    if step % tc.log_every == 0:
+                        seconds = max(time.time() - interval_start, 1e-9)
+                        loss_sum, tgt_tokens, src_tokens, skipped_count = ranks.sum(
+                            [float(interval_loss), interval_tokens, interval_src_tokens, int(interval_skipped)], device
                         )
+                        skipped_count //= ranks.world  # every process skips the same updates
+                        record = {
+                            "type": "train", "step": step, "epoch": epoch + group_in_epoch / len(groups),
+                            "loss": round(loss_sum / max(tgt_tokens, 1), 4), "lr": lr,
+                            "tgt_tokens_per_s": round(tgt_tokens / seconds),
+                            "tokens_per_s": round((tgt_tokens + src_tokens) / seconds),
+                        }
+                        skipped_count = int(skipped_count)
+                        if skipped_count:
+                            record["skipped_updates"] = skipped_count
+                            log(f"warning: {skipped_count} update(s) up to step {step} skipped: non-finite loss or gradient")
+                            interval_skipped.zero_()
+                        write_log(record)
+                        postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.2e}", "tok/s": record["tgt_tokens_per_s"]}
+                        if tc.max_minutes and not tc.max_steps:
+                            left = tc.max_minutes - (elapsed_before + time.time() - started) / 60
+                            postfix["left"] = f"{max(left, 0):.1f}min"
+                        bar.set_postfix(postfix)
+                        interval_loss.zero_()
+                        interval_tokens, interval_src_tokens, interval_start = 0, 0, time.time()
+
+                    # Reading the count waits for the GPU: there, only at log steps.
+                    if tc.max_skipped_updates and (device.type != "cuda" or step % tc.log_every == 0):
+                        if int(longest_skipped_run) >= tc.max_skipped_updates:
+                            stop_reason = TOO_MANY_SKIPPED
+                            log(
+                                f"error: {int(longest_skipped_run)} updates in a row were skipped (non-finite loss or "
+                                f"gradient, or out of memory); stopping at step {step} with the weights of the last "
+                                "good update. A lower train.lr, more train.warmup_steps or a smaller "
+                                "train.batch_tokens may help."
+                            )
+                            break
+                    if step % tc.valid_every == 0:
+                        validated_at = step
+                        stop_reason = run_validation()
+                    # Signals and the clock differ between processes: with several, they decide
+                    # together at log steps, so that all stop at the same update.
+                    if not stop_reason and (not ranks.active or step % tc.log_every == 0):
+                        out_of_time = tc.max_minutes and elapsed_before + time.time() - started >= tc.max_minutes * 60
+                        signalled = ranks.agree(int(bool(stop_signal.received)), device)
+                        if signalled:
+                            name = stop_signal.received or "SIGTERM"
+                            stop_reason = f"signal ({name})"
+                            save("last")
+                            log(f"stopped by {name} at step {step}; continue with --resume")
+                            validated_at = step  # saved; no final validation on the way out
+                        elif ranks.agree(int(bool(out_of_time)), device):
+                            stop_reason = "max_minutes"
+                    if not stop_reason and tc.max_steps and step >= tc.max_steps:
+                        stop_reason = "max_steps"
+                    if stop_reason:
                         break
-                if step % tc.valid_every == 0:
-                    validated_at = step
-                    stop_reason = run_validation()
-                # Signals and the clock differ between processes: with several, they decide
-                # together at log steps, so that all stop at the same update.
-                if not stop_reason and (not ranks.active or step % tc.log_every == 0):
-                    out_of_time = tc.max_minutes and elapsed_before + time.time() - started >= tc.max_minutes * 60
-                    signalled = ranks.agree(int(bool(stop_signal.received)), device)
-                    if signalled:
-                        name = stop_signal.received or "SIGTERM"
-                        stop_reason = f"signal ({name})"
-                        save("last")
-                        log(f"stopped by {name} at step {step}; continue with --resume")
-                        validated_at = step  # saved; no final validation on the way out
-                    elif ranks.agree(int(bool(out_of_time)), device):
-                        stop_reason = "max_minutes"
-                if not stop_reason and tc.max_steps and step >= tc.max_steps:
-                    stop_reason = "max_steps"
-                if stop_reason:
-                    break
             if group_in_epoch >= len(groups):
                 epoch, group_in_epoch = epoch + 1, 0
         if validated_at != step:

@@ -5,15 +5,15 @@ import pytest
 
 from nmt.data import (
     CleanConfig,
+    PairCleaner,
     ParallelSplit,
-    clean_pairs,
     make_batch,
     read_lines,
     read_parallel_files,
     read_tsv,
     token_batches,
-    write_token_file,
 )
+from nmt.shards import write_token_file
 from nmt.errors import DataError
 from nmt.tokenizer import BOS, EOS, PAD
 
@@ -63,13 +63,14 @@ def test_cleaning_counts_each_step():
         ("", "leer"),  # empty
         ("a " * 300, "b " * 300),  # too long
         ("one", "one two three four five"),  # ratio
-        ("Hello world", "Hallo Welt"),  # duplicate of the first after cleaning
         ("fine", "gut"),
     ]
-    kept, stats = clean_pairs(pairs, CleanConfig(max_words=250, max_ratio=3.0))
+    cleaner = PairCleaner(CleanConfig(max_words=250, max_ratio=3.0))
+    kept = [pair for pair in (cleaner(s, t) for s, t in pairs) if pair is not None]
     assert kept == [("Hello world", "Hallo Welt"), ("Café", "Café"), ("fine", "gut")]
-    assert (stats.pairs_read, stats.whitespace_fixed, stats.normalized) == (7, 2, 1)
-    assert (stats.empty, stats.too_long, stats.ratio, stats.duplicates, stats.kept) == (1, 1, 1, 1, 3)
+    stats = cleaner.stats
+    assert (stats.pairs_read, stats.whitespace_fixed, stats.normalized) == (6, 2, 1)
+    assert (stats.empty, stats.too_long, stats.ratio) == (1, 1, 1)
 
 
 def test_token_batches_cover_all_and_respect_budget():
@@ -99,3 +100,34 @@ def test_binarized_round_trip_and_batch(tmp_path):
     assert batch.tgt_in.tolist() == [[BOS, 12, 13, 14, 15], [BOS, 11, PAD, PAD, PAD]]
     assert batch.tgt_out.tolist() == [[12, 13, 14, 15, EOS], [11, EOS, PAD, PAD, PAD]]
     assert batch.num_tgt_tokens == 7
+
+
+def _sequential_token_batches(src_lengths, tgt_lengths, batch_tokens, seed=None, max_sentences=0):
+    """token_batches written as the plain loop over sentences it must equal."""
+    sizes = np.maximum(src_lengths, tgt_lengths) + 1
+    rng = np.random.default_rng(seed) if seed is not None else None
+    order = rng.permutation(len(sizes)) if rng is not None else np.arange(len(sizes))
+    order = order[np.argsort(sizes[order], kind="stable")]
+    batches, start = [], 0
+    for pos, index in enumerate(order):
+        count = pos - start
+        if count and (int(sizes[index]) * (count + 1) > batch_tokens or count == max_sentences):
+            batches.append(order[start:pos])
+            start = pos
+    if start < len(order):
+        batches.append(order[start:])
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+def test_token_batches_equal_the_sentence_by_sentence_definition():
+    rng = np.random.default_rng(1)
+    for trial in range(200):
+        n, longest = int(rng.integers(1, 300)), int(rng.integers(2, 80))
+        src, tgt = rng.integers(0, longest, n), rng.integers(0, longest, n)
+        batch_tokens, max_sentences = int(rng.integers(1, 600)), int(rng.choice([0, 1, 3, 17]))
+        seed = None if trial % 2 else trial
+        fast = token_batches(src, tgt, batch_tokens, seed, max_sentences)
+        plain = _sequential_token_batches(src, tgt, batch_tokens, seed, max_sentences)
+        assert len(fast) == len(plain) and all((a == b).all() for a, b in zip(fast, plain))

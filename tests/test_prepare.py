@@ -93,3 +93,120 @@ def test_prepare_multi30k_gz_files(tmp_path):
     ))
     assert manifest["counts"]["test"]["pairs"] == 1000
     assert manifest["counts"]["train"]["pairs"] > 1000
+
+
+def _reference_prepare(pairs, held_out, config: CleanConfig):
+    """The plain in-memory way: clean every pair, keep the first of exact duplicates, drop
+    pairs that are also held out. Returns (kept pairs, duplicate count)."""
+    from nmt.data import PairCleaner
+
+    cleaner = PairCleaner(config)
+    seen, kept, duplicates = set(), [], 0
+    for src, tgt in pairs:
+        pair = cleaner(src, tgt)
+        if pair is None:
+            continue
+        if pair in seen:
+            duplicates += 1
+            continue
+        seen.add(pair)
+        kept.append(pair)
+    return [p for p in kept if p not in held_out], duplicates
+
+
+def _messy_corpus(root, count=600):
+    """Toy pairs with duplicates (also differing only in whitespace), empty and too-long lines."""
+    pairs = toy_pairs(count, seed=21)
+    messy = []
+    for i, (s, t) in enumerate(pairs):
+        messy.append((s, t))
+        if i % 7 == 0:
+            messy.append((s + "  ", " " + t))  # a duplicate once cleaned
+        if i % 11 == 0:
+            messy.append(("", t))
+        if i % 13 == 0:
+            messy.append((s, " ".join([t] * 4)))  # length ratio
+    messy += pairs[:40]  # plain duplicates, and some that are in the held-out splits below
+    write_pairs(root / "train", messy)
+    write_pairs(root / "valid", pairs[:10])
+    write_pairs(root / "test", pairs[10:20])
+    return messy, set(pairs[:20])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_streaming_prepare_keeps_what_the_in_memory_reference_keeps(tmp_path, monkeypatch, workers):
+    import nmt.prepare
+
+    if workers > 1:  # encode in worker processes even for this small corpus, in chunks
+        monkeypatch.setattr(nmt.prepare, "PARALLEL_ENCODE_PAIRS", 0)
+        monkeypatch.setattr(nmt.prepare, "ENCODE_CHUNK_PAIRS", 50)
+    messy, held_out = _messy_corpus(tmp_path / "c")
+    out = tmp_path / "data"
+    manifest = prepare(_config(out, train_prefix=str(tmp_path / "c" / "train"), valid_prefix=str(tmp_path / "c" / "valid"),
+                               test_prefix=str(tmp_path / "c" / "test"), workers=workers))
+    expected, duplicates = _reference_prepare(messy, held_out, CleanConfig())
+    assert manifest["encode_workers"] == workers
+    assert manifest["cleaning"]["duplicates"] == duplicates
+    assert manifest["counts"]["train"]["pairs"] == len(expected)
+    assert manifest["cleaning"]["overlap_with_valid_test"] == sum(1 for p in held_out if p in set(messy))
+    # Shards round-trip: the stored ids are the SentencePiece encoding of each kept pair, in order.
+    tokenizer = Tokenizer(out / manifest["vocab"]["src_model"], out / manifest["vocab"]["tgt_model"])
+    split = ParallelSplit.load(out, "train")
+    assert [split.src[i].tolist() for i in range(len(split))] == tokenizer.encode_src([s for s, _ in expected])
+    assert [split.tgt[i].tolist() for i in range(len(split))] == tokenizer.encode_tgt([t for _, t in expected])
+    assert not (out / "work").exists() and "work" not in manifest["files"]
+
+
+def test_token_files_round_trip_in_both_dtypes_and_are_memory_mapped(tmp_path):
+    from nmt.shards import TokenArray, TokenFileWriter
+
+    sequences = [[5, 70000, 7], [], [8], [65535, 0, 1, 2]]
+    for dtype in (np.uint16, np.int32):
+        stored = [s for s in sequences if dtype == np.int32 or max(s, default=0) <= 65535]
+        writer = TokenFileWriter(tmp_path, f"t.{np.dtype(dtype).name}", np.dtype(dtype))
+        for start in range(0, len(stored), 2):  # appended in two pieces
+            part = stored[start : start + 2]
+            writer.append(np.array([t for s in part for t in s], dtype=np.int64), np.array([len(s) for s in part]))
+        assert writer.close() == {"sequences": len(stored), "tokens": sum(map(len, stored))}
+        array = TokenArray(tmp_path, f"t.{np.dtype(dtype).name}")
+        assert [array[i].tolist() for i in range(len(array))] == stored
+        assert isinstance(array.tokens, np.memmap) and array.tokens.dtype == dtype
+
+
+def test_training_split_is_read_through_memory_mapping(toy_corpus, tmp_path):
+    from nmt.data import make_batch
+
+    prepare(_config(tmp_path / "data", train_prefix=str(toy_corpus / "train"), valid_size=10, test_size=10))
+    split = ParallelSplit.load(tmp_path / "data", "train")
+    assert isinstance(split.src.tokens, np.memmap) and isinstance(split.tgt.tokens, np.memmap)
+    assert not split.src.tokens.flags.owndata
+    make_batch(split, np.arange(5))
+    assert isinstance(split.src.tokens, np.memmap)  # batches read slices; nothing loads the whole array
+
+
+def test_killed_prepare_leaves_nothing_that_is_read_as_data_and_reruns_cleanly(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    write_pairs(tmp_path / "c" / "train", toy_pairs(3000, seed=5, max_len=9))
+    out = tmp_path / "data"
+    command = [sys.executable, "-m", "nmt_cli", "prepare", "--train", str(tmp_path / "c" / "train"), "--src", "xx",
+               "--tgt", "yy", "--vocab-size", "60", "--valid-size", "10", "--test-size", "10", "--out", str(out),
+               "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(tmp_path.glob(".data.tmp-*/work/train.src")):
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert list(tmp_path.glob(".data.tmp-*")), "the kill came too late to test anything"
+    assert not out.exists()
+    with pytest.raises(DataError, match="not a prepared data dir"):
+        read_manifest(out)
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert read_manifest(out)["counts"]["train"]["pairs"] > 2900
+    assert not list(tmp_path.glob(".data.tmp-*"))  # the killed run's leftovers are gone

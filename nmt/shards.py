@@ -1,0 +1,177 @@
+"""Binarized token storage: per split and side, one flat token array (uint16 when the vocabulary
+fits, else int32) and an offsets index, both `.npy`. The token array is written as a stream (its
+length is known only at the end) and read memory-mapped, so neither writing nor reading holds a
+corpus in memory; the index costs 8 bytes per sentence.
+
+This module imports no torch: encoding worker processes load it alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import struct
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from nmt.errors import DataError, first_line
+
+NPY_HEADER_BYTES = 128  # room for the header of a 1-D array of any length
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
+
+
+class TokenFileWriter:
+    """Writes `STEM.tokens.npy` and `STEM.offsets.npy` from sequences appended in order."""
+
+    def __init__(self, directory: Path, stem: str, dtype: np.dtype):
+        self.tokens_path = Path(directory) / f"{stem}.tokens.npy"
+        self.offsets_path = Path(directory) / f"{stem}.offsets.npy"
+        self.dtype = np.dtype(dtype)
+        self.file = open(self.tokens_path, "wb")
+        self.file.write(b"\0" * NPY_HEADER_BYTES)  # the real header once the length is known
+        self.count = 0
+        self.lengths: list[np.ndarray] = []
+
+    def append(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """`tokens`: the sequences laid end to end; `lengths`: the length of each."""
+        tokens.astype(self.dtype, copy=False).tofile(self.file)
+        self.count += len(tokens)
+        self.lengths.append(np.asarray(lengths, dtype=np.int64))
+
+    def close(self) -> dict:
+        """Finish both files; returns {"sequences": n, "tokens": n}."""
+        header = repr({"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (self.count,)})
+        room = NPY_HEADER_BYTES - 10  # magic (6), version (2), header length (2)
+        self.file.seek(0)
+        self.file.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", room) + (header.ljust(room - 1) + "\n").encode("latin1"))
+        self.file.close()
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        np.save(self.offsets_path, offsets)
+        return {"sequences": len(lengths), "tokens": self.count}
+
+
+def write_token_file(directory: Path, stem: str, sequences: list[list[int]], dtype: np.dtype) -> dict:
+    writer = TokenFileWriter(directory, stem, dtype)
+    writer.append(*flatten(sequences, dtype))
+    return writer.close()
+
+
+def flatten(sequences: list[list[int]], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Sequences -> (tokens end to end, lengths)."""
+    lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+    tokens = np.fromiter(itertools.chain.from_iterable(sequences), dtype=dtype, count=int(lengths.sum()))
+    return tokens, lengths
+
+
+class TokenArray:
+    """A list of token sequences stored as one flat array plus offsets; the tokens stay on disk
+    (memory-mapped) and are read as batches need them."""
+
+    def __init__(self, directory: Path, stem: str):
+        try:
+            self.tokens = np.load(Path(directory) / f"{stem}.tokens.npy", mmap_mode="r")
+            self.offsets = np.load(Path(directory) / f"{stem}.offsets.npy")
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"cannot read {Path(directory) / stem} ({first_line(e)}); run nmt prepare again") from None
+        if self.offsets.ndim != 1 or len(self.offsets) < 1 or int(self.offsets[-1]) != len(self.tokens):
+            raise DataError(f"{Path(directory) / stem}: tokens and offsets do not match; run nmt prepare again")
+        self.lengths = np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding text into token files with all cores
+
+_worker_models: dict = {}
+
+
+def _load_worker_models(src_model: str, tgt_model: str) -> None:
+    import sentencepiece as spm
+
+    for side, path in (("src", src_model), ("tgt", tgt_model)):
+        processor = spm.SentencePieceProcessor()
+        processor.load(path)
+        _worker_models[side] = processor
+
+
+def _encode_chunk(pairs: list[tuple[str, str]], dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    src_ids = _worker_models["src"].encode([s for s, _ in pairs])
+    tgt_ids = _worker_models["tgt"].encode([t for _, t in pairs])
+    return (*flatten(src_ids, np.dtype(dtype)), *flatten(tgt_ids, np.dtype(dtype)))
+
+
+def worker_count(requested: int = 0) -> int:
+    """`requested`, or the cores this process may use."""
+    if requested > 0:
+        return requested
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def encode_to_token_files(
+    chunks: Iterable[list[tuple[str, str]]],
+    src_model: Path,
+    tgt_model: Path,
+    directory: Path,
+    stem: str,
+    dtype: np.dtype,
+    workers: int = 1,
+    on_chunk=lambda pairs: None,
+) -> tuple[dict, dict]:
+    """Encode chunks of (source, target) pairs into STEM.src / STEM.tgt token files, in order.
+
+    With more than one worker, chunks are encoded in worker processes, a bounded number at a
+    time, so memory holds a few chunks whatever the corpus size. Returns the counts of each side.
+    """
+    src_writer = TokenFileWriter(directory, f"{stem}.src", dtype)
+    tgt_writer = TokenFileWriter(directory, f"{stem}.tgt", dtype)
+
+    def write(result, size: int) -> None:
+        src_tokens, src_lengths, tgt_tokens, tgt_lengths = result
+        src_writer.append(src_tokens, src_lengths)
+        tgt_writer.append(tgt_tokens, tgt_lengths)
+        on_chunk(size)
+
+    if workers <= 1:
+        _load_worker_models(str(src_model), str(tgt_model))
+        for chunk in chunks:
+            write(_encode_chunk(chunk, dtype.str), len(chunk))
+    else:
+        # spawn: workers start clean (no copy of a parent that may hold torch's threads)
+        with ProcessPoolExecutor(
+            workers, mp_context=get_context("spawn"), initializer=_load_worker_models,
+            initargs=(str(src_model), str(tgt_model)),
+        ) as pool:
+            pending: deque = deque()
+            for chunk in chunks:
+                pending.append((pool.submit(_encode_chunk, chunk, dtype.str), len(chunk)))
+                if len(pending) >= 2 * workers:
+                    future, size = pending.popleft()
+                    write(future.result(), size)
+            while pending:
+                future, size = pending.popleft()
+                write(future.result(), size)
+    return src_writer.close(), tgt_writer.close()
+
+
+def chunked(items: Iterator, size: int) -> Iterator[list]:
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
