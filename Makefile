@@ -7,7 +7,7 @@ NMT := $(VENV)/bin/nmt
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo-run
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-scale clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,11 @@ test: install
 BENCH_OUT ?= bench.json
 bench: install
 	$(NMT) bench --out $(BENCH_OUT)
+
+# Prepare and training cost on a synthetic 4.5M-pair corpus and on one 10 times smaller.
+SCALE_PAIRS ?= 4500000
+bench-scale: install
+	$(NMT) bench-scale --pairs $(SCALE_PAIRS) --out bench-scale.json
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -56,7 +56,7 @@ def prepare(
     spm_type: Annotated[str, typer.Option(help="SentencePiece model: unigram or bpe.")] = "unigram",
     joint_vocab: Annotated[bool, typer.Option("--joint-vocab/--separate-vocab", help="One vocabulary for both languages, or one each.")] = True,
     character_coverage: Annotated[float, typer.Option(help="SentencePiece character coverage.")] = 1.0,
-    spm_sample: Annotated[int, typer.Option(help="Sentences SentencePiece trains on, sampled at random from the training pairs. Its trainer holds them all: about 2.9 GB of memory and 45 s per million; vocabularies of a few thousand to tens of thousands of pieces gain little from more.")] = 1_000_000,
+    spm_sample: Annotated[int, typer.Option(help="Sentences SentencePiece trains on, sampled at random from the training pairs (half from each side for a joint vocabulary). Its trainer holds them all and sets prepare's peak memory: about 2.7 GB with the default, for sentences of 130 characters; vocabularies of a few thousand to tens of thousands of pieces gain little from more.")] = 800_000,
     workers: Annotated[int, typer.Option(help="Processes that encode large corpora; 0: one per core.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
@@ -250,6 +250,23 @@ def plot(
     with user_errors():
         path = plot_training(runs, out)
     typer.echo(f"training curves of {len(runs)} run(s) in {path}")
+
+
+@app.command("bench-scale")
+def bench_scale(
+    data: Annotated[Path, typer.Option(help="Folder with the Multi30k training files (train.de.gz, train.en.gz).")] = Path("../shared/data/multi30k"),
+    pairs: Annotated[int, typer.Option(help="Pairs in the synthetic corpus (WMT14 en-de has 4.5M).")] = 4_500_000,
+    ratio: Annotated[int, typer.Option(help="Also measure a corpus this many times smaller.")] = 10,
+    steps: Annotated[int, typer.Option(help="Training updates of the small model.")] = 200,
+    work_dir: Annotated[Optional[Path], typer.Option(help="Keep the corpora, data dirs and models here.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the report here (JSON).")] = None,
+) -> None:
+    """Measure prepare and training start-up, time and memory on a large synthetic corpus and on a smaller one."""
+    from nmt.bench_scale import ScaleBenchConfig, run_scale_bench
+
+    with user_errors():
+        report = run_scale_bench(ScaleBenchConfig(data=data, pairs=pairs, ratio=ratio, steps=steps, work_dir=work_dir, out=out))
+    typer.echo(json.dumps(report))
 
 
 def _named_paths(values: list[str] | None, option: str) -> dict[str, Path]:

@@ -37,7 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from nmt import __version__
 from nmt.checkpoint import load_for_inference, read_vocab_info
 from nmt.config import Config, load_config
-from nmt.data import ParallelSplit, make_batch, read_lines, read_manifest, token_batches
+from nmt.batches import make_batch, token_batches
+from nmt.data import ParallelSplit, read_lines, read_manifest
 from nmt.devices import resolve_device, resolve_precision
 from nmt.errors import ConfigError, DataError
 from nmt.evaluate import corpus_bleu

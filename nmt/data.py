@@ -1,5 +1,5 @@
-"""Parallel text: reading (files, TSV, Hugging Face `datasets`), cleaning, binarized storage and
-token-bucketed batches."""
+"""Parallel text: reading (files, TSV, Hugging Face `datasets`), cleaning, and the prepared splits
+of a data dir. Imports no torch: prepare runs without it."""
 
 from __future__ import annotations
 
@@ -7,18 +7,13 @@ import gzip
 import hashlib
 import json
 import unicodedata
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
 
 from nmt.errors import DataError, first_line
 from nmt.shards import TokenArray
-from nmt.tokenizer import BOS, EOS, PAD
 
 # ---------------------------------------------------------------------------------------------
 # Reading
@@ -262,6 +257,10 @@ class ParallelSplit:
     def __len__(self) -> int:
         return len(self.src)
 
+    def release_pages(self) -> None:
+        self.src.release_pages()
+        self.tgt.release_pages()
+
 
 def read_manifest(data_dir: Path) -> dict:
     path = Path(data_dir) / "manifest.json"
@@ -271,143 +270,3 @@ def read_manifest(data_dir: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         raise DataError(f"{path} is damaged; run nmt prepare again") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches
-
-
-def token_batches(
-    src_lengths: np.ndarray,
-    tgt_lengths: np.ndarray,
-    batch_tokens: int,
-    seed: int | None = None,
-    max_sentences: int = 0,
-) -> list[np.ndarray]:
-    """Group sentence indices into batches of similar length.
-
-    A batch holds as many sentences as fit `batch_tokens` padded tokens, counting the longer
-    side plus its BOS/EOS. With a seed, ties in length are broken at random and the batch order
-    is shuffled, so each epoch sees different batches; without one, the order is by length.
-    """
-    sizes = np.maximum(src_lengths, tgt_lengths) + 1
-    rng = np.random.default_rng(seed) if seed is not None else None
-    order = rng.permutation(len(sizes)) if rng is not None else np.arange(len(sizes))
-    order = order[np.argsort(sizes[order], kind="stable")]
-    # Sorted by size, a batch is a run of sentences; fill runs greedily, one size at a time
-    # (a few hundred sizes, not millions of sentences): a batch holds `capacity` sentences of
-    # its longest size, and one that is not full takes sentences of the next size.
-    values, counts = np.unique(sizes[order], return_counts=True)
-    starts: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
-    position, in_batch = 0, 0  # sentences placed so far; of them, in the open batch
-    for size, count in zip(values.tolist(), counts.tolist()):
-        capacity = max(1, batch_tokens // size)
-        if max_sentences:
-            capacity = min(capacity, max_sentences)
-        taken = 0
-        if in_batch:
-            taken = min(count, max(0, capacity - in_batch))
-            in_batch += taken
-            if taken < count:  # the open batch is full: the rest starts new ones
-                starts.append(np.array([position + taken]))
-                in_batch = 0
-        rest = count - taken
-        full, partial = divmod(rest, capacity)
-        first = position + taken
-        starts.append(first + capacity * np.arange(1, full + (partial > 0)))  # batches after the first of the rest
-        if rest:
-            in_batch = partial or capacity
-        position += count
-    bounds = np.concatenate(starts + [np.array([len(order)])])
-    bounds = bounds[bounds <= len(order)]
-    batches = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    if rng is not None:
-        rng.shuffle(batches)
-    return batches
-
-
-@dataclass
-class Batch:
-    src: torch.Tensor  # (B, S) source ids + EOS, padded with PAD
-    tgt_in: torch.Tensor  # (B, T) BOS + target ids
-    tgt_out: torch.Tensor  # (B, T) target ids + EOS
-    num_tgt_tokens: int  # real (non-pad) tokens in tgt_out
-    num_src_tokens: int = 0
-    indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-
-    def to(self, device: torch.device) -> "Batch":
-        non_blocking = device.type == "cuda"
-        return Batch(
-            self.src.to(device, non_blocking=non_blocking),
-            self.tgt_in.to(device, non_blocking=non_blocking),
-            self.tgt_out.to(device, non_blocking=non_blocking),
-            self.num_tgt_tokens,
-            self.num_src_tokens,
-            self.indices,
-        )
-
-
-def pad_source(sequences: list[np.ndarray] | list[list[int]]) -> torch.Tensor:
-    """Source ids + EOS, right-padded: (B, S)."""
-    width = max(len(s) for s in sequences) + 1
-    out = np.full((len(sequences), width), PAD, dtype=np.int64)
-    for row, seq in enumerate(sequences):
-        out[row, : len(seq)] = seq
-        out[row, len(seq)] = EOS
-    return torch.from_numpy(out)
-
-
-def make_batch(split: ParallelSplit, indices: np.ndarray, pin_memory: bool = False) -> Batch:
-    src = pad_source([split.src[i] for i in indices])
-    tgt_seqs = [split.tgt[i] for i in indices]
-    width = max(len(s) for s in tgt_seqs) + 1
-    tgt_in = np.full((len(indices), width), PAD, dtype=np.int64)
-    tgt_out = np.full((len(indices), width), PAD, dtype=np.int64)
-    for row, seq in enumerate(tgt_seqs):
-        tgt_in[row, 0] = BOS
-        tgt_in[row, 1 : len(seq) + 1] = seq
-        tgt_out[row, : len(seq)] = seq
-        tgt_out[row, len(seq)] = EOS
-    batch = Batch(
-        src,
-        torch.from_numpy(tgt_in),
-        torch.from_numpy(tgt_out),
-        num_tgt_tokens=int(sum(len(s) for s in tgt_seqs) + len(tgt_seqs)),
-        num_src_tokens=int((src != PAD).sum()),
-        indices=indices,
-    )
-    if pin_memory:
-        batch.src, batch.tgt_in, batch.tgt_out = (t.pin_memory() for t in (batch.src, batch.tgt_in, batch.tgt_out))
-    return batch
-
-
-class BatchPrefetcher:
-    """Builds the batches of the next updates in a background thread, `ahead` updates ahead of
-    the one training, so that the device does not wait for data.
-
-    `build(index)` makes the batches of update `index`; `next()` returns them for `first`,
-    `first + 1`, ... up to `end`, in order. A failure in `build` is raised by `next()`.
-    """
-
-    def __init__(self, build: Callable[[int], list[Batch]], first: int, end: int, ahead: int = 2):
-        self.build, self.next_index, self.end = build, first, end
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="batches")
-        self.pending: deque[Future] = deque()
-        for _ in range(ahead):
-            self._submit()
-
-    def _submit(self) -> None:
-        if self.next_index < self.end:
-            self.pending.append(self.pool.submit(self.build, self.next_index))
-            self.next_index += 1
-
-    def next(self) -> list[Batch]:
-        future = self.pending.popleft()
-        self._submit()
-        return future.result()
-
-    def __enter__(self) -> "BatchPrefetcher":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)

@@ -9,6 +9,7 @@ This module imports no torch: encoding worker processes load it alone.
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
 import struct
 from collections import deque
@@ -85,7 +86,15 @@ class TokenArray:
             raise DataError(f"cannot read {Path(directory) / stem} ({first_line(e)}); run nmt prepare again") from None
         if self.offsets.ndim != 1 or len(self.offsets) < 1 or int(self.offsets[-1]) != len(self.tokens):
             raise DataError(f"{Path(directory) / stem}: tokens and offsets do not match; run nmt prepare again")
-        self.lengths = np.diff(self.offsets)
+        self.lengths = np.diff(self.offsets).astype(np.int32)  # (N,) for batching: half the index's size
+
+    def release_pages(self) -> None:
+        """Unmap the token pages read so far (they stay in the page cache). Batches read
+        sentences all over the file, and each page fault maps its neighbours too: without this
+        the whole file would end up counted in this process's resident memory."""
+        mapping = getattr(self.tokens, "_mmap", None)
+        if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED)
 
     def __len__(self) -> int:
         return len(self.lengths)

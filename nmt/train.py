@@ -31,7 +31,8 @@ from nmt.checkpoint import (
     training_lock,
 )
 from nmt.config import Config, TrainConfig
-from nmt.data import Batch, BatchPrefetcher, ParallelSplit, make_batch, read_lines, read_manifest, token_batches
+from nmt.batches import Batch, BatchPrefetcher, make_batch, token_batches
+from nmt.data import ParallelSplit, read_lines, read_manifest
 from nmt.devices import autocast, resolve_device, resolve_precision
 from nmt.distributed import Ranks, init_ranks, rank_device
 from nmt.errors import CheckpointError, ConfigError, first_line
@@ -42,6 +43,7 @@ from nmt.train_log import LOG_NAME, TENSORBOARD_DIR, TrainLog
 from nmt.translate import translate_ids
 
 
+RELEASE_PAGES_EVERY = 50  # updates between unmapping the token pages read (see TokenArray.release_pages)
 TOO_MANY_SKIPPED = "skipped updates"
 VALIDATION_STOPS = ("", "patience", "target_bleu")
 
@@ -435,6 +437,9 @@ def _train(
             log(f"warning: out of memory at step {step} even with half-size batches; skipped {sizes} sentences")
             return torch.zeros((), device=device), torch.ones((), dtype=torch.bool, device=device)
 
+    # When training starts, by the clock (so that a benchmark can add the process start-up),
+    # and how long setting up took: opening the data, building the model, restoring a run.
+    write_log({"type": "start", "step": step, "time": round(time.time(), 3), "setup_seconds": round(time.time() - started, 2)})
     model.train()
     bar = tqdm(
         total=tc.max_steps or None, initial=step, unit="step", disable=not progress, file=sys.stderr,
@@ -467,6 +472,8 @@ def _train(
 
             def build_update(index: int, groups=groups) -> list[Batch]:
                 share = groups[index][ranks.rank * rank_accum : (ranks.rank + 1) * rank_accum]
+                if index % RELEASE_PAGES_EVERY == 0:  # resident memory must not grow with the corpus
+                    train_split.release_pages()
                 return [make_batch(train_split, indices, pin) for indices in share]
 
             # The next updates' batches are built in a background thread while this one runs.

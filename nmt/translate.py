@@ -17,7 +17,8 @@ from nmt.alignment import EOS_LABEL, AttentionMap, AttentionOutput, describe_att
 from nmt.atomic import write_text_atomic
 from nmt.checkpoint import load_for_inference, read_vocab_info
 from nmt.config import DecodeConfig
-from nmt.data import clean_whitespace, decode_lines, normalize_text, pad_source, read_lines
+from nmt.batches import pad_source
+from nmt.data import clean_whitespace, decode_lines, normalize_text, read_lines
 from nmt.devices import resolve_device
 from nmt.errors import ConfigError
 from nmt.models.attention import AttentionChoice

@@ -79,3 +79,19 @@ def test_bench_cli_reports_bad_input_in_one_line(tmp_path):
     assert result.exit_code == 1 and "unknown bench section" in result.output
     result = runner.invoke(app, ["bench", "--recipe", "transformer", "--device", "cpu"])
     assert result.exit_code == 1 and "NAME=PATH" in result.output
+
+
+def test_scale_bench_reports_both_corpus_sizes_and_their_ratios(tmp_path):
+    from nmt.bench_scale import ScaleBenchConfig, run_scale_bench
+
+    write_pairs(tmp_path / "m30k" / "train", toy_pairs(300, seed=1), "de", "en")
+    report = run_scale_bench(ScaleBenchConfig(data=tmp_path / "m30k", pairs=2000, ratio=10, steps=3, vocab_size=60,
+                                              out=tmp_path / "scale.json"))
+    assert json.loads((tmp_path / "scale.json").read_text()) == report
+    for size, pairs in (("large", 2000), ("small", 200)):
+        figures = report[size]
+        assert figures["pairs"] == pairs and 0 < figures["train_pairs"] < pairs  # valid/test and duplicates left out
+        assert figures["prepare_peak_rss_bytes"] > 0 and figures["train_peak_rss_bytes"] > 0
+        assert 0 < figures["train_setup_seconds"] < figures["train_startup_seconds"] < figures["train_seconds"]
+        assert set(figures["prepare_stage_seconds"]) == {"read_clean", "dedup_split", "sentencepiece", "encode", "valid_test"}
+    assert report["ratio_large_to_small"]["data_dir_bytes"] > 1

@@ -3,16 +3,8 @@ import gzip
 import numpy as np
 import pytest
 
-from nmt.data import (
-    CleanConfig,
-    PairCleaner,
-    ParallelSplit,
-    make_batch,
-    read_lines,
-    read_parallel_files,
-    read_tsv,
-    token_batches,
-)
+from nmt.batches import make_batch, token_batches
+from nmt.data import CleanConfig, PairCleaner, ParallelSplit, read_lines, read_parallel_files, read_tsv
 from nmt.shards import write_token_file
 from nmt.errors import DataError
 from nmt.tokenizer import BOS, EOS, PAD

@@ -17,7 +17,7 @@ from conftest import prepare_toy_data, toy_pairs, write_pairs
 from nmt import train as train_module
 from nmt.checkpoint import load_for_inference
 from nmt.config import ModelConfig, TrainConfig, config_from_dict
-from nmt.data import Batch
+from nmt.batches import Batch
 from nmt.errors import CheckpointError
 from nmt.models import build_model
 from nmt.models.transformer import Transformer

@@ -174,7 +174,7 @@ def test_token_files_round_trip_in_both_dtypes_and_are_memory_mapped(tmp_path):
 
 
 def test_training_split_is_read_through_memory_mapping(toy_corpus, tmp_path):
-    from nmt.data import make_batch
+    from nmt.batches import make_batch
 
     prepare(_config(tmp_path / "data", train_prefix=str(toy_corpus / "train"), valid_size=10, test_size=10))
     split = ParallelSplit.load(tmp_path / "data", "train")

@@ -1,0 +1,137 @@
+"""`nmt bench-scale`: what preparing and training cost as the corpus grows.
+
+A synthetic corpus of N pairs is made from a real training set by joining two pairs chosen at
+random into one (source to source, target to target): real text, almost no duplicates. Prepare
+and a short training run then each run in their own process, so that their peak resident
+memory is their own; the same is done on a corpus `ratio` times smaller, and the growth is
+reported as ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nmt.data import find_side_file, read_parallel_files
+from nmt.errors import DataError
+from nmt.train_log import LOG_NAME
+
+# A small Transformer: the point is the data path, not the model.
+TRAIN_SETTINGS = [
+    "model.arch=transformer", "model.embed_dim=128", "model.ff_dim=256", "model.heads=4", "model.enc_layers=1",
+    "model.dec_layers=1", "train.batch_tokens=2000", "train.log_every=50", "train.valid_every=1000000",
+    "train.valid_max_sentences=20", "train.warmup_steps=100", "train.tensorboard=false",
+]
+
+
+@dataclass
+class ScaleBenchConfig:
+    data: Path = Path("../shared/data/multi30k")  # folder with train.SRC.gz and train.TGT.gz
+    src: str = "de"
+    tgt: str = "en"
+    pairs: int = 4_500_000
+    ratio: int = 10  # the smaller corpus has pairs / ratio pairs
+    steps: int = 200  # training updates
+    vocab_size: int = 8000
+    seed: int = 1
+    work_dir: Path | None = None  # keep corpora, data dirs and models here
+    out: Path | None = None  # JSON report
+
+
+def make_synthetic_corpus(pairs: list[tuple[str, str]], count: int, prefix: Path, src: str, tgt: str, seed: int) -> None:
+    """Write PREFIX.SRC and PREFIX.TGT: `count` pairs, each two random pairs joined."""
+    rng = np.random.default_rng(seed)
+    block = 100_000
+    with open(f"{prefix}.{src}", "w", encoding="utf-8") as src_file, open(f"{prefix}.{tgt}", "w", encoding="utf-8") as tgt_file:
+        for start in range(0, count, block):
+            first, second = rng.integers(0, len(pairs), (2, min(block, count - start)))
+            src_file.write("".join(f"{pairs[a][0]} {pairs[b][0]}\n" for a, b in zip(first.tolist(), second.tolist())))
+            tgt_file.write("".join(f"{pairs[a][1]} {pairs[b][1]}\n" for a, b in zip(first.tolist(), second.tolist())))
+
+
+def _run_measured(command: list[str]) -> tuple[float, int, float]:
+    """Run a command; returns (wall seconds, peak resident memory in bytes, start time)."""
+    started = time.time()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        tail = output.decode("utf-8", "replace").strip().splitlines()[-1:] or ["(no output)"]
+        raise DataError(f"{' '.join(command[2:5])} failed: {tail[0]}")
+    return time.time() - started, usage.ru_maxrss * 1024, started  # ru_maxrss: KiB on Linux
+
+
+def _measure(config: ScaleBenchConfig, pairs: list[tuple[str, str]], count: int, work: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    prefix = work / "corpus"
+    made = time.time()
+    make_synthetic_corpus(pairs, count, prefix, config.src, config.tgt, config.seed)
+    made = time.time() - made
+    held_out = max(1, min(1000, count // 20))
+    nmt = [sys.executable, "-m", "nmt_cli"]
+    prepare_seconds, prepare_rss, _ = _run_measured(nmt + [
+        "prepare", "--train", str(prefix), "--src", config.src, "--tgt", config.tgt, "--valid-size", str(held_out),
+        "--test-size", str(held_out), "--vocab-size", str(config.vocab_size), "--out", str(work / "data"),
+        "--overwrite", "--no-progress",
+    ])
+    manifest = json.loads((work / "data" / "manifest.json").read_text())
+    settings = [item for setting in TRAIN_SETTINGS + [f"train.max_steps={config.steps}"] for item in ("--set", setting)]
+    train_seconds, train_rss, train_started = _run_measured(nmt + [
+        "train", "--data", str(work / "data"), "--out", str(work / "model"), "--overwrite", "--no-progress",
+        "--device", "cpu", *settings,
+    ])
+    records = [json.loads(line) for line in (work / "model" / LOG_NAME).read_text().splitlines()]
+    start = next(r for r in records if r["type"] == "start")
+    return {
+        "pairs": count,
+        "corpus_bytes": sum(os.path.getsize(f"{prefix}.{lang}") for lang in (config.src, config.tgt)),
+        "corpus_seconds": round(made, 1),
+        "prepare_seconds": round(prepare_seconds, 1),
+        "prepare_stage_seconds": manifest["stage_seconds"],
+        "prepare_pairs_per_s": round(count / prepare_seconds),
+        "prepare_peak_rss_bytes": prepare_rss,
+        "encode_workers": manifest["encode_workers"],
+        "train_pairs": manifest["counts"]["train"]["pairs"],
+        "duplicates": manifest["cleaning"]["duplicates"],
+        "data_dir_bytes": manifest["disk_bytes"],
+        "train_startup_seconds": round(start["time"] - train_started, 2),
+        "train_setup_seconds": start["setup_seconds"],
+        "train_steps": config.steps,
+        "train_seconds": round(train_seconds, 1),
+        "train_peak_rss_bytes": train_rss,
+    }
+
+
+def run_scale_bench(config: ScaleBenchConfig) -> dict:
+    """Measure the full-size and the smaller corpus; returns the report (also written to `out`)."""
+    if config.pairs < 100 or config.ratio < 1 or config.pairs // config.ratio < 100:
+        raise DataError("--pairs must be at least 100, and --pairs / --ratio too")
+    source = Path(config.data) / "train"
+    pairs = list(read_parallel_files(find_side_file(source, config.src), find_side_file(source, config.tgt)))
+    work = Path(config.work_dir) if config.work_dir else Path(tempfile.mkdtemp(prefix="nmt-bench-scale-"))
+    try:
+        large = _measure(config, pairs, config.pairs, work / "large")
+        small = _measure(config, pairs, config.pairs // config.ratio, work / "small")
+    finally:
+        if config.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    growth = {
+        key: round(large[key] / max(small[key], 1e-9), 2)
+        for key in ("prepare_seconds", "prepare_peak_rss_bytes", "data_dir_bytes", "train_startup_seconds",
+                    "train_peak_rss_bytes")
+    }
+    report = {"large": large, "small": small, "ratio_large_to_small": growth, "source": str(source),
+              "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+    if config.out:
+        Path(config.out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
