@@ -27,7 +27,7 @@ def token_batches(
     side plus its BOS/EOS. With a seed, ties in length are broken at random and the batch order
     is shuffled, so each epoch sees different batches; without one, the order is by length.
     """
-    sizes = np.maximum(src_lengths, tgt_lengths) + 1
+    sizes = np.maximum(src_lengths, tgt_lengths).astype(np.int32) + 1
     rng = np.random.default_rng(seed) if seed is not None else None
     index_type = np.int32 if len(sizes) < 2**31 else np.int64  # half the memory for millions of sentences
     order = rng.permutation(len(sizes)).astype(index_type) if rng is not None else np.arange(len(sizes), dtype=index_type)

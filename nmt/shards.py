@@ -81,20 +81,24 @@ class TokenArray:
     def __init__(self, directory: Path, stem: str):
         try:
             self.tokens = np.load(Path(directory) / f"{stem}.tokens.npy", mmap_mode="r")
-            self.offsets = np.load(Path(directory) / f"{stem}.offsets.npy")
+            self.offsets = np.load(Path(directory) / f"{stem}.offsets.npy", mmap_mode="r")
         except (OSError, ValueError, SyntaxError) as e:
             raise DataError(f"cannot read {Path(directory) / stem} ({first_line(e)}); run nmt prepare again") from None
         if self.offsets.ndim != 1 or len(self.offsets) < 1 or int(self.offsets[-1]) != len(self.tokens):
             raise DataError(f"{Path(directory) / stem}: tokens and offsets do not match; run nmt prepare again")
-        self.lengths = np.diff(self.offsets).astype(np.int32)  # (N,) for batching: half the index's size
+        # (N,) for batching, the one part of the index held in memory: 2 bytes per sentence
+        lengths = np.diff(self.offsets)
+        self.lengths = lengths.astype(np.uint16 if lengths.max(initial=0) <= np.iinfo(np.uint16).max else np.int32)
+        self.release_pages()
 
     def release_pages(self) -> None:
-        """Unmap the token pages read so far (they stay in the page cache). Batches read
+        """Unmap the token and offset pages read so far (they stay in the page cache). Batches read
         sentences all over the file, and each page fault maps its neighbours too: without this
         the whole file would end up counted in this process's resident memory."""
-        mapping = getattr(self.tokens, "_mmap", None)
-        if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-            mapping.madvise(mmap.MADV_DONTNEED)
+        for array in (self.tokens, self.offsets):
+            mapping = getattr(array, "_mmap", None)
+            if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+                mapping.madvise(mmap.MADV_DONTNEED)
 
     def __len__(self) -> int:
         return len(self.lengths)

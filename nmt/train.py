@@ -43,7 +43,6 @@ from nmt.train_log import LOG_NAME, TENSORBOARD_DIR, TrainLog
 from nmt.translate import translate_ids
 
 
-RELEASE_PAGES_EVERY = 50  # updates between unmapping the token pages read (see TokenArray.release_pages)
 TOO_MANY_SKIPPED = "skipped updates"
 VALIDATION_STOPS = ("", "patience", "target_bleu")
 
@@ -472,9 +471,9 @@ def _train(
 
             def build_update(index: int, groups=groups) -> list[Batch]:
                 share = groups[index][ranks.rank * rank_accum : (ranks.rank + 1) * rank_accum]
-                if index % RELEASE_PAGES_EVERY == 0:  # resident memory must not grow with the corpus
-                    train_split.release_pages()
-                return [make_batch(train_split, indices, pin) for indices in share]
+                batches = [make_batch(train_split, indices, pin) for indices in share]
+                train_split.release_pages()  # resident memory must not grow with the corpus
+                return batches
 
             # The next updates' batches are built in a background thread while this one runs.
             with BatchPrefetcher(build_update, group_in_epoch, len(groups)) as prefetcher:

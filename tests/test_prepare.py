@@ -178,10 +178,15 @@ def test_training_split_is_read_through_memory_mapping(toy_corpus, tmp_path):
 
     prepare(_config(tmp_path / "data", train_prefix=str(toy_corpus / "train"), valid_size=10, test_size=10))
     split = ParallelSplit.load(tmp_path / "data", "train")
-    assert isinstance(split.src.tokens, np.memmap) and isinstance(split.tgt.tokens, np.memmap)
-    assert not split.src.tokens.flags.owndata
-    make_batch(split, np.arange(5))
+    for side in (split.src, split.tgt):
+        assert isinstance(side.tokens, np.memmap) and isinstance(side.offsets, np.memmap)
+        assert not side.tokens.flags.owndata
+        assert side.lengths.dtype == np.uint16  # the index kept in memory: 2 bytes per sentence
+    first = make_batch(split, np.arange(5))
+    split.release_pages()  # unmaps what was read; the data stays readable
+    again = make_batch(split, np.arange(5))
     assert isinstance(split.src.tokens, np.memmap)  # batches read slices; nothing loads the whole array
+    assert (first.src == again.src).all() and (first.tgt_out == again.tgt_out).all()
 
 
 def test_killed_prepare_leaves_nothing_that_is_read_as_data_and_reruns_cleanly(tmp_path):
