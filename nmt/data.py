@@ -112,11 +112,13 @@ HF_SPLIT_NAMES = {
 def load_hf_corpus(
     name: str, config: str | None, src_lang: str, tgt_lang: str, revision: str | None = None,
     data_dir: str | None = None,
-) -> dict[str, list[tuple[str, str]]]:
+) -> dict[str, Iterable[tuple[str, str]]]:
     """Load a parallel corpus with Hugging Face `datasets`: a Hub id or a local folder/file.
 
-    Returns the pairs of each split found (train, valid, test). Handles the three usual column
-    layouts: a `translation` dict, flat language columns, or `sourceString`/`targetString`.
+    Returns the pairs of each split found (train, valid, test): valid and test as lists, train
+    as an iterator over the memory-mapped Arrow table, read in blocks, so that a large corpus is
+    never held as Python strings. Handles the usual column layouts: a `translation` dict, or one
+    column per language.
     """
     import datasets  # slow to import; only prepare needs it
 
@@ -141,27 +143,34 @@ def load_hf_corpus(
     for split, names in HF_SPLIT_NAMES.items():
         found = next((n for n in names if n in loaded), None)
         if found is not None:
-            splits[split] = list(_hf_pairs(loaded[found], src_lang, tgt_lang, f"{name}:{found}"))
+            pairs = _hf_pairs(loaded[found], src_lang, tgt_lang, f"{name}:{found}")
+            splits[split] = pairs if split == "train" else list(pairs)
     if "train" not in splits:
         raise DataError(f"dataset {name!r} has no train split (splits: {', '.join(loaded)})")
     return splits
 
 
 def _hf_pairs(table, src_lang: str, tgt_lang: str, where: str) -> Iterator[tuple[str, str]]:
+    """The pairs of a `datasets` table. Checks the columns at once, then reads lazily, in blocks."""
     columns = table.column_names
-    if "translation" in columns:
-        for row in table["translation"]:
-            if src_lang not in row or tgt_lang not in row:
-                raise DataError(f"{where}: translation has no {src_lang!r}/{tgt_lang!r} (has {list(row)})")
-            yield row[src_lang] or "", row[tgt_lang] or ""
-    elif src_lang in columns and tgt_lang in columns:
-        for src, tgt in zip(table[src_lang], table[tgt_lang]):
-            yield src or "", tgt or ""
-    else:
+    if "translation" not in columns and not (src_lang in columns and tgt_lang in columns):
         raise DataError(
             f"{where}: no 'translation' column and no {src_lang!r}/{tgt_lang!r} columns "
             f"(columns: {', '.join(columns)})"
         )
+    return _hf_rows(table, src_lang, tgt_lang, where)
+
+
+def _hf_rows(table, src_lang: str, tgt_lang: str, where: str) -> Iterator[tuple[str, str]]:
+    for block in table.iter(batch_size=10_000):
+        if "translation" in block:
+            for row in block["translation"]:
+                if src_lang not in row or tgt_lang not in row:
+                    raise DataError(f"{where}: translation has no {src_lang!r}/{tgt_lang!r} (has {list(row)})")
+                yield row[src_lang] or "", row[tgt_lang] or ""
+        else:
+            for src, tgt in zip(block[src_lang], block[tgt_lang]):
+                yield src or "", tgt or ""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,6 +65,11 @@ def test_prepare_from_datasets_local_folder(tmp_path):
     manifest = prepare(_config(tmp_path / "data", hf_name=str(folder)))
     assert manifest["counts"]["valid"]["pairs"] == 10 and manifest["counts"]["test"]["pairs"] == 12
     assert manifest["input"]["datasets"] == str(folder)
+    from nmt.data import load_hf_corpus
+
+    splits = load_hf_corpus(str(folder), None, "xx", "yy")
+    assert not isinstance(splits["train"], list)  # read lazily from the Arrow table, not held as strings
+    assert list(splits["train"]) == toy_pairs(120, seed=1) and splits["test"] == toy_pairs(12, seed=3)
 
 
 def test_empty_after_filtering_is_an_error(tmp_path):
