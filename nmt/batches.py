@@ -121,7 +121,8 @@ def make_batch(split: ParallelSplit, indices: np.ndarray, pin_memory: bool = Fal
 
 class BatchPrefetcher:
     """Builds the batches of the next updates in a background thread, `ahead` updates ahead of
-    the one training, so that the device does not wait for data.
+    the one training, so that a GPU does not wait for data. With `ahead` 0 it builds each when
+    asked: on a CPU, whose cores the update already keeps busy, a second thread only competes.
 
     `build(index)` makes the batches of update `index`; `next()` returns them for `first`,
     `first + 1`, ... up to `end`, in order. A failure in `build` is raised by `next()`.
@@ -129,17 +130,20 @@ class BatchPrefetcher:
 
     def __init__(self, build: Callable[[int], list[Batch]], first: int, end: int, ahead: int = 2):
         self.build, self.next_index, self.end = build, first, end
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="batches")
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="batches") if ahead else None
         self.pending: deque[Future] = deque()
         for _ in range(ahead):
             self._submit()
 
     def _submit(self) -> None:
-        if self.next_index < self.end:
+        if self.pool is not None and self.next_index < self.end:
             self.pending.append(self.pool.submit(self.build, self.next_index))
             self.next_index += 1
 
     def next(self) -> list[Batch]:
+        if self.pool is None:
+            self.next_index += 1
+            return self.build(self.next_index - 1)
         future = self.pending.popleft()
         self._submit()
         return future.result()
@@ -148,4 +152,5 @@ class BatchPrefetcher:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)

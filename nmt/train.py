@@ -475,8 +475,9 @@ def _train(
                 train_split.release_pages()  # resident memory must not grow with the corpus
                 return batches
 
-            # The next updates' batches are built in a background thread while this one runs.
-            with BatchPrefetcher(build_update, group_in_epoch, len(groups)) as prefetcher:
+            # On a GPU, the next updates' batches are built in a background thread while this one runs.
+            ahead = 2 if device.type == "cuda" else 0
+            with BatchPrefetcher(build_update, group_in_epoch, len(groups), ahead) as prefetcher:
                 while group_in_epoch < len(groups):
                     update = groups[group_in_epoch]
                     group = [batch.to(device) for batch in prefetcher.next()]

@@ -123,3 +123,24 @@ def test_token_batches_equal_the_sentence_by_sentence_definition():
         fast = token_batches(src, tgt, batch_tokens, seed, max_sentences)
         plain = _sequential_token_batches(src, tgt, batch_tokens, seed, max_sentences)
         assert len(fast) == len(plain) and all((a == b).all() for a, b in zip(fast, plain))
+
+
+@pytest.mark.parametrize("ahead", [0, 2])
+def test_batch_prefetcher_returns_every_update_in_order_and_raises_failures(ahead):
+    from nmt.batches import BatchPrefetcher
+
+    built = []
+
+    def build(index):
+        built.append(index)
+        if index == 7:
+            raise ValueError("bad batch")
+        return [index]
+
+    with BatchPrefetcher(build, 3, 7, ahead) as prefetcher:
+        assert [prefetcher.next() for _ in range(4)] == [[3], [4], [5], [6]]
+    assert sorted(built) == [3, 4, 5, 6]
+    with BatchPrefetcher(build, 6, 9, ahead) as prefetcher:
+        assert prefetcher.next() == [6]
+        with pytest.raises(ValueError, match="bad batch"):
+            prefetcher.next()
