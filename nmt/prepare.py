@@ -29,9 +29,9 @@ from nmt.data import (
     read_parallel_files,
     read_tsv,
 )
-from nmt.shards import chunked, encode_to_token_files, token_dtype, worker_count, write_token_file
 from nmt.corpora import find_corpus
 from nmt.errors import DataError
+from nmt.shards import chunked, encode_to_token_files, token_dtype, worker_count, write_token_file
 from nmt.tokenizer import Tokenizer, file_sha256, train_sentencepiece
 
 DATA_FORMAT_VERSION = 1
@@ -114,7 +114,7 @@ class _Stages:
 
 def _build_data_dir(directory: Path, config: PrepareConfig, progress: bool) -> dict:
     stages = _Stages()
-    train_pairs, given_eval = _read_inputs(config)
+    train_pairs, given_eval, expected_pairs = _read_inputs(config, progress)
     work = directory / "work"  # cleaned training text, removed before the data dir is complete
     work.mkdir()
     cleaner = PairCleaner(config.clean)
@@ -122,7 +122,7 @@ def _build_data_dir(directory: Path, config: PrepareConfig, progress: bool) -> d
     with open(work / "train.src", "w", encoding="utf-8", newline="\n") as src_file, \
             open(work / "train.tgt", "w", encoding="utf-8", newline="\n") as tgt_file:
         for src, tgt in tqdm(train_pairs, desc="reading", unit=" pairs", unit_scale=True, file=sys.stderr,
-                             disable=None if progress else True, mininterval=1.0):
+                             total=expected_pairs, disable=None if progress else True, mininterval=1.0):
             pair = cleaner(src, tgt)
             if pair is not None:
                 src_file.write(pair[0] + "\n")
@@ -313,6 +313,17 @@ def _make_tmp_dir(out_dir: Path) -> Path:
     return tmp_dir
 
 
+def count_lines(path: Path) -> int | None:
+    """Lines of an uncompressed file (a few seconds per GB); None for a .gz file."""
+    if Path(path).suffix == ".gz":
+        return None
+    lines = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            lines += block.count(b"\n")
+    return lines
+
+
 def _process_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -323,8 +334,9 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-def _read_inputs(config: PrepareConfig):
-    """Returns (train pairs iterable, {split: pairs} for the splits the input provides)."""
+def _read_inputs(config: PrepareConfig, progress: bool = False):
+    """Returns (train pairs iterable, {split: pairs} for the splits the input provides, the
+    number of training pairs when it is cheap to know for the progress bar, else None)."""
     chosen = [x is not None for x in (config.train_prefix, config.tsv, config.hf_name, config.corpus)]
     if sum(chosen) != 1:
         raise DataError("give exactly one input: --train PREFIX, --tsv FILE, --hf NAME or --corpus NAME")
@@ -339,7 +351,8 @@ def _read_inputs(config: PrepareConfig):
                 given[split] = list(read_parallel_files(find_side_file(prefix, src), find_side_file(prefix, tgt)))
         if given and len(given) != 2:
             raise DataError("give both --valid and --test, or neither (then they are carved out of train)")
-        return read_parallel_files(src_file, tgt_file), given
+        shown = progress and sys.stderr.isatty()  # a progress bar with an ETA: worth a count
+        return read_parallel_files(src_file, tgt_file), given, count_lines(src_file) if shown else None
     if config.tsv is not None:
         if config.valid_prefix or config.test_prefix:
             raise DataError("--valid/--test go with --train; a TSV corpus is split with --valid-size/--test-size")
@@ -347,7 +360,7 @@ def _read_inputs(config: PrepareConfig):
         for lang in (src, tgt):
             if lang not in langs:
                 raise DataError(f"language {lang!r} is not one of the TSV columns ({', '.join(langs)})")
-        return read_tsv(Path(config.tsv), langs.index(src), langs.index(tgt)), given
+        return read_tsv(Path(config.tsv), langs.index(src), langs.index(tgt)), given, None
     if config.corpus is not None:
         corpus = find_corpus(config.corpus, src, tgt)
         if config.corpus_dir is not None:
@@ -359,7 +372,7 @@ def _read_inputs(config: PrepareConfig):
     given = {k: v for k, v in splits.items() if k != "train"}
     if given and len(given) != 2:
         given = {}  # only one held-out split: carve both from train for a consistent layout
-    return splits["train"], given
+    return splits["train"], given, None
 
 
 def _describe_input(config: PrepareConfig) -> dict:

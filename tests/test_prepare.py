@@ -220,3 +220,11 @@ def test_killed_prepare_leaves_nothing_that_is_read_as_data_and_reruns_cleanly(t
     assert rerun.returncode == 0, rerun.stderr
     assert read_manifest(out)["counts"]["train"]["pairs"] > 2900
     assert not list(tmp_path.glob(".data.tmp-*"))  # the killed run's leftovers are gone
+
+
+def test_count_lines_of_plain_files_only(tmp_path):
+    from nmt.prepare import count_lines
+
+    (tmp_path / "a.txt").write_bytes(b"one\ntwo\r\nthree\xe2\x80\xa8still three\n")
+    assert count_lines(tmp_path / "a.txt") == 3
+    assert count_lines(tmp_path / "a.txt.gz") is None
