@@ -164,8 +164,11 @@ def encode_to_token_files(
 
     if workers <= 1:
         _load_worker_models(str(src_model), str(tgt_model))
-        for chunk in chunks:
-            write(_encode_chunk(chunk, dtype.str), len(chunk))
+        try:
+            for chunk in chunks:
+                write(_encode_chunk(chunk, dtype.str), len(chunk))
+        finally:
+            _worker_models.clear()
     else:
         # spawn: workers start clean (no copy of a parent that may hold torch's threads)
         with ProcessPoolExecutor(
