@@ -438,7 +438,9 @@ def _train(
 
     # When training starts, by the clock (so that a benchmark can add the process start-up),
     # and how long setting up took: opening the data, building the model, restoring a run.
-    write_log({"type": "start", "step": step, "time": round(time.time(), 3), "setup_seconds": round(time.time() - started, 2)})
+    write_log({
+        "type": "start", "step": step, "time": round(time.time(), 3), "setup_seconds": round(time.time() - started, 2),
+    })
     model.train()
     bar = tqdm(
         total=tc.max_steps or None, initial=step, unit="step", disable=not progress, file=sys.stderr,
