@@ -167,8 +167,10 @@ def _build_data_dir(directory: Path, config: PrepareConfig, progress: bool) -> d
         picked = candidates[np.random.default_rng(config.seed).permutation(len(candidates))[:needed]]
         held = {"test": np.sort(picked[: config.test_size]), "valid": np.sort(picked[config.test_size :])}
         keep[picked] = False
+        positions = np.sort(picked)
+        found = dict(zip(positions.tolist(), _work_pairs(work, _mask(positions[-1] + 1, positions))))  # one pass
         for split in ("valid", "test"):
-            eval_raw[split] = eval_clean[split] = _pairs_at(work, held[split])
+            eval_raw[split] = eval_clean[split] = [found[i] for i in held[split].tolist()]
     if not keep.any():
         raise DataError("no training pairs left once valid/test pairs are removed")
     stages.done("dedup_split")
@@ -183,7 +185,7 @@ def _build_data_dir(directory: Path, config: PrepareConfig, progress: bool) -> d
     with tqdm(total=train_count, desc="encoding", unit=" pairs", unit_scale=True, file=sys.stderr,
               disable=None if progress else True, mininterval=1.0) as bar:
         src_counts, tgt_counts = encode_to_token_files(
-            chunked(_kept_pairs(work, keep), ENCODE_CHUNK_PAIRS), src_model, tgt_model, directory, "train", dtype,
+            chunked(_work_pairs(work, keep), ENCODE_CHUNK_PAIRS), src_model, tgt_model, directory, "train", dtype,
             workers, on_chunk=bar.update,
         )
     counts = {"train": {"pairs": train_count, "src_tokens": src_counts["tokens"], "tgt_tokens": tgt_counts["tokens"]}}
@@ -242,15 +244,15 @@ def _work_lines(work: Path) -> Iterator[tuple[str, str]]:
             yield src[:-1], tgt[:-1]
 
 
-def _kept_pairs(work: Path, keep: np.ndarray) -> Iterator[tuple[str, str]]:
-    return itertools.compress(_work_lines(work), keep)
+def _work_pairs(work: Path, selected: np.ndarray) -> Iterator[tuple[str, str]]:
+    """The pairs of the work files where `selected` is True (reading stops where it ends)."""
+    return itertools.compress(_work_lines(work), selected)
 
 
-def _pairs_at(work: Path, indices: np.ndarray) -> list[tuple[str, str]]:
-    """The cleaned pairs at these (sorted) positions of the work files."""
-    mask = np.zeros(int(indices[-1]) + 1 if len(indices) else 0, dtype=bool)
-    mask[indices] = True
-    return list(itertools.compress(_work_lines(work), mask))
+def _mask(length: int, positions: np.ndarray) -> np.ndarray:
+    mask = np.zeros(int(length), dtype=bool)
+    mask[positions] = True
+    return mask
 
 
 def _train_sentencepiece(directory: Path, work: Path, keep: np.ndarray, config: PrepareConfig) -> tuple[Path, Path]:
@@ -259,12 +261,10 @@ def _train_sentencepiece(directory: Path, work: Path, keep: np.ndarray, config: 
     kept = np.flatnonzero(keep)
     per_model = config.spm_max_sentences // 2 if config.joint_vocab else config.spm_max_sentences
     rng = np.random.default_rng(config.seed)
-    chosen = np.sort(rng.choice(kept, size=min(len(kept), max(per_model, 1)), replace=False))
-    mask = np.zeros(len(keep), dtype=bool)
-    mask[chosen] = True
+    mask = _mask(len(keep), rng.choice(kept, size=min(len(kept), max(per_model, 1)), replace=False))
 
     def sample(sides: tuple[int, ...]) -> Iterator[str]:
-        for pair in itertools.compress(_work_lines(work), mask):
+        for pair in _work_pairs(work, mask):
             for side in sides:
                 yield pair[side]
 
