@@ -57,6 +57,7 @@ def prepare(
     joint_vocab: Annotated[bool, typer.Option("--joint-vocab/--separate-vocab", help="One vocabulary for both languages, or one each.")] = True,
     character_coverage: Annotated[float, typer.Option(help="SentencePiece character coverage.")] = 1.0,
     spm_sample: Annotated[int, typer.Option(help="Sentences SentencePiece trains on, sampled at random from the training pairs (half from each side for a joint vocabulary). Its trainer holds them all and sets prepare's peak memory: about 2.7 GB with the default, for sentences of 130 characters; vocabularies of a few thousand to tens of thousands of pieces gain little from more.")] = 800_000,
+    spm_model: Annotated[Optional[Path], typer.Option(help="Use this SentencePiece model for both languages instead of training one: a .model file, or a checkpoint directory of `nmt pretrain` (so that its pretrained weights fit the data).")] = None,
     workers: Annotated[int, typer.Option(help="Processes that encode large corpora; 0: one per core.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
@@ -82,7 +83,7 @@ def prepare(
                 hf_revision=hf_revision, corpus=corpus, corpus_dir=data_dir, valid_size=valid_size, test_size=test_size, seed=seed,
                 clean=CleanConfig(normalization=normalize, max_words=max_words, max_ratio=max_ratio, dedup=dedup),
                 vocab_size=vocab_size, spm_type=spm_type, joint_vocab=joint_vocab,
-                character_coverage=character_coverage, spm_max_sentences=spm_sample, workers=workers,
+                character_coverage=character_coverage, spm_max_sentences=spm_sample, spm_model=spm_model, workers=workers,
                 overwrite=overwrite,
             ),
             progress=progress,
@@ -108,6 +109,44 @@ def prepare(
     typer.echo(f"vocab: {kind} {vocab['type']}, {vocab['src_size']} source / {vocab['tgt_size']} target pieces")
 
 
+def _relaunch(command: str, devices: int, config: Optional[Path], options: list[tuple[str, object]],
+              set_: Optional[list[str]], flags: list[str]) -> None:
+    """Start `nmt COMMAND` again in `devices` processes under torchrun, with the same options."""
+    from nmt.distributed import launch
+
+    args = [str(config)] if config else []
+    for name, value in options:
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None:
+                args += [name, str(item)]
+    for item in set_ or []:
+        args += ["--set", item]
+    with user_errors():
+        code = launch(devices, args + flags, command)
+    raise typer.Exit(code)
+
+
+def _overrides(set_: Optional[list[str]], data: Optional[Path], out: Optional[Path], device: Optional[str]) -> list[str]:
+    overrides = list(set_ or [])
+    if data is not None:
+        overrides.append(f"data_dir={json.dumps(str(data))}")
+    if out is not None:
+        overrides.append(f"save_dir={json.dumps(str(out))}")
+    if device is not None:
+        overrides.append(f"train.device={device}")
+    return overrides
+
+
+def _report(result) -> None:
+    if not result.main_process:
+        return
+    typer.echo(
+        f"trained {result.steps} steps ({result.epochs} epochs) in {result.seconds:.0f} s, stopped by "
+        f"{result.stop_reason or 'end'}; best dev {result.metric_name} {result.best_score:.2f} at step {result.best_step}; "
+        f"checkpoints in {result.save_dir}"
+    )
+
+
 @app.command()
 def train(
     config: Annotated[Optional[Path], typer.Argument(help="YAML config, e.g. recipes/multi30k/transformer-cpu.yaml.")] = None,
@@ -115,6 +154,7 @@ def train(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Checkpoint directory (overrides save_dir).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: section.key=value (repeatable).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (overrides train.device).")] = None,
+    init: Annotated[Optional[Path], typer.Option(help="Start from a pretrained masked LM: a checkpoint directory of nmt pretrain (overrides train.init).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in the checkpoint directory.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start again, replacing the model in the checkpoint directory.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -127,38 +167,87 @@ def train(
     from nmt.train import TOO_MANY_SKIPPED
     from nmt.train import train as run_train
 
+    flags = ["--resume"] * resume + ["--overwrite"] * overwrite + ([] if progress else ["--no-progress"])
     if devices != 1 and "WORLD_SIZE" not in os.environ:
-        from nmt.distributed import launch
-
-        args = [str(config)] if config else []
-        for name, value in (("--data", data), ("--out", out), ("--device", device)):
-            if value is not None:
-                args += [name, str(value)]
-        for item in set_ or []:
-            args += ["--set", item]
-        args += ["--resume"] * resume + ["--overwrite"] * overwrite + ([] if progress else ["--no-progress"])
-        with user_errors():
-            code = launch(devices, args)
-        raise typer.Exit(code)
-
-    overrides = list(set_ or [])
-    if data is not None:
-        overrides.append(f"data_dir={json.dumps(str(data))}")
-    if out is not None:
-        overrides.append(f"save_dir={json.dumps(str(out))}")
-    if device is not None:
-        overrides.append(f"train.device={device}")
+        _relaunch("train", devices, config, [("--data", data), ("--out", out), ("--device", device), ("--init", init)], set_, flags)
+    overrides = _overrides(set_, data, out, device)
+    if init is not None:
+        overrides.append(f"train.init={json.dumps(str(init))}")
     with user_errors():
         result = run_train(load_config(config, overrides), resume=resume, overwrite=overwrite, progress=progress)
-    if not result.main_process:
-        return
-    typer.echo(
-        f"trained {result.steps} steps ({result.epochs} epochs) in {result.seconds:.0f} s, stopped by "
-        f"{result.stop_reason or 'end'}; best dev BLEU {result.best_bleu:.2f} at step {result.best_step}; "
-        f"checkpoints in {result.save_dir}"
-    )
+    _report(result)
     if result.stop_reason == TOO_MANY_SKIPPED:
         raise typer.Exit(1)
+
+
+@app.command()
+def pretrain(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config, e.g. recipes/multi30k-lowres/pretrain-cpu.yaml.")] = None,
+    text: Annotated[Optional[list[Path]], typer.Option(help="Monolingual text: one sentence per line, a blank line between documents (.gz allowed; repeatable, one file per language or more).")] = None,
+    vocab: Annotated[Optional[Path], typer.Option(help="Vocabulary to use: a data dir from nmt prepare or a SentencePiece .model. Default: train one on the text.")] = None,
+    vocab_size: Annotated[int, typer.Option(help="Without --vocab: SentencePiece pieces to train (a soft limit).")] = 8000,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Checkpoint directory (overrides save_dir).")] = None,
+    nsp: Annotated[Optional[bool], typer.Option("--nsp/--no-nsp", help="Also train next-sentence prediction (overrides pretrain.next_sentence; off by default).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: section.key=value (repeatable).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (overrides train.device).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in the checkpoint directory (pass the same --text).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start again, replacing the model in the checkpoint directory.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    devices: Annotated[int, typer.Option(help="Data-parallel processes on this machine, started with torchrun.")] = 1,
+) -> None:
+    """Pretrain a Transformer encoder as a masked language model on monolingual text, to start
+    translation models from (nmt train --init)."""
+    import os
+
+    from nmt.config import load_config
+    from nmt.pretrain import pretrain as run_pretrain
+
+    flags = ["--resume"] * resume + ["--overwrite"] * overwrite + ([] if progress else ["--no-progress"])
+    if nsp is not None:
+        flags.append("--nsp" if nsp else "--no-nsp")
+    if devices != 1 and "WORLD_SIZE" not in os.environ:
+        options = [("--text", list(text or [])), ("--vocab", vocab), ("--vocab-size", vocab_size), ("--out", out), ("--device", device)]
+        _relaunch("pretrain", devices, config, options, set_, flags)
+    overrides = _overrides(set_, None, out, device)
+    if nsp is not None:
+        overrides.append(f"pretrain.next_sentence={str(nsp).lower()}")
+    with user_errors():
+        result = run_pretrain(
+            load_config(config, overrides), list(text or []), vocab, vocab_size, resume=resume, overwrite=overwrite,
+            progress=progress,
+        )
+    _report(result)
+
+
+@app.command("fill-mask")
+def fill_mask(
+    model_dir: Annotated[Path, typer.Argument(help="Checkpoint directory from nmt pretrain.")],
+    text: Annotated[Optional[list[str]], typer.Argument(help="Sentences with [MASK] where a word is missing (default: lines from stdin).")] = None,
+    top_k: Annotated[int, typer.Option(help="Candidates to show for each mask.")] = 5,
+    checkpoint: Annotated[str, typer.Option(help="Which weights: best or last.")] = "best",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Show what a pretrained model predicts for each [MASK]: the best fill of the sentence, then
+    the top-k candidates of each mask with their probabilities."""
+    import sys
+
+    from nmt.devices import resolve_device
+    from nmt.pretrain import fill_mask as run_fill_mask, load_masked_lm
+
+    with user_errors():
+        if top_k < 1:
+            raise NmtError("--top-k must be at least 1")
+        resolved = resolve_device(device)
+        model, processor = load_masked_lm(model_dir, resolved, checkpoint)
+        lines = text if text else (line.rstrip("\n") for line in sys.stdin)
+        for line in lines:
+            if not line.strip():
+                continue
+            filled = run_fill_mask(model, processor, line, top_k, resolved)
+            typer.echo(filled.text)
+            for number, mask in enumerate(filled.masks, 1):
+                options = ", ".join(f"{piece} {p:.3f}" for piece, p in mask.candidates)
+                typer.echo(f"  [MASK] {number}: {options}")
 
 
 @app.command()

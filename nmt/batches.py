@@ -84,6 +84,20 @@ class Batch:
             self.indices,
         )
 
+    def halves(self) -> list["Batch"]:
+        """The batch as two halves by sentences (one sentence stays one batch)."""
+        half = self.src.shape[0] // 2
+        if half == 0:
+            return [self]
+        parts = []
+        for rows in (slice(0, half), slice(half, None)):
+            src, tgt_in, tgt_out = self.src[rows], self.tgt_in[rows], self.tgt_out[rows]
+            parts.append(Batch(
+                src, tgt_in, tgt_out, num_tgt_tokens=int((tgt_out != PAD).sum()),
+                num_src_tokens=int((src != PAD).sum()), indices=self.indices[rows],
+            ))
+        return parts
+
 
 def pad_source(sequences: list[np.ndarray] | list[list[int]]) -> torch.Tensor:
     """Source ids + EOS, right-padded: (B, S)."""

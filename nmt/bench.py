@@ -207,7 +207,7 @@ def bench_time_to_quality(
         "train_seconds": reached["train_seconds"] if reached else None,
         "wall_seconds": reached["seconds"] if reached else None,
         "updates": reached["step"] if reached else None,
-        "best_dev_bleu": result.best_bleu,
+        "best_dev_bleu": result.best_score,
         "trained_seconds": result.seconds,
         "curve": [{k: r[k] for k in ("step", "bleu", "train_seconds")} for r in valid],
     }

@@ -203,13 +203,102 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, groups
 
 
+# ---------------------------------------------------------------------------------------------
+# Starting a translation model from a pretrained masked LM (`nmt train --init`)
+
+MASKED_LM = "masked_lm"  # vocab.json "task" of a checkpoint written by `nmt pretrain`
+
+
+def check_pretrained(pretrained_dir: Path, vocab: dict, decoder: bool = False) -> dict:
+    """Check that `pretrained_dir` holds a masked LM whose vocabulary is the data's `vocab`
+    (the manifest's: the source side, and the target side too for `decoder`); returns its vocab.json."""
+    pretrained_dir = Path(pretrained_dir)
+    if not pretrained_dir.is_dir():
+        raise CheckpointError(f"pretrained model not found: {pretrained_dir}")
+    info = read_vocab_info(pretrained_dir)
+    if info.get("task") != MASKED_LM:
+        raise CheckpointError(f"{pretrained_dir} is not a pretrained model from nmt pretrain")
+    sides = ("src", "tgt") if decoder else ("src",)
+    for side in sides:
+        if info["vocab"]["src_sha256"] != vocab[f"{side}_sha256"]:
+            which = "source" if side == "src" else "target"
+            raise CheckpointError(
+                f"the {which} vocabulary of the data differs from the pretrained model's in {pretrained_dir}; "
+                f"prepare the data with --spm-model {pretrained_dir}"
+            )
+    return info
+
+
+def pretrained_source_name(name: str, decoder: bool) -> str | None:
+    """The masked-LM tensor that initialises the translation model's tensor `name`, or None.
+
+    The encoder maps by name. The decoder (with `decoder`) takes the embeddings, and in each
+    layer the self-attention, feed-forward and their norms of the encoder layer of the same
+    number; its cross-attention (and the norm before it) has no counterpart and starts fresh.
+    """
+    first, _, rest = name.partition(".")
+    if first in ("src_embed", "encoder_layers", "encoder_norm"):
+        return name
+    if not decoder:
+        return None
+    if first in ("tgt_embed", "output"):  # the masked LM's output layer is its embedding matrix
+        return "src_embed.weight"
+    if first == "decoder_norm":
+        return f"encoder_norm.{rest}"
+    if first == "decoder_layers":
+        number, _, tail = rest.partition(".")
+        part, _, leaf = tail.partition(".")
+        counterpart = {"self_attn": "self_attn", "ff": "ff", "norm1": "norm1", "norm3": "norm2"}.get(part)
+        if counterpart is not None:
+            return f"encoder_layers.{number}.{counterpart}.{leaf}"
+    return None
+
+
+def load_pretrained(model: nn.Module, pretrained_dir: Path, vocab: dict, decoder: bool, copy: bool = True) -> list[str]:
+    """Copy a pretrained masked LM's weights into `model` (a Transformer) where they fit; returns
+    the names of the parameters loaded. A tensor whose shape differs is an error naming it."""
+    pretrained_dir = Path(pretrained_dir)
+    check_pretrained(pretrained_dir, vocab, decoder)
+    directory = checkpoint_dir(pretrained_dir, "best") or checkpoint_dir(pretrained_dir, "last")
+    if directory is None or not (directory / "model.safetensors").is_file():
+        raise CheckpointError(f"{pretrained_dir} holds no trained weights (no best/ or last/)")
+    verify_files(directory, read_info(directory))
+    try:
+        tensors = load_file(str(directory / "model.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{directory / 'model.safetensors'} is damaged ({e})") from None
+    loaded = []
+    for name, param in model.named_parameters():
+        source = pretrained_source_name(name, decoder)
+        if source is None or source not in tensors:
+            continue
+        if tensors[source].shape != param.shape:
+            raise CheckpointError(
+                f"{pretrained_dir}: {source} has shape {tuple(tensors[source].shape)} but the model's {name} "
+                f"has {tuple(param.shape)}; give the model the pretrained model's sizes"
+            )
+        if copy:
+            with torch.no_grad():
+                param.copy_(tensors[source])
+        loaded.append(name)
+    if not loaded:
+        raise CheckpointError(f"{pretrained_dir}: no tensor fits the model (is model.arch transformer?)")
+    return loaded
+
+
 def load_for_inference(save_dir: Path, which: str = "best", device: torch.device | str = "cpu"):
     """Rebuild model, tokenizer and config from a checkpoint directory alone."""
     save_dir = Path(save_dir)
     if not save_dir.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {save_dir}")
     config = read_config(save_dir)
-    vocab_info = read_vocab_info(save_dir)["vocab"]
+    info = read_vocab_info(save_dir)
+    if info.get("task") == MASKED_LM:
+        raise CheckpointError(
+            f"{save_dir} is a pretrained masked LM, not a translation model: use it with "
+            "nmt train --init or nmt fill-mask"
+        )
+    vocab_info = info["vocab"]
     tokenizer = Tokenizer(save_dir / vocab_info["src_model"], save_dir / vocab_info["tgt_model"])
     if (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) != (vocab_info["src_size"], vocab_info["tgt_size"]):
         raise CheckpointError(f"{save_dir}: SentencePiece models do not match vocab.json")

@@ -87,9 +87,16 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 on GPUs that have it, else fp16; fp32 on CPU), "bf16", "fp16", "fp32"
     threads: int = 0  # CPU threads for torch; 0: torch's default
     compile: bool = False  # torch.compile the training forward pass (falls back to eager if it fails)
+    # Start from a pretrained masked LM (a checkpoint dir of `nmt pretrain`): its encoder, and
+    # with init_decoder its embeddings, self-attention and feed-forward weights in the decoder.
+    init: str = ""
+    init_decoder: bool = True
+    freeze_init_steps: int = 0  # the loaded weights stay fixed for this many updates
 
     def validate(self) -> None:
         _choice("train.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        if self.freeze_init_steps < 0:
+            raise ConfigError("train.freeze_init_steps must be 0 or more")
         for name in ("batch_tokens", "accum_steps", "valid_every", "log_every", "valid_beam"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1")
@@ -121,17 +128,40 @@ class DecodeConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Masked-LM pretraining (`nmt pretrain`); translation training ignores this section."""
+
+    mask_prob: float = 0.15  # share of the (non-special) tokens chosen for prediction
+    mask_token_prob: float = 0.8  # of the chosen: replaced by [MASK] ...
+    random_token_prob: float = 0.1  # ... by a random token; the rest stay as they are
+    next_sentence: bool = False  # also predict whether sentence B follows sentence A
+    valid_sentences: int = 1000  # held out for masked accuracy and perplexity
+    max_tokens: int = 256  # longer sentences are cut to this many pieces
+
+    def validate(self) -> None:
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ConfigError("pretrain.mask_prob must be in (0, 1)")
+        if not (0.0 <= self.mask_token_prob and 0.0 <= self.random_token_prob
+                and self.mask_token_prob + self.random_token_prob <= 1.0):
+            raise ConfigError("pretrain.mask_token_prob and pretrain.random_token_prob must be at least 0 and add up to at most 1")
+        if self.valid_sentences < 1 or self.max_tokens < 2:
+            raise ConfigError("pretrain.valid_sentences must be at least 1 and pretrain.max_tokens at least 2")
+
+
+@dataclass
 class Config:
     data_dir: str = ""  # output of `nmt prepare`
     save_dir: str = ""  # checkpoint directory
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def validate(self) -> None:
         self.model.validate()
         self.train.validate()
         self.decode.validate()
+        self.pretrain.validate()
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

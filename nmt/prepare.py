@@ -32,7 +32,7 @@ from nmt.data import (
 from nmt.corpora import find_corpus
 from nmt.errors import DataError
 from nmt.shards import chunked, encode_to_token_files, token_dtype, worker_count, write_token_file
-from nmt.tokenizer import Tokenizer, file_sha256, train_sentencepiece
+from nmt.tokenizer import Tokenizer, file_sha256, has_reserved_symbols, load_sentencepiece, train_sentencepiece
 
 DATA_FORMAT_VERSION = 1
 ENCODE_CHUNK_PAIRS = 20_000  # pairs per encoding task
@@ -69,6 +69,7 @@ class PrepareConfig:
     # prepare's largest memory cost: with 800k sentences of 130 characters, prepare peaks at
     # 2.7 GB. More adds little to vocabularies of up to tens of thousands of pieces.
     spm_max_sentences: int = 800_000
+    spm_model: Path | None = None  # use this SentencePiece model (joint) instead of training one
     workers: int = 0  # encoding processes; 0: one per core
     overwrite: bool = False
 
@@ -84,6 +85,8 @@ def prepare(config: PrepareConfig, progress: bool = False) -> dict:
     out_dir = Path(config.out_dir)
     if config.src_lang == config.tgt_lang:
         raise DataError("source and target languages must differ")
+    if config.spm_model is not None:
+        config.spm_model = _given_sentencepiece(Path(config.spm_model))
     _tidy_leftovers(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not config.overwrite:
         raise DataError(f"output directory {out_dir} already exists and is not empty; pass --overwrite")
@@ -221,6 +224,7 @@ def _build_data_dir(directory: Path, config: PrepareConfig, progress: bool) -> d
             "requested_size": config.vocab_size,
             "character_coverage": config.character_coverage,
             "sample_sentences": config.spm_max_sentences,
+            "given_model": str(config.spm_model) if config.spm_model is not None else None,
             "src_model": src_model.name,
             "tgt_model": tgt_model.name,
             "src_size": tokenizer.src_vocab_size,
@@ -258,6 +262,8 @@ def _mask(length: int, positions: np.ndarray) -> np.ndarray:
 def _train_sentencepiece(directory: Path, work: Path, keep: np.ndarray, config: PrepareConfig) -> tuple[Path, Path]:
     """SentencePiece on a random sample of the training pairs: about `spm_max_sentences`
     sentences for the joint model (half from each side), or that many per side."""
+    if config.spm_model is not None:
+        return (_copy_sentencepiece(Path(config.spm_model), directory, config.joint_vocab),) * 2
     kept = np.flatnonzero(keep)
     per_model = config.spm_max_sentences // 2 if config.joint_vocab else config.spm_max_sentences
     rng = np.random.default_rng(config.seed)
@@ -282,6 +288,29 @@ def _train_sentencepiece(directory: Path, work: Path, keep: np.ndarray, config: 
         train_sentencepiece(sample((0,)), directory / "spm.src", **spm_args),
         train_sentencepiece(sample((1,)), directory / "spm.tgt", **spm_args),
     )
+
+
+def _given_sentencepiece(path: Path) -> Path:
+    """`--spm-model`: a SentencePiece model file, or a checkpoint directory (its model)."""
+    if path.is_dir():
+        try:
+            path = path / json.loads((path / "vocab.json").read_text(encoding="utf-8"))["vocab"]["src_model"]
+        except (OSError, ValueError, KeyError):
+            raise DataError(f"{path} is a directory but not a checkpoint directory with a vocab.json") from None
+    if not path.is_file():
+        raise DataError(f"SentencePiece model not found: {path}")
+    return path
+
+
+def _copy_sentencepiece(model: Path, directory: Path, joint: bool) -> Path:
+    """An existing model (say, the one `nmt pretrain` trained) as the data dir's joint model."""
+    if not joint:
+        raise DataError("--spm-model gives one model for both languages; it cannot go with --separate-vocab")
+    if not has_reserved_symbols(load_sentencepiece(model)):
+        raise DataError(f"{model} does not reserve [MASK], [CLS] and [SEP] at ids 4-6; train it with this version")
+    target = directory / "spm.joint.model"
+    shutil.copyfile(model, target)
+    return target
 
 
 def _tidy_leftovers(out_dir: Path) -> None:

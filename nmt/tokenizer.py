@@ -12,6 +12,11 @@ from nmt.errors import DataError
 
 # Fixed special ids, the same in every model this toolkit trains.
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
+# Reserved for masked-LM pretraining (`nmt pretrain`), so that one vocabulary serves pretraining
+# and translation. They are user-defined symbols: "[MASK]" written in text encodes to MASK.
+MASK, CLS, SEP = 4, 5, 6
+RESERVED_SYMBOLS = ("[MASK]", "[CLS]", "[SEP]")
+FIRST_REGULAR_ID = 7  # ids below are special: never masked, never drawn as random replacements
 
 
 def train_sentencepiece(
@@ -41,6 +46,7 @@ def train_sentencepiece(
         unk_id=UNK,
         bos_id=BOS,
         eos_id=EOS,
+        user_defined_symbols=list(RESERVED_SYMBOLS),
         input_sentence_size=max_sentences,
         shuffle_input_sentence=True,
         hard_vocab_limit=False,
@@ -54,6 +60,12 @@ def train_sentencepiece(
     except RuntimeError as e:
         raise DataError(f"SentencePiece training failed: {e}") from None
     return Path(f"{model_prefix}.model")
+
+
+def has_reserved_symbols(processor: spm.SentencePieceProcessor) -> bool:
+    """Whether the model reserves [MASK], [CLS] and [SEP] at their fixed ids (models trained
+    before these were reserved do not)."""
+    return all(processor.piece_to_id(piece) == i for piece, i in zip(RESERVED_SYMBOLS, (MASK, CLS, SEP)))
 
 
 def file_sha256(path: Path) -> str:
@@ -70,8 +82,8 @@ class Tokenizer:
     def __init__(self, src_model: Path, tgt_model: Path):
         self.src_model_path = Path(src_model)
         self.tgt_model_path = Path(tgt_model)
-        self.src = _load(self.src_model_path)
-        self.tgt = self.src if self.tgt_model_path == self.src_model_path else _load(self.tgt_model_path)
+        self.src = load_sentencepiece(self.src_model_path)
+        self.tgt = self.src if self.tgt_model_path == self.src_model_path else load_sentencepiece(self.tgt_model_path)
 
     @property
     def joint(self) -> bool:
@@ -101,7 +113,8 @@ class Tokenizer:
         return [self.tgt.id_to_piece(i) for i in ids]
 
 
-def _load(path: Path) -> spm.SentencePieceProcessor:
+def load_sentencepiece(path: Path) -> spm.SentencePieceProcessor:
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"SentencePiece model not found: {path}")
     processor = spm.SentencePieceProcessor()

@@ -15,14 +15,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from nmt.checkpoint import (
+    check_pretrained,
     has_checkpoint,
     init_save_dir,
+    load_pretrained,
     load_training_state,
     read_config,
     read_vocab_info,
@@ -73,12 +76,13 @@ class TrainResult:
     save_dir: Path
     steps: int
     epochs: float
-    best_bleu: float
+    best_score: float  # the best dev score: BLEU for translation
     best_step: int
     last_valid: dict
     seconds: float
     stop_reason: str
     main_process: bool = True  # False in the other processes of a data-parallel run
+    metric_name: str = "BLEU"
 
 
 def inverse_sqrt_lr(step: int, peak: float, warmup: int, min_lr: float = 0.0) -> float:
@@ -101,27 +105,17 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: flo
     )
 
 
+def translation_loss(model: torch.nn.Module, batch: Batch, label_smoothing: float) -> torch.Tensor:
+    logits = model(batch.src, batch.tgt_in)  # (B, T, V)
+    return token_loss(logits, batch.tgt_out, label_smoothing)
+
+
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device, fused: bool | None = None):
     """AdamW; the fused CUDA kernel on GPUs (one launch for all parameters)."""
     return torch.optim.AdamW(
         model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
         fused=(device.type == "cuda") if fused is None else fused,
     )
-
-
-def split_batch(batch: Batch) -> list[Batch]:
-    """The batch as two halves by sentences (one sentence stays one batch)."""
-    half = batch.src.shape[0] // 2
-    if half == 0:
-        return [batch]
-    parts = []
-    for rows in (slice(0, half), slice(half, None)):
-        src, tgt_in, tgt_out = batch.src[rows], batch.tgt_in[rows], batch.tgt_out[rows]
-        parts.append(Batch(
-            src, tgt_in, tgt_out, num_tgt_tokens=int((tgt_out != PAD).sum()),
-            num_src_tokens=int((src != PAD).sum()), indices=batch.indices[rows],
-        ))
-    return parts
 
 
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -139,8 +133,13 @@ def training_update(
     device: torch.device,
     dtype: torch.dtype,
     normalizer: float | None = None,
+    compute_loss: Callable | None = None,
+    frozen: list[torch.nn.Parameter] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer update from the gradients of `group`'s batches added up (accumulation).
+
+    `compute_loss(model, batch, label_smoothing)` gives a batch's summed loss (by default the
+    translation loss); the parameters in `frozen` are left as they are.
 
     The summed loss is divided by `normalizer`, by default the group's target tokens, so that
     the update follows the mean loss per token. Under DistributedDataParallel (a model with
@@ -152,6 +151,7 @@ def training_update(
     device: reading them would wait for the GPU, so the caller decides when.
     """
     normalizer = normalizer or sum(b.num_tgt_tokens for b in group)
+    compute_loss = compute_loss or translation_loss
     data_parallel = hasattr(model, "no_sync")
     total = torch.zeros((), device=device)
     for i, batch in enumerate(group):
@@ -159,11 +159,12 @@ def training_update(
         exchange = not data_parallel or i == len(group) - 1
         with contextlib.nullcontext() if exchange else model.no_sync():
             with autocast(device, dtype):
-                logits = model(batch.src, batch.tgt_in)  # (B, T, V)
-            loss = token_loss(logits, batch.tgt_out, tc.label_smoothing)
+                loss = compute_loss(model, batch, tc.label_smoothing)
             total += loss.detach()
             scaled = loss / normalizer
             (scaler.scale(scaled) if scaler else scaled).backward()
+    for param in frozen or ():
+        param.grad = None  # the optimizer passes over parameters without a gradient
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
     if scaler:
@@ -227,7 +228,81 @@ def validate(
     }
 
 
-def _check_resumable(save_dir: Path, config: Config, manifest: dict) -> None:
+class TranslationTask:
+    """What the training loop needs to know about translation: the data, the model, the
+    batches, the loss and how to validate. `nmt pretrain` gives the same loop a masked-LM task."""
+
+    metric, metric_name = "bleu", "BLEU"  # the dev score that picks best/
+    extra_metrics: tuple[str, ...] = ()  # other dev figures to print
+
+    def __init__(self, config: Config, data_dir: Path, manifest: dict):
+        self.config, self.data_dir, self.manifest = config, data_dir, manifest
+        self.tokenizer = Tokenizer(data_dir / manifest["vocab"]["src_model"], data_dir / manifest["vocab"]["tgt_model"])
+        self.train_split = ParallelSplit.load(data_dir, "train")
+        self.valid_split = ParallelSplit.load(data_dir, "valid")
+        self.references = list(read_lines(data_dir / "valid.tgt.txt"))
+
+    def describe(self) -> str:
+        return f"{len(self.train_split)} training pairs"
+
+    def build_model(self) -> torch.nn.Module:
+        return build_model(self.config.model, self.tokenizer.src_vocab_size, self.tokenizer.tgt_vocab_size)
+
+    def initialize(self, model: torch.nn.Module, resume: bool, log: Callable[[str], None]) -> list[torch.nn.Parameter]:
+        """Load pretrained weights (train.init) unless resuming; returns the parameters to hold
+        fixed for the first train.freeze_init_steps updates."""
+        tc = self.config.train
+        if not tc.init:
+            return []
+        loaded = load_pretrained(model, Path(tc.init), self.manifest["vocab"], tc.init_decoder, copy=not resume)
+        if not resume:
+            fresh = [name for name, _ in model.named_parameters() if name not in loaded]
+            log(f"initialised from {tc.init}: {len(loaded)} tensors loaded ({_summarize(loaded)}); "
+                f"{len(fresh)} start fresh ({_summarize(fresh)})")
+        if not tc.freeze_init_steps:
+            return []
+        return [param for name, param in model.named_parameters() if name in loaded]
+
+    def epoch_batches(self, batch_tokens: int, epoch: int) -> list[np.ndarray]:
+        split, tc = self.train_split, self.config.train
+        return token_batches(split.src.lengths, split.tgt.lengths, batch_tokens, seed=tc.seed * 100_003 + epoch)
+
+    def make_batch(self, indices: np.ndarray, pin_memory: bool, epoch: int, number: int) -> Batch:
+        return make_batch(self.train_split, indices, pin_memory)
+
+    def update_tokens(self, update: list[np.ndarray]) -> int | None:
+        """Target tokens of an update's batches (+1 EOS each), known before building them."""
+        return sum(len(b) + int(self.train_split.tgt.lengths[b].sum()) for b in update)
+
+    def release_pages(self) -> None:
+        self.train_split.release_pages()
+
+    loss = staticmethod(translation_loss)
+
+    def validate(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> dict:
+        return validate(model, self.valid_split, self.references, self.tokenizer, self.config, device, dtype)
+
+    def check_resumable(self, save_dir: Path) -> None:
+        check_same_model(save_dir, self.config)
+        saved = read_vocab_info(save_dir)["vocab"]
+        if (saved["src_sha256"], saved["tgt_sha256"]) != (self.manifest["vocab"]["src_sha256"], self.manifest["vocab"]["tgt_sha256"]):
+            raise CheckpointError(
+                f"the checkpoint in {save_dir} was trained with a different vocabulary than data dir {self.data_dir}"
+            )
+
+    def init_save_dir(self, save_dir: Path) -> None:
+        init_save_dir(save_dir, self.config, self.data_dir, self.manifest)
+
+
+def _summarize(names: list[str]) -> str:
+    """Parameter names grouped by their first part: 'encoder_layers ×24, src_embed'."""
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name.split(".")[0]] = counts.get(name.split(".")[0], 0) + 1
+    return ", ".join(f"{k} ×{n}" if n > 1 else k for k, n in counts.items()) or "none"
+
+
+def check_same_model(save_dir: Path, config: Config) -> None:
     saved = read_config(save_dir)
     if saved.model != config.model:
         for field in dataclasses.fields(saved.model):
@@ -236,15 +311,6 @@ def _check_resumable(save_dir: Path, config: Config, manifest: dict) -> None:
                 raise ConfigError(
                     f"model.{field.name} is {new!r} but the checkpoint in {save_dir} was built with {old!r}"
                 )
-    _check_vocab(save_dir, manifest, config.data_dir)
-
-
-def _check_vocab(save_dir: Path, manifest: dict, data_dir: str) -> None:
-    saved = read_vocab_info(save_dir)["vocab"]
-    if (saved["src_sha256"], saved["tgt_sha256"]) != (manifest["vocab"]["src_sha256"], manifest["vocab"]["tgt_sha256"]):
-        raise CheckpointError(
-            f"the checkpoint in {save_dir} was trained with a different vocabulary than data dir {data_dir}"
-        )
 
 
 def train(
@@ -261,20 +327,32 @@ def train(
     if not config.save_dir:
         raise ConfigError("no checkpoint dir: set save_dir in the config or pass --out")
     data_dir, save_dir = Path(config.data_dir), Path(config.save_dir)
+    manifest = read_manifest(data_dir)
+    if config.train.init and not resume:  # a wrong pretrained model fails now, not after loading the data
+        check_pretrained(Path(config.train.init), manifest["vocab"])
+    return run_training(
+        lambda ranks: TranslationTask(config, data_dir, manifest), config, save_dir, resume, overwrite, progress, log, started
+    )
+
+
+def run_training(
+    make_task: Callable, config: Config, save_dir: Path, resume: bool, overwrite: bool, progress: bool,
+    log: Callable[[str], None], started: float,
+) -> TrainResult:
+    """The training loop, for any task (translation, masked-LM pretraining); `make_task(ranks)`
+    builds it, once the checkpoint dir is known to be usable."""
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
-    manifest = read_manifest(data_dir)
-    tc = config.train
-    ranks = init_ranks(tc.device)
+    ranks = init_ranks(config.train.device)
     try:
         with training_lock(save_dir) if ranks.is_main else contextlib.nullcontext():
-            return _train(config, ranks, data_dir, save_dir, manifest, resume, overwrite, progress, log, started)
+            return _train(make_task, config, ranks, save_dir, resume, overwrite, progress, log, started)
     finally:
         ranks.close()
 
 
 def _train(
-    config: Config, ranks: Ranks, data_dir: Path, save_dir: Path, manifest: dict, resume: bool, overwrite: bool,
+    make_task: Callable, config: Config, ranks: Ranks, save_dir: Path, resume: bool, overwrite: bool,
     progress: bool, log: Callable[[str], None], started: float,
 ) -> TrainResult:
     tc = config.train
@@ -288,28 +366,26 @@ def _train(
     if ranks.is_main:
         recover_checkpoints(save_dir)
     ranks.barrier()
-    if has_checkpoint(save_dir):
-        if resume:
-            _check_resumable(save_dir, config, manifest)
-        elif not overwrite:
-            raise CheckpointError(
-                f"{save_dir} already holds a model; pass --resume to continue it or --overwrite to start again"
-            )
-    elif resume:
+    exists = has_checkpoint(save_dir)
+    if exists and not resume and not overwrite:
+        raise CheckpointError(
+            f"{save_dir} already holds a model; pass --resume to continue it or --overwrite to start again"
+        )
+    if resume and not exists:
         raise CheckpointError(f"nothing to resume: {save_dir} holds no checkpoint")
+    task = make_task(ranks)
+    if resume:
+        task.check_resumable(save_dir)
     ranks.barrier()  # every process has looked before the main one clears anything
     if overwrite and ranks.is_main:
         for name in ("best", "last", LOG_NAME, TENSORBOARD_DIR):
             path = save_dir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
-    tokenizer = Tokenizer(data_dir / manifest["vocab"]["src_model"], data_dir / manifest["vocab"]["tgt_model"])
-    train_split = ParallelSplit.load(data_dir, "train")
-    valid_split = ParallelSplit.load(data_dir, "valid")
-    references = list(read_lines(data_dir / "valid.tgt.txt"))
-
     torch.manual_seed(tc.seed)  # the same initial weights in every process
-    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size).to(device)
+    model = task.build_model()
+    frozen = task.initialize(model, resume, log)
+    model.to(device)
     if ranks.active:
         torch.manual_seed(tc.seed * 1_000_003 + ranks.rank)  # each process its own dropout
     optimizer = make_optimizer(model, tc, device)
@@ -330,12 +406,12 @@ def _train(
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
     step, epoch, group_in_epoch = 0, 0, 0
-    best_bleu, best_step, bad_validations, elapsed_before, valid_seconds = -1.0, 0, 0, 0.0, 0.0
+    best_score, best_step, bad_validations, elapsed_before, valid_seconds = -1.0, 0, 0, 0.0, 0.0
     last_valid: dict = {}
     if resume:
         info, rng = load_training_state(save_dir, model, optimizer)
         step, epoch, group_in_epoch = info["step"], info["epoch"], info["group_in_epoch"]
-        best_bleu, best_step = info["best_bleu"], info["best_step"]
+        best_score, best_step = info.get("best_score", info.get("best_bleu", -1.0)), info["best_step"]
         bad_validations, elapsed_before = info["bad_validations"], info["seconds"]
         valid_seconds = info.get("valid_seconds", 0.0)
         last_valid = info.get("last_valid", {})
@@ -347,12 +423,12 @@ def _train(
         log(f"resuming {save_dir} at step {step} (epoch {epoch + 1})")
     elif ranks.is_main:
         save_dir.mkdir(parents=True, exist_ok=True)
-        init_save_dir(save_dir, config, data_dir, manifest)
+        task.init_save_dir(save_dir)
 
     params = sum(p.numel() for p in model.parameters())
     log(
         f"model: {config.model.arch}, {params / 1e6:.1f}M parameters; device {device}, "
-        f"{str(dtype).replace('torch.', '')}; {len(train_split)} training pairs"
+        f"{str(dtype).replace('torch.', '')}; {task.describe()}"
         + (f"; {ranks.world} processes, {rank_accum} batch(es) of {rank_tokens} tokens each per update" if ranks.active else "")
     )
     train_log = TrainLog(save_dir, tc.tensorboard, log) if ranks.is_main else None
@@ -371,7 +447,7 @@ def _train(
         if not ranks.is_main:
             return
         info = {
-            "step": step, "epoch": epoch, "group_in_epoch": group_in_epoch, "best_bleu": best_bleu,
+            "step": step, "epoch": epoch, "group_in_epoch": group_in_epoch, "metric": task.metric, "best_score": best_score,
             "best_step": best_step, "bad_validations": bad_validations,
             "seconds": round(elapsed_before + time.time() - started, 1), "valid_seconds": round(valid_seconds, 1),
             "last_valid": last_valid,
@@ -383,16 +459,16 @@ def _train(
 
     def run_validation() -> str:
         """Validate (main process) and save checkpoints; returns why training should stop, or ""."""
-        nonlocal best_bleu, best_step, bad_validations, last_valid, valid_seconds
+        nonlocal best_score, best_step, bad_validations, last_valid, valid_seconds
         reason = ""
         if ranks.is_main:
             valid_started = time.time()
-            last_valid = {"step": step, **validate(model, valid_split, references, tokenizer, config, device, dtype)}
+            last_valid = {"step": step, **task.validate(model, device, dtype)}
             valid_seconds += time.time() - valid_started
             seconds = elapsed_before + time.time() - started
-            improved = last_valid["bleu"] > best_bleu
+            improved = last_valid[task.metric] > best_score
             if improved:
-                best_bleu, best_step, bad_validations = last_valid["bleu"], step, 0
+                best_score, best_step, bad_validations = last_valid[task.metric], step, 0
                 save("best")
             else:
                 bad_validations += 1
@@ -402,15 +478,20 @@ def _train(
                 "train_seconds": round(seconds - valid_seconds, 1),
             })
             log(
-                f"step {step}: dev loss {last_valid['loss']:.3f}, ppl {last_valid['ppl']:.2f}, "
-                f"BLEU {last_valid['bleu']:.2f}" + (" (best)" if improved else f" (best {best_bleu:.2f} at {best_step})")
+                f"step {step}: dev loss {last_valid['loss']:.3f}, ppl {last_valid['ppl']:.2f}"
+                + "".join(f", {key} {last_valid[key]:.2f}" for key in task.extra_metrics)
+                + f", {task.metric_name} {last_valid[task.metric]:.2f}"
+                + (" (best)" if improved else f" (best {best_score:.2f} at {best_step})")
             )
-            if tc.target_bleu and last_valid["bleu"] >= tc.target_bleu:
+            if tc.target_bleu and task.metric == "bleu" and last_valid["bleu"] >= tc.target_bleu:
                 reason = "target_bleu"
             elif tc.patience and bad_validations >= tc.patience:
                 reason = "patience"
         save("last")
         return VALIDATION_STOPS[ranks.agree(VALIDATION_STOPS.index(reason), device)]
+
+    def frozen_now() -> list[torch.nn.Parameter]:
+        return frozen if step <= tc.freeze_init_steps else []
 
     def retry_out_of_memory(group: list[Batch], lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """After running out of memory on `group`: the same update from half-size batches, or
@@ -421,9 +502,10 @@ def _train(
                 scaler.update()  # forget the failed attempt's unscale_, if it got that far
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        halves = [half for batch in group for half in split_batch(batch)]
+        halves = [half for batch in group for half in batch.halves()]
         try:
-            loss, skipped = training_update(step_model, optimizer, scaler, halves, tc, lr, device, dtype)
+            loss, skipped = training_update(step_model, optimizer, scaler, halves, tc, lr, device, dtype,
+                                            compute_loss=task.loss, frozen=frozen_now())
             log(f"warning: out of memory at step {step}; the update was made from half-size batches")
             return loss, skipped
         except torch.OutOfMemoryError:
@@ -461,9 +543,7 @@ def _train(
             if tc.max_epochs and epoch >= tc.max_epochs:
                 stop_reason = "max_epochs"
                 break
-            batches = token_batches(
-                train_split.src.lengths, train_split.tgt.lengths, rank_tokens, seed=tc.seed * 100_003 + epoch
-            )
+            batches = task.epoch_batches(rank_tokens, epoch)
             # Every process builds the same list of updates and takes its share of each; with
             # several processes, a last update too small to share is left out.
             last_start = len(batches) - update_batches + 1 if ranks.active else len(batches)
@@ -471,10 +551,14 @@ def _train(
             if not tc.max_steps and tc.max_epochs and bar.total is None:
                 bar.total = tc.max_epochs * len(groups)  # for the ETA; batch counts vary a little
 
-            def build_update(index: int, groups=groups) -> list[Batch]:
-                share = groups[index][ranks.rank * rank_accum : (ranks.rank + 1) * rank_accum]
-                batches = [make_batch(train_split, indices, pin) for indices in share]
-                train_split.release_pages()  # resident memory must not grow with the corpus
+            def build_update(index: int, groups=groups, epoch=epoch) -> list[Batch]:
+                first = ranks.rank * rank_accum
+                share = groups[index][first : first + rank_accum]
+                batches = [
+                    task.make_batch(indices, pin, epoch, index * update_batches + first + i)
+                    for i, indices in enumerate(share)
+                ]
+                task.release_pages()  # resident memory must not grow with the corpus
                 return batches
 
             # On a GPU, the next updates' batches are built in a background thread while this one runs.
@@ -484,14 +568,18 @@ def _train(
                     update = groups[group_in_epoch]
                     group = [batch.to(device) for batch in prefetcher.next()]
                     normalizer = None
-                    if ranks.active:  # the update's target tokens in all processes (+1 EOS each), per process
-                        update_tokens = sum(len(b) + int(train_split.tgt.lengths[b].sum()) for b in update)
+                    if ranks.active:  # the update's target tokens in all processes, per process
+                        update_tokens = task.update_tokens(update)
+                        if update_tokens is None:  # known only once the batches are built: ask the others
+                            (update_tokens,) = ranks.sum([sum(b.num_tgt_tokens for b in group)], device)
                         normalizer = update_tokens / ranks.world
                     step += 1
                     lr = inverse_sqrt_lr(step, tc.lr, tc.warmup_steps, tc.min_lr)
                     failure = ""
                     try:
-                        loss, skipped = training_update(step_model, optimizer, scaler, group, tc, lr, device, dtype, normalizer)
+                        loss, skipped = training_update(
+                            step_model, optimizer, scaler, group, tc, lr, device, dtype, normalizer, task.loss, frozen_now()
+                        )
                     except torch.OutOfMemoryError:
                         failure = "out of memory"
                     except Exception as e:  # torch.compile fails at the first call, if at all
@@ -505,7 +593,9 @@ def _train(
                         log(f"warning: torch.compile failed ({failure}); training continues without it")
                         step_model = eager_model
                         optimizer.zero_grad(set_to_none=True)
-                        loss, skipped = training_update(step_model, optimizer, scaler, group, tc, lr, device, dtype, normalizer)
+                        loss, skipped = training_update(
+                            step_model, optimizer, scaler, group, tc, lr, device, dtype, normalizer, task.loss, frozen_now()
+                        )
                     interval_loss += loss
                     skipped_run = (skipped_run + 1) * skipped  # updates skipped in a row, on the device
                     longest_skipped_run = torch.maximum(longest_skipped_run, skipped_run)
@@ -585,8 +675,9 @@ def _train(
         save_dir=save_dir,
         steps=step,
         epochs=round(epoch + group_in_epoch / max(len(groups), 1), 2),
-        best_bleu=best_bleu,
+        best_score=best_score,
         best_step=best_step,
+        metric_name=task.metric_name,
         last_valid=last_valid,
         seconds=round(elapsed_before + time.time() - started, 1),
         stop_reason=stop_reason,

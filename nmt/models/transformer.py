@@ -133,7 +133,39 @@ class DecoderLayer(nn.Module):
         return x, kv, weights
 
 
-class Transformer(nn.Module):
+class ScaledEmbedding:
+    """Token embeddings scaled by sqrt(D) plus sinusoidal positions, then dropout. Needs `dim`,
+    `embed_dropout` and a `positions` buffer (made by `_add_positions`)."""
+
+    dim: int
+    positions: torch.Tensor
+    embed_dropout: nn.Dropout
+
+    def _add_positions(self) -> None:
+        self.register_buffer("positions", sinusoidal_positions(1024, self.dim), persistent=False)
+
+    def _embed(self, table: nn.Embedding, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        T = tokens.shape[1]
+        if offset + T > self.positions.shape[0]:
+            self.positions = sinusoidal_positions(2 * (offset + T), self.dim).to(self.positions.device)
+        x = table(tokens) * math.sqrt(self.dim) + self.positions[offset : offset + T]  # (B, T, D)
+        return self.embed_dropout(x)
+
+
+def init_transformer_weights(model: nn.Module, embeddings: list[nn.Embedding]) -> None:
+    """Xavier-uniform Linear weights, zero biases; embeddings N(0, 1/D) with a zero PAD row."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    for embed in embeddings:
+        nn.init.normal_(embed.weight, mean=0.0, std=embed.weight.shape[1] ** -0.5)
+        if embed.padding_idx is not None:
+            nn.init.zeros_(embed.weight[embed.padding_idx])
+
+
+class Transformer(ScaledEmbedding, nn.Module):
     def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int):
         super().__init__()
         self.dim = cfg.embed_dim
@@ -147,27 +179,10 @@ class Transformer(nn.Module):
         self.encoder_norm = nn.LayerNorm(cfg.embed_dim) if cfg.norm == "pre" else nn.Identity()
         self.decoder_norm = nn.LayerNorm(cfg.embed_dim) if cfg.norm == "pre" else nn.Identity()
         self.output = nn.Linear(cfg.embed_dim, tgt_vocab_size, bias=False)
-        self.register_buffer("positions", sinusoidal_positions(1024, cfg.embed_dim), persistent=False)
-        self._init_weights()
+        self._add_positions()
+        init_transformer_weights(self, [self.src_embed, self.tgt_embed])
         if cfg.tie_output:
             self.output.weight = self.tgt_embed.weight
-
-    def _init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        for embed in (self.src_embed, self.tgt_embed):
-            nn.init.normal_(embed.weight, mean=0.0, std=self.dim**-0.5)
-            nn.init.zeros_(embed.weight[PAD])
-
-    def _embed(self, table: nn.Embedding, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        T = tokens.shape[1]
-        if offset + T > self.positions.shape[0]:
-            self.positions = sinusoidal_positions(2 * (offset + T), self.dim).to(self.positions.device)
-        x = table(tokens) * math.sqrt(self.dim) + self.positions[offset : offset + T]  # (B, T, D)
-        return self.embed_dropout(x)
 
     def encode(self, src: torch.Tensor) -> TransformerMemory:
         # src: (B, S)

@@ -1,0 +1,70 @@
+"""A masked language model (BERT; Devlin et al., 2019) made of the Transformer's encoder, for
+pretraining on monolingual text (`nmt pretrain`).
+
+Its shared parts carry the Transformer's parameter names (`src_embed`, `encoder_layers`,
+`encoder_norm`), so that their weights initialise a translation model by name
+(`nmt train --init`). Languages get no embedding of their own: the joint SentencePiece
+vocabulary already tells them apart by their pieces, and the translation model has no language
+input to match one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nmt.config import ModelConfig
+from nmt.models.transformer import EncoderLayer, ScaledEmbedding, init_transformer_weights
+from nmt.tokenizer import PAD
+
+
+class MaskedLM(ScaledEmbedding, nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, next_sentence: bool = False):
+        super().__init__()
+        self.dim = cfg.embed_dim
+        self.src_embed = nn.Embedding(vocab_size, cfg.embed_dim, padding_idx=PAD)
+        # Sentence A / sentence B, added to the input for next-sentence prediction only.
+        self.segment_embed = nn.Embedding(2, cfg.embed_dim) if next_sentence else None
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
+        self.encoder_norm = nn.LayerNorm(cfg.embed_dim) if cfg.norm == "pre" else nn.Identity()
+        # BERT's prediction head: a transform, then the embedding matrix (tied) plus a bias.
+        self.mlm_transform = nn.Sequential(nn.Linear(cfg.embed_dim, cfg.embed_dim), nn.GELU(), nn.LayerNorm(cfg.embed_dim))
+        self.mlm_bias = nn.Parameter(torch.zeros(vocab_size))
+        self.nsp_head = (
+            nn.Sequential(nn.Linear(cfg.embed_dim, cfg.embed_dim), nn.Tanh(), nn.Linear(cfg.embed_dim, 2))
+            if next_sentence else None
+        )
+        self._add_positions()
+        init_transformer_weights(self, [self.src_embed])
+
+    @property
+    def next_sentence(self) -> bool:
+        return self.nsp_head is not None
+
+    def encode(self, tokens: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        # tokens, segments: (B, S) -> hidden states (B, S, D)
+        x = self._embed(self.src_embed, tokens)
+        if self.segment_embed is not None and segments is not None:
+            x = x + self.segment_embed(segments)
+        attn_mask = (tokens != PAD)[:, None, None, :]  # (B, 1, 1, S)
+        for layer in self.encoder_layers:
+            x = layer(x, attn_mask)
+        return self.encoder_norm(x)
+
+    def forward(
+        self, tokens: torch.Tensor, segments: torch.Tensor | None = None, predict: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of the tokens at the positions `predict` (B, S) marks, in row-major order:
+        (N, V), where N = predict.sum() (every position when `predict` is None: (B*S, V)); and
+        next-sentence logits from [CLS] (B, 2), or None without that head."""
+        hidden = self.encode(tokens, segments)  # (B, S, D)
+        # Only the chosen positions go through the output layer: 15% of the work of all of them.
+        chosen = hidden[predict] if predict is not None else hidden.reshape(-1, self.dim)  # (N, D)
+        logits = F.linear(self.mlm_transform(chosen), self.src_embed.weight, self.mlm_bias)  # (N, V)
+        nsp_logits = None
+        if self.nsp_head is not None:
+            nsp_logits = self.nsp_head(hidden[:, 0])  # (B, 2): position 0 holds [CLS]
+        return logits, nsp_logits
+

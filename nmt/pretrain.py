@@ -1,0 +1,529 @@
+"""`nmt pretrain`: a masked language model (BERT's cloze task, optionally with next-sentence
+prediction) on monolingual text, trained by the same loop as translation (`run_training`), to
+initialise a translation model (`nmt train --init`). Also `fill_mask`, to look at what it learnt.
+
+Text: one sentence per line, a blank line between documents; each file starts a new document.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from nmt.atomic import write_text_atomic
+from nmt.checkpoint import MASKED_LM, checkpoint_dir, load_weights, read_config, read_info, read_vocab_info, verify_files
+from nmt.config import Config, PretrainConfig, save_config
+from nmt.data import clean_whitespace, normalize_text, read_lines, read_manifest
+from nmt.devices import autocast
+from nmt.distributed import Ranks
+from nmt.errors import CheckpointError, ConfigError, DataError
+from nmt.models.masked_lm import MaskedLM
+from nmt.shards import flatten, token_dtype
+from nmt.tokenizer import (
+    CLS, EOS, FIRST_REGULAR_ID, MASK, PAD, SEP, file_sha256, has_reserved_symbols, load_sentencepiece,
+    train_sentencepiece,
+)
+from nmt.train import TrainResult, check_same_model, run_training
+
+SPM_NAME = "spm.joint.model"
+NORMALIZATION = "NFC"  # as `nmt prepare` does by default
+
+
+# ---------------------------------------------------------------------------------------------
+# Monolingual text
+
+
+@dataclass
+class MonoCorpus:
+    """Sentences as one flat token array with offsets, and the document each belongs to."""
+
+    tokens: np.ndarray  # (total tokens,)
+    offsets: np.ndarray  # (N + 1,)
+    documents: np.ndarray  # (N,) document number of each sentence, non-decreasing
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def select(self, rows: np.ndarray) -> "MonoCorpus":
+        rows = np.sort(rows)
+        pieces = [self[i] for i in rows.tolist()]
+        tokens, lengths = flatten(pieces, self.tokens.dtype)
+        return MonoCorpus(tokens, np.concatenate([[0], np.cumsum(lengths)]), self.documents[rows])
+
+    def has_next(self) -> np.ndarray:
+        """(N,) whether the next sentence belongs to the same document."""
+        return np.append(self.documents[1:] == self.documents[:-1], False)
+
+
+def read_documents(paths: Iterable[Path]) -> Iterable[tuple[int, str]]:
+    """(document number, sentence) for each non-empty line; a blank line or a new file starts
+    a new document. Text is normalized as `nmt prepare` does."""
+    document = 0
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"text file not found: {path}")
+        started = False
+        for line in read_lines(path):
+            text = clean_whitespace(normalize_text(line, NORMALIZATION))
+            if text:
+                yield document, text
+                started = True
+            elif started:
+                document, started = document + 1, False
+        if started:
+            document += 1
+
+
+def encode_corpus(paths: list[Path], processor, max_tokens: int, chunk: int = 10_000) -> MonoCorpus:
+    dtype = token_dtype(processor.get_piece_size())
+    token_parts, length_parts, documents = [], [], []
+    lines: list[str] = []
+
+    def flush() -> None:
+        ids = [seq[:max_tokens] for seq in processor.encode(lines)]
+        tokens, lengths = flatten(ids, dtype)
+        token_parts.append(tokens)
+        length_parts.append(lengths)
+        lines.clear()
+
+    for document, text in read_documents(paths):
+        documents.append(document)
+        lines.append(text)
+        if len(lines) >= chunk:
+            flush()
+    if lines:
+        flush()
+    if len(documents) < 10:
+        raise DataError(f"only {len(documents)} sentences in {', '.join(map(str, paths))}: too few to pretrain on")
+    lengths = np.concatenate(length_parts)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return MonoCorpus(np.concatenate(token_parts), offsets, np.asarray(documents, dtype=np.int64))
+
+
+def hold_out(corpus: MonoCorpus, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows for training and for validation (about `count`). With many documents, whole
+    documents are held out; with a few long ones, the last lines of each."""
+    count = max(1, min(count, len(corpus) // 10))
+    rng = np.random.default_rng(seed)
+    doc_ids, starts, sizes = np.unique(corpus.documents, return_index=True, return_counts=True)
+    if len(doc_ids) >= 20:
+        order = rng.permutation(len(doc_ids))
+        taken = order[: int(np.searchsorted(np.cumsum(sizes[order]), count)) + 1]
+        held = np.concatenate([np.arange(starts[d], starts[d] + sizes[d]) for d in taken])
+    else:
+        tails = np.maximum(1, np.round(sizes * count / len(corpus)).astype(np.int64))
+        held = np.concatenate([np.arange(s + n - t, s + n) for s, n, t in zip(starts, sizes, tails)])
+    train = np.setdiff1d(np.arange(len(corpus)), held)
+    return train, np.sort(held)
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples: masking and sentence pairs
+
+
+def mask_tokens(
+    tokens: np.ndarray, rng: np.random.Generator, cfg: PretrainConfig, vocab_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """BERT's masking of a padded batch (B, S): each regular token is chosen with probability
+    mask_prob (special symbols and padding never); of the chosen, mask_token_prob become [MASK],
+    random_token_prob a random regular token, the rest stay. Returns (inputs, targets): targets
+    hold the original token at chosen positions and PAD elsewhere, so the loss ignores those.
+    A batch gets at least one chosen position."""
+    eligible = tokens >= FIRST_REGULAR_ID  # (B, S)
+    chosen = eligible & (rng.random(tokens.shape) < cfg.mask_prob)
+    if not chosen.any() and eligible.any():
+        candidates = np.flatnonzero(eligible)
+        chosen.flat[candidates[rng.integers(len(candidates))]] = True
+    action = rng.random(tokens.shape)
+    inputs = tokens.copy()
+    inputs[chosen & (action < cfg.mask_token_prob)] = MASK
+    randomized = chosen & (action >= cfg.mask_token_prob) & (action < cfg.mask_token_prob + cfg.random_token_prob)
+    inputs[randomized] = rng.integers(FIRST_REGULAR_ID, vocab_size, size=int(randomized.sum()))
+    targets = np.where(chosen, tokens, PAD)
+    return inputs, targets
+
+
+def sentence_pairs(corpus: MonoCorpus, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Next-sentence examples: each sentence that has a successor in its document is an A; half
+    the time B is that successor (label 1), otherwise a random sentence of another document
+    (label 0). Returns (a, b, labels), each (M,)."""
+    if len(np.unique(corpus.documents)) < 2:
+        raise DataError("next-sentence prediction needs at least 2 documents (separate them with a blank line)")
+    a = np.flatnonzero(corpus.has_next())
+    if len(a) == 0:
+        raise DataError("next-sentence prediction needs documents of at least 2 sentences")
+    labels = (rng.random(len(a)) < 0.5).astype(np.int64)
+    b = a + 1
+    negatives = np.flatnonzero(labels == 0)
+    others = rng.integers(0, len(corpus), size=len(negatives))
+    clash = corpus.documents[others] == corpus.documents[a[negatives]]
+    while clash.any():  # draw again where B fell in A's own document
+        others[clash] = rng.integers(0, len(corpus), size=int(clash.sum()))
+        clash = corpus.documents[others] == corpus.documents[a[negatives]]
+    b[negatives] = others
+    return a, b, labels
+
+
+@dataclass
+class Examples:
+    """One epoch's examples: sentence A (and B with next-sentence prediction)."""
+
+    a: np.ndarray
+    b: np.ndarray | None = None
+    labels: np.ndarray | None = None
+
+    def lengths(self, corpus: MonoCorpus) -> np.ndarray:
+        lengths = corpus.lengths
+        if self.b is None:
+            return lengths[self.a]
+        return lengths[self.a] + lengths[self.b] + 2  # [CLS] A [SEP] B [SEP], one counted by batching
+
+
+def make_examples(corpus: MonoCorpus, next_sentence: bool, rng: np.random.Generator) -> Examples:
+    if not next_sentence:
+        return Examples(np.arange(len(corpus)))
+    return Examples(*sentence_pairs(corpus, rng))
+
+
+@dataclass
+class MaskedBatch:
+    tokens: torch.Tensor  # (B, S) masked input
+    segments: torch.Tensor | None  # (B, S) 0 for [CLS] A [SEP], 1 for B [SEP]; None without pairs
+    targets: torch.Tensor  # (B, S) original tokens at chosen positions, PAD elsewhere
+    nsp_labels: torch.Tensor | None  # (B,) 1 when B follows A
+    num_tgt_tokens: int  # chosen positions: what the loss is averaged over
+    num_src_tokens: int = 0
+    indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def to(self, device: torch.device) -> "MaskedBatch":
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=device.type == "cuda")
+
+        return MaskedBatch(
+            move(self.tokens), move(self.segments), move(self.targets), move(self.nsp_labels),
+            self.num_tgt_tokens, self.num_src_tokens, self.indices,
+        )
+
+    def halves(self) -> list["MaskedBatch"]:
+        half = self.tokens.shape[0] // 2
+        if half == 0:
+            return [self]
+        parts = []
+        for rows in (slice(0, half), slice(half, None)):
+            targets = self.targets[rows]
+            parts.append(MaskedBatch(
+                self.tokens[rows], None if self.segments is None else self.segments[rows], targets,
+                None if self.nsp_labels is None else self.nsp_labels[rows], int((targets != PAD).sum()),
+                int((self.tokens[rows] != PAD).sum()), self.indices[rows],
+            ))
+        return parts
+
+
+def build_masked_batch(
+    corpus: MonoCorpus, examples: Examples, rows: np.ndarray, cfg: PretrainConfig, vocab_size: int,
+    rng: np.random.Generator, pin_memory: bool = False,
+) -> MaskedBatch:
+    """Padded, masked batch of examples `rows`: `A EOS`, or `[CLS] A [SEP] B [SEP]` with pairs."""
+    if examples.b is None:
+        sequences = [np.append(corpus[i], EOS) for i in examples.a[rows].tolist()]
+    else:
+        sequences = [
+            np.concatenate([[CLS], corpus[a], [SEP], corpus[b], [SEP]])
+            for a, b in zip(examples.a[rows].tolist(), examples.b[rows].tolist())
+        ]
+    width = max(len(s) for s in sequences)
+    tokens = np.full((len(sequences), width), PAD, dtype=np.int64)
+    segments = np.zeros((len(sequences), width), dtype=np.int64) if examples.b is not None else None
+    for row, seq in enumerate(sequences):
+        tokens[row, : len(seq)] = seq
+        if segments is not None:
+            segments[row, len(corpus[examples.a[rows[row]]]) + 2 : len(seq)] = 1
+    inputs, targets = mask_tokens(tokens, rng, cfg, vocab_size)
+    tensors = [torch.from_numpy(inputs), None if segments is None else torch.from_numpy(segments), torch.from_numpy(targets)]
+    labels = None if examples.labels is None else torch.from_numpy(examples.labels[rows])
+    if pin_memory:
+        tensors = [None if t is None else t.pin_memory() for t in tensors]
+        labels = None if labels is None else labels.pin_memory()
+    return MaskedBatch(
+        tensors[0], tensors[1], tensors[2], labels, num_tgt_tokens=int((targets != PAD).sum()),
+        num_src_tokens=int((tokens != PAD).sum()), indices=rows,
+    )
+
+
+def masked_lm_loss(model: torch.nn.Module, batch: MaskedBatch, label_smoothing: float) -> torch.Tensor:
+    """Summed cross-entropy at the chosen positions (+ the next-sentence loss, weighted so that
+    after division by the chosen count it counts as its mean over sentences)."""
+    chosen = batch.targets != PAD  # (B, S)
+    logits, nsp_logits = model(batch.tokens, batch.segments, chosen)  # (N, V), (B, 2)
+    loss = F.cross_entropy(logits.float(), batch.targets[chosen], label_smoothing=label_smoothing, reduction="sum")
+    if nsp_logits is not None:
+        per_sentence = batch.num_tgt_tokens / max(batch.tokens.shape[0], 1)
+        loss = loss + F.cross_entropy(nsp_logits.float(), batch.nsp_labels, reduction="sum") * per_sentence
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# The task run by the training loop
+
+
+class MaskedLMTask:
+    metric, metric_name = "accuracy", "masked accuracy"  # percent of chosen tokens predicted right
+
+    def __init__(self, config: Config, texts: list[Path], vocab: Path | None, vocab_size: int, ranks: Ranks,
+                 resume: bool, log: Callable[[str], None]):
+        self.config, self.texts, self.save_dir = config, [Path(t) for t in texts], Path(config.save_dir)
+        self.pc = config.pretrain
+        self.extra_metrics = ("nsp_accuracy",) if self.pc.next_sentence else ()  # printed at validation
+        self.spm_tmp: Path | None = None
+        if resume:
+            self.spm_path = self.save_dir / read_vocab_info(self.save_dir)["vocab"]["src_model"]
+        elif vocab is not None:
+            self.spm_path = vocabulary_model(Path(vocab))
+        else:
+            self.spm_tmp = self.save_dir / ".spm-new"
+            if ranks.is_main:
+                self.spm_tmp.mkdir(parents=True, exist_ok=True)
+                train_sentencepiece(
+                    (text for _, text in read_documents(self.texts)), self.spm_tmp / "spm.joint", vocab_size,
+                )
+            ranks.barrier()
+            self.spm_path = self.spm_tmp / SPM_NAME
+        self.processor = load_sentencepiece(self.spm_path)
+        if not has_reserved_symbols(self.processor):
+            raise DataError(f"{self.spm_path} does not reserve [MASK], [CLS] and [SEP]: prepare the data again with this version")
+        self.vocab_size = self.processor.get_piece_size()
+        started = time.time()
+        corpus = encode_corpus(self.texts, self.processor, self.pc.max_tokens)
+        train_rows, valid_rows = hold_out(corpus, self.pc.valid_sentences, config.train.seed)
+        self.train_corpus, self.valid_corpus = corpus.select(train_rows), corpus.select(valid_rows)
+        log(f"pretraining text: {len(corpus)} sentences, {len(corpus.tokens)} tokens, "
+            f"{len(np.unique(corpus.documents))} documents ({time.time() - started:.1f} s to encode); "
+            f"{len(self.valid_corpus)} held out")
+        self.valid_examples = make_examples(self.valid_corpus, self.pc.next_sentence, np.random.default_rng(0))
+        self.epoch_examples: dict[int, Examples] = {}
+
+    def describe(self) -> str:
+        kind = "sentence pairs (masked LM + next sentence)" if self.pc.next_sentence else "sentences (masked LM)"
+        return f"{len(self.train_corpus)} training {kind}"
+
+    def build_model(self) -> torch.nn.Module:
+        if self.config.model.arch != "transformer":
+            raise ConfigError("nmt pretrain trains a Transformer encoder: set model.arch to transformer")
+        return MaskedLM(self.config.model, self.vocab_size, self.pc.next_sentence)
+
+    def initialize(self, model, resume: bool, log) -> list[torch.nn.Parameter]:
+        return []
+
+    def examples(self, epoch: int) -> Examples:
+        """Sentence pairs are drawn anew each epoch (as are the masks, in make_batch)."""
+        if epoch not in self.epoch_examples:
+            rng = np.random.default_rng([self.config.train.seed, epoch, 1])
+            self.epoch_examples = {epoch: make_examples(self.train_corpus, self.pc.next_sentence, rng)}
+        return self.epoch_examples[epoch]
+
+    def epoch_batches(self, batch_tokens: int, epoch: int) -> list[np.ndarray]:
+        from nmt.batches import token_batches
+
+        lengths = self.examples(epoch).lengths(self.train_corpus)
+        return token_batches(lengths, lengths, batch_tokens, seed=self.config.train.seed * 100_003 + epoch)
+
+    def make_batch(self, rows: np.ndarray, pin_memory: bool, epoch: int, number: int) -> MaskedBatch:
+        # The masks depend on (seed, epoch, batch number) only: new each epoch, the same on resume.
+        rng = np.random.default_rng([self.config.train.seed, epoch, number, 2])
+        return build_masked_batch(self.train_corpus, self.examples(epoch), rows, self.pc, self.vocab_size, rng, pin_memory)
+
+    def update_tokens(self, update) -> None:
+        return None  # how many positions get chosen is known once the batches are built
+
+    def release_pages(self) -> None:
+        pass
+
+    loss = staticmethod(masked_lm_loss)
+
+    @torch.no_grad()
+    def validate(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> dict:
+        return evaluate_masked_lm(model, self.valid_corpus, self.valid_examples, self.config, self.vocab_size, device, dtype)
+
+    def check_resumable(self, save_dir: Path) -> None:
+        check_same_model(save_dir, self.config)
+        saved = read_config(save_dir).pretrain
+        if saved.next_sentence != self.pc.next_sentence:
+            raise ConfigError(f"the model in {save_dir} was pretrained with next_sentence={saved.next_sentence}")
+
+    def init_save_dir(self, save_dir: Path) -> None:
+        target = save_dir / SPM_NAME
+        if self.spm_path != target:
+            shutil.copyfile(self.spm_path, target)
+        if self.spm_tmp is not None:
+            shutil.rmtree(self.spm_tmp, ignore_errors=True)
+        self.spm_path = target
+        sha, size = file_sha256(target), self.vocab_size
+        info = {
+            "task": MASKED_LM,
+            "texts": [str(t) for t in self.texts],
+            "normalization": NORMALIZATION,
+            "vocab": {
+                "joint": True, "src_model": SPM_NAME, "tgt_model": SPM_NAME, "src_size": size, "tgt_size": size,
+                "src_sha256": sha, "tgt_sha256": sha,
+            },
+        }
+        write_text_atomic(save_dir / "vocab.json", json.dumps(info, indent=2))
+        save_config(self.config, save_dir / "config.yaml")
+
+
+def evaluate_masked_lm(
+    model, corpus: MonoCorpus, examples: Examples, config: Config, vocab_size: int, device, dtype
+) -> dict:
+    """Loss, perplexity and accuracy at the chosen positions of `corpus` (masks drawn with a
+    fixed seed, so that validations compare), and next-sentence accuracy with pairs."""
+    from nmt.batches import token_batches
+
+    was_training = model.training
+    model.eval()
+    lengths = examples.lengths(corpus)
+    total_loss, chosen_count, correct, nsp_correct, sentences = 0.0, 0, 0, 0, 0
+    for number, rows in enumerate(token_batches(lengths, lengths, config.train.batch_tokens)):
+        rng = np.random.default_rng([number, 3])
+        batch = build_masked_batch(corpus, examples, rows, config.pretrain, vocab_size, rng).to(device)
+        chosen = batch.targets != PAD
+        with autocast(device, dtype):
+            logits, nsp_logits = model(batch.tokens, batch.segments, chosen)
+        targets = batch.targets[chosen]
+        total_loss += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+        correct += int((logits.argmax(-1) == targets).sum())
+        chosen_count += len(targets)
+        if nsp_logits is not None:
+            nsp_correct += int((nsp_logits.argmax(-1) == batch.nsp_labels).sum())
+            sentences += len(rows)
+    model.train(was_training)
+    loss = total_loss / max(chosen_count, 1)
+    result = {
+        "loss": round(loss, 4),
+        "ppl": round(math.exp(min(loss, 50.0)), 2),
+        "accuracy": round(100.0 * correct / max(chosen_count, 1), 2),
+        "masked_tokens": chosen_count,
+    }
+    if sentences:
+        result["nsp_accuracy"] = round(100.0 * nsp_correct / sentences, 2)
+    return result
+
+
+def vocabulary_model(path: Path) -> Path:
+    """The SentencePiece model of `--vocab`: a .model file or a data dir from nmt prepare."""
+    if path.is_dir():
+        manifest = read_manifest(path)
+        if not manifest["vocab"]["joint"]:
+            raise DataError(f"{path} has a separate vocabulary per language: pretrain one side with its model file")
+        return path / manifest["vocab"]["src_model"]
+    if not path.is_file():
+        raise DataError(f"vocabulary not found: {path} (give a data dir from nmt prepare or a SentencePiece .model)")
+    return path
+
+
+def pretrain(
+    config: Config,
+    texts: list[Path],
+    vocab: Path | None = None,
+    vocab_size: int = 8000,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda message: tqdm.write(message, file=sys.stderr),
+) -> TrainResult:
+    """Pretrain a masked LM on `texts` into `config.save_dir`. The vocabulary is `vocab` (a data
+    dir or a SentencePiece model), or one trained on the texts with `vocab_size` pieces."""
+    started = time.time()
+    if not config.save_dir:
+        raise ConfigError("no checkpoint dir: set save_dir in the config or pass --out")
+    if not texts:
+        raise ConfigError("no text to pretrain on: pass --text FILE (one or more)")
+    for path in texts:
+        if not Path(path).is_file():
+            raise DataError(f"text file not found: {path}")
+    return run_training(
+        lambda ranks: MaskedLMTask(config, texts, vocab, vocab_size, ranks, resume, log),
+        config, Path(config.save_dir), resume, overwrite, progress, log, started,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Fill-mask
+
+
+@dataclass
+class MaskFill:
+    candidates: list[tuple[str, float]]  # (piece text, probability), best first
+
+
+@dataclass
+class FilledLine:
+    text: str  # the input with each [MASK] replaced by its best candidate
+    masks: list[MaskFill]
+
+
+def load_masked_lm(save_dir: Path, device: torch.device | str = "cpu", which: str = "best"):
+    """(model, SentencePiece processor) from a checkpoint dir of `nmt pretrain`."""
+    save_dir = Path(save_dir)
+    config = read_config(save_dir)
+    info = read_vocab_info(save_dir)
+    if info.get("task") != MASKED_LM:
+        raise CheckpointError(f"{save_dir} is not a pretrained model from nmt pretrain (use nmt translate)")
+    processor = load_sentencepiece(save_dir / info["vocab"]["src_model"])
+    model = MaskedLM(config.model, processor.get_piece_size(), config.pretrain.next_sentence)
+    directory = checkpoint_dir(save_dir, which) or checkpoint_dir(save_dir, "last")
+    if directory is None or not (directory / "model.safetensors").is_file():
+        raise CheckpointError(f"{save_dir} holds no trained weights (no best/ or last/)")
+    verify_files(directory, read_info(directory))
+    load_weights(model, directory / "model.safetensors")
+    return model.to(device).eval(), processor
+
+
+@torch.no_grad()
+def fill_mask(model: MaskedLM, processor, text: str, top_k: int = 5, device: torch.device | str = "cpu") -> FilledLine:
+    """The `top_k` most likely pieces for each [MASK] in `text` (one piece per mask)."""
+    ids = processor.encode(clean_whitespace(normalize_text(text, NORMALIZATION)))
+    # SentencePiece splits " [MASK]" into a bare "▁" and [MASK]; in pretraining the mask took a
+    # whole piece, space included, so the bare "▁" goes.
+    space = processor.piece_to_id("▁")
+    ids = [t for i, t in enumerate(ids) if not (t == space and i + 1 < len(ids) and ids[i + 1] == MASK)]
+    if MASK not in ids:
+        raise DataError(f"no [MASK] in: {text}")
+    if model.next_sentence:
+        tokens, segments = [CLS, *ids, SEP], torch.zeros(1, len(ids) + 2, dtype=torch.long, device=device)
+    else:
+        tokens, segments = [*ids, EOS], None
+    tokens = torch.tensor([tokens], device=device)  # (1, S)
+    masked = tokens == MASK
+    logits, _ = model(tokens, segments, masked)  # (M, V)
+    probs = logits.float().softmax(-1)
+    probs[:, :FIRST_REGULAR_ID] = 0.0  # a special symbol is never the answer
+    top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+    masks, filled = [], list(ids)
+    positions = [i for i, t in enumerate(ids) if t == MASK]
+    for row, position in enumerate(positions):
+        candidates = [
+            (processor.decode([int(i)]) or processor.id_to_piece(int(i)), float(p))
+            for p, i in zip(top.values[row].tolist(), top.indices[row].tolist())
+        ]
+        masks.append(MaskFill(candidates))
+        filled[position] = int(top.indices[row, 0])
+    return FilledLine(processor.decode(filled), masks)
