@@ -68,8 +68,12 @@ def draw_attention(amap: AttentionMap, path: Path, title: str, description: str)
     return path
 
 
+SCORE_NAMES = {"bleu": "BLEU", "accuracy": "masked accuracy"}
+
+
 def plot_training(run_dirs: list[Path], out: Path) -> Path:
-    """Loss, dev BLEU and learning rate against steps, one colour per run, into a PNG."""
+    """Loss, dev score (BLEU; masked accuracy for `nmt pretrain` runs) and learning rate against
+    steps, one colour per run, into a PNG."""
     runs = []
     for run_dir in run_dirs:
         train, valid = read_train_log(Path(run_dir))
@@ -92,10 +96,12 @@ def plot_training(run_dirs: list[Path], out: Path) -> Path:
             steps = [r["step"] for r in valid]
             loss_ax.plot(steps, [r["loss"] for r in valid], color=colour, linestyle="--", marker="o",
                          markersize=3, label=f"{name} dev")
-            bleu_ax.plot(steps, [r["bleu"] for r in valid], color=colour, marker="o", markersize=3, label=name)
+            metric = "bleu" if "bleu" in valid[0] else "accuracy"
+            scores = [r.get(metric, float("nan")) for r in valid]
+            bleu_ax.plot(steps, scores, color=colour, marker="o", markersize=3, label=f"{name} ({SCORE_NAMES[metric]})")
     for ax, title, ylabel in (
         (loss_ax, "loss per target token", "loss (train: label-smoothed)"),
-        (bleu_ax, "dev BLEU", "BLEU"),
+        (bleu_ax, "dev score", "BLEU / masked accuracy %"),
         (lr_ax, "learning rate", "lr"),
     ):
         ax.set_title(title)

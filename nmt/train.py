@@ -234,6 +234,7 @@ class TranslationTask:
 
     metric, metric_name = "bleu", "BLEU"  # the dev score that picks best/
     extra_metrics: tuple[str, ...] = ()  # other dev figures to print
+    throughput = "tgt_tokens_per_s"  # the log figure the progress bar shows as tok/s
 
     def __init__(self, config: Config, data_dir: Path, manifest: dict):
         self.config, self.data_dir, self.manifest = config, data_dir, manifest
@@ -252,7 +253,7 @@ class TranslationTask:
         """Load pretrained weights (train.init) unless resuming; returns the parameters to hold
         fixed for the first train.freeze_init_steps updates."""
         tc = self.config.train
-        if not tc.init:
+        if not tc.init or (resume and not tc.freeze_init_steps):  # resuming needs only its own weights
             return []
         loaded = load_pretrained(model, Path(tc.init), self.manifest["vocab"], tc.init_decoder, copy=not resume)
         if not resume:
@@ -623,7 +624,7 @@ def _train(
                             log(f"warning: {skipped_count} update(s) up to step {step} skipped: non-finite loss or gradient")
                             interval_skipped.zero_()
                         write_log(record)
-                        postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.2e}", "tok/s": record["tgt_tokens_per_s"]}
+                        postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.2e}", "tok/s": record[task.throughput]}
                         if tc.max_minutes and not tc.max_steps:
                             left = tc.max_minutes - (elapsed_before + time.time() - started) / 60
                             postfix["left"] = f"{max(left, 0):.1f}min"

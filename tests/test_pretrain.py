@@ -1,0 +1,407 @@
+"""Masked-LM pretraining: masking and sentence-pair statistics, the shared training loop,
+fill-mask, and starting translation models from a pretrained encoder (--init)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from conftest import toy_pairs, write_pairs
+from nmt.checkpoint import load_pretrained, pretrained_source_name
+from nmt.config import Config, ModelConfig, PretrainConfig, TrainConfig
+from nmt.errors import CheckpointError, DataError
+from nmt.models import build_model
+from nmt.models.masked_lm import MaskedLM
+from nmt.pretrain import (
+    Examples, MonoCorpus, build_masked_batch, encode_corpus, fill_mask, hold_out, load_masked_lm, mask_tokens,
+    masked_lm_loss, pretrain, sentence_pairs,
+)
+from nmt.tokenizer import FIRST_REGULAR_ID, MASK, PAD, load_sentencepiece
+from nmt_cli.main import app
+
+runner = CliRunner()
+TINY_MODEL = dict(embed_dim=32, ff_dim=64, heads=2, enc_layers=2, dec_layers=2, dropout=0.0, share_embeddings=True)
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+# ---------------------------------------------------------------------------------------------
+# Masking and sentence pairs
+
+
+def test_masking_statistics_on_a_large_batch():
+    rng = np.random.default_rng(0)
+    vocab = 1000
+    tokens = rng.integers(0, vocab, size=(400, 250))  # specials (ids < 7) included at random
+    tokens[:, 200:] = PAD  # and a padded tail
+    inputs, targets = mask_tokens(tokens, rng, PretrainConfig(), vocab)
+    eligible = tokens >= FIRST_REGULAR_ID
+    chosen = targets != PAD
+    assert not (chosen & ~eligible).any()  # never padding or a special symbol
+    assert abs(chosen.sum() / eligible.sum() - 0.15) < 0.01
+    masked = (inputs[chosen] == MASK).mean()
+    kept = (inputs[chosen] == tokens[chosen]).mean()
+    replaced = 1.0 - masked - kept
+    assert abs(masked - 0.8) < 0.02 and abs(kept - 0.1) < 0.02 and abs(replaced - 0.1) < 0.02
+    assert (inputs[chosen & (inputs != MASK)] >= FIRST_REGULAR_ID).all()  # random tokens are regular ones
+    assert (inputs[~chosen] == tokens[~chosen]).all()  # positions not chosen are untouched
+    assert (targets[chosen] == tokens[chosen]).all()
+
+
+def test_masking_respects_configured_fractions():
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(FIRST_REGULAR_ID, 500, size=(300, 200))
+    inputs, targets = mask_tokens(tokens, rng, PretrainConfig(mask_prob=0.3, mask_token_prob=1.0, random_token_prob=0.0), 500)
+    chosen = targets != PAD
+    assert abs(chosen.mean() - 0.3) < 0.01
+    assert (inputs[chosen] == MASK).all()
+
+
+def test_loss_counts_only_the_chosen_positions():
+    torch.manual_seed(0)
+    model = MaskedLM(ModelConfig(**TINY_MODEL), 60).eval()
+    corpus = _corpus([[7 + (i * j) % 50 for j in range(3 + i % 5)] for i in range(12)], [0] * 12)
+    batch = build_masked_batch(corpus, Examples(np.arange(12)), np.arange(12), PretrainConfig(mask_prob=0.3), 60,
+                               np.random.default_rng(0))
+    loss = masked_lm_loss(model, batch, 0.0)
+    # The same from every position's logits, weighting the positions not chosen by zero.
+    logits, _ = model(batch.tokens, None, None)  # (B*S, V)
+    per_position = F.cross_entropy(logits, batch.targets.reshape(-1), ignore_index=PAD, reduction="none")
+    weights = (batch.targets != PAD).reshape(-1).float()
+    assert batch.num_tgt_tokens == int(weights.sum()) > 0
+    assert torch.allclose(loss, (per_position * weights).sum(), rtol=1e-5)
+
+
+def _corpus(sentences: list[list[int]], documents: list[int]) -> MonoCorpus:
+    lengths = [len(s) for s in sentences]
+    return MonoCorpus(
+        np.array([t for s in sentences for t in s], dtype=np.int64),
+        np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        np.array(documents, dtype=np.int64),
+    )
+
+
+def test_sentence_pairs_are_half_consecutive_and_negatives_from_other_documents():
+    rng = np.random.default_rng(0)
+    documents = np.repeat(np.arange(400), rng.integers(1, 12, size=400))  # documents of 1 to 11 lines
+    corpus = _corpus([[7 + i % 90] for i in range(len(documents))], documents.tolist())
+    a, b, labels = sentence_pairs(corpus, np.random.default_rng(1))
+    assert abs(labels.mean() - 0.5) < 0.03
+    positive, negative = labels == 1, labels == 0
+    assert (b[positive] == a[positive] + 1).all()
+    assert (documents[b[positive]] == documents[a[positive]]).all()
+    assert (documents[b[negative]] != documents[a[negative]]).all()
+    # A sentence is an A only where its document goes on after it.
+    assert (documents[a + 1] == documents[a]).all()
+
+
+def test_sentence_pairs_need_two_documents():
+    corpus = _corpus([[7], [8], [9]], [0, 0, 0])
+    with pytest.raises(DataError, match="at least 2 documents"):
+        sentence_pairs(corpus, np.random.default_rng(0))
+
+
+def test_pair_batch_has_cls_sep_and_segments():
+    corpus = _corpus([[10, 11], [12, 13, 14], [15]], [0, 0, 1])
+    examples = Examples(np.array([0]), np.array([1]), np.array([1]))
+    cfg = PretrainConfig(mask_prob=0.01)
+    batch = build_masked_batch(corpus, examples, np.array([0]), cfg, 50, np.random.default_rng(0))
+    targets = batch.targets[0]
+    original = torch.where(targets != PAD, targets, batch.tokens[0])  # undo the masking
+    assert original.tolist() == [5, 10, 11, 6, 12, 13, 14, 6]  # [CLS] A [SEP] B [SEP]
+    assert batch.segments[0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert batch.nsp_labels.tolist() == [1]
+
+
+def test_documents_and_held_out_split(tmp_path):
+    text = tmp_path / "text.txt"
+    blocks = ["\n".join(f"sentence {d} {i}" for i in range(3)) for d in range(30)]
+    text.write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
+    (tmp_path / "more.txt").write_text("another file\nstarts a document\n", encoding="utf-8")
+    from nmt.tokenizer import train_sentencepiece
+
+    model = train_sentencepiece([f"sentence {d} {i}" for d in range(30) for i in range(3)], tmp_path / "spm", 40)
+    corpus = encode_corpus([text, tmp_path / "more.txt"], load_sentencepiece(model), max_tokens=64)
+    assert len(corpus) == 92
+    assert len(np.unique(corpus.documents)) == 31
+    train, valid = hold_out(corpus, 9, seed=0)
+    assert len(np.intersect1d(train, valid)) == 0 and len(train) + len(valid) == 92
+    assert len(np.intersect1d(corpus.documents[train], corpus.documents[valid])) == 0  # whole documents
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining through the training loop
+
+
+FACTS = [
+    "the red fox jumps over the lazy dog",
+    "a small bird sings in the green tree",
+    "my old uncle drives a yellow taxi",
+    "seven sailors cross the stormy sea",
+    "the baker sells fresh bread every morning",
+    "children play football in the park",
+]
+
+
+def _pretrain_config(save_dir: Path, **train) -> Config:
+    settings = dict(batch_tokens=400, lr=3e-3, warmup_steps=20, label_smoothing=0.0, max_steps=300,
+                    valid_every=100, log_every=50, seed=1, tensorboard=False)
+    settings.update(train)
+    return Config(
+        save_dir=str(save_dir), model=ModelConfig(**{**TINY_MODEL, "embed_dim": 64, "ff_dim": 128}),
+        train=TrainConfig(**settings), pretrain=PretrainConfig(mask_prob=0.25, valid_sentences=5),
+    )
+
+
+@pytest.fixture(scope="module")
+def overfit_mlm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlm")
+    (root / "facts.txt").write_text("\n".join(FACTS * 5) + "\n", encoding="utf-8")
+    result = pretrain(_pretrain_config(root / "mlm"), [root / "facts.txt"], vocab_size=100, progress=False)
+    return root, result
+
+
+def test_tiny_masked_lm_overfits_and_fills_a_masked_word(overfit_mlm):
+    root, result = overfit_mlm
+    assert result.steps == 300
+    valid = [json.loads(line) for line in (root / "mlm" / "train_log.jsonl").read_text().splitlines()]
+    valid = [r for r in valid if r["type"] == "valid"]
+    assert valid[-1]["accuracy"] > valid[0]["accuracy"] and valid[-1]["accuracy"] > 60
+    model, processor = load_masked_lm(root / "mlm")
+    # A word that occurs once and is one piece of the vocabulary: its sentence alone says what it is.
+    words = " ".join(FACTS).split()
+    sentence, word = next(
+        (fact, w) for fact in FACTS for w in fact.split()
+        if words.count(w) == 1 and len(processor.encode(" " + w)) == 1 and not fact.startswith(w)
+    )
+    filled = fill_mask(model, processor, sentence.replace(f" {word}", " [MASK]", 1), top_k=3)
+    assert filled.text == sentence
+    assert filled.masks[0].candidates[0][0] == word
+    probabilities = [p for _, p in filled.masks[0].candidates]
+    assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1.0001
+
+
+def test_pretrain_resume_matches_uninterrupted_run(tmp_path):
+    (tmp_path / "facts.txt").write_text("\n".join(FACTS * 3) + "\n", encoding="utf-8")
+    texts = [tmp_path / "facts.txt"]
+    settings = dict(max_steps=12, valid_every=6, log_every=1, batch_tokens=60)
+    pretrain(_pretrain_config(tmp_path / "a", **settings), texts, vocab_size=50, progress=False)
+    pretrain(_pretrain_config(tmp_path / "b", **{**settings, "max_steps": 6}), texts, vocab_size=50, progress=False)
+    pretrain(_pretrain_config(tmp_path / "b", **settings), texts, resume=True, progress=False)
+
+    def losses(name):
+        records = [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in records if r["type"] == "train"}
+
+    assert len(losses("a")) == 12 and losses("a") == losses("b")
+
+
+def test_next_sentence_prediction_trains_and_reports_accuracy(tmp_path):
+    documents = ["\n".join(FACTS[i:] + FACTS[:i]) for i in range(len(FACTS))]
+    (tmp_path / "docs.txt").write_text("\n\n".join(documents) + "\n", encoding="utf-8")
+    config = _pretrain_config(tmp_path / "nsp", max_steps=6, valid_every=3)
+    config.pretrain.next_sentence = True
+    result = pretrain(config, [tmp_path / "docs.txt"], vocab_size=60, progress=False)
+    assert result.steps == 6
+    records = [json.loads(line) for line in (tmp_path / "nsp" / "train_log.jsonl").read_text().splitlines()]
+    valid = [r for r in records if r["type"] == "valid"]
+    assert valid and all(0 <= r["nsp_accuracy"] <= 100 for r in valid)
+    model, _ = load_masked_lm(tmp_path / "nsp")
+    assert model.next_sentence
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting translation from a pretrained model
+
+
+def test_decoder_mapping():
+    assert pretrained_source_name("encoder_layers.1.self_attn.q.weight", False) == "encoder_layers.1.self_attn.q.weight"
+    assert pretrained_source_name("decoder_layers.1.self_attn.q.weight", False) is None
+    assert pretrained_source_name("decoder_layers.1.self_attn.q.weight", True) == "encoder_layers.1.self_attn.q.weight"
+    assert pretrained_source_name("decoder_layers.0.norm3.weight", True) == "encoder_layers.0.norm2.weight"
+    assert pretrained_source_name("decoder_layers.0.cross_attn.q.weight", True) is None
+    assert pretrained_source_name("decoder_layers.0.norm2.weight", True) is None
+    assert pretrained_source_name("tgt_embed.weight", True) == "src_embed.weight"
+
+
+@pytest.fixture(scope="module")
+def pretrained_and_data(tmp_path_factory):
+    """A small masked LM on both sides of the toy corpus, and data dirs prepared with its
+    vocabulary and with one of their own."""
+    root = tmp_path_factory.mktemp("init")
+    pairs = toy_pairs(300, seed=1)
+    (root / "mono.xx").write_text("".join(s + "\n" for s, _ in pairs[100:]), encoding="utf-8")
+    (root / "mono.yy").write_text("".join(t + "\n" for _, t in pairs[100:]), encoding="utf-8")
+    write_pairs(root / "c" / "train", pairs[:100])
+    write_pairs(root / "c" / "valid", toy_pairs(10, seed=2))
+    write_pairs(root / "c" / "test", toy_pairs(10, seed=3))
+    result = invoke(
+        "pretrain", "--text", root / "mono.xx", "--text", root / "mono.yy", "--vocab-size", 50, "--out", root / "mlm",
+        *_tiny_sets(max_steps=20), "--no-progress",
+    )
+    assert result.exit_code == 0, result.output
+    common = ["--train", root / "c" / "train", "--valid", root / "c" / "valid", "--test", root / "c" / "test",
+              "--src", "xx", "--tgt", "yy"]
+    result = invoke("prepare", *common, "--spm-model", root / "mlm", "--out", root / "data")
+    assert result.exit_code == 0, result.output
+    result = invoke("prepare", *common, "--vocab-size", 45, "--out", root / "other-data")
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def _tiny_sets(**train) -> list[str]:
+    sets = [f"model.{k}={v}" for k, v in TINY_MODEL.items()]
+    sets += [f"train.{k}={v}" for k, v in {"batch_tokens": 300, "valid_every": 10, "max_steps": 4, **train}.items()]
+    return [part for item in sets for part in ("--set", item)]
+
+
+def test_init_copies_the_pretrained_tensors_exactly(pretrained_and_data):
+    root = pretrained_and_data
+    manifest = json.loads((root / "data" / "manifest.json").read_text())
+    config = ModelConfig(**TINY_MODEL)
+    model = build_model(config, manifest["vocab"]["src_size"], manifest["vocab"]["tgt_size"])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    loaded = load_pretrained(model, root / "mlm", manifest["vocab"], decoder=True)
+    from safetensors.torch import load_file
+
+    pretrained = load_file(str(root / "mlm" / "best" / "model.safetensors"))
+    params = dict(model.named_parameters())
+    assert "encoder_layers.0.self_attn.q_proj.weight" in loaded and "decoder_layers.1.self_attn.q_proj.weight" in loaded
+    for name in loaded:
+        assert torch.equal(params[name], pretrained[pretrained_source_name(name, True)]), name
+    fresh = [name for name in params if name not in loaded]
+    assert fresh and all("cross_attn" in name or ".norm2." in name for name in fresh)
+    assert all(torch.equal(params[name], before[name]) for name in fresh)
+    # Encoder only: the decoder keeps its own initial weights.
+    model = build_model(config, manifest["vocab"]["src_size"], manifest["vocab"]["tgt_size"])
+    loaded = load_pretrained(model, root / "mlm", manifest["vocab"], decoder=False)
+    assert loaded and all(not name.startswith("decoder") for name in loaded)
+
+
+def test_init_trains_and_translates_through_the_pipeline(pretrained_and_data, tmp_path):
+    root = pretrained_and_data
+    result = invoke("train", "--data", root / "data", "--out", tmp_path / "model", "--init", root / "mlm",
+                    *_tiny_sets(max_steps=6, freeze_init_steps=3), "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "initialised from" in result.output and "start fresh" in result.output
+    lines = (root / "c" / "test.xx").read_text().splitlines()
+    out = tmp_path / "hyp.txt"
+    result = invoke("translate", tmp_path / "model", "-i", root / "c" / "test.xx", "-o", out, "--beam", 2)
+    assert result.exit_code == 0, result.output
+    assert len(out.read_text().splitlines()) == len(lines)
+
+
+def test_frozen_weights_stay_for_the_first_steps(pretrained_and_data, tmp_path):
+    from nmt.config import load_config
+    from nmt.train import train
+
+    root = pretrained_and_data
+    sets = _tiny_sets(max_steps=3, valid_every=3, freeze_init_steps=3)
+    config = load_config(None, [s for s in sets if s != "--set"] + [
+        f"data_dir={root / 'data'}", f"save_dir={tmp_path / 'model'}", f"train.init={root / 'mlm'}",
+    ])
+    train(config, progress=False)
+    from safetensors.torch import load_file
+
+    trained = load_file(str(tmp_path / "model" / "last" / "model.safetensors"))
+    pretrained = load_file(str(root / "mlm" / "best" / "model.safetensors"))
+    assert torch.equal(trained["encoder_layers.0.ff.fc1.weight"], pretrained["encoder_layers.0.ff.fc1.weight"])
+    assert torch.equal(trained["decoder_layers.1.ff.fc2.weight"], pretrained["encoder_layers.1.ff.fc2.weight"])
+    torch.manual_seed(config.train.seed)  # the model's initial weights, as training drew them
+    manifest = json.loads((root / "data" / "manifest.json").read_text())
+    initial = dict(build_model(config.model, manifest["vocab"]["src_size"], manifest["vocab"]["tgt_size"]).state_dict())
+    assert not torch.equal(trained["decoder_layers.0.cross_attn.q_proj.weight"], initial["decoder_layers.0.cross_attn.q_proj.weight"])
+    # Without freezing, the loaded weights train too.
+    config.train.max_steps, config.train.freeze_init_steps = 3, 0
+    config.save_dir = str(tmp_path / "unfrozen")
+    train(config, progress=False)
+    moved = load_file(str(tmp_path / "unfrozen" / "last" / "model.safetensors"))
+    assert not torch.equal(moved["encoder_layers.0.ff.fc1.weight"], pretrained["encoder_layers.0.ff.fc1.weight"])
+
+
+def test_vocabulary_mismatch_is_a_one_line_error(pretrained_and_data, tmp_path):
+    root = pretrained_and_data
+    result = invoke("train", "--data", root / "other-data", "--out", tmp_path / "m", "--init", root / "mlm",
+                    *_tiny_sets(), "--no-progress")
+    assert result.exit_code == 1
+    assert "vocabulary" in result.output and "--spm-model" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "m" / "best").exists()
+
+
+def test_shape_mismatch_names_the_tensor(pretrained_and_data):
+    root = pretrained_and_data
+    manifest = json.loads((root / "data" / "manifest.json").read_text())
+    model = build_model(ModelConfig(**{**TINY_MODEL, "embed_dim": 48, "heads": 2}), manifest["vocab"]["src_size"],
+                        manifest["vocab"]["tgt_size"])
+    with pytest.raises(CheckpointError, match=r"src_embed\.weight has shape"):
+        load_pretrained(model, root / "mlm", manifest["vocab"], decoder=True)
+
+
+def test_wrong_checkpoint_kinds_are_one_line_errors(pretrained_and_data, tmp_path):
+    root = pretrained_and_data
+    result = invoke("translate", root / "mlm", "-i", root / "c" / "test.xx")
+    assert result.exit_code == 1 and "pretrained masked LM" in result.output
+    result = invoke("train", "--data", root / "data", "--out", tmp_path / "model", *_tiny_sets(max_steps=2), "--no-progress")
+    assert result.exit_code == 0, result.output
+    result = invoke("fill-mask", tmp_path / "model", "w1 [MASK]")
+    assert result.exit_code == 1 and "not a pretrained model" in result.output
+    result = invoke("train", "--data", root / "data", "--out", tmp_path / "m2", "--init", tmp_path / "model", *_tiny_sets())
+    assert result.exit_code == 1 and "not a pretrained model" in result.output
+    result = invoke("pretrain", "--text", tmp_path / "missing.txt", "--out", tmp_path / "p")
+    assert result.exit_code == 1 and "missing.txt" in result.output
+
+
+def test_fill_mask_command_reads_arguments_and_stdin(pretrained_and_data):
+    root = pretrained_and_data
+    result = invoke("fill-mask", root / "mlm", "w1 w2 [MASK] w4", "--top-k", 3)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("w1 w2") and "[MASK]" not in lines[0]
+    assert lines[1].startswith("  [MASK] 1: ") and lines[1].count(",") == 2
+    result = runner.invoke(app, ["fill-mask", str(root / "mlm")], input="w3 [MASK]\n\n[MASK] w5 [MASK]\n")
+    assert result.exit_code == 0, result.output
+    assert sum(line.startswith("  [MASK]") for line in result.output.splitlines()) == 3
+    result = invoke("fill-mask", root / "mlm", "no mask here")
+    assert result.exit_code == 1 and "no [MASK]" in result.output
+
+
+def test_prepare_reserves_the_special_symbols_and_reuses_a_given_model(pretrained_and_data, tmp_path):
+    from nmt.tokenizer import has_reserved_symbols
+
+    root = pretrained_and_data
+    for data in ("data", "other-data"):
+        manifest = json.loads((root / data / "manifest.json").read_text())
+        processor = load_sentencepiece(root / data / manifest["vocab"]["src_model"])
+        assert has_reserved_symbols(processor)
+        assert processor.encode("w1 [MASK] w2").count(MASK) == 1
+    given = json.loads((root / "data" / "manifest.json").read_text())["vocab"]
+    pretrained = json.loads((root / "mlm" / "vocab.json").read_text())["vocab"]
+    assert given["src_sha256"] == given["tgt_sha256"] == pretrained["src_sha256"]
+    # A model without the reserved symbols is refused.
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["w1 w2 w3", "w4 w5"] * 20), model_prefix=str(tmp_path / "old"), vocab_size=12,
+        hard_vocab_limit=False, minloglevel=2,
+    )
+    result = invoke("prepare", "--train", root / "c" / "train", "--valid", root / "c" / "valid", "--test",
+                    root / "c" / "test", "--src", "xx", "--tgt", "yy", "--spm-model", tmp_path / "old.model",
+                    "--out", tmp_path / "d")
+    assert result.exit_code == 1 and "[MASK]" in result.output
+    assert not (tmp_path / "d").exists()
+
+
+def test_plot_draws_a_pretraining_run_beside_a_translation_run(pretrained_and_data, tmp_path):
+    root = pretrained_and_data
+    result = invoke("train", "--data", root / "data", "--out", tmp_path / "model", *_tiny_sets(max_steps=4), "--no-progress")
+    assert result.exit_code == 0, result.output
+    result = invoke("plot", root / "mlm", tmp_path / "model", "-o", tmp_path / "curves.png")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
