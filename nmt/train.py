@@ -330,7 +330,7 @@ def train(
     data_dir, save_dir = Path(config.data_dir), Path(config.save_dir)
     manifest = read_manifest(data_dir)
     if config.train.init and not resume:  # a wrong pretrained model fails now, not after loading the data
-        check_pretrained(Path(config.train.init), manifest["vocab"])
+        check_pretrained(Path(config.train.init), manifest["vocab"], config.train.init_decoder)
     return run_training(
         lambda ranks: TranslationTask(config, data_dir, manifest), config, save_dir, resume, overwrite, progress, log, started
     )
