@@ -48,14 +48,16 @@ def prepare(
     valid_size: Annotated[int, typer.Option(help="Pairs held out for validation when the input has no valid split.")] = 1000,
     test_size: Annotated[int, typer.Option(help="Pairs held out for testing when the input has no test split.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the held-out split.")] = 1,
+    split_by: Annotated[Optional[str], typer.Option(help="Hold out whole groups of pairs that share a sentence in this language (the source or target language), so that none of valid/test's sentences in it is in train.")] = None,
     normalize: Annotated[str, typer.Option(help="Unicode normalization: NFC, NFKC, NFD, NFKD or none.")] = "NFC",
-    max_words: Annotated[int, typer.Option(help="Drop pairs with a side longer than this many words.")] = 250,
-    max_ratio: Annotated[float, typer.Option(help="Drop pairs whose longer side has more than this times the words of the other.")] = 3.0,
+    max_words: Annotated[int, typer.Option(help="Drop pairs with a side longer than this many words (characters for Chinese, Japanese, Korean).")] = 250,
+    max_ratio: Annotated[float, typer.Option(help="Drop pairs whose longer side has more than this times the length of the other (words, or characters as above).")] = 3.0,
     dedup: Annotated[bool, typer.Option(help="Drop exact duplicate pairs.")] = True,
     vocab_size: Annotated[int, typer.Option(help="SentencePiece vocabulary size (a soft limit for small corpora).")] = 8000,
     spm_type: Annotated[str, typer.Option(help="SentencePiece model: unigram or bpe.")] = "unigram",
     joint_vocab: Annotated[bool, typer.Option("--joint-vocab/--separate-vocab", help="One vocabulary for both languages, or one each.")] = True,
-    character_coverage: Annotated[float, typer.Option(help="SentencePiece character coverage.")] = 1.0,
+    character_coverage: Annotated[Optional[float], typer.Option(help="SentencePiece character coverage (default: 0.9995 with byte fallback for Chinese, Japanese and Korean, else 1.0).")] = None,
+    chinese_script: Annotated[str, typer.Option(help="Chinese sides: 'simplified' converts Traditional characters to Simplified (OpenCC), 'none' keeps them.")] = "simplified",
     spm_sample: Annotated[int, typer.Option(help="Sentences SentencePiece trains on, sampled at random from the training pairs (half from each side for a joint vocabulary). Its trainer holds them all and sets prepare's peak memory: about 2.7 GB with the default, for sentences of 130 characters; vocabularies of a few thousand to tens of thousands of pieces gain little from more.")] = 800_000,
     spm_model: Annotated[Optional[Path], typer.Option(help="Use this SentencePiece model for both languages instead of training one: a .model file, or a checkpoint directory of `nmt pretrain` (so that its pretrained weights fit the data).")] = None,
     workers: Annotated[int, typer.Option(help="Processes that encode large corpora; 0: one per core.")] = 0,
@@ -81,7 +83,9 @@ def prepare(
                 out_dir=out, src_lang=src, tgt_lang=tgt, train_prefix=train, valid_prefix=valid,
                 test_prefix=test, tsv=tsv, tsv_langs=langs, hf_name=hf, hf_config=hf_config,
                 hf_revision=hf_revision, corpus=corpus, corpus_dir=data_dir, valid_size=valid_size, test_size=test_size, seed=seed,
-                clean=CleanConfig(normalization=normalize, max_words=max_words, max_ratio=max_ratio, dedup=dedup),
+                split_by=split_by,
+                clean=CleanConfig(normalization=normalize, chinese_script=chinese_script, max_words=max_words,
+                                  max_ratio=max_ratio, dedup=dedup),
                 vocab_size=vocab_size, spm_type=spm_type, joint_vocab=joint_vocab,
                 character_coverage=character_coverage, spm_max_sentences=spm_sample, spm_model=spm_model, workers=workers,
                 overwrite=overwrite,
@@ -95,7 +99,7 @@ def prepare(
         f"{manifest['disk_bytes'] / 1e6:.1f} MB on disk"
     )
     typer.echo(
-        "cleaning: {pairs_read} pairs read; changed: {normalized} by Unicode normalization, "
+        "cleaning: {pairs_read} pairs read; changed: {normalized} by normalization, "
         "{whitespace_fixed} by whitespace; dropped: {empty} empty, {too_long} too long, {ratio} by length "
         "ratio, {duplicates} duplicates, {overlap_with_valid_test} also in valid/test".format(**cleaning)
     )
@@ -106,7 +110,11 @@ def prepare(
         )
     vocab = manifest["vocab"]
     kind = "joint" if vocab["joint"] else "separate"
-    typer.echo(f"vocab: {kind} {vocab['type']}, {vocab['src_size']} source / {vocab['tgt_size']} target pieces")
+    unk = manifest["valid_unk_percent"]
+    typer.echo(
+        f"vocab: {kind} {vocab['type']}, {vocab['src_size']} source / {vocab['tgt_size']} target pieces; "
+        f"<unk> in valid: {unk['src']}% source, {unk['tgt']}% target tokens"
+    )
 
 
 def _relaunch(command: str, devices: int, config: Optional[Path], options: list[tuple[str, object]],
@@ -304,7 +312,8 @@ def evaluate(
     model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory for --src.")] = None,
     beam: Annotated[Optional[int], typer.Option(help="Beam size when translating --src.")] = None,
     metrics: Annotated[str, typer.Option(help="Comma-separated: bleu, chrf, ter.")] = "bleu,chrf,ter",
-    tokenize: Annotated[Optional[str], typer.Option(help="sacreBLEU tokenizer for BLEU (default 13a).")] = None,
+    tokenize: Annotated[Optional[str], typer.Option(help="sacreBLEU tokenizer for BLEU (default: zh for Chinese, else 13a).")] = None,
+    lang: Annotated[Optional[str], typer.Option(help="Language of the references, which picks BLEU's tokenizer (default: the model's target language with --model, else recognised from the references).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (with --src).")] = "auto",
 ) -> None:
@@ -318,9 +327,9 @@ def evaluate(
         if src is not None:
             if model is None:
                 raise NmtError("--src needs --model")
-            scores = translate_and_score(model, src, ref, {"beam": beam}, names, tokenize, device)
+            scores = translate_and_score(model, src, ref, {"beam": beam}, names, tokenize, device, lang)
         else:
-            scores = score_files(hyp, ref, names, tokenize)
+            scores = score_files(hyp, ref, names, tokenize, lang)
     if json_output:
         typer.echo(json.dumps([s.as_dict() for s in scores], indent=2))
     else:

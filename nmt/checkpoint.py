@@ -78,7 +78,8 @@ def init_save_dir(save_dir: Path, config: Config, data_dir: Path, manifest: dict
     info = {
         "src_lang": manifest["src_lang"],
         "tgt_lang": manifest["tgt_lang"],
-        "normalization": manifest["filters"]["normalization"],  # applied to input text at translate time
+        # applied to input text at translate time (the source side's)
+        "normalization": manifest.get("normalization", manifest["filters"]["normalization"]),
         "vocab": vocab,
     }
     write_text_atomic(save_dir / "vocab.json", json.dumps(info, indent=2))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 
 from nmt.errors import DataError, first_line
+from nmt.normalize import is_cjk, language_normalization
 from nmt.shards import TokenArray
 
 # ---------------------------------------------------------------------------------------------
@@ -180,8 +181,11 @@ def _hf_rows(table, src_lang: str, tgt_lang: str, where: str) -> Iterator[tuple[
 @dataclass
 class CleanConfig:
     normalization: str = "NFC"  # Unicode normal form, or "none"
-    max_words: int = 250  # pairs with a longer side (in whitespace-separated words) are dropped
-    max_ratio: float = 3.0  # pairs whose longer side has more than this × the words of the other
+    chinese_script: str = "simplified"  # Chinese sides: "simplified" (OpenCC) or "none"
+    # Lengths count whitespace-separated words, and characters for languages written without
+    # spaces (Chinese, Japanese, Korean).
+    max_words: int = 250  # pairs with a longer side are dropped
+    max_ratio: float = 3.0  # pairs whose longer side has more than this × the length of the other
     dedup: bool = True
 
 
@@ -217,25 +221,35 @@ class PairCleaner:
     Duplicates are not its business: prepare finds them from `pair_hash` once all pairs are read.
     """
 
-    def __init__(self, config: CleanConfig):
+    def __init__(self, config: CleanConfig, src_lang: str = "", tgt_lang: str = ""):
         self.config = config
         self.stats = CleanStats()
+        self.normalize = tuple(
+            language_normalization(lang, config.normalization, config.chinese_script) for lang in (src_lang, tgt_lang)
+        )
+        self.count_characters = (is_cjk(src_lang), is_cjk(tgt_lang))
+
+    def normalize_pair(self, src: str, tgt: str) -> tuple[str, str]:
+        return clean_whitespace(self.normalize[0](src)), clean_whitespace(self.normalize[1](tgt))
 
     def __call__(self, src: str, tgt: str) -> tuple[str, str] | None:
         stats, config = self.stats, self.config
         stats.pairs_read += 1
-        norm_src, norm_tgt = normalize_text(src, config.normalization), normalize_text(tgt, config.normalization)
+        norm_src, norm_tgt = self.normalize[0](src), self.normalize[1](tgt)
         stats.normalized += (norm_src, norm_tgt) != (src, tgt)
         src, tgt = clean_whitespace(norm_src), clean_whitespace(norm_tgt)
         stats.whitespace_fixed += (src, tgt) != (norm_src, norm_tgt)
         if not src or not tgt:
             stats.empty += 1
             return None
-        src_words, tgt_words = src.count(" ") + 1, tgt.count(" ") + 1
-        if max(src_words, tgt_words) > config.max_words:
+        src_length, tgt_length = (
+            len(text) - text.count(" ") if characters else text.count(" ") + 1
+            for text, characters in zip((src, tgt), self.count_characters)
+        )
+        if max(src_length, tgt_length) > config.max_words:
             stats.too_long += 1
             return None
-        if max(src_words, tgt_words) > config.max_ratio * min(src_words, tgt_words):
+        if max(src_length, tgt_length) > config.max_ratio * min(src_length, tgt_length):
             stats.ratio += 1
             return None
         return src, tgt

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from sacrebleu.metrics import BLEU, CHRF, TER
 
 from nmt.data import read_lines
 from nmt.errors import DataError
+from nmt.normalize import is_chinese
 
 METRICS = ("bleu", "chrf", "ter")
 
@@ -25,21 +27,38 @@ class Score:
         return {"metric": self.metric, "score": round(self.score, 4), "signature": self.signature, "text": self.text}
 
 
+_HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+def bleu_tokenizer(lang: str | None = None, references: list[str] | None = None) -> str:
+    """sacreBLEU's `zh` tokenizer for Chinese (it splits Chinese characters apart), `13a`
+    otherwise. Without a language, Chinese is recognised from the references: Han characters
+    making up more than a third of their non-space characters."""
+    if lang:
+        return "zh" if is_chinese(lang) else "13a"
+    text = "".join(references or [])
+    letters = len(text) - text.count(" ")
+    return "zh" if letters and len(_HAN.findall(text)) > letters / 3 else "13a"
+
+
 def corpus_bleu(hypotheses: list[str], references: list[str], tokenize: str | None = None) -> float:
     return score_texts(hypotheses, references, ("bleu",), tokenize)[0].score
 
 
 def score_texts(
-    hypotheses: list[str], references: list[str], metrics=METRICS, tokenize: str | None = None
+    hypotheses: list[str], references: list[str], metrics=METRICS, tokenize: str | None = None, lang: str | None = None
 ) -> list[Score]:
+    """Scores with sacreBLEU; BLEU's tokenizer is `tokenize`, or chosen for the target language
+    `lang` (or, without it, from the references) by `bleu_tokenizer`."""
     if len(hypotheses) != len(references):
         raise DataError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     scores = []
+    tokenize = tokenize or bleu_tokenizer(lang, references)
     for name in metrics:
         if name == "bleu":
-            if tokenize and tokenize not in BLEU.TOKENIZERS:
+            if tokenize not in BLEU.TOKENIZERS:
                 raise DataError(f"unknown BLEU tokenizer {tokenize!r} (choose from {', '.join(BLEU.TOKENIZERS)})")
-            metric = BLEU(tokenize=tokenize) if tokenize else BLEU()
+            metric = BLEU(tokenize=tokenize)
         elif name == "chrf":
             metric = CHRF()
         elif name == "ter":
@@ -51,14 +70,16 @@ def score_texts(
     return scores
 
 
-def score_files(hyp_path: Path, ref_path: Path, metrics=METRICS, tokenize: str | None = None) -> list[Score]:
+def score_files(
+    hyp_path: Path, ref_path: Path, metrics=METRICS, tokenize: str | None = None, lang: str | None = None
+) -> list[Score]:
     hypotheses = list(read_lines(hyp_path))
     references = list(read_lines(ref_path))
     if len(hypotheses) != len(references):
         raise DataError(
             f"line counts differ: {hyp_path} has {len(hypotheses)} lines, {ref_path} has {len(references)}"
         )
-    return score_texts(hypotheses, references, metrics, tokenize)
+    return score_texts(hypotheses, references, metrics, tokenize, lang)
 
 
 def translate_and_score(
@@ -69,11 +90,15 @@ def translate_and_score(
     metrics=METRICS,
     tokenize: str | None = None,
     device: str = "auto",
+    lang: str | None = None,
 ) -> list[Score]:
-    """Translate `src_path` with a checkpoint, then score the output against `ref_path`."""
+    """Translate `src_path` with a checkpoint, then score the output against `ref_path` (in the
+    checkpoint's target language unless `lang` says otherwise)."""
+    from nmt.checkpoint import read_vocab_info
     from nmt.translate import translate_file
 
+    lang = lang or read_vocab_info(model_dir).get("tgt_lang")
     with tempfile.TemporaryDirectory(prefix="nmt-eval-") as tmp:
         hyp_path = Path(tmp) / "hyp.txt"
         translate_file(model_dir, src_path, hyp_path, decode_options, device=device)
-        return score_files(hyp_path, ref_path, metrics, tokenize)
+        return score_files(hyp_path, ref_path, metrics, tokenize, lang)

@@ -24,15 +24,15 @@ from nmt.data import (
     clean_whitespace,
     find_side_file,
     load_hf_corpus,
-    normalize_text,
     pair_hash,
     read_parallel_files,
     read_tsv,
 )
 from nmt.corpora import find_corpus
+from nmt.normalize import is_cjk
 from nmt.errors import DataError
 from nmt.shards import chunked, encode_to_token_files, token_dtype, worker_count, write_token_file
-from nmt.tokenizer import Tokenizer, file_sha256, has_reserved_symbols, load_sentencepiece, train_sentencepiece
+from nmt.tokenizer import UNK, Tokenizer, file_sha256, has_reserved_symbols, load_sentencepiece, train_sentencepiece
 
 DATA_FORMAT_VERSION = 1
 ENCODE_CHUNK_PAIRS = 20_000  # pairs per encoding task
@@ -59,12 +59,15 @@ class PrepareConfig:
     valid_size: int = 1000
     test_size: int = 1000
     seed: int = 1
+    # Carve by this language's sentences: all pairs that share one (several translations of it)
+    # go to the same split, so that no sentence of valid/test in this language is in train.
+    split_by: str | None = None
     clean: CleanConfig = field(default_factory=CleanConfig)
     # SentencePiece
     vocab_size: int = 8000
     spm_type: str = "unigram"
     joint_vocab: bool = True
-    character_coverage: float = 1.0
+    character_coverage: float | None = None  # None: 0.9995 for Chinese, Japanese, Korean, else 1.0
     # Sentences SentencePiece trains on, sampled at random. Its trainer holds them all and is
     # prepare's largest memory cost: with 800k sentences of 130 characters, prepare peaks at
     # 2.7 GB. More adds little to vocabularies of up to tens of thousands of pieces.
@@ -87,6 +90,8 @@ def prepare(config: PrepareConfig, progress: bool = False) -> dict:
         raise DataError("source and target languages must differ")
     if config.spm_model is not None:
         config.spm_model = _given_sentencepiece(Path(config.spm_model))
+    if config.split_by is not None and config.split_by not in (config.src_lang, config.tgt_lang):
+        raise DataError(f"--split-by must be the source or target language ({config.src_lang} or {config.tgt_lang})")
     _tidy_leftovers(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not config.overwrite:
         raise DataError(f"output directory {out_dir} already exists and is not empty; pass --overwrite")
@@ -118,10 +123,13 @@ class _Stages:
 def _build_data_dir(directory: Path, config: PrepareConfig, progress: bool) -> dict:
     stages = _Stages()
     train_pairs, given_eval, expected_pairs = _read_inputs(config, progress)
+    if given_eval and config.split_by is not None:
+        raise DataError("--split-by applies when valid and test are carved out of the training data, not given")
     work = directory / "work"  # cleaned training text, removed before the data dir is complete
     work.mkdir()
-    cleaner = PairCleaner(config.clean)
-    hash_list = array("Q")
+    cleaner = PairCleaner(config.clean, config.src_lang, config.tgt_lang)
+    hash_list, group_list = array("Q"), array("Q")
+    group_side = None if config.split_by is None else (config.src_lang, config.tgt_lang).index(config.split_by)
     with open(work / "train.src", "w", encoding="utf-8", newline="\n") as src_file, \
             open(work / "train.tgt", "w", encoding="utf-8", newline="\n") as tgt_file:
         for src, tgt in tqdm(train_pairs, desc="reading", unit=" pairs", unit_scale=True, file=sys.stderr,
@@ -131,6 +139,8 @@ def _build_data_dir(directory: Path, config: PrepareConfig, progress: bool) -> d
                 src_file.write(pair[0] + "\n")
                 tgt_file.write(pair[1] + "\n")
                 hash_list.append(pair_hash(*pair))
+                if group_side is not None:
+                    group_list.append(pair_hash(pair[group_side], ""))
     hashes = np.frombuffer(hash_list, dtype=np.uint64)
     stats = cleaner.stats
     stages.done("read_clean")
@@ -150,11 +160,8 @@ def _build_data_dir(directory: Path, config: PrepareConfig, progress: bool) -> d
     overlap = 0
     if given_eval:
         for split, pairs in given_eval.items():
-            eval_raw[split] = pairs
-            eval_clean[split] = [
-                tuple(clean_whitespace(normalize_text(s, config.clean.normalization)) for s in pair)
-                for pair in pairs
-            ]
+            eval_clean[split] = [cleaner.normalize_pair(*pair) for pair in pairs]
+            eval_raw[split] = _references(pairs, eval_clean[split], cleaner)
         held_out = np.array([pair_hash(*p) for pairs in eval_clean.values() for p in pairs], dtype=np.uint64)
         in_held_out = keep & np.isin(hashes, held_out)
         overlap = int(in_held_out.sum())
@@ -167,8 +174,13 @@ def _build_data_dir(directory: Path, config: PrepareConfig, progress: bool) -> d
                 f"only {len(candidates)} pairs after cleaning: too few to hold out {config.valid_size} "
                 f"valid and {config.test_size} test pairs; lower --valid-size/--test-size"
             )
-        picked = candidates[np.random.default_rng(config.seed).permutation(len(candidates))[:needed]]
-        held = {"test": np.sort(picked[: config.test_size]), "valid": np.sort(picked[config.test_size :])}
+        rng = np.random.default_rng(config.seed)
+        if group_side is None:
+            picked = candidates[rng.permutation(len(candidates))[:needed]]
+            held = {"test": np.sort(picked[: config.test_size]), "valid": np.sort(picked[config.test_size :])}
+        else:
+            held = _carve_groups(candidates, np.frombuffer(group_list, dtype=np.uint64)[candidates], config, rng)
+            picked = np.concatenate([held["test"], held["valid"]])
         keep[picked] = False
         positions = np.sort(picked)
         found = dict(zip(positions.tolist(), _work_pairs(work, _mask(positions[-1] + 1, positions))))  # one pass
@@ -202,6 +214,9 @@ def _build_data_dir(directory: Path, config: PrepareConfig, progress: bool) -> d
         write_token_file(directory, f"{split}.src", src_ids, dtype)
         write_token_file(directory, f"{split}.tgt", tgt_ids, dtype)
         counts[split] = {"pairs": len(pairs), "src_tokens": sum(map(len, src_ids)), "tgt_tokens": sum(map(len, tgt_ids))}
+        if split == "valid":  # how much of the dev text the vocabulary cannot spell
+            unk_rate = {side: round(100.0 * sum(seq.count(UNK) for seq in ids) / max(sum(map(len, ids)), 1), 3)
+                        for side, ids in (("src", src_ids), ("tgt", tgt_ids))}
         raw = eval_raw[split]  # references for BLEU, and sources to translate
         for side, texts in (("src", [s for s, _ in raw]), ("tgt", [t for _, t in raw])):
             with open(directory / f"{split}.{side}.txt", "w", encoding="utf-8", newline="\n") as f:
@@ -217,12 +232,14 @@ def _build_data_dir(directory: Path, config: PrepareConfig, progress: bool) -> d
         "input": _describe_input(config),
         "counts": counts,
         "filters": asdict(config.clean),
+        # applied to each side; the checkpoint keeps it, translate applies the source side's
+        "normalization": {"src": cleaner.normalize[0].as_dict(), "tgt": cleaner.normalize[1].as_dict()},
         "cleaning": {**stats.as_dict(), "overlap_with_valid_test": overlap},
         "vocab": {
             "joint": config.joint_vocab,
             "type": config.spm_type,
             "requested_size": config.vocab_size,
-            "character_coverage": config.character_coverage,
+            "character_coverage": _coverage(config, (config.src_lang, config.tgt_lang))["character_coverage"],
             "sample_sentences": config.spm_max_sentences,
             "given_model": str(config.spm_model) if config.spm_model is not None else None,
             "src_model": src_model.name,
@@ -232,13 +249,44 @@ def _build_data_dir(directory: Path, config: PrepareConfig, progress: bool) -> d
             "src_sha256": file_sha256(src_model),
             "tgt_sha256": file_sha256(tgt_model),
         },
+        "valid_unk_percent": unk_rate,
         "token_dtype": dtype.name,
         "files": files,
         "disk_bytes": sum((directory / name).stat().st_size for name in files),
         "stage_seconds": stages.seconds,
         "encode_workers": workers,
         "split_seed": config.seed,
+        "split_by": config.split_by,
     }
+
+
+def _carve_groups(candidates: np.ndarray, groups: np.ndarray, config: PrepareConfig, rng) -> dict[str, np.ndarray]:
+    """Test, then valid: whole groups (pairs sharing a sentence) in random order until each has
+    at least its size."""
+    unique, inverse = np.unique(groups, return_inverse=True)
+    order = rng.permutation(len(unique))
+    cumulative = np.cumsum(np.bincount(inverse, minlength=len(unique))[order])
+    test_groups = int(np.searchsorted(cumulative, config.test_size)) + 1
+    valid_end = int(np.searchsorted(cumulative, cumulative[test_groups - 1] + config.valid_size)) + 1
+    if valid_end >= len(unique):
+        raise DataError(f"too few distinct {config.split_by} sentences to hold out {config.valid_size} valid "
+                        f"and {config.test_size} test pairs; lower --valid-size/--test-size")
+    rank = np.empty(len(unique), dtype=np.int64)
+    rank[order] = np.arange(len(unique))
+    pair_rank = rank[inverse]
+    return {
+        "test": np.sort(candidates[pair_rank < test_groups]),
+        "valid": np.sort(candidates[(pair_rank >= test_groups) & (pair_rank < valid_end)]),
+    }
+
+
+def _references(raw: list[tuple[str, str]], clean: list[tuple[str, str]], cleaner: PairCleaner) -> list[tuple[str, str]]:
+    """The held-out pairs as written for translation and scoring: as given, except a target side
+    whose script normalization changes characters (Traditional -> Simplified), which is scored in
+    the script the model writes."""
+    if cleaner.normalize[1].chinese_script == "simplified":
+        return [(r[0], c[1]) for r, c in zip(raw, clean)]
+    return raw
 
 
 def _work_lines(work: Path) -> Iterator[tuple[str, str]]:
@@ -277,17 +325,25 @@ def _train_sentencepiece(directory: Path, work: Path, keep: np.ndarray, config: 
     spm_args = dict(
         vocab_size=config.vocab_size,
         model_type=config.spm_type,
-        character_coverage=config.character_coverage,
         max_sentences=config.spm_max_sentences,
         threads=worker_count(config.workers),
     )
     if config.joint_vocab:
-        model = train_sentencepiece(sample((0, 1)), directory / "spm.joint", **spm_args)
+        langs = (config.src_lang, config.tgt_lang)
+        model = train_sentencepiece(sample((0, 1)), directory / "spm.joint", **spm_args, **_coverage(config, langs))
         return model, model
     return (
-        train_sentencepiece(sample((0,)), directory / "spm.src", **spm_args),
-        train_sentencepiece(sample((1,)), directory / "spm.tgt", **spm_args),
+        train_sentencepiece(sample((0,)), directory / "spm.src", **spm_args, **_coverage(config, (config.src_lang,))),
+        train_sentencepiece(sample((1,)), directory / "spm.tgt", **spm_args, **_coverage(config, (config.tgt_lang,))),
     )
+
+
+def _coverage(config: PrepareConfig, langs: tuple[str, ...]) -> dict:
+    """Scripts of thousands of characters: cover 99.95% of the text with characters of their own
+    and spell the rarest in bytes (byte fallback), so that no character becomes <unk>."""
+    cjk = any(is_cjk(lang) for lang in langs)
+    coverage = config.character_coverage if config.character_coverage is not None else (0.9995 if cjk else 1.0)
+    return {"character_coverage": coverage, "byte_fallback": cjk}
 
 
 def _given_sentencepiece(path: Path) -> Path:

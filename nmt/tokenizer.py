@@ -28,6 +28,7 @@ def train_sentencepiece(
     max_sentences: int = 1_000_000,
     seed_sentencepieces: int | None = None,
     threads: int = 2,
+    byte_fallback: bool = False,
 ) -> Path:
     """Train a SentencePiece model on `sentences`; returns the `.model` path.
 
@@ -42,6 +43,7 @@ def train_sentencepiece(
         vocab_size=vocab_size,
         model_type=model_type,
         character_coverage=character_coverage,
+        byte_fallback=byte_fallback,
         pad_id=PAD,
         unk_id=UNK,
         bos_id=BOS,

@@ -39,7 +39,7 @@ from nmt.data import ParallelSplit, read_lines, read_manifest
 from nmt.devices import autocast, resolve_device, resolve_precision
 from nmt.distributed import Ranks, init_ranks, rank_device
 from nmt.errors import CheckpointError, ConfigError, first_line
-from nmt.evaluate import corpus_bleu
+from nmt.evaluate import bleu_tokenizer, corpus_bleu
 from nmt.models import build_model
 from nmt.tokenizer import PAD, Tokenizer
 from nmt.train_log import LOG_NAME, TENSORBOARD_DIR, TrainLog
@@ -200,8 +200,10 @@ def validate(
     config: Config,
     device: torch.device,
     dtype: torch.dtype,
+    tgt_lang: str | None = None,
 ) -> dict:
-    """Dev loss (teacher forced, no smoothing) and BLEU of the decoded dev sources."""
+    """Dev loss (teacher forced, no smoothing) and BLEU of the decoded dev sources (tokenized for
+    BLEU as the target language needs)."""
     was_training = model.training
     model.eval()
     total_loss, total_tokens = 0.0, 0
@@ -223,7 +225,7 @@ def validate(
     return {
         "loss": round(loss, 4),
         "ppl": round(math.exp(min(loss, 50.0)), 2),
-        "bleu": round(corpus_bleu(texts, references[:count]), 2),
+        "bleu": round(corpus_bleu(texts, references[:count], bleu_tokenizer(tgt_lang)), 2),
         "sentences": count,
     }
 
@@ -281,7 +283,9 @@ class TranslationTask:
     loss = staticmethod(translation_loss)
 
     def validate(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> dict:
-        return validate(model, self.valid_split, self.references, self.tokenizer, self.config, device, dtype)
+        return validate(
+            model, self.valid_split, self.references, self.tokenizer, self.config, device, dtype, self.manifest["tgt_lang"]
+        )
 
     def check_resumable(self, save_dir: Path) -> None:
         check_same_model(save_dir, self.config)

@@ -18,7 +18,8 @@ from nmt.atomic import write_text_atomic
 from nmt.checkpoint import load_for_inference, read_vocab_info
 from nmt.config import DecodeConfig
 from nmt.batches import pad_source
-from nmt.data import clean_whitespace, decode_lines, normalize_text, read_lines
+from nmt.data import clean_whitespace, decode_lines, read_lines
+from nmt.normalize import Normalization
 from nmt.devices import resolve_device
 from nmt.errors import ConfigError
 from nmt.models.attention import AttentionChoice
@@ -96,17 +97,25 @@ class Translations:
     attention_maps: list[AttentionMap | None] | None = None
 
 
+def source_normalization(saved: str | dict | None) -> Normalization:
+    """The normalization a checkpoint records for its source side (older ones: a Unicode form)."""
+    if isinstance(saved, dict) and "src" in saved:
+        return Normalization.from_saved(saved["src"])
+    return Normalization.from_saved(saved or "NFC")
+
+
 def translate_lines(
     model,
     tokenizer: Tokenizer,
     lines: Sequence[str],
     decode: DecodeConfig,
     device: torch.device,
-    normalization: str = "NFC",
+    normalization: str | dict = "NFC",
     progress: bool = False,
     attention: AttentionChoice | None = None,
 ) -> Translations:
-    cleaned = [clean_whitespace(normalize_text(line, normalization)) for line in lines]
+    normalize = source_normalization(normalization)
+    cleaned = [clean_whitespace(normalize(line)) for line in lines]
     non_empty = [i for i, line in enumerate(cleaned) if line]
     encoded = tokenizer.encode_src([cleaned[i] for i in non_empty])
     truncated = [non_empty[k] + 1 for k, ids in enumerate(encoded) if len(ids) > decode.max_input_tokens]

@@ -1,0 +1,93 @@
+"""Language-aware text normalization. `nmt prepare` applies it to both sides of the corpus and
+records it in the data dir; the checkpoint keeps it, and `nmt translate` applies the source
+side's to its input, so that a model sees text at translate time as it saw it in training.
+
+For Chinese: full-width Latin letters and digits become ASCII, ASCII sentence punctuation after
+a Chinese character becomes its full-width form (the form Chinese text uses), and Traditional
+characters become Simplified (OpenCC), so that one sentence in two scripts is one sentence.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+from nmt.errors import DataError
+
+CHINESE_LANGS = ("zh", "cmn", "yue", "wuu", "lzh")
+CJK_LANGS = CHINESE_LANGS + ("ja", "ko")
+SCRIPTS = ("simplified", "none")
+
+# Full-width digits and Latin letters (U+FF10-FF19, FF21-FF3A, FF41-FF5A) and the ideographic space.
+_WIDTH = {code: code - 0xFEE0 for code in [*range(0xFF10, 0xFF1A), *range(0xFF21, 0xFF3B), *range(0xFF41, 0xFF5B)]}
+_WIDTH[0x3000] = ord(" ")
+_HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_FULL_PUNCTUATION = {",": "，", "!": "！", "?": "？", ":": "：", ";": "；", ".": "。"}
+# ASCII punctuation right after a Han character; a period only where a sentence would end
+# (not "3.5" or "e.g." after a character).
+_PUNCTUATION = re.compile(rf"(?<=[{_HAN}])(?:[,!?:;]|\.(?=\s|$|[{_HAN}]))")
+
+
+def base_language(lang: str) -> str:
+    return lang.lower().replace("_", "-").split("-")[0]
+
+
+def is_chinese(lang: str) -> bool:
+    return base_language(lang) in CHINESE_LANGS
+
+
+def is_cjk(lang: str) -> bool:
+    """Languages written without spaces between words: lengths count characters."""
+    return base_language(lang) in CJK_LANGS
+
+
+@dataclass(frozen=True)
+class Normalization:
+    unicode_form: str = "NFC"  # NFC, NFKC, NFD, NFKD or none
+    fold_width: bool = False  # full-width Latin letters and digits -> ASCII
+    cjk_punctuation: bool = False  # ASCII , ! ? : ; . after a Han character -> full-width
+    chinese_script: str = "none"  # "simplified": Traditional -> Simplified with OpenCC
+
+    def __call__(self, text: str) -> str:
+        if self.unicode_form.lower() != "none":
+            text = unicodedata.normalize(self.unicode_form.upper(), text)
+        if self.fold_width:
+            text = text.translate(_WIDTH)
+        if self.chinese_script == "simplified":
+            text = _traditional_to_simplified()(text)
+        if self.cjk_punctuation:
+            text = _PUNCTUATION.sub(lambda m: _FULL_PUNCTUATION[m.group(0)], text)
+        return text
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_saved(cls, saved) -> "Normalization":
+        """From a data dir's or checkpoint's record: a dict, or (older ones) the Unicode form alone."""
+        if isinstance(saved, str):
+            return cls(unicode_form=saved)
+        if isinstance(saved, dict):
+            return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
+        return cls()
+
+
+def language_normalization(lang: str, unicode_form: str = "NFC", chinese_script: str = "simplified") -> Normalization:
+    """The normalization `nmt prepare` uses for `lang`: the Unicode form for every language, and
+    for Chinese the width, punctuation and (unless chinese_script is "none") script folding."""
+    if chinese_script not in SCRIPTS:
+        raise DataError(f"Chinese script must be one of {', '.join(SCRIPTS)} (got {chinese_script!r})")
+    if not is_chinese(lang):
+        return Normalization(unicode_form)
+    return Normalization(unicode_form, fold_width=True, cjk_punctuation=True, chinese_script=chinese_script)
+
+
+@lru_cache(maxsize=1)
+def _traditional_to_simplified():
+    try:
+        import opencc
+    except ImportError:
+        raise DataError("Traditional -> Simplified conversion needs the opencc package (pip install opencc)") from None
+    return opencc.OpenCC("t2s").convert

@@ -1,0 +1,122 @@
+"""Chinese: normalization (width, punctuation, Traditional -> Simplified), character-counted
+filters, SentencePiece without <unk>, BLEU's zh tokenizer, and splits by English sentence."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from nmt.data import CleanConfig, PairCleaner, ParallelSplit
+from nmt.evaluate import bleu_tokenizer, score_texts
+from nmt.normalize import Normalization, is_chinese, language_normalization
+from nmt.prepare import PrepareConfig, prepare
+from nmt.tokenizer import UNK, Tokenizer
+from nmt.translate import source_normalization
+
+ZH = language_normalization("zh")
+
+
+def test_full_width_and_traditional_to_simplified_on_known_examples():
+    assert ZH("ＡＢＣ１２３，知識就是力量") == "ABC123，知识就是力量"
+    assert ZH("我們說話") == "我们说话"
+    assert ZH("電腦ｘｙｚ\u3000好") == "电脑xyz 好"
+    assert ZH("你好,世界!你是誰?") == "你好，世界！你是谁？"
+    assert ZH("他走了.") == "他走了。"
+    assert ZH("版本3.5很好") == "版本3.5很好"  # a period between digits is not a full stop
+
+
+@pytest.mark.parametrize("text", ["ＡＢＣ１２３，知識就是力量.", "誰？Who? 我們,你們.", "plain English, unchanged."])
+def test_chinese_normalization_is_idempotent(text):
+    once = ZH(text)
+    assert ZH(once) == once
+
+
+def test_other_languages_keep_their_text_and_script_can_stay():
+    assert language_normalization("en")("ＡＢＣ 知識,") == "ＡＢＣ 知識,"
+    assert not is_chinese("en") and is_chinese("zh") and is_chinese("zh-TW") and is_chinese("cmn")
+    traditional = language_normalization("zh", chinese_script="none")
+    assert traditional("知識ＡＢＣ") == "知識ABC"
+
+
+def test_translate_applies_the_recorded_source_normalization():
+    saved = {"src": ZH.as_dict(), "tgt": Normalization().as_dict()}
+    assert source_normalization(saved)("知識就是力量") == "知识就是力量"
+    assert source_normalization("NFC")("知識") == "知識"  # checkpoints from before: a Unicode form only
+
+
+def test_length_filters_count_characters_for_chinese_and_report_each_reason():
+    cleaner = PairCleaner(CleanConfig(max_words=10, max_ratio=3.0), "zh", "en")
+    assert cleaner("我很难过。", "I'm sad.") is not None  # 5 characters vs 2 words
+    assert cleaner("这是一个非常非常长的句子。", "This is a very very long sentence.") is None  # 13 characters
+    assert cleaner("好。", "This is not at all the same length.") is None  # 2 characters vs 8 words
+    assert (cleaner.stats.too_long, cleaner.stats.ratio) == (1, 1)
+    words = PairCleaner(CleanConfig(max_words=10), "xx", "en")
+    assert words("这是一个非常非常长的句子。", "One.") is not None  # counted as one word without a CJK language
+
+
+def test_bleu_uses_the_zh_tokenizer_for_chinese_targets():
+    hyp, ref = ["我们说话。"], ["我们说话了。"]
+    (zh,) = score_texts(hyp, ref, ("bleu",), lang="zh")
+    assert "tok:zh" in zh.signature
+    (detected,) = score_texts(hyp, ref, ("bleu",))  # recognised from the references
+    assert "tok:zh" in detected.signature and detected.score == zh.score
+    (forced,) = score_texts(hyp, ref, ("bleu",), tokenize="13a", lang="zh")
+    assert "tok:13a" in forced.signature and forced.score < zh.score  # one unsplit "word" each
+    assert bleu_tokenizer("en") == "13a" and bleu_tokenizer(None, ["Knowledge is power."]) == "13a"
+
+
+def _toy_zh_corpus(path, seed=0):
+    """English sentences, many with two or three Chinese translations (some Traditional)."""
+    rng = random.Random(seed)
+    chars = "的一是不了人我在有他这中大来上个国到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可里后小么心多天而能好都然没日于起还发成事只作当想看文无开手十用主行方又如前所本见经头面公同三已老从动两长知民样现分将外但身些与高意进把法此实回二理美点月明其种声全工己话儿者向情部正名定女问力机给等几很业最间新什打便位因重被走电四第门相次东政海口使教西再平真听世气信北少关并内加化由却代军产入先山五太水万市眼体别处总才场师书比住员九笑性通目华报立马命张活难神数件安表原车白应路期叫死常提感金何更反合放做系计或司利受光王果亲界及今京务制解各任至清物台象记边共风战干接它许八特觉望直服毛林题建南度统色字请交爱让认算论百吃义科怎元社术结六功指思非流每青管夫连远资队跟带花快条院变联言权往展该领传近留红治决周保达办运武半候七必城父强步完革深区即求品士转量空甚众技轻程告江语英基派满式李息写呢识极令黄德收脸钱党倒未持取设始版双历越史商千片容研像找友孩站广改议形委早房音火际则首单据导影失拿网香似斯专石若兵弟谁校读志飞观争究包组造落视济喜离虽坏兴切故"
+    pairs = []
+    for i in range(400):
+        english = f"sentence number {i} is here."
+        for _ in range(rng.randint(1, 3)):
+            pairs.append((english, "".join(rng.choice(chars) for _ in range(rng.randint(3, 9))) + "。"))
+    return pairs
+
+
+def _write_tsv(path, pairs):
+    path.write_text("".join(f"{en}\t{zh}\n" for en, zh in pairs), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def zh_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zh")
+    _write_tsv(root / "cmn.tsv", _toy_zh_corpus(root))
+    prepare(PrepareConfig(
+        out_dir=root / "data", src_lang="en", tgt_lang="zh", tsv=root / "cmn.tsv", tsv_langs=("en", "zh"),
+        valid_size=40, test_size=40, vocab_size=1200, split_by="en",
+    ))
+    return root / "data"
+
+
+def test_split_by_english_keeps_test_and_dev_sentences_out_of_train(zh_data):
+    manifest = json.loads((zh_data / "manifest.json").read_text())
+    assert manifest["split_by"] == "en"
+    tokenizer = Tokenizer(zh_data / manifest["vocab"]["src_model"], zh_data / manifest["vocab"]["tgt_model"])
+    train = ParallelSplit.load(zh_data, "train")
+    train_english = set(tokenizer.src.decode([train.src[i].tolist() for i in range(len(train))]))
+    for split in ("valid", "test"):
+        held = set((zh_data / f"{split}.src.txt").read_text(encoding="utf-8").splitlines())
+        assert len(held) >= 10 and not held & train_english
+    assert not set((zh_data / "valid.src.txt").read_text().splitlines()) & set((zh_data / "test.src.txt").read_text().splitlines())
+
+
+def test_unseen_character_is_encoded_without_unk_and_decoded_without_spaces(zh_data):
+    manifest = json.loads((zh_data / "manifest.json").read_text())
+    assert manifest["vocab"]["character_coverage"] == 0.9995
+    assert manifest["valid_unk_percent"]["tgt"] == 0.0
+    tokenizer = Tokenizer(zh_data / manifest["vocab"]["src_model"], zh_data / manifest["vocab"]["tgt_model"])
+    text = "龘靐齉爩的一是。"  # characters that never occur in the training text, then some that do
+    (ids,) = tokenizer.encode_tgt([text])
+    assert UNK not in ids
+    (decoded,) = tokenizer.decode_tgt([ids])
+    assert decoded == text and " " not in decoded
+    # Whatever the model writes, decoding puts no space between Chinese characters.
+    rng = np.random.default_rng(0)
+    regular = [i for i in range(7, tokenizer.tgt_vocab_size) if "▁" not in tokenizer.tgt.id_to_piece(i)]
+    (random_output,) = tokenizer.decode_tgt([rng.choice(regular, size=30).tolist()])
+    assert " " not in random_output
