@@ -49,7 +49,7 @@ def prepare(
     test_size: Annotated[int, typer.Option(help="Pairs held out for testing when the input has no test split.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the held-out split.")] = 1,
     split_by: Annotated[Optional[str], typer.Option(help="Hold out whole groups of pairs that share a sentence in this language (the source or target language), so that none of valid/test's sentences in it is in train.")] = None,
-    normalize: Annotated[str, typer.Option(help="Unicode normalization: NFC, NFKC, NFD, NFKD or none.")] = "NFC",
+    normalize: Annotated[str, typer.Option(help="Unicode normalization: NFC, NFKC, NFD, NFKD, or none (which also turns off the folding of width, punctuation and script for Chinese).")] = "NFC",
     max_words: Annotated[int, typer.Option(help="Drop pairs with a side longer than this many words (characters for Chinese, Japanese, Korean).")] = 250,
     max_ratio: Annotated[float, typer.Option(help="Drop pairs whose longer side has more than this times the length of the other (words, or characters as above).")] = 3.0,
     dedup: Annotated[bool, typer.Option(help="Drop exact duplicate pairs.")] = True,

@@ -76,10 +76,11 @@ class Normalization:
 
 def language_normalization(lang: str, unicode_form: str = "NFC", chinese_script: str = "simplified") -> Normalization:
     """The normalization `nmt prepare` uses for `lang`: the Unicode form for every language, and
-    for Chinese the width, punctuation and (unless chinese_script is "none") script folding."""
+    for Chinese the width, punctuation and (unless chinese_script is "none") script folding.
+    A Unicode form of "none" turns every step off."""
     if chinese_script not in SCRIPTS:
         raise DataError(f"Chinese script must be one of {', '.join(SCRIPTS)} (got {chinese_script!r})")
-    if not is_chinese(lang):
+    if not is_chinese(lang) or unicode_form.lower() == "none":  # "none" turns all of it off
         return Normalization(unicode_form)
     return Normalization(unicode_form, fold_width=True, cjk_punctuation=True, chinese_script=chinese_script)
 

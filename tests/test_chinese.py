@@ -120,3 +120,8 @@ def test_unseen_character_is_encoded_without_unk_and_decoded_without_spaces(zh_d
     regular = [i for i in range(7, tokenizer.tgt_vocab_size) if "▁" not in tokenizer.tgt.id_to_piece(i)]
     (random_output,) = tokenizer.decode_tgt([rng.choice(regular, size=30).tolist()])
     assert " " not in random_output
+
+
+def test_normalize_none_turns_every_step_off():
+    off = language_normalization("zh", unicode_form="none")
+    assert off("ＡＢＣ知識,") == "ＡＢＣ知識,"
