@@ -14,6 +14,8 @@ from pathlib import Path
 
 
 def read(path: Path) -> list[str]:
+    if not path.is_file():
+        sys.exit(f"error: {path} not found")
     with gzip.open(path, "rt", encoding="utf-8", newline="\n") as f:
         return [line.rstrip("\n") for line in f]
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 
 def main(tsv: str, out: str, held_out: int = 1000) -> None:
+    if not Path(tsv).is_file():
+        sys.exit(f"error: {tsv} not found")
     groups: dict[str, list[str]] = {}
     with gzip.open(tsv, "rt", encoding="utf-8", newline="\n") as f:
         for number, line in enumerate(f, 1):
