@@ -148,6 +148,19 @@ def load_weights(model: nn.Module, path: Path) -> None:
         raise CheckpointError(f"{path} does not match the model config (first mismatching tensor: {names[0]})")
 
 
+def weights_dir(save_dir: Path, which: str = "best") -> Path:
+    """`save_dir/which` (best or last), or the other one when it holds no weights; its files
+    checked against their checksums."""
+    if which not in CHECKPOINT_NAMES:
+        raise CheckpointError(f"checkpoint name must be one of {', '.join(CHECKPOINT_NAMES)}")
+    for name in (which, "last" if which == "best" else "best"):
+        directory = checkpoint_dir(save_dir, name)
+        if directory is not None and (directory / "model.safetensors").is_file():
+            verify_files(directory, read_info(directory))
+            return directory
+    raise CheckpointError(f"{save_dir} holds no trained weights (no best/ or last/)")
+
+
 def read_info(directory: Path) -> dict:
     path = Path(directory) / "info.json"
     try:
@@ -260,10 +273,7 @@ def load_pretrained(model: nn.Module, pretrained_dir: Path, vocab: dict, decoder
     the names of the parameters loaded. A tensor whose shape differs is an error naming it."""
     pretrained_dir = Path(pretrained_dir)
     check_pretrained(pretrained_dir, vocab, decoder)
-    directory = checkpoint_dir(pretrained_dir, "best") or checkpoint_dir(pretrained_dir, "last")
-    if directory is None or not (directory / "model.safetensors").is_file():
-        raise CheckpointError(f"{pretrained_dir} holds no trained weights (no best/ or last/)")
-    verify_files(directory, read_info(directory))
+    directory = weights_dir(pretrained_dir)
     try:
         tensors = load_file(str(directory / "model.safetensors"))
     except (SafetensorError, OSError) as e:
@@ -303,17 +313,10 @@ def load_for_inference(save_dir: Path, which: str = "best", device: torch.device
     tokenizer = Tokenizer(save_dir / vocab_info["src_model"], save_dir / vocab_info["tgt_model"])
     if (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) != (vocab_info["src_size"], vocab_info["tgt_size"]):
         raise CheckpointError(f"{save_dir}: SentencePiece models do not match vocab.json")
-    if which not in CHECKPOINT_NAMES:
-        raise CheckpointError(f"checkpoint name must be one of {', '.join(CHECKPOINT_NAMES)}")
     model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
     for attempt in range(2):  # a save by a running training may replace the files mid-read: look again
-        directory = checkpoint_dir(save_dir, which)
-        if directory is None or not (directory / "model.safetensors").is_file():
-            directory = checkpoint_dir(save_dir, "last" if which == "best" else "best")
-            if directory is None or not (directory / "model.safetensors").is_file():
-                raise CheckpointError(f"{save_dir} holds no trained weights (no best/ or last/)")
         try:
-            verify_files(directory, read_info(directory))
+            directory = weights_dir(save_dir, which)
             load_weights(model, directory / "model.safetensors")
             break
         except CheckpointError:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from nmt.atomic import write_text_atomic
 from nmt.batches import token_batches
-from nmt.checkpoint import MASKED_LM, checkpoint_dir, load_weights, read_config, read_info, read_vocab_info, verify_files
+from nmt.checkpoint import MASKED_LM, load_weights, read_config, read_vocab_info, weights_dir
 from nmt.config import Config, PretrainConfig, save_config
 from nmt.data import clean_whitespace, normalize_text, read_lines, read_manifest
 from nmt.devices import autocast
@@ -490,11 +490,7 @@ def load_masked_lm(save_dir: Path, device: torch.device | str = "cpu", which: st
         raise CheckpointError(f"{save_dir} is not a pretrained model from nmt pretrain (use nmt translate)")
     processor = load_sentencepiece(save_dir / info["vocab"]["src_model"])
     model = MaskedLM(config.model, processor.get_piece_size(), config.pretrain.next_sentence)
-    directory = checkpoint_dir(save_dir, which) or checkpoint_dir(save_dir, "last")
-    if directory is None or not (directory / "model.safetensors").is_file():
-        raise CheckpointError(f"{save_dir} holds no trained weights (no best/ or last/)")
-    verify_files(directory, read_info(directory))
-    load_weights(model, directory / "model.safetensors")
+    load_weights(model, weights_dir(save_dir, which) / "model.safetensors")
     return model.to(device).eval(), processor
 
 
