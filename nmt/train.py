@@ -147,8 +147,8 @@ def training_update(
     tokens over all processes divided by their number.
 
     An update whose loss or gradient norm is not finite is skipped. Returns the summed
-    label-smoothed loss (0 when skipped) and whether it was skipped, as tensors left on the
-    device: reading them would wait for the GPU, so the caller decides when.
+    label-smoothed loss (0 when not finite) and whether the update was skipped, as tensors left
+    on the device: reading them would wait for the GPU, so the caller decides when.
     """
     normalizer = normalizer or sum(b.num_tgt_tokens for b in group)
     compute_loss = compute_loss or translation_loss
@@ -171,8 +171,11 @@ def training_update(
         scaler.unscale_(optimizer)
     # The norm is needed even without clipping, to see non-finite gradients.
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm if tc.clip_norm > 0 else float("inf"))
-    if scaler:  # fp16: overflowing gradients are routine; the scaler skips those updates itself
-        skipped = ~torch.isfinite(total)
+    if scaler:
+        # fp16: the scaler skips an update whose gradients overflowed and lowers the loss scale.
+        # A few in a row are routine while it finds its scale; a long run means a diverged model,
+        # so they count as skipped updates too (after the exchange, the norm is the same everywhere).
+        skipped = ~torch.isfinite(norm) if data_parallel else ~(torch.isfinite(total) & torch.isfinite(norm))
         scaler.step(optimizer)
         scaler.update()
     else:
@@ -188,7 +191,7 @@ def training_update(
         elif not bool(skipped):
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return torch.where(skipped, torch.zeros_like(total), total), skipped
+    return torch.where(torch.isfinite(total), total, torch.zeros_like(total)), skipped
 
 
 @torch.no_grad()
@@ -625,7 +628,8 @@ def _train(
                         skipped_count = int(skipped_count)
                         if skipped_count:
                             record["skipped_updates"] = skipped_count
-                            log(f"warning: {skipped_count} update(s) up to step {step} skipped: non-finite loss or gradient")
+                            cause = "fp16 gradient overflow (loss scale lowered) or non-finite loss" if scaler else "non-finite loss or gradient"
+                            log(f"warning: {skipped_count} update(s) up to step {step} skipped: {cause}")
                             interval_skipped.zero_()
                         write_log(record)
                         postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.2e}", "tok/s": record[task.throughput]}

@@ -68,6 +68,27 @@ def test_update_with_non_finite_loss_is_skipped(fused):
     assert not torch.equal(model.state_dict()["encoder_layers.0.ff.fc1.weight"], before["encoder_layers.0.ff.fc1.weight"])
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_update_the_loss_scaler_skips_counts_as_skipped(fused):
+    # fp16's scaler skips an update whose gradients overflowed although its loss is finite: such
+    # updates must count as skipped, or a diverged fp16 run would go on without ever updating.
+    model = build_model(ModelConfig(**TINY), 20, 20)
+    tc = TrainConfig()
+    optimizer = make_optimizer(model, tc, torch.device("cpu"), fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hook = model.output.weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    loss, skipped = training_update(model, optimizer, scaler, [_batch()], tc, 1e-3, torch.device("cpu"), torch.float32)
+    assert bool(skipped) and torch.isfinite(loss) and float(loss) > 0
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+    assert scaler.get_scale() == 512.0  # the scaler saw the overflow and lowered its scale
+
+    hook.remove()
+    loss, skipped = training_update(model, optimizer, scaler, [_batch()], tc, 1e-3, torch.device("cpu"), torch.float32)
+    assert not bool(skipped) and float(loss) > 0
+    assert not torch.equal(model.state_dict()["encoder_layers.0.ff.fc1.weight"], before["encoder_layers.0.ff.fc1.weight"])
+
+
 def test_training_skips_non_finite_losses_then_stops_when_they_persist(data_dir, tmp_path, monkeypatch):
     real_loss, calls = train_module.token_loss, {"n": 0}
 
