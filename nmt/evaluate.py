@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ from sacrebleu.metrics import BLEU, CHRF, TER
 
 from nmt.data import read_lines
 from nmt.errors import DataError
-from nmt.normalize import is_chinese
+from nmt.normalize import HAN_CHARACTER, is_chinese
 
 METRICS = ("bleu", "chrf", "ter")
 
@@ -27,9 +26,6 @@ class Score:
         return {"metric": self.metric, "score": round(self.score, 4), "signature": self.signature, "text": self.text}
 
 
-_HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-
-
 def bleu_tokenizer(lang: str | None = None, references: list[str] | None = None) -> str:
     """sacreBLEU's `zh` tokenizer for Chinese (it splits Chinese characters apart), `13a`
     otherwise. Without a language, Chinese is recognised from the references: Han characters
@@ -38,7 +34,7 @@ def bleu_tokenizer(lang: str | None = None, references: list[str] | None = None)
         return "zh" if is_chinese(lang) else "13a"
     text = "".join(references or [])
     letters = len(text) - text.count(" ")
-    return "zh" if letters and len(_HAN.findall(text)) > letters / 3 else "13a"
+    return "zh" if letters and len(HAN_CHARACTER.findall(text)) > letters / 3 else "13a"
 
 
 def corpus_bleu(hypotheses: list[str], references: list[str], tokenize: str | None = None) -> float:

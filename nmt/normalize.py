@@ -24,6 +24,7 @@ SCRIPTS = ("simplified", "none")
 _WIDTH = {code: code - 0xFEE0 for code in [*range(0xFF10, 0xFF1A), *range(0xFF21, 0xFF3B), *range(0xFF41, 0xFF5B)]}
 _WIDTH[0x3000] = ord(" ")
 _HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+HAN_CHARACTER = re.compile(f"[{_HAN}]")  # CJK ideographs (with extension A and compatibility)
 _FULL_PUNCTUATION = {",": "，", "!": "！", "?": "？", ":": "：", ";": "；", ".": "。"}
 # ASCII punctuation right after a Han character; a period only where a sentence would end
 # (not "3.5" or "e.g." after a character).
