@@ -7,7 +7,7 @@ NMT := $(VENV)/bin/nmt
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo-run
 
-.PHONY: install demo demo-zh test bench bench-scale clean
+.PHONY: install demo demo-zh test bench bench-scale gpu-bundle gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -60,6 +60,22 @@ bench: install
 SCALE_PAIRS ?= 4500000
 bench-scale: install
 	$(NMT) bench-scale --pairs $(SCALE_PAIRS) --out bench-scale.json
+
+# Every GPU figure from one unattended command (at most 9 minutes), on a machine with a CUDA GPU
+# and its own PyTorch: `make gpu-check GPU_CHECK_OUT=DIR`. It needs nothing from the network:
+# `make gpu-bundle`, run beforehand where the package registry is reachable, gathers the
+# Multi30k files and the wheels it needs beyond torch into $(GPU_BUNDLE) (for the GPU machine's
+# Python, GPU_PYTHON_VERSION). `make gpu-check DRY=1` runs it on the CPU with tiny models.
+GPU_BUNDLE ?= gpu-bundle
+GPU_CHECK_OUT ?= gpu-check
+GPU_PYTHON ?= python3
+GPU_PYTHON_VERSION ?= 3.12
+gpu-bundle: install
+	$(PY) -m nmt.gpu_check bundle --out $(GPU_BUNDLE) --python-version $(GPU_PYTHON_VERSION)
+
+gpu-check: $(if $(DRY),install)
+	$(if $(DRY),$(PY),$(GPU_PYTHON)) -m nmt.gpu_check run --out $(GPU_CHECK_OUT) \
+		$(if $(wildcard $(GPU_BUNDLE)/bundle.json),--bundle $(GPU_BUNDLE)) $(if $(DRY),--dry-run) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

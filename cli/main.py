@@ -269,6 +269,7 @@ def translate(
     max_len_a: Annotated[Optional[float], typer.Option(help="Longest output = a * source length + b.")] = None,
     max_len_b: Annotated[Optional[int], typer.Option(help="Longest output = a * source length + b.")] = None,
     batch_tokens: Annotated[Optional[int], typer.Option(help="Source tokens per decoding batch.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="fp32, or bf16 / fp16 autocast (for GPUs).")] = None,
     checkpoint: Annotated[str, typer.Option(help="Which weights: best or last.")] = "best",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     replace_invalid: Annotated[bool, typer.Option(help="Replace invalid UTF-8 instead of stopping.")] = False,
@@ -286,7 +287,7 @@ def translate(
     from nmt.translate import translate_file
 
     options = dict(beam=beam, nbest=nbest, len_penalty=len_penalty, max_len_a=max_len_a,
-                   max_len_b=max_len_b, batch_tokens=batch_tokens)
+                   max_len_b=max_len_b, batch_tokens=batch_tokens, precision=precision)
     with user_errors():
         attention_output = None
         if attention is not None:

@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nmt import __version__
 from nmt.checkpoint import load_for_inference, read_vocab_info
-from nmt.config import Config, load_config
+from nmt.config import Config, DecodeConfig, load_config
 from nmt.batches import make_batch, token_batches
 from nmt.data import ParallelSplit, read_lines, read_manifest
 from nmt.devices import resolve_device, resolve_precision
@@ -48,7 +48,7 @@ from nmt.search import FullPrefixDecoding
 from nmt.tokenizer import Tokenizer
 from nmt.train import compile_model, make_optimizer, train, training_update
 from nmt.train_log import read_train_log
-from nmt.translate import quantize_int8, translate_lines
+from nmt.translate import Translations, quantize_int8, translate_lines
 
 SECTIONS = ("train", "ttq", "decode")
 
@@ -79,6 +79,10 @@ class BenchConfig:
     ttq_minutes: float = 0.0  # give up after this much training; 0: 10 on a GPU, 10 on a CPU
     ttq_valid_every: int = 100  # updates between validations while timing
     work_dir: Path | None = None  # keeps the prepared data and trained models; default: a temporary dir
+    # Vocabulary of a model (by name) when it should differ from the data's: Transformer-base's
+    # 32k over Multi30k's 8k tokens costs per token what it costs on WMT.
+    model_vocab: dict[str, int] = field(default_factory=dict)
+    half_precision_decoding: bool | None = None  # also decode with bf16 autocast; None: on a GPU
 
 
 def _sync(device: torch.device) -> None:
@@ -190,12 +194,15 @@ def bench_training(
 
 def bench_time_to_quality(
     name: str, config: Config, data_dir: Path, save_dir: Path, threshold: float, minutes: float, valid_every: int,
-    log: Callable[[str], None],
+    log: Callable[[str], None], stop_at_threshold: bool = True,
 ) -> dict:
+    """Train with the recipe's settings for at most `minutes` (stopping once the dev BLEU reaches
+    `threshold`, unless told not to) and report when it first did."""
     config = copy.deepcopy(config)
     config.data_dir, config.save_dir = str(data_dir), str(save_dir)
     tc = config.train
-    tc.target_bleu, tc.max_minutes, tc.valid_every = threshold, minutes, valid_every
+    tc.target_bleu = threshold if stop_at_threshold else 0.0
+    tc.max_minutes, tc.valid_every = minutes, valid_every
     tc.max_epochs, tc.max_steps, tc.patience, tc.valid_max_sentences = 0, 0, 0, 0
     result = train(config, overwrite=True, progress=False, log=log)
     _, valid = read_train_log(save_dir)
@@ -213,46 +220,65 @@ def bench_time_to_quality(
     }
 
 
+def time_translation(
+    decoder, tokenizer: Tokenizer, lines: list[str], decode: DecodeConfig, device: torch.device, normalization,
+    repeats: int,
+) -> tuple[list[float], Translations]:
+    """Seconds of each of `repeats` translations of `lines` (after a warm-up on 50 of them), and the output."""
+    translate_lines(decoder, tokenizer, lines[:50], decode, device, normalization)  # warm-up
+    times, translations = [], None
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        translations = translate_lines(decoder, tokenizer, lines, decode, device, normalization)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times, translations
+
+
 def bench_decoding(
     name: str, save_dir: Path, lines: list[str], references: list[str], device: torch.device, repeats: int,
-    with_int8: bool,
+    with_int8: bool, with_half: bool = False,
 ) -> list[dict]:
+    """Greedy and beam 5 with the plain path, the incremental one, and (`with_int8`) int8 Linear
+    layers or (`with_half`) bf16 autocast; each record counts the lines that differ from the plain
+    path's output, and the half-precision one also those that differ from fp32."""
     model, tokenizer, config = load_for_inference(save_dir, "best", device)
     normalization = read_vocab_info(save_dir).get("normalization", "NFC")
-    paths = [("plain", FullPrefixDecoding(model)), ("nmt", model)]
+    paths = [("plain", FullPrefixDecoding(model), "fp32"), ("nmt", model, "fp32")]
     if with_int8:
-        paths.append(("nmt-int8", quantize_int8(model)))
-    records, plain_texts = [], {}
+        paths.append(("nmt-int8", quantize_int8(model), "fp32"))
+    if with_half:
+        paths.append(("nmt-bf16", model, "bf16"))
+    records, texts_of = [], {}
     for beam in (1, 5):
-        decode = dataclasses.replace(config.decode, beam=beam, nbest=1)
-        for path_name, decoder in paths:
-            translate_lines(decoder, tokenizer, lines[:50], decode, device, normalization)  # warm-up
-            times, translations = [], None
+        for path_name, decoder, precision in paths:
+            decode = dataclasses.replace(config.decode, beam=beam, nbest=1, precision=precision)
             # The plain baseline is slow and steady: one run of it is enough for the ratio.
-            for _ in range(1 if path_name == "plain" else repeats):
-                _sync(device)
-                start = time.perf_counter()
-                translations = translate_lines(decoder, tokenizer, lines, decode, device, normalization)
-                _sync(device)
-                times.append(time.perf_counter() - start)
+            times, translations = time_translation(
+                decoder, tokenizer, lines, decode, device, normalization, 1 if path_name == "plain" else repeats
+            )
             texts = [nbest[0] for nbest in translations.texts]
+            texts_of[path_name, beam] = texts
             tokens = sum(len(h[0].tokens) + 1 for h in translations.hypotheses if h)
             seconds = statistics.median(times)
-            if path_name == "plain":
-                plain_texts[beam] = texts
-            records.append({
+            record = {
                 "model": name,
                 "path": path_name,
+                "precision": precision,
                 "beam": beam,
                 "sentences": len(lines),
                 "seconds": seconds,
                 "sentences_per_s": len(lines) / seconds,
                 "tokens_per_s": tokens / seconds,
                 "bleu": corpus_bleu(texts, references),
-                "lines_differing_from_plain": sum(a != b for a, b in zip(texts, plain_texts[beam])),
+                "lines_differing_from_plain": sum(a != b for a, b in zip(texts, texts_of["plain", beam])),
                 "repeats": len(times),
                 "seconds_all_repeats": times,
-            })
+            }
+            if precision != "fp32":
+                record["lines_differing_from_fp32"] = sum(a != b for a, b in zip(texts, texts_of["nmt", beam]))
+            records.append(record)
     return records
 
 
@@ -325,7 +351,8 @@ def run_bench(bc: BenchConfig, log: Callable[[str], None] = lambda m: print(m, f
             for name, cfg in configs.items():
                 for plain in (True, False):
                     log(f"training throughput: {name}, {'plain PyTorch' if plain else 'nmt'} step, {steps} updates x {bc.repeats}")
-                    record = bench_training(name, cfg, train_split, vocab_sizes, device, plain, steps, bc.repeats)
+                    sizes = (bc.model_vocab[name],) * 2 if name in bc.model_vocab else vocab_sizes
+                    record = bench_training(name, cfg, train_split, sizes, device, plain, steps, bc.repeats)
                     rates = report["matmul"][record["dtype"]]
                     if record["flops_per_s"]:
                         record["mfu_of_measured_matmul"] = record["flops_per_s"] / rates["measured_flops_per_s"]
@@ -346,8 +373,10 @@ def run_bench(bc: BenchConfig, log: Callable[[str], None] = lambda m: print(m, f
                     report["time_to_quality"].append(record)
                 if "decode" in bc.sections:
                     log(f"decoding test_2016_flickr: {name}")
+                    half = gpu if bc.half_precision_decoding is None else bc.half_precision_decoding
                     decoded = bench_decoding(
-                        name, save_dir, lines, references, device, bc.repeats, with_int8=device.type == "cpu"
+                        name, save_dir, lines, references, device, bc.repeats, with_int8=device.type == "cpu",
+                        with_half=half,
                     )
                     report["decode"] += decoded
                     for record in report["time_to_quality"]:
@@ -365,6 +394,8 @@ def run_bench(bc: BenchConfig, log: Callable[[str], None] = lambda m: print(m, f
 
 def format_report(report: dict) -> str:
     out = [f"nmt {report['nmt_version']}, torch {report['torch']}, {report['device']}"]
+    names = [r["model"] for section in ("train", "time_to_quality", "decode") for r in report[section]]
+    w = max([12, *(len(n) + 1 for n in names)])  # the model column
     for label, rates in report["matmul"].items():
         sheet = rates["datasheet_flops_per_s"]
         out.append(
@@ -373,13 +404,13 @@ def format_report(report: dict) -> str:
         )
     if report["train"]:
         out += ["", "training (median of repeats)",
-                f"{'model':<12}{'path':<7}{'dtype':<10}{'tgt tok/s':>11}{'tok/s':>11}{'vs plain':>9}{'TFLOP/s':>9}{'MFU':>7}{'peak MB':>9}"]
+                f"{'model':<{w}}{'path':<7}{'dtype':<10}{'tgt tok/s':>11}{'tok/s':>11}{'vs plain':>9}{'TFLOP/s':>9}{'MFU':>7}{'peak MB':>9}"]
         plain = {r["model"]: r for r in report["train"] if r["path"] == "plain"}
         for r in report["train"]:
             mfu = r.get("mfu", r.get("mfu_of_measured_matmul"))
             flops = f"{r['flops_per_s'] / 1e12:>9.3f}{mfu:>7.1%}" if r["flops_per_s"] else f"{'-':>9}{'-':>7}"
             out.append(
-                f"{r['model']:<12}{r['path']:<7}{r['dtype']:<10}{r['tgt_tokens_per_s']:>11,.0f}{r['tokens_per_s']:>11,.0f}"
+                f"{r['model']:<{w}}{r['path']:<7}{r['dtype']:<10}{r['tgt_tokens_per_s']:>11,.0f}{r['tokens_per_s']:>11,.0f}"
                 f"{r['tgt_tokens_per_s'] / plain[r['model']]['tgt_tokens_per_s']:>8.2f}x{flops}{r['peak_memory_mb']:>9,.0f}"
             )
         if not any("mfu" in r for r in report["train"]):
@@ -393,15 +424,19 @@ def format_report(report: dict) -> str:
                 text = f"dev BLEU {r['dev_bleu_threshold']} not reached in {r['trained_seconds']:.0f} s (best {r['best_dev_bleu']:.2f})"
             if "test_bleu_beam5" in r:
                 text += f"; test BLEU (beam 5) {r['test_bleu_beam5']:.2f}"
-            out.append(f"{r['model']:<12}{text}")
+            out.append(f"{r['model']:<{w}}{text}")
     if report["decode"]:
         out += ["", "decoding test_2016_flickr (1,000 sentences from raw text; median of repeats)",
-                f"{'model':<12}{'path':<10}{'beam':>5}{'seconds':>9}{'sent/s':>9}{'tok/s':>9}{'vs plain':>9}{'BLEU':>7}{'differ':>7}"]
+                f"{'model':<{w}}{'path':<10}{'beam':>5}{'seconds':>9}{'sent/s':>9}{'tok/s':>9}{'vs plain':>9}{'BLEU':>7}{'differ':>7}"]
         plain = {(r["model"], r["beam"]): r for r in report["decode"] if r["path"] == "plain"}
         for r in report["decode"]:
             base = plain[(r["model"], r["beam"])]
             out.append(
-                f"{r['model']:<12}{r['path']:<10}{r['beam']:>5}{r['seconds']:>9.2f}{r['sentences_per_s']:>9.1f}"
+                f"{r['model']:<{w}}{r['path']:<10}{r['beam']:>5}{r['seconds']:>9.2f}{r['sentences_per_s']:>9.1f}"
                 f"{r['tokens_per_s']:>9,.0f}{base['seconds'] / r['seconds']:>8.2f}x{r['bleu']:>7.2f}{r['lines_differing_from_plain']:>7}"
             )
+        for r in report["decode"]:
+            if "lines_differing_from_fp32" in r:
+                out.append(f"{r['model']} {r['path']} beam {r['beam']}: {r['lines_differing_from_fp32']} of "
+                           f"{r['sentences']} lines differ from fp32")
     return "\n".join(out)

@@ -117,8 +117,12 @@ class DecodeConfig:
     nbest: int = 1
     batch_tokens: int = 6000  # source tokens per decoding batch
     max_input_tokens: int = 1024  # longer inputs are truncated with a warning
+    # Arithmetic of the search: "fp32", or "bf16"/"fp16" autocast (matrix products in half
+    # precision, normalizations and the output's log-softmax in fp32); for GPUs.
+    precision: str = "fp32"
 
     def validate(self) -> None:
+        _choice("decode.precision", self.precision, ("fp32", "bf16", "fp16"))
         if self.beam < 1:
             raise ConfigError("decode.beam must be at least 1")
         if not 1 <= self.nbest <= self.beam:

@@ -541,6 +541,7 @@ def _train(
     skipped_run = torch.zeros((), dtype=torch.long, device=device)
     longest_skipped_run = torch.zeros((), dtype=torch.long, device=device)
     interval_tokens, interval_src_tokens, interval_start = 0, 0, time.time()
+    interval_wait = 0.0  # seconds the loop waited for batches (built ahead in a thread on a GPU)
     stop_reason = ""
     groups: list = []
     validated_at = step if resume else -1
@@ -574,7 +575,9 @@ def _train(
             with BatchPrefetcher(build_update, group_in_epoch, len(groups), ahead) as prefetcher:
                 while group_in_epoch < len(groups):
                     update = groups[group_in_epoch]
+                    waiting_since = time.time()
                     group = [batch.to(device) for batch in prefetcher.next()]
+                    interval_wait += time.time() - waiting_since
                     normalizer = None
                     if ranks.active:  # the update's target tokens in all processes, per process
                         update_tokens = task.update_tokens(update)
@@ -624,6 +627,7 @@ def _train(
                             "loss": round(loss_sum / max(tgt_tokens, 1), 4), "lr": lr,
                             "tgt_tokens_per_s": round(tgt_tokens / seconds),
                             "tokens_per_s": round((tgt_tokens + src_tokens) / seconds),
+                            "batch_wait_fraction": round(interval_wait / seconds, 4),
                         }
                         skipped_count = int(skipped_count)
                         if skipped_count:
@@ -639,6 +643,7 @@ def _train(
                         bar.set_postfix(postfix)
                         interval_loss.zero_()
                         interval_tokens, interval_src_tokens, interval_start = 0, 0, time.time()
+                        interval_wait = 0.0
 
                     # Reading the count waits for the GPU: there, only at log steps.
                     if tc.max_skipped_updates and (device.type != "cuda" or step % tc.log_every == 0):

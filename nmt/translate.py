@@ -20,7 +20,7 @@ from nmt.config import DecodeConfig
 from nmt.batches import pad_source
 from nmt.data import clean_whitespace, decode_lines, read_lines
 from nmt.normalize import Normalization
-from nmt.devices import resolve_device
+from nmt.devices import autocast, resolve_device, resolve_precision
 from nmt.errors import ConfigError
 from nmt.models.attention import AttentionChoice
 from nmt.search import Hypothesis, beam_search, greedy_search
@@ -71,21 +71,31 @@ def translate_ids(
     """
     results: list[list[Hypothesis]] = [[] for _ in sources]
     batches = decode_batches([len(s) for s in sources], decode.batch_tokens)
-    for indices in tqdm(batches, desc="translating", unit="batch", disable=not progress, file=sys.stderr):
-        src = pad_source([sources[i] for i in indices]).to(device)
-        if decode.beam == 1:
-            hyps = [[h] for h in greedy_search(model, src, decode.max_len_a, decode.max_len_b, attention)]
-        else:
-            hyps = beam_search(
-                model, src, decode.beam, decode.len_penalty, decode.max_len_a, decode.max_len_b, decode.nbest,
-                attention,
-            )
-        for i, nbest in zip(indices, hyps):
-            if attention is not None:
-                for h in nbest:  # the batch pads sources on the right: keep this one's columns
-                    h.attention = h.attention[:, : len(sources[i]) + 1].cpu()
-            results[i] = nbest
+    # One autocast region for every batch: the weights are cast to half precision once.
+    with autocast(device, resolve_precision(decode.precision, device)):
+        for indices in tqdm(batches, desc="translating", unit="batch", disable=not progress, file=sys.stderr):
+            _translate_batch(model, sources, indices, decode, device, attention, results)
     return results
+
+
+def _translate_batch(
+    model, sources: Sequence[Sequence[int]], indices: np.ndarray, decode: DecodeConfig, device: torch.device,
+    attention: AttentionChoice | None, results: list[list[Hypothesis]],
+) -> None:
+    """Translate the sources at `indices` as one batch into `results`."""
+    src = pad_source([sources[i] for i in indices]).to(device)
+    if decode.beam == 1:
+        hyps = [[h] for h in greedy_search(model, src, decode.max_len_a, decode.max_len_b, attention)]
+    else:
+        hyps = beam_search(
+            model, src, decode.beam, decode.len_penalty, decode.max_len_a, decode.max_len_b, decode.nbest,
+            attention,
+        )
+    for i, nbest in zip(indices, hyps):
+        if attention is not None:
+            for h in nbest:  # the batch pads sources on the right: keep this one's columns
+                h.attention = h.attention[:, : len(sources[i]) + 1].cpu()
+        results[i] = nbest
 
 
 @dataclass

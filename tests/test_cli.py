@@ -182,3 +182,12 @@ def test_plot_draws_training_curves_of_several_runs(trained, tmp_path):
     with Image.open(tmp_path / "curves.png") as image:
         assert image.size == (15 * DPI, round(4.5 * DPI))
     one_line_error(invoke("plot", tmp_path / "nothing", "-o", tmp_path / "c.png"), "no train_log.jsonl")
+
+
+def test_translate_precision_option(trained):
+    (trained / "p.txt").write_text("w1 w2\n\nw3\n", encoding="utf-8")
+    result = invoke("translate", trained / "model", "-i", trained / "p.txt", "--precision", "bf16", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert len(result.output.splitlines()) == 3
+    one_line_error(invoke("translate", trained / "model", "-i", trained / "p.txt", "--precision", "fp64"),
+                   "decode.precision must be one of fp32, bf16, fp16")

@@ -148,3 +148,22 @@ def test_incremental_search_equals_full_prefix_recompute(config):
     assert [[h.tokens for h in n] for n in fast] == [[h.tokens for h in n] for n in slow]
     for fast_nbest, slow_nbest in zip(fast, slow):
         assert [h.score for h in fast_nbest] == pytest.approx([h.score for h in slow_nbest], abs=1e-4)
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_decoding_precision_sets_the_arithmetic_of_the_search(precision, dtype):
+    from nmt.config import DecodeConfig
+    from nmt.translate import translate_ids
+
+    torch.manual_seed(3)
+    model = build_model(ModelConfig(embed_dim=32, ff_dim=64, heads=4), 30, 30).eval()
+    seen = set()
+    model.output.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+    sources = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    reference = translate_ids(model, sources, DecodeConfig(beam=3), torch.device("cpu"))
+    results = translate_ids(model, sources, DecodeConfig(beam=3, precision=precision), torch.device("cpu"))
+    assert seen == {torch.float32, dtype}
+    for ours, theirs in zip(results, reference):  # scores stay log-probabilities, close to fp32's
+        assert all(h.score <= 0 for h in ours)
+        if ours[0].tokens == theirs[0].tokens:
+            assert ours[0].score == pytest.approx(theirs[0].score, abs=0.2)

@@ -1,0 +1,568 @@
+"""`make gpu-check`: every GPU figure the READMEs report, from one unattended command.
+
+A GPU is lent now and then for a few minutes, so measuring is one prepared run that needs nothing
+from the network, keeps to a wall-clock budget, and rewrites `gpu-check.json` and `gpu-check.md`
+after every stage, so that a run cut short keeps what it measured:
+
+1. `prepare`: Multi30k de→en (joint 8k SentencePiece) from local files;
+2. `transformer`: `recipes/multi30k/transformer-gpu.yaml` until dev BLEU 41 (`train.target_bleu`)
+   or its budget: training seconds to quality, target tokens/s, peak memory, the share of time
+   spent waiting for batches; then test_2016_flickr BLEU and chrF with beam 5 and the time to
+   decode its 1,000 lines;
+3. `rnn`: `recipes/multi30k/rnn-gpu.yaml` for its budget, the same figures;
+4. `bench-train`: `nmt bench`'s training section for both recipes and Transformer-base (6+6,
+   d_model 512, a 32k vocabulary) in bf16, with model FLOPs utilization;
+5. `bench-decode`: `nmt bench`'s decoding section on the models of 2 and 3: the plain path, the
+   incremental one and bf16 autocast, with the lines where they differ;
+6. `compile`: the Transformer's training throughput with `train.compile` (torch.compile).
+
+`python -m nmt.gpu_check bundle` (`make gpu-bundle`), run beforehand on a machine that reaches the
+package registry, gathers into one folder the Multi30k files and the wheels of the packages this
+run imports beyond torch's own (found by running it dry, on the CPU). `run --bundle DIR` installs
+those the GPU machine lacks into a temporary folder and uses the machine's own CUDA PyTorch. So
+this module imports only the standard library at its top: the rest comes after the bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = {
+    "transformer": ROOT / "recipes/multi30k/transformer-gpu.yaml",
+    "rnn": ROOT / "recipes/multi30k/rnn-gpu.yaml",
+    "transformer-base": ROOT / "recipes/wmt14-en-de/transformer-base-gpu.yaml",
+}
+BASE_VOCAB = 32000
+MULTI30K_FILES = [f"{split}.{lang}" for split in ("train", "val", "test_2016_flickr") for lang in ("de", "en")]
+STAGES = ("prepare", "transformer", "rnn", "bench-train", "bench-decode", "compile")
+# A dry run makes every model this small, so that the whole command runs in a minute on a CPU.
+DRY_MODEL = ["model.embed_dim=32", "model.ff_dim=64", "model.heads=2", "model.enc_layers=1",
+             "model.dec_layers=1", "model.hidden_dim=32"]
+WHEEL_PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
+                   "manylinux2014_x86_64", "manylinux1_x86_64"]
+
+
+@dataclass
+class CheckConfig:
+    out: Path = Path("gpu-check")  # gpu-check.json and gpu-check.md
+    bundle: Path | None = None  # from `bundle`: wheels/ and multi30k/
+    data: Path | None = None  # Multi30k files; default: the bundle's, else ../shared/data/multi30k
+    work_dir: Path | None = None  # keeps data and models; default: a temporary folder
+    device: str = "cuda"
+    dry_run: bool = False  # on the CPU, tiny models and budgets: checks that the command works
+    stages: tuple[str, ...] = STAGES
+    total_minutes: float = 9.0  # the whole run, wall clock; a stage still running then is cut short
+    transformer_minutes: float = 2.5  # training budget of stage 2
+    rnn_minutes: float = 1.5  # training budget of stage 3
+    target_bleu: float = 41.0  # dev BLEU that ends stage 2's training
+    valid_every: int = 200  # updates between validations (the resolution of the time to quality)
+    vocab_size: int = 8000
+    bench_steps: int = 40
+    repeats: int = 3
+    record_imports: Path | None = None  # write the distributions this run imported (for `bundle`)
+
+    def __post_init__(self) -> None:
+        if self.dry_run:
+            self.device = "cpu"
+            self.transformer_minutes = min(self.transformer_minutes, 0.05)
+            self.rnn_minutes = min(self.rnn_minutes, 0.05)
+            self.valid_every = min(self.valid_every, 5)
+            self.bench_steps, self.repeats = min(self.bench_steps, 2), 1
+
+
+class OutOfTime(BaseException):
+    """The run's wall-clock budget is spent. Not an Exception, so that no `except Exception` on
+    the way (a fallback, a retry) takes it for a failure of its own and carries on."""
+
+
+def normalized(name: str) -> str:
+    """A distribution's name as PEP 503 compares them: PyYAML, pyyaml and py_yaml are one."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def is_installed(name: str) -> bool:
+    try:
+        importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def install_bundle(bundle: Path, log: Callable[[str], None]) -> list[str]:
+    """Install the bundle's wheels whose distributions this Python lacks into a temporary folder
+    put first on the import path (this process's and its children's); returns their names."""
+    wheels = sorted((bundle / "wheels").glob("*.whl"))
+    missing = [w for w in wheels if not is_installed(w.name.split("-")[0])]
+    if not missing:
+        return []
+    target = Path(tempfile.mkdtemp(prefix="nmt-gpu-check-site-"))
+    log(f"installing {len(missing)} wheel(s) from {bundle} into {target}")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+         "--disable-pip-version-check", "--target", str(target), *map(str, missing)],
+        check=True,
+    )
+    sys.path.insert(0, str(target))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))
+    importlib.invalidate_caches()
+    return [w.name.split("-")[0] for w in missing]
+
+
+def git_commit() -> str | None:
+    """The tree's commit, with "+changes" when files differ from it; None outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+changes" if status.stdout.strip() else "")
+
+
+def gpu_driver() -> str | None:
+    try:
+        result = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip().splitlines()[0] if result.returncode == 0 and result.stdout.strip() else None
+
+
+class Run:
+    """One gpu-check run: its settings, places, deadline and the report it rewrites after each stage."""
+
+    def __init__(self, cc: CheckConfig, work: Path, corpus: Path, log: Callable[[str], None]):
+        import torch
+
+        from nmt.devices import resolve_device
+
+        self.cc, self.work, self.corpus, self.log = cc, work, corpus, log
+        self.device = resolve_device(cc.device)
+        self.started = time.monotonic()
+        self.data_dir = work / "data"
+        self.report: dict = {"environment": {}, "settings": {}, "stages": {}}
+        self.torch = torch
+
+    def seconds_left(self) -> float:
+        return self.cc.total_minutes * 60 - (time.monotonic() - self.started)
+
+    def config_path(self, name: str, extra: tuple[str, ...] = ()) -> Path:
+        """The recipe `name` with the run's device (and, dry, tiny sizes), written for this run."""
+        from nmt.config import load_config, save_config
+
+        overrides = [f"train.device={self.cc.device}", "train.tensorboard=false", *(DRY_MODEL if self.cc.dry_run else []), *extra]
+        config = load_config(RECIPES[name.removesuffix("-compiled")], overrides)
+        path = self.work / "configs" / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_config(config, path)
+        return path
+
+    def save(self) -> None:
+        from nmt.atomic import write_text_atomic
+
+        self.cc.out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.cc.out / "gpu-check.json", json.dumps(self.report, indent=2) + "\n")
+        write_text_atomic(self.cc.out / "gpu-check.md", format_markdown(self.report))
+
+    def stage(self, name: str, measure: Callable[[], dict]) -> None:
+        """Run one stage and write the report, whatever the stage's outcome."""
+        self.log(f"== gpu-check stage {name} ({self.seconds_left():.0f} s left)")
+        started = time.monotonic()
+        record: dict = {"status": "running"}
+        self.report["stages"][name] = record
+        try:
+            record.update(measure())
+            record["status"] = "done"
+        except OutOfTime:
+            record["status"] = "cut short: the run's time limit was reached"
+        except Exception as e:  # a failed stage is reported, and the next one still runs
+            text = str(e).strip().splitlines()
+            record["status"] = f"failed: {type(e).__name__}: {text[0] if text else ''}"
+            self.log(f"stage {name} {record['status']}")
+        record["seconds"] = round(time.monotonic() - started, 1)
+        self.save()
+        if record["status"].startswith("cut short"):
+            raise OutOfTime
+
+    # The stages.
+
+    def prepare(self) -> dict:
+        from nmt.prepare import PrepareConfig, prepare
+
+        manifest = prepare(PrepareConfig(
+            out_dir=self.data_dir, src_lang="de", tgt_lang="en", train_prefix=str(self.corpus / "train"),
+            valid_prefix=str(self.corpus / "val"), test_prefix=str(self.corpus / "test_2016_flickr"),
+            vocab_size=self.cc.vocab_size, overwrite=True,
+        ))
+        return {"prepare_seconds": manifest["seconds"], "counts": manifest.get("counts")}
+
+    def train_and_score(self, name: str, minutes: float, threshold: float, stop: bool) -> dict:
+        from nmt.bench import bench_time_to_quality
+        from nmt.config import load_config
+        from nmt.train_log import read_train_log
+
+        # Leave a minute of the run for decoding the test set.
+        minutes = max(min(minutes, (self.seconds_left() - 60) / 60), 0.02)
+        save_dir = self.work / f"model-{name}"
+        if self.device.type == "cuda":
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+        record = bench_time_to_quality(
+            name, load_config(self.config_path(name)), self.data_dir, save_dir, threshold, minutes,
+            self.cc.valid_every, self.log, stop_at_threshold=stop,
+        )
+        train_records, _ = read_train_log(save_dir)
+        steady = train_records[1:] or train_records  # the first interval holds the warm-up
+        record.update(
+            budget_minutes=round(minutes, 2),
+            tgt_tokens_per_s=_median(r["tgt_tokens_per_s"] for r in steady),
+            tokens_per_s=_median(r["tokens_per_s"] for r in steady),
+            batch_wait_fraction=_median(r.get("batch_wait_fraction") for r in steady),
+            peak_memory_mb=round(self.torch.cuda.max_memory_allocated(self.device) / 2**20)
+            if self.device.type == "cuda" else None,
+        )
+        record.update(self.score_test(save_dir))
+        return record
+
+    def score_test(self, save_dir: Path) -> dict:
+        """test_2016_flickr with beam 5: BLEU, chrF and the decoding time (median of repeats)."""
+        import dataclasses
+
+        from nmt.bench import time_translation
+        from nmt.checkpoint import load_for_inference, read_vocab_info
+        from nmt.data import read_lines
+        from nmt.evaluate import score_texts
+
+        model, tokenizer, config = load_for_inference(save_dir, "best", self.device)
+        lines = list(read_lines(self.data_dir / "test.src.txt"))
+        references = list(read_lines(self.data_dir / "test.tgt.txt"))
+        decode = dataclasses.replace(config.decode, beam=5, nbest=1)
+        normalization = read_vocab_info(save_dir).get("normalization", "NFC")
+        times, translations = time_translation(
+            model, tokenizer, lines, decode, self.device, normalization, self.cc.repeats
+        )
+        bleu, chrf = score_texts([t[0] for t in translations.texts], references, ("bleu", "chrf"))
+        return {
+            "test_sentences": len(lines), "test_bleu": round(bleu.score, 2), "test_chrf": round(chrf.score, 2),
+            "bleu_signature": bleu.signature, "chrf_signature": chrf.signature,
+            "beam5_seconds": round(statistics.median(times), 3), "beam5_seconds_all_repeats": times,
+        }
+
+    def bench(self, sections: tuple[str, ...], recipes: dict[str, Path], **options) -> dict:
+        from nmt.bench import BenchConfig, format_report, run_bench
+
+        name = "-".join(sections)
+        report = run_bench(BenchConfig(
+            data=self.corpus, out=self.work / f"bench-{name}.json", recipes=recipes, sections=sections,
+            device=self.cc.device, steps=self.cc.bench_steps, repeats=self.cc.repeats, vocab_size=self.cc.vocab_size,
+            work_dir=self.work, **options,
+        ), log=self.log)
+        return {"report": report, "table": format_report(report)}
+
+    def bench_train(self) -> dict:
+        names = ("transformer", "rnn", "transformer-base")
+        return self.bench(("train",), {n: self.config_path(n) for n in names}, model_vocab={"transformer-base": BASE_VOCAB})
+
+    def bench_decode(self) -> dict:
+        names = [n for n in ("transformer", "rnn") if (self.work / f"model-{n}" / "best").is_dir()]
+        if not names:
+            raise RuntimeError("no trained model to decode: stages transformer and rnn did not finish")
+        return self.bench(
+            ("decode",), {n: self.config_path(n) for n in names},
+            checkpoints={n: self.work / f"model-{n}" for n in names}, half_precision_decoding=True,
+        )
+
+    def compile(self) -> dict:
+        recipes = {"transformer-compiled": self.config_path("transformer-compiled", ("train.compile=true",))}
+        return self.bench(("train",), recipes)
+
+    def run(self) -> dict:
+        measures = {
+            "prepare": self.prepare,
+            "transformer": lambda: self.train_and_score("transformer", self.cc.transformer_minutes, self.cc.target_bleu, True),
+            "rnn": lambda: self.train_and_score("rnn", self.cc.rnn_minutes, 35.0, False),
+            "bench-train": self.bench_train,
+            "bench-decode": self.bench_decode,
+            "compile": self.compile,
+        }
+        for name in self.cc.stages:
+            if self.seconds_left() <= 0:
+                self.report["stages"][name] = {"status": "skipped: the run's time limit was reached"}
+                self.save()
+                continue
+            self.stage(name, measures[name])
+        return self.report
+
+
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 4) if values else None
+
+
+def environment(device, bundle: Path | None, installed: list[str]) -> dict:
+    import torch
+
+    from nmt import __version__
+
+    made = json.loads((bundle / "bundle.json").read_text()) if bundle and (bundle / "bundle.json").is_file() else {}
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU",
+        "driver": gpu_driver() if device.type == "cuda" else None,
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "nmt": __version__,
+        "commit": git_commit() or made.get("commit"),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "installed_from_bundle": installed,
+    }
+
+
+# Each figure of the report: (stage, key path, label, target test, target text).
+FIGURES = [
+    ("transformer", ("tgt_tokens_per_s",), "Transformer training, target tokens/s", lambda v: v >= 360_000, "≥ 360,000"),
+    ("transformer", ("train_seconds",), "Transformer training seconds to dev BLEU 41", lambda v: v <= 60, "≤ 60"),
+    ("transformer", ("best_dev_bleu",), "Transformer best dev BLEU (greedy)", None, ""),
+    ("transformer", ("test_bleu",), "Transformer test_2016_flickr BLEU, beam 5", lambda v: v >= 41.0, "≥ 41.0"),
+    ("transformer", ("test_chrf",), "Transformer test_2016_flickr chrF2, beam 5", None, ""),
+    ("transformer", ("beam5_seconds",), "Transformer beam-5 decoding of 1,000 lines, s", lambda v: v <= 0.5, "≤ 0.5"),
+    ("transformer", ("peak_memory_mb",), "Transformer training peak GPU memory, MB", None, ""),
+    ("transformer", ("batch_wait_fraction",), "Transformer share of time waiting for batches", None, ""),
+    ("rnn", ("tgt_tokens_per_s",), "RNN training, target tokens/s", lambda v: v >= 50_000, "≥ 50,000"),
+    ("rnn", ("test_bleu",), "RNN test_2016_flickr BLEU, beam 5", lambda v: v >= 35.0, "≥ 35.0"),
+    ("rnn", ("beam5_seconds",), "RNN beam-5 decoding of 1,000 lines, s", lambda v: v <= 1.0, "≤ 1.0"),
+    ("rnn", ("batch_wait_fraction",), "RNN share of time waiting for batches", None, ""),
+]
+
+
+def bench_figures(report: dict) -> list[tuple[str, object, str, bool | None]]:
+    """(label, value, target, met) rows from the bench stages' reports."""
+    rows = []
+    for stage in ("bench-train", "compile"):
+        for r in report["stages"].get(stage, {}).get("report", {}).get("train", []):
+            if r["path"] != "nmt":
+                continue
+            rows.append((f"bench {r['model']} training ({r['dtype']}), target tokens/s", round(r["tgt_tokens_per_s"]), "", None))
+            if r["model"] == "transformer-base" and r.get("mfu") is not None:
+                rows.append(("Transformer-base bf16 MFU (of datasheet peak)", round(r["mfu"], 4), "≥ 40%", r["mfu"] >= 0.40))
+    for r in report["stages"].get("bench-decode", {}).get("report", {}).get("decode", []):
+        label = f"bench {r['model']} {r['path']} beam {r['beam']}"
+        rows.append((f"{label}: seconds / BLEU", f"{r['seconds']:.3f} / {r['bleu']:.2f}", "", None))
+        if r["path"] == "nmt":
+            rows.append((f"{label}: lines differing from the plain path", r["lines_differing_from_plain"], "0",
+                         r["lines_differing_from_plain"] == 0))
+        if "lines_differing_from_fp32" in r:
+            same = 1 - r["lines_differing_from_fp32"] / max(r["sentences"], 1)
+            rows.append((f"{label}: lines equal to fp32", f"{same:.1%}", "≥ 99%", same >= 0.99))
+    return rows
+
+
+def format_markdown(report: dict) -> str:
+    env = report["environment"]
+    out = [
+        "# gpu-check", "",
+        f"{env.get('device')}, driver {env.get('driver')}, CUDA {env.get('cuda')}, torch {env.get('torch')}, "
+        f"Python {env.get('python')}; commit {env.get('commit')}; {env.get('date')}"
+        + ("; **dry run** (CPU, tiny models: not results)" if report["settings"].get("dry_run") else ""),
+        "", "| stage | status | seconds |", "|---|---|---|",
+    ]
+    for name, stage in report["stages"].items():
+        out.append(f"| {name} | {stage['status']} | {stage.get('seconds', '')} |")
+    out += ["", "| figure | measured | target | met |", "|---|---|---|---|"]
+    rows = []
+    for stage, keys, label, test, target in FIGURES:
+        value = report["stages"].get(stage, {})
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        rows.append((label, value, target, None if value is None or test is None else bool(test(value))))
+    rows += bench_figures(report)
+    for label, value, target, met in rows:
+        shown = "not reached or not measured" if value is None else (f"{value:,}" if isinstance(value, int) else str(value))
+        out.append(f"| {label} | {shown} | {target} | {'' if met is None else ('yes' if met else 'no')} |")
+    for name, stage in report["stages"].items():
+        if stage.get("table"):
+            out += ["", f"`nmt bench` ({name}):", "", "```", stage["table"], "```"]
+    return "\n".join(out) + "\n"
+
+
+def run_check(cc: CheckConfig, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
+    """Install what the bundle brings, then run the stages within `cc.total_minutes`."""
+    unknown = set(cc.stages) - set(STAGES)
+    if unknown:
+        raise SystemExit(f"error: unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
+    installed = install_bundle(cc.bundle, log) if cc.bundle else []
+    corpus = cc.data or (cc.bundle / "multi30k" if cc.bundle and (cc.bundle / "multi30k").is_dir() else ROOT.parent / "shared/data/multi30k")
+    for name in MULTI30K_FILES:
+        if not (corpus / f"{name}.gz").is_file() and not (corpus / name).is_file():
+            raise SystemExit(f"error: Multi30k file {corpus / name}.gz not found (pass --data or --bundle)")
+    temporary = tempfile.TemporaryDirectory(prefix="nmt-gpu-check-") if cc.work_dir is None else None
+    work = Path(temporary.name) if temporary else Path(cc.work_dir)
+    if cc.dry_run:
+        corpus = sample_corpus(corpus, work / "corpus-sample")
+    previous = signal.signal(signal.SIGALRM, _out_of_time)
+    signal.alarm(max(int(cc.total_minutes * 60), 1))
+    try:
+        run = Run(cc, work, corpus, log)
+        run.report["environment"] = environment(run.device, cc.bundle, installed)
+        run.report["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cc).items()}
+        run.save()
+        try:
+            run.run()
+        except OutOfTime:
+            for name in cc.stages:
+                run.report["stages"].setdefault(name, {"status": "skipped: the run's time limit was reached"})
+            run.save()
+        return run.report
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        if cc.record_imports:
+            cc.record_imports.write_text("\n".join(imported_distributions()) + "\n")
+        if temporary:
+            temporary.cleanup()
+
+
+def sample_corpus(corpus: Path, out: Path, train_lines: int = 3000, held_out_lines: int = 100) -> Path:
+    """The first lines of each Multi30k file, for a dry run that decodes in seconds."""
+    import gzip
+    import itertools
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in MULTI30K_FILES:
+        path = corpus / f"{name}.gz"
+        count = train_lines if name.startswith("train") else held_out_lines
+        with (gzip.open(path, "rt", encoding="utf-8") if path.is_file() else open(corpus / name, encoding="utf-8")) as f:
+            (out / name).write_text("".join(itertools.islice(f, count)), encoding="utf-8")
+    return out
+
+
+def _out_of_time(signum, frame) -> None:
+    raise OutOfTime
+
+
+def imported_distributions() -> list[str]:
+    """The distributions whose modules this process imported, the project's own left out."""
+    owners = importlib.metadata.packages_distributions()
+    names = {d for module in list(sys.modules) for d in owners.get(module.split(".")[0], [])}
+    return sorted(normalized(n) for n in names if normalized(n) != "nmt-toolkit")
+
+
+def requirement_closure(name: str) -> set[str]:
+    """`name` and every distribution it requires (extras left out), as installed here."""
+    seen, todo = set(), [normalized(name)]
+    while todo:
+        current = todo.pop()
+        if current in seen or not is_installed(current):
+            continue
+        seen.add(current)
+        for requirement in importlib.metadata.requires(current) or []:
+            if "extra ==" not in requirement.replace('"', "").replace("'", ""):
+                todo.append(normalized(re.match(r"[A-Za-z0-9._-]+", requirement).group(0)))
+    return seen
+
+
+@dataclass
+class BundleConfig:
+    out: Path = Path("gpu-bundle")
+    data: Path = ROOT.parent / "shared/data/multi30k"
+    python_version: str = "3.12"  # of the GPU machine
+    platforms: list[str] = field(default_factory=lambda: list(WHEEL_PLATFORMS))
+
+
+def make_bundle(bc: BundleConfig, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
+    """The Multi30k files and the wheels gpu-check needs beyond torch's, in one folder."""
+    for name in MULTI30K_FILES:
+        if not (bc.data / f"{name}.gz").is_file():
+            raise SystemExit(f"error: Multi30k file {bc.data / name}.gz not found (pass --data)")
+    wheels = bc.out / "wheels"
+    shutil.rmtree(bc.out, ignore_errors=True)
+    wheels.mkdir(parents=True)
+    (bc.out / "multi30k").mkdir()
+    for name in MULTI30K_FILES:
+        shutil.copy2(bc.data / f"{name}.gz", bc.out / "multi30k" / f"{name}.gz")
+    with tempfile.TemporaryDirectory(prefix="nmt-gpu-bundle-") as tmp:
+        log("a dry run of gpu-check (CPU) finds the packages it imports")
+        record = Path(tmp) / "imports.txt"
+        subprocess.run(
+            [sys.executable, "-m", "nmt.gpu_check", "run", "--dry-run", "--data", str(bc.out / "multi30k"),
+             "--out", str(Path(tmp) / "out"), "--record-imports", str(record)],
+            check=True, cwd=ROOT,
+        )
+        # Distributions vendored inside another (setuptools carries some) are seen in the dry run's
+        # import path only: what is not installed here is left out.
+        needed = {n for n in record.read_text().split() if is_installed(n)} - requirement_closure("torch")
+    pinned = sorted(f"{name}=={importlib.metadata.version(name)}" for name in needed)
+    log(f"downloading wheels for Python {bc.python_version}: {' '.join(pinned)}")
+    platforms = [arg for p in bc.platforms for arg in ("--platform", p)]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
+         bc.python_version, "--implementation", "cp", *platforms, "-d", str(wheels), *pinned],
+        check=True,
+    )
+    files = sorted(p for p in bc.out.rglob("*") if p.is_file())
+    info = {
+        "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "python_version": bc.python_version, "packages": pinned,
+        "megabytes": round(sum(p.stat().st_size for p in files) / 1e6, 1),
+    }
+    (bc.out / "bundle.json").write_text(json.dumps(info, indent=2) + "\n")
+    log(f"{bc.out}: {len(files)} files, {info['megabytes']} MB")
+    return info
+
+
+def parse_args(argv: list[str]) -> CheckConfig | BundleConfig:
+    parser = argparse.ArgumentParser(prog="python -m nmt.gpu_check", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="Measure on this machine's GPU (or check the command with --dry-run).")
+    defaults = CheckConfig()
+    run.add_argument("--out", type=Path, default=defaults.out, help="Folder for gpu-check.json and gpu-check.md.")
+    run.add_argument("--bundle", type=Path, help="Folder made by `bundle`: wheels to install, Multi30k files.")
+    run.add_argument("--data", type=Path, help="Multi30k files (default: the bundle's, else ../shared/data/multi30k).")
+    run.add_argument("--work-dir", type=Path, help="Keep the data dir and models here.")
+    run.add_argument("--device", default=defaults.device)
+    run.add_argument("--dry-run", action="store_true", help="CPU, tiny models and budgets.")
+    run.add_argument("--stages", default=",".join(STAGES), help="Comma-separated, from: " + ", ".join(STAGES) + ".")
+    for name in ("total_minutes", "transformer_minutes", "rnn_minutes", "target_bleu"):
+        run.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
+    for name in ("valid_every", "vocab_size", "bench_steps", "repeats"):
+        run.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    run.add_argument("--record-imports", type=Path, help=argparse.SUPPRESS)
+    bundle = commands.add_parser("bundle", help="Gather the Multi30k files and the wheels gpu-check needs.")
+    bundle.add_argument("--out", type=Path, default=BundleConfig.out)
+    bundle.add_argument("--data", type=Path, default=BundleConfig.data)
+    bundle.add_argument("--python-version", default=BundleConfig.python_version, help="The GPU machine's Python.")
+    args = vars(parser.parse_args(argv))
+    if args.pop("command") == "bundle":
+        return BundleConfig(**args)
+    args["stages"] = tuple(s.strip() for s in args["stages"].split(",") if s.strip())
+    return CheckConfig(**args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(sys.argv[1:] if argv is None else argv)
+    if isinstance(config, BundleConfig):
+        make_bundle(config)
+        return
+    report = run_check(config)
+    print(format_markdown(report))
+    print(f"written to {config.out / 'gpu-check.json'} and {config.out / 'gpu-check.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+import json
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from conftest import toy_pairs, write_pairs
+from nmt import gpu_check
+from nmt.gpu_check import STAGES, CheckConfig, install_bundle, parse_args, requirement_closure, run_check
+
+
+@pytest.fixture
+def multi30k_toy(tmp_path):
+    """A toy corpus under Multi30k's de/en file names."""
+    corpus = tmp_path / "m30k"
+    write_pairs(corpus / "train", toy_pairs(200, seed=1), "de", "en")
+    write_pairs(corpus / "val", toy_pairs(20, seed=2), "de", "en")
+    write_pairs(corpus / "test_2016_flickr", toy_pairs(20, seed=3), "de", "en")
+    return corpus
+
+
+def test_dry_run_measures_every_stage_and_writes_the_report(multi30k_toy, tmp_path):
+    stages = tuple(s for s in STAGES if s != "compile")  # compiling takes most of a minute on 2 cores
+    config = CheckConfig(out=tmp_path / "out", data=multi30k_toy, dry_run=True, vocab_size=40, stages=stages)
+    report = run_check(config, log=lambda message: None)
+    assert json.loads((tmp_path / "out" / "gpu-check.json").read_text()) == json.loads(json.dumps(report))
+    assert {name: s["status"] for name, s in report["stages"].items()} == {name: "done" for name in stages}
+    env = report["environment"]
+    assert env["torch"] and env["device"] and env["python"] and report["settings"]["dry_run"]
+
+    for name in ("transformer", "rnn"):
+        stage = report["stages"][name]
+        assert stage["tgt_tokens_per_s"] > 0 and 0 <= stage["batch_wait_fraction"] < 1
+        assert stage["test_sentences"] == 20 and stage["beam5_seconds"] > 0
+        assert "tok:13a" in stage["bleu_signature"] and stage["curve"]
+    models = {r["model"] for r in report["stages"]["bench-train"]["report"]["train"]}
+    assert models == {"transformer", "rnn", "transformer-base"}
+    decode = {(r["model"], r["path"], r["beam"]): r for r in report["stages"]["bench-decode"]["report"]["decode"]}
+    for model in ("transformer", "rnn"):
+        for beam in (1, 5):
+            assert decode[model, "nmt", beam]["lines_differing_from_plain"] == 0
+            assert 0 <= decode[model, "nmt-bf16", beam]["lines_differing_from_fp32"] <= 20
+
+    table = (tmp_path / "out" / "gpu-check.md").read_text()
+    assert "dry run" in table and "| transformer | done |" in table
+    assert "Transformer-base" not in table or "MFU" in table
+    assert "| Transformer training, target tokens/s |" in table and "lines differing from the plain path | 0 | 0 | yes |" in table
+
+
+def test_a_run_cut_short_keeps_what_it_measured(multi30k_toy, tmp_path, monkeypatch):
+    config = CheckConfig(out=tmp_path / "out", data=multi30k_toy, dry_run=True, vocab_size=40, total_minutes=0.2)
+    slow_train = gpu_check.Run.train_and_score
+
+    def train_past_the_limit(self, *args):
+        slow_train(self, *args)
+        import time
+
+        # Each stage is on disk as soon as it is done, for a run killed outright.
+        written = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
+        assert written["stages"]["prepare"]["status"] == "done"
+
+        time.sleep(60)  # the alarm cuts this short
+
+    monkeypatch.setattr(gpu_check.Run, "train_and_score", train_past_the_limit)
+    report = run_check(config, log=lambda message: None)
+    statuses = {name: s["status"] for name, s in report["stages"].items()}
+    assert statuses["prepare"] == "done"
+    assert statuses["transformer"].startswith("cut short")
+    assert all(statuses[name].startswith("skipped") for name in STAGES[2:])
+    written = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
+    assert written["stages"]["prepare"]["status"] == "done"
+    assert "| transformer | cut short" in (tmp_path / "out" / "gpu-check.md").read_text()
+
+
+def _wheel(folder, name, module_text):
+    """A minimal pure-Python wheel of distribution `name` with one module."""
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    info = f"{name}-1.0.dist-info"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{name}.py", module_text)
+        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+    return path
+
+
+def test_bundle_installs_only_what_this_python_lacks(tmp_path, monkeypatch):
+    wheels = tmp_path / "bundle" / "wheels"
+    wheels.mkdir(parents=True)
+    _wheel(wheels, "nmt_bundle_probe", "ANSWER = 42\n")
+    _wheel(wheels, "sentencepiece", "raise ImportError('the installed sentencepiece must be used')\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", "")
+    installed = install_bundle(tmp_path / "bundle", log=lambda message: None)
+    assert installed == ["nmt_bundle_probe"]
+    import nmt_bundle_probe
+
+    assert nmt_bundle_probe.ANSWER == 42
+    child = subprocess.run([sys.executable, "-c", "import nmt_bundle_probe, sentencepiece"], capture_output=True)
+    assert child.returncode == 0, child.stderr  # children see the bundle too, and the real sentencepiece
+    sys.modules.pop("nmt_bundle_probe")
+
+
+def test_bundle_leaves_out_what_torch_brings():
+    closure = requirement_closure("torch")
+    assert {"torch", "filelock", "sympy"} <= closure and "sentencepiece" not in closure
+
+
+def test_command_line_options_and_unknown_stages(tmp_path):
+    config = parse_args(["run", "--dry-run", "--stages", "prepare,rnn", "--total-minutes", "3", "--out", str(tmp_path)])
+    assert config.stages == ("prepare", "rnn") and config.total_minutes == 3 and config.device == "cpu"
+    with pytest.raises(SystemExit, match="unknown stage"):
+        run_check(CheckConfig(out=tmp_path, dry_run=True, stages=("prepare", "speed")))
+    with pytest.raises(SystemExit, match="not found"):
+        run_check(CheckConfig(out=tmp_path, dry_run=True, data=tmp_path / "nowhere"))
