@@ -13,7 +13,7 @@ from nmt.tokenizer import BOS, EOS, PAD
 
 @dataclass
 class Hypothesis:
-    tokens: list[int]  # without BOS and EOS
+    tokens: list[int]  # without BOS and EOS (during beam search, a device tensor until it is over)
     score: float  # beam: log-prob / length**len_penalty; greedy: log-prob
     # (T, S) when asked for: the cross-attention weights with which each output token (the final
     # EOS included) was produced, over the padded source of its batch
@@ -63,13 +63,13 @@ def max_lengths(src: torch.Tensor, a: float, b: int) -> torch.Tensor:
 
 
 def _restrict(log_probs: torch.Tensor, must_end: torch.Tensor) -> torch.Tensor:
-    """Never produce PAD or BOS; rows that reached their length limit must produce EOS."""
+    """Never produce PAD or BOS; rows that reached their length limit must produce EOS. Written
+    without reading anything back from the device, so that a GPU step does not wait for it."""
     log_probs[:, PAD] = float("-inf")
     log_probs[:, BOS] = float("-inf")
-    if must_end.any():
-        eos_scores = log_probs[:, EOS].clone()
-        log_probs[must_end] = float("-inf")
-        log_probs[must_end, EOS] = eos_scores[must_end]
+    eos_scores = log_probs[:, EOS].clone()
+    log_probs.masked_fill_(must_end[:, None], float("-inf"))
+    log_probs[:, EOS] = torch.where(must_end, eos_scores, log_probs[:, EOS])
     return log_probs
 
 
@@ -128,76 +128,68 @@ def beam_search(
     it has K finished hypotheses that no live beam is likely to beat, and is then removed from
     the batch. With `attention`, each beam carries the chosen cross-attention weights of its
     steps, reordered with it, and each hypothesis keeps its own.
+
+    Each step reads one small tensor back from the device (what ended, and whether sentences are
+    done); tokens stay on the device until the search is over.
     """
     B, K = src.shape[0], beam_size
     device = src.device
     limits = max_lengths(src, max_len_a, max_len_b)  # (B,)
+    max_steps = int(limits.max())
     memory = model.encode(src)
     memory = memory.reorder(torch.arange(B, device=device).repeat_interleave(K))  # (B*K, ...)
     state = _init_state(model, memory, attention)
     weights_history = torch.zeros(B * K, 0, src.shape[1], device=device) if attention is not None else None  # (N*K, t, S)
 
     active = torch.arange(B, device=device)  # original sentence index of each row group
+    active_list = list(range(B))
     scores = torch.full((B, K), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first
     history = torch.full((B * K, 0), BOS, dtype=torch.long, device=device)  # (N*K, t)
     prev = torch.full((B * K,), BOS, dtype=torch.long, device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
 
-    for t in range(int(limits.max())):
+    for t in range(max_steps):
         N = active.shape[0]
         log_probs, state = model.decode_step(prev, memory, state)  # (N*K, V)
         step_weights = None if attention is None else state.attention.float()  # (N*K, S)
-        must_end = (limits[active] <= t + 1).repeat_interleave(K)  # (N*K,)
-        log_probs = _restrict(log_probs, must_end)
+        at_limit = limits[active] <= t + 1  # (N,)
+        log_probs = _restrict(log_probs, at_limit.repeat_interleave(K))
         V = log_probs.shape[-1]
         candidates = (scores[:, :, None] + log_probs.view(N, K, V)).view(N, K * V)
         top_scores, top_ids = candidates.topk(min(2 * K, K * V), dim=-1)  # (N, 2K)
         top_beams, top_tokens = top_ids // V, top_ids % V
-
-        # Finished hypotheses: EOS among the first K candidates; each sentence keeps its K best.
-        ends = (top_tokens == EOS) & torch.isfinite(top_scores)
-        ends[:, K:] = False
-        if bool(ends.any()):
-            length = t + 1  # generated tokens including EOS
-            for n, j in ends.nonzero().tolist():
-                hyps = finished[int(active[n])]
-                score = float(top_scores[n, j]) / length**len_penalty
-                if len(hyps) == K:
-                    worst = min(range(K), key=lambda i: hyps[i].score)
-                    if score <= hyps[worst].score:
-                        continue
-                    hyps.pop(worst)
-                row = n * K + int(top_beams[n, j])
-                weights = None
-                if step_weights is not None:
-                    weights = torch.cat([weights_history[row], step_weights[row, None]])  # (t+1, S)
-                hyps.append(Hypothesis(history[row].tolist(), score, weights))
-
-        # Continue with the K best candidates that do not end.
+        # Finished hypotheses: EOS among the first K candidates. The K best others continue.
+        ends = (top_tokens[:, :K] == EOS) & torch.isfinite(top_scores[:, :K])  # (N, K)
         keep_scores = top_scores.masked_fill(top_tokens == EOS, float("-inf"))
         keep_scores, order = keep_scores.topk(K, dim=-1)  # (N, K), best first
         keep_beams = top_beams.gather(1, order)  # (N, K)
         keep_tokens = top_tokens.gather(1, order)  # (N, K)
+        best_alive = keep_scores[:, :1] / (t + 1) ** len_penalty  # (N, 1) the best live beam, were it to end now
+        # The one read-back of the step.
+        read = torch.cat([top_scores[:, :K], ends.float(), top_beams[:, :K].float(), best_alive,
+                          at_limit[:, None].float()], dim=1).tolist()  # (N, 3K+2)
 
-        if t + 1 >= int(limits.max()):
+        length = t + 1  # generated tokens including EOS
+        for n, row_values in enumerate(read):
+            for j in (j for j in range(K) if row_values[K + j]):
+                row = n * K + int(row_values[2 * K + j])
+                _add_finished(finished[active_list[n]], K, row_values[j] / length**len_penalty, row, history,
+                              weights_history, step_weights)
+        if t + 1 >= max_steps:
             break
         # A sentence is done when its K finished hypotheses all score at least as well as the
         # best live beam would if it ended now (log-probs only fall as a hypothesis grows).
-        best_alive = (keep_scores[:, 0] / (t + 1) ** len_penalty).tolist()
-        at_limit = (limits[active] <= t + 1).tolist()
-        done = torch.tensor(
-            [
-                ended or (len(finished[s]) == K and min(h.score for h in finished[s]) >= alive_score)
-                for s, alive_score, ended in zip(active.tolist(), best_alive, at_limit)
-            ],
-            device=device,
-        )
-        if bool(done.all()):
+        alive_list = [
+            n for n, row_values in enumerate(read)
+            if not (row_values[3 * K + 1] or (len(finished[active_list[n]]) == K
+                                                and min(h.score for h in finished[active_list[n]]) >= row_values[3 * K]))
+        ]
+        if not alive_list:
             break
-        alive = (~done).nonzero().squeeze(1)  # (N',)
+        alive = torch.tensor(alive_list, device=device)  # (N',)
         rows = (alive[:, None] * K + keep_beams[alive]).view(-1)  # (N'*K,) rows of the old batch
-        if alive.shape[0] < N:  # drop finished sentences (beams of one sentence share memory)
+        if len(alive_list) < N:  # drop finished sentences (beams of one sentence share memory)
             memory = memory.reorder(rows)
         state = state.reorder(rows)
         history = torch.cat([history[rows], keep_tokens[alive].view(-1, 1)], dim=1)
@@ -206,8 +198,39 @@ def beam_search(
         prev = keep_tokens[alive].view(-1)
         scores = keep_scores[alive]
         active = active[alive]
-    for sentence in range(B):
-        if not finished[sentence]:  # cannot happen with finite scores; keep an empty output
-            finished[sentence].append(Hypothesis([], float("-inf")))
-        finished[sentence].sort(key=lambda h: h.score, reverse=True)
-    return [hyps[:nbest] for hyps in finished]
+        active_list = [active_list[n] for n in alive_list]
+    return _best_hypotheses(finished, nbest, device)
+
+
+def _add_finished(
+    hyps: list[Hypothesis], K: int, score: float, row: int, history: torch.Tensor,
+    weights_history: torch.Tensor | None, step_weights: torch.Tensor | None,
+) -> None:
+    """Keep the hypothesis ending at `row` if it is among its sentence's K best so far. Its
+    tokens stay a device tensor (history[row]) until the search is over."""
+    if len(hyps) == K:
+        worst = min(range(K), key=lambda i: hyps[i].score)
+        if score <= hyps[worst].score:
+            return
+        hyps.pop(worst)
+    weights = None
+    if step_weights is not None:
+        weights = torch.cat([weights_history[row], step_weights[row, None]])  # (t+1, S)
+    hyps.append(Hypothesis(history[row], score, weights))
+
+
+def _best_hypotheses(finished: list[list[Hypothesis]], nbest: int, device: torch.device) -> list[list[Hypothesis]]:
+    """The `nbest` best of each sentence, best first, their tokens read back in one transfer."""
+    for hyps in finished:
+        if not hyps:  # cannot happen with finite scores; keep an empty output
+            hyps.append(Hypothesis(torch.zeros(0, dtype=torch.long, device=device), float("-inf")))
+        hyps.sort(key=lambda h: h.score, reverse=True)
+        del hyps[nbest:]
+    chosen = [h for hyps in finished for h in hyps]
+    flat = torch.cat([h.tokens for h in chosen]).tolist()
+    start = 0
+    for h in chosen:
+        length = h.tokens.shape[0]
+        h.tokens = flat[start : start + length]
+        start += length
+    return finished
