@@ -8,6 +8,13 @@ import shutil
 from pathlib import Path
 
 
+def file_mode() -> int:
+    """The mode a new file gets from the process's umask, as open() gives it (0644 under 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

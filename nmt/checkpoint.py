@@ -15,9 +15,11 @@ Only safetensors and JSON/YAML are read back: loading never unpickles objects.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,15 +27,52 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from nmt.atomic import complete_dir, recover_dir, replace_dir, write_text_atomic
+from nmt.atomic import complete_dir, file_mode, recover_dir, replace_dir, write_text_atomic
 from nmt.config import Config, config_from_dict, save_config
-from nmt.errors import CheckpointError, ConfigError
+from nmt.errors import CheckpointError, ConfigError, first_line
 from nmt.models import build_model
 from nmt.tokenizer import Tokenizer, file_sha256
 
 import yaml
 
 CHECKPOINT_NAMES = ("best", "last")
+
+
+@dataclass
+class TrainState:
+    """Where a training run stands: what `info.json` of a checkpoint holds and `--resume` restores."""
+
+    step: int = 0
+    epoch: int = 0
+    group_in_epoch: int = 0  # updates done in the current epoch
+    best_score: float = -1.0  # the best dev score (the task's metric) so far, and its step
+    best_step: int = 0
+    bad_validations: int = 0  # validations in a row without a better score
+    seconds: float = 0.0  # training time of the run before this process started (resumed runs)
+    valid_seconds: float = 0.0  # of which validating
+    last_valid: dict = field(default_factory=dict)
+    processes: int | None = None  # of the run that saved it; None in checkpoints that predate it
+
+    @classmethod
+    def from_info(cls, info: dict) -> "TrainState":
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {key: value for key, value in info.items() if key in known}
+        if "best_score" not in info and "best_bleu" in info:  # written before pretraining had a metric of its own
+            values["best_score"] = info["best_bleu"]
+        return cls(**values)
+
+    def to_info(self, metric: str, seconds: float, processes: int) -> dict:
+        """The info.json record after `seconds` of training in all, by `processes` processes."""
+        return {
+            **dataclasses.asdict(self), "metric": metric, "seconds": round(seconds, 1),
+            "valid_seconds": round(self.valid_seconds, 1), "processes": processes,
+        }
+
+
+def read_training_info(save_dir: Path) -> TrainState:
+    """The state saved in `save_dir/last` (empty when there is none)."""
+    directory = checkpoint_dir(save_dir, "last")
+    return TrainState.from_info(read_info(directory)) if directory is not None else TrainState()
 
 
 @contextlib.contextmanager
@@ -116,20 +155,36 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     rng_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write `save_dir/name/` atomically: a crash leaves the previous one intact."""
+    """Write `save_dir/name/` atomically: a crash leaves the previous one intact. A failed write
+    (a full disk, say) removes its partial copy and is a one-line error."""
     tmp = save_dir / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    info = {**info, "sha256": {"model.safetensors": file_sha256(tmp / "model.safetensors")}}
+    try:
+        tmp.mkdir(parents=True)
+        _write_checkpoint_files(tmp, model, info, optimizer, rng_state)
+        replace_dir(tmp, save_dir / name)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"could not save {save_dir / name}: {first_line(e)}; the previous checkpoint is intact"
+        ) from None
+
+
+def _write_checkpoint_files(
+    directory: Path, model: nn.Module, info: dict, optimizer: torch.optim.Optimizer | None,
+    rng_state: dict[str, torch.Tensor] | None,
+) -> None:
+    save_model(model, str(directory / "model.safetensors"))
+    info = {**info, "sha256": {"model.safetensors": file_sha256(directory / "model.safetensors")}}
     if optimizer is not None:
         tensors, groups = _flatten_optimizer(optimizer)
         tensors.update({f"rng.{k}": v for k, v in (rng_state or {}).items()})
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        save_file(tensors, str(directory / "optimizer.safetensors"))
         info["param_groups"] = groups
-        info["sha256"]["optimizer.safetensors"] = file_sha256(tmp / "optimizer.safetensors")
-    (tmp / "info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
-    replace_dir(tmp, save_dir / name)
+        info["sha256"]["optimizer.safetensors"] = file_sha256(directory / "optimizer.safetensors")
+    for written in directory.glob("*.safetensors"):  # safetensors makes them private (0600)
+        os.chmod(written, file_mode())
+    (directory / "info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

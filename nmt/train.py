@@ -12,8 +12,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,12 +23,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from nmt.checkpoint import (
+    TrainState,
     check_pretrained,
     has_checkpoint,
     init_save_dir,
     load_pretrained,
     load_training_state,
     read_config,
+    read_training_info,
     read_vocab_info,
     recover_checkpoints,
     save_checkpoint,
@@ -123,6 +126,14 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(model, dynamic=True)
 
 
+class UpdateResult(NamedTuple):
+    """What one update did, as tensors left on the device (reading them waits for a GPU)."""
+
+    loss: torch.Tensor  # () the summed label-smoothed loss; 0 when it was not finite
+    skipped: torch.Tensor  # () bool: the weights were left as they were
+    loss_finite: torch.Tensor  # () bool: `loss` is the update's loss (its tokens count in the logged mean)
+
+
 def training_update(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -135,7 +146,7 @@ def training_update(
     normalizer: float | None = None,
     compute_loss: Callable | None = None,
     frozen: list[torch.nn.Parameter] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> UpdateResult:
     """One optimizer update from the gradients of `group`'s batches added up (accumulation).
 
     `compute_loss(model, batch, label_smoothing)` gives a batch's summed loss (by default the
@@ -147,8 +158,9 @@ def training_update(
     tokens over all processes divided by their number.
 
     An update whose loss or gradient norm is not finite is skipped. Returns the summed
-    label-smoothed loss (0 when not finite) and whether the update was skipped, as tensors left
-    on the device: reading them would wait for the GPU, so the caller decides when.
+    label-smoothed loss (0 when not finite), whether the update was skipped and whether the loss
+    was finite, as tensors left on the device: reading them would wait for the GPU, so the
+    caller decides when.
     """
     normalizer = normalizer or sum(b.num_tgt_tokens for b in group)
     compute_loss = compute_loss or translation_loss
@@ -171,27 +183,31 @@ def training_update(
         scaler.unscale_(optimizer)
     # The norm is needed even without clipping, to see non-finite gradients.
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm if tc.clip_norm > 0 else float("inf"))
+    # With data parallelism gradients, hence the norm, are the same in every process; losses are not.
+    skipped = ~torch.isfinite(norm) if data_parallel else ~(torch.isfinite(total) & torch.isfinite(norm))
+    step_unless_skipped(optimizer, scaler, skipped)
+    optimizer.zero_grad(set_to_none=True)
+    finite = torch.isfinite(total)
+    return UpdateResult(torch.where(finite, total, torch.zeros_like(total)), skipped, finite)
+
+
+def step_unless_skipped(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, skipped: torch.Tensor) -> None:
+    """The optimizer step, left out when `skipped` (a device tensor) says so."""
     if scaler:
         # fp16: the scaler skips an update whose gradients overflowed and lowers the loss scale.
         # A few in a row are routine while it finds its scale; a long run means a diverged model,
-        # so they count as skipped updates too (after the exchange, the norm is the same everywhere).
-        skipped = ~torch.isfinite(norm) if data_parallel else ~(torch.isfinite(total) & torch.isfinite(norm))
+        # so the caller counts them as skipped updates too.
         scaler.step(optimizer)
         scaler.update()
-    else:
-        # With data parallelism gradients, hence the norm, are the same in every process; losses are not.
-        skipped = ~torch.isfinite(norm) if data_parallel else ~(torch.isfinite(total) & torch.isfinite(norm))
-        if getattr(optimizer, "_step_supports_amp_scaling", False):
-            # Fused AdamW takes the decision as a tensor and skips on the device: no host sync.
-            optimizer.found_inf = skipped.float()
-            try:
-                optimizer.step()
-            finally:
-                del optimizer.found_inf
-        elif not bool(skipped):
+    elif getattr(optimizer, "_step_supports_amp_scaling", False):
+        # Fused AdamW takes the decision as a tensor and skips on the device: no host sync.
+        optimizer.found_inf = skipped.float()
+        try:
             optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return torch.where(torch.isfinite(total), total, torch.zeros_like(total)), skipped
+        finally:
+            del optimizer.found_inf
+    elif not bool(skipped):
+        optimizer.step()
 
 
 @torch.no_grad()
@@ -363,14 +379,19 @@ def _train(
     make_task: Callable, config: Config, ranks: Ranks, save_dir: Path, resume: bool, overwrite: bool,
     progress: bool, log: Callable[[str], None], started: float,
 ) -> TrainResult:
-    tc = config.train
-    device = rank_device(ranks, resolve_device(tc.device))
-    dtype = resolve_precision(tc.precision, device)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
     if not ranks.is_main:  # one process writes the log and checkpoints, and validates
         log, progress = (lambda message: None), False
+    task = open_save_dir(make_task, ranks, save_dir, resume, overwrite)
+    trainer = Trainer(task, config, ranks, save_dir, log, started)
+    trainer.start(resume)
+    return trainer.run(progress)
 
+
+def open_save_dir(make_task: Callable, ranks: Ranks, save_dir: Path, resume: bool, overwrite: bool):
+    """Check that `save_dir` may be trained into as asked (and clear it for --overwrite);
+    returns the task, built once the directory is known to be usable."""
     if ranks.is_main:
         recover_checkpoints(save_dir)
     ranks.barrier()
@@ -384,316 +405,412 @@ def _train(
     task = make_task(ranks)
     if resume:
         task.check_resumable(save_dir)
+        check_same_batches(save_dir, task.config, ranks.world)
     ranks.barrier()  # every process has looked before the main one clears anything
     if overwrite and ranks.is_main:
         for name in ("best", "last", LOG_NAME, TENSORBOARD_DIR):
             path = save_dir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    return task
 
-    torch.manual_seed(tc.seed)  # the same initial weights in every process
-    model = task.build_model()
-    frozen = task.initialize(model, resume, log)
-    model.to(device)
-    if ranks.active:
-        torch.manual_seed(tc.seed * 1_000_003 + ranks.rank)  # each process its own dropout
-    optimizer = make_optimizer(model, tc, device)
-    # Updates run through `step_model`; checkpoints save `model`, whose parameter names are plain.
-    eager_model = model
-    if ranks.active:
-        eager_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    step_model = compile_model(eager_model) if tc.compile else eager_model
-    # Each update takes `accum_steps` batches of `batch_tokens`, whatever the number of processes:
-    # they share them out. When they cannot, each takes one batch of the same share of tokens.
-    rank_accum, rank_tokens = tc.accum_steps, tc.batch_tokens
-    if ranks.active:
-        if tc.accum_steps % ranks.world == 0:
-            rank_accum = tc.accum_steps // ranks.world
-        else:
-            rank_accum, rank_tokens = 1, max(1, tc.batch_tokens * tc.accum_steps // ranks.world)
-    update_batches = rank_accum * ranks.world
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
-    step, epoch, group_in_epoch = 0, 0, 0
-    best_score, best_step, bad_validations, elapsed_before, valid_seconds = -1.0, 0, 0, 0.0, 0.0
-    last_valid: dict = {}
-    if resume:
-        info, rng = load_training_state(save_dir, model, optimizer)
-        step, epoch, group_in_epoch = info["step"], info["epoch"], info["group_in_epoch"]
-        best_score, best_step = info.get("best_score", info.get("best_bleu", -1.0)), info["best_step"]
-        bad_validations, elapsed_before = info["bad_validations"], info["seconds"]
-        valid_seconds = info.get("valid_seconds", 0.0)
-        last_valid = info.get("last_valid", {})
-        suffix = f".rank{ranks.rank}" if ranks.active else ""
-        if f"cpu{suffix}" in rng:
-            torch.set_rng_state(rng[f"cpu{suffix}"])
-        if device.type == "cuda" and f"cuda{suffix}" in rng:
-            torch.cuda.set_rng_state(rng[f"cuda{suffix}"], device)
-        log(f"resuming {save_dir} at step {step} (epoch {epoch + 1})")
-    elif ranks.is_main:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        task.init_save_dir(save_dir)
-
-    params = sum(p.numel() for p in model.parameters())
-    log(
-        f"model: {config.model.arch}, {params / 1e6:.1f}M parameters; device {device}, "
-        f"{str(dtype).replace('torch.', '')}; {task.describe()}"
-        + (f"; {ranks.world} processes, {rank_accum} batch(es) of {rank_tokens} tokens each per update" if ranks.active else "")
-    )
-    train_log = TrainLog(save_dir, tc.tensorboard, log) if ranks.is_main else None
-
-    def write_log(record: dict) -> None:
-        if train_log:
-            train_log.write(record)
-
-    def save(name: str) -> None:
-        """Every process calls this for `last` (its random state is saved too); only the main one writes."""
-        rng = {"cpu": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
-        if ranks.active and name == "last":
-            rng = {f"{kind}.rank{r}": state for kind in list(rng) for r, state in enumerate(ranks.gather(rng[kind].cpu()))}
-        if not ranks.is_main:
-            return
-        info = {
-            "step": step, "epoch": epoch, "group_in_epoch": group_in_epoch, "metric": task.metric, "best_score": best_score,
-            "best_step": best_step, "bad_validations": bad_validations,
-            "seconds": round(elapsed_before + time.time() - started, 1), "valid_seconds": round(valid_seconds, 1),
-            "last_valid": last_valid,
-        }
-        if name == "last":
-            save_checkpoint(save_dir, name, model, info, optimizer, rng)
-        else:
-            save_checkpoint(save_dir, name, model, info)
-
-    def run_validation() -> str:
-        """Validate (main process) and save checkpoints; returns why training should stop, or ""."""
-        nonlocal best_score, best_step, bad_validations, last_valid, valid_seconds
-        reason = ""
-        if ranks.is_main:
-            valid_started = time.time()
-            last_valid = {"step": step, **task.validate(model, device, dtype)}
-            valid_seconds += time.time() - valid_started
-            seconds = elapsed_before + time.time() - started
-            improved = last_valid[task.metric] > best_score
-            if improved:
-                best_score, best_step, bad_validations = last_valid[task.metric], step, 0
-                save("best")
-            else:
-                bad_validations += 1
-            # train_seconds leaves out validation: the time to reach a dev BLEU, as benchmarks count it
-            write_log({
-                "type": "valid", **last_valid, "seconds": round(seconds, 1),
-                "train_seconds": round(seconds - valid_seconds, 1),
-            })
-            log(
-                f"step {step}: dev loss {last_valid['loss']:.3f}, ppl {last_valid['ppl']:.2f}"
-                + "".join(f", {key} {last_valid[key]:.2f}" for key in task.extra_metrics)
-                + f", {task.metric_name} {last_valid[task.metric]:.2f}"
-                + (" (best)" if improved else f" (best {best_score:.2f} at {best_step})")
+def check_same_batches(save_dir: Path, config: Config, processes: int) -> None:
+    """--resume continues the saved run's list of batches and random states: the settings that
+    make them must be the saved run's."""
+    saved = read_config(save_dir).train
+    for key in ("batch_tokens", "accum_steps", "seed"):
+        old, new = getattr(saved, key), getattr(config.train, key)
+        if old != new:
+            raise ConfigError(
+                f"train.{key} is {new!r} but the run in {save_dir} was trained with {old!r}; "
+                "--resume needs the same value (or start a new run)"
             )
-            if tc.target_bleu and task.metric == "bleu" and last_valid["bleu"] >= tc.target_bleu:
-                reason = "target_bleu"
-            elif tc.patience and bad_validations >= tc.patience:
-                reason = "patience"
-        save("last")
-        return VALIDATION_STOPS[ranks.agree(VALIDATION_STOPS.index(reason), device)]
+    old_processes = read_training_info(save_dir).processes
+    if old_processes is not None and old_processes != processes:
+        raise ConfigError(
+            f"the run in {save_dir} was trained with {old_processes} process(es), this one has {processes}; "
+            "--resume needs the same number"
+        )
 
-    def frozen_now() -> list[torch.nn.Parameter]:
-        return frozen if step <= tc.freeze_init_steps else []
 
-    def retry_out_of_memory(group: list[Batch], lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """After running out of memory on `group`: the same update from half-size batches, or
-        none if that fails too (counted as a skipped update)."""
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
+def process_shares(tc: TrainConfig, world: int) -> tuple[int, int]:
+    """Each process's batches per update and tokens per batch. An update takes `accum_steps`
+    batches of `batch_tokens` whatever the number of processes: they share them out, and when
+    they cannot, each takes one batch of the same share of tokens."""
+    if world == 1 or tc.accum_steps % world == 0:
+        return tc.accum_steps // world, tc.batch_tokens
+    return 1, max(1, tc.batch_tokens * tc.accum_steps // world)
+
+
+def update_groups(batches: list[np.ndarray], per_update: int, several_processes: bool) -> list[list[np.ndarray]]:
+    """An epoch's batches as updates of `per_update` batches. Every process builds the same list
+    and takes its share of each; with several, a last update too small to share is left out."""
+    last_start = len(batches) - per_update + 1 if several_processes else len(batches)
+    return [batches[i : i + per_update] for i in range(0, max(last_start, 0), per_update)]
+
+
+def validation_stop(tc: TrainConfig, metric: str, score: float, bad_validations: int) -> str:
+    """Why training stops after a validation, or ""."""
+    if tc.target_bleu and metric == "bleu" and score >= tc.target_bleu:
+        return "target_bleu"
+    if tc.patience and bad_validations >= tc.patience:
+        return "patience"
+    return ""
+
+
+def random_states(device: torch.device, ranks: Ranks) -> dict[str, torch.Tensor]:
+    """The random generators' states; with several processes, every process's (a collective call)."""
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    if ranks.active:
+        rng = {f"{kind}.rank{r}": state for kind in list(rng) for r, state in enumerate(ranks.gather(rng[kind].cpu()))}
+    return rng
+
+
+def restore_random_states(rng: dict[str, torch.Tensor], device: torch.device, ranks: Ranks) -> None:
+    suffix = f".rank{ranks.rank}" if ranks.active else ""
+    if f"cpu{suffix}" in rng:
+        torch.set_rng_state(rng[f"cpu{suffix}"])
+    if device.type == "cuda" and f"cuda{suffix}" in rng:
+        torch.cuda.set_rng_state(rng[f"cuda{suffix}"], device)
+
+
+@dataclass
+class Interval:
+    """What the updates since the last log step add up to. Losses and skips stay device tensors,
+    read once per log step (reading them waits for the GPU)."""
+
+    device: torch.device
+    started: float = field(default_factory=time.time)
+    tgt_tokens: int = 0
+    src_tokens: int = 0
+    wait_seconds: float = 0.0  # waiting for batches (built ahead in a thread on a GPU)
+
+    def __post_init__(self) -> None:
+        self.loss = torch.zeros((), device=self.device)  # summed loss of the updates with a finite one
+        self.loss_tokens = torch.zeros((), dtype=torch.long, device=self.device)  # their target tokens
+        self.skipped = torch.zeros((), dtype=torch.long, device=self.device)
+
+    def add(self, result: UpdateResult, group: list[Batch]) -> None:
+        tokens = sum(b.num_tgt_tokens for b in group)
+        self.loss += result.loss
+        self.loss_tokens += result.loss_finite.long() * tokens
+        self.skipped += result.skipped
+        self.tgt_tokens += tokens
+        self.src_tokens += sum(b.num_src_tokens for b in group)
+
+    def record(self, step: int, epoch: float, lr: float, ranks: Ranks) -> dict:
+        """The log record of the interval, over all processes: the loss is the mean per target
+        token of the updates whose loss was finite; throughput counts every update's tokens."""
+        seconds = max(time.time() - self.started, 1e-9)
+        loss_sum, loss_tokens, tgt_tokens, src_tokens, skipped = ranks.sum(
+            [float(self.loss), int(self.loss_tokens), self.tgt_tokens, self.src_tokens, int(self.skipped)], self.device
+        )
+        record = {
+            "type": "train", "step": step, "epoch": epoch,
+            "loss": round(loss_sum / max(loss_tokens, 1), 4), "lr": lr,
+            "tgt_tokens_per_s": round(tgt_tokens / seconds),
+            "tokens_per_s": round((tgt_tokens + src_tokens) / seconds),
+            "batch_wait_fraction": round(self.wait_seconds / seconds, 4),
+        }
+        skipped = int(skipped) // ranks.world  # every process skips the same updates
+        if skipped:
+            record["skipped_updates"] = skipped
+        return record
+
+
+class Trainer:
+    """One run of the training loop for a task (translation, masked LM): the model, optimizer and
+    `TrainState`, and the loop's steps as small methods: start or resume, one update (with the
+    out-of-memory retry and the torch.compile fallback), the log, validate and save, the stop
+    decision."""
+
+    def __init__(self, task, config: Config, ranks: Ranks, save_dir: Path, log: Callable[[str], None], started: float):
+        tc = self.tc = config.train
+        self.task, self.config, self.ranks, self.save_dir, self.log, self.started = task, config, ranks, save_dir, log, started
+        self.device = rank_device(ranks, resolve_device(tc.device))
+        self.dtype = resolve_precision(tc.precision, self.device)
+        self.state = TrainState()
+        torch.manual_seed(tc.seed)  # the same initial weights in every process
+        self.model = task.build_model()
+        self.frozen: list[torch.nn.Parameter] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.rank_accum, self.rank_tokens = process_shares(tc, ranks.world)
+        self.update_batches = self.rank_accum * ranks.world
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+        self.lr = 0.0
+        self.validated_at = -1
+        self.skipped_run = torch.zeros((), dtype=torch.long, device=self.device)  # updates skipped in a row
+        self.longest_skipped_run = torch.zeros((), dtype=torch.long, device=self.device)
+        self.interval = Interval(self.device)
+        self.train_log: TrainLog | None = None
+        self.stop_signal: StopSignal | None = None
+
+    def start(self, resume: bool) -> None:
+        """Load initial weights, build the optimizer and the data-parallel and compiled views of
+        the model, then restore the saved run (--resume) or write the new directory's files."""
+        tc, ranks, device = self.tc, self.ranks, self.device
+        self.frozen = self.task.initialize(self.model, resume, self.log)
+        self.model.to(device)
+        if ranks.active:
+            torch.manual_seed(tc.seed * 1_000_003 + ranks.rank)  # each process its own dropout
+        self.optimizer = make_optimizer(self.model, tc, device)
+        # Updates run through `step_model`; checkpoints save `model`, whose parameter names are plain.
+        self.eager_model = self.model
+        if ranks.active:
+            self.eager_model = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.step_model = compile_model(self.eager_model) if tc.compile else self.eager_model
+        if resume:
+            info, rng = load_training_state(self.save_dir, self.model, self.optimizer)
+            self.state = TrainState.from_info(info)
+            restore_random_states(rng, device, ranks)
+            self.validated_at = self.state.step
+            self.log(f"resuming {self.save_dir} at step {self.state.step} (epoch {self.state.epoch + 1})")
+        elif ranks.is_main:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            self.task.init_save_dir(self.save_dir)
+        params = sum(p.numel() for p in self.model.parameters())
+        self.log(
+            f"model: {self.config.model.arch}, {params / 1e6:.1f}M parameters; device {device}, "
+            f"{str(self.dtype).replace('torch.', '')}; {self.task.describe()}"
+            + (f"; {ranks.world} processes, {self.rank_accum} batch(es) of {self.rank_tokens} tokens each per update"
+               if ranks.active else "")
+        )
+        self.train_log = TrainLog(self.save_dir, tc.tensorboard, self.log) if ranks.is_main else None
+
+    def elapsed(self) -> float:
+        """Seconds of training in this run, earlier processes of a resumed one included."""
+        return self.state.seconds + time.time() - self.started
+
+    def write_log(self, record: dict) -> None:
+        if self.train_log:
+            self.train_log.write(record)
+
+    def save(self, name: str) -> None:
+        """Every process calls this for `last` (its random state is saved too); only the main one writes."""
+        rng = random_states(self.device, self.ranks) if name == "last" else None
+        if not self.ranks.is_main:
+            return
+        info = self.state.to_info(self.task.metric, self.elapsed(), self.ranks.world)
+        save_checkpoint(self.save_dir, name, self.model, info, self.optimizer if name == "last" else None, rng)
+
+    def run(self, progress: bool) -> TrainResult:
+        """Epochs of updates until a stop; a final validation unless the last update had one."""
+        st, tc = self.state, self.tc
+        self.write_log({
+            "type": "start", "step": st.step, "time": round(time.time(), 3),
+            "setup_seconds": round(time.time() - self.started, 2),
+        })
+        self.model.train()
+        bar = tqdm(total=tc.max_steps or None, initial=st.step, unit="step", disable=not progress, file=sys.stderr,
+                   dynamic_ncols=True, desc="training")
+        self.stop_signal = StopSignal()
+        reason, groups = "", []
+        try:
+            while not reason:
+                if tc.max_epochs and st.epoch >= tc.max_epochs:
+                    reason = "max_epochs"
+                    break
+                groups = update_groups(self.task.epoch_batches(self.rank_tokens, st.epoch), self.update_batches, self.ranks.active)
+                if not tc.max_steps and tc.max_epochs and bar.total is None:
+                    bar.total = tc.max_epochs * len(groups)  # for the ETA; batch counts vary a little
+                reason = self.run_epoch(groups, bar)
+                if st.group_in_epoch >= len(groups):
+                    st.epoch, st.group_in_epoch = st.epoch + 1, 0
+            if self.validated_at != st.step:
+                self.validate_and_save()
+        finally:
+            self.stop_signal.restore()
+            bar.close()
+            if self.train_log:
+                self.train_log.close()
+        return TrainResult(
+            save_dir=self.save_dir, steps=st.step, epochs=round(st.epoch + st.group_in_epoch / max(len(groups), 1), 2),
+            best_score=st.best_score, best_step=st.best_step, metric_name=self.task.metric_name,
+            last_valid=st.last_valid, seconds=round(self.elapsed(), 1), stop_reason=reason,
+            main_process=self.ranks.is_main,
+        )
+
+    def run_epoch(self, groups: list[list[np.ndarray]], bar: tqdm) -> str:
+        """The epoch's remaining updates; returns why training stops, or "" at the epoch's end."""
+        st, epoch = self.state, self.state.epoch
+        # On a GPU, the next updates' batches are built in a background thread while this one runs.
+        ahead = 2 if self.device.type == "cuda" else 0
+        build = lambda index: self.build_update(groups, epoch, index)  # noqa: E731
+        with BatchPrefetcher(build, st.group_in_epoch, len(groups), ahead) as prefetcher:
+            while st.group_in_epoch < len(groups):
+                waiting_since = time.time()
+                group = [batch.to(self.device) for batch in prefetcher.next()]
+                self.interval.wait_seconds += time.time() - waiting_since
+                result = self.update(group, groups[st.group_in_epoch])
+                self.count(result, group)
+                st.group_in_epoch += 1
+                bar.update(1)
+                if st.step % self.tc.log_every == 0:
+                    self.log_interval(bar, epoch + st.group_in_epoch / len(groups))
+                reason = self.stop_after_update()
+                if reason:
+                    return reason
+        return ""
+
+    def build_update(self, groups: list[list[np.ndarray]], epoch: int, index: int) -> list[Batch]:
+        """This process's batches of update `index` (called from the prefetching thread)."""
+        first = self.ranks.rank * self.rank_accum
+        share = groups[index][first : first + self.rank_accum]
+        pin = self.device.type == "cuda"
+        batches = [
+            self.task.make_batch(indices, pin, epoch, index * self.update_batches + first + i)
+            for i, indices in enumerate(share)
+        ]
+        self.task.release_pages()  # resident memory must not grow with the corpus
+        return batches
+
+    def frozen_now(self) -> list[torch.nn.Parameter]:
+        return self.frozen if self.state.step <= self.tc.freeze_init_steps else []
+
+    def apply(self, group: list[Batch], lr: float, normalizer: float | None) -> UpdateResult:
+        return training_update(self.step_model, self.optimizer, self.scaler, group, self.tc, lr, self.device,
+                               self.dtype, normalizer, self.task.loss, self.frozen_now())
+
+    def update(self, group: list[Batch], update: list[np.ndarray]) -> UpdateResult:
+        """One update: its normalizer, the learning rate, then the out-of-memory retry or the
+        fall back to eager mode if torch.compile fails."""
+        normalizer = None
+        if self.ranks.active:  # the update's target tokens in all processes, per process
+            update_tokens = self.task.update_tokens(update)
+            if update_tokens is None:  # known only once the batches are built: ask the others
+                (update_tokens,) = self.ranks.sum([sum(b.num_tgt_tokens for b in group)], self.device)
+            normalizer = update_tokens / self.ranks.world
+        self.state.step += 1
+        self.lr = inverse_sqrt_lr(self.state.step, self.tc.lr, self.tc.warmup_steps, self.tc.min_lr)
+        failure = ""
+        try:
+            return self.apply(group, self.lr, normalizer)
+        except torch.OutOfMemoryError:
+            failure = "out of memory"
+        except Exception as e:  # torch.compile fails at the first call, if at all
+            if self.step_model is self.eager_model:
+                raise
+            failure = f"{type(e).__name__}: {first_line(e)}"
+        # Retries run outside the except blocks: there, the failed attempt's tensors are freed.
+        if failure == "out of memory":
+            return self.retry_out_of_memory(group, self.lr, normalizer)
+        self.log(f"warning: torch.compile failed ({failure}); training continues without it")
+        self.step_model = self.eager_model
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.apply(group, self.lr, normalizer)
+
+    def retry_out_of_memory(self, group: list[Batch], lr: float, normalizer: float | None) -> UpdateResult:
+        """After running out of memory on `group`: the same update from half-size batches, with
+        the same normalizer, or none if that fails too (counted as a skipped update). With
+        several processes the others are already exchanging gradients and cannot retry with
+        this one: training stops with an error (torchrun then stops the others)."""
+        step = self.state.step
+        if self.ranks.active:
+            raise CheckpointError(
+                f"out of memory at step {step} in process {self.ranks.rank} of {self.ranks.world}: the half-batch "
+                "retry runs with one process only; lower train.batch_tokens and continue with --resume "
+                "(the last checkpoint is intact)"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
             with contextlib.suppress(AssertionError, RuntimeError):
-                scaler.update()  # forget the failed attempt's unscale_, if it got that far
-        if device.type == "cuda":
+                self.scaler.update()  # forget the failed attempt's unscale_, if it got that far
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
         halves = [half for batch in group for half in batch.halves()]
         try:
-            loss, skipped = training_update(step_model, optimizer, scaler, halves, tc, lr, device, dtype,
-                                            compute_loss=task.loss, frozen=frozen_now())
-            log(f"warning: out of memory at step {step}; the update was made from half-size batches")
-            return loss, skipped
+            result = self.apply(halves, lr, normalizer)
+            self.log(f"warning: out of memory at step {step}; the update was made from half-size batches")
+            return result
         except torch.OutOfMemoryError:
-            optimizer.zero_grad(set_to_none=True)
-            if ranks.active:  # the other processes wait for this one's gradients: it cannot skip
-                raise
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            sizes = "+".join(str(b.src.shape[0]) for b in group)
-            log(f"warning: out of memory at step {step} even with half-size batches; skipped {sizes} sentences")
-            return torch.zeros((), device=device), torch.ones((), dtype=torch.bool, device=device)
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        sizes = "+".join(str(b.src.shape[0]) for b in group)
+        self.log(f"warning: out of memory at step {step} even with half-size batches; skipped {sizes} sentences")
+        no = torch.zeros((), dtype=torch.bool, device=self.device)
+        return UpdateResult(torch.zeros((), device=self.device), ~no, no)
 
-    # When training starts, by the clock (so that a benchmark can add the process start-up),
-    # and how long setting up took: opening the data, building the model, restoring a run.
-    write_log({
-        "type": "start", "step": step, "time": round(time.time(), 3), "setup_seconds": round(time.time() - started, 2),
-    })
-    model.train()
-    bar = tqdm(
-        total=tc.max_steps or None, initial=step, unit="step", disable=not progress, file=sys.stderr,
-        dynamic_ncols=True, desc="training",
-    )
-    interval_loss = torch.zeros((), device=device)
-    interval_skipped = torch.zeros((), dtype=torch.long, device=device)
-    skipped_run = torch.zeros((), dtype=torch.long, device=device)
-    longest_skipped_run = torch.zeros((), dtype=torch.long, device=device)
-    interval_tokens, interval_src_tokens, interval_start = 0, 0, time.time()
-    interval_wait = 0.0  # seconds the loop waited for batches (built ahead in a thread on a GPU)
-    stop_reason = ""
-    groups: list = []
-    validated_at = step if resume else -1
-    pin = device.type == "cuda"
-    stop_signal = StopSignal()
-    try:
-        while not stop_reason:
-            if tc.max_epochs and epoch >= tc.max_epochs:
-                stop_reason = "max_epochs"
-                break
-            batches = task.epoch_batches(rank_tokens, epoch)
-            # Every process builds the same list of updates and takes its share of each; with
-            # several processes, a last update too small to share is left out.
-            last_start = len(batches) - update_batches + 1 if ranks.active else len(batches)
-            groups = [batches[i : i + update_batches] for i in range(0, max(last_start, 0), update_batches)]
-            if not tc.max_steps and tc.max_epochs and bar.total is None:
-                bar.total = tc.max_epochs * len(groups)  # for the ETA; batch counts vary a little
+    def count(self, result: UpdateResult, group: list[Batch]) -> None:
+        self.interval.add(result, group)
+        self.skipped_run = (self.skipped_run + 1) * result.skipped  # on the device: no wait
+        self.longest_skipped_run = torch.maximum(self.longest_skipped_run, self.skipped_run)
 
-            def build_update(index: int, groups=groups, epoch=epoch) -> list[Batch]:
-                first = ranks.rank * rank_accum
-                share = groups[index][first : first + rank_accum]
-                batches = [
-                    task.make_batch(indices, pin, epoch, index * update_batches + first + i)
-                    for i, indices in enumerate(share)
-                ]
-                task.release_pages()  # resident memory must not grow with the corpus
-                return batches
+    def log_interval(self, bar: tqdm, epoch: float) -> None:
+        tc = self.tc
+        record = self.interval.record(self.state.step, epoch, self.lr, self.ranks)
+        if "skipped_updates" in record:
+            cause = "fp16 gradient overflow (loss scale lowered) or non-finite loss" if self.scaler else "non-finite loss or gradient"
+            self.log(f"warning: {record['skipped_updates']} update(s) up to step {self.state.step} skipped: {cause}")
+        self.write_log(record)
+        postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{self.lr:.2e}", "tok/s": record[self.task.throughput]}
+        if tc.max_minutes and not tc.max_steps:
+            postfix["left"] = f"{max(tc.max_minutes - self.elapsed() / 60, 0):.1f}min"
+        bar.set_postfix(postfix)
+        self.interval = Interval(self.device)
 
-            # On a GPU, the next updates' batches are built in a background thread while this one runs.
-            ahead = 2 if device.type == "cuda" else 0
-            with BatchPrefetcher(build_update, group_in_epoch, len(groups), ahead) as prefetcher:
-                while group_in_epoch < len(groups):
-                    update = groups[group_in_epoch]
-                    waiting_since = time.time()
-                    group = [batch.to(device) for batch in prefetcher.next()]
-                    interval_wait += time.time() - waiting_since
-                    normalizer = None
-                    if ranks.active:  # the update's target tokens in all processes, per process
-                        update_tokens = task.update_tokens(update)
-                        if update_tokens is None:  # known only once the batches are built: ask the others
-                            (update_tokens,) = ranks.sum([sum(b.num_tgt_tokens for b in group)], device)
-                        normalizer = update_tokens / ranks.world
-                    step += 1
-                    lr = inverse_sqrt_lr(step, tc.lr, tc.warmup_steps, tc.min_lr)
-                    failure = ""
-                    try:
-                        loss, skipped = training_update(
-                            step_model, optimizer, scaler, group, tc, lr, device, dtype, normalizer, task.loss, frozen_now()
-                        )
-                    except torch.OutOfMemoryError:
-                        failure = "out of memory"
-                    except Exception as e:  # torch.compile fails at the first call, if at all
-                        if step_model is eager_model:
-                            raise
-                        failure = f"{type(e).__name__}: {first_line(e)}"
-                    # Retries run outside the except blocks: there, the failed attempt's tensors are freed.
-                    if failure == "out of memory":
-                        loss, skipped = retry_out_of_memory(group, lr)
-                    elif failure:
-                        log(f"warning: torch.compile failed ({failure}); training continues without it")
-                        step_model = eager_model
-                        optimizer.zero_grad(set_to_none=True)
-                        loss, skipped = training_update(
-                            step_model, optimizer, scaler, group, tc, lr, device, dtype, normalizer, task.loss, frozen_now()
-                        )
-                    interval_loss += loss
-                    skipped_run = (skipped_run + 1) * skipped  # updates skipped in a row, on the device
-                    longest_skipped_run = torch.maximum(longest_skipped_run, skipped_run)
-                    interval_skipped += skipped
-                    interval_tokens += sum(b.num_tgt_tokens for b in group)
-                    interval_src_tokens += sum(b.num_src_tokens for b in group)
-                    group_in_epoch += 1
-                    bar.update(1)
+    def stop_after_update(self) -> str:
+        """Why training stops after this update, or "": too many skipped updates, a validation's
+        verdict, a signal, the clock or the step limit."""
+        st, tc, ranks = self.state, self.tc, self.ranks
+        # Reading the count waits for the GPU: there, only at log steps.
+        if tc.max_skipped_updates and (self.device.type != "cuda" or st.step % tc.log_every == 0):
+            if int(self.longest_skipped_run) >= tc.max_skipped_updates:
+                self.log(
+                    f"error: {int(self.longest_skipped_run)} updates in a row were skipped (non-finite loss or "
+                    f"gradient, or out of memory); stopping at step {st.step} with the weights of the last "
+                    "good update. A lower train.lr, more train.warmup_steps or a smaller train.batch_tokens may help."
+                )
+                return TOO_MANY_SKIPPED
+        if st.step % tc.valid_every == 0:
+            reason = self.validate_and_save()
+            if reason:
+                return reason
+        # Signals and the clock differ between processes: with several, they decide together at
+        # log steps, so that all stop at the same update.
+        if not ranks.active or st.step % tc.log_every == 0:
+            if ranks.agree(int(bool(self.stop_signal.received)), self.device):
+                name = self.stop_signal.received or "SIGTERM"
+                self.save("last")
+                self.validated_at = st.step  # saved; no final validation on the way out
+                self.log(f"stopped by {name} at step {st.step}; continue with --resume")
+                return f"signal ({name})"
+            out_of_time = tc.max_minutes and self.elapsed() >= tc.max_minutes * 60
+            if ranks.agree(int(bool(out_of_time)), self.device):
+                return "max_minutes"
+        if tc.max_steps and st.step >= tc.max_steps:
+            return "max_steps"
+        return ""
 
-                    if step % tc.log_every == 0:
-                        seconds = max(time.time() - interval_start, 1e-9)
-                        loss_sum, tgt_tokens, src_tokens, skipped_count = ranks.sum(
-                            [float(interval_loss), interval_tokens, interval_src_tokens, int(interval_skipped)], device
-                        )
-                        skipped_count //= ranks.world  # every process skips the same updates
-                        record = {
-                            "type": "train", "step": step, "epoch": epoch + group_in_epoch / len(groups),
-                            "loss": round(loss_sum / max(tgt_tokens, 1), 4), "lr": lr,
-                            "tgt_tokens_per_s": round(tgt_tokens / seconds),
-                            "tokens_per_s": round((tgt_tokens + src_tokens) / seconds),
-                            "batch_wait_fraction": round(interval_wait / seconds, 4),
-                        }
-                        skipped_count = int(skipped_count)
-                        if skipped_count:
-                            record["skipped_updates"] = skipped_count
-                            cause = "fp16 gradient overflow (loss scale lowered) or non-finite loss" if scaler else "non-finite loss or gradient"
-                            log(f"warning: {skipped_count} update(s) up to step {step} skipped: {cause}")
-                            interval_skipped.zero_()
-                        write_log(record)
-                        postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.2e}", "tok/s": record[task.throughput]}
-                        if tc.max_minutes and not tc.max_steps:
-                            left = tc.max_minutes - (elapsed_before + time.time() - started) / 60
-                            postfix["left"] = f"{max(left, 0):.1f}min"
-                        bar.set_postfix(postfix)
-                        interval_loss.zero_()
-                        interval_tokens, interval_src_tokens, interval_start = 0, 0, time.time()
-                        interval_wait = 0.0
-
-                    # Reading the count waits for the GPU: there, only at log steps.
-                    if tc.max_skipped_updates and (device.type != "cuda" or step % tc.log_every == 0):
-                        if int(longest_skipped_run) >= tc.max_skipped_updates:
-                            stop_reason = TOO_MANY_SKIPPED
-                            log(
-                                f"error: {int(longest_skipped_run)} updates in a row were skipped (non-finite loss or "
-                                f"gradient, or out of memory); stopping at step {step} with the weights of the last "
-                                "good update. A lower train.lr, more train.warmup_steps or a smaller "
-                                "train.batch_tokens may help."
-                            )
-                            break
-                    if step % tc.valid_every == 0:
-                        validated_at = step
-                        stop_reason = run_validation()
-                    # Signals and the clock differ between processes: with several, they decide
-                    # together at log steps, so that all stop at the same update.
-                    if not stop_reason and (not ranks.active or step % tc.log_every == 0):
-                        out_of_time = tc.max_minutes and elapsed_before + time.time() - started >= tc.max_minutes * 60
-                        signalled = ranks.agree(int(bool(stop_signal.received)), device)
-                        if signalled:
-                            name = stop_signal.received or "SIGTERM"
-                            stop_reason = f"signal ({name})"
-                            save("last")
-                            log(f"stopped by {name} at step {step}; continue with --resume")
-                            validated_at = step  # saved; no final validation on the way out
-                        elif ranks.agree(int(bool(out_of_time)), device):
-                            stop_reason = "max_minutes"
-                    if not stop_reason and tc.max_steps and step >= tc.max_steps:
-                        stop_reason = "max_steps"
-                    if stop_reason:
-                        break
-            if group_in_epoch >= len(groups):
-                epoch, group_in_epoch = epoch + 1, 0
-        if validated_at != step:
-            run_validation()
-    finally:
-        stop_signal.restore()
-        bar.close()
-        if train_log:
-            train_log.close()
-    return TrainResult(
-        save_dir=save_dir,
-        steps=step,
-        epochs=round(epoch + group_in_epoch / max(len(groups), 1), 2),
-        best_score=best_score,
-        best_step=best_step,
-        metric_name=task.metric_name,
-        last_valid=last_valid,
-        seconds=round(elapsed_before + time.time() - started, 1),
-        stop_reason=stop_reason,
-        main_process=ranks.is_main,
-    )
+    def validate_and_save(self) -> str:
+        """Validate (main process) and save checkpoints; returns why training should stop, or ""."""
+        st, task = self.state, self.task
+        self.validated_at = st.step
+        reason = ""
+        if self.ranks.is_main:
+            valid_started = time.time()
+            st.last_valid = {"step": st.step, **task.validate(self.model, self.device, self.dtype)}
+            st.valid_seconds += time.time() - valid_started
+            improved = st.last_valid[task.metric] > st.best_score
+            if improved:
+                st.best_score, st.best_step, st.bad_validations = st.last_valid[task.metric], st.step, 0
+                self.save("best")
+            else:
+                st.bad_validations += 1
+            seconds = self.elapsed()
+            # train_seconds leaves out validation: the time to reach a dev BLEU, as benchmarks count it
+            self.write_log({
+                "type": "valid", **st.last_valid, "seconds": round(seconds, 1),
+                "train_seconds": round(seconds - st.valid_seconds, 1),
+            })
+            self.log(
+                f"step {st.step}: dev loss {st.last_valid['loss']:.3f}, ppl {st.last_valid['ppl']:.2f}"
+                + "".join(f", {key} {st.last_valid[key]:.2f}" for key in task.extra_metrics)
+                + f", {task.metric_name} {st.last_valid[task.metric]:.2f}"
+                + (" (best)" if improved else f" (best {st.best_score:.2f} at {st.best_step})")
+            )
+            reason = validation_stop(self.tc, task.metric, st.last_valid[task.metric], st.bad_validations)
+        self.save("last")
+        return VALIDATION_STOPS[self.ranks.agree(VALIDATION_STOPS.index(reason), self.device)]

@@ -14,7 +14,8 @@ TENSORBOARD_DIR = "tensorboard"
 # Which record fields become TensorBoard scalars, under which tag.
 TENSORBOARD_SCALARS = {
     "train": {"loss": "train/loss", "lr": "train/lr", "tgt_tokens_per_s": "train/target_tokens_per_s"},
-    "valid": {"loss": "dev/loss", "ppl": "dev/ppl", "bleu": "dev/bleu"},
+    "valid": {"loss": "dev/loss", "ppl": "dev/ppl", "bleu": "dev/bleu", "accuracy": "dev/masked_accuracy",
+              "nsp_accuracy": "dev/nsp_accuracy"},
 }
 
 

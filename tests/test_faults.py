@@ -56,14 +56,14 @@ def test_update_with_non_finite_loss_is_skipped(fused):
     with torch.no_grad():
         model.output.weight[10, 0] = float("nan")  # the logits of token 10 become NaN
     poisoned = {k: v.clone() for k, v in model.state_dict().items()}
-    loss, skipped = training_update(model, optimizer, None, [_batch()], tc, 1e-3, torch.device("cpu"), torch.float32)
+    loss, skipped, _ = training_update(model, optimizer, None, [_batch()], tc, 1e-3, torch.device("cpu"), torch.float32)
     assert bool(skipped) and float(loss) == 0.0
     after = model.state_dict()
     assert all(torch.allclose(after[k], poisoned[k], rtol=0, atol=0, equal_nan=True) for k in after)
     assert all(float(s["step"]) == 0 for s in optimizer.state.values())  # AdamW's step count did not move
 
     model.load_state_dict(before)
-    loss, skipped = training_update(model, optimizer, None, [_batch()], tc, 1e-3, torch.device("cpu"), torch.float32)
+    loss, skipped, _ = training_update(model, optimizer, None, [_batch()], tc, 1e-3, torch.device("cpu"), torch.float32)
     assert not bool(skipped) and float(loss) > 0
     assert not torch.equal(model.state_dict()["encoder_layers.0.ff.fc1.weight"], before["encoder_layers.0.ff.fc1.weight"])
 
@@ -78,13 +78,13 @@ def test_update_the_loss_scaler_skips_counts_as_skipped(fused):
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     hook = model.output.weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
-    loss, skipped = training_update(model, optimizer, scaler, [_batch()], tc, 1e-3, torch.device("cpu"), torch.float32)
+    loss, skipped, _ = training_update(model, optimizer, scaler, [_batch()], tc, 1e-3, torch.device("cpu"), torch.float32)
     assert bool(skipped) and torch.isfinite(loss) and float(loss) > 0
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
     assert scaler.get_scale() == 512.0  # the scaler saw the overflow and lowered its scale
 
     hook.remove()
-    loss, skipped = training_update(model, optimizer, scaler, [_batch()], tc, 1e-3, torch.device("cpu"), torch.float32)
+    loss, skipped, _ = training_update(model, optimizer, scaler, [_batch()], tc, 1e-3, torch.device("cpu"), torch.float32)
     assert not bool(skipped) and float(loss) > 0
     assert not torch.equal(model.state_dict()["encoder_layers.0.ff.fc1.weight"], before["encoder_layers.0.ff.fc1.weight"])
 
@@ -234,3 +234,45 @@ def test_second_training_run_on_the_same_directory_is_refused(data_dir, tmp_path
         with pytest.raises(CheckpointError, match="another training run is using"):
             train(_config(data_dir, save_dir, max_steps=2), progress=False)
     assert train(_config(data_dir, save_dir, max_steps=2), progress=False).steps == 2
+
+
+def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from nmt import checkpoint
+    from nmt.checkpoint import load_training_state
+
+    save_dir = tmp_path / "model"
+    train(_config(data_dir, save_dir, max_steps=2), progress=False)
+    real_save_file = checkpoint.save_file
+
+    def disk_full(tensors, path, *args, **kwargs):
+        real_save_file(tensors, path, *args, **kwargs)
+        with open(path, "r+b") as f:  # what a full disk leaves: a file cut short
+            f.truncate(10)
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    with pytest.raises(CheckpointError) as error:
+        train(_config(data_dir, save_dir, max_steps=4), resume=True, progress=False)
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and str(save_dir / "last") in message
+    assert "No space left on device" in message and "previous checkpoint is intact" in message
+    assert not [p.name for p in save_dir.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    monkeypatch.setattr(checkpoint, "save_file", real_save_file)
+    model, _, _ = load_for_inference(save_dir, "last")  # checksums verified
+    info, _ = load_training_state(save_dir, model, make_optimizer(model, TrainConfig(), torch.device("cpu")))
+    assert info["step"] == 2
+
+
+def test_checkpoint_files_follow_the_umask(data_dir, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        train(_config(data_dir, tmp_path / "model", max_steps=2), progress=False)
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "model").rglob("*") if p.is_file() and p.name != ".lock"]
+    assert {p.name for p in files} >= {"model.safetensors", "optimizer.safetensors", "info.json", "config.yaml"}
+    assert {p.relative_to(tmp_path): oct(p.stat().st_mode & 0o777) for p in files} == {
+        p.relative_to(tmp_path): "0o644" for p in files
+    }

@@ -159,3 +159,44 @@ def test_training_metrics_are_mirrored_to_tensorboard(tiny_data, tmp_path):
     assert sorted(train_loss) == [2, 4, 6, 8] and sorted(dev_bleu) == [4, 8]
     assert len(events.Scalars("train/loss")) == 4 and len(list((tmp_path / "m" / "tensorboard").iterdir())) == 1
     assert {"train/lr", "dev/loss", "dev/ppl"} <= set(events.Tags()["scalars"])
+
+
+def test_resume_refuses_settings_that_change_the_batches(tiny_data, tmp_path):
+    from nmt.errors import ConfigError
+    from nmt.train import check_same_batches
+
+    data_dir, _ = tiny_data
+    model = TINY_MODELS["transformer"]
+    train(_config(data_dir, tmp_path / "m", model, max_steps=2), progress=False)
+    for key, value in (("batch_tokens", 400), ("accum_steps", 2), ("seed", 7)):
+        with pytest.raises(ConfigError, match=f"train.{key} is {value!r} but the run in .* was trained with"):
+            train(_config(data_dir, tmp_path / "m", model, max_steps=4, **{key: value}), resume=True, progress=False)
+    with pytest.raises(ConfigError, match="trained with 1 process"):
+        check_same_batches(tmp_path / "m", _config(data_dir, tmp_path / "m", model), processes=2)
+    assert train(_config(data_dir, tmp_path / "m", model, max_steps=4), resume=True, progress=False).steps == 4
+
+
+def test_patience_and_max_epochs_stop_training(tiny_data, tmp_path):
+    data_dir, _ = tiny_data
+    model = TINY_MODELS["transformer"]
+    # With a learning rate this small the dev BLEU cannot improve after the first validation.
+    result = train(_config(data_dir, tmp_path / "p", model, lr=1e-9, valid_every=1, patience=2, max_steps=50),
+                   progress=False)
+    assert (result.stop_reason, result.steps, result.best_step) == ("patience", 3, 1)
+    result = train(_config(data_dir, tmp_path / "e", model, max_epochs=3, batch_tokens=60), progress=False)
+    assert result.stop_reason == "max_epochs" and result.epochs == 3.0 and result.steps % 3 == 0
+
+
+def test_masked_lm_accuracy_goes_to_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nmt.train_log import TrainLog
+
+    log = TrainLog(tmp_path, tensorboard=True, warn=print)
+    log.write({"type": "valid", "step": 3, "loss": 2.0, "ppl": 7.4, "accuracy": 41.5, "nsp_accuracy": 80.0})
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("dev/masked_accuracy")] == [41.5]
+    assert [e.value for e in events.Scalars("dev/nsp_accuracy")] == [80.0]

@@ -1,0 +1,99 @@
+"""The pieces of the training loop, each without training a model, and its stops."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nmt.batches import Batch
+from nmt.checkpoint import TrainState
+from nmt.config import TrainConfig
+from nmt.distributed import Ranks
+from nmt.errors import CheckpointError
+from nmt.train import Interval, Trainer, UpdateResult, process_shares, update_groups, validation_stop
+
+CPU = torch.device("cpu")
+
+
+def _batch(sentences: int, tgt_tokens: int) -> Batch:
+    src = torch.full((sentences, 3), 5)
+    tgt = torch.full((sentences, 4), 6)
+    return Batch(src, tgt, tgt, num_tgt_tokens=tgt_tokens, num_src_tokens=sentences * 3)
+
+
+def _result(loss: float, skipped: bool, finite: bool) -> UpdateResult:
+    return UpdateResult(torch.tensor(loss), torch.tensor(skipped), torch.tensor(finite))
+
+
+def test_stop_after_a_validation():
+    tc = TrainConfig(target_bleu=30.0, patience=3)
+    assert validation_stop(tc, "bleu", 30.0, 0) == "target_bleu"
+    assert validation_stop(tc, "bleu", 29.9, 2) == ""
+    assert validation_stop(tc, "bleu", 29.9, 3) == "patience"
+    assert validation_stop(tc, "accuracy", 99.0, 0) == ""  # target_bleu is for BLEU only
+    assert validation_stop(TrainConfig(), "bleu", 99.0, 100) == ""  # both off by default
+
+
+def test_processes_share_out_each_update():
+    assert process_shares(TrainConfig(batch_tokens=1000, accum_steps=4), 1) == (4, 1000)
+    assert process_shares(TrainConfig(batch_tokens=1000, accum_steps=4), 2) == (2, 1000)
+    assert process_shares(TrainConfig(batch_tokens=1000, accum_steps=3), 2) == (1, 1500)  # same tokens in all
+    batches = [[i] for i in range(7)]
+    assert update_groups(batches, 2, several_processes=False) == [[[0], [1]], [[2], [3]], [[4], [5]], [[6]]]
+    assert update_groups(batches, 2, several_processes=True) == [[[0], [1]], [[2], [3]], [[4], [5]]]
+
+
+def test_logged_loss_leaves_out_updates_whose_loss_was_not_finite():
+    interval = Interval(CPU)
+    interval.add(_result(20.0, False, True), [_batch(2, 10)])
+    interval.add(_result(0.0, True, False), [_batch(2, 30)])  # non-finite loss: skipped, counted as 0
+    interval.add(_result(12.0, True, True), [_batch(1, 6)])  # fp16 overflow: skipped, its loss is real
+    record = interval.record(step=3, epoch=0.5, lr=1e-3, ranks=Ranks())
+    assert record["loss"] == pytest.approx(32.0 / 16)  # not 32 / 46
+    assert record["skipped_updates"] == 2
+    assert record["tgt_tokens_per_s"] > 0 and 0 <= record["batch_wait_fraction"] <= 1
+
+
+def _trainer_stub(world: int, apply):
+    optimizer = SimpleNamespace(zero_grad=lambda set_to_none: None)
+    return SimpleNamespace(
+        ranks=Ranks(rank=0, world=world), state=TrainState(step=7), optimizer=optimizer, scaler=None, device=CPU,
+        apply=apply, log=lambda message: None,
+    )
+
+
+def test_out_of_memory_retry_keeps_the_normalizer():
+    calls = []
+
+    def apply(group, lr, normalizer):
+        calls.append((len(group), [b.src.shape[0] for b in group], normalizer))
+        return _result(5.0, False, True)
+
+    stub = _trainer_stub(1, apply)
+    result = Trainer.retry_out_of_memory(stub, [_batch(4, 16), _batch(2, 8)], 1e-3, 12.5)
+    assert calls == [(4, [2, 2, 1, 1], 12.5)] and not bool(result.skipped)
+
+    def apply_out_of_memory(group, lr, normalizer):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    result = Trainer.retry_out_of_memory(_trainer_stub(1, apply_out_of_memory), [_batch(4, 16)], 1e-3, None)
+    assert bool(result.skipped) and not bool(result.loss_finite)
+
+
+def test_out_of_memory_with_several_processes_stops_with_one_line():
+    stub = _trainer_stub(2, lambda *args: pytest.fail("no retry with several processes"))
+    with pytest.raises(CheckpointError, match="out of memory at step 7 in process 0 of 2") as error:
+        Trainer.retry_out_of_memory(stub, [_batch(4, 16)], 1e-3, 8.0)
+    assert len(str(error.value).splitlines()) == 1 and "batch_tokens" in str(error.value)
+
+
+def test_train_state_round_trips_through_info_and_reads_old_records():
+    state = TrainState(step=12, epoch=1, group_in_epoch=3, best_score=31.5, best_step=10, bad_validations=1,
+                       valid_seconds=2.25, last_valid={"step": 12, "bleu": 30.0})
+    info = state.to_info("bleu", seconds=40.04, processes=2)
+    assert info["seconds"] == 40.0 and info["metric"] == "bleu" and info["processes"] == 2
+    restored = TrainState.from_info({**info, "sha256": {}, "param_groups": []})
+    assert restored == TrainState(**{**vars(state), "seconds": 40.0, "processes": 2, "valid_seconds": 2.2})
+    old = TrainState.from_info({"step": 5, "epoch": 0, "group_in_epoch": 5, "best_bleu": 12.0, "best_step": 5,
+                                "bad_validations": 0, "seconds": 9.0})
+    assert old.best_score == 12.0 and old.processes is None and old.valid_seconds == 0.0
