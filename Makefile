@@ -49,6 +49,7 @@ demo-zh: install
 	printf '知识就是力量。\n我們明天見。\n她在圖書館讀書。\n' | $(NMT) translate $(DEMO_DIR)/zh-model --beam 5
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 # Training and decoding speed on Multi30k (../shared/data/multi30k) on the device present.

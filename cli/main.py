@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -35,20 +35,20 @@ def prepare(
     out: Annotated[Path, typer.Option("--out", "-o", help="Data directory to create.")],
     src: Annotated[str, typer.Option(help="Source language code, e.g. de.")],
     tgt: Annotated[str, typer.Option(help="Target language code, e.g. en.")],
-    train: Annotated[Optional[str], typer.Option(help="Training files prefix: PREFIX.SRC and PREFIX.TGT (.gz allowed).")] = None,
-    valid: Annotated[Optional[str], typer.Option(help="Validation files prefix (with --train).")] = None,
-    test: Annotated[Optional[str], typer.Option(help="Test files prefix (with --train).")] = None,
-    tsv: Annotated[Optional[Path], typer.Option(help="Tab-separated corpus (.gz allowed).")] = None,
-    tsv_langs: Annotated[Optional[str], typer.Option(help="Language of each TSV column, e.g. en,es.")] = None,
-    hf: Annotated[Optional[str], typer.Option(help="Hugging Face dataset id, or a local folder of json/csv/parquet files.")] = None,
-    hf_config: Annotated[Optional[str], typer.Option(help="Dataset config, e.g. de-en.")] = None,
-    hf_revision: Annotated[Optional[str], typer.Option(help="Dataset revision (branch, tag or commit).")] = None,
-    corpus: Annotated[Optional[str], typer.Option(help="A known public corpus: multi30k, iwslt2017-de-en, wmt14-de-en, wmt16-ro-en.")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="With --corpus: read it from this folder of local files instead of the Hub.")] = None,
+    train: Annotated[str | None, typer.Option(help="Training files prefix: PREFIX.SRC and PREFIX.TGT (.gz allowed).")] = None,
+    valid: Annotated[str | None, typer.Option(help="Validation files prefix (with --train).")] = None,
+    test: Annotated[str | None, typer.Option(help="Test files prefix (with --train).")] = None,
+    tsv: Annotated[Path | None, typer.Option(help="Tab-separated corpus (.gz allowed).")] = None,
+    tsv_langs: Annotated[str | None, typer.Option(help="Language of each TSV column, e.g. en,es.")] = None,
+    hf: Annotated[str | None, typer.Option(help="Hugging Face dataset id, or a local folder of json/csv/parquet files.")] = None,
+    hf_config: Annotated[str | None, typer.Option(help="Dataset config, e.g. de-en.")] = None,
+    hf_revision: Annotated[str | None, typer.Option(help="Dataset revision (branch, tag or commit).")] = None,
+    corpus: Annotated[str | None, typer.Option(help="A known public corpus: multi30k, iwslt2017-de-en, wmt14-de-en, wmt16-ro-en.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="With --corpus: read it from this folder of local files instead of the Hub.")] = None,
     valid_size: Annotated[int, typer.Option(help="Pairs held out for validation when the input has no valid split.")] = 1000,
     test_size: Annotated[int, typer.Option(help="Pairs held out for testing when the input has no test split.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the held-out split.")] = 1,
-    split_by: Annotated[Optional[str], typer.Option(help="Hold out whole groups of pairs that share a sentence in this language (the source or target language), so that none of valid/test's sentences in it is in train.")] = None,
+    split_by: Annotated[str | None, typer.Option(help="Hold out whole groups of pairs that share a sentence in this language (the source or target language), so that none of valid/test's sentences in it is in train.")] = None,
     normalize: Annotated[str, typer.Option(help="Unicode normalization: NFC, NFKC, NFD, NFKD, or none (which also turns off the folding of width, punctuation and script for Chinese).")] = "NFC",
     max_words: Annotated[int, typer.Option(help="Drop pairs with a side longer than this many words (characters for Chinese, Japanese, Korean).")] = 250,
     max_ratio: Annotated[float, typer.Option(help="Drop pairs whose longer side has more than this times the length of the other (words, or characters as above).")] = 3.0,
@@ -56,17 +56,18 @@ def prepare(
     vocab_size: Annotated[int, typer.Option(help="SentencePiece vocabulary size (a soft limit for small corpora).")] = 8000,
     spm_type: Annotated[str, typer.Option(help="SentencePiece model: unigram or bpe.")] = "unigram",
     joint_vocab: Annotated[bool, typer.Option("--joint-vocab/--separate-vocab", help="One vocabulary for both languages, or one each.")] = True,
-    character_coverage: Annotated[Optional[float], typer.Option(help="SentencePiece character coverage (default: 0.9995 with byte fallback for Chinese, Japanese and Korean, else 1.0).")] = None,
+    character_coverage: Annotated[float | None, typer.Option(help="SentencePiece character coverage (default: 0.9995 with byte fallback for Chinese, Japanese and Korean, else 1.0).")] = None,
     chinese_script: Annotated[str, typer.Option(help="Chinese sides: 'simplified' converts Traditional characters to Simplified (OpenCC), 'none' keeps them.")] = "simplified",
     spm_sample: Annotated[int, typer.Option(help="Sentences SentencePiece trains on, sampled at random from the training pairs (half from each side for a joint vocabulary). Its trainer holds them all and sets prepare's peak memory: about 2.7 GB with the default, for sentences of 130 characters; vocabularies of a few thousand to tens of thousands of pieces gain little from more.")] = 800_000,
-    spm_model: Annotated[Optional[Path], typer.Option(help="Use this SentencePiece model for both languages instead of training one: a .model file, or a checkpoint directory of `nmt pretrain` (so that its pretrained weights fit the data).")] = None,
+    spm_model: Annotated[Path | None, typer.Option(help="Use this SentencePiece model for both languages instead of training one: a .model file, or a checkpoint directory of `nmt pretrain` (so that its pretrained weights fit the data).")] = None,
     workers: Annotated[int, typer.Option(help="Processes that encode large corpora; 0: one per core.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
     """Clean, split, tokenize and binarize a parallel corpus."""
     from nmt.data import CleanConfig
-    from nmt.prepare import PrepareConfig, prepare as run_prepare
+    from nmt.prepare import PrepareConfig
+    from nmt.prepare import prepare as run_prepare
 
     with user_errors():
         if spm_sample < 1 or workers < 0:
@@ -117,8 +118,8 @@ def prepare(
     )
 
 
-def _relaunch(command: str, devices: int, config: Optional[Path], options: list[tuple[str, object]],
-              set_: Optional[list[str]], flags: list[str]) -> None:
+def _relaunch(command: str, devices: int, config: Path | None, options: list[tuple[str, object]],
+              set_: list[str] | None, flags: list[str]) -> None:
     """Start `nmt COMMAND` again in `devices` processes under torchrun, with the same options."""
     from nmt.distributed import launch
 
@@ -134,7 +135,7 @@ def _relaunch(command: str, devices: int, config: Optional[Path], options: list[
     raise typer.Exit(code)
 
 
-def _overrides(set_: Optional[list[str]], data: Optional[Path], out: Optional[Path], device: Optional[str]) -> list[str]:
+def _overrides(set_: list[str] | None, data: Path | None, out: Path | None, device: str | None) -> list[str]:
     overrides = list(set_ or [])
     if data is not None:
         overrides.append(f"data_dir={json.dumps(str(data))}")
@@ -157,12 +158,12 @@ def _report(result) -> None:
 
 @app.command()
 def train(
-    config: Annotated[Optional[Path], typer.Argument(help="YAML config, e.g. recipes/multi30k/transformer-cpu.yaml.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Data directory from nmt prepare (overrides data_dir).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Checkpoint directory (overrides save_dir).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: section.key=value (repeatable).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (overrides train.device).")] = None,
-    init: Annotated[Optional[Path], typer.Option(help="Start from a pretrained masked LM: a checkpoint directory of nmt pretrain (overrides train.init).")] = None,
+    config: Annotated[Path | None, typer.Argument(help="YAML config, e.g. recipes/multi30k/transformer-cpu.yaml.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Data directory from nmt prepare (overrides data_dir).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Checkpoint directory (overrides save_dir).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config value: section.key=value (repeatable).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (overrides train.device).")] = None,
+    init: Annotated[Path | None, typer.Option(help="Start from a pretrained masked LM: a checkpoint directory of nmt pretrain (overrides train.init).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in the checkpoint directory.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start again, replacing the model in the checkpoint directory.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -190,14 +191,14 @@ def train(
 
 @app.command()
 def pretrain(
-    config: Annotated[Optional[Path], typer.Argument(help="YAML config, e.g. recipes/multi30k-lowres/pretrain-cpu.yaml.")] = None,
-    text: Annotated[Optional[list[Path]], typer.Option(help="Monolingual text: one sentence per line, a blank line between documents (.gz allowed; repeatable, one file per language or more).")] = None,
-    vocab: Annotated[Optional[Path], typer.Option(help="Vocabulary to use: a data dir from nmt prepare or a SentencePiece .model. Default: train one on the text.")] = None,
+    config: Annotated[Path | None, typer.Argument(help="YAML config, e.g. recipes/multi30k-lowres/pretrain-cpu.yaml.")] = None,
+    text: Annotated[list[Path] | None, typer.Option(help="Monolingual text: one sentence per line, a blank line between documents (.gz allowed; repeatable, one file per language or more).")] = None,
+    vocab: Annotated[Path | None, typer.Option(help="Vocabulary to use: a data dir from nmt prepare or a SentencePiece .model. Default: train one on the text.")] = None,
     vocab_size: Annotated[int, typer.Option(help="Without --vocab: SentencePiece pieces to train (a soft limit).")] = 8000,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Checkpoint directory (overrides save_dir).")] = None,
-    nsp: Annotated[Optional[bool], typer.Option("--nsp/--no-nsp", help="Also train next-sentence prediction (overrides pretrain.next_sentence; off by default).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: section.key=value (repeatable).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (overrides train.device).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Checkpoint directory (overrides save_dir).")] = None,
+    nsp: Annotated[bool | None, typer.Option("--nsp/--no-nsp", help="Also train next-sentence prediction (overrides pretrain.next_sentence; off by default).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config value: section.key=value (repeatable).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (overrides train.device).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in the checkpoint directory (pass the same --text).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start again, replacing the model in the checkpoint directory.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -230,7 +231,7 @@ def pretrain(
 @app.command("fill-mask")
 def fill_mask(
     model_dir: Annotated[Path, typer.Argument(help="Checkpoint directory from nmt pretrain.")],
-    text: Annotated[Optional[list[str]], typer.Argument(help="Sentences with [MASK] where a word is missing (default: lines from stdin).")] = None,
+    text: Annotated[list[str] | None, typer.Argument(help="Sentences with [MASK] where a word is missing (default: lines from stdin).")] = None,
     top_k: Annotated[int, typer.Option(help="Candidates to show for each mask.")] = 5,
     checkpoint: Annotated[str, typer.Option(help="Which weights: best or last.")] = "best",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -240,7 +241,8 @@ def fill_mask(
     import sys
 
     from nmt.devices import resolve_device
-    from nmt.pretrain import fill_mask as run_fill_mask, load_masked_lm
+    from nmt.pretrain import fill_mask as run_fill_mask
+    from nmt.pretrain import load_masked_lm
 
     with user_errors():
         if top_k < 1:
@@ -261,23 +263,23 @@ def fill_mask(
 @app.command()
 def translate(
     model_dir: Annotated[Path, typer.Argument(help="Checkpoint directory from nmt train.")],
-    input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Text to translate, one sentence per line (default: stdin).")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write translations (default: stdout).")] = None,
-    beam: Annotated[Optional[int], typer.Option(help="Beam size; 1 is greedy search.")] = None,
-    nbest: Annotated[Optional[int], typer.Option(help="Write the N best as 'line ||| text ||| score'.")] = None,
-    len_penalty: Annotated[Optional[float], typer.Option(help="Score = log-prob / length**len_penalty.")] = None,
-    max_len_a: Annotated[Optional[float], typer.Option(help="Longest output = a * source length + b.")] = None,
-    max_len_b: Annotated[Optional[int], typer.Option(help="Longest output = a * source length + b.")] = None,
-    batch_tokens: Annotated[Optional[int], typer.Option(help="Source tokens per decoding batch.")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="fp32, or bf16 / fp16 autocast (for GPUs).")] = None,
+    input: Annotated[Path | None, typer.Option("--input", "-i", help="Text to translate, one sentence per line (default: stdin).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write translations (default: stdout).")] = None,
+    beam: Annotated[int | None, typer.Option(help="Beam size; 1 is greedy search.")] = None,
+    nbest: Annotated[int | None, typer.Option(help="Write the N best as 'line ||| text ||| score'.")] = None,
+    len_penalty: Annotated[float | None, typer.Option(help="Score = log-prob / length**len_penalty.")] = None,
+    max_len_a: Annotated[float | None, typer.Option(help="Longest output = a * source length + b.")] = None,
+    max_len_b: Annotated[int | None, typer.Option(help="Longest output = a * source length + b.")] = None,
+    batch_tokens: Annotated[int | None, typer.Option(help="Source tokens per decoding batch.")] = None,
+    precision: Annotated[str | None, typer.Option(help="fp32, or bf16 / fp16 autocast (for GPUs).")] = None,
     checkpoint: Annotated[str, typer.Option(help="Which weights: best or last.")] = "best",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     replace_invalid: Annotated[bool, typer.Option(help="Replace invalid UTF-8 instead of stopping.")] = False,
     int8: Annotated[bool, typer.Option(help="Run the Linear layers in int8 (dynamic quantization; CPU only).")] = False,
-    attention: Annotated[Optional[Path], typer.Option(help="Write the decoder's cross-attention here: a heat-map PNG per line and alignments.txt ('i-j' pairs, one line per input line).")] = None,
+    attention: Annotated[Path | None, typer.Option(help="Write the decoder's cross-attention here: a heat-map PNG per line and alignments.txt ('i-j' pairs, one line per input line).")] = None,
     attention_lines: Annotated[int, typer.Option(help="With --attention: heat-maps for the first N lines only; 0: every line.")] = 0,
-    attention_layer: Annotated[Optional[int], typer.Option(help="With --attention: Transformer decoder layer, from 1 (default: the last).")] = None,
-    attention_head: Annotated[Optional[int], typer.Option(help="With --attention: Transformer head, from 1 (default: the mean over heads).")] = None,
+    attention_layer: Annotated[int | None, typer.Option(help="With --attention: Transformer decoder layer, from 1 (default: the last).")] = None,
+    attention_head: Annotated[int | None, typer.Option(help="With --attention: Transformer head, from 1 (default: the mean over heads).")] = None,
     attention_words: Annotated[bool, typer.Option(help="With --attention: merge subword pieces into words (source: sum, output: mean).")] = False,
     json_weights: Annotated[bool, typer.Option("--json", help="With --attention: also write the weights to attention.jsonl.")] = False,
 ) -> None:
@@ -307,14 +309,14 @@ def translate(
 
 @app.command()
 def evaluate(
-    hyp: Annotated[Optional[Path], typer.Option(help="Translations, one per line.")] = None,
+    hyp: Annotated[Path | None, typer.Option(help="Translations, one per line.")] = None,
     ref: Annotated[Path, typer.Option(help="References, one per line.")] = ...,
-    src: Annotated[Optional[Path], typer.Option(help="Source text to translate first with --model.")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory for --src.")] = None,
-    beam: Annotated[Optional[int], typer.Option(help="Beam size when translating --src.")] = None,
+    src: Annotated[Path | None, typer.Option(help="Source text to translate first with --model.")] = None,
+    model: Annotated[Path | None, typer.Option(help="Checkpoint directory for --src.")] = None,
+    beam: Annotated[int | None, typer.Option(help="Beam size when translating --src.")] = None,
     metrics: Annotated[str, typer.Option(help="Comma-separated: bleu, chrf, ter.")] = "bleu,chrf,ter",
-    tokenize: Annotated[Optional[str], typer.Option(help="sacreBLEU tokenizer for BLEU (default: zh for Chinese, else 13a).")] = None,
-    lang: Annotated[Optional[str], typer.Option(help="Language of the references, which picks BLEU's tokenizer (default: the model's target language with --model, else recognised from the references).")] = None,
+    tokenize: Annotated[str | None, typer.Option(help="sacreBLEU tokenizer for BLEU (default: zh for Chinese, else 13a).")] = None,
+    lang: Annotated[str | None, typer.Option(help="Language of the references, which picks BLEU's tokenizer (default: the model's target language with --model, else recognised from the references).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (with --src).")] = "auto",
 ) -> None:
@@ -357,8 +359,8 @@ def bench_scale(
     pairs: Annotated[int, typer.Option(help="Pairs in the synthetic corpus (WMT14 en-de has 4.5M).")] = 4_500_000,
     ratio: Annotated[int, typer.Option(help="Also measure a corpus this many times smaller.")] = 10,
     steps: Annotated[int, typer.Option(help="Training updates of the small model.")] = 200,
-    work_dir: Annotated[Optional[Path], typer.Option(help="Keep the corpora, data dirs and models here.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the report here (JSON).")] = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Keep the corpora, data dirs and models here.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the report here (JSON).")] = None,
 ) -> None:
     """Measure prepare and training start-up, time and memory on a large synthetic corpus and on a smaller one."""
     from nmt.bench_scale import ScaleBenchConfig, run_scale_bench
@@ -384,15 +386,15 @@ def bench(
     data: Annotated[Path, typer.Option(help="Folder with the Multi30k files (train.de.gz, val.*, test_2016_flickr.*).")] = Path("../shared/data/multi30k"),
     out: Annotated[Path, typer.Option("--out", "-o", help="JSON report.")] = Path("bench.json"),
     sections: Annotated[str, typer.Option(help="Comma-separated: train, ttq (time to quality), decode.")] = "train,ttq,decode",
-    recipe: Annotated[Optional[list[str]], typer.Option(help="NAME=CONFIG to benchmark (repeatable); default: the Multi30k transformer and rnn recipes for the device.")] = None,
-    checkpoint: Annotated[Optional[list[str]], typer.Option(help="NAME=CHECKPOINT_DIR to decode instead of training one (repeatable).")] = None,
+    recipe: Annotated[list[str] | None, typer.Option(help="NAME=CONFIG to benchmark (repeatable); default: the Multi30k transformer and rnn recipes for the device.")] = None,
+    checkpoint: Annotated[list[str] | None, typer.Option(help="NAME=CHECKPOINT_DIR to decode instead of training one (repeatable).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     steps: Annotated[int, typer.Option(help="Timed training updates per repeat (0: 40 on a GPU, 4 on a CPU).")] = 0,
     repeats: Annotated[int, typer.Option(help="Repeats of each measurement; the median is reported.")] = 3,
     vocab_size: Annotated[int, typer.Option(help="Joint vocabulary size (0: 8000 on a GPU, 5000 on a CPU).")] = 0,
     ttq_bleu: Annotated[float, typer.Option(help="Dev BLEU to reach for time to quality (0: 35 on a GPU, 20 on a CPU).")] = 0.0,
     ttq_minutes: Annotated[float, typer.Option(help="Longest training for time to quality (0: 10 minutes).")] = 0.0,
-    work_dir: Annotated[Optional[Path], typer.Option(help="Keep the prepared data and trained models here.")] = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Keep the prepared data and trained models here.")] = None,
 ) -> None:
     """Measure training and decoding speed on Multi30k de-en; print a table and write JSON."""
     from nmt.bench import BenchConfig, format_report, run_bench

@@ -73,7 +73,7 @@ class Batch:
     num_src_tokens: int = 0
     indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         non_blocking = device.type == "cuda"
         return Batch(
             self.src.to(device, non_blocking=non_blocking),
@@ -84,7 +84,7 @@ class Batch:
             self.indices,
         )
 
-    def halves(self) -> list["Batch"]:
+    def halves(self) -> list[Batch]:
         """The batch as two halves by sentences (one sentence stays one batch)."""
         half = self.src.shape[0] // 2
         if half == 0:
@@ -162,7 +162,7 @@ class BatchPrefetcher:
         self._submit()
         return future.result()
 
-    def __enter__(self) -> "BatchPrefetcher":
+    def __enter__(self) -> BatchPrefetcher:
         return self
 
     def __exit__(self, *exc) -> None:

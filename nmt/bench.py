@@ -35,9 +35,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from nmt import __version__
+from nmt.batches import make_batch, token_batches
 from nmt.checkpoint import load_for_inference, read_vocab_info
 from nmt.config import Config, DecodeConfig, load_config
-from nmt.batches import make_batch, token_batches
 from nmt.data import ParallelSplit, read_lines, read_manifest
 from nmt.devices import resolve_device, resolve_precision
 from nmt.errors import ConfigError, DataError

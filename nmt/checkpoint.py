@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
@@ -32,8 +33,6 @@ from nmt.config import Config, config_from_dict, save_config
 from nmt.errors import CheckpointError, ConfigError, first_line
 from nmt.models import build_model
 from nmt.tokenizer import Tokenizer, file_sha256
-
-import yaml
 
 CHECKPOINT_NAMES = ("best", "last")
 
@@ -54,7 +53,7 @@ class TrainState:
     processes: int | None = None  # of the run that saved it; None in checkpoints that predate it
 
     @classmethod
-    def from_info(cls, info: dict) -> "TrainState":
+    def from_info(cls, info: dict) -> TrainState:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {key: value for key, value in info.items() if key in known}
         if "best_score" not in info and "best_bleu" in info:  # written before pretraining had a metric of its own
@@ -251,8 +250,8 @@ def load_training_state(save_dir: Path, model: nn.Module, optimizer: torch.optim
     for key, value in tensors.items():
         if key.startswith("rng."):
             continue
-        param_id, field = key.split(".", 1)
-        state.setdefault(int(param_id), {})[field] = value
+        param_id, name = key.split(".", 1)
+        state.setdefault(int(param_id), {})[name] = value
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in info.pop("param_groups")]
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
@@ -265,9 +264,9 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     state_dict = optimizer.state_dict()
     tensors = {}
     for param_id, param_state in state_dict["state"].items():
-        for field, value in param_state.items():
+        for key, value in param_state.items():
             tensor = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"{param_id}.{field}"] = tensor.detach().contiguous().cpu()
+            tensors[f"{param_id}.{key}"] = tensor.detach().contiguous().cpu()
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state_dict["param_groups"]]
     return tensors, groups
 

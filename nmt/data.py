@@ -11,7 +11,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from nmt.errors import DataError, first_line
 from nmt.normalize import is_cjk, language_normalization
 from nmt.shards import TokenArray
@@ -271,7 +270,7 @@ class ParallelSplit:
     tgt: TokenArray
 
     @classmethod
-    def load(cls, data_dir: Path, split: str) -> "ParallelSplit":
+    def load(cls, data_dir: Path, split: str) -> ParallelSplit:
         pair = cls(TokenArray(data_dir, f"{split}.src"), TokenArray(data_dir, f"{split}.tgt"))
         if len(pair.src) != len(pair.tgt):
             raise DataError(f"{data_dir}: {split} source and target counts differ; run nmt prepare again")

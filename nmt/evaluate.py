@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from sacrebleu.metrics import BLEU, CHRF, TER
 
 from nmt.data import read_lines
 from nmt.errors import DataError
-from nmt.normalize import HAN_CHARACTER, is_chinese
+from nmt.normalize import HAN_CHARACTER, base_language, is_chinese
 
 METRICS = ("bleu", "chrf", "ter")
 
@@ -26,15 +27,30 @@ class Score:
         return {"metric": self.metric, "score": round(self.score, 4), "signature": self.signature, "text": self.text}
 
 
+# sacreBLEU's tokenizers for languages written without spaces between words: Chinese is split
+# into characters, Japanese and Korean into words by MeCab (sacrebleu[ja,ko]).
+WORD_SEGMENTING_TOKENIZERS = {"ja": "ja-mecab", "ko": "ko-mecab"}
+_KANA = re.compile("[\u3040-\u30ff]")  # hiragana and katakana
+_HANGUL = re.compile("[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
+
+
 def bleu_tokenizer(lang: str | None = None, references: list[str] | None = None) -> str:
-    """sacreBLEU's `zh` tokenizer for Chinese (it splits Chinese characters apart), `13a`
-    otherwise. Without a language, Chinese is recognised from the references: Han characters
-    making up more than a third of their non-space characters."""
+    """sacreBLEU's `zh` tokenizer for Chinese (it splits Chinese characters apart), `ja-mecab`
+    for Japanese, `ko-mecab` for Korean, `13a` otherwise. Without a language, it is recognised
+    from the references: Hangul, or Han characters and kana, making up more than a third of
+    their non-space characters."""
     if lang:
-        return "zh" if is_chinese(lang) else "13a"
+        if is_chinese(lang):
+            return "zh"
+        return WORD_SEGMENTING_TOKENIZERS.get(base_language(lang), "13a")
     text = "".join(references or [])
     letters = len(text) - text.count(" ")
-    return "zh" if letters and len(HAN_CHARACTER.findall(text)) > letters / 3 else "13a"
+    hangul, kana, han = (len(p.findall(text)) for p in (_HANGUL, _KANA, HAN_CHARACTER))
+    if letters and hangul > letters / 3:
+        return "ko-mecab"
+    if letters and han + kana > letters / 3:  # Japanese mixes kana with Han characters; Chinese has none
+        return "ja-mecab" if kana > letters / 20 else "zh"
+    return "13a"
 
 
 def corpus_bleu(hypotheses: list[str], references: list[str], tokenize: str | None = None) -> float:

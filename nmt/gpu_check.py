@@ -52,9 +52,10 @@ RECIPES = {
 BASE_VOCAB = 32000
 MULTI30K_FILES = [f"{split}.{lang}" for split in ("train", "val", "test_2016_flickr") for lang in ("de", "en")]
 STAGES = ("prepare", "transformer", "rnn", "bench-train", "bench-decode", "compile")
-# A dry run makes every model this small, so that the whole command runs in a minute on a CPU.
-DRY_MODEL = ["model.embed_dim=32", "model.ff_dim=64", "model.heads=2", "model.enc_layers=1",
-             "model.dec_layers=1", "model.hidden_dim=32"]
+# A dry run makes every model this small, so that the whole command runs in a minute on a CPU,
+# and logs often enough that its few updates are seen.
+DRY_RUN = ["model.embed_dim=32", "model.ff_dim=64", "model.heads=2", "model.enc_layers=1",
+           "model.dec_layers=1", "model.hidden_dim=32", "train.log_every=2"]
 WHEEL_PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
                    "manylinux2014_x86_64", "manylinux1_x86_64"]
 
@@ -167,7 +168,7 @@ class Run:
         """The recipe `name` with the run's device (and, dry, tiny sizes), written for this run."""
         from nmt.config import load_config, save_config
 
-        overrides = [f"train.device={self.cc.device}", "train.tensorboard=false", *(DRY_MODEL if self.cc.dry_run else []), *extra]
+        overrides = [f"train.device={self.cc.device}", "train.tensorboard=false", *(DRY_RUN if self.cc.dry_run else []), *extra]
         config = load_config(RECIPES[name.removesuffix("-compiled")], overrides)
         path = self.work / "configs" / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)

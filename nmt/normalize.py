@@ -66,7 +66,7 @@ class Normalization:
         return asdict(self)
 
     @classmethod
-    def from_saved(cls, saved) -> "Normalization":
+    def from_saved(cls, saved) -> Normalization:
         """From a data dir's or checkpoint's record: a dict, or (older ones) the Unicode form alone."""
         if isinstance(saved, str):
             return cls(unicode_form=saved)

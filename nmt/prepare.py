@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from nmt import __version__
 from nmt.atomic import replace_dir
+from nmt.corpora import find_corpus
 from nmt.data import (
     CleanConfig,
     PairCleaner,
@@ -28,9 +29,8 @@ from nmt.data import (
     read_parallel_files,
     read_tsv,
 )
-from nmt.corpora import find_corpus
-from nmt.normalize import is_cjk
 from nmt.errors import DataError
+from nmt.normalize import is_cjk
 from nmt.shards import chunked, encode_to_token_files, token_dtype, worker_count, write_token_file
 from nmt.tokenizer import UNK, Tokenizer, file_sha256, has_reserved_symbols, load_sentencepiece, train_sentencepiece
 

@@ -32,7 +32,15 @@ from nmt.errors import CheckpointError, ConfigError, DataError
 from nmt.models.masked_lm import MaskedLM
 from nmt.shards import flatten, token_dtype
 from nmt.tokenizer import (
-    CLS, EOS, FIRST_REGULAR_ID, MASK, PAD, SEP, file_sha256, has_reserved_symbols, load_sentencepiece,
+    CLS,
+    EOS,
+    FIRST_REGULAR_ID,
+    MASK,
+    PAD,
+    SEP,
+    file_sha256,
+    has_reserved_symbols,
+    load_sentencepiece,
     train_sentencepiece,
 )
 from nmt.train import TrainResult, check_same_model, run_training
@@ -63,7 +71,7 @@ class MonoCorpus:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def select(self, rows: np.ndarray) -> "MonoCorpus":
+    def select(self, rows: np.ndarray) -> MonoCorpus:
         rows = np.sort(rows)
         pieces = [self[i] for i in rows.tolist()]
         tokens, lengths = flatten(pieces, self.tokens.dtype)
@@ -218,7 +226,7 @@ class MaskedBatch:
     num_src_tokens: int = 0
     indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
-    def to(self, device: torch.device) -> "MaskedBatch":
+    def to(self, device: torch.device) -> MaskedBatch:
         def move(t):
             return None if t is None else t.to(device, non_blocking=device.type == "cuda")
 
@@ -227,7 +235,7 @@ class MaskedBatch:
             self.num_tgt_tokens, self.num_src_tokens, self.indices,
         )
 
-    def halves(self) -> list["MaskedBatch"]:
+    def halves(self) -> list[MaskedBatch]:
         half = self.tokens.shape[0] // 2
         if half == 0:
             return [self]

@@ -28,7 +28,7 @@ def _init_state(model, memory, attention: AttentionChoice | None):
 class PrefixState:
     tokens: torch.Tensor | None  # (B, t) the target tokens fed so far, BOS first; None before the first
 
-    def reorder(self, indices: torch.Tensor) -> "PrefixState":
+    def reorder(self, indices: torch.Tensor) -> PrefixState:
         return PrefixState(None if self.tokens is None else self.tokens.index_select(0, indices))
 
 

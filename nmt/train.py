@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from nmt.batches import Batch, BatchPrefetcher, make_batch, token_batches
 from nmt.checkpoint import (
     TrainState,
     check_pretrained,
@@ -37,7 +38,6 @@ from nmt.checkpoint import (
     training_lock,
 )
 from nmt.config import Config, TrainConfig
-from nmt.batches import Batch, BatchPrefetcher, make_batch, token_batches
 from nmt.data import ParallelSplit, read_lines, read_manifest
 from nmt.devices import autocast, resolve_device, resolve_precision
 from nmt.distributed import Ranks, init_ranks, rank_device
@@ -47,7 +47,6 @@ from nmt.models import build_model
 from nmt.tokenizer import PAD, Tokenizer
 from nmt.train_log import LOG_NAME, TENSORBOARD_DIR, TrainLog
 from nmt.translate import translate_ids
-
 
 TOO_MANY_SKIPPED = "skipped updates"
 VALIDATION_STOPS = ("", "patience", "target_bleu")

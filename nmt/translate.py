@@ -15,14 +15,14 @@ from tqdm import tqdm
 
 from nmt.alignment import EOS_LABEL, AttentionMap, AttentionOutput, describe_attention, write_attention
 from nmt.atomic import write_text_atomic
+from nmt.batches import pad_source
 from nmt.checkpoint import load_for_inference, read_vocab_info
 from nmt.config import DecodeConfig
-from nmt.batches import pad_source
 from nmt.data import clean_whitespace, decode_lines, read_lines
-from nmt.normalize import Normalization
 from nmt.devices import autocast, resolve_device, resolve_precision
 from nmt.errors import ConfigError
 from nmt.models.attention import AttentionChoice
+from nmt.normalize import Normalization
 from nmt.search import Hypothesis, beam_search, greedy_search
 from nmt.tokenizer import Tokenizer
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from nmt.alignment import EOS_LABEL, AttentionMap, hard_alignments, merge_words, word_groups
-from nmt.config import ModelConfig
 from nmt.batches import pad_source
+from nmt.config import ModelConfig
 from nmt.errors import ConfigError
 from nmt.models import build_model
 from nmt.models.attention import AttentionChoice

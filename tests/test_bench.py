@@ -2,11 +2,11 @@ import json
 
 import pytest
 import yaml
+from conftest import toy_pairs, write_pairs
+from nmt_cli.main import app
 from typer.testing import CliRunner
 
-from conftest import toy_pairs, write_pairs
 from nmt.bench import BenchConfig, format_report, run_bench
-from nmt_cli.main import app
 
 TINY_RECIPES = {
     "transformer": {"arch": "transformer", "embed_dim": 32, "ff_dim": 64, "heads": 2, "enc_layers": 1,
@@ -60,7 +60,7 @@ def test_bench_measures_every_section_against_its_baseline(bench_inputs, tmp_pat
 
     decode = {(r["model"], r["path"], r["beam"]): r for r in report["decode"]}
     assert set(decode) == {(m, p, b) for m in recipes for p in ("plain", "nmt", "nmt-int8") for b in (1, 5)}
-    for (model, path, beam), record in decode.items():
+    for (_, path, _), record in decode.items():
         assert record["sentences"] == 20 and record["sentences_per_s"] > 0
         assert record["repeats"] == (1 if path == "plain" else 2)
         if path == "nmt":  # the incremental path translates exactly as the plain one

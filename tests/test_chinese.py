@@ -125,3 +125,18 @@ def test_unseen_character_is_encoded_without_unk_and_decoded_without_spaces(zh_d
 def test_normalize_none_turns_every_step_off():
     off = language_normalization("zh", unicode_form="none")
     assert off("ＡＢＣ知識,") == "ＡＢＣ知識,"
+
+
+def test_japanese_and_korean_bleu_segment_words_with_mecab():
+    assert bleu_tokenizer("ja") == "ja-mecab" and bleu_tokenizer("ko") == "ko-mecab" and bleu_tokenizer("zh-TW") == "zh"
+    assert bleu_tokenizer(None, ["私は毎朝コーヒーを飲みます。"]) == "ja-mecab"
+    assert bleu_tokenizer(None, ["東京大学で経済学を勉強しています。"]) == "ja-mecab"
+    assert bleu_tokenizer(None, ["나는 매일 아침 커피를 마십니다."]) == "ko-mecab"
+    assert bleu_tokenizer(None, ["我每天早上喝咖啡。"]) == "zh"
+    # Unsegmented text: 13a sees one word per sentence, MeCab the words a Japanese reader sees.
+    hyp, ref = ["私は毎朝コーヒーを飲む。"], ["私は毎朝コーヒーを飲みます。"]
+    japanese = score_texts(hyp, ref, ("bleu",), lang="ja")[0]
+    assert "tok:ja-mecab" in japanese.signature and japanese.score > 20
+    assert score_texts(hyp, ref, ("bleu",), tokenize="13a")[0].score < 5
+    korean = score_texts(["나는 커피를 마신다."], ["나는 커피를 마십니다."], ("bleu",))[0]
+    assert "tok:ko-mecab" in korean.signature

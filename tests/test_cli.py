@@ -2,10 +2,9 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from conftest import toy_pairs, write_pairs
 from nmt_cli.main import app
+from typer.testing import CliRunner
 
 runner = CliRunner()
 

@@ -9,13 +9,13 @@ import json
 
 import datasets
 import pytest
+from conftest import toy_pairs
+from nmt_cli.main import app
 from typer.testing import CliRunner
 
-from conftest import toy_pairs
 from nmt.corpora import CORPORA
 from nmt.errors import DataError
 from nmt.prepare import PrepareConfig, prepare
-from nmt_cli.main import app
 
 
 def _rows(corpus, count, seed):

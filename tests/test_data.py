@@ -5,8 +5,8 @@ import pytest
 
 from nmt.batches import make_batch, token_batches
 from nmt.data import CleanConfig, PairCleaner, ParallelSplit, read_lines, read_parallel_files, read_tsv
-from nmt.shards import write_token_file
 from nmt.errors import DataError
+from nmt.shards import write_token_file
 from nmt.tokenizer import BOS, EOS, PAD
 
 

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
+from conftest import prepare_toy_data
 from safetensors.torch import load_file
 
-from conftest import prepare_toy_data
 from nmt.config import config_from_dict
 from nmt.train import train
 

@@ -11,19 +11,19 @@ import time
 
 import pytest
 import torch
+from conftest import prepare_toy_data, toy_pairs, write_pairs
+from nmt_cli.main import app
 from typer.testing import CliRunner
 
-from conftest import prepare_toy_data, toy_pairs, write_pairs
 from nmt import train as train_module
+from nmt.batches import Batch
 from nmt.checkpoint import load_for_inference
 from nmt.config import ModelConfig, TrainConfig, config_from_dict
-from nmt.batches import Batch
 from nmt.errors import CheckpointError
 from nmt.models import build_model
 from nmt.models.transformer import Transformer
 from nmt.tokenizer import BOS, EOS, PAD
 from nmt.train import TOO_MANY_SKIPPED, make_optimizer, train, training_update
-from nmt_cli.main import app
 
 TINY = {"arch": "transformer", "embed_dim": 32, "ff_dim": 64, "heads": 2, "enc_layers": 1, "dec_layers": 1}
 

@@ -4,8 +4,8 @@ import sys
 import zipfile
 
 import pytest
-
 from conftest import toy_pairs, write_pairs
+
 from nmt import gpu_check
 from nmt.gpu_check import STAGES, CheckConfig, install_bundle, parse_args, requirement_closure, run_check
 

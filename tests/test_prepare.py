@@ -3,8 +3,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import SHARED_DATA, toy_pairs, write_pairs
+
 from nmt.data import CleanConfig, ParallelSplit, read_manifest
 from nmt.errors import DataError
 from nmt.prepare import PrepareConfig, prepare

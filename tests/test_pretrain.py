@@ -8,20 +8,29 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import toy_pairs, write_pairs
+from nmt_cli.main import app
 from typer.testing import CliRunner
 
-from conftest import toy_pairs, write_pairs
 from nmt.checkpoint import load_pretrained, pretrained_source_name
 from nmt.config import Config, ModelConfig, PretrainConfig, TrainConfig
 from nmt.errors import CheckpointError, DataError
 from nmt.models import build_model
 from nmt.models.masked_lm import MaskedLM
 from nmt.pretrain import (
-    Examples, MonoCorpus, build_masked_batch, encode_corpus, fill_mask, hold_out, load_masked_lm, mask_tokens,
-    masked_lm_loss, pretrain, sentence_pairs,
+    Examples,
+    MonoCorpus,
+    build_masked_batch,
+    encode_corpus,
+    fill_mask,
+    hold_out,
+    load_masked_lm,
+    mask_tokens,
+    masked_lm_loss,
+    pretrain,
+    sentence_pairs,
 )
 from nmt.tokenizer import FIRST_REGULAR_ID, MASK, PAD, load_sentencepiece
-from nmt_cli.main import app
 
 runner = CliRunner()
 TINY_MODEL = dict(embed_dim=32, ff_dim=64, heads=2, enc_layers=2, dec_layers=2, dropout=0.0, share_embeddings=True)

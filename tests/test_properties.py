@@ -4,10 +4,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import prepare_toy_data
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import prepare_toy_data
 from nmt.checkpoint import load_for_inference
 from nmt.config import DecodeConfig, config_from_dict
 from nmt.errors import NmtError

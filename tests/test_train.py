@@ -1,11 +1,10 @@
 import json
 
 import pytest
-
 from conftest import toy_pairs, write_pairs
+
 from nmt.checkpoint import load_for_inference
-from nmt.config import config_from_dict
-from nmt.config import DecodeConfig
+from nmt.config import DecodeConfig, config_from_dict
 from nmt.prepare import PrepareConfig, prepare
 from nmt.train import inverse_sqrt_lr, train
 from nmt.translate import translate_lines

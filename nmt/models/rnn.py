@@ -23,7 +23,7 @@ class RNNMemory:
     mask: torch.Tensor  # (B, S) True at real source tokens
     projected_keys: torch.Tensor  # (B, S, D) the attention's key projection, computed once
 
-    def reorder(self, indices: torch.Tensor) -> "RNNMemory":
+    def reorder(self, indices: torch.Tensor) -> RNNMemory:
         return RNNMemory(
             self.states.index_select(0, indices),
             self.mask.index_select(0, indices),
@@ -39,7 +39,7 @@ class RNNState:
     keep_attention: bool = False  # keep each step's attention weights in `attention`
     attention: torch.Tensor | None = None  # (B, S) the attention weights of the last step
 
-    def reorder(self, indices: torch.Tensor) -> "RNNState":
+    def reorder(self, indices: torch.Tensor) -> RNNState:
         return RNNState(
             self.hidden.index_select(1, indices),
             None if self.cell is None else self.cell.index_select(1, indices),

@@ -35,7 +35,7 @@ class TransformerMemory:
     mask: torch.Tensor  # (B, S) True at real source tokens
     cross_kv: list[KeysValues]  # per decoder layer: cross-attention keys/values of the source
 
-    def reorder(self, indices: torch.Tensor) -> "TransformerMemory":
+    def reorder(self, indices: torch.Tensor) -> TransformerMemory:
         return TransformerMemory(
             self.states.index_select(0, indices),
             self.mask.index_select(0, indices),
@@ -50,7 +50,7 @@ class TransformerState:
     attention_choice: AttentionChoice | None = None  # which cross-attention weights to keep
     attention: torch.Tensor | None = None  # (B, S) the kept weights of the last step
 
-    def reorder(self, indices: torch.Tensor) -> "TransformerState":
+    def reorder(self, indices: torch.Tensor) -> TransformerState:
         return TransformerState(
             [(k.index_select(0, indices), v.index_select(0, indices)) for k, v in self.self_kv],
             self.step,
