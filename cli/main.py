@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -118,20 +119,13 @@ def prepare(
     )
 
 
-def _relaunch(command: str, devices: int, config: Path | None, options: list[tuple[str, object]],
-              set_: list[str] | None, flags: list[str]) -> None:
-    """Start `nmt COMMAND` again in `devices` processes under torchrun, with the same options."""
+def _relaunch(devices: int) -> None:
+    """Run the user's own command line again in `devices` processes under torchrun (each of
+    them sees WORLD_SIZE and trains instead of relaunching)."""
     from nmt.distributed import launch
 
-    args = [str(config)] if config else []
-    for name, value in options:
-        for item in value if isinstance(value, list) else [value]:
-            if item is not None:
-                args += [name, str(item)]
-    for item in set_ or []:
-        args += ["--set", item]
     with user_errors():
-        code = launch(devices, args + flags, command)
+        code = launch(devices, sys.argv[1:])
     raise typer.Exit(code)
 
 
@@ -176,9 +170,8 @@ def train(
     from nmt.train import TOO_MANY_SKIPPED
     from nmt.train import train as run_train
 
-    flags = ["--resume"] * resume + ["--overwrite"] * overwrite + ([] if progress else ["--no-progress"])
     if devices != 1 and "WORLD_SIZE" not in os.environ:
-        _relaunch("train", devices, config, [("--data", data), ("--out", out), ("--device", device), ("--init", init)], set_, flags)
+        _relaunch(devices)
     overrides = _overrides(set_, data, out, device)
     if init is not None:
         overrides.append(f"train.init={json.dumps(str(init))}")
@@ -204,19 +197,14 @@ def pretrain(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     devices: Annotated[int, typer.Option(help="Data-parallel processes on this machine, started with torchrun.")] = 1,
 ) -> None:
-    """Pretrain a Transformer encoder as a masked language model on monolingual text, to start
-    translation models from (nmt train --init)."""
+    """Pretrain a Transformer encoder as a masked language model, for nmt train --init to start from."""
     import os
 
     from nmt.config import load_config
     from nmt.pretrain import pretrain as run_pretrain
 
-    flags = ["--resume"] * resume + ["--overwrite"] * overwrite + ([] if progress else ["--no-progress"])
-    if nsp is not None:
-        flags.append("--nsp" if nsp else "--no-nsp")
     if devices != 1 and "WORLD_SIZE" not in os.environ:
-        options = [("--text", list(text or [])), ("--vocab", vocab), ("--vocab-size", vocab_size), ("--out", out), ("--device", device)]
-        _relaunch("pretrain", devices, config, options, set_, flags)
+        _relaunch(devices)
     overrides = _overrides(set_, None, out, device)
     if nsp is not None:
         overrides.append(f"pretrain.next_sentence={str(nsp).lower()}")
@@ -236,8 +224,7 @@ def fill_mask(
     checkpoint: Annotated[str, typer.Option(help="Which weights: best or last.")] = "best",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
-    """Show what a pretrained model predicts for each [MASK]: the best fill of the sentence, then
-    the top-k candidates of each mask with their probabilities."""
+    """Show the best fill of each [MASK] in a sentence and its top-k candidates with their probabilities."""
     import sys
 
     from nmt.devices import resolve_device

@@ -3,13 +3,11 @@ alignments (`i-j` pairs) and the files `nmt translate --attention DIR` writes.""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from nmt.atomic import write_text_atomic
 from nmt.config import ModelConfig
 from nmt.models.attention import AttentionChoice
 
@@ -95,39 +93,3 @@ def hard_alignments(amap: AttentionMap) -> list[tuple[int, int]]:
 def format_alignments(pairs: list[tuple[int, int]]) -> str:
     """The usual `i-j` format (0-based source-output pairs, as fast_align and Moses write them)."""
     return " ".join(f"{i}-{j}" for i, j in pairs)
-
-
-def write_attention(
-    maps: list[AttentionMap | None], output: AttentionOutput, title: str, description: str
-) -> tuple[int, Path]:
-    """Write alignments.txt (one line per input line), attention.jsonl with --json, and a
-    heat-map PNG for the first `output.pictures` translated lines (all when 0).
-
-    Returns the number of pictures and the folder.
-    """
-    from nmt.plots import draw_attention
-
-    directory = Path(output.directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    if output.words:
-        maps = [None if m is None else merge_words(m) for m in maps]
-    write_text_atomic(
-        directory / "alignments.txt",
-        "".join(("" if m is None else format_alignments(hard_alignments(m))) + "\n" for m in maps),
-    )
-    if output.json:
-        records = (
-            json.dumps({
-                "line": m.line, "attention": description, "source": m.source, "output": m.output,
-                "weights": np.round(m.weights.astype(np.float64), 5).tolist(),
-            }, ensure_ascii=False)
-            + "\n"
-            for m in maps if m is not None
-        )
-        write_text_atomic(directory / "attention.jsonl", "".join(records))
-    drawn = [m for m in maps if m is not None]
-    if output.pictures:
-        drawn = drawn[: output.pictures]
-    for m in drawn:
-        draw_attention(m, directory / f"line-{m.line:06d}.png", f"line {m.line} · {title}", description)
-    return len(drawn), directory

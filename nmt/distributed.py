@@ -89,9 +89,9 @@ def rank_device(ranks: Ranks, device: torch.device) -> torch.device:
     return device
 
 
-def launch(devices: int, train_args: list[str], command: str = "train") -> int:
-    """Run `nmt COMMAND` (train or pretrain) with `train_args` in `devices` processes on this
-    machine, through torchrun."""
+def launch(devices: int, command_line: list[str]) -> int:
+    """Run `nmt COMMAND_LINE` (a train or pretrain command, as the user typed it) in `devices`
+    processes on this machine, through torchrun."""
     from torch.distributed.run import main as torchrun
 
     if devices < 1:
@@ -99,7 +99,7 @@ def launch(devices: int, train_args: list[str], command: str = "train") -> int:
     if torch.cuda.is_available() and devices > torch.cuda.device_count():
         raise ConfigError(f"--devices {devices} asked for, but this machine has {torch.cuda.device_count()} GPUs")
     try:
-        torchrun(["--standalone", f"--nproc_per_node={devices}", "-m", "nmt_cli", command, *train_args])
+        torchrun(["--standalone", f"--nproc_per_node={devices}", "-m", "nmt_cli", *command_line])
     except SystemExit as e:
         return int(e.code or 0)
     except Exception as e:  # torchrun reports a failed worker as ChildFailedError, after its output

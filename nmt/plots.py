@@ -6,6 +6,7 @@ leaves no global state behind.
 
 from __future__ import annotations
 
+import json
 import textwrap
 import warnings
 from pathlib import Path
@@ -13,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from nmt.alignment import AttentionMap
+from nmt.alignment import AttentionMap, AttentionOutput, format_alignments, hard_alignments, merge_words
+from nmt.atomic import write_text_atomic
 from nmt.errors import DataError
 from nmt.train_log import read_train_log
 
@@ -115,3 +117,37 @@ def plot_training(run_dirs: list[Path], out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI)
     return out
+
+
+def write_attention(
+    maps: list[AttentionMap | None], output: AttentionOutput, title: str, description: str
+) -> tuple[int, Path]:
+    """Write alignments.txt (one line per input line), attention.jsonl with --json, and a
+    heat-map PNG for the first `output.pictures` translated lines (all when 0).
+
+    Returns the number of pictures and the folder.
+    """
+    directory = Path(output.directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if output.words:
+        maps = [None if m is None else merge_words(m) for m in maps]
+    write_text_atomic(
+        directory / "alignments.txt",
+        "".join(("" if m is None else format_alignments(hard_alignments(m))) + "\n" for m in maps),
+    )
+    if output.json:
+        records = (
+            json.dumps({
+                "line": m.line, "attention": description, "source": m.source, "output": m.output,
+                "weights": np.round(m.weights.astype(np.float64), 5).tolist(),
+            }, ensure_ascii=False)
+            + "\n"
+            for m in maps if m is not None
+        )
+        write_text_atomic(directory / "attention.jsonl", "".join(records))
+    drawn = [m for m in maps if m is not None]
+    if output.pictures:
+        drawn = drawn[: output.pictures]
+    for m in drawn:
+        draw_attention(m, directory / f"line-{m.line:06d}.png", f"line {m.line} · {title}", description)
+    return len(drawn), directory

@@ -545,6 +545,7 @@ class Trainer:
         self.interval = Interval(self.device)
         self.train_log: TrainLog | None = None
         self.stop_signal: StopSignal | None = None
+        self.plain_progress = False
 
     def start(self, resume: bool) -> None:
         """Load initial weights, build the optimizer and the data-parallel and compiled views of
@@ -602,8 +603,10 @@ class Trainer:
             "setup_seconds": round(time.time() - self.started, 2),
         })
         self.model.train()
-        bar = tqdm(total=tc.max_steps or None, initial=st.step, unit="step", disable=not progress, file=sys.stderr,
-                   dynamic_ncols=True, desc="training")
+        # A terminal gets a bar; a log file (CI, nohup) one plain line per log step instead of its frames.
+        self.plain_progress = progress and not sys.stderr.isatty()
+        bar = tqdm(total=tc.max_steps or None, initial=st.step, unit="step", disable=not progress or self.plain_progress,
+                   file=sys.stderr, dynamic_ncols=True, desc="training")
         self.stop_signal = StopSignal()
         reason, groups = "", []
         try:
@@ -748,6 +751,9 @@ class Trainer:
         if tc.max_minutes and not tc.max_steps:
             postfix["left"] = f"{max(tc.max_minutes - self.elapsed() / 60, 0):.1f}min"
         bar.set_postfix(postfix)
+        if self.plain_progress:
+            of = f"/{tc.max_steps}" if tc.max_steps else ""
+            self.log(f"step {self.state.step}{of}: " + ", ".join(f"{key} {value}" for key, value in postfix.items()))
         self.interval = Interval(self.device)
 
     def stop_after_update(self) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nmt.alignment import EOS_LABEL, AttentionMap, AttentionOutput, describe_attention, write_attention
+from nmt.alignment import EOS_LABEL, AttentionMap, AttentionOutput, describe_attention
 from nmt.atomic import write_text_atomic
 from nmt.batches import pad_source
 from nmt.checkpoint import load_for_inference, read_vocab_info
@@ -73,7 +73,8 @@ def translate_ids(
     batches = decode_batches([len(s) for s in sources], decode.batch_tokens)
     # One autocast region for every batch: the weights are cast to half precision once.
     with autocast(device, resolve_precision(decode.precision, device)):
-        for indices in tqdm(batches, desc="translating", unit="batch", disable=not progress, file=sys.stderr):
+        # disable=None: no bar when stderr is not a terminal (a log file, CI)
+        for indices in tqdm(batches, desc="translating", unit="batch", disable=None if progress else True, file=sys.stderr):
             _translate_batch(model, sources, indices, decode, device, attention, results)
     return results
 
@@ -209,6 +210,8 @@ def translate_file(
         write_text_atomic(Path(output_path), text)
     if attention is not None:
         title = f"model {save_dir}"
+        from nmt.plots import write_attention  # matplotlib: only when pictures are asked for
+
         pictures, directory = write_attention(
             result.attention_maps, attention, title, describe_attention(config.model, attention.choice)
         )

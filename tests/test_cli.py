@@ -190,3 +190,28 @@ def test_translate_precision_option(trained):
     assert len(result.output.splitlines()) == 3
     one_line_error(invoke("translate", trained / "model", "-i", trained / "p.txt", "--precision", "fp64"),
                    "decode.precision must be one of fp32, bf16, fp16")
+
+
+def test_command_summaries_are_single_sentences():
+    import typer.main
+
+    commands = typer.main.get_command(app).commands
+    assert {"prepare", "train", "translate", "evaluate", "pretrain", "fill-mask"} <= set(commands)
+    for name, command in commands.items():
+        summary = command.help.strip().split("\n\n")[0]
+        assert "\n" not in summary and summary.endswith(".") and summary.count(". ") == 0, name
+
+
+@pytest.mark.parametrize("command", ["train", "pretrain"])
+def test_devices_relaunches_the_command_line_as_typed(command, monkeypatch, tmp_path):
+    import nmt.distributed
+
+    typed = [command, "cfg.yaml", "--out", str(tmp_path), "--devices", "2", "--set", "train.lr=0.1",
+             "--no-progress", "--overwrite"]
+    launched = []
+    monkeypatch.setattr(nmt.distributed, "launch", lambda devices, line: launched.append((devices, line)) or 0)
+    monkeypatch.setattr("sys.argv", ["nmt", *typed])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    result = invoke(*typed)
+    assert result.exit_code == 0, result.output
+    assert launched == [(2, typed)]

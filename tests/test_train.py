@@ -199,3 +199,21 @@ def test_masked_lm_accuracy_goes_to_tensorboard(tmp_path):
     events.Reload()
     assert [e.value for e in events.Scalars("dev/masked_accuracy")] == [41.5]
     assert [e.value for e in events.Scalars("dev/nsp_accuracy")] == [80.0]
+
+
+def test_progress_without_a_terminal_is_one_plain_line_per_log_step(tiny_data, tmp_path):
+    import subprocess
+    import sys
+
+    data_dir, _ = tiny_data
+    result = subprocess.run(
+        [sys.executable, "-m", "nmt_cli", "train", "--data", str(data_dir), "--out", str(tmp_path / "m"),
+         "--set", "model.embed_dim=32", "--set", "model.ff_dim=64", "--set", "model.enc_layers=1",
+         "--set", "model.dec_layers=1", "--set", "train.max_steps=6", "--set", "train.log_every=2",
+         "--set", "train.batch_tokens=60"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("step ") and "loss" in line and "dev" not in line]
+    assert [line.split(":")[0] for line in lines] == ["step 2/6", "step 4/6", "step 6/6"]
