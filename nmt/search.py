@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nmt.interfaces import StepDecoder, TranslationModel
 from nmt.models.attention import AttentionChoice
 from nmt.tokenizer import BOS, EOS, PAD
 
@@ -27,6 +28,7 @@ def _init_state(model, memory, attention: AttentionChoice | None):
 @dataclass
 class PrefixState:
     tokens: torch.Tensor | None  # (B, t) the target tokens fed so far, BOS first; None before the first
+    attention: torch.Tensor | None = None  # the plain path keeps no attention weights
 
     def reorder(self, indices: torch.Tensor) -> PrefixState:
         return PrefixState(None if self.tokens is None else self.tokens.index_select(0, indices))
@@ -40,7 +42,7 @@ class FullPrefixDecoding:
     (cached keys/values, carried recurrent state) must reproduce, and the benchmark's baseline.
     """
 
-    def __init__(self, model):
+    def __init__(self, model: TranslationModel):
         self.model = model
 
     def encode(self, src: torch.Tensor):
@@ -75,7 +77,7 @@ def _restrict(log_probs: torch.Tensor, must_end: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def greedy_search(
-    model, src: torch.Tensor, max_len_a: float = 1.5, max_len_b: int = 10, attention: AttentionChoice | None = None
+    model: StepDecoder, src: torch.Tensor, max_len_a: float = 1.5, max_len_b: int = 10, attention: AttentionChoice | None = None
 ) -> list[Hypothesis]:
     """Pick the most probable token at each step. src: (B, S). With `attention`, each
     hypothesis keeps the chosen cross-attention weights."""
@@ -112,7 +114,7 @@ def greedy_search(
 
 @torch.inference_mode()
 def beam_search(
-    model,
+    model: StepDecoder,
     src: torch.Tensor,
     beam_size: int = 5,
     len_penalty: float = 1.0,

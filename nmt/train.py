@@ -43,6 +43,7 @@ from nmt.devices import autocast, resolve_device, resolve_precision
 from nmt.distributed import Ranks, init_ranks, rank_device
 from nmt.errors import CheckpointError, ConfigError, first_line
 from nmt.evaluate import bleu_tokenizer, corpus_bleu
+from nmt.interfaces import TrainingBatch, TrainingTask
 from nmt.models import build_model
 from nmt.tokenizer import PAD, Tokenizer
 from nmt.train_log import LOG_NAME, TENSORBOARD_DIR, TrainLog
@@ -137,7 +138,7 @@ def training_update(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
-    group: list[Batch],
+    group: list[TrainingBatch],
     tc: TrainConfig,
     lr: float,
     device: torch.device,
@@ -359,7 +360,7 @@ def train(
 
 
 def run_training(
-    make_task: Callable, config: Config, save_dir: Path, resume: bool, overwrite: bool, progress: bool,
+    make_task: Callable[[Ranks], TrainingTask], config: Config, save_dir: Path, resume: bool, overwrite: bool, progress: bool,
     log: Callable[[str], None], started: float,
 ) -> TrainResult:
     """The training loop, for any task (translation, masked-LM pretraining); `make_task(ranks)`
@@ -375,7 +376,7 @@ def run_training(
 
 
 def _train(
-    make_task: Callable, config: Config, ranks: Ranks, save_dir: Path, resume: bool, overwrite: bool,
+    make_task: Callable[[Ranks], TrainingTask], config: Config, ranks: Ranks, save_dir: Path, resume: bool, overwrite: bool,
     progress: bool, log: Callable[[str], None], started: float,
 ) -> TrainResult:
     if config.train.threads:
@@ -388,7 +389,9 @@ def _train(
     return trainer.run(progress)
 
 
-def open_save_dir(make_task: Callable, ranks: Ranks, save_dir: Path, resume: bool, overwrite: bool):
+def open_save_dir(
+    make_task: Callable[[Ranks], TrainingTask], ranks: Ranks, save_dir: Path, resume: bool, overwrite: bool
+) -> TrainingTask:
     """Check that `save_dir` may be trained into as asked (and clear it for --overwrite);
     returns the task, built once the directory is known to be usable."""
     if ranks.is_main:
@@ -525,7 +528,7 @@ class Trainer:
     out-of-memory retry and the torch.compile fallback), the log, validate and save, the stop
     decision."""
 
-    def __init__(self, task, config: Config, ranks: Ranks, save_dir: Path, log: Callable[[str], None], started: float):
+    def __init__(self, task: TrainingTask, config: Config, ranks: Ranks, save_dir: Path, log: Callable[[str], None], started: float):
         tc = self.tc = config.train
         self.task, self.config, self.ranks, self.save_dir, self.log, self.started = task, config, ranks, save_dir, log, started
         self.device = rank_device(ranks, resolve_device(tc.device))

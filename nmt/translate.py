@@ -21,6 +21,7 @@ from nmt.config import DecodeConfig
 from nmt.data import clean_whitespace, decode_lines, read_lines
 from nmt.devices import autocast, resolve_device, resolve_precision
 from nmt.errors import ConfigError
+from nmt.interfaces import StepDecoder
 from nmt.models.attention import AttentionChoice
 from nmt.normalize import Normalization
 from nmt.search import Hypothesis, beam_search, greedy_search
@@ -57,7 +58,7 @@ def decode_batches(lengths: Sequence[int], batch_tokens: int) -> list[np.ndarray
 
 
 def translate_ids(
-    model,
+    model: StepDecoder,
     sources: Sequence[Sequence[int]],
     decode: DecodeConfig,
     device: torch.device,
@@ -80,7 +81,7 @@ def translate_ids(
 
 
 def _translate_batch(
-    model, sources: Sequence[Sequence[int]], indices: np.ndarray, decode: DecodeConfig, device: torch.device,
+    model: StepDecoder, sources: Sequence[Sequence[int]], indices: np.ndarray, decode: DecodeConfig, device: torch.device,
     attention: AttentionChoice | None, results: list[list[Hypothesis]],
 ) -> None:
     """Translate the sources at `indices` as one batch into `results`."""

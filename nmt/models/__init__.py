@@ -1,14 +1,7 @@
-"""Translation models. Every model has the same interface, which training and search use:
-
-- `encode(src) -> memory`: src (B, S) token ids, padded with PAD;
-- `init_state(memory, attention=None) -> state`: the decoder state before the first target token;
-  with an `AttentionChoice`, each step also leaves its cross-attention weights in `state.attention` (B, S);
-- `decode_step(prev_tokens, memory, state) -> (log_probs, state)`: prev_tokens (B,), log_probs (B, V);
-- `decode(tgt_in, memory) -> logits`: the teacher-forced decoder, tgt_in (B, T), logits (B, T, V);
-- `forward(src, tgt_in) -> logits`: `decode(tgt_in, encode(src))`.
-
-Memory and state are explicit objects with `reorder(indices)`, which selects (and repeats)
-batch rows, as beam search needs.
+"""Translation models. Every model has the interface `nmt.interfaces.TranslationModel`, which
+training and search use: `encode(src) -> memory`, `init_state(memory, attention=None)`,
+`decode_step(prev_tokens, memory, state) -> (log_probs, state)`, `decode(tgt_in, memory)` and
+`forward(src, tgt_in)`; memory and state are explicit objects with `reorder(indices)`.
 """
 
 from torch import nn

@@ -1,0 +1,48 @@
+"""Every model, wrapper, task and batch fits the contracts in nmt.interfaces."""
+
+import torch
+from conftest import prepare_toy_data
+
+from nmt.batches import Batch
+from nmt.config import ModelConfig, config_from_dict
+from nmt.interfaces import DecoderState, Reorderable, StepDecoder, TrainingBatch, TrainingTask, TranslationModel
+from nmt.models import build_model
+from nmt.models.masked_lm import MaskedLM
+from nmt.pretrain import MaskedBatch, MaskedLMTask
+from nmt.search import FullPrefixDecoding
+from nmt.tokenizer import EOS
+from nmt.train import TranslationTask
+from nmt.translate import quantize_int8
+
+CONFIGS = [ModelConfig(embed_dim=16, ff_dim=32, heads=2, enc_layers=1, dec_layers=1),
+           ModelConfig(arch="rnn", embed_dim=16, hidden_dim=16, enc_layers=1, dec_layers=1, tie_output=False)]
+
+
+def test_models_and_their_memory_and_state_fit_the_search_contract():
+    src = torch.tensor([[5, 6, EOS]])
+    for config in CONFIGS:
+        model = build_model(config, 20, 20).eval()
+        assert isinstance(model, TranslationModel)
+        memory = model.encode(src)
+        state = model.init_state(memory)
+        assert isinstance(memory, Reorderable) and isinstance(state, DecoderState)
+        _, state = model.decode_step(torch.tensor([1]), memory, state)
+        assert isinstance(state.reorder(torch.tensor([0, 0])), DecoderState)
+        for wrapped in (FullPrefixDecoding(model), quantize_int8(model)):
+            assert isinstance(wrapped, StepDecoder)
+            assert isinstance(wrapped.init_state(wrapped.encode(src)), DecoderState)
+    assert not isinstance(MaskedLM, StepDecoder)  # an encoder alone does not translate
+
+
+def test_tasks_and_batches_fit_the_training_contract(tmp_path):
+    data_dir = prepare_toy_data(tmp_path, train=20)
+    config = config_from_dict({"data_dir": str(data_dir), "save_dir": str(tmp_path / "m")})
+    from nmt.data import read_manifest
+
+    assert isinstance(TranslationTask(config, data_dir, read_manifest(data_dir)), TrainingTask)
+    methods = [name for name, value in vars(TrainingTask).items() if callable(value) and not name.startswith("_")]
+    assert "validate" in methods and all(callable(getattr(MaskedLMTask, name, None)) for name in methods)
+    for batch_type in (Batch, MaskedBatch):
+        assert callable(batch_type.to) and callable(batch_type.halves)
+    batch = Batch(torch.tensor([[5, EOS]]), torch.tensor([[1, 6]]), torch.tensor([[6, EOS]]), num_tgt_tokens=2)
+    assert isinstance(batch, TrainingBatch)
