@@ -94,27 +94,27 @@ def prepare(
             ),
             progress=progress,
         )
-    cleaning = manifest["cleaning"]
-    stages = ", ".join(f"{name} {seconds} s" for name, seconds in manifest["stage_seconds"].items())
+    cleaning = manifest.cleaning
+    stages = ", ".join(f"{name} {seconds} s" for name, seconds in manifest.stage_seconds.items())
     typer.echo(
-        f"prepared {out} ({manifest['src_lang']} -> {manifest['tgt_lang']}) in {manifest['seconds']} s ({stages}); "
-        f"{manifest['disk_bytes'] / 1e6:.1f} MB on disk"
+        f"prepared {out} ({manifest.src_lang} -> {manifest.tgt_lang}) in {manifest.seconds} s ({stages}); "
+        f"{manifest.disk_bytes / 1e6:.1f} MB on disk"
     )
     typer.echo(
         "cleaning: {pairs_read} pairs read; changed: {normalized} by normalization, "
         "{whitespace_fixed} by whitespace; dropped: {empty} empty, {too_long} too long, {ratio} by length "
         "ratio, {duplicates} duplicates, {overlap_with_valid_test} also in valid/test".format(**cleaning)
     )
-    for split, counts in manifest["counts"].items():
+    for split, counts in manifest.counts.items():
         typer.echo(
             f"{split:>5}: {counts['pairs']:>8} pairs, {counts['src_tokens']:>9} source tokens, "
             f"{counts['tgt_tokens']:>9} target tokens"
         )
-    vocab = manifest["vocab"]
-    kind = "joint" if vocab["joint"] else "separate"
-    unk = manifest["valid_unk_percent"]
+    vocab = manifest.vocab
+    kind = "joint" if vocab.joint else "separate"
+    unk = manifest.valid_unk_percent
     typer.echo(
-        f"vocab: {kind} {vocab['type']}, {vocab['src_size']} source / {vocab['tgt_size']} target pieces; "
+        f"vocab: {kind} {vocab.type}, {vocab.src_size} source / {vocab.tgt_size} target pieces; "
         f"<unk> in valid: {unk['src']}% source, {unk['tgt']}% target tokens"
     )
 

@@ -36,12 +36,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nmt import __version__
 from nmt.batches import make_batch, token_batches
-from nmt.checkpoint import load_for_inference, read_vocab_info
+from nmt.checkpoint import load_for_inference
 from nmt.config import Config, DecodeConfig, load_config
-from nmt.data import ParallelSplit, read_lines, read_manifest
+from nmt.data import ParallelSplit, read_lines
 from nmt.devices import resolve_device, resolve_precision
 from nmt.errors import ConfigError, DataError
 from nmt.evaluate import corpus_bleu
+from nmt.files import Manifest, VocabInfo
 from nmt.models import build_model
 from nmt.prepare import PrepareConfig, prepare
 from nmt.search import FullPrefixDecoding
@@ -244,7 +245,7 @@ def bench_decoding(
     layers or (`with_half`) bf16 autocast; each record counts the lines that differ from the plain
     path's output, and the half-precision one also those that differ from fp32."""
     model, tokenizer, config = load_for_inference(save_dir, "best", device)
-    normalization = read_vocab_info(save_dir).get("normalization", "NFC")
+    normalization = VocabInfo.read(save_dir).source_normalization()
     paths = [("plain", FullPrefixDecoding(model), "fp32"), ("nmt", model, "fp32")]
     if with_int8:
         paths.append(("nmt-int8", quantize_int8(model), "fp32"))
@@ -315,8 +316,8 @@ def run_bench(bc: BenchConfig, log: Callable[[str], None] = lambda m: print(m, f
                 valid_prefix=str(bc.data / "val"), test_prefix=str(bc.data / "test_2016_flickr"),
                 vocab_size=vocab_size, overwrite=True,
             ))
-        manifest = read_manifest(data_dir)
-        tokenizer = Tokenizer(data_dir / manifest["vocab"]["src_model"], data_dir / manifest["vocab"]["tgt_model"])
+        vocab = Manifest.read(data_dir).vocab
+        tokenizer = Tokenizer(data_dir / vocab.src_model, data_dir / vocab.tgt_model)
         vocab_sizes = (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
 
         report: dict = {

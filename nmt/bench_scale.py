@@ -23,6 +23,7 @@ import numpy as np
 
 from nmt.data import find_side_file, read_parallel_files
 from nmt.errors import DataError
+from nmt.files import Manifest
 from nmt.train_log import LOG_NAME
 
 # A small Transformer: the point is the data path, not the model.
@@ -84,7 +85,7 @@ def _measure(config: ScaleBenchConfig, pairs: list[tuple[str, str]], count: int,
         "--test-size", str(held_out), "--vocab-size", str(config.vocab_size), "--out", str(work / "data"),
         "--overwrite", "--no-progress",
     ])
-    manifest = json.loads((work / "data" / "manifest.json").read_text())
+    manifest = Manifest.read(work / "data")
     settings = [item for setting in TRAIN_SETTINGS + [f"train.max_steps={config.steps}"] for item in ("--set", setting)]
     train_seconds, train_rss, train_started = _run_measured(nmt + [
         "train", "--data", str(work / "data"), "--out", str(work / "model"), "--overwrite", "--no-progress",
@@ -97,13 +98,13 @@ def _measure(config: ScaleBenchConfig, pairs: list[tuple[str, str]], count: int,
         "corpus_bytes": sum(os.path.getsize(f"{prefix}.{lang}") for lang in (config.src, config.tgt)),
         "corpus_seconds": round(made, 1),
         "prepare_seconds": round(prepare_seconds, 1),
-        "prepare_stage_seconds": manifest["stage_seconds"],
+        "prepare_stage_seconds": manifest.stage_seconds,
         "prepare_pairs_per_s": round(count / prepare_seconds),
         "prepare_peak_rss_bytes": prepare_rss,
-        "encode_workers": manifest["encode_workers"],
-        "train_pairs": manifest["counts"]["train"]["pairs"],
-        "duplicates": manifest["cleaning"]["duplicates"],
-        "data_dir_bytes": manifest["disk_bytes"],
+        "encode_workers": manifest.encode_workers,
+        "train_pairs": manifest.counts["train"]["pairs"],
+        "duplicates": manifest.cleaning["duplicates"],
+        "data_dir_bytes": manifest.disk_bytes,
         "train_startup_seconds": round(start["time"] - train_started, 2),
         "train_setup_seconds": start["setup_seconds"],
         "train_steps": config.steps,

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,50 +26,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from nmt.atomic import complete_dir, file_mode, recover_dir, replace_dir, write_text_atomic
+from nmt.atomic import complete_dir, file_mode, recover_dir, replace_dir
 from nmt.config import Config, config_from_dict, save_config
 from nmt.errors import CheckpointError, ConfigError, first_line
+from nmt.files import MASKED_LM, CheckpointInfo, Manifest, TrainState, VocabInfo, Vocabulary
 from nmt.models import build_model
 from nmt.tokenizer import Tokenizer, file_sha256
 
 CHECKPOINT_NAMES = ("best", "last")
 
 
-@dataclass
-class TrainState:
-    """Where a training run stands: what `info.json` of a checkpoint holds and `--resume` restores."""
-
-    step: int = 0
-    epoch: int = 0
-    group_in_epoch: int = 0  # updates done in the current epoch
-    best_score: float = -1.0  # the best dev score (the task's metric) so far, and its step
-    best_step: int = 0
-    bad_validations: int = 0  # validations in a row without a better score
-    seconds: float = 0.0  # training time of the run before this process started (resumed runs)
-    valid_seconds: float = 0.0  # of which validating
-    last_valid: dict = field(default_factory=dict)
-    processes: int | None = None  # of the run that saved it; None in checkpoints that predate it
-
-    @classmethod
-    def from_info(cls, info: dict) -> TrainState:
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {key: value for key, value in info.items() if key in known}
-        if "best_score" not in info and "best_bleu" in info:  # written before pretraining had a metric of its own
-            values["best_score"] = info["best_bleu"]
-        return cls(**values)
-
-    def to_info(self, metric: str, seconds: float, processes: int) -> dict:
-        """The info.json record after `seconds` of training in all, by `processes` processes."""
-        return {
-            **dataclasses.asdict(self), "metric": metric, "seconds": round(seconds, 1),
-            "valid_seconds": round(self.valid_seconds, 1), "processes": processes,
-        }
-
-
 def read_training_info(save_dir: Path) -> TrainState:
     """The state saved in `save_dir/last` (empty when there is none)."""
     directory = checkpoint_dir(save_dir, "last")
-    return TrainState.from_info(read_info(directory)) if directory is not None else TrainState()
+    return CheckpointInfo.read(directory).state if directory is not None else TrainState()
 
 
 @contextlib.contextmanager
@@ -107,31 +75,13 @@ def recover_checkpoints(save_dir: Path) -> None:
         recover_dir(Path(save_dir) / name)
 
 
-def init_save_dir(save_dir: Path, config: Config, data_dir: Path, manifest: dict) -> None:
+def init_save_dir(save_dir: Path, config: Config, data_dir: Path, manifest: Manifest) -> None:
     """Write the config, vocabulary description and SentencePiece models into `save_dir`."""
     save_dir.mkdir(parents=True, exist_ok=True)
-    vocab = manifest["vocab"]
-    for key in ("src_model", "tgt_model"):
-        shutil.copyfile(data_dir / vocab[key], save_dir / vocab[key])
-    info = {
-        "src_lang": manifest["src_lang"],
-        "tgt_lang": manifest["tgt_lang"],
-        # applied to input text at translate time (the source side's)
-        "normalization": manifest.get("normalization", manifest["filters"]["normalization"]),
-        "vocab": vocab,
-    }
-    write_text_atomic(save_dir / "vocab.json", json.dumps(info, indent=2))
+    for name in {manifest.vocab.src_model, manifest.vocab.tgt_model}:
+        shutil.copyfile(data_dir / name, save_dir / name)
+    VocabInfo.from_manifest(manifest).write(save_dir)
     save_config(config, save_dir / "config.yaml")
-
-
-def read_vocab_info(save_dir: Path) -> dict:
-    path = Path(save_dir) / "vocab.json"
-    if not path.is_file():
-        raise CheckpointError(f"{save_dir} is not a checkpoint directory (no vocab.json)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path} is damaged") from None
 
 
 def read_config(save_dir: Path) -> Config:
@@ -150,7 +100,7 @@ def save_checkpoint(
     save_dir: Path,
     name: str,
     model: nn.Module,
-    info: dict,
+    info: CheckpointInfo,
     optimizer: torch.optim.Optimizer | None = None,
     rng_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
@@ -170,20 +120,20 @@ def save_checkpoint(
 
 
 def _write_checkpoint_files(
-    directory: Path, model: nn.Module, info: dict, optimizer: torch.optim.Optimizer | None,
+    directory: Path, model: nn.Module, info: CheckpointInfo, optimizer: torch.optim.Optimizer | None,
     rng_state: dict[str, torch.Tensor] | None,
 ) -> None:
     save_model(model, str(directory / "model.safetensors"))
-    info = {**info, "sha256": {"model.safetensors": file_sha256(directory / "model.safetensors")}}
+    sha256 = {"model.safetensors": file_sha256(directory / "model.safetensors")}
+    groups = None
     if optimizer is not None:
         tensors, groups = _flatten_optimizer(optimizer)
         tensors.update({f"rng.{k}": v for k, v in (rng_state or {}).items()})
         save_file(tensors, str(directory / "optimizer.safetensors"))
-        info["param_groups"] = groups
-        info["sha256"]["optimizer.safetensors"] = file_sha256(directory / "optimizer.safetensors")
+        sha256["optimizer.safetensors"] = file_sha256(directory / "optimizer.safetensors")
     for written in directory.glob("*.safetensors"):  # safetensors makes them private (0600)
         os.chmod(written, file_mode())
-    (directory / "info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    dataclasses.replace(info, sha256=sha256, param_groups=groups).write(directory)
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
@@ -210,22 +160,14 @@ def weights_dir(save_dir: Path, which: str = "best") -> Path:
     for name in (which, "last" if which == "best" else "best"):
         directory = checkpoint_dir(save_dir, name)
         if directory is not None and (directory / "model.safetensors").is_file():
-            verify_files(directory, read_info(directory))
+            verify_files(directory, CheckpointInfo.read(directory))
             return directory
     raise CheckpointError(f"{save_dir} holds no trained weights (no best/ or last/)")
 
 
-def read_info(directory: Path) -> dict:
-    path = Path(directory) / "info.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        raise CheckpointError(f"{path} is missing or damaged") from None
-
-
-def verify_files(directory: Path, info: dict) -> None:
+def verify_files(directory: Path, info: CheckpointInfo) -> None:
     """Compare the checkpoint's files with the checksums written beside them."""
-    for name, expected in info.get("sha256", {}).items():
+    for name, expected in info.sha256.items():
         path = Path(directory) / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing")
@@ -233,12 +175,14 @@ def verify_files(directory: Path, info: dict) -> None:
             raise CheckpointError(f"{path} is damaged (its checksum does not match info.json)")
 
 
-def load_training_state(save_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+def load_training_state(
+    save_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[CheckpointInfo, dict[str, torch.Tensor]]:
     """Restore model and optimizer from `save_dir/last`; returns (info, rng tensors)."""
     directory = checkpoint_dir(save_dir, "last")
     if directory is None:
         raise CheckpointError(f"nothing to resume: {save_dir} has no last/ checkpoint")
-    info = read_info(directory)
+    info = CheckpointInfo.read(directory)
     verify_files(directory, info)
     load_weights(model, directory / "model.safetensors")
     try:
@@ -252,7 +196,7 @@ def load_training_state(save_dir: Path, model: nn.Module, optimizer: torch.optim
             continue
         param_id, name = key.split(".", 1)
         state.setdefault(int(param_id), {})[name] = value
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in info.pop("param_groups")]
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in info.param_groups or []]
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError) as e:
@@ -274,21 +218,18 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 # ---------------------------------------------------------------------------------------------
 # Starting a translation model from a pretrained masked LM (`nmt train --init`)
 
-MASKED_LM = "masked_lm"  # vocab.json "task" of a checkpoint written by `nmt pretrain`
-
-
-def check_pretrained(pretrained_dir: Path, vocab: dict, decoder: bool = False) -> dict:
+def check_pretrained(pretrained_dir: Path, vocab: Vocabulary, decoder: bool = False) -> VocabInfo:
     """Check that `pretrained_dir` holds a masked LM whose vocabulary is the data's `vocab`
     (the manifest's: the source side, and the target side too for `decoder`); returns its vocab.json."""
     pretrained_dir = Path(pretrained_dir)
     if not pretrained_dir.is_dir():
         raise CheckpointError(f"pretrained model not found: {pretrained_dir}")
-    info = read_vocab_info(pretrained_dir)
-    if info.get("task") != MASKED_LM:
+    info = VocabInfo.read(pretrained_dir)
+    if info.task != MASKED_LM:
         raise CheckpointError(f"{pretrained_dir} is not a pretrained model from nmt pretrain")
     sides = ("src", "tgt") if decoder else ("src",)
     for side in sides:
-        if info["vocab"]["src_sha256"] != vocab[f"{side}_sha256"]:
+        if info.vocab.src_sha256 != vocab.sha256(side):
             which = "source" if side == "src" else "target"
             raise CheckpointError(
                 f"the {which} vocabulary of the data differs from the pretrained model's in {pretrained_dir}; "
@@ -322,7 +263,9 @@ def pretrained_source_name(name: str, decoder: bool) -> str | None:
     return None
 
 
-def load_pretrained(model: nn.Module, pretrained_dir: Path, vocab: dict, decoder: bool, copy: bool = True) -> list[str]:
+def load_pretrained(
+    model: nn.Module, pretrained_dir: Path, vocab: Vocabulary, decoder: bool, copy: bool = True
+) -> list[str]:
     """Copy a pretrained masked LM's weights into `model` (a Transformer) where they fit; returns
     the names of the parameters loaded. A tensor whose shape differs is an error naming it."""
     pretrained_dir = Path(pretrained_dir)
@@ -357,15 +300,15 @@ def load_for_inference(save_dir: Path, which: str = "best", device: torch.device
     if not save_dir.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {save_dir}")
     config = read_config(save_dir)
-    info = read_vocab_info(save_dir)
-    if info.get("task") == MASKED_LM:
+    info = VocabInfo.read(save_dir)
+    if info.task == MASKED_LM:
         raise CheckpointError(
             f"{save_dir} is a pretrained masked LM, not a translation model: use it with "
             "nmt train --init or nmt fill-mask"
         )
-    vocab_info = info["vocab"]
-    tokenizer = Tokenizer(save_dir / vocab_info["src_model"], save_dir / vocab_info["tgt_model"])
-    if (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) != (vocab_info["src_size"], vocab_info["tgt_size"]):
+    vocab = info.vocab
+    tokenizer = Tokenizer(save_dir / vocab.src_model, save_dir / vocab.tgt_model)
+    if (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) != (vocab.src_size, vocab.tgt_size):
         raise CheckpointError(f"{save_dir}: SentencePiece models do not match vocab.json")
     model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
     for attempt in range(2):  # a save by a running training may replace the files mid-read: look again

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -282,13 +281,3 @@ class ParallelSplit:
     def release_pages(self) -> None:
         self.src.release_pages()
         self.tgt.release_pages()
-
-
-def read_manifest(data_dir: Path) -> dict:
-    path = Path(data_dir) / "manifest.json"
-    if not path.is_file():
-        raise DataError(f"{data_dir} is not a prepared data dir (no manifest.json); run nmt prepare")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise DataError(f"{path} is damaged; run nmt prepare again") from None

@@ -106,10 +106,10 @@ def translate_and_score(
 ) -> list[Score]:
     """Translate `src_path` with a checkpoint, then score the output against `ref_path` (in the
     checkpoint's target language unless `lang` says otherwise)."""
-    from nmt.checkpoint import read_vocab_info
+    from nmt.files import VocabInfo
     from nmt.translate import translate_file
 
-    lang = lang or read_vocab_info(model_dir).get("tgt_lang")
+    lang = lang or VocabInfo.read(model_dir).tgt_lang
     with tempfile.TemporaryDirectory(prefix="nmt-eval-") as tmp:
         hyp_path = Path(tmp) / "hyp.txt"
         translate_file(model_dir, src_path, hyp_path, decode_options, device=device)

@@ -212,7 +212,7 @@ class Run:
             valid_prefix=str(self.corpus / "val"), test_prefix=str(self.corpus / "test_2016_flickr"),
             vocab_size=self.cc.vocab_size, overwrite=True,
         ))
-        return {"prepare_seconds": manifest["seconds"], "counts": manifest.get("counts")}
+        return {"prepare_seconds": manifest.seconds, "counts": manifest.counts}
 
     def train_and_score(self, name: str, minutes: float, threshold: float, stop: bool) -> dict:
         from nmt.bench import bench_time_to_quality
@@ -246,15 +246,16 @@ class Run:
         import dataclasses
 
         from nmt.bench import time_translation
-        from nmt.checkpoint import load_for_inference, read_vocab_info
+        from nmt.checkpoint import load_for_inference
         from nmt.data import read_lines
         from nmt.evaluate import score_texts
+        from nmt.files import VocabInfo
 
         model, tokenizer, config = load_for_inference(save_dir, "best", self.device)
         lines = list(read_lines(self.data_dir / "test.src.txt"))
         references = list(read_lines(self.data_dir / "test.tgt.txt"))
         decode = dataclasses.replace(config.decode, beam=5, nbest=1)
-        normalization = read_vocab_info(save_dir).get("normalization", "NFC")
+        normalization = VocabInfo.read(save_dir).source_normalization()
         times, translations = time_translation(
             model, tokenizer, lines, decode, self.device, normalization, self.cc.repeats
         )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import shutil
 import sys
@@ -29,12 +28,12 @@ from nmt.data import (
     read_parallel_files,
     read_tsv,
 )
-from nmt.errors import DataError
+from nmt.errors import CheckpointError, DataError
+from nmt.files import Manifest, VocabInfo, Vocabulary
 from nmt.normalize import is_cjk
 from nmt.shards import chunked, encode_to_token_files, token_dtype, worker_count, write_token_file
 from nmt.tokenizer import UNK, Tokenizer, file_sha256, has_reserved_symbols, load_sentencepiece, train_sentencepiece
 
-DATA_FORMAT_VERSION = 1
 ENCODE_CHUNK_PAIRS = 20_000  # pairs per encoding task
 PARALLEL_ENCODE_PAIRS = 200_000  # smaller corpora are encoded in this process: workers take time to start
 
@@ -77,7 +76,7 @@ class PrepareConfig:
     overwrite: bool = False
 
 
-def prepare(config: PrepareConfig, progress: bool = False) -> dict:
+def prepare(config: PrepareConfig, progress: bool = False) -> Manifest:
     """Build the data dir; returns its manifest (which includes the cleaning summary).
 
     The training pairs stream through: read and clean one at a time into work files, find
@@ -99,8 +98,8 @@ def prepare(config: PrepareConfig, progress: bool = False) -> dict:
     tmp_dir = _make_tmp_dir(out_dir)  # fails now, not after the work, if out_dir cannot be written
     try:
         manifest = _build_data_dir(tmp_dir, config, progress)
-        manifest["seconds"] = round(time.time() - started, 1)
-        (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        manifest.seconds = round(time.time() - started, 1)
+        manifest.write(tmp_dir)
         replace_dir(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -120,7 +119,7 @@ class _Stages:
         self.started = now
 
 
-def _build_data_dir(directory: Path, config: PrepareConfig, progress: bool) -> dict:
+def _build_data_dir(directory: Path, config: PrepareConfig, progress: bool) -> Manifest:
     stages = _Stages()
     train_pairs, given_eval, expected_pairs = _read_inputs(config, progress)
     if given_eval and config.split_by is not None:
@@ -224,40 +223,22 @@ def _build_data_dir(directory: Path, config: PrepareConfig, progress: bool) -> d
     stages.done("valid_test")
 
     files = sorted(p.name for p in directory.iterdir())
-    return {
-        "format_version": DATA_FORMAT_VERSION,
-        "nmt_version": __version__,
-        "src_lang": config.src_lang,
-        "tgt_lang": config.tgt_lang,
-        "input": _describe_input(config),
-        "counts": counts,
-        "filters": asdict(config.clean),
-        # applied to each side; the checkpoint keeps it, translate applies the source side's
-        "normalization": {"src": cleaner.normalize[0].as_dict(), "tgt": cleaner.normalize[1].as_dict()},
-        "cleaning": {**stats.as_dict(), "overlap_with_valid_test": overlap},
-        "vocab": {
-            "joint": config.joint_vocab,
-            "type": config.spm_type,
-            "requested_size": config.vocab_size,
-            "character_coverage": _coverage(config, (config.src_lang, config.tgt_lang))["character_coverage"],
-            "sample_sentences": config.spm_max_sentences,
-            "given_model": str(config.spm_model) if config.spm_model is not None else None,
-            "src_model": src_model.name,
-            "tgt_model": tgt_model.name,
-            "src_size": tokenizer.src_vocab_size,
-            "tgt_size": tokenizer.tgt_vocab_size,
-            "src_sha256": file_sha256(src_model),
-            "tgt_sha256": file_sha256(tgt_model),
-        },
-        "valid_unk_percent": unk_rate,
-        "token_dtype": dtype.name,
-        "files": files,
-        "disk_bytes": sum((directory / name).stat().st_size for name in files),
-        "stage_seconds": stages.seconds,
-        "encode_workers": workers,
-        "split_seed": config.seed,
-        "split_by": config.split_by,
-    }
+    vocab = Vocabulary(
+        src_model=src_model.name, tgt_model=tgt_model.name, src_size=tokenizer.src_vocab_size,
+        tgt_size=tokenizer.tgt_vocab_size, src_sha256=file_sha256(src_model), tgt_sha256=file_sha256(tgt_model),
+        joint=config.joint_vocab, type=config.spm_type, requested_size=config.vocab_size,
+        character_coverage=_coverage(config, (config.src_lang, config.tgt_lang))["character_coverage"],
+        sample_sentences=config.spm_max_sentences,
+        given_model=str(config.spm_model) if config.spm_model is not None else None,
+    )
+    return Manifest(
+        src_lang=config.src_lang, tgt_lang=config.tgt_lang, vocab=vocab, counts=counts,
+        normalization={"src": cleaner.normalize[0].as_dict(), "tgt": cleaner.normalize[1].as_dict()},
+        filters=asdict(config.clean), cleaning={**stats.as_dict(), "overlap_with_valid_test": overlap},
+        input=_describe_input(config), valid_unk_percent=unk_rate, token_dtype=dtype.name, files=files,
+        disk_bytes=sum((directory / name).stat().st_size for name in files), stage_seconds=stages.seconds,
+        encode_workers=workers, split_seed=config.seed, split_by=config.split_by, nmt_version=__version__,
+    )
 
 
 def _carve_groups(candidates: np.ndarray, groups: np.ndarray, config: PrepareConfig, rng) -> dict[str, np.ndarray]:
@@ -350,8 +331,8 @@ def _given_sentencepiece(path: Path) -> Path:
     """`--spm-model`: a SentencePiece model file, or a checkpoint directory (its model)."""
     if path.is_dir():
         try:
-            path = path / json.loads((path / "vocab.json").read_text(encoding="utf-8"))["vocab"]["src_model"]
-        except (OSError, ValueError, KeyError):
+            path = path / VocabInfo.read(path).vocab.src_model
+        except CheckpointError:
             raise DataError(f"{path} is a directory but not a checkpoint directory with a vocab.json") from None
     if not path.is_file():
         raise DataError(f"SentencePiece model not found: {path}")

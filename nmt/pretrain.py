@@ -7,7 +7,6 @@ Text: one sentence per line, a blank line between documents; each file starts a 
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import sys
@@ -21,15 +20,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nmt.atomic import write_text_atomic
 from nmt.batches import token_batches
-from nmt.checkpoint import MASKED_LM, load_weights, read_config, read_vocab_info, weights_dir
+from nmt.checkpoint import load_weights, read_config, weights_dir
 from nmt.config import Config, PretrainConfig, save_config
-from nmt.data import clean_whitespace, normalize_text, read_lines, read_manifest
+from nmt.data import clean_whitespace, normalize_text, read_lines
 from nmt.devices import autocast
 from nmt.distributed import Ranks
 from nmt.errors import CheckpointError, ConfigError, DataError
+from nmt.files import MASKED_LM, Manifest, VocabInfo, Vocabulary
 from nmt.models.masked_lm import MaskedLM
+from nmt.normalize import Normalization
 from nmt.shards import flatten, token_dtype
 from nmt.tokenizer import (
     CLS,
@@ -308,7 +308,7 @@ class MaskedLMTask:
         self.extra_metrics = ("nsp_accuracy",) if self.pc.next_sentence else ()  # printed at validation
         self.spm_tmp: Path | None = None
         if resume:
-            self.spm_path = self.save_dir / read_vocab_info(self.save_dir)["vocab"]["src_model"]
+            self.spm_path = self.save_dir / VocabInfo.read(self.save_dir).vocab.src_model
         elif vocab is not None:
             self.spm_path = vocabulary_model(Path(vocab))
         else:
@@ -388,16 +388,10 @@ class MaskedLMTask:
             shutil.rmtree(self.spm_tmp, ignore_errors=True)
         self.spm_path = target
         sha, size = file_sha256(target), self.vocab_size
-        info = {
-            "task": MASKED_LM,
-            "texts": [str(t) for t in self.texts],
-            "normalization": NORMALIZATION,
-            "vocab": {
-                "joint": True, "src_model": SPM_NAME, "tgt_model": SPM_NAME, "src_size": size, "tgt_size": size,
-                "src_sha256": sha, "tgt_sha256": sha,
-            },
-        }
-        write_text_atomic(save_dir / "vocab.json", json.dumps(info, indent=2))
+        vocab = Vocabulary(SPM_NAME, SPM_NAME, size, size, sha, sha, joint=True)
+        normalization = Normalization(unicode_form=NORMALIZATION).as_dict()
+        VocabInfo(vocab, MASKED_LM, normalization={"src": normalization, "tgt": normalization},
+                  texts=[str(t) for t in self.texts]).write(save_dir)
         save_config(self.config, save_dir / "config.yaml")
 
 
@@ -439,10 +433,10 @@ def evaluate_masked_lm(
 def vocabulary_model(path: Path) -> Path:
     """The SentencePiece model of `--vocab`: a .model file or a data dir from nmt prepare."""
     if path.is_dir():
-        manifest = read_manifest(path)
-        if not manifest["vocab"]["joint"]:
+        vocab = Manifest.read(path).vocab
+        if not vocab.joint:
             raise DataError(f"{path} has a separate vocabulary per language: pretrain one side with its model file")
-        return path / manifest["vocab"]["src_model"]
+        return path / vocab.src_model
     if not path.is_file():
         raise DataError(f"vocabulary not found: {path} (give a data dir from nmt prepare or a SentencePiece .model)")
     return path
@@ -493,10 +487,10 @@ def load_masked_lm(save_dir: Path, device: torch.device | str = "cpu", which: st
     """(model, SentencePiece processor) from a checkpoint dir of `nmt pretrain`."""
     save_dir = Path(save_dir)
     config = read_config(save_dir)
-    info = read_vocab_info(save_dir)
-    if info.get("task") != MASKED_LM:
+    info = VocabInfo.read(save_dir)
+    if info.task != MASKED_LM:
         raise CheckpointError(f"{save_dir} is not a pretrained model from nmt pretrain (use nmt translate)")
-    processor = load_sentencepiece(save_dir / info["vocab"]["src_model"])
+    processor = load_sentencepiece(save_dir / info.vocab.src_model)
     model = MaskedLM(config.model, processor.get_piece_size(), config.pretrain.next_sentence)
     load_weights(model, weights_dir(save_dir, which) / "model.safetensors")
     return model.to(device).eval(), processor

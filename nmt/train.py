@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from nmt.batches import Batch, BatchPrefetcher, make_batch, token_batches
 from nmt.checkpoint import (
-    TrainState,
     check_pretrained,
     has_checkpoint,
     init_save_dir,
@@ -32,17 +31,17 @@ from nmt.checkpoint import (
     load_training_state,
     read_config,
     read_training_info,
-    read_vocab_info,
     recover_checkpoints,
     save_checkpoint,
     training_lock,
 )
 from nmt.config import Config, TrainConfig
-from nmt.data import ParallelSplit, read_lines, read_manifest
+from nmt.data import ParallelSplit, read_lines
 from nmt.devices import autocast, resolve_device, resolve_precision
 from nmt.distributed import Ranks, init_ranks, rank_device
 from nmt.errors import CheckpointError, ConfigError, first_line
 from nmt.evaluate import bleu_tokenizer, corpus_bleu
+from nmt.files import CheckpointInfo, Manifest, TrainState, VocabInfo
 from nmt.interfaces import TrainingBatch, TrainingTask
 from nmt.models import build_model
 from nmt.tokenizer import PAD, Tokenizer
@@ -257,9 +256,9 @@ class TranslationTask:
     extra_metrics: tuple[str, ...] = ()  # other dev figures to print
     throughput = "tgt_tokens_per_s"  # the log figure the progress bar shows as tok/s
 
-    def __init__(self, config: Config, data_dir: Path, manifest: dict):
+    def __init__(self, config: Config, data_dir: Path, manifest: Manifest):
         self.config, self.data_dir, self.manifest = config, data_dir, manifest
-        self.tokenizer = Tokenizer(data_dir / manifest["vocab"]["src_model"], data_dir / manifest["vocab"]["tgt_model"])
+        self.tokenizer = Tokenizer(data_dir / manifest.vocab.src_model, data_dir / manifest.vocab.tgt_model)
         self.train_split = ParallelSplit.load(data_dir, "train")
         self.valid_split = ParallelSplit.load(data_dir, "valid")
         self.references = list(read_lines(data_dir / "valid.tgt.txt"))
@@ -276,7 +275,7 @@ class TranslationTask:
         tc = self.config.train
         if not tc.init or (resume and not tc.freeze_init_steps):  # resuming needs only its own weights
             return []
-        loaded = load_pretrained(model, Path(tc.init), self.manifest["vocab"], tc.init_decoder, copy=not resume)
+        loaded = load_pretrained(model, Path(tc.init), self.manifest.vocab, tc.init_decoder, copy=not resume)
         if not resume:
             fresh = [name for name, _ in model.named_parameters() if name not in loaded]
             log(f"initialised from {tc.init}: {len(loaded)} tensors loaded ({_summarize(loaded)}); "
@@ -303,13 +302,13 @@ class TranslationTask:
 
     def validate(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> dict:
         return validate(
-            model, self.valid_split, self.references, self.tokenizer, self.config, device, dtype, self.manifest["tgt_lang"]
+            model, self.valid_split, self.references, self.tokenizer, self.config, device, dtype, self.manifest.tgt_lang
         )
 
     def check_resumable(self, save_dir: Path) -> None:
         check_same_model(save_dir, self.config)
-        saved = read_vocab_info(save_dir)["vocab"]
-        if (saved["src_sha256"], saved["tgt_sha256"]) != (self.manifest["vocab"]["src_sha256"], self.manifest["vocab"]["tgt_sha256"]):
+        saved, data = VocabInfo.read(save_dir).vocab, self.manifest.vocab
+        if (saved.src_sha256, saved.tgt_sha256) != (data.src_sha256, data.tgt_sha256):
             raise CheckpointError(
                 f"the checkpoint in {save_dir} was trained with a different vocabulary than data dir {self.data_dir}"
             )
@@ -351,9 +350,9 @@ def train(
     if not config.save_dir:
         raise ConfigError("no checkpoint dir: set save_dir in the config or pass --out")
     data_dir, save_dir = Path(config.data_dir), Path(config.save_dir)
-    manifest = read_manifest(data_dir)
+    manifest = Manifest.read(data_dir)
     if config.train.init and not resume:  # a wrong pretrained model fails now, not after loading the data
-        check_pretrained(Path(config.train.init), manifest["vocab"], config.train.init_decoder)
+        check_pretrained(Path(config.train.init), manifest.vocab, config.train.init_decoder)
     return run_training(
         lambda ranks: TranslationTask(config, data_dir, manifest), config, save_dir, resume, overwrite, progress, log, started
     )
@@ -566,7 +565,7 @@ class Trainer:
         self.step_model = compile_model(self.eager_model) if tc.compile else self.eager_model
         if resume:
             info, rng = load_training_state(self.save_dir, self.model, self.optimizer)
-            self.state = TrainState.from_info(info)
+            self.state = info.state
             restore_random_states(rng, device, ranks)
             self.validated_at = self.state.step
             self.log(f"resuming {self.save_dir} at step {self.state.step} (epoch {self.state.epoch + 1})")
@@ -595,7 +594,8 @@ class Trainer:
         rng = random_states(self.device, self.ranks) if name == "last" else None
         if not self.ranks.is_main:
             return
-        info = self.state.to_info(self.task.metric, self.elapsed(), self.ranks.world)
+        state = dataclasses.replace(self.state, seconds=self.elapsed(), processes=self.ranks.world)
+        info = CheckpointInfo(state, self.task.metric)
         save_checkpoint(self.save_dir, name, self.model, info, self.optimizer if name == "last" else None, rng)
 
     def run(self, progress: bool) -> TrainResult:

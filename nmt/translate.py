@@ -16,11 +16,12 @@ from tqdm import tqdm
 from nmt.alignment import EOS_LABEL, AttentionMap, AttentionOutput, describe_attention
 from nmt.atomic import write_text_atomic
 from nmt.batches import pad_source
-from nmt.checkpoint import load_for_inference, read_vocab_info
+from nmt.checkpoint import load_for_inference
 from nmt.config import DecodeConfig
 from nmt.data import clean_whitespace, decode_lines, read_lines
 from nmt.devices import autocast, resolve_device, resolve_precision
 from nmt.errors import ConfigError
+from nmt.files import VocabInfo
 from nmt.interfaces import StepDecoder
 from nmt.models.attention import AttentionChoice
 from nmt.normalize import Normalization
@@ -109,24 +110,19 @@ class Translations:
     attention_maps: list[AttentionMap | None] | None = None
 
 
-def source_normalization(saved: str | dict | None) -> Normalization:
-    """The normalization a checkpoint records for its source side (older ones: a Unicode form)."""
-    if isinstance(saved, dict) and "src" in saved:
-        return Normalization.from_saved(saved["src"])
-    return Normalization.from_saved(saved or "NFC")
-
-
 def translate_lines(
     model,
     tokenizer: Tokenizer,
     lines: Sequence[str],
     decode: DecodeConfig,
     device: torch.device,
-    normalization: str | dict = "NFC",
+    normalize: Normalization | None = None,
     progress: bool = False,
     attention: AttentionChoice | None = None,
 ) -> Translations:
-    normalize = source_normalization(normalization)
+    """Translate text lines; `normalize` is what the model's source text went through in
+    training (the checkpoint's record, `VocabInfo.source_normalization`; default NFC)."""
+    normalize = normalize or Normalization()
     cleaned = [clean_whitespace(normalize(line)) for line in lines]
     non_empty = [i for i, line in enumerate(cleaned) if line]
     encoded = tokenizer.encode_src([cleaned[i] for i in non_empty])
@@ -190,7 +186,7 @@ def translate_file(
     options = {k: v for k, v in (decode_options or {}).items() if v is not None}
     decode = dataclasses.replace(config.decode, **{"nbest": 1, **options})
     decode.validate()
-    normalization = read_vocab_info(save_dir).get("normalization", "NFC")
+    normalization = VocabInfo.read(save_dir).source_normalization()
     if input_path is None:
         lines = _read_stdin(replace_invalid)
     else:

@@ -6,6 +6,18 @@ import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+# Tiny models for the tests: a few thousand parameters, trained in seconds on a CPU.
+TINY_TRANSFORMER = {"arch": "transformer", "embed_dim": 32, "ff_dim": 64, "heads": 2, "enc_layers": 1,
+                    "dec_layers": 1, "dropout": 0.0}
+TINY_RNN = {"arch": "rnn", "cell": "gru", "embed_dim": 32, "hidden_dim": 64, "enc_layers": 1, "dec_layers": 1,
+            "dropout": 0.0, "tie_output": False}
+
+
+def set_options(section: str, values: dict) -> list[str]:
+    """The CLI's `--set section.key=value` options for `values`."""
+    return [arg for key, value in values.items() for arg in ("--set", f"{section}.{key}={value}")]
+
+
 # A toy language pair: each source word has one target word, and the target reverses the order.
 SRC_WORDS = [f"w{i}" for i in range(12)]
 TGT_WORDS = [f"V{i}" for i in range(12)]

@@ -2,18 +2,13 @@ import json
 
 import pytest
 import yaml
-from conftest import toy_pairs, write_pairs
+from conftest import TINY_RNN, TINY_TRANSFORMER, toy_pairs, write_pairs
 from nmt_cli.main import app
 from typer.testing import CliRunner
 
 from nmt.bench import BenchConfig, format_report, run_bench
 
-TINY_RECIPES = {
-    "transformer": {"arch": "transformer", "embed_dim": 32, "ff_dim": 64, "heads": 2, "enc_layers": 1,
-                    "dec_layers": 1, "dropout": 0.0},
-    "rnn": {"arch": "rnn", "cell": "lstm", "embed_dim": 16, "hidden_dim": 32, "enc_layers": 1, "dec_layers": 1,
-            "dropout": 0.0, "tie_output": False},
-}
+TINY_RECIPES = {"transformer": TINY_TRANSFORMER, "rnn": {**TINY_RNN, "cell": "lstm"}}
 
 
 @pytest.fixture
@@ -95,3 +90,22 @@ def test_scale_bench_reports_both_corpus_sizes_and_their_ratios(tmp_path):
         assert 0 < figures["train_setup_seconds"] < figures["train_startup_seconds"] < figures["train_seconds"]
         assert set(figures["prepare_stage_seconds"]) == {"read_clean", "dedup_split", "sentencepiece", "encode", "valid_test"}
     assert report["ratio_large_to_small"]["data_dir_bytes"] > 1
+
+
+def test_time_to_quality_reports_when_the_dev_bleu_first_reached_the_threshold(tmp_path):
+    from conftest import prepare_toy_data
+
+    from nmt.bench import bench_time_to_quality
+    from nmt.config import config_from_dict
+
+    data_dir = prepare_toy_data(tmp_path, train=300, valid=20)
+    config = config_from_dict({
+        "model": {"embed_dim": 64, "ff_dim": 128, "heads": 4, "enc_layers": 2, "dec_layers": 2, "dropout": 0.0},
+        "train": {"batch_tokens": 500, "lr": 3e-3, "warmup_steps": 20, "label_smoothing": 0.0, "device": "cpu"},
+    })
+    record = bench_time_to_quality("transformer", config, data_dir, tmp_path / "m", threshold=30.0, minutes=3.0,
+                                   valid_every=20, log=lambda message: None)
+    assert record["reached"], record["curve"]
+    first = next(r for r in record["curve"] if r["bleu"] >= 30.0)
+    assert record["updates"] == first["step"] == record["curve"][-1]["step"]  # training stopped there
+    assert 0 < record["train_seconds"] <= record["trained_seconds"] and record["train_seconds"] == first["train_seconds"]

@@ -9,10 +9,10 @@ import pytest
 
 from nmt.data import CleanConfig, PairCleaner, ParallelSplit
 from nmt.evaluate import bleu_tokenizer, score_texts
+from nmt.files import Manifest, VocabInfo
 from nmt.normalize import Normalization, is_chinese, language_normalization
 from nmt.prepare import PrepareConfig, prepare
 from nmt.tokenizer import UNK, Tokenizer
-from nmt.translate import source_normalization
 
 ZH = language_normalization("zh")
 
@@ -39,10 +39,16 @@ def test_other_languages_keep_their_text_and_script_can_stay():
     assert traditional("知識ＡＢＣ") == "知識ABC"
 
 
-def test_translate_applies_the_recorded_source_normalization():
+def test_translate_applies_the_recorded_source_normalization(tmp_path):
+    vocab = {"src_model": "spm.joint.model", "tgt_model": "spm.joint.model", "src_size": 8, "tgt_size": 8,
+             "src_sha256": "x", "tgt_sha256": "x"}
     saved = {"src": ZH.as_dict(), "tgt": Normalization().as_dict()}
-    assert source_normalization(saved)("知識就是力量") == "知识就是力量"
-    assert source_normalization("NFC")("知識") == "知識"  # checkpoints from before: a Unicode form only
+    (tmp_path / "vocab.json").write_text(json.dumps({"normalization": saved, "vocab": vocab}))
+    assert VocabInfo.read(tmp_path).source_normalization()("知識就是力量") == "知识就是力量"
+    # checkpoints from before: a Unicode form only, or nothing at all
+    for old in ({"normalization": "NFC"}, {}):
+        (tmp_path / "vocab.json").write_text(json.dumps({**old, "vocab": vocab}))
+        assert VocabInfo.read(tmp_path).source_normalization()("知識") == "知識"
 
 
 def test_length_filters_count_characters_for_chinese_and_report_each_reason():
@@ -94,9 +100,9 @@ def zh_data(tmp_path_factory):
 
 
 def test_split_by_english_keeps_test_and_dev_sentences_out_of_train(zh_data):
-    manifest = json.loads((zh_data / "manifest.json").read_text())
-    assert manifest["split_by"] == "en"
-    tokenizer = Tokenizer(zh_data / manifest["vocab"]["src_model"], zh_data / manifest["vocab"]["tgt_model"])
+    manifest = Manifest.read(zh_data)
+    assert manifest.split_by == "en"
+    tokenizer = Tokenizer(zh_data / manifest.vocab.src_model, zh_data / manifest.vocab.tgt_model)
     train = ParallelSplit.load(zh_data, "train")
     train_english = set(tokenizer.src.decode([train.src[i].tolist() for i in range(len(train))]))
     for split in ("valid", "test"):
@@ -106,10 +112,10 @@ def test_split_by_english_keeps_test_and_dev_sentences_out_of_train(zh_data):
 
 
 def test_unseen_character_is_encoded_without_unk_and_decoded_without_spaces(zh_data):
-    manifest = json.loads((zh_data / "manifest.json").read_text())
-    assert manifest["vocab"]["character_coverage"] == 0.9995
-    assert manifest["valid_unk_percent"]["tgt"] == 0.0
-    tokenizer = Tokenizer(zh_data / manifest["vocab"]["src_model"], zh_data / manifest["vocab"]["tgt_model"])
+    manifest = Manifest.read(zh_data)
+    assert manifest.vocab.character_coverage == 0.9995
+    assert manifest.valid_unk_percent["tgt"] == 0.0
+    tokenizer = Tokenizer(zh_data / manifest.vocab.src_model, zh_data / manifest.vocab.tgt_model)
     text = "龘靐齉爩的一是。"  # characters that never occur in the training text, then some that do
     (ids,) = tokenizer.encode_tgt([text])
     assert UNK not in ids

@@ -2,16 +2,15 @@ import json
 
 import pytest
 import torch
-from conftest import toy_pairs, write_pairs
+from conftest import TINY_TRANSFORMER, set_options, toy_pairs, write_pairs
 from nmt_cli.main import app
 from typer.testing import CliRunner
 
 runner = CliRunner()
 
 TINY = [
-    "--set", "model.embed_dim=32", "--set", "model.ff_dim=64", "--set", "model.heads=2",
-    "--set", "model.enc_layers=1", "--set", "model.dec_layers=1", "--set", "train.max_steps=4",
-    "--set", "train.batch_tokens=300", "--set", "train.valid_every=2", "--no-progress",
+    *set_options("model", TINY_TRANSFORMER), *set_options("train", {"max_steps": 4, "batch_tokens": 300, "valid_every": 2}),
+    "--no-progress",
 ]
 
 

@@ -50,8 +50,8 @@ def test_corpus_from_the_hub(corpus, tmp_path, monkeypatch):
     entry = CORPORA[corpus]
     expected = {k: v for k, v in (("revision", entry.revision), ("data_dir", entry.data_dir)) if v}
     assert calls == [(entry.hub_id, entry.config, expected)]
-    assert manifest["counts"]["valid"]["pairs"] == 10 and manifest["counts"]["test"]["pairs"] == 12
-    assert manifest["input"] == {"corpus": corpus, "local_files": None}
+    assert manifest.counts["valid"]["pairs"] == 10 and manifest.counts["test"]["pairs"] == 12
+    assert manifest.input == {"corpus": corpus, "local_files": None}
     # Both directions: the source side is the language asked for.
     test_src = (tmp_path / "data" / "test.src.txt").read_text(encoding="utf-8").splitlines()
     test = _sample(corpus)["test"]
@@ -66,8 +66,8 @@ def test_corpus_from_local_files(tmp_path):
         (folder / f"{split}.jsonl").write_text("".join(json.dumps({"translation": r}) + "\n" for r in rows))
     manifest = prepare(PrepareConfig(out_dir=tmp_path / "data", src_lang="ro", tgt_lang="en", vocab_size=40,
                                      corpus="wmt16-ro-en", corpus_dir=folder))
-    assert manifest["counts"]["valid"]["pairs"] == 8 and manifest["counts"]["test"]["pairs"] == 9
-    assert manifest["input"]["local_files"] == str(folder)
+    assert manifest.counts["valid"]["pairs"] == 8 and manifest.counts["test"]["pairs"] == 9
+    assert manifest.input["local_files"] == str(folder)
 
 
 def test_unknown_corpus_or_languages(tmp_path):

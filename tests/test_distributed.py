@@ -6,14 +6,13 @@ import sys
 
 import pytest
 import torch
-from conftest import prepare_toy_data
+from conftest import TINY_TRANSFORMER, prepare_toy_data, set_options
 from safetensors.torch import load_file
 
 from nmt.config import config_from_dict
 from nmt.train import train
 
-MODEL = ["--set", "model.embed_dim=32", "--set", "model.ff_dim=64", "--set", "model.heads=2",
-         "--set", "model.enc_layers=1", "--set", "model.dec_layers=1", "--set", "model.dropout=0.0"]
+MODEL = set_options("model", {k: v for k, v in TINY_TRANSFORMER.items() if k != "arch"})
 TRAIN = ["--set", "train.batch_tokens=80", "--set", "train.accum_steps=2", "--set", "train.lr=0.003",
          "--set", "train.warmup_steps=5", "--set", "train.max_steps=4", "--set", "train.log_every=2",
          "--set", "train.valid_every=3", "--set", "train.valid_max_sentences=3"]
@@ -64,3 +63,34 @@ def test_two_processes_train_as_one_with_the_same_global_batch(data_dir, tmp_pat
         torch.testing.assert_close(weights_two[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     rng = load_file(str(two / "last" / "optimizer.safetensors"))
     assert {"rng.cpu.rank0", "rng.cpu.rank1"} <= set(rng)
+
+
+def _train_two_processes(data_dir, out, *extra):
+    result = subprocess.run(
+        [sys.executable, "-m", "nmt_cli", "train", "--data", str(data_dir), "--out", str(out), "--device", "cpu",
+         "--devices", "2", "--no-progress", *MODEL, *TRAIN, *extra],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_two_processes_share_an_update_of_three_batches(data_dir, tmp_path):
+    # 3 batches of 80 tokens cannot be shared by 2 processes: each takes one batch of 120.
+    result = _train_two_processes(data_dir, tmp_path / "m", "--set", "train.accum_steps=3")
+    assert "2 processes, 1 batch(es) of 120 tokens each per update" in result.stderr
+    train_records, _ = _losses(tmp_path / "m")
+    assert [r["step"] for r in train_records] == [2, 4] and all(0 < r["loss"] < 20 for r in train_records)
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_two_processes_resume_as_if_never_stopped(data_dir, tmp_path):
+    longer = ["--set", "train.max_steps=8", "--set", "model.dropout=0.2"]  # dropout: random state matters
+    _train_two_processes(data_dir, tmp_path / "whole", *longer)
+    _train_two_processes(data_dir, tmp_path / "halves", "--set", "model.dropout=0.2")  # max_steps 4
+    _train_two_processes(data_dir, tmp_path / "halves", *longer, "--resume")
+    whole, _ = _losses(tmp_path / "whole")
+    halves, _ = _losses(tmp_path / "halves")
+    assert [r["step"] for r in halves] == [2, 4, 6, 8]
+    assert [r["loss"] for r in halves] == [r["loss"] for r in whole]

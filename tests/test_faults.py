@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import prepare_toy_data, toy_pairs, write_pairs
+from conftest import TINY_TRANSFORMER, prepare_toy_data, toy_pairs, write_pairs
 from nmt_cli.main import app
 from typer.testing import CliRunner
 
@@ -25,7 +24,7 @@ from nmt.models.transformer import Transformer
 from nmt.tokenizer import BOS, EOS, PAD
 from nmt.train import TOO_MANY_SKIPPED, make_optimizer, train, training_update
 
-TINY = {"arch": "transformer", "embed_dim": 32, "ff_dim": 64, "heads": 2, "enc_layers": 1, "dec_layers": 1}
+TINY = TINY_TRANSFORMER
 
 
 @pytest.fixture(scope="module")
@@ -140,27 +139,38 @@ def test_out_of_memory_batch_is_split_then_skipped(data_dir, tmp_path, monkeypat
     assert any(m.startswith("error: 3 updates in a row were skipped") for m in messages)
 
 
+def _kill_during_a_save(process: subprocess.Popen, save_dir) -> bool:
+    """SIGKILL `process` as soon as a checkpoint save has begun (its temporary copy exists);
+    returns whether the kill left the save unfinished (a temporary or moved-aside copy)."""
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        names = os.listdir(save_dir) if save_dir.is_dir() else []
+        if any(".tmp-" in name and name.startswith((".last", ".best")) for name in names):
+            break
+        time.sleep(0.0005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return any(".tmp-" in p.name or ".old-" in p.name for p in save_dir.iterdir())
+
+
 def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(data_dir, tmp_path):
     save_dir = tmp_path / "model"
     command = [sys.executable, "-m", "nmt_cli", "train", "--data", str(data_dir), "--out", str(save_dir),
                "--set", "model.embed_dim=32", "--set", "model.ff_dim=64", "--set", "model.heads=2",
                "--set", "train.batch_tokens=60", "--set", "train.valid_every=1", "--set",
                "train.valid_max_sentences=2", "--no-progress"]
-    rng = random.Random(0)
-    for attempt in range(5):
-        process = subprocess.Popen(command + (["--resume"] if attempt else []), stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
-        log = save_dir / "train_log.jsonl"
-        lines_before = log.read_text().count("\n") if log.exists() else 0
-        deadline = time.time() + 120
-        while time.time() < deadline and not (log.exists() and log.read_text().count("\n") > lines_before + 1):
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.3))  # checkpoints are written at every update: kill one mid-write
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    # The first run must leave a checkpoint to fall back on.
+    subprocess.run(command + ["--set", "train.max_steps=2"], check=True, capture_output=True, timeout=300)
+    inside = attempts = 0
+    while inside < 3 and attempts < 20:  # checkpoints are written at every update: kill them mid-write
+        attempts += 1
+        process = subprocess.Popen(command + ["--resume", "--set", "train.max_steps=1000000"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        inside += _kill_during_a_save(process, save_dir)
         for which in ("best", "last"):
             model, tokenizer, config = load_for_inference(save_dir, which)
             assert model is not None
+    assert inside >= 3, f"only {inside} of {attempts} kills landed inside a checkpoint save"
     resumed = subprocess.run(command + ["--set", "train.max_steps=1000000", "--set", "train.max_minutes=0.02",
                                         "--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
@@ -262,7 +272,7 @@ def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(da
     monkeypatch.setattr(checkpoint, "save_file", real_save_file)
     model, _, _ = load_for_inference(save_dir, "last")  # checksums verified
     info, _ = load_training_state(save_dir, model, make_optimizer(model, TrainConfig(), torch.device("cpu")))
-    assert info["step"] == 2
+    assert info.state.step == 2
 
 
 def test_checkpoint_files_follow_the_umask(data_dir, tmp_path):

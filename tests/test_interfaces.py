@@ -37,9 +37,9 @@ def test_models_and_their_memory_and_state_fit_the_search_contract():
 def test_tasks_and_batches_fit_the_training_contract(tmp_path):
     data_dir = prepare_toy_data(tmp_path, train=20)
     config = config_from_dict({"data_dir": str(data_dir), "save_dir": str(tmp_path / "m")})
-    from nmt.data import read_manifest
+    from nmt.files import Manifest
 
-    assert isinstance(TranslationTask(config, data_dir, read_manifest(data_dir)), TrainingTask)
+    assert isinstance(TranslationTask(config, data_dir, Manifest.read(data_dir)), TrainingTask)
     methods = [name for name, value in vars(TrainingTask).items() if callable(value) and not name.startswith("_")]
     assert "validate" in methods and all(callable(getattr(MaskedLMTask, name, None)) for name in methods)
     for batch_type in (Batch, MaskedBatch):

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA, toy_pairs, write_pairs
 
-from nmt.data import CleanConfig, ParallelSplit, read_manifest
+from nmt.data import CleanConfig, ParallelSplit
 from nmt.errors import DataError
+from nmt.files import Manifest
 from nmt.prepare import PrepareConfig, prepare
 from nmt.tokenizer import Tokenizer
 
@@ -22,11 +23,11 @@ def test_prepare_from_files_with_given_splits(toy_corpus, tmp_path):
         out, train_prefix=str(toy_corpus / "train"), valid_prefix=str(toy_corpus / "valid"),
         test_prefix=str(toy_corpus / "test"),
     ))
-    assert manifest == read_manifest(out)
-    assert manifest["counts"]["valid"]["pairs"] == 20 and manifest["counts"]["test"]["pairs"] == 20
-    assert manifest["counts"]["train"]["pairs"] + manifest["cleaning"]["overlap_with_valid_test"] <= 300
+    assert manifest == Manifest.read(out)
+    assert manifest.counts["valid"]["pairs"] == 20 and manifest.counts["test"]["pairs"] == 20
+    assert manifest.counts["train"]["pairs"] + manifest.cleaning["overlap_with_valid_test"] <= 300
     assert (out / "test.tgt.txt").read_text().splitlines() == (toy_corpus / "test.yy").read_text().splitlines()
-    tokenizer = Tokenizer(out / manifest["vocab"]["src_model"], out / manifest["vocab"]["tgt_model"])
+    tokenizer = Tokenizer(out / manifest.vocab.src_model, out / manifest.vocab.tgt_model)
     split = ParallelSplit.load(out, "valid")
     first_src = (toy_corpus / "valid.xx").read_text().splitlines()[0]
     assert split.src[0].tolist() == tokenizer.encode_src([first_src])[0]
@@ -42,17 +43,17 @@ def test_prepare_tsv_carves_fixed_splits(tmp_path):
     config = dict(tsv=path, tsv_langs=("yy", "xx"), valid_size=10, test_size=15, seed=7)
     first = prepare(_config(tmp_path / "a", **config))
     prepare(_config(tmp_path / "b", **config))
-    assert first["counts"]["train"]["pairs"] == 175
+    assert first.counts["train"]["pairs"] == 175
     assert (tmp_path / "a" / "test.src.txt").read_text() == (tmp_path / "b" / "test.src.txt").read_text()
     test_src = set((tmp_path / "a" / "test.src.txt").read_text().splitlines())
     assert test_src <= {s for s, _ in pairs}
-    assert first["vocab"]["joint"]
+    assert first.vocab.joint
 
 
 def test_prepare_separate_vocab_bpe(toy_corpus, tmp_path):
     manifest = prepare(_config(tmp_path / "d", train_prefix=str(toy_corpus / "train"), joint_vocab=False,
                                spm_type="bpe", valid_size=10, test_size=10))
-    assert manifest["vocab"]["src_model"] == "spm.src.model" and manifest["vocab"]["tgt_model"] == "spm.tgt.model"
+    assert manifest.vocab.src_model == "spm.src.model" and manifest.vocab.tgt_model == "spm.tgt.model"
 
 
 def test_prepare_from_datasets_local_folder(tmp_path):
@@ -63,8 +64,8 @@ def test_prepare_from_datasets_local_folder(tmp_path):
             for s, t in toy_pairs(count, seed=seed):
                 f.write(json.dumps({"xx": s, "yy": t}) + "\n")
     manifest = prepare(_config(tmp_path / "data", hf_name=str(folder)))
-    assert manifest["counts"]["valid"]["pairs"] == 10 and manifest["counts"]["test"]["pairs"] == 12
-    assert manifest["input"]["datasets"] == str(folder)
+    assert manifest.counts["valid"]["pairs"] == 10 and manifest.counts["test"]["pairs"] == 12
+    assert manifest.input["datasets"] == str(folder)
     from nmt.data import load_hf_corpus
 
     splits = load_hf_corpus(str(folder), None, "xx", "yy")
@@ -96,8 +97,8 @@ def test_prepare_multi30k_gz_files(tmp_path):
         valid_prefix=str(SHARED_DATA / "multi30k" / "test_2016_flickr"),
         test_prefix=str(SHARED_DATA / "multi30k" / "test_2016_flickr"),
     ))
-    assert manifest["counts"]["test"]["pairs"] == 1000
-    assert manifest["counts"]["train"]["pairs"] > 1000
+    assert manifest.counts["test"]["pairs"] == 1000
+    assert manifest.counts["train"]["pairs"] > 1000
 
 
 def _reference_prepare(pairs, held_out, config: CleanConfig):
@@ -150,16 +151,16 @@ def test_streaming_prepare_keeps_what_the_in_memory_reference_keeps(tmp_path, mo
     manifest = prepare(_config(out, train_prefix=str(tmp_path / "c" / "train"), valid_prefix=str(tmp_path / "c" / "valid"),
                                test_prefix=str(tmp_path / "c" / "test"), workers=workers))
     expected, duplicates = _reference_prepare(messy, held_out, CleanConfig())
-    assert manifest["encode_workers"] == workers
-    assert manifest["cleaning"]["duplicates"] == duplicates
-    assert manifest["counts"]["train"]["pairs"] == len(expected)
-    assert manifest["cleaning"]["overlap_with_valid_test"] == sum(1 for p in held_out if p in set(messy))
+    assert manifest.encode_workers == workers
+    assert manifest.cleaning["duplicates"] == duplicates
+    assert manifest.counts["train"]["pairs"] == len(expected)
+    assert manifest.cleaning["overlap_with_valid_test"] == sum(1 for p in held_out if p in set(messy))
     # Shards round-trip: the stored ids are the SentencePiece encoding of each kept pair, in order.
-    tokenizer = Tokenizer(out / manifest["vocab"]["src_model"], out / manifest["vocab"]["tgt_model"])
+    tokenizer = Tokenizer(out / manifest.vocab.src_model, out / manifest.vocab.tgt_model)
     split = ParallelSplit.load(out, "train")
     assert [split.src[i].tolist() for i in range(len(split))] == tokenizer.encode_src([s for s, _ in expected])
     assert [split.tgt[i].tolist() for i in range(len(split))] == tokenizer.encode_tgt([t for _, t in expected])
-    assert not (out / "work").exists() and "work" not in manifest["files"]
+    assert not (out / "work").exists() and "work" not in manifest.files
 
 
 def test_token_files_round_trip_in_both_dtypes_and_are_memory_mapped(tmp_path):
@@ -215,10 +216,10 @@ def test_killed_prepare_leaves_nothing_that_is_read_as_data_and_reruns_cleanly(t
     assert list(tmp_path.glob(".data.tmp-*")), "the kill came too late to test anything"
     assert not out.exists()
     with pytest.raises(DataError, match="not a prepared data dir"):
-        read_manifest(out)
+        Manifest.read(out)
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr
-    assert read_manifest(out)["counts"]["train"]["pairs"] > 2900
+    assert Manifest.read(out).counts["train"]["pairs"] > 2900
     assert not list(tmp_path.glob(".data.tmp-*"))  # the killed run's leftovers are gone
 
 

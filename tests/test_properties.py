@@ -4,7 +4,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import prepare_toy_data
+from conftest import TINY_TRANSFORMER, prepare_toy_data
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,7 +29,7 @@ def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("props")
     train(config_from_dict({
         "data_dir": str(prepare_toy_data(root, train=200)), "save_dir": str(root / "model"),
-        "model": {"embed_dim": 32, "ff_dim": 64, "heads": 2, "enc_layers": 1, "dec_layers": 1},
+        "model": TINY_TRANSFORMER,
         "train": {"max_steps": 150, "batch_tokens": 400, "lr": 3e-3, "warmup_steps": 20, "valid_every": 1000},
     }), progress=False)
     return root / "model"
@@ -67,6 +67,6 @@ def test_prepare_accepts_random_unicode_or_says_why(tmp_path, pairs):
     except NmtError:
         assert not out.exists() or not any(out.iterdir())  # nothing half-written
         return
-    counts = manifest["counts"]
+    counts = manifest.counts
     assert sum(counts[s]["pairs"] for s in ("train", "valid", "test")) <= len(pairs)
     assert len((out / "test.src.txt").read_text(encoding="utf-8").split("\n")) == counts["test"]["pairs"] + 1

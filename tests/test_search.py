@@ -167,3 +167,30 @@ def test_decoding_precision_sets_the_arithmetic_of_the_search(precision, dtype):
         assert all(h.score <= 0 for h in ours)
         if ours[0].tokens == theirs[0].tokens:
             assert ours[0].score == pytest.approx(theirs[0].score, abs=0.2)
+
+
+@pytest.mark.parametrize("len_penalty", [0.6, 1.0])
+@pytest.mark.parametrize("arch", ["transformer", "rnn"])
+def test_beam_with_length_penalty_equals_exhaustive_search_on_a_small_model(arch, len_penalty):
+    from conftest import TINY_RNN, TINY_TRANSFORMER
+
+    torch.manual_seed(4)
+    V, L = 7, 3  # outputs of at most L tokens, EOS included
+    model = build_model(ModelConfig(**(TINY_TRANSFORMER if arch == "transformer" else TINY_RNN)), 12, V).eval()
+    src = torch.tensor([[8, 9, 10, EOS]])
+    allowed = [t for t in range(V) if t not in (PAD, BOS, EOS)]
+    best_score, best_seq = float("-inf"), None
+    with torch.no_grad():
+        memory = model.encode(src)
+        for length in range(L):
+            for seq in itertools.product(allowed, repeat=length):
+                tgt = torch.tensor([[BOS, *seq]])
+                log_probs = torch.log_softmax(model.decode(tgt, memory).float(), dim=-1)[0]  # (T, V)
+                path = [*seq, EOS]
+                score = sum(float(log_probs[i, tok]) for i, tok in enumerate(path)) / len(path) ** len_penalty
+                if score > best_score:
+                    best_score, best_seq = score, list(seq)
+    # A beam wider than the number of outputs keeps them all: the search is then exhaustive.
+    hyps = beam_search(model, src, beam_size=len(allowed) ** L, len_penalty=len_penalty, max_len_a=0, max_len_b=L)
+    assert hyps[0][0].tokens == best_seq
+    assert hyps[0][0].score == pytest.approx(best_score, abs=1e-4)

@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from conftest import toy_pairs, write_pairs
+from conftest import TINY_RNN, TINY_TRANSFORMER, set_options, toy_pairs, write_pairs
 
 from nmt.checkpoint import load_for_inference
 from nmt.config import DecodeConfig, config_from_dict
@@ -12,8 +12,7 @@ from nmt.translate import translate_lines
 TINY_MODELS = {
     "transformer": {"arch": "transformer", "embed_dim": 64, "ff_dim": 128, "heads": 4, "enc_layers": 2,
                     "dec_layers": 2, "dropout": 0.0},
-    "rnn": {"arch": "rnn", "cell": "gru", "embed_dim": 32, "hidden_dim": 64, "enc_layers": 1, "dec_layers": 1,
-            "dropout": 0.0, "tie_output": False},
+    "rnn": TINY_RNN,
 }
 
 
@@ -208,9 +207,7 @@ def test_progress_without_a_terminal_is_one_plain_line_per_log_step(tiny_data, t
     data_dir, _ = tiny_data
     result = subprocess.run(
         [sys.executable, "-m", "nmt_cli", "train", "--data", str(data_dir), "--out", str(tmp_path / "m"),
-         "--set", "model.embed_dim=32", "--set", "model.ff_dim=64", "--set", "model.enc_layers=1",
-         "--set", "model.dec_layers=1", "--set", "train.max_steps=6", "--set", "train.log_every=2",
-         "--set", "train.batch_tokens=60"],
+         *set_options("model", TINY_TRANSFORMER), *set_options("train", {"max_steps": 6, "log_every": 2, "batch_tokens": 60})],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from nmt.batches import Batch
-from nmt.checkpoint import TrainState
 from nmt.config import TrainConfig
 from nmt.distributed import Ranks
 from nmt.errors import CheckpointError
+from nmt.files import CheckpointInfo, TrainState
 from nmt.train import Interval, Trainer, UpdateResult, process_shares, update_groups, validation_stop
 
 CPU = torch.device("cpu")
@@ -87,13 +87,31 @@ def test_out_of_memory_with_several_processes_stops_with_one_line():
     assert len(str(error.value).splitlines()) == 1 and "batch_tokens" in str(error.value)
 
 
-def test_train_state_round_trips_through_info_and_reads_old_records():
+def test_train_state_round_trips_through_info_json(tmp_path):
     state = TrainState(step=12, epoch=1, group_in_epoch=3, best_score=31.5, best_step=10, bad_validations=1,
-                       valid_seconds=2.25, last_valid={"step": 12, "bleu": 30.0})
-    info = state.to_info("bleu", seconds=40.04, processes=2)
-    assert info["seconds"] == 40.0 and info["metric"] == "bleu" and info["processes"] == 2
-    restored = TrainState.from_info({**info, "sha256": {}, "param_groups": []})
-    assert restored == TrainState(**{**vars(state), "seconds": 40.0, "processes": 2, "valid_seconds": 2.2})
-    old = TrainState.from_info({"step": 5, "epoch": 0, "group_in_epoch": 5, "best_bleu": 12.0, "best_step": 5,
-                                "bad_validations": 0, "seconds": 9.0})
-    assert old.best_score == 12.0 and old.processes is None and old.valid_seconds == 0.0
+                       seconds=40.04, valid_seconds=2.25, last_valid={"step": 12, "bleu": 30.0}, processes=2)
+    CheckpointInfo(state, "bleu", sha256={"model.safetensors": "ab"}).write(tmp_path)
+    restored = CheckpointInfo.read(tmp_path)
+    assert restored.state == TrainState(**{**vars(state), "seconds": 40.0, "valid_seconds": 2.2})
+    assert restored.metric == "bleu" and restored.sha256 == {"model.safetensors": "ab"} and restored.param_groups is None
+
+
+def test_files_written_by_earlier_versions_are_read(tmp_path):
+    import json
+
+    from nmt.files import CheckpointInfo, Manifest
+
+    vocab = {"joint": True, "src_model": "spm.joint.model", "tgt_model": "spm.joint.model", "src_size": 40,
+             "tgt_size": 40, "src_sha256": "a", "tgt_sha256": "a"}
+    old_manifest = {"src_lang": "de", "tgt_lang": "en", "vocab": vocab, "counts": {}, "filters": {"normalization": "NFKC"},
+                    "something_newer": 1}
+    (tmp_path / "manifest.json").write_text(json.dumps(old_manifest))
+    manifest = Manifest.read(tmp_path)
+    assert manifest.normalization["src"]["unicode_form"] == "NFKC" and manifest.vocab.src_size == 40
+    (tmp_path / "info.json").write_text(json.dumps({"step": 5, "epoch": 0, "group_in_epoch": 5, "best_bleu": 12.0,
+                                                    "best_step": 5, "bad_validations": 0, "seconds": 9.0}))
+    info = CheckpointInfo.read(tmp_path)
+    assert info.state.best_score == 12.0 and info.state.processes is None and info.metric == "bleu"
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(Exception, match="damaged"):
+        Manifest.read(tmp_path)

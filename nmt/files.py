@@ -1,0 +1,210 @@
+"""The JSON files of data dirs and checkpoint dirs, as versioned dataclasses:
+
+    DATA_DIR/manifest.json      Manifest: languages, counts, cleaning, normalization, vocabulary
+    SAVE_DIR/vocab.json         VocabInfo: what the checkpoint translates (or, pretrained, models)
+    SAVE_DIR/{best,last}/info.json   CheckpointInfo: the training state and the files' checksums
+
+Everything else reads and writes them through this module. Files written by earlier versions
+are read here too, and what they lack or spell differently is made up here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nmt.atomic import write_text_atomic
+from nmt.errors import CheckpointError, DataError
+from nmt.normalize import Normalization
+
+FORMAT_VERSION = 1
+TRANSLATION, MASKED_LM = "translation", "masked_lm"  # the tasks a checkpoint can hold
+
+
+def _known_fields(cls: type, data: dict) -> dict:
+    """The entries of `data` that are fields of `cls` (later versions may add others)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {key: value for key, value in data.items() if key in names}
+
+
+def _read_json(path: Path, missing: str, damaged: str, error: type[Exception]) -> dict:
+    if not path.is_file():
+        raise error(missing)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise error(damaged) from None
+    if not isinstance(data, dict):
+        raise error(damaged)
+    return data
+
+
+def _sides(saved) -> dict:
+    """A normalization record as {"src": ..., "tgt": ...}; older files hold one Unicode form for both."""
+    if isinstance(saved, dict) and "src" in saved:
+        return saved
+    one = Normalization.from_saved(saved or "NFC").as_dict()
+    return {"src": one, "tgt": one}
+
+
+@dataclass
+class Vocabulary:
+    """The SentencePiece model(s) of a data dir or checkpoint: file names, sizes and checksums."""
+
+    src_model: str
+    tgt_model: str
+    src_size: int
+    tgt_size: int
+    src_sha256: str
+    tgt_sha256: str
+    joint: bool = True
+    type: str = "unigram"
+    requested_size: int | None = None
+    character_coverage: float | None = None
+    sample_sentences: int | None = None
+    given_model: str | None = None  # prepare --spm-model
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Vocabulary:
+        return cls(**_known_fields(cls, data))
+
+    def sha256(self, side: str) -> str:
+        return self.src_sha256 if side == "src" else self.tgt_sha256
+
+
+@dataclass
+class Manifest:
+    """`manifest.json` of a data dir written by `nmt prepare`."""
+
+    src_lang: str
+    tgt_lang: str
+    vocab: Vocabulary
+    counts: dict  # split -> {"pairs", "src_tokens", "tgt_tokens"}
+    # per side, applied to the text (a Normalization record); translate applies the source side's
+    normalization: dict = field(default_factory=lambda: _sides(None))
+    filters: dict = field(default_factory=dict)
+    cleaning: dict = field(default_factory=dict)  # how many pairs each step changed or dropped
+    input: dict = field(default_factory=dict)
+    valid_unk_percent: dict = field(default_factory=dict)
+    token_dtype: str = "uint16"
+    files: list[str] = field(default_factory=list)
+    disk_bytes: int = 0
+    stage_seconds: dict = field(default_factory=dict)
+    encode_workers: int = 1
+    split_seed: int | None = None
+    split_by: str | None = None
+    seconds: float = 0.0
+    format_version: int = FORMAT_VERSION
+    nmt_version: str = ""
+
+    NAME = "manifest.json"
+
+    @classmethod
+    def read(cls, data_dir: Path) -> Manifest:
+        path = Path(data_dir) / cls.NAME
+        data = _read_json(path, f"{data_dir} is not a prepared data dir (no {cls.NAME}); run nmt prepare",
+                          f"{path} is damaged; run nmt prepare again", DataError)
+        try:
+            values = _known_fields(cls, data)
+            values["vocab"] = Vocabulary.from_dict(data["vocab"])
+            # Before per-language normalization, the filters held the Unicode form alone.
+            values["normalization"] = _sides(data.get("normalization", data.get("filters", {}).get("normalization")))
+            return cls(**values)
+        except (KeyError, TypeError):
+            raise DataError(f"{path} is damaged or from another version; run nmt prepare again") from None
+
+    def write(self, data_dir: Path) -> None:
+        write_text_atomic(Path(data_dir) / self.NAME, json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False))
+
+    def source_normalization(self) -> Normalization:
+        return Normalization.from_saved(self.normalization["src"])
+
+
+@dataclass
+class VocabInfo:
+    """`vocab.json` of a checkpoint dir: the task, languages, normalization and vocabulary."""
+
+    vocab: Vocabulary
+    task: str = TRANSLATION  # or MASKED_LM (nmt pretrain)
+    src_lang: str | None = None
+    tgt_lang: str | None = None
+    normalization: dict = field(default_factory=lambda: _sides(None))
+    texts: list[str] | None = None  # what a masked LM was pretrained on
+    format_version: int = FORMAT_VERSION
+
+    NAME = "vocab.json"
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> VocabInfo:
+        return cls(manifest.vocab, TRANSLATION, manifest.src_lang, manifest.tgt_lang, manifest.normalization)
+
+    @classmethod
+    def read(cls, save_dir: Path) -> VocabInfo:
+        path = Path(save_dir) / cls.NAME
+        data = _read_json(path, f"{save_dir} is not a checkpoint directory (no {cls.NAME})",
+                          f"{path} is damaged", CheckpointError)
+        try:
+            values = _known_fields(cls, data)
+            values["vocab"] = Vocabulary.from_dict(data["vocab"])
+            values["normalization"] = _sides(data.get("normalization"))
+            return cls(**values)
+        except (KeyError, TypeError):
+            raise CheckpointError(f"{path} is damaged or from another version") from None
+
+    def write(self, save_dir: Path) -> None:
+        write_text_atomic(Path(save_dir) / self.NAME, json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False))
+
+    def source_normalization(self) -> Normalization:
+        return Normalization.from_saved(self.normalization["src"])
+
+
+@dataclass
+class TrainState:
+    """Where a training run stands: what `last/` saves and `--resume` restores."""
+
+    step: int = 0
+    epoch: int = 0
+    group_in_epoch: int = 0  # updates done in the current epoch
+    best_score: float = -1.0  # the best dev score (the task's metric) so far, and its step
+    best_step: int = 0
+    bad_validations: int = 0  # validations in a row without a better score
+    seconds: float = 0.0  # training time of the run before this process started (resumed runs)
+    valid_seconds: float = 0.0  # of which validating
+    last_valid: dict = field(default_factory=dict)
+    processes: int | None = None  # of the run that saved it; None in checkpoints that predate it
+
+
+@dataclass
+class CheckpointInfo:
+    """`info.json` of `best/` or `last/`: the training state when saved, the dev metric, the
+    files' checksums and (last/) the optimizer's parameter groups."""
+
+    state: TrainState
+    metric: str = "bleu"
+    sha256: dict[str, str] = field(default_factory=dict)
+    param_groups: list[dict] | None = None
+    format_version: int = FORMAT_VERSION
+
+    NAME = "info.json"
+
+    @classmethod
+    def read(cls, directory: Path) -> CheckpointInfo:
+        path = Path(directory) / cls.NAME
+        data = _read_json(path, f"{path} is missing or damaged", f"{path} is missing or damaged", CheckpointError)
+        state = _known_fields(TrainState, data)
+        if "best_score" not in data and "best_bleu" in data:  # written before pretraining had a metric of its own
+            state["best_score"] = data["best_bleu"]
+        try:
+            return cls(TrainState(**state), **{k: v for k, v in _known_fields(cls, data).items() if k != "state"})
+        except TypeError:
+            raise CheckpointError(f"{path} is damaged or from another version") from None
+
+    def to_dict(self) -> dict:
+        state = dataclasses.asdict(self.state)
+        state["seconds"], state["valid_seconds"] = round(state["seconds"], 1), round(state["valid_seconds"], 1)
+        return {**state, **{k: v for k, v in dataclasses.asdict(self).items() if k != "state"}}
+
+    def write(self, directory: Path) -> None:
+        (Path(directory) / self.NAME).write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
