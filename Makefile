@@ -7,7 +7,7 @@ NMT := $(VENV)/bin/nmt
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo-run
 
-.PHONY: install demo demo-zh test bench bench-scale gpu-bundle gpu-check clean
+.PHONY: install demo demo-zh test test-fast bench bench-scale gpu-bundle gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -51,6 +51,11 @@ demo-zh: install
 test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# The edit loop: every test but those marked slow (under 30 s on 2 cores).
+test-fast: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not slow"
 
 # Training and decoding speed on Multi30k (../shared/data/multi30k) on the device present.
 BENCH_OUT ?= bench.json

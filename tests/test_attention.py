@@ -94,6 +94,7 @@ def test_transformer_layer_and_head_choice():
             rnn.init_state(rnn.encode(src), AttentionChoice(head=1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["transformer", "rnn"])
 def test_copy_task_attention_is_the_diagonal(arch):
     """A model trained to copy its input attends, for each output token, to the source token it copies."""

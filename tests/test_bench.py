@@ -29,6 +29,7 @@ def bench_inputs(tmp_path):
     return corpus, recipes
 
 
+@pytest.mark.slow
 def test_bench_measures_every_section_against_its_baseline(bench_inputs, tmp_path):
     corpus, recipes = bench_inputs
     config = BenchConfig(data=corpus, out=tmp_path / "out" / "bench.json", recipes=recipes, device="cpu", steps=3,
@@ -76,6 +77,7 @@ def test_bench_cli_reports_bad_input_in_one_line(tmp_path):
     assert result.exit_code == 1 and "NAME=PATH" in result.output
 
 
+@pytest.mark.slow
 def test_scale_bench_reports_both_corpus_sizes_and_their_ratios(tmp_path):
     from nmt.bench_scale import ScaleBenchConfig, run_scale_bench
 
@@ -92,6 +94,7 @@ def test_scale_bench_reports_both_corpus_sizes_and_their_ratios(tmp_path):
     assert report["ratio_large_to_small"]["data_dir_bytes"] > 1
 
 
+@pytest.mark.slow
 def test_time_to_quality_reports_when_the_dev_bleu_first_reached_the_threshold(tmp_path):
     from conftest import prepare_toy_data
 

@@ -47,6 +47,7 @@ def test_defaults_are_valid():
     Config().validate()
 
 
+@pytest.mark.slow
 def test_every_recipe_loads_and_builds():
     from pathlib import Path
 

@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 from nmt.config import config_from_dict
 from nmt.train import train
 
+pytestmark = pytest.mark.slow  # several processes, or training that takes seconds
+
 MODEL = set_options("model", {k: v for k, v in TINY_TRANSFORMER.items() if k != "arch"})
 TRAIN = ["--set", "train.batch_tokens=80", "--set", "train.accum_steps=2", "--set", "train.lr=0.003",
          "--set", "train.warmup_steps=5", "--set", "train.max_steps=4", "--set", "train.log_every=2",

@@ -153,6 +153,7 @@ def _kill_during_a_save(process: subprocess.Popen, save_dir) -> bool:
     return any(".tmp-" in p.name or ".old-" in p.name for p in save_dir.iterdir())
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(data_dir, tmp_path):
     save_dir = tmp_path / "model"
     command = [sys.executable, "-m", "nmt_cli", "train", "--data", str(data_dir), "--out", str(save_dir),

@@ -20,6 +20,7 @@ def multi30k_toy(tmp_path):
     return corpus
 
 
+@pytest.mark.slow
 def test_dry_run_measures_every_stage_and_writes_the_report(multi30k_toy, tmp_path):
     stages = tuple(s for s in STAGES if s != "compile")  # compiling takes most of a minute on 2 cores
     config = CheckConfig(out=tmp_path / "out", data=multi30k_toy, dry_run=True, vocab_size=40, stages=stages)
@@ -48,6 +49,7 @@ def test_dry_run_measures_every_stage_and_writes_the_report(multi30k_toy, tmp_pa
     assert "| Transformer training, target tokens/s |" in table and "lines differing from the plain path | 0 | 0 | yes |" in table
 
 
+@pytest.mark.slow
 def test_a_run_cut_short_keeps_what_it_measured(multi30k_toy, tmp_path, monkeypatch):
     config = CheckConfig(out=tmp_path / "out", data=multi30k_toy, dry_run=True, vocab_size=40, total_minutes=0.2)
     slow_train = gpu_check.Run.train_and_score

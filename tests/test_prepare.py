@@ -195,6 +195,7 @@ def test_training_split_is_read_through_memory_mapping(toy_corpus, tmp_path):
     assert (first.src == again.src).all() and (first.tgt_out == again.tgt_out).all()
 
 
+@pytest.mark.slow
 def test_killed_prepare_leaves_nothing_that_is_read_as_data_and_reruns_cleanly(tmp_path):
     import os
     import signal

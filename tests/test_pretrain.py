@@ -177,6 +177,7 @@ def overfit_mlm(tmp_path_factory):
     return root, result
 
 
+@pytest.mark.slow
 def test_tiny_masked_lm_overfits_and_fills_a_masked_word(overfit_mlm):
     root, result = overfit_mlm
     assert result.steps == 300
@@ -212,6 +213,7 @@ def test_pretrain_resume_matches_uninterrupted_run(tmp_path):
     assert len(losses("a")) == 12 and losses("a") == losses("b")
 
 
+@pytest.mark.slow
 def test_next_sentence_prediction_learns_which_sentence_follows(tmp_path):
     # Every document is a rotation of FACTS: each sentence has one follower, which can be learned.
     documents = ["\n".join(FACTS[i:] + FACTS[:i]) for i in range(len(FACTS))]

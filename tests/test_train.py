@@ -38,6 +38,7 @@ def _config(data_dir, save_dir, model, **train):
     })
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["transformer", "rnn"])
 def test_pipeline_overfits_tiny_corpus(tiny_data, tmp_path, arch):
     data_dir, pairs = tiny_data
@@ -74,6 +75,7 @@ def test_inverse_sqrt_schedule():
     assert inverse_sqrt_lr(400, 1e-3, 100) == pytest.approx(5e-4)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_last_checkpoint_and_resume_continues(tiny_data, tmp_path):
     import os
     import signal
@@ -123,6 +125,7 @@ def test_mixed_precision_training_step(tiny_data, tmp_path, arch):
     assert result.steps == 3 and result.last_valid["loss"] > 0
 
 
+@pytest.mark.slow
 def test_target_bleu_stops_training_and_logs_training_seconds(toy_corpus, tmp_path):
     prepare(PrepareConfig(
         out_dir=tmp_path / "data", src_lang="xx", tgt_lang="yy", vocab_size=40,
@@ -200,6 +203,7 @@ def test_masked_lm_accuracy_goes_to_tensorboard(tmp_path):
     assert [e.value for e in events.Scalars("dev/nsp_accuracy")] == [80.0]
 
 
+@pytest.mark.slow
 def test_progress_without_a_terminal_is_one_plain_line_per_log_step(tiny_data, tmp_path):
     import subprocess
     import sys
