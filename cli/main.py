@@ -34,8 +34,10 @@ def user_errors():
 @app.command()
 def prepare(
     out: Annotated[Path, typer.Option("--out", "-o", help="Data directory to create.")],
-    src: Annotated[str, typer.Option(help="Source language code, e.g. de.")],
-    tgt: Annotated[str, typer.Option(help="Target language code, e.g. en.")],
+    src: Annotated[str | None, typer.Option(help="Source language code, e.g. de.")] = None,
+    tgt: Annotated[str | None, typer.Option(help="Target language code, e.g. en.")] = None,
+    mono: Annotated[list[Path] | None, typer.Option(help="Monolingual text for nmt pretrain instead of a parallel corpus: one sentence per line, a blank line between documents (.gz allowed; repeatable; the language is the file name's suffix, as in news.de).")] = None,
+    mono_langs: Annotated[str | None, typer.Option(help="With --mono: the language of each file, e.g. de,en (instead of the file names' suffixes).")] = None,
     train: Annotated[str | None, typer.Option(help="Training files prefix: PREFIX.SRC and PREFIX.TGT (.gz allowed).")] = None,
     valid: Annotated[str | None, typer.Option(help="Validation files prefix (with --train).")] = None,
     test: Annotated[str | None, typer.Option(help="Test files prefix (with --train).")] = None,
@@ -65,8 +67,9 @@ def prepare(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
-    """Clean, split, tokenize and binarize a parallel corpus."""
+    """Clean, split, tokenize and binarize a parallel corpus (or monolingual text, with --mono)."""
     from nmt.data import CleanConfig
+    from nmt.monolingual import MonoPrepareConfig, prepare_mono
     from nmt.prepare import PrepareConfig
     from nmt.prepare import prepare as run_prepare
 
@@ -75,6 +78,18 @@ def prepare(
             raise NmtError("--spm-sample must be at least 1 and --workers at least 0")
         if normalize.upper() not in ("NFC", "NFKC", "NFD", "NFKD", "NONE"):
             raise NmtError(f"--normalize must be NFC, NFKC, NFD, NFKD or none (got {normalize!r})")
+        if mono:
+            manifest = prepare_mono(MonoPrepareConfig(
+                out_dir=out, files=list(mono), langs=[x.strip() for x in mono_langs.split(",")] if mono_langs else None,
+                valid_sentences=valid_size, seed=seed,
+                clean=CleanConfig(normalization=normalize, chinese_script=chinese_script), vocab_size=vocab_size,
+                spm_type=spm_type, character_coverage=character_coverage, spm_max_sentences=spm_sample,
+                spm_model=spm_model, workers=workers, overwrite=overwrite,
+            ), progress=progress)
+            _print_mono_summary(out, manifest)
+            return
+        if not src or not tgt:
+            raise NmtError("--src and --tgt name the languages of a parallel corpus (or give --mono FILE)")
         langs = None
         if tsv_langs:
             langs = tuple(x.strip() for x in tsv_langs.split(","))
@@ -117,6 +132,16 @@ def prepare(
         f"vocab: {kind} {vocab.type}, {vocab.src_size} source / {vocab.tgt_size} target pieces; "
         f"<unk> in valid: {unk['src']}% source, {unk['tgt']}% target tokens"
     )
+
+
+def _print_mono_summary(out: Path, manifest) -> None:
+    stages = ", ".join(f"{name} {seconds} s" for name, seconds in manifest.stage_seconds.items())
+    typer.echo(f"prepared {out} (monolingual, {manifest.src_lang}) in {manifest.seconds} s ({stages}); "
+               f"{manifest.disk_bytes / 1e6:.1f} MB on disk")
+    for split, counts in manifest.counts.items():
+        typer.echo(f"{split:>5}: {counts['sentences']:>8} sentences, {counts['tokens']:>9} tokens, "
+                   f"{counts['documents']:>6} documents")
+    typer.echo(f"vocab: joint {manifest.vocab.type}, {manifest.vocab.src_size} pieces")
 
 
 def _relaunch(devices: int) -> None:
@@ -185,8 +210,9 @@ def train(
 @app.command()
 def pretrain(
     config: Annotated[Path | None, typer.Argument(help="YAML config, e.g. recipes/multi30k-lowres/pretrain-cpu.yaml.")] = None,
-    text: Annotated[list[Path] | None, typer.Option(help="Monolingual text: one sentence per line, a blank line between documents (.gz allowed; repeatable, one file per language or more).")] = None,
-    vocab: Annotated[Path | None, typer.Option(help="Vocabulary to use: a data dir from nmt prepare or a SentencePiece .model. Default: train one on the text.")] = None,
+    data: Annotated[Path | None, typer.Option(help="A monolingual data dir from nmt prepare --mono (read memory-mapped).")] = None,
+    text: Annotated[list[Path] | None, typer.Option(help="Monolingual text instead of --data, prepared as nmt prepare --mono does into OUT/data: one sentence per line, a blank line between documents (.gz allowed; repeatable; the language is the file name's suffix).")] = None,
+    vocab: Annotated[Path | None, typer.Option(help="With --text, the vocabulary to use: a data dir from nmt prepare or a SentencePiece .model. Default: train one on the text.")] = None,
     vocab_size: Annotated[int, typer.Option(help="Without --vocab: SentencePiece pieces to train (a soft limit).")] = 8000,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Checkpoint directory (overrides save_dir).")] = None,
     nsp: Annotated[bool | None, typer.Option("--nsp/--no-nsp", help="Also train next-sentence prediction (overrides pretrain.next_sentence; off by default).")] = None,
@@ -211,7 +237,7 @@ def pretrain(
     with user_errors():
         result = run_pretrain(
             load_config(config, overrides), list(text or []), vocab, vocab_size, resume=resume, overwrite=overwrite,
-            progress=progress,
+            progress=progress, data=data,
         )
     _report(result)
 
@@ -348,12 +374,14 @@ def bench_scale(
     steps: Annotated[int, typer.Option(help="Training updates of the small model.")] = 200,
     work_dir: Annotated[Path | None, typer.Option(help="Keep the corpora, data dirs and models here.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the report here (JSON).")] = None,
+    mono: Annotated[bool, typer.Option(help="Monolingual instead: --pairs sentences through nmt prepare --mono and nmt pretrain --data.")] = False,
 ) -> None:
     """Measure prepare and training start-up, time and memory on a large synthetic corpus and on a smaller one."""
     from nmt.bench_scale import ScaleBenchConfig, run_scale_bench
 
     with user_errors():
-        report = run_scale_bench(ScaleBenchConfig(data=data, pairs=pairs, ratio=ratio, steps=steps, work_dir=work_dir, out=out))
+        report = run_scale_bench(ScaleBenchConfig(data=data, pairs=pairs, ratio=ratio, steps=steps, work_dir=work_dir,
+                                                  out=out, mono=mono))
     typer.echo(json.dumps(report))
 
 

@@ -46,6 +46,9 @@ class ScaleBenchConfig:
     seed: int = 1
     work_dir: Path | None = None  # keep corpora, data dirs and models here
     out: Path | None = None  # JSON report
+    # Monolingual instead: N sentences of the target language (documents of 20 lines), through
+    # nmt prepare --mono and nmt pretrain --data.
+    mono: bool = False
 
 
 def make_synthetic_corpus(pairs: list[tuple[str, str]], count: int, prefix: Path, src: str, tgt: str, seed: int) -> None:
@@ -57,6 +60,19 @@ def make_synthetic_corpus(pairs: list[tuple[str, str]], count: int, prefix: Path
             first, second = rng.integers(0, len(pairs), (2, min(block, count - start)))
             src_file.write("".join(f"{pairs[a][0]} {pairs[b][0]}\n" for a, b in zip(first.tolist(), second.tolist())))
             tgt_file.write("".join(f"{pairs[a][1]} {pairs[b][1]}\n" for a, b in zip(first.tolist(), second.tolist())))
+
+
+def make_synthetic_text(sentences: list[str], count: int, path: Path, seed: int, document_lines: int = 20) -> None:
+    """Write `count` sentences, each two random ones joined, a blank line after every `document_lines`."""
+    rng = np.random.default_rng(seed)
+    block = 100_000
+    with open(path, "w", encoding="utf-8") as f:
+        for start in range(0, count, block):
+            first, second = rng.integers(0, len(sentences), (2, min(block, count - start)))
+            f.write("".join(
+                f"{sentences[a]} {sentences[b]}\n" + ("\n" if (start + i + 1) % document_lines == 0 else "")
+                for i, (a, b) in enumerate(zip(first.tolist(), second.tolist()))
+            ))
 
 
 def _run_measured(command: list[str]) -> tuple[float, int, float]:
@@ -113,6 +129,35 @@ def _measure(config: ScaleBenchConfig, pairs: list[tuple[str, str]], count: int,
     }
 
 
+def _measure_mono(config: ScaleBenchConfig, pairs: list[tuple[str, str]], count: int, work: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    text = work / f"corpus.{config.tgt}"
+    made = time.time()
+    make_synthetic_text([tgt for _, tgt in pairs], count, text, config.seed)
+    made = time.time() - made
+    nmt = [sys.executable, "-m", "nmt_cli"]
+    prepare_seconds, prepare_rss, _ = _run_measured(nmt + [
+        "prepare", "--mono", str(text), "--valid-size", str(max(1, min(1000, count // 20))),
+        "--vocab-size", str(config.vocab_size), "--out", str(work / "data"), "--overwrite", "--no-progress",
+    ])
+    manifest = Manifest.read(work / "data")
+    settings = [item for setting in TRAIN_SETTINGS + [f"train.max_steps={config.steps}"] for item in ("--set", setting)]
+    train_seconds, train_rss, train_started = _run_measured(nmt + [
+        "pretrain", "--data", str(work / "data"), "--out", str(work / "model"), "--overwrite", "--no-progress",
+        "--device", "cpu", *settings,
+    ])
+    records = [json.loads(line) for line in (work / "model" / LOG_NAME).read_text().splitlines()]
+    start = next(r for r in records if r["type"] == "start")
+    return {
+        "sentences": count, "corpus_bytes": text.stat().st_size, "corpus_seconds": round(made, 1),
+        "prepare_seconds": round(prepare_seconds, 1), "prepare_stage_seconds": manifest.stage_seconds,
+        "prepare_peak_rss_bytes": prepare_rss, "encode_workers": manifest.encode_workers,
+        "train_sentences": manifest.counts["train"]["sentences"], "data_dir_bytes": manifest.disk_bytes,
+        "train_startup_seconds": round(start["time"] - train_started, 2), "train_setup_seconds": start["setup_seconds"],
+        "train_steps": config.steps, "train_seconds": round(train_seconds, 1), "train_peak_rss_bytes": train_rss,
+    }
+
+
 def run_scale_bench(config: ScaleBenchConfig) -> dict:
     """Measure the full-size and the smaller corpus; returns the report (also written to `out`)."""
     if config.pairs < 100 or config.ratio < 1 or config.pairs // config.ratio < 100:
@@ -121,8 +166,9 @@ def run_scale_bench(config: ScaleBenchConfig) -> dict:
     pairs = list(read_parallel_files(find_side_file(source, config.src), find_side_file(source, config.tgt)))
     work = Path(config.work_dir) if config.work_dir else Path(tempfile.mkdtemp(prefix="nmt-bench-scale-"))
     try:
-        large = _measure(config, pairs, config.pairs, work / "large")
-        small = _measure(config, pairs, config.pairs // config.ratio, work / "small")
+        measure = _measure_mono if config.mono else _measure
+        large = measure(config, pairs, config.pairs, work / "large")
+        small = measure(config, pairs, config.pairs // config.ratio, work / "small")
     finally:
         if config.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -131,7 +177,8 @@ def run_scale_bench(config: ScaleBenchConfig) -> dict:
         for key in ("prepare_seconds", "prepare_peak_rss_bytes", "data_dir_bytes", "train_startup_seconds",
                     "train_peak_rss_bytes")
     }
-    report = {"large": large, "small": small, "ratio_large_to_small": growth, "source": str(source),
+    report = {"kind": "monolingual" if config.mono else "parallel", "large": large, "small": small,
+              "ratio_large_to_small": growth, "source": str(source),
               "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
     if config.out:
         Path(config.out).write_text(json.dumps(report, indent=2) + "\n")

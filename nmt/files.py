@@ -78,10 +78,11 @@ class Vocabulary:
 class Manifest:
     """`manifest.json` of a data dir written by `nmt prepare`."""
 
-    src_lang: str
+    src_lang: str  # a monolingual data dir: its languages, joined by "+"
     tgt_lang: str
     vocab: Vocabulary
-    counts: dict  # split -> {"pairs", "src_tokens", "tgt_tokens"}
+    counts: dict  # split -> {"pairs", "src_tokens", "tgt_tokens"} (monolingual: "sentences", "tokens", "documents")
+    kind: str = "parallel"  # or "monolingual" (nmt prepare --mono, for nmt pretrain)
     # per side, applied to the text (a Normalization record); translate applies the source side's
     normalization: dict = field(default_factory=lambda: _sides(None))
     filters: dict = field(default_factory=dict)

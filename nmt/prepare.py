@@ -8,7 +8,7 @@ import shutil
 import sys
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -88,16 +88,21 @@ def prepare(config: PrepareConfig, progress: bool = False) -> Manifest:
     if config.src_lang == config.tgt_lang:
         raise DataError("source and target languages must differ")
     if config.spm_model is not None:
-        config.spm_model = _given_sentencepiece(Path(config.spm_model))
+        config.spm_model = given_sentencepiece(Path(config.spm_model))
     if config.split_by is not None and config.split_by not in (config.src_lang, config.tgt_lang):
         raise DataError(f"--split-by must be the source or target language ({config.src_lang} or {config.tgt_lang})")
-    _tidy_leftovers(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not config.overwrite:
-        raise DataError(f"output directory {out_dir} already exists and is not empty; pass --overwrite")
+    return build_data_dir(out_dir, config.overwrite, lambda tmp_dir: _build_data_dir(tmp_dir, config, progress), started)
 
+
+def build_data_dir(out_dir: Path, overwrite: bool, build: Callable[[Path], Manifest], started: float) -> Manifest:
+    """Run `build(tmp_dir)` in a temporary directory beside `out_dir`, write its manifest there
+    and put it in place of `out_dir`: an interrupted build leaves nothing that is read as data."""
+    _tidy_leftovers(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise DataError(f"output directory {out_dir} already exists and is not empty; pass --overwrite")
     tmp_dir = _make_tmp_dir(out_dir)  # fails now, not after the work, if out_dir cannot be written
     try:
-        manifest = _build_data_dir(tmp_dir, config, progress)
+        manifest = build(tmp_dir)
         manifest.seconds = round(time.time() - started, 1)
         manifest.write(tmp_dir)
         replace_dir(tmp_dir, out_dir)
@@ -106,7 +111,7 @@ def prepare(config: PrepareConfig, progress: bool = False) -> Manifest:
     return manifest
 
 
-class _Stages:
+class Stages:
     """Wall time of each stage of prepare."""
 
     def __init__(self):
@@ -120,7 +125,7 @@ class _Stages:
 
 
 def _build_data_dir(directory: Path, config: PrepareConfig, progress: bool) -> Manifest:
-    stages = _Stages()
+    stages = Stages()
     train_pairs, given_eval, expected_pairs = _read_inputs(config, progress)
     if given_eval and config.split_by is not None:
         raise DataError("--split-by applies when valid and test are carved out of the training data, not given")
@@ -199,8 +204,8 @@ def _build_data_dir(directory: Path, config: PrepareConfig, progress: bool) -> M
     with tqdm(total=train_count, desc="encoding", unit=" pairs", unit_scale=True, file=sys.stderr,
               disable=None if progress else True, mininterval=1.0) as bar:
         src_counts, tgt_counts = encode_to_token_files(
-            chunked(_work_pairs(work, keep), ENCODE_CHUNK_PAIRS), src_model, tgt_model, directory, "train", dtype,
-            workers, on_chunk=bar.update,
+            chunked(_work_pairs(work, keep), ENCODE_CHUNK_PAIRS), [src_model, tgt_model], directory,
+            ["train.src", "train.tgt"], dtype, workers, on_chunk=bar.update,
         )
     counts = {"train": {"pairs": train_count, "src_tokens": src_counts["tokens"], "tgt_tokens": tgt_counts["tokens"]}}
     shutil.rmtree(work)
@@ -227,7 +232,7 @@ def _build_data_dir(directory: Path, config: PrepareConfig, progress: bool) -> M
         src_model=src_model.name, tgt_model=tgt_model.name, src_size=tokenizer.src_vocab_size,
         tgt_size=tokenizer.tgt_vocab_size, src_sha256=file_sha256(src_model), tgt_sha256=file_sha256(tgt_model),
         joint=config.joint_vocab, type=config.spm_type, requested_size=config.vocab_size,
-        character_coverage=_coverage(config, (config.src_lang, config.tgt_lang))["character_coverage"],
+        character_coverage=sentencepiece_coverage(config.character_coverage, (config.src_lang, config.tgt_lang))["character_coverage"],
         sample_sentences=config.spm_max_sentences,
         given_model=str(config.spm_model) if config.spm_model is not None else None,
     )
@@ -292,7 +297,7 @@ def _train_sentencepiece(directory: Path, work: Path, keep: np.ndarray, config: 
     """SentencePiece on a random sample of the training pairs: about `spm_max_sentences`
     sentences for the joint model (half from each side), or that many per side."""
     if config.spm_model is not None:
-        return (_copy_sentencepiece(Path(config.spm_model), directory, config.joint_vocab),) * 2
+        return (copy_sentencepiece(Path(config.spm_model), directory, config.joint_vocab),) * 2
     kept = np.flatnonzero(keep)
     per_model = config.spm_max_sentences // 2 if config.joint_vocab else config.spm_max_sentences
     rng = np.random.default_rng(config.seed)
@@ -311,23 +316,23 @@ def _train_sentencepiece(directory: Path, work: Path, keep: np.ndarray, config: 
     )
     if config.joint_vocab:
         langs = (config.src_lang, config.tgt_lang)
-        model = train_sentencepiece(sample((0, 1)), directory / "spm.joint", **spm_args, **_coverage(config, langs))
+        model = train_sentencepiece(sample((0, 1)), directory / "spm.joint", **spm_args, **sentencepiece_coverage(config.character_coverage, langs))
         return model, model
     return (
-        train_sentencepiece(sample((0,)), directory / "spm.src", **spm_args, **_coverage(config, (config.src_lang,))),
-        train_sentencepiece(sample((1,)), directory / "spm.tgt", **spm_args, **_coverage(config, (config.tgt_lang,))),
+        train_sentencepiece(sample((0,)), directory / "spm.src", **spm_args, **sentencepiece_coverage(config.character_coverage, (config.src_lang,))),
+        train_sentencepiece(sample((1,)), directory / "spm.tgt", **spm_args, **sentencepiece_coverage(config.character_coverage, (config.tgt_lang,))),
     )
 
 
-def _coverage(config: PrepareConfig, langs: tuple[str, ...]) -> dict:
+def sentencepiece_coverage(character_coverage: float | None, langs: tuple[str, ...]) -> dict:
     """Scripts of thousands of characters: cover 99.95% of the text with characters of their own
     and spell the rarest in bytes (byte fallback), so that no character becomes <unk>."""
     cjk = any(is_cjk(lang) for lang in langs)
-    coverage = config.character_coverage if config.character_coverage is not None else (0.9995 if cjk else 1.0)
+    coverage = character_coverage if character_coverage is not None else (0.9995 if cjk else 1.0)
     return {"character_coverage": coverage, "byte_fallback": cjk}
 
 
-def _given_sentencepiece(path: Path) -> Path:
+def given_sentencepiece(path: Path) -> Path:
     """`--spm-model`: a SentencePiece model file, or a checkpoint directory (its model)."""
     if path.is_dir():
         try:
@@ -339,7 +344,7 @@ def _given_sentencepiece(path: Path) -> Path:
     return path
 
 
-def _copy_sentencepiece(model: Path, directory: Path, joint: bool) -> Path:
+def copy_sentencepiece(model: Path, directory: Path, joint: bool) -> Path:
     """An existing model (say, the one `nmt pretrain` trained) as the data dir's joint model."""
     if not joint:
         raise DataError("--spm-model gives one model for both languages; it cannot go with --separate-vocab")

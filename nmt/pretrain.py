@@ -11,7 +11,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,14 +23,14 @@ from tqdm import tqdm
 from nmt.batches import token_batches
 from nmt.checkpoint import load_weights, read_config, weights_dir
 from nmt.config import Config, PretrainConfig, save_config
-from nmt.data import clean_whitespace, normalize_text, read_lines
+from nmt.data import clean_whitespace, normalize_text
 from nmt.devices import autocast
 from nmt.distributed import Ranks
 from nmt.errors import CheckpointError, ConfigError, DataError
-from nmt.files import MASKED_LM, Manifest, VocabInfo, Vocabulary
+from nmt.files import MASKED_LM, Manifest, VocabInfo
 from nmt.models.masked_lm import MaskedLM
-from nmt.normalize import Normalization
-from nmt.shards import flatten, token_dtype
+from nmt.monolingual import MONOLINGUAL, MonoPrepareConfig, prepare_mono
+from nmt.shards import TokenArray
 from nmt.tokenizer import (
     CLS,
     EOS,
@@ -38,10 +38,8 @@ from nmt.tokenizer import (
     MASK,
     PAD,
     SEP,
-    file_sha256,
     has_reserved_symbols,
     load_sentencepiece,
-    train_sentencepiece,
 )
 from nmt.train import TrainResult, check_same_model, run_training
 
@@ -55,97 +53,46 @@ NORMALIZATION = "NFC"  # as `nmt prepare` does by default
 
 @dataclass
 class MonoCorpus:
-    """Sentences as one flat token array with offsets, and the document each belongs to."""
+    """Sentences as one flat token array with offsets (memory-mapped when loaded from a data
+    dir), and the document each belongs to; sentences are cut to `max_tokens` pieces."""
 
     tokens: np.ndarray  # (total tokens,)
     offsets: np.ndarray  # (N + 1,)
     documents: np.ndarray  # (N,) document number of each sentence, non-decreasing
+    max_tokens: int | None = None
+    source: TokenArray | None = None  # the memory-mapped file, whose pages release_pages unmaps
+
+    def __post_init__(self) -> None:
+        # (N,) held in memory for batching: 2 bytes per sentence
+        lengths = self.source.lengths if self.source is not None else np.diff(self.offsets)
+        if self.max_tokens:
+            lengths = np.minimum(lengths, self.max_tokens)
+        self.lengths = lengths.astype(np.uint16 if lengths.max(initial=0) <= np.iinfo(np.uint16).max else np.int32)
+
+    @classmethod
+    def load(cls, data_dir: Path, split: str, max_tokens: int | None = None) -> MonoCorpus:
+        text = TokenArray(data_dir, f"{split}.text")
+        documents = np.load(Path(data_dir) / f"{split}.documents.npy", mmap_mode="r")
+        if len(documents) != len(text):
+            raise DataError(f"{data_dir}: {split} sentences and documents differ in number; run nmt prepare again")
+        return cls(text.tokens, text.offsets, documents, max_tokens, text)
 
     def __len__(self) -> int:
         return len(self.documents)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    def select(self, rows: np.ndarray) -> MonoCorpus:
-        rows = np.sort(rows)
-        pieces = [self[i] for i in rows.tolist()]
-        tokens, lengths = flatten(pieces, self.tokens.dtype)
-        return MonoCorpus(tokens, np.concatenate([[0], np.cumsum(lengths)]), self.documents[rows])
+        end = int(self.offsets[i + 1])
+        if self.max_tokens:
+            end = min(end, int(self.offsets[i]) + self.max_tokens)
+        return self.tokens[int(self.offsets[i]) : end]
 
     def has_next(self) -> np.ndarray:
         """(N,) whether the next sentence belongs to the same document."""
         return np.append(self.documents[1:] == self.documents[:-1], False)
 
-
-def read_documents(paths: Iterable[Path]) -> Iterable[tuple[int, str]]:
-    """(document number, sentence) for each non-empty line; a blank line or a new file starts
-    a new document. Text is normalized as `nmt prepare` does."""
-    document = 0
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"text file not found: {path}")
-        started = False
-        for line in read_lines(path):
-            text = clean_whitespace(normalize_text(line, NORMALIZATION))
-            if text:
-                yield document, text
-                started = True
-            elif started:
-                document, started = document + 1, False
-        if started:
-            document += 1
-
-
-def encode_corpus(paths: list[Path], processor, max_tokens: int, chunk: int = 10_000) -> MonoCorpus:
-    dtype = token_dtype(processor.get_piece_size())
-    token_parts, length_parts, documents = [], [], []
-    lines: list[str] = []
-
-    def flush() -> None:
-        ids = [seq[:max_tokens] for seq in processor.encode(lines)]
-        tokens, lengths = flatten(ids, dtype)
-        token_parts.append(tokens)
-        length_parts.append(lengths)
-        lines.clear()
-
-    for document, text in read_documents(paths):
-        documents.append(document)
-        lines.append(text)
-        if len(lines) >= chunk:
-            flush()
-    if lines:
-        flush()
-    if len(documents) < 10:
-        raise DataError(f"only {len(documents)} sentences in {', '.join(map(str, paths))}: too few to pretrain on")
-    lengths = np.concatenate(length_parts)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    return MonoCorpus(np.concatenate(token_parts), offsets, np.asarray(documents, dtype=np.int64))
-
-
-def hold_out(corpus: MonoCorpus, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows for training and for validation (about `count`). With many documents, whole
-    documents are held out; with a few long ones, the last lines of each."""
-    count = max(1, min(count, len(corpus) // 10))
-    rng = np.random.default_rng(seed)
-    doc_ids, starts, sizes = np.unique(corpus.documents, return_index=True, return_counts=True)
-    if len(doc_ids) >= 20 or sizes.max() < 4:
-        order = rng.permutation(len(doc_ids))
-        taken = order[: int(np.searchsorted(np.cumsum(sizes[order]), count)) + 1]
-        held = np.concatenate([np.arange(starts[d], starts[d] + sizes[d]) for d in taken])
-    else:
-        # At least 2 lines from each document of 4 or more (a pair for next-sentence
-        # prediction), at most half of it.
-        share = np.round(sizes * count / len(corpus)).astype(np.int64)
-        tails = np.where(sizes >= 4, np.clip(share, 2, sizes // 2), 0)
-        held = np.concatenate([np.arange(s + n - t, s + n) for s, n, t in zip(starts, sizes, tails)])
-    train = np.setdiff1d(np.arange(len(corpus)), held)
-    return train, np.sort(held)
+    def release_pages(self) -> None:
+        if self.source is not None:
+            self.source.release_pages()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,22 +144,29 @@ def sentence_pairs(corpus: MonoCorpus, rng: np.random.Generator) -> tuple[np.nda
 
 @dataclass
 class Examples:
-    """One epoch's examples: sentence A (and B with next-sentence prediction)."""
+    """One epoch's examples: sentence A (and B with next-sentence prediction). Without pairs,
+    `a` None stands for every sentence in order (no index of the corpus's size in memory)."""
 
-    a: np.ndarray
+    a: np.ndarray | None
     b: np.ndarray | None = None
     labels: np.ndarray | None = None
 
     def lengths(self, corpus: MonoCorpus) -> np.ndarray:
         lengths = corpus.lengths
+        if self.a is None:
+            return lengths
         if self.b is None:
             return lengths[self.a]
         return lengths[self.a] + lengths[self.b] + 2  # [CLS] A [SEP] B [SEP], one counted by batching
 
+    def first(self, rows: np.ndarray) -> np.ndarray:
+        """The A sentence of each example in `rows`."""
+        return rows if self.a is None else self.a[rows]
+
 
 def make_examples(corpus: MonoCorpus, next_sentence: bool, rng: np.random.Generator) -> Examples:
     if not next_sentence:
-        return Examples(np.arange(len(corpus)))
+        return Examples(None)
     return Examples(*sentence_pairs(corpus, rng))
 
 
@@ -255,12 +209,12 @@ def build_masked_batch(
     rng: np.random.Generator, pin_memory: bool = False,
 ) -> MaskedBatch:
     """Padded, masked batch of examples `rows`: `A EOS`, or `[CLS] A [SEP] B [SEP]` with pairs."""
+    first = examples.first(rows).tolist()
     if examples.b is None:
-        sequences = [np.append(corpus[i], EOS) for i in examples.a[rows].tolist()]
+        sequences = [np.append(corpus[i], EOS) for i in first]
     else:
         sequences = [
-            np.concatenate([[CLS], corpus[a], [SEP], corpus[b], [SEP]])
-            for a, b in zip(examples.a[rows].tolist(), examples.b[rows].tolist())
+            np.concatenate([[CLS], corpus[a], [SEP], corpus[b], [SEP]]) for a, b in zip(first, examples.b[rows].tolist())
         ]
     width = max(len(s) for s in sequences)
     tokens = np.full((len(sequences), width), PAD, dtype=np.int64)
@@ -268,7 +222,7 @@ def build_masked_batch(
     for row, seq in enumerate(sequences):
         tokens[row, : len(seq)] = seq
         if segments is not None:
-            segments[row, len(corpus[examples.a[rows[row]]]) + 2 : len(seq)] = 1
+            segments[row, len(corpus[first[row]]) + 2 : len(seq)] = 1
     inputs, targets = mask_tokens(tokens, rng, cfg, vocab_size)
     tensors = [torch.from_numpy(inputs), None if segments is None else torch.from_numpy(segments), torch.from_numpy(targets)]
     labels = None if examples.labels is None else torch.from_numpy(examples.labels[rows])
@@ -301,36 +255,23 @@ class MaskedLMTask:
     metric, metric_name = "accuracy", "masked accuracy"  # percent of chosen tokens predicted right
     throughput = "tokens_per_s"  # input tokens and predictions: the chosen positions alone are 15%
 
-    def __init__(self, config: Config, texts: list[Path], vocab: Path | None, vocab_size: int, ranks: Ranks,
-                 resume: bool, log: Callable[[str], None]):
-        self.config, self.texts, self.save_dir = config, [Path(t) for t in texts], Path(config.save_dir)
-        self.pc = config.pretrain
+    def __init__(self, config: Config, data_dir: Path, log: Callable[[str], None]):
+        self.config, self.data_dir, self.pc = config, Path(data_dir), config.pretrain
         self.extra_metrics = ("nsp_accuracy",) if self.pc.next_sentence else ()  # printed at validation
-        self.spm_tmp: Path | None = None
-        if resume:
-            self.spm_path = self.save_dir / VocabInfo.read(self.save_dir).vocab.src_model
-        elif vocab is not None:
-            self.spm_path = vocabulary_model(Path(vocab))
-        else:
-            self.spm_tmp = self.save_dir / ".spm-new"
-            if ranks.is_main:
-                self.spm_tmp.mkdir(parents=True, exist_ok=True)
-                train_sentencepiece(
-                    (text for _, text in read_documents(self.texts)), self.spm_tmp / "spm.joint", vocab_size,
-                )
-            ranks.barrier()
-            self.spm_path = self.spm_tmp / SPM_NAME
+        self.manifest = Manifest.read(self.data_dir)
+        if self.manifest.kind != MONOLINGUAL:
+            raise DataError(f"{data_dir} is a parallel data dir; nmt pretrain reads a monolingual one (nmt prepare --mono)")
+        self.spm_path = self.data_dir / self.manifest.vocab.src_model
         self.processor = load_sentencepiece(self.spm_path)
         if not has_reserved_symbols(self.processor):
             raise DataError(f"{self.spm_path} does not reserve [MASK], [CLS] and [SEP]: prepare the data again with this version")
         self.vocab_size = self.processor.get_piece_size()
-        started = time.time()
-        corpus = encode_corpus(self.texts, self.processor, self.pc.max_tokens)
-        train_rows, valid_rows = hold_out(corpus, self.pc.valid_sentences, config.train.seed)
-        self.train_corpus, self.valid_corpus = corpus.select(train_rows), corpus.select(valid_rows)
-        log(f"pretraining text: {len(corpus)} sentences, {len(corpus.tokens)} tokens, "
-            f"{len(np.unique(corpus.documents))} documents ({time.time() - started:.1f} s to encode); "
-            f"{len(self.valid_corpus)} held out")
+        # Memory-mapped: resident memory holds 2 bytes per sentence, whatever the corpus size.
+        self.train_corpus = MonoCorpus.load(self.data_dir, "train", self.pc.max_tokens)
+        self.valid_corpus = MonoCorpus.load(self.data_dir, "valid", self.pc.max_tokens)
+        counts = self.manifest.counts["train"]
+        log(f"pretraining text: {counts['sentences']} sentences, {counts['tokens']} tokens, "
+            f"{counts['documents']} documents; {len(self.valid_corpus)} held out")
         self.valid_examples = make_examples(self.valid_corpus, self.pc.next_sentence, np.random.default_rng(0))
         self.epoch_examples: dict[int, Examples] = {}
 
@@ -366,7 +307,7 @@ class MaskedLMTask:
         return None  # how many positions get chosen is known once the batches are built
 
     def release_pages(self) -> None:
-        pass
+        self.train_corpus.release_pages()
 
     loss = staticmethod(masked_lm_loss)
 
@@ -376,22 +317,18 @@ class MaskedLMTask:
 
     def check_resumable(self, save_dir: Path) -> None:
         check_same_model(save_dir, self.config)
+        if VocabInfo.read(save_dir).vocab.src_sha256 != self.manifest.vocab.src_sha256:
+            raise CheckpointError(f"the model in {save_dir} was pretrained with another vocabulary than {self.data_dir}'s")
         saved = read_config(save_dir).pretrain
         if saved.next_sentence != self.pc.next_sentence:
             raise ConfigError(f"the model in {save_dir} was pretrained with next_sentence={saved.next_sentence}")
 
     def init_save_dir(self, save_dir: Path) -> None:
-        target = save_dir / SPM_NAME
-        if self.spm_path != target:
-            shutil.copyfile(self.spm_path, target)
-        if self.spm_tmp is not None:
-            shutil.rmtree(self.spm_tmp, ignore_errors=True)
-        self.spm_path = target
-        sha, size = file_sha256(target), self.vocab_size
-        vocab = Vocabulary(SPM_NAME, SPM_NAME, size, size, sha, sha, joint=True)
-        normalization = Normalization(unicode_form=NORMALIZATION).as_dict()
-        VocabInfo(vocab, MASKED_LM, normalization={"src": normalization, "tgt": normalization},
-                  texts=[str(t) for t in self.texts]).write(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        vocab = self.manifest.vocab
+        shutil.copyfile(self.spm_path, save_dir / vocab.src_model)
+        VocabInfo(vocab, MASKED_LM, normalization=self.manifest.normalization,
+                  texts=self.manifest.input.get("mono")).write(save_dir)
         save_config(self.config, save_dir / "config.yaml")
 
 
@@ -444,28 +381,51 @@ def vocabulary_model(path: Path) -> Path:
 
 def pretrain(
     config: Config,
-    texts: list[Path],
+    texts: list[Path] | None = None,
     vocab: Path | None = None,
     vocab_size: int = 8000,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = lambda message: tqdm.write(message, file=sys.stderr),
+    data: Path | None = None,
 ) -> TrainResult:
-    """Pretrain a masked LM on `texts` into `config.save_dir`. The vocabulary is `vocab` (a data
-    dir or a SentencePiece model), or one trained on the texts with `vocab_size` pieces."""
+    """Pretrain a masked LM into `config.save_dir` on a monolingual data dir (`data`, from
+    `nmt prepare --mono`), or on `texts`, which go through that same preparation into
+    SAVE_DIR/data first: with the vocabulary `vocab` (a data dir, checkpoint or SentencePiece
+    model), or one trained on the texts with `vocab_size` pieces."""
     started = time.time()
     if not config.save_dir:
         raise ConfigError("no checkpoint dir: set save_dir in the config or pass --out")
-    if not texts:
-        raise ConfigError("no text to pretrain on: pass --text FILE (one or more)")
-    for path in texts:
+    if data is not None and (texts or vocab is not None):
+        raise ConfigError("--data brings its own text and vocabulary: leave out --text and --vocab")
+    if data is None and not texts:
+        raise ConfigError("no text to pretrain on: pass --data DIR (from nmt prepare --mono) or --text FILE")
+    for path in texts or []:
         if not Path(path).is_file():
             raise DataError(f"text file not found: {path}")
-    return run_training(
-        lambda ranks: MaskedLMTask(config, texts, vocab, vocab_size, ranks, resume, log),
-        config, Path(config.save_dir), resume, overwrite, progress, log, started,
-    )
+
+    def make_task(ranks: Ranks) -> MaskedLMTask:
+        data_dir = Path(data) if data is not None else prepare_text(config, texts, vocab, vocab_size, resume, ranks, progress)
+        return MaskedLMTask(config, data_dir, log)
+
+    return run_training(make_task, config, Path(config.save_dir), resume, overwrite, progress, log, started)
+
+
+def prepare_text(
+    config: Config, texts: list[Path], vocab: Path | None, vocab_size: int, resume: bool, ranks: Ranks, progress: bool,
+) -> Path:
+    """`--text`: the texts prepared as `nmt prepare --mono` does, into SAVE_DIR/data (by the main
+    process; a resumed run uses the data it was prepared with)."""
+    data_dir = Path(config.save_dir) / "data"
+    if ranks.is_main and not (resume and (data_dir / Manifest.NAME).is_file()):
+        prepare_mono(MonoPrepareConfig(
+            out_dir=data_dir, files=[Path(t) for t in texts], valid_sentences=config.pretrain.valid_sentences,
+            seed=config.train.seed, vocab_size=vocab_size,
+            spm_model=vocabulary_model(Path(vocab)) if vocab is not None else None, overwrite=True,
+        ), progress=progress)
+    ranks.barrier()
+    return data_dir
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,22 +110,25 @@ class TokenArray:
 # ---------------------------------------------------------------------------------------------
 # Encoding text into token files with all cores
 
-_worker_models: dict = {}
+_worker_models: list = []
 
 
-def _load_worker_models(src_model: str, tgt_model: str) -> None:
+def _load_worker_models(models: list[str]) -> None:
     import sentencepiece as spm
 
-    for side, path in (("src", src_model), ("tgt", tgt_model)):
+    _worker_models.clear()
+    for path in models:
         processor = spm.SentencePieceProcessor()
         processor.load(path)
-        _worker_models[side] = processor
+        _worker_models.append(processor)
 
 
-def _encode_chunk(pairs: list[tuple[str, str]], dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    src_ids = _worker_models["src"].encode([s for s, _ in pairs])
-    tgt_ids = _worker_models["tgt"].encode([t for _, t in pairs])
-    return (*flatten(src_ids, np.dtype(dtype)), *flatten(tgt_ids, np.dtype(dtype)))
+def _encode_chunk(rows: list[tuple[str, ...]], dtype: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each side of the rows encoded with its model: [(tokens, lengths), ...]."""
+    return [
+        flatten(processor.encode([row[side] for row in rows]), np.dtype(dtype))
+        for side, processor in enumerate(_worker_models)
+    ]
 
 
 def worker_count(requested: int = 0) -> int:
@@ -139,31 +142,30 @@ def worker_count(requested: int = 0) -> int:
 
 
 def encode_to_token_files(
-    chunks: Iterable[list[tuple[str, str]]],
-    src_model: Path,
-    tgt_model: Path,
+    chunks: Iterable[list[tuple[str, ...]]],
+    models: list[Path],
     directory: Path,
-    stem: str,
+    stems: list[str],
     dtype: np.dtype,
     workers: int = 1,
-    on_chunk=lambda pairs: None,
-) -> tuple[dict, dict]:
-    """Encode chunks of (source, target) pairs into STEM.src / STEM.tgt token files, in order.
+    on_chunk=lambda rows: None,
+) -> list[dict]:
+    """Encode chunks of rows of texts (one per side: (source, target) pairs, or 1-tuples of
+    monolingual sentences) into one token file per side, STEMS[i], with MODELS[i], in order.
 
     With more than one worker, chunks are encoded in worker processes, a bounded number at a
     time, so memory holds a few chunks whatever the corpus size. Returns the counts of each side.
     """
-    src_writer = TokenFileWriter(directory, f"{stem}.src", dtype)
-    tgt_writer = TokenFileWriter(directory, f"{stem}.tgt", dtype)
+    writers = [TokenFileWriter(directory, stem, dtype) for stem in stems]
 
     def write(result, size: int) -> None:
-        src_tokens, src_lengths, tgt_tokens, tgt_lengths = result
-        src_writer.append(src_tokens, src_lengths)
-        tgt_writer.append(tgt_tokens, tgt_lengths)
+        for writer, (tokens, lengths) in zip(writers, result):
+            writer.append(tokens, lengths)
         on_chunk(size)
 
+    paths = [str(model) for model in models]
     if workers <= 1:
-        _load_worker_models(str(src_model), str(tgt_model))
+        _load_worker_models(paths)
         try:
             for chunk in chunks:
                 write(_encode_chunk(chunk, dtype.str), len(chunk))
@@ -172,8 +174,7 @@ def encode_to_token_files(
     else:
         # spawn: workers start clean (no copy of a parent that may hold torch's threads)
         with ProcessPoolExecutor(
-            workers, mp_context=get_context("spawn"), initializer=_load_worker_models,
-            initargs=(str(src_model), str(tgt_model)),
+            workers, mp_context=get_context("spawn"), initializer=_load_worker_models, initargs=(paths,),
         ) as pool:
             pending: deque = deque()
             for chunk in chunks:
@@ -184,7 +185,7 @@ def encode_to_token_files(
             while pending:
                 future, size = pending.popleft()
                 write(future.result(), size)
-    return src_writer.close(), tgt_writer.close()
+    return [writer.close() for writer in writers]
 
 
 def chunked(items: Iterator, size: int) -> Iterator[list]:

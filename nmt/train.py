@@ -39,7 +39,7 @@ from nmt.config import Config, TrainConfig
 from nmt.data import ParallelSplit, read_lines
 from nmt.devices import autocast, resolve_device, resolve_precision
 from nmt.distributed import Ranks, init_ranks, rank_device
-from nmt.errors import CheckpointError, ConfigError, first_line
+from nmt.errors import CheckpointError, ConfigError, DataError, first_line
 from nmt.evaluate import bleu_tokenizer, corpus_bleu
 from nmt.files import CheckpointInfo, Manifest, TrainState, VocabInfo
 from nmt.interfaces import TrainingBatch, TrainingTask
@@ -351,6 +351,8 @@ def train(
         raise ConfigError("no checkpoint dir: set save_dir in the config or pass --out")
     data_dir, save_dir = Path(config.data_dir), Path(config.save_dir)
     manifest = Manifest.read(data_dir)
+    if manifest.kind != "parallel":
+        raise DataError(f"{data_dir} is a {manifest.kind} data dir, for nmt pretrain --data; translation needs parallel data")
     if config.train.init and not resume:  # a wrong pretrained model fails now, not after loading the data
         check_pretrained(Path(config.train.init), manifest.vocab, config.train.init_decoder)
     return run_training(

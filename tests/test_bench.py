@@ -112,3 +112,17 @@ def test_time_to_quality_reports_when_the_dev_bleu_first_reached_the_threshold(t
     first = next(r for r in record["curve"] if r["bleu"] >= 30.0)
     assert record["updates"] == first["step"] == record["curve"][-1]["step"]  # training stopped there
     assert 0 < record["train_seconds"] <= record["trained_seconds"] and record["train_seconds"] == first["train_seconds"]
+
+
+@pytest.mark.slow
+def test_scale_bench_of_monolingual_text(tmp_path):
+    from nmt.bench_scale import ScaleBenchConfig, run_scale_bench
+
+    write_pairs(tmp_path / "m30k" / "train", toy_pairs(300, seed=1), "de", "en")
+    report = run_scale_bench(ScaleBenchConfig(data=tmp_path / "m30k", pairs=2000, ratio=10, steps=3, vocab_size=60,
+                                              mono=True))
+    assert report["kind"] == "monolingual"
+    for size, sentences in (("large", 2000), ("small", 200)):
+        figures = report[size]
+        assert figures["sentences"] == sentences and 0 < figures["train_sentences"] < sentences
+        assert 0 < figures["train_setup_seconds"] < figures["train_startup_seconds"] < figures["train_seconds"]

@@ -22,9 +22,7 @@ from nmt.pretrain import (
     Examples,
     MonoCorpus,
     build_masked_batch,
-    encode_corpus,
     fill_mask,
-    hold_out,
     load_masked_lm,
     mask_tokens,
     masked_lm_loss,
@@ -130,19 +128,19 @@ def test_pair_batch_has_cls_sep_and_segments():
 
 
 def test_documents_and_held_out_split(tmp_path):
-    text = tmp_path / "text.txt"
+    from nmt.monolingual import MonoPrepareConfig, prepare_mono
+
+    text = tmp_path / "text.en"
     blocks = ["\n".join(f"sentence {d} {i}" for i in range(3)) for d in range(30)]
     text.write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
-    (tmp_path / "more.txt").write_text("another file\nstarts a document\n", encoding="utf-8")
-    from nmt.tokenizer import train_sentencepiece
-
-    model = train_sentencepiece([f"sentence {d} {i}" for d in range(30) for i in range(3)], tmp_path / "spm", 40)
-    corpus = encode_corpus([text, tmp_path / "more.txt"], load_sentencepiece(model), max_tokens=64)
-    assert len(corpus) == 92
-    assert len(np.unique(corpus.documents)) == 31
-    train, valid = hold_out(corpus, 9, seed=0)
-    assert len(np.intersect1d(train, valid)) == 0 and len(train) + len(valid) == 92
-    assert len(np.intersect1d(corpus.documents[train], corpus.documents[valid])) == 0  # whole documents
+    (tmp_path / "more.en").write_text("another file\nstarts a document\n", encoding="utf-8")
+    manifest = prepare_mono(MonoPrepareConfig(out_dir=tmp_path / "data", files=[text, tmp_path / "more.en"],
+                                              valid_sentences=9, vocab_size=40))
+    assert manifest.kind == "monolingual" and manifest.src_lang == "en"
+    train, valid = MonoCorpus.load(tmp_path / "data", "train"), MonoCorpus.load(tmp_path / "data", "valid")
+    assert len(train) + len(valid) == 92 and 9 <= len(valid) <= 12
+    assert len(np.unique(np.concatenate([train.documents, valid.documents]))) == 31
+    assert len(np.intersect1d(train.documents, valid.documents)) == 0  # whole documents held out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,3 +416,65 @@ def test_plot_draws_a_pretraining_run_beside_a_translation_run(pretrained_and_da
     result = invoke("plot", root / "mlm", tmp_path / "model", "-o", tmp_path / "curves.png")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------------------------
+# Monolingual data dirs (nmt prepare --mono) and pretrain --data
+
+
+def test_prepare_mono_normalizes_each_language_and_reserves_the_symbols(tmp_path):
+    (tmp_path / "news.zh").write_text("知識就是力量\n我們明天見\n\n她在圖書館讀書\n" * 5, encoding="utf-8")
+    (tmp_path / "news.en").write_text("Knowledge is power.\n\nSee you tomorrow.\n" * 5, encoding="utf-8")
+    result = invoke("prepare", "--mono", tmp_path / "news.zh", "--mono", tmp_path / "news.en", "--vocab-size", "400",
+                    "--valid-size", "4", "--out", tmp_path / "data", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "monolingual, zh+en" in result.output and "train:" in result.output
+    manifest = Manifest.read(tmp_path / "data")
+    assert manifest.kind == "monolingual" and manifest.input["langs"] == ["zh", "en"]
+    assert manifest.vocab.character_coverage == 0.9995  # Chinese: byte fallback spells the rarest characters
+    processor = load_sentencepiece(tmp_path / "data" / manifest.vocab.src_model)
+    assert [processor.id_to_piece(i) for i in (MASK, 5, 6)] == ["[MASK]", "[CLS]", "[SEP]"]
+    corpus = MonoCorpus.load(tmp_path / "data", "train")
+    text = "".join(processor.decode(corpus[i].tolist()) for i in range(len(corpus)))
+    assert "知识就是力量" in text and "知識" not in text  # Traditional folded to Simplified, as prepare does
+    assert "Knowledge is power." in text
+    assert isinstance(corpus.tokens, np.memmap)
+
+
+def test_pretrain_from_a_data_dir_equals_the_text_shortcut(tmp_path):
+    from nmt.monolingual import MonoPrepareConfig, prepare_mono
+
+    documents = ["\n".join(FACTS[i:] + FACTS[:i]) for i in range(len(FACTS))]
+    (tmp_path / "docs.en").write_text("\n\n".join(documents) + "\n", encoding="utf-8")
+    settings = dict(max_steps=6, valid_every=3, log_every=1)
+    shortcut = pretrain(_pretrain_config(tmp_path / "a", **settings), [tmp_path / "docs.en"], vocab_size=60,
+                        progress=False)
+    config = _pretrain_config(tmp_path / "b", **settings)
+    prepare_mono(MonoPrepareConfig(out_dir=tmp_path / "mono", files=[tmp_path / "docs.en"], vocab_size=60,
+                                   valid_sentences=config.pretrain.valid_sentences, seed=config.train.seed))
+    from_dir = pretrain(config, data=tmp_path / "mono", progress=False)
+    assert (tmp_path / "a" / "data" / "manifest.json").is_file()  # --text went through a data dir
+
+    def losses(name):
+        records = [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in records if r["type"] == "train"]
+
+    assert losses("a") == losses("b") and len(losses("a")) == 6
+    assert shortcut.best_score == from_dir.best_score
+
+
+def test_monolingual_and_parallel_data_dirs_are_not_mixed_up(tmp_path):
+    from conftest import prepare_toy_data
+
+    parallel = prepare_toy_data(tmp_path / "p", train=30)
+    (tmp_path / "mono.en").write_text("\n".join(FACTS * 4) + "\n", encoding="utf-8")
+    assert invoke("prepare", "--mono", tmp_path / "mono.en", "--vocab-size", "50", "--valid-size", "3",
+                  "--out", tmp_path / "mono", "--no-progress").exit_code == 0
+    result = invoke("train", "--data", tmp_path / "mono", "--out", tmp_path / "t", "--device", "cpu")
+    assert result.exit_code == 1 and "monolingual data dir" in result.output and "Traceback" not in result.output
+    result = invoke("pretrain", "--data", parallel, "--out", tmp_path / "m", "--device", "cpu")
+    assert result.exit_code == 1 and "parallel data dir" in result.output
+    result = invoke("pretrain", "--data", tmp_path / "mono", "--text", tmp_path / "mono.en", "--out", tmp_path / "m")
+    assert result.exit_code == 1 and "leave out --text" in result.output
+    result = invoke("prepare", "--out", tmp_path / "x", "--train", tmp_path / "nothing")
+    assert result.exit_code == 1 and "--src and --tgt" in result.output
