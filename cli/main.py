@@ -254,6 +254,7 @@ def fill_mask(
     import sys
 
     from nmt.devices import resolve_device
+    from nmt.files import VocabInfo
     from nmt.pretrain import fill_mask as run_fill_mask
     from nmt.pretrain import load_masked_lm
 
@@ -262,11 +263,12 @@ def fill_mask(
             raise NmtError("--top-k must be at least 1")
         resolved = resolve_device(device)
         model, processor = load_masked_lm(model_dir, resolved, checkpoint)
+        normalize = VocabInfo.read(model_dir).source_normalization()
         lines = text if text else (line.rstrip("\n") for line in sys.stdin)
         for line in lines:
             if not line.strip():
                 continue
-            filled = run_fill_mask(model, processor, line, top_k, resolved)
+            filled = run_fill_mask(model, processor, line, top_k, resolved, normalize)
             typer.echo(filled.text)
             for number, mask in enumerate(filled.masks, 1):
                 options = ", ".join(f"{piece} {p:.3f}" for piece, p in mask.candidates)

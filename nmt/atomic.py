@@ -9,9 +9,15 @@ from pathlib import Path
 
 
 def file_mode() -> int:
-    """The mode a new file gets from the process's umask, as open() gives it (0644 under 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    """The mode a new file gets from the process's umask, as open() gives it (0644 under 022).
+    Read from /proc where Linux has it: setting the umask to read it would change it, for a
+    moment, for every thread."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
     return 0o666 & ~mask
 
 

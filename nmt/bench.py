@@ -374,7 +374,8 @@ def run_bench(bc: BenchConfig, log: Callable[[str], None] = lambda m: print(m, f
                     report["time_to_quality"].append(record)
                 if "decode" in bc.sections:
                     log(f"decoding test_2016_flickr: {name}")
-                    half = gpu if bc.half_precision_decoding is None else bc.half_precision_decoding
+                    bf16 = gpu and torch.cuda.is_bf16_supported()  # not on GPUs before Ampere
+                    half = bf16 if bc.half_precision_decoding is None else bc.half_precision_decoding
                     decoded = bench_decoding(
                         name, save_dir, lines, references, device, bc.repeats, with_int8=device.type == "cpu",
                         with_half=half,

@@ -287,7 +287,8 @@ class Run:
             raise RuntimeError("no trained model to decode: stages transformer and rnn did not finish")
         return self.bench(
             ("decode",), {n: self.config_path(n) for n in names},
-            checkpoints={n: self.work / f"model-{n}" for n in names}, half_precision_decoding=True,
+            checkpoints={n: self.work / f"model-{n}" for n in names},
+            half_precision_decoding=True if self.cc.dry_run else None,  # None: on GPUs with bf16
         )
 
     def compile(self) -> dict:

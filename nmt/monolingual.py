@@ -27,7 +27,7 @@ from nmt import __version__
 from nmt.data import CleanConfig, clean_whitespace, read_lines
 from nmt.errors import DataError
 from nmt.files import Manifest, Vocabulary
-from nmt.normalize import language_normalization
+from nmt.normalize import Normalization, language_normalization
 from nmt.prepare import (
     ENCODE_CHUNK_PAIRS,
     PARALLEL_ENCODE_PAIRS,
@@ -89,13 +89,17 @@ def _languages(config: MonoPrepareConfig) -> list[str]:
     return list(config.langs) if config.langs is not None else [file_language(p) for p in config.files]
 
 
+def normalization(lang: str, clean: CleanConfig) -> Normalization:
+    """What prepare applies to text in `lang` (a file of unknown language: the Unicode form)."""
+    return language_normalization("" if lang == LANGUAGE_UNKNOWN else lang, clean.normalization, clean.chinese_script)
+
+
 def read_documents(paths: list[Path], langs: list[str], clean: CleanConfig) -> Iterator[tuple[int, str]]:
     """(document number, sentence) for each non-empty line, normalized for its file's language;
     a blank line or a new file starts a new document."""
     document = 0
     for path, lang in zip(paths, langs):
-        normalize = language_normalization("" if lang == LANGUAGE_UNKNOWN else lang, clean.normalization,
-                                           clean.chinese_script)
+        normalize = normalization(lang, clean)
         started = False
         for line in read_lines(Path(path)):
             text = clean_whitespace(normalize(line))
@@ -148,13 +152,13 @@ def _build_mono_dir(directory: Path, config: MonoPrepareConfig, progress: bool) 
     dtype = token_dtype(processor.get_piece_size())
     stages.done("sentencepiece")
 
-    counts, workers = {}, 1
+    counts = {}
+    workers = worker_count(config.workers) if (~held).sum() >= PARALLEL_ENCODE_PAIRS else 1
     for split, rows in (("train", ~held), ("valid", held)):
-        workers = worker_count(config.workers) if split == "train" and rows.sum() >= PARALLEL_ENCODE_PAIRS else 1
         with open(work, encoding="utf-8", newline="\n") as f:
             selected = ((line[:-1],) for line, keep in zip(f, rows) if keep)
             (written,) = encode_to_token_files(chunked(selected, ENCODE_CHUNK_PAIRS), [model], directory,
-                                               [f"{split}.text"], dtype, workers)
+                                               [f"{split}.text"], dtype, workers if split == "train" else 1)
         np.save(directory / f"{split}.documents.npy", documents[rows])
         counts[split] = {"sentences": written["sequences"], "tokens": written["tokens"],
                          "documents": len(np.unique(documents[rows]))}
@@ -167,7 +171,7 @@ def _sentencepiece(directory: Path, work: Path, config: MonoPrepareConfig, langs
     """The given model, or one trained on a random sample of the sentences."""
     if config.spm_model is not None:
         return copy_sentencepiece(Path(config.spm_model), directory, joint=True)
-    with open(work, encoding="utf-8") as f:
+    with open(work, encoding="utf-8", newline="\n") as f:
         total = sum(1 for _ in f)
     rng = np.random.default_rng(config.seed)
     chosen = np.zeros(total, dtype=bool)
@@ -191,8 +195,7 @@ def _manifest(
         sample_sentences=config.spm_max_sentences,
         given_model=str(config.spm_model) if config.spm_model is not None else None,
     )
-    first = language_normalization("" if langs[0] == LANGUAGE_UNKNOWN else langs[0], config.clean.normalization,
-                                   config.clean.chinese_script).as_dict()
+    first = normalization(langs[0], config.clean).as_dict()
     languages = "+".join(dict.fromkeys(langs))
     files = sorted(p.name for p in directory.iterdir())
     return Manifest(

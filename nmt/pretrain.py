@@ -23,13 +23,15 @@ from tqdm import tqdm
 from nmt.batches import token_batches
 from nmt.checkpoint import load_weights, read_config, weights_dir
 from nmt.config import Config, PretrainConfig, save_config
-from nmt.data import clean_whitespace, normalize_text
+from nmt.data import clean_whitespace
 from nmt.devices import autocast
 from nmt.distributed import Ranks
 from nmt.errors import CheckpointError, ConfigError, DataError
 from nmt.files import MASKED_LM, Manifest, VocabInfo
 from nmt.models.masked_lm import MaskedLM
 from nmt.monolingual import MONOLINGUAL, MonoPrepareConfig, prepare_mono
+from nmt.normalize import Normalization
+from nmt.prepare import given_sentencepiece
 from nmt.shards import TokenArray
 from nmt.tokenizer import (
     CLS,
@@ -44,7 +46,6 @@ from nmt.tokenizer import (
 from nmt.train import TrainResult, check_same_model, run_training
 
 SPM_NAME = "spm.joint.model"
-NORMALIZATION = "NFC"  # as `nmt prepare` does by default
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +369,10 @@ def evaluate_masked_lm(
 
 
 def vocabulary_model(path: Path) -> Path:
-    """The SentencePiece model of `--vocab`: a .model file or a data dir from nmt prepare."""
+    """The SentencePiece model of `--vocab`: a .model file, a data dir from nmt prepare or a
+    checkpoint directory."""
+    if path.is_dir() and (path / VocabInfo.NAME).is_file():
+        return given_sentencepiece(path)
     if path.is_dir():
         vocab = Manifest.read(path).vocab
         if not vocab.joint:
@@ -417,12 +421,15 @@ def prepare_text(
 ) -> Path:
     """`--text`: the texts prepared as `nmt prepare --mono` does, into SAVE_DIR/data (by the main
     process; a resumed run uses the data it was prepared with)."""
-    data_dir = Path(config.save_dir) / "data"
+    save_dir = Path(config.save_dir)
+    data_dir = save_dir / "data"
     if ranks.is_main and not (resume and (data_dir / Manifest.NAME).is_file()):
+        model = vocabulary_model(Path(vocab)) if vocab is not None else None
+        if resume:  # a run pretrained before its text was kept as a data dir: its own vocabulary
+            model = save_dir / VocabInfo.read(save_dir).vocab.src_model
         prepare_mono(MonoPrepareConfig(
             out_dir=data_dir, files=[Path(t) for t in texts], valid_sentences=config.pretrain.valid_sentences,
-            seed=config.train.seed, vocab_size=vocab_size,
-            spm_model=vocabulary_model(Path(vocab)) if vocab is not None else None, overwrite=True,
+            seed=config.train.seed, vocab_size=vocab_size, spm_model=model, overwrite=True,
         ), progress=progress)
     ranks.barrier()
     return data_dir
@@ -457,9 +464,13 @@ def load_masked_lm(save_dir: Path, device: torch.device | str = "cpu", which: st
 
 
 @torch.no_grad()
-def fill_mask(model: MaskedLM, processor, text: str, top_k: int = 5, device: torch.device | str = "cpu") -> FilledLine:
+def fill_mask(
+    model: MaskedLM, processor, text: str, top_k: int = 5, device: torch.device | str = "cpu",
+    normalize: Normalization | None = None,
+) -> FilledLine:
     """The `top_k` most likely pieces for each [MASK] in `text` (one piece per mask)."""
-    ids = processor.encode(clean_whitespace(normalize_text(text, NORMALIZATION)))
+    # As the pretraining text was (the checkpoint's record, VocabInfo.source_normalization).
+    ids = processor.encode(clean_whitespace((normalize or Normalization())(text)))
     # SentencePiece splits " [MASK]" into a bare "▁" and [MASK]; in pretraining the mask took a
     # whole piece, space included, so the bare "▁" goes.
     space = processor.piece_to_id("▁")

@@ -168,24 +168,29 @@ def beam_search(
         keep_beams = top_beams.gather(1, order)  # (N, K)
         keep_tokens = top_tokens.gather(1, order)  # (N, K)
         best_alive = keep_scores[:, :1] / (t + 1) ** len_penalty  # (N, 1) the best live beam, were it to end now
-        # The one read-back of the step.
+        # The one read-back of the step, split into its named parts on the host.
         read = torch.cat([top_scores[:, :K], ends.float(), top_beams[:, :K].float(), best_alive,
                           at_limit[:, None].float()], dim=1).tolist()  # (N, 3K+2)
+        step_scores = [values[:K] for values in read]
+        step_ends = [values[K : 2 * K] for values in read]
+        step_beams = [values[2 * K : 3 * K] for values in read]
+        alive_scores = [values[3 * K] for values in read]
+        limit_reached = [values[3 * K + 1] for values in read]
 
         length = t + 1  # generated tokens including EOS
-        for n, row_values in enumerate(read):
-            for j in (j for j in range(K) if row_values[K + j]):
-                row = n * K + int(row_values[2 * K + j])
-                _add_finished(finished[active_list[n]], K, row_values[j] / length**len_penalty, row, history,
+        for n in range(N):
+            for j in (j for j in range(K) if step_ends[n][j]):
+                row = n * K + int(step_beams[n][j])
+                _add_finished(finished[active_list[n]], K, step_scores[n][j] / length**len_penalty, row, history,
                               weights_history, step_weights)
         if t + 1 >= max_steps:
             break
         # A sentence is done when its K finished hypotheses all score at least as well as the
         # best live beam would if it ended now (log-probs only fall as a hypothesis grows).
         alive_list = [
-            n for n, row_values in enumerate(read)
-            if not (row_values[3 * K + 1] or (len(finished[active_list[n]]) == K
-                                                and min(h.score for h in finished[active_list[n]]) >= row_values[3 * K]))
+            n for n in range(N)
+            if not (limit_reached[n] or (len(finished[active_list[n]]) == K
+                                         and min(h.score for h in finished[active_list[n]]) >= alive_scores[n]))
         ]
         if not alive_list:
             break
@@ -218,7 +223,7 @@ def _add_finished(
     weights = None
     if step_weights is not None:
         weights = torch.cat([weights_history[row], step_weights[row, None]])  # (t+1, S)
-    hyps.append(Hypothesis(history[row], score, weights))
+    hyps.append(Hypothesis(history[row].clone(), score, weights))  # a copy, not a view that keeps the whole history
 
 
 def _best_hypotheses(finished: list[list[Hypothesis]], nbest: int, device: torch.device) -> list[list[Hypothesis]]:

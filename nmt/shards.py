@@ -74,6 +74,18 @@ def flatten(sequences: list[list[int]], dtype: np.dtype) -> tuple[np.ndarray, np
     return tokens, lengths
 
 
+def sequence_lengths(offsets: np.ndarray, block: int = 1 << 20) -> np.ndarray:
+    """(N,) the lengths of the sequences `offsets` bounds, for batching: the one part of the index
+    held in memory, 2 bytes per sequence (4 beyond 65,535 tokens). Computed a block at a time, so
+    that no 8-byte array of the corpus's size is made on the way."""
+    count = len(offsets) - 1
+    longest = max((int(np.diff(offsets[i : i + block + 1]).max(initial=0)) for i in range(0, count, block)), default=0)
+    lengths = np.empty(count, dtype=np.uint16 if longest <= np.iinfo(np.uint16).max else np.int32)
+    for i in range(0, count, block):
+        lengths[i : i + block] = np.diff(offsets[i : i + block + 1])
+    return lengths
+
+
 class TokenArray:
     """A list of token sequences stored as one flat array plus offsets; the tokens stay on disk
     (memory-mapped) and are read as batches need them."""
@@ -86,9 +98,7 @@ class TokenArray:
             raise DataError(f"cannot read {Path(directory) / stem} ({first_line(e)}); run nmt prepare again") from None
         if self.offsets.ndim != 1 or len(self.offsets) < 1 or int(self.offsets[-1]) != len(self.tokens):
             raise DataError(f"{Path(directory) / stem}: tokens and offsets do not match; run nmt prepare again")
-        # (N,) for batching, the one part of the index held in memory: 2 bytes per sentence
-        lengths = np.diff(self.offsets)
-        self.lengths = lengths.astype(np.uint16 if lengths.max(initial=0) <= np.iinfo(np.uint16).max else np.int32)
+        self.lengths = sequence_lengths(self.offsets)
         self.release_pages()
 
     def release_pages(self) -> None:

@@ -608,6 +608,7 @@ class Trainer:
             "setup_seconds": round(time.time() - self.started, 2),
         })
         self.model.train()
+        self.interval = Interval(self.device)  # the first interval starts with the first update, not the set-up
         # A terminal gets a bar; a log file (CI, nohup) one plain line per log step instead of its frames.
         self.plain_progress = progress and not sys.stderr.isatty()
         bar = tqdm(total=tc.max_steps or None, initial=st.step, unit="step", disable=not progress or self.plain_progress,
@@ -715,7 +716,7 @@ class Trainer:
         this one: training stops with an error (torchrun then stops the others)."""
         step = self.state.step
         if self.ranks.active:
-            raise CheckpointError(
+            raise ConfigError(
                 f"out of memory at step {step} in process {self.ranks.rank} of {self.ranks.world}: the half-batch "
                 "retry runs with one process only; lower train.batch_tokens and continue with --resume "
                 "(the last checkpoint is intact)"
@@ -803,13 +804,13 @@ class Trainer:
             valid_started = time.time()
             st.last_valid = {"step": st.step, **task.validate(self.model, self.device, self.dtype)}
             st.valid_seconds += time.time() - valid_started
+            seconds = self.elapsed()  # before saving: the time to quality leaves out the writing
             improved = st.last_valid[task.metric] > st.best_score
             if improved:
                 st.best_score, st.best_step, st.bad_validations = st.last_valid[task.metric], st.step, 0
                 self.save("best")
             else:
                 st.bad_validations += 1
-            seconds = self.elapsed()
             # train_seconds leaves out validation: the time to reach a dev BLEU, as benchmarks count it
             self.write_log({
                 "type": "valid", **st.last_valid, "seconds": round(seconds, 1),

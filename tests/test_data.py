@@ -144,3 +144,16 @@ def test_batch_prefetcher_returns_every_update_in_order_and_raises_failures(ahea
         assert prefetcher.next() == [6]
         with pytest.raises(ValueError, match="bad batch"):
             prefetcher.next()
+
+
+def test_sequence_lengths_in_blocks_equal_the_differences_of_the_offsets():
+    import numpy as np
+
+    from nmt.shards import sequence_lengths
+
+    rng = np.random.default_rng(0)
+    offsets = np.concatenate([[0], np.cumsum(rng.integers(0, 300, size=1001))])
+    for block in (1, 7, 1000, 5000):
+        lengths = sequence_lengths(offsets, block)
+        assert lengths.dtype == np.uint16 and (lengths == np.diff(offsets)).all()
+    assert sequence_lengths(np.array([0, 70_000]), 4).dtype == np.int32 and len(sequence_lengths(np.array([0]))) == 0

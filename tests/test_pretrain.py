@@ -478,3 +478,16 @@ def test_monolingual_and_parallel_data_dirs_are_not_mixed_up(tmp_path):
     assert result.exit_code == 1 and "leave out --text" in result.output
     result = invoke("prepare", "--out", tmp_path / "x", "--train", tmp_path / "nothing")
     assert result.exit_code == 1 and "--src and --tgt" in result.output
+
+
+def test_resuming_a_run_from_before_its_text_was_kept_as_a_data_dir(tmp_path):
+    import shutil
+
+    documents = ["\n".join(FACTS[i:] + FACTS[:i]) for i in range(len(FACTS))]
+    (tmp_path / "docs.en").write_text("\n\n".join(documents) + "\n", encoding="utf-8")
+    pretrain(_pretrain_config(tmp_path / "m", max_steps=2, valid_every=2), [tmp_path / "docs.en"], vocab_size=60,
+             progress=False)
+    shutil.rmtree(tmp_path / "m" / "data")  # how earlier versions left a run
+    result = pretrain(_pretrain_config(tmp_path / "m", max_steps=4, valid_every=2), [tmp_path / "docs.en"],
+                      vocab_size=60, resume=True, progress=False)
+    assert result.steps == 4  # prepared again with the run's own vocabulary

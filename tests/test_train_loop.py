@@ -8,7 +8,7 @@ import torch
 from nmt.batches import Batch
 from nmt.config import TrainConfig
 from nmt.distributed import Ranks
-from nmt.errors import CheckpointError
+from nmt.errors import ConfigError
 from nmt.files import CheckpointInfo, TrainState
 from nmt.train import Interval, Trainer, UpdateResult, process_shares, update_groups, validation_stop
 
@@ -82,7 +82,7 @@ def test_out_of_memory_retry_keeps_the_normalizer():
 
 def test_out_of_memory_with_several_processes_stops_with_one_line():
     stub = _trainer_stub(2, lambda *args: pytest.fail("no retry with several processes"))
-    with pytest.raises(CheckpointError, match="out of memory at step 7 in process 0 of 2") as error:
+    with pytest.raises(ConfigError, match="out of memory at step 7 in process 0 of 2") as error:
         Trainer.retry_out_of_memory(stub, [_batch(4, 16)], 1e-3, 8.0)
     assert len(str(error.value).splitlines()) == 1 and "batch_tokens" in str(error.value)
 
@@ -115,3 +115,32 @@ def test_files_written_by_earlier_versions_are_read(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(Exception, match="damaged"):
         Manifest.read(tmp_path)
+
+
+def _stopping_stub(step: int, elapsed: float = 0.0, skipped_run: int = 0, signal: str = "", verdict: str = "", **tc):
+    calls = []
+    stub = SimpleNamespace(
+        state=TrainState(step=step), tc=TrainConfig(**{"log_every": 10, "valid_every": 1000, **tc}), ranks=Ranks(),
+        device=CPU, longest_skipped_run=torch.tensor(skipped_run), stop_signal=SimpleNamespace(received=signal),
+        elapsed=lambda: elapsed, log=lambda message: calls.append(("log", message)),
+        save=lambda name: calls.append(("save", name)),
+        validate_and_save=lambda: calls.append(("validate", step)) or verdict, validated_at=-1,
+    )
+    return stub, calls
+
+
+def test_stop_decision_after_an_update():
+    def stop(*args, **kwargs):
+        stub, calls = _stopping_stub(*args, **kwargs)
+        return Trainer.stop_after_update(stub), calls
+
+    assert stop(7)[0] == ""
+    assert stop(8, max_steps=8)[0] == "max_steps" and stop(7, max_steps=8)[0] == ""
+    assert stop(7, elapsed=61.0, max_minutes=1.0)[0] == "max_minutes" and stop(7, elapsed=59.0, max_minutes=1.0)[0] == ""
+    reason, calls = stop(7, skipped_run=20)
+    assert reason == "skipped updates" and calls[0][0] == "log" and "20 updates in a row" in calls[0][1]
+    reason, calls = stop(7, signal="SIGTERM")
+    assert reason == "signal (SIGTERM)" and ("save", "last") in calls
+    reason, calls = stop(10, valid_every=5, verdict="patience")
+    assert reason == "patience" and ("validate", 10) in calls
+    assert stop(11, valid_every=5, verdict="patience")[1] == []  # no validation between
