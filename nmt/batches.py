@@ -27,17 +27,20 @@ def token_batches(
     side plus its BOS/EOS. With a seed, ties in length are broken at random and the batch order
     is shuffled, so each epoch sees different batches; without one, the order is by length.
     """
-    sizes = np.maximum(src_lengths, tgt_lengths).astype(np.int32) + 1
+    sizes = np.maximum(src_lengths, tgt_lengths).astype(np.int32)
+    sizes += 1
     rng = np.random.default_rng(seed) if seed is not None else None
     index_type = np.int32 if len(sizes) < 2**31 else np.int64  # half the memory for millions of sentences
     order = np.arange(len(sizes), dtype=index_type)
     if rng is not None:
         rng.shuffle(order)  # in place: rng.permutation's order, without its 8-byte copy
-    order = order[np.argsort(sizes[order], kind="stable")]
+    order = sorted_by_size(order, sizes)
     # Sorted by size, a batch is a run of sentences; fill runs greedily, one size at a time
     # (a few hundred sizes, not millions of sentences): a batch holds `capacity` sentences of
     # its longest size, and one that is not full takes sentences of the next size.
-    values, counts = np.unique(sizes[order], return_counts=True)
+    counts = np.bincount(sizes)
+    values = np.flatnonzero(counts)
+    counts = counts[values]
     starts: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
     position, in_batch = 0, 0  # sentences placed so far; of them, in the open batch
     for size, count in zip(values.tolist(), counts.tolist()):
@@ -64,6 +67,25 @@ def token_batches(
     if rng is not None:
         rng.shuffle(batches)
     return batches
+
+
+def sorted_by_size(order: np.ndarray, sizes: np.ndarray, block: int = 1 << 20) -> np.ndarray:
+    """`order` (a permutation of the sentences) sorted stably by `sizes[order]`, as
+    `order[np.argsort(sizes[order], kind="stable")]` is, but as a counting sort a block at a
+    time: memory holds no 8-byte index of the corpus's size, only the result."""
+    counts = np.bincount(sizes)
+    next_slot = np.concatenate([[0], np.cumsum(counts)[:-1]])  # where each size's sentences go next
+    out = np.empty_like(order)
+    for start in range(0, len(order), block):
+        part = order[start : start + block]
+        keys = sizes[part]
+        within = np.argsort(keys, kind="stable")
+        part, keys = part[within], keys[within]
+        values, first, counts = np.unique(keys, return_index=True, return_counts=True)
+        for size, at, count in zip(values.tolist(), first.tolist(), counts.tolist()):
+            out[next_slot[size] : next_slot[size] + count] = part[at : at + count]
+            next_slot[size] += count
+    return out
 
 
 @dataclass

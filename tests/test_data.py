@@ -157,3 +157,16 @@ def test_sequence_lengths_in_blocks_equal_the_differences_of_the_offsets():
         lengths = sequence_lengths(offsets, block)
         assert lengths.dtype == np.uint16 and (lengths == np.diff(offsets)).all()
     assert sequence_lengths(np.array([0, 70_000]), 4).dtype == np.int32 and len(sequence_lengths(np.array([0]))) == 0
+
+
+def test_counting_sort_by_size_equals_a_stable_argsort():
+    import numpy as np
+
+    from nmt.batches import sorted_by_size
+
+    rng = np.random.default_rng(1)
+    for n in (0, 1, 17, 5000):
+        sizes = rng.integers(1, 40, size=n).astype(np.int32)
+        order = rng.permutation(n).astype(np.int32)
+        for block in (1, 3, 1000, 1 << 20):
+            assert (sorted_by_size(order, sizes, block) == order[np.argsort(sizes[order], kind="stable")]).all()
