@@ -102,13 +102,7 @@ def _measure(config: ScaleBenchConfig, pairs: list[tuple[str, str]], count: int,
         "--overwrite", "--no-progress",
     ])
     manifest = Manifest.read(work / "data")
-    settings = [item for setting in TRAIN_SETTINGS + [f"train.max_steps={config.steps}"] for item in ("--set", setting)]
-    train_seconds, train_rss, train_started = _run_measured(nmt + [
-        "train", "--data", str(work / "data"), "--out", str(work / "model"), "--overwrite", "--no-progress",
-        "--device", "cpu", *settings,
-    ])
-    records = [json.loads(line) for line in (work / "model" / LOG_NAME).read_text().splitlines()]
-    start = next(r for r in records if r["type"] == "start")
+    training = _train_measured("train", config.steps, work)
     return {
         "pairs": count,
         "corpus_bytes": sum(os.path.getsize(f"{prefix}.{lang}") for lang in (config.src, config.tgt)),
@@ -121,11 +115,23 @@ def _measure(config: ScaleBenchConfig, pairs: list[tuple[str, str]], count: int,
         "train_pairs": manifest.counts["train"]["pairs"],
         "duplicates": manifest.cleaning["duplicates"],
         "data_dir_bytes": manifest.disk_bytes,
-        "train_startup_seconds": round(start["time"] - train_started, 2),
-        "train_setup_seconds": start["setup_seconds"],
-        "train_steps": config.steps,
-        "train_seconds": round(train_seconds, 1),
-        "train_peak_rss_bytes": train_rss,
+        **training,
+    }
+
+
+def _train_measured(command: str, steps: int, work: Path) -> dict:
+    """`nmt train` or `nmt pretrain` of the small model on work/data for `steps` updates, in a
+    process of its own: start-up (process start to first update), time and peak memory."""
+    settings = [item for setting in TRAIN_SETTINGS + [f"train.max_steps={steps}"] for item in ("--set", setting)]
+    seconds, rss, started = _run_measured([
+        sys.executable, "-m", "nmt_cli", command, "--data", str(work / "data"), "--out", str(work / "model"),
+        "--overwrite", "--no-progress", "--device", "cpu", *settings,
+    ])
+    records = [json.loads(line) for line in (work / "model" / LOG_NAME).read_text().splitlines()]
+    start = next(r for r in records if r["type"] == "start")
+    return {
+        "train_startup_seconds": round(start["time"] - started, 2), "train_setup_seconds": start["setup_seconds"],
+        "train_steps": steps, "train_seconds": round(seconds, 1), "train_peak_rss_bytes": rss,
     }
 
 
@@ -141,20 +147,12 @@ def _measure_mono(config: ScaleBenchConfig, pairs: list[tuple[str, str]], count:
         "--vocab-size", str(config.vocab_size), "--out", str(work / "data"), "--overwrite", "--no-progress",
     ])
     manifest = Manifest.read(work / "data")
-    settings = [item for setting in TRAIN_SETTINGS + [f"train.max_steps={config.steps}"] for item in ("--set", setting)]
-    train_seconds, train_rss, train_started = _run_measured(nmt + [
-        "pretrain", "--data", str(work / "data"), "--out", str(work / "model"), "--overwrite", "--no-progress",
-        "--device", "cpu", *settings,
-    ])
-    records = [json.loads(line) for line in (work / "model" / LOG_NAME).read_text().splitlines()]
-    start = next(r for r in records if r["type"] == "start")
     return {
         "sentences": count, "corpus_bytes": text.stat().st_size, "corpus_seconds": round(made, 1),
         "prepare_seconds": round(prepare_seconds, 1), "prepare_stage_seconds": manifest.stage_seconds,
         "prepare_peak_rss_bytes": prepare_rss, "encode_workers": manifest.encode_workers,
         "train_sentences": manifest.counts["train"]["sentences"], "data_dir_bytes": manifest.disk_bytes,
-        "train_startup_seconds": round(start["time"] - train_started, 2), "train_setup_seconds": start["setup_seconds"],
-        "train_steps": config.steps, "train_seconds": round(train_seconds, 1), "train_peak_rss_bytes": train_rss,
+        **_train_measured("pretrain", config.steps, work),
     }
 
 

@@ -42,6 +42,14 @@ def write_pairs(prefix: Path, pairs, src="xx", tgt="yy") -> None:
     Path(f"{prefix}.{tgt}").write_text("".join(t + "\n" for _, t in pairs), encoding="utf-8")
 
 
+def write_multi30k_toy(folder: Path) -> Path:
+    """The toy language under Multi30k's de/en file names (train, val, test_2016_flickr)."""
+    write_pairs(folder / "train", toy_pairs(200, seed=1), "de", "en")
+    write_pairs(folder / "val", toy_pairs(20, seed=2), "de", "en")
+    write_pairs(folder / "test_2016_flickr", toy_pairs(20, seed=3), "de", "en")
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

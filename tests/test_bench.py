@@ -2,7 +2,7 @@ import json
 
 import pytest
 import yaml
-from conftest import TINY_RNN, TINY_TRANSFORMER, toy_pairs, write_pairs
+from conftest import TINY_RNN, TINY_TRANSFORMER, toy_pairs, write_multi30k_toy, write_pairs
 from nmt_cli.main import app
 from typer.testing import CliRunner
 
@@ -14,10 +14,7 @@ TINY_RECIPES = {"transformer": TINY_TRANSFORMER, "rnn": {**TINY_RNN, "cell": "ls
 @pytest.fixture
 def bench_inputs(tmp_path):
     """A toy corpus under Multi30k's file names, and tiny configs for both model families."""
-    corpus = tmp_path / "m30k"
-    write_pairs(corpus / "train", toy_pairs(200, seed=1), "de", "en")
-    write_pairs(corpus / "val", toy_pairs(20, seed=2), "de", "en")
-    write_pairs(corpus / "test_2016_flickr", toy_pairs(20, seed=3), "de", "en")
+    corpus = write_multi30k_toy(tmp_path / "m30k")
     recipes = {}
     for name, model in TINY_RECIPES.items():
         recipes[name] = tmp_path / f"{name}.yaml"

@@ -4,7 +4,7 @@ import sys
 import zipfile
 
 import pytest
-from conftest import toy_pairs, write_pairs
+from conftest import write_multi30k_toy
 
 from nmt import gpu_check
 from nmt.gpu_check import STAGES, CheckConfig, install_bundle, parse_args, requirement_closure, run_check
@@ -13,11 +13,7 @@ from nmt.gpu_check import STAGES, CheckConfig, install_bundle, parse_args, requi
 @pytest.fixture
 def multi30k_toy(tmp_path):
     """A toy corpus under Multi30k's de/en file names."""
-    corpus = tmp_path / "m30k"
-    write_pairs(corpus / "train", toy_pairs(200, seed=1), "de", "en")
-    write_pairs(corpus / "val", toy_pairs(20, seed=2), "de", "en")
-    write_pairs(corpus / "test_2016_flickr", toy_pairs(20, seed=3), "de", "en")
-    return corpus
+    return write_multi30k_toy(tmp_path / "m30k")
 
 
 @pytest.mark.slow
