@@ -74,8 +74,34 @@ class Vocabulary:
         return self.src_sha256 if side == "src" else self.tgt_sha256
 
 
+class _VocabularyRecord:
+    """What manifest.json and vocab.json share: a vocabulary, a normalization record per side,
+    and how they are built from their JSON and written back."""
+
+    NAME: str
+    vocab: Vocabulary
+    normalization: dict
+
+    @classmethod
+    def _from_json(cls, data: dict, normalization) -> _VocabularyRecord | None:
+        """The record, or None when `data` lacks a field or holds one of the wrong kind."""
+        try:
+            values = _known_fields(cls, data)
+            values["vocab"] = Vocabulary.from_dict(data["vocab"])
+            values["normalization"] = _sides(normalization)
+            return cls(**values)
+        except (KeyError, TypeError):
+            return None
+
+    def write(self, directory: Path) -> None:
+        write_text_atomic(Path(directory) / self.NAME, json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False))
+
+    def source_normalization(self) -> Normalization:
+        return Normalization.from_saved(self.normalization["src"])
+
+
 @dataclass
-class Manifest:
+class Manifest(_VocabularyRecord):
     """`manifest.json` of a data dir written by `nmt prepare`."""
 
     src_lang: str  # a monolingual data dir: its languages, joined by "+"
@@ -107,24 +133,16 @@ class Manifest:
         path = Path(data_dir) / cls.NAME
         data = _read_json(path, f"{data_dir} is not a prepared data dir (no {cls.NAME}); run nmt prepare",
                           f"{path} is damaged; run nmt prepare again", DataError)
-        try:
-            values = _known_fields(cls, data)
-            values["vocab"] = Vocabulary.from_dict(data["vocab"])
-            # Before per-language normalization, the filters held the Unicode form alone.
-            values["normalization"] = _sides(data.get("normalization", data.get("filters", {}).get("normalization")))
-            return cls(**values)
-        except (KeyError, TypeError):
-            raise DataError(f"{path} is damaged or from another version; run nmt prepare again") from None
-
-    def write(self, data_dir: Path) -> None:
-        write_text_atomic(Path(data_dir) / self.NAME, json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False))
-
-    def source_normalization(self) -> Normalization:
-        return Normalization.from_saved(self.normalization["src"])
+        # Before per-language normalization, the filters held the Unicode form alone.
+        filters = data.get("filters") if isinstance(data.get("filters"), dict) else {}
+        manifest = cls._from_json(data, data.get("normalization", filters.get("normalization")))
+        if manifest is None:
+            raise DataError(f"{path} is damaged or from another version; run nmt prepare again")
+        return manifest
 
 
 @dataclass
-class VocabInfo:
+class VocabInfo(_VocabularyRecord):
     """`vocab.json` of a checkpoint dir: the task, languages, normalization and vocabulary."""
 
     vocab: Vocabulary
@@ -146,19 +164,10 @@ class VocabInfo:
         path = Path(save_dir) / cls.NAME
         data = _read_json(path, f"{save_dir} is not a checkpoint directory (no {cls.NAME})",
                           f"{path} is damaged", CheckpointError)
-        try:
-            values = _known_fields(cls, data)
-            values["vocab"] = Vocabulary.from_dict(data["vocab"])
-            values["normalization"] = _sides(data.get("normalization"))
-            return cls(**values)
-        except (KeyError, TypeError):
-            raise CheckpointError(f"{path} is damaged or from another version") from None
-
-    def write(self, save_dir: Path) -> None:
-        write_text_atomic(Path(save_dir) / self.NAME, json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False))
-
-    def source_normalization(self) -> Normalization:
-        return Normalization.from_saved(self.normalization["src"])
+        info = cls._from_json(data, data.get("normalization"))
+        if info is None:
+            raise CheckpointError(f"{path} is damaged or from another version")
+        return info
 
 
 @dataclass
