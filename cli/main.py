@@ -277,7 +277,7 @@ def fill_mask(
 
 @app.command()
 def translate(
-    model_dir: Annotated[Path, typer.Argument(help="Checkpoint directory from nmt train.")],
+    model_dirs: Annotated[list[Path], typer.Argument(help="Checkpoint directory from nmt train; several make an ensemble (they must share one vocabulary).", metavar="MODEL_DIR...")],
     input: Annotated[Path | None, typer.Option("--input", "-i", help="Text to translate, one sentence per line (default: stdin).")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write translations (default: stdout).")] = None,
     beam: Annotated[int | None, typer.Option(help="Beam size; 1 is greedy search.")] = None,
@@ -287,6 +287,15 @@ def translate(
     max_len_b: Annotated[int | None, typer.Option(help="Longest output = a * source length + b.")] = None,
     batch_tokens: Annotated[int | None, typer.Option(help="Source tokens per decoding batch.")] = None,
     precision: Annotated[str | None, typer.Option(help="fp32, or bf16 / fp16 autocast (for GPUs).")] = None,
+    no_repeat_ngram: Annotated[int | None, typer.Option(help="No n-gram of this size occurs twice in an output; 0: off.")] = None,
+    sampling: Annotated[bool, typer.Option("--sampling", help="Draw each token from the model's distribution instead of beam search; --nbest N draws N samples.")] = False,
+    topk: Annotated[int | None, typer.Option(help="With --sampling: draw from the K most probable tokens; 0: all.")] = None,
+    topp: Annotated[float | None, typer.Option(help="With --sampling: draw from the smallest set of tokens whose probability reaches P.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="With --sampling: divide the log-probabilities by T (below 1: closer to greedy).")] = None,
+    seed: Annotated[int | None, typer.Option(help="With --sampling: the random seed (the same seed draws the same samples).")] = None,
+    prefix: Annotated[Path | None, typer.Option(help="One target prefix per input line (empty: none) that the translation must start with.")] = None,
+    stream: Annotated[bool, typer.Option("--stream", help="Translate and write each line as soon as it is read (interactive use, pipes).")] = False,
+    chunk_lines: Annotated[int | None, typer.Option(help="Lines read, sorted and translated at a time.")] = None,
     checkpoint: Annotated[str, typer.Option(help="Which weights: best or last.")] = "best",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     replace_invalid: Annotated[bool, typer.Option(help="Replace invalid UTF-8 instead of stopping.")] = False,
@@ -303,8 +312,9 @@ def translate(
     from nmt.models.attention import AttentionChoice
     from nmt.translate import translate_file
 
-    options = dict(beam=beam, nbest=nbest, len_penalty=len_penalty, max_len_a=max_len_a,
-                   max_len_b=max_len_b, batch_tokens=batch_tokens, precision=precision)
+    options = dict(beam=beam, nbest=nbest, len_penalty=len_penalty, max_len_a=max_len_a, max_len_b=max_len_b,
+                   batch_tokens=batch_tokens, precision=precision, no_repeat_ngram=no_repeat_ngram, sampling=sampling or None,
+                   topk=topk, topp=topp, temperature=temperature, seed=seed, chunk_lines=chunk_lines)
     with user_errors():
         attention_output = None
         if attention is not None:
@@ -316,9 +326,11 @@ def translate(
             )
         elif attention_layer or attention_head or attention_words or json_weights or attention_lines:
             raise NmtError("--attention-layer, --attention-head, --attention-words, --attention-lines and --json need --attention DIR")
+        if not sampling and any(value is not None for value in (topk, topp, temperature, seed)):
+            raise NmtError("--topk, --topp, --temperature and --seed need --sampling")
         translate_file(
-            model_dir, input, output, options, checkpoint, device, replace_invalid, quantize=int8,
-            attention=attention_output,
+            model_dirs, input, output, options, checkpoint, device, replace_invalid, quantize=int8,
+            attention=attention_output, prefix_path=prefix, stream=stream,
         )
 
 
@@ -353,6 +365,22 @@ def evaluate(
     else:
         for s in scores:
             typer.echo(f"{s.text}\n  signature: {s.signature}")
+
+
+@app.command()
+def average(
+    model_dir: Annotated[Path, typer.Argument(help="Checkpoint directory of nmt train, trained with train.keep_last or keep_best.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write (new or empty).")],
+    last: Annotated[int, typer.Option(help="Average the N latest kept checkpoints.")] = 0,
+    best: Annotated[int, typer.Option(help="Average the N kept checkpoints with the best dev score.")] = 0,
+) -> None:
+    """Write a model directory whose weights are the mean of several checkpoints of one run."""
+    from nmt.average import average_checkpoints
+
+    with user_errors():
+        chosen = average_checkpoints(model_dir, out, last, best)
+    steps = ", ".join(str(c.step) for c in chosen)
+    typer.echo(f"{out}: the mean of {len(chosen)} checkpoints (steps {steps}); translate with: nmt translate {out}")
 
 
 @app.command()

@@ -62,12 +62,8 @@ def replace_dir(new: Path, target: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+    with open_text_atomic(path) as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def complete_dir(target: Path) -> Path | None:
@@ -92,3 +88,20 @@ def recover_dir(target: Path) -> None:
     for pattern in (f".{target.name}.old-*", f".{target.name}.tmp-*"):
         for leftover in target.parent.glob(pattern):
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def open_text_atomic(path: Path):
+    """A text file to write bit by bit that appears at `path` complete, or not at all: written
+    beside it under a temporary name and renamed when the block ends without an error."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)

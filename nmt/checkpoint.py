@@ -6,6 +6,7 @@
       spm.*.model            the SentencePiece model(s)
       best/model.safetensors weights with the best dev BLEU (+ info.json)
       last/model.safetensors latest weights, with optimizer.safetensors and trainer.json to resume
+      checkpoints/step-N/    with train.keep_last / keep_best: weights at validations (nmt average)
       train_log.jsonl        metrics (`nmt plot` draws them)
       tensorboard/           the same metrics for TensorBoard, when it is installed
 
@@ -34,6 +35,7 @@ from nmt.models import build_model
 from nmt.tokenizer import Tokenizer, file_sha256
 
 CHECKPOINT_NAMES = ("best", "last")
+UPDATE_CHECKPOINTS = "checkpoints"  # the folder of train.keep_last / keep_best
 
 
 def read_training_info(save_dir: Path) -> TrainState:
@@ -105,13 +107,15 @@ def save_checkpoint(
     rng_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write `save_dir/name/` atomically: a crash leaves the previous one intact. A failed write
-    (a full disk, say) removes its partial copy and is a one-line error."""
-    tmp = save_dir / f".{name}.tmp-{os.getpid()}"
+    (a full disk, say) removes its partial copy and is a one-line error. `name` may hold a folder
+    (checkpoints/step-0001000)."""
+    target = Path(save_dir) / name
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         _write_checkpoint_files(tmp, model, info, optimizer, rng_state)
-        replace_dir(tmp, save_dir / name)
+        replace_dir(tmp, target)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
@@ -134,6 +138,41 @@ def _write_checkpoint_files(
     for written in directory.glob("*.safetensors"):  # safetensors makes them private (0600)
         os.chmod(written, file_mode())
     dataclasses.replace(info, sha256=sha256, param_groups=groups).write(directory)
+
+
+@dataclasses.dataclass
+class UpdateCheckpoint:
+    """One of the checkpoints `train.keep_last` / `keep_best` keep: weights at a validation."""
+
+    step: int
+    path: Path
+    score: float  # the dev score (the task's metric) of these weights
+
+
+def update_checkpoint_name(step: int) -> str:
+    return f"{UPDATE_CHECKPOINTS}/step-{step:07d}"
+
+
+def update_checkpoints(save_dir: Path) -> list[UpdateCheckpoint]:
+    """The kept update checkpoints of `save_dir`, oldest first."""
+    found = []
+    for path in sorted((Path(save_dir) / UPDATE_CHECKPOINTS).glob("step-*")):
+        if not (path / "model.safetensors").is_file():
+            continue  # the temporary copy of a save in progress is a hidden folder; this is a damaged one
+        info = CheckpointInfo.read(path)
+        found.append(UpdateCheckpoint(info.state.step, path, float(info.state.last_valid.get(info.metric, float("-inf")))))
+    return sorted(found, key=lambda c: c.step)
+
+
+def prune_update_checkpoints(save_dir: Path, keep_last: int, keep_best: int) -> None:
+    """Remove the update checkpoints that are neither among the `keep_last` latest nor the
+    `keep_best` best."""
+    found = update_checkpoints(save_dir)
+    keep = {c.step for c in found[-keep_last:]} if keep_last else set()
+    keep |= {c.step for c in sorted(found, key=lambda c: c.score, reverse=True)[:keep_best]}
+    for checkpoint in found:
+        if checkpoint.step not in keep:
+            shutil.rmtree(checkpoint.path, ignore_errors=True)
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

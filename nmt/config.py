@@ -81,6 +81,10 @@ class TrainConfig:
     target_bleu: float = 0.0  # stop once the dev BLEU reaches this; 0: off
     max_skipped_updates: int = 20  # stop after this many updates in a row skipped (non-finite loss, out of memory); 0: never
     log_every: int = 100
+    # Besides best/ and last/: keep the weights of the last N validations and of the N best
+    # (checkpoints/step-NNNNNNN/), for `nmt average`; 0: none.
+    keep_last: int = 0
+    keep_best: int = 0
     tensorboard: bool = True  # also log to save_dir/tensorboard when the tensorboard package is installed
     seed: int = 1
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
@@ -97,6 +101,8 @@ class TrainConfig:
         _choice("train.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
         if self.freeze_init_steps < 0:
             raise ConfigError("train.freeze_init_steps must be 0 or more")
+        if self.keep_last < 0 or self.keep_best < 0:
+            raise ConfigError("train.keep_last and train.keep_best must be 0 (none) or more")
         for name in ("batch_tokens", "accum_steps", "valid_every", "log_every", "valid_beam"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1")
@@ -120,15 +126,31 @@ class DecodeConfig:
     # Arithmetic of the search: "fp32", or "bf16"/"fp16" autocast (matrix products in half
     # precision, normalizations and the output's log-softmax in fp32); for GPUs.
     precision: str = "fp32"
+    no_repeat_ngram: int = 0  # no n-gram of this size occurs twice in an output; 0: off
+    # Sampling instead of beam search: each token drawn from the model's distribution at
+    # 1/temperature, cut to the topk most probable (0: all) and to the smallest set reaching
+    # topp; nbest gives that many samples per line. The same seed draws the same samples.
+    sampling: bool = False
+    topk: int = 0
+    topp: float = 1.0
+    temperature: float = 1.0
+    seed: int = 1
+    chunk_lines: int = 10000  # a file is read, sorted and translated this many lines at a time
 
     def validate(self) -> None:
         _choice("decode.precision", self.precision, ("fp32", "bf16", "fp16"))
         if self.beam < 1:
             raise ConfigError("decode.beam must be at least 1")
-        if not 1 <= self.nbest <= self.beam:
-            raise ConfigError("decode.nbest must be between 1 and decode.beam")
-        if self.batch_tokens < 1 or self.max_input_tokens < 1:
-            raise ConfigError("decode.batch_tokens and decode.max_input_tokens must be at least 1")
+        if self.nbest < 1 or (not self.sampling and self.nbest > self.beam):
+            raise ConfigError("decode.nbest must be between 1 and decode.beam (any number of samples with decode.sampling)")
+        if self.batch_tokens < 1 or self.max_input_tokens < 1 or self.chunk_lines < 1:
+            raise ConfigError("decode.batch_tokens, decode.max_input_tokens and decode.chunk_lines must be at least 1")
+        if self.no_repeat_ngram < 0 or self.topk < 0:
+            raise ConfigError("decode.no_repeat_ngram and decode.topk must be 0 (off) or more")
+        if not 0.0 < self.topp <= 1.0:
+            raise ConfigError("decode.topp must be in (0, 1]")
+        if self.temperature <= 0.0:
+            raise ConfigError("decode.temperature must be positive")
 
 
 @dataclass

@@ -195,6 +195,7 @@ class CheckpointInfo:
     metric: str = "bleu"
     sha256: dict[str, str] = field(default_factory=dict)
     param_groups: list[dict] | None = None
+    averaged: list[str] | None = None  # `nmt average`: the checkpoints whose mean these weights are
     format_version: int = FORMAT_VERSION
 
     NAME = "info.json"

@@ -75,34 +75,114 @@ def _restrict(log_probs: torch.Tensor, must_end: torch.Tensor) -> torch.Tensor:
     return log_probs
 
 
+def ban_repeated_ngrams(log_probs: torch.Tensor, history: torch.Tensor, n: int) -> None:
+    """Forbid each row's next token where it would complete an n-gram the row already holds.
+    log_probs: (R, V), changed in place; history: (R, t) the row's tokens so far."""
+    R, t = history.shape
+    if t < n:
+        return
+    windows = history.unfold(1, n, 1)  # (R, W, n) every n-gram so far, W = t-n+1
+    last = history[:, t - n + 1 :]  # (R, n-1) what the next token would extend
+    repeats = (windows[:, :, : n - 1] == last[:, None, :]).all(-1)  # (R, W) n-grams starting like it
+    penalty = torch.zeros(repeats.shape, dtype=log_probs.dtype, device=log_probs.device)
+    log_probs.scatter_add_(1, windows[:, :, n - 1], penalty.masked_fill_(repeats, float("-inf")))
+
+
+@dataclass
+class StepRules:
+    """What every search applies to the model's log-probs at each step, besides the length limit:
+    no repeated n-gram of size `no_repeat_ngram` (0: off), and a forced target prefix per
+    sentence. A forced token keeps the model's log-probability, so scores count the prefix."""
+
+    no_repeat_ngram: int = 0
+    prefix: torch.Tensor | None = None  # (B, P) target tokens per sentence, PAD after its end
+
+    def prefix_lengths(self, batch: int, device: torch.device) -> torch.Tensor:  # (B,)
+        if self.prefix is None:
+            return torch.zeros(batch, dtype=torch.long, device=device)
+        return (self.prefix != PAD).sum(1)
+
+    def select(self, sentences: torch.Tensor) -> StepRules:
+        """The rules of these sentences (repeated or picked), in this order."""
+        return StepRules(self.no_repeat_ngram, None if self.prefix is None else self.prefix[sentences])
+
+    def apply(self, log_probs: torch.Tensor, history: torch.Tensor, sentences: torch.Tensor) -> torch.Tensor:
+        """log_probs: (R, V); history: (R, t) tokens so far; sentences: (R,) each row's sentence."""
+        t = history.shape[1]
+        forced = None
+        if self.prefix is not None and t < self.prefix.shape[1]:
+            forced = self.prefix[sentences, t][:, None]  # (R, 1), PAD where the prefix is over
+            forced_scores = log_probs.gather(1, forced)  # before the n-gram ban: a prefix may repeat itself
+        if self.no_repeat_ngram:
+            ban_repeated_ngrams(log_probs, history, self.no_repeat_ngram)
+        if forced is not None:
+            forcing = forced != PAD  # (R, 1)
+            log_probs.masked_fill_(forcing, float("-inf"))
+            log_probs.scatter_(1, forced, torch.where(forcing, forced_scores, log_probs.gather(1, forced)))
+        return log_probs
+
+
+@dataclass
+class Sampling:
+    """Draw each token from the model's distribution, scaled by 1/temperature, then cut to the
+    `topk` most probable tokens (0: all) and to the smallest set whose probability reaches `topp`."""
+
+    topk: int = 0
+    topp: float = 1.0
+    temperature: float = 1.0
+    generator: torch.Generator | None = None
+
+    def distribution(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """The probabilities tokens are drawn with: (R, V) -> (R, V), rows summing to 1."""
+        logits = log_probs / self.temperature
+        if self.topk and self.topk < logits.shape[-1]:
+            kth = logits.topk(self.topk, dim=-1).values[:, -1:]  # (R, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.topp < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)  # mass of the better tokens
+            drop = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, order, before >= self.topp)
+            logits = logits.masked_fill(drop, float("-inf"))
+        return logits.softmax(-1)
+
+    def choose(self, log_probs: torch.Tensor) -> torch.Tensor:  # (R, V) -> (R,)
+        return torch.multinomial(self.distribution(log_probs), 1, generator=self.generator)[:, 0]
+
+
 @torch.inference_mode()
 def greedy_search(
-    model: StepDecoder, src: torch.Tensor, max_len_a: float = 1.5, max_len_b: int = 10, attention: AttentionChoice | None = None
+    model: StepDecoder, src: torch.Tensor, max_len_a: float = 1.5, max_len_b: int = 10, attention: AttentionChoice | None = None,
+    rules: StepRules | None = None, sampling: Sampling | None = None,
 ) -> list[Hypothesis]:
-    """Pick the most probable token at each step. src: (B, S). With `attention`, each
-    hypothesis keeps the chosen cross-attention weights."""
+    """Pick the most probable token at each step (or, with `sampling`, draw it). src: (B, S).
+    With `attention`, each hypothesis keeps the chosen cross-attention weights. The score is
+    the log-probability of the output under the model (not the sampling distribution)."""
     B = src.shape[0]
-    limits = max_lengths(src, max_len_a, max_len_b)  # (B,)
+    rules = rules or StepRules()
+    sentences = torch.arange(B, device=src.device)
+    limits = torch.maximum(max_lengths(src, max_len_a, max_len_b), rules.prefix_lengths(B, src.device) + 1)  # (B,)
     memory = model.encode(src)
     state = _init_state(model, memory, attention)
     prev = torch.full((B,), BOS, dtype=torch.long, device=src.device)
     finished = torch.zeros(B, dtype=torch.bool, device=src.device)
     scores = torch.zeros(B, device=src.device)
-    steps, step_weights = [], []
+    history = torch.zeros(B, 0, dtype=torch.long, device=src.device)  # (B, t)
+    step_weights = []
     for t in range(int(limits.max())):
         log_probs, state = model.decode_step(prev, memory, state)  # (B, V)
         if attention is not None:
             step_weights.append(state.attention.float())  # (B, S)
-        log_probs = _restrict(log_probs, limits <= t + 1)
-        best_scores, tokens = log_probs.max(dim=-1)  # (B,)
+        log_probs = rules.apply(_restrict(log_probs, limits <= t + 1), history, sentences)
+        tokens = log_probs.argmax(dim=-1) if sampling is None else sampling.choose(log_probs)  # (B,)
+        token_scores = log_probs.gather(1, tokens[:, None])[:, 0]
         tokens = tokens.masked_fill(finished, PAD)
-        scores += best_scores.masked_fill(finished, 0.0)
-        steps.append(tokens)
+        scores += token_scores.masked_fill(finished, 0.0)
+        history = torch.cat([history, tokens[:, None]], dim=1)
         finished |= tokens == EOS
         if bool(finished.all()):
             break
         prev = tokens
-    out = torch.stack(steps, dim=1).tolist()  # (B, T)
+    out = history.tolist()  # (B, T)
     weights = torch.stack(step_weights, dim=1) if attention is not None else None  # (B, T, S)
     hyps = []
     for b, (row, score) in enumerate(zip(out, scores.tolist())):
@@ -110,6 +190,19 @@ def greedy_search(
         tokens = row[: length - 1] if EOS in row else row
         hyps.append(Hypothesis(tokens, score, None if weights is None else weights[b, :length]))
     return hyps
+
+
+def sample_search(
+    model: StepDecoder, src: torch.Tensor, sampling: Sampling, nbest: int = 1, max_len_a: float = 1.5,
+    max_len_b: int = 10, attention: AttentionChoice | None = None, rules: StepRules | None = None,
+) -> list[list[Hypothesis]]:
+    """`nbest` independent samples per sentence, most probable first: each sentence is
+    repeated `nbest` times in the batch and sampled like greedy search."""
+    B = src.shape[0]
+    sentences = torch.arange(B, device=src.device).repeat_interleave(nbest)  # (B*n,)
+    samples = greedy_search(model, src[sentences], max_len_a, max_len_b, attention, (rules or StepRules()).select(sentences), sampling)
+    groups = [samples[b * nbest : (b + 1) * nbest] for b in range(B)]
+    return [sorted(group, key=lambda h: h.score, reverse=True) for group in groups]
 
 
 @torch.inference_mode()
@@ -122,6 +215,7 @@ def beam_search(
     max_len_b: int = 10,
     nbest: int = 1,
     attention: AttentionChoice | None = None,
+    rules: StepRules | None = None,
 ) -> list[list[Hypothesis]]:
     """Batched beam search with incremental decoding; returns the `nbest` best per sentence.
 
@@ -136,7 +230,8 @@ def beam_search(
     """
     B, K = src.shape[0], beam_size
     device = src.device
-    limits = max_lengths(src, max_len_a, max_len_b)  # (B,)
+    rules = rules or StepRules()
+    limits = torch.maximum(max_lengths(src, max_len_a, max_len_b), rules.prefix_lengths(B, device) + 1)  # (B,)
     max_steps = int(limits.max())
     memory = model.encode(src)
     memory = memory.reorder(torch.arange(B, device=device).repeat_interleave(K))  # (B*K, ...)
@@ -156,7 +251,7 @@ def beam_search(
         log_probs, state = model.decode_step(prev, memory, state)  # (N*K, V)
         step_weights = None if attention is None else state.attention.float()  # (N*K, S)
         at_limit = limits[active] <= t + 1  # (N,)
-        log_probs = _restrict(log_probs, at_limit.repeat_interleave(K))
+        log_probs = rules.apply(_restrict(log_probs, at_limit.repeat_interleave(K)), history, active.repeat_interleave(K))
         V = log_probs.shape[-1]
         candidates = (scores[:, :, None] + log_probs.view(N, K, V)).view(N, K * V)
         top_scores, top_ids = candidates.topk(min(2 * K, K * V), dim=-1)  # (N, 2K)

@@ -29,11 +29,13 @@ from nmt.checkpoint import (
     init_save_dir,
     load_pretrained,
     load_training_state,
+    prune_update_checkpoints,
     read_config,
     read_training_info,
     recover_checkpoints,
     save_checkpoint,
     training_lock,
+    update_checkpoint_name,
 )
 from nmt.config import Config, TrainConfig
 from nmt.data import ParallelSplit, read_lines
@@ -823,5 +825,8 @@ class Trainer:
                 + (" (best)" if improved else f" (best {st.best_score:.2f} at {st.best_step})")
             )
             reason = validation_stop(self.tc, task.metric, st.last_valid[task.metric], st.bad_validations)
+            if self.tc.keep_last or self.tc.keep_best:
+                self.save(update_checkpoint_name(st.step))
+                prune_update_checkpoints(self.save_dir, self.tc.keep_last, self.tc.keep_best)
         self.save("last")
         return VALIDATION_STOPS[self.ranks.agree(VALIDATION_STOPS.index(reason), self.device)]

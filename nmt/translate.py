@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,19 +16,19 @@ import torch
 from tqdm import tqdm
 
 from nmt.alignment import EOS_LABEL, AttentionMap, AttentionOutput, describe_attention
-from nmt.atomic import write_text_atomic
+from nmt.atomic import open_text_atomic
 from nmt.batches import pad_source
 from nmt.checkpoint import load_for_inference
 from nmt.config import DecodeConfig
 from nmt.data import clean_whitespace, decode_lines, read_lines
 from nmt.devices import autocast, resolve_device, resolve_precision
-from nmt.errors import ConfigError
-from nmt.files import VocabInfo
+from nmt.ensemble import Ensemble, check_same_vocabulary
+from nmt.errors import ConfigError, DataError
 from nmt.interfaces import StepDecoder
 from nmt.models.attention import AttentionChoice
 from nmt.normalize import Normalization
-from nmt.search import Hypothesis, beam_search, greedy_search
-from nmt.tokenizer import Tokenizer
+from nmt.search import Hypothesis, Sampling, StepRules, beam_search, greedy_search, sample_search
+from nmt.tokenizer import PAD, Tokenizer
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
@@ -65,35 +67,54 @@ def translate_ids(
     device: torch.device,
     progress: bool = False,
     attention: AttentionChoice | None = None,
+    prefixes: Sequence[Sequence[int]] | None = None,
+    generator: torch.Generator | None = None,
 ) -> list[list[Hypothesis]]:
     """Translate token-id sequences (without EOS); returns the n-best list of each, in order.
 
     With `attention`, each hypothesis keeps the chosen cross-attention weights (on the CPU),
     one row per output token (EOS included) over its source tokens and the source EOS.
+    `prefixes`: target tokens each output must start with (empty: none). Sampling draws from
+    `generator` (default: a new one seeded with decode.seed).
     """
     results: list[list[Hypothesis]] = [[] for _ in sources]
     batches = decode_batches([len(s) for s in sources], decode.batch_tokens)
+    if decode.sampling and generator is None:
+        generator = sampling_generator(decode, device)
     # One autocast region for every batch: the weights are cast to half precision once.
     with autocast(device, resolve_precision(decode.precision, device)):
         # disable=None: no bar when stderr is not a terminal (a log file, CI)
         for indices in tqdm(batches, desc="translating", unit="batch", disable=None if progress else True, file=sys.stderr):
-            _translate_batch(model, sources, indices, decode, device, attention, results)
+            batch_prefixes = None if prefixes is None else [prefixes[i] for i in indices]
+            _translate_batch(model, sources, indices, decode, device, attention, results, batch_prefixes, generator)
     return results
+
+
+def sampling_generator(decode: DecodeConfig, device: torch.device) -> torch.Generator:
+    return torch.Generator(device).manual_seed(decode.seed)
 
 
 def _translate_batch(
     model: StepDecoder, sources: Sequence[Sequence[int]], indices: np.ndarray, decode: DecodeConfig, device: torch.device,
-    attention: AttentionChoice | None, results: list[list[Hypothesis]],
+    attention: AttentionChoice | None, results: list[list[Hypothesis]], prefixes: list[Sequence[int]] | None,
+    generator: torch.Generator | None,
 ) -> None:
     """Translate the sources at `indices` as one batch into `results`."""
     src = pad_source([sources[i] for i in indices]).to(device)
-    if decode.beam == 1:
-        hyps = [[h] for h in greedy_search(model, src, decode.max_len_a, decode.max_len_b, attention)]
+    prefix = None
+    if prefixes is not None and any(prefixes):
+        prefix = torch.nn.utils.rnn.pad_sequence(
+            [torch.tensor(list(p), dtype=torch.long) for p in prefixes], batch_first=True, padding_value=PAD
+        ).to(device)  # (B, P), PAD (0) after each prefix
+    rules = StepRules(decode.no_repeat_ngram, prefix)
+    limits = (decode.max_len_a, decode.max_len_b)
+    if decode.sampling:
+        sampling = Sampling(decode.topk, decode.topp, decode.temperature, generator)
+        hyps = sample_search(model, src, sampling, decode.nbest, *limits, attention, rules)
+    elif decode.beam == 1:
+        hyps = [[h] for h in greedy_search(model, src, *limits, attention, rules)]
     else:
-        hyps = beam_search(
-            model, src, decode.beam, decode.len_penalty, decode.max_len_a, decode.max_len_b, decode.nbest,
-            attention,
-        )
+        hyps = beam_search(model, src, decode.beam, decode.len_penalty, *limits, decode.nbest, attention, rules)
     for i, nbest in zip(indices, hyps):
         if attention is not None:
             for h in nbest:  # the batch pads sources on the right: keep this one's columns
@@ -119,16 +140,24 @@ def translate_lines(
     normalize: Normalization | None = None,
     progress: bool = False,
     attention: AttentionChoice | None = None,
+    prefixes: Sequence[str] | None = None,
+    generator: torch.Generator | None = None,
+    first_line: int = 1,
 ) -> Translations:
     """Translate text lines; `normalize` is what the model's source text went through in
-    training (the checkpoint's record, `VocabInfo.source_normalization`; default NFC)."""
+    training (the checkpoint's record, `VocabInfo.source_normalization`; default NFC).
+    `prefixes`: per line, target text its translation must start with ("": none).
+    `first_line`: the number of lines[0] in its file, for warnings and attention maps."""
     normalize = normalize or Normalization()
     cleaned = [clean_whitespace(normalize(line)) for line in lines]
     non_empty = [i for i, line in enumerate(cleaned) if line]
     encoded = tokenizer.encode_src([cleaned[i] for i in non_empty])
-    truncated = [non_empty[k] + 1 for k, ids in enumerate(encoded) if len(ids) > decode.max_input_tokens]
+    truncated = [first_line + non_empty[k] for k, ids in enumerate(encoded) if len(ids) > decode.max_input_tokens]
     encoded = [ids[: decode.max_input_tokens] for ids in encoded]
-    hyps = translate_ids(model, encoded, decode, device, progress, attention)
+    prefix_ids = None
+    if prefixes is not None:
+        prefix_ids = tokenizer.encode_tgt([clean_whitespace(prefixes[i]) for i in non_empty])
+    hyps = translate_ids(model, encoded, decode, device, progress, attention, prefix_ids, generator)
     hypotheses: list[list[Hypothesis]] = [[] for _ in lines]
     texts: list[list[str]] = [[""] for _ in lines]
     maps: list[AttentionMap | None] = [None for _ in lines]
@@ -138,7 +167,7 @@ def translate_lines(
         if attention is not None:
             best = nbest[0]
             maps[i] = AttentionMap(
-                line=i + 1,
+                line=first_line + i,
                 source=tokenizer.src_pieces(ids) + [EOS_LABEL],
                 output=tokenizer.tgt_pieces(best.tokens) + [EOS_LABEL],
                 weights=best.attention.numpy(),
@@ -146,11 +175,12 @@ def translate_lines(
     return Translations(hypotheses, texts, truncated, maps if attention is not None else None)
 
 
-def format_output(translations: Translations, nbest: int) -> str:
+def format_output(translations: Translations, nbest: int, first_index: int = 0) -> str:
+    """One line per input line; with nbest > 1, 'i ||| text ||| score' lines (i from 0)."""
     if nbest == 1:
         return "".join(texts[0] + "\n" for texts in translations.texts)
     out = []
-    for i, (hyps, texts) in enumerate(zip(translations.hypotheses, translations.texts)):
+    for i, (hyps, texts) in enumerate(zip(translations.hypotheses, translations.texts), first_index):
         if not hyps:
             out.append(f"{i} ||| ||| 0.0000\n")
         for hyp, text in zip(hyps, texts):
@@ -158,8 +188,54 @@ def format_output(translations: Translations, nbest: int) -> str:
     return "".join(out)
 
 
+@dataclass
+class Translator:
+    """What translating needs once loaded: a model (or ensemble), its tokenizer and decoding
+    settings, the source normalization, and the random numbers of sampling."""
+
+    model: StepDecoder
+    tokenizer: Tokenizer
+    decode: DecodeConfig
+    device: torch.device
+    normalization: Normalization
+    model_config: object  # the first model's ModelConfig (attention descriptions)
+    generator: torch.Generator | None = None
+
+    def translate(self, lines: Sequence[str], prefixes: Sequence[str] | None = None, attention: AttentionChoice | None = None,
+                  first_line: int = 1, progress: bool = False) -> Translations:
+        return translate_lines(self.model, self.tokenizer, lines, self.decode, self.device, self.normalization, progress,
+                               attention, prefixes, self.generator, first_line)
+
+
+def load_translator(
+    model_dirs: Sequence[Path], decode_options: dict | None = None, checkpoint: str = "best", device: str = "auto",
+    quantize: bool = False,
+) -> Translator:
+    """Load one model, or an ensemble of several sharing one vocabulary, for translation.
+
+    Decoding settings are the first checkpoint's `decode` config with `decode_options` (beam,
+    nbest, sampling, ...) replacing the values that are given; only the best translation is
+    written unless `nbest` is given. `quantize` runs the Linear layers in int8 (CPU only).
+    """
+    torch_device = resolve_device(device)
+    if quantize and torch_device.type != "cpu":
+        raise ConfigError("int8 quantization runs on the CPU only: add --device cpu")
+    models, tokenizer, config = [], None, None
+    for model_dir in model_dirs:
+        model, model_tokenizer, model_config = load_for_inference(model_dir, checkpoint, torch_device)
+        models.append(quantize_int8(model) if quantize else model)
+        tokenizer, config = tokenizer or model_tokenizer, config or model_config
+    vocab_info = check_same_vocabulary(model_dirs)
+    options = {k: v for k, v in (decode_options or {}).items() if v is not None}
+    decode = dataclasses.replace(config.decode, **{"nbest": 1, **options})
+    decode.validate()
+    model = models[0] if len(models) == 1 else Ensemble(models)
+    generator = sampling_generator(decode, torch_device) if decode.sampling else None
+    return Translator(model, tokenizer, decode, torch_device, vocab_info.source_normalization(), config.model, generator)
+
+
 def translate_file(
-    save_dir: Path,
+    model_dirs: Path | Sequence[Path],
     input_path: Path | None,
     output_path: Path | None,
     decode_options: dict | None = None,
@@ -169,52 +245,86 @@ def translate_file(
     warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
     quantize: bool = False,
     attention: AttentionOutput | None = None,
+    prefix_path: Path | None = None,
+    stream: bool = False,
 ) -> int:
     """Translate a file (or stdin when None) into a file (or stdout); returns the line count.
 
-    Decoding settings are the checkpoint's `decode` config with `decode_options` (beam, nbest,
-    len_penalty, ...) replacing the values that are given; only the best translation is written
-    unless `nbest` is given. `quantize` runs the Linear layers in int8 (CPU only). `attention`
-    writes the cross-attention of each best translation: alignments, heat-maps, weights.
+    The input is read, sorted and translated `decode.chunk_lines` lines at a time, and each
+    chunk's output written when it is done, so memory does not grow with the file; with
+    `stream`, each line is translated and written (flushed) as soon as it is read. An output
+    file appears complete when the run ends (it is written beside it under a temporary name).
+    `prefix_path`: one target prefix per input line. `attention` writes the cross-attention of
+    each best translation: alignments, heat-maps, weights. See `load_translator` for the rest.
     """
-    torch_device = resolve_device(device)
-    if quantize and torch_device.type != "cpu":
-        raise ConfigError("int8 quantization runs on the CPU only: add --device cpu")
-    model, tokenizer, config = load_for_inference(save_dir, checkpoint, torch_device)
-    if quantize:
-        model = quantize_int8(model)
-    options = {k: v for k, v in (decode_options or {}).items() if v is not None}
-    decode = dataclasses.replace(config.decode, **{"nbest": 1, **options})
-    decode.validate()
-    normalization = VocabInfo.read(save_dir).source_normalization()
-    if input_path is None:
-        lines = _read_stdin(replace_invalid)
-    else:
-        lines = list(read_lines(Path(input_path), replace_invalid=replace_invalid))
-    result = translate_lines(
-        model, tokenizer, lines, decode, torch_device, normalization, progress=output_path is not None,
-        attention=None if attention is None else attention.choice,
-    )
-    for lineno in result.truncated[:5]:
-        warn(f"warning: line {lineno} has more than {decode.max_input_tokens} tokens and was truncated")
-    if len(result.truncated) > 5:
-        warn(f"warning: {len(result.truncated)} lines were truncated in all")
-    text = format_output(result, decode.nbest)
-    if output_path is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        write_text_atomic(Path(output_path), text)
+    model_dirs = [Path(model_dirs)] if isinstance(model_dirs, (str, Path)) else [Path(d) for d in model_dirs]
+    translator = load_translator(model_dirs, decode_options, checkpoint, device, quantize)
+    lines = _read_stdin(replace_invalid) if input_path is None else read_lines(Path(input_path), replace_invalid=replace_invalid)
+    chunks = _chunks(lines, None if prefix_path is None else read_lines(Path(prefix_path), replace_invalid), 1 if stream else translator.decode.chunk_lines,
+                     "stdin" if input_path is None else str(input_path), str(prefix_path))
+    maps: list[AttentionMap | None] = []
+    count, truncated = 0, 0
+    with _output(output_path) as out:
+        bar = tqdm(desc="translating", unit="line", disable=None if output_path is not None else True, file=sys.stderr)
+        for chunk, prefixes in chunks:
+            result = translator.translate(chunk, prefixes, None if attention is None else attention.choice, count + 1)
+            for lineno in result.truncated:
+                if truncated < 5:
+                    warn(f"warning: line {lineno} has more than {translator.decode.max_input_tokens} tokens and was truncated")
+                truncated += 1
+            out.write(format_output(result, translator.decode.nbest, count))
+            out.flush()
+            maps.extend(result.attention_maps or [])
+            count += len(chunk)
+            bar.update(len(chunk))
+        bar.close()
+    if truncated > 5:
+        warn(f"warning: {truncated} lines were truncated in all")
     if attention is not None:
-        title = f"model {save_dir}"
-        from nmt.plots import write_attention  # matplotlib: only when pictures are asked for
-
-        pictures, directory = write_attention(
-            result.attention_maps, attention, title, describe_attention(config.model, attention.choice)
-        )
-        warn(f"attention: {pictures} heat-map(s) and alignments.txt in {directory}")
-    return len(lines)
+        _write_attention(maps, attention, model_dirs, translator, warn)
+    return count
 
 
-def _read_stdin(replace_invalid: bool) -> list[str]:
-    return list(decode_lines(sys.stdin.buffer, "<stdin>", replace_invalid))
+def _chunks(lines: Iterable[str], prefixes: Iterable[str] | None, size: int, name: str, prefix_name: str) -> Iterator[tuple[list[str], list[str] | None]]:
+    """The input in lists of `size` lines, each with its prefixes (None without a prefix file)."""
+    lines = iter(lines)
+    prefixes = None if prefixes is None else iter(prefixes)
+    done = 0
+    while chunk := list(itertools.islice(lines, size)):
+        chunk_prefixes = None
+        if prefixes is not None:
+            chunk_prefixes = list(itertools.islice(prefixes, len(chunk)))
+            if len(chunk_prefixes) < len(chunk):
+                raise DataError(f"{prefix_name} has {done + len(chunk_prefixes)} lines but {name} has more; give one prefix per input line (an empty line for none)")
+        done += len(chunk)
+        yield chunk, chunk_prefixes
+    if prefixes is not None and next(prefixes, None) is not None:
+        raise DataError(f"{prefix_name} has more lines than {name} ({done}); give one prefix per input line")
+
+
+class _Stdout:
+    """sys.stdout as `_output` gives files."""
+
+    def write(self, text: str) -> None:
+        sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+def _output(output_path: Path | None):
+    if output_path is None:
+        return contextlib.nullcontext(_Stdout())
+    return open_text_atomic(Path(output_path))
+
+
+def _write_attention(maps, attention: AttentionOutput, model_dirs: list[Path], translator: Translator, warn) -> None:
+    from nmt.plots import write_attention  # matplotlib: only when pictures are asked for
+
+    title = "model " + " + ".join(str(d) for d in model_dirs)
+    pictures, directory = write_attention(maps, attention, title, describe_attention(translator.model_config, attention.choice))
+    warn(f"attention: {pictures} heat-map(s) and alignments.txt in {directory}")
+
+
+def _read_stdin(replace_invalid: bool) -> Iterator[str]:
+    return decode_lines(sys.stdin.buffer, "<stdin>", replace_invalid)

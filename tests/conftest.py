@@ -1,8 +1,11 @@
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+
+from nmt.tokenizer import BOS
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -79,3 +82,45 @@ def prepare_toy_data(root: Path, train: int, valid: int = 5, test: int = 5, voca
         test_prefix=str(root / "c" / "test"),
     ))
     return root / "data"
+
+
+# A hand-built step decoder for search tests: the next token's distribution depends on the
+# previous token only.
+@dataclass
+class TableMemory:
+    src: torch.Tensor
+
+    def reorder(self, indices):
+        return TableMemory(self.src.index_select(0, indices))
+
+
+@dataclass
+class TableState:
+    prev: torch.Tensor  # (B,) previous token
+
+    def reorder(self, indices):
+        return TableState(self.prev.index_select(0, indices))
+
+
+class TableModel:
+    """Next-token distribution given by a table indexed by the previous token."""
+
+    def __init__(self, table: torch.Tensor):
+        self.log_table = table.log()  # (V, V)
+
+    def encode(self, src):
+        return TableMemory(src)
+
+    def init_state(self, memory):
+        return TableState(torch.full((memory.src.shape[0],), BOS))
+
+    def decode_step(self, prev_tokens, memory, state):
+        return self.log_table[prev_tokens].clone(), TableState(prev_tokens)
+
+
+def table(rows: dict[int, dict[int, float]], V: int = 6) -> torch.Tensor:
+    table = torch.full((V, V), 1e-9)
+    for prev, dist in rows.items():
+        for tok, p in dist.items():
+            table[prev, tok] = p
+    return table / table.sum(1, keepdim=True)

@@ -1,53 +1,14 @@
 import itertools
-from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import TableModel
+from conftest import table as _table
 
 from nmt.config import ModelConfig
 from nmt.models import build_model
 from nmt.search import FullPrefixDecoding, beam_search, greedy_search, max_lengths
 from nmt.tokenizer import BOS, EOS, PAD
-
-
-@dataclass
-class TableMemory:
-    src: torch.Tensor
-
-    def reorder(self, indices):
-        return TableMemory(self.src.index_select(0, indices))
-
-
-@dataclass
-class TableState:
-    prev: torch.Tensor  # (B,) previous token
-
-    def reorder(self, indices):
-        return TableState(self.prev.index_select(0, indices))
-
-
-class TableModel:
-    """Next-token distribution given by a table indexed by the previous token."""
-
-    def __init__(self, table: torch.Tensor):
-        self.log_table = table.log()  # (V, V)
-
-    def encode(self, src):
-        return TableMemory(src)
-
-    def init_state(self, memory):
-        return TableState(torch.full((memory.src.shape[0],), BOS))
-
-    def decode_step(self, prev_tokens, memory, state):
-        return self.log_table[prev_tokens].clone(), TableState(prev_tokens)
-
-
-def _table(rows: dict[int, dict[int, float]], V: int = 6) -> torch.Tensor:
-    table = torch.full((V, V), 1e-9)
-    for prev, dist in rows.items():
-        for tok, p in dist.items():
-            table[prev, tok] = p
-    return table / table.sum(1, keepdim=True)
 
 
 def test_beam_finds_the_best_sequence_greedy_misses():

@@ -1,0 +1,107 @@
+"""`nmt average`: a model directory whose weights are the mean of several checkpoints of one run
+(the last N kept by `train.keep_last`, or the N best by dev score, kept by `train.keep_best`).
+The mean of checkpoints near the end of training usually translates better than any one of them
+(Vaswani et al., 2017, averaged the last 5 or 20)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from nmt.checkpoint import (
+    UpdateCheckpoint,
+    load_weights,
+    read_config,
+    save_checkpoint,
+    update_checkpoints,
+    verify_files,
+)
+from nmt.errors import CheckpointError, ConfigError
+from nmt.files import CheckpointInfo, VocabInfo
+from nmt.models import build_model
+
+
+def average_weights(paths: Sequence[Path]) -> dict[str, torch.Tensor]:
+    """The mean of the tensors of these model.safetensors files, summed in float64 and stored
+    in each tensor's own dtype. Files with other tensor names or shapes are refused in one line."""
+    total: dict[str, torch.Tensor] = {}
+    first = None
+    for path in paths:
+        tensors = _read_tensors(path)
+        if first is None:
+            first, total = (path, tensors), {name: t.to(torch.float64) for name, t in tensors.items()}
+            dtypes = {name: t.dtype for name, t in tensors.items()}
+            continue
+        _check_same_tensors(first, (path, tensors))
+        for name, tensor in tensors.items():
+            total[name] += tensor.to(torch.float64)
+    return {name: (t / len(paths)).to(dtypes[name]) for name, t in total.items()}
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is missing or damaged ({e})") from None
+
+
+def _check_same_tensors(first: tuple[Path, dict], other: tuple[Path, dict]) -> None:
+    (first_path, a), (other_path, b) = first, other
+    for name in sorted(a.keys() | b.keys()):
+        if name not in a or name not in b:
+            holder = first_path if name in a else other_path
+            raise CheckpointError(f"cannot average {first_path} and {other_path}: only {holder} has the tensor {name}")
+        if a[name].shape != b[name].shape:
+            raise CheckpointError(
+                f"cannot average {first_path} and {other_path}: {name} has shape {tuple(a[name].shape)} in one "
+                f"and {tuple(b[name].shape)} in the other"
+            )
+
+
+def choose_checkpoints(model_dir: Path, last: int = 0, best: int = 0) -> list[UpdateCheckpoint]:
+    """The `last` latest or the `best` best kept update checkpoints of `model_dir`, oldest first."""
+    if (last > 0) == (best > 0):
+        raise ConfigError("give either --last N or --best N (N at least 1)")
+    found = update_checkpoints(model_dir)
+    wanted = last or best
+    if len(found) < wanted:
+        raise CheckpointError(
+            f"{model_dir} keeps {len(found)} update checkpoint(s) in checkpoints/, fewer than {wanted}; train with "
+            f"--set train.keep_{'last' if last else 'best'}={wanted}"
+        )
+    chosen = found[-last:] if last else sorted(found, key=lambda c: c.score, reverse=True)[:best]
+    return sorted(chosen, key=lambda c: c.step)
+
+
+def average_checkpoints(model_dir: Path, out_dir: Path, last: int = 0, best: int = 0) -> list[UpdateCheckpoint]:
+    """Write `out_dir`: a model directory like `model_dir` (config, vocabulary, SentencePiece
+    models) whose best/ holds the mean of the chosen checkpoints. Returns the checkpoints."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {model_dir}")
+    if out_dir.exists() and (out_dir.resolve() == model_dir.resolve() or any(out_dir.iterdir())):
+        raise CheckpointError(f"{out_dir} already exists and is not empty; give a new --out")
+    chosen = choose_checkpoints(model_dir, last, best)
+    infos = [CheckpointInfo.read(c.path) for c in chosen]
+    for checkpoint, info in zip(chosen, infos):
+        verify_files(checkpoint.path, info)
+    averaged = average_weights([c.path / "model.safetensors" for c in chosen])
+    config, vocab_info = read_config(model_dir), VocabInfo.read(model_dir)
+    model = build_model(config.model, vocab_info.vocab.src_size, vocab_info.vocab.tgt_size)
+    load_weights(model, chosen[0].path / "model.safetensors")  # checks that the weights fit the config
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name in averaged:  # a tied tensor is stored once, under one of its names
+                tensor.copy_(averaged[name])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("config.yaml", vocab_info.NAME, *sorted({vocab_info.vocab.src_model, vocab_info.vocab.tgt_model})):
+        shutil.copyfile(model_dir / name, out_dir / name)
+    latest = infos[-1]
+    info = CheckpointInfo(latest.state, latest.metric, averaged=[str(c.path) for c in chosen])
+    save_checkpoint(out_dir, "best", model, info)
+    return chosen

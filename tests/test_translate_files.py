@@ -1,0 +1,184 @@
+"""`nmt translate` on files and pipes (chunks, --stream, --prefix, ensembles) and `nmt average`."""
+
+import json
+import select
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_RNN, TINY_TRANSFORMER, prepare_toy_data, toy_pairs
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from cli.main import app
+from nmt.average import average_weights
+from nmt.checkpoint import update_checkpoints
+from nmt.config import config_from_dict
+from nmt.errors import CheckpointError
+from nmt.train import train
+from nmt.translate import translate_file
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(data_dir: Path, save_dir: Path, model: dict, **train_options) -> Path:
+    train(config_from_dict({
+        "data_dir": str(data_dir), "save_dir": str(save_dir), "model": model,
+        "train": {"max_steps": 120, "batch_tokens": 400, "lr": 3e-3, "warmup_steps": 20, "valid_every": 30,
+                  "valid_max_sentences": 5, "log_every": 30, **train_options},
+    }), progress=False)
+    return save_dir
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A data dir, a Transformer that keeps its last 2 and best 2 checkpoints, and an RNN."""
+    root = tmp_path_factory.mktemp("decoding")
+    data = prepare_toy_data(root, train=200)
+    transformer = _train(data, root / "transformer", TINY_TRANSFORMER, keep_last=2, keep_best=2)
+    rnn = _train(data, root / "rnn", TINY_RNN)
+    return root, transformer, rnn
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code != 0
+    message = result.output.strip()
+    assert "Traceback" not in message and len(message.splitlines()) == 1, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def _lines(count: int, seed: int = 5) -> list[str]:
+    return [src for src, _ in toy_pairs(count, seed=seed)]
+
+
+def test_chunks_give_the_output_of_the_whole_file_at_once(trained, tmp_path):
+    _, model_dir, _ = trained
+    source = tmp_path / "in.txt"
+    source.write_text("".join(line + "\n" for line in [*_lines(20), "", *_lines(7, seed=6)]), encoding="utf-8")
+    outputs = {}
+    for chunk in (3, 10_000):
+        out = tmp_path / f"out-{chunk}.txt"
+        count = translate_file(model_dir, source, out, {"chunk_lines": chunk, "beam": 3, "nbest": 2}, device="cpu")
+        assert count == 28
+        outputs[chunk] = out.read_text(encoding="utf-8")
+    assert outputs[3] == outputs[10_000]
+    assert [int(line.split(" ||| ")[0]) for line in outputs[3].splitlines()][::2] == list(range(28))
+
+
+def test_stream_answers_each_line_before_the_next_is_written(trained):
+    _, model_dir, _ = trained
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cli", "translate", str(model_dir), "--stream", "--device", "cpu"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, text=True, bufsize=1,
+    )
+    try:
+        answers = []
+        for line in [*_lines(3), ""]:
+            process.stdin.write(line + "\n")
+            process.stdin.flush()
+            ready, _, _ = select.select([process.stdout], [], [], 60)
+            assert ready, f"no translation of {line!r} within 60 s of writing it"
+            answers.append(process.stdout.readline())
+        process.stdin.close()
+        assert process.wait(timeout=60) == 0, process.stderr.read()
+    finally:
+        process.kill()
+    assert all(answer.endswith("\n") for answer in answers) and answers[-1] == "\n"
+    batch = runner.invoke(app, ["translate", str(model_dir), "--device", "cpu"], input="".join(f"{s}\n" for s in _lines(3)))
+    assert "".join(answers[:3]) == batch.output
+
+
+def test_prefix_file_forces_the_start_of_each_translation(trained, tmp_path):
+    _, model_dir, _ = trained
+    source, prefixes = tmp_path / "in.txt", tmp_path / "prefix.txt"
+    source.write_text("w1 w2 w3\nw4 w5\nw6\n", encoding="utf-8")
+    prefixes.write_text("V9 V9\n\nV0\n", encoding="utf-8")
+    result = runner.invoke(app, ["translate", str(model_dir), "-i", str(source), "--prefix", str(prefixes), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    first, second, third = result.output.splitlines()
+    assert first.startswith("V9 V9") and third.startswith("V0")
+    free = runner.invoke(app, ["translate", str(model_dir), "--device", "cpu"], input="w4 w5\n")
+    assert second == free.output.strip()  # an empty prefix line leaves that line free
+    prefixes.write_text("V1\n", encoding="utf-8")
+    _one_line_error(runner.invoke(app, ["translate", str(model_dir), "-i", str(source), "--prefix", str(prefixes)]),
+                    "prefix.txt has 1 lines")
+    out = tmp_path / "out.txt"
+    out.write_text("keep me\n", encoding="utf-8")
+    runner.invoke(app, ["translate", str(model_dir), "-i", str(source), "--prefix", str(prefixes), "-o", str(out)])
+    assert out.read_text(encoding="utf-8") == "keep me\n"  # a failed run leaves the old output alone
+
+
+def test_ensembles_of_a_transformer_and_an_rnn_and_their_vocabulary_check(trained, tmp_path):
+    _, transformer, rnn = trained
+    lines = "".join(f"{s}\n" for s in _lines(6))
+    result = runner.invoke(app, ["translate", str(transformer), str(rnn), "--nbest", "2", "--device", "cpu"], input=lines)
+    assert result.exit_code == 0, result.output
+    assert [int(line.split(" ||| ")[0]) for line in result.output.splitlines()] == [i for i in range(6) for _ in range(2)]
+    sampled = runner.invoke(app, ["translate", str(transformer), str(rnn), "--sampling", "--topk", "5", "--device", "cpu"], input=lines)
+    assert sampled.exit_code == 0 and len(sampled.output.splitlines()) == 6
+    other = tmp_path / "other"
+    shutil.copytree(rnn, other)
+    vocab = json.loads((other / "vocab.json").read_text())
+    vocab["vocab"]["tgt_sha256"] = "0" * 64
+    (other / "vocab.json").write_text(json.dumps(vocab))
+    _one_line_error(runner.invoke(app, ["translate", str(transformer), str(other)], input=lines),
+                    "target SentencePiece models differ")
+
+
+def test_sampling_options_from_the_command_line(trained):
+    _, model_dir, _ = trained
+    lines = "".join(f"{s}\n" for s in _lines(5))
+    args = ["translate", str(model_dir), "--sampling", "--topp", "0.9", "--temperature", "1.2", "--nbest", "7", "--device", "cpu"]
+    first, again = runner.invoke(app, [*args, "--seed", "3"], input=lines), runner.invoke(app, [*args, "--seed", "3"], input=lines)
+    assert first.exit_code == 0, first.output
+    assert first.output == again.output and len(first.output.splitlines()) == 35
+    _one_line_error(runner.invoke(app, ["translate", str(model_dir), "--topk", "3"], input=lines), "need --sampling")
+    _one_line_error(runner.invoke(app, [*args, "--topp", "1.5"], input=lines), "decode.topp")
+    blocked = runner.invoke(app, ["translate", str(model_dir), "--no-repeat-ngram", "1", "--device", "cpu"], input=lines)
+    for line in blocked.output.splitlines():
+        assert len(set(line.split())) == len(line.split())
+
+
+def test_training_keeps_the_last_and_the_best_checkpoints(trained):
+    _, model_dir, _ = trained
+    kept = update_checkpoints(model_dir)
+    steps = [c.step for c in kept]
+    assert steps[-2:] == [90, 120]  # the last two validations
+    best_two = sorted((c.score for c in kept), reverse=True)[:2]
+    assert len(kept) <= 4 and all(c.score >= min(best_two) or c.step in (90, 120) for c in kept)
+
+
+def test_average_of_copies_is_the_checkpoint_and_shapes_must_agree(tmp_path):
+    tensors = {"a.weight": torch.randn(3, 4), "b.bias": torch.randn(4).to(torch.bfloat16)}
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.safetensors")
+        save_file(tensors, str(paths[-1]))
+    averaged = average_weights(paths)
+    assert all(torch.equal(averaged[name], tensors[name]) for name in tensors)
+    save_file({"a.weight": torch.randn(3, 5), "b.bias": torch.randn(4)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match=r"a.weight has shape \(3, 4\) in one and \(3, 5\)"):
+        average_weights([paths[0], tmp_path / "other.safetensors"])
+
+
+def test_nmt_average_writes_a_model_dir_that_translates(trained, tmp_path):
+    _, model_dir, _ = trained
+    out = tmp_path / "averaged"
+    result = runner.invoke(app, ["average", str(model_dir), "--last", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    kept = update_checkpoints(model_dir)[-2:]
+    expected = average_weights([c.path / "model.safetensors" for c in kept])
+    written = load_file(str(out / "best" / "model.safetensors"))
+    assert all(torch.allclose(written[name], expected[name]) for name in written)
+    translated = runner.invoke(app, ["translate", str(out), "--device", "cpu"], input="w1 w2\n")
+    assert translated.exit_code == 0 and len(translated.output.splitlines()) == 1
+    assert runner.invoke(app, ["average", str(model_dir), "--best", "2", "--out", str(tmp_path / "best2")]).exit_code == 0
+    _one_line_error(runner.invoke(app, ["average", str(model_dir), "--last", "2", "--out", str(out)]), "not empty")
+    _one_line_error(runner.invoke(app, ["average", str(model_dir), "--last", "9", "--out", str(tmp_path / "x")]),
+                    "fewer than 9", "keep_last=9")
+    _one_line_error(runner.invoke(app, ["average", str(model_dir), "--out", str(tmp_path / "y")]), "--last N or --best N")
