@@ -288,7 +288,7 @@ def translate(
     batch_tokens: Annotated[int | None, typer.Option(help="Source tokens per decoding batch.")] = None,
     precision: Annotated[str | None, typer.Option(help="fp32, or bf16 / fp16 autocast (for GPUs).")] = None,
     no_repeat_ngram: Annotated[int | None, typer.Option(help="No n-gram of this size occurs twice in an output; 0: off.")] = None,
-    sampling: Annotated[bool, typer.Option("--sampling", help="Draw each token from the model's distribution instead of beam search; --nbest N draws N samples.")] = False,
+    sampling: Annotated[bool | None, typer.Option("--sampling/--no-sampling", help="Draw each token from the model's distribution instead of beam search; --nbest N draws N samples (default: the model's decode.sampling, normally off).", show_default=False)] = None,
     topk: Annotated[int | None, typer.Option(help="With --sampling: draw from the K most probable tokens; 0: all.")] = None,
     topp: Annotated[float | None, typer.Option(help="With --sampling: draw from the smallest set of tokens whose probability reaches P.")] = None,
     temperature: Annotated[float | None, typer.Option(help="With --sampling: divide the log-probabilities by T (below 1: closer to greedy).")] = None,
@@ -313,7 +313,7 @@ def translate(
     from nmt.translate import translate_file
 
     options = dict(beam=beam, nbest=nbest, len_penalty=len_penalty, max_len_a=max_len_a, max_len_b=max_len_b,
-                   batch_tokens=batch_tokens, precision=precision, no_repeat_ngram=no_repeat_ngram, sampling=sampling or None,
+                   batch_tokens=batch_tokens, precision=precision, no_repeat_ngram=no_repeat_ngram, sampling=sampling,
                    topk=topk, topp=topp, temperature=temperature, seed=seed, chunk_lines=chunk_lines)
     with user_errors():
         attention_output = None
@@ -326,8 +326,6 @@ def translate(
             )
         elif attention_layer or attention_head or attention_words or json_weights or attention_lines:
             raise NmtError("--attention-layer, --attention-head, --attention-words, --attention-lines and --json need --attention DIR")
-        if not sampling and any(value is not None for value in (topk, topp, temperature, seed)):
-            raise NmtError("--topk, --topp, --temperature and --seed need --sampling")
         translate_file(
             model_dirs, input, output, options, checkpoint, device, replace_invalid, quantize=int8,
             attention=attention_output, prefix_path=prefix, stream=stream,
@@ -405,13 +403,17 @@ def bench_scale(
     work_dir: Annotated[Path | None, typer.Option(help="Keep the corpora, data dirs and models here.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the report here (JSON).")] = None,
     mono: Annotated[bool, typer.Option(help="Monolingual instead: --pairs sentences through nmt prepare --mono and nmt pretrain --data.")] = False,
+    translate: Annotated[Path | None, typer.Option(help="A model dir: translate --pairs source sentences with it instead, and measure --stream's latency.")] = None,
+    beam: Annotated[int | None, typer.Option(help="With --translate: the beam size (default: the model's).")] = None,
+    src: Annotated[str, typer.Option(help="Source language of the training files.")] = "de",
+    tgt: Annotated[str, typer.Option(help="Target language of the training files.")] = "en",
 ) -> None:
-    """Measure prepare and training start-up, time and memory on a large synthetic corpus and on a smaller one."""
+    """Measure prepare and training (or translation) start-up, time and memory on a large synthetic input and on a smaller one."""
     from nmt.bench_scale import ScaleBenchConfig, run_scale_bench
 
     with user_errors():
         report = run_scale_bench(ScaleBenchConfig(data=data, pairs=pairs, ratio=ratio, steps=steps, work_dir=work_dir,
-                                                  out=out, mono=mono))
+                                                  out=out, mono=mono, translate=translate, beam=beam, src=src, tgt=tgt))
     typer.echo(json.dumps(report))
 
 

@@ -5,6 +5,7 @@ The mean of checkpoints near the end of training usually translates better than 
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from nmt.atomic import replace_dir
 from nmt.checkpoint import (
     UpdateCheckpoint,
     load_weights,
@@ -64,15 +66,20 @@ def _check_same_tensors(first: tuple[Path, dict], other: tuple[Path, dict]) -> N
 
 
 def choose_checkpoints(model_dir: Path, last: int = 0, best: int = 0) -> list[UpdateCheckpoint]:
-    """The `last` latest or the `best` best kept update checkpoints of `model_dir`, oldest first."""
+    """The `last` latest or the `best` best kept update checkpoints of `model_dir`, oldest first.
+
+    Training keeps the union of its last keep_last and best keep_best: the N latest of them are
+    the last N validations only when keep_last >= N (and likewise for the best)."""
     if (last > 0) == (best > 0):
         raise ConfigError("give either --last N or --best N (N at least 1)")
+    rule, wanted = ("last", last) if last else ("best", best)
+    kept = read_config(model_dir).train
+    kept_by_rule = kept.keep_last if last else kept.keep_best
     found = update_checkpoints(model_dir)
-    wanted = last or best
-    if len(found) < wanted:
+    if kept_by_rule < wanted or len(found) < wanted:
         raise CheckpointError(
-            f"{model_dir} keeps {len(found)} update checkpoint(s) in checkpoints/, fewer than {wanted}; train with "
-            f"--set train.keep_{'last' if last else 'best'}={wanted}"
+            f"{model_dir} keeps {min(kept_by_rule, len(found))} checkpoint(s) by train.keep_{rule}, fewer than {wanted}; "
+            f"train with --set train.keep_{rule}={wanted}"
         )
     chosen = found[-last:] if last else sorted(found, key=lambda c: c.score, reverse=True)[:best]
     return sorted(chosen, key=lambda c: c.step)
@@ -98,10 +105,21 @@ def average_checkpoints(model_dir: Path, out_dir: Path, last: int = 0, best: int
         for name, tensor in model.state_dict().items():
             if name in averaged:  # a tied tensor is stored once, under one of its names
                 tensor.copy_(averaged[name])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("config.yaml", vocab_info.NAME, *sorted({vocab_info.vocab.src_model, vocab_info.vocab.tgt_model})):
-        shutil.copyfile(model_dir / name, out_dir / name)
-    latest = infos[-1]
-    info = CheckpointInfo(latest.state, latest.metric, averaged=[str(c.path) for c in chosen])
-    save_checkpoint(out_dir, "best", model, info)
+    # Written beside `out_dir` and renamed when complete: a failed run leaves no half model dir.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        for name in ("config.yaml", vocab_info.NAME, *sorted({vocab_info.vocab.src_model, vocab_info.vocab.tgt_model})):
+            shutil.copyfile(model_dir / name, tmp / name)
+        latest = infos[-1]
+        save_checkpoint(tmp, "best", model, CheckpointInfo(latest.state, latest.metric, averaged=[str(c.path) for c in chosen]))
+        if out_dir.exists():
+            out_dir.rmdir()  # empty: checked above
+        replace_dir(tmp, out_dir)
+    except OSError as e:
+        raise CheckpointError(f"could not write {out_dir}: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return chosen

@@ -254,7 +254,7 @@ def bench_decoding(
     records, texts_of = [], {}
     for beam in (1, 5):
         for path_name, decoder, precision in paths:
-            decode = dataclasses.replace(config.decode, beam=beam, nbest=1, precision=precision)
+            decode = dataclasses.replace(config.decode, beam=beam, nbest=1, precision=precision, sampling=False)
             # The plain baseline is slow and steady: one run of it is enough for the ratio.
             times, translations = time_translation(
                 decoder, tokenizer, lines, decode, device, normalization, 1 if path_name == "plain" else repeats

@@ -1,16 +1,18 @@
-"""`nmt bench-scale`: what preparing and training cost as the corpus grows.
+"""`nmt bench-scale`: what preparing, training and translating cost as the input grows.
 
 A synthetic corpus of N pairs is made from a real training set by joining two pairs chosen at
 random into one (source to source, target to target): real text, almost no duplicates. Prepare
 and a short training run then each run in their own process, so that their peak resident
 memory is their own; the same is done on a corpus `ratio` times smaller, and the growth is
-reported as ratios.
+reported as ratios. With `translate`, a file of N source sentences drawn at random goes through
+`nmt translate MODEL_DIR` instead, and the latency of `--stream` is measured line by line.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -34,6 +36,9 @@ TRAIN_SETTINGS = [
 ]
 
 
+STREAM_TIMEOUT = 120  # seconds to wait for one answer of nmt translate --stream
+
+
 @dataclass
 class ScaleBenchConfig:
     data: Path = Path("../shared/data/multi30k")  # folder with train.SRC.gz and train.TGT.gz
@@ -49,6 +54,10 @@ class ScaleBenchConfig:
     # Monolingual instead: N sentences of the target language (documents of 20 lines), through
     # nmt prepare --mono and nmt pretrain --data.
     mono: bool = False
+    # A model dir: measure nmt translate on N source sentences instead (and --stream's latency).
+    translate: Path | None = None
+    beam: int | None = None  # with translate: the beam size (default: the model's)
+    stream_lines: int = 50  # with translate: lines sent one at a time to nmt translate --stream
 
 
 def make_synthetic_corpus(pairs: list[tuple[str, str]], count: int, prefix: Path, src: str, tgt: str, seed: int) -> None:
@@ -156,6 +165,64 @@ def _measure_mono(config: ScaleBenchConfig, pairs: list[tuple[str, str]], count:
     }
 
 
+def _measure_translate(config: ScaleBenchConfig, pairs: list[tuple[str, str]], count: int, work: Path) -> dict:
+    """`nmt translate` of `count` source sentences drawn at random, in a process of its own."""
+    work.mkdir(parents=True, exist_ok=True)
+    source, output = work / f"input.{config.src}", work / "output.txt"
+    rng = np.random.default_rng(config.seed)
+    with open(source, "w", encoding="utf-8") as f:
+        for start in range(0, count, 100_000):
+            f.write("".join(pairs[i][0] + "\n" for i in rng.integers(0, len(pairs), min(100_000, count - start)).tolist()))
+    seconds, rss, _ = _run_measured([
+        sys.executable, "-m", "nmt_cli", "translate", str(config.translate), "-i", str(source), "-o", str(output),
+        "--device", "cpu", *(["--beam", str(config.beam)] if config.beam else []),
+    ])
+    with open(output, "rb") as f:
+        written = sum(1 for _ in f)
+    return {"lines": count, "output_lines": written, "translate_seconds": round(seconds, 1),
+            "lines_per_s": round(count / seconds), "translate_peak_rss_bytes": rss}
+
+
+def stream_latency(config: ScaleBenchConfig, pairs: list[tuple[str, str]]) -> dict:
+    """Seconds from writing a line to `nmt translate --stream` to reading its translation, for
+    `stream_lines` lines one after the other (after a first line that loads the model)."""
+    errors = tempfile.TemporaryFile()  # the child's stderr, for the message if it fails
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nmt_cli", "translate", str(config.translate), "--stream", "--device", "cpu",
+         *(["--beam", str(config.beam)] if config.beam else [])],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True, bufsize=1,
+    )
+    rng = np.random.default_rng(config.seed + 1)
+    latencies = []
+    try:
+        started = time.time()
+        for number, index in enumerate(rng.integers(0, len(pairs), config.stream_lines + 1).tolist()):
+            sent = time.time()
+            process.stdin.write(pairs[index][0] + "\n")
+            process.stdin.flush()
+            ready, _, _ = select.select([process.stdout], [], [], STREAM_TIMEOUT)
+            if not ready or not process.stdout.readline():
+                process.kill()
+                errors.seek(0)
+                tail = (errors.read().decode("utf-8", "replace").strip().splitlines() or ["(no message)"])[-1]
+                raise DataError(f"nmt translate --stream gave no answer within {STREAM_TIMEOUT} s: {tail}")
+            if number == 0:
+                first = time.time() - started
+            else:
+                latencies.append(time.time() - sent)
+        process.stdin.close()
+        process.wait(timeout=STREAM_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise DataError(f"nmt translate --stream did not stop within {STREAM_TIMEOUT} s of its input's end") from None
+    finally:
+        process.kill()
+        errors.close()
+    ordered = sorted(latencies)
+    return {"lines": len(latencies), "first_answer_seconds": round(first, 2),
+            "median_seconds": round(ordered[len(ordered) // 2], 4), "p90_seconds": round(ordered[int(0.9 * len(ordered))], 4),
+            "max_seconds": round(ordered[-1], 4)}
+
+
 def run_scale_bench(config: ScaleBenchConfig) -> dict:
     """Measure the full-size and the smaller corpus; returns the report (also written to `out`)."""
     if config.pairs < 100 or config.ratio < 1 or config.pairs // config.ratio < 100:
@@ -164,6 +231,8 @@ def run_scale_bench(config: ScaleBenchConfig) -> dict:
     pairs = list(read_parallel_files(find_side_file(source, config.src), find_side_file(source, config.tgt)))
     work = Path(config.work_dir) if config.work_dir else Path(tempfile.mkdtemp(prefix="nmt-bench-scale-"))
     try:
+        if config.translate is not None:
+            return _translate_report(config, pairs, work, source)
         measure = _measure_mono if config.mono else _measure
         large = measure(config, pairs, config.pairs, work / "large")
         small = measure(config, pairs, config.pairs // config.ratio, work / "small")
@@ -177,7 +246,27 @@ def run_scale_bench(config: ScaleBenchConfig) -> dict:
     }
     report = {"kind": "monolingual" if config.mono else "parallel", "large": large, "small": small,
               "ratio_large_to_small": growth, "source": str(source),
-              "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+              "cores": _cores()}
+    return _written(report, config)
+
+
+def _translate_report(config: ScaleBenchConfig, pairs: list[tuple[str, str]], work: Path, source: Path) -> dict:
+    large = _measure_translate(config, pairs, config.pairs, work / "large")
+    small = _measure_translate(config, pairs, config.pairs // config.ratio, work / "small")
+    report = {
+        "kind": "translate", "model": str(config.translate), "beam": config.beam, "large": large, "small": small,
+        "ratio_large_to_small": {key: round(large[key] / max(small[key], 1e-9), 2)
+                                 for key in ("translate_seconds", "translate_peak_rss_bytes")},
+        "stream_latency": stream_latency(config, pairs), "source": str(source), "cores": _cores(),
+    }
+    return _written(report, config)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _written(report: dict, config: ScaleBenchConfig) -> dict:
     if config.out:
         Path(config.out).write_text(json.dumps(report, indent=2) + "\n")
     return report

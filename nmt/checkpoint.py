@@ -65,16 +65,20 @@ def checkpoint_dir(save_dir: Path, name: str) -> Path | None:
 
 
 def has_checkpoint(save_dir: Path) -> bool:
-    return any(
+    return (Path(save_dir) / UPDATE_CHECKPOINTS).is_dir() or any(
         (found := checkpoint_dir(save_dir, name)) is not None and (found / "model.safetensors").is_file()
         for name in CHECKPOINT_NAMES
     )
 
 
 def recover_checkpoints(save_dir: Path) -> None:
-    """Before training writes to `save_dir`: repair what a killed save left behind."""
+    """Before training writes to `save_dir`: repair what a killed save left behind (in best/,
+    last/ and the kept update checkpoints)."""
     for name in CHECKPOINT_NAMES:
         recover_dir(Path(save_dir) / name)
+    kept = Path(save_dir) / UPDATE_CHECKPOINTS
+    for name in sorted({p.name[1:].split(".")[0] for p in kept.glob(".step-*")}):  # .step-N.tmp-PID, .step-N.old-PID
+        recover_dir(kept / name)
 
 
 def init_save_dir(save_dir: Path, config: Config, data_dir: Path, manifest: Manifest) -> None:

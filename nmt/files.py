@@ -99,6 +99,9 @@ class _VocabularyRecord:
     def source_normalization(self) -> Normalization:
         return Normalization.from_saved(self.normalization["src"])
 
+    def target_normalization(self) -> Normalization:
+        return Normalization.from_saved(self.normalization["tgt"])
+
 
 @dataclass
 class Manifest(_VocabularyRecord):

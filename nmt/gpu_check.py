@@ -254,7 +254,7 @@ class Run:
         model, tokenizer, config = load_for_inference(save_dir, "best", self.device)
         lines = list(read_lines(self.data_dir / "test.src.txt"))
         references = list(read_lines(self.data_dir / "test.tgt.txt"))
-        decode = dataclasses.replace(config.decode, beam=5, nbest=1)
+        decode = dataclasses.replace(config.decode, beam=5, nbest=1, sampling=False)
         normalization = VocabInfo.read(save_dir).source_normalization()
         times, translations = time_translation(
             model, tokenizer, lines, decode, self.device, normalization, self.cc.repeats

@@ -1,4 +1,7 @@
-"""Greedy and batched beam search, written once against the model interface in `nmt.models`."""
+"""Greedy search, sampling and batched beam search, written once against the model interface
+(`nmt.interfaces.StepDecoder`): any model, ensemble or wrapper with encode / init_state /
+decode_step. The rules every search applies at each step (the length limit, no repeated
+n-grams, a forced target prefix) work on the log-probabilities and the tokens so far."""
 
 from __future__ import annotations
 
@@ -140,13 +143,19 @@ class Sampling:
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if self.topp < 1.0:
             sorted_logits, order = logits.sort(dim=-1, descending=True)
-            before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)  # mass of the better tokens
+            probs = sorted_logits.softmax(-1)
+            before = probs.cumsum(-1) - probs  # (R, V) the probability of the better tokens
             drop = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, order, before >= self.topp)
             logits = logits.masked_fill(drop, float("-inf"))
         return logits.softmax(-1)
 
     def choose(self, log_probs: torch.Tensor) -> torch.Tensor:  # (R, V) -> (R,)
-        return torch.multinomial(self.distribution(log_probs), 1, generator=self.generator)[:, 0]
+        """One token per row, drawn with `distribution`: argmax of p / q with q ~ Exp(1) picks
+        token i with probability p_i (as torch.multinomial does, without its checks, which
+        wait for the GPU at every step)."""
+        probs = self.distribution(log_probs)
+        noise = torch.empty_like(probs).exponential_(1.0, generator=self.generator)
+        return (probs / noise).argmax(dim=-1)
 
 
 @torch.inference_mode()
@@ -173,6 +182,9 @@ def greedy_search(
         if attention is not None:
             step_weights.append(state.attention.float())  # (B, S)
         log_probs = rules.apply(_restrict(log_probs, limits <= t + 1), history, sentences)
+        # Finished rows choose nothing (their token becomes PAD); the rules may have left them no
+        # allowed token, which sampling cannot draw from.
+        log_probs.masked_fill_(finished[:, None], 0.0)
         tokens = log_probs.argmax(dim=-1) if sampling is None else sampling.choose(log_probs)  # (B,)
         token_scores = log_probs.gather(1, tokens[:, None])[:, 0]
         tokens = tokens.masked_fill(finished, PAD)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from nmt.batches import Batch, BatchPrefetcher, make_batch, token_batches
 from nmt.checkpoint import (
+    UPDATE_CHECKPOINTS,
     check_pretrained,
     has_checkpoint,
     init_save_dir,
@@ -236,7 +237,7 @@ def validate(
     count = len(split)
     if config.train.valid_max_sentences:
         count = min(count, config.train.valid_max_sentences)
-    decode = dataclasses.replace(config.decode, beam=config.train.valid_beam, nbest=1)
+    decode = dataclasses.replace(config.decode, beam=config.train.valid_beam, nbest=1, sampling=False)
     with autocast(device, dtype):
         hyps = translate_ids(model, [split.src[i] for i in range(count)], decode, device)
     texts = tokenizer.decode_tgt([nbest[0].tokens for nbest in hyps])
@@ -373,7 +374,11 @@ def run_training(
     ranks = init_ranks(config.train.device)
     try:
         with training_lock(save_dir) if ranks.is_main else contextlib.nullcontext():
-            return _train(make_task, config, ranks, save_dir, resume, overwrite, progress, log, started)
+            result = _train(make_task, config, ranks, save_dir, resume, overwrite, progress, log, started)
+        # All processes leave together: gloo aborts a process whose group is torn down while
+        # another is still writing its last checkpoint. (After a failure, torchrun stops the rest.)
+        ranks.barrier()
+        return result
     finally:
         ranks.close()
 
@@ -413,7 +418,7 @@ def open_save_dir(
         check_same_batches(save_dir, task.config, ranks.world)
     ranks.barrier()  # every process has looked before the main one clears anything
     if overwrite and ranks.is_main:
-        for name in ("best", "last", LOG_NAME, TENSORBOARD_DIR):
+        for name in ("best", "last", UPDATE_CHECKPOINTS, LOG_NAME, TENSORBOARD_DIR):
             path = save_dir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     return task

@@ -19,7 +19,7 @@ from nmt.alignment import EOS_LABEL, AttentionMap, AttentionOutput, describe_att
 from nmt.atomic import open_text_atomic
 from nmt.batches import pad_source
 from nmt.checkpoint import load_for_inference
-from nmt.config import DecodeConfig
+from nmt.config import DecodeConfig, ModelConfig
 from nmt.data import clean_whitespace, decode_lines, read_lines
 from nmt.devices import autocast, resolve_device, resolve_precision
 from nmt.ensemble import Ensemble, check_same_vocabulary
@@ -78,7 +78,9 @@ def translate_ids(
     `generator` (default: a new one seeded with decode.seed).
     """
     results: list[list[Hypothesis]] = [[] for _ in sources]
-    batches = decode_batches([len(s) for s in sources], decode.batch_tokens)
+    # Sampling repeats each sentence nbest times in its batch: the batch holds that many fewer.
+    per_batch = max(1, decode.batch_tokens // decode.nbest) if decode.sampling else decode.batch_tokens
+    batches = decode_batches([len(s) for s in sources], per_batch)
     if decode.sampling and generator is None:
         generator = sampling_generator(decode, device)
     # One autocast region for every batch: the weights are cast to half precision once.
@@ -143,10 +145,12 @@ def translate_lines(
     prefixes: Sequence[str] | None = None,
     generator: torch.Generator | None = None,
     first_line: int = 1,
+    normalize_target: Normalization | None = None,
 ) -> Translations:
     """Translate text lines; `normalize` is what the model's source text went through in
     training (the checkpoint's record, `VocabInfo.source_normalization`; default NFC).
-    `prefixes`: per line, target text its translation must start with ("": none).
+    `prefixes`: per line, target text its translation must start with ("": none), normalized
+    as the training targets were (`normalize_target`, `VocabInfo.target_normalization`).
     `first_line`: the number of lines[0] in its file, for warnings and attention maps."""
     normalize = normalize or Normalization()
     cleaned = [clean_whitespace(normalize(line)) for line in lines]
@@ -156,7 +160,8 @@ def translate_lines(
     encoded = [ids[: decode.max_input_tokens] for ids in encoded]
     prefix_ids = None
     if prefixes is not None:
-        prefix_ids = tokenizer.encode_tgt([clean_whitespace(prefixes[i]) for i in non_empty])
+        normalize_target = normalize_target or Normalization()
+        prefix_ids = tokenizer.encode_tgt([clean_whitespace(normalize_target(prefixes[i])) for i in non_empty])
     hyps = translate_ids(model, encoded, decode, device, progress, attention, prefix_ids, generator)
     hypotheses: list[list[Hypothesis]] = [[] for _ in lines]
     texts: list[list[str]] = [[""] for _ in lines]
@@ -197,14 +202,18 @@ class Translator:
     tokenizer: Tokenizer
     decode: DecodeConfig
     device: torch.device
-    normalization: Normalization
-    model_config: object  # the first model's ModelConfig (attention descriptions)
+    normalization: Normalization  # of the source text, as in training
+    target_normalization: Normalization  # of the training targets: applied to prefixes
+    model_config: ModelConfig  # the first model's (attention descriptions)
     generator: torch.Generator | None = None
 
     def translate(self, lines: Sequence[str], prefixes: Sequence[str] | None = None, attention: AttentionChoice | None = None,
                   first_line: int = 1, progress: bool = False) -> Translations:
         return translate_lines(self.model, self.tokenizer, lines, self.decode, self.device, self.normalization, progress,
-                               attention, prefixes, self.generator, first_line)
+                               attention, prefixes, self.generator, first_line, self.target_normalization)
+
+
+SAMPLING_OPTIONS = ("topk", "topp", "temperature", "seed")  # decode options that only sampling uses
 
 
 def load_translator(
@@ -229,9 +238,12 @@ def load_translator(
     options = {k: v for k, v in (decode_options or {}).items() if v is not None}
     decode = dataclasses.replace(config.decode, **{"nbest": 1, **options})
     decode.validate()
+    if not decode.sampling and any(name in options for name in SAMPLING_OPTIONS):
+        raise ConfigError(f"{', '.join(name for name in SAMPLING_OPTIONS if name in options)}: only with sampling (--sampling)")
     model = models[0] if len(models) == 1 else Ensemble(models)
     generator = sampling_generator(decode, torch_device) if decode.sampling else None
-    return Translator(model, tokenizer, decode, torch_device, vocab_info.source_normalization(), config.model, generator)
+    return Translator(model, tokenizer, decode, torch_device, vocab_info.source_normalization(),
+                      vocab_info.target_normalization(), config.model, generator)
 
 
 def translate_file(
@@ -258,16 +270,19 @@ def translate_file(
     each best translation: alignments, heat-maps, weights. See `load_translator` for the rest.
     """
     model_dirs = [Path(model_dirs)] if isinstance(model_dirs, (str, Path)) else [Path(d) for d in model_dirs]
+    if output_path is not None and not Path(output_path).parent.is_dir():
+        raise DataError(f"cannot write {output_path}: the folder {Path(output_path).parent} does not exist")
     translator = load_translator(model_dirs, decode_options, checkpoint, device, quantize)
     lines = _read_stdin(replace_invalid) if input_path is None else read_lines(Path(input_path), replace_invalid=replace_invalid)
-    chunks = _chunks(lines, None if prefix_path is None else read_lines(Path(prefix_path), replace_invalid), 1 if stream else translator.decode.chunk_lines,
-                     "stdin" if input_path is None else str(input_path), str(prefix_path))
+    prefixes = None if prefix_path is None else read_lines(Path(prefix_path), replace_invalid)
+    chunk_lines = 1 if stream else translator.decode.chunk_lines
+    chunks = _chunks(lines, prefixes, chunk_lines, "stdin" if input_path is None else str(input_path), str(prefix_path))
     maps: list[AttentionMap | None] = []
     count, truncated = 0, 0
     with _output(output_path) as out:
         bar = tqdm(desc="translating", unit="line", disable=None if output_path is not None else True, file=sys.stderr)
-        for chunk, prefixes in chunks:
-            result = translator.translate(chunk, prefixes, None if attention is None else attention.choice, count + 1)
+        for chunk, chunk_prefixes in chunks:
+            result = translator.translate(chunk, chunk_prefixes, None if attention is None else attention.choice, count + 1)
             for lineno in result.truncated:
                 if truncated < 5:
                     warn(f"warning: line {lineno} has more than {translator.decode.max_input_tokens} tokens and was truncated")
@@ -285,7 +300,9 @@ def translate_file(
     return count
 
 
-def _chunks(lines: Iterable[str], prefixes: Iterable[str] | None, size: int, name: str, prefix_name: str) -> Iterator[tuple[list[str], list[str] | None]]:
+def _chunks(
+    lines: Iterable[str], prefixes: Iterable[str] | None, size: int, name: str, prefix_name: str
+) -> Iterator[tuple[list[str], list[str] | None]]:
     """The input in lists of `size` lines, each with its prefixes (None without a prefix file)."""
     lines = iter(lines)
     prefixes = None if prefixes is None else iter(prefixes)
@@ -295,7 +312,10 @@ def _chunks(lines: Iterable[str], prefixes: Iterable[str] | None, size: int, nam
         if prefixes is not None:
             chunk_prefixes = list(itertools.islice(prefixes, len(chunk)))
             if len(chunk_prefixes) < len(chunk):
-                raise DataError(f"{prefix_name} has {done + len(chunk_prefixes)} lines but {name} has more; give one prefix per input line (an empty line for none)")
+                raise DataError(
+                    f"{prefix_name} has {done + len(chunk_prefixes)} lines but {name} has more; give one prefix per "
+                    "input line (an empty line for none)"
+                )
         done += len(chunk)
         yield chunk, chunk_prefixes
     if prefixes is not None and next(prefixes, None) is not None:

@@ -9,6 +9,7 @@ from conftest import TINY_RNN, TINY_TRANSFORMER, TableModel, table
 
 from nmt.config import ModelConfig
 from nmt.ensemble import Ensemble
+from nmt.interfaces import StepDecoder
 from nmt.models import build_model
 from nmt.search import Sampling, StepRules, beam_search, greedy_search, sample_search
 from nmt.tokenizer import BOS, EOS, PAD
@@ -84,7 +85,7 @@ def _expected(topk=0, topp=1.0, temperature=1.0) -> dict[int, float]:
     return {t: probs[t] / sum(probs[k] for k in kept) for t in kept}
 
 
-@pytest.mark.parametrize("options", [{}, {"topk": 2}, {"topp": 0.7}, {"topp": 0.5}, {"temperature": 2.0},
+@pytest.mark.parametrize("options", [{}, {"topk": 2}, {"topp": 0.7}, {"topp": 0.45}, {"temperature": 2.0},
                                      {"temperature": 0.5, "topk": 3}])
 def test_sampled_frequencies_follow_the_cut_and_scaled_distribution(options):
     model = TableModel(table({BOS: FIRST, **{t: {EOS: 1.0} for t in FIRST}}, V=8))
@@ -102,6 +103,17 @@ def test_sampled_frequencies_follow_the_cut_and_scaled_distribution(options):
     # the score is the sample's log-probability under the model, not under the sampling distribution
     h = samples[0]
     assert h.score == pytest.approx(math.log(FIRST[h.tokens[0]]), abs=1e-4)
+
+
+def test_sampling_rows_that_ended_before_others_reach_their_limit():
+    # Token 4 ends at once; token 5 repeats itself until the length limit. With a ban on
+    # repeated tokens, a finished row has no allowed token left at the limit of a longer one.
+    model = TableModel(table({BOS: {4: 0.5, 5: 0.5}, 4: {EOS: 1.0}, 5: {5: 0.6, 6: 0.2, 7: 0.2}, 6: {7: 1.0}, 7: {6: 1.0}}, V=8))
+    src = torch.tensor([[5, 5, 5, EOS], [5, EOS, PAD, PAD]])
+    sampling = Sampling(generator=torch.Generator().manual_seed(0))
+    samples = sample_search(model, src, sampling, 16, 1.0, 2, rules=StepRules(no_repeat_ngram=1))
+    assert {tuple(h.tokens[:1]) for nbest in samples for h in nbest} == {(4,), (5,)}
+    assert all(not _repeats_an_ngram(h.tokens, 1) for nbest in samples for h in nbest)
 
 
 def test_the_same_seed_draws_the_same_samples():
@@ -152,6 +164,7 @@ def test_an_ensemble_of_one_model_or_of_two_copies_translates_as_the_model():
 def test_a_transformer_and_rnn_ensemble_averages_probabilities_through_beam_search():
     transformer, rnn = _random_model(TINY_TRANSFORMER, 6), _random_model(TINY_RNN, 7)
     ensemble, src = Ensemble([transformer, rnn]), _random_sources(6)
+    assert isinstance(ensemble, StepDecoder)
     with torch.no_grad():
         prev = torch.full((src.shape[0],), BOS)
         mixed, _ = ensemble.decode_step(prev, ensemble.encode(src), ensemble.init_state(ensemble.encode(src)))

@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from nmt.average import average_weights
-from nmt.checkpoint import update_checkpoints
+from nmt.checkpoint import prune_update_checkpoints, update_checkpoint_name, update_checkpoints
 from nmt.config import config_from_dict
 from nmt.errors import CheckpointError
+from nmt.files import CheckpointInfo, TrainState
 from nmt.train import train
 from nmt.translate import translate_file
 
@@ -25,12 +26,12 @@ runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _train(data_dir: Path, save_dir: Path, model: dict, **train_options) -> Path:
+def _train(data_dir: Path, save_dir: Path, model: dict, overwrite: bool = False, **train_options) -> Path:
     train(config_from_dict({
         "data_dir": str(data_dir), "save_dir": str(save_dir), "model": model,
         "train": {"max_steps": 120, "batch_tokens": 400, "lr": 3e-3, "warmup_steps": 20, "valid_every": 30,
                   "valid_max_sentences": 5, "log_every": 30, **train_options},
-    }), progress=False)
+    }), progress=False, overwrite=overwrite)
     return save_dir
 
 
@@ -137,20 +138,43 @@ def test_sampling_options_from_the_command_line(trained):
     first, again = runner.invoke(app, [*args, "--seed", "3"], input=lines), runner.invoke(app, [*args, "--seed", "3"], input=lines)
     assert first.exit_code == 0, first.output
     assert first.output == again.output and len(first.output.splitlines()) == 35
-    _one_line_error(runner.invoke(app, ["translate", str(model_dir), "--topk", "3"], input=lines), "need --sampling")
+    _one_line_error(runner.invoke(app, ["translate", str(model_dir), "--topk", "3"], input=lines), "topk: only with sampling")
     _one_line_error(runner.invoke(app, [*args, "--topp", "1.5"], input=lines), "decode.topp")
     blocked = runner.invoke(app, ["translate", str(model_dir), "--no-repeat-ngram", "1", "--device", "cpu"], input=lines)
+    assert blocked.exit_code == 0 and len(blocked.output.splitlines()) == 5, blocked.output
     for line in blocked.output.splitlines():
         assert len(set(line.split())) == len(line.split())
 
 
 def test_training_keeps_the_last_and_the_best_checkpoints(trained):
     _, model_dir, _ = trained
-    kept = update_checkpoints(model_dir)
-    steps = [c.step for c in kept]
-    assert steps[-2:] == [90, 120]  # the last two validations
-    best_two = sorted((c.score for c in kept), reverse=True)[:2]
-    assert len(kept) <= 4 and all(c.score >= min(best_two) or c.step in (90, 120) for c in kept)
+    assert [c.step for c in update_checkpoints(model_dir)][-2:] == [90, 120]  # the last two validations
+
+
+def _fake_checkpoint(save_dir: Path, step: int, score: float) -> None:
+    directory = save_dir / update_checkpoint_name(step)
+    directory.mkdir(parents=True)
+    (directory / "model.safetensors").write_bytes(b"")
+    CheckpointInfo(TrainState(step=step, last_valid={"bleu": score})).write(directory)
+
+
+def test_pruning_keeps_exactly_the_last_and_the_best(tmp_path):
+    scores = {100: 5.0, 200: 9.0, 300: 7.0, 400: 8.0, 500: 6.0, 600: 4.0}
+    for step, score in scores.items():
+        _fake_checkpoint(tmp_path, step, score)
+    prune_update_checkpoints(tmp_path, keep_last=2, keep_best=2)
+    assert [c.step for c in update_checkpoints(tmp_path)] == [200, 400, 500, 600]
+    prune_update_checkpoints(tmp_path, keep_last=1, keep_best=0)
+    assert [c.step for c in update_checkpoints(tmp_path)] == [600]
+
+
+def test_overwrite_removes_the_old_runs_kept_checkpoints(trained, tmp_path):
+    root, model_dir, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run)
+    _fake_checkpoint(run, 9_999_000, 99.0)  # a late, excellent checkpoint of the old run
+    _train(root / "data", run, TINY_TRANSFORMER, max_steps=60, keep_last=2, keep_best=2, overwrite=True)
+    assert [c.step for c in update_checkpoints(run)] == [30, 60]
 
 
 def test_average_of_copies_is_the_checkpoint_and_shapes_must_agree(tmp_path):
@@ -182,3 +206,14 @@ def test_nmt_average_writes_a_model_dir_that_translates(trained, tmp_path):
     _one_line_error(runner.invoke(app, ["average", str(model_dir), "--last", "9", "--out", str(tmp_path / "x")]),
                     "fewer than 9", "keep_last=9")
     _one_line_error(runner.invoke(app, ["average", str(model_dir), "--out", str(tmp_path / "y")]), "--last N or --best N")
+
+
+def test_bench_scale_measures_translation_memory_and_stream_latency(trained, tmp_path):
+    from nmt.bench_scale import ScaleBenchConfig, run_scale_bench
+
+    root, model_dir, _ = trained
+    report = run_scale_bench(ScaleBenchConfig(data=root / "c", src="xx", tgt="yy", pairs=400, ratio=4, translate=model_dir,
+                                              beam=2, stream_lines=3, out=tmp_path / "report.json"))
+    assert report["large"]["output_lines"] == 400 and report["small"]["output_lines"] == 100
+    assert report["large"]["translate_peak_rss_bytes"] > 0 and report["stream_latency"]["lines"] == 3
+    assert json.loads((tmp_path / "report.json").read_text())["kind"] == "translate"

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Back-translation on the low-resource split: train en->de on the 2,900 pairs, translate the
+# 26,100 unpaired English sentences into German (beam search, and sampling from the 10 most
+# probable tokens), then train de->en on the real plus the synthetic pairs and compare with
+# de->en from the real pairs alone. With `pretrained`, also pretrain a masked LM on the unpaired
+# text and start de->en from it, with and without the beam back-translations.
+# Writes WORK/results-bt.json.
+#
+#   recipes/multi30k-lowres/backtranslate.sh cpu|gpu WORK_DIR [MULTI30K_DIR] [pretrained]
+#
+# Every run uses one SentencePiece model (joint, 8,000 pieces), trained on the unpaired text by
+# `nmt prepare --mono`; every translation run has translate-KIND.yaml's config and budget. A
+# stage whose output exists is not run again, so an interrupted comparison continues where it
+# stopped. NMT, PRETRAIN_ARGS and TRAIN_ARGS as in run.sh.
+set -euo pipefail
+kind=${1:?cpu or gpu}; work=${2:?work dir}; m30k=${3:-../shared/data/multi30k}; with_pretrained=${4:-}
+here=$(cd "$(dirname "$0")" && pwd)
+nmt=${NMT:-nmt}
+read -r -a pretrain_args <<< "${PRETRAIN_ARGS:-}"
+read -r -a train_args <<< "${TRAIN_ARGS:-}"
+mkdir -p "$work"
+times="$work/times-bt.txt"; touch "$times"
+stage() { local name=$1 t0; shift; t0=$(date +%s); "$@"; echo "$name $(( $(date +%s) - t0 ))" >> "$times"; }
+text=$work/text
+
+[ -f "$text/mono.en" ] || python3 "$here/split.py" "$m30k" "$text"
+[ -f "$work/data-mono/manifest.json" ] || $nmt prepare --mono "$text/mono.de" --mono "$text/mono.en" \
+    --vocab-size 8000 --out "$work/data-mono" --no-progress
+spm=$work/data-mono/spm.joint.model
+
+prepare_pairs() {  # prepare_pairs OUT TRAIN_PREFIX SRC TGT
+    [ -f "$1/manifest.json" ] || $nmt prepare --train "$2" --valid "$m30k/val" --test "$m30k/test_2016_flickr" \
+        --src "$3" --tgt "$4" --spm-model "$spm" --out "$1" --no-progress
+}
+train_and_score() {  # train_and_score NAME DATA [nmt train options...]
+    local name=$1 data=$2; shift 2
+    local run=$work/$name
+    if [ ! -f "$run/test.json" ]; then
+        stage "train-$name" $nmt train "$here/translate-$kind.yaml" --data "$data" --out "$run" --overwrite \
+            --no-progress "$@" "${train_args[@]}"
+        stage "translate-$name" $nmt translate "$run" -i "$data/test.src.txt" -o "$run/test.hyp"
+        $nmt evaluate --hyp "$run/test.hyp" --ref "$data/test.tgt.txt" --json > "$run/test.json"
+    fi
+}
+
+prepare_pairs "$work/data-lowres" "$text/lowres" de en
+prepare_pairs "$work/data-lowres-en-de" "$text/lowres" en de
+train_and_score scratch "$work/data-lowres"
+train_and_score en-de "$work/data-lowres-en-de"
+
+# The synthetic German of each method, appended to the real pairs.
+declare -A method_options=([beam]="--beam 5" [topk10]="--sampling --topk 10 --seed 1")
+for method in beam topk10; do
+    if [ ! -f "$text/bt-$method.de" ]; then
+        read -r -a options <<< "${method_options[$method]}"
+        stage "backtranslate-$method" $nmt translate "$work/en-de" -i "$text/mono.en" -o "$text/bt-$method.de.tmp" "${options[@]}"
+        mv "$text/bt-$method.de.tmp" "$text/bt-$method.de"
+    fi
+    cat "$text/lowres.de" "$text/bt-$method.de" > "$text/lowres+bt-$method.de"
+    cat "$text/lowres.en" "$text/mono.en" > "$text/lowres+bt-$method.en"
+    prepare_pairs "$work/data-bt-$method" "$text/lowres+bt-$method" de en
+    train_and_score "bt-$method" "$work/data-bt-$method"
+done
+
+if [ "$with_pretrained" = pretrained ]; then
+    [ -f "$work/pretrained/best/model.safetensors" ] || stage pretrain $nmt pretrain "$here/pretrain-$kind.yaml" \
+        --data "$work/data-mono" --out "$work/pretrained" --overwrite --no-progress "${pretrain_args[@]}"
+    train_and_score pretrained "$work/data-lowres" --init "$work/pretrained"
+    train_and_score pretrained+bt-beam "$work/data-bt-beam" --init "$work/pretrained"
+fi
+python3 "$here/bt_results.py" "$work" > "$work/results-bt.json"
+cat "$work/results-bt.json"
