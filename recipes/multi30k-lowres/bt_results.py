@@ -4,14 +4,11 @@ import json
 import sys
 from pathlib import Path
 
+from results import log_records  # run.sh's collector, beside this file
+
 RUNS = ("scratch", "bt-beam", "bt-topk10", "pretrained", "pretrained+bt-beam")
 DATA = {"en-de": "data-lowres-en-de", "scratch": "data-lowres", "pretrained": "data-lowres",
         "bt-beam": "data-bt-beam", "bt-topk10": "data-bt-topk10", "pretrained+bt-beam": "data-bt-beam"}
-
-
-def log_records(run: Path, kind: str) -> list[dict]:
-    lines = (run / "train_log.jsonl").read_text(encoding="utf-8").splitlines()
-    return [r for r in map(json.loads, lines) if r.get("type") == kind]
 
 
 def run_result(work: Path, name: str, times: dict) -> dict:
