@@ -7,7 +7,7 @@ NMT := $(VENV)/bin/nmt
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo-run
 
-.PHONY: install demo demo-zh test test-fast bench bench-scale gpu-bundle gpu-check clean
+.PHONY: install browser demo demo-zh test test-fast bench bench-scale bench-serve gpu-bundle gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -48,7 +48,14 @@ demo-zh: install
 	$(NMT) evaluate --hyp $(DEMO_DIR)/zh-test.hyp.txt --ref $(DEMO_DIR)/zh-data/test.tgt.txt
 	printf '知识就是力量。\n我們明天見。\n她在圖書館讀書。\n' | $(NMT) translate $(DEMO_DIR)/zh-model --beam 5
 
-test: install
+# Debian's Chromium, for the web page's end-to-end test (as root; elsewhere that test is skipped).
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "note: $(CHROMIUM) is missing and cannot be installed here; the web page test will be skipped"; fi; }
+
+test: install browser
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
@@ -61,6 +68,12 @@ test-fast: install
 BENCH_OUT ?= bench.json
 bench: install
 	$(NMT) bench --out $(BENCH_OUT)
+
+# nmt serve under 1, 8 and 32 concurrent clients, batched and one request at a time:
+# `make bench-serve SERVE_MODEL=DIR`.
+SERVE_MODEL ?= runs/multi30k-cpu
+bench-serve: install
+	$(NMT) bench-serve $(SERVE_MODEL) --out bench-serve.json
 
 # Prepare and training cost on a synthetic 4.5M-pair corpus and on one 10 times smaller.
 SCALE_PAIRS ?= 4500000

@@ -277,7 +277,7 @@ def fill_mask(
 
 @app.command()
 def translate(
-    model_dirs: Annotated[list[Path], typer.Argument(help="Checkpoint directory from nmt train; several make an ensemble (they must share one vocabulary).", metavar="MODEL_DIR...")],
+    model_dirs: Annotated[list[Path], typer.Argument(help="Checkpoint directory from nmt train; several make an ensemble (they must share one vocabulary). With --engine ctranslate2: one directory from nmt export.", metavar="MODEL_DIR...")],
     input: Annotated[Path | None, typer.Option("--input", "-i", help="Text to translate, one sentence per line (default: stdin).")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write translations (default: stdout).")] = None,
     beam: Annotated[int | None, typer.Option(help="Beam size; 1 is greedy search.")] = None,
@@ -306,6 +306,7 @@ def translate(
     attention_head: Annotated[int | None, typer.Option(help="With --attention: Transformer head, from 1 (default: the mean over heads).")] = None,
     attention_words: Annotated[bool, typer.Option(help="With --attention: merge subword pieces into words (source: sum, output: mean).")] = False,
     json_weights: Annotated[bool, typer.Option("--json", help="With --attention: also write the weights to attention.jsonl.")] = False,
+    engine: Annotated[str, typer.Option(help="nmt, or ctranslate2 for a directory from nmt export (no ensembles; its attention: the last layer's mean over heads).")] = "nmt",
 ) -> None:
     """Translate text with a trained model: one output line per input line."""
     from nmt.alignment import AttentionOutput
@@ -328,8 +329,44 @@ def translate(
             raise NmtError("--attention-layer, --attention-head, --attention-words, --attention-lines and --json need --attention DIR")
         translate_file(
             model_dirs, input, output, options, checkpoint, device, replace_invalid, quantize=int8,
-            attention=attention_output, prefix_path=prefix, stream=stream,
+            attention=attention_output, prefix_path=prefix, stream=stream, engine=engine,
         )
+
+
+@app.command()
+def serve(
+    model_dirs: Annotated[list[Path], typer.Argument(help="Checkpoint directories (or exports with --engine ctranslate2), one per language pair.", metavar="MODEL_DIR...")],
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every interface.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on; 0 picks a free one.")] = 5000,
+    api_key: Annotated[list[str] | None, typer.Option(help="Require this key (repeatable): api_key in the body or query, X-API-Key, or a bearer token.")] = None,
+    api_keys_file: Annotated[Path | None, typer.Option(help="Require one of the keys in this file (one per line).")] = None,
+    max_chars: Annotated[int, typer.Option(help="Characters per request, all lines together.")] = 5000,
+    max_line_chars: Annotated[int, typer.Option(help="Characters per line.")] = 1000,
+    max_lines: Annotated[int, typer.Option(help="Lines per request.")] = 100,
+    max_alternatives: Annotated[int, typer.Option(help="Most alternatives a request may ask for.")] = 8,
+    timeout: Annotated[float, typer.Option(help="Seconds a request may wait for its translation (then 503).")] = 30.0,
+    batch_wait_ms: Annotated[float, typer.Option(help="Milliseconds to wait for more requests to translate together.")] = 5.0,
+    max_batch_lines: Annotated[int, typer.Option(help="Most lines translated in one batch.")] = 256,
+    beam: Annotated[int | None, typer.Option(help="Beam size; 1 is greedy search.")] = None,
+    engine: Annotated[str, typer.Option(help="nmt, or ctranslate2 for a directory from nmt export.")] = "nmt",
+    checkpoint: Annotated[str, typer.Option(help="Which weights: best or last.")] = "best",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    int8: Annotated[bool, typer.Option(help="Run the Linear layers in int8 (CPU only).")] = False,
+) -> None:
+    """Serve models over HTTP (LibreTranslate and OpenNMT-py APIs) with a web page at /."""
+    from nmt.serve import read_api_keys
+    from nmt.serve import serve as run_server
+    from nmt.serve.api import ServeSettings
+
+    with user_errors():
+        limits = dict(max_chars=max_chars, max_line_chars=max_line_chars, max_lines=max_lines, timeout=timeout,
+                      max_batch_lines=max_batch_lines)
+        if any(value <= 0 for value in limits.values()) or batch_wait_ms < 0 or max_alternatives < 0:
+            raise NmtError("the limits, --timeout and --max-batch-lines must be positive; --batch-wait-ms and --max-alternatives 0 or more")
+        keys = frozenset(api_key or []) | (read_api_keys(api_keys_file) if api_keys_file else frozenset())
+        settings = ServeSettings(host, port, keys, max_chars, max_line_chars, max_lines, max_alternatives, timeout,
+                                 batch_wait_ms, max_batch_lines)
+        run_server(model_dirs, settings, {"beam": beam}, checkpoint, device, int8, engine, echo=typer.echo)
 
 
 @app.command()
@@ -382,6 +419,24 @@ def average(
 
 
 @app.command()
+def export(
+    model_dir: Annotated[Path, typer.Argument(help="Checkpoint directory of a Transformer from nmt train.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write: the model with its vocabularies and settings.")],
+    format: Annotated[str, typer.Option("--format", help="Export format: ctranslate2.")] = "ctranslate2",
+    quantization: Annotated[str | None, typer.Option(help="Store the weights as int8, int8_float16 or float16 (default: float32).")] = None,
+    checkpoint: Annotated[str, typer.Option(help="Which weights: best or last.")] = "best",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+) -> None:
+    """Write a trained Transformer as a CTranslate2 model directory that translates on its own."""
+    from nmt.export import export_model
+
+    with user_errors():
+        record = export_model(model_dir, out, format, quantization, checkpoint, overwrite)
+    typer.echo(f"{out}: {record.format} model of {record.checkpoint} (step {record.step}, {record.quantization or 'float32'}); "
+               f"translate with: nmt translate {out} --engine ctranslate2")
+
+
+@app.command()
 def plot(
     runs: Annotated[list[Path], typer.Argument(help="Checkpoint directories of nmt train; several are drawn over each other.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("training-curves.png"),
@@ -415,6 +470,32 @@ def bench_scale(
         report = run_scale_bench(ScaleBenchConfig(data=data, pairs=pairs, ratio=ratio, steps=steps, work_dir=work_dir,
                                                   out=out, mono=mono, translate=translate, beam=beam, src=src, tgt=tgt))
     typer.echo(json.dumps(report))
+
+
+@app.command("bench-serve")
+def bench_serve(
+    model_dir: Annotated[Path, typer.Argument(help="Checkpoint directory (or export with --engine ctranslate2).")],
+    src: Annotated[Path, typer.Option(help="Lines to send, one request each.")] = Path("../shared/data/multi30k/test_2016_flickr.de.gz"),
+    clients: Annotated[str, typer.Option(help="Comma-separated numbers of concurrent clients.")] = "1,8,32",
+    lines: Annotated[int | None, typer.Option(help="Send only the first N lines.")] = None,
+    beam: Annotated[int | None, typer.Option(help="Beam size (default: the model's).")] = None,
+    engine: Annotated[str, typer.Option(help="nmt or ctranslate2.")] = "nmt",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the report here (JSON).")] = None,
+) -> None:
+    """Throughput and latency of nmt serve under concurrent clients, batched and one request at a time."""
+    from nmt.serve.bench import bench_serve as run_bench
+
+    with user_errors():
+        try:
+            counts = [int(n) for n in clients.split(",") if n.strip()]
+        except ValueError:
+            raise NmtError(f"--clients must be numbers separated by commas (got {clients!r})") from None
+        if not counts or min(counts) < 1:
+            raise NmtError("--clients needs numbers of 1 or more")
+        report = run_bench(model_dir, src, counts, lines, beam, device, engine, echo=typer.echo)
+        if out is not None:
+            out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 def _named_paths(values: list[str] | None, option: str) -> dict[str, Path]:

@@ -12,7 +12,8 @@ run, so that the ratio says what the toolkit's own paths gain:
 - decoding test_2016_flickr from raw text (tokenization included), greedy and beam 5, with the
   model trained for time to quality. Baseline (timed once: it is slow and steady): rerunning the
   decoder over the whole prefix at every step, which must give the same output as incremental
-  decoding.
+  decoding. Beside them, a Transformer exported to CTranslate2 (`nmt export`), beam 5, computing
+  in float32 and in int8, with its speed relative to nmt's own fp32 beam 5.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class BenchConfig:
     # 32k over Multi30k's 8k tokens costs per token what it costs on WMT.
     model_vocab: dict[str, int] = field(default_factory=dict)
     half_precision_decoding: bool | None = None  # also decode with bf16 autocast; None: on a GPU
+    ctranslate2: bool = True  # also decode (beam 5) with Transformers exported to CTranslate2, fp32 and int8
 
 
 def _sync(device: torch.device) -> None:
@@ -239,11 +241,12 @@ def time_translation(
 
 def bench_decoding(
     name: str, save_dir: Path, lines: list[str], references: list[str], device: torch.device, repeats: int,
-    with_int8: bool, with_half: bool = False,
+    with_int8: bool, with_half: bool = False, ctranslate2_dir: Path | None = None,
 ) -> list[dict]:
     """Greedy and beam 5 with the plain path, the incremental one, and (`with_int8`) int8 Linear
     layers or (`with_half`) bf16 autocast; each record counts the lines that differ from the plain
-    path's output, and the half-precision one also those that differ from fp32."""
+    path's output, and the half-precision one also those that differ from fp32. With
+    `ctranslate2_dir`, a Transformer is also exported there and decoded by CTranslate2 (beam 5)."""
     model, tokenizer, config = load_for_inference(save_dir, "best", device)
     normalization = VocabInfo.read(save_dir).source_normalization()
     paths = [("plain", FullPrefixDecoding(model), "fp32"), ("nmt", model, "fp32")]
@@ -259,28 +262,66 @@ def bench_decoding(
             times, translations = time_translation(
                 decoder, tokenizer, lines, decode, device, normalization, 1 if path_name == "plain" else repeats
             )
-            texts = [nbest[0] for nbest in translations.texts]
-            texts_of[path_name, beam] = texts
-            tokens = sum(len(h[0].tokens) + 1 for h in translations.hypotheses if h)
-            seconds = statistics.median(times)
-            record = {
-                "model": name,
-                "path": path_name,
-                "precision": precision,
-                "beam": beam,
-                "sentences": len(lines),
-                "seconds": seconds,
-                "sentences_per_s": len(lines) / seconds,
-                "tokens_per_s": tokens / seconds,
-                "bleu": corpus_bleu(texts, references),
-                "lines_differing_from_plain": sum(a != b for a, b in zip(texts, texts_of["plain", beam])),
-                "repeats": len(times),
-                "seconds_all_repeats": times,
-            }
+            record = _decoding_record(name, path_name, precision, beam, lines, references, times, translations, texts_of)
             if precision != "fp32":
-                record["lines_differing_from_fp32"] = sum(a != b for a, b in zip(texts, texts_of["nmt", beam]))
+                record["lines_differing_from_fp32"] = sum(a != b for a, b in zip(texts_of[path_name, beam], texts_of["nmt", beam]))
             records.append(record)
+    if ctranslate2_dir is not None and config.model.arch == "transformer":
+        records += bench_ctranslate2(name, save_dir, ctranslate2_dir, lines, references, device, repeats, records, texts_of)
     return records
+
+
+def bench_ctranslate2(
+    name: str, save_dir: Path, export_dir: Path, lines: list[str], references: list[str], device: torch.device,
+    repeats: int, records: list[dict], texts_of: dict,
+) -> list[dict]:
+    """Beam 5 with the model exported to CTranslate2 (float32 weights), computing in float32 and
+    in int8, each with its ratio to the nmt fp32 beam-5 row and the lines that differ from it."""
+    from nmt.export import export_model, load_ctranslate2_translator
+
+    export_model(save_dir, export_dir, overwrite=True)
+    nmt_row = next(r for r in records if r["model"] == name and r["path"] == "nmt" and r["beam"] == 5)
+    ct2_device = "cpu" if device.type == "cpu" else f"cuda:{device.index or 0}"
+    rows = []
+    for path_name, precision, quantize in (("ct2", "fp32", False), ("ct2-int8", "int8", True)):
+        translator = load_ctranslate2_translator(export_dir, {"beam": 5, "precision": "fp32", "sampling": False},
+                                                 ct2_device, quantize)
+        translator.translate(lines[:50])  # warm-up
+        times, translations = [], None
+        for _ in range(repeats):
+            start = time.perf_counter()
+            translations = translator.translate(lines)  # CTranslate2 returns when its work is done
+            times.append(time.perf_counter() - start)
+        record = _decoding_record(name, path_name, precision, 5, lines, references, times, translations, texts_of)
+        record["speed_vs_nmt_fp32"] = nmt_row["seconds"] / record["seconds"]
+        record["lines_differing_from_nmt_fp32"] = sum(a != b for a, b in zip(texts_of[path_name, 5], texts_of["nmt", 5]))
+        rows.append(record)
+    return rows
+
+
+def _decoding_record(
+    name: str, path_name: str, precision: str, beam: int, lines: list[str], references: list[str], times: list[float],
+    translations: Translations, texts_of: dict,
+) -> dict:
+    """The figures of one decoding path; keeps its output in `texts_of[path_name, beam]`."""
+    texts = [nbest[0] for nbest in translations.texts]
+    texts_of[path_name, beam] = texts
+    tokens = sum(len(h[0].tokens) + 1 for h in translations.hypotheses if h)
+    seconds = statistics.median(times)
+    return {
+        "model": name,
+        "path": path_name,
+        "precision": precision,
+        "beam": beam,
+        "sentences": len(lines),
+        "seconds": seconds,
+        "sentences_per_s": len(lines) / seconds,
+        "tokens_per_s": tokens / seconds,
+        "bleu": corpus_bleu(texts, references),
+        "lines_differing_from_plain": sum(a != b for a, b in zip(texts, texts_of["plain", beam])),
+        "repeats": len(times),
+        "seconds_all_repeats": times,
+    }
 
 
 def run_bench(bc: BenchConfig, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
@@ -378,7 +419,7 @@ def run_bench(bc: BenchConfig, log: Callable[[str], None] = lambda m: print(m, f
                     half = bf16 if bc.half_precision_decoding is None else bc.half_precision_decoding
                     decoded = bench_decoding(
                         name, save_dir, lines, references, device, bc.repeats, with_int8=device.type == "cpu",
-                        with_half=half,
+                        with_half=half, ctranslate2_dir=work_dir / f"export-{name}" if bc.ctranslate2 else None,
                     )
                     report["decode"] += decoded
                     for record in report["time_to_quality"]:
@@ -437,6 +478,10 @@ def format_report(report: dict) -> str:
                 f"{r['model']:<{w}}{r['path']:<10}{r['beam']:>5}{r['seconds']:>9.2f}{r['sentences_per_s']:>9.1f}"
                 f"{r['tokens_per_s']:>9,.0f}{base['seconds'] / r['seconds']:>8.2f}x{r['bleu']:>7.2f}{r['lines_differing_from_plain']:>7}"
             )
+        for r in report["decode"]:
+            if "speed_vs_nmt_fp32" in r:
+                out.append(f"{r['model']} {r['path']} ({r['precision']}) beam {r['beam']}: {r['speed_vs_nmt_fp32']:.2f}x the "
+                           f"speed of nmt fp32; {r['lines_differing_from_nmt_fp32']} of {r['sentences']} lines differ from it")
         for r in report["decode"]:
             if "lines_differing_from_fp32" in r:
                 out.append(f"{r['model']} {r['path']} beam {r['beam']}: {r['lines_differing_from_fp32']} of "

@@ -50,6 +50,11 @@ def decode_lines(binary_lines: Iterable[bytes], name: str, replace_invalid: bool
         raise DataError(f"{name}: cannot read after line {lineno} ({e})") from None
 
 
+def text_lines(text: str) -> list[str]:
+    """The lines of one string by `decode_lines`' rule: `\n` ends a line, a `\r` before it goes."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
 def read_lines(path: Path, replace_invalid: bool = False) -> Iterator[str]:
     """Yield the lines of a UTF-8 text file (plain or .gz) without their line ending."""
     with open_binary(path) as f:

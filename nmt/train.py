@@ -371,6 +371,9 @@ def run_training(
     builds it, once the checkpoint dir is known to be usable."""
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
+    if config.train.init and not resume and Path(config.train.init).resolve() == save_dir.resolve():
+        raise ConfigError(f"--init {config.train.init} is the --out directory: training would replace the model it "
+                          "starts from; choose another --out")
     ranks = init_ranks(config.train.device)
     try:
         with training_lock(save_dir) if ranks.is_main else contextlib.nullcontext():

@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -152,6 +153,26 @@ def translate_lines(
     `prefixes`: per line, target text its translation must start with ("": none), normalized
     as the training targets were (`normalize_target`, `VocabInfo.target_normalization`).
     `first_line`: the number of lines[0] in its file, for warnings and attention maps."""
+    encoded = encode_lines(tokenizer, lines, decode, normalize, prefixes, normalize_target, first_line)
+    hyps = translate_ids(model, encoded.sources, decode, device, progress, attention, encoded.prefixes, generator)
+    return collect_translations(tokenizer, len(lines), encoded, hyps, attention is not None, first_line)
+
+
+@dataclass
+class EncodedLines:
+    """The lines of `translate_lines` with text in them, as token ids."""
+
+    non_empty: list[int]  # indices of the lines with text after normalization
+    sources: list[list[int]]  # their source ids (no EOS), cut to decode.max_input_tokens
+    prefixes: list[list[int]] | None  # their target prefixes' ids ([]: none); None without prefixes
+    truncated: list[int]  # 1-based numbers of the lines that were cut
+
+
+def encode_lines(
+    tokenizer: Tokenizer, lines: Sequence[str], decode: DecodeConfig, normalize: Normalization | None = None,
+    prefixes: Sequence[str] | None = None, normalize_target: Normalization | None = None, first_line: int = 1,
+) -> EncodedLines:
+    """Normalize, clean and encode the lines (and prefixes) as every engine's search takes them."""
     normalize = normalize or Normalization()
     cleaned = [clean_whitespace(normalize(line)) for line in lines]
     non_empty = [i for i, line in enumerate(cleaned) if line]
@@ -162,22 +183,33 @@ def translate_lines(
     if prefixes is not None:
         normalize_target = normalize_target or Normalization()
         prefix_ids = tokenizer.encode_tgt([clean_whitespace(normalize_target(prefixes[i])) for i in non_empty])
-    hyps = translate_ids(model, encoded, decode, device, progress, attention, prefix_ids, generator)
-    hypotheses: list[list[Hypothesis]] = [[] for _ in lines]
-    texts: list[list[str]] = [[""] for _ in lines]
-    maps: list[AttentionMap | None] = [None for _ in lines]
-    for i, ids, nbest in zip(non_empty, encoded, hyps):
+    return EncodedLines(non_empty, encoded, prefix_ids, truncated)
+
+
+def collect_translations(
+    tokenizer: Tokenizer, line_count: int, encoded: EncodedLines, hyps: list[list[Hypothesis]], attention: bool,
+    first_line: int = 1,
+) -> Translations:
+    """One entry per input line from the n-best lists of the non-empty ones (`hyps`, in the
+    order of `encoded.non_empty`); with `attention`, the map of each best translation."""
+    hypotheses: list[list[Hypothesis]] = [[] for _ in range(line_count)]
+    texts: list[list[str]] = [[""] for _ in range(line_count)]
+    maps: list[AttentionMap | None] = [None for _ in range(line_count)]
+    for i, ids, nbest in zip(encoded.non_empty, encoded.sources, hyps):
         hypotheses[i] = nbest
         texts[i] = tokenizer.decode_tgt([h.tokens for h in nbest])
-        if attention is not None:
+        if attention:
             best = nbest[0]
+            # A row per output token and one for the final EOS; an output cut at the length
+            # limit without EOS (CTranslate2's) has no EOS row.
+            eos_rows = best.attention.shape[0] - len(best.tokens)
             maps[i] = AttentionMap(
                 line=first_line + i,
                 source=tokenizer.src_pieces(ids) + [EOS_LABEL],
-                output=tokenizer.tgt_pieces(best.tokens) + [EOS_LABEL],
+                output=tokenizer.tgt_pieces(best.tokens) + [EOS_LABEL] * eos_rows,
                 weights=best.attention.numpy(),
             )
-    return Translations(hypotheses, texts, truncated, maps if attention is not None else None)
+    return Translations(hypotheses, texts, encoded.truncated, maps if attention else None)
 
 
 def format_output(translations: Translations, nbest: int, first_index: int = 0) -> str:
@@ -205,15 +237,47 @@ class Translator:
     normalization: Normalization  # of the source text, as in training
     target_normalization: Normalization  # of the training targets: applied to prefixes
     model_config: ModelConfig  # the first model's (attention descriptions)
+    languages: tuple[str, str]  # (source, target) as the data dir named them
     generator: torch.Generator | None = None
 
     def translate(self, lines: Sequence[str], prefixes: Sequence[str] | None = None, attention: AttentionChoice | None = None,
-                  first_line: int = 1, progress: bool = False) -> Translations:
-        return translate_lines(self.model, self.tokenizer, lines, self.decode, self.device, self.normalization, progress,
-                               attention, prefixes, self.generator, first_line, self.target_normalization)
+                  first_line: int = 1, progress: bool = False, decode: DecodeConfig | None = None) -> Translations:
+        """`decode`: settings for this call instead of `self.decode` (a server's per-request n-best)."""
+        return translate_lines(self.model, self.tokenizer, lines, decode or self.decode, self.device, self.normalization,
+                               progress, attention, prefixes, self.generator, first_line, self.target_normalization)
+
+    def describe_attention(self, choice: AttentionChoice) -> str:
+        return describe_attention(self.model_config, choice)
+
+
+class TextTranslator(Protocol):
+    """What `nmt translate` and `nmt serve` translate with: this library's search (`Translator`)
+    or an exported model in another engine (`nmt.export.CTranslate2Translator`)."""
+
+    decode: DecodeConfig
+    languages: tuple[str, str]
+
+    def translate(self, lines: Sequence[str], prefixes: Sequence[str] | None = None, attention: AttentionChoice | None = None,
+                  first_line: int = 1, progress: bool = False, decode: DecodeConfig | None = None) -> Translations:
+        """One entry per line, in order; `attention` asks for the best translations' maps (an
+        engine without them raises ConfigError)."""
+
+    def describe_attention(self, choice: AttentionChoice) -> str:
+        """Which weights the attention maps show, in words."""
 
 
 SAMPLING_OPTIONS = ("topk", "topp", "temperature", "seed")  # decode options that only sampling uses
+
+
+def decode_settings(saved: DecodeConfig, decode_options: dict | None) -> DecodeConfig:
+    """A checkpoint's decode config with the `decode_options` that are given (not None) in
+    place of its values, checked; one output per line unless `nbest` is given."""
+    options = {k: v for k, v in (decode_options or {}).items() if v is not None}
+    decode = dataclasses.replace(saved, **{"nbest": 1, **options})
+    decode.validate()
+    if not decode.sampling and any(name in options for name in SAMPLING_OPTIONS):
+        raise ConfigError(f"{', '.join(name for name in SAMPLING_OPTIONS if name in options)}: only with sampling (--sampling)")
+    return decode
 
 
 def load_translator(
@@ -235,15 +299,36 @@ def load_translator(
         models.append(quantize_int8(model) if quantize else model)
         tokenizer, config = tokenizer or model_tokenizer, config or model_config
     vocab_info = check_same_vocabulary(model_dirs)
-    options = {k: v for k, v in (decode_options or {}).items() if v is not None}
-    decode = dataclasses.replace(config.decode, **{"nbest": 1, **options})
-    decode.validate()
-    if not decode.sampling and any(name in options for name in SAMPLING_OPTIONS):
-        raise ConfigError(f"{', '.join(name for name in SAMPLING_OPTIONS if name in options)}: only with sampling (--sampling)")
+    decode = decode_settings(config.decode, decode_options)
     model = models[0] if len(models) == 1 else Ensemble(models)
     generator = sampling_generator(decode, torch_device) if decode.sampling else None
     return Translator(model, tokenizer, decode, torch_device, vocab_info.source_normalization(),
-                      vocab_info.target_normalization(), config.model, generator)
+                      vocab_info.target_normalization(), config.model, (vocab_info.src_lang or "", vocab_info.tgt_lang or ""),
+                      generator)
+
+
+ENGINES = ("nmt", "ctranslate2")
+EXPORT_RECORD = "nmt_export.json"  # what `nmt export` writes beside the exported model (nmt.export)
+
+
+def load_text_translator(
+    model_dirs: Sequence[Path], decode_options: dict | None = None, checkpoint: str = "best", device: str = "auto",
+    quantize: bool = False, engine: str = "nmt",
+) -> TextTranslator:
+    """`load_translator` for engine "nmt" (checkpoint directories); for "ctranslate2", one
+    directory written by `nmt export --format ctranslate2`."""
+    if engine == "nmt":
+        for model_dir in model_dirs:
+            if (Path(model_dir) / EXPORT_RECORD).is_file():
+                raise ConfigError(f"{model_dir} is a CTranslate2 export: translate it with --engine ctranslate2")
+        return load_translator(model_dirs, decode_options, checkpoint, device, quantize)
+    if engine == "ctranslate2":
+        from nmt.export import load_ctranslate2_translator  # ctranslate2: only when asked for
+
+        if len(model_dirs) != 1:
+            raise ConfigError("--engine ctranslate2 takes one export directory (no ensembles)")
+        return load_ctranslate2_translator(Path(model_dirs[0]), decode_options, device, quantize)
+    raise ConfigError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
 
 
 def translate_file(
@@ -259,6 +344,7 @@ def translate_file(
     attention: AttentionOutput | None = None,
     prefix_path: Path | None = None,
     stream: bool = False,
+    engine: str = "nmt",
 ) -> int:
     """Translate a file (or stdin when None) into a file (or stdout); returns the line count.
 
@@ -267,12 +353,14 @@ def translate_file(
     `stream`, each line is translated and written (flushed) as soon as it is read. An output
     file appears complete when the run ends (it is written beside it under a temporary name).
     `prefix_path`: one target prefix per input line. `attention` writes the cross-attention of
-    each best translation: alignments, heat-maps, weights. See `load_translator` for the rest.
+    each best translation: alignments, heat-maps, weights. `engine`: "nmt" translates checkpoint
+    directories, "ctranslate2" a directory of `nmt export` (see `load_text_translator`). See
+    `load_translator` for the rest.
     """
     model_dirs = [Path(model_dirs)] if isinstance(model_dirs, (str, Path)) else [Path(d) for d in model_dirs]
     if output_path is not None and not Path(output_path).parent.is_dir():
         raise DataError(f"cannot write {output_path}: the folder {Path(output_path).parent} does not exist")
-    translator = load_translator(model_dirs, decode_options, checkpoint, device, quantize)
+    translator = load_text_translator(model_dirs, decode_options, checkpoint, device, quantize, engine)
     lines = _read_stdin(replace_invalid) if input_path is None else read_lines(Path(input_path), replace_invalid=replace_invalid)
     prefixes = None if prefix_path is None else read_lines(Path(prefix_path), replace_invalid)
     chunk_lines = 1 if stream else translator.decode.chunk_lines
@@ -338,11 +426,11 @@ def _output(output_path: Path | None):
     return open_text_atomic(Path(output_path))
 
 
-def _write_attention(maps, attention: AttentionOutput, model_dirs: list[Path], translator: Translator, warn) -> None:
+def _write_attention(maps, attention: AttentionOutput, model_dirs: list[Path], translator: TextTranslator, warn) -> None:
     from nmt.plots import write_attention  # matplotlib: only when pictures are asked for
 
     title = "model " + " + ".join(str(d) for d in model_dirs)
-    pictures, directory = write_attention(maps, attention, title, describe_attention(translator.model_config, attention.choice))
+    pictures, directory = write_attention(maps, attention, title, translator.describe_attention(attention.choice))
     warn(f"attention: {pictures} heat-map(s) and alignments.txt in {directory}")
 
 

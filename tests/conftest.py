@@ -69,7 +69,8 @@ def toy_corpus(tmp_path) -> Path:
     return tmp_path / "toy"
 
 
-def prepare_toy_data(root: Path, train: int, valid: int = 5, test: int = 5, vocab_size: int = 40) -> Path:
+def prepare_toy_data(root: Path, train: int, valid: int = 5, test: int = 5, vocab_size: int = 40,
+                     joint_vocab: bool = True) -> Path:
     """A prepared data dir (xx -> yy) of the toy language under `root`; returns its path."""
     from nmt.prepare import PrepareConfig, prepare
 
@@ -77,11 +78,24 @@ def prepare_toy_data(root: Path, train: int, valid: int = 5, test: int = 5, voca
     write_pairs(root / "c" / "valid", toy_pairs(valid, seed=2))
     write_pairs(root / "c" / "test", toy_pairs(test, seed=3))
     prepare(PrepareConfig(
-        out_dir=root / "data", src_lang="xx", tgt_lang="yy", vocab_size=vocab_size,
+        out_dir=root / "data", src_lang="xx", tgt_lang="yy", vocab_size=vocab_size, joint_vocab=joint_vocab,
         train_prefix=str(root / "c" / "train"), valid_prefix=str(root / "c" / "valid"),
         test_prefix=str(root / "c" / "test"),
     ))
     return root / "data"
+
+
+def train_tiny(data_dir: Path, save_dir: Path, model: dict, overwrite: bool = False, **train_options) -> Path:
+    """A tiny model trained for 120 updates (seconds) on a toy data dir; returns `save_dir`."""
+    from nmt.config import config_from_dict
+    from nmt.train import train
+
+    train(config_from_dict({
+        "data_dir": str(data_dir), "save_dir": str(save_dir), "model": model,
+        "train": {"max_steps": 120, "batch_tokens": 400, "lr": 3e-3, "warmup_steps": 20, "valid_every": 30,
+                  "valid_max_sentences": 5, "log_every": 30, **train_options},
+    }), progress=False, overwrite=overwrite)
+    return save_dir
 
 
 # A hand-built step decoder for search tests: the next token's distribution depends on the

@@ -52,7 +52,10 @@ def test_bench_measures_every_section_against_its_baseline(bench_inputs, tmp_pat
         assert "test_bleu_beam5" in record
 
     decode = {(r["model"], r["path"], r["beam"]): r for r in report["decode"]}
-    assert set(decode) == {(m, p, b) for m in recipes for p in ("plain", "nmt", "nmt-int8") for b in (1, 5)}
+    exported = {("transformer", p, 5) for p in ("ct2", "ct2-int8")}  # CTranslate2 has no RNN decoder
+    assert set(decode) == {(m, p, b) for m in recipes for p in ("plain", "nmt", "nmt-int8") for b in (1, 5)} | exported
+    for key in exported:
+        assert decode[key]["speed_vs_nmt_fp32"] > 0 and 0 <= decode[key]["lines_differing_from_nmt_fp32"] <= 20
     for (_, path, _), record in decode.items():
         assert record["sentences"] == 20 and record["sentences_per_s"] > 0
         assert record["repeats"] == (1 if path == "plain" else 2)
@@ -61,6 +64,7 @@ def test_bench_measures_every_section_against_its_baseline(bench_inputs, tmp_pat
 
     table = format_report(report)
     assert "training" in table and "decoding test_2016_flickr" in table and "time to quality" in table
+    assert "transformer ct2-int8 (int8) beam 5:" in table
 
 
 def test_bench_cli_reports_bad_input_in_one_line(tmp_path):

@@ -295,6 +295,17 @@ def test_init_copies_the_pretrained_tensors_exactly(pretrained_and_data):
     assert loaded and all(not name.startswith("decoder") for name in loaded)
 
 
+def test_init_into_its_own_directory_is_refused_and_keeps_the_pretrained_model(pretrained_and_data):
+    root = pretrained_and_data
+    weights = root / "mlm" / "best" / "model.safetensors"
+    before = weights.read_bytes()
+    result = invoke("train", "--data", root / "data", "--out", root / "mlm", "--init", root / "mlm", "--overwrite",
+                    *_tiny_sets(), "--no-progress")
+    assert result.exit_code == 1 and "is the --out directory" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert weights.read_bytes() == before
+
+
 def test_init_trains_and_translates_through_the_pipeline(pretrained_and_data, tmp_path):
     root = pretrained_and_data
     result = invoke("train", "--data", root / "data", "--out", tmp_path / "model", "--init", root / "mlm",

@@ -9,30 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RNN, TINY_TRANSFORMER, prepare_toy_data, toy_pairs
+from conftest import TINY_RNN, TINY_TRANSFORMER, prepare_toy_data, toy_pairs, train_tiny
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from cli.main import app
 from nmt.average import average_weights
 from nmt.checkpoint import prune_update_checkpoints, update_checkpoint_name, update_checkpoints
-from nmt.config import config_from_dict
 from nmt.errors import CheckpointError
 from nmt.files import CheckpointInfo, TrainState
-from nmt.train import train
 from nmt.translate import translate_file
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _train(data_dir: Path, save_dir: Path, model: dict, overwrite: bool = False, **train_options) -> Path:
-    train(config_from_dict({
-        "data_dir": str(data_dir), "save_dir": str(save_dir), "model": model,
-        "train": {"max_steps": 120, "batch_tokens": 400, "lr": 3e-3, "warmup_steps": 20, "valid_every": 30,
-                  "valid_max_sentences": 5, "log_every": 30, **train_options},
-    }), progress=False, overwrite=overwrite)
-    return save_dir
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +29,8 @@ def trained(tmp_path_factory):
     """A data dir, a Transformer that keeps its last 2 and best 2 checkpoints, and an RNN."""
     root = tmp_path_factory.mktemp("decoding")
     data = prepare_toy_data(root, train=200)
-    transformer = _train(data, root / "transformer", TINY_TRANSFORMER, keep_last=2, keep_best=2)
-    rnn = _train(data, root / "rnn", TINY_RNN)
+    transformer = train_tiny(data, root / "transformer", TINY_TRANSFORMER, keep_last=2, keep_best=2)
+    rnn = train_tiny(data, root / "rnn", TINY_RNN)
     return root, transformer, rnn
 
 
@@ -173,7 +162,7 @@ def test_overwrite_removes_the_old_runs_kept_checkpoints(trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(model_dir, run)
     _fake_checkpoint(run, 9_999_000, 99.0)  # a late, excellent checkpoint of the old run
-    _train(root / "data", run, TINY_TRANSFORMER, max_steps=60, keep_last=2, keep_best=2, overwrite=True)
+    train_tiny(root / "data", run, TINY_TRANSFORMER, max_steps=60, keep_last=2, keep_best=2, overwrite=True)
     assert [c.step for c in update_checkpoints(run)] == [30, 60]
 
 

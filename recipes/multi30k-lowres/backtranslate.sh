@@ -63,10 +63,11 @@ for method in beam topk10; do
 done
 
 if [ "$with_pretrained" = pretrained ]; then
-    [ -f "$work/pretrained/best/model.safetensors" ] || stage pretrain $nmt pretrain "$here/pretrain-$kind.yaml" \
-        --data "$work/data-mono" --out "$work/pretrained" --overwrite --no-progress "${pretrain_args[@]}"
-    train_and_score pretrained "$work/data-lowres" --init "$work/pretrained"
-    train_and_score pretrained+bt-beam "$work/data-bt-beam" --init "$work/pretrained"
+    # (the masked LM's directory is not a run's: `train_and_score pretrained` trains into $work/pretrained)
+    [ -f "$work/masked-lm/best/model.safetensors" ] || stage pretrain $nmt pretrain "$here/pretrain-$kind.yaml" \
+        --data "$work/data-mono" --out "$work/masked-lm" --overwrite --no-progress "${pretrain_args[@]}"
+    train_and_score pretrained "$work/data-lowres" --init "$work/masked-lm"
+    train_and_score pretrained+bt-beam "$work/data-bt-beam" --init "$work/masked-lm"
 fi
 python3 "$here/bt_results.py" "$work" > "$work/results-bt.json"
 cat "$work/results-bt.json"

@@ -1,0 +1,472 @@
+"""`nmt export --format ctranslate2`: a trained Transformer as a CTranslate2 model directory that
+translates on its own, and the translator of `nmt translate --engine ctranslate2` that reads it.
+
+    OUT/
+      model.bin, config.json, *vocabulary.json   the CTranslate2 model (ctranslate2.Translator reads it)
+      spm.*.model                                the SentencePiece model(s)
+      nmt_export.json                            what else translating needs: languages, the
+                                                 normalization of each side, decode defaults, the
+                                                 model's description, the weights' origin
+
+CTranslate2 runs the same network; where its search differs from this library's, and what that
+changes, is told in `CTranslate2Translator`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nmt import __version__
+from nmt.alignment import describe_attention
+from nmt.atomic import replace_dir
+from nmt.batches import pad_source
+from nmt.checkpoint import load_for_inference, read_config, weights_dir
+from nmt.config import Config, DecodeConfig, ModelConfig, config_from_dict
+from nmt.errors import CheckpointError, ConfigError, first_line
+from nmt.files import CheckpointInfo, VocabInfo
+from nmt.models.attention import AttentionChoice
+from nmt.models.transformer import Transformer, sinusoidal_positions
+from nmt.normalize import Normalization
+from nmt.search import Hypothesis, max_lengths
+from nmt.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
+from nmt.translate import EXPORT_RECORD, Translations, collect_translations, decode_settings, encode_lines
+
+FORMATS = ("ctranslate2",)
+QUANTIZATIONS = ("int8", "int8_float16", "float16")  # none: float32
+MIN_POSITIONS = 1024
+
+
+@dataclass
+class ExportRecord:
+    """`nmt_export.json`: what an export directory holds besides the CTranslate2 model."""
+
+    format: str
+    languages: dict  # {"source": ..., "target": ...} as the data dir named them
+    sentencepiece: dict  # {"source": file name, "target": file name} (the same one when joint)
+    normalization: dict  # {"src": ..., "tgt": ...}: the checkpoint's record (`nmt.files.VocabInfo`)
+    decode: dict  # the checkpoint's decode config: the defaults of translating
+    model: dict  # the checkpoint's model config
+    quantization: str | None  # of the stored weights; None: float32
+    checkpoint: str  # the weights exported (a best/ or last/ directory)
+    step: int  # the training update of those weights
+    max_positions: int  # rows of the position tables: the longest source (EOS included) or output
+    attention: str  # the cross-attention CTranslate2 returns, in words
+    format_version: int = 1
+    nmt_version: str = __version__
+
+    def write(self, directory: Path) -> None:
+        (Path(directory) / EXPORT_RECORD).write_text(json.dumps(dataclasses.asdict(self), indent=2), encoding="utf-8")
+
+    @classmethod
+    def read(cls, directory: Path) -> ExportRecord:
+        path = Path(directory) / EXPORT_RECORD
+        if not path.is_file():
+            if (Path(directory) / "config.yaml").is_file():
+                raise CheckpointError(f"{directory} is a checkpoint directory: translate it with --engine nmt, or "
+                                      "export it first with nmt export")
+            raise CheckpointError(f"{directory} is not a directory of nmt export (no {EXPORT_RECORD})")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            names = {f.name for f in dataclasses.fields(cls)}
+            record = cls(**{key: value for key, value in data.items() if key in names})
+            sides_named = all(set(getattr(record, name)) >= {"source", "target"} for name in ("languages", "sentencepiece"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, AttributeError):
+            sides_named = False
+        if not sides_named:
+            raise CheckpointError(f"{path} is damaged")
+        return record
+
+    def config(self) -> Config:
+        """The checkpoint's model and decode configs (the rest: defaults)."""
+        try:
+            return config_from_dict({"model": self.model, "decode": self.decode})
+        except ConfigError as e:
+            raise CheckpointError(f"{EXPORT_RECORD} is damaged or from another version: {e}") from None
+
+    def source_normalization(self) -> Normalization:
+        return Normalization.from_saved(self.normalization.get("src"))
+
+    def target_normalization(self) -> Normalization:
+        return Normalization.from_saved(self.normalization.get("tgt"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def export_model(
+    model_dir: Path, out_dir: Path, format: str = "ctranslate2", quantization: str | None = None,
+    checkpoint: str = "best", overwrite: bool = False,
+) -> ExportRecord:
+    """Write `out_dir`: the Transformer of checkpoint directory `model_dir` as a CTranslate2
+    model, with what translating needs besides (see the module's docstring). The directory is
+    written beside `out_dir` and renamed when complete; an existing one is replaced only with
+    `overwrite`."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if format not in FORMATS:
+        raise ConfigError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
+    if quantization not in (None, *QUANTIZATIONS):
+        raise ConfigError(f"unknown quantization {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
+    config = read_config(model_dir)
+    if config.model.arch != "transformer":
+        raise ConfigError(f"{model_dir} holds an {config.model.arch} model; CTranslate2 has no RNN decoder, "
+                          "so only Transformers export (translate it with --engine nmt)")
+    if out_dir.exists() and (out_dir.resolve() == model_dir.resolve() or not overwrite):
+        raise ConfigError(f"{out_dir} already exists; pass --overwrite to replace it (not the checkpoint directory)")
+    weights = weights_dir(model_dir, checkpoint)
+    model, tokenizer, config = load_for_inference(model_dir, checkpoint, "cpu")
+    vocab_info = VocabInfo.read(model_dir)
+    positions = position_rows(config.decode)
+    spec = transformer_spec(model, config.model, tokenizer, positions)
+    record = ExportRecord(
+        format=format,
+        languages={"source": vocab_info.src_lang or "", "target": vocab_info.tgt_lang or ""},
+        sentencepiece={"source": vocab_info.vocab.src_model, "target": vocab_info.vocab.tgt_model},
+        normalization=vocab_info.normalization,
+        decode=dataclasses.asdict(config.decode),
+        model=dataclasses.asdict(config.model),
+        quantization=quantization,
+        checkpoint=str(weights),
+        step=CheckpointInfo.read(weights).state.step,
+        max_positions=positions,
+        attention=describe_attention(config.model, AttentionChoice()),
+    )
+    _write_export(model_dir, out_dir, spec, record)
+    return record
+
+
+def position_rows(decode: DecodeConfig) -> int:
+    """Rows of the exported position tables: room for the longest source the checkpoint's decode
+    settings let through (max_input_tokens + EOS) and for the longest output they allow it."""
+    longest_output = decoding_limits([[UNK] * decode.max_input_tokens], [[]], decode)[0]
+    return max(MIN_POSITIONS, decode.max_input_tokens + 1, longest_output)
+
+
+def _write_export(model_dir: Path, out_dir: Path, spec, record: ExportRecord) -> None:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        spec.validate()
+        spec.optimize(quantization=record.quantization)
+        spec.save(str(tmp))
+        for name in sorted(set(record.sentencepiece.values())):
+            shutil.copyfile(model_dir / name, tmp / name)
+        record.write(tmp)
+        replace_dir(tmp, out_dir)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"could not write {out_dir}: {first_line(e)}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def transformer_spec(model: Transformer, cfg: ModelConfig, tokenizer: Tokenizer, positions: int):
+    """The `ctranslate2.specs.TransformerSpec` of `model`: the same weights in CTranslate2's
+    layout, with its SentencePiece vocabularies and special tokens. CTranslate2 returns the
+    cross-attention of the last decoder layer, averaged over all its heads (alignment_heads=0),
+    which is what `nmt translate --attention` shows by default."""
+    from ctranslate2.specs import TransformerSpec
+
+    spec = TransformerSpec.from_config((cfg.enc_layers, cfg.dec_layers), cfg.heads, pre_norm=cfg.norm == "pre",
+                                       alignment_layer=-1, alignment_heads=0)
+    # nmt's table interleaves sin and cos (PE[:, 0::2] = sin, PE[:, 1::2] = cos); CTranslate2's
+    # built-in one concatenates them, so the table is written out.
+    table = _array(sinusoidal_positions(positions, cfg.embed_dim))  # (positions, D)
+    _set_encoder(spec.encoder, model, table)
+    _set_decoder(spec.decoder, model, table)
+    spec.register_source_vocabulary(_pieces(tokenizer.src))
+    spec.register_target_vocabulary(_pieces(tokenizer.tgt))
+    _set_special_tokens(spec.config, tokenizer)
+    spec.config.layer_norm_epsilon = model.encoder_layers[0].norm1.eps
+    return spec
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    # A copy: quantizing the spec scales its arrays in place, and these would be the model's own.
+    return tensor.detach().to("cpu", torch.float32).numpy().copy()
+
+
+def _set_linear(spec, linear: torch.nn.Linear) -> None:
+    spec.weight = _array(linear.weight)  # (out, in), as CTranslate2 stores it
+    if linear.bias is not None:
+        spec.bias = _array(linear.bias)
+
+
+def _set_fused(spec, linears: Sequence[torch.nn.Linear]) -> None:
+    """One projection whose output is the outputs of `linears` one after the other."""
+    spec.weight = np.concatenate([_array(linear.weight) for linear in linears])  # (n·out, in)
+    spec.bias = np.concatenate([_array(linear.bias) for linear in linears])
+
+
+def _set_layer_norm(spec, norm: torch.nn.LayerNorm) -> None:
+    spec.gamma = _array(norm.weight)
+    spec.beta = _array(norm.bias)
+
+
+def _set_self_attention(spec, attention, norm: torch.nn.LayerNorm) -> None:
+    _set_fused(spec.linear[0], [attention.q_proj, attention.k_proj, attention.v_proj])
+    _set_linear(spec.linear[1], attention.out_proj)
+    _set_layer_norm(spec.layer_norm, norm)  # before the sublayer (pre-norm) or after its residual sum (post-norm)
+
+
+def _set_cross_attention(spec, attention, norm: torch.nn.LayerNorm) -> None:
+    _set_linear(spec.linear[0], attention.q_proj)
+    _set_fused(spec.linear[1], [attention.k_proj, attention.v_proj])  # of the encoder output
+    _set_linear(spec.linear[2], attention.out_proj)
+    _set_layer_norm(spec.layer_norm, norm)
+
+
+def _set_feed_forward(spec, ff, norm: torch.nn.LayerNorm) -> None:
+    _set_linear(spec.linear_0, ff.fc1)
+    _set_linear(spec.linear_1, ff.fc2)
+    _set_layer_norm(spec.layer_norm, norm)
+
+
+def _set_encoder(spec, model: Transformer, table: np.ndarray) -> None:
+    spec.embeddings[0].weight = _array(model.src_embed.weight)  # scaled by sqrt(D): spec.scale_embeddings
+    spec.position_encodings.encodings = table
+    for layer_spec, layer in zip(spec.layer, model.encoder_layers):
+        _set_self_attention(layer_spec.self_attention, layer.self_attn, layer.norm1)
+        _set_feed_forward(layer_spec.ffn, layer.ff, layer.norm2)
+    if isinstance(model.encoder_norm, torch.nn.LayerNorm):  # pre-norm's final norm
+        _set_layer_norm(spec.layer_norm, model.encoder_norm)
+
+
+def _set_decoder(spec, model: Transformer, table: np.ndarray) -> None:
+    spec.embeddings.weight = _array(model.tgt_embed.weight)
+    spec.position_encodings.encodings = table
+    for layer_spec, layer in zip(spec.layer, model.decoder_layers):
+        _set_self_attention(layer_spec.self_attention, layer.self_attn, layer.norm1)
+        _set_cross_attention(layer_spec.attention, layer.cross_attn, layer.norm2)
+        _set_feed_forward(layer_spec.ffn, layer.ff, layer.norm3)
+    if isinstance(model.decoder_norm, torch.nn.LayerNorm):
+        _set_layer_norm(spec.layer_norm, model.decoder_norm)
+    # No bias; a tied output is the embedding matrix again, which saving stores once (an alias).
+    spec.projection.weight = _array(model.output.weight)
+
+
+def _pieces(processor) -> list[str]:
+    """The vocabulary in id order: CTranslate2 looks tokens up by these strings."""
+    return [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+
+
+def _set_special_tokens(config, tokenizer: Tokenizer) -> None:
+    """nmt's sources end with EOS and have no BOS; outputs start from BOS. CTranslate2 has one
+    name per special token for both vocabularies: the two must agree."""
+    for name, token_id in (("<unk>", UNK), ("EOS", EOS)):
+        if tokenizer.src.id_to_piece(token_id) != tokenizer.tgt.id_to_piece(token_id):
+            raise ConfigError(f"the source and target vocabularies name {name} differently; CTranslate2 needs one name")
+    config.unk_token = tokenizer.tgt.id_to_piece(UNK)
+    config.bos_token = tokenizer.tgt.id_to_piece(BOS)
+    config.eos_token = tokenizer.tgt.id_to_piece(EOS)
+    config.decoder_start_token = config.bos_token
+    config.add_source_bos = False
+    config.add_source_eos = True  # so that the directory translates plain SentencePiece pieces
+
+
+# ---------------------------------------------------------------------------------------------
+# Translating with an export
+
+
+@dataclass
+class CTranslate2Translator:
+    """`nmt.translate.TextTranslator` on an export directory: the input is normalized, cleaned,
+    encoded and cut as `nmt.translate.Translator` does it, and decoded by CTranslate2.
+
+    How CTranslate2's search differs from nmt's, and what follows:
+
+    - Length limit: nmt allows a·|src| + b tokens per sentence, EOS included, and forces EOS at
+      the last one. CTranslate2 takes one max_decoding_length per call, so sentences are decoded
+      in groups of one limit each, with a·|src| + b - 1 (it stops there without EOS). Greedy
+      outputs are the same; an output cut at the limit lacks the forced EOS's log-probability
+      in its score (and an EOS row in its attention map). Outputs are also cut at the export's
+      position table (max_positions rows, room for the checkpoint's own limits).
+    - Scores: CTranslate2 renormalizes the log-softmax over the tokens it allows (never PAD or
+      BOS, no repeated n-gram) where nmt leaves the banned tokens' probability out of the sum,
+      and it counts a forced prefix's tokens with log-probability 0 where nmt counts the model's.
+      Greedy tokens are the same; scores are close (equal without banned mass or prefix).
+    - Beam search: CTranslate2 stops a sentence once it has beam_size finished hypotheses; nmt
+      goes on while a live beam could still beat its worst finished one. Both take the 2K best
+      continuations, normalize by length (EOS included) ** len_penalty and start from one beam,
+      so they mostly agree; with a prefix or banned n-grams, the score differences above can
+      also change which hypothesis wins.
+    - Sampling draws from CTranslate2's random generator, seeded with decode.seed when loaded:
+      the same seed gives the same samples run after run, not nmt's samples.
+    - Attention: only the last decoder layer's, averaged over its heads (the export's alignment
+      heads); CTranslate2 leaves out the column of the source EOS, which is what the others leave
+      of each row (a distribution).
+    """
+
+    translator: object  # ctranslate2.Translator
+    tokenizer: Tokenizer
+    decode: DecodeConfig
+    normalization: Normalization  # of the source text, as in training
+    target_normalization: Normalization  # of the training targets: applied to prefixes
+    model_config: ModelConfig
+    languages: tuple[str, str]
+    max_positions: int  # rows of the position tables: longer outputs are cut there
+
+    def translate(self, lines: Sequence[str], prefixes: Sequence[str] | None = None, attention: AttentionChoice | None = None,
+                  first_line: int = 1, progress: bool = False, decode: DecodeConfig | None = None) -> Translations:
+        """One entry per line, as `nmt.translate.Translator.translate`; `decode` replaces
+        `self.decode` for this call."""
+        decode = decode or self.decode
+        self._check(decode, attention)
+        encoded = encode_lines(self.tokenizer, lines, decode, self.normalization, prefixes, self.target_normalization,
+                               first_line)
+        prefix_ids = encoded.prefixes or [[] for _ in encoded.sources]
+        hyps = self._search(encoded.sources, prefix_ids, decode, attention is not None, progress)
+        return collect_translations(self.tokenizer, len(lines), encoded, hyps, attention is not None, first_line)
+
+    def describe_attention(self, choice: AttentionChoice) -> str:
+        return describe_attention(self.model_config, AttentionChoice()) + " (CTranslate2)"
+
+    def _check(self, decode: DecodeConfig, attention: AttentionChoice | None) -> None:
+        if decode.max_input_tokens + 1 > self.max_positions:
+            raise ConfigError(f"decode.max_input_tokens is {decode.max_input_tokens}, but the export has positions for "
+                              f"{self.max_positions - 1} source tokens; export with a larger decode.max_input_tokens")
+        layers = self.model_config.dec_layers
+        if attention is not None and (attention.head is not None or attention.layer not in (None, layers)):
+            raise ConfigError(f"--engine ctranslate2 gives the attention of the last decoder layer ({layers}), mean over "
+                              "heads, only: leave out --attention-layer and --attention-head, or use --engine nmt")
+
+    def _search(self, sources: list[list[int]], prefixes: list[list[int]], decode: DecodeConfig, attention: bool,
+                progress: bool) -> list[list[Hypothesis]]:
+        """The n-best list of each source, in order: one CTranslate2 call per length limit."""
+        limits = decoding_limits(sources, prefixes, decode)
+        groups: dict[int, list[int]] = {}
+        for i, limit in enumerate(limits):
+            groups.setdefault(limit, []).append(i)
+        options = self._options(decode, attention)
+        results: list[list[Hypothesis]] = [[] for _ in sources]
+        for limit, indices in tqdm(sorted(groups.items()), desc="translating", unit="group",
+                                   disable=None if progress else True, file=sys.stderr):
+            if limit <= 1:  # room for EOS alone: nmt's output is empty, and CTranslate2 needs a length
+                for i in indices:
+                    results[i] = [Hypothesis([], 0.0, torch.zeros(0, len(sources[i]) + 1))]
+                continue
+            batch = self._translate_batch([sources[i] for i in indices], [prefixes[i] for i in indices],
+                                          min(limit - 1, self.max_positions), options)
+            for i, result in zip(indices, batch):
+                results[i] = [self._hypothesis(result, k, attention) for k in range(len(result.hypotheses))]
+        return results
+
+    def _options(self, decode: DecodeConfig, attention: bool) -> dict:
+        """`translate_batch` options of the decode settings (but the length limit)."""
+        vocabulary = self.tokenizer.tgt_vocab_size
+        greedy = decode.sampling or decode.beam == 1
+        return dict(
+            max_batch_size=decode.batch_tokens, batch_type="tokens",
+            beam_size=1 if decode.sampling else decode.beam, num_hypotheses=decode.nbest,
+            length_penalty=0.0 if greedy else decode.len_penalty,  # nmt's greedy and sampling scores: log-probs
+            no_repeat_ngram_size=decode.no_repeat_ngram,
+            suppress_sequences=[[self.tokenizer.tgt.id_to_piece(PAD)], [self.tokenizer.tgt.id_to_piece(BOS)]],
+            max_input_length=0, min_decoding_length=0,  # inputs are cut already; an empty output is allowed
+            return_end_token=True, return_scores=True, return_attention=attention,
+            sampling_topk=(decode.topk if decode.topk < vocabulary else 0) if decode.sampling else 1,
+            sampling_topp=decode.topp if decode.sampling else 1.0,
+            sampling_temperature=decode.temperature if decode.sampling else 1.0,
+        )
+
+    def _translate_batch(self, sources: list[list[int]], prefixes: list[list[int]], max_length: int, options: dict):
+        source_pieces = [self.tokenizer.src_pieces(ids) for ids in sources]
+        target_prefix = [self.tokenizer.tgt_pieces(ids) or None for ids in prefixes] if any(prefixes) else None
+        try:
+            return self.translator.translate_batch(source_pieces, target_prefix, max_decoding_length=max_length, **options)
+        except (ValueError, RuntimeError) as e:  # an option CTranslate2 refuses, e.g. topp with topk 0 on a GPU
+            raise ConfigError(f"CTranslate2: {first_line(e)}") from None
+
+    def _hypothesis(self, result, k: int, attention: bool) -> Hypothesis:
+        pieces = result.hypotheses[k]  # with the final EOS (return_end_token)
+        ends = bool(pieces) and pieces[-1] == self.tokenizer.tgt.id_to_piece(EOS)
+        tokens = [self.tokenizer.tgt.piece_to_id(piece) for piece in (pieces[:-1] if ends else pieces)]
+        weights = None
+        if attention:
+            rows = np.asarray(result.attention[k], dtype=np.float32).reshape(len(pieces), -1)  # (T, S)
+            weights = torch.from_numpy(with_eos_column(rows))  # (T, S+1)
+        return Hypothesis(tokens, float(result.scores[k]), weights)
+
+
+def decoding_limits(sources: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]], decode: DecodeConfig) -> list[int]:
+    """nmt's longest output per sentence, EOS included: a·|src| + b as the search computes it
+    (`nmt.search.max_lengths`), and room for a forced prefix and EOS."""
+    if not sources:
+        return []
+    limits = max_lengths(pad_source(sources), decode.max_len_a, decode.max_len_b).tolist()
+    return [max(limit, len(prefix) + 1) for limit, prefix in zip(limits, prefixes)]
+
+
+def with_eos_column(weights: np.ndarray) -> np.ndarray:
+    """(T, S) -> (T, S+1): CTranslate2 leaves out the column of the source EOS it appends itself;
+    each row is a softmax (averaged over heads), so that column is what the others leave."""
+    eos = np.clip(1.0 - weights.sum(axis=1, keepdims=True), 0.0, 1.0)  # (T, 1)
+    return np.concatenate([weights, eos], axis=1)
+
+
+def ctranslate2_device(device: str) -> tuple[str, int]:
+    """("cpu" or "cuda", GPU index) for "auto" (a GPU when CTranslate2 sees one), "cpu", "cuda" or "cuda:N"."""
+    import ctranslate2
+
+    gpus = ctranslate2.get_cuda_device_count()
+    if device == "auto":
+        return ("cuda", 0) if gpus > 0 else ("cpu", 0)
+    kind, _, index = device.partition(":")
+    if kind == "cpu" and not index:
+        return "cpu", 0
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ConfigError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)")
+    number = int(index or 0)
+    if number >= gpus:
+        raise ConfigError(f"device {device!r} was asked for, but CTranslate2 sees {gpus} GPUs")
+    return "cuda", number
+
+
+def compute_type(precision: str, quantize: bool, device: str) -> str:
+    """CTranslate2's compute type: int8 weights with `quantize` (on a GPU, with float16
+    arithmetic around them), bf16/fp16 from decode.precision, else the exported weights' type."""
+    half = {"bf16": "bfloat16", "fp16": "float16"}.get(precision)
+    if quantize:
+        if half is None and device == "cuda":
+            half = "float16"
+        return "int8" if half is None else f"int8_{half}"
+    return half or "default"
+
+
+def load_ctranslate2_translator(export_dir: Path, decode_options: dict | None = None, device: str = "auto",
+                                quantize: bool = False, threads: int = 0) -> CTranslate2Translator:
+    """A translator on a directory of `nmt export --format ctranslate2`. Decode settings: the
+    checkpoint's with `decode_options` in place, as `nmt.translate.load_translator`; `quantize`
+    runs int8 weights. CPU threads: `threads`, or (0) one per core the process may use."""
+    import ctranslate2
+
+    export_dir = Path(export_dir)
+    record = ExportRecord.read(export_dir)
+    config = record.config()
+    tokenizer = Tokenizer(export_dir / record.sentencepiece["source"], export_dir / record.sentencepiece["target"])
+    decode = decode_settings(config.decode, decode_options)
+    kind, index = ctranslate2_device(device)
+    try:
+        translator = ctranslate2.Translator(str(export_dir), device=kind, device_index=index,
+                                            compute_type=compute_type(decode.precision, quantize, kind),
+                                            intra_threads=(threads or len(os.sched_getaffinity(0))) if kind == "cpu" else 0)
+    except ValueError as e:  # a compute type the device lacks
+        raise ConfigError(f"CTranslate2: {first_line(e)}") from None
+    except RuntimeError as e:
+        raise CheckpointError(f"{export_dir}: CTranslate2 could not load the model ({first_line(e)})") from None
+    if decode.sampling:
+        ctranslate2.set_random_seed(decode.seed)
+    return CTranslate2Translator(translator, tokenizer, decode, record.source_normalization(),
+                                 record.target_normalization(), config.model,
+                                 (record.languages["source"], record.languages["target"]), record.max_positions)

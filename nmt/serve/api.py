@@ -1,0 +1,404 @@
+"""The HTTP API of `nmt serve`: LibreTranslate's `/translate` and `/languages`, OpenNMT-py's
+`/translator/translate`, `/health`, and the web page at `/`.
+
+Every error answers JSON `{"error": "one line"}` with a 4xx status (LibreTranslate's form):
+400 for a body that is not JSON or a form, or a request no model can serve; 403 for a missing or
+wrong API key; 413 past a limit; 422 for fields of the wrong kind; 503 when the translation
+does not finish within the timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import Literal
+from urllib.parse import parse_qs
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nmt.alignment import AttentionMap
+from nmt.data import text_lines
+from nmt.errors import NmtError
+from nmt.models.attention import AttentionChoice
+from nmt.serve.batching import BatchingWorker, Work
+from nmt.translate import TextTranslator, Translations
+
+log = logging.getLogger("nmt.serve")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    host: str = "127.0.0.1"
+    port: int = 5000
+    api_keys: frozenset[str] = frozenset()  # empty: no key needed
+    max_chars: int = 5000  # characters per request, all lines together
+    max_line_chars: int = 1000
+    max_lines: int = 100  # lines per request (OpenNMT-py API: segments)
+    max_alternatives: int = 8
+    timeout_s: float = 30.0  # a request not translated by then answers 503
+    batch_wait_ms: float = 5.0  # how long the worker waits for more requests to batch with
+    max_batch_lines: int = 256
+
+    @property
+    def max_body_bytes(self) -> int:  # UTF-8 takes at most 4 bytes a character, JSON escapes 6
+        return 6 * self.max_chars + 65536
+
+
+@dataclass
+class ServedModel:
+    translator: TextTranslator
+    name: str  # its directory, as given
+    engine: str = "nmt"
+
+    @property
+    def source(self) -> str:
+        return self.translator.languages[0]
+
+    @property
+    def target(self) -> str:
+        return self.translator.languages[1]
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+# ---- request and response bodies ---------------------------------------------------------------
+
+class TranslateRequest(BaseModel):
+    """LibreTranslate's request; `attention` is this server's own addition."""
+
+    model_config = ConfigDict(extra="ignore")
+    q: str | list[str] = Field(description="Text (one or more lines) or a list of texts.")
+    source: str = Field(description="Source language code, or 'auto' when only one source language serves the target.")
+    target: str
+    format: Literal["text", "html"] = "text"
+    alternatives: int = Field(0, ge=0, description="How many other translations to give besides the best.")
+    api_key: str | None = None
+    attention: bool = Field(False, description="Also return the cross-attention of each line's translation (q a string).")
+
+
+class AttentionLine(BaseModel):
+    line: int  # 1-based line of q
+    source: list[str]  # source pieces, </s> last
+    output: list[str]  # output pieces, </s> last
+    weights: list[list[float]]  # one row per output piece over the source pieces
+
+
+class TranslateResponse(BaseModel):
+    translatedText: str | list[str]  # noqa: N815 - LibreTranslate's name
+    alternatives: list[str] | list[list[str]] | None = None
+    attention: list[AttentionLine] | None = None
+    attentionDescription: str | None = None  # noqa: N815
+
+
+class Language(BaseModel):
+    code: str
+    name: str
+    targets: list[str]
+
+
+class OpenNMTSegment(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    src: str
+    id: int | None = None  # the model's number in GET /translator/models (default: the first)
+
+
+class OpenNMTResult(BaseModel):
+    src: str
+    tgt: str
+    n_best: int
+    pred_score: float
+
+
+class ErrorResponse(BaseModel):
+    error: str
+
+
+_SEGMENTS = TypeAdapter(list[OpenNMTSegment])
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 403, 413, 422, 503)}
+
+
+def _json_body(schema: dict, form: bool) -> dict:
+    content = {"application/json": {"schema": schema}}
+    if form:
+        content["application/x-www-form-urlencoded"] = {"schema": schema}
+        content["multipart/form-data"] = {"schema": schema}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+# ---- the app ------------------------------------------------------------------------------------
+
+def create_app(models: Sequence[ServedModel], settings: ServeSettings = ServeSettings()) -> FastAPI:
+    """The ASGI app serving `models`, picked by language pair. Its worker thread starts now and
+    stops when the app shuts down."""
+    pairs = _pairs(models)
+    worker = BatchingWorker(settings.batch_wait_ms, settings.max_batch_lines)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        worker.close()
+
+    app = FastAPI(title="nmt", summary="Neural machine translation", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.worker = worker
+    _add_error_handlers(app)
+
+    async def run(work: Work, lines: list[str]) -> Translations:
+        future = worker.submit(work, lines)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), settings.timeout_s)
+        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
+            future.cancel()
+            raise RequestError(503, f"the translation took more than {settings.timeout_s:g} s; try again later") from None
+        except NmtError as e:
+            raise RequestError(400, str(e)) from None
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(resources.files("nmt.serve").joinpath("static/index.html").read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {
+            "status": "ok",
+            "models": [{"source": m.source, "target": m.target, "engine": m.engine} for m in models],
+            "pending": worker.pending,
+            "api_key_required": bool(settings.api_keys),
+        }
+
+    @app.get("/languages", response_model=list[Language])
+    async def languages() -> list[Language]:
+        sources = sorted({m.source for m in models})
+        return [Language(code=s, name=s, targets=sorted(m.target for m in models if m.source == s)) for s in sources]
+
+    @app.post("/translate", response_model=TranslateResponse, response_model_exclude_none=True, responses=_ERRORS,
+              openapi_extra=_json_body(TranslateRequest.model_json_schema(), form=True))
+    async def translate(request: Request) -> TranslateResponse:
+        fields = await _read_fields(request, settings)
+        _check_key(settings, fields.get("api_key"), request)
+        body = _validate(TranslateRequest, fields)
+        model = _pick_model(pairs, body.source, body.target)
+        return await _translate_libre(body, model, settings, run)
+
+    @app.get("/translator/models")
+    async def opennmt_models() -> list[dict]:
+        return [{"model_id": i, "source": m.source, "target": m.target, "name": m.name} for i, m in enumerate(models)]
+
+    @app.post("/translator/translate", response_model=list[list[OpenNMTResult]], responses=_ERRORS,
+              openapi_extra=_json_body(_SEGMENTS.json_schema(), form=False))
+    async def opennmt_translate(request: Request) -> list[list[OpenNMTResult]]:
+        data = _parse_json(await _read_body(request, settings))
+        _check_key(settings, None, request)
+        segments = _validate(_SEGMENTS, data)
+        return [await _translate_opennmt(segments, models, settings, run)]
+
+    return app
+
+
+def _pairs(models: Sequence[ServedModel]) -> dict[tuple[str, str], ServedModel]:
+    pairs: dict[tuple[str, str], ServedModel] = {}
+    for model in models:
+        pair = (model.source, model.target)
+        if pair in pairs:
+            raise NmtError(f"{pairs[pair].name} and {model.name} both translate {pair[0]}->{pair[1]}: serve one of them")
+        pairs[pair] = model
+    return pairs
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, e: RequestError) -> JSONResponse:
+        return JSONResponse({"error": str(e)}, status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+        log.exception("internal error on %s", request.url.path)
+        return JSONResponse({"error": f"internal error ({type(e).__name__})"}, status_code=500)
+
+
+# ---- reading a request --------------------------------------------------------------------------
+
+async def _read_body(request: Request, settings: ServeSettings) -> bytes:
+    """The body, refused (413) past `max_body_bytes` before it is all read."""
+    limit = settings.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"the request body has {int(declared)} bytes; the limit is {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(413, f"the request body has more than {limit} bytes")
+    return bytes(body)
+
+
+def _parse_json(body: bytes):
+    try:
+        return json.loads(body)
+    except ValueError as e:  # also invalid UTF-8
+        raise RequestError(400, f"the body is not valid JSON ({e})") from None
+
+
+async def _read_fields(request: Request, settings: ServeSettings) -> dict:
+    """The fields of a JSON object or a form body (LibreTranslate takes both); a repeated form
+    field `q` is a list."""
+    body = await _read_body(request, settings)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "application/x-www-form-urlencoded":
+        try:
+            fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+        except UnicodeDecodeError:
+            raise RequestError(400, "the form body is not valid UTF-8") from None
+        return {k: v if k == "q" and len(v) > 1 else v[0] for k, v in fields.items()}
+    if kind == "multipart/form-data":
+        return await _multipart_fields(request, body)
+    data = _parse_json(body)
+    if not isinstance(data, dict):
+        raise RequestError(400, "the body must be a JSON object (or a form)")
+    return data
+
+
+async def _multipart_fields(request: Request, body: bytes) -> dict:
+    async def receive() -> dict:  # the body read already, given again to the form parser
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, receive).form()
+    except Exception:  # noqa: BLE001 - any malformed multipart body
+        raise RequestError(400, "the multipart form body could not be read") from None
+    fields = {}
+    for key in form:
+        values = [v for v in form.getlist(key) if isinstance(v, str)]
+        if values:
+            fields[key] = values if key == "q" and len(values) > 1 else values[0]
+    return fields
+
+
+def _validate(schema, data):
+    try:
+        if isinstance(schema, TypeAdapter):
+            return schema.validate_python(data)
+        return schema.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise RequestError(422, f"{where}: {first['msg']}{more}") from None
+
+
+def _check_key(settings: ServeSettings, body_key: str | None, request: Request) -> None:
+    """The key from the body, the `api_key` query parameter, `X-API-Key` or a bearer token."""
+    if not settings.api_keys:
+        return
+    bearer = request.headers.get("authorization", "")
+    candidates = [body_key, request.query_params.get("api_key"), request.headers.get("x-api-key"),
+                  bearer[7:] if bearer.lower().startswith("bearer ") else None]
+    for key in candidates:
+        if isinstance(key, str) and any(hmac.compare_digest(key.encode(), k.encode()) for k in settings.api_keys):
+            return
+    given = any(isinstance(key, str) and key for key in candidates)
+    raise RequestError(403, "invalid API key" if given else "an API key is required (api_key)")
+
+
+def _pick_model(pairs: dict[tuple[str, str], ServedModel], source: str, target: str) -> ServedModel:
+    if source == "auto":  # no language identification: only a target with a single source
+        sources = [s for s, t in pairs if t == target]
+        if len(sources) == 1:
+            source = sources[0]
+    if (source, target) not in pairs:
+        served = ", ".join(f"{s}->{t}" for s, t in sorted(pairs))
+        raise RequestError(400, f"no model translates {source}->{target}; this server translates {served}")
+    return pairs[(source, target)]
+
+
+def _check_text(texts: list[str], settings: ServeSettings) -> list[list[str]]:
+    """Each text's lines, within the limits (413), as valid Unicode (400)."""
+    lines = [text_lines(text) for text in texts]
+    count = sum(len(text) for text in lines)
+    chars = sum(len(text) for text in texts)
+    if count > settings.max_lines:
+        raise RequestError(413, f"the request has {count} lines; the limit is {settings.max_lines}")
+    if chars > settings.max_chars:
+        raise RequestError(413, f"the request has {chars} characters; the limit is {settings.max_chars}")
+    longest = max((len(line) for text in lines for line in text), default=0)
+    if longest > settings.max_line_chars:
+        raise RequestError(413, f"a line has {longest} characters; the limit is {settings.max_line_chars}")
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(400, "the text holds a lone surrogate (not valid Unicode)") from None
+    return lines
+
+
+# ---- translating --------------------------------------------------------------------------------
+
+async def _translate_libre(body: TranslateRequest, model: ServedModel, settings: ServeSettings, run) -> TranslateResponse:
+    if body.format != "text":
+        raise RequestError(400, f"format {body.format!r} is not supported: send plain text (format 'text')")
+    if body.alternatives > settings.max_alternatives:
+        raise RequestError(422, f"alternatives: at most {settings.max_alternatives}")
+    if body.attention and not isinstance(body.q, str):
+        raise RequestError(422, "attention: only with q as one string")
+    texts = [body.q] if isinstance(body.q, str) else body.q
+    lines = _check_text(texts, settings)
+    result = await run(Work(model.translator, 1 + body.alternatives, body.attention), [x for text in lines for x in text])
+    best, others, start = [], [], 0
+    for text in lines:
+        wanted = 1 + body.alternatives  # a line can have fewer (an empty line has one): repeat its best
+        nbest = [found + [found[0]] * (wanted - len(found)) for found in result.texts[start : start + len(text)]]
+        best.append("\n".join(line[0] for line in nbest))
+        others.append(["\n".join(line[k] for line in nbest) for k in range(1, 1 + body.alternatives)])
+        start += len(text)
+    one = isinstance(body.q, str)
+    response = TranslateResponse(translatedText=best[0] if one else best)
+    if body.alternatives:
+        response.alternatives = others[0] if one else others
+    if body.attention:
+        response.attention = [_attention_line(m) for m in result.attention_maps or [] if m is not None]
+        response.attentionDescription = model.translator.describe_attention(AttentionChoice())
+    return response
+
+
+def _attention_line(amap: AttentionMap) -> AttentionLine:
+    weights = [[round(float(w), 4) for w in row] for row in amap.weights]
+    return AttentionLine(line=amap.line, source=amap.source, output=amap.output, weights=weights)
+
+
+async def _translate_opennmt(segments: list[OpenNMTSegment], models: Sequence[ServedModel], settings: ServeSettings,
+                             run) -> list[OpenNMTResult]:
+    """Each segment is one sentence (a line break in it is a space), translated by the model
+    its `id` names; the results in the order of the segments, n_best of each."""
+    _check_text([" ".join(text_lines(s.src)) for s in segments], settings)
+    by_model: dict[int, list[int]] = {}
+    for i, segment in enumerate(segments):
+        number = 0 if segment.id is None else segment.id
+        if not 0 <= number < len(models):
+            raise RequestError(400, f"no model with id {number}; ids 0 to {len(models) - 1} (GET /translator/models)")
+        by_model.setdefault(number, []).append(i)
+    results: list[list[OpenNMTResult]] = [[] for _ in segments]
+    for number, indices in by_model.items():
+        translator = models[number].translator
+        nbest = translator.decode.nbest
+        lines = [" ".join(text_lines(segments[i].src)) for i in indices]
+        result = await run(Work(translator, nbest, False), lines)
+        for i, hyps, texts in zip(indices, result.hypotheses, result.texts):
+            scores = [h.score for h in hyps] or [0.0]
+            results[i] = [OpenNMTResult(src=segments[i].src, tgt=t, n_best=nbest, pred_score=s) for t, s in zip(texts, scores)]
+    return [r for segment_results in results for r in segment_results]

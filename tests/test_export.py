@@ -1,0 +1,307 @@
+"""`nmt export --format ctranslate2` and `nmt translate --engine ctranslate2`: the exported
+network computes what nmt's does, and its translator keeps nmt's input and output handling."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import TINY_RNN, TINY_TRANSFORMER, prepare_toy_data, toy_pairs, train_tiny
+from nmt_cli.main import app
+from typer.testing import CliRunner
+
+from nmt.batches import pad_source
+from nmt.config import config_from_dict, save_config
+from nmt.errors import ConfigError
+from nmt.export import compute_type, decoding_limits, export_model, load_ctranslate2_translator, with_eos_column
+from nmt.models.attention import AttentionChoice
+from nmt.search import max_lengths
+from nmt.tokenizer import EOS
+from nmt.translate import load_translator, translate_file
+
+runner = CliRunner()
+
+TWO_LAYERS = {**TINY_TRANSFORMER, "enc_layers": 2, "dec_layers": 2}
+# Each kind of model the export writes differently: the norm's place, one embedding matrix for
+# both sides, the output tied to the target embeddings or not, one SentencePiece model or two.
+VARIANTS = {
+    "post-shared-tied-joint": (True, {"norm": "post", "share_embeddings": True, "tie_output": True}),
+    "pre-untied-joint": (True, {"norm": "pre", "share_embeddings": False, "tie_output": False}),
+    "pre-tied-separate": (False, {"norm": "pre", "tie_output": True}),
+    "post-untied-separate": (False, {"norm": "post", "tie_output": False}),
+}
+LIMIT = {"max_len_a": 0.0, "max_len_b": 30}  # one length limit for every sentence: raw CTranslate2 calls take one
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """variant -> (checkpoint dir, its CTranslate2 export), trained (seconds) when first asked for."""
+    root = tmp_path_factory.mktemp("export")
+    made = {}
+
+    def get(variant: str):
+        if variant not in made:
+            joint, model = VARIANTS[variant]
+            data = root / ("joint" if joint else "separate")
+            if not (data / "data").exists():
+                prepare_toy_data(data, train=200, joint_vocab=joint)
+            save_dir = train_tiny(data / "data", root / variant, {**TWO_LAYERS, **model})
+            export_model(save_dir, root / f"{variant}-ct2")
+            made[variant] = save_dir, root / f"{variant}-ct2"
+        return made[variant]
+
+    return get
+
+
+def _ct2(export_dir, options: dict, quantize: bool = False):
+    # One thread: OpenMP threads spin-waiting for each other on a busy machine burn its CPU.
+    return load_ctranslate2_translator(export_dir, options, "cpu", quantize, threads=1)
+
+
+def _lines(count: int, seed: int = 5) -> list[str]:
+    return [src for src, _ in toy_pairs(count, seed=seed)]
+
+
+def _raw_ct2(translator, lines: list[str], beam: int) -> list[tuple[list[int], float]]:
+    """CTranslate2's own search on the exported model, allowing every token (nmt bans PAD and
+    BOS; CTranslate2 would renormalize the rest): (tokens without EOS, score) per line."""
+    pieces = [translator.tokenizer.src_pieces(ids) for ids in translator.tokenizer.encode_src(lines)]
+    results = translator.translator.translate_batch(
+        pieces, beam_size=beam, length_penalty=0.0 if beam == 1 else 1.0, max_decoding_length=LIMIT["max_len_b"] - 1,
+        min_decoding_length=0, max_input_length=0, return_scores=True, return_end_token=True)
+    tgt = translator.tokenizer.tgt
+    out = []
+    for result in results:
+        ids = [tgt.piece_to_id(piece) for piece in result.hypotheses[0]]
+        out.append((ids[:-1] if ids and ids[-1] == EOS else ids, result.scores[0]))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_exported_network_scores_greedy_outputs_as_nmt_does(models, variant):
+    save_dir, export_dir = models(variant)
+    lines = _lines(30)
+    nmt = load_translator([save_dir], {"beam": 1, **LIMIT}, device="cpu").translate(lines)
+    assert len({texts[0] for texts in nmt.texts}) > 15  # the inputs get different outputs
+    ct2 = _ct2(export_dir, {"beam": 1, **LIMIT})
+    for (tokens, score), nbest in zip(_raw_ct2(ct2, lines, beam=1), nmt.hypotheses):
+        assert tokens == nbest[0].tokens
+        if len(tokens) < LIMIT["max_len_b"] - 1:  # at the limit nmt adds the forced EOS's log-prob
+            assert score == pytest.approx(nbest[0].score, abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("length", [{}, {"max_len_a": 0.5, "max_len_b": 2}], ids=["model-limits", "cut-short"])
+def test_greedy_translations_are_nmts(models, variant, length):
+    """The same outputs, also where each line's own length limit cuts them."""
+    save_dir, export_dir = models(variant)
+    lines = [*_lines(30), "", "w1"]
+    native = load_translator([save_dir], {"beam": 1, **length}, device="cpu")
+    nmt = native.translate(lines)
+    ct2 = _ct2(export_dir, {"beam": 1, **length}).translate(lines)
+    assert ct2.texts == nmt.texts and ct2.hypotheses[30] == [] and ct2.texts[30] == [""]
+    sources = native.tokenizer.encode_src(lines)
+    limits = decoding_limits(sources, [[] for _ in sources], native.decode)  # a·|src| + b per line, EOS included
+    for ours, theirs, limit in zip(ct2.hypotheses, nmt.hypotheses, limits):
+        if ours:
+            assert ours[0].tokens == theirs[0].tokens
+        if ours and len(ours[0].tokens) < limit - 1:  # at the limit, nmt adds the forced EOS's log-prob
+            # CTranslate2 renormalizes over the tokens it allows (never PAD or BOS): a little higher.
+            assert theirs[0].score - 1e-4 <= ours[0].score <= theirs[0].score + 0.1 * (len(ours[0].tokens) + 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_beam_search_agrees_where_both_searches_go_as_far(models, variant):
+    """CTranslate2 stops a sentence at beam_size finished hypotheses; nmt goes on while a live
+    beam could beat its worst finished one. Up to CTranslate2's stop both hold the same beams, so
+    an output differs only where nmt found a better one later."""
+    save_dir, export_dir = models(variant)
+    lines = _lines(30)
+    nmt = load_translator([save_dir], {"beam": 5, **LIMIT}, device="cpu").translate(lines)
+    ct2 = _ct2(export_dir, {"beam": 5, **LIMIT})
+    same = 0
+    for (tokens, score), nbest in zip(_raw_ct2(ct2, lines, beam=5), nmt.hypotheses):
+        if tokens == nbest[0].tokens:
+            same += 1
+            assert score == pytest.approx(nbest[0].score, abs=1e-4)
+        else:
+            assert nbest[0].score >= score - 1e-4
+    assert same >= 24
+    through_translator = ct2.translate(lines)
+    assert sum(a == b for a, b in zip(through_translator.texts, nmt.texts)) >= 24
+
+
+@pytest.mark.slow
+def test_prefix_and_no_repeated_ngrams_are_honoured(models):
+    save_dir, export_dir = models("pre-untied-joint")
+    lines = _lines(12)
+    prefixes = ["V3 V3", "", "V5", *[""] * 9]
+    for options in ({"beam": 1}, {"beam": 1, "no_repeat_ngram": 2}):
+        nmt = load_translator([save_dir], options, device="cpu").translate(lines, prefixes)
+        ct2 = _ct2(export_dir, options).translate(lines, prefixes)
+        assert ct2.texts == nmt.texts
+        assert ct2.texts[0][0].startswith("V3 V3") and ct2.texts[2][0].startswith("V5")
+    free = _ct2(export_dir, {"beam": 1}).translate(lines)
+    assert any(_repeats_a_bigram(h[0].tokens) for h in free.hypotheses)  # the model repeats itself when let
+    for beam in (1, 4):
+        blocked = _ct2(export_dir, {"beam": beam, "no_repeat_ngram": 2})
+        assert not any(_repeats_a_bigram(h[0].tokens) for h in blocked.translate(lines).hypotheses)
+
+
+def _repeats_a_bigram(tokens: list[int]) -> bool:
+    bigrams = list(zip(tokens, tokens[1:]))
+    return len(bigrams) != len(set(bigrams))
+
+
+@pytest.mark.slow
+def test_attention_is_the_last_layers_mean_over_heads(models):
+    save_dir, export_dir = models("post-shared-tied-joint")
+    lines = [*_lines(8), ""]
+    nmt = load_translator([save_dir], {"beam": 1}, device="cpu").translate(lines, attention=AttentionChoice())
+    translator = _ct2(export_dir, {"beam": 1})
+    ct2 = translator.translate(lines, attention=AttentionChoice())
+    assert ct2.attention_maps[-1] is None
+    for ours, theirs in zip(ct2.attention_maps[:-1], nmt.attention_maps):
+        assert (ours.source, ours.output, ours.line) == (theirs.source, theirs.output, theirs.line)
+        np.testing.assert_allclose(ours.weights, theirs.weights, atol=1e-5)  # the source EOS column included
+    assert translator.describe_attention(AttentionChoice()).startswith("transformer, decoder layer 2 of 2, mean of 2 heads")
+    translator.translate(lines, attention=AttentionChoice(layer=2))
+    for choice in (AttentionChoice(layer=1), AttentionChoice(head=1)):
+        with pytest.raises(ConfigError, match="last decoder layer"):
+            translator.translate(lines, attention=choice)
+
+
+@pytest.mark.slow
+def test_sampling_is_seeded_and_nbest_is_sorted(models):
+    _, export_dir = models("pre-tied-separate")
+    lines = _lines(4)
+    options = {"sampling": True, "nbest": 4, "topk": 5, "seed": 3}
+    first = _ct2(export_dir, options).translate(lines)
+    again = _ct2(export_dir, options).translate(lines)
+    assert first.texts == again.texts and all(len(texts) == 4 for texts in first.texts)
+    for nbest in first.hypotheses:
+        assert [h.score for h in nbest] == sorted((h.score for h in nbest), reverse=True)
+    other = _ct2(export_dir, {**options, "seed": 4}).translate(lines)
+    assert other.texts != first.texts
+    with pytest.raises(ConfigError, match="only with sampling"):
+        _ct2(export_dir, {"topk": 3})
+
+
+@pytest.mark.slow
+def test_int8_exports_and_int8_computation_translate(models, tmp_path):
+    save_dir, export_dir = models("post-untied-separate")
+    lines = [*_lines(20), ""]
+    fp32 = _ct2(export_dir, {"beam": 1}).translate(lines).texts
+    result = runner.invoke(app, ["export", str(save_dir), "--out", str(tmp_path / "int8"), "--quantization", "int8"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "int8" / "nmt_export.json").read_text())["quantization"] == "int8"
+    for directory, quantize in ((tmp_path / "int8", False), (export_dir, True)):
+        texts = _ct2(directory, {"beam": 1}, quantize).translate(lines).texts
+        assert len(texts) == 21 and texts[-1] == [""] and all(t[0] for t in texts[:-1])
+        assert sum(a == b for a, b in zip(texts, fp32)) >= 14  # int8 weights round a little
+
+
+@pytest.mark.slow
+def test_translate_engine_ctranslate2_from_the_command_line(models, tmp_path):
+    save_dir, _ = models("pre-untied-joint")
+    export_dir = tmp_path / "exported"
+    result = runner.invoke(app, ["export", str(save_dir), "--out", str(export_dir)])
+    assert result.exit_code == 0, result.output
+    assert "--engine ctranslate2" in result.output
+    assert not list(tmp_path.glob(".exported*"))  # written beside it, then renamed
+    source = tmp_path / "in.txt"
+    source.write_text("".join(f"{line}\n" for line in [*_lines(5), "", "  ", *_lines(3, seed=6)]), encoding="utf-8")
+    outputs = {}
+    for engine, directory in (("nmt", save_dir), ("ctranslate2", export_dir)):
+        result = runner.invoke(app, ["translate", str(directory), "-i", str(source), "--beam", "1", "--device", "cpu",
+                                     "--engine", engine])
+        assert result.exit_code == 0, result.output
+        outputs[engine] = result.output
+    lines = outputs["ctranslate2"].split("\n")
+    assert len(lines) == 11 and lines[5] == lines[6] == "" and lines[-1] == "" and all(lines[:5])
+    assert outputs["ctranslate2"] == outputs["nmt"]
+    alone = tmp_path / "elsewhere" / "model"  # the directory alone translates
+    shutil.copytree(export_dir, alone)
+    record = json.loads((alone / "nmt_export.json").read_text())
+    assert record["languages"] == {"source": "xx", "target": "yy"} and set(record["normalization"]) == {"src", "tgt"}
+    assert record["decode"]["beam"] == 5 and record["model"]["norm"] == "pre" and (alone / record["sentencepiece"]["source"]).is_file()
+    result = runner.invoke(app, ["translate", str(alone), "-i", str(source), "--beam", "1", "--engine", "ctranslate2"])
+    assert result.output == outputs["nmt"]
+    nbest = runner.invoke(app, ["translate", str(export_dir), "-i", str(source), "--nbest", "2", "--engine", "ctranslate2"])
+    assert [int(line.split(" ||| ")[0]) for line in nbest.output.splitlines()] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 6,
+                                                                                 7, 7, 8, 8, 9, 9]
+    prefixes = tmp_path / "prefix.txt"
+    prefixes.write_text("V9 V9\n" + "\n" * 9, encoding="utf-8")
+    prefixed = runner.invoke(app, ["translate", str(export_dir), "-i", str(source), "--prefix", str(prefixes),
+                                   "--engine", "ctranslate2"])
+    assert prefixed.exit_code == 0 and prefixed.output.startswith("V9 V9"), prefixed.output
+    chunked = {}
+    for chunk in (3, 10_000):
+        out = tmp_path / f"out-{chunk}.txt"
+        assert translate_file(export_dir, source, out, {"chunk_lines": chunk, "beam": 2}, engine="ctranslate2") == 10
+        chunked[chunk] = out.read_text(encoding="utf-8")
+    assert chunked[3] == chunked[10_000]
+
+
+@pytest.mark.slow
+def test_wrong_directories_and_options_are_one_line_errors(models, tmp_path):
+    save_dir, export_dir = models("pre-untied-joint")
+    source = tmp_path / "in.txt"
+    source.write_text("w1 w2\n", encoding="utf-8")
+    _one_line_error(runner.invoke(app, ["translate", str(export_dir), "-i", str(source)]), "--engine ctranslate2")
+    _one_line_error(runner.invoke(app, ["translate", str(save_dir), "-i", str(source), "--engine", "ctranslate2"]),
+                    "is a checkpoint directory", "nmt export")
+    _one_line_error(runner.invoke(app, ["translate", str(export_dir), str(export_dir), "-i", str(source),
+                                        "--engine", "ctranslate2"]), "no ensembles")
+    _one_line_error(runner.invoke(app, ["translate", str(export_dir), "-i", str(source), "--engine", "marian"]),
+                    "unknown engine")
+    _one_line_error(runner.invoke(app, ["translate", str(export_dir), "-i", str(source), "--engine", "ctranslate2",
+                                        "--attention", str(tmp_path / "a"), "--attention-layer", "1"]), "last decoder layer")
+    _one_line_error(runner.invoke(app, ["export", str(save_dir), "--out", str(export_dir)]), "--overwrite")
+    _one_line_error(runner.invoke(app, ["export", str(save_dir), "--out", str(tmp_path / "x"), "--format", "onnx"]),
+                    "unknown export format")
+    _one_line_error(runner.invoke(app, ["export", str(save_dir), "--out", str(tmp_path / "x"), "--quantization", "int4"]),
+                    "unknown quantization")
+    before = (export_dir / "model.bin").stat().st_mtime_ns
+    result = runner.invoke(app, ["export", str(save_dir), "--out", str(export_dir), "--overwrite", "--checkpoint", "last"])
+    assert result.exit_code == 0, result.output
+    assert (export_dir / "model.bin").stat().st_mtime_ns != before
+    assert json.loads((export_dir / "nmt_export.json").read_text())["checkpoint"].endswith("last")
+
+
+def test_an_rnn_is_refused_in_one_line(tmp_path):
+    save_config(config_from_dict({"model": TINY_RNN}), tmp_path / "config.yaml")  # read before any weights
+    result = runner.invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "out")])
+    _one_line_error(result, "no RNN decoder")
+    assert not (tmp_path / "out").exists()
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code != 0
+    message = result.output.strip()
+    assert "Traceback" not in message and len(message.splitlines()) == 1, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_length_limits_are_nmts_per_sentence():
+    decode = config_from_dict({"decode": {"max_len_a": 1.2, "max_len_b": 3}}).decode
+    sources = [[7] * n for n in (1, 5, 8, 13)]
+    assert decoding_limits(sources, [[]] * 4, decode) == max_lengths(pad_source(sources), 1.2, 3).tolist() == [4, 9, 12, 18]
+    assert decoding_limits(sources, [[], [], [9] * 20, []], decode) == [4, 9, 21, 18]  # a prefix and EOS fit
+
+
+def test_the_source_eos_column_is_what_each_row_leaves():
+    rows = np.array([[0.5, 0.25], [0.0, 1.0]], dtype=np.float32)
+    np.testing.assert_allclose(with_eos_column(rows), [[0.5, 0.25, 0.25], [0.0, 1.0, 0.0]])
+
+
+def test_compute_types():
+    assert compute_type("fp32", False, "cpu") == "default"  # as exported
+    assert compute_type("fp32", True, "cpu") == "int8"
+    assert compute_type("fp32", True, "cuda") == "int8_float16"
+    assert compute_type("bf16", True, "cuda") == "int8_bfloat16"
+    assert compute_type("fp16", False, "cuda") == "float16"

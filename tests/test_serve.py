@@ -1,0 +1,350 @@
+"""`nmt serve`: the LibreTranslate and OpenNMT-py APIs, their errors and limits, the batching
+worker, and stopping on Ctrl-C."""
+
+import dataclasses
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import TINY_TRANSFORMER, prepare_toy_data, toy_pairs, train_tiny
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nmt.files import VocabInfo
+from nmt.models.attention import AttentionChoice
+from nmt.search import Hypothesis
+from nmt.serve import load_served_models
+from nmt.serve.api import ServedModel, ServeSettings, create_app
+from nmt.serve.batching import BatchingWorker, Work
+from nmt.translate import Translations
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """A tiny xx->yy Transformer, and a copy of it that says it translates zz->yy."""
+    root = tmp_path_factory.mktemp("serve")
+    data = prepare_toy_data(root, train=200)
+    model = train_tiny(data, root / "xx-yy", TINY_TRANSFORMER)
+    copy = root / "zz-yy"
+    shutil.copytree(model, copy)
+    info = VocabInfo.read(copy)
+    dataclasses.replace(info, src_lang="zz").write(copy)
+    return model, copy
+
+
+@pytest.fixture(scope="module")
+def models(model_dirs):
+    return load_served_models(model_dirs, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(models):
+    with TestClient(create_app(models)) as client:
+        yield client
+
+
+def _lines(count: int, seed: int = 5) -> list[str]:
+    return [src for src, _ in toy_pairs(count, seed=seed)]
+
+
+def _error(response, status: int, *fragments) -> str:
+    assert response.status_code == status, response.text
+    message = response.json()["error"]
+    assert "\n" not in message and "Traceback" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_translate_answers_one_line_per_input_line_as_translate_does(client, models):
+    lines = [*_lines(4), "", _lines(1, seed=9)[0]]
+    expected = models[0].translator.translate(lines).texts
+    response = client.post("/translate", json={"q": "\n".join(lines), "source": "xx", "target": "yy"})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"translatedText": "\n".join(texts[0] for texts in expected)}
+    assert response.json()["translatedText"].split("\n")[4] == ""
+
+
+def test_form_bodies_and_lists_give_the_same_translations(client):
+    lines = _lines(3)
+    as_json = client.post("/translate", json={"q": lines, "source": "xx", "target": "yy"}).json()["translatedText"]
+    assert isinstance(as_json, list) and len(as_json) == 3
+    form = client.post("/translate", data={"q": lines, "source": "xx", "target": "yy"})
+    assert form.status_code == 200, form.text
+    assert form.json()["translatedText"] == as_json
+    multipart = client.post("/translate", data={"q": lines[0], "source": "xx", "target": "yy"},
+                            files={"unused": ("a.txt", b"x")})
+    assert multipart.json()["translatedText"] == as_json[0]
+
+
+def test_alternatives_are_the_n_best_of_beam_search(client, models):
+    translator = models[0].translator
+    line = _lines(1, seed=7)[0]
+    decode = dataclasses.replace(translator.decode, nbest=3, beam=max(3, translator.decode.beam))
+    expected = translator.translate([line], decode=decode).texts[0]
+    response = client.post("/translate", json={"q": line, "source": "xx", "target": "yy", "alternatives": 2}).json()
+    assert [response["translatedText"], *response["alternatives"]] == expected
+    listed = client.post("/translate", json={"q": [line, ""], "source": "xx", "target": "yy", "alternatives": 2}).json()
+    assert listed["alternatives"] == [expected[1:], ["", ""]]
+
+
+def test_models_are_picked_by_language_pair(client, models):
+    assert client.get("/languages").json() == [
+        {"code": "xx", "name": "xx", "targets": ["yy"]}, {"code": "zz", "name": "zz", "targets": ["yy"]}]
+    line = _lines(1)[0]
+    for source in ("xx", "zz"):
+        assert client.post("/translate", json={"q": line, "source": source, "target": "yy"}).status_code == 200
+    _error(client.post("/translate", json={"q": line, "source": "yy", "target": "xx"}), 400, "yy->xx", "xx->yy, zz->yy")
+    # "auto" only where one source language serves the target: here two do
+    _error(client.post("/translate", json={"q": line, "source": "auto", "target": "yy"}), 400, "auto->yy")
+
+
+def test_opennmt_api_gives_src_tgt_n_best_and_score(client, models):
+    lines = _lines(3)
+    expected = models[1].translator.translate(lines)
+    response = client.post("/translator/translate", json=[{"src": line, "id": 1} for line in lines])
+    assert response.status_code == 200, response.text
+    results = response.json()
+    assert len(results) == 1 and [r["tgt"] for r in results[0]] == [t[0] for t in expected.texts]
+    for result, line, hyps in zip(results[0], lines, expected.hypotheses):
+        assert result["src"] == line and result["n_best"] == 1
+        assert result["pred_score"] == pytest.approx(hyps[0].score, abs=1e-4)
+    assert client.get("/translator/models").json()[1]["source"] == "zz"
+    _error(client.post("/translator/translate", json=[{"src": "w1", "id": 7}]), 400, "id 7")
+    _error(client.post("/translator/translate", json={"src": "w1"}), 422)
+
+
+def test_attention_has_a_row_per_output_piece_over_the_source_pieces(client, models):
+    line = _lines(1, seed=11)[0]
+    expected = models[0].translator.translate([line], attention=AttentionChoice()).attention_maps[0]
+    response = client.post("/translate", json={"q": line + "\n", "source": "xx", "target": "yy", "attention": True}).json()
+    assert len(response["attention"]) == 1  # the empty second line has no map
+    amap = response["attention"][0]
+    assert amap["source"] == expected.source and amap["output"] == expected.output
+    assert len(amap["weights"]) == len(amap["output"]) and {len(row) for row in amap["weights"]} == {len(amap["source"])}
+    assert all(sum(row) == pytest.approx(1.0, abs=1e-2) for row in amap["weights"])
+    assert "decoder layer" in response["attentionDescription"]
+
+
+def test_errors_are_one_line_json_with_4xx(client):
+    ok = {"q": "w1 w2", "source": "xx", "target": "yy"}
+    _error(client.post("/translate", content=b"{not json", headers={"content-type": "application/json"}), 400, "JSON")
+    _error(client.post("/translate", content=b"\xff\xfe", headers={"content-type": "application/json"}), 400)
+    _error(client.post("/translate", json=["a list"]), 400, "JSON object")
+    _error(client.post("/translate", json={"source": "xx", "target": "yy"}), 422, "q")
+    _error(client.post("/translate", json={**ok, "q": 5}), 422, "q")
+    _error(client.post("/translate", json={**ok, "alternatives": -1}), 422, "alternatives")
+    _error(client.post("/translate", json={**ok, "alternatives": 99}), 422, "alternatives")
+    _error(client.post("/translate", json={**ok, "format": "html"}), 400, "html")
+    _error(client.post("/translate", content=b'{"q": "\\ud800", "source": "xx", "target": "yy"}',
+                       headers={"content-type": "application/json"}), 400, "surrogate")
+    _error(client.get("/no-such-page"), 404)
+    _error(client.get("/translate"), 405)
+
+
+def test_limits_answer_413(models):
+    limits = ServeSettings(max_chars=50, max_line_chars=20, max_lines=3)
+    with TestClient(create_app(models, limits)) as client:
+        request = {"source": "xx", "target": "yy"}
+        _error(client.post("/translate", json={**request, "q": "w1 " * 17}), 413, "characters")
+        _error(client.post("/translate", json={**request, "q": "w1 w2\n" * 8}), 413, "lines")
+        _error(client.post("/translate", json={**request, "q": "w1 " * 8}), 413, "a line has 24 characters")
+        _error(client.post("/translate", json={**request, "q": "w" * (limits.max_body_bytes + 1)}), 413, "bytes")
+        _error(client.post("/translator/translate", json=[{"src": "w1"}] * 4), 413, "lines")
+        assert client.post("/translate", json={**request, "q": "w1 w2\nw3"}).status_code == 200
+
+
+def test_api_keys_are_required_when_given(models):
+    with TestClient(create_app(models, ServeSettings(api_keys=frozenset({"k1", "k2"})))) as client:
+        request = {"q": "w1", "source": "xx", "target": "yy"}
+        _error(client.post("/translate", json=request), 403, "API key is required")
+        _error(client.post("/translate", json={**request, "api_key": "nope"}), 403, "invalid API key")
+        assert client.post("/translate", json={**request, "api_key": "k2"}).status_code == 200
+        assert client.post("/translate", data={**request, "api_key": "k1"}).status_code == 200
+        assert client.post("/translate?api_key=k1", json=request).status_code == 200
+        assert client.post("/translate", json=request, headers={"X-API-Key": "k1"}).status_code == 200
+        segments = [{"src": "w1"}]
+        _error(client.post("/translator/translate", json=segments), 403)
+        assert client.post("/translator/translate", json=segments, headers={"Authorization": "Bearer k2"}).status_code == 200
+        assert client.get("/health").json()["api_key_required"] is True
+        assert client.get("/languages").status_code == 200
+
+
+class SlowTranslator:
+    """A TextTranslator that takes `seconds` per call and counts the calls running at once."""
+
+    def __init__(self, seconds: float = 0.0, decode=None):
+        from nmt.config import DecodeConfig
+
+        self.decode = decode or DecodeConfig(beam=1)
+        self.languages = ("xx", "yy")
+        self.seconds = seconds
+        self.calls: list[list[str]] = []
+        self.running = 0
+        self.most_running = 0
+        self.lock = threading.Lock()
+
+    def translate(self, lines, prefixes=None, attention=None, first_line=1, progress=False, decode=None):
+        with self.lock:
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.running -= 1
+            self.calls.append(list(lines))
+        nbest = (decode or self.decode).nbest
+        texts = [[line.upper() + "!" * k for k in range(nbest)] for line in lines]
+        return Translations([[Hypothesis([], 0.0)] for _ in lines], texts, [])
+
+    def describe_attention(self, choice):
+        return "none"
+
+
+def test_a_slow_translation_answers_503_and_the_server_keeps_answering():
+    slow = SlowTranslator(seconds=0.5)
+    with TestClient(create_app([ServedModel(slow, "slow")], ServeSettings(timeout_s=0.1))) as client:
+        _error(client.post("/translate", json={"q": "a", "source": "xx", "target": "yy"}), 503, "0.1 s")
+        slow.seconds = 0.0
+        time.sleep(0.6)
+        response = client.post("/translate", json={"q": "b", "source": "xx", "target": "yy"})
+        assert response.json() == {"translatedText": "B"}
+
+
+def test_the_worker_batches_waiting_jobs_in_order_one_call_at_a_time():
+    slow = SlowTranslator(seconds=0.05)
+    worker = BatchingWorker(wait_ms=20, max_lines=6)
+    work, other = Work(slow, 1, False), Work(slow, 2, False)
+    futures = [(worker.submit(other if i == 3 else work, [f"s{i}a", f"s{i}b"]), i) for i in range(8)]
+    for future, i in futures:
+        nbest = 2 if i == 3 else 1
+        assert future.result(5).texts == [[f"S{i}A" + "!" * k for k in range(nbest)], [f"S{i}B" + "!" * k for k in range(nbest)]]
+    worker.close()
+    assert slow.most_running == 1
+    assert len(slow.calls) < 8 and max(len(call) for call in slow.calls) <= 6
+    # every call holds jobs in the order they came
+    flat = [line for call in slow.calls for line in call if line != "s3a" and line != "s3b"]
+    assert flat == [f"s{i}{half}" for i in range(8) if i != 3 for half in "ab"]
+
+
+def test_a_cancelled_job_is_skipped():
+    slow = SlowTranslator(seconds=0.2)
+    worker = BatchingWorker(wait_ms=0)
+    first = worker.submit(Work(slow, 1, False), ["first"])
+    time.sleep(0.05)  # the worker is busy with the first job
+    cancelled = worker.submit(Work(slow, 1, False), ["cancelled"])
+    assert cancelled.cancel()
+    assert first.result(5).texts == [["FIRST"]]
+    worker.close()
+    assert ["cancelled"] not in slow.calls
+
+
+def test_openapi_schema_and_a_page_with_nothing_from_the_network(client):
+    schema = client.get("/openapi.json").json()
+    assert {"/translate", "/languages", "/translator/translate", "/health"} <= set(schema["paths"])
+    body = schema["paths"]["/translate"]["post"]["requestBody"]["content"]
+    assert {"application/json", "application/x-www-form-urlencoded"} <= set(body)
+    page = client.get("/")
+    assert page.status_code == 200 and "<textarea" in page.text
+    assert not re.search(r"(src|href)=\"(https?:)?//", page.text) and "https://" not in page.text
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=10,
+)
+FIELDS = st.fixed_dictionaries({}, optional={
+    "q": st.text(max_size=60) | st.lists(st.text(max_size=20), max_size=4) | JSON_VALUES,
+    "source": st.sampled_from(["xx", "zz", "yy", "auto", ""]) | JSON_VALUES,
+    "target": st.sampled_from(["yy", "xx"]) | JSON_VALUES,
+    "format": st.sampled_from(["text", "html"]) | JSON_VALUES,
+    "alternatives": st.integers(-2, 12) | JSON_VALUES,
+    "attention": st.booleans() | JSON_VALUES,
+    "api_key": JSON_VALUES,
+})
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=FIELDS | JSON_VALUES, raw=st.binary(max_size=40), form=st.booleans())
+def test_no_request_makes_the_server_fail(client, body, raw, form):
+    responses = [client.post("/translator/translate", json=body), client.post("/translate", content=raw)]
+    if form and isinstance(body, dict):
+        fields = {k: v if isinstance(v, (str, list)) else json.dumps(v) for k, v in body.items()}
+        fields = {k: [str(x) for x in v] if isinstance(v, list) else v for k, v in fields.items()}
+        responses.append(client.post("/translate", data=fields))
+    else:
+        responses.append(client.post("/translate", json=body))
+    for response in responses:
+        assert response.status_code < 500, response.text
+        assert response.status_code == 200 or "error" in response.json()
+    assert client.get("/health").json()["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_serve_prints_its_address_and_stops_on_ctrl_c(model_dirs):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cli", "serve", str(model_dirs[0]), "--port", "0", "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, text=True,
+    )
+    try:
+        lines = [process.stdout.readline(), process.stdout.readline()]
+        assert "xx->yy" in lines[0], lines
+        url = re.search(r"http://[^/]+/", lines[1]).group(0)
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(url + "health", timeout=10) as answer:
+            assert json.load(answer)["status"] == "ok"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 0, process.stderr.read()
+        assert "Traceback" not in process.stderr.read()
+    finally:
+        process.kill()
+
+
+def test_serve_refuses_two_models_of_one_pair_in_one_line(model_dirs):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    result = CliRunner().invoke(app, ["serve", str(model_dirs[0]), str(model_dirs[0]), "--device", "cpu"])
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1 and "both translate xx->yy" in result.output
+
+
+@pytest.mark.slow
+def test_bench_serve_checks_every_answer(model_dirs, tmp_path):
+    from nmt.serve.bench import bench_serve
+
+    source = tmp_path / "src.txt"
+    source.write_text("".join(line + "\n" for line in [*_lines(9), ""]), encoding="utf-8")
+    report = bench_serve(model_dirs[0], source, clients=(1, 3), device="cpu", echo=lambda line: None)
+    for mode in ("one_at_a_time", "batched"):
+        assert [r["clients"] for r in report[mode]] == [1, 3]
+        assert all(r["sentences"] == 10 and r["wrong"] == 0 and r["failed"] == 0 for r in report[mode])
+    assert set(report["speedup"]) == {"1", "3"}
+
+
+@pytest.mark.slow
+def test_a_ctranslate2_export_serves_the_same_greedy_translations(model_dirs, tmp_path):
+    from nmt.export import export_model
+
+    export_model(model_dirs[0], tmp_path / "ct2")
+    served = load_served_models([tmp_path / "ct2"], {"beam": 1}, device="cpu", engine="ctranslate2")
+    native = load_served_models([model_dirs[0]], {"beam": 1}, device="cpu")[0].translator
+    lines = [*_lines(5, seed=13), ""]
+    with TestClient(create_app(served)) as client:
+        response = client.post("/translate", json={"q": "\n".join(lines), "source": "xx", "target": "yy", "attention": True})
+        assert response.status_code == 200, response.text
+        assert response.json()["translatedText"].split("\n") == [t[0] for t in native.translate(lines).texts]
+        assert len(response.json()["attention"]) == 5
+        assert client.get("/health").json()["models"][0]["engine"] == "ctranslate2"

@@ -1,0 +1,59 @@
+"""The web page of `nmt serve` in a real headless Chromium (Debian's package, driven by
+Playwright): type a sentence, its translation appears, and the heat-map has one cell per source
+piece and output piece. The screenshot is kept in test-artifacts/."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import TINY_TRANSFORMER, prepare_toy_data, toy_pairs, train_tiny
+
+from nmt.models.attention import AttentionChoice
+from nmt.serve import BackgroundServer, load_served_models
+from nmt.serve.api import ServeSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# As root in a closed network: no sandbox, and none of Chromium's own connections.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: `make browser` installs Debian's package")
+        pytest.skip("chromium is not installed (`make browser` installs Debian's package)")
+    return CHROMIUM
+
+
+@pytest.mark.slow
+def test_typing_shows_the_translation_and_a_cell_per_source_and_output_piece(chromium, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    data = prepare_toy_data(tmp_path, train=200)
+    models = load_served_models([train_tiny(data, tmp_path / "model", TINY_TRANSFORMER)], device="cpu")
+    line = toy_pairs(1, seed=12)[0][0]
+    expected = models[0].translator.translate([line], attention=AttentionChoice())
+    amap = expected.attention_maps[0]
+    ARTIFACTS.mkdir(exist_ok=True)
+    with BackgroundServer(models, ServeSettings()) as server, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(server.url + "/")
+            page.wait_for_selector("#pair option", state="attached")
+            page.locator("#source").press_sequentially(line, delay=20)
+            page.wait_for_function("document.querySelectorAll('.heatmap td.cell').length > 0", timeout=20_000)
+            assert page.text_content("#translation") == expected.texts[0][0]
+            assert page.locator(".heatmap").count() == 1
+            assert page.locator(".heatmap th.src-piece").all_text_contents() == amap.source
+            assert page.locator(".heatmap th.out-piece").all_text_contents() == amap.output
+            assert page.locator(".heatmap td.cell").count() == len(amap.source) * len(amap.output)
+            assert page.locator("#alternatives li").count() >= 1
+            page.screenshot(path=str(ARTIFACTS / "serve-page.png"), full_page=True)
+        finally:
+            browser.close()
