@@ -85,6 +85,15 @@ def prepare_toy_data(root: Path, train: int, valid: int = 5, test: int = 5, voca
     return root / "data"
 
 
+def assert_one_line_error(result, *fragments) -> None:
+    """A CliRunner result that failed with one line naming each of `fragments`, no traceback."""
+    assert result.exit_code != 0
+    message = result.output.strip()
+    assert "Traceback" not in message and len(message.splitlines()) == 1, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
 def train_tiny(data_dir: Path, save_dir: Path, model: dict, overwrite: bool = False, **train_options) -> Path:
     """A tiny model trained for 120 updates (seconds) on a toy data dir; returns `save_dir`."""
     from nmt.config import config_from_dict

@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import TINY_RNN, TINY_TRANSFORMER, prepare_toy_data, toy_pairs, train_tiny
+from conftest import TINY_RNN, TINY_TRANSFORMER, assert_one_line_error, prepare_toy_data, toy_pairs, train_tiny
 from nmt_cli.main import app
 from typer.testing import CliRunner
 
@@ -251,19 +251,19 @@ def test_wrong_directories_and_options_are_one_line_errors(models, tmp_path):
     save_dir, export_dir = models("pre-untied-joint")
     source = tmp_path / "in.txt"
     source.write_text("w1 w2\n", encoding="utf-8")
-    _one_line_error(runner.invoke(app, ["translate", str(export_dir), "-i", str(source)]), "--engine ctranslate2")
-    _one_line_error(runner.invoke(app, ["translate", str(save_dir), "-i", str(source), "--engine", "ctranslate2"]),
+    assert_one_line_error(runner.invoke(app, ["translate", str(export_dir), "-i", str(source)]), "--engine ctranslate2")
+    assert_one_line_error(runner.invoke(app, ["translate", str(save_dir), "-i", str(source), "--engine", "ctranslate2"]),
                     "is a checkpoint directory", "nmt export")
-    _one_line_error(runner.invoke(app, ["translate", str(export_dir), str(export_dir), "-i", str(source),
+    assert_one_line_error(runner.invoke(app, ["translate", str(export_dir), str(export_dir), "-i", str(source),
                                         "--engine", "ctranslate2"]), "no ensembles")
-    _one_line_error(runner.invoke(app, ["translate", str(export_dir), "-i", str(source), "--engine", "marian"]),
+    assert_one_line_error(runner.invoke(app, ["translate", str(export_dir), "-i", str(source), "--engine", "marian"]),
                     "unknown engine")
-    _one_line_error(runner.invoke(app, ["translate", str(export_dir), "-i", str(source), "--engine", "ctranslate2",
+    assert_one_line_error(runner.invoke(app, ["translate", str(export_dir), "-i", str(source), "--engine", "ctranslate2",
                                         "--attention", str(tmp_path / "a"), "--attention-layer", "1"]), "last decoder layer")
-    _one_line_error(runner.invoke(app, ["export", str(save_dir), "--out", str(export_dir)]), "--overwrite")
-    _one_line_error(runner.invoke(app, ["export", str(save_dir), "--out", str(tmp_path / "x"), "--format", "onnx"]),
+    assert_one_line_error(runner.invoke(app, ["export", str(save_dir), "--out", str(export_dir)]), "--overwrite")
+    assert_one_line_error(runner.invoke(app, ["export", str(save_dir), "--out", str(tmp_path / "x"), "--format", "onnx"]),
                     "unknown export format")
-    _one_line_error(runner.invoke(app, ["export", str(save_dir), "--out", str(tmp_path / "x"), "--quantization", "int4"]),
+    assert_one_line_error(runner.invoke(app, ["export", str(save_dir), "--out", str(tmp_path / "x"), "--quantization", "int4"]),
                     "unknown quantization")
     before = (export_dir / "model.bin").stat().st_mtime_ns
     result = runner.invoke(app, ["export", str(save_dir), "--out", str(export_dir), "--overwrite", "--checkpoint", "last"])
@@ -275,16 +275,8 @@ def test_wrong_directories_and_options_are_one_line_errors(models, tmp_path):
 def test_an_rnn_is_refused_in_one_line(tmp_path):
     save_config(config_from_dict({"model": TINY_RNN}), tmp_path / "config.yaml")  # read before any weights
     result = runner.invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "out")])
-    _one_line_error(result, "no RNN decoder")
+    assert_one_line_error(result, "no RNN decoder")
     assert not (tmp_path / "out").exists()
-
-
-def _one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    message = result.output.strip()
-    assert "Traceback" not in message and len(message.splitlines()) == 1, message
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 def test_length_limits_are_nmts_per_sentence():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RNN, TINY_TRANSFORMER, prepare_toy_data, toy_pairs, train_tiny
+from conftest import TINY_RNN, TINY_TRANSFORMER, assert_one_line_error, prepare_toy_data, toy_pairs, train_tiny
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -32,14 +32,6 @@ def trained(tmp_path_factory):
     transformer = train_tiny(data, root / "transformer", TINY_TRANSFORMER, keep_last=2, keep_best=2)
     rnn = train_tiny(data, root / "rnn", TINY_RNN)
     return root, transformer, rnn
-
-
-def _one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    message = result.output.strip()
-    assert "Traceback" not in message and len(message.splitlines()) == 1, message
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 def _lines(count: int, seed: int = 5) -> list[str]:
@@ -95,7 +87,7 @@ def test_prefix_file_forces_the_start_of_each_translation(trained, tmp_path):
     free = runner.invoke(app, ["translate", str(model_dir), "--device", "cpu"], input="w4 w5\n")
     assert second == free.output.strip()  # an empty prefix line leaves that line free
     prefixes.write_text("V1\n", encoding="utf-8")
-    _one_line_error(runner.invoke(app, ["translate", str(model_dir), "-i", str(source), "--prefix", str(prefixes)]),
+    assert_one_line_error(runner.invoke(app, ["translate", str(model_dir), "-i", str(source), "--prefix", str(prefixes)]),
                     "prefix.txt has 1 lines")
     out = tmp_path / "out.txt"
     out.write_text("keep me\n", encoding="utf-8")
@@ -116,7 +108,7 @@ def test_ensembles_of_a_transformer_and_an_rnn_and_their_vocabulary_check(traine
     vocab = json.loads((other / "vocab.json").read_text())
     vocab["vocab"]["tgt_sha256"] = "0" * 64
     (other / "vocab.json").write_text(json.dumps(vocab))
-    _one_line_error(runner.invoke(app, ["translate", str(transformer), str(other)], input=lines),
+    assert_one_line_error(runner.invoke(app, ["translate", str(transformer), str(other)], input=lines),
                     "target SentencePiece models differ")
 
 
@@ -127,8 +119,8 @@ def test_sampling_options_from_the_command_line(trained):
     first, again = runner.invoke(app, [*args, "--seed", "3"], input=lines), runner.invoke(app, [*args, "--seed", "3"], input=lines)
     assert first.exit_code == 0, first.output
     assert first.output == again.output and len(first.output.splitlines()) == 35
-    _one_line_error(runner.invoke(app, ["translate", str(model_dir), "--topk", "3"], input=lines), "topk: only with sampling")
-    _one_line_error(runner.invoke(app, [*args, "--topp", "1.5"], input=lines), "decode.topp")
+    assert_one_line_error(runner.invoke(app, ["translate", str(model_dir), "--topk", "3"], input=lines), "topk: only with sampling")
+    assert_one_line_error(runner.invoke(app, [*args, "--topp", "1.5"], input=lines), "decode.topp")
     blocked = runner.invoke(app, ["translate", str(model_dir), "--no-repeat-ngram", "1", "--device", "cpu"], input=lines)
     assert blocked.exit_code == 0 and len(blocked.output.splitlines()) == 5, blocked.output
     for line in blocked.output.splitlines():
@@ -191,10 +183,10 @@ def test_nmt_average_writes_a_model_dir_that_translates(trained, tmp_path):
     translated = runner.invoke(app, ["translate", str(out), "--device", "cpu"], input="w1 w2\n")
     assert translated.exit_code == 0 and len(translated.output.splitlines()) == 1
     assert runner.invoke(app, ["average", str(model_dir), "--best", "2", "--out", str(tmp_path / "best2")]).exit_code == 0
-    _one_line_error(runner.invoke(app, ["average", str(model_dir), "--last", "2", "--out", str(out)]), "not empty")
-    _one_line_error(runner.invoke(app, ["average", str(model_dir), "--last", "9", "--out", str(tmp_path / "x")]),
+    assert_one_line_error(runner.invoke(app, ["average", str(model_dir), "--last", "2", "--out", str(out)]), "not empty")
+    assert_one_line_error(runner.invoke(app, ["average", str(model_dir), "--last", "9", "--out", str(tmp_path / "x")]),
                     "fewer than 9", "keep_last=9")
-    _one_line_error(runner.invoke(app, ["average", str(model_dir), "--out", str(tmp_path / "y")]), "--last N or --best N")
+    assert_one_line_error(runner.invoke(app, ["average", str(model_dir), "--out", str(tmp_path / "y")]), "--last N or --best N")
 
 
 def test_bench_scale_measures_translation_memory_and_stream_latency(trained, tmp_path):

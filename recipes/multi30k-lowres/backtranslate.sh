@@ -63,9 +63,14 @@ for method in beam topk10; do
 done
 
 if [ "$with_pretrained" = pretrained ]; then
-    # (the masked LM's directory is not a run's: `train_and_score pretrained` trains into $work/pretrained)
-    [ -f "$work/masked-lm/best/model.safetensors" ] || stage pretrain $nmt pretrain "$here/pretrain-$kind.yaml" \
-        --data "$work/data-mono" --out "$work/masked-lm" --overwrite --no-progress "${pretrain_args[@]}"
+    # The masked LM's directory is not a run's (`train_and_score pretrained` trains into
+    # $work/pretrained). A pretraining that was stopped goes on from its last/ checkpoint.
+    if [ ! -f "$work/masked-lm.done" ]; then
+        start=--overwrite; [ -d "$work/masked-lm/last" ] && start=--resume
+        stage pretrain $nmt pretrain "$here/pretrain-$kind.yaml" --data "$work/data-mono" --out "$work/masked-lm" \
+            $start --no-progress "${pretrain_args[@]}"
+        touch "$work/masked-lm.done"
+    fi
     train_and_score pretrained "$work/data-lowres" --init "$work/masked-lm"
     train_and_score pretrained+bt-beam "$work/data-bt-beam" --init "$work/masked-lm"
 fi
