@@ -149,6 +149,8 @@ def test_errors_are_one_line_json_with_4xx(client):
     _error(client.post("/translate", json={**ok, "format": "html"}), 400, "html")
     _error(client.post("/translate", content=b'{"q": "\\ud800", "source": "xx", "target": "yy"}',
                        headers={"content-type": "application/json"}), 400, "surrogate")
+    _error(client.post("/translate", content=b'{"q": "w1", "source": "xx", "target": "yy", "alternatives": NaN}',
+                       headers={"content-type": "application/json"}), 422, "alternatives")
     _error(client.get("/no-such-page"), 404)
     _error(client.get("/translate"), 405)
 
@@ -260,7 +262,7 @@ def test_openapi_schema_and_a_page_with_nothing_from_the_network(client):
 
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=10,
 )
