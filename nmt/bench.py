@@ -264,7 +264,7 @@ def bench_decoding(
             )
             record = _decoding_record(name, path_name, precision, beam, lines, references, times, translations, texts_of)
             if precision != "fp32":
-                record["lines_differing_from_fp32"] = sum(a != b for a, b in zip(texts_of[path_name, beam], texts_of["nmt", beam]))
+                record["lines_differing_from_fp32"] = _differing(texts_of[path_name, beam], texts_of["nmt", beam])
             records.append(record)
     if ctranslate2_dir is not None and config.model.arch == "transformer":
         records += bench_ctranslate2(name, save_dir, ctranslate2_dir, lines, references, device, repeats, records, texts_of)
@@ -294,9 +294,13 @@ def bench_ctranslate2(
             times.append(time.perf_counter() - start)
         record = _decoding_record(name, path_name, precision, 5, lines, references, times, translations, texts_of)
         record["speed_vs_nmt_fp32"] = nmt_row["seconds"] / record["seconds"]
-        record["lines_differing_from_nmt_fp32"] = sum(a != b for a, b in zip(texts_of[path_name, 5], texts_of["nmt", 5]))
+        record["lines_differing_from_nmt_fp32"] = _differing(texts_of[path_name, 5], texts_of["nmt", 5])
         rows.append(record)
     return rows
+
+
+def _differing(texts: list[str], others: list[str]) -> int:
+    return sum(a != b for a, b in zip(texts, others))
 
 
 def _decoding_record(
@@ -318,7 +322,7 @@ def _decoding_record(
         "sentences_per_s": len(lines) / seconds,
         "tokens_per_s": tokens / seconds,
         "bleu": corpus_bleu(texts, references),
-        "lines_differing_from_plain": sum(a != b for a, b in zip(texts, texts_of["plain", beam])),
+        "lines_differing_from_plain": _differing(texts, texts_of["plain", beam]),
         "repeats": len(times),
         "seconds_all_repeats": times,
     }

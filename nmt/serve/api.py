@@ -385,7 +385,8 @@ async def _translate_opennmt(segments: list[OpenNMTSegment], models: Sequence[Se
                              run) -> list[OpenNMTResult]:
     """Each segment is one sentence (a line break in it is a space), translated by the model
     its `id` names; the results in the order of the segments, n_best of each."""
-    _check_text([" ".join(text_lines(s.src)) for s in segments], settings)
+    sentences = [" ".join(text_lines(s.src)) for s in segments]
+    _check_text(sentences, settings)
     by_model: dict[int, list[int]] = {}
     for i, segment in enumerate(segments):
         number = 0 if segment.id is None else segment.id
@@ -396,8 +397,7 @@ async def _translate_opennmt(segments: list[OpenNMTSegment], models: Sequence[Se
     for number, indices in by_model.items():
         translator = models[number].translator
         nbest = translator.decode.nbest
-        lines = [" ".join(text_lines(segments[i].src)) for i in indices]
-        result = await run(Work(translator, nbest, False), lines)
+        result = await run(Work(translator, nbest, False), [sentences[i] for i in indices])
         for i, hyps, texts in zip(indices, result.hypotheses, result.texts):
             scores = [h.score for h in hyps] or [0.0]
             results[i] = [OpenNMTResult(src=segments[i].src, tgt=t, n_best=nbest, pred_score=s) for t, s in zip(texts, scores)]
