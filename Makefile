@@ -7,7 +7,7 @@ NMT := $(VENV)/bin/nmt
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo-run
 
-.PHONY: install browser demo demo-zh test test-fast bench bench-scale bench-serve gpu-bundle gpu-check clean
+.PHONY: install browser cjk-font demo demo-zh test test-fast bench bench-scale bench-serve gpu-bundle gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -34,10 +34,12 @@ demo: install
 	@echo "training curves:    $(DEMO_DIR)/training-curves.png"
 
 # Chinese->English on Tatoeba (../shared/data/tatoeba/cmn-eng.tsv.gz): split by English sentence,
-# prepare (Traditional -> Simplified and the rest of the Chinese normalization), train 10 minutes
-# on the CPU, score the test set, then translate a few lines, Traditional ones among them.
+# prepare (Traditional -> Simplified and the rest of the Chinese normalization), train the CPU
+# recipe's fixed number of updates, score the test set, translate a few everyday sentences
+# (recipes/tatoeba-zh-en/examples.zh) and draw where the model looked for 知识就是力量。
 ZH_TSV ?= ../shared/data/tatoeba/cmn-eng.tsv.gz
-demo-zh: install
+ZH_EXAMPLES := recipes/tatoeba-zh-en
+demo-zh: install cjk-font
 	$(PY) recipes/tatoeba-zh-en/split.py $(ZH_TSV) $(DEMO_DIR)/zh-split
 	$(NMT) prepare --train $(DEMO_DIR)/zh-split/train --valid $(DEMO_DIR)/zh-split/valid \
 		--test $(DEMO_DIR)/zh-split/test --src zh --tgt en --vocab-size 8000 --out $(DEMO_DIR)/zh-data --overwrite
@@ -46,7 +48,17 @@ demo-zh: install
 	$(NMT) translate $(DEMO_DIR)/zh-model --input $(DEMO_DIR)/zh-data/test.src.txt \
 		--output $(DEMO_DIR)/zh-test.hyp.txt --beam 5
 	$(NMT) evaluate --hyp $(DEMO_DIR)/zh-test.hyp.txt --ref $(DEMO_DIR)/zh-data/test.tgt.txt
-	printf '知识就是力量。\n我們明天見。\n她在圖書館讀書。\n' | $(NMT) translate $(DEMO_DIR)/zh-model --beam 5
+	$(NMT) translate $(DEMO_DIR)/zh-model --input $(ZH_EXAMPLES)/examples.zh --beam 5 | paste $(ZH_EXAMPLES)/examples.zh -
+	head -1 $(ZH_EXAMPLES)/examples.zh | $(NMT) translate $(DEMO_DIR)/zh-model --prefix $(ZH_EXAMPLES)/knowledge.en --prefix-only \
+		--attention $(DEMO_DIR)/zh-attention --attention-words >/dev/null
+	@echo "attention heat-map of 知识就是力量。 -> Knowledge is power.: $(DEMO_DIR)/zh-attention/line-000001.png"
+
+# A font with Chinese characters for the heat-map labels (Debian's WenQuanYi Micro Hei, as root;
+# elsewhere the labels may be drawn as boxes).
+cjk-font:
+	@fc-list 2>/dev/null | grep -qi wqy || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-wqy-microhei >/dev/null; \
+	else echo "note: no Chinese font installed (fonts-wqy-microhei); heat-map labels may be drawn as boxes"; fi; }
 
 # Debian's Chromium, for the web page's end-to-end test (as root; elsewhere that test is skipped).
 CHROMIUM ?= /usr/bin/chromium

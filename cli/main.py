@@ -294,6 +294,7 @@ def translate(
     temperature: Annotated[float | None, typer.Option(help="With --sampling: divide the log-probabilities by T (below 1: closer to greedy).")] = None,
     seed: Annotated[int | None, typer.Option(help="With --sampling: the random seed (the same seed draws the same samples).")] = None,
     prefix: Annotated[Path | None, typer.Option(help="One target prefix per input line (empty: none) that the translation must start with.")] = None,
+    prefix_only: Annotated[bool | None, typer.Option("--prefix-only", help="With --prefix: each prefix is the whole translation (its score with --nbest, its attention with --attention).", show_default=False)] = None,
     stream: Annotated[bool, typer.Option("--stream", help="Translate and write each line as soon as it is read (interactive use, pipes).")] = False,
     chunk_lines: Annotated[int | None, typer.Option(help="Lines read, sorted and translated at a time.")] = None,
     checkpoint: Annotated[str, typer.Option(help="Which weights: best or last.")] = "best",
@@ -315,8 +316,11 @@ def translate(
 
     options = dict(beam=beam, nbest=nbest, len_penalty=len_penalty, max_len_a=max_len_a, max_len_b=max_len_b,
                    batch_tokens=batch_tokens, precision=precision, no_repeat_ngram=no_repeat_ngram, sampling=sampling,
-                   topk=topk, topp=topp, temperature=temperature, seed=seed, chunk_lines=chunk_lines)
+                   topk=topk, topp=topp, temperature=temperature, seed=seed, chunk_lines=chunk_lines,
+                   prefix_only=prefix_only)
     with user_errors():
+        if prefix_only and prefix is None:
+            raise NmtError("--prefix-only needs --prefix FILE")
         attention_output = None
         if attention is not None:
             if attention_lines < 0:

@@ -3,6 +3,7 @@ alignments (`i-j` pairs) and the files `nmt translate --attention DIR` writes.""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -46,12 +47,19 @@ def describe_attention(model: ModelConfig, choice: AttentionChoice) -> str:
     return f"transformer, decoder layer {layer} of {model.dec_layers}, {heads}"
 
 
+# Scripts written without spaces between words (CJK punctuation, kana, Han, full-width forms):
+# there, each piece counts as a word, since the word mark would join a whole sentence.
+UNSPACED = re.compile("[\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
+
+
 def word_groups(pieces: list[str]) -> list[list[int]]:
     """Indices of the pieces that make up each word: a word starts at a piece beginning with
-    the word mark; EOS_LABEL is a word of its own."""
+    the word mark, and at each piece of an unspaced script; EOS_LABEL is a word of its own."""
     groups: list[list[int]] = []
     for i, piece in enumerate(pieces):
-        if not groups or piece == EOS_LABEL or piece.startswith(WORD_START) or pieces[i - 1] == EOS_LABEL:
+        previous = pieces[i - 1] if i else ""
+        if (not groups or piece == EOS_LABEL or piece.startswith(WORD_START) or previous == EOS_LABEL
+                or UNSPACED.search(piece) or UNSPACED.search(previous)):
             groups.append([i])
         else:
             groups[-1].append(i)

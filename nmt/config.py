@@ -71,6 +71,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip_norm: float = 1.0  # 0 turns clipping off
     label_smoothing: float = 0.1
+    word_dropout: float = 0.0  # share of the source tokens replaced by <unk> in training batches
     max_steps: int = 0  # 0: no limit
     max_epochs: int = 0  # 0: no limit
     max_minutes: float = 0.0  # wall-clock training budget; 0: no limit
@@ -112,6 +113,8 @@ class TrainConfig:
             raise ConfigError("train.betas must have two values")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError("train.label_smoothing must be in [0, 1)")
+        if not 0.0 <= self.word_dropout < 1.0:
+            raise ConfigError("train.word_dropout must be in [0, 1)")
 
 
 @dataclass
@@ -127,6 +130,8 @@ class DecodeConfig:
     # precision, normalizations and the output's log-softmax in fp32); for GPUs.
     precision: str = "fp32"
     no_repeat_ngram: int = 0  # no n-gram of this size occurs twice in an output; 0: off
+    # A given prefix is the whole translation (EOS is forced after it): its score and attention.
+    prefix_only: bool = False
     # Sampling instead of beam search: each token drawn from the model's distribution at
     # 1/temperature, cut to the topk most probable (0: all) and to the smallest set reaching
     # topp; nbest gives that many samples per line. The same seed draws the same samples.

@@ -351,6 +351,9 @@ class CTranslate2Translator:
         """The n-best list of each source, in order: one CTranslate2 call per length limit, all
         submitted at once so that its workers (one per core) decode several groups together."""
         limits = decoding_limits(sources, prefixes, decode)
+        if decode.prefix_only:  # CTranslate2 takes no EOS in a prefix: the length limit ends it there
+            limits = [len(prefix) if prefix else limit for limit, prefix in zip(limits, prefixes)]
+            prefixes = [prefix[:-1] for prefix in prefixes]
         groups: dict[int, list[int]] = {}
         for i, limit in enumerate(limits):
             groups.setdefault(limit, []).append(i)

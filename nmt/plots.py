@@ -6,9 +6,12 @@ leaves no global state behind.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import textwrap
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,51 @@ LABEL_FONT = 9
 CHAR_WIDTH = 0.075  # inches per character of a 9-point label, roughly
 COLORBAR = 1.0  # inches right of the map: the colour bar and its ticks
 MIN_WIDTH = 5.0  # inches: room for the title
+
+
+DEFAULT_FONT = "DejaVu Sans"  # matplotlib's own
+
+
+# A font claiming more code points than any real one has (Last Resort) draws only placeholders.
+PLACEHOLDER_FONT_SIZE = 200_000
+
+
+@functools.cache
+def installed_font_characters() -> dict[str, frozenset[int]]:
+    """The code points of each installed font, by family name (read once per process). Fonts
+    installed after matplotlib built its font cache are added to it."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    manager = font_manager.fontManager
+    known = {entry.fname for entry in manager.ttflist}
+    for path in font_manager.findSystemFonts():
+        if path not in known:
+            with contextlib.suppress(OSError, RuntimeError, ValueError):
+                manager.addfont(path)
+    fonts: dict[str, frozenset[int]] = {}
+    for entry in manager.ttflist:
+        if entry.name not in fonts:
+            try:
+                characters = frozenset(FT2Font(entry.fname).get_charmap())
+            except (OSError, RuntimeError):  # a font file matplotlib cannot read
+                continue
+            if len(characters) < PLACEHOLDER_FONT_SIZE:
+                fonts[entry.name] = characters
+    return fonts
+
+
+def label_fonts(labels: Iterable[str]) -> list[str]:
+    """matplotlib's default font, then installed fonts that have the labels' characters it lacks
+    (Chinese, say): matplotlib takes each glyph from the first family in the list that has it."""
+    fonts = installed_font_characters()
+    missing = {ord(c) for label in labels for c in label if not c.isspace()} - fonts.get(DEFAULT_FONT, frozenset())
+    families = [DEFAULT_FONT]
+    for name, characters in sorted(fonts.items()):
+        if missing & characters:
+            families.append(name)
+            missing -= characters
+    return families
 
 
 def heatmap_size(amap: AttentionMap) -> tuple[float, float, dict[str, float]]:
@@ -50,8 +98,9 @@ def draw_attention(amap: AttentionMap, path: Path, title: str, description: str)
     left, bottom = margins["left"] / width, margins["bottom"] / height
     ax = fig.add_axes((left, bottom, map_width / width, map_height / height))
     image = ax.imshow(amap.weights, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
-    ax.set_xticks(np.arange(len(amap.source)), amap.source, rotation=90, fontsize=LABEL_FONT)
-    ax.set_yticks(np.arange(len(amap.output)), amap.output, fontsize=LABEL_FONT)
+    fonts = label_fonts([*amap.source, *amap.output, title, description])
+    ax.set_xticks(np.arange(len(amap.source)), amap.source, rotation=90, fontsize=LABEL_FONT, fontfamily=fonts)
+    ax.set_yticks(np.arange(len(amap.output)), amap.output, fontsize=LABEL_FONT, fontfamily=fonts)
     ax.xaxis.tick_top()
     ax.tick_params(length=0)
     colorbar_axes = fig.add_axes(
@@ -62,9 +111,9 @@ def draw_attention(amap: AttentionMap, path: Path, title: str, description: str)
     chars = max(20, int(width / (CHAR_WIDTH * 1.2)))
     fig.text(
         0.5, 1 - 0.1 / height, textwrap.shorten(title, chars) + "\n" + textwrap.shorten(description, chars),
-        ha="center", va="top", fontsize=10,
+        ha="center", va="top", fontsize=10, fontfamily=fonts,
     )
-    with warnings.catch_warnings():  # labels in scripts the default font lacks are drawn as boxes
+    with warnings.catch_warnings():  # characters no installed font has are drawn as boxes
         warnings.filterwarnings("ignore", message="Glyph .* missing")
         fig.savefig(path, dpi=DPI)
     return path

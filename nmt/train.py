@@ -292,7 +292,10 @@ class TranslationTask:
         return token_batches(split.src.lengths, split.tgt.lengths, batch_tokens, seed=tc.seed * 100_003 + epoch)
 
     def make_batch(self, indices: np.ndarray, pin_memory: bool, epoch: int, number: int) -> Batch:
-        return make_batch(self.train_split, indices, pin_memory)
+        # Seeded by the batch's place in training, so that a resumed run drops the same words.
+        tc = self.config.train
+        rng = np.random.default_rng([tc.seed, epoch, number, 3]) if tc.word_dropout else None
+        return make_batch(self.train_split, indices, pin_memory, tc.word_dropout, rng)
 
     def update_tokens(self, update: list[np.ndarray]) -> int | None:
         """Target tokens of an update's batches (+1 EOS each), known before building them."""

@@ -29,7 +29,7 @@ from nmt.interfaces import StepDecoder
 from nmt.models.attention import AttentionChoice
 from nmt.normalize import Normalization
 from nmt.search import Hypothesis, Sampling, StepRules, beam_search, greedy_search, sample_search
-from nmt.tokenizer import PAD, Tokenizer
+from nmt.tokenizer import EOS, PAD, Tokenizer
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
@@ -183,6 +183,8 @@ def encode_lines(
     if prefixes is not None:
         normalize_target = normalize_target or Normalization()
         prefix_ids = tokenizer.encode_tgt([clean_whitespace(normalize_target(prefixes[i])) for i in non_empty])
+        if decode.prefix_only:  # the translation ends where its prefix does
+            prefix_ids = [ids + [EOS] if ids else ids for ids in prefix_ids]
     return EncodedLines(non_empty, encoded, prefix_ids, truncated)
 
 

@@ -151,6 +151,9 @@ def test_word_level_merging_sums_source_pieces_and_averages_output_pieces():
     ])
     np.testing.assert_allclose(words.weights, expected)
     np.testing.assert_allclose(words.weights.sum(1), 1.0)
+    # Chinese has no spaces: each of its pieces stays a word (the word mark would join them all).
+    assert word_groups(["\u2581知识", "就是", "力量", "。", EOS_LABEL]) == [[0], [1], [2], [3], [4]]
+    assert word_groups(["\u2581I", "\u2581li", "ke", "茶", "\u2581Tea", "s"]) == [[0], [1, 2], [3], [4, 5]]
 
 
 def test_hard_alignments_leave_out_end_of_sentence():
@@ -184,3 +187,16 @@ def test_train_log_without_tensorboard_warns_and_keeps_the_json_log(tmp_path, mo
     assert len(notes) == 1 and "tensorboard" in notes[0]
     assert not (tmp_path / "tensorboard").exists()
     assert read_train_log(tmp_path)[0][0]["loss"] == 1.0
+
+
+def test_heatmap_labels_fall_back_to_installed_fonts_that_have_their_characters(monkeypatch, tmp_path):
+    from nmt import plots
+
+    fonts = {"DejaVu Sans": frozenset(map(ord, "Knowledge is power.")), "Han": frozenset(map(ord, "知识就是力量")),
+             "Han Too": frozenset(map(ord, "知识")), "Kana": frozenset(map(ord, "かな"))}
+    monkeypatch.setattr(plots, "installed_font_characters", lambda: fonts)
+    assert plots.label_fonts(["Knowledge", "is"]) == ["DejaVu Sans"]
+    assert plots.label_fonts(["知识", "就是", "力量", "power"]) == ["DejaVu Sans", "Han"]  # one font has them all
+    assert plots.label_fonts(["知", "か"]) == ["DejaVu Sans", "Han", "Kana"]
+    amap = AttentionMap(1, ["知识", "力量", "</s>"], ["Knowledge", "</s>"], np.full((2, 3), 1 / 3))
+    assert plots.draw_attention(amap, tmp_path / "map.png", "知识就是力量", "layer 1").stat().st_size > 0

@@ -60,3 +60,17 @@ def test_every_recipe_loads_and_builds():
         config = load_config(path)  # unknown keys would be errors
         model = build_model(config.model, 1000, 1000)
         assert sum(p.numel() for p in model.parameters()) > 0, path
+
+
+def test_every_recipe_is_bound_by_updates_or_epochs_and_its_readme_names_the_budget():
+    """The same number of updates on any machine; max_minutes may only be a safety limit."""
+    from pathlib import Path
+
+    from nmt.config import load_config
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*/*.yaml")):
+        tc = load_config(path).train
+        assert tc.max_steps or tc.max_epochs, f"{path}: no train.max_steps or train.max_epochs"
+        readme = (path.parent / "README.md").read_text()
+        budget = f"{tc.max_steps:,} updates" if tc.max_steps else f"{tc.max_epochs} epochs"
+        assert budget in readme, f"{path.parent.name}/README.md does not name {path.name}'s budget ({budget})"

@@ -2,12 +2,13 @@ import gzip
 
 import numpy as np
 import pytest
+import torch
 
-from nmt.batches import make_batch, token_batches
+from nmt.batches import drop_source_tokens, make_batch, token_batches
 from nmt.data import CleanConfig, PairCleaner, ParallelSplit, read_lines, read_parallel_files, read_tsv
 from nmt.errors import DataError
 from nmt.shards import write_token_file
-from nmt.tokenizer import BOS, EOS, PAD
+from nmt.tokenizer import BOS, EOS, FIRST_REGULAR_ID, MASK, PAD, UNK
 
 
 def test_read_lines_gz_and_carriage_return(tmp_path):
@@ -92,6 +93,35 @@ def test_binarized_round_trip_and_batch(tmp_path):
     assert batch.tgt_in.tolist() == [[BOS, 12, 13, 14, 15], [BOS, 11, PAD, PAD, PAD]]
     assert batch.tgt_out.tolist() == [[12, 13, 14, 15, EOS], [11, EOS, PAD, PAD, PAD]]
     assert batch.num_tgt_tokens == 7
+
+
+def test_word_dropout_drops_the_stated_share_of_regular_source_tokens():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 30, size=400)
+    src = torch.full((400, 31), PAD)  # (B, S)
+    for row, n in enumerate(lengths):
+        src[row, :n] = torch.from_numpy(rng.integers(FIRST_REGULAR_ID, 500, size=n))
+        src[row, n] = EOS
+    src[:, 0] = MASK  # a special id in every row: never dropped
+    dropped = drop_source_tokens(src, 0.2, np.random.default_rng(1))
+    regular = src >= FIRST_REGULAR_ID
+    share = ((dropped == UNK) & regular).sum() / regular.sum()
+    assert abs(float(share) - 0.2) < 0.01  # about 9,600 regular tokens
+    assert torch.equal(dropped[~regular], src[~regular])  # PAD, EOS and MASK kept
+    assert torch.equal(dropped[dropped != UNK], src[dropped != UNK])  # the rest unchanged
+
+
+def test_word_dropout_changes_the_source_only(tmp_path):
+    src = [[10 + i for i in range(20)], [40, 41]]
+    tgt = [[11, 12], [13, 14, 15]]
+    write_token_file(tmp_path, "train.src", src, np.dtype(np.uint16))
+    write_token_file(tmp_path, "train.tgt", tgt, np.dtype(np.uint16))
+    split = ParallelSplit.load(tmp_path, "train")
+    plain = make_batch(split, np.array([0, 1]))
+    dropped = make_batch(split, np.array([0, 1]), word_dropout=0.5, rng=np.random.default_rng(3))
+    assert (dropped.src == UNK).any() and not (plain.src == UNK).any()
+    assert torch.equal(dropped.src != PAD, plain.src != PAD)
+    assert torch.equal(dropped.tgt_in, plain.tgt_in) and torch.equal(dropped.tgt_out, plain.tgt_out)
 
 
 def _sequential_token_batches(src_lengths, tgt_lengths, batch_tokens, seed=None, max_sentences=0):

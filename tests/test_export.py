@@ -10,6 +10,7 @@ from conftest import TINY_RNN, TINY_TRANSFORMER, assert_one_line_error, prepare_
 from nmt_cli.main import app
 from typer.testing import CliRunner
 
+from nmt.alignment import EOS_LABEL
 from nmt.batches import pad_source
 from nmt.config import config_from_dict, save_config
 from nmt.errors import ConfigError
@@ -149,6 +150,21 @@ def test_prefix_and_no_repeated_ngrams_are_honoured(models):
     for beam in (1, 4):
         blocked = _ct2(export_dir, {"beam": beam, "no_repeat_ngram": 2})
         assert not any(_repeats_a_bigram(h[0].tokens) for h in blocked.translate(lines).hypotheses)
+
+
+@pytest.mark.slow
+def test_prefix_only_gives_each_prefix_as_the_whole_translation(models):
+    save_dir, export_dir = models("pre-untied-joint")
+    lines = _lines(6)
+    prefixes = ["V3 V3", "", "V5 V1 V2", "V0", "", "V7"]
+    free = load_translator([save_dir], {"beam": 4}, device="cpu").translate(lines)
+    for beam in (1, 4):
+        options = {"beam": beam, "prefix_only": True}
+        nmt = load_translator([save_dir], options, device="cpu").translate(lines, prefixes, attention=AttentionChoice())
+        ct2 = _ct2(export_dir, options).translate(lines, prefixes)
+        for engine in (nmt, ct2):
+            assert [texts[0] for texts in engine.texts] == [p or f[0] for p, f in zip(prefixes, free.texts)]
+        assert [m.output[-1] for m in nmt.attention_maps if m is not None] == [EOS_LABEL] * 6  # the forced end has its row
 
 
 def _repeats_a_bigram(tokens: list[int]) -> bool:

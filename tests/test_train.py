@@ -1,12 +1,17 @@
 import json
 
+import numpy as np
 import pytest
+import torch
 from conftest import TINY_RNN, TINY_TRANSFORMER, set_options, toy_pairs, write_pairs
+from safetensors.torch import load_file
 
 from nmt.checkpoint import load_for_inference
 from nmt.config import DecodeConfig, config_from_dict
+from nmt.files import Manifest
 from nmt.prepare import PrepareConfig, prepare
-from nmt.train import inverse_sqrt_lr, train
+from nmt.tokenizer import UNK
+from nmt.train import Trainer, TranslationTask, inverse_sqrt_lr, train
 from nmt.translate import translate_lines
 
 TINY_MODELS = {
@@ -218,3 +223,37 @@ def test_progress_without_a_terminal_is_one_plain_line_per_log_step(tiny_data, t
     assert "\r" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("step ") and "loss" in line and "dev" not in line]
     assert [line.split(":")[0] for line in lines] == ["step 2/6", "step 4/6", "step 6/6"]
+
+
+def test_word_dropout_is_applied_to_training_batches_only(tiny_data, tmp_path):
+    data_dir, _ = tiny_data
+    manifest = Manifest.read(data_dir)
+    plain = TranslationTask(_config(data_dir, tmp_path / "m", TINY_MODELS["transformer"]), data_dir, manifest)
+    dropping = TranslationTask(
+        _config(data_dir, tmp_path / "m", TINY_MODELS["transformer"], word_dropout=0.5), data_dir, manifest
+    )
+    rows = np.arange(len(plain.train_split))
+    batch = dropping.make_batch(rows, False, 1, 0)
+    assert (batch.src == UNK).any() and not (plain.make_batch(rows, False, 1, 0).src == UNK).any()
+    assert torch.equal(dropping.make_batch(rows, False, 1, 0).src, batch.src)  # a resumed run drops the same
+    assert not torch.equal(dropping.make_batch(rows, False, 1, 1).src, batch.src)
+    torch.manual_seed(0)
+    model = plain.build_model()
+    cpu = torch.device("cpu")
+    assert dropping.validate(model, cpu, torch.float32) == plain.validate(model, cpu, torch.float32)
+
+
+def test_an_update_budget_gives_the_same_model_on_a_slow_machine(tiny_data, tmp_path, monkeypatch):
+    """max_steps decides, not the clock: a machine whose updates take 100 s each still makes
+    them all (max_minutes is only a safety limit) and ends with the same weights."""
+    data_dir, _ = tiny_data
+    budget = dict(max_steps=9, max_minutes=60.0, batch_tokens=60)
+    fast = train(_config(data_dir, tmp_path / "fast", TINY_MODELS["transformer"], **budget), progress=False)
+    monkeypatch.setattr(Trainer, "elapsed", lambda self: 100.0 * self.state.step)
+    slow = train(_config(data_dir, tmp_path / "slow", TINY_MODELS["transformer"], **budget), progress=False)
+    assert fast.steps == slow.steps == 9
+    weights = [load_file(tmp_path / run / "last" / "model.safetensors") for run in ("fast", "slow")]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    monkeypatch.setattr(Trainer, "elapsed", lambda self: 1000.0 * self.state.step)  # 3.6 updates an hour
+    assert train(_config(data_dir, tmp_path / "slower", TINY_MODELS["transformer"], **budget),
+                 progress=False).steps == 4

@@ -86,6 +86,11 @@ def test_prefix_file_forces_the_start_of_each_translation(trained, tmp_path):
     assert first.startswith("V9 V9") and third.startswith("V0")
     free = runner.invoke(app, ["translate", str(model_dir), "--device", "cpu"], input="w4 w5\n")
     assert second == free.output.strip()  # an empty prefix line leaves that line free
+    whole = runner.invoke(app, ["translate", str(model_dir), "-i", str(source), "--prefix", str(prefixes), "--prefix-only",
+                                "--device", "cpu"])
+    assert whole.output.splitlines() == ["V9 V9", second, "V0"]  # each prefix is the whole translation
+    assert_one_line_error(runner.invoke(app, ["translate", str(model_dir), "--prefix-only"], input="w1\n"),
+                          "--prefix-only needs --prefix")
     prefixes.write_text("V1\n", encoding="utf-8")
     assert_one_line_error(runner.invoke(app, ["translate", str(model_dir), "-i", str(source), "--prefix", str(prefixes)]),
                     "prefix.txt has 1 lines")

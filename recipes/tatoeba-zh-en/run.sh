@@ -1,38 +1,56 @@
 #!/usr/bin/env bash
-# zh->en and en->zh, each with prepare's Chinese normalization on (default) and off
-# (--normalize none), on one split of Tatoeba by English sentence; writes WORK/results.json.
+# zh->en and en->zh with the recipe's config, on one split of Tatoeba by English sentence; writes
+# WORK/results.json.
 #
-#   recipes/tatoeba-zh-en/run.sh cpu|gpu WORK_DIR [cmn-eng.tsv.gz]
+#   recipes/tatoeba-zh-en/run.sh cpu|gpu WORK_DIR [cmn-eng.tsv.gz] [settings] [normalization]
 #
-# NMT overrides the command (default: nmt); TRAIN_ARGS adds options to nmt train.
+# `settings` also trains each direction with one of the recipe's low-resource settings taken back
+# (the rows of the README's settings table); `normalization` also trains each direction on data
+# prepared with --normalize none. Every run has the same update budget. A run whose test.json
+# exists is not trained again, so an interrupted comparison continues where it stopped.
+# NMT overrides the command (default: nmt); TRAIN_ARGS adds options to every nmt train.
 set -euo pipefail
 kind=${1:?cpu or gpu}; work=${2:?work dir}; tsv=${3:-../shared/data/tatoeba/cmn-eng.tsv.gz}
+extras=" ${*:4} "
 here=$(cd "$(dirname "$0")" && pwd)
 nmt=${NMT:-nmt}
 read -r -a train_args <<< "${TRAIN_ARGS:-}"
 mkdir -p "$work"
-times="$work/times.txt"; : > "$times"
+times="$work/times.txt"; touch "$times"
 stage() { local name=$1 t0; shift; t0=$(date +%s); "$@"; echo "$name $(( $(date +%s) - t0 ))" >> "$times"; }
 
-python3 "$here/split.py" "$tsv" "$work/split"
+# Each row: a run name and the nmt train options that make it differ from the recipe.
+rows=("recipe|")
+if [[ $extras == *" settings "* ]]; then
+    rows+=(
+        "no-word-dropout|--set train.word_dropout=0"
+        "dropout-0.2|--set model.dropout=0.2 --set model.attn_dropout=0"
+        "batch-2500|--set train.batch_tokens=2500"
+    )
+fi
+[[ $extras == *" normalization "* ]] && rows+=("normalization-off|")
+
+[ -f "$work/split/test.zh" ] || python3 "$here/split.py" "$tsv" "$work/split"
 for pair in zh-en en-zh; do
     src=${pair%-*}; tgt=${pair#*-}
-    for norm in on off; do
-        options=(); [ "$norm" = off ] && options=(--normalize none)
-        data="$work/data-$pair-$norm"; run="$work/$pair-$norm"
-        $nmt prepare --train "$work/split/train" --valid "$work/split/valid" --test "$work/split/test" \
-            --src "$src" --tgt "$tgt" --vocab-size 8000 "${options[@]}" --out "$data" --overwrite --no-progress
-        stage "train-$pair-$norm" $nmt train "$here/transformer-$kind.yaml" --data "$data" --out "$run" \
-            --overwrite --no-progress "${train_args[@]}"
-        stage "translate-$pair-$norm" $nmt translate "$run" -i "$data/test.src.txt" -o "$run/test.hyp"
-        # Scored against the references of the normalized data dir (Chinese: in Simplified), and
-        # against its own data dir's.
-        $nmt evaluate --hyp "$run/test.hyp" --ref "$work/data-$pair-on/test.tgt.txt" --lang "$tgt" --json > "$run/test.json"
-        $nmt evaluate --hyp "$run/test.hyp" --ref "$data/test.tgt.txt" --lang "$tgt" --json > "$run/test-own-refs.json"
+    for row in "${rows[@]}"; do
+        name=${row%%|*}; read -r -a options <<< "${row#*|}"
+        data="$work/data-$pair"; prepare_options=()
+        if [ "$name" = normalization-off ]; then data="$work/data-$pair-raw"; prepare_options=(--normalize none); fi
+        [ -f "$data/manifest.json" ] || $nmt prepare --train "$work/split/train" --valid "$work/split/valid" \
+            --test "$work/split/test" --src "$src" --tgt "$tgt" --vocab-size 8000 "${prepare_options[@]}" \
+            --out "$data" --no-progress
+        run="$work/$pair-$name"
+        [ -f "$run/test.json" ] && continue
+        stage "train-$pair-$name" $nmt train "$here/transformer-$kind.yaml" --data "$data" --out "$run" \
+            --overwrite --no-progress "${options[@]}" "${train_args[@]}"
+        stage "translate-$pair-$name" $nmt translate "$run" -i "$data/test.src.txt" -o "$run/test.hyp"
+        # Scored against the references of the normalized data dir (Chinese: in Simplified).
+        $nmt evaluate --hyp "$run/test.hyp" --ref "$work/data-$pair/test.tgt.txt" --lang "$tgt" --json > "$run/test.json"
     done
 done
-printf '知识就是力量。\n我們明天見。\n她在圖書館讀書。\n' > "$work/examples.zh"
-$nmt translate "$work/zh-en-on" -i "$work/examples.zh" -o "$work/examples.zh-en.on"
-$nmt translate "$work/zh-en-off" -i "$work/examples.zh" -o "$work/examples.zh-en.off"
+$nmt translate "$work/zh-en-recipe" -i "$here/examples.zh" -o "$work/examples.zh-en"
+head -1 "$here/examples.zh" | $nmt translate "$work/zh-en-recipe" --prefix "$here/knowledge.en" --prefix-only \
+    --attention "$work/attention" --attention-words > /dev/null
 python3 "$here/results.py" "$work" > "$work/results.json"
 cat "$work/results.json"
