@@ -38,7 +38,7 @@ demo: install
 # recipe's fixed number of updates, score the test set, translate a few everyday sentences
 # (recipes/tatoeba-zh-en/examples.zh) and draw where the model looked for 知识就是力量。
 ZH_TSV ?= ../shared/data/tatoeba/cmn-eng.tsv.gz
-ZH_EXAMPLES := recipes/tatoeba-zh-en
+ZH_RECIPE := recipes/tatoeba-zh-en
 demo-zh: install cjk-font
 	$(PY) recipes/tatoeba-zh-en/split.py $(ZH_TSV) $(DEMO_DIR)/zh-split
 	$(NMT) prepare --train $(DEMO_DIR)/zh-split/train --valid $(DEMO_DIR)/zh-split/valid \
@@ -48,8 +48,8 @@ demo-zh: install cjk-font
 	$(NMT) translate $(DEMO_DIR)/zh-model --input $(DEMO_DIR)/zh-data/test.src.txt \
 		--output $(DEMO_DIR)/zh-test.hyp.txt --beam 5
 	$(NMT) evaluate --hyp $(DEMO_DIR)/zh-test.hyp.txt --ref $(DEMO_DIR)/zh-data/test.tgt.txt
-	$(NMT) translate $(DEMO_DIR)/zh-model --input $(ZH_EXAMPLES)/examples.zh --beam 5 | paste $(ZH_EXAMPLES)/examples.zh -
-	head -1 $(ZH_EXAMPLES)/examples.zh | $(NMT) translate $(DEMO_DIR)/zh-model --prefix $(ZH_EXAMPLES)/knowledge.en --prefix-only \
+	$(NMT) translate $(DEMO_DIR)/zh-model --input $(ZH_RECIPE)/examples.zh --beam 5 | paste $(ZH_RECIPE)/examples.zh -
+	head -1 $(ZH_RECIPE)/examples.zh | $(NMT) translate $(DEMO_DIR)/zh-model --prefix $(ZH_RECIPE)/knowledge.en --prefix-only \
 		--attention $(DEMO_DIR)/zh-attention --attention-words >/dev/null
 	@echo "attention heat-map of 知识就是力量。 -> Knowledge is power.: $(DEMO_DIR)/zh-attention/line-000001.png"
 
