@@ -41,12 +41,15 @@ def prepare(
     train: Annotated[str | None, typer.Option(help="Training files prefix: PREFIX.SRC and PREFIX.TGT (.gz allowed).")] = None,
     valid: Annotated[str | None, typer.Option(help="Validation files prefix (with --train).")] = None,
     test: Annotated[str | None, typer.Option(help="Test files prefix (with --train).")] = None,
-    tsv: Annotated[Path | None, typer.Option(help="Tab-separated corpus (.gz allowed).")] = None,
+    tsv: Annotated[list[Path] | None, typer.Option(help="Tab-separated corpus (.gz allowed); with --directions, one for all of them or one per direction, in order (repeat the option).")] = None,
     tsv_langs: Annotated[str | None, typer.Option(help="Language of each TSV column, e.g. en,es.")] = None,
     hf: Annotated[str | None, typer.Option(help="Hugging Face dataset id, or a local folder of json/csv/parquet files.")] = None,
     hf_config: Annotated[str | None, typer.Option(help="Dataset config, e.g. de-en.")] = None,
     hf_revision: Annotated[str | None, typer.Option(help="Dataset revision (branch, tag or commit).")] = None,
-    corpus: Annotated[str | None, typer.Option(help="A known public corpus: multi30k, iwslt2017-de-en, wmt14-de-en, wmt16-ro-en.")] = None,
+    corpus: Annotated[list[str] | None, typer.Option(help="A known public corpus: multi30k, iwslt2017-de-en, wmt14-de-en, wmt16-ro-en; with --directions, one for all or one per direction.")] = None,
+    directions: Annotated[str | None, typer.Option(help="A multilingual data dir for one model: directions such as de-en,en-de,fr-en (files PREFIX.LANG); each source starts with its target language's tag, <2en>.")] = None,
+    zero_shot: Annotated[str | None, typer.Option(help="With --directions: directions to hold valid/test sets for but not train on, e.g. de-fr (read from the --valid/--test prefixes).")] = None,
+    lang_temperature: Annotated[float, typer.Option(help="With --directions: sampling temperature of languages (SentencePiece sample) and directions (training): shares ∝ size^(1/T); 1 keeps the natural proportions, more evens them out.")] = 1.5,
     data_dir: Annotated[Path | None, typer.Option(help="With --corpus: read it from this folder of local files instead of the Hub.")] = None,
     valid_size: Annotated[int, typer.Option(help="Pairs held out for validation when the input has no valid split.")] = 1000,
     test_size: Annotated[int, typer.Option(help="Pairs held out for testing when the input has no test split.")] = 1000,
@@ -70,6 +73,7 @@ def prepare(
     """Clean, split, tokenize and binarize a parallel corpus (or monolingual text, with --mono)."""
     from nmt.data import CleanConfig
     from nmt.monolingual import MonoPrepareConfig, prepare_mono
+    from nmt.multilingual import MultilingualConfig, parse_directions, prepare_multilingual
     from nmt.prepare import PrepareConfig
     from nmt.prepare import prepare as run_prepare
 
@@ -88,27 +92,38 @@ def prepare(
             ), progress=progress)
             _print_mono_summary(out, manifest)
             return
-        if not src or not tgt:
-            raise NmtError("--src and --tgt name the languages of a parallel corpus (or give --mono FILE)")
         langs = None
         if tsv_langs:
             langs = tuple(x.strip() for x in tsv_langs.split(","))
             if len(langs) < 2:
                 raise NmtError("--tsv-langs needs one language per column, e.g. en,es")
-        manifest = run_prepare(
-            PrepareConfig(
-                out_dir=out, src_lang=src, tgt_lang=tgt, train_prefix=train, valid_prefix=valid,
-                test_prefix=test, tsv=tsv, tsv_langs=langs, hf_name=hf, hf_config=hf_config,
-                hf_revision=hf_revision, corpus=corpus, corpus_dir=data_dir, valid_size=valid_size, test_size=test_size, seed=seed,
-                split_by=split_by,
-                clean=CleanConfig(normalization=normalize, chinese_script=chinese_script, max_words=max_words,
-                                  max_ratio=max_ratio, dedup=dedup),
-                vocab_size=vocab_size, spm_type=spm_type, joint_vocab=joint_vocab,
-                character_coverage=character_coverage, spm_max_sentences=spm_sample, spm_model=spm_model, workers=workers,
-                overwrite=overwrite,
-            ),
-            progress=progress,
+        tsvs, corpora = list(tsv or []), list(corpus or [])
+        if directions is None and (src is None or tgt is None):
+            raise NmtError("--src and --tgt name the languages of a parallel corpus (or give --directions, or --mono FILE)")
+        if directions is None and (len(tsvs) > 1 or len(corpora) > 1):
+            raise NmtError("several --tsv or --corpus inputs go with --directions, one per direction")
+        config = PrepareConfig(
+            out_dir=out, src_lang=src or "", tgt_lang=tgt or "", train_prefix=train, valid_prefix=valid,
+            test_prefix=test, tsv=tsvs[0] if tsvs else None, tsv_langs=langs, hf_name=hf, hf_config=hf_config,
+            hf_revision=hf_revision, corpus=corpora[0] if corpora else None, corpus_dir=data_dir, valid_size=valid_size,
+            test_size=test_size, seed=seed, split_by=split_by,
+            clean=CleanConfig(normalization=normalize, chinese_script=chinese_script, max_words=max_words,
+                              max_ratio=max_ratio, dedup=dedup),
+            vocab_size=vocab_size, spm_type=spm_type, joint_vocab=joint_vocab,
+            character_coverage=character_coverage, spm_max_sentences=spm_sample, spm_model=spm_model, workers=workers,
+            overwrite=overwrite,
         )
+        if directions is not None:
+            if src or tgt:
+                raise NmtError("--directions names the languages; leave out --src and --tgt")
+            manifest = prepare_multilingual(MultilingualConfig(
+                config, parse_directions(directions), parse_directions(zero_shot or ""), lang_temperature, tsvs, corpora,
+            ), progress=progress)
+            _print_multilingual_summary(out, manifest)
+            return
+        if zero_shot:
+            raise NmtError("--zero-shot goes with --directions")
+        manifest = run_prepare(config, progress=progress)
     cleaning = manifest.cleaning
     stages = ", ".join(f"{name} {seconds} s" for name, seconds in manifest.stage_seconds.items())
     typer.echo(
@@ -132,6 +147,26 @@ def prepare(
         f"vocab: {kind} {vocab.type}, {vocab.src_size} source / {vocab.tgt_size} target pieces; "
         f"<unk> in valid: {unk['src']}% source, {unk['tgt']}% target tokens"
     )
+
+
+def _print_multilingual_summary(out: Path, manifest) -> None:
+    from nmt.tokenizer import language_tag
+
+    stages = ", ".join(f"{name} {seconds} s" for name, seconds in manifest.stage_seconds.items())
+    typer.echo(f"prepared {out} (multilingual: {', '.join(manifest.directions)}"
+               + (f"; zero-shot {', '.join(manifest.zero_shot)}" if manifest.zero_shot else "")
+               + f") in {manifest.seconds} s ({stages}); {manifest.disk_bytes / 1e6:.1f} MB on disk")
+    for direction, counts in manifest.direction_counts.items():
+        cleaning = manifest.direction_cleaning.get(direction)
+        dropped = "" if cleaning is None else (
+            "; read {pairs_read}, dropped {empty} empty, {too_long} too long, {ratio} by ratio, {duplicates} duplicates, "
+            "{overlap_with_valid_test} in valid/test".format(**cleaning))
+        typer.echo(f"{direction:>7}: " + ", ".join(f"{counts[s]['pairs']} {s}" for s in ("train", "valid", "test") if s in counts) + dropped)
+    vocab = manifest.vocab
+    sample = manifest.input.get("spm_sample") or {}
+    typer.echo(f"vocab: joint {vocab.type}, {vocab.src_size} pieces with the tags "
+               + " ".join(language_tag(lang) for lang in manifest.languages)
+               + ("; SentencePiece sample: " + ", ".join(f"{lang} {n}" for lang, n in sample.items()) if sample else ""))
 
 
 def _print_mono_summary(out: Path, manifest) -> None:
@@ -308,11 +343,15 @@ def translate(
     attention_words: Annotated[bool, typer.Option(help="With --attention: merge subword pieces into words (source: sum, output: mean).")] = False,
     json_weights: Annotated[bool, typer.Option("--json", help="With --attention: also write the weights to attention.jsonl.")] = False,
     engine: Annotated[str, typer.Option(help="nmt, or ctranslate2 for a directory from nmt export (no ensembles; its attention: the last layer's mean over heads).")] = "nmt",
+    tgt_lang: Annotated[str | None, typer.Option(help="The target language of a multilingual model (it starts each source with that language's tag).")] = None,
+    src_lang: Annotated[str | None, typer.Option(help="The input's language, for a multilingual model that normalizes its languages differently (and for --pivot).")] = None,
+    pivot: Annotated[str | None, typer.Option(help="Translate into this language first, then from it into --tgt-lang.")] = None,
+    pivot_model: Annotated[list[Path] | None, typer.Option(help="With --pivot: the model(s) for the second step (default: the same).")] = None,
 ) -> None:
     """Translate text with a trained model: one output line per input line."""
     from nmt.alignment import AttentionOutput
     from nmt.models.attention import AttentionChoice
-    from nmt.translate import translate_file
+    from nmt.translate import LanguageChoice, translate_file
 
     options = dict(beam=beam, nbest=nbest, len_penalty=len_penalty, max_len_a=max_len_a, max_len_b=max_len_b,
                    batch_tokens=batch_tokens, precision=precision, no_repeat_ngram=no_repeat_ngram, sampling=sampling,
@@ -334,6 +373,7 @@ def translate(
         translate_file(
             model_dirs, input, output, options, checkpoint, device, replace_invalid, quantize=int8,
             attention=attention_output, prefix_path=prefix, stream=stream, engine=engine,
+            languages=LanguageChoice(tgt_lang, src_lang), pivot=pivot, pivot_dirs=pivot_model,
         )
 
 
@@ -376,21 +416,39 @@ def serve(
 @app.command()
 def evaluate(
     hyp: Annotated[Path | None, typer.Option(help="Translations, one per line.")] = None,
-    ref: Annotated[Path, typer.Option(help="References, one per line.")] = ...,
+    ref: Annotated[Path | None, typer.Option(help="References, one per line.")] = None,
     src: Annotated[Path | None, typer.Option(help="Source text to translate first with --model.")] = None,
-    model: Annotated[Path | None, typer.Option(help="Checkpoint directory for --src.")] = None,
-    beam: Annotated[int | None, typer.Option(help="Beam size when translating --src.")] = None,
+    model: Annotated[Path | None, typer.Option(help="Checkpoint directory for --src or --data.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Translate and score each direction of this data dir's split with --model (a multilingual one: every direction, zero-shot included).")] = None,
+    split: Annotated[str, typer.Option(help="With --data: valid or test.")] = "test",
+    directions: Annotated[str | None, typer.Option(help="With --data: only these directions, e.g. de-fr,fr-de.")] = None,
+    pivot: Annotated[str | None, typer.Option(help="With --data: translate through this language.")] = None,
+    hyp_dir: Annotated[Path | None, typer.Option(help="With --data: keep the translations here (SPLIT.DIRECTION.hyp).")] = None,
+    off_target: Annotated[bool, typer.Option("--off-target", help="With --data: also the share of output lines in another language than the target (py3langid).")] = False,
+    beam: Annotated[int | None, typer.Option(help="Beam size when translating --src or --data.")] = None,
     metrics: Annotated[str, typer.Option(help="Comma-separated: bleu, chrf, ter.")] = "bleu,chrf,ter",
     tokenize: Annotated[str | None, typer.Option(help="sacreBLEU tokenizer for BLEU (default: zh for Chinese, else 13a).")] = None,
     lang: Annotated[str | None, typer.Option(help="Language of the references, which picks BLEU's tokenizer (default: the model's target language with --model, else recognised from the references).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (with --src).")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (with --src or --data).")] = "auto",
 ) -> None:
     """Score translations against references with sacreBLEU."""
-    from nmt.evaluate import score_files, translate_and_score
+    from nmt.evaluate import evaluate_directions, score_files, translate_and_score
+    from nmt.multilingual import parse_directions
 
     names = tuple(m.strip().lower() for m in metrics.split(",") if m.strip())
     with user_errors():
+        if data is not None:
+            if model is None or hyp is not None or src is not None or ref is not None:
+                raise NmtError("--data goes with --model (and no --hyp, --src or --ref)")
+            results = evaluate_directions([model], data, split, parse_directions(directions) if directions else None,
+                                          {"beam": beam}, names, device, pivot, hyp_dir=hyp_dir, off_target=off_target)
+            _print_direction_scores(results, json_output)
+            return
+        if pivot or hyp_dir or directions or off_target:
+            raise NmtError("--directions, --pivot, --hyp-dir and --off-target go with --data")
+        if ref is None:
+            raise NmtError("give --ref with --hyp or --src (or --data with --model)")
         if (hyp is None) == (src is None):
             raise NmtError("give either --hyp, or --src with --model")
         if src is not None:
@@ -404,6 +462,27 @@ def evaluate(
     else:
         for s in scores:
             typer.echo(f"{s.text}\n  signature: {s.signature}")
+
+
+def _print_direction_scores(results, json_output: bool) -> None:
+    """A table of the directions' scores with the mean of the trained and of the zero-shot ones."""
+    groups = {"trained": [r for r in results if not r.zero_shot], "zero-shot": [r for r in results if r.zero_shot]}
+    means = {name: {s.metric: round(sum(r.scores[i].score for r in group) / len(group), 2)
+                    for i, s in enumerate(group[0].scores)} for name, group in groups.items() if group}
+    if json_output:
+        typer.echo(json.dumps({"directions": [r.as_dict() for r in results], "mean": means}, indent=2))
+        return
+    metric_names = [s.metric for s in results[0].scores]
+    off = any(r.off_target is not None for r in results)
+    typer.echo(f"{'direction':<14}  " + "  ".join(f"{m:>7}" for m in metric_names) + ("  off-target %" if off else ""))
+    for r in results:
+        typer.echo(f"{r.direction + (' *' if r.zero_shot else ''):<14}  " + "  ".join(f"{s.score:7.2f}" for s in r.scores)
+                   + (f"  {r.off_target:12.2f}" if r.off_target is not None else ""))
+    for name, mean in means.items():
+        typer.echo(f"{'mean ' + name:<14}  " + "  ".join(f"{mean[m]:7.2f}" for m in metric_names))
+    typer.echo("signatures: " + "; ".join(sorted({s.signature for r in results for s in r.scores})))
+    if groups["zero-shot"]:
+        typer.echo("* zero-shot: a direction the model was not trained on")
 
 
 @app.command()

@@ -72,6 +72,9 @@ class TrainConfig:
     clip_norm: float = 1.0  # 0 turns clipping off
     label_smoothing: float = 0.1
     word_dropout: float = 0.0  # share of the source tokens replaced by <unk> in training batches
+    # A multilingual data dir: each direction's share of an epoch ∝ size^(1/T); 0: the data dir's
+    # temperature (nmt prepare --lang-temperature)
+    lang_temperature: float = 0.0
     max_steps: int = 0  # 0: no limit
     max_epochs: int = 0  # 0: no limit
     max_minutes: float = 0.0  # wall-clock training budget; 0: no limit
@@ -115,6 +118,8 @@ class TrainConfig:
             raise ConfigError("train.label_smoothing must be in [0, 1)")
         if not 0.0 <= self.word_dropout < 1.0:
             raise ConfigError("train.word_dropout must be in [0, 1)")
+        if self.lang_temperature < 0:
+            raise ConfigError("train.lang_temperature must be positive (or 0: the data dir's)")
 
 
 @dataclass

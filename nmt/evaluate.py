@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import tempfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from sacrebleu.metrics import BLEU, CHRF, TER
@@ -114,3 +115,89 @@ def translate_and_score(
         hyp_path = Path(tmp) / "hyp.txt"
         translate_file(model_dir, src_path, hyp_path, decode_options, device=device)
         return score_files(hyp_path, ref_path, metrics, tokenize, lang)
+
+
+@dataclass
+class DirectionScores:
+    """The scores of one direction of a data dir's split."""
+
+    direction: str  # "de-en"
+    scores: list[Score]
+    zero_shot: bool = False  # a direction the model was not trained on
+    off_target: float | None = None  # % of output lines identified as another language than the target
+    hypotheses: Path | None = None  # where the translations were written
+
+    def as_dict(self) -> dict:
+        return {"direction": self.direction, "zero_shot": self.zero_shot, "off_target_percent": self.off_target,
+                "hypotheses": str(self.hypotheses) if self.hypotheses else None, "scores": [s.as_dict() for s in self.scores]}
+
+
+def split_files(data_dir: Path, split: str, direction: str, manifest) -> tuple[Path, Path]:
+    """The source and reference text of `direction`'s `split` in a data dir (multilingual or not)."""
+    stem = f"{split}.{direction}" if manifest.multilingual else split
+    return Path(data_dir) / f"{stem}.src.txt", Path(data_dir) / f"{stem}.tgt.txt"
+
+
+def evaluate_directions(
+    model_dirs: list[Path], data_dir: Path, split: str = "test", directions: list[str] | None = None,
+    decode_options: dict | None = None, metrics=METRICS, device: str = "auto", pivot: str | None = None,
+    pivot_dirs: list[Path] | None = None, hyp_dir: Path | None = None, off_target: bool = False,
+) -> list[DirectionScores]:
+    """Translate and score each direction of a data dir's split (default: every direction with
+    one, zero-shot included); `pivot` translates through that language. With `hyp_dir`, the
+    translations are kept there as SPLIT.DIRECTION.hyp; `off_target` identifies the language of
+    each output line among the model's languages (py3langid)."""
+    from nmt.files import Manifest, VocabInfo
+    from nmt.translate import LanguageChoice, translate_file
+
+    manifest = Manifest.read(data_dir)
+    if split not in ("valid", "test"):
+        raise DataError(f"--split must be valid or test (got {split!r})")
+    known = manifest.eval_directions() if manifest.multilingual else [f"{manifest.src_lang}-{manifest.tgt_lang}"]
+    unknown = [d for d in directions or [] if d not in known]
+    if unknown:
+        raise DataError(f"{data_dir} has no {split} set for {', '.join(unknown)} (it has {', '.join(known)})")
+    vocab_info = VocabInfo.read(model_dirs[0])
+    candidates = sorted(vocab_info.languages) or [x for x in (vocab_info.src_lang, vocab_info.tgt_lang) if x]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="nmt-eval-") as tmp:
+        for direction in directions or known:
+            src_lang, tgt_lang = direction.split("-")
+            src_path, ref_path = split_files(data_dir, split, direction, manifest)
+            hyp_path = Path(hyp_dir or tmp) / f"{split}.{direction}.hyp"
+            hyp_path.parent.mkdir(parents=True, exist_ok=True)
+            choice = LanguageChoice(tgt_lang, src_lang) if vocab_info.multilingual else LanguageChoice()
+            translate_file(model_dirs, src_path, hyp_path, decode_options, device=device, languages=choice,
+                           pivot=pivot, pivot_dirs=pivot_dirs)
+            hypotheses = list(read_lines(hyp_path))
+            result = DirectionScores(direction, score_files(hyp_path, ref_path, metrics, lang=tgt_lang),
+                                     direction in manifest.zero_shot, hypotheses=hyp_path if hyp_dir else None)
+            if off_target:
+                result.off_target = off_target_percent(hypotheses, tgt_lang, candidates)
+            results.append(result)
+    return results
+
+
+def off_target_percent(lines: list[str], lang: str, candidates: list[str]) -> float | None:
+    """% of the non-empty `lines` that py3langid, choosing among the `candidates` it knows, says
+    are not in `lang`; None when it does not know `lang`."""
+    try:
+        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+    except ImportError:
+        raise DataError("the off-target rate needs the py3langid package (pip install py3langid)") from None
+    known = set(_language_identifier(MODEL_FILE, LanguageIdentifier).labels)
+    if lang not in known:
+        return None
+    identifier = _language_identifier(MODEL_FILE, LanguageIdentifier, tuple(sorted({lang, *candidates} & known)))
+    texts = [line for line in lines if line.strip()]
+    wrong = sum(identifier.classify(text)[0] != lang for text in texts)
+    return round(100.0 * wrong / max(len(texts), 1), 2)
+
+
+@lru_cache(maxsize=4)
+def _language_identifier(model_file, identifier_type, candidates: tuple[str, ...] | None = None):
+    """py3langid's model (loaded once: about a second), choosing among `candidates` (None: all)."""
+    identifier = identifier_type.from_model_file(model_file)
+    if candidates:
+        identifier.set_languages(list(candidates))
+    return identifier

@@ -40,7 +40,15 @@ from nmt.models.transformer import Transformer, sinusoidal_positions
 from nmt.normalize import Normalization
 from nmt.search import Hypothesis, max_lengths
 from nmt.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
-from nmt.translate import EXPORT_RECORD, Translations, collect_translations, decode_settings, encode_lines
+from nmt.translate import (
+    ANY_LANGUAGE,
+    EXPORT_RECORD,
+    LanguageChoice,
+    Translations,
+    collect_translations,
+    decode_settings,
+    encode_lines,
+)
 
 FORMATS = ("ctranslate2",)
 QUANTIZATIONS = ("int8", "int8_float16", "float16")  # none: float32
@@ -128,9 +136,11 @@ def export_model(
                           "so only Transformers export (translate it with --engine nmt)")
     if out_dir.exists() and (out_dir.resolve() == model_dir.resolve() or not overwrite):
         raise ConfigError(f"{out_dir} already exists; pass --overwrite to replace it (not the checkpoint directory)")
+    vocab_info = VocabInfo.read(model_dir)
+    if vocab_info.multilingual:
+        raise ConfigError(f"{model_dir} is a multilingual model: its export is not supported yet (translate it with --engine nmt)")
     weights = weights_dir(model_dir, checkpoint)
     model, tokenizer, config = load_for_inference(model_dir, checkpoint, "cpu")
-    vocab_info = VocabInfo.read(model_dir)
     positions = position_rows(config.decode)
     spec = transformer_spec(model, config.model, tokenizer, positions)
     record = ExportRecord(
@@ -471,15 +481,20 @@ def compute_type(precision: str, quantize: bool, device: str) -> str:
 
 
 def load_ctranslate2_translator(export_dir: Path, decode_options: dict | None = None, device: str = "auto",
-                                quantize: bool = False, threads: int = 0) -> CTranslate2Translator:
+                                quantize: bool = False, threads: int = 0,
+                                languages: LanguageChoice = ANY_LANGUAGE) -> CTranslate2Translator:
     """A translator on a directory of `nmt export --format ctranslate2`. Decode settings: the
     checkpoint's with `decode_options` in place, as `nmt.translate.load_translator`; `quantize`
     runs int8 weights. CPU workers: `threads`, or (0) one per core the process may use, each
-    with one thread."""
+    with one thread. `languages`: checked against the export's pair."""
     import ctranslate2
 
     export_dir = Path(export_dir)
     record = ExportRecord.read(export_dir)
+    for side, asked in (("source", languages.src), ("target", languages.tgt)):
+        if asked and record.languages[side] and asked != record.languages[side]:
+            raise ConfigError(f"{export_dir} translates {record.languages['source']} -> {record.languages['target']} only "
+                              f"(not {side} {asked})")
     config = record.config()
     tokenizer = Tokenizer(export_dir / record.sentencepiece["source"], export_dir / record.sentencepiece["target"])
     decode = decode_settings(config.decode, decode_options)

@@ -128,8 +128,26 @@ class Manifest(_VocabularyRecord):
     seconds: float = 0.0
     format_version: int = FORMAT_VERSION
     nmt_version: str = ""
+    # A multilingual data dir (nmt prepare --directions): the trained directions ("de-en"), in
+    # the order of their pairs in train; the directions with valid/test sets only (zero-shot);
+    # each language's normalization record (every language has a tag, `language_tag`); per
+    # direction the counts of each split and what cleaning did; the sampling temperature.
+    directions: list[str] = field(default_factory=list)
+    zero_shot: list[str] = field(default_factory=list)
+    languages: dict = field(default_factory=dict)
+    direction_counts: dict = field(default_factory=dict)
+    direction_cleaning: dict = field(default_factory=dict)
+    lang_temperature: float | None = None
 
     NAME = "manifest.json"
+
+    @property
+    def multilingual(self) -> bool:
+        return bool(self.directions)
+
+    def eval_directions(self) -> list[str]:
+        """The directions with valid and test sets: trained, then zero-shot."""
+        return self.directions + self.zero_shot
 
     @classmethod
     def read(cls, data_dir: Path) -> Manifest:
@@ -155,12 +173,23 @@ class VocabInfo(_VocabularyRecord):
     normalization: dict = field(default_factory=lambda: _sides(None))
     texts: list[str] | None = None  # what a masked LM was pretrained on
     format_version: int = FORMAT_VERSION
+    # A multilingual model: its trained directions and each language's normalization record
+    directions: list[str] = field(default_factory=list)
+    languages: dict = field(default_factory=dict)
 
     NAME = "vocab.json"
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> VocabInfo:
-        return cls(manifest.vocab, TRANSLATION, manifest.src_lang, manifest.tgt_lang, manifest.normalization)
+        return cls(manifest.vocab, TRANSLATION, manifest.src_lang, manifest.tgt_lang, manifest.normalization,
+                   directions=list(manifest.directions), languages=dict(manifest.languages))
+
+    @property
+    def multilingual(self) -> bool:
+        return bool(self.directions)
+
+    def language_normalization(self, lang: str) -> Normalization:
+        return Normalization.from_saved(self.languages[lang])
 
     @classmethod
     def read(cls, save_dir: Path) -> VocabInfo:

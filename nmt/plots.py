@@ -122,9 +122,27 @@ def draw_attention(amap: AttentionMap, path: Path, title: str, description: str)
 SCORE_NAMES = {"bleu": "BLEU", "accuracy": "masked accuracy"}
 
 
+def direction_scores(valid: list[dict]) -> dict[str, list[float]]:
+    """A multilingual run's dev BLEU per direction (the `bleu_de-en` entries of its records)."""
+    directions = [key[len("bleu_"):] for key in valid[0] if key.startswith("bleu_")] if valid else []
+    return {d: [r.get(f"bleu_{d}", float("nan")) for r in valid] for d in directions}
+
+
 def plot_training(run_dirs: list[Path], out: Path) -> Path:
     """Loss, dev score (BLEU; masked accuracy for `nmt pretrain` runs) and learning rate against
-    steps, one colour per run, into a PNG."""
+    steps, one colour per run, into a PNG; a multilingual run adds each direction's dev BLEU
+    (thin lines, one style each)."""
+    fig = training_figure(run_dirs)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI)
+    return out
+
+
+DIRECTION_STYLES = (":", "-.", (0, (5, 2)), (0, (1, 3)), (0, (3, 1, 1, 1)), (0, (8, 3)))
+
+
+def training_figure(run_dirs: list[Path]) -> Figure:
     runs = []
     for run_dir in run_dirs:
         train, valid = read_train_log(Path(run_dir))
@@ -150,6 +168,9 @@ def plot_training(run_dirs: list[Path], out: Path) -> Path:
             metric = "bleu" if "bleu" in valid[0] else "accuracy"
             scores = [r.get(metric, float("nan")) for r in valid]
             bleu_ax.plot(steps, scores, color=colour, marker="o", markersize=3, label=f"{name} ({SCORE_NAMES[metric]})")
+            for k, (direction, scores) in enumerate(direction_scores(valid).items()):
+                bleu_ax.plot(steps, scores, color=colour, linewidth=0.9, marker=".", markersize=3, label=f"{name} {direction}",
+                             linestyle=DIRECTION_STYLES[k % len(DIRECTION_STYLES)], alpha=0.8)
     for ax, title, ylabel in (
         (loss_ax, "loss per target token", "loss (train: label-smoothed)"),
         (bleu_ax, "dev score", "BLEU / masked accuracy %"),
@@ -162,10 +183,7 @@ def plot_training(run_dirs: list[Path], out: Path) -> Path:
     loss_ax.legend(fontsize=8)
     bleu_ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI)
-    return out
+    return fig
 
 
 def write_attention(

@@ -20,6 +20,7 @@ from nmt.atomic import replace_dir
 from nmt.corpora import find_corpus
 from nmt.data import (
     CleanConfig,
+    CleanStats,
     PairCleaner,
     clean_whitespace,
     find_side_file,
@@ -124,13 +125,120 @@ class Stages:
         self.started = now
 
 
+@dataclass
+class CleanedCorpus:
+    """One language pair read and cleaned: its pairs in the work files `work/train.{src,tgt}`,
+    which of them are training pairs (`keep`: not duplicates, not held out), and the held-out
+    splits as written for translation and scoring (`eval_raw`) and as the model sees them."""
+
+    work: Path
+    keep: np.ndarray
+    eval_raw: dict[str, list[tuple[str, str]]]
+    eval_clean: dict[str, list[tuple[str, str]]]
+    stats: CleanStats
+    overlap: int  # training pairs dropped because valid or test holds them
+    cleaner: PairCleaner
+
+    def training_pairs(self) -> Iterator[tuple[str, str]]:
+        return _work_pairs(self.work, self.keep)
+
+    def cleaning(self) -> dict:
+        return {**self.stats.as_dict(), "overlap_with_valid_test": self.overlap}
+
+
 def _build_data_dir(directory: Path, config: PrepareConfig, progress: bool) -> Manifest:
     stages = Stages()
+    work = directory / "work"  # cleaned training text, removed before the data dir is complete
+    work.mkdir()
+    corpus = clean_and_split(config, work, progress, stages)
+
+    src_model, tgt_model = _train_sentencepiece(directory, work, corpus.keep, config)
+    tokenizer = Tokenizer(src_model, tgt_model)
+    dtype = token_dtype(max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size))
+    stages.done("sentencepiece")
+
+    counts = {"train": encode_training_pairs(corpus, [src_model, tgt_model], directory, "train", dtype, config, progress)}
+    shutil.rmtree(work)
+    stages.done("encode")
+
+    for split in ("valid", "test"):
+        counts[split], unk_rate = write_eval_split(directory, split, corpus.eval_clean[split], corpus.eval_raw[split], tokenizer, dtype)
+        if split == "valid":
+            valid_unk = unk_rate
+    stages.done("valid_test")
+    return Manifest(
+        src_lang=config.src_lang, tgt_lang=config.tgt_lang, vocab=vocabulary_record(src_model, tgt_model, tokenizer, config, (config.src_lang, config.tgt_lang)),
+        counts=counts, normalization={"src": corpus.cleaner.normalize[0].as_dict(), "tgt": corpus.cleaner.normalize[1].as_dict()},
+        filters=asdict(config.clean), cleaning=corpus.cleaning(), input=_describe_input(config), valid_unk_percent=valid_unk,
+        token_dtype=dtype.name, stage_seconds=stages.seconds, encode_workers=worker_count_for(counts["train"]["pairs"], config),
+        split_seed=config.seed, split_by=config.split_by, nmt_version=__version__, **directory_files(directory),
+    )
+
+
+def directory_files(directory: Path) -> dict:
+    """The manifest's list of the data dir's files and their size."""
+    files = sorted(p.name for p in directory.iterdir())
+    return {"files": files, "disk_bytes": sum((directory / name).stat().st_size for name in files)}
+
+
+def vocabulary_record(src_model: Path, tgt_model: Path, tokenizer: Tokenizer, config: PrepareConfig, langs: tuple[str, ...]) -> Vocabulary:
+    return Vocabulary(
+        src_model=src_model.name, tgt_model=tgt_model.name, src_size=tokenizer.src_vocab_size,
+        tgt_size=tokenizer.tgt_vocab_size, src_sha256=file_sha256(src_model), tgt_sha256=file_sha256(tgt_model),
+        joint=config.joint_vocab, type=config.spm_type, requested_size=config.vocab_size,
+        character_coverage=sentencepiece_coverage(config.character_coverage, langs)["character_coverage"],
+        sample_sentences=config.spm_max_sentences,
+        given_model=str(config.spm_model) if config.spm_model is not None else None,
+    )
+
+
+def worker_count_for(pairs: int, config: PrepareConfig) -> int:
+    """Encoding processes: one per core for large corpora; small ones are encoded in this one."""
+    return worker_count(config.workers) if pairs >= PARALLEL_ENCODE_PAIRS else 1
+
+
+def encode_training_pairs(
+    corpus: CleanedCorpus, models: list[Path], directory: Path, stem: str, dtype: np.dtype, config: PrepareConfig,
+    progress: bool, prefixes: list[list[int]] | None = None,
+) -> dict:
+    """The corpus's training pairs as the token files STEM.src and STEM.tgt; returns their counts."""
+    train_count = int(corpus.keep.sum())
+    with tqdm(total=train_count, desc="encoding", unit=" pairs", unit_scale=True, file=sys.stderr,
+              disable=None if progress else True, mininterval=1.0) as bar:
+        src_counts, tgt_counts = encode_to_token_files(
+            chunked(corpus.training_pairs(), ENCODE_CHUNK_PAIRS), models, directory, [f"{stem}.src", f"{stem}.tgt"],
+            dtype, worker_count_for(train_count, config), on_chunk=bar.update, prefixes=prefixes,
+        )
+    return {"pairs": train_count, "src_tokens": src_counts["tokens"], "tgt_tokens": tgt_counts["tokens"]}
+
+
+def write_eval_split(
+    directory: Path, stem: str, clean: list[tuple[str, str]], raw: list[tuple[str, str]], tokenizer: Tokenizer,
+    dtype: np.dtype,
+) -> tuple[dict, dict]:
+    """A held-out split as token files (STEM.src, STEM.tgt) and as text to translate and score
+    (STEM.src.txt, STEM.tgt.txt); returns its counts and the share of <unk> tokens per side."""
+    src_ids = tokenizer.encode_src([s for s, _ in clean])
+    tgt_ids = tokenizer.encode_tgt([t for _, t in clean])
+    write_token_file(directory, f"{stem}.src", src_ids, dtype)
+    write_token_file(directory, f"{stem}.tgt", tgt_ids, dtype)
+    counts = {"pairs": len(clean), "src_tokens": sum(map(len, src_ids)), "tgt_tokens": sum(map(len, tgt_ids))}
+    # how much of the text the vocabulary cannot spell
+    unk_rate = {side: round(100.0 * sum(seq.count(UNK) for seq in ids) / max(sum(map(len, ids)), 1), 3)
+                for side, ids in (("src", src_ids), ("tgt", tgt_ids))}
+    for side, texts in (("src", [s for s, _ in raw]), ("tgt", [t for _, t in raw])):
+        with open(directory / f"{stem}.{side}.txt", "w", encoding="utf-8", newline="\n") as f:
+            f.writelines(clean_whitespace(text) + "\n" for text in texts)
+    return counts, unk_rate
+
+
+def clean_and_split(config: PrepareConfig, work: Path, progress: bool, stages: Stages | None = None) -> CleanedCorpus:
+    """Read `config`'s input into the work files `work/train.{src,tgt}` (cleaned), find the
+    duplicates and hold out valid and test (given, or carved out of train)."""
     train_pairs, given_eval, expected_pairs = _read_inputs(config, progress)
     if given_eval and config.split_by is not None:
         raise DataError("--split-by applies when valid and test are carved out of the training data, not given")
-    work = directory / "work"  # cleaned training text, removed before the data dir is complete
-    work.mkdir()
+    work.mkdir(parents=True, exist_ok=True)
     cleaner = PairCleaner(config.clean, config.src_lang, config.tgt_lang)
     hash_list, group_list = array("Q"), array("Q")
     group_side = None if config.split_by is None else (config.src_lang, config.tgt_lang).index(config.split_by)
@@ -147,7 +255,8 @@ def _build_data_dir(directory: Path, config: PrepareConfig, progress: bool) -> M
                     group_list.append(pair_hash(pair[group_side], ""))
     hashes = np.frombuffer(hash_list, dtype=np.uint64)
     stats = cleaner.stats
-    stages.done("read_clean")
+    if stages:
+        stages.done("read_clean")
 
     keep = np.ones(len(hashes), dtype=bool)
     if config.clean.dedup and len(hashes):
@@ -187,63 +296,14 @@ def _build_data_dir(directory: Path, config: PrepareConfig, progress: bool) -> M
             picked = np.concatenate([held["test"], held["valid"]])
         keep[picked] = False
         positions = np.sort(picked)
-        found = dict(zip(positions.tolist(), _work_pairs(work, _mask(positions[-1] + 1, positions))))  # one pass
+        found = dict(zip(positions.tolist(), _work_pairs(work, _mask(positions[-1] + 1, positions)))) if len(positions) else {}
         for split in ("valid", "test"):
             eval_raw[split] = eval_clean[split] = [found[i] for i in held[split].tolist()]
     if not keep.any():
         raise DataError("no training pairs left once valid/test pairs are removed")
-    stages.done("dedup_split")
-
-    src_model, tgt_model = _train_sentencepiece(directory, work, keep, config)
-    tokenizer = Tokenizer(src_model, tgt_model)
-    dtype = token_dtype(max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size))
-    stages.done("sentencepiece")
-
-    train_count = int(keep.sum())
-    workers = worker_count(config.workers) if train_count >= PARALLEL_ENCODE_PAIRS else 1
-    with tqdm(total=train_count, desc="encoding", unit=" pairs", unit_scale=True, file=sys.stderr,
-              disable=None if progress else True, mininterval=1.0) as bar:
-        src_counts, tgt_counts = encode_to_token_files(
-            chunked(_work_pairs(work, keep), ENCODE_CHUNK_PAIRS), [src_model, tgt_model], directory,
-            ["train.src", "train.tgt"], dtype, workers, on_chunk=bar.update,
-        )
-    counts = {"train": {"pairs": train_count, "src_tokens": src_counts["tokens"], "tgt_tokens": tgt_counts["tokens"]}}
-    shutil.rmtree(work)
-    stages.done("encode")
-
-    for split in ("valid", "test"):
-        pairs = eval_clean[split]
-        src_ids = tokenizer.encode_src([s for s, _ in pairs])
-        tgt_ids = tokenizer.encode_tgt([t for _, t in pairs])
-        write_token_file(directory, f"{split}.src", src_ids, dtype)
-        write_token_file(directory, f"{split}.tgt", tgt_ids, dtype)
-        counts[split] = {"pairs": len(pairs), "src_tokens": sum(map(len, src_ids)), "tgt_tokens": sum(map(len, tgt_ids))}
-        if split == "valid":  # how much of the dev text the vocabulary cannot spell
-            unk_rate = {side: round(100.0 * sum(seq.count(UNK) for seq in ids) / max(sum(map(len, ids)), 1), 3)
-                        for side, ids in (("src", src_ids), ("tgt", tgt_ids))}
-        raw = eval_raw[split]  # references for BLEU, and sources to translate
-        for side, texts in (("src", [s for s, _ in raw]), ("tgt", [t for _, t in raw])):
-            with open(directory / f"{split}.{side}.txt", "w", encoding="utf-8", newline="\n") as f:
-                f.writelines(clean_whitespace(text) + "\n" for text in texts)
-    stages.done("valid_test")
-
-    files = sorted(p.name for p in directory.iterdir())
-    vocab = Vocabulary(
-        src_model=src_model.name, tgt_model=tgt_model.name, src_size=tokenizer.src_vocab_size,
-        tgt_size=tokenizer.tgt_vocab_size, src_sha256=file_sha256(src_model), tgt_sha256=file_sha256(tgt_model),
-        joint=config.joint_vocab, type=config.spm_type, requested_size=config.vocab_size,
-        character_coverage=sentencepiece_coverage(config.character_coverage, (config.src_lang, config.tgt_lang))["character_coverage"],
-        sample_sentences=config.spm_max_sentences,
-        given_model=str(config.spm_model) if config.spm_model is not None else None,
-    )
-    return Manifest(
-        src_lang=config.src_lang, tgt_lang=config.tgt_lang, vocab=vocab, counts=counts,
-        normalization={"src": cleaner.normalize[0].as_dict(), "tgt": cleaner.normalize[1].as_dict()},
-        filters=asdict(config.clean), cleaning={**stats.as_dict(), "overlap_with_valid_test": overlap},
-        input=_describe_input(config), valid_unk_percent=unk_rate, token_dtype=dtype.name, files=files,
-        disk_bytes=sum((directory / name).stat().st_size for name in files), stage_seconds=stages.seconds,
-        encode_workers=workers, split_seed=config.seed, split_by=config.split_by, nmt_version=__version__,
-    )
+    if stages:
+        stages.done("dedup_split")
+    return CleanedCorpus(work, keep, eval_raw, eval_clean, stats, overlap, cleaner)
 
 
 def _carve_groups(candidates: np.ndarray, groups: np.ndarray, config: PrepareConfig, rng) -> dict[str, np.ndarray]:

@@ -43,9 +43,12 @@ class TokenFileWriter:
 
     def append(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """`tokens`: the sequences laid end to end; `lengths`: the length of each."""
+        self.tokens_file_append(tokens)
+        self.lengths.append(np.asarray(lengths, dtype=np.int64))
+
+    def tokens_file_append(self, tokens: np.ndarray) -> None:
         tokens.astype(self.dtype, copy=False).tofile(self.file)
         self.count += len(tokens)
-        self.lengths.append(np.asarray(lengths, dtype=np.int64))
 
     def close(self) -> dict:
         """Finish both files; returns {"sequences": n, "tokens": n}."""
@@ -64,6 +67,21 @@ class TokenFileWriter:
 def write_token_file(directory: Path, stem: str, sequences: list[list[int]], dtype: np.dtype) -> dict:
     writer = TokenFileWriter(directory, stem, dtype)
     writer.append(*flatten(sequences, dtype))
+    return writer.close()
+
+
+def concatenate_token_files(directory: Path, stems: list[str], out_stem: str, block: int = 1 << 22) -> dict:
+    """One token file holding the sequences of `stems`' files in order (read in blocks of
+    `block` tokens); the inputs are removed."""
+    writer = TokenFileWriter(directory, out_stem, np.load(Path(directory) / f"{stems[0]}.tokens.npy", mmap_mode="r").dtype)
+    for stem in stems:
+        part = TokenArray(directory, stem)
+        for start in range(0, len(part.tokens), block):
+            writer.tokens_file_append(np.asarray(part.tokens[start : start + block]))
+        writer.lengths.append(part.lengths)
+        del part
+        for suffix in (".tokens.npy", ".offsets.npy"):
+            (Path(directory) / f"{stem}{suffix}").unlink()
     return writer.close()
 
 
@@ -133,12 +151,16 @@ def _load_worker_models(models: list[str]) -> None:
         _worker_models.append(processor)
 
 
-def _encode_chunk(rows: list[tuple[str, ...]], dtype: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each side of the rows encoded with its model: [(tokens, lengths), ...]."""
-    return [
-        flatten(processor.encode([row[side] for row in rows]), np.dtype(dtype))
-        for side, processor in enumerate(_worker_models)
-    ]
+def _encode_chunk(rows: list[tuple[str, ...]], dtype: str, prefixes: list[list[int]] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each side of the rows encoded with its model, after that side's `prefixes` ids (a
+    language tag): [(tokens, lengths), ...]."""
+    encoded = []
+    for side, processor in enumerate(_worker_models):
+        sequences = processor.encode([row[side] for row in rows])
+        if prefixes and prefixes[side]:
+            sequences = [prefixes[side] + ids for ids in sequences]
+        encoded.append(flatten(sequences, np.dtype(dtype)))
+    return encoded
 
 
 def worker_count(requested: int = 0) -> int:
@@ -159,9 +181,11 @@ def encode_to_token_files(
     dtype: np.dtype,
     workers: int = 1,
     on_chunk=lambda rows: None,
+    prefixes: list[list[int]] | None = None,
 ) -> list[dict]:
     """Encode chunks of rows of texts (one per side: (source, target) pairs, or 1-tuples of
-    monolingual sentences) into one token file per side, STEMS[i], with MODELS[i], in order.
+    monolingual sentences) into one token file per side, STEMS[i], with MODELS[i], in order;
+    `prefixes[i]`: ids that start every sequence of side i.
 
     With more than one worker, chunks are encoded in worker processes, a bounded number at a
     time, so memory holds a few chunks whatever the corpus size. Returns the counts of each side.
@@ -178,7 +202,7 @@ def encode_to_token_files(
         _load_worker_models(paths)
         try:
             for chunk in chunks:
-                write(_encode_chunk(chunk, dtype.str), len(chunk))
+                write(_encode_chunk(chunk, dtype.str, prefixes), len(chunk))
         finally:
             _worker_models.clear()
     else:
@@ -188,7 +212,7 @@ def encode_to_token_files(
         ) as pool:
             pending: deque = deque()
             for chunk in chunks:
-                pending.append((pool.submit(_encode_chunk, chunk, dtype.str), len(chunk)))
+                pending.append((pool.submit(_encode_chunk, chunk, dtype.str, prefixes), len(chunk)))
                 if len(pending) >= 2 * workers:
                     future, size = pending.popleft()
                     write(future.result(), size)

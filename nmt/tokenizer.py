@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +20,12 @@ RESERVED_SYMBOLS = ("[MASK]", "[CLS]", "[SEP]")
 FIRST_REGULAR_ID = 7  # ids below are special: never masked, never drawn as random replacements
 
 
+def language_tag(lang: str) -> str:
+    """The token a multilingual model's source starts with to ask for `lang`: "<2fr>". Reserved
+    in the SentencePiece model (a user-defined symbol, after [MASK], [CLS] and [SEP])."""
+    return f"<2{lang}>"
+
+
 def train_sentencepiece(
     sentences: Iterable[str],
     model_prefix: Path,
@@ -29,11 +36,12 @@ def train_sentencepiece(
     seed_sentencepieces: int | None = None,
     threads: int = 2,
     byte_fallback: bool = False,
+    extra_symbols: tuple[str, ...] = (),
 ) -> Path:
     """Train a SentencePiece model on `sentences`; returns the `.model` path.
 
     `vocab_size` is a soft limit, so that a small corpus gets a smaller vocabulary instead of
-    an error.
+    an error. `extra_symbols` (language tags) are reserved after the pretraining symbols.
     """
     if model_type not in ("unigram", "bpe"):
         raise DataError(f"SentencePiece model type must be unigram or bpe (got {model_type!r})")
@@ -48,7 +56,7 @@ def train_sentencepiece(
         unk_id=UNK,
         bos_id=BOS,
         eos_id=EOS,
-        user_defined_symbols=list(RESERVED_SYMBOLS),
+        user_defined_symbols=[*RESERVED_SYMBOLS, *extra_symbols],
         input_sentence_size=max_sentences,
         shuffle_input_sentence=True,
         hard_vocab_limit=False,
@@ -79,13 +87,29 @@ def file_sha256(path: Path) -> str:
 
 
 class Tokenizer:
-    """Encodes source text and decodes target ids with the data dir's SentencePiece models."""
+    """Encodes source text and decodes target ids with the data dir's SentencePiece models.
+    `source_prefix`: ids every encoded source starts with (a multilingual model's language tag)."""
 
-    def __init__(self, src_model: Path, tgt_model: Path):
+    def __init__(self, src_model: Path, tgt_model: Path, source_prefix: tuple[int, ...] = ()):
         self.src_model_path = Path(src_model)
         self.tgt_model_path = Path(tgt_model)
         self.src = load_sentencepiece(self.src_model_path)
         self.tgt = self.src if self.tgt_model_path == self.src_model_path else load_sentencepiece(self.tgt_model_path)
+        self.source_prefix = list(source_prefix)
+
+    def tag_id(self, lang: str) -> int:
+        """The id of `lang`'s tag; a DataError if the model does not reserve it."""
+        tag = language_tag(lang)
+        tag_id = self.src.piece_to_id(tag)
+        if tag_id == UNK or self.src.id_to_piece(tag_id) != tag:
+            raise DataError(f"the SentencePiece model {self.src_model_path} has no {tag} token")
+        return tag_id
+
+    def for_target(self, lang: str) -> Tokenizer:
+        """This tokenizer with `lang`'s tag before every source (shares the loaded models)."""
+        tagged = copy.copy(self)
+        tagged.source_prefix = [self.tag_id(lang)]
+        return tagged
 
     @property
     def joint(self) -> bool:
@@ -100,7 +124,8 @@ class Tokenizer:
         return self.tgt.get_piece_size()
 
     def encode_src(self, lines: list[str]) -> list[list[int]]:
-        return self.src.encode(lines)
+        encoded = self.src.encode(lines)
+        return [self.source_prefix + ids for ids in encoded] if self.source_prefix else encoded
 
     def encode_tgt(self, lines: list[str]) -> list[list[int]]:
         return self.tgt.encode(lines)

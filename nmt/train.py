@@ -47,6 +47,7 @@ from nmt.evaluate import bleu_tokenizer, corpus_bleu
 from nmt.files import CheckpointInfo, Manifest, TrainState, VocabInfo
 from nmt.interfaces import TrainingBatch, TrainingTask
 from nmt.models import build_model
+from nmt.multilingual import epoch_pairs
 from nmt.tokenizer import PAD, Tokenizer
 from nmt.train_log import LOG_NAME, TENSORBOARD_DIR, TrainLog
 from nmt.translate import translate_ids
@@ -259,12 +260,13 @@ class TranslationTask:
     extra_metrics: tuple[str, ...] = ()  # other dev figures to print
     throughput = "tgt_tokens_per_s"  # the log figure the progress bar shows as tok/s
 
-    def __init__(self, config: Config, data_dir: Path, manifest: Manifest):
+    def __init__(self, config: Config, data_dir: Path, manifest: Manifest, valid_split: bool = True):
         self.config, self.data_dir, self.manifest = config, data_dir, manifest
         self.tokenizer = Tokenizer(data_dir / manifest.vocab.src_model, data_dir / manifest.vocab.tgt_model)
         self.train_split = ParallelSplit.load(data_dir, "train")
-        self.valid_split = ParallelSplit.load(data_dir, "valid")
-        self.references = list(read_lines(data_dir / "valid.tgt.txt"))
+        if valid_split:
+            self.valid_split = ParallelSplit.load(data_dir, "valid")
+            self.references = list(read_lines(data_dir / "valid.tgt.txt"))
 
     def describe(self) -> str:
         return f"{len(self.train_split)} training pairs"
@@ -323,6 +325,50 @@ class TranslationTask:
         init_save_dir(save_dir, self.config, self.data_dir, self.manifest)
 
 
+class MultilingualTranslationTask(TranslationTask):
+    """Translation in several directions from a multilingual data dir: each epoch draws its
+    pairs from the directions with the sampling temperature (train.lang_temperature, or the data
+    dir's), and validation scores every direction; their mean BLEU picks best/."""
+
+    def __init__(self, config: Config, data_dir: Path, manifest: Manifest):
+        super().__init__(config, data_dir, manifest, valid_split=False)
+        self.directions = list(manifest.directions)
+        self.sizes = [manifest.direction_counts[d]["train"]["pairs"] for d in self.directions]
+        if sum(self.sizes) != len(self.train_split):
+            raise DataError(f"{data_dir}: the directions' counts do not add up to the training pairs; run nmt prepare again")
+        self.temperature = config.train.lang_temperature or manifest.lang_temperature or 1.0
+        self.valid_sets = {
+            d: (ParallelSplit.load(data_dir, f"valid.{d}"), list(read_lines(data_dir / f"valid.{d}.tgt.txt")))
+            for d in self.directions
+        }
+        self.extra_metrics = tuple(f"bleu_{d}" for d in self.directions)
+
+    def describe(self) -> str:
+        return (f"{len(self.train_split)} training pairs in {len(self.directions)} directions "
+                f"(sampling temperature {self.temperature:g})")
+
+    def epoch_batches(self, batch_tokens: int, epoch: int) -> list[np.ndarray]:
+        split, tc = self.train_split, self.config.train
+        pairs = epoch_pairs(self.sizes, self.temperature, np.random.default_rng([tc.seed, epoch, 5]))
+        batches = token_batches(split.src.lengths[pairs], split.tgt.lengths[pairs], batch_tokens, seed=tc.seed * 100_003 + epoch)
+        return [pairs[b] for b in batches]
+
+    def validate(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> dict:
+        """Each direction's dev loss and BLEU (`bleu_de-en`, `loss_de-en`), and their means."""
+        scores = {}
+        for d, (split, references) in self.valid_sets.items():
+            scores[d] = validate(model, split, references, self.tokenizer, self.config, device, dtype, d.split("-")[1])
+        loss = sum(s["loss"] for s in scores.values()) / len(scores)
+        result = {
+            "loss": round(loss, 4), "ppl": round(math.exp(min(loss, 50.0)), 2),
+            "bleu": round(sum(s["bleu"] for s in scores.values()) / len(scores), 2),
+            "sentences": sum(s["sentences"] for s in scores.values()),
+        }
+        for d, s in scores.items():
+            result[f"bleu_{d}"], result[f"loss_{d}"] = s["bleu"], s["loss"]
+        return result
+
+
 def _summarize(names: list[str]) -> str:
     """Parameter names grouped by their first part: 'encoder_layers ×24, src_embed'."""
     counts: dict[str, int] = {}
@@ -361,8 +407,9 @@ def train(
         raise DataError(f"{data_dir} is a {manifest.kind} data dir, for nmt pretrain --data; translation needs parallel data")
     if config.train.init and not resume:  # a wrong pretrained model fails now, not after loading the data
         check_pretrained(Path(config.train.init), manifest.vocab, config.train.init_decoder)
+    task_type = MultilingualTranslationTask if manifest.multilingual else TranslationTask
     return run_training(
-        lambda ranks: TranslationTask(config, data_dir, manifest), config, save_dir, resume, overwrite, progress, log, started
+        lambda ranks: task_type(config, data_dir, manifest), config, save_dir, resume, overwrite, progress, log, started
     )
 
 

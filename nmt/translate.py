@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -25,6 +26,7 @@ from nmt.data import clean_whitespace, decode_lines, read_lines
 from nmt.devices import autocast, resolve_device, resolve_precision
 from nmt.ensemble import Ensemble, check_same_vocabulary
 from nmt.errors import ConfigError, DataError
+from nmt.files import VocabInfo
 from nmt.interfaces import StepDecoder
 from nmt.models.attention import AttentionChoice
 from nmt.normalize import Normalization
@@ -251,6 +253,13 @@ class Translator:
     def describe_attention(self, choice: AttentionChoice) -> str:
         return describe_attention(self.model_config, choice)
 
+    def for_languages(self, vocab_info: VocabInfo, model_dir: Path, choice: LanguageChoice) -> Translator:
+        """This translator (the same loaded model) asked for another direction of a multilingual model."""
+        settings = language_settings(vocab_info, model_dir, choice)
+        tokenizer = self.tokenizer.for_target(settings.tag) if settings.tag else self.tokenizer
+        return dataclasses.replace(self, tokenizer=tokenizer, normalization=settings.source_normalization,
+                                   target_normalization=settings.target_normalization, languages=settings.languages)
+
 
 class TextTranslator(Protocol):
     """What `nmt translate` and `nmt serve` translate with: this library's search (`Translator`)
@@ -282,15 +291,65 @@ def decode_settings(saved: DecodeConfig, decode_options: dict | None) -> DecodeC
     return decode
 
 
+@dataclass(frozen=True)
+class LanguageChoice:
+    """What a multilingual model is asked for: the target language (required) and, optionally,
+    the source language (whose normalization the input gets)."""
+
+    tgt: str | None = None
+    src: str | None = None
+
+
+ANY_LANGUAGE = LanguageChoice()  # a bilingual model's own pair
+
+
+@dataclass
+class LanguageSettings:
+    """How one model translates a language choice: the source tag (None: a bilingual model),
+    each side's normalization and the (source, target) names."""
+
+    tag: str | None
+    source_normalization: Normalization
+    target_normalization: Normalization
+    languages: tuple[str, str]
+
+
+def language_settings(vocab_info: VocabInfo, model_dir: Path, choice: LanguageChoice) -> LanguageSettings:
+    """Check `choice` against what the model translates; a one-line error names the languages it knows."""
+    if not vocab_info.multilingual:
+        if choice.tgt and vocab_info.tgt_lang and choice.tgt != vocab_info.tgt_lang:
+            raise ConfigError(f"{model_dir} translates into {vocab_info.tgt_lang} only (not {choice.tgt})")
+        if choice.src and vocab_info.src_lang and choice.src != vocab_info.src_lang:
+            raise ConfigError(f"{model_dir} translates from {vocab_info.src_lang} only (not {choice.src})")
+        return LanguageSettings(None, vocab_info.source_normalization(), vocab_info.target_normalization(),
+                                (vocab_info.src_lang or "", vocab_info.tgt_lang or ""))
+    known = ", ".join(sorted(vocab_info.languages))
+    if not choice.tgt:
+        raise ConfigError(f"{model_dir} is a multilingual model: choose the target language with --tgt-lang ({known})")
+    for lang in (choice.tgt, choice.src):
+        if lang and lang not in vocab_info.languages:
+            raise ConfigError(f"{model_dir} does not know the language {lang!r}; it knows {known}")
+    if choice.src:
+        source = vocab_info.language_normalization(choice.src)
+    else:  # the input's language is not given: the normalization every language shares
+        records = {json.dumps(record, sort_keys=True) for record in vocab_info.languages.values()}
+        if len(records) > 1:
+            raise ConfigError(f"{model_dir} normalizes its languages differently: name the input's with --src-lang ({known})")
+        source = vocab_info.language_normalization(next(iter(vocab_info.languages)))
+    return LanguageSettings(choice.tgt, source, vocab_info.language_normalization(choice.tgt),
+                            (choice.src or "", choice.tgt))
+
+
 def load_translator(
     model_dirs: Sequence[Path], decode_options: dict | None = None, checkpoint: str = "best", device: str = "auto",
-    quantize: bool = False,
+    quantize: bool = False, languages: LanguageChoice = ANY_LANGUAGE,
 ) -> Translator:
     """Load one model, or an ensemble of several sharing one vocabulary, for translation.
 
     Decoding settings are the first checkpoint's `decode` config with `decode_options` (beam,
     nbest, sampling, ...) replacing the values that are given; only the best translation is
     written unless `nbest` is given. `quantize` runs the Linear layers in int8 (CPU only).
+    `languages`: the target language of a multilingual model (see `language_settings`).
     """
     torch_device = resolve_device(device)
     if quantize and torch_device.type != "cpu":
@@ -301,12 +360,43 @@ def load_translator(
         models.append(quantize_int8(model) if quantize else model)
         tokenizer, config = tokenizer or model_tokenizer, config or model_config
     vocab_info = check_same_vocabulary(model_dirs)
+    settings = language_settings(vocab_info, Path(model_dirs[0]), languages)
+    if settings.tag:
+        tokenizer = tokenizer.for_target(settings.tag)
     decode = decode_settings(config.decode, decode_options)
     model = models[0] if len(models) == 1 else Ensemble(models)
     generator = sampling_generator(decode, torch_device) if decode.sampling else None
-    return Translator(model, tokenizer, decode, torch_device, vocab_info.source_normalization(),
-                      vocab_info.target_normalization(), config.model, (vocab_info.src_lang or "", vocab_info.tgt_lang or ""),
-                      generator)
+    return Translator(model, tokenizer, decode, torch_device, settings.source_normalization,
+                      settings.target_normalization, config.model, settings.languages, generator)
+
+
+@dataclass
+class PivotTranslator:
+    """Translation through a pivot language: `first` translates into it (best translation
+    only), `second` from it into the target; prefixes, n-best lists and attention belong to the
+    second step."""
+
+    first: TextTranslator
+    second: TextTranslator
+
+    @property
+    def decode(self) -> DecodeConfig:
+        return self.second.decode
+
+    @property
+    def languages(self) -> tuple[str, str]:
+        return self.first.languages[0], self.second.languages[1]
+
+    def translate(self, lines: Sequence[str], prefixes: Sequence[str] | None = None, attention: AttentionChoice | None = None,
+                  first_line: int = 1, progress: bool = False, decode: DecodeConfig | None = None) -> Translations:
+        one_best = dataclasses.replace(self.first.decode, nbest=1)
+        middle = self.first.translate(lines, first_line=first_line, progress=progress, decode=one_best)
+        result = self.second.translate([texts[0] for texts in middle.texts], prefixes, attention, first_line, progress, decode)
+        result.truncated = sorted(set(middle.truncated) | set(result.truncated))
+        return result
+
+    def describe_attention(self, choice: AttentionChoice) -> str:
+        return self.second.describe_attention(choice) + f", translating from the pivot ({self.first.languages[1]})"
 
 
 ENGINES = ("nmt", "ctranslate2")
@@ -315,21 +405,34 @@ EXPORT_RECORD = "nmt_export.json"  # what `nmt export` writes beside the exporte
 
 def load_text_translator(
     model_dirs: Sequence[Path], decode_options: dict | None = None, checkpoint: str = "best", device: str = "auto",
-    quantize: bool = False, engine: str = "nmt",
+    quantize: bool = False, engine: str = "nmt", languages: LanguageChoice = ANY_LANGUAGE,
+    pivot: str | None = None, pivot_dirs: Sequence[Path] | None = None,
 ) -> TextTranslator:
     """`load_translator` for engine "nmt" (checkpoint directories); for "ctranslate2", one
-    directory written by `nmt export --format ctranslate2`."""
+    directory written by `nmt export --format ctranslate2`. `pivot`: translate into this
+    language first, with the same models, then into the target with `pivot_dirs` (default: the
+    same models again)."""
+    if pivot is not None:
+        if pivot in (languages.src, languages.tgt):
+            raise ConfigError(f"--pivot {pivot} is the source or target language itself")
+        first = load_text_translator(model_dirs, decode_options, checkpoint, device, quantize, engine,
+                                     LanguageChoice(pivot, languages.src))
+        second = load_text_translator(pivot_dirs or model_dirs, decode_options, checkpoint, device, quantize, engine,
+                                      LanguageChoice(languages.tgt, pivot))
+        return PivotTranslator(first, second)
+    if pivot_dirs:
+        raise ConfigError("--pivot-model goes with --pivot LANG")
     if engine == "nmt":
         for model_dir in model_dirs:
             if (Path(model_dir) / EXPORT_RECORD).is_file():
                 raise ConfigError(f"{model_dir} is a CTranslate2 export: translate it with --engine ctranslate2")
-        return load_translator(model_dirs, decode_options, checkpoint, device, quantize)
+        return load_translator(model_dirs, decode_options, checkpoint, device, quantize, languages)
     if engine == "ctranslate2":
         from nmt.export import load_ctranslate2_translator  # ctranslate2: only when asked for
 
         if len(model_dirs) != 1:
             raise ConfigError("--engine ctranslate2 takes one export directory (no ensembles)")
-        return load_ctranslate2_translator(Path(model_dirs[0]), decode_options, device, quantize)
+        return load_ctranslate2_translator(Path(model_dirs[0]), decode_options, device, quantize, languages=languages)
     raise ConfigError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
 
 
@@ -347,6 +450,9 @@ def translate_file(
     prefix_path: Path | None = None,
     stream: bool = False,
     engine: str = "nmt",
+    languages: LanguageChoice = ANY_LANGUAGE,
+    pivot: str | None = None,
+    pivot_dirs: Sequence[Path] | None = None,
 ) -> int:
     """Translate a file (or stdin when None) into a file (or stdout); returns the line count.
 
@@ -356,13 +462,14 @@ def translate_file(
     file appears complete when the run ends (it is written beside it under a temporary name).
     `prefix_path`: one target prefix per input line. `attention` writes the cross-attention of
     each best translation: alignments, heat-maps, weights. `engine`: "nmt" translates checkpoint
-    directories, "ctranslate2" a directory of `nmt export` (see `load_text_translator`). See
-    `load_translator` for the rest.
+    directories, "ctranslate2" a directory of `nmt export` (see `load_text_translator`, also for
+    `languages`, `pivot` and `pivot_dirs`). See `load_translator` for the rest.
     """
     model_dirs = [Path(model_dirs)] if isinstance(model_dirs, (str, Path)) else [Path(d) for d in model_dirs]
     if output_path is not None and not Path(output_path).parent.is_dir():
         raise DataError(f"cannot write {output_path}: the folder {Path(output_path).parent} does not exist")
-    translator = load_text_translator(model_dirs, decode_options, checkpoint, device, quantize, engine)
+    translator = load_text_translator(model_dirs, decode_options, checkpoint, device, quantize, engine, languages, pivot,
+                                      pivot_dirs)
     lines = _read_stdin(replace_invalid) if input_path is None else read_lines(Path(input_path), replace_invalid=replace_invalid)
     prefixes = None if prefix_path is None else read_lines(Path(prefix_path), replace_invalid)
     chunk_lines = 1 if stream else translator.decode.chunk_lines

@@ -9,17 +9,25 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nmt.errors import ConfigError, DataError
+from nmt.files import VocabInfo
 from nmt.serve.api import ServedModel, ServeSettings, create_app
-from nmt.translate import load_text_translator
+from nmt.translate import LanguageChoice, load_text_translator
 
 
 def load_served_models(model_dirs: Sequence[Path], decode_options: dict | None = None, checkpoint: str = "best",
                        device: str = "auto", quantize: bool = False, engine: str = "nmt") -> list[ServedModel]:
-    """Each directory loaded once, as `nmt translate` loads it."""
-    return [
-        ServedModel(load_text_translator([Path(d)], decode_options, checkpoint, device, quantize, engine), str(d), engine)
-        for d in model_dirs
-    ]
+    """Each directory loaded once, as `nmt translate` loads it; a multilingual model serves each
+    direction it was trained on."""
+    served = []
+    for d in map(Path, model_dirs):
+        info = VocabInfo.read(d) if engine == "nmt" else None
+        if info is None or not info.multilingual:
+            served.append(ServedModel(load_text_translator([d], decode_options, checkpoint, device, quantize, engine), str(d), engine))
+            continue
+        choices = [LanguageChoice(tgt, src) for src, tgt in (direction.split("-") for direction in info.directions)]
+        first = load_text_translator([d], decode_options, checkpoint, device, quantize, engine, choices[0])
+        served.extend(ServedModel(first.for_languages(info, d, choice), str(d), engine) for choice in choices)
+    return served
 
 
 def read_api_keys(path: Path) -> frozenset[str]:

@@ -1,0 +1,297 @@
+"""Multilingual data: several directions in one data dir, each source starting with the tag of
+its target language (`<2fr>`), one joint SentencePiece model trained on a sample balanced
+across languages, and the temperature-based sampling of directions that training uses.
+
+A direction's share of a sample is p_i ∝ (n_i / N)^(1/T): T = 1 keeps the natural proportions,
+a larger T moves them towards uniform, so that a small language is not drowned by a large one.
+Imports no torch: prepare runs without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from nmt import __version__
+from nmt.data import PairCleaner, find_side_file, pair_hash, read_parallel_files
+from nmt.errors import DataError
+from nmt.files import Manifest
+from nmt.normalize import language_normalization
+from nmt.prepare import (
+    CleanedCorpus,
+    PrepareConfig,
+    Stages,
+    _describe_input,
+    _references,
+    build_data_dir,
+    clean_and_split,
+    copy_sentencepiece,
+    directory_files,
+    encode_training_pairs,
+    given_sentencepiece,
+    sentencepiece_coverage,
+    vocabulary_record,
+    worker_count_for,
+    write_eval_split,
+)
+from nmt.shards import concatenate_token_files, token_dtype, worker_count
+from nmt.tokenizer import UNK, Tokenizer, language_tag, load_sentencepiece, train_sentencepiece
+
+DEFAULT_TEMPERATURE = 1.5  # fairseq's default for multilingual sampling
+
+
+def parse_directions(text: str | list[str]) -> list[str]:
+    """"de-en,en-de" (or a list of such) -> ["de-en", "en-de"], checked."""
+    items = text.split(",") if isinstance(text, str) else [x for part in text for x in part.split(",")]
+    directions = []
+    for item in (x.strip() for x in items):
+        if not item:
+            continue
+        parts = item.split("-")
+        if len(parts) != 2 or not all(parts):
+            raise DataError(f"direction {item!r} is not SRC-TGT, e.g. de-en (write regional codes with _, as zh_TW)")
+        if parts[0] == parts[1]:
+            raise DataError(f"direction {item!r}: source and target languages must differ")
+        if item in directions:
+            raise DataError(f"direction {item} is given twice")
+        directions.append(item)
+    return directions
+
+
+def direction_languages(direction: str) -> tuple[str, str]:
+    src, tgt = direction.split("-")
+    return src, tgt
+
+
+def temperature_weights(sizes: dict[str, int], temperature: float) -> dict[str, float]:
+    """Each entry's share of a sample: (n_i / N)^(1/T), normalized to sum to 1."""
+    if temperature <= 0:
+        raise DataError("the language sampling temperature must be positive")
+    total = sum(sizes.values())
+    raw = {key: (n / total) ** (1.0 / temperature) if n else 0.0 for key, n in sizes.items()}
+    norm = sum(raw.values())
+    return {key: value / norm for key, value in raw.items()}
+
+
+def draw(count: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` indices into range(size): whole random permutations, then part of one (each
+    index at most once more than any other)."""
+    if size == 0 or count == 0:
+        return np.zeros(0, dtype=np.int64)
+    passes = [rng.permutation(size) for _ in range(-(-count // size))]
+    return np.concatenate(passes)[:count]
+
+
+def epoch_pairs(sizes: list[int], temperature: float, rng: np.random.Generator) -> np.ndarray:
+    """The training pairs of one epoch of a multilingual data dir whose train split holds the
+    directions' pairs one after the other (`sizes`): as many pairs as there are, each direction's
+    share set by the temperature; a direction above its size repeats pairs, one below it takes
+    a random part. Returns indices into train."""
+    weights = temperature_weights({str(i): n for i, n in enumerate(sizes)}, temperature)
+    total, offsets = sum(sizes), np.concatenate([[0], np.cumsum(sizes)])
+    picked = [offsets[i] + draw(round(total * weights[str(i)]), n, rng) for i, n in enumerate(sizes)]
+    return np.concatenate(picked).astype(np.int64)
+
+
+@dataclass
+class MultilingualConfig:
+    """`nmt prepare --directions`: `prepare` gives the output, cleaning and vocabulary, and its
+    input (file prefixes `PREFIX.LANG`, one TSV with --tsv-langs, or one corpus) serves every
+    direction unless `tsvs` or `corpora` give one input per direction, in order."""
+
+    prepare: PrepareConfig
+    directions: list[str]
+    zero_shot: list[str] = field(default_factory=list)  # valid/test only: from the --valid/--test prefixes
+    lang_temperature: float = DEFAULT_TEMPERATURE
+    tsvs: list[Path] = field(default_factory=list)
+    corpora: list[str] = field(default_factory=list)
+
+
+def prepare_multilingual(config: MultilingualConfig, progress: bool = False) -> Manifest:
+    started = time.time()
+    check_config(config)
+    base = config.prepare
+    if base.spm_model is not None:
+        base.spm_model = given_sentencepiece(Path(base.spm_model))
+    return build_data_dir(Path(base.out_dir), base.overwrite, lambda tmp: _build(tmp, config, progress), started)
+
+
+def check_config(config: MultilingualConfig) -> None:
+    base = config.prepare
+    if not config.directions:
+        raise DataError("--directions names at least one direction, e.g. de-en,en-de")
+    for name, given in (("--tsv", config.tsvs), ("--corpus", config.corpora)):
+        if len(given) > 1 and len(given) != len(config.directions):
+            raise DataError(f"{len(given)} {name} inputs for {len(config.directions)} directions: give one for all, or one per direction")
+    overlap = set(config.zero_shot) & set(config.directions)
+    if overlap:
+        raise DataError(f"{', '.join(sorted(overlap))}: a zero-shot direction is one not trained on")
+    if config.zero_shot and not (base.valid_prefix and base.test_prefix):
+        raise DataError("--zero-shot directions are read from the --valid and --test file prefixes")
+    if base.split_by is not None:
+        missing = [d for d in config.directions if base.split_by not in direction_languages(d)]
+        if missing:
+            raise DataError(f"--split-by {base.split_by}: not a language of {', '.join(missing)}")
+    if config.lang_temperature <= 0:
+        raise DataError("--lang-temperature must be positive")
+
+
+def direction_config(config: MultilingualConfig, index: int) -> PrepareConfig:
+    """The bilingual prepare settings that read direction `index`."""
+    src, tgt = direction_languages(config.directions[index])
+    changes: dict = {"src_lang": src, "tgt_lang": tgt}
+    if len(config.tsvs) > 1:  # one TSV per direction, its columns in the direction's order
+        changes.update(tsv=config.tsvs[index], tsv_langs=None)
+    elif config.tsvs:
+        changes["tsv"] = config.tsvs[0]
+    if len(config.corpora) > 1:
+        changes["corpus"] = config.corpora[index]
+    elif config.corpora:
+        changes["corpus"] = config.corpora[0]
+    return dataclasses.replace(config.prepare, **changes)
+
+
+def _build(directory: Path, config: MultilingualConfig, progress: bool) -> Manifest:
+    stages = Stages()
+    base = config.prepare
+    work = directory / "work"
+    corpora = {d: clean_and_split(direction_config(config, i), work / d, progress) for i, d in enumerate(config.directions)}
+    stages.done("read_clean_split")
+    languages = sorted({lang for d in config.directions + config.zero_shot for lang in direction_languages(d)})
+    model, sample_counts = _sentencepiece(directory, corpora, languages, config)
+    tokenizer = Tokenizer(model, model)
+    dtype = token_dtype(tokenizer.src_vocab_size)
+    stages.done("sentencepiece")
+
+    direction_counts: dict[str, dict] = {}
+    for d, corpus in corpora.items():
+        tag = [tokenizer.tag_id(direction_languages(d)[1])]
+        counts = encode_training_pairs(corpus, [model, model], directory, f"train.{d}", dtype, base, progress, [tag, []])
+        direction_counts[d] = {"train": counts}
+    train_counts = {
+        "pairs": sum(c["train"]["pairs"] for c in direction_counts.values()),
+        "src_tokens": concatenate_token_files(directory, [f"train.{d}.src" for d in config.directions], "train.src")["tokens"],
+        "tgt_tokens": concatenate_token_files(directory, [f"train.{d}.tgt" for d in config.directions], "train.tgt")["tokens"],
+    }
+    stages.done("encode")
+
+    held_out = {d: (c.eval_clean, c.eval_raw) for d, c in corpora.items()}
+    held_out.update({d: _zero_shot_splits(d, base) for d in config.zero_shot})
+    unk = {"src": 0.0, "tgt": 0.0}
+    for d, (clean, raw) in held_out.items():
+        tagged = tokenizer.for_target(direction_languages(d)[1])
+        for split in ("valid", "test"):
+            counts, unk_rate = write_eval_split(directory, f"{split}.{d}", clean[split], raw[split], tagged, dtype)
+            direction_counts.setdefault(d, {})[split] = counts
+            if split == "valid":  # the worst direction's
+                unk = {side: max(unk[side], unk_rate[side]) for side in unk}
+    shutil.rmtree(work)
+    stages.done("valid_test")
+
+    totals = {"train": train_counts}
+    for split in ("valid", "test"):
+        totals[split] = {key: sum(direction_counts[d][split][key] for d in config.directions)
+                         for key in ("pairs", "src_tokens", "tgt_tokens")}
+    first = corpora[config.directions[0]].cleaner
+    cleaning = {d: c.cleaning() for d, c in corpora.items()}
+    return Manifest(
+        src_lang="+".join(sorted({direction_languages(d)[0] for d in config.directions})),
+        tgt_lang="+".join(sorted({direction_languages(d)[1] for d in config.directions})),
+        vocab=vocabulary_record(model, model, tokenizer, base, tuple(languages)), counts=totals,
+        normalization={"src": first.normalize[0].as_dict(), "tgt": first.normalize[1].as_dict()},
+        filters=dataclasses.asdict(base.clean),
+        cleaning={key: sum(c[key] for c in cleaning.values()) for key in next(iter(cleaning.values()))},
+        input={**_describe_input(dataclasses.replace(base, tsv=(config.tsvs or [base.tsv])[0])),
+               "tsvs": [str(p) for p in config.tsvs], "corpora": list(config.corpora), "spm_sample": sample_counts},
+        valid_unk_percent=unk, token_dtype=dtype.name, stage_seconds=stages.seconds,
+        encode_workers=worker_count_for(train_counts["pairs"], base), split_seed=base.seed, split_by=base.split_by,
+        nmt_version=__version__, directions=list(config.directions), zero_shot=list(config.zero_shot),
+        languages={lang: language_normalization(lang, base.clean.normalization, base.clean.chinese_script).as_dict()
+                   for lang in languages},
+        direction_counts=direction_counts, direction_cleaning=cleaning, lang_temperature=config.lang_temperature,
+        **directory_files(directory),
+    )
+
+
+def _zero_shot_splits(direction: str, base: PrepareConfig) -> tuple[dict, dict]:
+    """(clean, raw) valid and test pairs of a direction read from the --valid/--test prefixes."""
+    src, tgt = direction_languages(direction)
+    cleaner = PairCleaner(base.clean, src, tgt)
+    clean, raw = {}, {}
+    for split, prefix in (("valid", base.valid_prefix), ("test", base.test_prefix)):
+        pairs = list(read_parallel_files(find_side_file(prefix, src), find_side_file(prefix, tgt)))
+        clean[split] = [cleaner.normalize_pair(*pair) for pair in pairs]
+        raw[split] = _references(pairs, clean[split], cleaner)
+    return clean, raw
+
+
+def _sentencepiece(directory: Path, corpora: dict[str, CleanedCorpus], languages: list[str], config: MultilingualConfig) -> tuple[Path, dict]:
+    """The joint model, trained on a sample balanced across languages with the language tags
+    reserved (or the given one, which must reserve them); returns it and the sample's count of
+    sentences per language."""
+    base = config.prepare
+    if not base.joint_vocab:
+        raise DataError("a multilingual data dir has one joint vocabulary (no --separate-vocab)")
+    tags = tuple(language_tag(lang) for lang in languages)
+    if base.spm_model is not None:
+        model = copy_sentencepiece(Path(base.spm_model), directory, True)
+        missing = [t for t in tags if load_sentencepiece(model).piece_to_id(t) == UNK]
+        if missing:
+            raise DataError(f"{base.spm_model} does not reserve the language tags {', '.join(missing)}")
+        return model, {}
+    sample, counts = balanced_sample(corpora, base.spm_max_sentences, config.lang_temperature, base.seed)
+    model = train_sentencepiece(
+        sample, directory / "spm.joint", vocab_size=base.vocab_size, model_type=base.spm_type,
+        max_sentences=base.spm_max_sentences, threads=worker_count(base.workers), extra_symbols=tags,
+        **sentencepiece_coverage(base.character_coverage, tuple(languages)),
+    )
+    return model, counts
+
+
+def balanced_sample(corpora: dict[str, CleanedCorpus], max_sentences: int, temperature: float, seed: int) -> tuple[Iterator[str], dict[str, int]]:
+    """Training sentences of every language for SentencePiece: each language's distinct
+    sentences (English of de-en and of en-de counted once), drawn in the shares of
+    `temperature_weights`, about min(max_sentences, all distinct sentences) in all. Returns the
+    sentences (an iterator over the work files) and how many each language has in the sample."""
+    # Where each language's sentences are: (direction, side) pairs.
+    places: dict[str, list[tuple[str, int]]] = {}
+    for d in corpora:
+        for side, lang in enumerate(direction_languages(d)):
+            places.setdefault(lang, []).append((d, side))
+    picks: dict[tuple[str, int], np.ndarray] = {}  # (direction, side) -> times each training pair's sentence is taken
+    distinct: dict[str, list[tuple[tuple[str, int], int]]] = {}  # lang -> (place, pair) of each distinct sentence
+    for lang, where in places.items():
+        hashes = [np.array([pair_hash(pair[side], "") for pair in corpora[d].training_pairs()], dtype=np.uint64)
+                  for d, side in where]
+        _, first = np.unique(np.concatenate(hashes), return_index=True)
+        starts = np.cumsum([0] + [len(h) for h in hashes])
+        distinct[lang] = []
+        for place, h, start in zip(where, hashes, starts):
+            picks[place] = np.zeros(len(h), dtype=np.int32)
+            mine = first[(first >= start) & (first < start + len(h))] - start
+            distinct[lang].extend((place, int(i)) for i in np.sort(mine))
+    sizes = {lang: len(items) for lang, items in distinct.items()}
+    total = min(max_sentences, sum(sizes.values()))
+    weights = temperature_weights(sizes, temperature)
+    rng = np.random.default_rng(seed)
+    counts = {}
+    for lang in sorted(distinct):
+        chosen = draw(round(total * weights[lang]), sizes[lang], rng)
+        counts[lang] = len(chosen)
+        for k in chosen.tolist():
+            place, i = distinct[lang][k]
+            picks[place][i] += 1
+
+    def sentences() -> Iterator[str]:
+        for (d, side), times in picks.items():
+            for pair, n in zip(corpora[d].training_pairs(), times.tolist()):
+                for _ in range(n):
+                    yield pair[side]
+
+    return sentences(), counts

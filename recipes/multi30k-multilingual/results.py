@@ -1,0 +1,42 @@
+"""The results of run.sh in one JSON: per direction BLEU, chrF2 and off-target rate (trained,
+zero-shot direct, zero-shot through English, last-5 average), their means, the training state.
+
+    python3 results.py WORK_DIR > results.json
+"""
+
+import json
+import sys
+from pathlib import Path
+
+
+def by_direction(report: dict) -> dict:
+    return {
+        r["direction"]: {
+            **{s["metric"]: round(s["score"], 2) for s in r["scores"]},
+            "off_target_percent": r["off_target_percent"],
+            "signatures": {s["metric"]: s["signature"] for s in r["scores"]},
+        }
+        for r in report["directions"]
+    }
+
+
+def main(work: Path) -> dict:
+    result = {}
+    for name in ("direct", "pivot", "average"):
+        path = work / f"{name}.json"
+        if path.is_file():
+            report = json.loads(path.read_text())
+            result[name] = {"directions": by_direction(report), "mean": report["mean"]}
+    for kind in ("cpu", "gpu"):
+        info = work / kind / "best" / "info.json"
+        if info.is_file():
+            state = json.loads(info.read_text())
+            result["training"] = {"config": f"transformer-{kind}.yaml", "best_step": state["step"],
+                                  "best_dev_mean_bleu": state["best_score"]}
+            last = json.loads((work / kind / "last" / "info.json").read_text())
+            result["training"].update(updates=last["step"], epochs=last["epoch"], seconds=round(last["seconds"]))
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(Path(sys.argv[1])), indent=2, ensure_ascii=False))

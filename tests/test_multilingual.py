@@ -1,0 +1,314 @@
+"""Multilingual data dirs, training and translation: language tags, temperature sampling,
+per-direction validation, --tgt-lang, --pivot and per-direction evaluation."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SRC_WORDS, TGT_WORDS, assert_one_line_error
+from nmt_cli.main import app
+from typer.testing import CliRunner
+
+from nmt.data import ParallelSplit, read_lines
+from nmt.files import CheckpointInfo, Manifest
+from nmt.multilingual import (
+    MultilingualConfig,
+    balanced_sample,
+    epoch_pairs,
+    parse_directions,
+    prepare_multilingual,
+    temperature_weights,
+)
+from nmt.prepare import PrepareConfig, clean_and_split
+from nmt.tokenizer import Tokenizer, language_tag
+
+runner = CliRunner()
+THIRD_WORDS = [f"z{i}q" for i in range(12)]
+DIRECTIONS = ["aa-bb", "bb-aa", "aa-cc"]
+
+
+def three_way(count: int, seed: int) -> list[tuple[str, str, str]]:
+    """Sentences of three toy languages, parallel: bb reverses aa's order, cc keeps it."""
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    while len(rows) < count:
+        ids = [rng.randrange(12) for _ in range(rng.randint(2, 5))]
+        aa = " ".join(SRC_WORDS[i] for i in ids)
+        if aa not in seen:
+            seen.add(aa)
+            rows.append((aa, " ".join(TGT_WORDS[i] for i in reversed(ids)), " ".join(THIRD_WORDS[i] for i in ids)))
+    return rows
+
+
+def write_three_way(folder: Path, train: int = 300) -> Path:
+    for name, count, seed in (("train", train, 1), ("valid", 12, 2), ("test", 10, 3)):
+        rows = three_way(count, seed)
+        for k, lang in enumerate(("aa", "bb", "cc")):
+            (folder / f"{name}.{lang}").parent.mkdir(parents=True, exist_ok=True)
+            (folder / f"{name}.{lang}").write_text("".join(r[k] + "\n" for r in rows), encoding="utf-8")
+    return folder
+
+
+def prepare_three_way(root: Path, directions=DIRECTIONS, zero_shot=("bb-cc",), temperature: float = 1.5) -> Path:
+    corpus = write_three_way(root / "corpus")
+    prepare_multilingual(MultilingualConfig(
+        PrepareConfig(out_dir=root / "data", src_lang="", tgt_lang="", train_prefix=str(corpus / "train"),
+                      valid_prefix=str(corpus / "valid"), test_prefix=str(corpus / "test"), vocab_size=60),
+        list(directions), list(zero_shot), temperature,
+    ))
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return prepare_three_way(tmp_path_factory.mktemp("multilingual"))
+
+
+def test_every_source_starts_with_the_tag_of_its_directions_target(data_dir):
+    manifest = Manifest.read(data_dir)
+    assert manifest.directions == DIRECTIONS and manifest.zero_shot == ["bb-cc"]
+    assert sorted(manifest.languages) == ["aa", "bb", "cc"]
+    tokenizer = Tokenizer(data_dir / manifest.vocab.src_model, data_dir / manifest.vocab.tgt_model)
+    train = ParallelSplit.load(data_dir, "train")
+    start = 0
+    for direction in DIRECTIONS:
+        count = manifest.direction_counts[direction]["train"]["pairs"]
+        tag = tokenizer.tag_id(direction.split("-")[1])
+        sources = [train.src[i] for i in range(start, start + count)]
+        assert all(int(ids[0]) == tag and tag not in ids[1:].tolist() for ids in sources)
+        assert all(tag not in train.tgt[i].tolist() for i in range(start, start + count))
+        start += count
+    assert start == len(train) == manifest.counts["train"]["pairs"]
+    for direction in DIRECTIONS + ["bb-cc"]:  # held-out sets per direction, zero-shot included
+        src_lang, tgt_lang = direction.split("-")
+        test = ParallelSplit.load(data_dir, f"test.{direction}")
+        assert all(int(test.src[i][0]) == tokenizer.tag_id(tgt_lang) for i in range(len(test)))
+        references = list(read_lines(data_dir / f"test.{direction}.tgt.txt"))
+        assert references == list(read_lines(data_dir.parent / "corpus" / f"test.{tgt_lang}"))
+        assert list(read_lines(data_dir / f"test.{direction}.src.txt")) == list(read_lines(data_dir.parent / "corpus" / f"test.{src_lang}"))
+    # The tags are reserved pieces: written in text, a tag encodes to its one id.
+    assert tokenizer.src.encode(language_tag("cc")) [-1] == tokenizer.tag_id("cc")
+
+
+def test_temperature_weights_follow_the_formula():
+    weights = temperature_weights({"big": 900, "small": 100}, 1.0)
+    assert weights["big"] == pytest.approx(0.9)
+    weights = temperature_weights({"big": 900, "small": 100}, 5.0)
+    expected_small = 0.1 ** 0.2 / (0.9 ** 0.2 + 0.1 ** 0.2)
+    assert weights["small"] == pytest.approx(expected_small)
+    assert temperature_weights({"big": 900, "small": 100}, 1e6)["small"] == pytest.approx(0.5, abs=1e-4)
+
+
+def test_the_sentencepiece_sample_follows_the_temperature(tmp_path):
+    """aa has 400 distinct sentences (shared by two directions: counted once), bb 400 and cc 50."""
+    corpus = write_three_way(tmp_path / "corpus", train=400)
+    rows = three_way(400, 1)
+    (corpus / "small.aa").write_text("".join(r[0] + "\n" for r in rows[:50]), encoding="utf-8")
+    (corpus / "small.cc").write_text("".join(r[2] + "\n" for r in rows[:50]), encoding="utf-8")
+    base = PrepareConfig(out_dir=tmp_path / "x", src_lang="aa", tgt_lang="bb", train_prefix=str(corpus / "train"),
+                         valid_size=0, test_size=0)
+    corpora = {
+        "aa-bb": clean_and_split(base, tmp_path / "w1", False),
+        "aa-cc": clean_and_split(PrepareConfig(out_dir=tmp_path / "x", src_lang="aa", tgt_lang="cc", valid_size=0,
+                                               test_size=0, train_prefix=str(corpus / "small")), tmp_path / "w2", False),
+    }
+    for temperature in (1.0, 3.0):
+        sentences, counts = balanced_sample(corpora, 100_000, temperature, seed=1)
+        weights = temperature_weights({"aa": 400, "bb": 400, "cc": 50}, temperature)
+        sample = list(sentences)
+        assert len(sample) == sum(counts.values()) == pytest.approx(850, abs=2)
+        for lang, weight in weights.items():
+            assert counts[lang] / len(sample) == pytest.approx(weight, abs=0.01)
+        assert sum(s.startswith("z") for s in sample) == counts["cc"]  # the counts are what was yielded
+
+
+def test_an_epoch_draws_each_direction_in_its_temperature_share():
+    sizes = [1000, 100]
+    for temperature in (1.0, 5.0):
+        pairs = epoch_pairs(sizes, temperature, np.random.default_rng(0))
+        weights = temperature_weights({"0": 1000, "1": 100}, temperature)
+        assert len(pairs) == pytest.approx(1100, abs=1)
+        small = int((pairs >= 1000).sum())
+        assert small == round(1100 * weights["1"])
+        assert pairs.min() >= 0 and pairs.max() < 1100
+        if small > 100:  # oversampled: every small pair is seen, none more than once more than another
+            counts = np.bincount(pairs[pairs >= 1000] - 1000, minlength=100)
+            assert counts.min() >= 1 and counts.max() - counts.min() <= 1
+
+
+def test_parse_directions_rejects_what_is_not_a_direction():
+    assert parse_directions("de-en, en-de") == ["de-en", "en-de"]
+    for bad in ("de", "de-de", "de-en,de-en", "de-en-x"):
+        with pytest.raises(Exception, match="direction"):
+            parse_directions(bad)
+
+
+def test_validation_scores_each_direction_on_its_own_set_and_best_follows_their_mean(data_dir, tmp_path, monkeypatch):
+    """The dev BLEU of one direction rises at the second validation while the mean falls: best/
+    stays at the first, and moves to the third, where the mean is highest."""
+    import nmt.train
+    from nmt.config import config_from_dict
+    from nmt.train import train
+
+    scripted = {1: {"bb": 20.0, "aa": 20.0, "cc": 20.0}, 2: {"bb": 50.0, "aa": 0.0, "cc": 0.0},
+                3: {"bb": 30.0, "aa": 30.0, "cc": 30.0}}
+    calls = []
+
+    def fake_validate(model, split, references, tokenizer, config, device, dtype, tgt_lang=None):
+        calls.append((int(split.src[0][0]), references[0], tgt_lang))
+        step = 1 + (len(calls) - 1) // len(DIRECTIONS)
+        return {"loss": 1.0, "ppl": 2.7, "bleu": scripted[step][tgt_lang], "sentences": len(split)}
+
+    monkeypatch.setattr(nmt.train, "validate", fake_validate)
+    config = config_from_dict({
+        "data_dir": str(data_dir), "save_dir": str(tmp_path / "run"),
+        "model": {"arch": "transformer", "embed_dim": 16, "enc_layers": 1, "dec_layers": 1, "heads": 2, "ff_dim": 32},
+        "train": {"max_steps": 3, "batch_tokens": 200, "valid_every": 1, "log_every": 1, "warmup_steps": 1},
+    })
+    result = train(config, progress=False)
+    manifest = Manifest.read(data_dir)
+    tokenizer = Tokenizer(data_dir / manifest.vocab.src_model, data_dir / manifest.vocab.tgt_model)
+    expected = [(tokenizer.tag_id(d.split("-")[1]), next(read_lines(data_dir / f"valid.{d}.tgt.txt")), d.split("-")[1])
+                for d in DIRECTIONS]
+    assert calls[:3] == expected
+    assert result.best_step == 3 and result.best_score == 30.0
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    valid = [r for r in log if r["type"] == "valid"]
+    assert [r["bleu"] for r in valid] == [20.0, pytest.approx(50 / 3, abs=0.01), 30.0]
+    assert valid[1]["bleu_aa-bb"] == 50.0 and valid[1]["bleu_bb-aa"] == 0.0
+    assert CheckpointInfo.read(tmp_path / "run" / "best").state.step == 3
+
+
+def test_the_training_plot_shows_each_direction(trained, tmp_path):
+    from nmt.plots import plot_training, training_figure
+
+    labels = [text.get_text() for text in training_figure([trained]).axes[1].get_legend().get_texts()]
+    assert labels == ["run (BLEU)"] + [f"run {d}" for d in DIRECTIONS]
+    assert plot_training([trained], tmp_path / "plot.png").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory) -> Path:
+    from conftest import train_tiny
+
+    return train_tiny(data_dir, tmp_path_factory.mktemp("ml-run") / "run",
+                      {"arch": "transformer", "embed_dim": 32, "enc_layers": 1, "dec_layers": 1, "heads": 2, "ff_dim": 64},
+                      max_steps=60, valid_every=60)
+
+
+def test_translate_needs_a_target_language_the_model_knows(trained):
+    result = runner.invoke(app, ["translate", str(trained)], input="w1 w2\n")
+    assert_one_line_error(result, "multilingual", "--tgt-lang", "aa, bb, cc")
+    result = runner.invoke(app, ["translate", str(trained), "--tgt-lang", "fr"], input="w1 w2\n")
+    assert_one_line_error(result, "'fr'", "aa, bb, cc")
+    result = runner.invoke(app, ["translate", str(trained), "--tgt-lang", "bb"], input="w1 w2\n\nw3\n")
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 3
+
+
+def test_the_tag_picks_the_target_language(trained):
+    from nmt.translate import LanguageChoice, load_translator
+
+    lines = ["w1 w2 w3", "w4 w5"]
+    into_bb = load_translator([trained], {"beam": 1}, languages=LanguageChoice("bb")).translate(lines)
+    into_cc = load_translator([trained], {"beam": 1}, languages=LanguageChoice("cc")).translate(lines)
+    assert into_bb.texts != into_cc.texts
+    first = into_bb.hypotheses[0][0]
+    assert first.tokens  # something came out
+
+
+def test_pivot_translates_through_the_pivot_language(trained, tmp_path):
+    from nmt.translate import LanguageChoice, load_translator
+
+    lines = ["V1 V2 V3", "V4 V5"]
+    into_aa = load_translator([trained], {"beam": 2}, languages=LanguageChoice("aa")).translate(lines)
+    middle = [texts[0] for texts in into_aa.texts]
+    direct = load_translator([trained], {"beam": 2}, languages=LanguageChoice("cc")).translate(middle)
+    source = tmp_path / "in.bb"
+    source.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    result = runner.invoke(app, ["translate", str(trained), "-i", str(source), "--tgt-lang", "cc", "--pivot", "aa",
+                                 "--beam", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [texts[0] for texts in direct.texts]
+    result = runner.invoke(app, ["translate", str(trained), "-i", str(source), "--tgt-lang", "cc", "--pivot", "cc"])
+    assert_one_line_error(result, "--pivot cc")
+
+
+def test_evaluate_scores_each_direction_of_a_multilingual_data_dir(trained, data_dir, tmp_path):
+    result = runner.invoke(app, ["evaluate", "--model", str(trained), "--data", str(data_dir), "--json", "--beam", "1",
+                                 "--hyp-dir", str(tmp_path / "hyps"), "--off-target"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    directions = {r["direction"]: r for r in report["directions"]}
+    assert list(directions) == DIRECTIONS + ["bb-cc"]
+    assert directions["bb-cc"]["zero_shot"] and not directions["aa-bb"]["zero_shot"]
+    assert set(report["mean"]) == {"trained", "zero-shot"}
+    assert report["mean"]["zero-shot"]["bleu"] == pytest.approx(directions["bb-cc"]["scores"][0]["score"], abs=0.01)
+    hyps = list(read_lines(tmp_path / "hyps" / "test.bb-cc.hyp"))
+    assert len(hyps) == 10
+    assert all(r["off_target_percent"] is None for r in directions.values())  # no identifier knows the toy languages
+    result = runner.invoke(app, ["evaluate", "--model", str(trained), "--data", str(data_dir), "--directions", "cc-aa"])
+    assert_one_line_error(result, "cc-aa", "aa-bb")
+
+
+def test_off_target_counts_lines_in_another_language():
+    from nmt.evaluate import off_target_percent
+
+    lines = ["Ein Mann fährt mit dem Fahrrad die Straße entlang.", "A man rides his bicycle down the street.",
+             "Un homme descend la rue à vélo.", ""]
+    assert off_target_percent(lines, "de", ["de", "en", "fr"]) == pytest.approx(200 / 3, abs=0.01)
+    assert off_target_percent(lines[:1], "de", ["de", "en", "fr"]) == 0.0
+
+
+def test_prepare_directions_errors_are_one_line(tmp_path):
+    corpus = write_three_way(tmp_path / "corpus")
+    common = ["prepare", "--train", str(corpus / "train"), "--out", str(tmp_path / "out"), "--no-progress"]
+    result = runner.invoke(app, [*common, "--directions", "aa-bb", "--src", "aa", "--tgt", "bb"])
+    assert_one_line_error(result, "--directions", "--src")
+    result = runner.invoke(app, [*common, "--directions", "aa-bb", "--zero-shot", "bb-cc"])
+    assert_one_line_error(result, "--zero-shot", "--valid")
+    result = runner.invoke(app, [*common, "--directions", "aa-bb", "--tsv", "a.tsv", "--tsv", "b.tsv", "--tsv", "c.tsv"])
+    assert_one_line_error(result, "3 --tsv", "1 directions")
+    result = runner.invoke(app, [*common, "--directions", "aa-xx"])
+    assert_one_line_error(result, "train.xx")
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_tsv_per_direction(tmp_path):
+    rows = three_way(120, 1)
+    ab, ac = tmp_path / "ab.tsv", tmp_path / "ac.tsv"
+    ab.write_text("".join(f"{a}\t{b}\n" for a, b, _ in rows), encoding="utf-8")
+    ac.write_text("".join(f"{a}\t{c}\n" for a, _, c in rows[:60]), encoding="utf-8")
+    result = runner.invoke(app, ["prepare", "--directions", "aa-bb,aa-cc", "--tsv", str(ab), "--tsv", str(ac),
+                                 "--valid-size", "5", "--test-size", "5", "--vocab-size", "60",
+                                 "--out", str(tmp_path / "data"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    manifest = Manifest.read(tmp_path / "data")
+    assert manifest.direction_counts["aa-bb"]["train"]["pairs"] == 110
+    assert manifest.direction_counts["aa-cc"]["train"]["pairs"] == 50
+    assert "aa-cc: 50 train, 5 valid, 5 test" in result.output
+    assert list(read_lines(tmp_path / "data" / "test.aa-cc.tgt.txt"))[0].startswith("z")
+
+
+def test_serve_offers_each_trained_direction_of_a_multilingual_model(trained):
+    from fastapi.testclient import TestClient
+
+    from nmt.serve import load_served_models
+    from nmt.serve.api import create_app
+    from nmt.translate import LanguageChoice, load_translator
+
+    models = load_served_models([trained], {"beam": 1})
+    assert [(m.source, m.target) for m in models] == [tuple(d.split("-")) for d in DIRECTIONS]
+    assert len({id(m.translator.model) for m in models}) == 1  # one model loaded, shared by the directions
+    with TestClient(create_app(models)) as client:
+        languages = {lang["code"]: lang["targets"] for lang in client.get("/languages").json()}
+        assert sorted(languages["aa"]) == ["bb", "cc"] and languages["bb"] == ["aa"]
+        for src, tgt in (("aa", "bb"), ("aa", "cc")):
+            answer = client.post("/translate", json={"q": "w1 w2 w3", "source": src, "target": tgt}).json()
+            expected = load_translator([trained], {"beam": 1}, languages=LanguageChoice(tgt)).translate(["w1 w2 w3"])
+            assert answer["translatedText"] == expected.texts[0][0]
+        assert client.post("/translate", json={"q": "V1", "source": "bb", "target": "cc"}).status_code == 400
