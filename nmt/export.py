@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,7 @@ from nmt.translate import (
     collect_translations,
     decode_settings,
     encode_lines,
+    with_languages,
 )
 
 FORMATS = ("ctranslate2",)
@@ -74,6 +75,7 @@ class ExportRecord:
     step: int  # the training update of those weights
     max_positions: int  # rows of the position tables: the longest source (EOS included) or output
     attention: str  # the cross-attention CTranslate2 returns, in words
+    directions: list[str] = field(default_factory=list)  # a multilingual model's (its vocab.json is copied too)
     format_version: int = 1
     nmt_version: str = __version__
 
@@ -137,8 +139,6 @@ def export_model(
     if out_dir.exists() and (out_dir.resolve() == model_dir.resolve() or not overwrite):
         raise ConfigError(f"{out_dir} already exists; pass --overwrite to replace it (not the checkpoint directory)")
     vocab_info = VocabInfo.read(model_dir)
-    if vocab_info.multilingual:
-        raise ConfigError(f"{model_dir} is a multilingual model: its export is not supported yet (translate it with --engine nmt)")
     weights = weights_dir(model_dir, checkpoint)
     model, tokenizer, config = load_for_inference(model_dir, checkpoint, "cpu")
     positions = position_rows(config.decode)
@@ -155,6 +155,7 @@ def export_model(
         step=CheckpointInfo.read(weights).state.step,
         max_positions=positions,
         attention=describe_attention(config.model, AttentionChoice()),
+        directions=list(vocab_info.directions),
     )
     _write_export(model_dir, out_dir, spec, record)
     return record
@@ -176,7 +177,7 @@ def _write_export(model_dir: Path, out_dir: Path, spec, record: ExportRecord) ->
         spec.validate()
         spec.optimize(quantization=record.quantization)
         spec.save(str(tmp))
-        for name in sorted(set(record.sentencepiece.values())):
+        for name in sorted(set(record.sentencepiece.values())) + ([VocabInfo.NAME] if record.directions else []):
             shutil.copyfile(model_dir / name, tmp / name)
         record.write(tmp)
         replace_dir(tmp, out_dir)
@@ -347,6 +348,9 @@ class CTranslate2Translator:
     def describe_attention(self, choice: AttentionChoice) -> str:
         return describe_attention(self.model_config, AttentionChoice()) + " (CTranslate2)"
 
+    def for_languages(self, vocab_info: VocabInfo, model_dir: Path, choice: LanguageChoice) -> CTranslate2Translator:
+        return with_languages(self, vocab_info, model_dir, choice)
+
     def _check(self, decode: DecodeConfig, attention: AttentionChoice | None) -> None:
         if decode.max_input_tokens + 1 > self.max_positions:
             raise ConfigError(f"decode.max_input_tokens is {decode.max_input_tokens}, but the export has positions for "
@@ -491,10 +495,11 @@ def load_ctranslate2_translator(export_dir: Path, decode_options: dict | None = 
 
     export_dir = Path(export_dir)
     record = ExportRecord.read(export_dir)
-    for side, asked in (("source", languages.src), ("target", languages.tgt)):
-        if asked and record.languages[side] and asked != record.languages[side]:
-            raise ConfigError(f"{export_dir} translates {record.languages['source']} -> {record.languages['target']} only "
-                              f"(not {side} {asked})")
+    if not record.directions:
+        for side, asked in (("source", languages.src), ("target", languages.tgt)):
+            if asked and record.languages[side] and asked != record.languages[side]:
+                raise ConfigError(f"{export_dir} translates {record.languages['source']} -> {record.languages['target']} "
+                                  f"only (not {side} {asked})")
     config = record.config()
     tokenizer = Tokenizer(export_dir / record.sentencepiece["source"], export_dir / record.sentencepiece["target"])
     decode = decode_settings(config.decode, decode_options)
@@ -510,6 +515,9 @@ def load_ctranslate2_translator(export_dir: Path, decode_options: dict | None = 
         raise CheckpointError(f"{export_dir}: CTranslate2 could not load the model ({first_line(e)})") from None
     if decode.sampling:
         ctranslate2.set_random_seed(decode.seed)
-    return CTranslate2Translator(translator, tokenizer, decode, record.source_normalization(),
-                                 record.target_normalization(), config.model,
-                                 (record.languages["source"], record.languages["target"]), record.max_positions)
+    loaded = CTranslate2Translator(translator, tokenizer, decode, record.source_normalization(),
+                                   record.target_normalization(), config.model,
+                                   (record.languages["source"], record.languages["target"]), record.max_positions)
+    if record.directions:  # multilingual: the tag and normalization of the chosen languages
+        return loaded.for_languages(VocabInfo.read(export_dir), export_dir, languages)
+    return loaded

@@ -254,11 +254,7 @@ class Translator:
         return describe_attention(self.model_config, choice)
 
     def for_languages(self, vocab_info: VocabInfo, model_dir: Path, choice: LanguageChoice) -> Translator:
-        """This translator (the same loaded model) asked for another direction of a multilingual model."""
-        settings = language_settings(vocab_info, model_dir, choice)
-        tokenizer = self.tokenizer.for_target(settings.tag) if settings.tag else self.tokenizer
-        return dataclasses.replace(self, tokenizer=tokenizer, normalization=settings.source_normalization,
-                                   target_normalization=settings.target_normalization, languages=settings.languages)
+        return with_languages(self, vocab_info, model_dir, choice)
 
 
 class TextTranslator(Protocol):
@@ -340,6 +336,15 @@ def language_settings(vocab_info: VocabInfo, model_dir: Path, choice: LanguageCh
                             (choice.src or "", choice.tgt))
 
 
+def with_languages(translator, vocab_info: VocabInfo, model_dir: Path, choice: LanguageChoice):
+    """`translator` (the same loaded model; a dataclass with a tokenizer, normalizations and
+    languages) asked for another direction of a multilingual model."""
+    settings = language_settings(vocab_info, model_dir, choice)
+    tokenizer = translator.tokenizer.for_target(settings.tag) if settings.tag else translator.tokenizer
+    return dataclasses.replace(translator, tokenizer=tokenizer, normalization=settings.source_normalization,
+                               target_normalization=settings.target_normalization, languages=settings.languages)
+
+
 def load_translator(
     model_dirs: Sequence[Path], decode_options: dict | None = None, checkpoint: str = "best", device: str = "auto",
     quantize: bool = False, languages: LanguageChoice = ANY_LANGUAGE,
@@ -360,14 +365,13 @@ def load_translator(
         models.append(quantize_int8(model) if quantize else model)
         tokenizer, config = tokenizer or model_tokenizer, config or model_config
     vocab_info = check_same_vocabulary(model_dirs)
-    settings = language_settings(vocab_info, Path(model_dirs[0]), languages)
-    if settings.tag:
-        tokenizer = tokenizer.for_target(settings.tag)
     decode = decode_settings(config.decode, decode_options)
     model = models[0] if len(models) == 1 else Ensemble(models)
     generator = sampling_generator(decode, torch_device) if decode.sampling else None
-    return Translator(model, tokenizer, decode, torch_device, settings.source_normalization,
-                      settings.target_normalization, config.model, settings.languages, generator)
+    translator = Translator(model, tokenizer, decode, torch_device, vocab_info.source_normalization(),
+                            vocab_info.target_normalization(), config.model, (vocab_info.src_lang or "", vocab_info.tgt_lang or ""),
+                            generator)
+    return with_languages(translator, vocab_info, Path(model_dirs[0]), languages)
 
 
 @dataclass

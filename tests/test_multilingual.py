@@ -312,3 +312,18 @@ def test_serve_offers_each_trained_direction_of_a_multilingual_model(trained):
             expected = load_translator([trained], {"beam": 1}, languages=LanguageChoice(tgt)).translate(["w1 w2 w3"])
             assert answer["translatedText"] == expected.texts[0][0]
         assert client.post("/translate", json={"q": "V1", "source": "bb", "target": "cc"}).status_code == 400
+
+
+def test_a_ctranslate2_export_keeps_the_tags(trained, tmp_path):
+    from nmt.export import export_model
+    from nmt.translate import LanguageChoice, load_text_translator
+
+    export_model(trained, tmp_path / "ct2")
+    lines = ["w1 w2 w3", "w4 w5 w6 w7"]
+    for tgt in ("bb", "cc"):
+        ours = load_text_translator([trained], {"beam": 1}, languages=LanguageChoice(tgt)).translate(lines)
+        theirs = load_text_translator([tmp_path / "ct2"], {"beam": 1}, engine="ctranslate2",
+                                      languages=LanguageChoice(tgt)).translate(lines)
+        assert theirs.texts == ours.texts
+    result = runner.invoke(app, ["translate", str(tmp_path / "ct2"), "--engine", "ctranslate2"], input="w1\n")
+    assert_one_line_error(result, "--tgt-lang")

@@ -20,7 +20,7 @@ def load_served_models(model_dirs: Sequence[Path], decode_options: dict | None =
     direction it was trained on."""
     served = []
     for d in map(Path, model_dirs):
-        info = VocabInfo.read(d) if engine == "nmt" else None
+        info = VocabInfo.read(d) if (d / VocabInfo.NAME).is_file() else None  # exports hold one when multilingual
         if info is None or not info.multilingual:
             served.append(ServedModel(load_text_translator([d], decode_options, checkpoint, device, quantize, engine), str(d), engine))
             continue
