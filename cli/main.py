@@ -38,9 +38,9 @@ def prepare(
     tgt: Annotated[str | None, typer.Option(help="Target language code, e.g. en.")] = None,
     mono: Annotated[list[Path] | None, typer.Option(help="Monolingual text for nmt pretrain instead of a parallel corpus: one sentence per line, a blank line between documents (.gz allowed; repeatable; the language is the file name's suffix, as in news.de).")] = None,
     mono_langs: Annotated[str | None, typer.Option(help="With --mono: the language of each file, e.g. de,en (instead of the file names' suffixes).")] = None,
-    train: Annotated[str | None, typer.Option(help="Training files prefix: PREFIX.SRC and PREFIX.TGT (.gz allowed).")] = None,
-    valid: Annotated[str | None, typer.Option(help="Validation files prefix (with --train).")] = None,
-    test: Annotated[str | None, typer.Option(help="Test files prefix (with --train).")] = None,
+    train: Annotated[list[str] | None, typer.Option(help="Training files prefix: PREFIX.SRC and PREFIX.TGT (.gz allowed); with --directions, one for all or one per direction.")] = None,
+    valid: Annotated[list[str] | None, typer.Option(help="Validation files prefix (with --train); with --directions, one for all or one per direction (then per --zero-shot direction).")] = None,
+    test: Annotated[list[str] | None, typer.Option(help="Test files prefix (with --train); with --directions, one for all or one per direction (then per --zero-shot direction).")] = None,
     tsv: Annotated[list[Path] | None, typer.Option(help="Tab-separated corpus (.gz allowed); with --directions, one for all of them or one per direction, in order (repeat the option).")] = None,
     tsv_langs: Annotated[str | None, typer.Option(help="Language of each TSV column, e.g. en,es.")] = None,
     hf: Annotated[str | None, typer.Option(help="Hugging Face dataset id, or a local folder of json/csv/parquet files.")] = None,
@@ -97,14 +97,14 @@ def prepare(
             langs = tuple(x.strip() for x in tsv_langs.split(","))
             if len(langs) < 2:
                 raise NmtError("--tsv-langs needs one language per column, e.g. en,es")
-        tsvs, corpora = list(tsv or []), list(corpus or [])
+        tsvs, corpora, trains, valids, tests = (list(x or []) for x in (tsv, corpus, train, valid, test))
         if directions is None and (src is None or tgt is None):
             raise NmtError("--src and --tgt name the languages of a parallel corpus (or give --directions, or --mono FILE)")
-        if directions is None and (len(tsvs) > 1 or len(corpora) > 1):
-            raise NmtError("several --tsv or --corpus inputs go with --directions, one per direction")
+        if directions is None and any(len(x) > 1 for x in (tsvs, corpora, trains, valids, tests)):
+            raise NmtError("several --train, --valid, --test, --tsv or --corpus inputs go with --directions, one per direction")
         config = PrepareConfig(
-            out_dir=out, src_lang=src or "", tgt_lang=tgt or "", train_prefix=train, valid_prefix=valid,
-            test_prefix=test, tsv=tsvs[0] if tsvs else None, tsv_langs=langs, hf_name=hf, hf_config=hf_config,
+            out_dir=out, src_lang=src or "", tgt_lang=tgt or "", train_prefix=(trains or [None])[0],
+            valid_prefix=(valids or [None])[0], test_prefix=(tests or [None])[0], tsv=tsvs[0] if tsvs else None, tsv_langs=langs, hf_name=hf, hf_config=hf_config,
             hf_revision=hf_revision, corpus=corpora[0] if corpora else None, corpus_dir=data_dir, valid_size=valid_size,
             test_size=test_size, seed=seed, split_by=split_by,
             clean=CleanConfig(normalization=normalize, chinese_script=chinese_script, max_words=max_words,
@@ -118,6 +118,7 @@ def prepare(
                 raise NmtError("--directions names the languages; leave out --src and --tgt")
             manifest = prepare_multilingual(MultilingualConfig(
                 config, parse_directions(directions), parse_directions(zero_shot or ""), lang_temperature, tsvs, corpora,
+                trains, valids, tests,
             ), progress=progress)
             _print_multilingual_summary(out, manifest)
             return

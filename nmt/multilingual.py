@@ -101,20 +101,26 @@ def epoch_pairs(sizes: list[int], temperature: float, rng: np.random.Generator) 
 
 @dataclass
 class MultilingualConfig:
-    """`nmt prepare --directions`: `prepare` gives the output, cleaning and vocabulary, and its
-    input (file prefixes `PREFIX.LANG`, one TSV with --tsv-langs, or one corpus) serves every
-    direction unless `tsvs` or `corpora` give one input per direction, in order."""
+    """`nmt prepare --directions`: `prepare` gives the output, cleaning and vocabulary. Inputs
+    come one for every direction or one per direction, in order: training file prefixes
+    (`PREFIX.LANG`), TSV files (columns in the direction's order when there is one per
+    direction, else named by --tsv-langs) or corpora; valid and test prefixes one for all or one
+    per direction, the zero-shot ones after the trained ones."""
 
     prepare: PrepareConfig
     directions: list[str]
-    zero_shot: list[str] = field(default_factory=list)  # valid/test only: from the --valid/--test prefixes
+    zero_shot: list[str] = field(default_factory=list)  # directions with valid/test sets only
     lang_temperature: float = DEFAULT_TEMPERATURE
     tsvs: list[Path] = field(default_factory=list)
     corpora: list[str] = field(default_factory=list)
+    trains: list[str] = field(default_factory=list)
+    valids: list[str] = field(default_factory=list)
+    tests: list[str] = field(default_factory=list)
 
 
 def prepare_multilingual(config: MultilingualConfig, progress: bool = False) -> Manifest:
     started = time.time()
+    config = with_prefixes(config)
     check_config(config)
     base = config.prepare
     if base.spm_model is not None:
@@ -122,17 +128,31 @@ def prepare_multilingual(config: MultilingualConfig, progress: bool = False) -> 
     return build_data_dir(Path(base.out_dir), base.overwrite, lambda tmp: _build(tmp, config, progress), started)
 
 
+def with_prefixes(config: MultilingualConfig) -> MultilingualConfig:
+    """The prepare config's single file prefixes as one-item lists, when no lists are given."""
+    base = config.prepare
+    return dataclasses.replace(
+        config, trains=config.trains or ([base.train_prefix] if base.train_prefix else []),
+        valids=config.valids or ([base.valid_prefix] if base.valid_prefix else []),
+        tests=config.tests or ([base.test_prefix] if base.test_prefix else []),
+    )
+
+
 def check_config(config: MultilingualConfig) -> None:
     base = config.prepare
     if not config.directions:
         raise DataError("--directions names at least one direction, e.g. de-en,en-de")
-    for name, given in (("--tsv", config.tsvs), ("--corpus", config.corpora)):
-        if len(given) > 1 and len(given) != len(config.directions):
-            raise DataError(f"{len(given)} {name} inputs for {len(config.directions)} directions: give one for all, or one per direction")
+    trained, held_out = len(config.directions), len(config.directions) + len(config.zero_shot)
+    for name, given, per_direction in (("--train", config.trains, trained), ("--tsv", config.tsvs, trained),
+                                       ("--corpus", config.corpora, trained), ("--valid", config.valids, held_out),
+                                       ("--test", config.tests, held_out)):
+        if len(given) not in (0, 1, per_direction):
+            what = f"{trained} directions" + (f" and {len(config.zero_shot)} zero-shot ones" if per_direction > trained else "")
+            raise DataError(f"{len(given)} {name} inputs for {what}: give one for all, or one per direction")
     overlap = set(config.zero_shot) & set(config.directions)
     if overlap:
         raise DataError(f"{', '.join(sorted(overlap))}: a zero-shot direction is one not trained on")
-    if config.zero_shot and not (base.valid_prefix and base.test_prefix):
+    if config.zero_shot and not (config.valids and config.tests):
         raise DataError("--zero-shot directions are read from the --valid and --test file prefixes")
     if base.split_by is not None:
         missing = [d for d in config.directions if base.split_by not in direction_languages(d)]
@@ -142,18 +162,21 @@ def check_config(config: MultilingualConfig) -> None:
         raise DataError("--lang-temperature must be positive")
 
 
+def _pick(values: list, index: int):
+    """One input for all (a list of one), or each its own; None when there is none."""
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values[index]
+
+
 def direction_config(config: MultilingualConfig, index: int) -> PrepareConfig:
     """The bilingual prepare settings that read direction `index`."""
     src, tgt = direction_languages(config.directions[index])
-    changes: dict = {"src_lang": src, "tgt_lang": tgt}
-    if len(config.tsvs) > 1:  # one TSV per direction, its columns in the direction's order
-        changes.update(tsv=config.tsvs[index], tsv_langs=None)
-    elif config.tsvs:
-        changes["tsv"] = config.tsvs[0]
-    if len(config.corpora) > 1:
-        changes["corpus"] = config.corpora[index]
-    elif config.corpora:
-        changes["corpus"] = config.corpora[0]
+    changes: dict = {"src_lang": src, "tgt_lang": tgt, "train_prefix": _pick(config.trains, index),
+                     "valid_prefix": _pick(config.valids, index), "test_prefix": _pick(config.tests, index),
+                     "tsv": _pick(config.tsvs, index), "corpus": _pick(config.corpora, index) or config.prepare.corpus}
+    if len(config.tsvs) > 1:  # one TSV per direction: its columns in the direction's order
+        changes["tsv_langs"] = None
     return dataclasses.replace(config.prepare, **changes)
 
 
@@ -182,7 +205,7 @@ def _build(directory: Path, config: MultilingualConfig, progress: bool) -> Manif
     stages.done("encode")
 
     held_out = {d: (c.eval_clean, c.eval_raw) for d, c in corpora.items()}
-    held_out.update({d: _zero_shot_splits(d, base) for d in config.zero_shot})
+    held_out.update({d: _zero_shot_splits(d, config, len(config.directions) + k) for k, d in enumerate(config.zero_shot)})
     unk = {"src": 0.0, "tgt": 0.0}
     for d, (clean, raw) in held_out.items():
         tagged = tokenizer.for_target(direction_languages(d)[1])
@@ -207,8 +230,9 @@ def _build(directory: Path, config: MultilingualConfig, progress: bool) -> Manif
         normalization={"src": first.normalize[0].as_dict(), "tgt": first.normalize[1].as_dict()},
         filters=dataclasses.asdict(base.clean),
         cleaning={key: sum(c[key] for c in cleaning.values()) for key in next(iter(cleaning.values()))},
-        input={**_describe_input(dataclasses.replace(base, tsv=(config.tsvs or [base.tsv])[0])),
-               "tsvs": [str(p) for p in config.tsvs], "corpora": list(config.corpora), "spm_sample": sample_counts},
+        input={**_describe_input(direction_config(config, 0)), "trains": config.trains, "valids": config.valids,
+               "tests": config.tests, "tsvs": [str(p) for p in config.tsvs], "corpora": list(config.corpora),
+               "spm_sample": sample_counts},
         valid_unk_percent=unk, token_dtype=dtype.name, stage_seconds=stages.seconds,
         encode_workers=worker_count_for(train_counts["pairs"], base), split_seed=base.seed, split_by=base.split_by,
         nmt_version=__version__, directions=list(config.directions), zero_shot=list(config.zero_shot),
@@ -219,12 +243,12 @@ def _build(directory: Path, config: MultilingualConfig, progress: bool) -> Manif
     )
 
 
-def _zero_shot_splits(direction: str, base: PrepareConfig) -> tuple[dict, dict]:
-    """(clean, raw) valid and test pairs of a direction read from the --valid/--test prefixes."""
+def _zero_shot_splits(direction: str, config: MultilingualConfig, index: int) -> tuple[dict, dict]:
+    """(clean, raw) valid and test pairs of a direction read from its --valid/--test prefixes."""
     src, tgt = direction_languages(direction)
-    cleaner = PairCleaner(base.clean, src, tgt)
+    cleaner = PairCleaner(config.prepare.clean, src, tgt)
     clean, raw = {}, {}
-    for split, prefix in (("valid", base.valid_prefix), ("test", base.test_prefix)):
+    for split, prefix in (("valid", _pick(config.valids, index)), ("test", _pick(config.tests, index))):
         pairs = list(read_parallel_files(find_side_file(prefix, src), find_side_file(prefix, tgt)))
         clean[split] = [cleaner.normalize_pair(*pair) for pair in pairs]
         raw[split] = _references(pairs, clean[split], cleaner)

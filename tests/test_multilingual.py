@@ -327,3 +327,22 @@ def test_a_ctranslate2_export_keeps_the_tags(trained, tmp_path):
         assert theirs.texts == ours.texts
     result = runner.invoke(app, ["translate", str(tmp_path / "ct2"), "--engine", "ctranslate2"], input="w1\n")
     assert_one_line_error(result, "--tgt-lang")
+
+
+def test_each_direction_may_have_files_of_its_own(tmp_path):
+    """Corpora per pair (as downloads come), a small one among them; valid/test per direction,
+    the zero-shot direction's last."""
+    big, small = write_three_way(tmp_path / "big"), write_three_way(tmp_path / "small", train=40)
+    args = ["prepare", "--directions", "aa-bb,aa-cc", "--zero-shot", "bb-cc", "--vocab-size", "60",
+            "--train", str(big / "train"), "--train", str(small / "train"),
+            "--valid", str(big / "valid"), "--valid", str(small / "valid"), "--valid", str(big / "valid"),
+            "--test", str(big / "test"), "--out", str(tmp_path / "data"), "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    manifest = Manifest.read(tmp_path / "data")
+    assert manifest.direction_cleaning["aa-bb"]["pairs_read"] == 300
+    assert manifest.direction_cleaning["aa-cc"]["pairs_read"] == 40
+    assert list(read_lines(tmp_path / "data" / "valid.aa-cc.src.txt")) == list(read_lines(small / "valid.aa"))
+    assert list(read_lines(tmp_path / "data" / "valid.bb-cc.src.txt")) == list(read_lines(big / "valid.bb"))
+    result = runner.invoke(app, [*args[:-3], "--valid", str(big / "valid"), "--out", str(tmp_path / "data2"), "--no-progress"])
+    assert_one_line_error(result, "4 --valid", "2 directions and 1 zero-shot")
