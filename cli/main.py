@@ -49,7 +49,7 @@ def prepare(
     corpus: Annotated[list[str] | None, typer.Option(help="A known public corpus: multi30k, iwslt2017-de-en, wmt14-de-en, wmt16-ro-en; with --directions, one for all or one per direction.")] = None,
     directions: Annotated[str | None, typer.Option(help="A multilingual data dir for one model: directions such as de-en,en-de,fr-en (files PREFIX.LANG); each source starts with its target language's tag, <2en>.")] = None,
     zero_shot: Annotated[str | None, typer.Option(help="With --directions: directions to hold valid/test sets for but not train on, e.g. de-fr (read from the --valid/--test prefixes).")] = None,
-    lang_temperature: Annotated[float, typer.Option(help="With --directions: sampling temperature of languages (SentencePiece sample) and directions (training): shares ∝ size^(1/T); 1 keeps the natural proportions, more evens them out.")] = 1.5,
+    lang_temperature: Annotated[float | None, typer.Option(help="With --directions: sampling temperature of languages (SentencePiece sample) and directions (training): shares ∝ size^(1/T); 1 keeps the natural proportions, more evens them out.  [default: 1.5]", show_default=False)] = None,
     data_dir: Annotated[Path | None, typer.Option(help="With --corpus: read it from this folder of local files instead of the Hub.")] = None,
     valid_size: Annotated[int, typer.Option(help="Pairs held out for validation when the input has no valid split.")] = 1000,
     test_size: Annotated[int, typer.Option(help="Pairs held out for testing when the input has no test split.")] = 1000,
@@ -73,7 +73,7 @@ def prepare(
     """Clean, split, tokenize and binarize a parallel corpus (or monolingual text, with --mono)."""
     from nmt.data import CleanConfig
     from nmt.monolingual import MonoPrepareConfig, prepare_mono
-    from nmt.multilingual import MultilingualConfig, parse_directions, prepare_multilingual
+    from nmt.multilingual import DEFAULT_TEMPERATURE, MultilingualConfig, parse_directions, prepare_multilingual
     from nmt.prepare import PrepareConfig
     from nmt.prepare import prepare as run_prepare
 
@@ -117,13 +117,14 @@ def prepare(
             if src or tgt:
                 raise NmtError("--directions names the languages; leave out --src and --tgt")
             manifest = prepare_multilingual(MultilingualConfig(
-                config, parse_directions(directions), parse_directions(zero_shot or ""), lang_temperature, tsvs, corpora,
+                config, parse_directions(directions), parse_directions(zero_shot or ""),
+                DEFAULT_TEMPERATURE if lang_temperature is None else lang_temperature, tsvs, corpora,
                 trains, valids, tests,
             ), progress=progress)
             _print_multilingual_summary(out, manifest)
             return
-        if zero_shot:
-            raise NmtError("--zero-shot goes with --directions")
+        if zero_shot or lang_temperature is not None:
+            raise NmtError("--zero-shot and --lang-temperature go with --directions")
         manifest = run_prepare(config, progress=progress)
     cleaning = manifest.cleaning
     stages = ", ".join(f"{name} {seconds} s" for name, seconds in manifest.stage_seconds.items())
@@ -161,7 +162,7 @@ def _print_multilingual_summary(out: Path, manifest) -> None:
         cleaning = manifest.direction_cleaning.get(direction)
         dropped = "" if cleaning is None else (
             "; read {pairs_read}, dropped {empty} empty, {too_long} too long, {ratio} by ratio, {duplicates} duplicates, "
-            "{overlap_with_valid_test} in valid/test".format(**cleaning))
+            "{overlap_with_valid_test} in valid/test, {held_out_elsewhere} held out in other directions".format(**cleaning))
         typer.echo(f"{direction:>7}: " + ", ".join(f"{counts[s]['pairs']} {s}" for s in ("train", "valid", "test") if s in counts) + dropped)
     vocab = manifest.vocab
     sample = manifest.input.get("spm_sample") or {}
@@ -430,6 +431,7 @@ def evaluate(
     metrics: Annotated[str, typer.Option(help="Comma-separated: bleu, chrf, ter.")] = "bleu,chrf,ter",
     tokenize: Annotated[str | None, typer.Option(help="sacreBLEU tokenizer for BLEU (default: zh for Chinese, else 13a).")] = None,
     lang: Annotated[str | None, typer.Option(help="Language of the references, which picks BLEU's tokenizer (default: the model's target language with --model, else recognised from the references).")] = None,
+    tgt_lang: Annotated[str | None, typer.Option(help="With --src: the target language of a multilingual model.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (with --src or --data).")] = "auto",
 ) -> None:
@@ -440,10 +442,11 @@ def evaluate(
     names = tuple(m.strip().lower() for m in metrics.split(",") if m.strip())
     with user_errors():
         if data is not None:
-            if model is None or hyp is not None or src is not None or ref is not None:
-                raise NmtError("--data goes with --model (and no --hyp, --src or --ref)")
+            if model is None or hyp is not None or src is not None or ref is not None or lang or tgt_lang:
+                raise NmtError("--data goes with --model (and no --hyp, --src, --ref, --lang or --tgt-lang: each direction names its languages)")
             results = evaluate_directions([model], data, split, parse_directions(directions) if directions else None,
-                                          {"beam": beam}, names, device, pivot, hyp_dir=hyp_dir, off_target=off_target)
+                                          {"beam": beam}, names, device, pivot, hyp_dir=hyp_dir, off_target=off_target,
+                                          tokenize=tokenize)
             _print_direction_scores(results, json_output)
             return
         if pivot or hyp_dir or directions or off_target:
@@ -452,10 +455,12 @@ def evaluate(
             raise NmtError("give --ref with --hyp or --src (or --data with --model)")
         if (hyp is None) == (src is None):
             raise NmtError("give either --hyp, or --src with --model")
+        if tgt_lang and src is None:
+            raise NmtError("--tgt-lang goes with --src and --model")
         if src is not None:
             if model is None:
                 raise NmtError("--src needs --model")
-            scores = translate_and_score(model, src, ref, {"beam": beam}, names, tokenize, device, lang)
+            scores = translate_and_score(model, src, ref, {"beam": beam}, names, tokenize, device, lang, tgt_lang)
         else:
             scores = score_files(hyp, ref, names, tokenize, lang)
     if json_output:

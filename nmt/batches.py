@@ -133,23 +133,26 @@ def pad_source(sequences: list[np.ndarray] | list[list[int]]) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def drop_source_tokens(src: torch.Tensor, fraction: float, rng: np.random.Generator) -> torch.Tensor:
+def drop_source_tokens(src: torch.Tensor, fraction: float, rng: np.random.Generator, kept: tuple[int, ...] = ()) -> torch.Tensor:
     """Word dropout: each regular source token becomes UNK with probability `fraction`, so that
-    the model learns not to lean on any one word. PAD, EOS and the other special ids stay."""
+    the model learns not to lean on any one word. PAD, EOS, the other special ids and the ids in
+    `kept` (a multilingual model's language tags) stay."""
     ids = src.numpy()
     dropped = (ids >= FIRST_REGULAR_ID) & (rng.random(ids.shape) < fraction)  # (B, S)
+    if kept:
+        dropped &= ~np.isin(ids, kept)
     return torch.from_numpy(np.where(dropped, UNK, ids))
 
 
 def make_batch(
     split: ParallelSplit, indices: np.ndarray, pin_memory: bool = False,
-    word_dropout: float = 0.0, rng: np.random.Generator | None = None,
+    word_dropout: float = 0.0, rng: np.random.Generator | None = None, kept: tuple[int, ...] = (),
 ) -> Batch:
-    """A training batch; with `word_dropout`, that share of the source tokens is replaced by UNK
-    (drawn with `rng`)."""
+    """A training batch; with `word_dropout`, that share of the source tokens (not the ids in
+    `kept`) is replaced by UNK (drawn with `rng`)."""
     src = pad_source([split.src[i] for i in indices])
     if word_dropout:
-        src = drop_source_tokens(src, word_dropout, rng)
+        src = drop_source_tokens(src, word_dropout, rng, kept)
     tgt_seqs = [split.tgt[i] for i in indices]
     width = max(len(s) for s in tgt_seqs) + 1
     tgt_in = np.full((len(indices), width), PAD, dtype=np.int64)

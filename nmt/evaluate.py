@@ -104,16 +104,17 @@ def translate_and_score(
     tokenize: str | None = None,
     device: str = "auto",
     lang: str | None = None,
+    tgt_lang: str | None = None,
 ) -> list[Score]:
-    """Translate `src_path` with a checkpoint, then score the output against `ref_path` (in the
-    checkpoint's target language unless `lang` says otherwise)."""
+    """Translate `src_path` with a checkpoint (into `tgt_lang`: a multilingual model's target),
+    then score the output against `ref_path` (in the target language unless `lang` says otherwise)."""
     from nmt.files import VocabInfo
-    from nmt.translate import translate_file
+    from nmt.translate import LanguageChoice, translate_file
 
-    lang = lang or VocabInfo.read(model_dir).tgt_lang
+    lang = lang or tgt_lang or VocabInfo.read(model_dir).tgt_lang
     with tempfile.TemporaryDirectory(prefix="nmt-eval-") as tmp:
         hyp_path = Path(tmp) / "hyp.txt"
-        translate_file(model_dir, src_path, hyp_path, decode_options, device=device)
+        translate_file(model_dir, src_path, hyp_path, decode_options, device=device, languages=LanguageChoice(tgt_lang))
         return score_files(hyp_path, ref_path, metrics, tokenize, lang)
 
 
@@ -142,6 +143,7 @@ def evaluate_directions(
     model_dirs: list[Path], data_dir: Path, split: str = "test", directions: list[str] | None = None,
     decode_options: dict | None = None, metrics=METRICS, device: str = "auto", pivot: str | None = None,
     pivot_dirs: list[Path] | None = None, hyp_dir: Path | None = None, off_target: bool = False,
+    tokenize: str | None = None,
 ) -> list[DirectionScores]:
     """Translate and score each direction of a data dir's split (default: every direction with
     one, zero-shot included); `pivot` translates through that language. With `hyp_dir`, the
@@ -166,11 +168,11 @@ def evaluate_directions(
             src_path, ref_path = split_files(data_dir, split, direction, manifest)
             hyp_path = Path(hyp_dir or tmp) / f"{split}.{direction}.hyp"
             hyp_path.parent.mkdir(parents=True, exist_ok=True)
-            choice = LanguageChoice(tgt_lang, src_lang) if vocab_info.multilingual else LanguageChoice()
+            choice = LanguageChoice(tgt_lang, src_lang)  # a model for other languages stops here
             translate_file(model_dirs, src_path, hyp_path, decode_options, device=device, languages=choice,
                            pivot=pivot, pivot_dirs=pivot_dirs)
             hypotheses = list(read_lines(hyp_path))
-            result = DirectionScores(direction, score_files(hyp_path, ref_path, metrics, lang=tgt_lang),
+            result = DirectionScores(direction, score_files(hyp_path, ref_path, metrics, tokenize, tgt_lang),
                                      direction in manifest.zero_shot, hypotheses=hyp_path if hyp_dir else None)
             if off_target:
                 result.off_target = off_target_percent(hypotheses, tgt_lang, candidates)

@@ -135,6 +135,7 @@ def with_prefixes(config: MultilingualConfig) -> MultilingualConfig:
         config, trains=config.trains or ([base.train_prefix] if base.train_prefix else []),
         valids=config.valids or ([base.valid_prefix] if base.valid_prefix else []),
         tests=config.tests or ([base.test_prefix] if base.test_prefix else []),
+        tsvs=config.tsvs or ([base.tsv] if base.tsv else []), corpora=config.corpora or ([base.corpus] if base.corpus else []),
     )
 
 
@@ -149,6 +150,10 @@ def check_config(config: MultilingualConfig) -> None:
         if len(given) not in (0, 1, per_direction):
             what = f"{trained} directions" + (f" and {len(config.zero_shot)} zero-shot ones" if per_direction > trained else "")
             raise DataError(f"{len(given)} {name} inputs for {what}: give one for all, or one per direction")
+    if len(config.tsvs) == 1 and trained > 1 and not base.tsv_langs:
+        raise DataError("one --tsv for several directions: name its columns' languages with --tsv-langs, e.g. de,en")
+    if not base.joint_vocab:
+        raise DataError("a multilingual data dir has one joint vocabulary (no --separate-vocab)")
     overlap = set(config.zero_shot) & set(config.directions)
     if overlap:
         raise DataError(f"{', '.join(sorted(overlap))}: a zero-shot direction is one not trained on")
@@ -174,7 +179,7 @@ def direction_config(config: MultilingualConfig, index: int) -> PrepareConfig:
     src, tgt = direction_languages(config.directions[index])
     changes: dict = {"src_lang": src, "tgt_lang": tgt, "train_prefix": _pick(config.trains, index),
                      "valid_prefix": _pick(config.valids, index), "test_prefix": _pick(config.tests, index),
-                     "tsv": _pick(config.tsvs, index), "corpus": _pick(config.corpora, index) or config.prepare.corpus}
+                     "tsv": _pick(config.tsvs, index), "corpus": _pick(config.corpora, index)}
     if len(config.tsvs) > 1:  # one TSV per direction: its columns in the direction's order
         changes["tsv_langs"] = None
     return dataclasses.replace(config.prepare, **changes)
@@ -185,6 +190,9 @@ def _build(directory: Path, config: MultilingualConfig, progress: bool) -> Manif
     base = config.prepare
     work = directory / "work"
     corpora = {d: clean_and_split(direction_config(config, i), work / d, progress) for i, d in enumerate(config.directions)}
+    held_out = {d: (c.eval_clean, c.eval_raw) for d, c in corpora.items()}
+    held_out.update({d: _zero_shot_splits(d, config, len(config.directions) + k) for k, d in enumerate(config.zero_shot)})
+    in_other = hold_out_everywhere(corpora, {d: clean for d, (clean, _) in held_out.items()})
     stages.done("read_clean_split")
     languages = sorted({lang for d in config.directions + config.zero_shot for lang in direction_languages(d)})
     model, sample_counts = _sentencepiece(directory, corpora, languages, config)
@@ -204,8 +212,6 @@ def _build(directory: Path, config: MultilingualConfig, progress: bool) -> Manif
     }
     stages.done("encode")
 
-    held_out = {d: (c.eval_clean, c.eval_raw) for d, c in corpora.items()}
-    held_out.update({d: _zero_shot_splits(d, config, len(config.directions) + k) for k, d in enumerate(config.zero_shot)})
     unk = {"src": 0.0, "tgt": 0.0}
     for d, (clean, raw) in held_out.items():
         tagged = tokenizer.for_target(direction_languages(d)[1])
@@ -222,7 +228,7 @@ def _build(directory: Path, config: MultilingualConfig, progress: bool) -> Manif
         totals[split] = {key: sum(direction_counts[d][split][key] for d in config.directions)
                          for key in ("pairs", "src_tokens", "tgt_tokens")}
     first = corpora[config.directions[0]].cleaner
-    cleaning = {d: c.cleaning() for d, c in corpora.items()}
+    cleaning = {d: {**c.cleaning(), "held_out_elsewhere": in_other[d]} for d, c in corpora.items()}
     return Manifest(
         src_lang="+".join(sorted({direction_languages(d)[0] for d in config.directions})),
         tgt_lang="+".join(sorted({direction_languages(d)[1] for d in config.directions})),
@@ -234,13 +240,35 @@ def _build(directory: Path, config: MultilingualConfig, progress: bool) -> Manif
                "tests": config.tests, "tsvs": [str(p) for p in config.tsvs], "corpora": list(config.corpora),
                "spm_sample": sample_counts},
         valid_unk_percent=unk, token_dtype=dtype.name, stage_seconds=stages.seconds,
-        encode_workers=worker_count_for(train_counts["pairs"], base), split_seed=base.seed, split_by=base.split_by,
+        encode_workers=max(worker_count_for(c["train"]["pairs"], base) for c in direction_counts.values() if "train" in c), split_seed=base.seed, split_by=base.split_by,
         nmt_version=__version__, directions=list(config.directions), zero_shot=list(config.zero_shot),
         languages={lang: language_normalization(lang, base.clean.normalization, base.clean.chinese_script).as_dict()
                    for lang in languages},
         direction_counts=direction_counts, direction_cleaning=cleaning, lang_temperature=config.lang_temperature,
         **directory_files(directory),
     )
+
+
+def hold_out_everywhere(corpora: dict[str, CleanedCorpus], held_out: dict[str, dict[str, list[tuple[str, str]]]]) -> dict[str, int]:
+    """Keep every sentence of a held-out set (of any direction, zero-shot ones too) out of every
+    direction's training pairs on its language's side: directions share languages, and one
+    carved out of train for one direction would otherwise be trained on in another. Returns the
+    training pairs each direction loses."""
+    held: dict[str, set[int]] = {}
+    for d, splits in held_out.items():
+        for side, lang in enumerate(direction_languages(d)):
+            held.setdefault(lang, set()).update(pair_hash(pair[side], "") for pairs in splits.values() for pair in pairs)
+    lost = {}
+    for d, corpus in corpora.items():
+        src, tgt = direction_languages(d)
+        positions = np.flatnonzero(corpus.keep)
+        hits = [k for k, (s, t) in enumerate(corpus.training_pairs())
+                if pair_hash(s, "") in held.get(src, ()) or pair_hash(t, "") in held.get(tgt, ())]
+        corpus.keep[positions[hits]] = False
+        lost[d] = len(hits)
+        if not corpus.keep.any():
+            raise DataError(f"{d}: no training pairs left once the held-out sentences of every direction are removed")
+    return lost
 
 
 def _zero_shot_splits(direction: str, config: MultilingualConfig, index: int) -> tuple[dict, dict]:
@@ -260,8 +288,6 @@ def _sentencepiece(directory: Path, corpora: dict[str, CleanedCorpus], languages
     reserved (or the given one, which must reserve them); returns it and the sample's count of
     sentences per language."""
     base = config.prepare
-    if not base.joint_vocab:
-        raise DataError("a multilingual data dir has one joint vocabulary (no --separate-vocab)")
     tags = tuple(language_tag(lang) for lang in languages)
     if base.spm_model is not None:
         model = copy_sentencepiece(Path(base.spm_model), directory, True)
@@ -289,28 +315,29 @@ def balanced_sample(corpora: dict[str, CleanedCorpus], max_sentences: int, tempe
         for side, lang in enumerate(direction_languages(d)):
             places.setdefault(lang, []).append((d, side))
     picks: dict[tuple[str, int], np.ndarray] = {}  # (direction, side) -> times each training pair's sentence is taken
-    distinct: dict[str, list[tuple[tuple[str, int], int]]] = {}  # lang -> (place, pair) of each distinct sentence
+    distinct: dict[str, tuple[list[tuple[str, int]], np.ndarray, np.ndarray]] = {}  # lang -> (places, place, pair) per sentence
     for lang, where in places.items():
         hashes = [np.array([pair_hash(pair[side], "") for pair in corpora[d].training_pairs()], dtype=np.uint64)
                   for d, side in where]
-        _, first = np.unique(np.concatenate(hashes), return_index=True)
-        starts = np.cumsum([0] + [len(h) for h in hashes])
-        distinct[lang] = []
-        for place, h, start in zip(where, hashes, starts):
+        for place, h in zip(where, hashes):
             picks[place] = np.zeros(len(h), dtype=np.int32)
-            mine = first[(first >= start) & (first < start + len(h))] - start
-            distinct[lang].extend((place, int(i)) for i in np.sort(mine))
-    sizes = {lang: len(items) for lang, items in distinct.items()}
+        _, first = np.unique(np.concatenate(hashes), return_index=True)  # each sentence's first copy
+        first.sort()
+        starts = np.cumsum([0] + [len(h) for h in hashes])
+        place_of = np.searchsorted(starts, first, side="right") - 1
+        distinct[lang] = (where, place_of, first - starts[place_of])
+    sizes = {lang: len(entry[1]) for lang, entry in distinct.items()}
     total = min(max_sentences, sum(sizes.values()))
     weights = temperature_weights(sizes, temperature)
     rng = np.random.default_rng(seed)
     counts = {}
     for lang in sorted(distinct):
+        where, place_of, pair_of = distinct[lang]
         chosen = draw(round(total * weights[lang]), sizes[lang], rng)
         counts[lang] = len(chosen)
-        for k in chosen.tolist():
-            place, i = distinct[lang][k]
-            picks[place][i] += 1
+        for p, place in enumerate(where):
+            mine = chosen[place_of[chosen] == p]
+            np.add.at(picks[place], pair_of[mine], 1)
 
     def sentences() -> Iterator[str]:
         for (d, side), times in picks.items():

@@ -264,6 +264,7 @@ class TranslationTask:
         self.config, self.data_dir, self.manifest = config, data_dir, manifest
         self.tokenizer = Tokenizer(data_dir / manifest.vocab.src_model, data_dir / manifest.vocab.tgt_model)
         self.train_split = ParallelSplit.load(data_dir, "train")
+        self.tag_ids = tuple(self.tokenizer.tag_id(lang) for lang in manifest.languages)  # never dropped
         if valid_split:
             self.valid_split = ParallelSplit.load(data_dir, "valid")
             self.references = list(read_lines(data_dir / "valid.tgt.txt"))
@@ -297,7 +298,7 @@ class TranslationTask:
         # Seeded by the batch's place in training, so that a resumed run drops the same words.
         tc = self.config.train
         rng = np.random.default_rng([tc.seed, epoch, number, 3]) if tc.word_dropout else None
-        return make_batch(self.train_split, indices, pin_memory, tc.word_dropout, rng)
+        return make_batch(self.train_split, indices, pin_memory, tc.word_dropout, rng, self.tag_ids)
 
     def update_tokens(self, update: list[np.ndarray]) -> int | None:
         """Target tokens of an update's batches (+1 EOS each), known before building them."""

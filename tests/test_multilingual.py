@@ -14,6 +14,7 @@ from nmt_cli.main import app
 from typer.testing import CliRunner
 
 from nmt.data import ParallelSplit, read_lines
+from nmt.errors import DataError
 from nmt.files import CheckpointInfo, Manifest
 from nmt.multilingual import (
     MultilingualConfig,
@@ -143,8 +144,29 @@ def test_an_epoch_draws_each_direction_in_its_temperature_share():
 def test_parse_directions_rejects_what_is_not_a_direction():
     assert parse_directions("de-en, en-de") == ["de-en", "en-de"]
     for bad in ("de", "de-de", "de-en,de-en", "de-en-x"):
-        with pytest.raises(Exception, match="direction"):
+        with pytest.raises(DataError, match="direction"):
             parse_directions(bad)
+
+
+def test_training_epochs_draw_from_the_directions_and_word_dropout_keeps_the_tags(data_dir):
+    from nmt.config import config_from_dict
+    from nmt.train import MultilingualTranslationTask
+
+    manifest = Manifest.read(data_dir)
+    config = config_from_dict({"data_dir": str(data_dir), "train": {"word_dropout": 0.9, "lang_temperature": 100.0}})
+    task = MultilingualTranslationTask(config, data_dir, manifest)
+    first, again, other = task.epoch_batches(300, 0), task.epoch_batches(300, 0), task.epoch_batches(300, 1)
+    assert [b.tolist() for b in first] == [b.tolist() for b in again]  # a resumed run gets the same epoch
+    assert [b.tolist() for b in first] != [b.tolist() for b in other]
+    pairs = np.concatenate(first)
+    assert len(pairs) == pytest.approx(len(task.train_split), abs=2) and pairs.max() < len(task.train_split)
+    offsets = np.cumsum([0] + task.sizes)
+    shares = [((pairs >= offsets[i]) & (pairs < offsets[i + 1])).sum() for i in range(len(DIRECTIONS))]
+    assert max(shares) - min(shares) <= 2  # a high temperature evens the directions out
+    batch = task.make_batch(first[0], False, 0, 0)
+    tags = {task.tokenizer.tag_id(lang) for lang in ("aa", "bb", "cc")}
+    assert set(batch.src[:, 0].tolist()) <= tags  # every tag survives 90% word dropout
+    assert (batch.src[:, 1:] == 1).float().mean() > 0.5  # while most words became <unk>
 
 
 def test_validation_scores_each_direction_on_its_own_set_and_best_follows_their_mean(data_dir, tmp_path, monkeypatch):
@@ -288,10 +310,33 @@ def test_one_tsv_per_direction(tmp_path):
                                  "--out", str(tmp_path / "data"), "--no-progress"])
     assert result.exit_code == 0, result.output
     manifest = Manifest.read(tmp_path / "data")
-    assert manifest.direction_counts["aa-bb"]["train"]["pairs"] == 110
-    assert manifest.direction_counts["aa-cc"]["train"]["pairs"] == 50
-    assert "aa-cc: 50 train, 5 valid, 5 test" in result.output
+    for d, read in (("aa-bb", 120), ("aa-cc", 60)):
+        cleaning = manifest.direction_cleaning[d]
+        assert cleaning["pairs_read"] == read
+        assert manifest.direction_counts[d]["train"]["pairs"] == read - 10 - cleaning["held_out_elsewhere"]
+    assert "aa-cc: " in result.output and "aa-bb: " in result.output
     assert list(read_lines(tmp_path / "data" / "test.aa-cc.tgt.txt"))[0].startswith("z")
+    # Each direction carves its own held-out pairs; none of their sentences is trained on elsewhere.
+    data = tmp_path / "data"
+    train, tokenizer = ParallelSplit.load(data, "train"), Tokenizer(data / "spm.joint.model", data / "spm.joint.model")
+    trained_aa = {tuple(train.src[i][1:].tolist()) for i in range(len(train))}
+    for d in ("aa-bb", "aa-cc"):
+        held = [ids for split in ("valid", "test") for ids in tokenizer.encode_src(list(read_lines(data / f"{split}.{d}.src.txt")))]
+        assert not {tuple(ids) for ids in held} & trained_aa
+    assert manifest.direction_cleaning["aa-bb"]["held_out_elsewhere"] > 0
+
+
+def test_one_tsv_for_several_directions_names_its_columns(tmp_path):
+    rows = three_way(120, 1)
+    tsv = tmp_path / "ab.tsv"
+    tsv.write_text("".join(f"{a}\t{b}\n" for a, b, _ in rows), encoding="utf-8")
+    args = ["prepare", "--directions", "aa-bb,bb-aa", "--tsv", str(tsv), "--valid-size", "5", "--test-size", "5",
+            "--vocab-size", "60", "--no-progress"]
+    assert_one_line_error(runner.invoke(app, [*args, "--out", str(tmp_path / "x")]), "--tsv-langs")
+    result = runner.invoke(app, [*args, "--tsv-langs", "aa,bb", "--out", str(tmp_path / "data")])
+    assert result.exit_code == 0, result.output
+    for d, first_word in (("aa-bb", "w"), ("bb-aa", "V")):
+        assert all(line.startswith(first_word) for line in read_lines(tmp_path / "data" / f"test.{d}.src.txt"))
 
 
 def test_serve_offers_each_trained_direction_of_a_multilingual_model(trained):

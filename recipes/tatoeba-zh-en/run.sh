@@ -2,11 +2,13 @@
 # zh->en and en->zh with the recipe's config, on one split of Tatoeba by English sentence; writes
 # WORK/results.json.
 #
-#   recipes/tatoeba-zh-en/run.sh cpu|gpu WORK_DIR [cmn-eng.tsv.gz] [settings] [normalization]
+#   recipes/tatoeba-zh-en/run.sh cpu|gpu WORK_DIR [cmn-eng.tsv.gz] [settings] [normalization] [pretrained]
 #
 # `settings` also trains each direction with one of the recipe's low-resource settings taken back
 # (the rows of the README's settings table); `normalization` also trains each direction on data
-# prepared with --normalize none. Every run has the same update budget. A run whose test.json
+# prepared with --normalize none; `pretrained` pretrains a masked LM on the two sides of the
+# training split (pretrain-KIND.yaml) and trains each direction from it, on data encoded with its
+# vocabulary (nmt prepare --spm-model). Every run has the same update budget. A run whose test.json
 # exists is not trained again, so an interrupted comparison continues where it stopped.
 # NMT overrides the command (default: nmt); TRAIN_ARGS adds options to every nmt train.
 set -euo pipefail
@@ -29,14 +31,27 @@ if [[ $extras == *" settings "* ]]; then
     )
 fi
 [[ $extras == *" normalization "* ]] && rows+=("normalization-off|")
+[[ $extras == *" pretrained "* ]] && rows+=("pretrained|--init $work/masked-lm")
 
 [ -f "$work/split/test.zh" ] || python3 "$here/split.py" "$tsv" "$work/split"
+if [[ $extras == *" pretrained "* ]]; then
+    [ -f "$work/data-mono/manifest.json" ] || $nmt prepare --mono "$work/split/train.zh" --mono "$work/split/train.en" \
+        --vocab-size 8000 --out "$work/data-mono" --no-progress
+    # A pretraining that was stopped goes on from its last/ checkpoint.
+    if [ ! -f "$work/masked-lm.done" ]; then
+        start=--overwrite; [ -d "$work/masked-lm/last" ] && start=--resume
+        stage pretrain $nmt pretrain "$here/pretrain-$kind.yaml" --data "$work/data-mono" --out "$work/masked-lm" \
+            $start --no-progress "${train_args[@]}"
+        touch "$work/masked-lm.done"
+    fi
+fi
 for pair in zh-en en-zh; do
     src=${pair%-*}; tgt=${pair#*-}
     for row in "${rows[@]}"; do
         name=${row%%|*}; read -r -a options <<< "${row#*|}"
         data="$work/data-$pair"; prepare_options=()
         if [ "$name" = normalization-off ]; then data="$work/data-$pair-raw"; prepare_options=(--normalize none); fi
+        if [ "$name" = pretrained ]; then data="$work/data-$pair-mlm"; prepare_options=(--spm-model "$work/data-mono/spm.joint.model"); fi
         [ -f "$data/manifest.json" ] || $nmt prepare --train "$work/split/train" --valid "$work/split/valid" \
             --test "$work/split/test" --src "$src" --tgt "$tgt" --vocab-size 8000 "${prepare_options[@]}" \
             --out "$data" --no-progress
