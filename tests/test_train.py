@@ -72,6 +72,9 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
         return {r["step"]: r["loss"] for r in records if r["type"] == "train"}
 
     assert losses("a") == losses("b")
+    again = train(_config(data_dir, tmp_path / "b", model, max_steps=10, **settings), resume=True, progress=False)
+    assert again.steps == 10 and again.stop_reason == "max_steps"  # a finished run stays finished
+    assert losses("b") == losses("a")
 
 
 def test_inverse_sqrt_schedule():

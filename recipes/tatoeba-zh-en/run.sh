@@ -9,7 +9,7 @@
 # prepared with --normalize none; `pretrained` pretrains a masked LM on the two sides of the
 # training split (pretrain-KIND.yaml) and trains each direction from it, on data encoded with its
 # vocabulary (nmt prepare --spm-model). Every run has the same update budget. A run whose test.json
-# exists is not trained again, so an interrupted comparison continues where it stopped.
+# exists is not trained again, and one that was stopped continues from its last/ checkpoint.
 # NMT overrides the command (default: nmt); TRAIN_ARGS adds options to every nmt train.
 set -euo pipefail
 kind=${1:?cpu or gpu}; work=${2:?work dir}; tsv=${3:-../shared/data/tatoeba/cmn-eng.tsv.gz}
@@ -57,8 +57,9 @@ for pair in zh-en en-zh; do
             --out "$data" --no-progress
         run="$work/$pair-$name"
         [ -f "$run/test.json" ] && continue
+        start=--overwrite; [ -d "$run/last" ] && start=--resume  # a stopped run goes on where it was
         stage "train-$pair-$name" $nmt train "$here/transformer-$kind.yaml" --data "$data" --out "$run" \
-            --overwrite --no-progress "${options[@]}" "${train_args[@]}"
+            $start --no-progress "${options[@]}" "${train_args[@]}"
         stage "translate-$pair-$name" $nmt translate "$run" -i "$data/test.src.txt" -o "$run/test.hyp"
         # Scored against the references of the normalized data dir (Chinese: in Simplified).
         $nmt evaluate --hyp "$run/test.hyp" --ref "$work/data-$pair/test.tgt.txt" --lang "$tgt" --json > "$run/test.json"
