@@ -4,11 +4,15 @@
 # directions, the six zero-shot ones directly and through English, with the off-target rate of
 # each, and the mean of the last 5 checkpoints; writes WORK/results.json.
 #
-#   recipes/multi30k-multilingual/run.sh cpu|gpu WORK_DIR [MULTI30K_DIR]
+#   recipes/multi30k-multilingual/run.sh cpu|gpu WORK_DIR [MULTI30K_DIR] [bridge]
+#
+# `bridge` also trains the same config with de-fr and fr-de added from 1,000 of the training
+# pairs (the first lines of train.de and train.fr), and scores every direction of it: does a
+# little data between two non-English languages stop the zero-shot output from leaving for English?
 #
 # NMT overrides the command (default: nmt); TRAIN_ARGS adds options to nmt train.
 set -euo pipefail
-kind=${1:?cpu or gpu}; work=${2:?work dir}; m30k=${3:-../shared/data/multi30k}
+kind=${1:?cpu or gpu}; work=${2:?work dir}; m30k=${3:-../shared/data/multi30k}; bridge=${4:-}
 here=$(cd "$(dirname "$0")" && pwd)
 nmt=${NMT:-nmt}
 read -r -a train_args <<< "${TRAIN_ARGS:-}"
@@ -28,5 +32,25 @@ $nmt evaluate --model "$run" --data "$work/data" --directions $zero_shot --pivot
 rm -rf "$run-avg"  # the average of the run as it is now
 $nmt average "$run" --last 5 --out "$run-avg"
 $nmt evaluate --model "$run-avg" --data "$work/data" --directions $trained --hyp-dir "$work/hyp-avg" --json > "$work/average.json"
+if [ "$bridge" = bridge ]; then
+    mkdir -p "$work/bridge"
+    for lang in de fr; do
+        [ -f "$m30k/train.$lang.gz" ] && reader=(gzip -dc "$m30k/train.$lang.gz") || reader=(cat "$m30k/train.$lang")
+        "${reader[@]}" | head -n 1000 > "$work/bridge/train.$lang"
+    done
+    trains=()  # the six English-centred directions from Multi30k, de-fr and fr-de from the 1,000
+    for direction in ${trained//,/ } de-fr fr-de; do
+        case $direction in de-fr|fr-de) trains+=(--train "$work/bridge/train") ;; *) trains+=(--train "$m30k/train") ;; esac
+    done
+    [ -f "$work/data-bridge/manifest.json" ] || $nmt prepare --directions $trained,de-fr,fr-de \
+        --zero-shot de-cs,cs-de,fr-cs,cs-fr "${trains[@]}" --valid "$m30k/val" --test "$m30k/test_2016_flickr" \
+        --vocab-size 8000 --out "$work/data-bridge" --no-progress
+    continue_run=()
+    [ -d "$run-bridge/last" ] && continue_run=(--resume)
+    $nmt train "$here/transformer-$kind.yaml" --data "$work/data-bridge" --out "$run-bridge" --no-progress \
+        "${continue_run[@]}" "${train_args[@]}"
+    $nmt evaluate --model "$run-bridge" --data "$work/data-bridge" --off-target --hyp-dir "$work/hyp-bridge" \
+        --json > "$work/bridge.json"
+fi
 python3 "$here/results.py" "$work" > "$work/results.json"
 cat "$work/results.json"
