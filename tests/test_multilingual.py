@@ -391,3 +391,28 @@ def test_each_direction_may_have_files_of_its_own(tmp_path):
     assert list(read_lines(tmp_path / "data" / "valid.bb-cc.src.txt")) == list(read_lines(big / "valid.bb"))
     result = runner.invoke(app, [*args[:-3], "--valid", str(big / "valid"), "--out", str(tmp_path / "data2"), "--no-progress"])
     assert_one_line_error(result, "4 --valid", "2 directions and 1 zero-shot")
+
+
+def test_evaluate_asks_the_language_identifier_about_each_directions_output(trained, data_dir, monkeypatch):
+    import nmt.evaluate
+
+    asked = []
+
+    def identify(lines, lang, candidates):
+        asked.append((len(lines), lang, tuple(candidates)))
+        return 12.5
+
+    monkeypatch.setattr(nmt.evaluate, "off_target_percent", identify)
+    results = nmt.evaluate.evaluate_directions([trained], data_dir, "test", ["aa-bb", "bb-cc"], {"beam": 1}, off_target=True)
+    assert asked == [(10, "bb", ("aa", "bb", "cc")), (10, "cc", ("aa", "bb", "cc"))]
+    assert [r.off_target for r in results] == [12.5, 12.5]
+
+
+def test_a_bilingual_model_refuses_other_languages(trained, tmp_path):
+    from conftest import TINY_TRANSFORMER, prepare_toy_data, train_tiny
+
+    bilingual = train_tiny(prepare_toy_data(tmp_path, 40), tmp_path / "run", TINY_TRANSFORMER, max_steps=2, valid_every=2)
+    result = runner.invoke(app, ["translate", str(bilingual), "--tgt-lang", "fr"], input="w1\n")
+    assert_one_line_error(result, "translates into yy only")
+    result = runner.invoke(app, ["translate", str(bilingual), "--tgt-lang", "yy", "--src-lang", "xx"], input="w1\n")
+    assert result.exit_code == 0, result.output
