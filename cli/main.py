@@ -333,6 +333,7 @@ def translate(
     prefix: Annotated[Path | None, typer.Option(help="One target prefix per input line (empty: none) that the translation must start with.")] = None,
     prefix_only: Annotated[bool | None, typer.Option("--prefix-only", help="With --prefix: each prefix is the whole translation (its score with --nbest, its attention with --attention).", show_default=False)] = None,
     stream: Annotated[bool, typer.Option("--stream", help="Translate and write each line as soon as it is read (interactive use, pipes).")] = False,
+    static_cache: Annotated[bool | None, typer.Option("--static-cache/--no-static-cache", help="Transformers: decode on fixed-shape buffers, each step a replayed CUDA graph on a GPU (the same output).", show_default=False)] = None,
     chunk_lines: Annotated[int | None, typer.Option(help="Lines read, sorted and translated at a time.")] = None,
     checkpoint: Annotated[str, typer.Option(help="Which weights: best or last.")] = "best",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -358,7 +359,7 @@ def translate(
     options = dict(beam=beam, nbest=nbest, len_penalty=len_penalty, max_len_a=max_len_a, max_len_b=max_len_b,
                    batch_tokens=batch_tokens, precision=precision, no_repeat_ngram=no_repeat_ngram, sampling=sampling,
                    topk=topk, topp=topp, temperature=temperature, seed=seed, chunk_lines=chunk_lines,
-                   prefix_only=prefix_only)
+                   prefix_only=prefix_only, static_cache=static_cache)
     with user_errors():
         if prefix_only and prefix is None:
             raise NmtError("--prefix-only needs --prefix FILE")

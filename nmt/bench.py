@@ -243,27 +243,31 @@ def bench_decoding(
     name: str, save_dir: Path, lines: list[str], references: list[str], device: torch.device, repeats: int,
     with_int8: bool, with_half: bool = False, ctranslate2_dir: Path | None = None,
 ) -> list[dict]:
-    """Greedy and beam 5 with the plain path, the incremental one, and (`with_int8`) int8 Linear
-    layers or (`with_half`) bf16 autocast; each record counts the lines that differ from the plain
-    path's output, and the half-precision one also those that differ from fp32. With
+    """Greedy and beam 5 with the plain path, the incremental one, (`with_int8`) int8 Linear
+    layers or (`with_half`) bf16 autocast, and for Transformers the fixed-shape steps of
+    `decode.static_cache` (CUDA graphs on a GPU); each record counts the lines that differ from
+    the plain path's output, and the others also those that differ from the incremental fp32 one. With
     `ctranslate2_dir`, a Transformer is also exported there and decoded by CTranslate2 (beam 5)."""
     model, tokenizer, config = load_for_inference(save_dir, "best", device)
     normalization = VocabInfo.read(save_dir).source_normalization()
-    paths = [("plain", FullPrefixDecoding(model), "fp32"), ("nmt", model, "fp32")]
+    paths = [("plain", FullPrefixDecoding(model), "fp32", False), ("nmt", model, "fp32", False)]
     if with_int8:
-        paths.append(("nmt-int8", quantize_int8(model), "fp32"))
+        paths.append(("nmt-int8", quantize_int8(model), "fp32", False))
     if with_half:
-        paths.append(("nmt-bf16", model, "bf16"))
+        paths.append(("nmt-bf16", model, "bf16", False))
+    if config.model.arch == "transformer":  # fixed-shape steps (CUDA graphs on a GPU)
+        paths += [("nmt-static", model, "fp32", True)] + ([("nmt-static-bf16", model, "bf16", True)] if with_half else [])
     records, texts_of = [], {}
     for beam in (1, 5):
-        for path_name, decoder, precision in paths:
-            decode = dataclasses.replace(config.decode, beam=beam, nbest=1, precision=precision, sampling=False)
+        for path_name, decoder, precision, static in paths:
+            decode = dataclasses.replace(config.decode, beam=beam, nbest=1, precision=precision, sampling=False,
+                                         static_cache=static)
             # The plain baseline is slow and steady: one run of it is enough for the ratio.
             times, translations = time_translation(
                 decoder, tokenizer, lines, decode, device, normalization, 1 if path_name == "plain" else repeats
             )
             record = _decoding_record(name, path_name, precision, beam, lines, references, times, translations, texts_of)
-            if precision != "fp32":
+            if precision != "fp32" or static:
                 record["lines_differing_from_fp32"] = _differing(texts_of[path_name, beam], texts_of["nmt", beam])
             records.append(record)
     if ctranslate2_dir is not None and config.model.arch == "transformer":
@@ -474,12 +478,12 @@ def format_report(report: dict) -> str:
             out.append(f"{r['model']:<{w}}{text}")
     if report["decode"]:
         out += ["", "decoding test_2016_flickr (1,000 sentences from raw text; median of repeats)",
-                f"{'model':<{w}}{'path':<10}{'beam':>5}{'seconds':>9}{'sent/s':>9}{'tok/s':>9}{'vs plain':>9}{'BLEU':>7}{'differ':>7}"]
+                f"{'model':<{w}}{'path':<16}{'beam':>5}{'seconds':>9}{'sent/s':>9}{'tok/s':>9}{'vs plain':>9}{'BLEU':>7}{'differ':>7}"]
         plain = {(r["model"], r["beam"]): r for r in report["decode"] if r["path"] == "plain"}
         for r in report["decode"]:
             base = plain[(r["model"], r["beam"])]
             out.append(
-                f"{r['model']:<{w}}{r['path']:<10}{r['beam']:>5}{r['seconds']:>9.2f}{r['sentences_per_s']:>9.1f}"
+                f"{r['model']:<{w}}{r['path']:<16}{r['beam']:>5}{r['seconds']:>9.2f}{r['sentences_per_s']:>9.1f}"
                 f"{r['tokens_per_s']:>9,.0f}{base['seconds'] / r['seconds']:>8.2f}x{r['bleu']:>7.2f}{r['lines_differing_from_plain']:>7}"
             )
         for r in report["decode"]:

@@ -135,6 +135,9 @@ class DecodeConfig:
     # precision, normalizations and the output's log-softmax in fp32); for GPUs.
     precision: str = "fp32"
     no_repeat_ngram: int = 0  # no n-gram of this size occurs twice in an output; 0: off
+    # Transformers: decode on fixed-shape buffers (keys/values written in place), each step a
+    # replayed CUDA graph on a GPU; the same output as without. Other models decode as before.
+    static_cache: bool = False
     # A given prefix is the whole translation (EOS is forced after it): its score and attention.
     prefix_only: bool = False
     # Sampling instead of beam search: each token drawn from the model's distribution at

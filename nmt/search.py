@@ -67,6 +67,11 @@ def max_lengths(src: torch.Tensor, a: float, b: int) -> torch.Tensor:
     return (a * src_len.float() + b).floor().long().clamp(min=1)
 
 
+def output_limits(src: torch.Tensor, max_len_a: float, max_len_b: int, rules: StepRules) -> torch.Tensor:
+    """Longest output per sentence (B,), EOS included: a·|src| + b, and room for its prefix."""
+    return torch.maximum(max_lengths(src, max_len_a, max_len_b), rules.prefix_lengths(src.shape[0], src.device) + 1)
+
+
 def _restrict(log_probs: torch.Tensor, must_end: torch.Tensor) -> torch.Tensor:
     """Never produce PAD or BOS; rows that reached their length limit must produce EOS. Written
     without reading anything back from the device, so that a GPU step does not wait for it."""
@@ -169,7 +174,7 @@ def greedy_search(
     B = src.shape[0]
     rules = rules or StepRules()
     sentences = torch.arange(B, device=src.device)
-    limits = torch.maximum(max_lengths(src, max_len_a, max_len_b), rules.prefix_lengths(B, src.device) + 1)  # (B,)
+    limits = output_limits(src, max_len_a, max_len_b, rules)  # (B,)
     memory = model.encode(src)
     state = _init_state(model, memory, attention)
     prev = torch.full((B,), BOS, dtype=torch.long, device=src.device)
@@ -243,7 +248,7 @@ def beam_search(
     B, K = src.shape[0], beam_size
     device = src.device
     rules = rules or StepRules()
-    limits = torch.maximum(max_lengths(src, max_len_a, max_len_b), rules.prefix_lengths(B, device) + 1)  # (B,)
+    limits = output_limits(src, max_len_a, max_len_b, rules)  # (B,)
     max_steps = int(limits.max())
     memory = model.encode(src)
     memory = memory.reorder(torch.arange(B, device=device).repeat_interleave(K))  # (B*K, ...)

@@ -30,7 +30,8 @@ from nmt.files import VocabInfo
 from nmt.interfaces import StepDecoder
 from nmt.models.attention import AttentionChoice
 from nmt.normalize import Normalization
-from nmt.search import Hypothesis, Sampling, StepRules, beam_search, greedy_search, sample_search
+from nmt.search import Hypothesis, Sampling, StepRules, beam_search, greedy_search, output_limits, sample_search
+from nmt.static_decoding import StaticDecoding, StaticStepModel
 from nmt.tokenizer import EOS, PAD, Tokenizer
 
 
@@ -113,6 +114,8 @@ def _translate_batch(
         ).to(device)  # (B, P), PAD (0) after each prefix
     rules = StepRules(decode.no_repeat_ngram, prefix)
     limits = (decode.max_len_a, decode.max_len_b)
+    if decode.static_cache and isinstance(model, StaticStepModel):  # a capability, not a model type
+        model = StaticDecoding(model, int(output_limits(src, *limits, rules).max()))
     if decode.sampling:
         sampling = Sampling(decode.topk, decode.topp, decode.temperature, generator)
         hyps = sample_search(model, src, sampling, decode.nbest, *limits, attention, rules)

@@ -53,7 +53,10 @@ def test_bench_measures_every_section_against_its_baseline(bench_inputs, tmp_pat
 
     decode = {(r["model"], r["path"], r["beam"]): r for r in report["decode"]}
     exported = {("transformer", p, 5) for p in ("ct2", "ct2-int8")}  # CTranslate2 has no RNN decoder
-    assert set(decode) == {(m, p, b) for m in recipes for p in ("plain", "nmt", "nmt-int8") for b in (1, 5)} | exported
+    static = {("transformer", "nmt-static", b) for b in (1, 5)}  # fixed-shape steps: Transformers only
+    assert set(decode) == {(m, p, b) for m in recipes for p in ("plain", "nmt", "nmt-int8") for b in (1, 5)} | exported | static
+    for key in static:  # the same translations as the incremental path
+        assert decode[key]["lines_differing_from_fp32"] == 0 and decode[key]["lines_differing_from_plain"] == 0
     for key in exported:
         assert decode[key]["speed_vs_nmt_fp32"] > 0 and 0 <= decode[key]["lines_differing_from_nmt_fp32"] <= 20
     for (_, path, _), record in decode.items():

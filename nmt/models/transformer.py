@@ -59,6 +59,17 @@ class TransformerState:
         )
 
 
+@dataclass
+class StaticCache:
+    """One decoder layer's self-attention keys and values for decoding with fixed shapes: the
+    buffers hold every position up to the longest output, and one step writes its own in place."""
+
+    keys: torch.Tensor  # (B, H, L, Dh)
+    values: torch.Tensor  # (B, H, L, Dh)
+    position: torch.Tensor  # (1,) long, on the device: the step's position
+    visible: torch.Tensor  # (1, 1, 1, L) bool: the positions written so far, this one included
+
+
 class FeedForward(nn.Module):
     def __init__(self, dim: int, ff_dim: int, dropout: float):
         super().__init__()
@@ -113,9 +124,14 @@ class DecoderLayer(nn.Module):
         memory_mask: torch.Tensor,  # (B, 1, 1, S)
         past_kv: KeysValues | None = None,  # (B, H, t, Dh): earlier steps when decoding incrementally
         cross_weights: bool = False,  # also return the cross-attention weights (B, H, T, S)
+        static_cache: StaticCache | None = None,  # fixed-shape buffers instead of past_kv (one step)
     ) -> tuple[torch.Tensor, KeysValues, torch.Tensor | None]:
         def self_attention(h):
             k, v = self.self_attn.keys_values(h)  # (B, H, T, Dh)
+            if static_cache is not None:  # write this step's keys and values in place, attend to those so far
+                static_cache.keys.index_copy_(2, static_cache.position, k)
+                static_cache.values.index_copy_(2, static_cache.position, v)
+                return self.self_attn.attend(h, static_cache.keys, static_cache.values, mask=static_cache.visible), None
             if past_kv is not None:
                 k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
             # Teacher forcing sees the whole target at once and needs the causal mask; a single
@@ -144,10 +160,14 @@ class ScaledEmbedding:
     def _add_positions(self) -> None:
         self.register_buffer("positions", sinusoidal_positions(1024, self.dim), persistent=False)
 
+    def _embed_positions(self, length: int) -> None:
+        """Room in the position table for `length` positions."""
+        if length > self.positions.shape[0]:
+            self.positions = sinusoidal_positions(2 * length, self.dim).to(self.positions.device)
+
     def _embed(self, table: nn.Embedding, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
         T = tokens.shape[1]
-        if offset + T > self.positions.shape[0]:
-            self.positions = sinusoidal_positions(2 * (offset + T), self.dim).to(self.positions.device)
+        self._embed_positions(offset + T)
         x = table(tokens) * math.sqrt(self.dim) + self.positions[offset : offset + T]  # (B, T, D)
         return self.embed_dropout(x)
 
@@ -208,13 +228,7 @@ class Transformer(ScaledEmbedding, nn.Module):
 
     def init_state(self, memory: TransformerMemory, attention: AttentionChoice | None = None) -> TransformerState:
         """`attention`: keep these cross-attention weights at each step (state.attention)."""
-        if attention is not None:
-            layers = len(self.decoder_layers)
-            if attention.layer is not None and not 1 <= attention.layer <= layers:
-                raise ConfigError(f"attention layer {attention.layer} does not exist: the decoder has {layers} layers")
-            if attention.head is not None and not 1 <= attention.head <= self.heads:
-                raise ConfigError(f"attention head {attention.head} does not exist: each layer has {self.heads} heads")
-            attention = AttentionChoice(attention.layer or layers, attention.head)
+        attention = self.resolve_attention(attention)
         B = memory.states.shape[0]
         empty = memory.states.new_zeros(B, self.heads, 0, self.dim // self.heads)  # (B, H, 0, Dh)
         return TransformerState([(empty, empty) for _ in self.decoder_layers], step=0, attention_choice=attention)
@@ -236,3 +250,45 @@ class Transformer(ScaledEmbedding, nn.Module):
             new_kv.append(step_kv)
         logits = self.output(self.decoder_norm(x[:, 0]))  # (B, V)
         return F.log_softmax(logits.float(), dim=-1), TransformerState(new_kv, state.step + 1, choice, attention)
+
+    def static_buffers(self, rows: int, length: int, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Zeroed self-attention buffers for `rows` outputs of up to `length` tokens, one pair per layer."""
+        self._embed_positions(length)
+        shape = (rows, self.heads, length, self.dim // self.heads)  # (B, H, L, Dh)
+        return [(like.new_zeros(shape), like.new_zeros(shape)) for _ in self.decoder_layers]
+
+    def static_step(
+        self, prev_tokens: torch.Tensor, memory: TransformerMemory, buffers: list[tuple[torch.Tensor, torch.Tensor]],
+        position: torch.Tensor, attention: AttentionChoice | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`decode_step` with fixed shapes: the step's keys and values go into `buffers` (from
+        `static_buffers`) at `position`, a (1,) device tensor, so that every step runs the same
+        kernels on the same tensors, with nothing read back (a CUDA graph can replay it).
+        `attention`: a resolved choice (see init_state). Returns log-probs (B, V) and the kept
+        cross-attention weights (B, S) or None."""
+        x = self.tgt_embed(prev_tokens[:, None]) * math.sqrt(self.dim) + self.positions.index_select(0, position)  # (B, 1, D)
+        x = self.embed_dropout(x)
+        length = buffers[0][0].shape[2]
+        visible = (torch.arange(length, device=position.device) <= position)[None, None, None, :]  # (1, 1, 1, L)
+        memory_mask = memory.mask[:, None, None, :]
+        kept = None
+        for number, (layer, kv, (keys, values)) in enumerate(zip(self.decoder_layers, memory.cross_kv, buffers), 1):
+            keep = attention is not None and number == attention.layer
+            x, _, weights = layer(x, kv, memory_mask, cross_weights=keep,
+                                  static_cache=StaticCache(keys, values, position, visible))
+            if keep:
+                weights = weights[:, :, 0]  # (B, H, S)
+                kept = weights.mean(1) if attention.head is None else weights[:, attention.head - 1]  # (B, S)
+        logits = self.output(self.decoder_norm(x[:, 0]))  # (B, V)
+        return F.log_softmax(logits.float(), dim=-1), kept
+
+    def resolve_attention(self, attention: AttentionChoice | None) -> AttentionChoice | None:
+        """The choice with its layer filled in (default: the last); a ConfigError if it does not exist."""
+        if attention is None:
+            return None
+        layers = len(self.decoder_layers)
+        if attention.layer is not None and not 1 <= attention.layer <= layers:
+            raise ConfigError(f"attention layer {attention.layer} does not exist: the decoder has {layers} layers")
+        if attention.head is not None and not 1 <= attention.head <= self.heads:
+            raise ConfigError(f"attention head {attention.head} does not exist: each layer has {self.heads} heads")
+        return AttentionChoice(attention.layer or layers, attention.head)

@@ -1,0 +1,99 @@
+"""Decoding on fixed-shape buffers (`decode.static_cache`, CUDA graphs on a GPU) gives the plain
+incremental decoder's output, in every search."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import TINY_TRANSFORMER
+
+from nmt.config import DecodeConfig, ModelConfig
+from nmt.models import build_model
+from nmt.models.attention import AttentionChoice
+from nmt.search import Sampling, StepRules, beam_search, greedy_search, output_limits, sample_search
+from nmt.static_decoding import StaticDecoding, StaticState
+from nmt.tokenizer import EOS, PAD
+from nmt.translate import translate_ids
+
+V = 14
+ARCH = {**TINY_TRANSFORMER, "enc_layers": 2, "dec_layers": 2}
+LIMITS = dict(max_len_a=2.0, max_len_b=6)
+
+
+def _model(seed: int, norm: str = "pre"):
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(**{**ARCH, "norm": norm}), V, V).eval()
+
+
+def _sources(seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    src = torch.randint(7, V, (5, 7), generator=generator)
+    src[:, -1] = EOS
+    src[1, 3], src[1, 4:] = EOS, PAD  # a shorter sentence
+    return src
+
+
+def _static(model, src, rules=None):
+    return StaticDecoding(model, int(output_limits(src, LIMITS["max_len_a"], LIMITS["max_len_b"], rules or StepRules()).max()))
+
+
+def _same(plain, static):
+    assert [h.tokens for h in plain] == [h.tokens for h in static]
+    assert [h.score for h in plain] == pytest.approx([h.score for h in static], abs=1e-4)
+    for a, b in zip(plain, static):
+        if a.attention is not None:
+            assert torch.allclose(a.attention, b.attention, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_greedy_and_beam_search_give_the_plain_output(seed, norm):
+    model, src = _model(seed, norm), _sources(seed)
+    _same(greedy_search(model, src, **LIMITS), greedy_search(_static(model, src), src, **LIMITS))
+    plain = beam_search(model, src, 4, nbest=3, **LIMITS)
+    static = beam_search(_static(model, src), src, 4, nbest=3, **LIMITS)
+    for a, b in zip(plain, static):  # sentences finish at different steps: the batch shrinks
+        _same(a, b)
+
+
+def test_attention_prefixes_banned_ngrams_and_sampling_give_the_plain_output():
+    model, src = _model(3), _sources(3)
+    choice = AttentionChoice(1, None)
+    _same(greedy_search(model, src, **LIMITS, attention=choice),
+          greedy_search(_static(model, src), src, **LIMITS, attention=choice))
+    rules = StepRules(2, torch.tensor([[8, 9, 10], [11, 0, 0], [0, 0, 0], [12, 12, 12], [9, 0, 0]]))
+    plain = beam_search(model, src, 3, nbest=2, **LIMITS, attention=AttentionChoice(2, 1), rules=rules)
+    static = beam_search(_static(model, src, rules), src, 3, nbest=2, **LIMITS, attention=AttentionChoice(2, 1), rules=rules)
+    for a, b in zip(plain, static):
+        _same(a, b)
+    draw = lambda: Sampling(topk=5, generator=torch.Generator().manual_seed(4))  # noqa: E731
+    for a, b in zip(sample_search(model, src, draw(), 3, **LIMITS), sample_search(_static(model, src), src, draw(), 3, **LIMITS)):
+        _same(a, b)
+
+
+def test_translate_with_static_cache_gives_the_same_translations():
+    model = _model(5)
+    sources = [[7, 8, 9, 10], [11, 12], [13, 7, 7, 9, 10, 11, 12, 8], [9]]
+    plain = DecodeConfig(beam=3, nbest=2, batch_tokens=12, **LIMITS)  # several batches of several lengths
+    static = dataclasses.replace(plain, static_cache=True)
+    for a, b in zip(translate_ids(model, sources, plain, torch.device("cpu")),
+                    translate_ids(model, sources, static, torch.device("cpu"))):
+        _same(a, b)
+
+
+def test_the_buffers_keep_one_shape_and_rows_move_with_their_beams():
+    model, src = _model(6), _sources(6)
+    decoder = _static(model, src)
+    memory = decoder.encode(src)
+    state = decoder.init_state(memory)
+    keys = state.buffers.caches[0][0]
+    prev = torch.full((5,), 2)
+    for _ in range(3):
+        _, state = decoder.decode_step(prev, memory, state)
+        assert state.buffers.caches[0][0] is keys and keys.shape[2] == decoder.length
+    before = keys[[4, 0]].clone()
+    state = state.reorder(torch.tensor([4, 0]))
+    assert isinstance(state, StaticState) and state.rows == 2
+    assert torch.equal(keys[:2], before)
+    log_probs, state = decoder.decode_step(prev[:2], memory.reorder(torch.tensor([4, 0])), state)
+    assert log_probs.shape == (2, V)
