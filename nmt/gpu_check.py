@@ -13,7 +13,8 @@ after every stage, so that a run cut short keeps what it measured:
 4. `bench-train`: `nmt bench`'s training section for both recipes and Transformer-base (6+6,
    d_model 512, a 32k vocabulary) in bf16, with model FLOPs utilization;
 5. `bench-decode`: `nmt bench`'s decoding section on the models of 2 and 3: the plain path, the
-   incremental one and bf16 autocast, with the lines where they differ;
+   incremental one, bf16 autocast and (Transformer) fixed-shape steps replayed as CUDA graphs
+   (`decode.static_cache`), with the lines where they differ;
 6. `compile`: the Transformer's training throughput with `train.compile` (torch.compile).
 
 `python -m nmt.gpu_check bundle` (`make gpu-bundle`), run beforehand on a machine that reaches the
