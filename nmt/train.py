@@ -681,10 +681,10 @@ class Trainer:
                 if tc.max_epochs and st.epoch >= tc.max_epochs:
                     reason = "max_epochs"
                     break
+                groups = update_groups(self.task.epoch_batches(self.rank_tokens, st.epoch), self.update_batches, self.ranks.active)
                 if tc.max_steps and st.step >= tc.max_steps:  # a resumed run that had finished
                     reason = "max_steps"
                     break
-                groups = update_groups(self.task.epoch_batches(self.rank_tokens, st.epoch), self.update_batches, self.ranks.active)
                 if not tc.max_steps and tc.max_epochs and bar.total is None:
                     bar.total = tc.max_epochs * len(groups)  # for the ETA; batch counts vary a little
                 reason = self.run_epoch(groups, bar)

@@ -74,6 +74,7 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
     assert losses("a") == losses("b")
     again = train(_config(data_dir, tmp_path / "b", model, max_steps=10, **settings), resume=True, progress=False)
     assert again.steps == 10 and again.stop_reason == "max_steps"  # a finished run stays finished
+    assert again.epochs == result.epochs
     assert losses("b") == losses("a")
 
 

@@ -20,18 +20,21 @@ trained=de-en,en-de,fr-en,en-fr,cs-en,en-cs
 zero_shot=de-fr,fr-de,de-cs,cs-de,fr-cs,cs-fr
 run="$work/$kind"
 mkdir -p "$work"
+# A run with a checkpoint to continue: last/, or the copy a save that was cut short left beside it.
+has_checkpoint() { [ -d "$1/last" ] || compgen -G "$1/.last.old-*" > /dev/null; }
+# nmt evaluate into WORK/NAME.json, which appears only once it is complete.
+scores() { local name=$1; shift; $nmt evaluate "$@" --json > "$work/$name.json.tmp"; mv "$work/$name.json.tmp" "$work/$name.json"; }
 [ -f "$work/data/manifest.json" ] || $nmt prepare --train "$m30k/train" --valid "$m30k/val" \
     --test "$m30k/test_2016_flickr" --directions $trained --zero-shot $zero_shot --vocab-size 8000 \
     --out "$work/data" --no-progress
 continue_run=()
-[ -d "$run/last" ] && continue_run=(--resume)
+has_checkpoint "$run" && continue_run=(--resume)
 $nmt train "$here/transformer-$kind.yaml" --data "$work/data" --out "$run" --no-progress "${continue_run[@]}" "${train_args[@]}"
-$nmt evaluate --model "$run" --data "$work/data" --off-target --hyp-dir "$work/hyp-direct" --json > "$work/direct.json"
-$nmt evaluate --model "$run" --data "$work/data" --directions $zero_shot --pivot en --off-target \
-    --hyp-dir "$work/hyp-pivot" --json > "$work/pivot.json"
+scores direct --model "$run" --data "$work/data" --off-target --hyp-dir "$work/hyp-direct"
+scores pivot --model "$run" --data "$work/data" --directions $zero_shot --pivot en --off-target --hyp-dir "$work/hyp-pivot"
 rm -rf "$run-avg"  # the average of the run as it is now
 $nmt average "$run" --last 5 --out "$run-avg"
-$nmt evaluate --model "$run-avg" --data "$work/data" --directions $trained --hyp-dir "$work/hyp-avg" --json > "$work/average.json"
+scores average --model "$run-avg" --data "$work/data" --directions $trained --hyp-dir "$work/hyp-avg"
 if [ "$bridge" = bridge ]; then
     mkdir -p "$work/bridge"
     for lang in de fr; do
@@ -46,11 +49,10 @@ if [ "$bridge" = bridge ]; then
         --zero-shot de-cs,cs-de,fr-cs,cs-fr "${trains[@]}" --valid "$m30k/val" --test "$m30k/test_2016_flickr" \
         --vocab-size 8000 --out "$work/data-bridge" --no-progress
     continue_run=()
-    [ -d "$run-bridge/last" ] && continue_run=(--resume)
+    has_checkpoint "$run-bridge" && continue_run=(--resume)
     $nmt train "$here/transformer-$kind.yaml" --data "$work/data-bridge" --out "$run-bridge" --no-progress \
         "${continue_run[@]}" "${train_args[@]}"
-    $nmt evaluate --model "$run-bridge" --data "$work/data-bridge" --off-target --hyp-dir "$work/hyp-bridge" \
-        --json > "$work/bridge.json"
+    scores bridge --model "$run-bridge" --data "$work/data-bridge" --off-target --hyp-dir "$work/hyp-bridge"
 fi
 python3 "$here/results.py" "$work" > "$work/results.json"
 cat "$work/results.json"

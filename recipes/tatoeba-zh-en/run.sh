@@ -20,6 +20,8 @@ read -r -a train_args <<< "${TRAIN_ARGS:-}"
 mkdir -p "$work"
 times="$work/times.txt"; touch "$times"
 stage() { local name=$1 t0; shift; t0=$(date +%s); "$@"; echo "$name $(( $(date +%s) - t0 ))" >> "$times"; }
+# A run with a checkpoint to continue: last/, or the copy a save that was cut short left beside it.
+has_checkpoint() { [ -d "$1/last" ] || compgen -G "$1/.last.old-*" > /dev/null; }
 
 # Each row: a run name and the nmt train options that make it differ from the recipe.
 rows=("recipe|")
@@ -39,7 +41,7 @@ if [[ $extras == *" pretrained "* ]]; then
         --vocab-size 8000 --out "$work/data-mono" --no-progress
     # A pretraining that was stopped goes on from its last/ checkpoint.
     if [ ! -f "$work/masked-lm.done" ]; then
-        start=--overwrite; [ -d "$work/masked-lm/last" ] && start=--resume
+        start=--overwrite; has_checkpoint "$work/masked-lm" && start=--resume
         stage pretrain $nmt pretrain "$here/pretrain-$kind.yaml" --data "$work/data-mono" --out "$work/masked-lm" \
             $start --no-progress "${train_args[@]}"
         touch "$work/masked-lm.done"
@@ -57,12 +59,13 @@ for pair in zh-en en-zh; do
             --out "$data" --no-progress
         run="$work/$pair-$name"
         [ -f "$run/test.json" ] && continue
-        start=--overwrite; [ -d "$run/last" ] && start=--resume  # a stopped run goes on where it was
+        start=--overwrite; has_checkpoint "$run" && start=--resume  # a stopped run goes on where it was
         stage "train-$pair-$name" $nmt train "$here/transformer-$kind.yaml" --data "$data" --out "$run" \
             $start --no-progress "${options[@]}" "${train_args[@]}"
         stage "translate-$pair-$name" $nmt translate "$run" -i "$data/test.src.txt" -o "$run/test.hyp"
         # Scored against the references of the normalized data dir (Chinese: in Simplified).
-        $nmt evaluate --hyp "$run/test.hyp" --ref "$work/data-$pair/test.tgt.txt" --lang "$tgt" --json > "$run/test.json"
+        $nmt evaluate --hyp "$run/test.hyp" --ref "$work/data-$pair/test.tgt.txt" --lang "$tgt" --json > "$run/test.json.tmp"
+        mv "$run/test.json.tmp" "$run/test.json"  # complete, or not there: a run without it is run again
     done
 done
 $nmt translate "$work/zh-en-recipe" -i "$here/examples.zh" -o "$work/examples.zh-en"
