@@ -47,6 +47,7 @@ from nmt.files import Manifest, VocabInfo
 from nmt.models import build_model
 from nmt.prepare import PrepareConfig, prepare
 from nmt.search import FullPrefixDecoding
+from nmt.static_decoding import GRAPH_COUNTS
 from nmt.tokenizer import Tokenizer
 from nmt.train import compile_model, make_optimizer, train, training_update
 from nmt.train_log import read_train_log
@@ -263,10 +264,13 @@ def bench_decoding(
             decode = dataclasses.replace(config.decode, beam=beam, nbest=1, precision=precision, sampling=False,
                                          static_cache=static)
             # The plain baseline is slow and steady: one run of it is enough for the ratio.
+            counts_before = dict(GRAPH_COUNTS)
             times, translations = time_translation(
                 decoder, tokenizer, lines, decode, device, normalization, 1 if path_name == "plain" else repeats
             )
             record = _decoding_record(name, path_name, precision, beam, lines, references, times, translations, texts_of)
+            if static:  # whether the steps were replayed graphs or ran eagerly (a failed capture)
+                record["cuda_graphs"] = {key: GRAPH_COUNTS[key] - counts_before.get(key, 0) for key in GRAPH_COUNTS}
             if precision != "fp32" or static:
                 record["lines_differing_from_fp32"] = _differing(texts_of[path_name, beam], texts_of["nmt", beam])
             records.append(record)

@@ -3,10 +3,11 @@
 A plain decoder step grows its keys/values by one position (a new tensor each step) and its
 batch shrinks as sentences finish, so every step launches its kernels anew, one by one, from
 Python. `StaticDecoding` wraps a model with `static_buffers`/`static_step` (the Transformer):
-all steps of a batch run on the same buffers, whose rows are the batch's (a smaller batch uses
-the first rows), so one step is captured once as a CUDA graph and replayed with a single launch.
-On a CPU, or when capture fails, the same fixed-shape step runs eagerly. Search does not know
-the difference: it is a `StepDecoder` like the model.
+all steps run on buffers of one shape (rows, source and output lengths rounded up to buckets),
+a smaller batch or a shorter source uses their first rows and columns, so one step is captured
+once as a CUDA graph and replayed with a single launch, batch after batch. On a CPU, or when
+capture fails, the same fixed-shape step runs eagerly. Search does not know the difference: it
+is a `StepDecoder` like the model.
 
 Its memory and state share the buffers: `reorder` moves rows inside them, and the object it was
 called on is not used again (search always goes on with the reordered one).
@@ -14,13 +15,22 @@ called on is not used again (search always goes on with the reordered one).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import weakref
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 
+from nmt.errors import first_line
 from nmt.models.attention import AttentionChoice
+
+# What the buffers did in this process: graphs captured, captures that failed, steps replayed
+# and steps run eagerly (bench reports them, so that a fallback is seen).
+GRAPH_COUNTS: Counter = Counter()
+CACHED_SHAPES = 4  # buffers (and graphs) kept per model, the most recently used
 
 
 @runtime_checkable
@@ -37,32 +47,45 @@ class StaticStepModel(Protocol):
     def resolve_attention(self, attention: AttentionChoice | None) -> AttentionChoice | None: ...
 
 
-class Buffers:
-    """Everything one captured step reads and writes, for `capacity` rows."""
+def bucket(size: int, step: int) -> int:
+    return -(-size // step) * step
 
-    def __init__(self, model: StaticStepModel, memory, length: int, attention: AttentionChoice | None):
-        self.capacity = memory.mask.shape[0]
-        self.memory = memory.reorder(torch.arange(self.capacity, device=memory.mask.device))  # a copy of its own
-        self.caches = model.static_buffers(self.capacity, length, memory.cross_kv[0][0])
-        self.prev = torch.zeros(self.capacity, dtype=torch.long, device=memory.mask.device)
-        self.position = torch.zeros(1, dtype=torch.long, device=memory.mask.device)
+
+class Buffers:
+    """Everything one captured step reads and writes: `capacity` rows of a source of up to
+    `source_length` tokens and outputs of up to `length` tokens."""
+
+    def __init__(self, model: StaticStepModel, memory, capacity: int, source_length: int, length: int,
+                 attention: AttentionChoice | None):
+        k = memory.cross_kv[0][0]  # (B, H, S, Dh)
+        self.capacity, self.source_length = capacity, source_length
+        shape = (capacity, k.shape[1], source_length, k.shape[3])  # (C, H, S, Dh)
+        self.memory = dataclasses.replace(
+            memory, mask=torch.ones(capacity, source_length, dtype=torch.bool, device=k.device),
+            cross_kv=[(k.new_zeros(shape), k.new_zeros(shape)) for _ in memory.cross_kv],
+        )
+        self.caches = model.static_buffers(capacity, length, k)
+        self.prev = torch.zeros(capacity, dtype=torch.long, device=k.device)
+        self.position = torch.zeros(1, dtype=torch.long, device=k.device)
         self.attention = attention
-        self.source = memory  # the memory object whose rows the buffers hold
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.source = None  # the memory object whose rows the buffers hold
+        self.rows = 0  # rows of that memory
+        self.columns = 0  # its source length
+        self.graph = None  # torch.cuda.CUDAGraph, once captured
         self.outputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def load_memory(self, memory) -> None:
-        """Copy `memory`'s rows into the first rows, unless they are there already."""
+        """Copy `memory`'s rows into the first rows (masking the columns past its source), unless
+        they are there already."""
         if memory is self.source:
             return
-        rows = memory.mask.shape[0]
-        if rows > self.capacity:
-            raise ValueError(f"a batch of {rows} rows in buffers for {self.capacity}")
-        self.memory.mask[:rows].copy_(memory.mask)
+        rows, columns = memory.mask.shape
+        self.memory.mask[:rows].fill_(False)
+        self.memory.mask[:rows, :columns].copy_(memory.mask)
         for (k, v), (new_k, new_v) in zip(self.memory.cross_kv, memory.cross_kv):
-            k[:rows].copy_(new_k)
-            v[:rows].copy_(new_v)
-        self.source = memory
+            k[:rows, :, :columns].copy_(new_k)
+            v[:rows, :, :columns].copy_(new_v)
+        self.source, self.rows, self.columns = memory, rows, columns
 
     def move_rows(self, indices: torch.Tensor) -> None:
         """Row i of the caches becomes what row indices[i] was (beams follow their parents)."""
@@ -84,23 +107,26 @@ class StaticState:
         return StaticState(self.buffers, len(indices), self.step, kept)
 
 
+_buffers_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> OrderedDict(shape -> Buffers)
+
+
 class StaticDecoding:
     """`model` as a `StepDecoder` whose steps have fixed shapes, for outputs of up to `length`
-    tokens; on CUDA each step is a replayed CUDA graph (`graphs`), unless capture fails."""
+    tokens; on CUDA each step is a replayed CUDA graph, unless capture fails (then, for the
+    rest of the process, decoding goes on without graphs)."""
 
-    warned = False  # one warning per process when capture fails
+    capture_failed = False
 
-    def __init__(self, model: StaticStepModel, length: int, graphs: bool = True):
-        self.model, self.length, self.graphs = model, length, graphs
+    def __init__(self, model: StaticStepModel, length: int):
+        self.model, self.length = model, length
 
     def encode(self, src: torch.Tensor):
         return self.model.encode(src)
 
     def init_state(self, memory, attention: AttentionChoice | None = None) -> StaticState:
-        buffers = Buffers(self.model, memory, self.length, self.model.resolve_attention(attention))
-        if self.graphs and memory.mask.is_cuda:
-            self._capture(buffers)
-        return StaticState(buffers, buffers.capacity, 0)
+        buffers = self._buffers(memory, self.model.resolve_attention(attention))
+        buffers.load_memory(memory)
+        return StaticState(buffers, memory.mask.shape[0], 0)
 
     def decode_step(self, prev_tokens: torch.Tensor, memory, state: StaticState) -> tuple[torch.Tensor, StaticState]:
         buffers, rows = state.buffers, prev_tokens.shape[0]
@@ -112,33 +138,60 @@ class StaticDecoding:
         if buffers.graph is not None:
             buffers.graph.replay()
             log_probs, attention = buffers.outputs
+            GRAPH_COUNTS["replayed_steps"] += 1
         else:
             log_probs, attention = self._step(buffers)
+            GRAPH_COUNTS["eager_steps"] += 1
         # The outputs live in the buffers and change at the next step: search changes log-probs
         # within a step only, but keeps the attention of every step.
-        kept = None if attention is None else attention[:rows].clone()
+        kept = None if attention is None else attention[:rows, : buffers.columns].clone()
         return log_probs[:rows], StaticState(buffers, rows, state.step + 1, kept)
+
+    def _buffers(self, memory, attention: AttentionChoice | None) -> Buffers:
+        """The model's buffers for this batch's bucket of shapes (made, and captured, on first use)."""
+        rows, columns = memory.mask.shape
+        device = memory.mask.device
+        half = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        shape = (device, half, 1 << (rows - 1).bit_length(), bucket(columns, 16), bucket(self.length, 16), attention)
+        cache = _buffers_of.setdefault(self.model, OrderedDict())
+        if shape in cache:
+            cache.move_to_end(shape)
+            return cache[shape]
+        buffers = Buffers(self.model, memory, *shape[2:])
+        if self.graphs_on(device) and not StaticDecoding.capture_failed:
+            self.capture(buffers)
+        cache[shape] = buffers
+        while len(cache) > CACHED_SHAPES:
+            cache.popitem(last=False)
+        return buffers
+
+    def graphs_on(self, device: torch.device) -> bool:
+        return device.type == "cuda"
 
     def _step(self, buffers: Buffers) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.model.static_step(buffers.prev, buffers.memory, buffers.caches, buffers.position, buffers.attention)
 
-    def _capture(self, buffers: Buffers) -> None:
+    def capture(self, buffers: Buffers) -> None:
         """Record one step as a CUDA graph after two warm-up runs on a side stream (what CUDA
-        graphs need); on failure, decoding goes on eagerly with the same buffers."""
+        graphs need). Under autocast, the graph casts the weights itself: autocast's cache of
+        cast weights is emptied when its region ends, and a graph outlives the region."""
+        device = buffers.prev.device.type
+        half = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._step(buffers)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                buffers.outputs = self._step(buffers)
+            with torch.autocast(device, dtype=half or torch.float32, enabled=half is not None, cache_enabled=False):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self._step(buffers)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    buffers.outputs = self._step(buffers)
             buffers.graph = graph
+            GRAPH_COUNTS["captured"] += 1
         except RuntimeError as e:  # an operation capture does not allow, or out of memory
             buffers.graph, buffers.outputs = None, None
-            if not StaticDecoding.warned:
-                StaticDecoding.warned = True
-                print(f"warning: CUDA graph capture failed ({str(e).splitlines()[0]}); decoding without it",
-                      file=sys.stderr)
+            StaticDecoding.capture_failed = True
+            GRAPH_COUNTS["failed"] += 1
+            print(f"warning: CUDA graph capture failed ({first_line(e)}); decoding goes on without it", file=sys.stderr)

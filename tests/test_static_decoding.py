@@ -87,13 +87,75 @@ def test_the_buffers_keep_one_shape_and_rows_move_with_their_beams():
     memory = decoder.encode(src)
     state = decoder.init_state(memory)
     keys = state.buffers.caches[0][0]
+    assert keys.shape[0] == 8 and keys.shape[2] % 16 == 0 and keys.shape[2] >= decoder.length  # buckets
     prev = torch.full((5,), 2)
     for _ in range(3):
         _, state = decoder.decode_step(prev, memory, state)
-        assert state.buffers.caches[0][0] is keys and keys.shape[2] == decoder.length
+        assert state.buffers.caches[0][0] is keys
     before = keys[[4, 0]].clone()
     state = state.reorder(torch.tensor([4, 0]))
     assert isinstance(state, StaticState) and state.rows == 2
     assert torch.equal(keys[:2], before)
     log_probs, state = decoder.decode_step(prev[:2], memory.reorder(torch.tensor([4, 0])), state)
     assert log_probs.shape == (2, V)
+
+
+class ReplayedStep:
+    """A stand-in for a CUDA graph on the CPU: replay() runs the captured step again and writes
+    its results into the same output tensors, as a graph does."""
+
+    def __init__(self, decoder, buffers):
+        self.decoder, self.buffers = decoder, buffers
+
+    def replay(self):
+        for out, new in zip(self.buffers.outputs, self.decoder._step(self.buffers)):
+            if out is not None:
+                out.copy_(new)
+
+
+class FakeGraphs(StaticDecoding):
+    captures: list = []
+
+    def graphs_on(self, device):
+        return True
+
+    def capture(self, buffers):
+        FakeGraphs.captures.append(buffers)
+        buffers.outputs = self._step(buffers)
+        buffers.graph = ReplayedStep(self, buffers)
+
+
+def test_replayed_steps_give_the_plain_output_batch_after_batch(monkeypatch):
+    """The replay path (outputs overwritten in place at every step, buffers reused by the next
+    batch of the same bucket) on the CPU, with a stand-in graph."""
+    import nmt.static_decoding as static_decoding
+
+    monkeypatch.setattr(static_decoding, "GRAPH_COUNTS", type(static_decoding.GRAPH_COUNTS)())
+    monkeypatch.setattr(FakeGraphs, "captures", [])
+    model = _model(7)
+    for seed in (7, 8):  # two batches of one bucket: the second replays the first one's buffers
+        src = _sources(seed)
+        choice = AttentionChoice(2, None)
+        decoder = FakeGraphs(model, int(output_limits(src, LIMITS["max_len_a"], LIMITS["max_len_b"], StepRules()).max()))
+        _same(beam_search(model, src, 3, nbest=2, **LIMITS, attention=choice)[0],
+              beam_search(decoder, src, 3, nbest=2, **LIMITS, attention=choice)[0])
+        _same(greedy_search(model, src, **LIMITS, attention=choice), greedy_search(decoder, src, **LIMITS, attention=choice))
+    assert len(FakeGraphs.captures) == 2  # beam (15 rows) and greedy (5 rows) buckets, each captured once
+    assert static_decoding.GRAPH_COUNTS["replayed_steps"] > 0 and static_decoding.GRAPH_COUNTS["eager_steps"] == 0
+
+
+def test_translate_decodes_through_the_static_path_when_asked(monkeypatch):
+    calls = []
+    original = StaticDecoding.decode_step
+
+    def counting(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(StaticDecoding, "decode_step", counting)
+    model = _model(9)
+    decode = DecodeConfig(beam=2, **LIMITS)
+    translate_ids(model, [[7, 8, 9]], decode, torch.device("cpu"))
+    assert not calls
+    translate_ids(model, [[7, 8, 9]], dataclasses.replace(decode, static_cache=True), torch.device("cpu"))
+    assert calls
