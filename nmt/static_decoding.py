@@ -15,6 +15,7 @@ called on is not used again (search always goes on with the reordered one).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import weakref
@@ -178,7 +179,8 @@ class StaticDecoding:
         device = buffers.prev.device.type
         half = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         try:
-            with torch.autocast(device, dtype=half or torch.float32, enabled=half is not None, cache_enabled=False):
+            uncached = torch.autocast(device, dtype=half, cache_enabled=False) if half else contextlib.nullcontext()
+            with uncached:
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
