@@ -3,17 +3,19 @@
 # 26,100 unpaired English sentences into German (beam search, and sampling from the 10 most
 # probable tokens), then train de->en on the real plus the synthetic pairs and compare with
 # de->en from the real pairs alone. With `pretrained`, also pretrain a masked LM on the unpaired
-# text and start de->en from it, with and without the beam back-translations.
-# Writes WORK/results-bt.json.
+# text and start de->en from it, with and without the beam back-translations. With `tuned`, also
+# train de->en from scratch with the low-resource settings of translate-tuned.yaml, on the shared
+# vocabulary and on a 2,000-piece one of the 2,900 pairs' own: the baselines the gains of
+# pretraining and back-translation are to be measured against. Writes WORK/results-bt.json.
 #
-#   recipes/multi30k-lowres/backtranslate.sh cpu|gpu WORK_DIR [MULTI30K_DIR] [pretrained]
+#   recipes/multi30k-lowres/backtranslate.sh cpu|gpu WORK_DIR [MULTI30K_DIR] [pretrained] [tuned]
 #
 # Every run uses one SentencePiece model (joint, 8,000 pieces), trained on the unpaired text by
 # `nmt prepare --mono`; every translation run has translate-KIND.yaml's config and budget. A
 # stage whose output exists is not run again, so an interrupted comparison continues where it
 # stopped. NMT, PRETRAIN_ARGS and TRAIN_ARGS as in run.sh.
 set -euo pipefail
-kind=${1:?cpu or gpu}; work=${2:?work dir}; m30k=${3:-../shared/data/multi30k}; with_pretrained=${4:-}
+kind=${1:?cpu or gpu}; work=${2:?work dir}; m30k=${3:-../shared/data/multi30k}; extras=" ${*:4} "
 here=$(cd "$(dirname "$0")" && pwd)
 nmt=${NMT:-nmt}
 read -r -a pretrain_args <<< "${PRETRAIN_ARGS:-}"
@@ -32,14 +34,18 @@ prepare_pairs() {  # prepare_pairs OUT TRAIN_PREFIX SRC TGT
     [ -f "$1/manifest.json" ] || $nmt prepare --train "$2" --valid "$m30k/val" --test "$m30k/test_2016_flickr" \
         --src "$3" --tgt "$4" --spm-model "$spm" --out "$1" --no-progress
 }
-train_and_score() {  # train_and_score NAME DATA [nmt train options...]
+# A run with a checkpoint to continue: last/, or the copy a save that was cut short left beside it.
+has_checkpoint() { [ -d "$1/last" ] || compgen -G "$1/.last.old-*" > /dev/null; }
+train_and_score() {  # train_and_score NAME DATA [nmt train options...]; CONFIG overrides translate-KIND.yaml
     local name=$1 data=$2; shift 2
-    local run=$work/$name
+    local run=$work/$name start=--overwrite
     if [ ! -f "$run/test.json" ]; then
-        stage "train-$name" $nmt train "$here/translate-$kind.yaml" --data "$data" --out "$run" --overwrite \
+        has_checkpoint "$run" && start=--resume  # a stopped run goes on where it was
+        stage "train-$name" $nmt train "${CONFIG:-$here/translate-$kind.yaml}" --data "$data" --out "$run" $start \
             --no-progress "$@" "${train_args[@]}"
         stage "translate-$name" $nmt translate "$run" -i "$data/test.src.txt" -o "$run/test.hyp"
-        $nmt evaluate --hyp "$run/test.hyp" --ref "$data/test.tgt.txt" --json > "$run/test.json"
+        $nmt evaluate --hyp "$run/test.hyp" --ref "$data/test.tgt.txt" --json > "$run/test.json.tmp"
+        mv "$run/test.json.tmp" "$run/test.json"  # complete, or not there
     fi
 }
 
@@ -62,17 +68,23 @@ for method in beam topk10; do
     train_and_score "bt-$method" "$work/data-bt-$method"
 done
 
-if [ "$with_pretrained" = pretrained ]; then
+if [[ $extras == *" pretrained "* ]]; then
     # The masked LM's directory is not a run's (`train_and_score pretrained` trains into
     # $work/pretrained). A pretraining that was stopped goes on from its last/ checkpoint.
     if [ ! -f "$work/masked-lm.done" ]; then
-        start=--overwrite; [ -d "$work/masked-lm/last" ] && start=--resume
+        start=--overwrite; has_checkpoint "$work/masked-lm" && start=--resume
         stage pretrain $nmt pretrain "$here/pretrain-$kind.yaml" --data "$work/data-mono" --out "$work/masked-lm" \
             $start --no-progress "${pretrain_args[@]}"
         touch "$work/masked-lm.done"
     fi
     train_and_score pretrained "$work/data-lowres" --init "$work/masked-lm"
     train_and_score pretrained+bt-beam "$work/data-bt-beam" --init "$work/masked-lm"
+fi
+if [[ $extras == *" tuned "* ]]; then
+    [ -f "$work/data-lowres-2k/manifest.json" ] || $nmt prepare --train "$text/lowres" --valid "$m30k/val" \
+        --test "$m30k/test_2016_flickr" --src de --tgt en --vocab-size 2000 --out "$work/data-lowres-2k" --no-progress
+    CONFIG="$here/translate-tuned.yaml" train_and_score scratch-tuned "$work/data-lowres"
+    CONFIG="$here/translate-tuned.yaml" train_and_score scratch-tuned-2k "$work/data-lowres-2k"
 fi
 python3 "$here/bt_results.py" "$work" > "$work/results-bt.json"
 cat "$work/results-bt.json"

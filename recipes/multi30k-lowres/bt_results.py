@@ -6,9 +6,10 @@ from pathlib import Path
 
 from results import log_records  # run.sh's collector, beside this file
 
-RUNS = ("scratch", "bt-beam", "bt-topk10", "pretrained", "pretrained+bt-beam")
+RUNS = ("scratch", "bt-beam", "bt-topk10", "pretrained", "pretrained+bt-beam", "scratch-tuned", "scratch-tuned-2k")
 DATA = {"en-de": "data-lowres-en-de", "scratch": "data-lowres", "pretrained": "data-lowres",
-        "bt-beam": "data-bt-beam", "bt-topk10": "data-bt-topk10", "pretrained+bt-beam": "data-bt-beam"}
+        "bt-beam": "data-bt-beam", "bt-topk10": "data-bt-topk10", "pretrained+bt-beam": "data-bt-beam",
+        "scratch-tuned": "data-lowres", "scratch-tuned-2k": "data-lowres-2k"}
 
 
 def run_result(work: Path, name: str, times: dict) -> dict:
@@ -40,6 +41,10 @@ def main(work: Path) -> dict:
             result[name] = run_result(work, name, times)
     scratch = result["scratch"]["test_bleu"]
     result["bleu_gain_over_scratch"] = {name: round(result[name]["test_bleu"] - scratch, 2) for name in RUNS[1:] if name in result}
+    tuned = max((result[name]["test_bleu"] for name in ("scratch-tuned", "scratch-tuned-2k") if name in result), default=None)
+    if tuned is not None:  # the gains against the better of the tuned baselines
+        result["bleu_gain_over_tuned_scratch"] = {name: round(result[name]["test_bleu"] - tuned, 2)
+                                                  for name in RUNS[1:5] if name in result}
     return result
 
 
