@@ -179,7 +179,7 @@ def _sentencepiece(directory: Path, work: Path, config: MonoPrepareConfig, langs
     with open(work, encoding="utf-8", newline="\n") as f:
         return train_sentencepiece(
             (line[:-1] for line, keep in zip(f, chosen) if keep), directory / "spm.joint", config.vocab_size,
-            model_type=config.spm_type, max_sentences=config.spm_max_sentences, threads=worker_count(config.workers),
+            model_type=config.spm_type, max_sentences=config.spm_max_sentences,
             **sentencepiece_coverage(config.character_coverage, tuple(langs)),
         )
 

@@ -40,7 +40,7 @@ from nmt.prepare import (
     worker_count_for,
     write_eval_split,
 )
-from nmt.shards import concatenate_token_files, token_dtype, worker_count
+from nmt.shards import concatenate_token_files, token_dtype
 from nmt.tokenizer import UNK, Tokenizer, language_tag, load_sentencepiece, train_sentencepiece
 
 DEFAULT_TEMPERATURE = 1.5  # fairseq's default for multilingual sampling
@@ -186,49 +186,72 @@ def direction_config(config: MultilingualConfig, index: int) -> PrepareConfig:
 
 
 def _build(directory: Path, config: MultilingualConfig, progress: bool) -> Manifest:
+    """Read and clean each direction, keep held-out sentences out of every direction's
+    training pairs, train the joint SentencePiece model with the tags, then encode."""
     stages = Stages()
-    base = config.prepare
     work = directory / "work"
     corpora = {d: clean_and_split(direction_config(config, i), work / d, progress) for i, d in enumerate(config.directions)}
     held_out = {d: (c.eval_clean, c.eval_raw) for d, c in corpora.items()}
     held_out.update({d: _zero_shot_splits(d, config, len(config.directions) + k) for k, d in enumerate(config.zero_shot)})
-    in_other = hold_out_everywhere(corpora, {d: clean for d, (clean, _) in held_out.items()})
+    lost = hold_out_everywhere(corpora, {d: clean for d, (clean, _) in held_out.items()})
     stages.done("read_clean_split")
     languages = sorted({lang for d in config.directions + config.zero_shot for lang in direction_languages(d)})
     model, sample_counts = _sentencepiece(directory, corpora, languages, config)
     tokenizer = Tokenizer(model, model)
     dtype = token_dtype(tokenizer.src_vocab_size)
     stages.done("sentencepiece")
+    direction_counts, train_counts = _encode_training(directory, corpora, tokenizer, dtype, config, progress)
+    stages.done("encode")
+    unk = _write_held_out(directory, held_out, tokenizer, dtype, direction_counts)
+    shutil.rmtree(work)
+    stages.done("valid_test")
+    cleaning = {d: {**c.cleaning(), "held_out_elsewhere": lost[d]} for d, c in corpora.items()}
+    return _manifest(directory, config, corpora, languages, tokenizer, direction_counts, train_counts, cleaning, unk,
+                     sample_counts, stages, dtype)
 
+
+def _encode_training(directory: Path, corpora: dict[str, CleanedCorpus], tokenizer: Tokenizer, dtype, config: MultilingualConfig,
+                     progress: bool) -> tuple[dict, dict]:
+    """Each direction's training pairs, its target's tag before every source, one direction
+    after another into train.src/train.tgt; returns the per-direction counts and the totals."""
     direction_counts: dict[str, dict] = {}
+    model = tokenizer.src_model_path
     for d, corpus in corpora.items():
         tag = [tokenizer.tag_id(direction_languages(d)[1])]
-        counts = encode_training_pairs(corpus, [model, model], directory, f"train.{d}", dtype, base, progress, [tag, []])
+        counts = encode_training_pairs(corpus, [model, model], directory, f"train.{d}", dtype, config.prepare, progress, [tag, []])
         direction_counts[d] = {"train": counts}
     train_counts = {
         "pairs": sum(c["train"]["pairs"] for c in direction_counts.values()),
         "src_tokens": concatenate_token_files(directory, [f"train.{d}.src" for d in config.directions], "train.src")["tokens"],
         "tgt_tokens": concatenate_token_files(directory, [f"train.{d}.tgt" for d in config.directions], "train.tgt")["tokens"],
     }
-    stages.done("encode")
+    return direction_counts, train_counts
 
+
+def _write_held_out(directory: Path, held_out: dict, tokenizer: Tokenizer, dtype, direction_counts: dict) -> dict:
+    """valid.DIRECTION and test.DIRECTION of every direction, zero-shot ones too (their counts
+    go into `direction_counts`); returns the worst direction's share of <unk> in valid."""
     unk = {"src": 0.0, "tgt": 0.0}
     for d, (clean, raw) in held_out.items():
         tagged = tokenizer.for_target(direction_languages(d)[1])
         for split in ("valid", "test"):
             counts, unk_rate = write_eval_split(directory, f"{split}.{d}", clean[split], raw[split], tagged, dtype)
             direction_counts.setdefault(d, {})[split] = counts
-            if split == "valid":  # the worst direction's
+            if split == "valid":
                 unk = {side: max(unk[side], unk_rate[side]) for side in unk}
-    shutil.rmtree(work)
-    stages.done("valid_test")
+    return unk
 
+
+def _manifest(directory: Path, config: MultilingualConfig, corpora: dict[str, CleanedCorpus], languages: list[str],
+              tokenizer: Tokenizer, direction_counts: dict, train_counts: dict, cleaning: dict, unk: dict,
+              sample_counts: dict, stages: Stages, dtype) -> Manifest:
+    base = config.prepare
     totals = {"train": train_counts}
     for split in ("valid", "test"):
         totals[split] = {key: sum(direction_counts[d][split][key] for d in config.directions)
                          for key in ("pairs", "src_tokens", "tgt_tokens")}
-    first = corpora[config.directions[0]].cleaner
-    cleaning = {d: {**c.cleaning(), "held_out_elsewhere": in_other[d]} for d, c in corpora.items()}
+    first = corpora[config.directions[0]].cleaner  # bilingual readers' normalization record
+    model = tokenizer.src_model_path
     return Manifest(
         src_lang="+".join(sorted({direction_languages(d)[0] for d in config.directions})),
         tgt_lang="+".join(sorted({direction_languages(d)[1] for d in config.directions})),
@@ -240,8 +263,9 @@ def _build(directory: Path, config: MultilingualConfig, progress: bool) -> Manif
                "tests": config.tests, "tsvs": [str(p) for p in config.tsvs], "corpora": list(config.corpora),
                "spm_sample": sample_counts},
         valid_unk_percent=unk, token_dtype=dtype.name, stage_seconds=stages.seconds,
-        encode_workers=max(worker_count_for(c["train"]["pairs"], base) for c in direction_counts.values() if "train" in c), split_seed=base.seed, split_by=base.split_by,
-        nmt_version=__version__, directions=list(config.directions), zero_shot=list(config.zero_shot),
+        encode_workers=max(worker_count_for(direction_counts[d]["train"]["pairs"], base) for d in config.directions),
+        split_seed=base.seed, split_by=base.split_by, nmt_version=__version__, directions=list(config.directions),
+        zero_shot=list(config.zero_shot),
         languages={lang: language_normalization(lang, base.clean.normalization, base.clean.chinese_script).as_dict()
                    for lang in languages},
         direction_counts=direction_counts, direction_cleaning=cleaning, lang_temperature=config.lang_temperature,
@@ -298,7 +322,7 @@ def _sentencepiece(directory: Path, corpora: dict[str, CleanedCorpus], languages
     sample, counts = balanced_sample(corpora, base.spm_max_sentences, config.lang_temperature, base.seed)
     model = train_sentencepiece(
         sample, directory / "spm.joint", vocab_size=base.vocab_size, model_type=base.spm_type,
-        max_sentences=base.spm_max_sentences, threads=worker_count(base.workers), extra_symbols=tags,
+        max_sentences=base.spm_max_sentences, extra_symbols=tags,
         **sentencepiece_coverage(base.character_coverage, tuple(languages)),
     )
     return model, counts

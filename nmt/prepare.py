@@ -372,7 +372,6 @@ def _train_sentencepiece(directory: Path, work: Path, keep: np.ndarray, config: 
         vocab_size=config.vocab_size,
         model_type=config.spm_type,
         max_sentences=config.spm_max_sentences,
-        threads=worker_count(config.workers),
     )
     if config.joint_vocab:
         langs = (config.src_lang, config.tgt_lang)

@@ -26,6 +26,12 @@ def language_tag(lang: str) -> str:
     return f"<2{lang}>"
 
 
+# SentencePiece's model depends on the number of threads it trains with (its statistics are
+# summed per thread): a fixed number gives every machine the same vocabulary, the one the
+# recipes' figures were measured with on 2 cores.
+SENTENCEPIECE_THREADS = 2
+
+
 def train_sentencepiece(
     sentences: Iterable[str],
     model_prefix: Path,
@@ -34,7 +40,6 @@ def train_sentencepiece(
     character_coverage: float = 1.0,
     max_sentences: int = 1_000_000,
     seed_sentencepieces: int | None = None,
-    threads: int = 2,
     byte_fallback: bool = False,
     extra_symbols: tuple[str, ...] = (),
 ) -> Path:
@@ -60,7 +65,7 @@ def train_sentencepiece(
         input_sentence_size=max_sentences,
         shuffle_input_sentence=True,
         hard_vocab_limit=False,
-        num_threads=threads,
+        num_threads=SENTENCEPIECE_THREADS,
         minloglevel=2,
     )
     if seed_sentencepieces is not None:

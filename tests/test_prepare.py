@@ -230,3 +230,19 @@ def test_count_lines_of_plain_files_only(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"one\ntwo\r\nthree\xe2\x80\xa8still three\n")
     assert count_lines(tmp_path / "a.txt") == 3
     assert count_lines(tmp_path / "a.txt.gz") is None
+
+
+def test_the_vocabulary_does_not_depend_on_the_machines_cores(tmp_path):
+    """SentencePiece's model changes with its thread count; prepare fixes it, so a machine with
+    more cores (more encoding workers) gets the vocabulary of the README's runs."""
+    from importlib import resources
+
+    from nmt.corpora import find_corpus  # noqa: F401  (the bundled sample is part of the package)
+
+    sample = resources.files("nmt.corpora").joinpath("tatoeba-en-es-15k.tsv.gz")
+    vocabularies = []
+    for workers in (1, 3):
+        prepare(PrepareConfig(out_dir=tmp_path / f"w{workers}", src_lang="en", tgt_lang="es", tsv=sample,
+                              vocab_size=3000, workers=workers, valid_size=100, test_size=100))
+        vocabularies.append((tmp_path / f"w{workers}" / "spm.joint.vocab").read_text(encoding="utf-8"))
+    assert vocabularies[0] == vocabularies[1]
