@@ -422,6 +422,9 @@ def load_text_translator(
     if pivot is not None:
         if pivot in (languages.src, languages.tgt):
             raise ConfigError(f"--pivot {pivot} is the source or target language itself")
+        if not pivot_dirs and engine == "nmt" and not VocabInfo.read(Path(model_dirs[0])).multilingual:
+            raise ConfigError(f"{model_dirs[0]} translates one language pair: --pivot needs a multilingual model, "
+                              "or --pivot-model DIR for the second step")
         first = load_text_translator(model_dirs, decode_options, checkpoint, device, quantize, engine,
                                      LanguageChoice(pivot, languages.src))
         second = load_text_translator(pivot_dirs or model_dirs, decode_options, checkpoint, device, quantize, engine,

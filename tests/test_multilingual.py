@@ -416,3 +416,5 @@ def test_a_bilingual_model_refuses_other_languages(trained, tmp_path):
     assert_one_line_error(result, "translates into yy only")
     result = runner.invoke(app, ["translate", str(bilingual), "--tgt-lang", "yy", "--src-lang", "xx"], input="w1\n")
     assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["translate", str(bilingual), "--pivot", "zz"], input="w1\n")
+    assert_one_line_error(result, "--pivot needs a multilingual model")
