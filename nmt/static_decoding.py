@@ -57,7 +57,7 @@ class Buffers:
     `source_length` tokens and outputs of up to `length` tokens."""
 
     def __init__(self, model: StaticStepModel, memory, capacity: int, source_length: int, length: int,
-                 attention: AttentionChoice | None):
+                 attention: AttentionChoice | None, half: torch.dtype | None = None):
         k = memory.cross_kv[0][0]  # (B, H, S, Dh)
         self.capacity, self.source_length = capacity, source_length
         shape = (capacity, k.shape[1], source_length, k.shape[3])  # (C, H, S, Dh)
@@ -72,6 +72,7 @@ class Buffers:
         self.source = None  # the memory object whose rows the buffers hold
         self.rows = 0  # rows of that memory
         self.columns = 0  # its source length
+        self.half = half  # the autocast dtype the step runs under (None: full precision)
         self.graph = None  # torch.cuda.CUDAGraph, once captured
         self.outputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
@@ -158,7 +159,7 @@ class StaticDecoding:
         if shape in cache:
             cache.move_to_end(shape)
             return cache[shape]
-        buffers = Buffers(self.model, memory, *shape[2:])
+        buffers = Buffers(self.model, memory, *shape[2:], half=half)
         if self.graphs_on(device) and not StaticDecoding.capture_failed:
             self.capture(buffers)
         cache[shape] = buffers
@@ -176,8 +177,7 @@ class StaticDecoding:
         """Record one step as a CUDA graph after two warm-up runs on a side stream (what CUDA
         graphs need). Under autocast, the graph casts the weights itself: autocast's cache of
         cast weights is emptied when its region ends, and a graph outlives the region."""
-        device = buffers.prev.device.type
-        half = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        device, half = buffers.prev.device.type, buffers.half
         try:
             uncached = torch.autocast(device, dtype=half, cache_enabled=False) if half else contextlib.nullcontext()
             with uncached:

@@ -70,6 +70,12 @@ class StaticCache:
     visible: torch.Tensor  # (1, 1, 1, L) bool: the positions written so far, this one included
 
 
+def chosen_weights(weights: torch.Tensor, choice: AttentionChoice) -> torch.Tensor:
+    """One step's cross-attention weights (B, H, 1, S) as the choice asks: a head's, or their mean (B, S)."""
+    weights = weights[:, :, 0]  # (B, H, S)
+    return weights.mean(1) if choice.head is None else weights[:, choice.head - 1]
+
+
 class FeedForward(nn.Module):
     def __init__(self, dim: int, ff_dim: int, dropout: float):
         super().__init__()
@@ -245,8 +251,7 @@ class Transformer(ScaledEmbedding, nn.Module):
             keep = choice is not None and number == choice.layer
             x, step_kv, weights = layer(x, kv, memory_mask, past_kv=past, cross_weights=keep)
             if keep:
-                weights = weights[:, :, 0]  # (B, H, S)
-                attention = weights.mean(1) if choice.head is None else weights[:, choice.head - 1]  # (B, S)
+                attention = chosen_weights(weights, choice)
             new_kv.append(step_kv)
         logits = self.output(self.decoder_norm(x[:, 0]))  # (B, V)
         return F.log_softmax(logits.float(), dim=-1), TransformerState(new_kv, state.step + 1, choice, attention)
@@ -277,8 +282,7 @@ class Transformer(ScaledEmbedding, nn.Module):
             x, _, weights = layer(x, kv, memory_mask, cross_weights=keep,
                                   static_cache=StaticCache(keys, values, position, visible))
             if keep:
-                weights = weights[:, :, 0]  # (B, H, S)
-                kept = weights.mean(1) if attention.head is None else weights[:, attention.head - 1]  # (B, S)
+                kept = chosen_weights(weights, attention)
         logits = self.output(self.decoder_norm(x[:, 0]))  # (B, V)
         return F.log_softmax(logits.float(), dim=-1), kept
 
