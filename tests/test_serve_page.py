@@ -47,7 +47,13 @@ def test_typing_shows_the_translation_and_a_cell_per_source_and_output_piece(chr
             page.goto(server.url + "/")
             page.wait_for_selector("#pair option", state="attached")
             page.locator("#source").press_sequentially(line, delay=20)
-            page.wait_for_function("document.querySelectorAll('.heatmap td.cell').length > 0", timeout=20_000)
+            # A pause while typing (a loaded machine) may show a prefix's translation first: wait for the whole line's.
+            page.wait_for_function(
+                "([text, cells]) => document.querySelector('#translation').textContent === text"
+                " && document.querySelectorAll('.heatmap td.cell').length === cells",
+                arg=[expected.texts[0][0], len(amap.source) * len(amap.output)],
+                timeout=20_000,
+            )
             assert page.text_content("#translation") == expected.texts[0][0]
             assert page.locator(".heatmap").count() == 1
             assert page.locator(".heatmap th.src-piece").all_text_contents() == amap.source

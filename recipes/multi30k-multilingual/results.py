@@ -21,6 +21,18 @@ def by_direction(report: dict) -> dict:
     }
 
 
+def training_state(run: Path) -> dict:
+    best = json.loads((run / "best" / "info.json").read_text())
+    last = json.loads((run / "last" / "info.json").read_text())
+    return {
+        "best_step": best["step"],
+        "best_dev_mean_bleu": best["best_score"],
+        "updates": last["step"],
+        "epochs": last["epoch"],
+        "seconds": round(last["seconds"]),
+    }
+
+
 def main(work: Path) -> dict:
     result = {}
     for name in ("direct", "pivot", "average", "bridge"):
@@ -29,13 +41,9 @@ def main(work: Path) -> dict:
             report = json.loads(path.read_text())
             result[name] = {"directions": by_direction(report), "mean": report["mean"]}
     for kind in ("cpu", "gpu"):
-        info = work / kind / "best" / "info.json"
-        if info.is_file():
-            state = json.loads(info.read_text())
-            result["training"] = {"config": f"transformer-{kind}.yaml", "best_step": state["step"],
-                                  "best_dev_mean_bleu": state["best_score"]}
-            last = json.loads((work / kind / "last" / "info.json").read_text())
-            result["training"].update(updates=last["step"], epochs=last["epoch"], seconds=round(last["seconds"]))
+        for run, key in ((kind, "training"), (f"{kind}-bridge", "training_bridge")):
+            if (work / run / "best" / "info.json").is_file():
+                result[key] = {"config": f"transformer-{kind}.yaml", **training_state(work / run)}
     return result
 
 

@@ -4,11 +4,12 @@
 # directions, the six zero-shot ones directly and through English, with the off-target rate of
 # each, and the mean of the last 5 checkpoints; writes WORK/results.json.
 #
-#   recipes/multi30k-multilingual/run.sh cpu|gpu WORK_DIR [MULTI30K_DIR] [bridge]
+#   recipes/multi30k-multilingual/run.sh cpu|gpu WORK_DIR [MULTI30K_DIR] [bridge|bridge-only]
 #
 # `bridge` also trains the same config with de-fr and fr-de added from 1,000 of the training
 # pairs (the first lines of train.de and train.fr), and scores every direction of it: does a
 # little data between two non-English languages stop the zero-shot output from leaving for English?
+# `bridge-only` trains and scores that run alone (the main run's figures are in results-KIND.json).
 #
 # NMT overrides the command (default: nmt); TRAIN_ARGS adds options to nmt train.
 set -euo pipefail
@@ -24,22 +25,24 @@ mkdir -p "$work"
 has_checkpoint() { [ -d "$1/last" ] || compgen -G "$1/.last.old-*" > /dev/null; }
 # nmt evaluate into WORK/NAME.json, which appears only once it is complete.
 scores() { local name=$1; shift; $nmt evaluate "$@" --json > "$work/$name.json.tmp"; mv "$work/$name.json.tmp" "$work/$name.json"; }
-[ -f "$work/data/manifest.json" ] || $nmt prepare --train "$m30k/train" --valid "$m30k/val" \
-    --test "$m30k/test_2016_flickr" --directions $trained --zero-shot $zero_shot --vocab-size 8000 \
-    --out "$work/data" --no-progress
-continue_run=()
-has_checkpoint "$run" && continue_run=(--resume)
-$nmt train "$here/transformer-$kind.yaml" --data "$work/data" --out "$run" --no-progress "${continue_run[@]}" "${train_args[@]}"
-scores direct --model "$run" --data "$work/data" --off-target --hyp-dir "$work/hyp-direct"
-scores pivot --model "$run" --data "$work/data" --directions $zero_shot --pivot en --off-target --hyp-dir "$work/hyp-pivot"
-rm -rf "$run-avg"  # the average of the run as it is now
-$nmt average "$run" --last 5 --out "$run-avg"
-scores average --model "$run-avg" --data "$work/data" --directions $trained --hyp-dir "$work/hyp-avg"
-if [ "$bridge" = bridge ]; then
+if [ "$bridge" != bridge-only ]; then
+    [ -f "$work/data/manifest.json" ] || $nmt prepare --train "$m30k/train" --valid "$m30k/val" \
+        --test "$m30k/test_2016_flickr" --directions $trained --zero-shot $zero_shot --vocab-size 8000 \
+        --out "$work/data" --no-progress
+    continue_run=()
+    has_checkpoint "$run" && continue_run=(--resume)
+    $nmt train "$here/transformer-$kind.yaml" --data "$work/data" --out "$run" --no-progress "${continue_run[@]}" "${train_args[@]}"
+    scores direct --model "$run" --data "$work/data" --off-target --hyp-dir "$work/hyp-direct"
+    scores pivot --model "$run" --data "$work/data" --directions $zero_shot --pivot en --off-target --hyp-dir "$work/hyp-pivot"
+    rm -rf "$run-avg"  # the average of the run as it is now
+    $nmt average "$run" --last 5 --out "$run-avg"
+    scores average --model "$run-avg" --data "$work/data" --directions $trained --hyp-dir "$work/hyp-avg"
+fi
+if [ "$bridge" = bridge ] || [ "$bridge" = bridge-only ]; then
     mkdir -p "$work/bridge"
     for lang in de fr; do
         [ -f "$m30k/train.$lang.gz" ] && reader=(gzip -dc "$m30k/train.$lang.gz") || reader=(cat "$m30k/train.$lang")
-        "${reader[@]}" | head -n 1000 > "$work/bridge/train.$lang"
+        "${reader[@]}" | awk 'NR <= 1000' > "$work/bridge/train.$lang"  # reads to the end: no SIGPIPE under pipefail
     done
     trains=()  # the six English-centred directions from Multi30k, de-fr and fr-de from the 1,000
     for direction in ${trained//,/ } de-fr fr-de; do
