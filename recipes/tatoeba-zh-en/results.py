@@ -12,6 +12,7 @@ def run_result(run: Path, times: dict) -> dict:
     return {
         "test_bleu": scores["bleu"]["score"],
         "test_chrf": scores["chrf"]["score"],
+        "test_ter": scores["ter"]["score"],
         "bleu_signature": scores["bleu"]["signature"],
         "best_dev_bleu": max(r["bleu"] for r in valid),
         "steps": valid[-1]["step"],
