@@ -513,7 +513,7 @@ def export(
     model_dir: Annotated[Path, typer.Argument(help="Checkpoint directory of a Transformer from nmt train.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write: the model with its vocabularies and settings.")],
     format: Annotated[str, typer.Option("--format", help="Export format: ctranslate2.")] = "ctranslate2",
-    quantization: Annotated[str | None, typer.Option(help="Store the weights as int8, int8_float16 or float16 (default: float32).")] = None,
+    quantization: Annotated[str | None, typer.Option(help="Store the weights as int8 (7 bits, safe on CPUs without VNNI), int8_float16 or float16 (default: float32).")] = None,
     checkpoint: Annotated[str, typer.Option(help="Which weights: best or last.")] = "best",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:

@@ -283,16 +283,20 @@ def bench_ctranslate2(
     name: str, save_dir: Path, export_dir: Path, lines: list[str], references: list[str], device: torch.device,
     repeats: int, records: list[dict], texts_of: dict,
 ) -> list[dict]:
-    """Beam 5 with the model exported to CTranslate2 (float32 weights), computing in float32 and
-    in int8, each with its ratio to the nmt fp32 beam-5 row and the lines that differ from it."""
+    """Beam 5 with the model exported to CTranslate2, with float32 weights and with int8 ones
+    (`--quantization int8`), each with its ratio to the nmt fp32 beam-5 row and the lines that
+    differ from it."""
     from nmt.export import export_model, load_ctranslate2_translator
 
+    int8_dir = export_dir.with_name(f"{export_dir.name}-int8")
     export_model(save_dir, export_dir, overwrite=True)
+    export_model(save_dir, int8_dir, quantization="int8", overwrite=True)
     nmt_row = next(r for r in records if r["model"] == name and r["path"] == "nmt" and r["beam"] == 5)
     ct2_device = "cpu" if device.type == "cpu" else f"cuda:{device.index or 0}"
     rows = []
-    for path_name, precision, quantize in (("ct2", "fp32", False), ("ct2-int8", "int8", True)):
-        translator = load_ctranslate2_translator(export_dir, {"beam": 5, "precision": "fp32", "sampling": False},
+    for path_name, directory, precision, quantize in (("ct2", export_dir, "fp32", False),
+                                                       ("ct2-int8", int8_dir, "int8", True)):
+        translator = load_ctranslate2_translator(directory, {"beam": 5, "precision": "fp32", "sampling": False},
                                                  ct2_device, quantize)
         translator.translate(lines[:50])  # warm-up
         times, translations = [], None

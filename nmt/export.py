@@ -58,6 +58,14 @@ MIN_POSITIONS = 1024
 # each), decoding batches side by side: for beam search of small models this beat one worker
 # with a thread per core by 1.7x on 2 cores (test_2016_flickr, int8, beam 5).
 CT2_BATCH_SENTENCES = 32
+# The largest magnitude of an exported int8 weight: 7 bits, not 8. On x86 CPUs without VNNI the
+# int8 matrix products (oneDNN's, which CTranslate2 runs on AMD CPUs) multiply unsigned 8-bit
+# activations (0..255) by the signed weights and add each pair of products in 16 bits:
+# 2 * 255 * 127 overflows 32,767, 2 * 255 * 63 does not. A 2-layer test model (d_model 32) gave
+# float32's greedy output on 270 of 300 lines with 8-bit weights where oneDNN used VNNI (AVX-512
+# EPYC) and on 31 with oneDNN held to AVX2; with 7-bit weights on 255 in both (ONNX Runtime's
+# `reduce_range` and NNCF's saturation fix make the same trade).
+INT8_WEIGHT_RANGE = 63
 
 
 @dataclass
@@ -76,6 +84,7 @@ class ExportRecord:
     max_positions: int  # rows of the position tables: the longest source (EOS included) or output
     attention: str  # the cross-attention CTranslate2 returns, in words
     directions: list[str] = field(default_factory=list)  # a multilingual model's (its vocab.json is copied too)
+    int8_weight_range: int = 127  # the largest |weight| of int8 weights (exports before 7-bit ones: 127)
     format_version: int = 1
     nmt_version: str = __version__
 
@@ -156,6 +165,7 @@ def export_model(
         max_positions=positions,
         attention=describe_attention(config.model, AttentionChoice()),
         directions=list(vocab_info.directions),
+        int8_weight_range=INT8_WEIGHT_RANGE,
     )
     _write_export(model_dir, out_dir, spec, record)
     return record
@@ -175,7 +185,9 @@ def _write_export(model_dir: Path, out_dir: Path, spec, record: ExportRecord) ->
     try:
         tmp.mkdir()
         spec.validate()
+        floats = {name: np.array(value.numpy(), dtype=np.float32) for name, value in spec.variables().items()}
         spec.optimize(quantization=record.quantization)
+        requantize_int8(spec, floats, record.int8_weight_range)
         spec.save(str(tmp))
         for name in sorted(set(record.sentencepiece.values())) + ([VocabInfo.NAME] if record.directions else []):
             shutil.copyfile(model_dir / name, tmp / name)
@@ -185,6 +197,36 @@ def _write_export(model_dir: Path, out_dir: Path, spec, record: ExportRecord) ->
         raise CheckpointError(f"could not write {out_dir}: {first_line(e)}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def requantize_int8(spec, floats: dict[str, np.ndarray], weight_range: int) -> None:
+    """Quantize again, from their float32 values `floats`, the weights that `spec.optimize` made
+    int8 (scale 127 / max |row|), with `weight_range` in place of 127."""
+    from ctranslate2.specs.model_spec import NumpyVariable, index_spec
+
+    for name, value in spec.variables().items():
+        scope, _, key = name.rpartition("/")
+        layer = index_spec(spec, scope)
+        if isinstance(value, str) or value.dtype != "int8" or not hasattr(layer, f"{key}_scale"):
+            continue  # an alias of another variable, or not quantized
+        weight = floats[name]  # (out, in)
+        row_max = np.abs(weight).max(axis=1)
+        row_max[row_max == 0] = weight_range  # an all-zero row: scale 1
+        scale = (weight_range / row_max).astype(np.float32)  # (out,)
+        setattr(layer, key, NumpyVariable(np.rint(weight * scale[:, None]).astype(np.int8)))
+        setattr(layer, f"{key}_scale", NumpyVariable(scale.astype(getattr(layer, f"{key}_scale").dtype)))
+
+
+def int8_sums_can_overflow() -> bool:
+    """Whether this is an x86 CPU without VNNI instructions (read from /proc/cpuinfo; False where
+    that can't be read): its int8 matrix products can overflow with 8-bit weights (see
+    INT8_WEIGHT_RANGE)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except (OSError, UnicodeDecodeError, IndexError):
+        return False
+    return "sse2" in flags and not {"avx512_vnni", "avx_vnni"} & set(flags)
 
 
 def transformer_spec(model: Transformer, cfg: ModelConfig, tokenizer: Tokenizer, positions: int):
@@ -484,6 +526,13 @@ def compute_type(precision: str, quantize: bool, device: str) -> str:
     return half or "default"
 
 
+def _eight_bit_weights(record: ExportRecord, quantize: bool) -> bool:
+    """Whether CTranslate2 will compute in int8 with weights of 8 bits: quantized when loading
+    (`quantize` on weights stored in float), or stored so by an export before 7-bit ones."""
+    stored_int8 = (record.quantization or "").startswith("int8")
+    return (quantize and not stored_int8) or (stored_int8 and record.int8_weight_range > INT8_WEIGHT_RANGE)
+
+
 def load_ctranslate2_translator(export_dir: Path, decode_options: dict | None = None, device: str = "auto",
                                 quantize: bool = False, threads: int = 0,
                                 languages: LanguageChoice = ANY_LANGUAGE) -> CTranslate2Translator:
@@ -504,6 +553,10 @@ def load_ctranslate2_translator(export_dir: Path, decode_options: dict | None = 
     tokenizer = Tokenizer(export_dir / record.sentencepiece["source"], export_dir / record.sentencepiece["target"])
     decode = decode_settings(config.decode, decode_options)
     kind, index = ctranslate2_device(device)
+    if kind == "cpu" and _eight_bit_weights(record, quantize) and int8_sums_can_overflow():
+        print("warning: int8 computation with 8-bit weights can overflow on a CPU without VNNI and change "
+              "translations; export with --quantization int8 (7-bit weights) and translate that export",
+              file=sys.stderr)
     try:
         translator = ctranslate2.Translator(str(export_dir), device=kind, device_index=index,
                                             compute_type=compute_type(decode.precision, quantize, kind),
