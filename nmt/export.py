@@ -185,9 +185,7 @@ def _write_export(model_dir: Path, out_dir: Path, spec, record: ExportRecord) ->
     try:
         tmp.mkdir()
         spec.validate()
-        floats = {name: np.array(value.numpy(), dtype=np.float32) for name, value in spec.variables().items()}
-        spec.optimize(quantization=record.quantization)
-        requantize_int8(spec, floats, record.int8_weight_range)
+        quantize_spec(spec, record.quantization, record.int8_weight_range)
         spec.save(str(tmp))
         for name in sorted(set(record.sentencepiece.values())) + ([VocabInfo.NAME] if record.directions else []):
             shutil.copyfile(model_dir / name, tmp / name)
@@ -197,6 +195,15 @@ def _write_export(model_dir: Path, out_dir: Path, spec, record: ExportRecord) ->
         raise CheckpointError(f"could not write {out_dir}: {first_line(e)}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def quantize_spec(spec, quantization: str | None, weight_range: int) -> None:
+    """`spec.optimize(quantization)`, with int8 weights scaled to `weight_range` (see INT8_WEIGHT_RANGE)."""
+    int8 = (quantization or "").startswith("int8")
+    floats = {name: np.array(value.numpy(), dtype=np.float32) for name, value in spec.variables().items()} if int8 else {}
+    spec.optimize(quantization=quantization)
+    if int8:
+        requantize_int8(spec, floats, weight_range)
 
 
 def requantize_int8(spec, floats: dict[str, np.ndarray], weight_range: int) -> None:

@@ -22,7 +22,7 @@ from nmt.export import (
     export_model,
     int8_sums_can_overflow,
     load_ctranslate2_translator,
-    requantize_int8,
+    quantize_spec,
     transformer_spec,
     with_eos_column,
 )
@@ -242,8 +242,7 @@ def test_int8_weights_keep_seven_bits(models):
     spec = transformer_spec(model, config.model, tokenizer, 64)
     spec.validate()
     floats = {name: np.array(value.numpy(), dtype=np.float32) for name, value in spec.variables().items()}
-    spec.optimize(quantization="int8")
-    requantize_int8(spec, floats, INT8_WEIGHT_RANGE)
+    quantize_spec(spec, "int8", INT8_WEIGHT_RANGE)
     variables = spec.variables()
     quantized = [name for name in variables if f"{name}_scale" in variables]
     assert len(quantized) >= 10
