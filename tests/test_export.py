@@ -74,6 +74,11 @@ def _lines(count: int, seed: int = 5) -> list[str]:
     return [src for src, _ in toy_pairs(count, seed=seed)]
 
 
+def _cut_at_the_limit(tokens: list[int]) -> bool:
+    """A raw CTranslate2 output that reached LIMIT: CTranslate2 scores it without an EOS."""
+    return len(tokens) >= LIMIT["max_len_b"] - 1
+
+
 def _raw_ct2(translator, lines: list[str], beam: int) -> list[tuple[list[int], float]]:
     """CTranslate2's own search on the exported model, allowing every token (nmt bans PAD and
     BOS; CTranslate2 would renormalize the rest): (tokens without EOS, score) per line."""
@@ -99,7 +104,7 @@ def test_the_exported_network_scores_greedy_outputs_as_nmt_does(models, variant)
     ct2 = _ct2(export_dir, {"beam": 1, **LIMIT})
     for (tokens, score), nbest in zip(_raw_ct2(ct2, lines, beam=1), nmt.hypotheses):
         assert tokens == nbest[0].tokens
-        if len(tokens) < LIMIT["max_len_b"] - 1:  # at the limit nmt adds the forced EOS's log-prob
+        if not _cut_at_the_limit(tokens):  # at the limit nmt adds the forced EOS's log-prob
             assert score == pytest.approx(nbest[0].score, abs=1e-4)
 
 
@@ -138,8 +143,8 @@ def test_beam_search_agrees_where_both_searches_go_as_far(models, variant):
     same = 0
     for (tokens, score), nbest in zip(_raw_ct2(ct2, lines, beam=5), nmt.hypotheses):
         same += tokens == nbest[0].tokens
-        if len(tokens) >= LIMIT["max_len_b"] - 1:
-            continue  # cut at the limit: nmt's score adds the forced EOS's log-prob, CTranslate2's does not
+        if _cut_at_the_limit(tokens):
+            continue  # nmt's score adds the forced EOS's log-prob, CTranslate2's does not
         if tokens == nbest[0].tokens:
             assert score == pytest.approx(nbest[0].score, abs=1e-4)
         else:
