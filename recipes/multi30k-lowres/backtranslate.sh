@@ -6,7 +6,8 @@
 # text and start de->en from it, with and without the beam back-translations. With `tuned`, also
 # train de->en from scratch with the low-resource settings of translate-tuned.yaml, on the shared
 # vocabulary and on a 2,000-piece one of the 2,900 pairs' own: the baselines the gains of
-# pretraining and back-translation are to be measured against. Writes WORK/results-bt.json.
+# pretraining and back-translation are to be measured against; and back-translation with those
+# settings (tagged synthetic sources, real pairs upsampled). Writes WORK/results-bt.json.
 #
 #   recipes/multi30k-lowres/backtranslate.sh cpu|gpu WORK_DIR [MULTI30K_DIR] [pretrained] [tuned]
 #
@@ -30,9 +31,9 @@ text=$work/text
     --vocab-size 8000 --out "$work/data-mono" --no-progress
 spm=$work/data-mono/spm.joint.model
 
-prepare_pairs() {  # prepare_pairs OUT TRAIN_PREFIX SRC TGT
+prepare_pairs() {  # prepare_pairs OUT TRAIN_PREFIX SRC TGT [nmt prepare options...]
     [ -f "$1/manifest.json" ] || $nmt prepare --train "$2" --valid "$m30k/val" --test "$m30k/test_2016_flickr" \
-        --src "$3" --tgt "$4" --spm-model "$spm" --out "$1" --no-progress
+        --src "$3" --tgt "$4" --spm-model "$spm" --out "$1" --no-progress "${@:5}"
 }
 # A run with a checkpoint to continue: last/, or the copy a save that was cut short left beside it.
 has_checkpoint() { [ -d "$1/last" ] || compgen -G "$1/.last.old-*" > /dev/null; }
@@ -85,6 +86,20 @@ if [[ $extras == *" tuned "* ]]; then
         --test "$m30k/test_2016_flickr" --src de --tgt en --vocab-size 2000 --out "$work/data-lowres-2k" --no-progress
     CONFIG="$here/translate-tuned.yaml" train_and_score scratch-tuned "$work/data-lowres"
     CONFIG="$here/translate-tuned.yaml" train_and_score scratch-tuned-2k "$work/data-lowres-2k"
+    # Back-translation with the same settings: en->de tuned like de->en, its beam translations
+    # tagged (Caswell et al. 2019: the synthetic sources start with the reserved [CLS] symbol, so
+    # the model can tell them from real German) and the real pairs given three times (a quarter of
+    # the training pairs), kept apart by --no-dedup.
+    CONFIG="$here/translate-tuned.yaml" train_and_score en-de-tuned "$work/data-lowres-en-de"
+    if [ ! -f "$text/bt-tuned-beam.de" ]; then
+        stage backtranslate-tuned-beam $nmt translate "$work/en-de-tuned" -i "$text/mono.en" -o "$text/bt-tuned-beam.de.tmp" --beam 5
+        mv "$text/bt-tuned-beam.de.tmp" "$text/bt-tuned-beam.de"
+    fi
+    sed 's/^/[CLS] /' "$text/bt-tuned-beam.de" > "$text/bt-tuned-beam.tagged.de"
+    cat "$text/lowres.de" "$text/lowres.de" "$text/lowres.de" "$text/bt-tuned-beam.tagged.de" > "$text/lowres+bt-tuned-beam.de"
+    cat "$text/lowres.en" "$text/lowres.en" "$text/lowres.en" "$text/mono.en" > "$text/lowres+bt-tuned-beam.en"
+    prepare_pairs "$work/data-bt-tuned-beam" "$text/lowres+bt-tuned-beam" de en --no-dedup
+    CONFIG="$here/translate-tuned.yaml" train_and_score bt-tuned-beam "$work/data-bt-tuned-beam"
 fi
 python3 "$here/bt_results.py" "$work" > "$work/results-bt.json"
 cat "$work/results-bt.json"

@@ -6,10 +6,15 @@ from pathlib import Path
 
 from results import log_records  # run.sh's collector, beside this file
 
-RUNS = ("scratch", "bt-beam", "bt-topk10", "pretrained", "pretrained+bt-beam", "scratch-tuned", "scratch-tuned-2k")
-DATA = {"en-de": "data-lowres-en-de", "scratch": "data-lowres", "pretrained": "data-lowres",
-        "bt-beam": "data-bt-beam", "bt-topk10": "data-bt-topk10", "pretrained+bt-beam": "data-bt-beam",
-        "scratch-tuned": "data-lowres", "scratch-tuned-2k": "data-lowres-2k"}
+# The de->en runs; the gains are computed against scratch and against the tuned baselines.
+RUNS = ("scratch", "bt-beam", "bt-topk10", "pretrained", "pretrained+bt-beam", "scratch-tuned", "scratch-tuned-2k",
+        "bt-tuned-beam")
+TUNED = ("scratch-tuned", "scratch-tuned-2k")
+BACKWARD = {"en-de": ("beam", "topk10"), "en-de-tuned": ("tuned-beam",)}  # en->de runs and what they back-translated
+DATA = {"en-de": "data-lowres-en-de", "en-de-tuned": "data-lowres-en-de", "scratch": "data-lowres",
+        "pretrained": "data-lowres", "bt-beam": "data-bt-beam", "bt-topk10": "data-bt-topk10",
+        "pretrained+bt-beam": "data-bt-beam", "scratch-tuned": "data-lowres", "scratch-tuned-2k": "data-lowres-2k",
+        "bt-tuned-beam": "data-bt-tuned-beam"}
 
 
 def run_result(work: Path, name: str, times: dict) -> dict:
@@ -32,19 +37,19 @@ def run_result(work: Path, name: str, times: dict) -> dict:
 
 
 def main(work: Path) -> dict:
+    """Every run of WORK that finished (an interrupted comparison gives what it has)."""
     times = dict(line.split() for line in (work / "times-bt.txt").read_text().splitlines())
-    result = {"en-de": run_result(work, "en-de", times)}
-    result["en-de"]["backtranslate_seconds"] = {m: int(times[f"backtranslate-{m}"]) for m in ("beam", "topk10")
-                                                if f"backtranslate-{m}" in times}
-    for name in RUNS:
-        if (work / name / "test.json").is_file():
-            result[name] = run_result(work, name, times)
-    scratch = result["scratch"]["test_bleu"]
-    result["bleu_gain_over_scratch"] = {name: round(result[name]["test_bleu"] - scratch, 2) for name in RUNS[1:] if name in result}
-    tuned = max((result[name]["test_bleu"] for name in ("scratch-tuned", "scratch-tuned-2k") if name in result), default=None)
-    if tuned is not None:  # the gains against the better of the tuned baselines
-        result["bleu_gain_over_tuned_scratch"] = {name: round(result[name]["test_bleu"] - tuned, 2)
-                                                  for name in RUNS[1:5] if name in result}
+    done = [name for name in (*BACKWARD, *RUNS) if (work / name / "test.json").is_file()]
+    result = {name: run_result(work, name, times) for name in done}
+    for name, methods in BACKWARD.items():
+        if name in result:
+            result[name]["backtranslate_seconds"] = {m: int(times[f"backtranslate-{m}"]) for m in methods
+                                                     if f"backtranslate-{m}" in times}
+    for key, baselines in (("bleu_gain_over_scratch", ("scratch",)), ("bleu_gain_over_tuned_scratch", TUNED)):
+        base = max((result[name]["test_bleu"] for name in baselines if name in result), default=None)
+        if base is not None:  # against the better baseline of those
+            result[key] = {name: round(result[name]["test_bleu"] - base, 2)
+                           for name in RUNS if name in result and name not in baselines}
     return result
 
 
