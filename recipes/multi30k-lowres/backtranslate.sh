@@ -55,14 +55,19 @@ prepare_pairs "$work/data-lowres-en-de" "$text/lowres" en de
 train_and_score scratch "$work/data-lowres"
 train_and_score en-de "$work/data-lowres-en-de"
 
+backtranslate() {  # backtranslate METHOD EN_DE_RUN [nmt translate options...]: text/bt-METHOD.de, once
+    local method=$1 run=$2; shift 2
+    if [ ! -f "$text/bt-$method.de" ]; then
+        stage "backtranslate-$method" $nmt translate "$run" -i "$text/mono.en" -o "$text/bt-$method.de.tmp" "$@"
+        mv "$text/bt-$method.de.tmp" "$text/bt-$method.de"
+    fi
+}
+
 # The synthetic German of each method, appended to the real pairs.
 declare -A method_options=([beam]="--beam 5" [topk10]="--sampling --topk 10 --seed 1")
 for method in beam topk10; do
-    if [ ! -f "$text/bt-$method.de" ]; then
-        read -r -a options <<< "${method_options[$method]}"
-        stage "backtranslate-$method" $nmt translate "$work/en-de" -i "$text/mono.en" -o "$text/bt-$method.de.tmp" "${options[@]}"
-        mv "$text/bt-$method.de.tmp" "$text/bt-$method.de"
-    fi
+    read -r -a options <<< "${method_options[$method]}"
+    backtranslate "$method" "$work/en-de" "${options[@]}"
     cat "$text/lowres.de" "$text/bt-$method.de" > "$text/lowres+bt-$method.de"
     cat "$text/lowres.en" "$text/mono.en" > "$text/lowres+bt-$method.en"
     prepare_pairs "$work/data-bt-$method" "$text/lowres+bt-$method" de en
@@ -91,10 +96,7 @@ if [[ $extras == *" tuned "* ]]; then
     # the model can tell them from real German) and the real pairs given three times (a quarter of
     # the training pairs), kept apart by --no-dedup.
     CONFIG="$here/translate-tuned.yaml" train_and_score en-de-tuned "$work/data-lowres-en-de"
-    if [ ! -f "$text/bt-tuned-beam.de" ]; then
-        stage backtranslate-tuned-beam $nmt translate "$work/en-de-tuned" -i "$text/mono.en" -o "$text/bt-tuned-beam.de.tmp" --beam 5
-        mv "$text/bt-tuned-beam.de.tmp" "$text/bt-tuned-beam.de"
-    fi
+    backtranslate tuned-beam "$work/en-de-tuned" --beam 5
     sed 's/^/[CLS] /' "$text/bt-tuned-beam.de" > "$text/bt-tuned-beam.tagged.de"
     cat "$text/lowres.de" "$text/lowres.de" "$text/lowres.de" "$text/bt-tuned-beam.tagged.de" > "$text/lowres+bt-tuned-beam.de"
     cat "$text/lowres.en" "$text/lowres.en" "$text/lowres.en" "$text/mono.en" > "$text/lowres+bt-tuned-beam.en"
