@@ -7,7 +7,9 @@
 # train de->en from scratch with the low-resource settings of translate-tuned.yaml, on the shared
 # vocabulary and on a 2,000-piece one of the 2,900 pairs' own: the baselines the gains of
 # pretraining and back-translation are to be measured against; and back-translation with those
-# settings (tagged synthetic sources, real pairs upsampled). Writes WORK/results-bt.json.
+# settings (tagged synthetic sources, real pairs upsampled), by beam and by sampling; with both
+# `pretrained` and `tuned`, the masked-LM start on the tuned beam back-translations too. Writes
+# WORK/results-bt.json.
 #
 #   recipes/multi30k-lowres/backtranslate.sh cpu|gpu WORK_DIR [MULTI30K_DIR] [pretrained] [tuned]
 #
@@ -91,17 +93,27 @@ if [[ $extras == *" tuned "* ]]; then
         --test "$m30k/test_2016_flickr" --src de --tgt en --vocab-size 2000 --out "$work/data-lowres-2k" --no-progress
     CONFIG="$here/translate-tuned.yaml" train_and_score scratch-tuned "$work/data-lowres"
     CONFIG="$here/translate-tuned.yaml" train_and_score scratch-tuned-2k "$work/data-lowres-2k"
-    # Back-translation with the same settings: en->de tuned like de->en, its beam translations
-    # tagged (Caswell et al. 2019: the synthetic sources start with the reserved [CLS] symbol, so
+    # Back-translation with the same settings: en->de tuned like de->en, its beam and its sampled
+    # translations tagged (Caswell et al. 2019: the synthetic sources start with the reserved [CLS] symbol, so
     # the model can tell them from real German) and the real pairs given three times (a quarter of
     # the training pairs), kept apart by --no-dedup.
     CONFIG="$here/translate-tuned.yaml" train_and_score en-de-tuned "$work/data-lowres-en-de"
-    backtranslate tuned-beam "$work/en-de-tuned" --beam 5
-    sed 's/^/[CLS] /' "$text/bt-tuned-beam.de" > "$text/bt-tuned-beam.tagged.de"
-    cat "$text/lowres.de" "$text/lowres.de" "$text/lowres.de" "$text/bt-tuned-beam.tagged.de" > "$text/lowres+bt-tuned-beam.de"
-    cat "$text/lowres.en" "$text/lowres.en" "$text/lowres.en" "$text/mono.en" > "$text/lowres+bt-tuned-beam.en"
-    prepare_pairs "$work/data-bt-tuned-beam" "$text/lowres+bt-tuned-beam" de en --no-dedup
-    CONFIG="$here/translate-tuned.yaml" train_and_score bt-tuned-beam "$work/data-bt-tuned-beam"
+    declare -A tuned_options=([tuned-beam]="--beam 5" [tuned-topk10]="--sampling --topk 10 --seed 1")
+    for method in tuned-beam tuned-topk10; do
+        read -r -a options <<< "${tuned_options[$method]}"
+        backtranslate "$method" "$work/en-de-tuned" "${options[@]}"
+        sed 's/^/[CLS] /' "$text/bt-$method.de" > "$text/bt-$method.tagged.de"
+        cat "$text/lowres.de" "$text/lowres.de" "$text/lowres.de" "$text/bt-$method.tagged.de" > "$text/lowres+bt-$method.de"
+        cat "$text/lowres.en" "$text/lowres.en" "$text/lowres.en" "$text/mono.en" > "$text/lowres+bt-$method.en"
+        prepare_pairs "$work/data-bt-$method" "$text/lowres+bt-$method" de en --no-dedup
+        CONFIG="$here/translate-tuned.yaml" train_and_score "bt-$method" "$work/data-bt-$method"
+    done
+    if [[ $extras == *" pretrained "* ]]; then
+        # Both together: the masked-LM start, its decoder too (3+3 layers, the masked LM's size),
+        # trained with the tuned settings on the tuned back-translations.
+        CONFIG="$here/translate-tuned.yaml" train_and_score pretrained+bt-tuned-beam "$work/data-bt-tuned-beam" \
+            --init "$work/masked-lm" --set model.enc_layers=3 --set model.dec_layers=3 --set train.init_decoder=true
+    fi
 fi
 python3 "$here/bt_results.py" "$work" > "$work/results-bt.json"
 cat "$work/results-bt.json"
