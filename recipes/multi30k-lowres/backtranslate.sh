@@ -94,13 +94,13 @@ if [[ $extras == *" tuned "* ]]; then
     CONFIG="$here/translate-tuned.yaml" train_and_score scratch-tuned "$work/data-lowres"
     CONFIG="$here/translate-tuned.yaml" train_and_score scratch-tuned-2k "$work/data-lowres-2k"
     # Back-translation with the same settings: en->de tuned like de->en, its beam and its sampled
-    # translations tagged (Caswell et al. 2019: the synthetic sources start with the reserved [CLS] symbol, so
-    # the model can tell them from real German) and the real pairs given three times (a quarter of
-    # the training pairs), kept apart by --no-dedup.
+    # translations tagged (Caswell et al. 2019: the synthetic sources start with the reserved [CLS]
+    # symbol, so the model can tell them from real German) and the real pairs given three times (a
+    # quarter of the training pairs), kept apart by --no-dedup.
     CONFIG="$here/translate-tuned.yaml" train_and_score en-de-tuned "$work/data-lowres-en-de"
-    declare -A tuned_options=([tuned-beam]="--beam 5" [tuned-topk10]="--sampling --topk 10 --seed 1")
-    for method in tuned-beam tuned-topk10; do
-        read -r -a options <<< "${tuned_options[$method]}"
+    for method in beam topk10; do  # with the untuned loop's options
+        read -r -a options <<< "${method_options[$method]}"
+        method=tuned-$method
         backtranslate "$method" "$work/en-de-tuned" "${options[@]}"
         sed 's/^/[CLS] /' "$text/bt-$method.de" > "$text/bt-$method.tagged.de"
         cat "$text/lowres.de" "$text/lowres.de" "$text/lowres.de" "$text/bt-$method.tagged.de" > "$text/lowres+bt-$method.de"

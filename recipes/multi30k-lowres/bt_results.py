@@ -6,16 +6,15 @@ from pathlib import Path
 
 from results import log_records  # run.sh's collector, beside this file
 
-# The de->en runs; the gains are computed against scratch and against the tuned baselines.
-RUNS = ("scratch", "bt-beam", "bt-topk10", "pretrained", "pretrained+bt-beam", "scratch-tuned", "scratch-tuned-2k",
-        "bt-tuned-beam", "bt-tuned-topk10", "pretrained+bt-tuned-beam")
-TUNED = ("scratch-tuned", "scratch-tuned-2k")
 BACKWARD = {"en-de": ("beam", "topk10"), "en-de-tuned": ("tuned-beam", "tuned-topk10")}  # en->de runs and what they back-translated
+TUNED = ("scratch-tuned", "scratch-tuned-2k")
+# Every run's data dir; the de->en runs' gains are computed against scratch and the tuned baselines.
 DATA = {"en-de": "data-lowres-en-de", "en-de-tuned": "data-lowres-en-de", "scratch": "data-lowres",
-        "pretrained": "data-lowres", "bt-beam": "data-bt-beam", "bt-topk10": "data-bt-topk10",
+        "bt-beam": "data-bt-beam", "bt-topk10": "data-bt-topk10", "pretrained": "data-lowres",
         "pretrained+bt-beam": "data-bt-beam", "scratch-tuned": "data-lowres", "scratch-tuned-2k": "data-lowres-2k",
         "bt-tuned-beam": "data-bt-tuned-beam", "bt-tuned-topk10": "data-bt-tuned-topk10",
         "pretrained+bt-tuned-beam": "data-bt-tuned-beam"}
+RUNS = tuple(name for name in DATA if name not in BACKWARD)  # the de->en runs
 
 
 def run_result(work: Path, name: str, times: dict) -> dict:
