@@ -5,7 +5,9 @@
       vocab.json             languages and SentencePiece models (names, sizes, checksums)
       spm.*.model            the SentencePiece model(s)
       best/model.safetensors weights with the best dev BLEU (+ info.json)
-      last/model.safetensors latest weights, with optimizer.safetensors and trainer.json to resume
+      last/model.safetensors latest weights, with optimizer.safetensors and info.json to resume
+                             (with train.ema_decay, the weights are the moving average and
+                             optimizer.safetensors also holds the trained ones)
       checkpoints/step-N/    with train.keep_last / keep_best: weights at validations (nmt average)
       train_log.jsonl        metrics (`nmt plot` draws them)
       tensorboard/           the same metrics for TensorBoard, when it is installed
@@ -20,6 +22,7 @@ import dataclasses
 import os
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import yaml
@@ -36,6 +39,7 @@ from nmt.tokenizer import Tokenizer, file_sha256
 
 CHECKPOINT_NAMES = ("best", "last")
 UPDATE_CHECKPOINTS = "checkpoints"  # the folder of train.keep_last / keep_best
+TRAINED_WEIGHTS = "weights."  # optimizer.safetensors: the trained weights, when model.safetensors holds their average
 
 
 def read_training_info(save_dir: Path) -> TrainState:
@@ -109,16 +113,18 @@ def save_checkpoint(
     info: CheckpointInfo,
     optimizer: torch.optim.Optimizer | None = None,
     rng_state: dict[str, torch.Tensor] | None = None,
+    trained_weights: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write `save_dir/name/` atomically: a crash leaves the previous one intact. A failed write
     (a full disk, say) removes its partial copy and is a one-line error. `name` may hold a folder
-    (checkpoints/step-0001000)."""
+    (checkpoints/step-0001000). With the optimizer go the random states and, when `model` holds
+    a moving average of the weights (train.ema_decay), the trained weights to resume from."""
     target = Path(save_dir) / name
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        _write_checkpoint_files(tmp, model, info, optimizer, rng_state)
+        _write_checkpoint_files(tmp, model, info, optimizer, rng_state, trained_weights)
         replace_dir(tmp, target)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -129,7 +135,7 @@ def save_checkpoint(
 
 def _write_checkpoint_files(
     directory: Path, model: nn.Module, info: CheckpointInfo, optimizer: torch.optim.Optimizer | None,
-    rng_state: dict[str, torch.Tensor] | None,
+    rng_state: dict[str, torch.Tensor] | None, trained_weights: dict[str, torch.Tensor] | None,
 ) -> None:
     save_model(model, str(directory / "model.safetensors"))
     sha256 = {"model.safetensors": file_sha256(directory / "model.safetensors")}
@@ -137,6 +143,7 @@ def _write_checkpoint_files(
     if optimizer is not None:
         tensors, groups = _flatten_optimizer(optimizer)
         tensors.update({f"rng.{k}": v for k, v in (rng_state or {}).items()})
+        tensors.update({f"{TRAINED_WEIGHTS}{k}": v for k, v in (trained_weights or {}).items()})
         save_file(tensors, str(directory / "optimizer.safetensors"))
         sha256["optimizer.safetensors"] = file_sha256(directory / "optimizer.safetensors")
     for written in directory.glob("*.safetensors"):  # safetensors makes them private (0600)
@@ -218,10 +225,15 @@ def verify_files(directory: Path, info: CheckpointInfo) -> None:
             raise CheckpointError(f"{path} is damaged (its checksum does not match info.json)")
 
 
-def load_training_state(
-    save_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[CheckpointInfo, dict[str, torch.Tensor]]:
-    """Restore model and optimizer from `save_dir/last`; returns (info, rng tensors)."""
+class SavedTraining(NamedTuple):
+    info: CheckpointInfo
+    rng: dict[str, torch.Tensor]  # the random generators' states
+    # The trained weights when model.safetensors holds their moving average (train.ema_decay); else empty
+    trained_weights: dict[str, torch.Tensor]
+
+
+def load_training_state(save_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> SavedTraining:
+    """Restore model (the weights of model.safetensors) and optimizer from `save_dir/last`."""
     directory = checkpoint_dir(save_dir, "last")
     if directory is None:
         raise CheckpointError(f"nothing to resume: {save_dir} has no last/ checkpoint")
@@ -233,9 +245,10 @@ def load_training_state(
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{directory / 'optimizer.safetensors'} is missing or damaged ({e})") from None
     rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
+    trained = {k[len(TRAINED_WEIGHTS):]: v for k, v in tensors.items() if k.startswith(TRAINED_WEIGHTS)}
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        if key.startswith("rng."):
+        if key.startswith(("rng.", TRAINED_WEIGHTS)):
             continue
         param_id, name = key.split(".", 1)
         state.setdefault(int(param_id), {})[name] = value
@@ -244,7 +257,7 @@ def load_training_state(
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{directory}: optimizer state does not match the model ({e})") from None
-    return info, rng
+    return SavedTraining(info, rng, trained)
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:

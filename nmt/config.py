@@ -89,6 +89,9 @@ class TrainConfig:
     # (checkpoints/step-NNNNNNN/), for `nmt average`; 0: none.
     keep_last: int = 0
     keep_best: int = 0
+    # An exponential moving average of the weights, moved 1 - ema_decay of the way to the trained
+    # ones after each update: validation, best/, last/ and the kept checkpoints hold it; 0: off.
+    ema_decay: float = 0.0
     tensorboard: bool = True  # also log to save_dir/tensorboard when the tensorboard package is installed
     seed: int = 1
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
@@ -116,6 +119,8 @@ class TrainConfig:
             raise ConfigError("train.betas must have two values")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError("train.label_smoothing must be in [0, 1)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError("train.ema_decay must be in [0, 1) (0: off)")
         if not 0.0 <= self.word_dropout < 1.0:
             raise ConfigError("train.word_dropout must be in [0, 1)")
         if self.lang_temperature < 0:

@@ -42,6 +42,7 @@ from nmt.config import Config, TrainConfig
 from nmt.data import ParallelSplit, read_lines
 from nmt.devices import autocast, resolve_device, resolve_precision
 from nmt.distributed import Ranks, init_ranks, rank_device
+from nmt.ema import WeightAverage, load_trained_weights, trained_weights
 from nmt.errors import CheckpointError, ConfigError, DataError, first_line
 from nmt.evaluate import bleu_tokenizer, corpus_bleu
 from nmt.files import CheckpointInfo, Manifest, TrainState, VocabInfo
@@ -599,6 +600,7 @@ class Trainer:
         torch.manual_seed(tc.seed)  # the same initial weights in every process
         self.model = task.build_model()
         self.frozen: list[torch.nn.Parameter] = []
+        self.ema: WeightAverage | None = None  # train.ema_decay
         self.optimizer: torch.optim.Optimizer | None = None
         self.rank_accum, self.rank_tokens = process_shares(tc, ranks.world)
         self.update_batches = self.rank_accum * ranks.world
@@ -626,19 +628,25 @@ class Trainer:
         if ranks.active:
             self.eager_model = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.step_model = compile_model(self.eager_model) if tc.compile else self.eager_model
-        if resume:
-            info, rng = load_training_state(self.save_dir, self.model, self.optimizer)
-            self.state = info.state
-            restore_random_states(rng, device, ranks)
+        saved = load_training_state(self.save_dir, self.model, self.optimizer) if resume else None
+        if saved:
+            self.state = saved.info.state
+            restore_random_states(saved.rng, device, ranks)
             self.validated_at = self.state.step
             self.log(f"resuming {self.save_dir} at step {self.state.step} (epoch {self.state.epoch + 1})")
         elif ranks.is_main:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             self.task.init_save_dir(self.save_dir)
+        # The model holds its first weights or those of last/ (the average, if it was kept).
+        if tc.ema_decay:
+            self.ema = WeightAverage(self.model, tc.ema_decay)
+        if saved and saved.trained_weights:
+            load_trained_weights(self.model, saved.trained_weights, self.save_dir / "last")
         params = sum(p.numel() for p in self.model.parameters())
         self.log(
             f"model: {self.config.model.arch}, {params / 1e6:.1f}M parameters; device {device}, "
             f"{str(self.dtype).replace('torch.', '')}; {self.task.describe()}"
+            + (f"; weights averaged (ema_decay {tc.ema_decay})" if tc.ema_decay else "")
             + (f"; {ranks.world} processes, {self.rank_accum} batch(es) of {self.rank_tokens} tokens each per update"
                if ranks.active else "")
         )
@@ -659,7 +667,14 @@ class Trainer:
             return
         state = dataclasses.replace(self.state, seconds=self.elapsed(), processes=self.ranks.world)
         info = CheckpointInfo(state, self.task.metric)
-        save_checkpoint(self.save_dir, name, self.model, info, self.optimizer if name == "last" else None, rng)
+        last = name == "last"
+        trained = trained_weights(self.model) if self.ema and last else None
+        with self.averaged():
+            save_checkpoint(self.save_dir, name, self.model, info, self.optimizer if last else None, rng, trained)
+
+    def averaged(self):
+        """A block in which the model holds the moving average of its weights, if one is kept."""
+        return self.ema.swapped_in(self.model) if self.ema else contextlib.nullcontext()
 
     def run(self, progress: bool) -> TrainResult:
         """Epochs of updates until a stop; a final validation unless the last update had one."""
@@ -716,6 +731,8 @@ class Trainer:
                 group = [batch.to(self.device) for batch in prefetcher.next()]
                 self.interval.wait_seconds += time.time() - waiting_since
                 result = self.update(group, groups[st.group_in_epoch])
+                if self.ema:
+                    self.ema.update(self.model, st.step)
                 self.count(result, group)
                 st.group_in_epoch += 1
                 bar.update(1)
@@ -866,7 +883,8 @@ class Trainer:
         reason = ""
         if self.ranks.is_main:
             valid_started = time.time()
-            st.last_valid = {"step": st.step, **task.validate(self.model, self.device, self.dtype)}
+            with self.averaged():
+                st.last_valid = {"step": st.step, **task.validate(self.model, self.device, self.dtype)}
             st.valid_seconds += time.time() - valid_started
             seconds = self.elapsed()  # before saving: the time to quality leaves out the writing
             improved = st.last_valid[task.metric] > st.best_score

@@ -272,7 +272,7 @@ def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(da
     assert not [p.name for p in save_dir.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
     monkeypatch.setattr(checkpoint, "save_file", real_save_file)
     model, _, _ = load_for_inference(save_dir, "last")  # checksums verified
-    info, _ = load_training_state(save_dir, model, make_optimizer(model, TrainConfig(), torch.device("cpu")))
+    info = load_training_state(save_dir, model, make_optimizer(model, TrainConfig(), torch.device("cpu"))).info
     assert info.state.step == 2
 
 
