@@ -29,7 +29,6 @@ class WeightAverage:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.names = [name for name, _ in model.named_parameters()]
         self.averaged = [p.detach().float().clone() for p in model.parameters()]
 
     @torch.no_grad()
