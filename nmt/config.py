@@ -66,6 +66,9 @@ class TrainConfig:
     accum_steps: int = 1  # batches whose gradients add up to one update
     lr: float = 5e-4  # peak learning rate, reached after warmup_steps
     warmup_steps: int = 4000
+    # After the warmup: "inverse_sqrt" (lr·sqrt(warmup/step), open-ended), or "linear" or "cosine"
+    # decay that reaches min_lr at max_steps (a budget in updates is then required).
+    lr_schedule: str = "inverse_sqrt"
     min_lr: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     weight_decay: float = 0.0
@@ -106,6 +109,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         _choice("train.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        _choice("train.lr_schedule", self.lr_schedule, ("inverse_sqrt", "linear", "cosine"))
+        if self.lr_schedule != "inverse_sqrt" and self.max_steps <= self.warmup_steps:
+            raise ConfigError(f"train.lr_schedule {self.lr_schedule} decays to train.min_lr at train.max_steps, "
+                              "which must be set above train.warmup_steps")
         if self.freeze_init_steps < 0:
             raise ConfigError("train.freeze_init_steps must be 0 or more")
         if self.keep_last < 0 or self.keep_best < 0:

@@ -101,6 +101,23 @@ def inverse_sqrt_lr(step: int, peak: float, warmup: int, min_lr: float = 0.0) ->
     return max(min_lr, peak * math.sqrt(warmup / step))
 
 
+def decaying_lr(step: int, peak: float, warmup: int, total: int, min_lr: float = 0.0, shape: str = "linear") -> float:
+    """Linear warmup to `peak` over `warmup` updates, then a linear or cosine decay that reaches
+    `min_lr` at update `total` (a budget known in advance) and stays there."""
+    if step < warmup:
+        return peak * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))  # 0 at the peak, 1 at the end
+    remaining = 1.0 - progress if shape == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr + (peak - min_lr) * remaining
+
+
+def scheduled_lr(step: int, tc: TrainConfig) -> float:
+    """The learning rate of update `step` (counted from 1) under `tc.lr_schedule`."""
+    if tc.lr_schedule == "inverse_sqrt":
+        return inverse_sqrt_lr(step, tc.lr, tc.warmup_steps, tc.min_lr)
+    return decaying_lr(step, tc.lr, tc.warmup_steps, tc.max_steps, tc.min_lr, tc.lr_schedule)
+
+
 def token_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """Summed cross-entropy over non-pad target tokens. logits (B, T, V), targets (B, T)."""
     return F.cross_entropy(
@@ -772,7 +789,7 @@ class Trainer:
                 (update_tokens,) = self.ranks.sum([sum(b.num_tgt_tokens for b in group)], self.device)
             normalizer = update_tokens / self.ranks.world
         self.state.step += 1
-        self.lr = inverse_sqrt_lr(self.state.step, self.tc.lr, self.tc.warmup_steps, self.tc.min_lr)
+        self.lr = scheduled_lr(self.state.step, self.tc)
         failure = ""
         try:
             return self.apply(group, self.lr, normalizer)

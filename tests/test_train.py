@@ -8,10 +8,11 @@ from safetensors.torch import load_file
 
 from nmt.checkpoint import load_for_inference
 from nmt.config import DecodeConfig, config_from_dict
+from nmt.errors import ConfigError
 from nmt.files import Manifest
 from nmt.prepare import PrepareConfig, prepare
 from nmt.tokenizer import UNK
-from nmt.train import Trainer, TranslationTask, inverse_sqrt_lr, train
+from nmt.train import Trainer, TranslationTask, decaying_lr, inverse_sqrt_lr, train
 from nmt.translate import translate_lines
 
 TINY_MODELS = {
@@ -82,6 +83,41 @@ def test_inverse_sqrt_schedule():
     assert inverse_sqrt_lr(50, 1e-3, 100) == pytest.approx(5e-4)
     assert inverse_sqrt_lr(100, 1e-3, 100) == pytest.approx(1e-3)
     assert inverse_sqrt_lr(400, 1e-3, 100) == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine"])
+def test_decaying_schedules_reach_min_lr_at_the_budget(shape):
+    def lr(step):
+        return decaying_lr(step, 1e-3, 100, 500, min_lr=1e-5, shape=shape)
+
+    assert lr(50) == pytest.approx(5e-4) and lr(100) == pytest.approx(1e-3)  # the same warmup
+    assert lr(300) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)  # halfway: half of the range for both shapes
+    assert lr(500) == pytest.approx(1e-5) and lr(800) == pytest.approx(1e-5)
+    decay = [lr(step) for step in range(100, 501)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    linear_at_200 = 1e-5 + (1e-3 - 1e-5) * 0.75
+    assert (lr(200) > linear_at_200) == (shape == "cosine")  # the cosine stays high longer, then falls faster
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_trainer_follows_the_decaying_schedule(tiny_data, tmp_path, schedule):
+    data_dir, _ = tiny_data
+    config = _config(data_dir, tmp_path / "m", TINY_MODELS["transformer"], max_steps=12, warmup_steps=4,
+                     log_every=1, lr_schedule=schedule, min_lr=1e-4, valid_every=12)
+    train(config, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "m" / "train_log.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in records if r["type"] == "train"}
+    assert lrs == {step: pytest.approx(decaying_lr(step, 3e-3, 4, 12, 1e-4, schedule)) for step in range(1, 13)}
+    assert lrs[12] == pytest.approx(1e-4)
+
+
+def test_a_decaying_schedule_needs_a_budget_in_updates():
+    with pytest.raises(ConfigError, match="max_steps"):
+        config_from_dict({"train": {"lr_schedule": "linear", "warmup_steps": 100}})
+    with pytest.raises(ConfigError, match="max_steps"):
+        config_from_dict({"train": {"lr_schedule": "cosine", "warmup_steps": 100, "max_steps": 100}})
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        config_from_dict({"train": {"lr_schedule": "step"}})
 
 
 @pytest.mark.slow

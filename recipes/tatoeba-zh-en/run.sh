@@ -28,7 +28,7 @@ rows=("recipe|")
 if [[ $extras == *" settings "* ]]; then
     rows+=(
         "no-word-dropout|--set train.word_dropout=0"
-        "dropout-0.2|--set model.dropout=0.2 --set model.attn_dropout=0"
+        "dropout-0.3|--set model.dropout=0.3 --set model.attn_dropout=0.1"
         "batch-2500|--set train.batch_tokens=2500"
     )
 fi
