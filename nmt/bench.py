@@ -340,115 +340,164 @@ def _decoding_record(
     }
 
 
-def run_bench(bc: BenchConfig, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
+@dataclass
+class BenchPlan:
+    """The settings of one bench run, with the device's defaults filled in."""
+
+    device: torch.device
+    steps: int
+    threshold: float  # dev BLEU for time to quality
+    minutes: float
+    vocab_size: int
+    recipes: dict[str, Path]
+    configs: dict[str, Config]
+
+
+def plan_bench(bc: BenchConfig) -> BenchPlan:
+    """Fill in `bc`'s device defaults and load its configs; unknown sections and missing Multi30k
+    files are errors before anything runs."""
     device = resolve_device(bc.device)
     gpu = device.type == "cuda"
-    steps = bc.steps or (40 if gpu else 4)
-    threshold = bc.ttq_bleu or (35.0 if gpu else 20.0)
-    minutes = bc.ttq_minutes or 10.0
-    valid_every = bc.ttq_valid_every
-    vocab_size = bc.vocab_size or (8000 if gpu else 5000)
-    kind = "gpu" if gpu else "cpu"
-    recipes = bc.recipes or {name: Path(f"recipes/multi30k/{name}-{kind}.yaml") for name in ("transformer", "rnn")}
     unknown = set(bc.sections) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"unknown bench section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
-    configs = {}
-    for name, path in recipes.items():
-        configs[name] = load_config(path)
-        configs[name].train.device = bc.device
     for split in ("train", "val", "test_2016_flickr"):
         for lang in ("de", "en"):
             if not (bc.data / f"{split}.{lang}.gz").exists() and not (bc.data / f"{split}.{lang}").exists():
                 raise DataError(f"Multi30k file {bc.data / f'{split}.{lang}.gz'} not found (pass --data)")
+    kind = "gpu" if gpu else "cpu"
+    recipes = bc.recipes or {name: Path(f"recipes/multi30k/{name}-{kind}.yaml") for name in ("transformer", "rnn")}
+    configs = {}
+    for name, path in recipes.items():
+        configs[name] = load_config(path)
+        configs[name].train.device = bc.device
+    return BenchPlan(
+        device=device, steps=bc.steps or (40 if gpu else 4), threshold=bc.ttq_bleu or (35.0 if gpu else 20.0),
+        minutes=bc.ttq_minutes or 10.0, vocab_size=bc.vocab_size or (8000 if gpu else 5000),
+        recipes=recipes, configs=configs,
+    )
 
+
+def run_bench(bc: BenchConfig, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
+    plan = plan_bench(bc)
     temporary = tempfile.TemporaryDirectory(prefix="nmt-bench-") if bc.work_dir is None else None
     work_dir = Path(temporary.name) if temporary else Path(bc.work_dir)
     try:
         data_dir = work_dir / "data"
-        if not (data_dir / "manifest.json").exists():
-            log(f"preparing Multi30k de-en ({vocab_size} joint vocabulary) in {data_dir}")
-            prepare(PrepareConfig(
-                out_dir=data_dir, src_lang="de", tgt_lang="en", train_prefix=str(bc.data / "train"),
-                valid_prefix=str(bc.data / "val"), test_prefix=str(bc.data / "test_2016_flickr"),
-                vocab_size=vocab_size, overwrite=True,
-            ))
-        vocab = Manifest.read(data_dir).vocab
-        tokenizer = Tokenizer(data_dir / vocab.src_model, data_dir / vocab.tgt_model)
-        vocab_sizes = (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
-
-        report: dict = {
-            "nmt_version": __version__,
-            "torch": torch.__version__,
-            "device": device_description(device),
-            "cuda": torch.version.cuda if gpu else None,
-            "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "settings": {
-                "steps": steps, "repeats": bc.repeats, "vocab_size": vocab_size, "ttq_dev_bleu": threshold,
-                "ttq_minutes": minutes, "ttq_valid_every": valid_every, "sections": list(bc.sections),
-            },
-            "recipes": {name: str(path) for name, path in recipes.items()},
-            "configs": {name: dataclasses.asdict(cfg) for name, cfg in configs.items()},
-            "matmul": {},
-            "train": [],
-            "time_to_quality": [],
-            "decode": [],
-        }
-        dtypes = {torch.float32} | {resolve_precision(cfg.train.precision, device) for cfg in configs.values()}
-        for dtype in sorted(dtypes, key=str):
-            label = str(dtype).replace("torch.", "")
-            log(f"measuring the {label} matrix-product rate")
-            report["matmul"][label] = {
-                "measured_flops_per_s": measure_matmul_rate(device, dtype, bc.repeats),
-                "datasheet_flops_per_s": datasheet_peak(device, dtype),
-            }
-
+        prepare_bench_data(bc.data, data_dir, plan.vocab_size, log)
+        report = report_header(bc, plan)
+        report["matmul"] = matmul_rates(plan, bc.repeats, log)
         if "train" in bc.sections:
-            train_split = ParallelSplit.load(data_dir, "train")
-            for name, cfg in configs.items():
-                for plain in (True, False):
-                    log(f"training throughput: {name}, {'plain PyTorch' if plain else 'nmt'} step, {steps} updates x {bc.repeats}")
-                    sizes = (bc.model_vocab[name],) * 2 if name in bc.model_vocab else vocab_sizes
-                    record = bench_training(name, cfg, train_split, sizes, device, plain, steps, bc.repeats)
-                    rates = report["matmul"][record["dtype"]]
-                    if record["flops_per_s"]:
-                        record["mfu_of_measured_matmul"] = record["flops_per_s"] / rates["measured_flops_per_s"]
-                        if rates["datasheet_flops_per_s"]:
-                            record["mfu"] = record["flops_per_s"] / rates["datasheet_flops_per_s"]
-                    report["train"].append(record)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-
+            report["train"] = training_section(bc, plan, data_dir, report["matmul"], log)
         if "ttq" in bc.sections or "decode" in bc.sections:
-            lines = list(read_lines(data_dir / "test.src.txt"))
-            references = list(read_lines(data_dir / "test.tgt.txt"))
-            for name, cfg in configs.items():
-                save_dir = bc.checkpoints.get(name) or work_dir / f"model-{name}"
-                if name not in bc.checkpoints and ("ttq" in bc.sections or not (save_dir / "best").exists()):
-                    log(f"time to dev BLEU {threshold}: {name} (at most {minutes} minutes)")
-                    record = bench_time_to_quality(name, cfg, data_dir, save_dir, threshold, minutes, valid_every, log)
-                    report["time_to_quality"].append(record)
-                if "decode" in bc.sections:
-                    log(f"decoding test_2016_flickr: {name}")
-                    bf16 = gpu and torch.cuda.is_bf16_supported()  # not on GPUs before Ampere
-                    half = bf16 if bc.half_precision_decoding is None else bc.half_precision_decoding
-                    decoded = bench_decoding(
-                        name, save_dir, lines, references, device, bc.repeats, with_int8=device.type == "cpu",
-                        with_half=half, ctranslate2_dir=work_dir / f"export-{name}" if bc.ctranslate2 else None,
-                    )
-                    report["decode"] += decoded
-                    for record in report["time_to_quality"]:
-                        if record["model"] == name and name not in bc.checkpoints:
-                            beam5 = next(r for r in decoded if r["path"] == "nmt" and r["beam"] == 5)
-                            record["test_bleu_beam5"] = beam5["bleu"]
+            report["time_to_quality"], report["decode"] = quality_and_decoding_sections(bc, plan, data_dir, work_dir, log)
     finally:
         if temporary:
             temporary.cleanup()
-
     bc.out.parent.mkdir(parents=True, exist_ok=True)
     bc.out.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def prepare_bench_data(multi30k: Path, data_dir: Path, vocab_size: int, log: Callable[[str], None]) -> None:
+    """Multi30k de→en with a joint vocabulary in `data_dir`, unless it is there already."""
+    if (data_dir / "manifest.json").exists():
+        return
+    log(f"preparing Multi30k de-en ({vocab_size} joint vocabulary) in {data_dir}")
+    prepare(PrepareConfig(
+        out_dir=data_dir, src_lang="de", tgt_lang="en", train_prefix=str(multi30k / "train"),
+        valid_prefix=str(multi30k / "val"), test_prefix=str(multi30k / "test_2016_flickr"),
+        vocab_size=vocab_size, overwrite=True,
+    ))
+
+
+def report_header(bc: BenchConfig, plan: BenchPlan) -> dict:
+    """The report's versions, device and settings, with its sections still empty."""
+    return {
+        "nmt_version": __version__,
+        "torch": torch.__version__,
+        "device": device_description(plan.device),
+        "cuda": torch.version.cuda if plan.device.type == "cuda" else None,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "settings": {
+            "steps": plan.steps, "repeats": bc.repeats, "vocab_size": plan.vocab_size, "ttq_dev_bleu": plan.threshold,
+            "ttq_minutes": plan.minutes, "ttq_valid_every": bc.ttq_valid_every, "sections": list(bc.sections),
+        },
+        "recipes": {name: str(path) for name, path in plan.recipes.items()},
+        "configs": {name: dataclasses.asdict(cfg) for name, cfg in plan.configs.items()},
+        "matmul": {},
+        "train": [],
+        "time_to_quality": [],
+        "decode": [],
+    }
+
+
+def matmul_rates(plan: BenchPlan, repeats: int, log: Callable[[str], None]) -> dict:
+    """Measured and datasheet matrix-product rates for fp32 and each config's precision."""
+    dtypes = {torch.float32} | {resolve_precision(cfg.train.precision, plan.device) for cfg in plan.configs.values()}
+    rates = {}
+    for dtype in sorted(dtypes, key=str):
+        label = str(dtype).replace("torch.", "")
+        log(f"measuring the {label} matrix-product rate")
+        rates[label] = {
+            "measured_flops_per_s": measure_matmul_rate(plan.device, dtype, repeats),
+            "datasheet_flops_per_s": datasheet_peak(plan.device, dtype),
+        }
+    return rates
+
+
+def training_section(bc: BenchConfig, plan: BenchPlan, data_dir: Path, matmul: dict, log: Callable[[str], None]) -> list[dict]:
+    """Training throughput of each config, the plain PyTorch step and nmt's, with their MFU."""
+    train_split = ParallelSplit.load(data_dir, "train")
+    vocab = Manifest.read(data_dir).vocab
+    tokenizer = Tokenizer(data_dir / vocab.src_model, data_dir / vocab.tgt_model)
+    records = []
+    for name, cfg in plan.configs.items():
+        sizes = (bc.model_vocab[name],) * 2 if name in bc.model_vocab else (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+        for plain in (True, False):
+            log(f"training throughput: {name}, {'plain PyTorch' if plain else 'nmt'} step, {plan.steps} updates x {bc.repeats}")
+            record = bench_training(name, cfg, train_split, sizes, plan.device, plain, plan.steps, bc.repeats)
+            rates = matmul[record["dtype"]]
+            if record["flops_per_s"]:
+                record["mfu_of_measured_matmul"] = record["flops_per_s"] / rates["measured_flops_per_s"]
+                if rates["datasheet_flops_per_s"]:
+                    record["mfu"] = record["flops_per_s"] / rates["datasheet_flops_per_s"]
+            records.append(record)
+        if plan.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return records
+
+
+def quality_and_decoding_sections(
+    bc: BenchConfig, plan: BenchPlan, data_dir: Path, work_dir: Path, log: Callable[[str], None]
+) -> tuple[list[dict], list[dict]]:
+    """Time to quality (training each model that no `--checkpoint` names) and the decoding of
+    test_2016_flickr with it; the time-to-quality records get the model's beam-5 test BLEU."""
+    lines = list(read_lines(data_dir / "test.src.txt"))
+    references = list(read_lines(data_dir / "test.tgt.txt"))
+    gpu = plan.device.type == "cuda"
+    timed, decoding = [], []
+    for name, cfg in plan.configs.items():
+        save_dir = bc.checkpoints.get(name) or work_dir / f"model-{name}"
+        record = None
+        if name not in bc.checkpoints and ("ttq" in bc.sections or not (save_dir / "best").exists()):
+            log(f"time to dev BLEU {plan.threshold}: {name} (at most {plan.minutes} minutes)")
+            record = bench_time_to_quality(name, cfg, data_dir, save_dir, plan.threshold, plan.minutes, bc.ttq_valid_every, log)
+            timed.append(record)
+        if "decode" not in bc.sections:
+            continue
+        log(f"decoding test_2016_flickr: {name}")
+        bf16 = gpu and torch.cuda.is_bf16_supported()  # not on GPUs before Ampere
+        decoded = bench_decoding(
+            name, save_dir, lines, references, plan.device, bc.repeats, with_int8=not gpu,
+            with_half=bf16 if bc.half_precision_decoding is None else bc.half_precision_decoding,
+            ctranslate2_dir=work_dir / f"export-{name}" if bc.ctranslate2 else None,
+        )
+        decoding += decoded
+        if record is not None:
+            record["test_bleu_beam5"] = next(r for r in decoded if r["path"] == "nmt" and r["beam"] == 5)["bleu"]
+    return timed, decoding
 
 
 def format_report(report: dict) -> str:

@@ -8,7 +8,7 @@ import shutil
 import sys
 import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -238,13 +238,36 @@ def clean_and_split(config: PrepareConfig, work: Path, progress: bool, stages: S
     train_pairs, given_eval, expected_pairs = _read_inputs(config, progress)
     if given_eval and config.split_by is not None:
         raise DataError("--split-by applies when valid and test are carved out of the training data, not given")
-    work.mkdir(parents=True, exist_ok=True)
     cleaner = PairCleaner(config.clean, config.src_lang, config.tgt_lang)
-    hash_list, group_list = array("Q"), array("Q")
     group_side = None if config.split_by is None else (config.src_lang, config.tgt_lang).index(config.split_by)
+    hashes, groups = _clean_to_work_files(train_pairs, cleaner, work, group_side, expected_pairs, progress)
+    stats = cleaner.stats
+    if stages:
+        stages.done("read_clean")
+    keep = _first_of_duplicates(hashes, config.clean.dedup, stats)
+    if given_eval:
+        eval_raw, eval_clean, overlap = _hold_out_given(given_eval, cleaner, hashes, keep)
+    else:
+        eval_raw = eval_clean = _carve_out(config, work, keep, groups)
+        overlap = 0
+    if not keep.any():
+        raise DataError("no training pairs left once valid/test pairs are removed")
+    if stages:
+        stages.done("dedup_split")
+    return CleanedCorpus(work, keep, eval_raw, eval_clean, stats, overlap, cleaner)
+
+
+def _clean_to_work_files(
+    pairs: Iterable[tuple[str, str]], cleaner: PairCleaner, work: Path, group_side: int | None,
+    expected_pairs: int | None, progress: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Write the pairs `cleaner` keeps to `work/train.{src,tgt}`; returns the hash of each written
+    pair and, with `group_side`, the hash of its sentence on that side."""
+    work.mkdir(parents=True, exist_ok=True)
+    hash_list, group_list = array("Q"), array("Q")
     with open(work / "train.src", "w", encoding="utf-8", newline="\n") as src_file, \
             open(work / "train.tgt", "w", encoding="utf-8", newline="\n") as tgt_file:
-        for src, tgt in tqdm(train_pairs, desc="reading", unit=" pairs", unit_scale=True, file=sys.stderr,
+        for src, tgt in tqdm(pairs, desc="reading", unit=" pairs", unit_scale=True, file=sys.stderr,
                              total=expected_pairs, disable=None if progress else True, mininterval=1.0):
             pair = cleaner(src, tgt)
             if pair is not None:
@@ -253,57 +276,61 @@ def clean_and_split(config: PrepareConfig, work: Path, progress: bool, stages: S
                 hash_list.append(pair_hash(*pair))
                 if group_side is not None:
                     group_list.append(pair_hash(pair[group_side], ""))
-    hashes = np.frombuffer(hash_list, dtype=np.uint64)
-    stats = cleaner.stats
-    if stages:
-        stages.done("read_clean")
+    groups = np.frombuffer(group_list, dtype=np.uint64) if group_side is not None else None
+    return np.frombuffer(hash_list, dtype=np.uint64), groups
 
+
+def _first_of_duplicates(hashes: np.ndarray, dedup: bool, stats: CleanStats) -> np.ndarray:
+    """Which work pairs to keep: all, or with `dedup` the first of each set of duplicates
+    (counted in `stats`). No pair left is an error."""
     keep = np.ones(len(hashes), dtype=bool)
-    if config.clean.dedup and len(hashes):
-        _, first = np.unique(hashes, return_index=True)  # the first of each set of duplicates
+    if dedup and len(hashes):
+        _, first = np.unique(hashes, return_index=True)
         keep[:] = False
         keep[first] = True
         stats.duplicates = len(hashes) - len(first)
     if not keep.any():
         raise DataError(f"no sentence pairs left after cleaning ({_dropped_summary(stats.as_dict())})")
     stats.kept = int(keep.sum())
+    return keep
 
-    eval_raw: dict[str, list[tuple[str, str]]] = {}
-    eval_clean: dict[str, list[tuple[str, str]]] = {}
-    overlap = 0
-    if given_eval:
-        for split, pairs in given_eval.items():
-            eval_clean[split] = [cleaner.normalize_pair(*pair) for pair in pairs]
-            eval_raw[split] = _references(pairs, eval_clean[split], cleaner)
-        held_out = np.array([pair_hash(*p) for pairs in eval_clean.values() for p in pairs], dtype=np.uint64)
-        in_held_out = keep & np.isin(hashes, held_out)
-        overlap = int(in_held_out.sum())
-        keep &= ~in_held_out
+
+def _hold_out_given(
+    given_eval: dict[str, list[tuple[str, str]]], cleaner: PairCleaner, hashes: np.ndarray, keep: np.ndarray
+) -> tuple[dict, dict, int]:
+    """The given valid/test pairs, raw (as references) and normalized; training pairs equal to
+    one of them are dropped from `keep` (in place) and counted."""
+    eval_raw, eval_clean = {}, {}
+    for split, pairs in given_eval.items():
+        eval_clean[split] = [cleaner.normalize_pair(*pair) for pair in pairs]
+        eval_raw[split] = _references(pairs, eval_clean[split], cleaner)
+    held_out = np.array([pair_hash(*p) for pairs in eval_clean.values() for p in pairs], dtype=np.uint64)
+    in_held_out = keep & np.isin(hashes, held_out)
+    keep &= ~in_held_out
+    return eval_raw, eval_clean, int(in_held_out.sum())
+
+
+def _carve_out(config: PrepareConfig, work: Path, keep: np.ndarray, groups: np.ndarray | None) -> dict[str, list[tuple[str, str]]]:
+    """Valid and test pairs drawn at random from the kept work pairs (whole groups with
+    --split-by), and dropped from `keep` in place."""
+    candidates = np.flatnonzero(keep)
+    needed = config.valid_size + config.test_size
+    if len(candidates) <= needed:
+        raise DataError(
+            f"only {len(candidates)} pairs after cleaning: too few to hold out {config.valid_size} "
+            f"valid and {config.test_size} test pairs; lower --valid-size/--test-size"
+        )
+    rng = np.random.default_rng(config.seed)
+    if groups is None:
+        picked = candidates[rng.permutation(len(candidates))[:needed]]
+        held = {"test": np.sort(picked[: config.test_size]), "valid": np.sort(picked[config.test_size :])}
     else:
-        candidates = np.flatnonzero(keep)
-        needed = config.valid_size + config.test_size
-        if len(candidates) <= needed:
-            raise DataError(
-                f"only {len(candidates)} pairs after cleaning: too few to hold out {config.valid_size} "
-                f"valid and {config.test_size} test pairs; lower --valid-size/--test-size"
-            )
-        rng = np.random.default_rng(config.seed)
-        if group_side is None:
-            picked = candidates[rng.permutation(len(candidates))[:needed]]
-            held = {"test": np.sort(picked[: config.test_size]), "valid": np.sort(picked[config.test_size :])}
-        else:
-            held = _carve_groups(candidates, np.frombuffer(group_list, dtype=np.uint64)[candidates], config, rng)
-            picked = np.concatenate([held["test"], held["valid"]])
-        keep[picked] = False
-        positions = np.sort(picked)
-        found = dict(zip(positions.tolist(), _work_pairs(work, _mask(positions[-1] + 1, positions)))) if len(positions) else {}
-        for split in ("valid", "test"):
-            eval_raw[split] = eval_clean[split] = [found[i] for i in held[split].tolist()]
-    if not keep.any():
-        raise DataError("no training pairs left once valid/test pairs are removed")
-    if stages:
-        stages.done("dedup_split")
-    return CleanedCorpus(work, keep, eval_raw, eval_clean, stats, overlap, cleaner)
+        held = _carve_groups(candidates, groups[candidates], config, rng)
+        picked = np.concatenate([held["test"], held["valid"]])
+    keep[picked] = False
+    positions = np.sort(picked)
+    found = dict(zip(positions.tolist(), _work_pairs(work, _mask(positions[-1] + 1, positions)))) if len(positions) else {}
+    return {split: [found[i] for i in held[split].tolist()] for split in ("valid", "test")}
 
 
 def _carve_groups(candidates: np.ndarray, groups: np.ndarray, config: PrepareConfig, rng) -> dict[str, np.ndarray]:
