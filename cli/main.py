@@ -350,6 +350,7 @@ def translate(
     src_lang: Annotated[str | None, typer.Option(help="The input's language, for a multilingual model that normalizes its languages differently (and for --pivot).")] = None,
     pivot: Annotated[str | None, typer.Option(help="Translate into this language first, then from it into --tgt-lang.")] = None,
     pivot_model: Annotated[list[Path] | None, typer.Option(help="With --pivot: the model(s) for the second step (default: the same).")] = None,
+    restrict_vocab: Annotated[bool | None, typer.Option("--restrict-vocab/--no-restrict-vocab", help="A multilingual model: output only the pieces its training targets in --tgt-lang use (keeps zero-shot directions in their language).", show_default=False)] = None,
 ) -> None:
     """Translate text with a trained model: one output line per input line."""
     from nmt.alignment import AttentionOutput
@@ -359,7 +360,7 @@ def translate(
     options = dict(beam=beam, nbest=nbest, len_penalty=len_penalty, max_len_a=max_len_a, max_len_b=max_len_b,
                    batch_tokens=batch_tokens, precision=precision, no_repeat_ngram=no_repeat_ngram, sampling=sampling,
                    topk=topk, topp=topp, temperature=temperature, seed=seed, chunk_lines=chunk_lines,
-                   prefix_only=prefix_only, static_cache=static_cache)
+                   prefix_only=prefix_only, static_cache=static_cache, restrict_vocab=restrict_vocab)
     with user_errors():
         if prefix_only and prefix is None:
             raise NmtError("--prefix-only needs --prefix FILE")
@@ -429,6 +430,7 @@ def evaluate(
     hyp_dir: Annotated[Path | None, typer.Option(help="With --data: keep the translations here (SPLIT.DIRECTION.hyp).")] = None,
     off_target: Annotated[bool, typer.Option("--off-target", help="With --data: also the share of output lines in another language than the target (py3langid).")] = False,
     beam: Annotated[int | None, typer.Option(help="Beam size when translating --src or --data.")] = None,
+    restrict_vocab: Annotated[bool | None, typer.Option("--restrict-vocab/--no-restrict-vocab", help="When translating with a multilingual model: output only the target language's pieces (see nmt translate).", show_default=False)] = None,
     metrics: Annotated[str, typer.Option(help="Comma-separated: bleu, chrf, ter.")] = "bleu,chrf,ter",
     tokenize: Annotated[str | None, typer.Option(help="sacreBLEU tokenizer for BLEU (default: zh for Chinese, else 13a).")] = None,
     lang: Annotated[str | None, typer.Option(help="Language of the references, which picks BLEU's tokenizer (default: the model's target language with --model, else recognised from the references).")] = None,
@@ -446,7 +448,8 @@ def evaluate(
             if model is None or hyp is not None or src is not None or ref is not None or lang or tgt_lang:
                 raise NmtError("--data goes with --model (and no --hyp, --src, --ref, --lang or --tgt-lang: each direction names its languages)")
             results = evaluate_directions([model], data, split, parse_directions(directions) if directions else None,
-                                          {"beam": beam}, names, device, pivot, hyp_dir=hyp_dir, off_target=off_target,
+                                          {"beam": beam, "restrict_vocab": restrict_vocab}, names, device, pivot,
+                                          hyp_dir=hyp_dir, off_target=off_target,
                                           tokenize=tokenize)
             _print_direction_scores(results, json_output)
             return
@@ -458,10 +461,13 @@ def evaluate(
             raise NmtError("give either --hyp, or --src with --model")
         if tgt_lang and src is None:
             raise NmtError("--tgt-lang goes with --src and --model")
+        if restrict_vocab is not None and src is None:
+            raise NmtError("--restrict-vocab goes with --src or --data, and --model")
         if src is not None:
             if model is None:
                 raise NmtError("--src needs --model")
-            scores = translate_and_score(model, src, ref, {"beam": beam}, names, tokenize, device, lang, tgt_lang)
+            scores = translate_and_score(model, src, ref, {"beam": beam, "restrict_vocab": restrict_vocab}, names,
+                                         tokenize, device, lang, tgt_lang)
         else:
             scores = score_files(hyp, ref, names, tokenize, lang)
     if json_output:

@@ -85,12 +85,15 @@ def recover_checkpoints(save_dir: Path) -> None:
         recover_dir(kept / name)
 
 
-def init_save_dir(save_dir: Path, config: Config, data_dir: Path, manifest: Manifest) -> None:
-    """Write the config, vocabulary description and SentencePiece models into `save_dir`."""
+def init_save_dir(save_dir: Path, config: Config, data_dir: Path, manifest: Manifest, target_pieces: dict | None = None) -> None:
+    """Write the config, vocabulary description and SentencePiece models into `save_dir`;
+    `target_pieces`: a multilingual model's (see `VocabInfo.target_pieces`)."""
     save_dir.mkdir(parents=True, exist_ok=True)
     for name in {manifest.vocab.src_model, manifest.vocab.tgt_model}:
         shutil.copyfile(data_dir / name, save_dir / name)
-    VocabInfo.from_manifest(manifest).write(save_dir)
+    info = VocabInfo.from_manifest(manifest)
+    info.target_pieces = target_pieces or {}
+    info.write(save_dir)
     save_config(config, save_dir / "config.yaml")
 
 

@@ -147,6 +147,9 @@ class DecodeConfig:
     # precision, normalizations and the output's log-softmax in fp32); for GPUs.
     precision: str = "fp32"
     no_repeat_ngram: int = 0  # no n-gram of this size occurs twice in an output; 0: off
+    # A multilingual model: output only the pieces its training targets in the target language
+    # use, so that a zero-shot direction cannot drift into another language's words.
+    restrict_vocab: bool = False
     # Transformers: decode on fixed-shape buffers (keys/values written in place), each step a
     # replayed CUDA graph on a GPU; the same output as without. Other models decode as before.
     static_cache: bool = False

@@ -381,6 +381,7 @@ class CTranslate2Translator:
     model_config: ModelConfig
     languages: tuple[str, str]
     max_positions: int  # rows of the position tables: longer outputs are cut there
+    allowed_tokens: np.ndarray | None = None  # (V,) bool: with decode.restrict_vocab, the target language's pieces
 
     def translate(self, lines: Sequence[str], prefixes: Sequence[str] | None = None, attention: AttentionChoice | None = None,
                   first_line: int = 1, progress: bool = False, decode: DecodeConfig | None = None) -> Translations:
@@ -447,13 +448,21 @@ class CTranslate2Translator:
             beam_size=1 if decode.sampling else decode.beam, num_hypotheses=decode.nbest,
             length_penalty=0.0 if greedy else decode.len_penalty,  # nmt's greedy and sampling scores: log-probs
             no_repeat_ngram_size=decode.no_repeat_ngram,
-            suppress_sequences=[[self.tokenizer.tgt.id_to_piece(PAD)], [self.tokenizer.tgt.id_to_piece(BOS)]],
+            suppress_sequences=[[self.tokenizer.tgt.id_to_piece(i)] for i in self._suppressed()],
             max_input_length=0, min_decoding_length=0,  # inputs are cut already; an empty output is allowed
             return_end_token=True, return_scores=True, return_attention=attention,
             sampling_topk=(decode.topk if decode.topk < vocabulary else 0) if decode.sampling else 1,
             sampling_topp=decode.topp if decode.sampling else 1.0,
             sampling_temperature=decode.temperature if decode.sampling else 1.0,
         )
+
+    def _suppressed(self) -> list[int]:
+        """The ids the output never holds: PAD, BOS, and with decode.restrict_vocab the pieces
+        outside the target language's."""
+        banned = [PAD, BOS]
+        if self.allowed_tokens is not None:
+            banned += [int(i) for i in np.flatnonzero(~self.allowed_tokens) if i not in (PAD, BOS)]
+        return banned
 
     def _batching(self, decode: DecodeConfig) -> dict:
         """A GPU takes batches of decode.batch_tokens; CPU workers share batches of a few sentences."""

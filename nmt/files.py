@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from nmt.atomic import write_text_atomic
 from nmt.errors import CheckpointError, DataError
 from nmt.normalize import Normalization
@@ -176,6 +178,9 @@ class VocabInfo(_VocabularyRecord):
     # A multilingual model: its trained directions and each language's normalization record
     directions: list[str] = field(default_factory=list)
     languages: dict = field(default_factory=dict)
+    # ... and per target language, the pieces its training targets use (`pack_pieces`), which
+    # decoding may be restricted to (decode.restrict_vocab); models trained before have none.
+    target_pieces: dict = field(default_factory=dict)
 
     NAME = "vocab.json"
 
@@ -191,6 +196,11 @@ class VocabInfo(_VocabularyRecord):
     def language_normalization(self, lang: str) -> Normalization:
         return Normalization.from_saved(self.languages[lang])
 
+    def target_piece_mask(self, lang: str) -> np.ndarray | None:
+        """(V,) bool: the pieces `lang`'s training targets use; None when not recorded."""
+        packed = self.target_pieces.get(lang)
+        return None if packed is None else unpack_pieces(packed, self.vocab.tgt_size)
+
     @classmethod
     def read(cls, save_dir: Path) -> VocabInfo:
         path = Path(save_dir) / cls.NAME
@@ -200,6 +210,22 @@ class VocabInfo(_VocabularyRecord):
         if info is None:
             raise CheckpointError(f"{path} is damaged or from another version")
         return info
+
+
+def pack_pieces(mask: np.ndarray) -> str:
+    """A (V,) bool mask over the vocabulary as hex (piece 0 is the first byte's highest bit):
+    a thousand characters for 8,000 pieces."""
+    return np.packbits(np.asarray(mask, dtype=bool)).tobytes().hex()
+
+
+def unpack_pieces(packed: str, vocab_size: int) -> np.ndarray:
+    try:
+        bits = np.unpackbits(np.frombuffer(bytes.fromhex(packed), dtype=np.uint8))
+    except (TypeError, ValueError):
+        raise CheckpointError("vocab.json: a language's target pieces are damaged") from None
+    if len(bits) < vocab_size:
+        raise CheckpointError("vocab.json: a language's target pieces do not cover the vocabulary")
+    return bits[:vocab_size].astype(bool)
 
 
 @dataclass

@@ -10,6 +10,7 @@ Imports no torch: prepare runs without it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ import numpy as np
 from nmt import __version__
 from nmt.data import PairCleaner, find_side_file, pair_hash, read_parallel_files
 from nmt.errors import DataError
-from nmt.files import Manifest
+from nmt.files import Manifest, pack_pieces
 from nmt.normalize import language_normalization
 from nmt.prepare import (
     CleanedCorpus,
@@ -40,10 +41,14 @@ from nmt.prepare import (
     worker_count_for,
     write_eval_split,
 )
-from nmt.shards import concatenate_token_files, token_dtype
-from nmt.tokenizer import UNK, Tokenizer, language_tag, load_sentencepiece, train_sentencepiece
+from nmt.shards import TokenArray, concatenate_token_files, token_dtype
+from nmt.tokenizer import EOS, UNK, Tokenizer, language_tag, load_sentencepiece, train_sentencepiece
 
 DEFAULT_TEMPERATURE = 1.5  # fairseq's default for multilingual sampling
+# A piece belongs to a target language's vocabulary once it is at least this share of the
+# language's training target pieces (and used at all): a few stray words of another language in
+# the targets (8 of 482,409 German pieces in Multi30k are "▁the") do not make it the language's.
+TARGET_PIECE_MIN_SHARE = 2e-5
 
 
 def parse_directions(text: str | list[str]) -> list[str]:
@@ -97,6 +102,28 @@ def epoch_pairs(sizes: list[int], temperature: float, rng: np.random.Generator) 
     total, offsets = sum(sizes), np.concatenate([[0], np.cumsum(sizes)])
     picked = [offsets[i] + draw(round(total * weights[str(i)]), n, rng) for i, n in enumerate(sizes)]
     return np.concatenate(picked).astype(np.int64)
+
+
+def target_pieces(tgt: TokenArray, directions: list[str], sizes: list[int], vocab_size: int,
+                  min_share: float = TARGET_PIECE_MIN_SHARE) -> dict[str, str]:
+    """Per target language, the pieces that make up at least `min_share` of its training
+    targets' pieces (and EOS), packed for vocab.json. `tgt` holds the directions' pairs one after
+    the other."""
+    counts: dict[str, np.ndarray] = {}
+    start = 0
+    for direction, size in zip(directions, sizes):
+        lang = direction_languages(direction)[1]
+        tokens = tgt.tokens[int(tgt.offsets[start]) : int(tgt.offsets[start + size])]
+        found = counts.setdefault(lang, np.zeros(vocab_size, dtype=np.int64))
+        for block in range(0, len(tokens), 1 << 22):  # a block at a time: memory-mapped tokens stay on disk
+            found += np.bincount(tokens[block : block + (1 << 22)], minlength=vocab_size)[:vocab_size]
+        start += size
+    masks = {}
+    for lang, found in counts.items():
+        mask = found >= max(1, math.ceil(min_share * found.sum()))
+        mask[EOS] = True
+        masks[lang] = pack_pieces(mask)
+    return masks
 
 
 @dataclass

@@ -99,11 +99,13 @@ def ban_repeated_ngrams(log_probs: torch.Tensor, history: torch.Tensor, n: int) 
 @dataclass
 class StepRules:
     """What every search applies to the model's log-probs at each step, besides the length limit:
-    no repeated n-gram of size `no_repeat_ngram` (0: off), and a forced target prefix per
-    sentence. A forced token keeps the model's log-probability, so scores count the prefix."""
+    no repeated n-gram of size `no_repeat_ngram` (0: off), only the `allowed` tokens, and a
+    forced target prefix per sentence. A forced token keeps the model's log-probability, so
+    scores count the prefix (and a prefix may use tokens outside `allowed`)."""
 
     no_repeat_ngram: int = 0
     prefix: torch.Tensor | None = None  # (B, P) target tokens per sentence, PAD after its end
+    allowed: torch.Tensor | None = None  # (V,) bool: the tokens an output may hold (EOS among them)
 
     def prefix_lengths(self, batch: int, device: torch.device) -> torch.Tensor:  # (B,)
         if self.prefix is None:
@@ -112,7 +114,7 @@ class StepRules:
 
     def select(self, sentences: torch.Tensor) -> StepRules:
         """The rules of these sentences (repeated or picked), in this order."""
-        return StepRules(self.no_repeat_ngram, None if self.prefix is None else self.prefix[sentences])
+        return StepRules(self.no_repeat_ngram, None if self.prefix is None else self.prefix[sentences], self.allowed)
 
     def apply(self, log_probs: torch.Tensor, history: torch.Tensor, sentences: torch.Tensor) -> torch.Tensor:
         """log_probs: (R, V); history: (R, t) tokens so far; sentences: (R,) each row's sentence."""
@@ -123,6 +125,8 @@ class StepRules:
             forced_scores = log_probs.gather(1, forced)  # before the n-gram ban: a prefix may repeat itself
         if self.no_repeat_ngram:
             ban_repeated_ngrams(log_probs, history, self.no_repeat_ngram)
+        if self.allowed is not None:
+            log_probs.masked_fill_(~self.allowed, float("-inf"))
         if forced is not None:
             forcing = forced != PAD  # (R, 1)
             log_probs.masked_fill_(forcing, float("-inf"))

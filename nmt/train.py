@@ -48,7 +48,7 @@ from nmt.evaluate import bleu_tokenizer, corpus_bleu
 from nmt.files import CheckpointInfo, Manifest, TrainState, VocabInfo
 from nmt.interfaces import TrainingBatch, TrainingTask
 from nmt.models import build_model
-from nmt.multilingual import epoch_pairs
+from nmt.multilingual import epoch_pairs, target_pieces
 from nmt.tokenizer import PAD, Tokenizer
 from nmt.train_log import LOG_NAME, TENSORBOARD_DIR, TrainLog
 from nmt.translate import translate_ids
@@ -361,6 +361,10 @@ class MultilingualTranslationTask(TranslationTask):
             for d in self.directions
         }
         self.extra_metrics = tuple(f"bleu_{d}" for d in self.directions)
+
+    def init_save_dir(self, save_dir: Path) -> None:
+        pieces = target_pieces(self.train_split.tgt, self.directions, self.sizes, self.tokenizer.tgt_vocab_size)
+        init_save_dir(save_dir, self.config, self.data_dir, self.manifest, pieces)
 
     def describe(self) -> str:
         return (f"{len(self.train_split)} training pairs in {len(self.directions)} directions "

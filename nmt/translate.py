@@ -73,13 +73,15 @@ def translate_ids(
     attention: AttentionChoice | None = None,
     prefixes: Sequence[Sequence[int]] | None = None,
     generator: torch.Generator | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> list[list[Hypothesis]]:
     """Translate token-id sequences (without EOS); returns the n-best list of each, in order.
 
     With `attention`, each hypothesis keeps the chosen cross-attention weights (on the CPU),
     one row per output token (EOS included) over its source tokens and the source EOS.
     `prefixes`: target tokens each output must start with (empty: none). Sampling draws from
-    `generator` (default: a new one seeded with decode.seed).
+    `generator` (default: a new one seeded with decode.seed). `allowed`: (V,) bool, the only
+    tokens an output may hold (`StepRules.allowed`).
     """
     results: list[list[Hypothesis]] = [[] for _ in sources]
     # Sampling repeats each sentence nbest times in its batch: the batch holds that many fewer.
@@ -92,7 +94,8 @@ def translate_ids(
         # disable=None: no bar when stderr is not a terminal (a log file, CI)
         for indices in tqdm(batches, desc="translating", unit="batch", disable=None if progress else True, file=sys.stderr):
             batch_prefixes = None if prefixes is None else [prefixes[i] for i in indices]
-            _translate_batch(model, sources, indices, decode, device, attention, results, batch_prefixes, generator)
+            _translate_batch(model, sources, indices, decode, device, attention, results, batch_prefixes, generator,
+                             allowed)
     return results
 
 
@@ -103,7 +106,7 @@ def sampling_generator(decode: DecodeConfig, device: torch.device) -> torch.Gene
 def _translate_batch(
     model: StepDecoder, sources: Sequence[Sequence[int]], indices: np.ndarray, decode: DecodeConfig, device: torch.device,
     attention: AttentionChoice | None, results: list[list[Hypothesis]], prefixes: list[Sequence[int]] | None,
-    generator: torch.Generator | None,
+    generator: torch.Generator | None, allowed: torch.Tensor | None = None,
 ) -> None:
     """Translate the sources at `indices` as one batch into `results`."""
     src = pad_source([sources[i] for i in indices]).to(device)
@@ -112,7 +115,7 @@ def _translate_batch(
         prefix = torch.nn.utils.rnn.pad_sequence(
             [torch.tensor(list(p), dtype=torch.long) for p in prefixes], batch_first=True, padding_value=PAD
         ).to(device)  # (B, P), PAD (0) after each prefix
-    rules = StepRules(decode.no_repeat_ngram, prefix)
+    rules = StepRules(decode.no_repeat_ngram, prefix, None if allowed is None else allowed.to(device))
     limits = (decode.max_len_a, decode.max_len_b)
     if decode.static_cache and isinstance(model, StaticStepModel):  # a capability, not a model type
         model = StaticDecoding(model, int(output_limits(src, *limits, rules).max()))
@@ -152,14 +155,17 @@ def translate_lines(
     generator: torch.Generator | None = None,
     first_line: int = 1,
     normalize_target: Normalization | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> Translations:
     """Translate text lines; `normalize` is what the model's source text went through in
     training (the checkpoint's record, `VocabInfo.source_normalization`; default NFC).
     `prefixes`: per line, target text its translation must start with ("": none), normalized
     as the training targets were (`normalize_target`, `VocabInfo.target_normalization`).
-    `first_line`: the number of lines[0] in its file, for warnings and attention maps."""
+    `first_line`: the number of lines[0] in its file, for warnings and attention maps. `allowed`:
+    (V,) bool, the only tokens an output may hold."""
     encoded = encode_lines(tokenizer, lines, decode, normalize, prefixes, normalize_target, first_line)
-    hyps = translate_ids(model, encoded.sources, decode, device, progress, attention, encoded.prefixes, generator)
+    hyps = translate_ids(model, encoded.sources, decode, device, progress, attention, encoded.prefixes, generator,
+                         allowed)
     return collect_translations(tokenizer, len(lines), encoded, hyps, attention is not None, first_line)
 
 
@@ -246,12 +252,15 @@ class Translator:
     model_config: ModelConfig  # the first model's (attention descriptions)
     languages: tuple[str, str]  # (source, target) as the data dir named them
     generator: torch.Generator | None = None
+    allowed_tokens: np.ndarray | None = None  # (V,) bool: with decode.restrict_vocab, the target language's pieces
 
     def translate(self, lines: Sequence[str], prefixes: Sequence[str] | None = None, attention: AttentionChoice | None = None,
                   first_line: int = 1, progress: bool = False, decode: DecodeConfig | None = None) -> Translations:
         """`decode`: settings for this call instead of `self.decode` (a server's per-request n-best)."""
+        allowed = None if self.allowed_tokens is None else torch.from_numpy(self.allowed_tokens)
         return translate_lines(self.model, self.tokenizer, lines, decode or self.decode, self.device, self.normalization,
-                               progress, attention, prefixes, self.generator, first_line, self.target_normalization)
+                               progress, attention, prefixes, self.generator, first_line, self.target_normalization,
+                               allowed)
 
     def describe_attention(self, choice: AttentionChoice) -> str:
         return describe_attention(self.model_config, choice)
@@ -311,10 +320,16 @@ class LanguageSettings:
     source_normalization: Normalization
     target_normalization: Normalization
     languages: tuple[str, str]
+    allowed_tokens: np.ndarray | None = None  # with decode.restrict_vocab: the target language's pieces
 
 
-def language_settings(vocab_info: VocabInfo, model_dir: Path, choice: LanguageChoice) -> LanguageSettings:
-    """Check `choice` against what the model translates; a one-line error names the languages it knows."""
+def language_settings(vocab_info: VocabInfo, model_dir: Path, choice: LanguageChoice,
+                      restrict_vocab: bool = False) -> LanguageSettings:
+    """Check `choice` against what the model translates; a one-line error names the languages it
+    knows. `restrict_vocab`: also the target language's pieces (decode.restrict_vocab)."""
+    if restrict_vocab and not vocab_info.multilingual:
+        raise ConfigError(f"{model_dir} translates into one language: restricting its output to that "
+                          "language's pieces (decode.restrict_vocab) is for multilingual models")
     if not vocab_info.multilingual:
         if choice.tgt and vocab_info.tgt_lang and choice.tgt != vocab_info.tgt_lang:
             raise ConfigError(f"{model_dir} translates into {vocab_info.tgt_lang} only (not {choice.tgt})")
@@ -335,17 +350,29 @@ def language_settings(vocab_info: VocabInfo, model_dir: Path, choice: LanguageCh
         if len(records) > 1:
             raise ConfigError(f"{model_dir} normalizes its languages differently: name the input's with --src-lang ({known})")
         source = vocab_info.language_normalization(next(iter(vocab_info.languages)))
+    allowed = target_language_pieces(vocab_info, model_dir, choice.tgt) if restrict_vocab else None
     return LanguageSettings(choice.tgt, source, vocab_info.language_normalization(choice.tgt),
-                            (choice.src or "", choice.tgt))
+                            (choice.src or "", choice.tgt), allowed)
+
+
+def target_language_pieces(vocab_info: VocabInfo, model_dir: Path, lang: str) -> np.ndarray:
+    """(V,) bool: the pieces of `lang`'s training targets; a one-line error when not recorded."""
+    mask = vocab_info.target_piece_mask(lang)
+    if mask is None:
+        reason = ("was trained before models recorded their languages' pieces" if not vocab_info.target_pieces
+                  else f"never translated into {lang} in training")
+        raise ConfigError(f"{model_dir} {reason}: decode.restrict_vocab (--restrict-vocab) cannot be used with it")
+    return mask
 
 
 def with_languages(translator, vocab_info: VocabInfo, model_dir: Path, choice: LanguageChoice):
     """`translator` (the same loaded model; a dataclass with a tokenizer, normalizations and
     languages) asked for another direction of a multilingual model."""
-    settings = language_settings(vocab_info, model_dir, choice)
+    settings = language_settings(vocab_info, model_dir, choice, translator.decode.restrict_vocab)
     tokenizer = translator.tokenizer.for_target(settings.tag) if settings.tag else translator.tokenizer
     return dataclasses.replace(translator, tokenizer=tokenizer, normalization=settings.source_normalization,
-                               target_normalization=settings.target_normalization, languages=settings.languages)
+                               target_normalization=settings.target_normalization, languages=settings.languages,
+                               allowed_tokens=settings.allowed_tokens)
 
 
 def load_translator(

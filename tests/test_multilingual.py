@@ -418,3 +418,113 @@ def test_a_bilingual_model_refuses_other_languages(trained, tmp_path):
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["translate", str(bilingual), "--pivot", "zz"], input="w1\n")
     assert_one_line_error(result, "--pivot needs a multilingual model")
+
+
+def test_a_model_records_the_pieces_of_each_target_language(trained, data_dir):
+    from nmt.files import VocabInfo
+    from nmt.tokenizer import EOS
+
+    manifest, info = Manifest.read(data_dir), VocabInfo.read(trained)
+    train = ParallelSplit.load(data_dir, "train")
+    used: dict[str, set[int]] = {}
+    start = 0
+    for direction in DIRECTIONS:
+        count = manifest.direction_counts[direction]["train"]["pairs"]
+        target = used.setdefault(direction.split("-")[1], set())
+        for i in range(start, start + count):
+            target.update(train.tgt[i].tolist())
+        start += count
+    assert sorted(info.target_pieces) == ["aa", "bb", "cc"]
+    for lang, pieces in used.items():
+        assert set(np.flatnonzero(info.target_piece_mask(lang)).tolist()) == pieces | {EOS}
+    assert used["bb"] - used["cc"] and used["cc"] - used["bb"]  # each language has pieces of its own
+
+
+def test_a_language_keeps_only_the_pieces_that_are_not_stray_in_its_targets():
+    from types import SimpleNamespace
+
+    from nmt.files import unpack_pieces
+    from nmt.multilingual import target_pieces
+    from nmt.tokenizer import EOS
+
+    # aa-bb targets: 99,990 of piece 10, 8 of piece 11 (stray), 2 of piece 12; bb-aa: 3 of piece 13
+    sentences = [[10] * 9999 for _ in range(10)] + [[11] * 8 + [12] * 2] + [[13, 13, 13]]
+    tokens = np.array([t for s in sentences for t in s], dtype=np.uint16)
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in sentences])])
+    tgt = SimpleNamespace(tokens=tokens, offsets=offsets)
+    masks = target_pieces(tgt, ["aa-bb", "bb-aa"], [11, 1], 20, min_share=5e-5)  # bb: at least 5 of 100,000
+    assert np.flatnonzero(unpack_pieces(masks["bb"], 20)).tolist() == sorted([EOS, 10, 11])
+    assert np.flatnonzero(unpack_pieces(masks["aa"], 20)).tolist() == sorted([EOS, 13])  # 3 pieces: each counts
+
+
+def test_restrict_vocab_keeps_the_output_to_the_allowed_pieces(trained):
+    """Zero-shot bb→cc drifts into the trained directions' words; restricted, every token is
+    cc's, in greedy and beam search and sampling. Greedy output that keeps to cc's pieces
+    anyway is unchanged."""
+    from nmt.files import VocabInfo
+    from nmt.translate import LanguageChoice, load_translator
+
+    lines = ["V1 V2 V3", "V4 V5", "V7 V1 V9 V2", "V3"]
+    allowed = VocabInfo.read(trained).target_piece_mask("cc")
+    for options in ({"beam": 1}, {"beam": 3, "nbest": 3}, {"sampling": True, "nbest": 4, "seed": 3}):
+        restricted = load_translator([trained], {**options, "restrict_vocab": True}, languages=LanguageChoice("cc"))
+        result = restricted.translate(lines)
+        assert all(allowed[h.tokens].all() for nbest in result.hypotheses for h in nbest), options
+    free = load_translator([trained], {"beam": 1}, languages=LanguageChoice("cc")).translate(lines + ["w1 w2 w3"])
+    restricted = load_translator([trained], {"beam": 1, "restrict_vocab": True}, languages=LanguageChoice("cc"))
+    for line, nbest, text in zip(lines + ["w1 w2 w3"], free.hypotheses, free.texts):
+        if allowed[nbest[0].tokens].all():
+            assert restricted.translate([line]).texts[0] == text
+
+
+def test_step_rules_ban_the_tokens_not_allowed_but_keep_a_forced_prefix():
+    import torch
+
+    from nmt.search import StepRules
+
+    log_probs = torch.log_softmax(torch.randn(2, 6), dim=-1)
+    allowed = torch.tensor([False, False, True, True, False, True])
+    out = StepRules(allowed=allowed).apply(log_probs.clone(), torch.zeros(2, 0, dtype=torch.long), torch.arange(2))
+    assert torch.isinf(out[:, ~allowed]).all() and torch.equal(out[:, allowed], log_probs[:, allowed])
+    prefix = torch.tensor([[4], [0]])  # row 0 must start with token 4, which is not allowed; row 1 has no prefix
+    out = StepRules(prefix=prefix, allowed=allowed).apply(log_probs.clone(), torch.zeros(2, 0, dtype=torch.long), torch.arange(2))
+    assert out[0, 4] == log_probs[0, 4] and torch.isinf(out[0, torch.arange(6) != 4]).all()
+    assert torch.equal(out[1, allowed], log_probs[1, allowed]) and torch.isinf(out[1, ~allowed]).all()
+
+
+def test_restrict_vocab_errors_are_one_line(trained, tmp_path):
+    import shutil
+
+    from conftest import TINY_TRANSFORMER, prepare_toy_data, train_tiny
+
+    from nmt.files import VocabInfo
+
+    bilingual = train_tiny(prepare_toy_data(tmp_path, 40), tmp_path / "run", TINY_TRANSFORMER, max_steps=2, valid_every=2)
+    result = runner.invoke(app, ["translate", str(bilingual), "--restrict-vocab"], input="w1\n")
+    assert_one_line_error(result, "multilingual models")
+    older = tmp_path / "older"
+    shutil.copytree(trained, older)
+    info = VocabInfo.read(older)
+    info.target_pieces = {}
+    info.write(older)
+    result = runner.invoke(app, ["translate", str(older), "--tgt-lang", "cc", "--restrict-vocab"], input="V1\n")
+    assert_one_line_error(result, "trained before", "--restrict-vocab")
+    result = runner.invoke(app, ["translate", str(older), "--tgt-lang", "cc"], input="V1\n")
+    assert result.exit_code == 0, result.output  # without the option, an older model translates as before
+    hyp = tmp_path / "hyp.txt"
+    hyp.write_text("a\n", encoding="utf-8")
+    result = runner.invoke(app, ["evaluate", "--hyp", str(hyp), "--ref", str(hyp), "--restrict-vocab"])
+    assert_one_line_error(result, "--restrict-vocab goes with")
+
+
+def test_a_ctranslate2_export_restricts_the_output_as_nmt_does(trained, tmp_path):
+    from nmt.export import export_model
+    from nmt.translate import LanguageChoice, load_text_translator
+
+    export_model(trained, tmp_path / "ct2")
+    lines = ["V1 V2 V3", "V4 V5", "V7 V1 V9 V2"]
+    options = {"beam": 1, "restrict_vocab": True}
+    ours = load_text_translator([trained], options, languages=LanguageChoice("cc")).translate(lines)
+    theirs = load_text_translator([tmp_path / "ct2"], options, engine="ctranslate2",
+                                  languages=LanguageChoice("cc")).translate(lines)
+    assert theirs.texts == ours.texts

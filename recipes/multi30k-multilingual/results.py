@@ -1,6 +1,6 @@
 """The results of run.sh in one JSON: per direction BLEU, chrF2 and off-target rate (trained,
-zero-shot direct, zero-shot through English, last-5 average, and with `bridge` the run with a
-little de<->fr data), their means, the training state.
+zero-shot direct, zero-shot through English, every direction with --restrict-vocab, last-5
+average, and with `bridge` the run with a little de<->fr data), their means, the training state.
 
     python3 results.py WORK_DIR > results.json
 """
@@ -35,7 +35,7 @@ def training_state(run: Path) -> dict:
 
 def main(work: Path) -> dict:
     result = {}
-    for name in ("direct", "pivot", "average", "bridge"):
+    for name in ("direct", "pivot", "restricted", "average", "bridge"):
         path = work / f"{name}.json"
         if path.is_file():
             report = json.loads(path.read_text())

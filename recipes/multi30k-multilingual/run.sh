@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One Transformer for de, fr, cs <-> en on Multi30k: prepares the multilingual data dir, trains
 # (or continues) the recipe's config, then scores on test_2016_flickr (beam 5) the six trained
-# directions, the six zero-shot ones directly and through English, with the off-target rate of
-# each, and the mean of the last 5 checkpoints; writes WORK/results.json.
+# directions, the six zero-shot ones directly and through English, every direction again with
+# the output restricted to the target language's pieces (--restrict-vocab), with the off-target
+# rate of each, and the mean of the last 5 checkpoints; writes WORK/results.json.
 #
 #   recipes/multi30k-multilingual/run.sh cpu|gpu WORK_DIR [MULTI30K_DIR] [bridge|bridge-only]
 #
@@ -34,6 +35,7 @@ if [ "$bridge" != bridge-only ]; then
     $nmt train "$here/transformer-$kind.yaml" --data "$work/data" --out "$run" --no-progress "${continue_run[@]}" "${train_args[@]}"
     scores direct --model "$run" --data "$work/data" --off-target --hyp-dir "$work/hyp-direct"
     scores pivot --model "$run" --data "$work/data" --directions $zero_shot --pivot en --off-target --hyp-dir "$work/hyp-pivot"
+    scores restricted --model "$run" --data "$work/data" --restrict-vocab --off-target --hyp-dir "$work/hyp-restricted"
     rm -rf "$run-avg"  # the average of the run as it is now
     $nmt average "$run" --last 5 --out "$run-avg"
     scores average --model "$run-avg" --data "$work/data" --directions $trained --hyp-dir "$work/hyp-avg"
