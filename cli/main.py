@@ -443,13 +443,13 @@ def evaluate(
     from nmt.multilingual import parse_directions
 
     names = tuple(m.strip().lower() for m in metrics.split(",") if m.strip())
+    decode_options = {"beam": beam, "restrict_vocab": restrict_vocab}
     with user_errors():
         if data is not None:
             if model is None or hyp is not None or src is not None or ref is not None or lang or tgt_lang:
                 raise NmtError("--data goes with --model (and no --hyp, --src, --ref, --lang or --tgt-lang: each direction names its languages)")
             results = evaluate_directions([model], data, split, parse_directions(directions) if directions else None,
-                                          {"beam": beam, "restrict_vocab": restrict_vocab}, names, device, pivot,
-                                          hyp_dir=hyp_dir, off_target=off_target,
+                                          decode_options, names, device, pivot, hyp_dir=hyp_dir, off_target=off_target,
                                           tokenize=tokenize)
             _print_direction_scores(results, json_output)
             return
@@ -466,8 +466,7 @@ def evaluate(
         if src is not None:
             if model is None:
                 raise NmtError("--src needs --model")
-            scores = translate_and_score(model, src, ref, {"beam": beam, "restrict_vocab": restrict_vocab}, names,
-                                         tokenize, device, lang, tgt_lang)
+            scores = translate_and_score(model, src, ref, decode_options, names, tokenize, device, lang, tgt_lang)
         else:
             scores = score_files(hyp, ref, names, tokenize, lang)
     if json_output:

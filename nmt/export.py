@@ -15,6 +15,7 @@ changes, is told in `CTranslate2Translator`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -448,7 +449,7 @@ class CTranslate2Translator:
             beam_size=1 if decode.sampling else decode.beam, num_hypotheses=decode.nbest,
             length_penalty=0.0 if greedy else decode.len_penalty,  # nmt's greedy and sampling scores: log-probs
             no_repeat_ngram_size=decode.no_repeat_ngram,
-            suppress_sequences=[[self.tokenizer.tgt.id_to_piece(i)] for i in self._suppressed()],
+            suppress_sequences=self._suppressed_pieces,
             max_input_length=0, min_decoding_length=0,  # inputs are cut already; an empty output is allowed
             return_end_token=True, return_scores=True, return_attention=attention,
             sampling_topk=(decode.topk if decode.topk < vocabulary else 0) if decode.sampling else 1,
@@ -456,13 +457,14 @@ class CTranslate2Translator:
             sampling_temperature=decode.temperature if decode.sampling else 1.0,
         )
 
-    def _suppressed(self) -> list[int]:
-        """The ids the output never holds: PAD, BOS, and with decode.restrict_vocab the pieces
-        outside the target language's."""
+    @functools.cached_property
+    def _suppressed_pieces(self) -> list[list[str]]:
+        """The pieces the output never holds, each as a one-piece sequence: PAD, BOS, and with
+        decode.restrict_vocab those outside the target language's (built once per translator)."""
         banned = [PAD, BOS]
         if self.allowed_tokens is not None:
             banned += [int(i) for i in np.flatnonzero(~self.allowed_tokens) if i not in (PAD, BOS)]
-        return banned
+        return [[self.tokenizer.tgt.id_to_piece(i)] for i in banned]
 
     def _batching(self, decode: DecodeConfig) -> dict:
         """A GPU takes batches of decode.batch_tokens; CPU workers share batches of a few sentences."""

@@ -89,6 +89,8 @@ def translate_ids(
     batches = decode_batches([len(s) for s in sources], per_batch)
     if decode.sampling and generator is None:
         generator = sampling_generator(decode, device)
+    if allowed is not None:
+        allowed = allowed.to(device)  # once, not per batch
     # One autocast region for every batch: the weights are cast to half precision once.
     with autocast(device, resolve_precision(decode.precision, device)):
         # disable=None: no bar when stderr is not a terminal (a log file, CI)
@@ -115,7 +117,7 @@ def _translate_batch(
         prefix = torch.nn.utils.rnn.pad_sequence(
             [torch.tensor(list(p), dtype=torch.long) for p in prefixes], batch_first=True, padding_value=PAD
         ).to(device)  # (B, P), PAD (0) after each prefix
-    rules = StepRules(decode.no_repeat_ngram, prefix, None if allowed is None else allowed.to(device))
+    rules = StepRules(decode.no_repeat_ngram, prefix, allowed)
     limits = (decode.max_len_a, decode.max_len_b)
     if decode.static_cache and isinstance(model, StaticStepModel):  # a capability, not a model type
         model = StaticDecoding(model, int(output_limits(src, *limits, rules).max()))
