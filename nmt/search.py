@@ -6,6 +6,7 @@ n-grams, a forced target prefix) work on the log-probabilities and the tokens so
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -273,56 +274,83 @@ def beam_search(
         step_weights = None if attention is None else state.attention.float()  # (N*K, S)
         at_limit = limits[active] <= t + 1  # (N,)
         log_probs = rules.apply(_restrict(log_probs, at_limit.repeat_interleave(K)), history, active.repeat_interleave(K))
-        V = log_probs.shape[-1]
-        candidates = (scores[:, :, None] + log_probs.view(N, K, V)).view(N, K * V)
-        top_scores, top_ids = candidates.topk(min(2 * K, K * V), dim=-1)  # (N, 2K)
-        top_beams, top_tokens = top_ids // V, top_ids % V
-        # Finished hypotheses: EOS among the first K candidates. The K best others continue.
-        ends = (top_tokens[:, :K] == EOS) & torch.isfinite(top_scores[:, :K])  # (N, K)
-        keep_scores = top_scores.masked_fill(top_tokens == EOS, float("-inf"))
-        keep_scores, order = keep_scores.topk(K, dim=-1)  # (N, K), best first
-        keep_beams = top_beams.gather(1, order)  # (N, K)
-        keep_tokens = top_tokens.gather(1, order)  # (N, K)
-        best_alive = keep_scores[:, :1] / (t + 1) ** len_penalty  # (N, 1) the best live beam, were it to end now
-        # The one read-back of the step, split into its named parts on the host.
-        read = torch.cat([top_scores[:, :K], ends.float(), top_beams[:, :K].float(), best_alive,
-                          at_limit[:, None].float()], dim=1).tolist()  # (N, 3K+2)
-        step_scores = [values[:K] for values in read]
-        step_ends = [values[K : 2 * K] for values in read]
-        step_beams = [values[2 * K : 3 * K] for values in read]
-        alive_scores = [values[3 * K] for values in read]
-        limit_reached = [values[3 * K + 1] for values in read]
-
-        length = t + 1  # generated tokens including EOS
-        for n in range(N):
-            for j in (j for j in range(K) if step_ends[n][j]):
-                row = n * K + int(step_beams[n][j])
-                _add_finished(finished[active_list[n]], K, step_scores[n][j] / length**len_penalty, row, history,
-                              weights_history, step_weights)
+        choice = _choose_continuations(scores, log_probs, K)
+        report = _read_step(choice, at_limit, K, t + 1, len_penalty)
+        for n, ended in enumerate(report.ended):
+            for beam, score in ended:
+                _add_finished(finished[active_list[n]], K, score, n * K + beam, history, weights_history, step_weights)
         if t + 1 >= max_steps:
             break
-        # A sentence is done when its K finished hypotheses all score at least as well as the
-        # best live beam would if it ended now (log-probs only fall as a hypothesis grows).
-        alive_list = [
-            n for n in range(N)
-            if not (limit_reached[n] or (len(finished[active_list[n]]) == K
-                                         and min(h.score for h in finished[active_list[n]]) >= alive_scores[n]))
-        ]
+        alive_list = [n for n in range(N)
+                      if not _sentence_done(finished[active_list[n]], K, report.best_alive[n], report.at_limit[n])]
         if not alive_list:
             break
         alive = torch.tensor(alive_list, device=device)  # (N',)
-        rows = (alive[:, None] * K + keep_beams[alive]).view(-1)  # (N'*K,) rows of the old batch
+        rows = (alive[:, None] * K + choice.keep_beams[alive]).view(-1)  # (N'*K,) rows of the old batch
         if len(alive_list) < N:  # drop finished sentences (beams of one sentence share memory)
             memory = memory.reorder(rows)
         state = state.reorder(rows)
-        history = torch.cat([history[rows], keep_tokens[alive].view(-1, 1)], dim=1)
+        history = torch.cat([history[rows], choice.keep_tokens[alive].view(-1, 1)], dim=1)
         if step_weights is not None:
             weights_history = torch.cat([weights_history[rows], step_weights[rows, None]], dim=1)
-        prev = keep_tokens[alive].view(-1)
-        scores = keep_scores[alive]
+        prev = choice.keep_tokens[alive].view(-1)
+        scores = choice.keep_scores[alive]
         active = active[alive]
         active_list = [active_list[n] for n in alive_list]
     return _best_hypotheses(finished, nbest, device)
+
+
+class _Continuations(NamedTuple):
+    """A beam-search step's choice, on the device: the 2K best continuations of the K beams of
+    each sentence, and the K best of those that do not end in EOS, which go on."""
+
+    top_scores: torch.Tensor  # (N, 2K) best first
+    top_beams: torch.Tensor  # (N, 2K) the beam each continues
+    top_tokens: torch.Tensor  # (N, 2K)
+    keep_scores: torch.Tensor  # (N, K) best first
+    keep_beams: torch.Tensor  # (N, K)
+    keep_tokens: torch.Tensor  # (N, K)
+
+
+def _choose_continuations(scores: torch.Tensor, log_probs: torch.Tensor, K: int) -> _Continuations:
+    """scores (N, K) of the beams so far, log_probs (N*K, V) of their next token."""
+    N, V = scores.shape[0], log_probs.shape[-1]
+    candidates = (scores[:, :, None] + log_probs.view(N, K, V)).view(N, K * V)
+    top_scores, top_ids = candidates.topk(min(2 * K, K * V), dim=-1)  # (N, 2K)
+    top_beams, top_tokens = top_ids // V, top_ids % V
+    keep_scores = top_scores.masked_fill(top_tokens == EOS, float("-inf"))
+    keep_scores, order = keep_scores.topk(K, dim=-1)  # (N, K), best first
+    return _Continuations(top_scores, top_beams, top_tokens, keep_scores, top_beams.gather(1, order),
+                          top_tokens.gather(1, order))
+
+
+@dataclass
+class _StepReport:
+    """What the host needs of a step, per sentence."""
+
+    ended: list[list[tuple[int, float]]]  # the hypotheses that end here: (beam, length-penalized score)
+    best_alive: list[float]  # the best live beam's score, were it to end now
+    at_limit: list[bool]  # the sentence reached its length limit
+
+
+def _read_step(choice: _Continuations, at_limit: torch.Tensor, K: int, length: int, len_penalty: float) -> _StepReport:
+    """The step's one read-back from the device. Hypotheses end where EOS is among the first K
+    continuations; `length` counts the generated tokens, EOS included."""
+    ends = (choice.top_tokens[:, :K] == EOS) & torch.isfinite(choice.top_scores[:, :K])  # (N, K)
+    best_alive = choice.keep_scores[:, :1] / length**len_penalty  # (N, 1)
+    read = torch.cat([choice.top_scores[:, :K], ends.float(), choice.top_beams[:, :K].float(), best_alive,
+                      at_limit[:, None].float()], dim=1).tolist()  # (N, 3K+2)
+    return _StepReport(
+        ended=[[(int(v[2 * K + j]), v[j] / length**len_penalty) for j in range(K) if v[K + j]] for v in read],
+        best_alive=[v[3 * K] for v in read],
+        at_limit=[bool(v[3 * K + 1]) for v in read],
+    )
+
+
+def _sentence_done(hyps: list[Hypothesis], K: int, best_alive: float, at_limit: bool) -> bool:
+    """Done at its length limit, or once its K finished hypotheses all score at least as well as
+    the best live beam would if it ended now (log-probs only fall as a hypothesis grows)."""
+    return at_limit or (len(hyps) == K and min(h.score for h in hyps) >= best_alive)
 
 
 def _add_finished(
