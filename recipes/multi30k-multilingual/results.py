@@ -1,6 +1,7 @@
 """The results of run.sh in one JSON: per direction BLEU, chrF2 and off-target rate (trained,
 zero-shot direct, zero-shot through English, every direction with --restrict-vocab, last-5
-average, and with `bridge` the run with a little de<->fr data), their means, the training state.
+average, and the bridge runs with a little de<->fr and de->cs data), their means, the training
+state of each run.
 
     python3 results.py WORK_DIR > results.json
 """
@@ -35,13 +36,14 @@ def training_state(run: Path) -> dict:
 
 def main(work: Path) -> dict:
     result = {}
-    for name in ("direct", "pivot", "restricted", "average", "bridge"):
+    for name in ("direct", "pivot", "restricted", "average", "bridge", "bridge-cs"):
         path = work / f"{name}.json"
         if path.is_file():
             report = json.loads(path.read_text())
-            result[name] = {"directions": by_direction(report), "mean": report["mean"]}
+            result[name.replace("-", "_")] = {"directions": by_direction(report), "mean": report["mean"]}
     for kind in ("cpu", "gpu"):
-        for run, key in ((kind, "training"), (f"{kind}-bridge", "training_bridge")):
+        runs = ((kind, "training"), (f"{kind}-bridge", "training_bridge"), (f"{kind}-bridge-cs", "training_bridge_cs"))
+        for run, key in runs:
             if (work / run / "best" / "info.json").is_file():
                 result[key] = {"config": f"transformer-{kind}.yaml", **training_state(work / run)}
     return result

@@ -5,16 +5,20 @@
 # the output restricted to the target language's pieces (--restrict-vocab), with the off-target
 # rate of each, and the mean of the last 5 checkpoints; writes WORK/results.json.
 #
-#   recipes/multi30k-multilingual/run.sh cpu|gpu WORK_DIR [MULTI30K_DIR] [bridge|bridge-only]
+#   recipes/multi30k-multilingual/run.sh cpu|gpu WORK_DIR [MULTI30K_DIR] [RUNS]
 #
-# `bridge` also trains the same config with de-fr and fr-de added from 1,000 of the training
-# pairs (the first lines of train.de and train.fr), and scores every direction of it: does a
-# little data between two non-English languages stop the zero-shot output from leaving for English?
-# `bridge-only` trains and scores that run alone (the main run's figures are in results-KIND.json).
+# RUNS is a comma-separated list of the runs to train and score (default: main):
+#   main       the six English-centred directions, as above;
+#   bridge     the same config with de-fr and fr-de added from 1,000 of the training pairs (the
+#              first lines of train.de and train.fr): does a little data between two non-English
+#              languages stop the zero-shot output from leaving for English?
+#   bridge-cs  the bridge run with de-cs added from the same 1,000 lines: does a little data into
+#              Czech from a non-English source do the same for fr-cs, still zero-shot?
+# Each bridge run is scored on every direction of its data dir.
 #
 # NMT overrides the command (default: nmt); TRAIN_ARGS adds options to nmt train.
 set -euo pipefail
-kind=${1:?cpu or gpu}; work=${2:?work dir}; m30k=${3:-../shared/data/multi30k}; bridge=${4:-}
+kind=${1:?cpu or gpu}; work=${2:?work dir}; m30k=${3:-../shared/data/multi30k}; runs=${4:-main}
 here=$(cd "$(dirname "$0")" && pwd)
 nmt=${NMT:-nmt}
 read -r -a train_args <<< "${TRAIN_ARGS:-}"
@@ -26,7 +30,7 @@ mkdir -p "$work"
 has_checkpoint() { [ -d "$1/last" ] || compgen -G "$1/.last.old-*" > /dev/null; }
 # nmt evaluate into WORK/NAME.json, which appears only once it is complete.
 scores() { local name=$1; shift; $nmt evaluate "$@" --json > "$work/$name.json.tmp"; mv "$work/$name.json.tmp" "$work/$name.json"; }
-if [ "$bridge" != bridge-only ]; then
+main_run() {
     [ -f "$work/data/manifest.json" ] || $nmt prepare --train "$m30k/train" --valid "$m30k/val" \
         --test "$m30k/test_2016_flickr" --directions $trained --zero-shot $zero_shot --vocab-size 8000 \
         --out "$work/data" --no-progress
@@ -39,25 +43,36 @@ if [ "$bridge" != bridge-only ]; then
     rm -rf "$run-avg"  # the average of the run as it is now
     $nmt average "$run" --last 5 --out "$run-avg"
     scores average --model "$run-avg" --data "$work/data" --directions $trained --hyp-dir "$work/hyp-avg"
-fi
-if [ "$bridge" = bridge ] || [ "$bridge" = bridge-only ]; then
+}
+# A bridge run NAME: the six English-centred directions from Multi30k plus EXTRA (comma-separated)
+# from the first 1,000 lines of train.LANG; the directions ZERO_SHOT stay untrained.
+bridge_run() {
+    local name=$1 extra=$2 zero=$3 lang direction
     mkdir -p "$work/bridge"
-    for lang in de fr; do
+    for lang in de fr cs; do
         [ -f "$m30k/train.$lang.gz" ] && reader=(gzip -dc "$m30k/train.$lang.gz") || reader=(cat "$m30k/train.$lang")
         "${reader[@]}" | awk 'NR <= 1000' > "$work/bridge/train.$lang"  # reads to the end: no SIGPIPE under pipefail
     done
-    trains=()  # the six English-centred directions from Multi30k, de-fr and fr-de from the 1,000
-    for direction in ${trained//,/ } de-fr fr-de; do
-        case $direction in de-fr|fr-de) trains+=(--train "$work/bridge/train") ;; *) trains+=(--train "$m30k/train") ;; esac
+    trains=()
+    for direction in ${trained//,/ } ${extra//,/ }; do
+        case ,$extra, in *,$direction,*) trains+=(--train "$work/bridge/train") ;; *) trains+=(--train "$m30k/train") ;; esac
     done
-    [ -f "$work/data-bridge/manifest.json" ] || $nmt prepare --directions $trained,de-fr,fr-de \
-        --zero-shot de-cs,cs-de,fr-cs,cs-fr "${trains[@]}" --valid "$m30k/val" --test "$m30k/test_2016_flickr" \
-        --vocab-size 8000 --out "$work/data-bridge" --no-progress
+    [ -f "$work/data-$name/manifest.json" ] || $nmt prepare --directions $trained,$extra \
+        --zero-shot $zero "${trains[@]}" --valid "$m30k/val" --test "$m30k/test_2016_flickr" \
+        --vocab-size 8000 --out "$work/data-$name" --no-progress
     continue_run=()
-    has_checkpoint "$run-bridge" && continue_run=(--resume)
-    $nmt train "$here/transformer-$kind.yaml" --data "$work/data-bridge" --out "$run-bridge" --no-progress \
+    has_checkpoint "$run-$name" && continue_run=(--resume)
+    $nmt train "$here/transformer-$kind.yaml" --data "$work/data-$name" --out "$run-$name" --no-progress \
         "${continue_run[@]}" "${train_args[@]}"
-    scores bridge --model "$run-bridge" --data "$work/data-bridge" --off-target --hyp-dir "$work/hyp-bridge"
-fi
+    scores "$name" --model "$run-$name" --data "$work/data-$name" --off-target --hyp-dir "$work/hyp-$name"
+}
+for name in ${runs//,/ }; do
+    case $name in
+        main) main_run ;;
+        bridge) bridge_run bridge de-fr,fr-de de-cs,cs-de,fr-cs,cs-fr ;;
+        bridge-cs) bridge_run bridge-cs de-fr,fr-de,de-cs cs-de,fr-cs,cs-fr ;;
+        *) echo "run.sh: unknown run '$name' (main, bridge or bridge-cs)" >&2; exit 2 ;;
+    esac
+done
 python3 "$here/results.py" "$work" > "$work/results.json"
 cat "$work/results.json"
