@@ -47,7 +47,7 @@ main_run() {
 # A bridge run NAME: the six English-centred directions from Multi30k plus EXTRA (comma-separated)
 # from the first 1,000 lines of train.LANG; the directions ZERO_SHOT stay untrained.
 bridge_run() {
-    local name=$1 extra=$2 zero=$3 lang direction
+    local name=$1 extra=$2 zero=$3 lang direction reader trains continue_run
     mkdir -p "$work/bridge"
     for lang in de fr cs; do
         [ -f "$m30k/train.$lang.gz" ] && reader=(gzip -dc "$m30k/train.$lang.gz") || reader=(cat "$m30k/train.$lang")
@@ -66,12 +66,14 @@ bridge_run() {
         "${continue_run[@]}" "${train_args[@]}"
     scores "$name" --model "$run-$name" --data "$work/data-$name" --off-target --hyp-dir "$work/hyp-$name"
 }
+for name in ${runs//,/ }; do  # every name checked before the first run starts
+    case $name in main|bridge|bridge-cs) ;; *) echo "run.sh: unknown run '$name' (main, bridge or bridge-cs)" >&2; exit 2 ;; esac
+done
 for name in ${runs//,/ }; do
     case $name in
         main) main_run ;;
         bridge) bridge_run bridge de-fr,fr-de de-cs,cs-de,fr-cs,cs-fr ;;
         bridge-cs) bridge_run bridge-cs de-fr,fr-de,de-cs cs-de,fr-cs,cs-fr ;;
-        *) echo "run.sh: unknown run '$name' (main, bridge or bridge-cs)" >&2; exit 2 ;;
     esac
 done
 python3 "$here/results.py" "$work" > "$work/results.json"
