@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+BRIDGES = ("bridge", "bridge-cs")  # run.sh's bridge runs: trained in KIND-NAME/, scored into NAME.json
+
 
 def by_direction(report: dict) -> dict:
     return {
@@ -36,14 +38,14 @@ def training_state(run: Path) -> dict:
 
 def main(work: Path) -> dict:
     result = {}
-    for name in ("direct", "pivot", "restricted", "average", "bridge", "bridge-cs"):
+    for name in ("direct", "pivot", "restricted", "average", *BRIDGES):
         path = work / f"{name}.json"
         if path.is_file():
             report = json.loads(path.read_text())
             result[name.replace("-", "_")] = {"directions": by_direction(report), "mean": report["mean"]}
     for kind in ("cpu", "gpu"):
-        runs = ((kind, "training"), (f"{kind}-bridge", "training_bridge"), (f"{kind}-bridge-cs", "training_bridge_cs"))
-        for run, key in runs:
+        runs = {kind: "training", **{f"{kind}-{name}": f"training_{name.replace('-', '_')}" for name in BRIDGES}}
+        for run, key in runs.items():
             if (work / run / "best" / "info.json").is_file():
                 result[key] = {"config": f"transformer-{kind}.yaml", **training_state(work / run)}
     return result

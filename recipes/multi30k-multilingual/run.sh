@@ -66,15 +66,15 @@ bridge_run() {
         "${continue_run[@]}" "${train_args[@]}"
     scores "$name" --model "$run-$name" --data "$work/data-$name" --off-target --hyp-dir "$work/hyp-$name"
 }
-for name in ${runs//,/ }; do  # every name checked before the first run starts
-    case $name in main|bridge|bridge-cs) ;; *) echo "run.sh: unknown run '$name' (main, bridge or bridge-cs)" >&2; exit 2 ;; esac
-done
+plan=()  # every name is checked before the first run starts
 for name in ${runs//,/ }; do
     case $name in
-        main) main_run ;;
-        bridge) bridge_run bridge de-fr,fr-de de-cs,cs-de,fr-cs,cs-fr ;;
-        bridge-cs) bridge_run bridge-cs de-fr,fr-de,de-cs cs-de,fr-cs,cs-fr ;;
+        main) plan+=("main_run") ;;
+        bridge) plan+=("bridge_run bridge de-fr,fr-de de-cs,cs-de,fr-cs,cs-fr") ;;
+        bridge-cs) plan+=("bridge_run bridge-cs de-fr,fr-de,de-cs cs-de,fr-cs,cs-fr") ;;
+        *) echo "run.sh: unknown run '$name' (main, bridge or bridge-cs)" >&2; exit 2 ;;
     esac
 done
+for step in "${plan[@]}"; do $step; done
 python3 "$here/results.py" "$work" > "$work/results.json"
 cat "$work/results.json"
