@@ -6,7 +6,8 @@ run, so that the ratio says what the toolkit's own paths gain:
 - training: target and source+target tokens/s, peak memory, and model FLOPs utilization (matmul
   FLOPs counted by torch's FlopCounterMode ÷ the device's peak: the datasheet figure where the
   GPU is known, and always the matrix-product rate measured in the same run). Baseline: a plain
-  PyTorch step (fp32, eager, unfused AdamW) on the same batches;
+  PyTorch step (fp32, eager, unfused AdamW, torch's dropout mask and glibc's default reuse of
+  freed memory on the CPU) on the same batches, all baselines before the first nmt step;
 - time to quality: training seconds (validation left out) until the dev BLEU first reaches a
   threshold, with the recipe's settings;
 - decoding test_2016_flickr from raw text (tokenization included), greedy and beam 5, with the
@@ -40,11 +41,12 @@ from nmt.batches import make_batch, token_batches
 from nmt.checkpoint import load_for_inference
 from nmt.config import Config, DecodeConfig, load_config
 from nmt.data import ParallelSplit, read_lines
-from nmt.devices import resolve_device, resolve_precision
+from nmt.devices import keep_freed_memory, resolve_device, resolve_precision
 from nmt.errors import ConfigError, DataError
 from nmt.evaluate import corpus_bleu
 from nmt.files import Manifest, VocabInfo
 from nmt.models import build_model
+from nmt.models.dropout import Dropout
 from nmt.prepare import PrepareConfig, prepare
 from nmt.search import FullPrefixDecoding
 from nmt.static_decoding import GRAPH_COUNTS
@@ -148,6 +150,11 @@ def bench_training(
     dtype = torch.float32 if plain else resolve_precision(tc.precision, device)
     torch.manual_seed(tc.seed)
     model = build_model(config.model, *vocab_sizes).to(device).train()
+    for module in model.modules():
+        if isinstance(module, Dropout):
+            module.cpu_mask = not plain  # plain: torch's own CPU dropout mask
+    if device.type == "cpu" and not plain:
+        keep_freed_memory()  # as `nmt train` does on the CPU
     optimizer = make_optimizer(model, tc, device, fused=False if plain else None)
     step_model = compile_model(model) if tc.compile and not plain else model
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
@@ -453,9 +460,10 @@ def training_section(bc: BenchConfig, plan: BenchPlan, data_dir: Path, matmul: d
     vocab = Manifest.read(data_dir).vocab
     tokenizer = Tokenizer(data_dir / vocab.src_model, data_dir / vocab.tgt_model)
     records = []
-    for name, cfg in plan.configs.items():
-        sizes = (bc.model_vocab[name],) * 2 if name in bc.model_vocab else (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
-        for plain in (True, False):
+    # Every plain baseline first: nmt's CPU step changes how the process reuses freed memory.
+    for plain in (True, False):
+        for name, cfg in plan.configs.items():
+            sizes = (bc.model_vocab[name],) * 2 if name in bc.model_vocab else (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
             log(f"training throughput: {name}, {'plain PyTorch' if plain else 'nmt'} step, {plan.steps} updates x {bc.repeats}")
             record = bench_training(name, cfg, train_split, sizes, plan.device, plain, plan.steps, bc.repeats)
             rates = matmul[record["dtype"]]
@@ -464,8 +472,8 @@ def training_section(bc: BenchConfig, plan: BenchPlan, data_dir: Path, matmul: d
                 if rates["datasheet_flops_per_s"]:
                     record["mfu"] = record["flops_per_s"] / rates["datasheet_flops_per_s"]
             records.append(record)
-        if plan.device.type == "cuda":
-            torch.cuda.empty_cache()
+            if plan.device.type == "cuda":
+                torch.cuda.empty_cache()
     return records
 
 

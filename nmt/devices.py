@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 
 import torch
 
@@ -25,6 +27,24 @@ def resolve_device(name: str = "auto") -> torch.device:
     elif device.type != "cpu":
         raise ConfigError(f"unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
     return device
+
+
+def keep_freed_memory() -> bool:
+    """Let this process keep the memory it frees for its next allocations (glibc only).
+
+    glibc hands blocks over 32 MiB back to the kernel as soon as they are freed, and trims the
+    heap when its free top grows; the next tensor of that size then faults in every page afresh.
+    A CPU training update allocates and frees such tensors dozens of times (the (tokens, vocab)
+    logits and their gradients): 171 million page faults and 439 s of system time in a 35-minute
+    run of the Multi30k CPU recipe. Without mmap'd blocks and trimming, freed memory is reused;
+    resident memory stays at its peak instead. Returns whether the C library took the settings.
+    """
+    name = ctypes.util.find_library("c")
+    mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    if mallopt is None:  # not glibc (musl, macOS): nothing to tune
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:

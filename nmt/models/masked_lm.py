@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmt.config import ModelConfig
+from nmt.models.dropout import Dropout
 from nmt.models.transformer import EncoderLayer, ScaledEmbedding, init_transformer_weights
 from nmt.tokenizer import PAD
 
@@ -26,7 +27,7 @@ class MaskedLM(ScaledEmbedding, nn.Module):
         self.src_embed = nn.Embedding(vocab_size, cfg.embed_dim, padding_idx=PAD)
         # Sentence A / sentence B, added to the input for next-sentence prediction only.
         self.segment_embed = nn.Embedding(2, cfg.embed_dim) if next_sentence else None
-        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.embed_dropout = Dropout(cfg.dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.encoder_norm = nn.LayerNorm(cfg.embed_dim) if cfg.norm == "pre" else nn.Identity()
         # BERT's prediction head: a transform, then the embedding matrix (tied) plus a bias.

@@ -14,6 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from nmt.config import ModelConfig
 from nmt.errors import ConfigError
 from nmt.models.attention import AttentionChoice, rnn_attention
+from nmt.models.dropout import Dropout
 from nmt.tokenizer import PAD
 
 
@@ -64,7 +65,7 @@ class RNNSeq2Seq(nn.Module):
         rnn = _rnn_class(cfg.cell)
         self.src_embed = nn.Embedding(src_vocab_size, E, padding_idx=PAD)
         self.tgt_embed = self.src_embed if cfg.share_embeddings else nn.Embedding(tgt_vocab_size, E, padding_idx=PAD)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         # Each direction has D/2 units, so encoder states have the decoder's size D.
         self.encoder = rnn(
             E, D // 2, num_layers=cfg.enc_layers, bidirectional=True, batch_first=True,

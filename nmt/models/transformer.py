@@ -13,6 +13,7 @@ from torch import nn
 from nmt.config import ModelConfig
 from nmt.errors import ConfigError
 from nmt.models.attention import AttentionChoice, MultiHeadAttention
+from nmt.models.dropout import Dropout
 from nmt.tokenizer import PAD
 
 KeysValues = tuple[torch.Tensor, torch.Tensor]  # (B, H, S, Dh) each
@@ -81,7 +82,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, ff_dim)
         self.fc2 = nn.Linear(ff_dim, dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.dropout(F.relu(self.fc1(x))))
@@ -95,7 +96,7 @@ class EncoderLayer(nn.Module):
         self.ff = FeedForward(cfg.embed_dim, cfg.ff_dim, cfg.dropout)
         self.norm1 = nn.LayerNorm(cfg.embed_dim)
         self.norm2 = nn.LayerNorm(cfg.embed_dim)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # x: (B, S, D); mask: (B, 1, 1, S)
@@ -116,7 +117,7 @@ class DecoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.embed_dim)
         self.norm2 = nn.LayerNorm(cfg.embed_dim)
         self.norm3 = nn.LayerNorm(cfg.embed_dim)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def _sublayer(self, x: torch.Tensor, norm: nn.LayerNorm, fn) -> tuple[torch.Tensor, object]:
         out, extra = fn(norm(x) if self.pre_norm else x)
@@ -161,7 +162,7 @@ class ScaledEmbedding:
 
     dim: int
     positions: torch.Tensor
-    embed_dropout: nn.Dropout
+    embed_dropout: Dropout
 
     def _add_positions(self) -> None:
         self.register_buffer("positions", sinusoidal_positions(1024, self.dim), persistent=False)
@@ -198,7 +199,7 @@ class Transformer(ScaledEmbedding, nn.Module):
         self.heads = cfg.heads
         self.src_embed = nn.Embedding(src_vocab_size, cfg.embed_dim, padding_idx=PAD)
         self.tgt_embed = self.src_embed if cfg.share_embeddings else nn.Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=PAD)
-        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.embed_dropout = Dropout(cfg.dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         # Pre-norm leaves the residual stream unnormalized: normalize once at the end.
