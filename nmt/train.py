@@ -134,11 +134,10 @@ def translation_loss(model: torch.nn.Module, batch: Batch, label_smoothing: floa
     return token_loss(logits, batch.tgt_out, label_smoothing)
 
 
-def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device, fused: bool | None = None):
-    """AdamW; by default its fused kernel (one pass over all parameters, on GPUs and CPUs)."""
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device, fused: bool = True):
+    """AdamW; by default its fused kernel (one pass over all parameters, on GPUs and CPUs alike)."""
     return torch.optim.AdamW(
-        model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
-        fused=(device.type in ("cuda", "cpu")) if fused is None else fused,
+        model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay, fused=fused
     )
 
 
