@@ -155,7 +155,7 @@ def bench_training(
             module.cpu_mask = not plain  # plain: torch's own CPU dropout mask
     if device.type == "cpu" and not plain:
         keep_freed_memory()  # as `nmt train` does on the CPU
-    optimizer = make_optimizer(model, tc, device, fused=not plain)
+    optimizer = make_optimizer(model, tc, fused=not plain)
     step_model = compile_model(model) if tc.compile and not plain else model
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     batches = token_batches(split.src.lengths, split.tgt.lengths, tc.batch_tokens, seed=tc.seed)[:steps]

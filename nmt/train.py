@@ -134,7 +134,7 @@ def translation_loss(model: torch.nn.Module, batch: Batch, label_smoothing: floa
     return token_loss(logits, batch.tgt_out, label_smoothing)
 
 
-def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device, fused: bool = True):
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig, fused: bool = True):
     """AdamW; by default its fused kernel (one pass over all parameters, on GPUs and CPUs alike)."""
     return torch.optim.AdamW(
         model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay, fused=fused
@@ -644,7 +644,7 @@ class Trainer:
         self.model.to(device)
         if ranks.active:
             torch.manual_seed(tc.seed * 1_000_003 + ranks.rank)  # each process its own dropout
-        self.optimizer = make_optimizer(self.model, tc, device)
+        self.optimizer = make_optimizer(self.model, tc)
         # Updates run through `step_model`; checkpoints save `model`, whose parameter names are plain.
         self.eager_model = self.model
         if ranks.active:

@@ -50,7 +50,7 @@ def _batch():
 def test_update_with_non_finite_loss_is_skipped(fused):
     model = build_model(ModelConfig(**TINY), 20, 20)
     tc = TrainConfig()
-    optimizer = make_optimizer(model, tc, torch.device("cpu"), fused=fused)
+    optimizer = make_optimizer(model, tc, fused=fused)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         model.output.weight[10, 0] = float("nan")  # the logits of token 10 become NaN
@@ -73,7 +73,7 @@ def test_update_the_loss_scaler_skips_counts_as_skipped(fused):
     # updates must count as skipped, or a diverged fp16 run would go on without ever updating.
     model = build_model(ModelConfig(**TINY), 20, 20)
     tc = TrainConfig()
-    optimizer = make_optimizer(model, tc, torch.device("cpu"), fused=fused)
+    optimizer = make_optimizer(model, tc, fused=fused)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     hook = model.output.weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
@@ -272,7 +272,7 @@ def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(da
     assert not [p.name for p in save_dir.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
     monkeypatch.setattr(checkpoint, "save_file", real_save_file)
     model, _, _ = load_for_inference(save_dir, "last")  # checksums verified
-    info = load_training_state(save_dir, model, make_optimizer(model, TrainConfig(), torch.device("cpu"))).info
+    info = load_training_state(save_dir, model, make_optimizer(model, TrainConfig())).info
     assert info.state.step == 2
 
 
