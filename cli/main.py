@@ -618,6 +618,7 @@ def bench(
     ttq_bleu: Annotated[float, typer.Option(help="Dev BLEU to reach for time to quality (0: 35 on a GPU, 20 on a CPU).")] = 0.0,
     ttq_minutes: Annotated[float, typer.Option(help="Longest training for time to quality (0: 10 minutes).")] = 0.0,
     work_dir: Annotated[Path | None, typer.Option(help="Keep the prepared data and trained models here.")] = None,
+    cpu_bf16: Annotated[bool | None, typer.Option("--cpu-bf16/--no-cpu-bf16", help="On a CPU, also time the training step in bf16 (default: where the CPU has bf16 instructions, AVX512_BF16 or AMX).", show_default=False)] = None,
 ) -> None:
     """Measure training and decoding speed on Multi30k de-en; print a table and write JSON."""
     from nmt.bench import BenchConfig, format_report, run_bench
@@ -630,7 +631,7 @@ def bench(
             checkpoints=_named_paths(checkpoint, "--checkpoint"),
             sections=tuple(s.strip() for s in sections.split(",") if s.strip()), device=device,
             steps=steps, repeats=repeats, vocab_size=vocab_size, ttq_bleu=ttq_bleu, ttq_minutes=ttq_minutes,
-            work_dir=work_dir,
+            work_dir=work_dir, cpu_bf16_training=cpu_bf16,
         )
         report = run_bench(config)
     typer.echo(format_report(report))

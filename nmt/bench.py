@@ -41,7 +41,7 @@ from nmt.batches import make_batch, token_batches
 from nmt.checkpoint import load_for_inference
 from nmt.config import Config, DecodeConfig, load_config
 from nmt.data import ParallelSplit, read_lines
-from nmt.devices import keep_freed_memory, resolve_device, resolve_precision
+from nmt.devices import cpu_multiplies_natively, keep_freed_memory, resolve_device, resolve_precision
 from nmt.errors import ConfigError, DataError
 from nmt.evaluate import corpus_bleu
 from nmt.files import Manifest, VocabInfo
@@ -89,6 +89,9 @@ class BenchConfig:
     model_vocab: dict[str, int] = field(default_factory=dict)
     half_precision_decoding: bool | None = None  # also decode with bf16 autocast; None: on a GPU
     ctranslate2: bool = True  # also decode (beam 5) with Transformers exported to CTranslate2, fp32 and int8
+    # On a CPU, also time nmt's training step under bf16 autocast; None: where the CPU has bf16
+    # matrix instructions (AVX512_BF16 or AMX).
+    cpu_bf16_training: bool | None = None
 
 
 def _sync(device: torch.device) -> None:
@@ -358,6 +361,7 @@ class BenchPlan:
     vocab_size: int
     recipes: dict[str, Path]
     configs: dict[str, Config]
+    cpu_bf16_training: bool  # also time nmt's step in bf16 on the CPU
 
 
 def plan_bench(bc: BenchConfig) -> BenchPlan:
@@ -382,6 +386,8 @@ def plan_bench(bc: BenchConfig) -> BenchPlan:
         device=device, steps=bc.steps or (40 if gpu else 4), threshold=bc.ttq_bleu or (35.0 if gpu else 20.0),
         minutes=bc.ttq_minutes or 10.0, vocab_size=bc.vocab_size or (8000 if gpu else 5000),
         recipes=recipes, configs=configs,
+        cpu_bf16_training=not gpu and (cpu_multiplies_natively(torch.bfloat16) if bc.cpu_bf16_training is None
+                                       else bc.cpu_bf16_training),
     )
 
 
@@ -443,6 +449,8 @@ def report_header(bc: BenchConfig, plan: BenchPlan) -> dict:
 def matmul_rates(plan: BenchPlan, repeats: int, log: Callable[[str], None]) -> dict:
     """Measured and datasheet matrix-product rates for fp32 and each config's precision."""
     dtypes = {torch.float32} | {resolve_precision(cfg.train.precision, plan.device) for cfg in plan.configs.values()}
+    if plan.cpu_bf16_training:
+        dtypes.add(torch.bfloat16)
     rates = {}
     for dtype in sorted(dtypes, key=str):
         label = str(dtype).replace("torch.", "")
@@ -461,16 +469,24 @@ def training_section(bc: BenchConfig, plan: BenchPlan, data_dir: Path, matmul: d
     tokenizer = Tokenizer(data_dir / vocab.src_model, data_dir / vocab.tgt_model)
     records = []
     # Every plain baseline first: nmt's CPU step changes how the process reuses freed memory.
-    for plain in (True, False):
+    passes = [(True, None), (False, None)] + ([(False, "bf16")] if plan.cpu_bf16_training else [])
+    for plain, precision in passes:
         for name, cfg in plan.configs.items():
             sizes = (bc.model_vocab[name],) * 2 if name in bc.model_vocab else (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
-            log(f"training throughput: {name}, {'plain PyTorch' if plain else 'nmt'} step, {plan.steps} updates x {bc.repeats}")
+            if precision:
+                cfg = copy.deepcopy(cfg)
+                cfg.train.precision = precision
+            log(f"training throughput: {name}, {'plain PyTorch' if plain else 'nmt'} step{f' in {precision}' if precision else ''}, "
+                f"{plan.steps} updates x {bc.repeats}")
             record = bench_training(name, cfg, train_split, sizes, plan.device, plain, plan.steps, bc.repeats)
             rates = matmul[record["dtype"]]
             if record["flops_per_s"]:
                 record["mfu_of_measured_matmul"] = record["flops_per_s"] / rates["measured_flops_per_s"]
                 if rates["datasheet_flops_per_s"]:
                     record["mfu"] = record["flops_per_s"] / rates["datasheet_flops_per_s"]
+            if precision:
+                fp32 = next(r for r in records if r["model"] == name and r["path"] == "nmt")
+                record["speed_vs_nmt_fp32"] = record["tgt_tokens_per_s"] / fp32["tgt_tokens_per_s"]
             records.append(record)
             if plan.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -529,6 +545,9 @@ def format_report(report: dict) -> str:
                 f"{r['model']:<{w}}{r['path']:<7}{r['dtype']:<10}{r['tgt_tokens_per_s']:>11,.0f}{r['tokens_per_s']:>11,.0f}"
                 f"{r['tgt_tokens_per_s'] / plain[r['model']]['tgt_tokens_per_s']:>8.2f}x{flops}{r['peak_memory_mb']:>9,.0f}"
             )
+        for r in report["train"]:
+            if "speed_vs_nmt_fp32" in r:
+                out.append(f"{r['model']} nmt step in {r['dtype']}: {r['speed_vs_nmt_fp32']:.2f}x the speed of nmt's fp32 step")
         if not any("mfu" in r for r in report["train"]):
             out.append("MFU: of the matrix-product rate measured above (no datasheet peak for this device)")
     if report["time_to_quality"]:

@@ -56,6 +56,37 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The instruction-set flags of this x86 CPU as Linux lists them; empty where they can't be read."""
+    try:
+        with open(cpuinfo, encoding="utf-8") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except (OSError, UnicodeDecodeError, IndexError):
+        return frozenset()
+
+
+# The flags of the instructions that multiply half-precision matrices in hardware: AVX512_BF16
+# (AMD Zen 4 and later, Intel Cooper Lake), AMX (Intel Sapphire Rapids and later), AVX512_FP16.
+NATIVE_HALF_FLAGS = {torch.bfloat16: {"avx512_bf16", "amx_bf16"}, torch.float16: {"avx512_fp16", "amx_fp16"}}
+
+
+def cpu_multiplies_natively(dtype: torch.dtype, flags: frozenset[str] | None = None) -> bool:
+    """Whether the CPU has instructions for `dtype` matrix products (fp32: always)."""
+    if dtype == torch.float32:
+        return True
+    return bool(NATIVE_HALF_FLAGS[dtype] & (cpu_flags() if flags is None else flags))
+
+
+def slow_precision_note(device: torch.device, dtype: torch.dtype) -> str | None:
+    """A warning for half-precision autocast on a CPU without instructions for it (fp16 matrix
+    products on an AMD EPYC with AVX512_BF16 but no fp16: 1.0 GFLOP/s against 175 for fp32)."""
+    if device.type != "cpu" or cpu_multiplies_natively(dtype):
+        return None
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return (f"warning: this CPU has no {name} matrix instructions; its {name} products are emulated and can be "
+            f"far slower than fp32 (train.precision fp32)")
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()

@@ -34,6 +34,7 @@ from nmt.atomic import replace_dir
 from nmt.batches import pad_source
 from nmt.checkpoint import load_for_inference, read_config, weights_dir
 from nmt.config import Config, DecodeConfig, ModelConfig, config_from_dict
+from nmt.devices import cpu_flags
 from nmt.errors import CheckpointError, ConfigError, first_line
 from nmt.files import CheckpointInfo, VocabInfo
 from nmt.models.attention import AttentionChoice
@@ -229,12 +230,8 @@ def int8_sums_can_overflow() -> bool:
     """Whether this is an x86 CPU without VNNI instructions (read from /proc/cpuinfo; False where
     that can't be read): its int8 matrix products can overflow with 8-bit weights (see
     INT8_WEIGHT_RANGE)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except (OSError, UnicodeDecodeError, IndexError):
-        return False
-    return "sse2" in flags and not {"avx512_vnni", "avx_vnni"} & set(flags)
+    flags = cpu_flags()
+    return "sse2" in flags and not {"avx512_vnni", "avx_vnni"} & flags
 
 
 def transformer_spec(model: Transformer, cfg: ModelConfig, tokenizer: Tokenizer, positions: int):

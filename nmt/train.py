@@ -40,7 +40,7 @@ from nmt.checkpoint import (
 )
 from nmt.config import Config, TrainConfig
 from nmt.data import ParallelSplit, read_lines
-from nmt.devices import autocast, keep_freed_memory, resolve_device, resolve_precision
+from nmt.devices import autocast, keep_freed_memory, resolve_device, resolve_precision, slow_precision_note
 from nmt.distributed import Ranks, init_ranks, rank_device
 from nmt.ema import WeightAverage, load_trained_weights, trained_weights
 from nmt.errors import CheckpointError, ConfigError, DataError, first_line
@@ -672,6 +672,9 @@ class Trainer:
             + (f"; {ranks.world} processes, {self.rank_accum} batch(es) of {self.rank_tokens} tokens each per update"
                if ranks.active else "")
         )
+        note = slow_precision_note(device, self.dtype)
+        if note:
+            self.log(note)
         self.train_log = TrainLog(self.save_dir, tc.tensorboard, self.log) if ranks.is_main else None
 
     def elapsed(self) -> float:

@@ -30,19 +30,26 @@ def bench_inputs(tmp_path):
 def test_bench_measures_every_section_against_its_baseline(bench_inputs, tmp_path):
     corpus, recipes = bench_inputs
     config = BenchConfig(data=corpus, out=tmp_path / "out" / "bench.json", recipes=recipes, device="cpu", steps=3,
-                         repeats=2, vocab_size=40, ttq_bleu=90.0, ttq_minutes=0.1, ttq_valid_every=5)
+                         repeats=2, vocab_size=40, ttq_bleu=90.0, ttq_minutes=0.1, ttq_valid_every=5,
+                         cpu_bf16_training=True)
     report = run_bench(config, log=lambda message: None)
     assert json.loads(config.out.read_text()) == json.loads(json.dumps(report))
     assert report["torch"] and report["device"] and report["configs"]["rnn"]["model"]["cell"] == "lstm"
 
-    train = {(r["model"], r["path"]): r for r in report["train"]}
-    assert set(train) == {(m, p) for m in recipes for p in ("plain", "nmt")}
+    train = {(r["model"], r["path"], r["dtype"]): r for r in report["train"]}
+    passes = {("plain", "float32"), ("nmt", "float32"), ("nmt", "bfloat16")}  # bf16: asked for on this CPU
+    assert set(train) == {(m, p, d) for m in recipes for p, d in passes}
     for record in train.values():
         assert record["updates"] == 3 and len(record["seconds_all_repeats"]) == 2
         assert record["tokens_per_s"] > record["tgt_tokens_per_s"] > 0
-    for path in ("plain", "nmt"):  # model FLOPs are counted for the Transformer
-        record = train[("transformer", path)]
+    for path, dtype in passes:  # model FLOPs are counted for the Transformer
+        record = train[("transformer", path, dtype)]
         assert record["flops_per_s"] > 0 and 0 < record["mfu_of_measured_matmul"] < 1
+    assert set(report["matmul"]) == {"float32", "bfloat16"}
+    for model in recipes:
+        record = train[(model, "nmt", "bfloat16")]
+        fp32 = train[(model, "nmt", "float32")]
+        assert record["speed_vs_nmt_fp32"] == pytest.approx(record["tgt_tokens_per_s"] / fp32["tgt_tokens_per_s"])
 
     for record in report["time_to_quality"]:
         assert record["curve"] and record["curve"][0]["step"] == 5
@@ -68,6 +75,7 @@ def test_bench_measures_every_section_against_its_baseline(bench_inputs, tmp_pat
     table = format_report(report)
     assert "training" in table and "decoding test_2016_flickr" in table and "time to quality" in table
     assert "transformer ct2-int8 (int8) beam 5:" in table
+    assert "rnn nmt step in bfloat16:" in table
 
 
 def test_bench_cli_reports_bad_input_in_one_line(tmp_path):

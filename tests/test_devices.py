@@ -1,0 +1,54 @@
+import torch
+from conftest import TINY_TRANSFORMER, prepare_toy_data
+
+from nmt import devices
+from nmt.config import config_from_dict
+from nmt.devices import cpu_flags, cpu_multiplies_natively, slow_precision_note
+from nmt.train import train
+
+ZEN4_FLAGS = "fpu sse2 avx avx2 avx512f avx512bw avx512_bf16 avx512_vnni"
+AVX2_FLAGS = "fpu sse2 avx avx2 fma"
+
+
+def write_cpuinfo(path, flags: str):
+    path.write_text(f"processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    return str(path)
+
+
+def test_cpu_flags_are_read_from_cpuinfo_and_empty_where_it_is_missing(tmp_path):
+    assert cpu_flags(write_cpuinfo(tmp_path / "cpuinfo", ZEN4_FLAGS)) == frozenset(ZEN4_FLAGS.split())
+    assert cpu_flags(str(tmp_path / "nowhere")) == frozenset()
+
+
+def test_native_half_precision_follows_the_flags():
+    zen4, avx2 = frozenset(ZEN4_FLAGS.split()), frozenset(AVX2_FLAGS.split())
+    assert cpu_multiplies_natively(torch.bfloat16, zen4)
+    assert cpu_multiplies_natively(torch.bfloat16, avx2 | {"amx_bf16", "amx_tile"})  # Intel Sapphire Rapids
+    assert not cpu_multiplies_natively(torch.bfloat16, avx2)
+    assert not cpu_multiplies_natively(torch.float16, zen4)  # Zen 4 has no fp16 matrix instructions
+    assert cpu_multiplies_natively(torch.float32, frozenset())
+
+
+def test_half_precision_on_a_cpu_without_instructions_for_it_is_warned_about(monkeypatch):
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset(AVX2_FLAGS.split()))
+    cpu = torch.device("cpu")
+    assert "no bf16 matrix instructions" in slow_precision_note(cpu, torch.bfloat16)
+    assert "no fp16 matrix instructions" in slow_precision_note(cpu, torch.float16)
+    assert slow_precision_note(cpu, torch.float32) is None
+    assert slow_precision_note(torch.device("cuda"), torch.bfloat16) is None  # GPUs: resolve_precision's "auto"
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset(ZEN4_FLAGS.split()))
+    assert slow_precision_note(cpu, torch.bfloat16) is None
+
+
+def test_training_in_bf16_on_such_a_cpu_says_so_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset(AVX2_FLAGS.split()))
+    data_dir = prepare_toy_data(tmp_path, train=60)
+    messages = []
+    config = config_from_dict({
+        "data_dir": str(data_dir), "save_dir": str(tmp_path / "m"), "model": TINY_TRANSFORMER,
+        "train": {"max_steps": 2, "batch_tokens": 200, "valid_every": 2, "valid_max_sentences": 2, "device": "cpu",
+                  "precision": "bf16"},
+    })
+    train(config, progress=False, log=messages.append)
+    assert sum("no bf16 matrix instructions" in m for m in messages) == 1
+    assert any("bfloat16" in m for m in messages if m.startswith("model:"))
