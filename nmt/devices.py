@@ -57,17 +57,20 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The instruction-set flags of this x86 CPU as Linux lists them; empty where they can't be read."""
+    """The instruction-set flags of this CPU as Linux lists them ("flags" on x86, "Features" on
+    ARM); empty where they can't be read."""
     try:
         with open(cpuinfo, encoding="utf-8") as f:
-            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+            return frozenset(next((line.split(":", 1)[1].split() for line in f
+                                   if line.startswith(("flags", "Features"))), []))
     except (OSError, UnicodeDecodeError, IndexError):
         return frozenset()
 
 
 # The flags of the instructions that multiply half-precision matrices in hardware: AVX512_BF16
-# (AMD Zen 4 and later, Intel Cooper Lake), AMX (Intel Sapphire Rapids and later), AVX512_FP16.
-NATIVE_HALF_FLAGS = {torch.bfloat16: {"avx512_bf16", "amx_bf16"}, torch.float16: {"avx512_fp16", "amx_fp16"}}
+# (AMD Zen 4 and later, Intel Cooper Lake), AMX (Intel Sapphire Rapids and later), AVX512_FP16,
+# and ARM's BF16 extension (Neoverse V1 and later).
+NATIVE_HALF_FLAGS = {torch.bfloat16: {"avx512_bf16", "amx_bf16", "bf16"}, torch.float16: {"avx512_fp16", "amx_fp16"}}
 
 
 def cpu_multiplies_natively(dtype: torch.dtype, flags: frozenset[str] | None = None) -> bool:
@@ -80,7 +83,8 @@ def cpu_multiplies_natively(dtype: torch.dtype, flags: frozenset[str] | None = N
 def slow_precision_note(device: torch.device, dtype: torch.dtype) -> str | None:
     """A warning for half-precision autocast on a CPU without instructions for it (fp16 matrix
     products on an AMD EPYC with AVX512_BF16 but no fp16: 1.0 GFLOP/s against 175 for fp32)."""
-    if device.type != "cpu" or cpu_multiplies_natively(dtype):
+    flags = cpu_flags()
+    if device.type != "cpu" or not flags or cpu_multiplies_natively(dtype, flags):  # no flags: nothing to go by
         return None
     name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     return (f"warning: this CPU has no {name} matrix instructions; its {name} products are emulated and can be "

@@ -18,6 +18,9 @@ def write_cpuinfo(path, flags: str):
 def test_cpu_flags_are_read_from_cpuinfo_and_empty_where_it_is_missing(tmp_path):
     assert cpu_flags(write_cpuinfo(tmp_path / "cpuinfo", ZEN4_FLAGS)) == frozenset(ZEN4_FLAGS.split())
     assert cpu_flags(str(tmp_path / "nowhere")) == frozenset()
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 2100.00\nFeatures\t: fp asimd sve bf16 i8mm\n")
+    assert cpu_multiplies_natively(torch.bfloat16, cpu_flags(str(arm)))  # Graviton 3
 
 
 def test_native_half_precision_follows_the_flags():
@@ -38,6 +41,8 @@ def test_half_precision_on_a_cpu_without_instructions_for_it_is_warned_about(mon
     assert slow_precision_note(torch.device("cuda"), torch.bfloat16) is None  # GPUs: resolve_precision's "auto"
     monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset(ZEN4_FLAGS.split()))
     assert slow_precision_note(cpu, torch.bfloat16) is None
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset())  # not Linux: no flags to go by
+    assert slow_precision_note(cpu, torch.float16) is None
 
 
 def test_training_in_bf16_on_such_a_cpu_says_so_once(tmp_path, monkeypatch):
