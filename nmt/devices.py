@@ -47,13 +47,16 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # config name -> autocast dtype
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     """The autocast dtype: "auto" is bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
     if precision == "auto":
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    return PRECISIONS[precision]
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
@@ -83,10 +86,12 @@ def cpu_multiplies_natively(dtype: torch.dtype, flags: frozenset[str] | None = N
 def slow_precision_note(device: torch.device, dtype: torch.dtype) -> str | None:
     """A warning for half-precision autocast on a CPU without instructions for it (fp16 matrix
     products on an AMD EPYC with AVX512_BF16 but no fp16: 1.0 GFLOP/s against 175 for fp32)."""
-    flags = cpu_flags()
-    if device.type != "cpu" or not flags or cpu_multiplies_natively(dtype, flags):  # no flags: nothing to go by
+    if device.type != "cpu" or dtype == torch.float32:
         return None
-    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    flags = cpu_flags()
+    if not flags or cpu_multiplies_natively(dtype, flags):  # no flags: nothing to go by
+        return None
+    name = next(name for name, named in PRECISIONS.items() if named == dtype)
     return (f"warning: this CPU has no {name} matrix instructions; its {name} products are emulated and can be "
             f"far slower than fp32 (train.precision fp32)")
 
