@@ -78,6 +78,9 @@ class TrainConfig:
     # A multilingual data dir: each direction's share of an epoch ∝ size^(1/T); 0: the data dir's
     # temperature (nmt prepare --lang-temperature)
     lang_temperature: float = 0.0
+    # A multilingual data dir: each direction's share multiplied by its weight here (1 if not
+    # named) before the shares are normalized, e.g. {en-cs: 2.0} to train one direction more.
+    direction_weights: dict[str, float] = field(default_factory=dict)
     max_steps: int = 0  # 0: no limit
     max_epochs: int = 0  # 0: no limit
     max_minutes: float = 0.0  # wall-clock training budget; 0: no limit
@@ -132,6 +135,9 @@ class TrainConfig:
             raise ConfigError("train.word_dropout must be in [0, 1)")
         if self.lang_temperature < 0:
             raise ConfigError("train.lang_temperature must be positive (or 0: the data dir's)")
+        for direction, weight in self.direction_weights.items():
+            if not weight > 0 or not math.isfinite(weight):
+                raise ConfigError(f"train.direction_weights.{direction} must be a positive number (got {weight!r})")
 
 
 @dataclass
@@ -231,6 +237,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list (got {value!r})")
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        key_hint, item = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping (got {value!r})")
+        return {_coerce(f"{key}: the key {k!r}", k, key_hint): _coerce(f"{key}.{k}", v, item) for k, v in value.items()}
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false (got {value!r})")

@@ -21,7 +21,7 @@ import numpy as np
 
 from nmt import __version__
 from nmt.data import PairCleaner, find_side_file, pair_hash, read_parallel_files
-from nmt.errors import DataError
+from nmt.errors import ConfigError, DataError
 from nmt.files import Manifest, pack_pieces
 from nmt.normalize import language_normalization
 from nmt.prepare import (
@@ -84,6 +84,16 @@ def temperature_weights(sizes: dict[str, int], temperature: float) -> dict[str, 
     return {key: value / norm for key, value in raw.items()}
 
 
+def direction_weights(named: dict[str, float], directions: list[str], data_dir: Path) -> list[float] | None:
+    """The sampling weight of each direction from `train.direction_weights` (1 where not named;
+    None where none is); a named direction the data dir lacks is an error."""
+    for direction in named:
+        if direction not in directions:
+            raise ConfigError(f"train.direction_weights names {direction}, which data dir {data_dir} does not have "
+                              f"(it has {', '.join(directions)})")
+    return [named.get(d, 1.0) for d in directions] if named else None
+
+
 def draw(count: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """`count` indices into range(size): whole random permutations, then part of one (each
     index at most once more than any other)."""
@@ -93,14 +103,20 @@ def draw(count: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate(passes)[:count]
 
 
-def epoch_pairs(sizes: list[int], temperature: float, rng: np.random.Generator) -> np.ndarray:
+def epoch_pairs(sizes: list[int], temperature: float, rng: np.random.Generator,
+                weights: list[float] | None = None) -> np.ndarray:
     """The training pairs of one epoch of a multilingual data dir whose train split holds the
     directions' pairs one after the other (`sizes`): as many pairs as there are, each direction's
-    share set by the temperature; a direction above its size repeats pairs, one below it takes
-    a random part. Returns indices into train."""
-    weights = temperature_weights({str(i): n for i, n in enumerate(sizes)}, temperature)
+    share set by the temperature and multiplied by its weight (`weights`, 1 each by default); a
+    direction above its size repeats pairs, one below it takes a random part. Returns indices
+    into train."""
+    shares = list(temperature_weights({str(i): n for i, n in enumerate(sizes)}, temperature).values())
+    if weights:
+        weighted = [share * weight for share, weight in zip(shares, weights)]
+        weight_sum = sum(weighted)
+        shares = [w / weight_sum for w in weighted]
     total, offsets = sum(sizes), np.concatenate([[0], np.cumsum(sizes)])
-    picked = [offsets[i] + draw(round(total * weights[str(i)]), n, rng) for i, n in enumerate(sizes)]
+    picked = [offsets[i] + draw(round(total * share), n, rng) for i, (share, n) in enumerate(zip(shares, sizes))]
     return np.concatenate(picked).astype(np.int64)
 
 

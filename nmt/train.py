@@ -48,7 +48,7 @@ from nmt.evaluate import bleu_tokenizer, corpus_bleu
 from nmt.files import CheckpointInfo, Manifest, TrainState, VocabInfo
 from nmt.interfaces import TrainingBatch, TrainingTask
 from nmt.models import build_model
-from nmt.multilingual import epoch_pairs, target_pieces
+from nmt.multilingual import direction_weights, epoch_pairs, target_pieces
 from nmt.tokenizer import PAD, Tokenizer
 from nmt.train_log import LOG_NAME, TENSORBOARD_DIR, TrainLog
 from nmt.translate import translate_ids
@@ -355,6 +355,7 @@ class MultilingualTranslationTask(TranslationTask):
         if sum(self.sizes) != len(self.train_split):
             raise DataError(f"{data_dir}: the directions' counts do not add up to the training pairs; run nmt prepare again")
         self.temperature = config.train.lang_temperature or manifest.lang_temperature or 1.0
+        self.weights = direction_weights(config.train.direction_weights, self.directions, data_dir)
         self.valid_sets = {
             d: (ParallelSplit.load(data_dir, f"valid.{d}"), list(read_lines(data_dir / f"valid.{d}.tgt.txt")))
             for d in self.directions
@@ -366,12 +367,13 @@ class MultilingualTranslationTask(TranslationTask):
         init_save_dir(save_dir, self.config, self.data_dir, self.manifest, pieces)
 
     def describe(self) -> str:
+        weighted = ", ".join(f"{d} ×{w:g}" for d, w in zip(self.directions, self.weights or []) if w != 1.0)
         return (f"{len(self.train_split)} training pairs in {len(self.directions)} directions "
-                f"(sampling temperature {self.temperature:g})")
+                f"(sampling temperature {self.temperature:g}{'; weights ' + weighted if weighted else ''})")
 
     def epoch_batches(self, batch_tokens: int, epoch: int) -> list[np.ndarray]:
         split, tc = self.train_split, self.config.train
-        pairs = epoch_pairs(self.sizes, self.temperature, np.random.default_rng([tc.seed, epoch, 5]))
+        pairs = epoch_pairs(self.sizes, self.temperature, np.random.default_rng([tc.seed, epoch, 5]), self.weights)
         batches = token_batches(split.src.lengths[pairs], split.tgt.lengths[pairs], batch_tokens, seed=tc.seed * 100_003 + epoch)
         return [pairs[b] for b in batches]
 
@@ -429,6 +431,8 @@ def train(
         raise DataError(f"{data_dir} is a {manifest.kind} data dir, for nmt pretrain --data; translation needs parallel data")
     if config.train.init and not resume:  # a wrong pretrained model fails now, not after loading the data
         check_pretrained(Path(config.train.init), manifest.vocab, config.train.init_decoder)
+    if config.train.direction_weights and not manifest.multilingual:
+        raise ConfigError(f"train.direction_weights needs a multilingual data dir (nmt prepare --directions); {data_dir} has one direction")
     task_type = MultilingualTranslationTask if manifest.multilingual else TranslationTask
     return run_training(
         lambda ranks: task_type(config, data_dir, manifest), config, save_dir, resume, overwrite, progress, log, started
@@ -503,7 +507,7 @@ def check_same_batches(save_dir: Path, config: Config, processes: int) -> None:
     """--resume continues the saved run's list of batches and random states: the settings that
     make them must be the saved run's."""
     saved = read_config(save_dir).train
-    for key in ("batch_tokens", "accum_steps", "seed"):
+    for key in ("batch_tokens", "accum_steps", "seed", "lang_temperature", "direction_weights"):
         old, new = getattr(saved, key), getattr(config.train, key)
         if old != new:
             raise ConfigError(

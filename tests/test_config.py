@@ -14,6 +14,14 @@ def test_yaml_with_overrides(tmp_path):
     assert config_from_dict(config_to_dict(config)) == config
 
 
+def test_direction_weights_are_a_mapping_set_from_yaml_or_one_override_each(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  direction_weights: {en-cs: 2, cs-en: 1.5}\n")
+    config = load_config(path, ["train.direction_weights.en-cs=3e-1", "train.direction_weights.de-en=2"])
+    assert config.train.direction_weights == {"en-cs": 0.3, "cs-en": 1.5, "de-en": 2.0}
+    assert config_from_dict(config_to_dict(config)) == config
+
+
 @pytest.mark.parametrize(
     "data, message",
     [
@@ -26,6 +34,10 @@ def test_yaml_with_overrides(tmp_path):
         ({"model": {"arch": "lstm"}}, "model.arch must be one of"),
         ({"model": {"embed_dim": 250, "heads": 4, "arch": "transformer"}}, "divisible"),
         ({"model": {"arch": "rnn", "embed_dim": 32, "hidden_dim": 64}}, "tie_output"),
+        ({"train": {"direction_weights": [2.0]}}, "train.direction_weights must be a mapping"),
+        ({"train": {"direction_weights": {1: 2.0}}}, "train.direction_weights: the key 1 must be a string"),
+        ({"train": {"direction_weights": {"en-cs": "x"}}}, "train.direction_weights.en-cs must be a number"),
+        ({"train": {"direction_weights": {"en-cs": 0}}}, "train.direction_weights.en-cs must be a positive number"),
     ],
 )
 def test_bad_configs_name_the_key(data, message):

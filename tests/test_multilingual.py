@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from nmt_cli.main import app
 from typer.testing import CliRunner
 
 from nmt.data import ParallelSplit, read_lines
-from nmt.errors import DataError
+from nmt.errors import ConfigError, DataError
 from nmt.files import CheckpointInfo, Manifest
 from nmt.multilingual import (
     MultilingualConfig,
@@ -141,6 +142,16 @@ def test_an_epoch_draws_each_direction_in_its_temperature_share():
             assert counts.min() >= 1 and counts.max() - counts.min() <= 1
 
 
+def test_direction_weights_multiply_the_temperature_shares():
+    """p_i ∝ w_i · n_i^(1/T), over as many pairs as there are."""
+    sizes, weights = np.array([1000, 100, 100]), np.array([1.0, 3.0, 1.0])
+    expected = weights * sizes ** 0.5 / (weights * sizes ** 0.5).sum() * 1200
+    pairs = epoch_pairs(sizes.tolist(), 2.0, np.random.default_rng(0), weights.tolist())
+    drawn = [((pairs >= lo) & (pairs < lo + n)).sum() for lo, n in ((0, 1000), (1000, 100), (1100, 100))]
+    assert drawn == pytest.approx(expected, abs=1) and len(pairs) == pytest.approx(1200, abs=2)
+    assert drawn[1] > 2.9 * drawn[2]
+
+
 def test_parse_directions_rejects_what_is_not_a_direction():
     assert parse_directions("de-en, en-de") == ["de-en", "en-de"]
     for bad in ("de", "de-de", "de-en,de-en", "de-en-x"):
@@ -167,6 +178,24 @@ def test_training_epochs_draw_from_the_directions_and_word_dropout_keeps_the_tag
     tags = {task.tokenizer.tag_id(lang) for lang in ("aa", "bb", "cc")}
     assert set(batch.src[:, 0].tolist()) <= tags  # every tag survives 90% word dropout
     assert (batch.src[:, 1:] == 1).float().mean() > 0.5  # while most words became <unk>
+
+
+def test_direction_weights_train_a_named_direction_more_and_must_name_the_data_dirs(data_dir):
+    from nmt.config import config_from_dict
+    from nmt.train import MultilingualTranslationTask
+
+    manifest = Manifest.read(data_dir)
+    config = config_from_dict({"data_dir": str(data_dir), "train": {"lang_temperature": 100.0,
+                                                                      "direction_weights": {"aa-cc": 2.0}}})
+    task = MultilingualTranslationTask(config, data_dir, manifest)
+    assert "aa-cc ×2" in task.describe()
+    pairs = np.concatenate(task.epoch_batches(300, 0))
+    offsets = np.cumsum([0] + task.sizes)
+    shares = [((pairs >= offsets[i]) & (pairs < offsets[i + 1])).sum() for i in range(len(DIRECTIONS))]
+    assert shares[2] == pytest.approx(2 * shares[0], abs=3) and shares[0] == pytest.approx(shares[1], abs=2)
+    config = config_from_dict({"data_dir": str(data_dir), "train": {"direction_weights": {"cc-aa": 2.0}}})
+    with pytest.raises(ConfigError, match=f"cc-aa, which data dir {re.escape(str(data_dir))} does not have .it has aa-bb, bb-aa, aa-cc"):
+        MultilingualTranslationTask(config, data_dir, manifest)
 
 
 def test_validation_scores_each_direction_on_its_own_set_and_best_follows_their_mean(data_dir, tmp_path, monkeypatch):
