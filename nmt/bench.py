@@ -41,7 +41,13 @@ from nmt.batches import make_batch, token_batches
 from nmt.checkpoint import load_for_inference
 from nmt.config import Config, DecodeConfig, load_config
 from nmt.data import ParallelSplit, read_lines
-from nmt.devices import cpu_multiplies_natively, keep_freed_memory, resolve_device, resolve_precision
+from nmt.devices import (
+    cpu_multiplies_natively,
+    keep_freed_memory,
+    needs_loss_scaling,
+    resolve_device,
+    resolve_precision,
+)
 from nmt.errors import ConfigError, DataError
 from nmt.evaluate import corpus_bleu
 from nmt.files import Manifest, VocabInfo
@@ -160,7 +166,7 @@ def bench_training(
         keep_freed_memory()  # as `nmt train` does on the CPU
     optimizer = make_optimizer(model, tc, fused=not plain)
     step_model = compile_model(model) if tc.compile and not plain else model
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(device.type) if needs_loss_scaling(model, device, dtype) else None
     batches = token_batches(split.src.lengths, split.tgt.lengths, tc.batch_tokens, seed=tc.seed)[:steps]
     pin = device.type == "cuda" and not plain
     tgt_tokens = sum(len(b) + int(split.tgt.lengths[b].sum()) for b in batches)  # + EOS per sentence
@@ -391,19 +397,23 @@ def plan_bench(bc: BenchConfig) -> BenchPlan:
     )
 
 
-def run_bench(bc: BenchConfig, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
+def run_bench(bc: BenchConfig, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+              report: dict | None = None) -> dict:
+    """Run the benchmark's sections and write the report to `bc.out`. `report`, when given, is
+    filled in place record by record, so that a caller whose time runs out keeps what was measured."""
     plan = plan_bench(bc)
+    report = {} if report is None else report
     temporary = tempfile.TemporaryDirectory(prefix="nmt-bench-") if bc.work_dir is None else None
     work_dir = Path(temporary.name) if temporary else Path(bc.work_dir)
     try:
         data_dir = work_dir / "data"
         prepare_bench_data(bc.data, data_dir, plan.vocab_size, log)
-        report = report_header(bc, plan)
+        report.update(report_header(bc, plan))
         report["matmul"] = matmul_rates(plan, bc.repeats, log)
         if "train" in bc.sections:
-            report["train"] = training_section(bc, plan, data_dir, report["matmul"], log)
+            training_section(bc, plan, data_dir, report["matmul"], log, report["train"])
         if "ttq" in bc.sections or "decode" in bc.sections:
-            report["time_to_quality"], report["decode"] = quality_and_decoding_sections(bc, plan, data_dir, work_dir, log)
+            quality_and_decoding_sections(bc, plan, data_dir, work_dir, log, report["time_to_quality"], report["decode"])
     finally:
         if temporary:
             temporary.cleanup()
@@ -462,12 +472,13 @@ def matmul_rates(plan: BenchPlan, repeats: int, log: Callable[[str], None]) -> d
     return rates
 
 
-def training_section(bc: BenchConfig, plan: BenchPlan, data_dir: Path, matmul: dict, log: Callable[[str], None]) -> list[dict]:
-    """Training throughput of each config, the plain PyTorch step and nmt's, with their MFU."""
+def training_section(bc: BenchConfig, plan: BenchPlan, data_dir: Path, matmul: dict, log: Callable[[str], None],
+                     records: list[dict]) -> None:
+    """Training throughput of each config, the plain PyTorch step and nmt's, with their MFU,
+    appended to `records` one by one."""
     train_split = ParallelSplit.load(data_dir, "train")
     vocab = Manifest.read(data_dir).vocab
     tokenizer = Tokenizer(data_dir / vocab.src_model, data_dir / vocab.tgt_model)
-    records = []
     # Every plain baseline first: nmt's CPU step changes how the process reuses freed memory.
     passes = [(True, None), (False, None)] + ([(False, "bf16")] if plan.cpu_bf16_training else [])
     for plain, precision in passes:
@@ -490,18 +501,18 @@ def training_section(bc: BenchConfig, plan: BenchPlan, data_dir: Path, matmul: d
             records.append(record)
             if plan.device.type == "cuda":
                 torch.cuda.empty_cache()
-    return records
 
 
 def quality_and_decoding_sections(
-    bc: BenchConfig, plan: BenchPlan, data_dir: Path, work_dir: Path, log: Callable[[str], None]
-) -> tuple[list[dict], list[dict]]:
+    bc: BenchConfig, plan: BenchPlan, data_dir: Path, work_dir: Path, log: Callable[[str], None],
+    timed: list[dict], decoding: list[dict],
+) -> None:
     """Time to quality (training each model that no `--checkpoint` names) and the decoding of
-    test_2016_flickr with it; the time-to-quality records get the model's beam-5 test BLEU."""
+    test_2016_flickr with it, appended to `timed` and `decoding` model by model; the
+    time-to-quality records get the model's beam-5 test BLEU."""
     lines = list(read_lines(data_dir / "test.src.txt"))
     references = list(read_lines(data_dir / "test.tgt.txt"))
     gpu = plan.device.type == "cuda"
-    timed, decoding = [], []
     for name, cfg in plan.configs.items():
         save_dir = bc.checkpoints.get(name) or work_dir / f"model-{name}"
         record = None
@@ -518,10 +529,9 @@ def quality_and_decoding_sections(
             with_half=bf16 if bc.half_precision_decoding is None else bc.half_precision_decoding,
             ctranslate2_dir=work_dir / f"export-{name}" if bc.ctranslate2 else None,
         )
-        decoding += decoded
+        decoding.extend(decoded)
         if record is not None:
             record["test_bleu_beam5"] = next(r for r in decoded if r["path"] == "nmt" and r["beam"] == 5)["bleu"]
-    return timed, decoding
 
 
 def format_report(report: dict) -> str:

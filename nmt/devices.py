@@ -96,6 +96,17 @@ def slow_precision_note(device: torch.device, dtype: torch.dtype) -> str | None:
             f"far slower than fp32 (train.precision fp32)")
 
 
+def needs_loss_scaling(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether training under autocast to `dtype` needs a gradient scaler: fp16 does, and so does
+    bf16 on a GPU for a model with recurrent layers, since CUDA's autocast runs cuDNN's RNN
+    kernels in fp16 whatever dtype it was given (PyTorch's AutocastRNN.cpp), and their small
+    gradients would underflow unscaled."""
+    if dtype == torch.float16:
+        return True
+    recurrent = any(isinstance(module, torch.nn.RNNBase) for module in model.modules())
+    return device.type == "cuda" and dtype != torch.float32 and recurrent
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -116,15 +117,33 @@ def install_bundle(bundle: Path, log: Callable[[str], None]) -> list[str]:
         return []
     target = Path(tempfile.mkdtemp(prefix="nmt-gpu-check-site-"))
     log(f"installing {len(missing)} wheel(s) from {bundle} into {target}")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
-         "--disable-pip-version-check", "--target", str(target), *map(str, missing)],
-        check=True,
-    )
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+             "--disable-pip-version-check", "--target", str(target), *map(str, missing)],
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError) as e:  # a Python without pip
+        log(f"pip could not install them ({e}); unpacking them instead (a compiled wheel pip refused "
+            "as made for another Python will not import)")
+        for wheel in missing:
+            unpack_wheel(wheel, target)
     sys.path.insert(0, str(target))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))
     importlib.invalidate_caches()
     return [w.name.split("-")[0] for w in missing]
+
+
+def unpack_wheel(wheel: Path, target: Path) -> None:
+    """What `pip install --target` does with a wheel, without pip: its files, and those of its
+    .data/purelib and .data/platlib, into `target` (scripts and headers are not needed here)."""
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(target)
+    for data in target.glob("*.data"):
+        for lib in ("purelib", "platlib"):
+            if (data / lib).is_dir():
+                shutil.copytree(data / lib, target, dirs_exist_ok=True)
+        shutil.rmtree(data)
 
 
 def git_commit() -> str | None:
@@ -160,6 +179,7 @@ class Run:
         self.started = time.monotonic()
         self.data_dir = work / "data"
         self.report: dict = {"environment": {}, "settings": {}, "stages": {}}
+        self.record: dict = {}  # the running stage's record, which the bench stages fill as they go
         self.torch = torch
 
     def seconds_left(self) -> float:
@@ -188,7 +208,7 @@ class Run:
         self.log(f"== gpu-check stage {name} ({self.seconds_left():.0f} s left)")
         started = time.monotonic()
         record: dict = {"status": "running"}
-        self.report["stages"][name] = record
+        self.report["stages"][name] = self.record = record  # a stage may fill it as it goes
         try:
             record.update(measure())
             record["status"] = "done"
@@ -271,14 +291,21 @@ class Run:
         from nmt.bench import BenchConfig, format_report, run_bench
 
         name = "-".join(sections)
-        # No CTranslate2 rows: its wheel (about 43 MB) would take the bundle past what the GPU
-        # machine can be sent; `nmt bench` gives them where ctranslate2 is installed.
-        report = run_bench(BenchConfig(
-            data=self.corpus, out=self.work / f"bench-{name}.json", recipes=recipes, sections=sections,
-            device=self.cc.device, steps=self.cc.bench_steps, repeats=self.cc.repeats, vocab_size=self.cc.vocab_size,
-            work_dir=self.work, ctranslate2=False, **options,
-        ), log=self.log)
-        return {"report": report, "table": format_report(report)}
+        # The bench fills the stage's record as it measures: a stage cut short keeps its rows.
+        report: dict = {}
+        self.record["report"] = report
+        try:
+            # No CTranslate2 rows: its wheel (about 43 MB) would take the bundle past what the GPU
+            # machine can be sent; `nmt bench` gives them where ctranslate2 is installed.
+            run_bench(BenchConfig(
+                data=self.corpus, out=self.work / f"bench-{name}.json", recipes=recipes, sections=sections,
+                device=self.cc.device, steps=self.cc.bench_steps, repeats=self.cc.repeats, vocab_size=self.cc.vocab_size,
+                work_dir=self.work, ctranslate2=False, **options,
+            ), log=self.log, report=report)
+        finally:
+            if "matmul" in report:  # its header is in: the rows so far make a table
+                self.record["table"] = format_report(report)
+        return {}
 
     def bench_train(self) -> dict:
         names = ("transformer", "rnn", "transformer-base")
@@ -334,7 +361,8 @@ def environment(device, bundle: Path | None, installed: list[str]) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "nmt": __version__,
-        "commit": git_commit() or made.get("commit"),
+        # A copy of the tree without .git: the commit the bundle was made at, said so.
+        "commit": git_commit() or (f"{made['commit']} (the bundle's)" if made.get("commit") else None),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "installed_from_bundle": installed,
     }
@@ -412,7 +440,6 @@ def run_check(cc: CheckConfig, log: Callable[[str], None] = lambda m: print(m, f
     unknown = set(cc.stages) - set(STAGES)
     if unknown:
         raise SystemExit(f"error: unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
-    installed = install_bundle(cc.bundle, log) if cc.bundle else []
     corpus = cc.data or (cc.bundle / "multi30k" if cc.bundle and (cc.bundle / "multi30k").is_dir() else ROOT.parent / "shared/data/multi30k")
     for name in MULTI30K_FILES:
         if not (corpus / f"{name}.gz").is_file() and not (corpus / name).is_file():
@@ -422,13 +449,14 @@ def run_check(cc: CheckConfig, log: Callable[[str], None] = lambda m: print(m, f
     if cc.dry_run:
         corpus = sample_corpus(corpus, work / "corpus-sample")
     previous = signal.signal(signal.SIGALRM, _out_of_time)
-    signal.alarm(max(int(cc.total_minutes * 60), 1))
+    signal.alarm(max(int(cc.total_minutes * 60), 1))  # the installation counts too
     try:
         run = Run(cc, work, corpus, log)
-        run.report["environment"] = environment(run.device, cc.bundle, installed)
+        run.report["environment"] = environment(run.device, cc.bundle, [])
         run.report["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cc).items()}
-        run.save()
+        run.save()  # a report from the start, whatever happens next
         try:
+            install_into_report(run, cc.bundle, log)
             run.run()
         except OutOfTime:
             for name in cc.stages:
@@ -442,6 +470,19 @@ def run_check(cc: CheckConfig, log: Callable[[str], None] = lambda m: print(m, f
             cc.record_imports.write_text("\n".join(imported_distributions()) + "\n")
         if temporary:
             temporary.cleanup()
+
+
+def install_into_report(run: Run, bundle: Path | None, log: Callable[[str], None]) -> None:
+    """Install the bundle's wheels and say in the report which; a failure is reported, and the
+    stages that need a missing package then fail one by one, saying so."""
+    from nmt.errors import first_line
+
+    try:
+        run.report["environment"]["installed_from_bundle"] = install_bundle(bundle, log) if bundle else []
+    except Exception as e:
+        run.report["environment"]["install_error"] = f"{type(e).__name__}: {first_line(e)}"
+        log(f"installing the bundle failed: {first_line(e)}")
+    run.save()
 
 
 def sample_corpus(corpus: Path, out: Path, train_lines: int = 3000, held_out_lines: int = 100) -> Path:

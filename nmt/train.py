@@ -40,7 +40,14 @@ from nmt.checkpoint import (
 )
 from nmt.config import Config, TrainConfig
 from nmt.data import ParallelSplit, read_lines
-from nmt.devices import autocast, keep_freed_memory, resolve_device, resolve_precision, slow_precision_note
+from nmt.devices import (
+    autocast,
+    keep_freed_memory,
+    needs_loss_scaling,
+    resolve_device,
+    resolve_precision,
+    slow_precision_note,
+)
 from nmt.distributed import Ranks, init_ranks, rank_device
 from nmt.ema import WeightAverage, load_trained_weights, trained_weights
 from nmt.errors import CheckpointError, ConfigError, DataError, first_line
@@ -214,7 +221,8 @@ def training_update(
 def step_unless_skipped(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, skipped: torch.Tensor) -> None:
     """The optimizer step, left out when `skipped` (a device tensor) says so."""
     if scaler:
-        # fp16: the scaler skips an update whose gradients overflowed and lowers the loss scale.
+        # Loss scaling (fp16, or a GPU's cuDNN RNN): the scaler skips an update whose gradients
+        # overflowed and lowers the loss scale.
         # A few in a row are routine while it finds its scale; a long run means a diverged model,
         # so the caller counts them as skipped updates too.
         scaler.step(optimizer)
@@ -592,10 +600,10 @@ class Interval:
     def record(self, step: int, epoch: float, lr: float, ranks: Ranks) -> dict:
         """The log record of the interval, over all processes: the loss is the mean per target
         token of the updates whose loss was finite; throughput counts every update's tokens."""
+        # Reading the device tensors waits for the GPU's queued work, which the interval's time must include.
+        values = [float(self.loss), int(self.loss_tokens), self.tgt_tokens, self.src_tokens, int(self.skipped)]
         seconds = max(time.time() - self.started, 1e-9)
-        loss_sum, loss_tokens, tgt_tokens, src_tokens, skipped = ranks.sum(
-            [float(self.loss), int(self.loss_tokens), self.tgt_tokens, self.src_tokens, int(self.skipped)], self.device
-        )
+        loss_sum, loss_tokens, tgt_tokens, src_tokens, skipped = ranks.sum(values, self.device)
         record = {
             "type": "train", "step": step, "epoch": epoch,
             "loss": round(loss_sum / max(loss_tokens, 1), 4), "lr": lr,
@@ -630,7 +638,7 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.rank_accum, self.rank_tokens = process_shares(tc, ranks.world)
         self.update_batches = self.rank_accum * ranks.world
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if needs_loss_scaling(self.model, self.device, self.dtype) else None
         self.lr = 0.0
         self.validated_at = -1
         self.skipped_run = torch.zeros((), dtype=torch.long, device=self.device)  # updates skipped in a row
@@ -860,7 +868,7 @@ class Trainer:
         tc = self.tc
         record = self.interval.record(self.state.step, epoch, self.lr, self.ranks)
         if "skipped_updates" in record:
-            cause = "fp16 gradient overflow (loss scale lowered) or non-finite loss" if self.scaler else "non-finite loss or gradient"
+            cause = "gradient overflow under loss scaling (scale lowered) or non-finite loss" if self.scaler else "non-finite loss or gradient"
             self.log(f"warning: {record['skipped_updates']} update(s) up to step {self.state.step} skipped: {cause}")
         self.write_log(record)
         postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{self.lr:.2e}", "tok/s": record[self.task.throughput]}

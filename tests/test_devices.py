@@ -1,9 +1,10 @@
 import torch
-from conftest import TINY_TRANSFORMER, prepare_toy_data
+from conftest import TINY_RNN, TINY_TRANSFORMER, prepare_toy_data
 
 from nmt import devices
-from nmt.config import config_from_dict
-from nmt.devices import cpu_flags, cpu_multiplies_natively, slow_precision_note
+from nmt.config import ModelConfig, config_from_dict
+from nmt.devices import cpu_flags, cpu_multiplies_natively, needs_loss_scaling, slow_precision_note
+from nmt.models import build_model
 from nmt.train import train
 
 ZEN4_FLAGS = "fpu sse2 avx avx2 avx512f avx512bw avx512_bf16 avx512_vnni"
@@ -30,6 +31,17 @@ def test_native_half_precision_follows_the_flags():
     assert not cpu_multiplies_natively(torch.bfloat16, avx2)
     assert not cpu_multiplies_natively(torch.float16, zen4)  # Zen 4 has no fp16 matrix instructions
     assert cpu_multiplies_natively(torch.float32, frozenset())
+
+
+def test_loss_scaling_for_fp16_and_for_recurrent_layers_in_bf16_on_a_gpu():
+    rnn = build_model(ModelConfig(**TINY_RNN), 20, 20)
+    transformer = build_model(ModelConfig(**TINY_TRANSFORMER), 20, 20)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert needs_loss_scaling(rnn, cuda, torch.bfloat16)  # CUDA's autocast runs cuDNN's GRU/LSTM in fp16
+    assert not needs_loss_scaling(transformer, cuda, torch.bfloat16)
+    assert not needs_loss_scaling(rnn, cpu, torch.bfloat16)  # the CPU's autocast keeps bf16
+    assert not needs_loss_scaling(rnn, cuda, torch.float32)
+    assert all(needs_loss_scaling(m, d, torch.float16) for m in (rnn, transformer) for d in (cpu, cuda))
 
 
 def test_half_precision_on_a_cpu_without_instructions_for_it_is_warned_about(monkeypatch):

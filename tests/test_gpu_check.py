@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -71,6 +72,36 @@ def test_a_run_cut_short_keeps_what_it_measured(multi30k_toy, tmp_path, monkeypa
     assert "| transformer | cut short" in (tmp_path / "out" / "gpu-check.md").read_text()
 
 
+@pytest.mark.slow
+def test_a_bench_stage_cut_short_keeps_its_rows_and_a_failed_install_is_reported(multi30k_toy, tmp_path, monkeypatch):
+    import nmt.bench
+
+    wheels = tmp_path / "bundle" / "wheels"
+    wheels.mkdir(parents=True)
+    (wheels / "nmt_broken_probe-1.0-py3-none-any.whl").write_text("not a zip file")
+    measured = nmt.bench.bench_training
+
+    def out_of_time_at_the_second(*args, **kwargs):
+        if calls:
+            raise gpu_check.OutOfTime
+        calls.append(1)
+        return measured(*args, **kwargs)
+
+    calls: list[int] = []
+    monkeypatch.setattr(nmt.bench, "bench_training", out_of_time_at_the_second)
+    config = CheckConfig(out=tmp_path / "out", data=multi30k_toy, bundle=tmp_path / "bundle", dry_run=True,
+                         vocab_size=40, stages=("prepare", "bench-train", "compile"))
+    report = run_check(config, log=lambda message: None)
+    assert "BadZipFile" in report["environment"]["install_error"]
+    statuses = {name: s["status"] for name, s in report["stages"].items()}
+    assert statuses == {"prepare": "done", "bench-train": "cut short: the run's time limit was reached",
+                        "compile": "skipped: the run's time limit was reached"}
+    written = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
+    assert [r["model"] for r in written["stages"]["bench-train"]["report"]["train"]] == ["transformer"]
+    assert "bench transformer training" not in (tmp_path / "out" / "gpu-check.md").read_text()  # a plain row only
+    assert re.search(r"^transformer\s+plain", written["stages"]["bench-train"]["table"], re.MULTILINE)
+
+
 def _wheel(folder, name, module_text):
     """A minimal pure-Python wheel of distribution `name` with one module."""
     path = folder / f"{name}-1.0-py3-none-any.whl"
@@ -98,6 +129,24 @@ def test_bundle_installs_only_what_this_python_lacks(tmp_path, monkeypatch):
     child = subprocess.run([sys.executable, "-c", "import nmt_bundle_probe, sentencepiece"], capture_output=True)
     assert child.returncode == 0, child.stderr  # children see the bundle too, and the real sentencepiece
     sys.modules.pop("nmt_bundle_probe")
+
+
+def test_without_pip_the_wheels_are_unpacked(tmp_path, monkeypatch):
+    wheels = tmp_path / "bundle" / "wheels"
+    wheels.mkdir(parents=True)
+    path = _wheel(wheels, "nmt_unpacked_probe", "ANSWER = 7\n")
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr("nmt_unpacked_probe-1.0.data/purelib/nmt_unpacked_extra.py", "ANSWER = 8\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", "")
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")  # `python -m pip` cannot run
+    assert install_bundle(tmp_path / "bundle", log=lambda message: None) == ["nmt_unpacked_probe"]
+    import nmt_unpacked_extra
+    import nmt_unpacked_probe
+
+    assert (nmt_unpacked_probe.ANSWER, nmt_unpacked_extra.ANSWER) == (7, 8)
+    sys.modules.pop("nmt_unpacked_probe")
+    sys.modules.pop("nmt_unpacked_extra")
 
 
 def test_bundle_leaves_out_what_torch_brings():

@@ -147,6 +147,20 @@ def test_forward_and_search_under_bf16_autocast(config):
     assert len(hyps) == src.shape[0]
 
 
+def test_the_decoder_cache_keeps_the_autocast_dtype():
+    """Under bf16 autocast the encoder output is fp32 (its final layer norm), while the keys the
+    decoder's projections make are bf16: the cache must not be promoted to fp32 at every step."""
+    model = build_model(MODEL_CONFIGS[0], V_SRC, V_TGT).eval()
+    src, _ = random_batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        memory = model.encode(src)
+        state = model.init_state(memory)
+        for _ in range(2):
+            _, state = model.decode_step(torch.full((src.shape[0],), BOS), memory, state)
+    assert memory.states.dtype == torch.float32
+    assert {k.dtype for kv in state.self_kv for k in kv} == {torch.bfloat16}
+
+
 def test_int8_quantized_model_stays_close_to_float():
     from nmt.translate import quantize_int8
 

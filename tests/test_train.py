@@ -120,6 +120,33 @@ def test_a_decaying_schedule_needs_a_budget_in_updates():
         config_from_dict({"train": {"lr_schedule": "step"}})
 
 
+def test_an_interval_is_timed_after_the_devices_queued_work():
+    """Reading the loss waits for the GPU's queued updates: that wait belongs to the interval."""
+    import time
+
+    from nmt.distributed import Ranks
+    from nmt.train import Interval
+
+    class QueuedLoss:
+        def __float__(self) -> float:
+            time.sleep(0.3)
+            return 600.0
+
+    interval = Interval(torch.device("cpu"))
+    interval.loss, interval.loss_tokens, interval.tgt_tokens = QueuedLoss(), torch.tensor(300), 300
+    record = interval.record(step=1, epoch=0.0, lr=1e-3, ranks=Ranks())
+    assert record["loss"] == 2.0 and record["tgt_tokens_per_s"] <= 1000  # 300 tokens in at least 0.3 s
+
+
+def test_direction_weights_need_a_multilingual_data_dir(tiny_data, tmp_path):
+    data_dir, _ = tiny_data
+    config = _config(data_dir, tmp_path / "m", TINY_MODELS["transformer"], max_steps=2)
+    config.train.direction_weights = {"xx-yy": 2.0}
+    with pytest.raises(ConfigError, match="direction_weights needs a multilingual data dir"):
+        train(config, progress=False)
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.slow
 def test_sigterm_saves_last_checkpoint_and_resume_continues(tiny_data, tmp_path):
     import os

@@ -237,7 +237,9 @@ class Transformer(ScaledEmbedding, nn.Module):
         """`attention`: keep these cross-attention weights at each step (state.attention)."""
         attention = self.resolve_attention(attention)
         B = memory.states.shape[0]
-        empty = memory.states.new_zeros(B, self.heads, 0, self.dim // self.heads)  # (B, H, 0, Dh)
+        # The dtype of the keys the decoder's projections make (bf16 under bf16 autocast, where the
+        # encoder output is fp32), so that the growing cache is not promoted to fp32 at every step.
+        empty = memory.cross_kv[0][0].new_zeros(B, self.heads, 0, self.dim // self.heads)  # (B, H, 0, Dh)
         return TransformerState([(empty, empty) for _ in self.decoder_layers], step=0, attention_choice=attention)
 
     def decode_step(
