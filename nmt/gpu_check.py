@@ -348,7 +348,7 @@ def _median(values) -> float | None:
     return round(statistics.median(values), 4) if values else None
 
 
-def environment(device, bundle: Path | None, installed: list[str]) -> dict:
+def environment(device, bundle: Path | None) -> dict:
     import torch
 
     from nmt import __version__
@@ -364,7 +364,6 @@ def environment(device, bundle: Path | None, installed: list[str]) -> dict:
         # A copy of the tree without .git: the commit the bundle was made at, said so.
         "commit": git_commit() or (f"{made['commit']} (the bundle's)" if made.get("commit") else None),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "installed_from_bundle": installed,
     }
 
 
@@ -452,7 +451,7 @@ def run_check(cc: CheckConfig, log: Callable[[str], None] = lambda m: print(m, f
     signal.alarm(max(int(cc.total_minutes * 60), 1))  # the installation counts too
     try:
         run = Run(cc, work, corpus, log)
-        run.report["environment"] = environment(run.device, cc.bundle, [])
+        run.report["environment"] = environment(run.device, cc.bundle)
         run.report["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cc).items()}
         run.save()  # a report from the start, whatever happens next
         try:
