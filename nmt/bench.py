@@ -185,8 +185,10 @@ def bench_training(
         run_pass(model)  # also the warm-up
     flops = counter.get_total_flops() if count_flops else None
     if step_model is not model:
+        _sync(device)
         compile_started = time.perf_counter()
         run_pass(step_model)  # compiles
+        _sync(device)
         compile_seconds = time.perf_counter() - compile_started
     times = []
     for _ in range(repeats):
@@ -244,8 +246,11 @@ def time_translation(
     decoder, tokenizer: Tokenizer, lines: list[str], decode: DecodeConfig, device: torch.device, normalization,
     repeats: int,
 ) -> tuple[list[float], Translations]:
-    """Seconds of each of `repeats` translations of `lines` (after a warm-up on 50 of them), and the output."""
-    translate_lines(decoder, tokenizer, lines[:50], decode, device, normalization)  # warm-up
+    """Seconds of each of `repeats` translations of `lines` (after a warm-up on 50 of them, or on
+    all of them with fixed-shape steps, whose buffers and CUDA graphs are made per batch shape on
+    first use), and the output."""
+    warm_up = lines if decode.static_cache else lines[:50]
+    translate_lines(decoder, tokenizer, warm_up, decode, device, normalization)
     times, translations = [], None
     for _ in range(repeats):
         _sync(device)

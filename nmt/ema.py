@@ -35,8 +35,8 @@ class WeightAverage:
     def update(self, model: nn.Module, step: int) -> None:
         """Move the average towards `model`'s weights after update `step`."""
         weight = 1.0 - ema_decay_at(step, self.decay)
-        for average, param in zip(self.averaged, model.parameters()):
-            average.lerp_(param.detach().float(), weight)
+        # One fused update over every tensor: on a GPU a loop would launch kernels per parameter.
+        torch._foreach_lerp_(self.averaged, [p.detach().float() for p in model.parameters()], weight)
 
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module):

@@ -239,7 +239,7 @@ class TrainState:
     best_step: int = 0
     bad_validations: int = 0  # validations in a row without a better score
     seconds: float = 0.0  # training time of the run before this process started (resumed runs)
-    valid_seconds: float = 0.0  # of which validating
+    valid_seconds: float = 0.0  # of which validating and saving checkpoints
     last_valid: dict = field(default_factory=dict)
     processes: int | None = None  # of the run that saved it; None in checkpoints that predate it
 

@@ -31,7 +31,10 @@ from nmt.models.attention import AttentionChoice
 # What the buffers did in this process: graphs captured, captures that failed, steps replayed
 # and steps run eagerly (bench reports them, so that a fallback is seen).
 GRAPH_COUNTS: Counter = Counter()
-CACHED_SHAPES = 4  # buffers (and graphs) kept per model, the most recently used
+# Buffers (and graphs) kept per model, the most recently used: on a GPU enough for the batch
+# shapes of a test set; fewer elsewhere, where beam buffers of thousands of rows cost memory.
+CACHED_SHAPES_CUDA = 8
+CACHED_SHAPES = 4
 
 
 @runtime_checkable
@@ -163,7 +166,7 @@ class StaticDecoding:
         if self.graphs_on(device) and not StaticDecoding.capture_failed:
             self.capture(buffers)
         cache[shape] = buffers
-        while len(cache) > CACHED_SHAPES:
+        while len(cache) > (CACHED_SHAPES_CUDA if device.type == "cuda" else CACHED_SHAPES):
             cache.popitem(last=False)
         return buffers
 
@@ -188,7 +191,9 @@ class StaticDecoding:
                         self._step(buffers)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                # thread_local: the training loop's batch thread may pin memory while a step is
+                # captured for validation, which the default (global) mode would count as an error.
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     buffers.outputs = self._step(buffers)
             buffers.graph = graph
             GRAPH_COUNTS["captured"] += 1

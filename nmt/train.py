@@ -924,13 +924,15 @@ class Trainer:
                 st.last_valid = {"step": st.step, **task.validate(self.model, self.device, self.dtype)}
             st.valid_seconds += time.time() - valid_started
             seconds = self.elapsed()  # before saving: the time to quality leaves out the writing
+            saving_started = time.time()
             improved = st.last_valid[task.metric] > st.best_score
             if improved:
                 st.best_score, st.best_step, st.bad_validations = st.last_valid[task.metric], st.step, 0
                 self.save("best")
             else:
                 st.bad_validations += 1
-            # train_seconds leaves out validation: the time to reach a dev BLEU, as benchmarks count it
+            # train_seconds leaves out validating and saving: the time to reach a dev BLEU, as
+            # benchmarks count it
             self.write_log({
                 "type": "valid", **st.last_valid, "seconds": round(seconds, 1),
                 "train_seconds": round(seconds - st.valid_seconds, 1),
@@ -946,4 +948,6 @@ class Trainer:
                 self.save(update_checkpoint_name(st.step))
                 prune_update_checkpoints(self.save_dir, self.tc.keep_last, self.tc.keep_best)
         self.save("last")
+        if self.ranks.is_main:
+            st.valid_seconds += time.time() - saving_started
         return VALIDATION_STOPS[self.ranks.agree(VALIDATION_STOPS.index(reason), self.device)]

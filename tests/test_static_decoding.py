@@ -2,6 +2,8 @@
 incremental decoder's output, in every search."""
 
 import dataclasses
+import gc
+import weakref
 
 import pytest
 import torch
@@ -98,6 +100,17 @@ def test_the_buffers_keep_one_shape_and_rows_move_with_their_beams():
     assert torch.equal(keys[:2], before)
     log_probs, state = decoder.decode_step(prev[:2], memory.reorder(torch.tensor([4, 0])), state)
     assert log_probs.shape == (2, V)
+
+
+def test_the_position_table_a_captured_step_read_stays_allocated_when_it_grows():
+    """A CUDA graph replays the addresses it captured: a longer output limit that grows the
+    table must not free the one that graphs of other shapes still read."""
+    model = _model(9)
+    captured = weakref.ref(model.positions)
+    model.static_buffers(2, 3000, torch.zeros(1))  # past the table's 1,024 positions
+    gc.collect()
+    assert model.positions.shape[0] >= 3000
+    assert captured() is not None and torch.equal(model.positions[: captured().shape[0]], captured())
 
 
 class ReplayedStep:

@@ -144,3 +144,30 @@ def test_stop_decision_after_an_update():
     reason, calls = stop(10, valid_every=5, verdict="patience")
     assert reason == "patience" and ("validate", 10) in calls
     assert stop(11, valid_every=5, verdict="patience")[1] == []  # no validation between
+
+
+def test_time_to_quality_leaves_out_validating_and_saving(monkeypatch):
+    """train_seconds counts only training: not validation, and not the checkpoints written
+    after an earlier validation."""
+    import contextlib
+
+    import nmt.train
+
+    clock = [10.0]  # 10 s of training before the first validation
+
+    def advance(seconds):
+        clock[0] += seconds
+
+    monkeypatch.setattr(nmt.train, "time", SimpleNamespace(time=lambda: clock[0]))
+    logged = []
+    task = SimpleNamespace(validate=lambda model, device, dtype: advance(1.0) or {"loss": 1.0, "ppl": 2.7, "bleu": 20.0},
+                           metric="bleu", metric_name="BLEU", extra_metrics=())
+    stub = SimpleNamespace(
+        state=TrainState(step=100), task=task, tc=TrainConfig(), ranks=Ranks(), model=None, device=CPU, dtype=None,
+        averaged=contextlib.nullcontext, elapsed=lambda: clock[0], save=lambda name: advance(5.0),
+        write_log=logged.append, log=lambda message: None, validated_at=0,
+    )
+    Trainer.validate_and_save(stub)
+    advance(10.0)  # 10 s more of training
+    Trainer.validate_and_save(stub)
+    assert [record["train_seconds"] for record in logged] == [10.0, 20.0]

@@ -166,10 +166,14 @@ class ScaledEmbedding:
 
     def _add_positions(self) -> None:
         self.register_buffer("positions", sinusoidal_positions(1024, self.dim), persistent=False)
+        self.outgrown_positions: list[torch.Tensor] = []
 
     def _embed_positions(self, length: int) -> None:
         """Room in the position table for `length` positions."""
         if length > self.positions.shape[0]:
+            # A CUDA graph captured before (static_decoding) reads the old table's memory at every
+            # replay: it must stay allocated. Its rows are the first rows of the new one.
+            self.outgrown_positions.append(self.positions)
             self.positions = sinusoidal_positions(2 * length, self.dim).to(self.positions.device)
 
     def _embed(self, table: nn.Embedding, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
