@@ -1,10 +1,12 @@
 """The pieces of the training loop, each without training a model, and its stops."""
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+import nmt.train
 from nmt.batches import Batch
 from nmt.config import TrainConfig
 from nmt.distributed import Ranks
@@ -149,10 +151,6 @@ def test_stop_decision_after_an_update():
 def test_time_to_quality_leaves_out_validating_and_saving(monkeypatch):
     """train_seconds counts only training: not validation, and not the checkpoints written
     after an earlier validation."""
-    import contextlib
-
-    import nmt.train
-
     clock = [10.0]  # 10 s of training before the first validation
 
     def advance(seconds):
