@@ -125,6 +125,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be at least 1")
         if self.lr <= 0:
             raise ConfigError("train.lr must be positive")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"train.seed must be in [0, 2**32) (got {self.seed})")
         if len(self.betas) != 2:
             raise ConfigError("train.betas must have two values")
         if not 0.0 <= self.label_smoothing < 1.0:

@@ -439,8 +439,9 @@ def train(
         raise DataError(f"{data_dir} is a {manifest.kind} data dir, for nmt pretrain --data; translation needs parallel data")
     if config.train.init and not resume:  # a wrong pretrained model fails now, not after loading the data
         check_pretrained(Path(config.train.init), manifest.vocab, config.train.init_decoder)
-    if config.train.direction_weights and not manifest.multilingual:
-        raise ConfigError(f"train.direction_weights needs a multilingual data dir (nmt prepare --directions); {data_dir} has one direction")
+    for key in ("direction_weights", "lang_temperature"):
+        if getattr(config.train, key) and not manifest.multilingual:
+            raise ConfigError(f"train.{key} needs a multilingual data dir (nmt prepare --directions); {data_dir} has one direction")
     task_type = MultilingualTranslationTask if manifest.multilingual else TranslationTask
     return run_training(
         lambda ranks: task_type(config, data_dir, manifest), config, save_dir, resume, overwrite, progress, log, started
@@ -517,6 +518,8 @@ def check_same_batches(save_dir: Path, config: Config, processes: int) -> None:
     saved = read_config(save_dir).train
     for key in ("batch_tokens", "accum_steps", "seed", "lang_temperature", "direction_weights"):
         old, new = getattr(saved, key), getattr(config.train, key)
+        if key == "direction_weights":  # a weight of 1 is no weight
+            old, new = ({d: w for d, w in weights.items() if w != 1.0} for weights in (old, new))
         if old != new:
             raise ConfigError(
                 f"train.{key} is {new!r} but the run in {save_dir} was trained with {old!r}; "
@@ -736,6 +739,10 @@ class Trainer:
                 groups = update_groups(self.task.epoch_batches(self.rank_tokens, st.epoch), self.update_batches, self.ranks.active)
                 if tc.max_steps and st.step >= tc.max_steps:  # a resumed run that had finished
                     reason = "max_steps"
+                    break
+                # A resumed run that had run out of time (the saved state: the same in every process).
+                if tc.max_minutes and st.seconds >= tc.max_minutes * 60:
+                    reason = "max_minutes"
                     break
                 if not tc.max_steps and tc.max_epochs and bar.total is None:
                     bar.total = tc.max_epochs * len(groups)  # for the ETA; batch counts vary a little

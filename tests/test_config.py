@@ -38,6 +38,7 @@ def test_direction_weights_are_a_mapping_set_from_yaml_or_one_override_each(tmp_
         ({"train": {"direction_weights": {1: 2.0}}}, "train.direction_weights: the key 1 must be a string"),
         ({"train": {"direction_weights": {"en-cs": "x"}}}, "train.direction_weights.en-cs must be a number"),
         ({"train": {"direction_weights": {"en-cs": 0}}}, "train.direction_weights.en-cs must be a positive number"),
+        ({"train": {"seed": -1}}, r"train.seed must be in \[0, 2\*\*32\)"),
     ],
 )
 def test_bad_configs_name_the_key(data, message):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -557,3 +558,16 @@ def test_a_ctranslate2_export_restricts_the_output_as_nmt_does(trained, tmp_path
     theirs = load_text_translator([tmp_path / "ct2"], options, engine="ctranslate2",
                                   languages=LanguageChoice("cc")).translate(lines)
     assert theirs.texts == ours.texts
+
+
+RECIPE_RUN = Path(__file__).resolve().parents[1] / "recipes" / "multi30k-multilingual" / "run.sh"
+
+
+@pytest.mark.parametrize("kind, other", [("cpu", "gpu"), ("gpu", "cpu")])
+def test_the_recipe_gives_cpu_and_gpu_runs_work_dirs_of_their_own(tmp_path, kind, other):
+    """Both kinds would write their scores to the same WORK/*.json: the second one refuses to start."""
+    (tmp_path / other).mkdir()
+    result = subprocess.run(["bash", str(RECIPE_RUN), kind, str(tmp_path), str(tmp_path / "no-multi30k")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and f"holds a {other} run" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other]

@@ -77,6 +77,11 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
     assert again.steps == 10 and again.stop_reason == "max_steps"  # a finished run stays finished
     assert again.epochs == result.epochs
     assert losses("b") == losses("a")
+    # So does one that ran out of time: resumed with more steps but the same time, it trains none.
+    timed_out = train(_config(data_dir, tmp_path / "b", model, max_steps=20, max_minutes=1e-6, **settings),
+                      resume=True, progress=False)
+    assert timed_out.steps == 10 and timed_out.stop_reason == "max_minutes"
+    assert losses("b") == losses("a")
 
 
 def test_inverse_sqrt_schedule():
@@ -138,11 +143,12 @@ def test_an_interval_is_timed_after_the_devices_queued_work():
     assert record["loss"] == 2.0 and record["tgt_tokens_per_s"] <= 1000  # 300 tokens in at least 0.3 s
 
 
-def test_direction_weights_need_a_multilingual_data_dir(tiny_data, tmp_path):
+@pytest.mark.parametrize("key, value", [("direction_weights", {"xx-yy": 2.0}), ("lang_temperature", 2.0)])
+def test_direction_sampling_needs_a_multilingual_data_dir(tiny_data, tmp_path, key, value):
     data_dir, _ = tiny_data
     config = _config(data_dir, tmp_path / "m", TINY_MODELS["transformer"], max_steps=2)
-    config.train.direction_weights = {"xx-yy": 2.0}
-    with pytest.raises(ConfigError, match="direction_weights needs a multilingual data dir"):
+    setattr(config.train, key, value)
+    with pytest.raises(ConfigError, match=f"{key} needs a multilingual data dir"):
         train(config, progress=False)
     assert not (tmp_path / "m").exists()
 
@@ -246,6 +252,10 @@ def test_resume_refuses_settings_that_change_the_batches(tiny_data, tmp_path):
             train(_config(data_dir, tmp_path / "m", model, max_steps=4, **{key: value}), resume=True, progress=False)
     with pytest.raises(ConfigError, match="trained with 1 process"):
         check_same_batches(tmp_path / "m", _config(data_dir, tmp_path / "m", model), processes=2)
+    # A weight of 1 is no weight: the batches are the saved run's.
+    check_same_batches(tmp_path / "m", _config(data_dir, tmp_path / "m", model, direction_weights={"en-cs": 1.0}), 1)
+    with pytest.raises(ConfigError, match="train.direction_weights is"):
+        check_same_batches(tmp_path / "m", _config(data_dir, tmp_path / "m", model, direction_weights={"en-cs": 2.0}), 1)
     assert train(_config(data_dir, tmp_path / "m", model, max_steps=4), resume=True, progress=False).steps == 4
 
 

@@ -31,7 +31,7 @@ def training_state(run: Path) -> dict:
         "best_step": best["step"],
         "best_dev_mean_bleu": best["best_score"],
         "updates": last["step"],
-        "epochs": last["epoch"],
+        "completed_epochs": last["epoch"],
         "seconds": round(last["seconds"]),
     }
 

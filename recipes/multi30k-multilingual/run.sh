@@ -24,7 +24,13 @@ nmt=${NMT:-nmt}
 read -r -a train_args <<< "${TRAIN_ARGS:-}"
 trained=de-en,en-de,fr-en,en-fr,cs-en,en-cs
 zero_shot=de-fr,fr-de,de-cs,cs-de,fr-cs,cs-fr
+case $kind in cpu|gpu) ;; *) echo "run.sh: the first argument is cpu or gpu (got '$kind')" >&2; exit 2 ;; esac
 run="$work/$kind"
+# The scores and hypotheses of WORK are one run's: a cpu and a gpu run each need their own WORK.
+other=$([ "$kind" = cpu ] && echo gpu || echo cpu)
+if [ -d "$work/$other" ]; then
+    echo "run.sh: $work holds a $other run; give the $kind run a work dir of its own" >&2; exit 2
+fi
 mkdir -p "$work"
 # A run with a checkpoint to continue: last/, or the copy a save that was cut short left beside it.
 has_checkpoint() { [ -d "$1/last" ] || compgen -G "$1/.last.old-*" > /dev/null; }
