@@ -435,6 +435,7 @@ def evaluate(
     tokenize: Annotated[str | None, typer.Option(help="sacreBLEU tokenizer for BLEU (default: zh for Chinese, else 13a).")] = None,
     lang: Annotated[str | None, typer.Option(help="Language of the references, which picks BLEU's tokenizer (default: the model's target language with --model, else recognised from the references).")] = None,
     tgt_lang: Annotated[str | None, typer.Option(help="With --src: the target language of a multilingual model.")] = None,
+    src_lang: Annotated[str | None, typer.Option(help="With --src: its language, for a multilingual model that normalizes its languages differently.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (with --src or --data).")] = "auto",
 ) -> None:
@@ -446,8 +447,9 @@ def evaluate(
     decode_options = {"beam": beam, "restrict_vocab": restrict_vocab}
     with user_errors():
         if data is not None:
-            if model is None or hyp is not None or src is not None or ref is not None or lang or tgt_lang:
-                raise NmtError("--data goes with --model (and no --hyp, --src, --ref, --lang or --tgt-lang: each direction names its languages)")
+            if model is None or hyp is not None or src is not None or ref is not None or lang or tgt_lang or src_lang:
+                raise NmtError("--data goes with --model (and no --hyp, --src, --ref, --lang, --tgt-lang or --src-lang: "
+                               "each direction names its languages)")
             results = evaluate_directions([model], data, split, parse_directions(directions) if directions else None,
                                           decode_options, names, device, pivot, hyp_dir=hyp_dir, off_target=off_target,
                                           tokenize=tokenize)
@@ -459,14 +461,14 @@ def evaluate(
             raise NmtError("give --ref with --hyp or --src (or --data with --model)")
         if (hyp is None) == (src is None):
             raise NmtError("give either --hyp, or --src with --model")
-        if tgt_lang and src is None:
-            raise NmtError("--tgt-lang goes with --src and --model")
+        if (tgt_lang or src_lang) and src is None:
+            raise NmtError("--tgt-lang and --src-lang go with --src and --model")
         if restrict_vocab is not None and src is None:
             raise NmtError("--restrict-vocab goes with --src or --data, and --model")
         if src is not None:
             if model is None:
                 raise NmtError("--src needs --model")
-            scores = translate_and_score(model, src, ref, decode_options, names, tokenize, device, lang, tgt_lang)
+            scores = translate_and_score(model, src, ref, decode_options, names, tokenize, device, lang, tgt_lang, src_lang)
         else:
             scores = score_files(hyp, ref, names, tokenize, lang)
     if json_output:

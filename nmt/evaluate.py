@@ -105,16 +105,18 @@ def translate_and_score(
     device: str = "auto",
     lang: str | None = None,
     tgt_lang: str | None = None,
+    src_lang: str | None = None,
 ) -> list[Score]:
-    """Translate `src_path` with a checkpoint (into `tgt_lang`: a multilingual model's target),
-    then score the output against `ref_path` (in the target language unless `lang` says otherwise)."""
+    """Translate `src_path` with a checkpoint (into `tgt_lang`: a multilingual model's target;
+    from `src_lang`, where its languages are normalized differently), then score the output
+    against `ref_path` (in the target language unless `lang` says otherwise)."""
     from nmt.files import VocabInfo
     from nmt.translate import LanguageChoice, translate_file
 
     lang = lang or tgt_lang or VocabInfo.read(model_dir).tgt_lang
     with tempfile.TemporaryDirectory(prefix="nmt-eval-") as tmp:
         hyp_path = Path(tmp) / "hyp.txt"
-        translate_file(model_dir, src_path, hyp_path, decode_options, device=device, languages=LanguageChoice(tgt_lang))
+        translate_file(model_dir, src_path, hyp_path, decode_options, device=device, languages=LanguageChoice(tgt_lang, src_lang))
         return score_files(hyp_path, ref_path, metrics, tokenize, lang)
 
 
@@ -161,6 +163,8 @@ def evaluate_directions(
         raise DataError(f"{data_dir} has no {split} set for {', '.join(unknown)} (it has {', '.join(known)})")
     vocab_info = VocabInfo.read(model_dirs[0])
     candidates = sorted(vocab_info.languages) or [x for x in (vocab_info.src_lang, vocab_info.tgt_lang) if x]
+    # Zero-shot: what the model was not trained on (the data dir may come from another run).
+    trained = set(vocab_info.directions) or set(manifest.directions)
     results = []
     with tempfile.TemporaryDirectory(prefix="nmt-eval-") as tmp:
         for direction in directions or known:
@@ -173,7 +177,7 @@ def evaluate_directions(
                            pivot=pivot, pivot_dirs=pivot_dirs)
             hypotheses = list(read_lines(hyp_path))
             result = DirectionScores(direction, score_files(hyp_path, ref_path, metrics, tokenize, tgt_lang),
-                                     direction in manifest.zero_shot, hypotheses=hyp_path if hyp_dir else None)
+                                     direction not in trained, hypotheses=hyp_path if hyp_dir else None)
             if off_target:
                 result.off_target = off_target_percent(hypotheses, tgt_lang, candidates)
             results.append(result)

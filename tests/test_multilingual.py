@@ -307,6 +307,28 @@ def test_evaluate_scores_each_direction_of_a_multilingual_data_dir(trained, data
     assert_one_line_error(result, "cc-aa", "aa-bb")
 
 
+
+def test_evaluate_marks_zero_shot_what_the_model_was_not_trained_on(trained, tmp_path):
+    """Scored on a data dir made for another run, where a direction this model learned is zero-shot."""
+    other = prepare_three_way(tmp_path, directions=["aa-bb", "bb-aa"], zero_shot=("aa-cc", "bb-cc"))
+    result = runner.invoke(app, ["evaluate", "--model", str(trained), "--data", str(other), "--json", "--beam", "1"])
+    assert result.exit_code == 0, result.output
+    zero_shot = {r["direction"]: r["zero_shot"] for r in json.loads(result.stdout)["directions"]}
+    assert zero_shot == {"aa-bb": False, "bb-aa": False, "aa-cc": False, "bb-cc": True}
+
+
+def test_evaluate_translates_a_source_file_from_and_into_the_named_languages(trained, tmp_path):
+    source, reference = tmp_path / "in.aa", tmp_path / "ref.bb"
+    source.write_text("w1 w2\nw3\n", encoding="utf-8")
+    reference.write_text("v1 v2\nv3\n", encoding="utf-8")
+    args = ["evaluate", "--model", str(trained), "--src", str(source), "--ref", str(reference), "--tgt-lang", "bb"]
+    result = runner.invoke(app, args + ["--src-lang", "aa", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [s["metric"] for s in json.loads(result.stdout)] == ["bleu", "chrf", "ter"]
+    assert_one_line_error(runner.invoke(app, args + ["--src-lang", "zz"]), "does not know the language 'zz'")
+    assert_one_line_error(runner.invoke(app, ["evaluate", "--hyp", str(source), "--ref", str(reference), "--src-lang", "aa"]),
+                          "--src-lang go with --src")
+
 def test_off_target_counts_lines_in_another_language():
     from nmt.evaluate import off_target_percent
 
