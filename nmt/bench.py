@@ -43,8 +43,8 @@ from nmt.config import Config, DecodeConfig, load_config
 from nmt.data import ParallelSplit, read_lines
 from nmt.devices import (
     cpu_multiplies_natively,
+    grad_scaler,
     keep_freed_memory,
-    needs_loss_scaling,
     resolve_device,
     resolve_precision,
 )
@@ -166,7 +166,7 @@ def bench_training(
         keep_freed_memory()  # as `nmt train` does on the CPU
     optimizer = make_optimizer(model, tc, fused=not plain)
     step_model = compile_model(model) if tc.compile and not plain else model
-    scaler = torch.amp.GradScaler(device.type) if needs_loss_scaling(model, device, dtype) else None
+    scaler = grad_scaler(model, device, dtype)
     batches = token_batches(split.src.lengths, split.tgt.lengths, tc.batch_tokens, seed=tc.seed)[:steps]
     pin = device.type == "cuda" and not plain
     tgt_tokens = sum(len(b) + int(split.tgt.lengths[b].sum()) for b in batches)  # + EOS per sentence

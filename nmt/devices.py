@@ -107,6 +107,11 @@ def needs_loss_scaling(model: torch.nn.Module, device: torch.device, dtype: torc
     return device.type == "cuda" and dtype != torch.float32 and recurrent
 
 
+def grad_scaler(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler | None:
+    """A gradient scaler where training `model` under `dtype` needs one (`needs_loss_scaling`)."""
+    return torch.amp.GradScaler(device.type) if needs_loss_scaling(model, device, dtype) else None
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()

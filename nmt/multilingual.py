@@ -84,14 +84,19 @@ def temperature_weights(sizes: dict[str, int], temperature: float) -> dict[str, 
     return {key: value / norm for key, value in raw.items()}
 
 
+def changed_weights(named: dict[str, float]) -> dict[str, float]:
+    """The direction weights that change the sampling: a weight of 1 is no weight."""
+    return {direction: weight for direction, weight in named.items() if weight != 1.0}
+
+
 def direction_weights(named: dict[str, float], directions: list[str], data_dir: Path) -> list[float] | None:
     """The sampling weight of each direction from `train.direction_weights` (1 where not named;
-    None where none is); a named direction the data dir lacks is an error."""
+    None where none changes the sampling); a named direction the data dir lacks is an error."""
     for direction in named:
         if direction not in directions:
             raise ConfigError(f"train.direction_weights names {direction}, which data dir {data_dir} does not have "
                               f"(it has {', '.join(directions)})")
-    return [named.get(d, 1.0) for d in directions] if named else None
+    return [named.get(d, 1.0) for d in directions] if changed_weights(named) else None
 
 
 def draw(count: int, size: int, rng: np.random.Generator) -> np.ndarray:

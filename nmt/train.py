@@ -42,8 +42,8 @@ from nmt.config import Config, TrainConfig
 from nmt.data import ParallelSplit, read_lines
 from nmt.devices import (
     autocast,
+    grad_scaler,
     keep_freed_memory,
-    needs_loss_scaling,
     resolve_device,
     resolve_precision,
     slow_precision_note,
@@ -55,7 +55,7 @@ from nmt.evaluate import bleu_tokenizer, corpus_bleu
 from nmt.files import CheckpointInfo, Manifest, TrainState, VocabInfo
 from nmt.interfaces import TrainingBatch, TrainingTask
 from nmt.models import build_model
-from nmt.multilingual import direction_weights, epoch_pairs, target_pieces
+from nmt.multilingual import changed_weights, direction_weights, epoch_pairs, target_pieces
 from nmt.tokenizer import PAD, Tokenizer
 from nmt.train_log import LOG_NAME, TENSORBOARD_DIR, TrainLog
 from nmt.translate import translate_ids
@@ -375,7 +375,7 @@ class MultilingualTranslationTask(TranslationTask):
         init_save_dir(save_dir, self.config, self.data_dir, self.manifest, pieces)
 
     def describe(self) -> str:
-        weighted = ", ".join(f"{d} ×{w:g}" for d, w in zip(self.directions, self.weights or []) if w != 1.0)
+        weighted = ", ".join(f"{d} ×{w:g}" for d, w in changed_weights(dict(zip(self.directions, self.weights or []))).items())
         return (f"{len(self.train_split)} training pairs in {len(self.directions)} directions "
                 f"(sampling temperature {self.temperature:g}{'; weights ' + weighted if weighted else ''})")
 
@@ -518,8 +518,8 @@ def check_same_batches(save_dir: Path, config: Config, processes: int) -> None:
     saved = read_config(save_dir).train
     for key in ("batch_tokens", "accum_steps", "seed", "lang_temperature", "direction_weights"):
         old, new = getattr(saved, key), getattr(config.train, key)
-        if key == "direction_weights":  # a weight of 1 is no weight
-            old, new = ({d: w for d, w in weights.items() if w != 1.0} for weights in (old, new))
+        if key == "direction_weights":
+            old, new = changed_weights(old), changed_weights(new)
         if old != new:
             raise ConfigError(
                 f"train.{key} is {new!r} but the run in {save_dir} was trained with {old!r}; "
@@ -641,7 +641,7 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.rank_accum, self.rank_tokens = process_shares(tc, ranks.world)
         self.update_batches = self.rank_accum * ranks.world
-        self.scaler = torch.amp.GradScaler(self.device.type) if needs_loss_scaling(self.model, self.device, self.dtype) else None
+        self.scaler = grad_scaler(self.model, self.device, self.dtype)
         self.lr = 0.0
         self.validated_at = -1
         self.skipped_run = torch.zeros((), dtype=torch.long, device=self.device)  # updates skipped in a row
