@@ -83,7 +83,7 @@ bench: install
 
 # nmt serve under 1, 8 and 32 concurrent clients, batched and one request at a time:
 # `make bench-serve SERVE_MODEL=DIR`.
-SERVE_MODEL ?= runs/multi30k-cpu
+SERVE_MODEL ?= runs/m30k-tf-cpu
 bench-serve: install
 	$(NMT) bench-serve $(SERVE_MODEL) --out bench-serve.json
 

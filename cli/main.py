@@ -432,7 +432,7 @@ def evaluate(
     beam: Annotated[int | None, typer.Option(help="Beam size when translating --src or --data.")] = None,
     restrict_vocab: Annotated[bool | None, typer.Option("--restrict-vocab/--no-restrict-vocab", help="When translating with a multilingual model: output only the target language's pieces (see nmt translate).", show_default=False)] = None,
     metrics: Annotated[str, typer.Option(help="Comma-separated: bleu, chrf, ter.")] = "bleu,chrf,ter",
-    tokenize: Annotated[str | None, typer.Option(help="sacreBLEU tokenizer for BLEU (default: zh for Chinese, else 13a).")] = None,
+    tokenize: Annotated[str | None, typer.Option(help="sacreBLEU tokenizer for BLEU (default: zh for Chinese, ja-mecab for Japanese, ko-mecab for Korean, else 13a).")] = None,
     lang: Annotated[str | None, typer.Option(help="Language of the references, which picks BLEU's tokenizer (default: the model's target language with --model, else recognised from the references).")] = None,
     tgt_lang: Annotated[str | None, typer.Option(help="With --src: the target language of a multilingual model.")] = None,
     src_lang: Annotated[str | None, typer.Option(help="With --src: its language, for a multilingual model that normalizes its languages differently.")] = None,
