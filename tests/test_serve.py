@@ -13,16 +13,19 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import TINY_TRANSFORMER, prepare_toy_data, toy_pairs, train_tiny
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nmt.alignment import AttentionMap
+from nmt.errors import ConfigError
 from nmt.files import VocabInfo
 from nmt.models.attention import AttentionChoice
 from nmt.search import Hypothesis
-from nmt.serve import load_served_models
+from nmt.serve import load_served_models, read_api_keys
 from nmt.serve.api import ServedModel, ServeSettings, create_app
 from nmt.serve.batching import BatchingWorker, Work
 from nmt.translate import Translations
@@ -106,6 +109,8 @@ def test_models_are_picked_by_language_pair(client, models):
     for source in ("xx", "zz"):
         assert client.post("/translate", json={"q": line, "source": source, "target": "yy"}).status_code == 200
     _error(client.post("/translate", json={"q": line, "source": "yy", "target": "xx"}), 400, "yy->xx", "xx->yy, zz->yy")
+    assert client.post("/translate", json={"q": line, "source": "ZZ", "target": "Yy"}).json() == \
+        client.post("/translate", json={"q": line, "source": "zz", "target": "yy"}).json()  # codes compare without case
     # "auto" only where one source language serves the target: here two do
     _error(client.post("/translate", json={"q": line, "source": "auto", "target": "yy"}), 400, "auto->yy")
 
@@ -147,11 +152,16 @@ def test_errors_are_one_line_json_with_4xx(client):
     _error(client.post("/translate", json={**ok, "alternatives": -1}), 422, "alternatives")
     _error(client.post("/translate", json={**ok, "alternatives": 99}), 422, "alternatives")
     _error(client.post("/translate", json={**ok, "format": "html"}), 400, "html")
-    _error(client.post("/translate", content=b'{"q": "\\ud800", "source": "xx", "target": "yy"}',
-                       headers={"content-type": "application/json"}), 400, "surrogate")
+    json_type = {"content-type": "application/json"}
+    for body in (b'{"q": "\\ud800", "source": "xx", "target": "yy"}', b'{"q": "w1", "source": "\\udc00", "target": "yy"}',
+                 b'{"q": "w1", "source": "xx", "target": "yy", "api_key": "\xed\xa0\x80"}'):
+        _error(client.post("/translate", content=body, headers=json_type), 400, "surrogate")
+    for path in ("/translate", "/translator/translate"):
+        _error(client.post(path, content=b"[" * 50_000, headers=json_type), 400, "nested")
     _error(client.post("/translate", content=b'{"q": "w1", "source": "xx", "target": "yy", "alternatives": NaN}',
                        headers={"content-type": "application/json"}), 422, "alternatives")
     _error(client.get("/no-such-page"), 404)
+    assert client.get("/health").json()["max_alternatives"] == ServeSettings().max_alternatives
     _error(client.get("/translate"), 405)
 
 
@@ -165,6 +175,13 @@ def test_limits_answer_413(models):
         _error(client.post("/translate", json={**request, "q": "w" * (limits.max_body_bytes + 1)}), 413, "bytes")
         _error(client.post("/translator/translate", json=[{"src": "w1"}] * 4), 413, "lines")
         assert client.post("/translate", json={**request, "q": "w1 w2\nw3"}).status_code == 200
+    # A character outside the BMP is 12 bytes as a JSON escape pair or percent-encoded: as many
+    # as the limit allows still fit the body.
+    limits = ServeSettings(max_chars=20_000, max_line_chars=20_000)
+    with TestClient(create_app([ServedModel(SlowTranslator(), "fake")], limits)) as client:
+        request = {"q": "\U0001F600" * 20_000, "source": "xx", "target": "yy"}
+        assert client.post("/translate", content=json.dumps(request), headers={"content-type": "application/json"}).status_code == 200
+        assert client.post("/translate", data=request).status_code == 200
 
 
 def test_api_keys_are_required_when_given(models):
@@ -181,6 +198,14 @@ def test_api_keys_are_required_when_given(models):
         assert client.post("/translator/translate", json=segments, headers={"Authorization": "Bearer k2"}).status_code == 200
         assert client.get("/health").json()["api_key_required"] is True
         assert client.get("/languages").status_code == 200
+    with pytest.raises(ConfigError, match="must not be empty"):
+        ServeSettings(api_keys=frozenset({"k1", " "}))
+
+
+def test_a_keys_file_skips_comments_blank_lines_and_a_byte_order_mark(tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_bytes("\ufeffk1\r\n# a comment\n\n  k2  \n".encode())
+    assert read_api_keys(keys) == {"k1", "k2"}
 
 
 class SlowTranslator:
@@ -205,9 +230,12 @@ class SlowTranslator:
         with self.lock:
             self.running -= 1
             self.calls.append(list(lines))
+        if any("boom" in line for line in lines):
+            raise RuntimeError("boom")
         nbest = (decode or self.decode).nbest
         texts = [[line.upper() + "!" * k for k in range(nbest)] for line in lines]
-        return Translations([[Hypothesis([], 0.0)] for _ in lines], texts, [])
+        maps = None if attention is None else [AttentionMap(first_line + i, [], [], np.zeros((0, 0))) for i in range(len(lines))]
+        return Translations([[Hypothesis([], 0.0)] for _ in lines], texts, [], maps)
 
     def describe_attention(self, choice):
         return "none"
@@ -237,6 +265,48 @@ def test_the_worker_batches_waiting_jobs_in_order_one_call_at_a_time():
     # every call holds jobs in the order they came
     flat = [line for call in slow.calls for line in call if line != "s3a" and line != "s3b"]
     assert flat == [f"s{i}{half}" for i in range(8) if i != 3 for half in "ab"]
+
+
+def test_requests_batched_together_keep_their_own_line_numbers_and_failures():
+    slow = SlowTranslator(seconds=0.1)
+    worker = BatchingWorker(wait_ms=50)
+    busy = worker.submit(Work(slow, 1, False), ["busy"])  # the others gather behind it
+    time.sleep(0.02)
+    work = Work(slow, 1, True)
+    jobs = [worker.submit(work, lines) for lines in (["a", "b"], ["boom"], ["c", "d", "e"])]
+    assert busy.result(5).texts == [["BUSY"]]
+    assert [m.line for m in jobs[0].result(5).attention_maps] == [1, 2]
+    assert [m.line for m in jobs[2].result(5).attention_maps] == [1, 2, 3]
+    with pytest.raises(RuntimeError, match="boom"):
+        jobs[1].result(5)
+    worker.close()
+    assert ["a", "b", "boom", "c", "d", "e"] in slow.calls  # tried together first
+
+
+def test_a_request_whose_client_left_is_not_translated():
+    import socket
+
+    from nmt.serve import BackgroundServer
+
+    slow = SlowTranslator(seconds=0.6)
+    with BackgroundServer([ServedModel(slow, "slow")], ServeSettings()) as server:
+        def post(text: str):
+            body = json.dumps({"q": text, "source": "xx", "target": "yy"}).encode()
+            request = urllib.request.Request(server.url + "/translate", body, {"content-type": "application/json"})
+            return urllib.request.urlopen(request, timeout=10).read()
+
+        first = threading.Thread(target=post, args=("first",))
+        first.start()
+        time.sleep(0.2)  # the worker is busy with "first"
+        body = json.dumps({"q": "gone", "source": "xx", "target": "yy"}).encode()
+        with socket.create_connection(("127.0.0.1", server.port)) as gone:
+            gone.sendall(b"POST /translate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            time.sleep(0.1)
+        first.join(10)
+        assert json.loads(post("after")) == {"translatedText": "AFTER"}
+    translated = [line for call in slow.calls for line in call]
+    assert "first" in translated and "gone" not in translated
 
 
 def test_a_cancelled_job_is_skipped():

@@ -14,7 +14,7 @@ from nmt.serve.api import ServedModel, ServeSettings, create_app
 from nmt.translate import LanguageChoice, load_text_translator
 
 
-def load_served_models(model_dirs: Sequence[Path], decode_options: dict | None = None, checkpoint: str = "best",
+def load_served_models(model_dirs: Sequence[Path], decode_options: dict | None = None, checkpoint: str | None = None,
                        device: str = "auto", quantize: bool = False, engine: str = "nmt") -> list[ServedModel]:
     """Each directory loaded once, as `nmt translate` loads it; a multilingual model serves each
     direction it was trained on."""
@@ -33,7 +33,7 @@ def load_served_models(model_dirs: Sequence[Path], decode_options: dict | None =
 def read_api_keys(path: Path) -> frozenset[str]:
     """One key per line; blank lines and lines starting with # are skipped."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark is no key
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read the API keys in {path} ({e})") from None
     keys = frozenset(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
@@ -43,7 +43,7 @@ def read_api_keys(path: Path) -> frozenset[str]:
 
 
 def serve(model_dirs: Sequence[Path], settings: ServeSettings, decode_options: dict | None = None,
-          checkpoint: str = "best", device: str = "auto", quantize: bool = False, engine: str = "nmt",
+          checkpoint: str | None = None, device: str = "auto", quantize: bool = False, engine: str = "nmt",
           echo: Callable[[str], None] = print) -> None:
     """Load the models and serve them until Ctrl-C (uvicorn stops cleanly on SIGINT and SIGTERM)."""
     import uvicorn

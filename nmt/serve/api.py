@@ -10,6 +10,8 @@ does not finish within the timeout.
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import hmac
 import json
 import logging
@@ -27,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nmt.alignment import AttentionMap
 from nmt.data import text_lines
-from nmt.errors import NmtError
+from nmt.errors import ConfigError, NmtError
 from nmt.models.attention import AttentionChoice
 from nmt.serve.batching import BatchingWorker, Work
 from nmt.translate import TextTranslator, Translations
@@ -48,9 +50,15 @@ class ServeSettings:
     batch_wait_ms: float = 5.0  # how long the worker waits for more requests to batch with
     max_batch_lines: int = 256
 
+    def __post_init__(self):
+        if any(not key.strip() for key in self.api_keys):
+            raise ConfigError("an API key must not be empty")
+
     @property
-    def max_body_bytes(self) -> int:  # UTF-8 takes at most 4 bytes a character, JSON escapes 6
-        return 6 * self.max_chars + 65536
+    def max_body_bytes(self) -> int:
+        # A character outside the BMP takes 12 bytes as a JSON escape pair (\ud83d\ude00) or
+        # percent-encoded in a form (%F0%9F%98%80).
+        return 12 * self.max_chars + 65536
 
 
 @dataclass
@@ -155,10 +163,10 @@ def create_app(models: Sequence[ServedModel], settings: ServeSettings = ServeSet
     app.state.worker = worker
     _add_error_handlers(app)
 
-    async def run(work: Work, lines: list[str]) -> Translations:
+    async def run(work: Work, lines: list[str], request: Request) -> Translations:
         future = worker.submit(work, lines)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), settings.timeout_s)
+            return await asyncio.wait_for(_unless_gone(asyncio.wrap_future(future), request), settings.timeout_s)
         except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
             future.cancel()
             raise RequestError(503, f"the translation took more than {settings.timeout_s:g} s; try again later") from None
@@ -176,6 +184,7 @@ def create_app(models: Sequence[ServedModel], settings: ServeSettings = ServeSet
             "models": [{"source": m.source, "target": m.target, "engine": m.engine} for m in models],
             "pending": worker.pending,
             "api_key_required": bool(settings.api_keys),
+            "max_alternatives": settings.max_alternatives,
         }
 
     @app.get("/languages", response_model=list[Language])
@@ -190,7 +199,7 @@ def create_app(models: Sequence[ServedModel], settings: ServeSettings = ServeSet
         _check_key(settings, fields.get("api_key"), request)
         body = _validate(TranslateRequest, fields)
         model = _pick_model(pairs, body.source, body.target)
-        return await _translate_libre(body, model, settings, run)
+        return await _translate_libre(body, model, settings, functools.partial(run, request=request))
 
     @app.get("/translator/models")
     async def opennmt_models() -> list[dict]:
@@ -202,19 +211,37 @@ def create_app(models: Sequence[ServedModel], settings: ServeSettings = ServeSet
         data = _parse_json(await _read_body(request, settings))
         _check_key(settings, None, request)
         segments = _validate(_SEGMENTS, data)
-        return [await _translate_opennmt(segments, models, settings, run)]
+        return [await _translate_opennmt(segments, models, settings, functools.partial(run, request=request))]
 
     return app
 
 
+async def _unless_gone(waiting: asyncio.Future, request: Request, poll_s: float = 0.05):
+    """The result of `waiting`; a 499 as soon as the client has closed its connection, with the
+    translation cancelled unless it has started (a page that translates as one types leaves
+    many requests behind)."""
+    while not waiting.done():
+        await asyncio.wait({waiting}, timeout=poll_s)
+        if not waiting.done() and await request.is_disconnected():
+            waiting.cancel()  # and the worker's job with it
+            raise RequestError(499, "the client closed the connection")
+    return waiting.result()
+
+
 def _pairs(models: Sequence[ServedModel]) -> dict[tuple[str, str], ServedModel]:
+    """The models by their language codes as requests are matched (see `_code`)."""
     pairs: dict[tuple[str, str], ServedModel] = {}
     for model in models:
-        pair = (model.source, model.target)
+        pair = (_code(model.source), _code(model.target))
         if pair in pairs:
-            raise NmtError(f"{pairs[pair].name} and {model.name} both translate {pair[0]}->{pair[1]}: serve one of them")
+            raise NmtError(f"{pairs[pair].name} and {model.name} both translate {model.source}->{model.target}: serve one of them")
         pairs[pair] = model
     return pairs
+
+
+def _code(language: str) -> str:
+    """Codes compare without case, `_` read as `-` (EN, pt_BR)."""
+    return language.strip().lower().replace("_", "-")
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -250,9 +277,16 @@ async def _read_body(request: Request, settings: ServeSettings) -> bytes:
 
 def _parse_json(body: bytes):
     try:
-        return json.loads(body)
+        data = json.loads(body)
     except ValueError as e:  # also invalid UTF-8
         raise RequestError(400, f"the body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise RequestError(400, "the body is not valid JSON (nested too deeply)") from None
+    try:  # a \ud800 escape, or its bytes, give a lone surrogate, which no answer can hold either
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(400, "the body holds a lone surrogate (not valid Unicode)") from None
+    return data
 
 
 async def _read_fields(request: Request, settings: ServeSettings) -> dict:
@@ -309,26 +343,29 @@ def _check_key(settings: ServeSettings, body_key: str | None, request: Request) 
     bearer = request.headers.get("authorization", "")
     candidates = [body_key, request.query_params.get("api_key"), request.headers.get("x-api-key"),
                   bearer[7:] if bearer.lower().startswith("bearer ") else None]
+    known = [hashlib.sha256(k.encode()).digest() for k in settings.api_keys]
     for key in candidates:
-        if isinstance(key, str) and any(hmac.compare_digest(key.encode(), k.encode()) for k in settings.api_keys):
+        # Digests of equal length, each compared in full: the time taken tells nothing of the keys.
+        if isinstance(key, str) and any([hmac.compare_digest(hashlib.sha256(key.encode()).digest(), k) for k in known]):
             return
     given = any(isinstance(key, str) and key for key in candidates)
     raise RequestError(403, "invalid API key" if given else "an API key is required (api_key)")
 
 
 def _pick_model(pairs: dict[tuple[str, str], ServedModel], source: str, target: str) -> ServedModel:
-    if source == "auto":  # no language identification: only a target with a single source
-        sources = [s for s, t in pairs if t == target]
+    wanted = (_code(source), _code(target))
+    if wanted[0] == "auto":  # no language identification: only a target with a single source
+        sources = [s for s, t in pairs if t == wanted[1]]
         if len(sources) == 1:
-            source = sources[0]
-    if (source, target) not in pairs:
-        served = ", ".join(f"{s}->{t}" for s, t in sorted(pairs))
+            wanted = (sources[0], wanted[1])
+    if wanted not in pairs:
+        served = ", ".join(sorted(f"{m.source}->{m.target}" for m in pairs.values()))
         raise RequestError(400, f"no model translates {source}->{target}; this server translates {served}")
-    return pairs[(source, target)]
+    return pairs[wanted]
 
 
 def _check_text(texts: list[str], settings: ServeSettings) -> list[list[str]]:
-    """Each text's lines, within the limits (413), as valid Unicode (400)."""
+    """Each text's lines, within the limits (413)."""
     lines = [text_lines(text) for text in texts]
     count = sum(len(text) for text in lines)
     chars = sum(len(text) for text in texts)
@@ -339,11 +376,6 @@ def _check_text(texts: list[str], settings: ServeSettings) -> list[list[str]]:
     longest = max((len(line) for text in lines for line in text), default=0)
     if longest > settings.max_line_chars:
         raise RequestError(413, f"a line has {longest} characters; the limit is {settings.max_line_chars}")
-    for text in texts:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise RequestError(400, "the text holds a lone surrogate (not valid Unicode)") from None
     return lines
 
 

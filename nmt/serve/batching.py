@@ -119,8 +119,11 @@ class BatchingWorker:
             result = work.translator.translate(lines, attention=AttentionChoice() if work.attention else None,
                                                decode=work.decode())
         except Exception as e:  # noqa: BLE001 - handed to the requests; the worker goes on
-            for job in batch:
-                job.future.set_exception(e)
+            if len(batch) == 1:
+                batch[0].future.set_exception(e)
+            else:  # one request's lines may be the cause: each alone, so that only its own fails
+                for job in batch:
+                    self._translate([job])
             return
         start = 0
         for job in batch:
@@ -129,6 +132,9 @@ class BatchingWorker:
 
 
 def _slice(result: Translations, start: int, end: int) -> Translations:
-    maps = None if result.attention_maps is None else result.attention_maps[start:end]
+    """The translations of lines start..end-1 of a batch, numbered from 1 again."""
+    maps = None
+    if result.attention_maps is not None:
+        maps = [m and dataclasses.replace(m, line=m.line - start) for m in result.attention_maps[start:end]]
     truncated = [n - start for n in result.truncated if start < n <= end]
     return Translations(result.hypotheses[start:end], result.texts[start:end], truncated, maps)
