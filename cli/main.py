@@ -335,7 +335,7 @@ def translate(
     stream: Annotated[bool, typer.Option("--stream", help="Translate and write each line as soon as it is read (interactive use, pipes).")] = False,
     static_cache: Annotated[bool | None, typer.Option("--static-cache/--no-static-cache", help="Transformers: decode on fixed-shape buffers, each step a replayed CUDA graph on a GPU (the incremental path's output; on a GPU another attention kernel may change a few half-precision lines).", show_default=False)] = None,
     chunk_lines: Annotated[int | None, typer.Option(help="Lines read, sorted and translated at a time.")] = None,
-    checkpoint: Annotated[str, typer.Option(help="Which weights: best or last.")] = "best",
+    checkpoint: Annotated[str | None, typer.Option(help="Which weights of a checkpoint directory: best (default) or last.", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     replace_invalid: Annotated[bool, typer.Option(help="Replace invalid UTF-8 instead of stopping.")] = False,
     int8: Annotated[bool, typer.Option(help="Run the Linear layers in int8 (dynamic quantization; CPU only).")] = False,
@@ -397,7 +397,7 @@ def serve(
     max_batch_lines: Annotated[int, typer.Option(help="Most lines translated in one batch.")] = 256,
     beam: Annotated[int | None, typer.Option(help="Beam size; 1 is greedy search.")] = None,
     engine: Annotated[str, typer.Option(help="nmt, or ctranslate2 for a directory from nmt export.")] = "nmt",
-    checkpoint: Annotated[str, typer.Option(help="Which weights: best or last.")] = "best",
+    checkpoint: Annotated[str | None, typer.Option(help="Which weights of a checkpoint directory: best (default) or last.", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     int8: Annotated[bool, typer.Option(help="Run the Linear layers in int8 (CPU only).")] = False,
 ) -> None:

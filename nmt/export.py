@@ -50,12 +50,14 @@ from nmt.translate import (
     collect_translations,
     decode_settings,
     encode_lines,
+    restricting_one_language,
     with_languages,
 )
 
 FORMATS = ("ctranslate2",)
 QUANTIZATIONS = ("int8", "int8_float16", "float16")  # none: float32
 MIN_POSITIONS = 1024
+IMPOSSIBLE_SCORE = -1e9  # CTranslate2's hypotheses that could not end score about -1e10 / length
 # Sentences per CTranslate2 batch. On a CPU each core runs a worker of its own (one thread
 # each), decoding batches side by side: for beam search of small models this beat one worker
 # with a thread per core by 1.7x on 2 cores (test_2016_flickr, int8, beam 5).
@@ -147,8 +149,7 @@ def export_model(
     if config.model.arch != "transformer":
         raise ConfigError(f"{model_dir} holds an {config.model.arch} model; CTranslate2 has no RNN decoder, "
                           "so only Transformers export (translate it with --engine nmt)")
-    if out_dir.exists() and (out_dir.resolve() == model_dir.resolve() or not overwrite):
-        raise ConfigError(f"{out_dir} already exists; pass --overwrite to replace it (not the checkpoint directory)")
+    _check_out_dir(model_dir, out_dir, overwrite)
     vocab_info = VocabInfo.read(model_dir)
     weights = weights_dir(model_dir, checkpoint)
     model, tokenizer, config = load_for_inference(model_dir, checkpoint, "cpu")
@@ -178,6 +179,19 @@ def position_rows(decode: DecodeConfig) -> int:
     settings let through (max_input_tokens + EOS) and for the longest output they allow it."""
     longest_output = decoding_limits([[UNK] * decode.max_input_tokens], [[]], decode)[0]
     return max(MIN_POSITIONS, decode.max_input_tokens + 1, longest_output)
+
+
+def _check_out_dir(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
+    """Refuse an `out_dir` whose replacing would lose a model or anything but an earlier export."""
+    model, out = model_dir.resolve(), out_dir.resolve()
+    if out == model or out in model.parents or model in out.parents:
+        raise ConfigError(f"{out_dir} is {model_dir}, inside it or holds it: export to another directory")
+    if not out_dir.exists():
+        return
+    if not overwrite:
+        raise ConfigError(f"{out_dir} already exists; pass --overwrite to replace it")
+    if not (out_dir / EXPORT_RECORD).is_file():
+        raise ConfigError(f"{out_dir} exists and is not an export (no {EXPORT_RECORD}); --overwrite replaces only an export")
 
 
 def _write_export(model_dir: Path, out_dir: Path, spec, record: ExportRecord) -> None:
@@ -358,7 +372,8 @@ class CTranslate2Translator:
     - Scores: CTranslate2 renormalizes the log-softmax over the tokens it allows (never PAD or
       BOS, no repeated n-gram) where nmt leaves the banned tokens' probability out of the sum,
       and it counts a forced prefix's tokens with log-probability 0 where nmt counts the model's.
-      Greedy tokens are the same; scores are close (equal without banned mass or prefix).
+      Greedy tokens are the same; scores are close (equal without banned mass or prefix). A
+      whole translation given (decode.prefix_only) is scored by `score_batch` instead, as nmt does.
     - Beam search: CTranslate2 stops a sentence once it has beam_size finished hypotheses; nmt
       goes on while a live beam could still beat its worst finished one. Both take the 2K best
       continuations, normalize by length (EOS included) ** len_penalty and start from one beam,
@@ -380,6 +395,7 @@ class CTranslate2Translator:
     languages: tuple[str, str]
     max_positions: int  # rows of the position tables: longer outputs are cut there
     allowed_tokens: np.ndarray | None = None  # (V,) bool: with decode.restrict_vocab, the target language's pieces
+    _warned_of_positions: bool = field(default=False, init=False, repr=False)
 
     def translate(self, lines: Sequence[str], prefixes: Sequence[str] | None = None, attention: AttentionChoice | None = None,
                   first_line: int = 1, progress: bool = False, decode: DecodeConfig | None = None) -> Translations:
@@ -404,6 +420,9 @@ class CTranslate2Translator:
             raise ConfigError(f"decode.max_input_tokens is {decode.max_input_tokens}, but the export has positions for "
                               f"{self.max_positions - 1} source tokens; export with a larger decode.max_input_tokens")
         layers = self.model_config.dec_layers
+        if attention is not None and decode.prefix_only:
+            raise ConfigError("--engine ctranslate2 scores a whole translation (--prefix-only) without its attention: "
+                              "leave out --attention, or use --engine nmt")
         if attention is not None and (attention.head is not None or attention.layer not in (None, layers)):
             raise ConfigError(f"--engine ctranslate2 gives the attention of the last decoder layer ({layers}), mean over "
                               "heads, only: leave out --attention-layer and --attention-head, or use --engine nmt")
@@ -413,14 +432,21 @@ class CTranslate2Translator:
         """The n-best list of each source, in order: one CTranslate2 call per length limit, all
         submitted at once so that its workers (one per core) decode several groups together."""
         limits = decoding_limits(sources, prefixes, decode)
-        if decode.prefix_only:  # CTranslate2 takes no EOS in a prefix: the length limit ends it there
-            limits = [len(prefix) if prefix else limit for limit, prefix in zip(limits, prefixes)]
-            prefixes = [prefix[:-1] for prefix in prefixes]
+        results: list[list[Hypothesis]] = [[] for _ in sources]
+        if decode.prefix_only:  # a whole translation given: scored, not searched
+            forced = [i for i, prefix in enumerate(prefixes) if prefix]
+            for i, hyp in zip(forced, self._score([sources[i] for i in forced], [prefixes[i] for i in forced], decode)):
+                results[i] = [hyp]
+                limits[i] = 0
+        if max(limits, default=0) - 1 > self.max_positions and not self._warned_of_positions:
+            self._warned_of_positions = True
+            print(f"warning: the export has positions for outputs of {self.max_positions} tokens; longer ones are cut "
+                  "there (export with larger decode.max_len_a/max_len_b for more)", file=sys.stderr)
         groups: dict[int, list[int]] = {}
         for i, limit in enumerate(limits):
-            groups.setdefault(limit, []).append(i)
+            if limit:
+                groups.setdefault(limit, []).append(i)
         options = self._options(decode, attention)
-        results: list[list[Hypothesis]] = [[] for _ in sources]
         pending = []
         for limit, indices in sorted(groups.items()):
             if limit <= 1:  # room for EOS alone: nmt's output is empty, and CTranslate2 needs a length
@@ -434,8 +460,22 @@ class CTranslate2Translator:
                                    file=sys.stderr):
             for i, future in zip(indices, batch):
                 result = self._result(future)
-                results[i] = [self._hypothesis(result, k, attention) for k in range(len(result.hypotheses))]
+                # Where fewer hypotheses than asked for can end (a prefix that fills the length
+                # limit), CTranslate2 pads the list with ones of score -inf / length: not outputs.
+                found = [k for k in range(len(result.hypotheses)) if k == 0 or result.scores[k] > IMPOSSIBLE_SCORE]
+                results[i] = [self._hypothesis(result, k, attention) for k in found]
         return results
+
+    def _score(self, sources: list[list[int]], targets: list[list[int]], decode: DecodeConfig) -> list[Hypothesis]:
+        """Forced translations (EOS last) scored as nmt's search scores them: the log-probability,
+        over length (EOS included) ** len_penalty in beam search."""
+        if not sources:
+            return []
+        results = self.translator.score_batch([self.tokenizer.src_pieces(ids) for ids in sources],
+                                              [self.tokenizer.tgt_pieces(ids[:-1]) for ids in targets])
+        beam = not decode.sampling and decode.beam > 1
+        return [Hypothesis(ids[:-1], float(sum(result.log_probs)) / (len(ids) ** decode.len_penalty if beam else 1.0))
+                for ids, result in zip(targets, results)]
 
     def _options(self, decode: DecodeConfig, attention: bool) -> dict:
         """`translate_batch` options of the decode settings (but the length limit)."""
@@ -550,15 +590,20 @@ def _eight_bit_weights(record: ExportRecord, quantize: bool) -> bool:
 
 def load_ctranslate2_translator(export_dir: Path, decode_options: dict | None = None, device: str = "auto",
                                 quantize: bool = False, threads: int = 0,
-                                languages: LanguageChoice = ANY_LANGUAGE) -> CTranslate2Translator:
+                                languages: LanguageChoice = ANY_LANGUAGE, checkpoint: str | None = None) -> CTranslate2Translator:
     """A translator on a directory of `nmt export --format ctranslate2`. Decode settings: the
     checkpoint's with `decode_options` in place, as `nmt.translate.load_translator`; `quantize`
     runs int8 weights. CPU workers: `threads`, or (0) one per core the process may use, each
-    with one thread. `languages`: checked against the export's pair."""
+    with one thread (one worker when sampling, whose draws then follow decode.seed). `languages`:
+    checked against the export's pair; `checkpoint`, if given, against the weights exported."""
     import ctranslate2
 
     export_dir = Path(export_dir)
     record = ExportRecord.read(export_dir)
+    exported = Path(record.checkpoint).name
+    if checkpoint is not None and checkpoint != exported:
+        raise ConfigError(f"{export_dir} holds the weights of {exported}/ only (not {checkpoint}): "
+                          f"export the checkpoint directory with --checkpoint {checkpoint}")
     if not record.directions:
         for side, asked in (("source", languages.src), ("target", languages.tgt)):
             if asked and record.languages[side] and asked != record.languages[side]:
@@ -572,11 +617,14 @@ def load_ctranslate2_translator(export_dir: Path, decode_options: dict | None = 
         print("warning: int8 computation with 8-bit weights can overflow on a CPU without VNNI and change "
               "translations; export with --quantization int8 (7-bit weights) and translate that export",
               file=sys.stderr)
+    cores = threads or len(os.sched_getaffinity(0))
+    # Workers draw from their own random streams, in whatever order they take batches: sampling
+    # repeats itself only with one worker, which then gets every core.
+    workers = 1 if kind != "cpu" or decode.sampling else cores
     try:
         translator = ctranslate2.Translator(str(export_dir), device=kind, device_index=index,
                                             compute_type=compute_type(decode.precision, quantize, kind),
-                                            inter_threads=(threads or len(os.sched_getaffinity(0))) if kind == "cpu" else 1,
-                                            intra_threads=1 if kind == "cpu" else 0)
+                                            inter_threads=workers, intra_threads=(cores // workers) if kind == "cpu" else 0)
     except ValueError as e:  # a compute type the device lacks
         raise ConfigError(f"CTranslate2: {first_line(e)}") from None
     except RuntimeError as e:
@@ -588,4 +636,6 @@ def load_ctranslate2_translator(export_dir: Path, decode_options: dict | None = 
                                    (record.languages["source"], record.languages["target"]), record.max_positions)
     if record.directions:  # multilingual: the tag and normalization of the chosen languages
         return loaded.for_languages(VocabInfo.read(export_dir), export_dir, languages)
+    if decode.restrict_vocab:
+        raise restricting_one_language(export_dir)
     return loaded

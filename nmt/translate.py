@@ -190,6 +190,9 @@ def encode_lines(
     cleaned = [clean_whitespace(normalize(line)) for line in lines]
     non_empty = [i for i, line in enumerate(cleaned) if line]
     encoded = tokenizer.encode_src([cleaned[i] for i in non_empty])
+    # A line of characters the vocabulary drops (a zero-width space, say) is empty too.
+    pieces = [k for k, ids in enumerate(encoded) if len(ids) > len(tokenizer.source_prefix)]
+    non_empty, encoded = [non_empty[k] for k in pieces], [encoded[k] for k in pieces]
     truncated = [first_line + non_empty[k] for k, ids in enumerate(encoded) if len(ids) > decode.max_input_tokens]
     encoded = [ids[: decode.max_input_tokens] for ids in encoded]
     prefix_ids = None
@@ -325,13 +328,17 @@ class LanguageSettings:
     allowed_tokens: np.ndarray | None = None  # with decode.restrict_vocab: the target language's pieces
 
 
+def restricting_one_language(model_dir: Path) -> ConfigError:
+    return ConfigError(f"{model_dir} translates into one language: restricting its output to that "
+                       "language's pieces (decode.restrict_vocab) is for multilingual models")
+
+
 def language_settings(vocab_info: VocabInfo, model_dir: Path, choice: LanguageChoice,
                       restrict_vocab: bool = False) -> LanguageSettings:
     """Check `choice` against what the model translates; a one-line error names the languages it
     knows. `restrict_vocab`: also the target language's pieces (decode.restrict_vocab)."""
     if restrict_vocab and not vocab_info.multilingual:
-        raise ConfigError(f"{model_dir} translates into one language: restricting its output to that "
-                          "language's pieces (decode.restrict_vocab) is for multilingual models")
+        raise restricting_one_language(model_dir)
     if not vocab_info.multilingual:
         if choice.tgt and vocab_info.tgt_lang and choice.tgt != vocab_info.tgt_lang:
             raise ConfigError(f"{model_dir} translates into {vocab_info.tgt_lang} only (not {choice.tgt})")
@@ -440,12 +447,13 @@ EXPORT_RECORD = "nmt_export.json"  # what `nmt export` writes beside the exporte
 
 
 def load_text_translator(
-    model_dirs: Sequence[Path], decode_options: dict | None = None, checkpoint: str = "best", device: str = "auto",
+    model_dirs: Sequence[Path], decode_options: dict | None = None, checkpoint: str | None = None, device: str = "auto",
     quantize: bool = False, engine: str = "nmt", languages: LanguageChoice = ANY_LANGUAGE,
     pivot: str | None = None, pivot_dirs: Sequence[Path] | None = None,
 ) -> TextTranslator:
     """`load_translator` for engine "nmt" (checkpoint directories); for "ctranslate2", one
-    directory written by `nmt export --format ctranslate2`. `pivot`: translate into this
+    directory written by `nmt export --format ctranslate2`. `checkpoint`: best (default) or last
+    of a checkpoint directory; an export holds the weights it was made from. `pivot`: translate into this
     language first, with the same models, then into the target with `pivot_dirs` (default: the
     same models again)."""
     if pivot is not None:
@@ -465,13 +473,14 @@ def load_text_translator(
         for model_dir in model_dirs:
             if (Path(model_dir) / EXPORT_RECORD).is_file():
                 raise ConfigError(f"{model_dir} is a CTranslate2 export: translate it with --engine ctranslate2")
-        return load_translator(model_dirs, decode_options, checkpoint, device, quantize, languages)
+        return load_translator(model_dirs, decode_options, checkpoint or "best", device, quantize, languages)
     if engine == "ctranslate2":
         from nmt.export import load_ctranslate2_translator  # ctranslate2: only when asked for
 
         if len(model_dirs) != 1:
             raise ConfigError("--engine ctranslate2 takes one export directory (no ensembles)")
-        return load_ctranslate2_translator(Path(model_dirs[0]), decode_options, device, quantize, languages=languages)
+        return load_ctranslate2_translator(Path(model_dirs[0]), decode_options, device, quantize, languages=languages,
+                                           checkpoint=checkpoint)
     raise ConfigError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
 
 
@@ -480,7 +489,7 @@ def translate_file(
     input_path: Path | None,
     output_path: Path | None,
     decode_options: dict | None = None,
-    checkpoint: str = "best",
+    checkpoint: str | None = None,
     device: str = "auto",
     replace_invalid: bool = False,
     warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr),

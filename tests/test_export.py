@@ -178,12 +178,45 @@ def test_prefix_only_gives_each_prefix_as_the_whole_translation(models):
     prefixes = ["V3 V3", "", "V5 V1 V2", "V0", "", "V7"]
     free = load_translator([save_dir], {"beam": 4}, device="cpu").translate(lines)
     for beam in (1, 4):
-        options = {"beam": beam, "prefix_only": True}
+        options = {"beam": beam, "prefix_only": True, "nbest": min(beam, 3)}
         nmt = load_translator([save_dir], options, device="cpu").translate(lines, prefixes, attention=AttentionChoice())
         ct2 = _ct2(export_dir, options).translate(lines, prefixes)
         for engine in (nmt, ct2):
             assert [texts[0] for texts in engine.texts] == [p or f[0] for p, f in zip(prefixes, free.texts)]
         assert [m.output[-1] for m in nmt.attention_maps if m is not None] == [EOS_LABEL] * 6  # the forced end has its row
+        for i in (0, 2, 3, 5):  # a whole translation is one hypothesis, scored by the model
+            assert len(ct2.hypotheses[i]) == len(nmt.hypotheses[i]) == 1
+            assert ct2.hypotheses[i][0].score == pytest.approx(nmt.hypotheses[i][0].score, abs=1e-4)
+        with pytest.raises(ConfigError, match="without its attention"):
+            _ct2(export_dir, options).translate(lines, prefixes, attention=AttentionChoice())
+    # A prefix that fills the length limit leaves one hypothesis to end, as in nmt's search.
+    filled = _ct2(export_dir, {"beam": 3, "nbest": 2, "max_len_a": 0, "max_len_b": 2}).translate(lines[:1], ["V3 V2"])
+    assert filled.texts == [["V3 V2"]]
+
+
+@pytest.mark.slow
+def test_a_line_of_characters_the_vocabulary_drops_is_an_empty_line(models):
+    save_dir, export_dir = models("pre-untied-joint")
+    lines = [_lines(1)[0], "\u200b", "\ufeff \u200b", ""]
+    for translator in (load_translator([save_dir], {"beam": 2, "nbest": 2}, device="cpu"), _ct2(export_dir, {"beam": 2, "nbest": 2})):
+        result = translator.translate(lines)
+        assert result.texts[1:] == [[""]] * 3 and result.hypotheses[1:] == [[]] * 3
+        assert result.texts[0][0]
+
+
+@pytest.mark.slow
+def test_a_length_limit_past_the_exports_positions_is_warned_of_once(models, capsys):
+    _, export_dir = models("pre-untied-joint")
+    translator = _ct2(export_dir, {"beam": 1, "max_len_a": 0, "max_len_b": _export_positions(export_dir) + 10})
+    for _ in range(2):
+        translator.translate(_lines(1))
+    assert capsys.readouterr().err.count("longer ones are cut") == 1
+    _ct2(export_dir, {"beam": 1}).translate(_lines(1))
+    assert "longer ones are cut" not in capsys.readouterr().err
+
+
+def _export_positions(export_dir) -> int:
+    return json.loads((export_dir / "nmt_export.json").read_text())["max_positions"]
 
 
 def _repeats_a_bigram(tokens: list[int]) -> bool:
@@ -221,6 +254,9 @@ def test_sampling_is_seeded_and_nbest_is_sorted(models):
         assert [h.score for h in nbest] == sorted((h.score for h in nbest), reverse=True)
     other = _ct2(export_dir, {**options, "seed": 4}).translate(lines)
     assert other.texts != first.texts
+    # Workers draw from streams of their own in whatever order they take batches: one samples.
+    for decode, workers in ((options, 1), ({"beam": 2}, 2)):
+        assert load_ctranslate2_translator(export_dir, decode, "cpu", threads=2).translator.num_translators == workers
     with pytest.raises(ConfigError, match="only with sampling"):
         _ct2(export_dir, {"topk": 3})
 
@@ -318,6 +354,10 @@ def test_wrong_directories_and_options_are_one_line_errors(models, tmp_path):
     assert_one_line_error(runner.invoke(app, ["translate", str(export_dir), "-i", str(source), "--engine", "ctranslate2",
                                         "--attention", str(tmp_path / "a"), "--attention-layer", "1"]), "last decoder layer")
     assert_one_line_error(runner.invoke(app, ["export", str(save_dir), "--out", str(export_dir)]), "--overwrite")
+    assert_one_line_error(runner.invoke(app, ["translate", str(export_dir), "-i", str(source), "--engine", "ctranslate2",
+                                              "--checkpoint", "last"]), "weights of best/")
+    assert_one_line_error(runner.invoke(app, ["translate", str(export_dir), "-i", str(source), "--engine", "ctranslate2",
+                                              "--restrict-vocab"]), "one language")
     assert_one_line_error(runner.invoke(app, ["export", str(save_dir), "--out", str(tmp_path / "x"), "--format", "onnx"]),
                     "unknown export format")
     assert_one_line_error(runner.invoke(app, ["export", str(save_dir), "--out", str(tmp_path / "x"), "--quantization", "int4"]),
@@ -327,6 +367,15 @@ def test_wrong_directories_and_options_are_one_line_errors(models, tmp_path):
     assert result.exit_code == 0, result.output
     assert (export_dir / "model.bin").stat().st_mtime_ns != before
     assert json.loads((export_dir / "nmt_export.json").read_text())["checkpoint"].endswith("last")
+    for out in (save_dir / "best", save_dir, save_dir.parent):  # replacing it would lose the model
+        assert_one_line_error(runner.invoke(app, ["export", str(save_dir), "--out", str(out), "--overwrite"]),
+                              "export to another directory")
+    assert (save_dir / "best").is_dir() and not (save_dir / "best" / "nmt_export.json").exists()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("mine", encoding="utf-8")
+    assert_one_line_error(runner.invoke(app, ["export", str(save_dir), "--out", str(notes), "--overwrite"]), "not an export")
+    assert (notes / "keep.txt").read_text(encoding="utf-8") == "mine"
 
 
 def test_an_rnn_is_refused_in_one_line(tmp_path):
