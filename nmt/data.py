@@ -37,10 +37,14 @@ def decode_lines(binary_lines: Iterable[bytes], name: str, replace_invalid: bool
     lineno = 0
     try:
         for lineno, raw in enumerate(binary_lines, 1):
+            if b"\0" in raw:
+                raise DataError(f"{name}:{lineno}: a NUL byte (a UTF-16 or binary file? nmt reads UTF-8)")
             try:
                 line = raw.decode("utf-8", errors=errors)
             except UnicodeDecodeError as e:
                 raise DataError(f"{name}:{lineno}: invalid UTF-8 (byte {e.start}: {e.reason})") from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark, not text
             if line.endswith("\n"):
                 line = line[:-1]
             if line.endswith("\r"):
@@ -181,13 +185,16 @@ def _hf_rows(table, src_lang: str, tgt_lang: str, where: str) -> Iterator[tuple[
 # Cleaning
 
 
+MAX_CHARACTERS_PER_WORD = 20  # a side longer than this × max_words is a run without spaces, not a sentence
+
+
 @dataclass
 class CleanConfig:
     normalization: str = "NFC"  # Unicode normal form, or "none"
     chinese_script: str = "simplified"  # Chinese sides: "simplified" (OpenCC) or "none"
     # Lengths count whitespace-separated words, and characters for languages written without
     # spaces (Chinese, Japanese, Korean).
-    max_words: int = 250  # pairs with a longer side are dropped
+    max_words: int = 250  # pairs with a longer side, or one of over 20 × max_words characters, are dropped
     max_ratio: float = 3.0  # pairs whose longer side has more than this × the length of the other
     dedup: bool = True
 
@@ -213,9 +220,14 @@ def normalize_text(text: str, form: str) -> str:
     return unicodedata.normalize(form.upper(), text)
 
 
+# Control characters (category Cc) that str.split() keeps, and U+FEFF (a byte-order mark or
+# zero-width no-break space) become spaces: none of them is text.
+_NOT_TEXT = str.maketrans({c: " " for c in [*range(0x20), *range(0x7F, 0xA0), 0xFEFF]})
+
+
 def clean_whitespace(text: str) -> str:
-    # str.split() also splits on control separators such as \r, \t, \x1c-\x1f and U+2028.
-    return " ".join(text.split())
+    # str.split() splits on \r, \t, \x1c-\x1f, U+2028 and the other separators.
+    return " ".join(text.translate(_NOT_TEXT).split())
 
 
 class PairCleaner:
@@ -249,10 +261,11 @@ class PairCleaner:
             len(text) - text.count(" ") if characters else text.count(" ") + 1
             for text, characters in zip((src, tgt), self.count_characters)
         )
-        if max(src_length, tgt_length) > config.max_words:
+        longest = max(src_length, tgt_length)
+        if longest > config.max_words or max(len(src), len(tgt)) > MAX_CHARACTERS_PER_WORD * config.max_words:
             stats.too_long += 1
             return None
-        if max(src_length, tgt_length) > config.max_ratio * min(src_length, tgt_length):
+        if longest > config.max_ratio * min(src_length, tgt_length):
             stats.ratio += 1
             return None
         return src, tgt

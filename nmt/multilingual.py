@@ -198,6 +198,9 @@ def check_config(config: MultilingualConfig) -> None:
         if len(given) not in (0, 1, per_direction):
             what = f"{trained} directions" + (f" and {len(config.zero_shot)} zero-shot ones" if per_direction > trained else "")
             raise DataError(f"{len(given)} {name} inputs for {what}: give one for all, or one per direction")
+    if len(config.tsvs) > 1 and base.tsv_langs:
+        raise DataError("--tsv-langs names the columns of one --tsv for all directions; a --tsv per direction "
+                        "has its columns in the direction's order")
     if len(config.tsvs) == 1 and trained > 1 and not base.tsv_langs:
         raise DataError("one --tsv for several directions: name its columns' languages with --tsv-langs, e.g. de,en")
     if not base.joint_vocab:

@@ -90,6 +90,8 @@ def prepare(config: PrepareConfig, progress: bool = False) -> Manifest:
         raise DataError("source and target languages must differ")
     if config.spm_model is not None:
         config.spm_model = given_sentencepiece(Path(config.spm_model))
+    if config.valid_size < 1 or config.test_size < 1:
+        raise DataError("--valid-size and --test-size must be at least 1")
     if config.split_by is not None and config.split_by not in (config.src_lang, config.tgt_lang):
         raise DataError(f"--split-by must be the source or target language ({config.src_lang} or {config.tgt_lang})")
     return build_data_dir(out_dir, config.overwrite, lambda tmp_dir: _build_data_dir(tmp_dir, config, progress), started)
@@ -99,8 +101,7 @@ def build_data_dir(out_dir: Path, overwrite: bool, build: Callable[[Path], Manif
     """Run `build(tmp_dir)` in a temporary directory beside `out_dir`, write its manifest there
     and put it in place of `out_dir`: an interrupted build leaves nothing that is read as data."""
     _tidy_leftovers(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise DataError(f"output directory {out_dir} already exists and is not empty; pass --overwrite")
+    _check_out_dir(out_dir, overwrite)
     tmp_dir = _make_tmp_dir(out_dir)  # fails now, not after the work, if out_dir cannot be written
     try:
         manifest = build(tmp_dir)
@@ -110,6 +111,22 @@ def build_data_dir(out_dir: Path, overwrite: bool, build: Callable[[Path], Manif
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return manifest
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an `out_dir` whose replacing would lose anything but an earlier data dir: the
+    user's corpus, a model, the working directory."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"output directory {out_dir} is a file")
+    if out_dir.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        raise DataError(f"output directory {out_dir} is the current directory or holds it: name a new directory")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise DataError(f"output directory {out_dir} already exists and is not empty; pass --overwrite")
+    if not (out_dir / Manifest.NAME).is_file():
+        raise DataError(f"output directory {out_dir} is not a data dir (no {Manifest.NAME}); --overwrite replaces "
+                        "only a data dir")
 
 
 class Stages:
@@ -245,10 +262,13 @@ def clean_and_split(config: PrepareConfig, work: Path, progress: bool, stages: S
     if stages:
         stages.done("read_clean")
     keep = _first_of_duplicates(hashes, config.clean.dedup, stats)
+    for split, pairs in given_eval.items():
+        if not pairs:
+            raise DataError(f"the given {split} set has no lines")
     if given_eval:
         eval_raw, eval_clean, overlap = _hold_out_given(given_eval, cleaner, hashes, keep)
     else:
-        eval_raw = eval_clean = _carve_out(config, work, keep, groups)
+        eval_raw = eval_clean = _carve_out(config, work, keep, groups, hashes)
         overlap = 0
     if not keep.any():
         raise DataError("no training pairs left once valid/test pairs are removed")
@@ -310,10 +330,13 @@ def _hold_out_given(
     return eval_raw, eval_clean, int(in_held_out.sum())
 
 
-def _carve_out(config: PrepareConfig, work: Path, keep: np.ndarray, groups: np.ndarray | None) -> dict[str, list[tuple[str, str]]]:
+def _carve_out(config: PrepareConfig, work: Path, keep: np.ndarray, groups: np.ndarray | None,
+               hashes: np.ndarray) -> dict[str, list[tuple[str, str]]]:
     """Valid and test pairs drawn at random from the kept work pairs (whole groups with
-    --split-by), and dropped from `keep` in place."""
+    --split-by), and dropped from `keep` in place with every copy of them (kept without dedup)."""
     candidates = np.flatnonzero(keep)
+    _, first = np.unique(hashes[candidates], return_index=True)
+    candidates = candidates[np.sort(first)]  # one of each pair: without dedup, copies stay in train
     needed = config.valid_size + config.test_size
     if len(candidates) <= needed:
         raise DataError(
@@ -327,7 +350,7 @@ def _carve_out(config: PrepareConfig, work: Path, keep: np.ndarray, groups: np.n
     else:
         held = _carve_groups(candidates, groups[candidates], config, rng)
         picked = np.concatenate([held["test"], held["valid"]])
-    keep[picked] = False
+    keep &= ~np.isin(hashes, hashes[picked])
     positions = np.sort(picked)
     found = dict(zip(positions.tolist(), _work_pairs(work, _mask(positions[-1] + 1, positions)))) if len(positions) else {}
     return {split: [found[i] for i in held[split].tolist()] for split in ("valid", "test")}

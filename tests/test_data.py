@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from nmt.batches import drop_source_tokens, make_batch, token_batches
-from nmt.data import CleanConfig, PairCleaner, ParallelSplit, read_lines, read_parallel_files, read_tsv
+from nmt.data import (
+    CleanConfig,
+    PairCleaner,
+    ParallelSplit,
+    clean_whitespace,
+    read_lines,
+    read_parallel_files,
+    read_tsv,
+)
 from nmt.errors import DataError
 from nmt.shards import write_token_file
 from nmt.tokenizer import BOS, EOS, FIRST_REGULAR_ID, MASK, PAD, UNK
@@ -24,6 +32,16 @@ def test_invalid_utf8_names_file_and_line(tmp_path):
     with pytest.raises(DataError, match=r"bad.txt:3: invalid UTF-8"):
         list(read_lines(path))
     assert list(read_lines(path, replace_invalid=True))[2] == "bad \ufffd byte"
+
+
+def test_a_nul_byte_is_an_error_and_a_byte_order_mark_is_not_text(tmp_path):
+    path = tmp_path / "utf16.txt"
+    path.write_bytes("one\ntwo\n".encode("utf-16-le"))
+    with pytest.raises(DataError, match=r"utf16.txt:1: a NUL byte \(a UTF-16"):
+        list(read_lines(path))
+    path.write_bytes("\ufeffone\n\ufefftwo\n".encode())
+    assert list(read_lines(path)) == ["one", "\ufefftwo"]  # only the file's first character is a mark
+    assert clean_whitespace("\ufefftwo\x01\x7f words\x9f") == "two words"
 
 
 def test_misaligned_files(tmp_path):
@@ -55,6 +73,8 @@ def test_cleaning_counts_each_step():
         ("Cafe\u0301", "Cafe\u0301"),  # normalized (NFC)
         ("", "leer"),  # empty
         ("a " * 300, "b " * 300),  # too long
+        ("x" * 5001, "y" * 5001),  # too long: one "word" of more than 20 × max_words characters
+        ("\x01\x02", "z"),  # empty: control characters only
         ("one", "one two three four five"),  # ratio
         ("fine", "gut"),
     ]
@@ -62,8 +82,8 @@ def test_cleaning_counts_each_step():
     kept = [pair for pair in (cleaner(s, t) for s, t in pairs) if pair is not None]
     assert kept == [("Hello world", "Hallo Welt"), ("Café", "Café"), ("fine", "gut")]
     stats = cleaner.stats
-    assert (stats.pairs_read, stats.whitespace_fixed, stats.normalized) == (6, 2, 1)
-    assert (stats.empty, stats.too_long, stats.ratio) == (1, 1, 1)
+    assert (stats.pairs_read, stats.whitespace_fixed, stats.normalized) == (8, 3, 1)
+    assert (stats.empty, stats.too_long, stats.ratio) == (2, 2, 1)
 
 
 def test_token_batches_cover_all_and_respect_budget():

@@ -376,6 +376,9 @@ def test_one_tsv_per_direction(tmp_path):
         held = [ids for split in ("valid", "test") for ids in tokenizer.encode_src(list(read_lines(data / f"{split}.{d}.src.txt")))]
         assert not {tuple(ids) for ids in held} & trained_aa
     assert manifest.direction_cleaning["aa-bb"]["held_out_elsewhere"] > 0
+    result = runner.invoke(app, ["prepare", "--directions", "aa-bb,aa-cc", "--tsv", str(ab), "--tsv", str(ac),
+                                 "--tsv-langs", "bb,aa", "--out", str(tmp_path / "swapped")])
+    assert_one_line_error(result, "--tsv-langs", "a --tsv per direction")
 
 
 def test_one_tsv_for_several_directions_names_its_columns(tmp_path):

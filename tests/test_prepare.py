@@ -89,6 +89,51 @@ def test_existing_output_needs_overwrite(toy_corpus, tmp_path):
     assert (out / "keep.txt").read_text() == "user data"
 
 
+def test_overwrite_replaces_only_a_data_dir(toy_corpus, tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for side in ("xx", "yy"):
+        (corpus / f"train.{side}").write_bytes((toy_corpus / f"train.{side}").read_bytes())
+    config = dict(train_prefix=str(corpus / "train"), valid_size=10, test_size=10, overwrite=True)
+    with pytest.raises(DataError, match="not a data dir"):  # the corpus itself, or a model
+        prepare(_config(corpus, **config))
+    assert (corpus / "train.xx").is_file() and (corpus / "train.yy").is_file()
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(DataError, match="is a file"):
+        prepare(_config(tmp_path / "afile", **config))
+    monkeypatch.chdir(corpus)
+    for out in (corpus, tmp_path):
+        with pytest.raises(DataError, match="current directory"):
+            prepare(_config(out, **config))
+    prepare(_config(tmp_path / "data", **config))
+    prepare(_config(tmp_path / "data", **config))  # a data dir is replaced
+
+
+def test_held_out_pairs_leave_train_with_every_copy_when_duplicates_are_kept(tmp_path):
+    pairs = toy_pairs(150, seed=8)
+    write_pairs(tmp_path / "twice", pairs + pairs)
+    out = tmp_path / "data"
+    manifest = prepare(_config(out, train_prefix=str(tmp_path / "twice"), valid_size=20, test_size=20,
+                               clean=CleanConfig(dedup=False)))
+    held = [set(zip(*(f.read_text().splitlines() for f in (out / f"{split}.src.txt", out / f"{split}.tgt.txt"))))
+            for split in ("valid", "test")]
+    assert len(held[0]) == len(held[1]) == 20 and not held[0] & held[1]
+    assert manifest.counts["train"]["pairs"] == sum(2 for pair in pairs if pair not in held[0] | held[1])
+
+
+@pytest.mark.parametrize("sizes", [(-5, 10), (10, 0)])
+def test_held_out_sizes_are_at_least_one(toy_corpus, tmp_path, sizes):
+    with pytest.raises(DataError, match="at least 1"):
+        prepare(_config(tmp_path / "d", train_prefix=str(toy_corpus / "train"), valid_size=sizes[0], test_size=sizes[1]))
+
+
+def test_an_empty_given_valid_set_is_an_error(toy_corpus, tmp_path):
+    write_pairs(tmp_path / "empty", [])
+    with pytest.raises(DataError, match="valid set has no lines"):
+        prepare(_config(tmp_path / "d", train_prefix=str(toy_corpus / "train"), valid_prefix=str(tmp_path / "empty"),
+                        test_prefix=str(toy_corpus / "test")))
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "multi30k").is_dir(), reason="shared Multi30k data not present")
 def test_prepare_multi30k_gz_files(tmp_path):
     manifest = prepare(PrepareConfig(

@@ -4,7 +4,7 @@
 Every error answers JSON `{"error": "one line"}` with a 4xx status (LibreTranslate's form):
 400 for a body that is not JSON or a form, or a request no model can serve; 403 for a missing or
 wrong API key; 413 past a limit; 422 for fields of the wrong kind; 503 when the translation
-does not finish within the timeout.
+does not finish within the timeout (and 499, which no one reads, to a client that has left).
 """
 
 from __future__ import annotations
