@@ -91,8 +91,11 @@ def average_checkpoints(model_dir: Path, out_dir: Path, last: int = 0, best: int
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {model_dir}")
-    if out_dir.exists() and (out_dir.resolve() == model_dir.resolve() or any(out_dir.iterdir())):
-        raise CheckpointError(f"{out_dir} already exists and is not empty; give a new --out")
+    model, out = model_dir.resolve(), out_dir.resolve()
+    if out == model or model in out.parents or out in model.parents:  # training would replace it, or it the model
+        raise CheckpointError(f"{out_dir} is {model_dir}, inside it or holds it; give a new --out")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise CheckpointError(f"{out_dir} already exists and is a file or not empty; give a new --out")
     chosen = choose_checkpoints(model_dir, last, best)
     infos = [CheckpointInfo.read(c.path) for c in chosen]
     for checkpoint, info in zip(chosen, infos):

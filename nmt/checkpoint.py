@@ -54,13 +54,24 @@ def training_lock(save_dir: Path):
     refused instead of racing the first one's saves."""
     import fcntl
 
-    save_dir.mkdir(parents=True, exist_ok=True)
-    with open(save_dir / ".lock", "w") as handle:
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(save_dir / ".lock", "w")
+    except OSError as e:
+        raise CheckpointError(f"cannot write the checkpoint directory {save_dir}: {e.strerror or e}") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise CheckpointError(f"another training run is using {save_dir}") from None
         yield
+
+
+def check_outside_data_dir(save_dir: Path, data_dir: Path) -> None:
+    save, data = Path(save_dir).resolve(), Path(data_dir).resolve()
+    if save == data or data in save.parents:
+        raise ConfigError(f"--out {save_dir} is the data dir or inside it (nmt prepare --overwrite would replace it): "
+                          "choose another --out")
 
 
 def checkpoint_dir(save_dir: Path, name: str) -> Path | None:
@@ -89,12 +100,12 @@ def init_save_dir(save_dir: Path, config: Config, data_dir: Path, manifest: Mani
     """Write the config, vocabulary description and SentencePiece models into `save_dir`;
     `target_pieces`: a multilingual model's (see `VocabInfo.target_pieces`)."""
     save_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, save_dir / "config.yaml")  # first: it marks the directory as a model's
     for name in {manifest.vocab.src_model, manifest.vocab.tgt_model}:
         shutil.copyfile(data_dir / name, save_dir / name)
     info = VocabInfo.from_manifest(manifest)
     info.target_pieces = target_pieces or {}
     info.write(save_dir)
-    save_config(config, save_dir / "config.yaml")
 
 
 def read_config(save_dir: Path) -> Config:

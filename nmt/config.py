@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from nmt.atomic import write_text_atomic
 from nmt.errors import ConfigError
 
 
@@ -332,4 +333,4 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def save_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
+    write_text_atomic(Path(path), yaml.safe_dump(config_to_dict(config), sort_keys=False))

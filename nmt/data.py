@@ -27,7 +27,8 @@ def open_binary(path: Path):
     return open(path, "rb")
 
 
-def decode_lines(binary_lines: Iterable[bytes], name: str, replace_invalid: bool = False) -> Iterator[str]:
+def decode_lines(binary_lines: Iterable[bytes], name: str, replace_invalid: bool = False,
+                 refuse_nul: bool = False) -> Iterator[str]:
     """Decode UTF-8 lines, naming the file and line of invalid bytes, and strip the line ending.
 
     Only `\\n` ends a line: a stray `\\r` or Unicode line separator inside a sentence must not
@@ -37,7 +38,7 @@ def decode_lines(binary_lines: Iterable[bytes], name: str, replace_invalid: bool
     lineno = 0
     try:
         for lineno, raw in enumerate(binary_lines, 1):
-            if b"\0" in raw:
+            if refuse_nul and b"\0" in raw:  # a corpus: UTF-16 read as UTF-8 has them everywhere
                 raise DataError(f"{name}:{lineno}: a NUL byte (a UTF-16 or binary file? nmt reads UTF-8)")
             try:
                 line = raw.decode("utf-8", errors=errors)
@@ -59,15 +60,16 @@ def text_lines(text: str) -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 
-def read_lines(path: Path, replace_invalid: bool = False) -> Iterator[str]:
-    """Yield the lines of a UTF-8 text file (plain or .gz) without their line ending."""
+def read_lines(path: Path, replace_invalid: bool = False, refuse_nul: bool = False) -> Iterator[str]:
+    """Yield the lines of a UTF-8 text file (plain or .gz) without their line ending; with
+    `refuse_nul` (a corpus), a NUL byte is an error."""
     with open_binary(path) as f:
-        yield from decode_lines(f, str(path), replace_invalid)
+        yield from decode_lines(f, str(path), replace_invalid, refuse_nul)
 
 
 def read_parallel_files(src_path: Path, tgt_path: Path) -> Iterator[tuple[str, str]]:
     """Yield aligned (source, target) lines; a different number of lines is an error."""
-    src_lines, tgt_lines = read_lines(src_path), read_lines(tgt_path)
+    src_lines, tgt_lines = read_lines(src_path, refuse_nul=True), read_lines(tgt_path, refuse_nul=True)
     count = 0
     for src in src_lines:
         tgt = next(tgt_lines, None)
@@ -86,7 +88,7 @@ def read_parallel_files(src_path: Path, tgt_path: Path) -> Iterator[tuple[str, s
 def read_tsv(path: Path, src_column: int, tgt_column: int) -> Iterator[tuple[str, str]]:
     """Yield (source, target) from a tab-separated file; every row must have the same fields."""
     expected = None
-    for lineno, line in enumerate(read_lines(path), 1):
+    for lineno, line in enumerate(read_lines(path, refuse_nul=True), 1):
         if not line.strip():
             continue
         fields = line.split("\t")

@@ -11,7 +11,7 @@ from pathlib import Path
 from sacrebleu.metrics import BLEU, CHRF, TER
 
 from nmt.data import read_lines
-from nmt.errors import DataError
+from nmt.errors import DataError, first_line
 from nmt.normalize import HAN_CHARACTER, base_language, is_chinese
 
 METRICS = ("bleu", "chrf", "ter")
@@ -63,24 +63,36 @@ def score_texts(
 ) -> list[Score]:
     """Scores with sacreBLEU; BLEU's tokenizer is `tokenize`, or chosen for the target language
     `lang` (or, without it, from the references) by `bleu_tokenizer`."""
+    check_scoring(metrics, tokenize)
     if len(hypotheses) != len(references):
         raise DataError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    if not references:
+        raise DataError("nothing to score: no lines")
     scores = []
     tokenize = tokenize or bleu_tokenizer(lang, references)
     for name in metrics:
-        if name == "bleu":
-            if tokenize not in BLEU.TOKENIZERS:
-                raise DataError(f"unknown BLEU tokenizer {tokenize!r} (choose from {', '.join(BLEU.TOKENIZERS)})")
-            metric = BLEU(tokenize=tokenize)
-        elif name == "chrf":
-            metric = CHRF()
-        elif name == "ter":
-            metric = TER()
-        else:
-            raise DataError(f"unknown metric {name!r} (choose from {', '.join(METRICS)})")
+        metric = _bleu(tokenize) if name == "bleu" else CHRF() if name == "chrf" else TER()
         result = metric.corpus_score(hypotheses, [references])
         scores.append(Score(name, float(result.score), str(metric.get_signature()), str(result)))
     return scores
+
+
+def check_scoring(metrics, tokenize: str | None) -> None:
+    """Refuse unknown metrics or BLEU tokenizers (before anything is translated)."""
+    if not metrics:
+        raise DataError(f"no metric given (choose from {', '.join(METRICS)})")
+    for name in metrics:
+        if name not in METRICS:
+            raise DataError(f"unknown metric {name!r} (choose from {', '.join(METRICS)})")
+    if tokenize is not None and tokenize not in BLEU.TOKENIZERS:
+        raise DataError(f"unknown BLEU tokenizer {tokenize!r} (choose from {', '.join(BLEU.TOKENIZERS)})")
+
+
+def _bleu(tokenize: str) -> BLEU:
+    try:
+        return BLEU(tokenize=tokenize)
+    except (OSError, ImportError, RuntimeError) as e:  # a model to download, a package missing (MeCab)
+        raise DataError(f"BLEU tokenizer {tokenize!r} cannot be loaded: {first_line(e)}") from None
 
 
 def score_files(
@@ -113,6 +125,10 @@ def translate_and_score(
     from nmt.files import VocabInfo
     from nmt.translate import LanguageChoice, translate_file
 
+    check_scoring(metrics, tokenize)
+    sources, references = (sum(1 for _ in read_lines(path)) for path in (src_path, ref_path))
+    if sources != references:
+        raise DataError(f"line counts differ: {src_path} has {sources} lines, {ref_path} has {references}")
     lang = lang or tgt_lang or VocabInfo.read(model_dir).tgt_lang
     with tempfile.TemporaryDirectory(prefix="nmt-eval-") as tmp:
         hyp_path = Path(tmp) / "hyp.txt"
@@ -154,6 +170,9 @@ def evaluate_directions(
     from nmt.files import Manifest, VocabInfo
     from nmt.translate import LanguageChoice, translate_file
 
+    check_scoring(metrics, tokenize)
+    if hyp_dir is not None and Path(hyp_dir).exists() and not Path(hyp_dir).is_dir():
+        raise DataError(f"--hyp-dir {hyp_dir} is a file, not a folder")
     manifest = Manifest.read(data_dir)
     if split not in ("valid", "test"):
         raise DataError(f"--split must be valid or test (got {split!r})")
@@ -164,7 +183,8 @@ def evaluate_directions(
     vocab_info = VocabInfo.read(model_dirs[0])
     candidates = sorted(vocab_info.languages) or [x for x in (vocab_info.src_lang, vocab_info.tgt_lang) if x]
     # Zero-shot: what the model was not trained on (the data dir may come from another run).
-    trained = set(vocab_info.directions) or set(manifest.directions)
+    trained = (set(vocab_info.directions) or set(manifest.directions)
+               or {f"{vocab_info.src_lang or manifest.src_lang}-{vocab_info.tgt_lang or manifest.tgt_lang}"})
     results = []
     with tempfile.TemporaryDirectory(prefix="nmt-eval-") as tmp:
         for direction in directions or known:

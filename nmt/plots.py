@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from nmt.alignment import AttentionMap, AttentionOutput, format_alignments, hard_alignments, merge_words
 from nmt.atomic import write_text_atomic
-from nmt.errors import DataError
+from nmt.errors import DataError, first_line
 from nmt.train_log import read_train_log
 
 DPI = 100
@@ -134,8 +134,15 @@ def plot_training(run_dirs: list[Path], out: Path) -> Path:
     (thin lines, one style each)."""
     fig = training_figure(run_dirs)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI)
+    if not out.suffix:  # as matplotlib names it
+        out = out.with_suffix(".png")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=DPI)
+    except OSError as e:
+        raise DataError(f"cannot write {out}: {e.strerror or e}") from None
+    except ValueError as e:  # a suffix matplotlib has no format for
+        raise DataError(f"cannot write {out}: {first_line(e)}") from None
     return out
 
 

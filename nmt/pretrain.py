@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nmt.batches import token_batches
-from nmt.checkpoint import load_weights, read_config, weights_dir
+from nmt.checkpoint import check_outside_data_dir, load_weights, read_config, weights_dir
 from nmt.config import Config, PretrainConfig, save_config
 from nmt.data import clean_whitespace
 from nmt.devices import autocast
@@ -326,11 +326,11 @@ class MaskedLMTask:
 
     def init_save_dir(self, save_dir: Path) -> None:
         save_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, save_dir / "config.yaml")  # first: it marks the directory as a model's
         vocab = self.manifest.vocab
         shutil.copyfile(self.spm_path, save_dir / vocab.src_model)
         VocabInfo(vocab, MASKED_LM, normalization=self.manifest.normalization,
                   texts=self.manifest.input.get("mono")).write(save_dir)
-        save_config(self.config, save_dir / "config.yaml")
 
 
 def evaluate_masked_lm(
@@ -408,6 +408,8 @@ def pretrain(
     for path in texts or []:
         if not Path(path).is_file():
             raise DataError(f"text file not found: {path}")
+    if data is not None:
+        check_outside_data_dir(Path(config.save_dir), Path(data))
 
     def make_task(ranks: Ranks) -> MaskedLMTask:
         data_dir = Path(data) if data is not None else prepare_text(config, texts, vocab, vocab_size, resume, ranks, progress)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from nmt.batches import Batch, BatchPrefetcher, make_batch, token_batches
 from nmt.checkpoint import (
     UPDATE_CHECKPOINTS,
+    check_outside_data_dir,
     check_pretrained,
     has_checkpoint,
     init_save_dir,
@@ -38,7 +39,7 @@ from nmt.checkpoint import (
     training_lock,
     update_checkpoint_name,
 )
-from nmt.config import Config, TrainConfig
+from nmt.config import Config, TrainConfig, save_config
 from nmt.data import ParallelSplit, read_lines
 from nmt.devices import (
     autocast,
@@ -434,6 +435,7 @@ def train(
     if not config.save_dir:
         raise ConfigError("no checkpoint dir: set save_dir in the config or pass --out")
     data_dir, save_dir = Path(config.data_dir), Path(config.save_dir)
+    check_outside_data_dir(save_dir, data_dir)
     manifest = Manifest.read(data_dir)
     if manifest.kind != "parallel":
         raise DataError(f"{data_dir} is a {manifest.kind} data dir, for nmt pretrain --data; translation needs parallel data")
@@ -480,7 +482,9 @@ def _train(
     if not ranks.is_main:  # one process writes the log and checkpoints, and validates
         log, progress = (lambda message: None), False
     task = open_save_dir(make_task, ranks, save_dir, resume, overwrite)
-    trainer = Trainer(task, config, ranks, save_dir, log, started)
+    trainer = Trainer(task, config, ranks, save_dir, log, started)  # the device and precision checked first
+    if overwrite and ranks.is_main:
+        clear_save_dir(save_dir)
     trainer.start(resume)
     return trainer.run(progress)
 
@@ -488,11 +492,14 @@ def _train(
 def open_save_dir(
     make_task: Callable[[Ranks], TrainingTask], ranks: Ranks, save_dir: Path, resume: bool, overwrite: bool
 ) -> TrainingTask:
-    """Check that `save_dir` may be trained into as asked (and clear it for --overwrite);
-    returns the task, built once the directory is known to be usable."""
+    """Check that `save_dir` may be trained into as asked; returns the task, built once the
+    directory is known to be usable."""
     if ranks.is_main:
         recover_checkpoints(save_dir)
     ranks.barrier()
+    others = [p.name for p in save_dir.iterdir() if not p.name.startswith(".")] if save_dir.is_dir() else []
+    if others and not (save_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{save_dir} holds files but no model (no config.yaml); train into a new or empty --out")
     exists = has_checkpoint(save_dir)
     if exists and not resume and not overwrite:
         raise CheckpointError(
@@ -505,11 +512,14 @@ def open_save_dir(
         task.check_resumable(save_dir)
         check_same_batches(save_dir, task.config, ranks.world)
     ranks.barrier()  # every process has looked before the main one clears anything
-    if overwrite and ranks.is_main:
-        for name in ("best", "last", UPDATE_CHECKPOINTS, LOG_NAME, TENSORBOARD_DIR):
-            path = save_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     return task
+
+
+def clear_save_dir(save_dir: Path) -> None:
+    """--overwrite: remove what a training run wrote (a model's directory, checked by `open_save_dir`)."""
+    for name in ("best", "last", UPDATE_CHECKPOINTS, LOG_NAME, TENSORBOARD_DIR):
+        path = save_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def check_same_batches(save_dir: Path, config: Config, processes: int) -> None:
@@ -671,6 +681,8 @@ class Trainer:
             restore_random_states(saved.rng, device, ranks)
             self.validated_at = self.state.step
             self.log(f"resuming {self.save_dir} at step {self.state.step} (epoch {self.state.epoch + 1})")
+            if ranks.is_main:  # the settings it goes on with (keep_last, say, which nmt average reads)
+                save_config(self.config, self.save_dir / "config.yaml")
         elif ranks.is_main:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             self.task.init_save_dir(self.save_dir)

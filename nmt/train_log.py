@@ -4,6 +4,7 @@ and per validation), mirrored to TensorBoard when the tensorboard package is ins
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +24,7 @@ class TrainLog:
     """Appends records to train_log.jsonl and, optionally, to TensorBoard event files."""
 
     def __init__(self, save_dir: Path, tensorboard: bool, warn: Callable[[str], None]):
+        cut_unfinished_record(save_dir / LOG_NAME)
         self.file = open(save_dir / LOG_NAME, "a", encoding="utf-8")
         self.writer = None
         if tensorboard:
@@ -46,6 +48,20 @@ class TrainLog:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def cut_unfinished_record(path: Path) -> None:
+    """Cut a last record without its newline (a run killed while writing it), so that the
+    records appended after it start a line of their own."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        start = max(0, size - (1 << 20))  # records are short: the last newline is in the last MiB
+        f.seek(start)
+        tail = f.read()
+        if tail and not tail.endswith(b"\n"):
+            f.truncate(start + tail.rfind(b"\n") + 1)
 
 
 def read_train_log(run_dir: Path) -> tuple[list[dict], list[dict]]:

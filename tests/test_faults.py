@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import TINY_TRANSFORMER, prepare_toy_data, toy_pairs, write_pairs
+from conftest import TINY_TRANSFORMER, assert_one_line_error, prepare_toy_data, toy_pairs, write_pairs
 from nmt_cli.main import app
 from typer.testing import CliRunner
 
@@ -287,3 +287,73 @@ def test_checkpoint_files_follow_the_umask(data_dir, tmp_path):
     assert {p.relative_to(tmp_path): oct(p.stat().st_mode & 0o777) for p in files} == {
         p.relative_to(tmp_path): "0o644" for p in files
     }
+
+
+def test_training_never_replaces_a_folder_that_holds_no_model(data_dir, tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "best").mkdir(parents=True)
+    (folder / "best" / "photo.txt").write_text("mine")
+    (folder / "checkpoints").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(CheckpointError, match="holds files but no model"):
+            train(_config(data_dir, folder, max_steps=2), overwrite=overwrite, progress=False)
+    assert (folder / "best" / "photo.txt").read_text() == "mine" and (folder / "checkpoints").is_dir()
+    with pytest.raises(Exception, match="data dir or inside it"):
+        train(_config(data_dir, data_dir / "model", max_steps=2), progress=False)
+
+
+def test_overwrite_keeps_the_model_when_the_new_run_cannot_start(data_dir, tmp_path):
+    save_dir = tmp_path / "model"
+    train(_config(data_dir, save_dir, max_steps=2), progress=False)
+    with pytest.raises(Exception, match="cuda"):
+        train(_config(data_dir, save_dir, max_steps=2, device="cuda:7"), overwrite=True, progress=False)
+    assert (save_dir / "best" / "model.safetensors").is_file() and (save_dir / "last" / "model.safetensors").is_file()
+
+
+def test_a_resumed_run_records_its_settings_and_its_log_stays_readable(data_dir, tmp_path):
+    from nmt.checkpoint import read_config
+    from nmt.train_log import read_train_log
+
+    save_dir = tmp_path / "model"
+    train(_config(data_dir, save_dir, max_steps=4, valid_every=2), progress=False)
+    with open(save_dir / "train_log.jsonl", "a", encoding="utf-8") as log:
+        log.write('{"type": "train", "st')  # a run killed while writing a record
+    train(_config(data_dir, save_dir, max_steps=6, valid_every=2, keep_last=2), resume=True, progress=False)
+    assert read_config(save_dir).train.keep_last == 2 and read_config(save_dir).train.max_steps == 6
+    steps = [r["step"] for r in read_train_log(save_dir)[1]]
+    assert steps == [2, 4, 6]
+
+
+def test_average_refuses_an_out_inside_the_model_or_a_file(data_dir, tmp_path):
+    save_dir = tmp_path / "model"
+    train(_config(data_dir, save_dir, max_steps=4, valid_every=2, keep_last=2), progress=False)
+    (tmp_path / "afile").write_text("x")
+    for out, message in ((save_dir / "last" / "avg", "inside it"), (tmp_path / "afile", "is a file")):
+        assert_one_line_error(CliRunner().invoke(app, ["average", str(save_dir), "--last", "2", "--out", str(out)]), message)
+    assert CliRunner().invoke(app, ["average", str(save_dir), "--last", "2", "--out", str(tmp_path / "avg")]).exit_code == 0
+
+
+def test_evaluate_and_plot_errors_are_one_line(data_dir, tmp_path):
+    runner = CliRunner()
+    save_dir = tmp_path / "model"
+    train(_config(data_dir, save_dir, max_steps=2), progress=False)
+    empty, two = tmp_path / "empty.txt", tmp_path / "two.txt"
+    empty.write_text("")
+    two.write_text("a\nb\n")
+    evaluate = ["evaluate", "--hyp", str(two), "--ref", str(two)]
+    assert_one_line_error(runner.invoke(app, ["evaluate", "--hyp", str(empty), "--ref", str(empty)]), "nothing to score")
+    assert_one_line_error(runner.invoke(app, [*evaluate, "--metrics", ","]), "no metric")
+    assert_one_line_error(runner.invoke(app, [*evaluate, "--metrics", "chrf", "--tokenize", "nope"]), "unknown BLEU tokenizer")
+    source = data_dir / "test.src.txt"
+    assert_one_line_error(runner.invoke(app, ["evaluate", "--model", str(save_dir), "--src", str(source), "--ref", str(two)]),
+                          str(source), str(two))
+    (tmp_path / "afile").write_text("x")
+    assert_one_line_error(runner.invoke(app, ["evaluate", "--model", str(save_dir), "--data", str(data_dir),
+                                              "--hyp-dir", str(tmp_path / "afile")]), "is a file")
+    result = runner.invoke(app, ["evaluate", "--model", str(save_dir), "--data", str(data_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    assert [d["zero_shot"] for d in json.loads(result.output)["directions"]] == [False]  # its own direction
+    result = runner.invoke(app, ["plot", str(save_dir), "--out", str(tmp_path / "curves")])
+    assert result.exit_code == 0 and (tmp_path / "curves.png").is_file() and str(tmp_path / "curves.png") in result.output
+    assert_one_line_error(runner.invoke(app, ["plot", str(save_dir), "--out", str(tmp_path / "afile" / "c.png")]),
+                          "cannot write")
