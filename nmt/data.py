@@ -22,9 +22,10 @@ def open_binary(path: Path):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"file not found: {path}")
-    if path.suffix == ".gz":
-        return gzip.open(path, "rb")
-    return open(path, "rb")
+    try:
+        return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    except OSError as e:  # permission denied, say
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def decode_lines(binary_lines: Iterable[bytes], name: str, replace_invalid: bool = False,
@@ -85,9 +86,10 @@ def read_parallel_files(src_path: Path, tgt_path: Path) -> Iterator[tuple[str, s
         raise DataError(f"line counts differ: {src_path} has {count} lines, {tgt_path} has {count + rest}")
 
 
-def read_tsv(path: Path, src_column: int, tgt_column: int) -> Iterator[tuple[str, str]]:
-    """Yield (source, target) from a tab-separated file; every row must have the same fields."""
-    expected = None
+def read_tsv(path: Path, src_column: int, tgt_column: int, columns: int | None = None) -> Iterator[tuple[str, str]]:
+    """Yield (source, target) from a tab-separated file; every row must have the same fields
+    (`columns` of them, when given)."""
+    expected = columns
     for lineno, line in enumerate(read_lines(path, refuse_nul=True), 1):
         if not line.strip():
             continue
@@ -100,7 +102,8 @@ def read_tsv(path: Path, src_column: int, tgt_column: int) -> Iterator[tuple[str
                     f"{max(src_column, tgt_column) + 1} was asked for"
                 )
         elif len(fields) != expected:
-            raise DataError(f"{path}:{lineno}: {len(fields)} tab-separated fields, expected {expected}")
+            named = " (the languages --tsv-langs names)" if columns else ""
+            raise DataError(f"{path}:{lineno}: {len(fields)} tab-separated fields, expected {expected}{named}")
         yield fields[src_column], fields[tgt_column]
 
 

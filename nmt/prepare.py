@@ -540,7 +540,8 @@ def _read_inputs(config: PrepareConfig, progress: bool = False):
         for lang in (src, tgt):
             if lang not in langs:
                 raise DataError(f"language {lang!r} is not one of the TSV columns ({', '.join(langs)})")
-        return read_tsv(Path(config.tsv), langs.index(src), langs.index(tgt)), given, None
+        columns = len(config.tsv_langs) if config.tsv_langs else None
+        return read_tsv(Path(config.tsv), langs.index(src), langs.index(tgt), columns), given, None
     if config.corpus is not None:
         corpus = find_corpus(config.corpus, src, tgt)
         if config.corpus_dir is not None:

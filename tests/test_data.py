@@ -66,6 +66,8 @@ def test_tsv_wrong_field_count(tmp_path):
         list(read_tsv(path, 0, 1))
     path.write_text("a\tb\nc\td\n")
     assert list(read_tsv(path, 1, 0)) == [("b", "a"), ("d", "c")]
+    with pytest.raises(DataError, match=r"c.tsv:1: 2 tab-separated fields, expected 3 \(the languages --tsv-langs"):
+        list(read_tsv(path, 1, 0, columns=3))
 
 
 def test_cleaning_counts_each_step():
