@@ -290,6 +290,7 @@ def fill_mask(
     """Show the best fill of each [MASK] in a sentence and its top-k candidates with their probabilities."""
     import sys
 
+    from nmt.data import decode_lines
     from nmt.devices import resolve_device
     from nmt.files import VocabInfo
     from nmt.pretrain import fill_mask as run_fill_mask
@@ -301,8 +302,10 @@ def fill_mask(
         resolved = resolve_device(device)
         model, processor = load_masked_lm(model_dir, resolved, checkpoint)
         normalize = VocabInfo.read(model_dir).source_normalization()
-        lines = text if text else (line.rstrip("\n") for line in sys.stdin)
+        lines = text if text else decode_lines(sys.stdin.buffer, "<stdin>")
         for line in lines:
+            if any("\udc80" <= c <= "\udcff" for c in line):  # undecodable bytes of an argument
+                raise NmtError("the text is not valid UTF-8")
             if not line.strip():
                 continue
             filled = run_fill_mask(model, processor, line, top_k, resolved, normalize)

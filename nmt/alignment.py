@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from nmt.config import ModelConfig
+from nmt.errors import DataError
 from nmt.models.attention import AttentionChoice
 
 EOS_LABEL = "</s>"
@@ -36,6 +37,27 @@ class AttentionOutput:
     pictures: int = 0  # heat-maps for the first N translated lines; 0: every line
     words: bool = False  # merge subword pieces into words
     json: bool = False  # also write the weights as JSON lines
+
+
+ATTENTION_FILES = re.compile(r"alignments\.txt|attention\.jsonl|line-\d{6}\.png")  # what --attention writes
+
+
+def open_attention_dir(directory: Path, translation: Path | None = None) -> None:
+    """Create `directory` for `nmt translate --attention`, or check that it holds only what such
+    a run writes (and `translation`, the -o file): the user's files are never written over."""
+    if directory.exists() and not directory.is_dir():
+        raise DataError(f"--attention {directory} is a file, not a folder")
+    own = translation.resolve() if translation is not None else None
+    if own is not None and own.parent == directory.resolve() and ATTENTION_FILES.fullmatch(own.name):
+        raise DataError(f"-o {translation} is a file --attention writes: write the translation elsewhere")
+    others = sorted(p.name for p in directory.iterdir() if not ATTENTION_FILES.fullmatch(p.name) and p.resolve() != own) \
+        if directory.is_dir() else []
+    if others:
+        raise DataError(f"--attention {directory} holds files it does not write ({others[0]}, ...): give a new or empty folder")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot write --attention {directory}: {e.strerror or e}") from None
 
 
 def describe_attention(model: ModelConfig, choice: AttentionChoice) -> str:

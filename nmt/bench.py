@@ -37,6 +37,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from nmt import __version__
+from nmt.atomic import write_text_atomic
 from nmt.batches import make_batch, token_batches
 from nmt.checkpoint import load_for_inference
 from nmt.config import Config, DecodeConfig, load_config
@@ -383,6 +384,7 @@ def plan_bench(bc: BenchConfig) -> BenchPlan:
     unknown = set(bc.sections) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"unknown bench section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    check_output_file(bc.out)
     for split in ("train", "val", "test_2016_flickr"):
         for lang in ("de", "en"):
             if not (bc.data / f"{split}.{lang}.gz").exists() and not (bc.data / f"{split}.{lang}").exists():
@@ -422,9 +424,22 @@ def run_bench(bc: BenchConfig, log: Callable[[str], None] = lambda m: print(m, f
     finally:
         if temporary:
             temporary.cleanup()
-    bc.out.parent.mkdir(parents=True, exist_ok=True)
-    bc.out.write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        write_text_atomic(bc.out, json.dumps(report, indent=2) + "\n")
+    except OSError as e:
+        raise DataError(f"cannot write {bc.out}: {e.strerror or e}") from None
     return report
+
+
+def check_output_file(path: Path) -> None:
+    """Refuse, before the work, an output file that cannot be written: a folder, or one in a
+    folder that cannot be made."""
+    if path.is_dir():
+        raise DataError(f"cannot write {path}: it is a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def prepare_bench_data(multi30k: Path, data_dir: Path, vocab_size: int, log: Callable[[str], None]) -> None:

@@ -20,7 +20,9 @@ from nmt.shards import TokenArray
 
 def open_binary(path: Path):
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a file")
+    if not path.exists():  # not is_file(): a pipe (<(...), a FIFO) reads as well
         raise DataError(f"file not found: {path}")
     try:
         return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")

@@ -601,11 +601,18 @@ def parse_args(argv: list[str]) -> CheckConfig | BundleConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from nmt.errors import DataError, NmtError
+
     config = parse_args(sys.argv[1:] if argv is None else argv)
-    if isinstance(config, BundleConfig):
-        make_bundle(config)
-        return
-    report = run_check(config)
+    try:
+        if isinstance(config, BundleConfig):
+            make_bundle(config)
+            return
+        if config.out.exists() and not config.out.is_dir():
+            raise DataError(f"--out {config.out} is a file, not a folder")
+        report = run_check(config)
+    except (NmtError, OSError) as e:
+        sys.exit(f"error: {e if isinstance(e, NmtError) else f'{e.strerror or e}'}")
     print(format_markdown(report))
     print(f"written to {config.out / 'gpu-check.json'} and {config.out / 'gpu-check.md'}")
 

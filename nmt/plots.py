@@ -222,6 +222,10 @@ def write_attention(
     drawn = [m for m in maps if m is not None]
     if output.pictures:
         drawn = drawn[: output.pictures]
+    names = {f"line-{m.line:06d}.png" for m in drawn}
     for m in drawn:
         draw_attention(m, directory / f"line-{m.line:06d}.png", f"line {m.line} · {title}", description)
+    for old in directory.glob("line-*.png"):  # an earlier run's maps of lines this one has not drawn
+        if old.name not in names:
+            old.unlink()
     return len(drawn), directory

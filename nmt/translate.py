@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nmt.alignment import EOS_LABEL, AttentionMap, AttentionOutput, describe_attention
+from nmt.alignment import EOS_LABEL, AttentionMap, AttentionOutput, describe_attention, open_attention_dir
 from nmt.atomic import open_text_atomic
 from nmt.batches import pad_source
 from nmt.checkpoint import load_for_inference
@@ -237,7 +237,7 @@ def format_output(translations: Translations, nbest: int, first_index: int = 0) 
     out = []
     for i, (hyps, texts) in enumerate(zip(translations.hypotheses, translations.texts), first_index):
         if not hyps:
-            out.append(f"{i} ||| ||| 0.0000\n")
+            out.append(f"{i} |||  ||| 0.0000\n")  # an empty text between the two separators
         for hyp, text in zip(hyps, texts):
             out.append(f"{i} ||| {text} ||| {hyp.score:.4f}\n")
     return "".join(out)
@@ -514,8 +514,14 @@ def translate_file(
     `languages`, `pivot` and `pivot_dirs`). See `load_translator` for the rest.
     """
     model_dirs = [Path(model_dirs)] if isinstance(model_dirs, (str, Path)) else [Path(d) for d in model_dirs]
-    if output_path is not None and not Path(output_path).parent.is_dir():
-        raise DataError(f"cannot write {output_path}: the folder {Path(output_path).parent} does not exist")
+    output_path = None if output_path is None else Path(output_path)
+    if attention is not None:  # first: -o may name a file in the folder it makes
+        open_attention_dir(Path(attention.directory), output_path)
+    if output_path is not None:
+        if not str(output_path) or output_path.is_dir():
+            raise DataError(f"cannot write {output_path or '-o'}: give a file name, not a folder")
+        if not output_path.parent.is_dir():
+            raise DataError(f"cannot write {output_path}: the folder {output_path.parent} does not exist")
     translator = load_text_translator(model_dirs, decode_options, checkpoint, device, quantize, engine, languages, pivot,
                                       pivot_dirs)
     lines = _read_stdin(replace_invalid) if input_path is None else read_lines(Path(input_path), replace_invalid=replace_invalid)
@@ -571,16 +577,38 @@ class _Stdout:
     """sys.stdout as `_output` gives files."""
 
     def write(self, text: str) -> None:
-        sys.stdout.write(text)
+        try:
+            sys.stdout.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as e:  # a full disk behind a redirection, say
+            raise DataError(f"cannot write the output: {e.strerror or e}") from None
 
     def flush(self) -> None:
-        sys.stdout.flush()
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise DataError(f"cannot write the output: {e.strerror or e}") from None
 
 
 def _output(output_path: Path | None):
     if output_path is None:
+        if sys.stdout is None:
+            raise DataError("the standard output is closed: give -o FILE")
         return contextlib.nullcontext(_Stdout())
-    return open_text_atomic(Path(output_path))
+    return _output_file(Path(output_path))
+
+
+@contextlib.contextmanager
+def _output_file(path: Path):
+    """`path` written under a temporary name and renamed when complete; write errors in one line."""
+    try:
+        with open_text_atomic(path) as f:
+            yield f
+    except OSError as e:
+        raise DataError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _write_attention(maps, attention: AttentionOutput, model_dirs: list[Path], translator: TextTranslator, warn) -> None:
@@ -592,4 +620,6 @@ def _write_attention(maps, attention: AttentionOutput, model_dirs: list[Path], t
 
 
 def _read_stdin(replace_invalid: bool) -> Iterator[str]:
+    if sys.stdin is None:
+        raise DataError("the standard input is closed: give -i FILE")
     return decode_lines(sys.stdin.buffer, "<stdin>", replace_invalid)

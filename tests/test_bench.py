@@ -87,6 +87,10 @@ def test_bench_cli_reports_bad_input_in_one_line(tmp_path):
     assert result.exit_code == 1 and "unknown bench section" in result.output
     result = runner.invoke(app, ["bench", "--recipe", "transformer", "--device", "cpu"])
     assert result.exit_code == 1 and "NAME=PATH" in result.output
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path, tmp_path / "afile" / "bench.json"):  # refused before anything is measured
+        result = runner.invoke(app, ["bench", "--device", "cpu", "--data", str(tmp_path / "nowhere"), "--out", str(out)])
+        assert result.exit_code == 1 and "cannot write" in result.output and len(result.output.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

@@ -161,3 +161,6 @@ def test_command_line_options_and_unknown_stages(tmp_path):
         run_check(CheckConfig(out=tmp_path, dry_run=True, stages=("prepare", "speed")))
     with pytest.raises(SystemExit, match="not found"):
         run_check(CheckConfig(out=tmp_path, dry_run=True, data=tmp_path / "nowhere"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit, match="error: --out .* is a file"):
+        gpu_check.main(["run", "--dry-run", "--out", str(tmp_path / "afile")])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import toy_pairs, write_pairs
+from conftest import assert_one_line_error, toy_pairs, write_pairs
 from nmt_cli.main import app
 from typer.testing import CliRunner
 
@@ -392,6 +392,9 @@ def test_fill_mask_command_reads_arguments_and_stdin(pretrained_and_data):
     assert sum(line.startswith("  [MASK]") for line in result.output.splitlines()) == 3
     result = invoke("fill-mask", root / "mlm", "no mask here")
     assert result.exit_code == 1 and "no [MASK]" in result.output
+    for result in (runner.invoke(app, ["fill-mask", str(root / "mlm")], input=b"\xff [MASK]\n"),
+                   invoke("fill-mask", root / "mlm", "w1 \udcff [MASK]")):  # bytes no UTF-8 decoding gives
+        assert_one_line_error(result, "UTF-8")
 
 
 def test_prepare_reserves_the_special_symbols_and_reuses_a_given_model(pretrained_and_data, tmp_path):

@@ -203,3 +203,47 @@ def test_bench_scale_measures_translation_memory_and_stream_latency(trained, tmp
     assert report["large"]["output_lines"] == 400 and report["small"]["output_lines"] == 100
     assert report["large"]["translate_peak_rss_bytes"] > 0 and report["stream_latency"]["lines"] == 3
     assert json.loads((tmp_path / "report.json").read_text())["kind"] == "translate"
+
+
+def test_outputs_that_cannot_be_written_and_inputs_that_are_folders_or_pipes(trained, tmp_path):
+    import os
+    import threading
+
+    _, model_dir, _ = trained
+    source = tmp_path / "in.txt"
+    source.write_text("".join(line + "\n" for line in [*_lines(3), ""]), encoding="utf-8")
+    translate = ["translate", str(model_dir), "-i", str(source)]
+    assert_one_line_error(runner.invoke(app, [*translate, "-o", str(tmp_path)]), "not a folder")
+    assert_one_line_error(runner.invoke(app, [*translate, "-o", "/proc/nmt-output.txt"]), "cannot write")
+    assert_one_line_error(runner.invoke(app, ["translate", str(model_dir), "-i", str(tmp_path)]), "is a folder")
+    expected = translate_file(model_dir, source, tmp_path / "file.txt")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text(source.read_text(encoding="utf-8"), encoding="utf-8"))
+    writer.start()
+    assert translate_file(model_dir, fifo, tmp_path / "piped.txt") == expected == 4  # a pipe reads as a file
+    writer.join()
+    assert (tmp_path / "piped.txt").read_text() == (tmp_path / "file.txt").read_text()
+    nbest = runner.invoke(app, [*translate, "--beam", "2", "--nbest", "2"]).output.splitlines()
+    assert nbest[-1] == "3 |||  ||| 0.0000" and all(len(row.split(" ||| ")) == 3 for row in nbest)
+
+
+def test_attention_never_writes_over_the_users_files(trained, tmp_path):
+    _, model_dir, _ = trained
+    source = tmp_path / "in.txt"
+    source.write_text("".join(line + "\n" for line in _lines(3)), encoding="utf-8")
+    translate = ["translate", str(model_dir), "-i", str(source)]
+    (tmp_path / "afile").write_text("mine")
+    assert_one_line_error(runner.invoke(app, [*translate, "--attention", str(tmp_path / "afile")]), "is a file")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert_one_line_error(runner.invoke(app, [*translate, "--attention", str(mine)]), "holds files", "notes.txt")
+    maps = tmp_path / "maps"
+    assert_one_line_error(runner.invoke(app, [*translate, "--attention", str(maps), "-o", str(maps / "alignments.txt")]),
+                          "a file --attention writes")
+    assert runner.invoke(app, [*translate, "--attention", str(maps), "-o", str(maps / "out.txt")]).exit_code == 0
+    assert sorted(p.name for p in maps.iterdir()) == ["alignments.txt", *[f"line-00000{i}.png" for i in (1, 2, 3)], "out.txt"]
+    source.write_text(_lines(1)[0] + "\n", encoding="utf-8")  # again into the same folder, with fewer lines
+    assert runner.invoke(app, [*translate, "--attention", str(maps), "-o", str(maps / "out.txt")]).exit_code == 0
+    assert sorted(p.name for p in maps.iterdir()) == ["alignments.txt", "line-000001.png", "out.txt"]
