@@ -136,7 +136,8 @@ class Tokenizer:
         return self.tgt.encode(lines)
 
     def decode_tgt(self, ids: list[list[int]]) -> list[str]:
-        return self.tgt.decode(ids)
+        # A byte-fallback piece (<0x0A>) can spell a line break, which would split an output line.
+        return [text.replace("\n", " ").replace("\r", " ") for text in self.tgt.decode(ids)]
 
     def src_pieces(self, ids: list[int]) -> list[str]:
         return [self.src.id_to_piece(i) for i in ids]

@@ -126,6 +126,10 @@ def test_unseen_character_is_encoded_without_unk_and_decoded_without_spaces(zh_d
     regular = [i for i in range(7, tokenizer.tgt_vocab_size) if "▁" not in tokenizer.tgt.id_to_piece(i)]
     (random_output,) = tokenizer.decode_tgt([rng.choice(regular, size=30).tolist()])
     assert " " not in random_output
+    # Byte pieces spell any character, a line break too: an output line never holds one.
+    breaks = [tokenizer.tgt.piece_to_id(piece) for piece in ("<0x0A>", "<0x0D>")]
+    assert tokenizer.tgt.decode([regular[0], *breaks, regular[1]]).count("\n") == 1
+    assert "\n" not in tokenizer.decode_tgt([[regular[0], *breaks, regular[1]]])[0]
 
 
 def test_normalize_none_turns_every_step_off():
