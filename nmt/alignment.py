@@ -50,8 +50,9 @@ def open_attention_dir(directory: Path, translation: Path | None = None) -> None
     own = translation.resolve() if translation is not None else None
     if own is not None and own.parent == directory.resolve() and ATTENTION_FILES.fullmatch(own.name):
         raise DataError(f"-o {translation} is a file --attention writes: write the translation elsewhere")
-    others = sorted(p.name for p in directory.iterdir() if not ATTENTION_FILES.fullmatch(p.name) and p.resolve() != own) \
-        if directory.is_dir() else []
+    others = sorted(p.name for p in directory.iterdir()
+                    if not (p.name.startswith(".") or ATTENTION_FILES.fullmatch(p.name) or p.resolve() == own)) \
+        if directory.is_dir() else []  # hidden: .DS_Store, a killed run's temporary files
     if others:
         raise DataError(f"--attention {directory} holds files it does not write ({others[0]}, ...): give a new or empty folder")
     try:

@@ -63,16 +63,19 @@ def text_lines(text: str) -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 
-def read_lines(path: Path, replace_invalid: bool = False, refuse_nul: bool = False) -> Iterator[str]:
-    """Yield the lines of a UTF-8 text file (plain or .gz) without their line ending; with
-    `refuse_nul` (a corpus), a NUL byte is an error."""
+def read_lines(path: Path, replace_invalid: bool = False, corpus: bool = False) -> Iterator[str]:
+    """Yield the lines of a UTF-8 text file (plain or .gz) without their line ending. A
+    `corpus` is a regular file (prepare may read it more than once, which a pipe does not
+    allow) and a NUL byte in it is an error."""
+    if corpus and Path(path).exists() and not Path(path).is_file():
+        raise DataError(f"{path} is not a regular file: give a corpus as a file, not a pipe")
     with open_binary(path) as f:
-        yield from decode_lines(f, str(path), replace_invalid, refuse_nul)
+        yield from decode_lines(f, str(path), replace_invalid, refuse_nul=corpus)
 
 
 def read_parallel_files(src_path: Path, tgt_path: Path) -> Iterator[tuple[str, str]]:
     """Yield aligned (source, target) lines; a different number of lines is an error."""
-    src_lines, tgt_lines = read_lines(src_path, refuse_nul=True), read_lines(tgt_path, refuse_nul=True)
+    src_lines, tgt_lines = read_lines(src_path, corpus=True), read_lines(tgt_path, corpus=True)
     count = 0
     for src in src_lines:
         tgt = next(tgt_lines, None)
@@ -92,7 +95,7 @@ def read_tsv(path: Path, src_column: int, tgt_column: int, columns: int | None =
     """Yield (source, target) from a tab-separated file; every row must have the same fields
     (`columns` of them, when given)."""
     expected = columns
-    for lineno, line in enumerate(read_lines(path, refuse_nul=True), 1):
+    for lineno, line in enumerate(read_lines(path, corpus=True), 1):
         if not line.strip():
             continue
         fields = line.split("\t")

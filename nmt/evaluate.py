@@ -126,14 +126,14 @@ def translate_and_score(
     from nmt.translate import LanguageChoice, translate_file
 
     check_scoring(metrics, tokenize)
-    sources, references = (sum(1 for _ in read_lines(path)) for path in (src_path, ref_path))
-    if sources != references:
-        raise DataError(f"line counts differ: {src_path} has {sources} lines, {ref_path} has {references}")
     lang = lang or tgt_lang or VocabInfo.read(model_dir).tgt_lang
     with tempfile.TemporaryDirectory(prefix="nmt-eval-") as tmp:
         hyp_path = Path(tmp) / "hyp.txt"
         translate_file(model_dir, src_path, hyp_path, decode_options, device=device, languages=LanguageChoice(tgt_lang, src_lang))
-        return score_files(hyp_path, ref_path, metrics, tokenize, lang)
+        hypotheses, references = list(read_lines(hyp_path)), list(read_lines(ref_path))  # each read once: pipes work
+    if len(hypotheses) != len(references):  # one output line per source line
+        raise DataError(f"line counts differ: {src_path} has {len(hypotheses)} lines, {ref_path} has {len(references)}")
+    return score_texts(hypotheses, references, metrics, tokenize, lang)
 
 
 @dataclass

@@ -186,7 +186,7 @@ def _check_out_dir(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
     model, out = model_dir.resolve(), out_dir.resolve()
     if out == model or out in model.parents or model in out.parents:
         raise ConfigError(f"{out_dir} is {model_dir}, inside it or holds it: export to another directory")
-    if not out_dir.exists():
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
         return
     if not overwrite:
         raise ConfigError(f"{out_dir} already exists; pass --overwrite to replace it")

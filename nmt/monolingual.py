@@ -101,7 +101,7 @@ def read_documents(paths: list[Path], langs: list[str], clean: CleanConfig) -> I
     for path, lang in zip(paths, langs):
         normalize = normalization(lang, clean)
         started = False
-        for line in read_lines(Path(path), refuse_nul=True):
+        for line in read_lines(Path(path), corpus=True):
             text = clean_whitespace(normalize(line))
             if text:
                 yield document, text

@@ -219,6 +219,8 @@ def write_attention(
             for m in maps if m is not None
         )
         write_text_atomic(directory / "attention.jsonl", "".join(records))
+    else:  # an earlier run's weights would disagree with these alignments
+        (directory / "attention.jsonl").unlink(missing_ok=True)
     drawn = [m for m in maps if m is not None]
     if output.pictures:
         drawn = drawn[: output.pictures]

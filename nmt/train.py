@@ -497,7 +497,9 @@ def open_save_dir(
     if ranks.is_main:
         recover_checkpoints(save_dir)
     ranks.barrier()
-    others = [p.name for p in save_dir.iterdir() if not p.name.startswith(".")] if save_dir.is_dir() else []
+    # Hidden names are nmt's own (.lock, a save moved aside); a data dir is pretrain --text's.
+    others = [p.name for p in save_dir.iterdir() if not p.name.startswith(".") and not (p / Manifest.NAME).is_file()] \
+        if save_dir.is_dir() else []
     if others and not (save_dir / "config.yaml").is_file():
         raise CheckpointError(f"{save_dir} holds files but no model (no config.yaml); train into a new or empty --out")
     exists = has_checkpoint(save_dir)

@@ -38,7 +38,7 @@ def test_a_nul_byte_is_an_error_and_a_byte_order_mark_is_not_text(tmp_path):
     path = tmp_path / "utf16.txt"
     path.write_bytes("one\ntwo\n".encode("utf-16-le"))
     with pytest.raises(DataError, match=r"utf16.txt:1: a NUL byte \(a UTF-16"):
-        list(read_lines(path, refuse_nul=True))
+        list(read_lines(path, corpus=True))
     assert list(read_lines(path))[0] == "o\x00n\x00e\x00"  # text to translate may hold any character
     path.write_bytes("\ufeffone\n\ufefftwo\n".encode())
     assert list(read_lines(path)) == ["one", "\ufefftwo"]  # only the file's first character is a mark

@@ -371,6 +371,9 @@ def test_wrong_directories_and_options_are_one_line_errors(models, tmp_path):
         assert_one_line_error(runner.invoke(app, ["export", str(save_dir), "--out", str(out), "--overwrite"]),
                               "export to another directory")
     assert (save_dir / "best").is_dir() and not (save_dir / "best" / "nmt_export.json").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()  # made beforehand: used as it is, --overwrite or not
+    assert runner.invoke(app, ["export", str(save_dir), "--out", str(empty)]).exit_code == 0
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "keep.txt").write_text("mine", encoding="utf-8")

@@ -300,6 +300,9 @@ def test_training_never_replaces_a_folder_that_holds_no_model(data_dir, tmp_path
     assert (folder / "best" / "photo.txt").read_text() == "mine" and (folder / "checkpoints").is_dir()
     with pytest.raises(Exception, match="data dir or inside it"):
         train(_config(data_dir, data_dir / "model", max_steps=2), progress=False)
+    beside = tmp_path / "run"  # a folder holding the data dir prepared for it (as pretrain --text makes)
+    shutil.copytree(data_dir, beside / "data")
+    assert train(_config(beside / "data", beside, max_steps=2), progress=False).steps == 2
 
 
 def test_overwrite_keeps_the_model_when_the_new_run_cannot_start(data_dir, tmp_path):
@@ -347,6 +350,16 @@ def test_evaluate_and_plot_errors_are_one_line(data_dir, tmp_path):
     source = data_dir / "test.src.txt"
     assert_one_line_error(runner.invoke(app, ["evaluate", "--model", str(save_dir), "--src", str(source), "--ref", str(two)]),
                           str(source), str(two))
+    import threading
+
+    fifo = tmp_path / "src.fifo"  # a pipe is read once: translated, not counted first
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(source.read_bytes()))
+    writer.start()
+    result = runner.invoke(app, ["evaluate", "--model", str(save_dir), "--src", str(fifo), "--ref",
+                                 str(data_dir / "test.tgt.txt"), "--metrics", "chrf"])
+    writer.join()
+    assert result.exit_code == 0 and "chrF" in result.output, result.output
     (tmp_path / "afile").write_text("x")
     assert_one_line_error(runner.invoke(app, ["evaluate", "--model", str(save_dir), "--data", str(data_dir),
                                               "--hyp-dir", str(tmp_path / "afile")]), "is a file")

@@ -420,3 +420,28 @@ def test_a_ctranslate2_export_serves_the_same_greedy_translations(model_dirs, tm
         assert response.json()["translatedText"].split("\n") == [t[0] for t in native.translate(lines).texts]
         assert len(response.json()["attention"]) == 5
         assert client.get("/health").json()["models"][0]["engine"] == "ctranslate2"
+
+
+def test_a_request_that_gave_up_leaves_no_unread_error(caplog):
+    import asyncio
+    import concurrent.futures
+    import gc
+
+    from nmt.serve.api import _unless_gone
+
+    class Connected:
+        async def is_disconnected(self) -> bool:
+            return False
+
+    async def give_up_then_fail():
+        job = concurrent.futures.Future()
+        job.set_running_or_notify_cancel()  # the worker has begun it: it cannot be cancelled
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(_unless_gone(asyncio.wrap_future(job), Connected()), 0.1)
+        job.set_exception(RuntimeError("late"))
+        await asyncio.sleep(0.05)  # the loop hears of it
+        gc.collect()
+
+    asyncio.run(give_up_then_fail())
+    gc.collect()
+    assert "never retrieved" not in caplog.text

@@ -240,10 +240,13 @@ def test_attention_never_writes_over_the_users_files(trained, tmp_path):
     (mine / "notes.txt").write_text("mine")
     assert_one_line_error(runner.invoke(app, [*translate, "--attention", str(mine)]), "holds files", "notes.txt")
     maps = tmp_path / "maps"
+    maps.mkdir()
+    (maps / ".DS_Store").write_text("a file browser's")  # hidden files are no one's translations
     assert_one_line_error(runner.invoke(app, [*translate, "--attention", str(maps), "-o", str(maps / "alignments.txt")]),
                           "a file --attention writes")
     assert runner.invoke(app, [*translate, "--attention", str(maps), "-o", str(maps / "out.txt")]).exit_code == 0
-    assert sorted(p.name for p in maps.iterdir()) == ["alignments.txt", *[f"line-00000{i}.png" for i in (1, 2, 3)], "out.txt"]
+    assert sorted(p.name for p in maps.iterdir()) == [".DS_Store", "alignments.txt",
+                                                      *[f"line-00000{i}.png" for i in (1, 2, 3)], "out.txt"]
     source.write_text(_lines(1)[0] + "\n", encoding="utf-8")  # again into the same folder, with fewer lines
     assert runner.invoke(app, [*translate, "--attention", str(maps), "-o", str(maps / "out.txt")]).exit_code == 0
-    assert sorted(p.name for p in maps.iterdir()) == ["alignments.txt", "line-000001.png", "out.txt"]
+    assert sorted(p.name for p in maps.iterdir()) == [".DS_Store", "alignments.txt", "line-000001.png", "out.txt"]

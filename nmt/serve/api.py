@@ -220,12 +220,17 @@ async def _unless_gone(waiting: asyncio.Future, request: Request, poll_s: float 
     """The result of `waiting`; a 499 as soon as the client has closed its connection, with the
     translation cancelled unless it has started (a page that translates as one types leaves
     many requests behind)."""
-    while not waiting.done():
-        await asyncio.wait({waiting}, timeout=poll_s)
-        if not waiting.done() and await request.is_disconnected():
-            waiting.cancel()  # and the worker's job with it
-            raise RequestError(499, "the client closed the connection")
-    return waiting.result()
+    try:
+        while not waiting.done():
+            await asyncio.wait({waiting}, timeout=poll_s)
+            if not waiting.done() and await request.is_disconnected():
+                raise RequestError(499, "the client closed the connection")
+        return waiting.result()
+    finally:  # gone, or timed out: the worker's job is dropped unless it has begun
+        if not waiting.done():
+            waiting.cancel()
+        elif not waiting.cancelled():
+            waiting.exception()  # read: asyncio logs an exception no one read as "never retrieved"
 
 
 def _pairs(models: Sequence[ServedModel]) -> dict[tuple[str, str], ServedModel]:
