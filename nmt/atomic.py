@@ -61,6 +61,25 @@ def replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_replaceable(target: Path, overwrite: bool, marker: str, kind: str, error: type[Exception] = OSError) -> None:
+    """Refuse a `target` for `replace_dir` unless it is new, empty, or with `overwrite` an earlier
+    `kind` (one holding `marker`): a folder of the user's is never replaced."""
+    if target.exists() and not target.is_dir():
+        raise error(f"{target} is a file")
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if not overwrite:
+        raise error(f"{target} already exists and is not empty; pass --overwrite to replace it")
+    if not (target / marker).is_file():
+        raise error(f"{target} is not {kind} (no {marker}); --overwrite replaces only {kind}")
+
+
+def nested(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` are one folder, or one holds the other."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     with open_text_atomic(path) as f:
         f.write(text)

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from nmt.atomic import replace_dir
+from nmt.atomic import nested, replace_dir
 from nmt.checkpoint import (
     UpdateCheckpoint,
     load_weights,
@@ -91,8 +91,7 @@ def average_checkpoints(model_dir: Path, out_dir: Path, last: int = 0, best: int
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {model_dir}")
-    model, out = model_dir.resolve(), out_dir.resolve()
-    if out == model or model in out.parents or out in model.parents:  # training would replace it, or it the model
+    if nested(out_dir, model_dir):  # training would replace it, or it the model
         raise CheckpointError(f"{out_dir} is {model_dir}, inside it or holds it; give a new --out")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise CheckpointError(f"{out_dir} already exists and is a file or not empty; give a new --out")

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from nmt import __version__
 from nmt.alignment import describe_attention
-from nmt.atomic import replace_dir
+from nmt.atomic import check_replaceable, nested, replace_dir
 from nmt.batches import pad_source
 from nmt.checkpoint import load_for_inference, read_config, weights_dir
 from nmt.config import Config, DecodeConfig, ModelConfig, config_from_dict
@@ -183,15 +183,9 @@ def position_rows(decode: DecodeConfig) -> int:
 
 def _check_out_dir(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
     """Refuse an `out_dir` whose replacing would lose a model or anything but an earlier export."""
-    model, out = model_dir.resolve(), out_dir.resolve()
-    if out == model or out in model.parents or model in out.parents:
+    if nested(out_dir, model_dir):
         raise ConfigError(f"{out_dir} is {model_dir}, inside it or holds it: export to another directory")
-    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
-        return
-    if not overwrite:
-        raise ConfigError(f"{out_dir} already exists; pass --overwrite to replace it")
-    if not (out_dir / EXPORT_RECORD).is_file():
-        raise ConfigError(f"{out_dir} exists and is not an export (no {EXPORT_RECORD}); --overwrite replaces only an export")
+    check_replaceable(out_dir, overwrite, EXPORT_RECORD, "an export", ConfigError)
 
 
 def _write_export(model_dir: Path, out_dir: Path, spec, record: ExportRecord) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nmt import __version__
-from nmt.atomic import replace_dir
+from nmt.atomic import check_replaceable, replace_dir
 from nmt.corpora import find_corpus
 from nmt.data import (
     CleanConfig,
@@ -116,17 +116,9 @@ def build_data_dir(out_dir: Path, overwrite: bool, build: Callable[[Path], Manif
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     """Refuse an `out_dir` whose replacing would lose anything but an earlier data dir: the
     user's corpus, a model, the working directory."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"output directory {out_dir} is a file")
     if out_dir.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
         raise DataError(f"output directory {out_dir} is the current directory or holds it: name a new directory")
-    if not out_dir.is_dir() or not any(out_dir.iterdir()):
-        return
-    if not overwrite:
-        raise DataError(f"output directory {out_dir} already exists and is not empty; pass --overwrite")
-    if not (out_dir / Manifest.NAME).is_file():
-        raise DataError(f"output directory {out_dir} is not a data dir (no {Manifest.NAME}); --overwrite replaces "
-                        "only a data dir")
+    check_replaceable(out_dir, overwrite, Manifest.NAME, "a data dir", DataError)
 
 
 class Stages:
