@@ -31,8 +31,22 @@ def user_errors():
         raise typer.Exit(1) from None
 
 
+# The options of `nmt prepare` that monolingual text (--mono) uses; the others are a parallel corpus's.
+MONO_OPTIONS = {"out", "mono", "mono_langs", "valid_size", "seed", "normalize", "chinese_script", "vocab_size", "spm_type",
+                "character_coverage", "spm_sample", "spm_model", "workers", "overwrite", "progress"}
+
+
+def _refuse_unused_options(ctx: typer.Context, name: str, used: set[str]) -> None:
+    """A one-line error for an option given on the command line that `name` does not use."""
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)  # typer's click enum: compared by name
+        if param.name not in used and source is not None and source.name == "COMMANDLINE":
+            raise NmtError(f"{'/'.join(param.opts + param.secondary_opts)} does not go with {name}")
+
+
 @app.command()
 def prepare(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", "-o", help="Data directory to create.")],
     src: Annotated[str | None, typer.Option(help="Source language code, e.g. de.")] = None,
     tgt: Annotated[str | None, typer.Option(help="Target language code, e.g. en.")] = None,
@@ -83,6 +97,7 @@ def prepare(
         if normalize.upper() not in ("NFC", "NFKC", "NFD", "NFKD", "NONE"):
             raise NmtError(f"--normalize must be NFC, NFKC, NFD, NFKD or none (got {normalize!r})")
         if mono:
+            _refuse_unused_options(ctx, "--mono", MONO_OPTIONS)
             manifest = prepare_mono(MonoPrepareConfig(
                 out_dir=out, files=list(mono), langs=[x.strip() for x in mono_langs.split(",")] if mono_langs else None,
                 valid_sentences=valid_size, seed=seed,

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from nmt.atomic import complete_dir, file_mode, recover_dir, replace_dir
-from nmt.config import Config, config_from_dict, save_config
+from nmt.config import Config, ModelConfig, config_from_dict, save_config
 from nmt.errors import CheckpointError, ConfigError, first_line
 from nmt.files import MASKED_LM, CheckpointInfo, Manifest, TrainState, VocabInfo, Vocabulary
 from nmt.models import build_model
@@ -288,9 +288,10 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 # ---------------------------------------------------------------------------------------------
 # Starting a translation model from a pretrained masked LM (`nmt train --init`)
 
-def check_pretrained(pretrained_dir: Path, vocab: Vocabulary, decoder: bool = False) -> VocabInfo:
+def check_pretrained(pretrained_dir: Path, vocab: Vocabulary, model: ModelConfig, decoder: bool = False) -> VocabInfo:
     """Check that `pretrained_dir` holds a masked LM whose vocabulary is the data's `vocab`
-    (the manifest's: the source side, and the target side too for `decoder`); returns its vocab.json."""
+    (the manifest's: the source side, and the target side too for `decoder`) and whose encoder
+    has the sizes of `model`'s (and of its decoder, for `decoder`); returns its vocab.json."""
     pretrained_dir = Path(pretrained_dir)
     if not pretrained_dir.is_dir():
         raise CheckpointError(f"pretrained model not found: {pretrained_dir}")
@@ -305,7 +306,32 @@ def check_pretrained(pretrained_dir: Path, vocab: Vocabulary, decoder: bool = Fa
                 f"the {which} vocabulary of the data differs from the pretrained model's in {pretrained_dir}; "
                 f"prepare the data with --spm-model {pretrained_dir}"
             )
+    check_pretrained_sizes(pretrained_dir, model, decoder)
     return info
+
+
+def check_pretrained_sizes(pretrained_dir: Path, model: ModelConfig, decoder: bool) -> None:
+    """The layers --init copies must be the pretrained encoder's, one for one: a Transformer with
+    its width, heads, feed-forward size, norm placement and number of layers (for the decoder
+    too, with `decoder`, since each decoder layer takes the encoder layer of its number)."""
+    if model.arch != "transformer":
+        raise CheckpointError(f"--init {pretrained_dir} needs model.arch transformer (a pretrained Transformer encoder)")
+    saved = read_config(pretrained_dir).model
+    wanted = {key: getattr(saved, key) for key in ("embed_dim", "heads", "ff_dim", "norm", "enc_layers")}
+    if decoder:
+        wanted["dec_layers"] = saved.enc_layers
+    for key, value in wanted.items():
+        if getattr(model, key) != value:
+            hint = " (or train.init_decoder=false)" if key == "dec_layers" else ""
+            raise CheckpointError(
+                f"model.{key} is {getattr(model, key)} but --init {pretrained_dir} needs {value}, its encoder's; "
+                f"set model.{key}={value}{hint}"
+            )
+
+
+def pretrained_parameters(model: nn.Module, decoder: bool) -> list[str]:
+    """The names of `model`'s parameters that --init loads: those with a masked-LM counterpart."""
+    return [name for name, _ in model.named_parameters() if pretrained_source_name(name, decoder) is not None]
 
 
 def pretrained_source_name(name: str, decoder: bool) -> str | None:
@@ -333,34 +359,29 @@ def pretrained_source_name(name: str, decoder: bool) -> str | None:
     return None
 
 
-def load_pretrained(
-    model: nn.Module, pretrained_dir: Path, vocab: Vocabulary, decoder: bool, copy: bool = True
-) -> list[str]:
-    """Copy a pretrained masked LM's weights into `model` (a Transformer) where they fit; returns
-    the names of the parameters loaded. A tensor whose shape differs is an error naming it."""
+def load_pretrained(model: nn.Module, pretrained_dir: Path, vocab: Vocabulary, config: ModelConfig, decoder: bool) -> list[str]:
+    """Copy a pretrained masked LM's weights into `model` (a Transformer built from `config`);
+    returns the names of the parameters loaded. A tensor missing or of another shape is an error
+    naming it."""
     pretrained_dir = Path(pretrained_dir)
-    check_pretrained(pretrained_dir, vocab, decoder)
+    check_pretrained(pretrained_dir, vocab, config, decoder)
     directory = weights_dir(pretrained_dir)
     try:
         tensors = load_file(str(directory / "model.safetensors"))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{directory / 'model.safetensors'} is damaged ({e})") from None
-    loaded = []
-    for name, param in model.named_parameters():
-        source = pretrained_source_name(name, decoder)
-        if source is None or source not in tensors:
-            continue
-        if tensors[source].shape != param.shape:
+    params = dict(model.named_parameters())
+    loaded = pretrained_parameters(model, decoder)
+    for name in loaded:
+        source, param = pretrained_source_name(name, decoder), params[name]
+        if source not in tensors or tensors[source].shape != param.shape:
+            found = f"has shape {tuple(tensors[source].shape)}" if source in tensors else "is missing"
             raise CheckpointError(
-                f"{pretrained_dir}: {source} has shape {tuple(tensors[source].shape)} but the model's {name} "
-                f"has {tuple(param.shape)}; give the model the pretrained model's sizes"
+                f"{pretrained_dir}: {source} {found} but the model's {name} has {tuple(param.shape)}; "
+                "give the model the pretrained model's sizes"
             )
-        if copy:
-            with torch.no_grad():
-                param.copy_(tensors[source])
-        loaded.append(name)
-    if not loaded:
-        raise CheckpointError(f"{pretrained_dir}: no tensor fits the model (is model.arch transformer?)")
+        with torch.no_grad():
+            param.copy_(tensors[source])
     return loaded
 
 

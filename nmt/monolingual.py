@@ -113,22 +113,29 @@ def read_documents(paths: list[Path], langs: list[str], clean: CleanConfig) -> I
 
 
 def hold_out(documents: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """(N,) True at the sentences held out for validation (about `count`). With many documents,
-    whole documents; with a few long ones, the last lines of each (at least 2, at most half)."""
+    """(N,) True at the sentences held out for validation (at most about `count`). Whole
+    documents, drawn at random among those that fit, when that gives at least two (so that
+    next-sentence prediction has pairs of documents); otherwise the last lines of each long
+    document (at least 2, at most half)."""
     count = max(1, min(count, len(documents) // 10))
     rng = np.random.default_rng(seed)
     _, starts, sizes = np.unique(documents, return_index=True, return_counts=True)
     held = np.zeros(len(documents), dtype=bool)
-    if len(sizes) >= 20 or sizes.max() < 4:
-        order = rng.permutation(len(sizes))
-        taken = order[: int(np.searchsorted(np.cumsum(sizes[order]), count)) + 1]
-        for d in taken.tolist():
+    taken, room = [], count
+    for d in rng.permutation(len(sizes)).tolist():
+        if sizes[d] <= room:  # a document larger than what is left would overshoot the count
+            taken.append(d)
+            room -= int(sizes[d])
+    if sizes.max() < 4 and not taken:  # short documents, none small enough: the shortest
+        taken = [int(np.argmin(sizes))]
+    if len(taken) >= 2 or sizes.max() < 4:
+        for d in taken:
             held[starts[d] : starts[d] + sizes[d]] = True
-    else:
-        share = np.round(sizes * count / len(documents)).astype(np.int64)
-        tails = np.where(sizes >= 4, np.clip(share, 2, sizes // 2), 0)
-        for start, size, tail in zip(starts.tolist(), sizes.tolist(), tails.tolist()):
-            held[start + size - tail : start + size] = True
+        return held
+    share = np.round(sizes * count / len(documents)).astype(np.int64)
+    tails = np.where(sizes >= 4, np.clip(share, 2, sizes // 2), 0)
+    for start, size, tail in zip(starts.tolist(), sizes.tolist(), tails.tolist()):
+        held[start + size - tail : start + size] = True
     return held
 
 

@@ -24,7 +24,7 @@ from nmt.batches import token_batches
 from nmt.checkpoint import check_outside_data_dir, load_weights, read_config, weights_dir
 from nmt.config import Config, PretrainConfig, save_config
 from nmt.data import clean_whitespace
-from nmt.devices import autocast
+from nmt.devices import autocast, resolve_device, resolve_precision
 from nmt.distributed import Ranks
 from nmt.errors import CheckpointError, ConfigError, DataError
 from nmt.files import MASKED_LM, Manifest, VocabInfo
@@ -40,6 +40,7 @@ from nmt.tokenizer import (
     MASK,
     PAD,
     SEP,
+    file_sha256,
     has_reserved_symbols,
     load_sentencepiece,
 )
@@ -281,8 +282,6 @@ class MaskedLMTask:
         return f"{len(self.train_corpus)} training {kind}"
 
     def build_model(self) -> torch.nn.Module:
-        if self.config.model.arch != "transformer":
-            raise ConfigError("nmt pretrain trains a Transformer encoder: set model.arch to transformer")
         return MaskedLM(self.config.model, self.vocab_size, self.pc.next_sentence)
 
     def initialize(self, model, resume: bool, log) -> list[torch.nn.Parameter]:
@@ -410,6 +409,10 @@ def pretrain(
             raise DataError(f"text file not found: {path}")
     if data is not None:
         check_outside_data_dir(Path(config.save_dir), Path(data))
+    # Checked before --text is prepared into OUT/data, which --overwrite replaces.
+    if config.model.arch != "transformer":
+        raise ConfigError("nmt pretrain trains a Transformer encoder: set model.arch to transformer")
+    resolve_precision(config.train.precision, resolve_device(config.train.device))
 
     def make_task(ranks: Ranks) -> MaskedLMTask:
         data_dir = Path(data) if data is not None else prepare_text(config, texts, vocab, vocab_size, resume, ranks, progress)
@@ -425,8 +428,10 @@ def prepare_text(
     process; a resumed run uses the data it was prepared with)."""
     save_dir = Path(config.save_dir)
     data_dir = save_dir / "data"
-    if ranks.is_main and not (resume and (data_dir / Manifest.NAME).is_file()):
-        model = vocabulary_model(Path(vocab)) if vocab is not None else None
+    model = vocabulary_model(Path(vocab)) if vocab is not None else None
+    if resume and (data_dir / Manifest.NAME).is_file():
+        check_same_text(data_dir, texts, model)
+    elif ranks.is_main:
         if resume:  # a run pretrained before its text was kept as a data dir: its own vocabulary
             model = save_dir / VocabInfo.read(save_dir).vocab.src_model
         prepare_mono(MonoPrepareConfig(
@@ -435,6 +440,17 @@ def prepare_text(
         ), progress=progress)
     ranks.barrier()
     return data_dir
+
+
+def check_same_text(data_dir: Path, texts: list[Path], vocab_model: Path | None) -> None:
+    """--resume goes on with the text and vocabulary prepared in `data_dir`: the same files again."""
+    manifest = Manifest.read(data_dir)
+    prepared = [Path(t).resolve() for t in manifest.input.get("mono") or []]
+    if prepared and prepared != [Path(t).resolve() for t in texts]:
+        raise ConfigError(f"--resume goes on with the text prepared in {data_dir} from "
+                          f"{', '.join(map(str, manifest.input['mono']))}: pass those --text files (or start again with --overwrite)")
+    if vocab_model is not None and file_sha256(vocab_model) != manifest.vocab.src_sha256:
+        raise ConfigError(f"--vocab {vocab_model} is not the vocabulary of the run in {data_dir.parent}; leave it out to resume")
 
 
 # ---------------------------------------------------------------------------------------------

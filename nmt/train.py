@@ -31,6 +31,7 @@ from nmt.checkpoint import (
     init_save_dir,
     load_pretrained,
     load_training_state,
+    pretrained_parameters,
     prune_update_checkpoints,
     read_config,
     read_training_info,
@@ -305,10 +306,12 @@ class TranslationTask:
         """Load pretrained weights (train.init) unless resuming; returns the parameters to hold
         fixed for the first train.freeze_init_steps updates."""
         tc = self.config.train
-        if not tc.init or (resume and not tc.freeze_init_steps):  # resuming needs only its own weights
+        if not tc.init:
             return []
-        loaded = load_pretrained(model, Path(tc.init), self.manifest.vocab, tc.init_decoder, copy=not resume)
-        if not resume:
+        if resume:  # its own weights; the pretrained model need not be there any more
+            loaded = pretrained_parameters(model, tc.init_decoder)
+        else:
+            loaded = load_pretrained(model, Path(tc.init), self.manifest.vocab, self.config.model, tc.init_decoder)
             fresh = [name for name, _ in model.named_parameters() if name not in loaded]
             log(f"initialised from {tc.init}: {len(loaded)} tensors loaded ({_summarize(loaded)}); "
                 f"{len(fresh)} start fresh ({_summarize(fresh)})")
@@ -440,7 +443,7 @@ def train(
     if manifest.kind != "parallel":
         raise DataError(f"{data_dir} is a {manifest.kind} data dir, for nmt pretrain --data; translation needs parallel data")
     if config.train.init and not resume:  # a wrong pretrained model fails now, not after loading the data
-        check_pretrained(Path(config.train.init), manifest.vocab, config.train.init_decoder)
+        check_pretrained(Path(config.train.init), manifest.vocab, config.model, config.train.init_decoder)
     for key in ("direction_weights", "lang_temperature"):
         if getattr(config.train, key) and not manifest.multilingual:
             raise ConfigError(f"train.{key} needs a multilingual data dir (nmt prepare --directions); {data_dir} has one direction")

@@ -2,6 +2,7 @@
 fill-mask, and starting translation models from a pretrained encoder (--init)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -138,9 +139,23 @@ def test_documents_and_held_out_split(tmp_path):
                                               valid_sentences=9, vocab_size=40))
     assert manifest.kind == "monolingual" and manifest.src_lang == "en"
     train, valid = MonoCorpus.load(tmp_path / "data", "train"), MonoCorpus.load(tmp_path / "data", "valid")
-    assert len(train) + len(valid) == 92 and 9 <= len(valid) <= 12
+    assert len(train) + len(valid) == 92 and 7 <= len(valid) <= 9
     assert len(np.unique(np.concatenate([train.documents, valid.documents]))) == 31
     assert len(np.intersect1d(train.documents, valid.documents)) == 0  # whole documents held out
+
+
+def test_held_out_split_stays_near_its_size_and_spans_documents():
+    from nmt.monolingual import hold_out
+
+    # One long document among short ones: it is never taken whole.
+    documents = np.repeat(np.arange(20), [1500] + [10] * 19)
+    for seed in range(6):
+        assert 50 <= hold_out(documents, 100, seed).sum() <= 100
+    # Documents each larger than the count: lines from many of them, so that next-sentence
+    # prediction has documents to pair.
+    documents = np.repeat(np.arange(25), 120)
+    held = hold_out(documents, 100, 0)
+    assert len(np.unique(documents[held])) >= 2 and held.sum() <= 150
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +293,7 @@ def test_init_copies_the_pretrained_tensors_exactly(pretrained_and_data):
     config = ModelConfig(**TINY_MODEL)
     model = build_model(config, manifest.vocab.src_size, manifest.vocab.tgt_size)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    loaded = load_pretrained(model, root / "mlm", manifest.vocab, decoder=True)
+    loaded = load_pretrained(model, root / "mlm", manifest.vocab, config, decoder=True)
     from safetensors.torch import load_file
 
     pretrained = load_file(str(root / "mlm" / "best" / "model.safetensors"))
@@ -291,7 +306,7 @@ def test_init_copies_the_pretrained_tensors_exactly(pretrained_and_data):
     assert all(torch.equal(params[name], before[name]) for name in fresh)
     # Encoder only: the decoder keeps its own initial weights.
     model = build_model(config, manifest.vocab.src_size, manifest.vocab.tgt_size)
-    loaded = load_pretrained(model, root / "mlm", manifest.vocab, decoder=False)
+    loaded = load_pretrained(model, root / "mlm", manifest.vocab, config, decoder=False)
     assert loaded and all(not name.startswith("decoder") for name in loaded)
 
 
@@ -357,13 +372,45 @@ def test_vocabulary_mismatch_is_a_one_line_error(pretrained_and_data, tmp_path):
     assert not (tmp_path / "m" / "best").exists()
 
 
-def test_shape_mismatch_names_the_tensor(pretrained_and_data):
+def test_shape_mismatch_names_the_setting(pretrained_and_data):
     root = pretrained_and_data
     manifest = Manifest.read(root / "data")
-    model = build_model(ModelConfig(**{**TINY_MODEL, "embed_dim": 48, "heads": 2}), manifest.vocab.src_size,
-                        manifest.vocab.tgt_size)
-    with pytest.raises(CheckpointError, match=r"src_embed\.weight has shape"):
-        load_pretrained(model, root / "mlm", manifest.vocab, decoder=True)
+    config = ModelConfig(**{**TINY_MODEL, "embed_dim": 48, "heads": 2})
+    model = build_model(config, manifest.vocab.src_size, manifest.vocab.tgt_size)
+    with pytest.raises(CheckpointError, match=r"model\.embed_dim is 48 but"):
+        load_pretrained(model, root / "mlm", manifest.vocab, config, decoder=True)
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"heads": 1}, "model.heads is 1"),  # the same tensor shapes, another model
+    ({"norm": "post"}, "model.norm is post"),
+    ({"enc_layers": 1}, "model.enc_layers is 1"),  # the pretrained second layer would be dropped
+    ({"dec_layers": 3}, "model.dec_layers is 3"),  # a decoder layer without a counterpart
+    ({"arch": "rnn", "tie_output": "false"}, "needs model.arch transformer"),
+])
+def test_init_refuses_a_model_unlike_the_pretrained_one(pretrained_and_data, tmp_path, change, named):
+    root = pretrained_and_data
+    sets = [part for k, v in change.items() for part in ("--set", f"model.{k}={v}")]
+    result = invoke("train", "--data", root / "data", "--out", tmp_path / "m", "--init", root / "mlm",
+                    *_tiny_sets(), *sets, "--no-progress")
+    assert result.exit_code == 1 and named in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    # Without the decoder, its layers may differ.
+    if "dec_layers" in change:
+        result = invoke("train", "--data", root / "data", "--out", tmp_path / "m", "--init", root / "mlm",
+                        *_tiny_sets(init_decoder="false"), *sets, "--no-progress")
+        assert result.exit_code == 0, result.output
+
+
+def test_resume_after_the_freeze_needs_no_pretrained_model(pretrained_and_data, tmp_path):
+    root = pretrained_and_data
+    shutil.copytree(root / "mlm", tmp_path / "mlm")
+    args = ["train", "--data", root / "data", "--out", tmp_path / "m", "--init", tmp_path / "mlm", "--no-progress"]
+    result = invoke(*args, *_tiny_sets(max_steps=3, freeze_init_steps=2))
+    assert result.exit_code == 0, result.output
+    shutil.rmtree(tmp_path / "mlm")
+    result = invoke(*args, "--resume", *_tiny_sets(max_steps=5, freeze_init_steps=2))
+    assert result.exit_code == 0, result.output
 
 
 def test_wrong_checkpoint_kinds_are_one_line_errors(pretrained_and_data, tmp_path):
@@ -492,6 +539,29 @@ def test_monolingual_and_parallel_data_dirs_are_not_mixed_up(tmp_path):
     assert result.exit_code == 1 and "leave out --text" in result.output
     result = invoke("prepare", "--out", tmp_path / "x", "--train", tmp_path / "nothing")
     assert result.exit_code == 1 and "--src and --tgt" in result.output
+    for extra in (["--train", tmp_path / "nothing"], ["--src", "de"], ["--separate-vocab"], ["--test-size", "5"]):
+        result = invoke("prepare", "--mono", tmp_path / "mono.en", *extra, "--out", tmp_path / "y", "--no-progress")
+        assert result.exit_code == 1 and "does not go with --mono" in result.output, result.output
+        assert not (tmp_path / "y").exists()
+
+
+def test_a_pretraining_that_cannot_start_keeps_the_models_text(tmp_path):
+    (tmp_path / "a.en").write_text("\n".join(FACTS * 4) + "\n", encoding="utf-8")
+    (tmp_path / "b.en").write_text("\n".join(reversed(FACTS * 4)) + "\n", encoding="utf-8")
+    args = ["pretrain", "--out", tmp_path / "m", "--vocab-size", "50", *_tiny_sets(max_steps=2, valid_every=2), "--no-progress"]
+    assert invoke(*args, "--text", tmp_path / "a.en").exit_code == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m" / "data").iterdir() if p.is_file()}
+    for wrong in (["--device", "cuda:9"], ["--set", "model.arch=rnn"]):
+        result = invoke(*args, "--text", tmp_path / "b.en", "--overwrite", *wrong)
+        assert_one_line_error(result)
+        assert {p.name: p.read_bytes() for p in (tmp_path / "m" / "data").iterdir() if p.is_file()} == before
+    # --resume goes on with its own text and vocabulary, and says so when given others.
+    result = invoke(*args, "--text", tmp_path / "b.en", "--resume")
+    assert_one_line_error(result)
+    assert "a.en" in result.output
+    result = invoke(*args, "--text", tmp_path / "a.en", "--vocab", tmp_path / "none.model", "--resume")
+    assert_one_line_error(result)
+    assert "none.model" in result.output
 
 
 def test_resuming_a_run_from_before_its_text_was_kept_as_a_data_dir(tmp_path):
