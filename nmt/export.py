@@ -490,11 +490,12 @@ class CTranslate2Translator:
 
     @functools.cached_property
     def _suppressed_pieces(self) -> list[list[str]]:
-        """The pieces the output never holds, each as a one-piece sequence: PAD, BOS, and with
-        decode.restrict_vocab those outside the target language's (built once per translator)."""
-        banned = [PAD, BOS]
+        """The pieces the output never holds, each as a one-piece sequence: PAD, BOS, the reserved
+        symbols, and with decode.restrict_vocab those outside the target language's (built once
+        per translator)."""
+        banned = [PAD, BOS, *self.tokenizer.reserved_target_ids]
         if self.allowed_tokens is not None:
-            banned += [int(i) for i in np.flatnonzero(~self.allowed_tokens) if i not in (PAD, BOS)]
+            banned += [int(i) for i in np.flatnonzero(~self.allowed_tokens) if i not in banned]
         return [[self.tokenizer.tgt.id_to_piece(i)] for i in banned]
 
     def _batching(self, decode: DecodeConfig) -> dict:

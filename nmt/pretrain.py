@@ -488,11 +488,14 @@ def fill_mask(
 ) -> FilledLine:
     """The `top_k` most likely pieces for each [MASK] in `text` (one piece per mask)."""
     # As the pretraining text was (the checkpoint's record, VocabInfo.source_normalization).
-    ids = processor.encode(clean_whitespace((normalize or Normalization())(text)))
+    encoded = processor.encode(clean_whitespace((normalize or Normalization())(text)))
     # SentencePiece splits " [MASK]" into a bare "▁" and [MASK]; in pretraining the mask took a
-    # whole piece, space included, so the bare "▁" goes.
+    # whole piece, space included, so the bare "▁" goes (and comes back before a fill that is
+    # not the start of a word).
     space = processor.piece_to_id("▁")
-    ids = [t for i, t in enumerate(ids) if not (t == space and i + 1 < len(ids) and ids[i + 1] == MASK)]
+    spaced = [i + 1 < len(encoded) and t == space and encoded[i + 1] == MASK for i, t in enumerate(encoded)]
+    ids = [t for t, dropped in zip(encoded, spaced) if not dropped]
+    after_space = [i > 0 and spaced[i - 1] for i, t in enumerate(encoded) if t == MASK]  # per mask
     if MASK not in ids:
         raise DataError(f"no [MASK] in: {text}")
     if model.next_sentence:
@@ -504,8 +507,8 @@ def fill_mask(
     logits, _ = model(tokens, segments, masked)  # (M, V)
     probs = logits.float().softmax(-1)
     probs[:, :FIRST_REGULAR_ID] = 0.0  # a special symbol is never the answer
-    top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-    masks, filled = [], list(ids)
+    top = probs.topk(min(top_k, probs.shape[-1] - FIRST_REGULAR_ID), dim=-1)
+    masks, filled = [], [[t] for t in ids]
     positions = [i for i, t in enumerate(ids) if t == MASK]
     for row, position in enumerate(positions):
         candidates = [
@@ -513,5 +516,7 @@ def fill_mask(
             for p, i in zip(top.values[row].tolist(), top.indices[row].tolist())
         ]
         masks.append(MaskFill(candidates))
-        filled[position] = int(top.indices[row, 0])
-    return FilledLine(processor.decode(filled), masks)
+        best = int(top.indices[row, 0])
+        word_start = processor.id_to_piece(best).startswith("▁")
+        filled[position] = [best] if word_start or not after_space[row] else [space, best]
+    return FilledLine(processor.decode([t for piece in filled for t in piece]), masks)

@@ -100,13 +100,18 @@ def ban_repeated_ngrams(log_probs: torch.Tensor, history: torch.Tensor, n: int) 
 @dataclass
 class StepRules:
     """What every search applies to the model's log-probs at each step, besides the length limit:
-    no repeated n-gram of size `no_repeat_ngram` (0: off), only the `allowed` tokens, and a
+    no repeated n-gram of size `no_repeat_ngram` (0: off), none of the `banned` tokens, and a
     forced target prefix per sentence. A forced token keeps the model's log-probability, so
-    scores count the prefix (and a prefix may use tokens outside `allowed`)."""
+    scores count the prefix (and a prefix may use banned tokens)."""
 
     no_repeat_ngram: int = 0
     prefix: torch.Tensor | None = None  # (B, P) target tokens per sentence, PAD after its end
-    allowed: torch.Tensor | None = None  # (V,) bool: the tokens an output may hold (EOS among them)
+    banned: torch.Tensor | None = None  # (K,) ids an output never holds (reserved symbols, other languages' pieces)
+
+    @staticmethod
+    def banning(allowed: torch.Tensor | None) -> torch.Tensor | None:
+        """The `banned` ids of an (V,) bool mask of the tokens an output may hold."""
+        return None if allowed is None else (~allowed).nonzero()[:, 0]
 
     def prefix_lengths(self, batch: int, device: torch.device) -> torch.Tensor:  # (B,)
         if self.prefix is None:
@@ -115,7 +120,7 @@ class StepRules:
 
     def select(self, sentences: torch.Tensor) -> StepRules:
         """The rules of these sentences (repeated or picked), in this order."""
-        return StepRules(self.no_repeat_ngram, None if self.prefix is None else self.prefix[sentences], self.allowed)
+        return StepRules(self.no_repeat_ngram, None if self.prefix is None else self.prefix[sentences], self.banned)
 
     def apply(self, log_probs: torch.Tensor, history: torch.Tensor, sentences: torch.Tensor) -> torch.Tensor:
         """log_probs: (R, V); history: (R, t) tokens so far; sentences: (R,) each row's sentence."""
@@ -126,8 +131,8 @@ class StepRules:
             forced_scores = log_probs.gather(1, forced)  # before the n-gram ban: a prefix may repeat itself
         if self.no_repeat_ngram:
             ban_repeated_ngrams(log_probs, history, self.no_repeat_ngram)
-        if self.allowed is not None:
-            log_probs.masked_fill_(~self.allowed, float("-inf"))
+        if self.banned is not None:
+            log_probs.index_fill_(1, self.banned, float("-inf"))  # (R, K) entries, not (R, V)
         if forced is not None:
             forcing = forced != PAD  # (R, 1)
             log_probs.masked_fill_(forcing, float("-inf"))

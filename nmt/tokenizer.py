@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import itertools
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,6 +21,9 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3
 MASK, CLS, SEP = 4, 5, 6
 RESERVED_SYMBOLS = ("[MASK]", "[CLS]", "[SEP]")
 FIRST_REGULAR_ID = 7  # ids below are special: never masked, never drawn as random replacements
+
+
+LANGUAGE_TAG = re.compile(r"<2[^<>\s]+>")  # the pieces language_tag makes
 
 
 def language_tag(lang: str) -> str:
@@ -115,6 +121,16 @@ class Tokenizer:
         tagged = copy.copy(self)
         tagged.source_prefix = [self.tag_id(lang)]
         return tagged
+
+    @functools.cached_property
+    def reserved_target_ids(self) -> list[int]:
+        """The target model's reserved symbols ([MASK], [CLS], [SEP], language tags), which are
+        never part of a translation. (Models trained before they were reserved have none.)"""
+        if not has_reserved_symbols(self.tgt):
+            return []
+        tags = itertools.takewhile(lambda i: LANGUAGE_TAG.fullmatch(self.tgt.id_to_piece(i)),
+                                   range(FIRST_REGULAR_ID, self.tgt.get_piece_size()))  # right after [SEP]
+        return [MASK, CLS, SEP, *tags]
 
     @property
     def joint(self) -> bool:

@@ -89,15 +89,14 @@ def translate_ids(
     batches = decode_batches([len(s) for s in sources], per_batch)
     if decode.sampling and generator is None:
         generator = sampling_generator(decode, device)
-    if allowed is not None:
-        allowed = allowed.to(device)  # once, not per batch
+    banned = StepRules.banning(None if allowed is None else allowed.to(device))  # once, not per batch
     # One autocast region for every batch: the weights are cast to half precision once.
     with autocast(device, resolve_precision(decode.precision, device)):
         # disable=None: no bar when stderr is not a terminal (a log file, CI)
         for indices in tqdm(batches, desc="translating", unit="batch", disable=None if progress else True, file=sys.stderr):
             batch_prefixes = None if prefixes is None else [prefixes[i] for i in indices]
             _translate_batch(model, sources, indices, decode, device, attention, results, batch_prefixes, generator,
-                             allowed)
+                             banned)
     return results
 
 
@@ -108,16 +107,16 @@ def sampling_generator(decode: DecodeConfig, device: torch.device) -> torch.Gene
 def _translate_batch(
     model: StepDecoder, sources: Sequence[Sequence[int]], indices: np.ndarray, decode: DecodeConfig, device: torch.device,
     attention: AttentionChoice | None, results: list[list[Hypothesis]], prefixes: list[Sequence[int]] | None,
-    generator: torch.Generator | None, allowed: torch.Tensor | None = None,
+    generator: torch.Generator | None, banned: torch.Tensor | None = None,
 ) -> None:
-    """Translate the sources at `indices` as one batch into `results`."""
+    """Translate the sources at `indices` as one batch into `results` (never with the `banned` ids)."""
     src = pad_source([sources[i] for i in indices]).to(device)
     prefix = None
     if prefixes is not None and any(prefixes):
         prefix = torch.nn.utils.rnn.pad_sequence(
             [torch.tensor(list(p), dtype=torch.long) for p in prefixes], batch_first=True, padding_value=PAD
         ).to(device)  # (B, P), PAD (0) after each prefix
-    rules = StepRules(decode.no_repeat_ngram, prefix, allowed)
+    rules = StepRules(decode.no_repeat_ngram, prefix, banned)
     limits = (decode.max_len_a, decode.max_len_b)
     if decode.static_cache and isinstance(model, StaticStepModel):  # a capability, not a model type
         model = StaticDecoding(model, int(output_limits(src, *limits, rules).max()))
@@ -164,8 +163,11 @@ def translate_lines(
     `prefixes`: per line, target text its translation must start with ("": none), normalized
     as the training targets were (`normalize_target`, `VocabInfo.target_normalization`).
     `first_line`: the number of lines[0] in its file, for warnings and attention maps. `allowed`:
-    (V,) bool, the only tokens an output may hold."""
+    (V,) bool, the only tokens an output may hold; never the vocabulary's reserved symbols."""
     encoded = encode_lines(tokenizer, lines, decode, normalize, prefixes, normalize_target, first_line)
+    if tokenizer.reserved_target_ids:
+        allowed = torch.ones(tokenizer.tgt_vocab_size, dtype=torch.bool) if allowed is None else allowed.clone()
+        allowed[tokenizer.reserved_target_ids] = False
     hyps = translate_ids(model, encoded.sources, decode, device, progress, attention, encoded.prefixes, generator,
                          allowed)
     return collect_translations(tokenizer, len(lines), encoded, hyps, attention is not None, first_line)

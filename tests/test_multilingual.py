@@ -27,7 +27,7 @@ from nmt.multilingual import (
     temperature_weights,
 )
 from nmt.prepare import PrepareConfig, clean_and_split
-from nmt.tokenizer import Tokenizer, language_tag
+from nmt.tokenizer import CLS, MASK, SEP, Tokenizer, language_tag
 
 runner = CliRunner()
 THIRD_WORDS = [f"z{i}q" for i in range(12)]
@@ -95,6 +95,9 @@ def test_every_source_starts_with_the_tag_of_its_directions_target(data_dir):
         assert list(read_lines(data_dir / f"test.{direction}.src.txt")) == list(read_lines(data_dir.parent / "corpus" / f"test.{src_lang}"))
     # The tags are reserved pieces: written in text, a tag encodes to its one id.
     assert tokenizer.src.encode(language_tag("cc")) [-1] == tokenizer.tag_id("cc")
+    # ... and never part of a translation, as the pretraining symbols.
+    tags = sorted(tokenizer.tag_id(lang) for lang in ("aa", "bb", "cc"))
+    assert tokenizer.reserved_target_ids == [MASK, CLS, SEP, *tags]
 
 
 def test_temperature_weights_follow_the_formula():
@@ -539,10 +542,10 @@ def test_step_rules_ban_the_tokens_not_allowed_but_keep_a_forced_prefix():
 
     log_probs = torch.log_softmax(torch.randn(2, 6), dim=-1)
     allowed = torch.tensor([False, False, True, True, False, True])
-    out = StepRules(allowed=allowed).apply(log_probs.clone(), torch.zeros(2, 0, dtype=torch.long), torch.arange(2))
+    out = StepRules(banned=StepRules.banning(allowed)).apply(log_probs.clone(), torch.zeros(2, 0, dtype=torch.long), torch.arange(2))
     assert torch.isinf(out[:, ~allowed]).all() and torch.equal(out[:, allowed], log_probs[:, allowed])
     prefix = torch.tensor([[4], [0]])  # row 0 must start with token 4, which is not allowed; row 1 has no prefix
-    out = StepRules(prefix=prefix, allowed=allowed).apply(log_probs.clone(), torch.zeros(2, 0, dtype=torch.long), torch.arange(2))
+    out = StepRules(prefix=prefix, banned=StepRules.banning(allowed)).apply(log_probs.clone(), torch.zeros(2, 0, dtype=torch.long), torch.arange(2))
     assert out[0, 4] == log_probs[0, 4] and torch.isinf(out[0, torch.arange(6) != 4]).all()
     assert torch.equal(out[1, allowed], log_probs[1, allowed]) and torch.isinf(out[1, ~allowed]).all()
 

@@ -211,6 +211,28 @@ def test_tiny_masked_lm_overfits_and_fills_a_masked_word(overfit_mlm):
     assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1.0001
 
 
+def test_fill_mask_keeps_the_space_before_a_fill_that_does_not_start_a_word(overfit_mlm):
+    root, _ = overfit_mlm
+    _, processor = load_masked_lm(root / "mlm")
+    size = processor.get_piece_size()
+    inner = next(i for i in range(FIRST_REGULAR_ID, size) if processor.id_to_piece(i).isalpha())  # no "▁"
+
+    class FavouringOnePiece:  # a masked LM sure of `inner`, and surer still of the special symbols
+        next_sentence = False
+
+        def __call__(self, tokens, segments, masked):
+            logits = torch.zeros(int(masked.sum()), size)
+            logits[:, inner], logits[:, :FIRST_REGULAR_ID] = 10.0, 20.0
+            return logits, None
+
+    filled = fill_mask(FavouringOnePiece(), processor, "the red [MASK] jumps", top_k=10 * size)
+    assert filled.text == f"the red {processor.id_to_piece(inner)} jumps"
+    assert len(filled.masks[0].candidates) == size - FIRST_REGULAR_ID  # never a special symbol
+    assert filled.masks[0].candidates[0][0] == processor.id_to_piece(inner)
+    filled = fill_mask(FavouringOnePiece(), processor, "[MASK] red fox", top_k=1)
+    assert filled.text == f"{processor.id_to_piece(inner)} red fox"
+
+
 def test_pretrain_resume_matches_uninterrupted_run(tmp_path):
     (tmp_path / "facts.txt").write_text("\n".join(FACTS * 3) + "\n", encoding="utf-8")
     texts = [tmp_path / "facts.txt"]

@@ -250,3 +250,40 @@ def test_attention_never_writes_over_the_users_files(trained, tmp_path):
     source.write_text(_lines(1)[0] + "\n", encoding="utf-8")  # again into the same folder, with fewer lines
     assert runner.invoke(app, [*translate, "--attention", str(maps), "-o", str(maps / "out.txt")]).exit_code == 0
     assert sorted(p.name for p in maps.iterdir()) == [".DS_Store", "alignments.txt", "line-000001.png", "out.txt"]
+
+
+class PreferringReservedSymbols:
+    """A model whose likeliest next tokens are always [MASK], [CLS] and [SEP]."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def encode(self, src):
+        return self.model.encode(src)
+
+    def init_state(self, memory, *attention):
+        return self.model.init_state(memory, *attention)
+
+    def decode_step(self, prev, memory, state):
+        from nmt.tokenizer import CLS, MASK, SEP
+
+        log_probs, state = self.model.decode_step(prev, memory, state)
+        log_probs = log_probs.clone()
+        log_probs[:, [MASK, CLS, SEP]] = 0.0
+        return log_probs, state
+
+
+def test_reserved_symbols_never_appear_in_a_translation(trained):
+    import dataclasses
+
+    from nmt.tokenizer import CLS, MASK, SEP
+    from nmt.translate import load_translator
+
+    _, transformer, _ = trained
+    translator = load_translator([transformer], device="cpu")
+    translator = dataclasses.replace(translator, model=PreferringReservedSymbols(translator.model))
+    lines = [src for src, _ in toy_pairs(6, seed=9)]
+    for options in ({"beam": 1}, {"beam": 3, "nbest": 3}, {"sampling": True, "nbest": 3}):
+        result = translator.translate(lines, decode=dataclasses.replace(translator.decode, **options))
+        assert all(not {MASK, CLS, SEP} & set(h.tokens) for nbest in result.hypotheses for h in nbest), options
+        assert all(text and "[" not in text for texts in result.texts for text in texts), options
