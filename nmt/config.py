@@ -47,8 +47,9 @@ class ModelConfig:
         for name in ("embed_dim", "enc_layers", "dec_layers", "heads", "ff_dim", "hidden_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be at least 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError("model.dropout must be in [0, 1)")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1)")
         if self.arch == "transformer" and self.embed_dim % self.heads:
             raise ConfigError("model.embed_dim must be divisible by model.heads")
         if self.arch == "rnn":
@@ -117,10 +118,11 @@ class TrainConfig:
         if self.lr_schedule != "inverse_sqrt" and self.max_steps <= self.warmup_steps:
             raise ConfigError(f"train.lr_schedule {self.lr_schedule} decays to train.min_lr at train.max_steps, "
                               "which must be set above train.warmup_steps")
-        if self.freeze_init_steps < 0:
-            raise ConfigError("train.freeze_init_steps must be 0 or more")
-        if self.keep_last < 0 or self.keep_best < 0:
-            raise ConfigError("train.keep_last and train.keep_best must be 0 (none) or more")
+        for name in ("warmup_steps", "min_lr", "weight_decay", "clip_norm", "max_steps", "max_epochs", "max_minutes",
+                     "valid_max_sentences", "patience", "target_bleu", "max_skipped_updates", "keep_last", "keep_best",
+                     "threads", "freeze_init_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be 0 or more (got {getattr(self, name)!r})")
         for name in ("batch_tokens", "accum_steps", "valid_every", "log_every", "valid_beam"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1")
@@ -128,8 +130,8 @@ class TrainConfig:
             raise ConfigError("train.lr must be positive")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"train.seed must be in [0, 2**32) (got {self.seed})")
-        if len(self.betas) != 2:
-            raise ConfigError("train.betas must have two values")
+        if len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1) (got {self.betas!r})")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError("train.label_smoothing must be in [0, 1)")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -175,19 +177,24 @@ class DecodeConfig:
     chunk_lines: int = 10000  # a file is read, sorted and translated this many lines at a time
 
     def validate(self) -> None:
+        """Also the values of `nmt translate`'s options, which come here without `_coerce`."""
         _choice("decode.precision", self.precision, ("fp32", "bf16", "fp16"))
-        if self.beam < 1:
-            raise ConfigError("decode.beam must be at least 1")
+        _in_range("decode.beam", self.beam, 1, MAX_BEAM)
         if self.nbest < 1 or (not self.sampling and self.nbest > self.beam):
             raise ConfigError("decode.nbest must be between 1 and decode.beam (any number of samples with decode.sampling)")
-        if self.batch_tokens < 1 or self.max_input_tokens < 1 or self.chunk_lines < 1:
-            raise ConfigError("decode.batch_tokens, decode.max_input_tokens and decode.chunk_lines must be at least 1")
-        if self.no_repeat_ngram < 0 or self.topk < 0:
-            raise ConfigError("decode.no_repeat_ngram and decode.topk must be 0 (off) or more")
+        _in_range("decode.nbest", self.nbest, 1, MAX_BEAM)
+        for name in ("batch_tokens", "max_input_tokens", "chunk_lines"):
+            _in_range(f"decode.{name}", getattr(self, name), 1, 2**31)
+        for name in ("no_repeat_ngram", "topk"):  # 0: off
+            _in_range(f"decode.{name}", getattr(self, name), 0, 2**31)
+        _in_range("decode.len_penalty", self.len_penalty, -MAX_LEN_PENALTY, MAX_LEN_PENALTY)
+        _in_range("decode.max_len_a", self.max_len_a, 0, MAX_LEN_A)
+        _in_range("decode.max_len_b", self.max_len_b, 0, MAX_LEN_B)
         if not 0.0 < self.topp <= 1.0:
-            raise ConfigError("decode.topp must be in (0, 1]")
-        if self.temperature <= 0.0:
-            raise ConfigError("decode.temperature must be positive")
+            raise ConfigError(f"decode.topp must be in (0, 1] (got {self.topp!r})")
+        # Beyond these, log-probabilities over the temperature leave float32's range.
+        _in_range("decode.temperature", self.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE)
+        _in_range("decode.seed", self.seed, 0, 2**63 - 1)
 
 
 @dataclass
@@ -227,6 +234,18 @@ class Config:
         self.pretrain.validate()
 
 
+# Upper limits of decoding settings: far beyond any use, and within what the search's tensors hold.
+MAX_BEAM = 1000
+MAX_LEN_A, MAX_LEN_B = 1000.0, 100_000
+MAX_LEN_PENALTY = 100.0
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
+
+
+def _in_range(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:  # NaN is never in range
+        raise ConfigError(f"{key} must be between {low:g} and {high:g} (got {value!r})")
+
+
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key} must be one of {', '.join(allowed)} (got {value!r})")
@@ -252,14 +271,22 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} must be an integer (got {value!r})")
+        if not -(2**63) <= value < 2**63:
+            raise ConfigError(f"{key} is too large (got {value})")
         return value
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
             with contextlib.suppress(ValueError):
-                value = float(value) if math.isfinite(float(value)) else value
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number (got {value!r})")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{key} must be a finite number (got {value!r})")
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string (got {value!r})")
@@ -281,7 +308,7 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             continue
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            values[name] = _from_dict(hint, data[name] or {}, f"{prefix}{name}.")
+            values[name] = _from_dict(hint, {} if data[name] is None else data[name], f"{prefix}{name}.")
         else:
             values[name] = _coerce(f"{prefix}{name}", data[name], hint)
     return cls(**values)
@@ -327,6 +354,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a YAML file (not UTF-8 text)") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the config must be a YAML mapping")
     return config_from_dict(apply_overrides(data, overrides or []))
