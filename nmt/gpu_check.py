@@ -54,8 +54,8 @@ RECIPES = {
 BASE_VOCAB = 32000
 MULTI30K_FILES = [f"{split}.{lang}" for split in ("train", "val", "test_2016_flickr") for lang in ("de", "en")]
 STAGES = ("prepare", "transformer", "rnn", "bench-train", "bench-decode", "compile")
-# A dry run makes every model this small, so that the whole command runs in a minute on a CPU,
-# and logs often enough that its few updates are seen.
+# A dry run makes every model this small, so that the whole command runs in minutes on a CPU
+# (7 on 2 cores), and logs often enough that its few updates are seen.
 DRY_RUN = ["model.embed_dim=32", "model.ff_dim=64", "model.heads=2", "model.enc_layers=1",
            "model.dec_layers=1", "model.hidden_dim=32", "train.log_every=2"]
 WHEEL_PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
@@ -94,6 +94,18 @@ class OutOfTime(BaseException):
     """The run's wall-clock budget is spent. Not an Exception, so that no `except Exception` on
     the way (a fallback, a retry) takes it for a failure of its own and carries on."""
 
+    reason = "the run's time limit was reached"
+
+
+class Stopped(OutOfTime):
+    """SIGTERM or SIGINT (a machine taken back, Ctrl-C): the run ends as when its time is spent,
+    keeping what it measured, then exits with the signal's status."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.reason = f"stopped by {signal.Signals(signum).name}"
+
 
 def normalized(name: str) -> str:
     """A distribution's name as PEP 503 compares them: PyYAML, pyyaml and py_yaml are one."""
@@ -108,14 +120,15 @@ def is_installed(name: str) -> bool:
     return True
 
 
-def install_bundle(bundle: Path, log: Callable[[str], None]) -> list[str]:
-    """Install the bundle's wheels whose distributions this Python lacks into a temporary folder
-    put first on the import path (this process's and its children's); returns their names."""
+def install_bundle(bundle: Path, target: Path, log: Callable[[str], None]) -> list[str]:
+    """Install the bundle's wheels whose distributions this Python lacks into the folder `target`
+    (the run's work folder's), put first on the import path (this process's and its children's);
+    returns their names."""
     wheels = sorted((bundle / "wheels").glob("*.whl"))
     missing = [w for w in wheels if not is_installed(w.name.split("-")[0])]
     if not missing:
         return []
-    target = Path(tempfile.mkdtemp(prefix="nmt-gpu-check-site-"))
+    target.mkdir(parents=True, exist_ok=True)
     log(f"installing {len(missing)} wheel(s) from {bundle} into {target}")
     try:
         subprocess.run(
@@ -209,19 +222,26 @@ class Run:
         started = time.monotonic()
         record: dict = {"status": "running"}
         self.report["stages"][name] = self.record = record  # a stage may fill it as it goes
+        cut: OutOfTime | None = None
         try:
             record.update(measure())
             record["status"] = "done"
-        except OutOfTime:
-            record["status"] = "cut short: the run's time limit was reached"
+        except OutOfTime as e:
+            cut = e
+            record["status"] = f"cut short: {e.reason}"
         except Exception as e:  # a failed stage is reported, and the next one still runs
             text = str(e).strip().splitlines()
             record["status"] = f"failed: {type(e).__name__}: {text[0] if text else ''}"
             self.log(f"stage {name} {record['status']}")
         record["seconds"] = round(time.monotonic() - started, 1)
         self.save()
-        if record["status"].startswith("cut short"):
-            raise OutOfTime
+        if cut is not None:
+            raise cut
+
+    def log_and_save(self, message: str) -> None:
+        """The bench's log: each row it logs is on disk too, for a run killed outright."""
+        self.log(message)
+        self.save()
 
     # The stages.
 
@@ -301,7 +321,7 @@ class Run:
                 data=self.corpus, out=self.work / f"bench-{name}.json", recipes=recipes, sections=sections,
                 device=self.cc.device, steps=self.cc.bench_steps, repeats=self.cc.repeats, vocab_size=self.cc.vocab_size,
                 work_dir=self.work, ctranslate2=False, **options,
-            ), log=self.log, report=report)
+            ), log=self.log_and_save, report=report)
         finally:
             if "matmul" in report:  # its header is in: the rows so far make a table
                 self.record["table"] = format_report(report)
@@ -447,8 +467,10 @@ def run_check(cc: CheckConfig, log: Callable[[str], None] = lambda m: print(m, f
     work = Path(temporary.name) if temporary else Path(cc.work_dir)
     if cc.dry_run:
         corpus = sample_corpus(corpus, work / "corpus-sample")
-    previous = signal.signal(signal.SIGALRM, _out_of_time)
+    handlers = {signum: signal.signal(signum, handler) for signum, handler in
+                ((signal.SIGALRM, _out_of_time), (signal.SIGTERM, _stopped), (signal.SIGINT, _stopped))}
     signal.alarm(max(int(cc.total_minutes * 60), 1))  # the installation counts too
+    stopped: Stopped | None = None
     try:
         run = Run(cc, work, corpus, log)
         run.report["environment"] = environment(run.device, cc.bundle)
@@ -457,18 +479,23 @@ def run_check(cc: CheckConfig, log: Callable[[str], None] = lambda m: print(m, f
         try:
             install_into_report(run, cc.bundle, log)
             run.run()
-        except OutOfTime:
+        except OutOfTime as e:
+            stopped = e if isinstance(e, Stopped) else None
             for name in cc.stages:
-                run.report["stages"].setdefault(name, {"status": "skipped: the run's time limit was reached"})
+                run.report["stages"].setdefault(name, {"status": f"skipped: {e.reason}"})
             run.save()
-        return run.report
     finally:
         signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
         if cc.record_imports:
             cc.record_imports.write_text("\n".join(imported_distributions()) + "\n")
         if temporary:
             temporary.cleanup()
+    if stopped is not None:
+        log(f"gpu-check {stopped.reason}; what it measured is in {cc.out}")
+        raise SystemExit(128 + stopped.signum)
+    return run.report
 
 
 def install_into_report(run: Run, bundle: Path | None, log: Callable[[str], None]) -> None:
@@ -477,7 +504,7 @@ def install_into_report(run: Run, bundle: Path | None, log: Callable[[str], None
     from nmt.errors import first_line
 
     try:
-        run.report["environment"]["installed_from_bundle"] = install_bundle(bundle, log) if bundle else []
+        run.report["environment"]["installed_from_bundle"] = install_bundle(bundle, run.work / "site-packages", log) if bundle else []
     except Exception as e:
         run.report["environment"]["install_error"] = f"{type(e).__name__}: {first_line(e)}"
         log(f"installing the bundle failed: {first_line(e)}")
@@ -500,6 +527,10 @@ def sample_corpus(corpus: Path, out: Path, train_lines: int = 3000, held_out_lin
 
 def _out_of_time(signum, frame) -> None:
     raise OutOfTime
+
+
+def _stopped(signum, frame) -> None:
+    raise Stopped(signum)
 
 
 def imported_distributions() -> list[str]:

@@ -102,6 +102,37 @@ def test_a_bench_stage_cut_short_keeps_its_rows_and_a_failed_install_is_reported
     assert re.search(r"^transformer\s+plain", written["stages"]["bench-train"]["table"], re.MULTILINE)
 
 
+@pytest.mark.slow
+def test_a_signal_stops_the_run_and_keeps_each_row_measured(multi30k_toy, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import nmt.bench
+
+    measured = nmt.bench.bench_training
+
+    def terminated_at_the_second(*args, **kwargs):
+        if calls:  # the first row is on disk already, for a run killed outright
+            written = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
+            assert [r["model"] for r in written["stages"]["bench-train"]["report"]["train"]] == ["transformer"]
+            os.kill(os.getpid(), signal.SIGTERM)
+        calls.append(1)
+        return measured(*args, **kwargs)
+
+    calls: list[int] = []
+    monkeypatch.setattr(nmt.bench, "bench_training", terminated_at_the_second)
+    before = signal.getsignal(signal.SIGTERM)
+    config = CheckConfig(out=tmp_path / "out", data=multi30k_toy, dry_run=True, vocab_size=40,
+                         stages=("prepare", "bench-train", "compile"))
+    with pytest.raises(SystemExit) as stopped:
+        run_check(config, log=lambda message: None)
+    assert stopped.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) == before
+    written = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
+    assert {name: s["status"] for name, s in written["stages"].items()} == {
+        "prepare": "done", "bench-train": "cut short: stopped by SIGTERM", "compile": "skipped: stopped by SIGTERM"}
+    assert [r["model"] for r in written["stages"]["bench-train"]["report"]["train"]] == ["transformer"]
+
+
 def _wheel(folder, name, module_text):
     """A minimal pure-Python wheel of distribution `name` with one module."""
     path = folder / f"{name}-1.0-py3-none-any.whl"
@@ -121,7 +152,7 @@ def test_bundle_installs_only_what_this_python_lacks(tmp_path, monkeypatch):
     _wheel(wheels, "sentencepiece", "raise ImportError('the installed sentencepiece must be used')\n")
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setenv("PYTHONPATH", "")
-    installed = install_bundle(tmp_path / "bundle", log=lambda message: None)
+    installed = install_bundle(tmp_path / "bundle", tmp_path / "site", log=lambda message: None)
     assert installed == ["nmt_bundle_probe"]
     import nmt_bundle_probe
 
@@ -140,7 +171,7 @@ def test_without_pip_the_wheels_are_unpacked(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setenv("PYTHONPATH", "")
     monkeypatch.setattr(sys, "executable", "/nonexistent/python")  # `python -m pip` cannot run
-    assert install_bundle(tmp_path / "bundle", log=lambda message: None) == ["nmt_unpacked_probe"]
+    assert install_bundle(tmp_path / "bundle", tmp_path / "site", log=lambda message: None) == ["nmt_unpacked_probe"]
     import nmt_unpacked_extra
     import nmt_unpacked_probe
 
