@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from nmt.corpora import LOCAL_MULTI30K
 from nmt.errors import NmtError
 
 app = typer.Typer(
@@ -196,13 +197,13 @@ def _print_mono_summary(out: Path, manifest) -> None:
     typer.echo(f"vocab: joint {manifest.vocab.type}, {manifest.vocab.src_size} pieces")
 
 
-def _relaunch(devices: int) -> None:
+def _relaunch(devices: int, device: str) -> None:
     """Run the user's own command line again in `devices` processes under torchrun (each of
-    them sees WORLD_SIZE and trains instead of relaunching)."""
+    them sees WORLD_SIZE and trains instead of relaunching); `device` is checked first."""
     from nmt.distributed import launch
 
     with user_errors():
-        code = launch(devices, sys.argv[1:])
+        code = launch(devices, sys.argv[1:], device)
     raise typer.Exit(code)
 
 
@@ -247,13 +248,15 @@ def train(
     from nmt.train import TOO_MANY_SKIPPED
     from nmt.train import train as run_train
 
-    if devices != 1 and "WORLD_SIZE" not in os.environ:
-        _relaunch(devices)
     overrides = _overrides(set_, data, out, device)
     if init is not None:
         overrides.append(f"train.init={json.dumps(str(init))}")
     with user_errors():
-        result = run_train(load_config(config, overrides), resume=resume, overwrite=overwrite, progress=progress)
+        settings = load_config(config, overrides)
+    if devices != 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch(devices, settings.train.device)
+    with user_errors():
+        result = run_train(settings, resume=resume, overwrite=overwrite, progress=progress)
     _report(result)
     if result.stop_reason == TOO_MANY_SKIPPED:
         raise typer.Exit(1)
@@ -281,15 +284,16 @@ def pretrain(
     from nmt.config import load_config
     from nmt.pretrain import pretrain as run_pretrain
 
-    if devices != 1 and "WORLD_SIZE" not in os.environ:
-        _relaunch(devices)
     overrides = _overrides(set_, None, out, device)
     if nsp is not None:
         overrides.append(f"pretrain.next_sentence={str(nsp).lower()}")
     with user_errors():
+        settings = load_config(config, overrides)
+    if devices != 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch(devices, settings.train.device)
+    with user_errors():
         result = run_pretrain(
-            load_config(config, overrides), list(text or []), vocab, vocab_size, resume=resume, overwrite=overwrite,
-            progress=progress, data=data,
+            settings, list(text or []), vocab, vocab_size, resume=resume, overwrite=overwrite, progress=progress, data=data,
         )
     _report(result)
 
@@ -566,7 +570,7 @@ def plot(
 
 @app.command("bench-scale")
 def bench_scale(
-    data: Annotated[Path, typer.Option(help="Folder with the Multi30k training files (train.de.gz, train.en.gz).")] = Path("../shared/data/multi30k"),
+    data: Annotated[Path, typer.Option(help="Folder with the Multi30k training files (train.de.gz, train.en.gz).")] = LOCAL_MULTI30K,
     pairs: Annotated[int, typer.Option(help="Pairs in the synthetic corpus (WMT14 en-de has 4.5M).")] = 4_500_000,
     ratio: Annotated[int, typer.Option(help="Also measure a corpus this many times smaller.")] = 10,
     steps: Annotated[int, typer.Option(help="Training updates of the small model.")] = 200,
@@ -590,7 +594,7 @@ def bench_scale(
 @app.command("bench-serve")
 def bench_serve(
     model_dir: Annotated[Path, typer.Argument(help="Checkpoint directory (or export with --engine ctranslate2).")],
-    src: Annotated[Path, typer.Option(help="Lines to send, one request each.")] = Path("../shared/data/multi30k/test_2016_flickr.de.gz"),
+    src: Annotated[Path, typer.Option(help="Lines to send, one request each.")] = LOCAL_MULTI30K / "test_2016_flickr.de.gz",
     clients: Annotated[str, typer.Option(help="Comma-separated numbers of concurrent clients.")] = "1,8,32",
     lines: Annotated[int | None, typer.Option(help="Send only the first N lines.")] = None,
     beam: Annotated[int | None, typer.Option(help="Beam size (default: the model's).")] = None,
@@ -608,9 +612,7 @@ def bench_serve(
             raise NmtError(f"--clients must be numbers separated by commas (got {clients!r})") from None
         if not counts or min(counts) < 1:
             raise NmtError("--clients needs numbers of 1 or more")
-        report = run_bench(model_dir, src, counts, lines, beam, device, engine, echo=typer.echo)
-        if out is not None:
-            out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        run_bench(model_dir, src, counts, lines, beam, device, engine, echo=typer.echo, out=out)
 
 
 def _named_paths(values: list[str] | None, option: str) -> dict[str, Path]:
@@ -626,7 +628,7 @@ def _named_paths(values: list[str] | None, option: str) -> dict[str, Path]:
 
 @app.command()
 def bench(
-    data: Annotated[Path, typer.Option(help="Folder with the Multi30k files (train.de.gz, val.*, test_2016_flickr.*).")] = Path("../shared/data/multi30k"),
+    data: Annotated[Path, typer.Option(help="Folder with the Multi30k files (train.de.gz, val.*, test_2016_flickr.*).")] = LOCAL_MULTI30K,
     out: Annotated[Path, typer.Option("--out", "-o", help="JSON report.")] = Path("bench.json"),
     sections: Annotated[str, typer.Option(help="Comma-separated: train, ttq (time to quality), decode.")] = "train,ttq,decode",
     recipe: Annotated[list[str] | None, typer.Option(help="NAME=CONFIG to benchmark (repeatable); default: the Multi30k transformer and rnn recipes for the device.")] = None,

@@ -7,6 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
+from nmt.errors import DataError
+
 
 def file_mode() -> int:
     """The mode a new file gets from the process's umask, as open() gives it (0644 under 022).
@@ -124,3 +126,14 @@ def open_text_atomic(path: Path):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+def check_output_file(path: Path) -> None:
+    """Refuse, before the work, an output file that cannot be written: a folder, or one in a
+    folder that cannot be made."""
+    if path.is_dir():
+        raise DataError(f"cannot write {path}: it is a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot write {path}: {e.strerror or e}") from None

@@ -37,10 +37,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from nmt import __version__
-from nmt.atomic import write_text_atomic
+from nmt.atomic import check_output_file, write_text_atomic
 from nmt.batches import make_batch, token_batches
 from nmt.checkpoint import load_for_inference
 from nmt.config import Config, DecodeConfig, load_config
+from nmt.corpora import LOCAL_MULTI30K, PROJECT_ROOT
 from nmt.data import ParallelSplit, read_lines
 from nmt.devices import (
     cpu_multiplies_natively,
@@ -76,7 +77,7 @@ DATASHEET_PEAKS = {
 
 @dataclass
 class BenchConfig:
-    data: Path = Path("../shared/data/multi30k")  # Multi30k files: train.de.gz, val.*, test_2016_flickr.*
+    data: Path = LOCAL_MULTI30K  # Multi30k files: train.de.gz, val.*, test_2016_flickr.*
     out: Path = Path("bench.json")
     # Model configs by name; default: recipes/multi30k/{transformer,rnn}-{gpu,cpu}.yaml for the device.
     recipes: dict[str, Path] | None = None
@@ -390,7 +391,10 @@ def plan_bench(bc: BenchConfig) -> BenchPlan:
             if not (bc.data / f"{split}.{lang}.gz").exists() and not (bc.data / f"{split}.{lang}").exists():
                 raise DataError(f"Multi30k file {bc.data / f'{split}.{lang}.gz'} not found (pass --data)")
     kind = "gpu" if gpu else "cpu"
-    recipes = bc.recipes or {name: Path(f"recipes/multi30k/{name}-{kind}.yaml") for name in ("transformer", "rnn")}
+    recipes = bc.recipes or {name: PROJECT_ROOT / f"recipes/multi30k/{name}-{kind}.yaml" for name in ("transformer", "rnn")}
+    unknown = set(bc.checkpoints) - set(recipes)
+    if unknown:
+        raise ConfigError(f"--checkpoint {', '.join(sorted(unknown))}: no recipe of that name ({', '.join(recipes)})")
     configs = {}
     for name, path in recipes.items():
         configs[name] = load_config(path)
@@ -429,17 +433,6 @@ def run_bench(bc: BenchConfig, log: Callable[[str], None] = lambda m: print(m, f
     except OSError as e:
         raise DataError(f"cannot write {bc.out}: {e.strerror or e}") from None
     return report
-
-
-def check_output_file(path: Path) -> None:
-    """Refuse, before the work, an output file that cannot be written: a folder, or one in a
-    folder that cannot be made."""
-    if path.is_dir():
-        raise DataError(f"cannot write {path}: it is a folder")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def prepare_bench_data(multi30k: Path, data_dir: Path, vocab_size: int, log: Callable[[str], None]) -> None:

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nmt.atomic import check_output_file, write_text_atomic
+from nmt.corpora import LOCAL_MULTI30K
 from nmt.data import find_side_file, read_parallel_files
 from nmt.errors import DataError
 from nmt.files import Manifest
@@ -41,7 +43,7 @@ STREAM_TIMEOUT = 120  # seconds to wait for one answer of nmt translate --stream
 
 @dataclass
 class ScaleBenchConfig:
-    data: Path = Path("../shared/data/multi30k")  # folder with train.SRC.gz and train.TGT.gz
+    data: Path = LOCAL_MULTI30K  # folder with train.SRC.gz and train.TGT.gz
     src: str = "de"
     tgt: str = "en"
     pairs: int = 4_500_000
@@ -227,6 +229,10 @@ def run_scale_bench(config: ScaleBenchConfig) -> dict:
     """Measure the full-size and the smaller corpus; returns the report (also written to `out`)."""
     if config.pairs < 100 or config.ratio < 1 or config.pairs // config.ratio < 100:
         raise DataError("--pairs must be at least 100, and --pairs / --ratio too")
+    if config.steps < 1:
+        raise DataError(f"--steps must be at least 1 (got {config.steps})")
+    if config.out:
+        check_output_file(Path(config.out))
     source = Path(config.data) / "train"
     pairs = list(read_parallel_files(find_side_file(source, config.src), find_side_file(source, config.tgt)))
     work = Path(config.work_dir) if config.work_dir else Path(tempfile.mkdtemp(prefix="nmt-bench-scale-"))
@@ -268,5 +274,5 @@ def _cores() -> int:
 
 def _written(report: dict, config: ScaleBenchConfig) -> dict:
     if config.out:
-        Path(config.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_text_atomic(Path(config.out), json.dumps(report, indent=2) + "\n")
     return report

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nmt.devices import resolve_device
 from nmt.errors import ConfigError
 
 
@@ -89,13 +90,14 @@ def rank_device(ranks: Ranks, device: torch.device) -> torch.device:
     return device
 
 
-def launch(devices: int, command_line: list[str]) -> int:
+def launch(devices: int, command_line: list[str], device: str = "auto") -> int:
     """Run `nmt COMMAND_LINE` (a train or pretrain command, as the user typed it) in `devices`
-    processes on this machine, through torchrun."""
+    processes on this machine, through torchrun; `device` (train.device) is checked before."""
     from torch.distributed.run import main as torchrun
 
     if devices < 1:
         raise ConfigError("--devices must be at least 1")
+    resolve_device(device)  # a missing GPU is one error here, not one per process
     if torch.cuda.is_available() and devices > torch.cuda.device_count():
         raise ConfigError(f"--devices {devices} asked for, but this machine has {torch.cuda.device_count()} GPUs")
     try:

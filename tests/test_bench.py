@@ -93,6 +93,27 @@ def test_bench_cli_reports_bad_input_in_one_line(tmp_path):
         assert result.exit_code == 1 and "cannot write" in result.output and len(result.output.strip().splitlines()) == 1
 
 
+def test_bench_commands_check_their_inputs_and_outputs_first(bench_inputs, tmp_path, monkeypatch):
+    from nmt.bench import plan_bench
+
+    corpus, recipes = bench_inputs
+    runner = CliRunner()
+    write_pairs(tmp_path / "m30k-train" / "train", toy_pairs(300, seed=1), "de", "en")
+    scale = ["bench-scale", "--data", str(tmp_path / "m30k-train"), "--pairs", "200", "--ratio", "2"]
+    for args, named in [([*scale, "--out", str(tmp_path)], "cannot write"), ([*scale, "--steps", "0"], "--steps"),
+                        (["bench-serve", str(tmp_path / "model"), "--lines", "-1"], "--lines must be at least 1"),
+                        (["bench-serve", str(tmp_path / "model"), "--out", str(tmp_path)], "cannot write"),
+                        (["bench", "--data", str(corpus), "--device", "cpu", "--checkpoint", f"typo={tmp_path}"],
+                         "--checkpoint typo: no recipe of that name")]:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1 and named in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    # The default recipes are found from any working directory.
+    monkeypatch.chdir(tmp_path)
+    plan = plan_bench(BenchConfig(data=corpus, out=tmp_path / "b.json", device="cpu"))
+    assert set(plan.configs) == {"transformer", "rnn"}
+
+
 @pytest.mark.slow
 def test_scale_bench_reports_both_corpus_sizes_and_their_ratios(tmp_path):
     from nmt.bench_scale import ScaleBenchConfig, run_scale_bench

@@ -96,3 +96,14 @@ def test_two_processes_resume_as_if_never_stopped(data_dir, tmp_path):
     halves, _ = _losses(tmp_path / "halves")
     assert [r["step"] for r in halves] == [2, 4, 6, 8]
     assert [r["loss"] for r in halves] == [r["loss"] for r in whole]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is asked for where there is none")
+def test_a_missing_gpu_is_one_error_before_any_process_starts(data_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "nmt_cli", "train", "--data", str(data_dir), "--out", str(tmp_path / "m"),
+         "--device", "cuda", "--devices", "2", "--no-progress", *MODEL, *TRAIN],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1 and "CUDA is not available" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

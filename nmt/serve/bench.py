@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nmt.atomic import check_output_file, write_text_atomic
 from nmt.data import read_lines
 from nmt.errors import DataError
 from nmt.translate import load_text_translator
@@ -40,10 +41,15 @@ class LoadResult:
 
 def bench_serve(
     model_dir: Path, source: Path, clients: Sequence[int] = (1, 8, 32), lines: int | None = None, beam: int | None = None,
-    device: str = "auto", engine: str = "nmt", echo: Callable[[str], None] = print,
+    device: str = "auto", engine: str = "nmt", echo: Callable[[str], None] = print, out: Path | None = None,
 ) -> dict:
     """Each client count against a server that batches and one that does not (each a process
-    of its own); returns the results and the ratio of batched to one-at-a-time throughput."""
+    of its own); returns the results and the ratio of batched to one-at-a-time throughput (also
+    written to `out`, which is checked first)."""
+    if lines is not None and lines < 1:
+        raise DataError(f"--lines must be at least 1 (got {lines})")
+    if out is not None:
+        check_output_file(Path(out))
     sources = list(read_lines(Path(source)))[:lines]
     if not sources:
         raise DataError(f"{source} has no lines")
@@ -62,9 +68,12 @@ def bench_serve(
     ratios = {str(b.clients): round(b.sentences_per_second / a.sentences_per_second, 2)
               for a, b in zip(results["one_at_a_time"], results["batched"])}
     echo("batched / one at a time: " + ", ".join(f"{n} clients {r}x" for n, r in ratios.items()))
-    return {"model": str(model_dir), "source": str(source), "sentences": len(sources), "engine": engine,
-            "beam": translator.decode.beam, **{mode: [asdict(r) for r in rs] for mode, rs in results.items()},
-            "speedup": ratios}
+    report = {"model": str(model_dir), "source": str(source), "sentences": len(sources), "engine": engine,
+              "beam": translator.decode.beam, **{mode: [asdict(r) for r in rs] for mode, rs in results.items()},
+              "speedup": ratios}
+    if out is not None:
+        write_text_atomic(Path(out), json.dumps(report, indent=2) + "\n")
+    return report
 
 
 def run_clients(url: str, sources: list[str], expected: list[str], pair: dict, clients: int) -> LoadResult:
