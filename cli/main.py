@@ -178,7 +178,7 @@ def _print_multilingual_summary(out: Path, manifest) -> None:
         cleaning = manifest.direction_cleaning.get(direction)
         dropped = "" if cleaning is None else (
             "; read {pairs_read}, dropped {empty} empty, {too_long} too long, {ratio} by ratio, {duplicates} duplicates, "
-            "{overlap_with_valid_test} in valid/test, {held_out_elsewhere} held out in other directions".format(**cleaning))
+            "{overlap_with_valid_test} in valid/test, {sharing_held_out_sentence} sharing a sentence with a held-out set".format(**cleaning))
         typer.echo(f"{direction:>7}: " + ", ".join(f"{counts[s]['pairs']} {s}" for s in ("train", "valid", "test") if s in counts) + dropped)
     vocab = manifest.vocab
     sample = manifest.input.get("spm_sample") or {}

@@ -138,8 +138,8 @@ class TrainConfig:
             raise ConfigError("train.ema_decay must be in [0, 1) (0: off)")
         if not 0.0 <= self.word_dropout < 1.0:
             raise ConfigError("train.word_dropout must be in [0, 1)")
-        if self.lang_temperature < 0:
-            raise ConfigError("train.lang_temperature must be positive (or 0: the data dir's)")
+        if self.lang_temperature:  # 0: the data dir's
+            _in_range("train.lang_temperature", self.lang_temperature, *LANG_TEMPERATURES)
         for direction, weight in self.direction_weights.items():
             if not weight > 0 or not math.isfinite(weight):
                 raise ConfigError(f"train.direction_weights.{direction} must be a positive number (got {weight!r})")
@@ -239,6 +239,8 @@ MAX_BEAM = 1000
 MAX_LEN_A, MAX_LEN_B = 1000.0, 100_000
 MAX_LEN_PENALTY = 100.0
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
+# Language sampling temperatures: beyond them, size^(1/T) leaves float64's range.
+LANG_TEMPERATURES = (0.01, 1000.0)
 
 
 def _in_range(key: str, value: float, low: float, high: float) -> None:

@@ -180,6 +180,12 @@ def evaluate_directions(
     unknown = [d for d in directions or [] if d not in known]
     if unknown:
         raise DataError(f"{data_dir} has no {split} set for {', '.join(unknown)} (it has {', '.join(known)})")
+    if pivot is not None:  # the directions that go through the pivot: by default, those without it
+        through = [d for d in directions or known if pivot not in d.split("-")]
+        if directions and len(through) < len(directions) or not through:
+            raise DataError(f"--pivot {pivot}: choose --directions without {pivot} "
+                            f"({', '.join(through) if through else 'this data dir has none'})")
+        directions = through
     vocab_info = VocabInfo.read(model_dirs[0])
     candidates = sorted(vocab_info.languages) or [x for x in (vocab_info.src_lang, vocab_info.tgt_lang) if x]
     # Zero-shot: what the model was not trained on (the data dir may come from another run).

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from nmt import __version__
+from nmt.config import LANG_TEMPERATURES
 from nmt.data import PairCleaner, find_side_file, pair_hash, read_parallel_files
 from nmt.errors import ConfigError, DataError
 from nmt.files import Manifest, pack_pieces
@@ -208,14 +209,18 @@ def check_config(config: MultilingualConfig) -> None:
     overlap = set(config.zero_shot) & set(config.directions)
     if overlap:
         raise DataError(f"{', '.join(sorted(overlap))}: a zero-shot direction is one not trained on")
+    if config.zero_shot and (config.tsvs or config.corpora):
+        raise DataError("--zero-shot directions are read from --valid and --test file prefixes, which go with "
+                        "--train inputs (a --tsv or --corpus input holds no zero-shot sets)")
     if config.zero_shot and not (config.valids and config.tests):
         raise DataError("--zero-shot directions are read from the --valid and --test file prefixes")
     if base.split_by is not None:
         missing = [d for d in config.directions if base.split_by not in direction_languages(d)]
         if missing:
             raise DataError(f"--split-by {base.split_by}: not a language of {', '.join(missing)}")
-    if config.lang_temperature <= 0:
-        raise DataError("--lang-temperature must be positive")
+    low, high = LANG_TEMPERATURES
+    if not low <= config.lang_temperature <= high:  # NaN too
+        raise DataError(f"--lang-temperature must be between {low:g} and {high:g} (got {config.lang_temperature})")
 
 
 def _pick(values: list, index: int):
@@ -256,7 +261,7 @@ def _build(directory: Path, config: MultilingualConfig, progress: bool) -> Manif
     unk = _write_held_out(directory, held_out, tokenizer, dtype, direction_counts)
     shutil.rmtree(work)
     stages.done("valid_test")
-    cleaning = {d: {**c.cleaning(), "held_out_elsewhere": lost[d]} for d, c in corpora.items()}
+    cleaning = {d: {**c.cleaning(), "sharing_held_out_sentence": lost[d]} for d, c in corpora.items()}
     return _manifest(directory, config, corpora, languages, tokenizer, direction_counts, train_counts, cleaning, unk,
                      sample_counts, stages, dtype)
 

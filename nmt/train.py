@@ -447,6 +447,9 @@ def train(
     for key in ("direction_weights", "lang_temperature"):
         if getattr(config.train, key) and not manifest.multilingual:
             raise ConfigError(f"train.{key} needs a multilingual data dir (nmt prepare --directions); {data_dir} has one direction")
+    if manifest.multilingual and not config.train.lang_temperature:  # the data dir's, written with the run for --resume
+        config = dataclasses.replace(config, train=dataclasses.replace(
+            config.train, lang_temperature=manifest.lang_temperature or 1.0))
     task_type = MultilingualTranslationTask if manifest.multilingual else TranslationTask
     return run_training(
         lambda ranks: task_type(config, data_dir, manifest), config, save_dir, resume, overwrite, progress, log, started
@@ -535,6 +538,8 @@ def check_same_batches(save_dir: Path, config: Config, processes: int) -> None:
         old, new = getattr(saved, key), getattr(config.train, key)
         if key == "direction_weights":
             old, new = changed_weights(old), changed_weights(new)
+        if key == "lang_temperature" and not old:  # a run from before the temperature in use was saved
+            continue
         if old != new:
             raise ConfigError(
                 f"train.{key} is {new!r} but the run in {save_dir} was trained with {old!r}; "

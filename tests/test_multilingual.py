@@ -3,6 +3,7 @@ per-direction validation, --tgt-lang, --pivot and per-direction evaluation."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -255,6 +256,25 @@ def trained(data_dir, tmp_path_factory) -> Path:
                       max_steps=60, valid_every=60)
 
 
+def test_resume_compares_the_sampling_temperature_in_use(trained, data_dir, tmp_path):
+    import shutil
+
+    from nmt.checkpoint import read_config
+    from nmt.errors import ConfigError
+    from nmt.train import train
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    config = read_config(run)
+    assert config.train.lang_temperature == Manifest.read(data_dir).lang_temperature  # saved as used
+    config.save_dir, config.train.max_steps = str(run), 62
+    train(dataclasses.replace(config, train=dataclasses.replace(config.train, lang_temperature=0.0)),
+          resume=True, progress=False)  # 0: the data dir's, the same
+    config.train.max_steps, config.train.lang_temperature = 64, 3.0
+    with pytest.raises(ConfigError, match="lang_temperature is 3.0"):
+        train(config, resume=True, progress=False)
+
+
 def test_translate_needs_a_target_language_the_model_knows(trained):
     result = runner.invoke(app, ["translate", str(trained)], input="w1 w2\n")
     assert_one_line_error(result, "multilingual", "--tgt-lang", "aa, bb, cc")
@@ -308,6 +328,12 @@ def test_evaluate_scores_each_direction_of_a_multilingual_data_dir(trained, data
     assert all(r["off_target_percent"] is None for r in directions.values())  # no identifier knows the toy languages
     result = runner.invoke(app, ["evaluate", "--model", str(trained), "--data", str(data_dir), "--directions", "cc-aa"])
     assert_one_line_error(result, "cc-aa", "aa-bb")
+    # Through a pivot: by default the directions without it; one with it is refused before translating.
+    pivoted = ["evaluate", "--model", str(trained), "--data", str(data_dir), "--json", "--beam", "1", "--pivot", "aa"]
+    result = runner.invoke(app, pivoted)
+    assert result.exit_code == 0, result.output
+    assert [r["direction"] for r in json.loads(result.stdout)["directions"]] == ["bb-cc"]
+    assert_one_line_error(runner.invoke(app, [*pivoted, "--directions", "bb-cc,aa-bb"]), "--pivot aa", "bb-cc")
 
 
 
@@ -352,6 +378,12 @@ def test_prepare_directions_errors_are_one_line(tmp_path):
     assert_one_line_error(result, "3 --tsv", "1 directions")
     result = runner.invoke(app, [*common, "--directions", "aa-xx"])
     assert_one_line_error(result, "train.xx")
+    for temperature in ("nan", "1e-9"):
+        result = runner.invoke(app, [*common, "--directions", "aa-bb", "--lang-temperature", temperature])
+        assert_one_line_error(result, "--lang-temperature must be between")
+    tsv = ["prepare", "--tsv", "a.tsv", "--tsv-langs", "aa,bb", "--out", str(tmp_path / "out"), "--no-progress"]
+    result = runner.invoke(app, [*tsv, "--directions", "aa-bb", "--zero-shot", "bb-aa"])
+    assert_one_line_error(result, "--zero-shot", "--train")
     assert not (tmp_path / "out").exists()
 
 
@@ -368,7 +400,7 @@ def test_one_tsv_per_direction(tmp_path):
     for d, read in (("aa-bb", 120), ("aa-cc", 60)):
         cleaning = manifest.direction_cleaning[d]
         assert cleaning["pairs_read"] == read
-        assert manifest.direction_counts[d]["train"]["pairs"] == read - 10 - cleaning["held_out_elsewhere"]
+        assert manifest.direction_counts[d]["train"]["pairs"] == read - 10 - cleaning["sharing_held_out_sentence"]
     assert "aa-cc: " in result.output and "aa-bb: " in result.output
     assert list(read_lines(tmp_path / "data" / "test.aa-cc.tgt.txt"))[0].startswith("z")
     # Each direction carves its own held-out pairs; none of their sentences is trained on elsewhere.
@@ -378,7 +410,7 @@ def test_one_tsv_per_direction(tmp_path):
     for d in ("aa-bb", "aa-cc"):
         held = [ids for split in ("valid", "test") for ids in tokenizer.encode_src(list(read_lines(data / f"{split}.{d}.src.txt")))]
         assert not {tuple(ids) for ids in held} & trained_aa
-    assert manifest.direction_cleaning["aa-bb"]["held_out_elsewhere"] > 0
+    assert manifest.direction_cleaning["aa-bb"]["sharing_held_out_sentence"] > 0
     result = runner.invoke(app, ["prepare", "--directions", "aa-bb,aa-cc", "--tsv", str(ab), "--tsv", str(ac),
                                  "--tsv-langs", "bb,aa", "--out", str(tmp_path / "swapped")])
     assert_one_line_error(result, "--tsv-langs", "a --tsv per direction")
