@@ -354,7 +354,9 @@ def _read_step(choice: _Continuations, at_limit: torch.Tensor, K: int, length: i
 
 def _sentence_done(hyps: list[Hypothesis], K: int, best_alive: float, at_limit: bool) -> bool:
     """Done at its length limit, or once its K finished hypotheses all score at least as well as
-    the best live beam would if it ended now (log-probs only fall as a hypothesis grows)."""
+    the best live beam would if it ended now. Exact without a length penalty (log-probs only fall
+    as a hypothesis grows); with one, a longer hypothesis divides by a larger length and may still
+    have won, rarely (fairseq's and Hugging Face's rule too, and what the recipes measured)."""
     return at_limit or (len(hyps) == K and min(h.score for h in hyps) >= best_alive)
 
 

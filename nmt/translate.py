@@ -9,7 +9,7 @@ import json
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -32,7 +32,7 @@ from nmt.models.attention import AttentionChoice
 from nmt.normalize import Normalization
 from nmt.search import Hypothesis, Sampling, StepRules, beam_search, greedy_search, output_limits, sample_search
 from nmt.static_decoding import StaticDecoding, StaticStepModel
-from nmt.tokenizer import EOS, PAD, Tokenizer
+from nmt.tokenizer import EOS, PAD, UNK, Tokenizer
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
@@ -141,6 +141,9 @@ class Translations:
     truncated: list[int]  # 1-based numbers of input lines cut to decode.max_input_tokens
     # with attention: the map of each line's best translation (None for empty lines)
     attention_maps: list[AttentionMap | None] | None = None
+    # 1-based numbers of the lines whose prefix holds characters the target vocabulary lacks
+    # (the output starts with ⁇ in their place)
+    unknown_in_prefix: list[int] = field(default_factory=list)
 
 
 def translate_lines(
@@ -181,6 +184,7 @@ class EncodedLines:
     sources: list[list[int]]  # their source ids (no EOS), cut to decode.max_input_tokens
     prefixes: list[list[int]] | None  # their target prefixes' ids ([]: none); None without prefixes
     truncated: list[int]  # 1-based numbers of the lines that were cut
+    unknown_in_prefix: list[int] = field(default_factory=list)  # 1-based numbers of lines with UNK in the prefix
 
 
 def encode_lines(
@@ -201,8 +205,10 @@ def encode_lines(
     if prefixes is not None:
         normalize_target = normalize_target or Normalization()
         prefix_ids = tokenizer.encode_tgt([clean_whitespace(normalize_target(prefixes[i])) for i in non_empty])
+        unknown = [first_line + i for i, ids in zip(non_empty, prefix_ids) if UNK in ids]
         if decode.prefix_only:  # the translation ends where its prefix does
             prefix_ids = [ids + [EOS] if ids else ids for ids in prefix_ids]
+        return EncodedLines(non_empty, encoded, prefix_ids, truncated, unknown)
     return EncodedLines(non_empty, encoded, prefix_ids, truncated)
 
 
@@ -229,7 +235,7 @@ def collect_translations(
                 output=tokenizer.tgt_pieces(best.tokens) + [EOS_LABEL] * eos_rows,
                 weights=best.attention.numpy(),
             )
-    return Translations(hypotheses, texts, encoded.truncated, maps if attention else None)
+    return Translations(hypotheses, texts, encoded.truncated, maps if attention else None, encoded.unknown_in_prefix)
 
 
 def format_output(translations: Translations, nbest: int, first_index: int = 0) -> str:
@@ -531,7 +537,7 @@ def translate_file(
     chunk_lines = 1 if stream else translator.decode.chunk_lines
     chunks = _chunks(lines, prefixes, chunk_lines, "stdin" if input_path is None else str(input_path), str(prefix_path))
     maps: list[AttentionMap | None] = []
-    count, truncated = 0, 0
+    count, truncated, unknown = 0, 0, 0
     with _output(output_path) as out:
         bar = tqdm(desc="translating", unit="line", disable=None if output_path is not None else True, file=sys.stderr)
         for chunk, chunk_prefixes in chunks:
@@ -540,6 +546,11 @@ def translate_file(
                 if truncated < 5:
                     warn(f"warning: line {lineno} has more than {translator.decode.max_input_tokens} tokens and was truncated")
                 truncated += 1
+            for lineno in result.unknown_in_prefix:
+                if unknown < 5:
+                    warn(f"warning: line {lineno}: its prefix holds characters the target vocabulary lacks; "
+                         "the output has ⁇ in their place")
+                unknown += 1
             out.write(format_output(result, translator.decode.nbest, count))
             out.flush()
             maps.extend(result.attention_maps or [])
@@ -548,6 +559,8 @@ def translate_file(
         bar.close()
     if truncated > 5:
         warn(f"warning: {truncated} lines were truncated in all")
+    if unknown > 5:
+        warn(f"warning: {unknown} prefixes held characters the target vocabulary lacks")
     if attention is not None:
         _write_attention(maps, attention, model_dirs, translator, warn)
     return count

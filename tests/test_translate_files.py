@@ -89,6 +89,10 @@ def test_prefix_file_forces_the_start_of_each_translation(trained, tmp_path):
     whole = runner.invoke(app, ["translate", str(model_dir), "-i", str(source), "--prefix", str(prefixes), "--prefix-only",
                                 "--device", "cpu"])
     assert whole.output.splitlines() == ["V9 V9", second, "V0"]  # each prefix is the whole translation
+    prefixes.write_text("V9 漢 V0\n\n\n", encoding="utf-8")  # a character the vocabulary lacks: said, not hidden
+    unknown = runner.invoke(app, ["translate", str(model_dir), "-i", str(source), "--prefix", str(prefixes), "--device", "cpu"])
+    assert unknown.exit_code == 0 and len(unknown.stdout.splitlines()) == 3
+    assert "line 1: its prefix holds characters the target vocabulary lacks" in unknown.stderr
     assert_one_line_error(runner.invoke(app, ["translate", str(model_dir), "--prefix-only"], input="w1\n"),
                           "--prefix-only needs --prefix")
     prefixes.write_text("V1\n", encoding="utf-8")
