@@ -563,21 +563,40 @@ class BundleConfig:
 
 
 def make_bundle(bc: BundleConfig, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
-    """The Multi30k files and the wheels gpu-check needs beyond torch's, in one folder."""
+    """The Multi30k files and the wheels gpu-check needs beyond torch's, in one folder: built
+    beside `bc.out` and put in its place when complete, so that an earlier bundle stays whole
+    until then (and a folder that is not a bundle is never replaced)."""
+    from nmt.atomic import check_replaceable, replace_dir
+
     for name in MULTI30K_FILES:
         if not (bc.data / f"{name}.gz").is_file():
             raise SystemExit(f"error: Multi30k file {bc.data / name}.gz not found (pass --data)")
-    wheels = bc.out / "wheels"
-    shutil.rmtree(bc.out, ignore_errors=True)
+    try:
+        check_replaceable(bc.out, True, "bundle.json", "a gpu-check bundle")
+    except OSError as e:
+        raise SystemExit(f"error: {e}") from None
+    bc.out.parent.mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(prefix=f".{bc.out.name}.new-", dir=bc.out.parent))
+    try:
+        info = _fill_bundle(bc, new, log)
+        replace_dir(new, bc.out)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+    log(f"{bc.out}: {info['megabytes']} MB")
+    return info
+
+
+def _fill_bundle(bc: BundleConfig, out: Path, log: Callable[[str], None]) -> dict:
+    wheels = out / "wheels"
     wheels.mkdir(parents=True)
-    (bc.out / "multi30k").mkdir()
+    (out / "multi30k").mkdir()
     for name in MULTI30K_FILES:
-        shutil.copy2(bc.data / f"{name}.gz", bc.out / "multi30k" / f"{name}.gz")
+        shutil.copy2(bc.data / f"{name}.gz", out / "multi30k" / f"{name}.gz")
     with tempfile.TemporaryDirectory(prefix="nmt-gpu-bundle-") as tmp:
         log("a dry run of gpu-check (CPU) finds the packages it imports")
         record = Path(tmp) / "imports.txt"
         subprocess.run(
-            [sys.executable, "-m", "nmt.gpu_check", "run", "--dry-run", "--data", str(bc.out / "multi30k"),
+            [sys.executable, "-m", "nmt.gpu_check", "run", "--dry-run", "--data", str(out / "multi30k"),
              "--out", str(Path(tmp) / "out"), "--record-imports", str(record)],
             check=True, cwd=ROOT,
         )
@@ -592,14 +611,13 @@ def make_bundle(bc: BundleConfig, log: Callable[[str], None] = lambda m: print(m
          bc.python_version, "--implementation", "cp", *platforms, "-d", str(wheels), *pinned],
         check=True,
     )
-    files = sorted(p for p in bc.out.rglob("*") if p.is_file())
+    files = sorted(p for p in out.rglob("*") if p.is_file())
     info = {
         "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "python_version": bc.python_version, "packages": pinned,
         "megabytes": round(sum(p.stat().st_size for p in files) / 1e6, 1),
     }
-    (bc.out / "bundle.json").write_text(json.dumps(info, indent=2) + "\n")
-    log(f"{bc.out}: {len(files)} files, {info['megabytes']} MB")
+    (out / "bundle.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 

@@ -195,3 +195,33 @@ def test_command_line_options_and_unknown_stages(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(SystemExit, match="error: --out .* is a file"):
         gpu_check.main(["run", "--dry-run", "--out", str(tmp_path / "afile")])
+
+
+def test_a_bundle_replaces_only_an_earlier_bundle_and_only_once_complete(tmp_path, monkeypatch):
+    import gzip
+
+    from nmt.gpu_check import MULTI30K_FILES, BundleConfig, make_bundle
+
+    data = tmp_path / "m30k"
+    data.mkdir()
+    for name in MULTI30K_FILES:
+        with gzip.open(data / f"{name}.gz", "wt") as f:
+            f.write("a line\n")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="not a gpu-check bundle"):
+        make_bundle(BundleConfig(out=mine, data=data), log=lambda message: None)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    earlier = tmp_path / "bundle"
+    earlier.mkdir()
+    (earlier / "bundle.json").write_text("{}")
+
+    def offline(*args, **kwargs):
+        raise subprocess.CalledProcessError(1, args[0])
+
+    monkeypatch.setattr(subprocess, "run", offline)
+    with pytest.raises(subprocess.CalledProcessError):
+        make_bundle(BundleConfig(out=earlier, data=data), log=lambda message: None)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no half-made bundle left
+    assert (earlier / "bundle.json").read_text() == "{}"
