@@ -425,6 +425,12 @@ def run_bench(bc: BenchConfig, log: Callable[[str], None] = lambda m: print(m, f
             training_section(bc, plan, data_dir, report["matmul"], log, report["train"])
         if "ttq" in bc.sections or "decode" in bc.sections:
             quality_and_decoding_sections(bc, plan, data_dir, work_dir, log, report["time_to_quality"], report["decode"])
+    except BaseException:  # Ctrl-C or a failure: the rows measured so far are written all the same
+        if "matmul" in report:
+            report["interrupted"] = True
+            with contextlib.suppress(OSError):
+                write_text_atomic(bc.out, json.dumps(report, indent=2) + "\n")
+        raise
     finally:
         if temporary:
             temporary.cleanup()

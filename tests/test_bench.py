@@ -163,3 +163,20 @@ def test_scale_bench_of_monolingual_text(tmp_path):
         figures = report[size]
         assert figures["sentences"] == sentences and 0 < figures["train_sentences"] < sentences
         assert 0 < figures["train_setup_seconds"] < figures["train_startup_seconds"] < figures["train_seconds"]
+
+
+def test_an_interrupted_bench_writes_what_it_measured(bench_inputs, tmp_path, monkeypatch):
+    import nmt.bench
+
+    corpus, recipes = bench_inputs
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nmt.bench, "training_section", interrupted)
+    out = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(BenchConfig(data=corpus, out=out, recipes=recipes, sections=("train",), device="cpu", repeats=1,
+                              vocab_size=40, work_dir=tmp_path / "work"), log=lambda message: None)
+    report = json.loads(out.read_text())
+    assert report["interrupted"] and report["matmul"]
