@@ -406,6 +406,18 @@ def test_bench_serve_checks_every_answer(model_dirs, tmp_path):
     assert set(report["speedup"]) == {"1", "3"}
 
 
+def test_bench_serve_counts_requests_that_get_no_answer_as_failed():
+    import socket
+
+    from nmt.serve.bench import run_clients
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_clients(f"http://127.0.0.1:{port}", ["a", "b", "c"], ["A", "B", "C"], {}, clients=2)
+    assert (result.failed, result.wrong, result.sentences) == (3, 0, 3)
+
+
 @pytest.mark.slow
 def test_a_ctranslate2_export_serves_the_same_greedy_translations(model_dirs, tmp_path):
     from nmt.export import export_model

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import itertools
 import json
+import math
 import re
 import subprocess
 import sys
@@ -91,9 +92,16 @@ def run_clients(url: str, sources: list[str], expected: list[str], pair: dict, c
         while (i := next(next_line)) < len(sources):
             body = json.dumps({"q": sources[i], **pair})
             start = time.perf_counter()
-            connection.request("POST", "/translate", body, {"Content-Type": "application/json"})
-            response = connection.getresponse()
-            answer = response.read()
+            try:
+                connection.request("POST", "/translate", body, {"Content-Type": "application/json"})
+                response = connection.getresponse()
+                answer = response.read()
+            except (OSError, http.client.HTTPException):  # a timeout or a dropped connection: failed, and a new one
+                connection.close()
+                connection = http.client.HTTPConnection(host, int(port), timeout=120)
+                with lock:
+                    failed += 1
+                continue
             took = time.perf_counter() - start
             with lock:
                 latencies.append(took)
@@ -110,7 +118,7 @@ def run_clients(url: str, sources: list[str], expected: list[str], pair: dict, c
     for thread in threads:
         thread.join()
     seconds = time.perf_counter() - start
-    ms = np.asarray(latencies) * 1000
+    ms = np.asarray(latencies or [math.nan]) * 1000  # NaN: no request was answered
     return LoadResult(clients, len(sources), round(seconds, 2), round(len(sources) / seconds, 1),
                       round(float(np.percentile(ms, 50)), 1), round(float(np.percentile(ms, 99)), 1), wrong, failed)
 
