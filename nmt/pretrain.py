@@ -322,6 +322,9 @@ class MaskedLMTask:
         saved = read_config(save_dir).pretrain
         if saved.next_sentence != self.pc.next_sentence:
             raise ConfigError(f"the model in {save_dir} was pretrained with next_sentence={saved.next_sentence}")
+        if saved.max_tokens != self.pc.max_tokens:  # sentence lengths make the batches
+            raise ConfigError(f"pretrain.max_tokens is {self.pc.max_tokens} but the run in {save_dir} was trained with "
+                              f"{saved.max_tokens}; --resume needs the same value (or start a new run)")
 
     def init_save_dir(self, save_dir: Path) -> None:
         save_dir.mkdir(parents=True, exist_ok=True)

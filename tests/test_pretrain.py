@@ -584,6 +584,8 @@ def test_a_pretraining_that_cannot_start_keeps_the_models_text(tmp_path):
     result = invoke(*args, "--text", tmp_path / "a.en", "--vocab", tmp_path / "none.model", "--resume")
     assert_one_line_error(result)
     assert "none.model" in result.output
+    result = invoke(*args, "--text", tmp_path / "a.en", "--resume", "--set", "pretrain.max_tokens=5")
+    assert result.exit_code == 1 and "error: pretrain.max_tokens is 5" in result.output
 
 
 def test_resuming_a_run_from_before_its_text_was_kept_as_a_data_dir(tmp_path):
