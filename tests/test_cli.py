@@ -205,12 +205,13 @@ def test_command_summaries_are_single_sentences():
 def test_devices_relaunches_the_command_line_as_typed(command, monkeypatch, tmp_path):
     import nmt.distributed
 
-    typed = [command, "cfg.yaml", "--out", str(tmp_path), "--devices", "2", "--set", "train.lr=0.1",
+    (tmp_path / "cfg.yaml").write_text("train:\n  device: cpu\n")  # read first: a wrong config fails once, here
+    typed = [command, str(tmp_path / "cfg.yaml"), "--out", str(tmp_path), "--devices", "2", "--set", "train.lr=0.1",
              "--no-progress", "--overwrite"]
     launched = []
-    monkeypatch.setattr(nmt.distributed, "launch", lambda devices, line: launched.append((devices, line)) or 0)
+    monkeypatch.setattr(nmt.distributed, "launch", lambda devices, line, device: launched.append((devices, line, device)) or 0)
     monkeypatch.setattr("sys.argv", ["nmt", *typed])
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     result = invoke(*typed)
     assert result.exit_code == 0, result.output
-    assert launched == [(2, typed)]
+    assert launched == [(2, typed, "cpu")]
