@@ -516,7 +516,15 @@ def _print_direction_scores(results, json_output: bool) -> None:
                    + (f"  {r.off_target:12.2f}" if r.off_target is not None else ""))
     for name, mean in means.items():
         typer.echo(f"{'mean ' + name:<14}  " + "  ".join(f"{mean[m]:7.2f}" for m in metric_names))
-    typer.echo("signatures: " + "; ".join(sorted({s.signature for r in results for s in r.scores})))
+    for metric in metric_names:  # one per metric, or one per tokenizer when directions use several
+        directions_of: dict[str, list[str]] = {}
+        for r in results:
+            for s in r.scores:
+                if s.metric == metric:
+                    directions_of.setdefault(s.signature, []).append(r.direction)
+        for signature, directions in directions_of.items():
+            which = f" ({', '.join(directions)})" if len(directions_of) > 1 else ""
+            typer.echo(f"{metric} signature{which}: {signature}")
     if groups["zero-shot"]:
         typer.echo("* zero-shot: a direction the model was not trained on")
 

@@ -334,6 +334,11 @@ def test_evaluate_scores_each_direction_of_a_multilingual_data_dir(trained, data
     assert result.exit_code == 0, result.output
     assert [r["direction"] for r in json.loads(result.stdout)["directions"]] == ["bb-cc"]
     assert_one_line_error(runner.invoke(app, [*pivoted, "--directions", "bb-cc,aa-bb"]), "--pivot aa", "bb-cc")
+    table = runner.invoke(app, ["evaluate", "--model", str(trained), "--data", str(data_dir), "--beam", "1",
+                                "--directions", "aa-bb,bb-aa"])
+    assert table.exit_code == 0, table.output
+    labelled = [line.split(":")[0] for line in table.stdout.splitlines() if "signature" in line]
+    assert labelled == ["bleu signature", "chrf signature", "ter signature"]  # one per metric, named
 
 
 
