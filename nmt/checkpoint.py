@@ -31,7 +31,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from nmt.atomic import complete_dir, file_mode, recover_dir, replace_dir
-from nmt.config import Config, ModelConfig, config_from_dict, save_config
+from nmt.config import Config, ModelConfig, save_config, saved_config_from_dict
 from nmt.errors import CheckpointError, ConfigError, first_line
 from nmt.files import MASKED_LM, CheckpointInfo, Manifest, TrainState, VocabInfo, Vocabulary
 from nmt.models import build_model
@@ -115,7 +115,7 @@ def read_config(save_dir: Path) -> Config:
     if not path.is_file():
         raise CheckpointError(f"{save_dir} is not a checkpoint directory (no config.yaml)")
     try:
-        return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+        return saved_config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
     except (yaml.YAMLError, ConfigError) as e:
         raise CheckpointError(f"{path} is damaged or from another version: {e}") from None
 
@@ -312,21 +312,23 @@ def check_pretrained(pretrained_dir: Path, vocab: Vocabulary, model: ModelConfig
 
 def check_pretrained_sizes(pretrained_dir: Path, model: ModelConfig, decoder: bool) -> None:
     """The layers --init copies must be the pretrained encoder's, one for one: a Transformer with
-    its width, heads, feed-forward size, norm placement and number of layers (for the decoder
-    too, with `decoder`, since each decoder layer takes the encoder layer of its number)."""
+    its width, heads, feed-forward size, norm placement and number of layers; with `decoder`, at
+    most as many decoder layers (each takes the encoder layer of its number)."""
     if model.arch != "transformer":
         raise CheckpointError(f"--init {pretrained_dir} needs model.arch transformer (a pretrained Transformer encoder)")
     saved = read_config(pretrained_dir).model
-    wanted = {key: getattr(saved, key) for key in ("embed_dim", "heads", "ff_dim", "norm", "enc_layers")}
-    if decoder:
-        wanted["dec_layers"] = saved.enc_layers
-    for key, value in wanted.items():
-        if getattr(model, key) != value:
-            hint = " (or train.init_decoder=false)" if key == "dec_layers" else ""
+    for key in ("embed_dim", "heads", "ff_dim", "norm", "enc_layers"):
+        if getattr(model, key) != getattr(saved, key):
             raise CheckpointError(
-                f"model.{key} is {getattr(model, key)} but --init {pretrained_dir} needs {value}, its encoder's; "
-                f"set model.{key}={value}{hint}"
+                f"model.{key} is {getattr(model, key)} but --init {pretrained_dir} needs {getattr(saved, key)}, "
+                f"its encoder's; set model.{key}={getattr(saved, key)}"
             )
+    if decoder and model.dec_layers > saved.enc_layers:
+        raise CheckpointError(
+            f"model.dec_layers is {model.dec_layers} but --init {pretrained_dir} has {saved.enc_layers} encoder layers "
+            f"for the decoder's to start from; set model.dec_layers to at most {saved.enc_layers} "
+            "(or train.init_decoder=false)"
+        )
 
 
 def pretrained_parameters(model: nn.Module, decoder: bool) -> list[str]:

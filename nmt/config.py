@@ -194,7 +194,7 @@ class DecodeConfig:
             raise ConfigError(f"decode.topp must be in (0, 1] (got {self.topp!r})")
         # Beyond these, log-probabilities over the temperature leave float32's range.
         _in_range("decode.temperature", self.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE)
-        _in_range("decode.seed", self.seed, 0, 2**63 - 1)
+        _in_range("decode.seed", self.seed, -(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -245,7 +245,7 @@ LANG_TEMPERATURES = (0.01, 1000.0)
 
 def _in_range(key: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:  # NaN is never in range
-        raise ConfigError(f"{key} must be between {low:g} and {high:g} (got {value!r})")
+        raise ConfigError(f"{key} must be between {low} and {high} (got {value!r})")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -273,7 +273,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} must be an integer (got {value!r})")
-        if not -(2**63) <= value < 2**63:
+        if not -(2**63) <= value < 2**64:
             raise ConfigError(f"{key} is too large (got {value})")
         return value
     if hint is float:
@@ -319,6 +319,16 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
 def config_from_dict(data: dict) -> Config:
     config = _from_dict(Config, data)
     config.validate()
+    return config
+
+
+def saved_config_from_dict(data: dict) -> Config:
+    """The config a checkpoint was trained with: what rebuilding and decoding need is checked
+    (model, decode); its training settings were checked by the version that trained it, whose
+    ranges may differ from this one's."""
+    config = _from_dict(Config, data)
+    config.model.validate()
+    config.decode.validate()
     return config
 
 

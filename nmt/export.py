@@ -401,7 +401,8 @@ class CTranslate2Translator:
                                first_line)
         prefix_ids = encoded.prefixes or [[] for _ in encoded.sources]
         hyps = self._search(encoded.sources, prefix_ids, decode, attention is not None, progress)
-        return collect_translations(self.tokenizer, len(lines), encoded, hyps, attention is not None, first_line)
+        return collect_translations(self.tokenizer, len(lines), encoded, hyps, attention is not None, first_line,
+                                    self.target_normalization)
 
     def describe_attention(self, choice: AttentionChoice) -> str:
         return describe_attention(self.model_config, AttentionChoice()) + " (CTranslate2)"

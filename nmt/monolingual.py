@@ -113,10 +113,11 @@ def read_documents(paths: list[Path], langs: list[str], clean: CleanConfig) -> I
 
 
 def hold_out(documents: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """(N,) True at the sentences held out for validation (at most about `count`). Whole
-    documents, drawn at random among those that fit, when that gives at least two (so that
-    next-sentence prediction has pairs of documents); otherwise the last lines of each long
-    document (at least 2, at most half)."""
+    """(N,) True at the sentences held out for validation (about `count`). Whole documents, drawn
+    at random among those that fit, when at least two of them make up half the count or more (so
+    that next-sentence prediction has pairs of documents); otherwise the last lines of long
+    documents (each its share of the count, at least 2, at most half of it), drawn at random
+    until the count is reached, so that each language's long texts give theirs."""
     count = max(1, min(count, len(documents) // 10))
     rng = np.random.default_rng(seed)
     _, starts, sizes = np.unique(documents, return_index=True, return_counts=True)
@@ -128,14 +129,18 @@ def hold_out(documents: np.ndarray, count: int, seed: int) -> np.ndarray:
             room -= int(sizes[d])
     if sizes.max() < 4 and not taken:  # short documents, none small enough: the shortest
         taken = [int(np.argmin(sizes))]
-    if len(taken) >= 2 or sizes.max() < 4:
+    if (len(taken) >= 2 and count - room >= count / 2) or sizes.max() < 4:
         for d in taken:
             held[starts[d] : starts[d] + sizes[d]] = True
         return held
     share = np.round(sizes * count / len(documents)).astype(np.int64)
     tails = np.where(sizes >= 4, np.clip(share, 2, sizes // 2), 0)
-    for start, size, tail in zip(starts.tolist(), sizes.tolist(), tails.tolist()):
-        held[start + size - tail : start + size] = True
+    total = 0
+    for d in rng.permutation(len(sizes)).tolist():
+        if total >= count:
+            break
+        held[starts[d] + sizes[d] - tails[d] : starts[d] + sizes[d]] = True
+        total += int(tails[d])
     return held
 
 

@@ -209,9 +209,9 @@ def check_config(config: MultilingualConfig) -> None:
     overlap = set(config.zero_shot) & set(config.directions)
     if overlap:
         raise DataError(f"{', '.join(sorted(overlap))}: a zero-shot direction is one not trained on")
-    if config.zero_shot and (config.tsvs or config.corpora):
-        raise DataError("--zero-shot directions are read from --valid and --test file prefixes, which go with "
-                        "--train inputs (a --tsv or --corpus input holds no zero-shot sets)")
+    if config.zero_shot and config.tsvs:
+        raise DataError("--zero-shot directions are read from --valid and --test file prefixes, which do not go with "
+                        "--tsv inputs (use --train prefixes, or --corpus or --hf)")
     if config.zero_shot and not (config.valids and config.tests):
         raise DataError("--zero-shot directions are read from the --valid and --test file prefixes")
     if base.split_by is not None:

@@ -438,7 +438,7 @@ def prepare_text(
         if resume:  # a run pretrained before its text was kept as a data dir: its own vocabulary
             model = save_dir / VocabInfo.read(save_dir).vocab.src_model
         prepare_mono(MonoPrepareConfig(
-            out_dir=data_dir, files=[Path(t) for t in texts], valid_sentences=config.pretrain.valid_sentences,
+            out_dir=data_dir, files=[Path(t).resolve() for t in texts], valid_sentences=config.pretrain.valid_sentences,
             seed=config.train.seed, vocab_size=vocab_size, spm_model=model, overwrite=True,
         ), progress=progress)
     ranks.barrier()
@@ -448,8 +448,9 @@ def prepare_text(
 def check_same_text(data_dir: Path, texts: list[Path], vocab_model: Path | None) -> None:
     """--resume goes on with the text and vocabulary prepared in `data_dir`: the same files again."""
     manifest = Manifest.read(data_dir)
-    prepared = [Path(t).resolve() for t in manifest.input.get("mono") or []]
-    if prepared and prepared != [Path(t).resolve() for t in texts]:
+    prepared = [Path(t) for t in manifest.input.get("mono") or []]
+    # Recorded whole since this check exists; a run prepared before recorded them as typed.
+    if all(p.is_absolute() for p in prepared) and prepared != [Path(t).resolve() for t in texts]:
         raise ConfigError(f"--resume goes on with the text prepared in {data_dir} from "
                           f"{', '.join(map(str, manifest.input['mono']))}: pass those --text files (or start again with --overwrite)")
     if vocab_model is not None and file_sha256(vocab_model) != manifest.vocab.src_sha256:

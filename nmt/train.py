@@ -58,9 +58,10 @@ from nmt.files import CheckpointInfo, Manifest, TrainState, VocabInfo
 from nmt.interfaces import TrainingBatch, TrainingTask
 from nmt.models import build_model
 from nmt.multilingual import changed_weights, direction_weights, epoch_pairs, target_pieces
+from nmt.normalize import Normalization
 from nmt.tokenizer import PAD, Tokenizer
 from nmt.train_log import LOG_NAME, TENSORBOARD_DIR, TrainLog
-from nmt.translate import translate_ids
+from nmt.translate import decode_outputs, output_tokens, translate_ids
 
 TOO_MANY_SKIPPED = "skipped updates"
 VALIDATION_STOPS = ("", "patience", "target_bleu")
@@ -250,9 +251,11 @@ def validate(
     device: torch.device,
     dtype: torch.dtype,
     tgt_lang: str | None = None,
+    normalize_target: Normalization | None = None,
 ) -> dict:
-    """Dev loss (teacher forced, no smoothing) and BLEU of the decoded dev sources (tokenized for
-    BLEU as the target language needs)."""
+    """Dev loss (teacher forced, no smoothing) and BLEU of the decoded dev sources, translated and
+    written as `nmt translate` does (`normalize_target`: the target side's normalization) and
+    tokenized for BLEU as the target language needs."""
     was_training = model.training
     model.eval()
     total_loss, total_tokens = 0.0, 0
@@ -267,8 +270,8 @@ def validate(
         count = min(count, config.train.valid_max_sentences)
     decode = dataclasses.replace(config.decode, beam=config.train.valid_beam, nbest=1, sampling=False)
     with autocast(device, dtype):
-        hyps = translate_ids(model, [split.src[i] for i in range(count)], decode, device)
-    texts = tokenizer.decode_tgt([nbest[0].tokens for nbest in hyps])
+        hyps = translate_ids(model, [split.src[i] for i in range(count)], decode, device, allowed=output_tokens(tokenizer))
+    texts = decode_outputs(tokenizer, [nbest[0].tokens for nbest in hyps], normalize_target)
     model.train(was_training)
     loss = total_loss / max(total_tokens, 1)
     return {
@@ -339,9 +342,8 @@ class TranslationTask:
     loss = staticmethod(translation_loss)
 
     def validate(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> dict:
-        return validate(
-            model, self.valid_split, self.references, self.tokenizer, self.config, device, dtype, self.manifest.tgt_lang
-        )
+        return validate(model, self.valid_split, self.references, self.tokenizer, self.config, device, dtype,
+                        self.manifest.tgt_lang, self.manifest.target_normalization())
 
     def check_resumable(self, save_dir: Path) -> None:
         check_same_model(save_dir, self.config)
@@ -393,7 +395,9 @@ class MultilingualTranslationTask(TranslationTask):
         """Each direction's dev loss and BLEU (`bleu_de-en`, `loss_de-en`), and their means."""
         scores = {}
         for d, (split, references) in self.valid_sets.items():
-            scores[d] = validate(model, split, references, self.tokenizer, self.config, device, dtype, d.split("-")[1])
+            tgt = d.split("-")[1]
+            scores[d] = validate(model, split, references, self.tokenizer, self.config, device, dtype, tgt,
+                                 Normalization.from_saved(self.manifest.languages[tgt]))
         loss = sum(s["loss"] for s in scores.values()) / len(scores)
         result = {
             "loss": round(loss, 4), "ppl": round(math.exp(min(loss, 50.0)), 2),

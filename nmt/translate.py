@@ -168,12 +168,27 @@ def translate_lines(
     `first_line`: the number of lines[0] in its file, for warnings and attention maps. `allowed`:
     (V,) bool, the only tokens an output may hold; never the vocabulary's reserved symbols."""
     encoded = encode_lines(tokenizer, lines, decode, normalize, prefixes, normalize_target, first_line)
-    if tokenizer.reserved_target_ids:
-        allowed = torch.ones(tokenizer.tgt_vocab_size, dtype=torch.bool) if allowed is None else allowed.clone()
-        allowed[tokenizer.reserved_target_ids] = False
     hyps = translate_ids(model, encoded.sources, decode, device, progress, attention, encoded.prefixes, generator,
-                         allowed)
-    return collect_translations(tokenizer, len(lines), encoded, hyps, attention is not None, first_line)
+                         output_tokens(tokenizer, allowed))
+    return collect_translations(tokenizer, len(lines), encoded, hyps, attention is not None, first_line, normalize_target)
+
+
+def output_tokens(tokenizer: Tokenizer, allowed: torch.Tensor | None = None) -> torch.Tensor | None:
+    """(V,) bool: the tokens a translation may hold, `allowed` (None: all) without the
+    vocabulary's reserved symbols; None when nothing is left out."""
+    if not tokenizer.reserved_target_ids:
+        return allowed
+    allowed = torch.ones(tokenizer.tgt_vocab_size, dtype=torch.bool) if allowed is None else allowed.clone()
+    allowed[tokenizer.reserved_target_ids] = False
+    return allowed
+
+
+def decode_outputs(tokenizer: Tokenizer, outputs: list[list[int]], normalize_target: Normalization | None) -> list[str]:
+    """Output texts as the training targets were written: SentencePiece folds some characters
+    (NFKC turns Chinese full-width punctuation to ASCII); the target language's normalization
+    puts them back as `nmt prepare` wrote the references."""
+    texts = tokenizer.decode_tgt(outputs)
+    return texts if normalize_target is None else [normalize_target(text) for text in texts]
 
 
 @dataclass
@@ -214,16 +229,17 @@ def encode_lines(
 
 def collect_translations(
     tokenizer: Tokenizer, line_count: int, encoded: EncodedLines, hyps: list[list[Hypothesis]], attention: bool,
-    first_line: int = 1,
+    first_line: int = 1, normalize_target: Normalization | None = None,
 ) -> Translations:
     """One entry per input line from the n-best lists of the non-empty ones (`hyps`, in the
-    order of `encoded.non_empty`); with `attention`, the map of each best translation."""
+    order of `encoded.non_empty`), written as the training targets were (`decode_outputs`); with
+    `attention`, the map of each best translation."""
     hypotheses: list[list[Hypothesis]] = [[] for _ in range(line_count)]
     texts: list[list[str]] = [[""] for _ in range(line_count)]
     maps: list[AttentionMap | None] = [None for _ in range(line_count)]
     for i, ids, nbest in zip(encoded.non_empty, encoded.sources, hyps):
         hypotheses[i] = nbest
-        texts[i] = tokenizer.decode_tgt([h.tokens for h in nbest])
+        texts[i] = decode_outputs(tokenizer, [h.tokens for h in nbest], normalize_target)
         if attention:
             best = nbest[0]
             # A row per output token and one for the final EOS; an output cut at the length

@@ -132,6 +132,18 @@ def test_unseen_character_is_encoded_without_unk_and_decoded_without_spaces(zh_d
     assert "\n" not in tokenizer.decode_tgt([[regular[0], *breaks, regular[1]]])[0]
 
 
+def test_outputs_keep_the_full_width_punctuation_of_the_references(zh_data):
+    from nmt.translate import decode_outputs
+
+    manifest = Manifest.read(zh_data)
+    tokenizer = Tokenizer(zh_data / manifest.vocab.src_model, zh_data / manifest.vocab.tgt_model)
+    reference = "我们说话，你们听！"  # as prepare writes a Chinese reference
+    assert ZH(reference) == reference
+    (ids,) = tokenizer.encode_tgt([reference])
+    assert tokenizer.decode_tgt([ids]) != [reference]  # SentencePiece's NFKC made the punctuation ASCII
+    assert decode_outputs(tokenizer, [ids], manifest.target_normalization()) == [reference]
+
+
 def test_normalize_none_turns_every_step_off():
     off = language_normalization("zh", unicode_form="none")
     assert off("ＡＢＣ知識,") == "ＡＢＣ知識,"

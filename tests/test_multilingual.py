@@ -214,7 +214,7 @@ def test_validation_scores_each_direction_on_its_own_set_and_best_follows_their_
                 3: {"bb": 30.0, "aa": 30.0, "cc": 30.0}}
     calls = []
 
-    def fake_validate(model, split, references, tokenizer, config, device, dtype, tgt_lang=None):
+    def fake_validate(model, split, references, tokenizer, config, device, dtype, tgt_lang=None, normalize_target=None):
         calls.append((int(split.src[0][0]), references[0], tgt_lang))
         step = 1 + (len(calls) - 1) // len(DIRECTIONS)
         return {"loss": 1.0, "ppl": 2.7, "bleu": scripted[step][tgt_lang], "sentences": len(split)}
@@ -388,7 +388,7 @@ def test_prepare_directions_errors_are_one_line(tmp_path):
         assert_one_line_error(result, "--lang-temperature must be between")
     tsv = ["prepare", "--tsv", "a.tsv", "--tsv-langs", "aa,bb", "--out", str(tmp_path / "out"), "--no-progress"]
     result = runner.invoke(app, [*tsv, "--directions", "aa-bb", "--zero-shot", "bb-aa"])
-    assert_one_line_error(result, "--zero-shot", "--train")
+    assert_one_line_error(result, "--zero-shot", "--tsv")
     assert not (tmp_path / "out").exists()
 
 

@@ -156,6 +156,14 @@ def test_held_out_split_stays_near_its_size_and_spans_documents():
     documents = np.repeat(np.arange(25), 120)
     held = hold_out(documents, 100, 0)
     assert len(np.unique(documents[held])) >= 2 and held.sum() <= 150
+    documents = np.repeat(np.arange(100), 60)  # no overshoot either
+    assert 100 <= hold_out(documents, 100, 0).sum() <= 102
+    # Two short documents that fit are not taken for the whole count: long ones give their share.
+    documents = np.repeat(np.arange(32), [2000] * 30 + [3, 3])
+    assert 900 <= hold_out(documents, 1000, 0).sum() <= 1100
+    documents = np.repeat(np.arange(3), [3000, 40, 40])  # one text per language: each gives lines
+    held = hold_out(documents, 300, 0)
+    assert 250 <= held.sum() <= 320 and set(documents[held]) == {0, 1, 2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,7 +415,7 @@ def test_shape_mismatch_names_the_setting(pretrained_and_data):
     ({"heads": 1}, "model.heads is 1"),  # the same tensor shapes, another model
     ({"norm": "post"}, "model.norm is post"),
     ({"enc_layers": 1}, "model.enc_layers is 1"),  # the pretrained second layer would be dropped
-    ({"dec_layers": 3}, "model.dec_layers is 3"),  # a decoder layer without a counterpart
+    ({"dec_layers": 3}, "model.dec_layers is 3"),  # a decoder layer without a counterpart (1 is fine)
     ({"arch": "rnn", "tie_output": "false"}, "needs model.arch transformer"),
 ])
 def test_init_refuses_a_model_unlike_the_pretrained_one(pretrained_and_data, tmp_path, change, named):
@@ -417,10 +425,13 @@ def test_init_refuses_a_model_unlike_the_pretrained_one(pretrained_and_data, tmp
                     *_tiny_sets(), *sets, "--no-progress")
     assert result.exit_code == 1 and named in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
-    # Without the decoder, its layers may differ.
+    # Without the decoder, its layers may differ; with it, there may be fewer.
     if "dec_layers" in change:
         result = invoke("train", "--data", root / "data", "--out", tmp_path / "m", "--init", root / "mlm",
                         *_tiny_sets(init_decoder="false"), *sets, "--no-progress")
+        assert result.exit_code == 0, result.output
+        result = invoke("train", "--data", root / "data", "--out", tmp_path / "m1", "--init", root / "mlm",
+                        *_tiny_sets(), "--set", "model.dec_layers=1", "--no-progress")
         assert result.exit_code == 0, result.output
 
 

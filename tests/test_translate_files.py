@@ -295,3 +295,16 @@ def test_reserved_symbols_never_appear_in_a_translation(trained):
         result = translator.translate(lines, decode=dataclasses.replace(translator.decode, **options))
         assert all(not {MASK, CLS, SEP} & set(h.tokens) for nbest in result.hypotheses for h in nbest), options
         assert all(text and "[" not in text for texts in result.texts for text in texts), options
+
+
+def test_a_model_trained_with_settings_since_refused_still_translates(trained, tmp_path):
+    import yaml
+
+    _, transformer, _ = trained
+    model = tmp_path / "model"
+    shutil.copytree(transformer, model)
+    config = yaml.safe_load((model / "config.yaml").read_text())
+    config["train"]["clip_norm"] = -1.0  # "off" to the version that trained it; refused in a new config
+    (model / "config.yaml").write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["translate", str(model), "--device", "cpu"], input="w1 w2\n")
+    assert result.exit_code == 0 and len(result.stdout.splitlines()) == 1, result.output
