@@ -43,6 +43,8 @@ def decode_lines(binary_lines: Iterable[bytes], name: str, replace_invalid: bool
         for lineno, raw in enumerate(binary_lines, 1):
             if refuse_nul and b"\0" in raw:  # a corpus: UTF-16 read as UTF-8 has them everywhere
                 raise DataError(f"{name}:{lineno}: a NUL byte (a UTF-16 or binary file? nmt reads UTF-8)")
+            if refuse_nul and lineno == 1 and not raw.endswith(b"\n") and b"\r" in raw.rstrip(b"\r"):
+                raise DataError(f"{name}: its lines end in CR alone (an old Mac file?); nmt reads LF or CRLF line ends")
             try:
                 line = raw.decode("utf-8", errors=errors)
             except UnicodeDecodeError as e:
@@ -143,6 +145,8 @@ def load_hf_corpus(
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     kwargs = {k: v for k, v in (("revision", revision), ("data_dir", data_dir)) if v}
+    if Path(name).is_dir() and any(Path(name).rglob("*.csv")):  # "NA", "null", "nan" are sentences here
+        kwargs.update(keep_default_na=False, na_filter=False)
     try:
         try:
             loaded = datasets.load_dataset(name, config, **kwargs)
@@ -155,8 +159,9 @@ def load_hf_corpus(
             )
     except FileNotFoundError as e:
         raise DataError(f"dataset {name!r} not found ({first_line(e)})") from None
-    except (ValueError, ConnectionError, OSError, RuntimeError) as e:
-        raise DataError(f"cannot load dataset {name!r}: {first_line(e)}") from None
+    except (ValueError, ConnectionError, OSError, RuntimeError, datasets.exceptions.DatasetGenerationError) as e:
+        cause = e.__cause__ if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__ else e
+        raise DataError(f"cannot load dataset {name!r}: {first_line(cause)}") from None
     splits: dict[str, list[tuple[str, str]]] = {}
     for split, names in HF_SPLIT_NAMES.items():
         found = next((n for n in names if n in loaded), None)
@@ -185,10 +190,19 @@ def _hf_rows(table, src_lang: str, tgt_lang: str, where: str) -> Iterator[tuple[
             for row in block["translation"]:
                 if src_lang not in row or tgt_lang not in row:
                     raise DataError(f"{where}: translation has no {src_lang!r}/{tgt_lang!r} (has {list(row)})")
-                yield row[src_lang] or "", row[tgt_lang] or ""
+                yield _text(row[src_lang], where), _text(row[tgt_lang], where)
         else:
             for src, tgt in zip(block[src_lang], block[tgt_lang]):
-                yield src or "", tgt or ""
+                yield _text(src, where), _text(tgt, where)
+
+
+def _text(value, where: str) -> str:
+    """A sentence of a `datasets` row: a string, or a missing value ("": dropped as empty)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: a value that is not text ({value!r})")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------

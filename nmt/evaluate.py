@@ -30,7 +30,7 @@ class Score:
 
 # sacreBLEU's tokenizers for languages written without spaces between words: Chinese is split
 # into characters, Japanese and Korean into words by MeCab (sacrebleu[ja,ko]).
-WORD_SEGMENTING_TOKENIZERS = {"ja": "ja-mecab", "ko": "ko-mecab"}
+WORD_SEGMENTING_TOKENIZERS = {"ja": "ja-mecab", "jpn": "ja-mecab", "ko": "ko-mecab", "kor": "ko-mecab"}
 _KANA = re.compile("[\u3040-\u30ff]")  # hiragana and katakana
 _HANGUL = re.compile("[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
 

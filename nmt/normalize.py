@@ -16,8 +16,9 @@ from functools import lru_cache
 
 from nmt.errors import DataError
 
-CHINESE_LANGS = ("zh", "cmn", "yue", "wuu", "lzh")
-CJK_LANGS = CHINESE_LANGS + ("ja", "ko")
+# ISO 639-1 and 639-3 codes (Tatoeba names its files with the latter: cmn, jpn, kor)
+CHINESE_LANGS = ("zh", "zho", "chi", "cmn", "yue", "wuu", "lzh")
+CJK_LANGS = CHINESE_LANGS + ("ja", "jpn", "ko", "kor")
 SCRIPTS = ("simplified", "none")
 
 # Full-width digits and Latin letters (U+FF10-FF19, FF21-FF3A, FF41-FF5A) and the ideographic space.

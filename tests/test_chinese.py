@@ -10,7 +10,7 @@ import pytest
 from nmt.data import CleanConfig, PairCleaner, ParallelSplit
 from nmt.evaluate import bleu_tokenizer, score_texts
 from nmt.files import Manifest, VocabInfo
-from nmt.normalize import Normalization, is_chinese, language_normalization
+from nmt.normalize import Normalization, is_chinese, is_cjk, language_normalization
 from nmt.prepare import PrepareConfig, prepare
 from nmt.tokenizer import UNK, Tokenizer
 
@@ -35,6 +35,8 @@ def test_chinese_normalization_is_idempotent(text):
 def test_other_languages_keep_their_text_and_script_can_stay():
     assert language_normalization("en")("ＡＢＣ 知識,") == "ＡＢＣ 知識,"
     assert not is_chinese("en") and is_chinese("zh") and is_chinese("zh-TW") and is_chinese("cmn")
+    assert is_chinese("zho") and is_cjk("jpn") and is_cjk("kor")  # Tatoeba's ISO 639-3 names
+    assert bleu_tokenizer("zho") == "zh" and bleu_tokenizer("jpn") == "ja-mecab"
     traditional = language_normalization("zh", chinese_script="none")
     assert traditional("知識ＡＢＣ") == "知識ABC"
 

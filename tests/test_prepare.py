@@ -73,6 +73,33 @@ def test_prepare_from_datasets_local_folder(tmp_path):
     assert list(splits["train"]) == toy_pairs(120, seed=1) and splits["test"] == toy_pairs(12, seed=3)
 
 
+def test_local_files_keep_words_csv_reads_as_missing_and_bad_files_are_one_line(tmp_path):
+    from nmt.data import load_hf_corpus
+
+    folder = tmp_path / "csv_copy"
+    folder.mkdir()
+    words = [("NA", "None"), ("null", "nan")]  # sentences, not missing values
+    for split, seed, count in (("train", 1, 30), ("validation", 2, 4), ("test", 3, 4)):
+        rows = [*words, *toy_pairs(count, seed=seed)]
+        (folder / f"{split}.csv").write_text("xx,yy\n" + "".join(f"{s},{t}\n" for s, t in rows), encoding="utf-8")
+    assert load_hf_corpus(str(folder), None, "xx", "yy")["test"][:2] == words
+    for name, text in (("cut.jsonl", '{"xx": "a", "yy": "b"}\n{"xx": "kaputt", "yy": '),
+                       ("number.jsonl", '{"xx": "a", "yy": "b"}\n{"xx": 5, "yy": "five"}\n')):
+        bad = tmp_path / name.split(".")[0]
+        bad.mkdir()
+        (bad / f"train.{name.split('.')[1]}").write_text(text, encoding="utf-8")
+        with pytest.raises(DataError) as error:
+            list(load_hf_corpus(str(bad), None, "xx", "yy")["train"])
+        assert "\n" not in str(error.value)
+
+
+def test_a_corpus_with_old_mac_line_ends_is_refused(tmp_path):
+    for lang in ("xx", "yy"):
+        (tmp_path / f"mac.{lang}").write_text("\r".join(f"{lang} line {i}" for i in range(20)) + "\r", encoding="utf-8")
+    with pytest.raises(DataError, match="end in CR alone"):
+        prepare(_config(tmp_path / "out", train_prefix=str(tmp_path / "mac"), valid_size=2, test_size=2))
+
+
 def test_empty_after_filtering_is_an_error(tmp_path):
     write_pairs(tmp_path / "bad", [("a b c d e f g", "x")] * 5)
     with pytest.raises(DataError, match="no sentence pairs left after cleaning"):
