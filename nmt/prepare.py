@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import shutil
@@ -259,6 +260,10 @@ def clean_and_split(config: PrepareConfig, work: Path, progress: bool, stages: S
             raise DataError(f"the given {split} set has no lines")
     if given_eval:
         eval_raw, eval_clean, overlap = _hold_out_given(given_eval, cleaner, hashes, keep)
+        for split in {"valid", "test"} - set(given_eval):  # a dataset with one held-out split: the other carved
+            sizes = {"valid_size": config.valid_size if split == "valid" else 0,
+                     "test_size": config.test_size if split == "test" else 0}
+            eval_raw[split] = eval_clean[split] = _carve_out(dataclasses.replace(config, **sizes), work, keep, None, hashes)[split]
     else:
         eval_raw = eval_clean = _carve_out(config, work, keep, groups, hashes)
         overlap = 0
@@ -537,15 +542,15 @@ def _read_inputs(config: PrepareConfig, progress: bool = False):
     if config.corpus is not None:
         corpus = find_corpus(config.corpus, src, tgt)
         if config.corpus_dir is not None:
-            splits = load_hf_corpus(str(config.corpus_dir), None, src, tgt)
+            # A copy of the Hub repository holds a folder per config (or parquet export): this corpus's.
+            local = next((Path(config.corpus_dir) / sub for sub in (corpus.data_dir, corpus.config)
+                          if sub and (Path(config.corpus_dir) / sub).is_dir()), Path(config.corpus_dir))
+            splits = load_hf_corpus(str(local), None, src, tgt)
         else:
             splits = load_hf_corpus(corpus.hub_id, corpus.config, src, tgt, corpus.revision, corpus.data_dir)
     else:
         splits = load_hf_corpus(config.hf_name, config.hf_config, src, tgt, config.hf_revision)
-    given = {k: v for k, v in splits.items() if k != "train"}
-    if given and len(given) != 2:
-        given = {}  # only one held-out split: carve both from train for a consistent layout
-    return splits["train"], given, None
+    return splits["train"], {k: v for k, v in splits.items() if k != "train"}, None  # the missing one is carved
 
 
 def _describe_input(config: PrepareConfig) -> dict:

@@ -70,6 +70,20 @@ def test_corpus_from_local_files(tmp_path):
     assert manifest.input["local_files"] == str(folder)
 
 
+def test_a_local_copy_reads_its_corpus_folder_and_a_lone_test_split_is_kept(tmp_path):
+    folder = tmp_path / "iwslt_copy"
+    for config, count in (("iwslt2017-de-en", 1), ("iwslt2017-en-de", 2)):  # as the parquet export holds them
+        for split, size, seed in (("train", 150, 1), ("test", 9, 3)):  # no validation split
+            (folder / config / split).mkdir(parents=True)
+            rows = _rows("iwslt2017-de-en", size, seed + count)["translation"]
+            (folder / config / split / "rows.jsonl").write_text("".join(json.dumps({"translation": r}) + "\n" for r in rows))
+    manifest = prepare(PrepareConfig(out_dir=tmp_path / "data", src_lang="de", tgt_lang="en", vocab_size=40,
+                                     corpus="iwslt2017-de-en", corpus_dir=folder, valid_size=5))
+    assert manifest.counts["test"]["pairs"] == 9 and manifest.counts["valid"]["pairs"] == 5  # test given, valid carved
+    test = _rows("iwslt2017-de-en", 9, 4)["translation"]
+    assert (tmp_path / "data" / "test.tgt.txt").read_text(encoding="utf-8").splitlines() == [r["en"] for r in test]
+
+
 def test_unknown_corpus_or_languages(tmp_path):
     with pytest.raises(DataError, match="unknown corpus 'wmt99'"):
         prepare(PrepareConfig(out_dir=tmp_path / "d", src_lang="de", tgt_lang="en", corpus="wmt99"))
