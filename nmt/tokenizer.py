@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import io
 import itertools
 import re
 from collections.abc import Iterable
@@ -56,9 +57,10 @@ def train_sentencepiece(
     """
     if model_type not in ("unigram", "bpe"):
         raise DataError(f"SentencePiece model type must be unigram or bpe (got {model_type!r})")
+    model = io.BytesIO()  # written here rather than to model_prefix, whose path the model would record
     options = dict(
         sentence_iterator=iter(sentences),
-        model_prefix=str(model_prefix),
+        model_writer=model,
         vocab_size=vocab_size,
         model_type=model_type,
         character_coverage=character_coverage,
@@ -80,7 +82,13 @@ def train_sentencepiece(
         spm.SentencePieceTrainer.train(**options)
     except RuntimeError as e:
         raise DataError(f"SentencePiece training failed: {e}") from None
-    return Path(f"{model_prefix}.model")
+    path = Path(f"{model_prefix}.model")
+    path.write_bytes(model.getvalue())  # the same bytes for the same input, wherever it is trained
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    Path(f"{model_prefix}.vocab").write_text(  # SentencePiece's own listing: piece, tab, score
+        "".join(f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n" for i in range(processor.get_piece_size())),
+        encoding="utf-8")
+    return path
 
 
 def has_reserved_symbols(processor: spm.SentencePieceProcessor) -> bool:

@@ -318,3 +318,10 @@ def test_the_vocabulary_does_not_depend_on_the_machines_cores(tmp_path):
                               vocab_size=3000, workers=workers, valid_size=100, test_size=100))
         vocabularies.append((tmp_path / f"w{workers}" / "spm.joint.vocab").read_text(encoding="utf-8"))
     assert vocabularies[0] == vocabularies[1]
+
+
+def test_the_same_input_gives_the_same_vocabulary_file_wherever_it_is_prepared(toy_corpus, tmp_path):
+    manifests = [prepare(_config(tmp_path / name, train_prefix=str(toy_corpus / "train"), valid_size=10, test_size=10))
+                 for name in ("a", "elsewhere")]
+    assert manifests[0].vocab.src_sha256 == manifests[1].vocab.src_sha256  # ensembles and --init compare these
+    assert (tmp_path / "a" / "spm.joint.vocab").read_text(encoding="utf-8").startswith("<pad>\t0\n")
