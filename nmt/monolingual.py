@@ -38,7 +38,7 @@ from nmt.prepare import (
     sentencepiece_coverage,
 )
 from nmt.shards import chunked, encode_to_token_files, token_dtype, worker_count
-from nmt.tokenizer import file_sha256, load_sentencepiece, train_sentencepiece
+from nmt.tokenizer import check_sentencepiece_settings, file_sha256, load_sentencepiece, train_sentencepiece
 
 MONOLINGUAL = "monolingual"  # Manifest.kind of such a data dir
 LANGUAGE_UNKNOWN = "und"  # a file whose name says no language: Unicode normalization only
@@ -78,6 +78,7 @@ def prepare_mono(config: MonoPrepareConfig, progress: bool = False) -> Manifest:
             raise DataError(f"text file not found: {path}")
     if config.langs is not None and len(config.langs) != len(config.files):
         raise DataError(f"{len(config.files)} --mono files but {len(config.langs)} languages")
+    check_sentencepiece_settings(config.spm_type, config.character_coverage, config.spm_max_sentences)
     if config.spm_model is not None:
         config.spm_model = given_sentencepiece(Path(config.spm_model))
     return build_data_dir(

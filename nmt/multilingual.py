@@ -43,7 +43,15 @@ from nmt.prepare import (
     write_eval_split,
 )
 from nmt.shards import TokenArray, concatenate_token_files, token_dtype
-from nmt.tokenizer import EOS, UNK, Tokenizer, language_tag, load_sentencepiece, train_sentencepiece
+from nmt.tokenizer import (
+    EOS,
+    UNK,
+    Tokenizer,
+    check_sentencepiece_settings,
+    language_tag,
+    load_sentencepiece,
+    train_sentencepiece,
+)
 
 DEFAULT_TEMPERATURE = 1.5  # fairseq's default for multilingual sampling
 # A piece belongs to a target language's vocabulary once it is at least this share of the
@@ -206,6 +214,7 @@ def check_config(config: MultilingualConfig) -> None:
         raise DataError("one --tsv for several directions: name its columns' languages with --tsv-langs, e.g. de,en")
     if not base.joint_vocab:
         raise DataError("a multilingual data dir has one joint vocabulary (no --separate-vocab)")
+    check_sentencepiece_settings(base.spm_type, base.character_coverage, base.spm_max_sentences)
     overlap = set(config.zero_shot) & set(config.directions)
     if overlap:
         raise DataError(f"{', '.join(sorted(overlap))}: a zero-shot direction is one not trained on")

@@ -34,7 +34,15 @@ from nmt.errors import CheckpointError, DataError
 from nmt.files import Manifest, VocabInfo, Vocabulary
 from nmt.normalize import is_cjk
 from nmt.shards import chunked, encode_to_token_files, token_dtype, worker_count, write_token_file
-from nmt.tokenizer import UNK, Tokenizer, file_sha256, has_reserved_symbols, load_sentencepiece, train_sentencepiece
+from nmt.tokenizer import (
+    UNK,
+    Tokenizer,
+    check_sentencepiece_settings,
+    file_sha256,
+    has_reserved_symbols,
+    load_sentencepiece,
+    train_sentencepiece,
+)
 
 ENCODE_CHUNK_PAIRS = 20_000  # pairs per encoding task
 PARALLEL_ENCODE_PAIRS = 200_000  # smaller corpora are encoded in this process: workers take time to start
@@ -89,6 +97,7 @@ def prepare(config: PrepareConfig, progress: bool = False) -> Manifest:
     out_dir = Path(config.out_dir)
     if config.src_lang == config.tgt_lang:
         raise DataError("source and target languages must differ")
+    check_sentencepiece_settings(config.spm_type, config.character_coverage, config.spm_max_sentences)
     if config.spm_model is not None:
         config.spm_model = given_sentencepiece(Path(config.spm_model))
     if config.valid_size < 1 or config.test_size < 1:

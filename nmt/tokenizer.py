@@ -37,6 +37,7 @@ def language_tag(lang: str) -> str:
 # summed per thread): a fixed number gives every machine the same vocabulary, the one the
 # recipes' figures were measured with on 2 cores.
 SENTENCEPIECE_THREADS = 2
+MIN_SENTENCEPIECE_SAMPLE = 100  # SentencePiece's trainer samples more than this many sentences
 
 
 def train_sentencepiece(
@@ -55,8 +56,7 @@ def train_sentencepiece(
     `vocab_size` is a soft limit, so that a small corpus gets a smaller vocabulary instead of
     an error. `extra_symbols` (language tags) are reserved after the pretraining symbols.
     """
-    if model_type not in ("unigram", "bpe"):
-        raise DataError(f"SentencePiece model type must be unigram or bpe (got {model_type!r})")
+    check_sentencepiece_settings(model_type, character_coverage, max_sentences)
     model = io.BytesIO()  # written here rather than to model_prefix, whose path the model would record
     options = dict(
         sentence_iterator=iter(sentences),
@@ -81,6 +81,11 @@ def train_sentencepiece(
     try:
         spm.SentencePieceTrainer.train(**options)
     except RuntimeError as e:
+        needed = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(e))
+        if needed:
+            raise DataError(f"a vocabulary of {needed[1]} pieces cannot hold the {needed[2]} characters the text needs "
+                            f"at character coverage {character_coverage}: raise --vocab-size or lower "
+                            "--character-coverage") from None
         raise DataError(f"SentencePiece training failed: {e}") from None
     path = Path(f"{model_prefix}.model")
     path.write_bytes(model.getvalue())  # the same bytes for the same input, wherever it is trained
@@ -89,6 +94,16 @@ def train_sentencepiece(
         "".join(f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n" for i in range(processor.get_piece_size())),
         encoding="utf-8")
     return path
+
+
+def check_sentencepiece_settings(model_type: str, character_coverage: float | None, max_sentences: int) -> None:
+    """What SentencePiece would refuse only after the corpus is read, refused before."""
+    if model_type not in ("unigram", "bpe"):
+        raise DataError(f"SentencePiece model type must be unigram or bpe (got {model_type!r})")
+    if character_coverage is not None and not 0.0 < character_coverage <= 1.0:
+        raise DataError(f"--character-coverage must be in (0, 1] (got {character_coverage})")
+    if max_sentences <= MIN_SENTENCEPIECE_SAMPLE:
+        raise DataError(f"--spm-sample must be more than {MIN_SENTENCEPIECE_SAMPLE} sentences (got {max_sentences})")
 
 
 def has_reserved_symbols(processor: spm.SentencePieceProcessor) -> bool:

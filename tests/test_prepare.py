@@ -325,3 +325,20 @@ def test_the_same_input_gives_the_same_vocabulary_file_wherever_it_is_prepared(t
                  for name in ("a", "elsewhere")]
     assert manifests[0].vocab.src_sha256 == manifests[1].vocab.src_sha256  # ensembles and --init compare these
     assert (tmp_path / "a" / "spm.joint.vocab").read_text(encoding="utf-8").startswith("<pad>\t0\n")
+
+
+def test_sentencepiece_settings_are_checked_before_reading_and_a_small_vocabulary_is_explained(toy_corpus, tmp_path):
+    from cli.main import app
+    from typer.testing import CliRunner
+
+    common = ["prepare", "--train", str(toy_corpus / "train"), "--src", "xx", "--tgt", "yy", "--out", str(tmp_path / "d")]
+    for option, value in (("--spm-sample", "50"), ("--character-coverage", "1.5"), ("--spm-type", "char")):
+        result = CliRunner().invoke(app, [*common, option, value])
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+        assert option.lstrip("-").replace("spm-type", "model type").replace("-", " ").split()[0] in result.output
+    chars = "的一是不了人我在有他这中大来上个国到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可里后小么心多天而能好"
+    rows = [(f"the word w{i} here", "".join(chars[(i * 7 + k) % len(chars)] for k in range(6))) for i in range(200)]
+    write_pairs(tmp_path / "zh" / "train", rows, "en", "zh")
+    with pytest.raises(DataError, match="cannot hold the .* characters the text needs"):
+        prepare(PrepareConfig(out_dir=tmp_path / "zd", src_lang="en", tgt_lang="zh", vocab_size=30,
+                              train_prefix=str(tmp_path / "zh" / "train"), valid_size=5, test_size=5))
