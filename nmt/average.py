@@ -26,6 +26,7 @@ from nmt.checkpoint import (
 from nmt.errors import CheckpointError, ConfigError
 from nmt.files import CheckpointInfo, VocabInfo
 from nmt.models import build_model
+from nmt.train_log import LOG_NAME, read_train_log
 
 
 def average_weights(paths: Sequence[Path]) -> dict[str, torch.Tensor]:
@@ -82,7 +83,24 @@ def choose_checkpoints(model_dir: Path, last: int = 0, best: int = 0) -> list[Up
             f"train with --set train.keep_{rule}={wanted}"
         )
     chosen = found[-last:] if last else sorted(found, key=lambda c: c.score, reverse=True)[:best]
+    if last:
+        _check_last_validations(model_dir, chosen, last)
     return sorted(chosen, key=lambda c: c.step)
+
+
+def _check_last_validations(model_dir: Path, chosen: list[UpdateCheckpoint], last: int) -> None:
+    """The latest kept checkpoints are the last validations only if none between was pruned
+    (a run resumed with a larger keep_last keeps, besides, a best one from before): the log says."""
+    if not (Path(model_dir) / LOG_NAME).is_file():
+        return
+    _, valid = read_train_log(model_dir)
+    steps = sorted({record["step"] for record in valid})[-last:]
+    if len(steps) == last and steps != [c.step for c in chosen]:
+        missing = sorted(set(steps) - {c.step for c in chosen})
+        raise CheckpointError(
+            f"{model_dir} no longer keeps the last {last} validations (step {missing[0]} was pruned); "
+            f"use fewer, or --best N"
+        )
 
 
 def average_checkpoints(model_dir: Path, out_dir: Path, last: int = 0, best: int = 0) -> list[UpdateCheckpoint]:

@@ -182,9 +182,14 @@ def update_checkpoints(save_dir: Path) -> list[UpdateCheckpoint]:
     """The kept update checkpoints of `save_dir`, oldest first."""
     found = []
     for path in sorted((Path(save_dir) / UPDATE_CHECKPOINTS).glob("step-*")):
+        # The temporary copy of a save in progress is a hidden folder; one without its weights or
+        # its info is damaged (a pruning cut short): not a checkpoint.
         if not (path / "model.safetensors").is_file():
-            continue  # the temporary copy of a save in progress is a hidden folder; this is a damaged one
-        info = CheckpointInfo.read(path)
+            continue
+        try:
+            info = CheckpointInfo.read(path)
+        except CheckpointError:
+            continue
         found.append(UpdateCheckpoint(info.state.step, path, float(info.state.last_valid.get(info.metric, float("-inf")))))
     return sorted(found, key=lambda c: c.step)
 
@@ -195,9 +200,10 @@ def prune_update_checkpoints(save_dir: Path, keep_last: int, keep_best: int) -> 
     found = update_checkpoints(save_dir)
     keep = {c.step for c in found[-keep_last:]} if keep_last else set()
     keep |= {c.step for c in sorted(found, key=lambda c: c.score, reverse=True)[:keep_best]}
-    for checkpoint in found:
-        if checkpoint.step not in keep:
-            shutil.rmtree(checkpoint.path, ignore_errors=True)
+    kept = {c.path for c in found if c.step in keep}
+    for path in (Path(save_dir) / UPDATE_CHECKPOINTS).glob("step-*"):  # damaged ones go too
+        if path not in kept:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

@@ -160,6 +160,12 @@ def test_pruning_keeps_exactly_the_last_and_the_best(tmp_path):
     assert [c.step for c in update_checkpoints(tmp_path)] == [200, 400, 500, 600]
     prune_update_checkpoints(tmp_path, keep_last=1, keep_best=0)
     assert [c.step for c in update_checkpoints(tmp_path)] == [600]
+    # A checkpoint whose pruning was cut short (info.json gone) is no checkpoint, and goes next time.
+    _fake_checkpoint(tmp_path, 700, 1.0)
+    (tmp_path / update_checkpoint_name(700) / "info.json").unlink()
+    assert [c.step for c in update_checkpoints(tmp_path)] == [600]
+    prune_update_checkpoints(tmp_path, keep_last=1, keep_best=0)
+    assert not (tmp_path / update_checkpoint_name(700)).exists()
 
 
 def test_overwrite_removes_the_old_runs_kept_checkpoints(trained, tmp_path):
@@ -200,6 +206,12 @@ def test_nmt_average_writes_a_model_dir_that_translates(trained, tmp_path):
     assert_one_line_error(runner.invoke(app, ["average", str(model_dir), "--last", "9", "--out", str(tmp_path / "x")]),
                     "fewer than 9", "keep_last=9")
     assert_one_line_error(runner.invoke(app, ["average", str(model_dir), "--out", str(tmp_path / "y")]), "--last N or --best N")
+    # The latest kept checkpoints are not the last validations when one between was pruned.
+    pruned = tmp_path / "pruned"
+    shutil.copytree(model_dir, pruned)
+    shutil.rmtree(pruned / update_checkpoint_name(kept[-1].step))
+    assert_one_line_error(runner.invoke(app, ["average", str(pruned), "--last", "1", "--out", str(tmp_path / "z")]),
+                          f"step {kept[-1].step} was pruned")
 
 
 def test_bench_scale_measures_translation_memory_and_stream_latency(trained, tmp_path):
