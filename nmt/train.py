@@ -951,6 +951,11 @@ class Trainer:
         st, task = self.state, self.task
         self.validated_at = st.step
         reason = ""
+        # A finite loss and gradient can still take a step too large for the weights (an absurd
+        # learning rate): such weights are never saved over the last good ones.
+        if not bool(torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()):
+            raise ConfigError(f"training diverged: the weights are no longer finite at step {st.step} (lower train.lr); "
+                              f"nothing is saved over what {self.save_dir} held")
         if self.ranks.is_main:
             valid_started = time.time()
             with self.averaged():

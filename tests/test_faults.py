@@ -114,6 +114,19 @@ def test_training_skips_non_finite_losses_then_stops_when_they_persist(data_dir,
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_weights_made_infinite_by_a_finite_update_are_never_saved(data_dir, tmp_path):
+    save_dir = tmp_path / "run"
+    train(_config(data_dir, save_dir, max_steps=4, valid_every=4), progress=False)
+    before = (save_dir / "last" / "model.safetensors").read_bytes()
+    result = CliRunner().invoke(app, ["train", "--data", str(data_dir), "--out", str(save_dir), "--resume", "--no-progress",
+                                      *[part for k, v in {**TINY, "arch": "transformer"}.items() for part in ("--set", f"model.{k}={v}")],
+                                      "--set", "train.batch_tokens=120", "--set", "train.lr=1e39", "--set", "train.warmup_steps=5",
+                                      "--set", "train.valid_every=1000", "--set", "train.log_every=1", "--set", "train.max_steps=8"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: training diverged")
+    assert (save_dir / "last" / "model.safetensors").read_bytes() == before
+
+
 def test_out_of_memory_batch_is_split_then_skipped(data_dir, tmp_path, monkeypatch):
     real_forward, limit = Transformer.forward, {"rows": 4}
 
