@@ -54,9 +54,11 @@ def training_lock(save_dir: Path):
     refused instead of racing the first one's saves."""
     import fcntl
 
+    lock = save_dir / ".lock"
+    created = [path for path in (*reversed(save_dir.parents), save_dir, lock) if not path.exists()]
     try:
         save_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(save_dir / ".lock", "w")
+        handle = open(lock, "w")
     except OSError as e:
         raise CheckpointError(f"cannot write the checkpoint directory {save_dir}: {e.strerror or e}") from None
     with handle:
@@ -64,7 +66,13 @@ def training_lock(save_dir: Path):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise CheckpointError(f"another training run is using {save_dir}") from None
-        yield
+        try:
+            yield
+        except BaseException:  # a run refused or failed: what it made and left empty goes
+            for path in reversed(created):
+                with contextlib.suppress(OSError):
+                    path.unlink() if path == lock else path.rmdir()
+            raise
 
 
 def check_outside_data_dir(save_dir: Path, data_dir: Path) -> None:

@@ -311,6 +311,10 @@ def test_training_never_replaces_a_folder_that_holds_no_model(data_dir, tmp_path
         with pytest.raises(CheckpointError, match="holds files but no model"):
             train(_config(data_dir, folder, max_steps=2), overwrite=overwrite, progress=False)
     assert (folder / "best" / "photo.txt").read_text() == "mine" and (folder / "checkpoints").is_dir()
+    assert not (folder / ".lock").exists()  # a refused run leaves nothing behind
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(_config(data_dir, tmp_path / "new" / "run", max_steps=2), resume=True, progress=False)
+    assert not (tmp_path / "new").exists()
     with pytest.raises(Exception, match="data dir or inside it"):
         train(_config(data_dir, data_dir / "model", max_steps=2), progress=False)
     beside = tmp_path / "run"  # a folder holding the data dir prepared for it (as pretrain --text makes)
