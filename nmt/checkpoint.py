@@ -125,7 +125,7 @@ def read_config(save_dir: Path) -> Config:
     try:
         return saved_config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
     except (yaml.YAMLError, ConfigError) as e:
-        raise CheckpointError(f"{path} is damaged or from another version: {e}") from None
+        raise CheckpointError(f"{path} is damaged or from another version: {first_line(e)}") from None
 
 
 def save_checkpoint(

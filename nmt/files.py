@@ -265,6 +265,9 @@ class CheckpointInfo:
         state = _known_fields(TrainState, data)
         if "best_score" not in data and "best_bleu" in data:  # written before pretraining had a metric of its own
             state["best_score"] = data["best_bleu"]
+        numbers = {f.name for f in dataclasses.fields(TrainState) if f.type in ("int", "float", int, float)}
+        if any(isinstance(state[name], bool) or not isinstance(state[name], (int, float)) for name in numbers & set(state)):
+            raise CheckpointError(f"{path} is damaged or from another version")
         try:
             return cls(TrainState(**state), **{k: v for k, v in _known_fields(cls, data).items() if k != "state"})
         except TypeError:

@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from nmt.errors import DataError
+from nmt.errors import CheckpointError, DataError
 
 LOG_NAME = "train_log.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -24,8 +24,11 @@ class TrainLog:
     """Appends records to train_log.jsonl and, optionally, to TensorBoard event files."""
 
     def __init__(self, save_dir: Path, tensorboard: bool, warn: Callable[[str], None]):
-        cut_unfinished_record(save_dir / LOG_NAME)
-        self.file = open(save_dir / LOG_NAME, "a", encoding="utf-8")
+        try:
+            cut_unfinished_record(save_dir / LOG_NAME)
+            self.file = open(save_dir / LOG_NAME, "a", encoding="utf-8")
+        except OSError as e:
+            raise CheckpointError(f"cannot write {save_dir / LOG_NAME}: {e.strerror or e}") from None
         self.writer = None
         if tensorboard:
             try:

@@ -225,6 +225,14 @@ def test_damaged_checkpoint_is_reported_in_one_line(data_dir, tmp_path):
         train(_config(data_dir, save_dir, max_steps=4), resume=True, progress=False)
     assert weights.read_bytes() == bytes(data)  # a failed resume writes nothing
 
+    info = json.loads((save_dir / "last" / "info.json").read_text())
+    (save_dir / "last" / "info.json").write_text(json.dumps({**info, "step": "ten"}))
+    with pytest.raises(CheckpointError, match="info.json is damaged"):
+        train(_config(data_dir, save_dir, max_steps=4), resume=True, progress=False)
+    (save_dir / "config.yaml").write_text("model: [1, 2\n")
+    result = CliRunner().invoke(app, ["translate", str(save_dir), "-i", str(data_dir / "test.src.txt")])
+    assert_one_line_error(result, "config.yaml is damaged")
+
 
 def test_prepare_into_an_unwritable_place_says_so(tmp_path):
     write_pairs(tmp_path / "c" / "train", toy_pairs(30, seed=1))
