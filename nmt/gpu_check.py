@@ -467,20 +467,25 @@ def run_check(cc: CheckConfig, log: Callable[[str], None] = lambda m: print(m, f
     work = Path(temporary.name) if temporary else Path(cc.work_dir)
     if cc.dry_run:
         corpus = sample_corpus(corpus, work / "corpus-sample")
-    handlers = {signum: signal.signal(signum, handler) for signum, handler in
-                ((signal.SIGALRM, _out_of_time), (signal.SIGTERM, _stopped), (signal.SIGINT, _stopped))}
-    signal.alarm(max(int(cc.total_minutes * 60), 1))  # the installation counts too
+    handlers: dict = {}
+    run: Run | None = None
     stopped: Stopped | None = None
     try:
+        for signum, handler in ((signal.SIGALRM, _out_of_time), (signal.SIGTERM, _stopped), (signal.SIGINT, _stopped)):
+            handlers[signum] = signal.signal(signum, handler)
+        signal.alarm(max(int(cc.total_minutes * 60), 1))  # the installation counts too
         run = Run(cc, work, corpus, log)
         run.report["environment"] = environment(run.device, cc.bundle)
         run.report["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cc).items()}
         run.save()  # a report from the start, whatever happens next
-        try:
-            install_into_report(run, cc.bundle, log)
-            run.run()
-        except OutOfTime as e:
-            stopped = e if isinstance(e, Stopped) else None
+        install_into_report(run, cc.bundle, log)
+        run.run()
+    except OutOfTime as e:
+        for signum in (signal.SIGTERM, signal.SIGINT):  # a second signal does not cut the report short
+            signal.signal(signum, signal.SIG_IGN)
+        signal.alarm(0)
+        stopped = e if isinstance(e, Stopped) else None
+        if run is not None:
             for name in cc.stages:
                 run.report["stages"].setdefault(name, {"status": f"skipped: {e.reason}"})
             run.save()
@@ -495,7 +500,7 @@ def run_check(cc: CheckConfig, log: Callable[[str], None] = lambda m: print(m, f
     if stopped is not None:
         log(f"gpu-check {stopped.reason}; what it measured is in {cc.out}")
         raise SystemExit(128 + stopped.signum)
-    return run.report
+    return run.report if run is not None else {"stages": {}}
 
 
 def install_into_report(run: Run, bundle: Path | None, log: Callable[[str], None]) -> None:
@@ -573,8 +578,9 @@ def make_bundle(bc: BundleConfig, log: Callable[[str], None] = lambda m: print(m
             raise SystemExit(f"error: Multi30k file {bc.data / name}.gz not found (pass --data)")
     try:
         check_replaceable(bc.out, True, "bundle.json", "a gpu-check bundle")
-    except OSError as e:
-        raise SystemExit(f"error: {e}") from None
+    except OSError:
+        raise SystemExit(f"error: {bc.out} holds files but is not a gpu-check bundle (no bundle.json); "
+                         "give another --out or empty it") from None
     bc.out.parent.mkdir(parents=True, exist_ok=True)
     new = Path(tempfile.mkdtemp(prefix=f".{bc.out.name}.new-", dir=bc.out.parent))
     try:

@@ -210,7 +210,7 @@ def test_a_bundle_replaces_only_an_earlier_bundle_and_only_once_complete(tmp_pat
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    with pytest.raises(SystemExit, match="not a gpu-check bundle"):
+    with pytest.raises(SystemExit, match="is not a gpu-check bundle"):
         make_bundle(BundleConfig(out=mine, data=data), log=lambda message: None)
     assert (mine / "notes.txt").read_text() == "keep me"
     earlier = tmp_path / "bundle"
@@ -225,3 +225,20 @@ def test_a_bundle_replaces_only_an_earlier_bundle_and_only_once_complete(tmp_pat
         make_bundle(BundleConfig(out=earlier, data=data), log=lambda message: None)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no half-made bundle left
     assert (earlier / "bundle.json").read_text() == "{}"
+
+
+def test_a_signal_before_the_stages_still_ends_cleanly(multi30k_toy, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    def terminated(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(gpu_check, "environment", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    config = CheckConfig(out=tmp_path / "out", data=multi30k_toy, dry_run=True, vocab_size=40, stages=("prepare",))
+    with pytest.raises(SystemExit) as stopped:
+        run_check(config, log=lambda message: None)
+    assert stopped.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) == before
+    written = json.loads((tmp_path / "out" / "gpu-check.json").read_text()) if (tmp_path / "out").exists() else {"stages": {}}
+    assert all(s["status"] == "skipped: stopped by SIGTERM" for s in written["stages"].values())

@@ -328,8 +328,9 @@ def test_the_same_input_gives_the_same_vocabulary_file_wherever_it_is_prepared(t
 
 
 def test_sentencepiece_settings_are_checked_before_reading_and_a_small_vocabulary_is_explained(toy_corpus, tmp_path):
-    from cli.main import app
     from typer.testing import CliRunner
+
+    from cli.main import app
 
     common = ["prepare", "--train", str(toy_corpus / "train"), "--src", "xx", "--tgt", "yy", "--out", str(tmp_path / "d")]
     for option, value in (("--spm-sample", "50"), ("--character-coverage", "1.5"), ("--spm-type", "char")):

@@ -37,7 +37,7 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     wrong: int  # answers that differ from nmt translate's for the line
-    failed: int  # requests that did not answer 200
+    failed: int  # requests that did not answer 200 (left out of sentences_per_second)
 
 
 def bench_serve(
@@ -119,7 +119,8 @@ def run_clients(url: str, sources: list[str], expected: list[str], pair: dict, c
         thread.join()
     seconds = time.perf_counter() - start
     ms = np.asarray(latencies or [math.nan]) * 1000  # NaN: no request was answered
-    return LoadResult(clients, len(sources), round(seconds, 2), round(len(sources) / seconds, 1),
+    answered = len(sources) - failed  # a failed request is no throughput
+    return LoadResult(clients, len(sources), round(seconds, 2), round(answered / seconds, 1),
                       round(float(np.percentile(ms, 50)), 1), round(float(np.percentile(ms, 99)), 1), wrong, failed)
 
 
