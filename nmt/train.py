@@ -775,8 +775,8 @@ class Trainer:
                 reason = self.run_epoch(groups, bar)
                 if st.group_in_epoch >= len(groups):
                     st.epoch, st.group_in_epoch = st.epoch + 1, 0
-            if self.validated_at != st.step:
-                self.validate_and_save()
+            if self.validated_at != st.step:  # a stop between validations: one more, for best/ and the log
+                self.validate_and_save(on_schedule=False)
         finally:
             self.stop_signal.restore()
             bar.close()
@@ -946,8 +946,11 @@ class Trainer:
             return "max_steps"
         return ""
 
-    def validate_and_save(self) -> str:
-        """Validate (main process) and save checkpoints; returns why training should stop, or ""."""
+    def validate_and_save(self, on_schedule: bool = True) -> str:
+        """Validate (main process) and save checkpoints; returns why training should stop, or "".
+        A validation off the train.valid_every schedule (at a stop between two) counts for
+        neither patience nor the kept update checkpoints, so that a run resumed with a larger
+        budget goes on as if it had not stopped."""
         st, task = self.state, self.task
         self.validated_at = st.step
         reason = ""
@@ -967,7 +970,7 @@ class Trainer:
             if improved:
                 st.best_score, st.best_step, st.bad_validations = st.last_valid[task.metric], st.step, 0
                 self.save("best")
-            else:
+            elif on_schedule:
                 st.bad_validations += 1
             # train_seconds leaves out validating and saving: the time to reach a dev BLEU, as
             # benchmarks count it
@@ -982,7 +985,7 @@ class Trainer:
                 + (" (best)" if improved else f" (best {st.best_score:.2f} at {st.best_step})")
             )
             reason = validation_stop(self.tc, task.metric, st.last_valid[task.metric], st.bad_validations)
-            if self.tc.keep_last or self.tc.keep_best:
+            if on_schedule and (self.tc.keep_last or self.tc.keep_best):
                 self.save(update_checkpoint_name(st.step))
                 prune_update_checkpoints(self.save_dir, self.tc.keep_last, self.tc.keep_best)
         self.save("last")

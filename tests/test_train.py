@@ -84,6 +84,21 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
     assert losses("b") == losses("a")
 
 
+def test_a_stop_between_validations_counts_for_neither_patience_nor_kept_checkpoints(tiny_data, tmp_path):
+    from nmt.checkpoint import update_checkpoints
+    from nmt.files import CheckpointInfo
+
+    data_dir, _ = tiny_data
+    model = TINY_MODELS["transformer"]
+    settings = dict(valid_every=4, log_every=1, batch_tokens=60, keep_last=5, patience=100, lr=1e-5)  # no gains
+    train(_config(data_dir, tmp_path / "a", model, max_steps=12, **settings), progress=False)
+    train(_config(data_dir, tmp_path / "b", model, max_steps=6, **settings), progress=False)  # validates at 6 too
+    train(_config(data_dir, tmp_path / "b", model, max_steps=12, **settings), resume=True, progress=False)
+    assert [c.step for c in update_checkpoints(tmp_path / "a")] == [c.step for c in update_checkpoints(tmp_path / "b")]
+    states = [CheckpointInfo.read(tmp_path / name / "last").state for name in ("a", "b")]
+    assert states[0].bad_validations == states[1].bad_validations
+
+
 def test_inverse_sqrt_schedule():
     assert inverse_sqrt_lr(50, 1e-3, 100) == pytest.approx(5e-4)
     assert inverse_sqrt_lr(100, 1e-3, 100) == pytest.approx(1e-3)
