@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import textwrap
 import warnings
 from collections.abc import Iterable
@@ -166,7 +167,8 @@ def training_figure(run_dirs: list[Path]) -> Figure:
         colour = f"C{index % 10}"
         if train:
             steps = [r["step"] for r in train]
-            loss_ax.plot(steps, [r["loss"] for r in train], color=colour, label=f"{name} train")
+            losses = [math.nan if r["loss"] is None else r["loss"] for r in train]  # None: every update skipped
+            loss_ax.plot(steps, losses, color=colour, label=f"{name} train")
             lr_ax.plot(steps, [r["lr"] for r in train], color=colour, label=name)
         if valid:
             steps = [r["step"] for r in valid]

@@ -633,7 +633,7 @@ class Interval:
         loss_sum, loss_tokens, tgt_tokens, src_tokens, skipped = ranks.sum(values, self.device)
         record = {
             "type": "train", "step": step, "epoch": epoch,
-            "loss": round(loss_sum / max(loss_tokens, 1), 4), "lr": lr,
+            "loss": round(loss_sum / loss_tokens, 4) if loss_tokens else None, "lr": lr,  # None (null): all skipped
             "tgt_tokens_per_s": round(tgt_tokens / seconds),
             "tokens_per_s": round((tgt_tokens + src_tokens) / seconds),
             "batch_wait_fraction": round(self.wait_seconds / seconds, 4),
@@ -904,7 +904,8 @@ class Trainer:
             cause = "gradient overflow under loss scaling (scale lowered) or non-finite loss" if self.scaler else "non-finite loss or gradient"
             self.log(f"warning: {record['skipped_updates']} update(s) up to step {self.state.step} skipped: {cause}")
         self.write_log(record)
-        postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{self.lr:.2e}", "tok/s": record[self.task.throughput]}
+        loss = "-" if record["loss"] is None else f"{record['loss']:.3f}"
+        postfix = {"loss": loss, "lr": f"{self.lr:.2e}", "tok/s": record[self.task.throughput]}
         if tc.max_minutes and not tc.max_steps:
             postfix["left"] = f"{max(tc.max_minutes - self.elapsed() / 60, 0):.1f}min"
         bar.set_postfix(postfix)

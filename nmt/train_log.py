@@ -43,7 +43,7 @@ class TrainLog:
         self.file.flush()
         if self.writer is not None:
             for key, tag in TENSORBOARD_SCALARS.get(record.get("type"), {}).items():
-                if key in record:
+                if record.get(key) is not None:
                     self.writer.add_scalar(tag, record[key], record["step"])
             self.writer.flush()
 

@@ -110,6 +110,8 @@ def test_training_skips_non_finite_losses_then_stops_when_they_persist(data_dir,
     result = train(_config(data_dir, tmp_path / "b", max_steps=50, max_skipped_updates=4), progress=False,
                    log=messages.append)
     assert result.stop_reason == TOO_MANY_SKIPPED and result.steps == 4
+    records = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["loss"] is None for r in records if r["type"] == "train")  # no loss at all, not a loss of 0
     model, _, _ = load_for_inference(tmp_path / "b", "last")
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
