@@ -189,8 +189,9 @@ def training_figure(run_dirs: list[Path]) -> Figure:
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    loss_ax.legend(fontsize=8)
-    bleu_ax.legend(fontsize=8)
+    for ax in (loss_ax, bleu_ax):
+        if ax.get_legend_handles_labels()[0]:  # a run not yet validated has no dev curve to name
+            ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 

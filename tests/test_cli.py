@@ -180,6 +180,16 @@ def test_plot_draws_training_curves_of_several_runs(trained, tmp_path):
     with Image.open(tmp_path / "curves.png") as image:
         assert image.size == (15 * DPI, round(4.5 * DPI))
     one_line_error(invoke("plot", tmp_path / "nothing", "-o", tmp_path / "c.png"), "no train_log.jsonl")
+    fresh = tmp_path / "fresh"  # stopped before its first validation, an interval with every update skipped
+    fresh.mkdir()
+    records = [{"type": "train", "step": 1, "loss": None, "lr": 1e-3}, {"type": "train", "step": 2, "loss": 2.0, "lr": 1e-3}]
+    (fresh / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's warning about a legend without curves
+        result = invoke("plot", fresh, "-o", tmp_path / "fresh.png")
+    assert result.exit_code == 0 and len(result.output.strip().splitlines()) == 1, result.output
 
 
 def test_translate_precision_option(trained):
