@@ -161,7 +161,7 @@ def test_time_to_quality_leaves_out_validating_and_saving(monkeypatch):
     task = SimpleNamespace(validate=lambda model, device, dtype: advance(1.0) or {"loss": 1.0, "ppl": 2.7, "bleu": 20.0},
                            metric="bleu", metric_name="BLEU", extra_metrics=())
     stub = SimpleNamespace(
-        state=TrainState(step=100), task=task, tc=TrainConfig(), ranks=Ranks(), model=None, device=CPU, dtype=None,
+        state=TrainState(step=100), task=task, tc=TrainConfig(), ranks=Ranks(), model=torch.nn.Linear(1, 1), device=CPU, dtype=None,
         averaged=contextlib.nullcontext, elapsed=lambda: clock[0], save=lambda name: advance(5.0),
         write_log=logged.append, log=lambda message: None, validated_at=0,
     )
