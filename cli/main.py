@@ -162,7 +162,7 @@ def prepare(
     kind = "joint" if vocab.joint else "separate"
     unk = manifest.valid_unk_percent
     typer.echo(
-        f"vocab: {kind} {vocab.type}, {vocab.src_size} source / {vocab.tgt_size} target pieces; "
+        f"vocab: {kind} {vocab.type or 'given'}, {vocab.src_size} source / {vocab.tgt_size} target pieces; "
         f"<unk> in valid: {unk['src']}% source, {unk['tgt']}% target tokens"
     )
 
@@ -182,7 +182,7 @@ def _print_multilingual_summary(out: Path, manifest) -> None:
         typer.echo(f"{direction:>7}: " + ", ".join(f"{counts[s]['pairs']} {s}" for s in ("train", "valid", "test") if s in counts) + dropped)
     vocab = manifest.vocab
     sample = manifest.input.get("spm_sample") or {}
-    typer.echo(f"vocab: joint {vocab.type}, {vocab.src_size} pieces with the tags "
+    typer.echo(f"vocab: joint {vocab.type or 'given'}, {vocab.src_size} pieces with the tags "
                + " ".join(language_tag(lang) for lang in manifest.languages)
                + ("; SentencePiece sample: " + ", ".join(f"{lang} {n}" for lang, n in sample.items()) if sample else ""))
 
@@ -194,7 +194,7 @@ def _print_mono_summary(out: Path, manifest) -> None:
     for split, counts in manifest.counts.items():
         typer.echo(f"{split:>5}: {counts['sentences']:>8} sentences, {counts['tokens']:>9} tokens, "
                    f"{counts['documents']:>6} documents")
-    typer.echo(f"vocab: joint {manifest.vocab.type}, {manifest.vocab.src_size} pieces")
+    typer.echo(f"vocab: joint {manifest.vocab.type or 'given'}, {manifest.vocab.src_size} pieces")
 
 
 def _relaunch(devices: int, device: str) -> None:

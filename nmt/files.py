@@ -62,7 +62,7 @@ class Vocabulary:
     src_sha256: str
     tgt_sha256: str
     joint: bool = True
-    type: str = "unigram"
+    type: str | None = "unigram"  # None: a given model's (prepare --spm-model), whose training is not known here
     requested_size: int | None = None
     character_coverage: float | None = None
     sample_sentences: int | None = None

@@ -202,12 +202,15 @@ def _manifest(
     dtype: np.dtype, stages: Stages, workers: int,
 ) -> Manifest:
     sha = file_sha256(model)
-    vocab = Vocabulary(
-        model.name, model.name, size, size, sha, sha, joint=True, type=config.spm_type, requested_size=config.vocab_size,
-        character_coverage=sentencepiece_coverage(config.character_coverage, tuple(langs))["character_coverage"],
-        sample_sentences=config.spm_max_sentences,
-        given_model=str(config.spm_model) if config.spm_model is not None else None,
-    )
+    if config.spm_model is not None:  # its training is not known here
+        vocab = Vocabulary(model.name, model.name, size, size, sha, sha, joint=True, type=None,
+                           given_model=str(config.spm_model))
+    else:
+        vocab = Vocabulary(
+            model.name, model.name, size, size, sha, sha, joint=True, type=config.spm_type,
+            requested_size=config.vocab_size, sample_sentences=config.spm_max_sentences,
+            character_coverage=sentencepiece_coverage(config.character_coverage, tuple(langs))["character_coverage"],
+        )
     first = normalization(langs[0], config.clean).as_dict()
     languages = "+".join(dict.fromkeys(langs))
     files = sorted(p.name for p in directory.iterdir())

@@ -201,13 +201,16 @@ def directory_files(directory: Path) -> dict:
 
 
 def vocabulary_record(src_model: Path, tgt_model: Path, tokenizer: Tokenizer, config: PrepareConfig, langs: tuple[str, ...]) -> Vocabulary:
+    """The manifest's vocabulary: how prepare trained it, or (--spm-model) only where it came from."""
+    files = dict(src_model=src_model.name, tgt_model=tgt_model.name, src_size=tokenizer.src_vocab_size,
+                 tgt_size=tokenizer.tgt_vocab_size, src_sha256=file_sha256(src_model), tgt_sha256=file_sha256(tgt_model),
+                 joint=config.joint_vocab)
+    if config.spm_model is not None:
+        return Vocabulary(**files, type=None, given_model=str(config.spm_model))
     return Vocabulary(
-        src_model=src_model.name, tgt_model=tgt_model.name, src_size=tokenizer.src_vocab_size,
-        tgt_size=tokenizer.tgt_vocab_size, src_sha256=file_sha256(src_model), tgt_sha256=file_sha256(tgt_model),
-        joint=config.joint_vocab, type=config.spm_type, requested_size=config.vocab_size,
+        **files, type=config.spm_type, requested_size=config.vocab_size,
         character_coverage=sentencepiece_coverage(config.character_coverage, langs)["character_coverage"],
         sample_sentences=config.spm_max_sentences,
-        given_model=str(config.spm_model) if config.spm_model is not None else None,
     )
 
 
@@ -274,8 +277,9 @@ def clean_and_split(config: PrepareConfig, work: Path, progress: bool, stages: S
                      "test_size": config.test_size if split == "test" else 0}
             eval_raw[split] = eval_clean[split] = _carve_out(dataclasses.replace(config, **sizes), work, keep, None, hashes)[split]
     else:
+        before = int(keep.sum())
         eval_raw = eval_clean = _carve_out(config, work, keep, groups, hashes)
-        overlap = 0
+        overlap = before - int(keep.sum()) - sum(map(len, eval_clean.values()))  # copies of them (--no-dedup)
     if not keep.any():
         raise DataError("no training pairs left once valid/test pairs are removed")
     if stages:

@@ -315,6 +315,7 @@ class TextTranslator(Protocol):
 
 
 SAMPLING_OPTIONS = ("topk", "topp", "temperature", "seed")  # decode options that only sampling uses
+SEARCH_OPTIONS = ("beam", "len_penalty")  # decode options that sampling does not use
 
 
 def decode_settings(saved: DecodeConfig, decode_options: dict | None) -> DecodeConfig:
@@ -325,6 +326,9 @@ def decode_settings(saved: DecodeConfig, decode_options: dict | None) -> DecodeC
     decode.validate()
     if not decode.sampling and any(name in options for name in SAMPLING_OPTIONS):
         raise ConfigError(f"{', '.join(name for name in SAMPLING_OPTIONS if name in options)}: only with sampling (--sampling)")
+    if options.get("sampling") and any(name in options for name in SEARCH_OPTIONS):
+        raise ConfigError(f"{', '.join(name for name in SEARCH_OPTIONS if name in options)}: not with sampling "
+                          "(it draws each output; --nbest N draws N)")
     return decode
 
 

@@ -146,6 +146,10 @@ def test_held_out_pairs_leave_train_with_every_copy_when_duplicates_are_kept(tmp
             for split in ("valid", "test")]
     assert len(held[0]) == len(held[1]) == 20 and not held[0] & held[1]
     assert manifest.counts["train"]["pairs"] == sum(2 for pair in pairs if pair not in held[0] | held[1])
+    # The summary adds up: what was kept is train, valid, test and the copies that left train with them.
+    cleaning = manifest.cleaning
+    assert cleaning["kept"] == manifest.counts["train"]["pairs"] + 40 + cleaning["overlap_with_valid_test"]
+    assert cleaning["overlap_with_valid_test"] == 40
 
 
 @pytest.mark.parametrize("sizes", [(-5, 10), (10, 0)])

@@ -489,6 +489,7 @@ def test_prepare_reserves_the_special_symbols_and_reuses_a_given_model(pretraine
     given = json.loads((root / "data" / "manifest.json").read_text())["vocab"]
     pretrained = json.loads((root / "mlm" / "vocab.json").read_text())["vocab"]
     assert given["src_sha256"] == given["tgt_sha256"] == pretrained["src_sha256"]
+    assert given["given_model"] and given["type"] is None and given["requested_size"] is None  # not prepare's training
     # A model without the reserved symbols is refused.
     import sentencepiece as spm
 

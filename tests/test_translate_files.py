@@ -130,6 +130,7 @@ def test_sampling_options_from_the_command_line(trained):
     assert first.output == again.output and len(first.output.splitlines()) == 35
     assert_one_line_error(runner.invoke(app, ["translate", str(model_dir), "--topk", "3"], input=lines), "topk: only with sampling")
     assert_one_line_error(runner.invoke(app, [*args, "--topp", "1.5"], input=lines), "decode.topp")
+    assert_one_line_error(runner.invoke(app, [*args, "--beam", "5"], input=lines), "beam: not with sampling")
     for option, value in [("--temperature", "nan"), ("--temperature", "1e308"), ("--seed", str(2**64)),
                           ("--beam", str(10**20)), ("--max-len-a", "1e300"), ("--max-len-b", "-5"),
                           ("--len-penalty", "nan"), ("--chunk-lines", str(10**20))]:
