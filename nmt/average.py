@@ -94,7 +94,8 @@ def _check_last_validations(model_dir: Path, chosen: list[UpdateCheckpoint], las
     if not (Path(model_dir) / LOG_NAME).is_file():
         return
     _, valid = read_train_log(model_dir)
-    steps = sorted({record["step"] for record in valid})[-last:]
+    # A validation at a stop between two is not kept (its record says so).
+    steps = sorted({record["step"] for record in valid if record.get("scheduled", True)})[-last:]
     if len(steps) == last and steps != [c.step for c in chosen]:
         missing = sorted(set(steps) - {c.step for c in chosen})
         raise CheckpointError(

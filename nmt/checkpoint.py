@@ -54,6 +54,7 @@ def training_lock(save_dir: Path):
     refused instead of racing the first one's saves."""
     import fcntl
 
+    save_dir = Path(os.path.realpath(save_dir))  # "new/../mine" must not count "mine" as made here
     lock = save_dir / ".lock"
     created = [path for path in (*reversed(save_dir.parents), save_dir, lock) if not path.exists()]
     try:

@@ -43,7 +43,7 @@ def decode_lines(binary_lines: Iterable[bytes], name: str, replace_invalid: bool
         for lineno, raw in enumerate(binary_lines, 1):
             if refuse_nul and b"\0" in raw:  # a corpus: UTF-16 read as UTF-8 has them everywhere
                 raise DataError(f"{name}:{lineno}: a NUL byte (a UTF-16 or binary file? nmt reads UTF-8)")
-            if refuse_nul and lineno == 1 and not raw.endswith(b"\n") and b"\r" in raw.rstrip(b"\r"):
+            if refuse_nul and lineno == 1 and raw.endswith(b"\r") and b"\r" in raw[:-1]:  # no LF at all
                 raise DataError(f"{name}: its lines end in CR alone (an old Mac file?); nmt reads LF or CRLF line ends")
             try:
                 line = raw.decode("utf-8", errors=errors)
@@ -145,7 +145,7 @@ def load_hf_corpus(
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     kwargs = {k: v for k, v in (("revision", revision), ("data_dir", data_dir)) if v}
-    if Path(name).is_dir() and any(Path(name).rglob("*.csv")):  # "NA", "null", "nan" are sentences here
+    if _csv_folder(Path(name)):  # "NA", "null", "nan" are sentences here
         kwargs.update(keep_default_na=False, na_filter=False)
     try:
         try:
@@ -194,6 +194,14 @@ def _hf_rows(table, src_lang: str, tgt_lang: str, where: str) -> Iterator[tuple[
         else:
             for src, tgt in zip(block[src_lang], block[tgt_lang]):
                 yield _text(src, where), _text(tgt, where)
+
+
+def _csv_folder(path: Path) -> bool:
+    """A local folder whose data files are CSV (the builder `datasets` then uses)."""
+    if not path.is_dir():
+        return False
+    suffixes = {p.suffix for p in path.rglob("*") if p.suffix in (".csv", ".json", ".jsonl", ".parquet", ".arrow")}
+    return suffixes == {".csv"}
 
 
 def _text(value, where: str) -> str:

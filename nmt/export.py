@@ -626,7 +626,7 @@ def load_ctranslate2_translator(export_dir: Path, decode_options: dict | None = 
     except RuntimeError as e:
         raise CheckpointError(f"{export_dir}: CTranslate2 could not load the model ({first_line(e)})") from None
     if decode.sampling:
-        ctranslate2.set_random_seed(decode.seed)
+        ctranslate2.set_random_seed(decode.seed % 2**32)  # an unsigned 32-bit seed
     loaded = CTranslate2Translator(translator, tokenizer, decode, record.source_normalization(),
                                    record.target_normalization(), config.model,
                                    (record.languages["source"], record.languages["target"]), record.max_positions)

@@ -258,6 +258,8 @@ def clean_and_split(config: PrepareConfig, work: Path, progress: bool, stages: S
     """Read `config`'s input into the work files `work/train.{src,tgt}` (cleaned), find the
     duplicates and hold out valid and test (given, or carved out of train)."""
     train_pairs, given_eval, expected_pairs = _read_inputs(config, progress)
+    if len(given_eval) == 1 and config.split_by is not None:  # a dataset's lone split: both carved by group
+        given_eval = {}
     if given_eval and config.split_by is not None:
         raise DataError("--split-by applies when valid and test are carved out of the training data, not given")
     cleaner = PairCleaner(config.clean, config.src_lang, config.tgt_lang)
@@ -275,7 +277,9 @@ def clean_and_split(config: PrepareConfig, work: Path, progress: bool, stages: S
         for split in {"valid", "test"} - set(given_eval):  # a dataset with one held-out split: the other carved
             sizes = {"valid_size": config.valid_size if split == "valid" else 0,
                      "test_size": config.test_size if split == "test" else 0}
+            before = int(keep.sum())
             eval_raw[split] = eval_clean[split] = _carve_out(dataclasses.replace(config, **sizes), work, keep, None, hashes)[split]
+            overlap += before - int(keep.sum()) - len(eval_clean[split])  # copies of them (--no-dedup)
     else:
         before = int(keep.sum())
         eval_raw = eval_clean = _carve_out(config, work, keep, groups, hashes)

@@ -83,9 +83,9 @@ def train_sentencepiece(
     except RuntimeError as e:
         needed = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(e))
         if needed:
-            raise DataError(f"a vocabulary of {needed[1]} pieces cannot hold the {needed[2]} characters the text needs "
-                            f"at character coverage {character_coverage}: raise --vocab-size or lower "
-                            "--character-coverage") from None
+            spelled = " and the 256 byte pieces of byte fallback" if byte_fallback else ""
+            raise DataError(f"a vocabulary of {needed[1]} pieces is smaller than the {needed[2]} the text needs (its "
+                            f"characters at character coverage {character_coverage}{spelled}): raise --vocab-size") from None
         raise DataError(f"SentencePiece training failed: {e}") from None
     path = Path(f"{model_prefix}.model")
     path.write_bytes(model.getvalue())  # the same bytes for the same input, wherever it is trained

@@ -936,6 +936,7 @@ class Trainer:
         if not ranks.active or st.step % tc.log_every == 0:
             if ranks.agree(int(bool(self.stop_signal.received)), self.device):
                 name = self.stop_signal.received or "SIGTERM"
+                self.check_finite_weights()
                 self.save("last")
                 self.validated_at = st.step  # saved; no final validation on the way out
                 self.log(f"stopped by {name} at step {st.step}; continue with --resume")
@@ -947,6 +948,13 @@ class Trainer:
             return "max_steps"
         return ""
 
+    def check_finite_weights(self) -> None:
+        """A finite loss and gradient can still take a step too large for the weights (an absurd
+        learning rate): such weights are never saved over the last good ones."""
+        if not bool(torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()):
+            raise ConfigError(f"training diverged: the weights are no longer finite at step {self.state.step} "
+                              f"(lower train.lr); nothing is saved over what {self.save_dir} held")
+
     def validate_and_save(self, on_schedule: bool = True) -> str:
         """Validate (main process) and save checkpoints; returns why training should stop, or "".
         A validation off the train.valid_every schedule (at a stop between two) counts for
@@ -955,11 +963,7 @@ class Trainer:
         st, task = self.state, self.task
         self.validated_at = st.step
         reason = ""
-        # A finite loss and gradient can still take a step too large for the weights (an absurd
-        # learning rate): such weights are never saved over the last good ones.
-        if not bool(torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()):
-            raise ConfigError(f"training diverged: the weights are no longer finite at step {st.step} (lower train.lr); "
-                              f"nothing is saved over what {self.save_dir} held")
+        self.check_finite_weights()
         if self.ranks.is_main:
             valid_started = time.time()
             with self.averaged():
@@ -977,7 +981,7 @@ class Trainer:
             # benchmarks count it
             self.write_log({
                 "type": "valid", **st.last_valid, "seconds": round(seconds, 1),
-                "train_seconds": round(seconds - st.valid_seconds, 1),
+                "train_seconds": round(seconds - st.valid_seconds, 1), **({} if on_schedule else {"scheduled": False}),
             })
             self.log(
                 f"step {st.step}: dev loss {st.last_valid['loss']:.3f}, ppl {st.last_valid['ppl']:.2f}"

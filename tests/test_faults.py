@@ -129,6 +129,23 @@ def test_weights_made_infinite_by_a_finite_update_are_never_saved(data_dir, tmp_
     assert (save_dir / "last" / "model.safetensors").read_bytes() == before
 
 
+def test_a_signal_never_saves_weights_made_infinite(data_dir, tmp_path, monkeypatch):
+    save_dir = tmp_path / "run"
+    train(_config(data_dir, save_dir, max_steps=4, valid_every=4), progress=False)
+    before = (save_dir / "last" / "model.safetensors").read_bytes()
+
+    class SignalledAtOnce:  # Ctrl-C arrived during the first update of the resumed run
+        received = "SIGINT"
+
+        def restore(self):
+            pass
+
+    monkeypatch.setattr(train_module, "StopSignal", SignalledAtOnce)
+    with pytest.raises(Exception, match="training diverged"):
+        train(_config(data_dir, save_dir, max_steps=8, valid_every=4, lr=1e39), resume=True, progress=False)
+    assert (save_dir / "last" / "model.safetensors").read_bytes() == before
+
+
 def test_out_of_memory_batch_is_split_then_skipped(data_dir, tmp_path, monkeypatch):
     real_forward, limit = Transformer.forward, {"rows": 4}
 
@@ -325,6 +342,10 @@ def test_training_never_replaces_a_folder_that_holds_no_model(data_dir, tmp_path
     with pytest.raises(CheckpointError, match="nothing to resume"):
         train(_config(data_dir, tmp_path / "new" / "run", max_steps=2), resume=True, progress=False)
     assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()  # the user's, empty: reached through a folder that does not exist
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(_config(data_dir, tmp_path / "nowhere" / ".." / "mine" / "run", max_steps=2), resume=True, progress=False)
+    assert (tmp_path / "mine").is_dir() and not (tmp_path / "nowhere").exists()
     with pytest.raises(Exception, match="data dir or inside it"):
         train(_config(data_dir, data_dir / "model", max_steps=2), progress=False)
     beside = tmp_path / "run"  # a folder holding the data dir prepared for it (as pretrain --text makes)

@@ -83,6 +83,11 @@ def test_local_files_keep_words_csv_reads_as_missing_and_bad_files_are_one_line(
         rows = [*words, *toy_pairs(count, seed=seed)]
         (folder / f"{split}.csv").write_text("xx,yy\n" + "".join(f"{s},{t}\n" for s, t in rows), encoding="utf-8")
     assert load_hf_corpus(str(folder), None, "xx", "yy")["test"][:2] == words
+    jsonl = tmp_path / "jsonl_copy"  # a CSV of notes beside JSON lines does not make it a CSV dataset
+    (jsonl / "stats").mkdir(parents=True)
+    (jsonl / "stats" / "lengths.csv").write_text("a,b\n1,2\n")
+    (jsonl / "train.jsonl").write_text("".join(json.dumps({"xx": s, "yy": t}) + "\n" for s, t in toy_pairs(20, seed=1)))
+    assert len(list(load_hf_corpus(str(jsonl), None, "xx", "yy")["train"])) == 20
     for name, text in (("cut.jsonl", '{"xx": "a", "yy": "b"}\n{"xx": "kaputt", "yy": '),
                        ("number.jsonl", '{"xx": "a", "yy": "b"}\n{"xx": 5, "yy": "five"}\n')):
         bad = tmp_path / name.split(".")[0]
@@ -93,11 +98,24 @@ def test_local_files_keep_words_csv_reads_as_missing_and_bad_files_are_one_line(
         assert "\n" not in str(error.value)
 
 
+def test_split_by_carves_both_sets_by_group_when_a_dataset_gives_one(tmp_path):
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for split, seed, count in (("train", 1, 150), ("validation", 2, 10)):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps({"xx": s, "yy": t}) + "\n" for s, t in toy_pairs(count, seed=seed)))
+    manifest = prepare(_config(tmp_path / "data", hf_name=str(folder), split_by="xx", valid_size=8, test_size=8))
+    assert manifest.counts["valid"]["pairs"] >= 8 and manifest.counts["test"]["pairs"] >= 8
+
+
 def test_a_corpus_with_old_mac_line_ends_is_refused(tmp_path):
     for lang in ("xx", "yy"):
         (tmp_path / f"mac.{lang}").write_text("\r".join(f"{lang} line {i}" for i in range(20)) + "\r", encoding="utf-8")
     with pytest.raises(DataError, match="end in CR alone"):
         prepare(_config(tmp_path / "out", train_prefix=str(tmp_path / "mac"), valid_size=2, test_size=2))
+    from nmt.data import read_lines
+
+    (tmp_path / "one.xx").write_bytes(b"w1 w2\rw3")  # one sentence with a stray CR, no line end: read as it is
+    assert list(read_lines(tmp_path / "one.xx", corpus=True)) == ["w1 w2\rw3"]
 
 
 def test_empty_after_filtering_is_an_error(tmp_path):
@@ -344,6 +362,6 @@ def test_sentencepiece_settings_are_checked_before_reading_and_a_small_vocabular
     chars = "的一是不了人我在有他这中大来上个国到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可里后小么心多天而能好"
     rows = [(f"the word w{i} here", "".join(chars[(i * 7 + k) % len(chars)] for k in range(6))) for i in range(200)]
     write_pairs(tmp_path / "zh" / "train", rows, "en", "zh")
-    with pytest.raises(DataError, match="cannot hold the .* characters the text needs"):
+    with pytest.raises(DataError, match="smaller than the .* the text needs"):
         prepare(PrepareConfig(out_dir=tmp_path / "zd", src_lang="en", tgt_lang="zh", vocab_size=30,
                               train_prefix=str(tmp_path / "zh" / "train"), valid_size=5, test_size=5))

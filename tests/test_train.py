@@ -97,6 +97,11 @@ def test_a_stop_between_validations_counts_for_neither_patience_nor_kept_checkpo
     assert [c.step for c in update_checkpoints(tmp_path / "a")] == [c.step for c in update_checkpoints(tmp_path / "b")]
     states = [CheckpointInfo.read(tmp_path / name / "last").state for name in ("a", "b")]
     assert states[0].bad_validations == states[1].bad_validations
+    # The stop's validation is not kept, and averaging the last validations does not look for it.
+    from nmt.average import choose_checkpoints
+
+    train(_config(data_dir, tmp_path / "stopped", model, max_steps=6, **settings), progress=False)
+    assert [c.step for c in choose_checkpoints(tmp_path / "stopped", last=1)] == [4]
 
 
 def test_inverse_sqrt_schedule():
