@@ -125,7 +125,7 @@ def _stopping_stub(step: int, elapsed: float = 0.0, skipped_run: int = 0, signal
         state=TrainState(step=step), tc=TrainConfig(**{"log_every": 10, "valid_every": 1000, **tc}), ranks=Ranks(),
         device=CPU, longest_skipped_run=torch.tensor(skipped_run), stop_signal=SimpleNamespace(received=signal),
         elapsed=lambda: elapsed, log=lambda message: calls.append(("log", message)),
-        save=lambda name: calls.append(("save", name)),
+        save=lambda name: calls.append(("save", name)), check_finite_weights=lambda: None,
         validate_and_save=lambda: calls.append(("validate", step)) or verdict, validated_at=-1,
     )
     return stub, calls
@@ -163,7 +163,7 @@ def test_time_to_quality_leaves_out_validating_and_saving(monkeypatch):
     stub = SimpleNamespace(
         state=TrainState(step=100), task=task, tc=TrainConfig(), ranks=Ranks(), model=torch.nn.Linear(1, 1), device=CPU, dtype=None,
         averaged=contextlib.nullcontext, elapsed=lambda: clock[0], save=lambda name: advance(5.0),
-        write_log=logged.append, log=lambda message: None, validated_at=0,
+        write_log=logged.append, log=lambda message: None, validated_at=0, check_finite_weights=lambda: None,
     )
     Trainer.validate_and_save(stub)
     advance(10.0)  # 10 s more of training
