@@ -496,8 +496,8 @@ class CTranslate2Translator:
         per translator)."""
         banned = [PAD, BOS, *self.tokenizer.reserved_target_ids]
         if self.allowed_tokens is not None:
-            banned += [int(i) for i in np.flatnonzero(~self.allowed_tokens) if i not in banned]
-        return [[self.tokenizer.tgt.id_to_piece(i)] for i in banned]
+            banned += np.flatnonzero(~self.allowed_tokens).tolist()
+        return [[self.tokenizer.tgt.id_to_piece(i)] for i in dict.fromkeys(banned)]  # each once, in order
 
     def _batching(self, decode: DecodeConfig) -> dict:
         """A GPU takes batches of decode.batch_tokens; CPU workers share batches of a few sentences."""

@@ -83,6 +83,7 @@ class _VocabularyRecord:
     NAME: str
     vocab: Vocabulary
     normalization: dict
+    languages: dict  # a multilingual record's: the normalization record of each language
 
     @classmethod
     def _from_json(cls, data: dict, normalization) -> _VocabularyRecord | None:
@@ -103,6 +104,9 @@ class _VocabularyRecord:
 
     def target_normalization(self) -> Normalization:
         return Normalization.from_saved(self.normalization["tgt"])
+
+    def language_normalization(self, lang: str) -> Normalization:
+        return Normalization.from_saved(self.languages[lang])
 
 
 @dataclass
@@ -192,9 +196,6 @@ class VocabInfo(_VocabularyRecord):
     @property
     def multilingual(self) -> bool:
         return bool(self.directions)
-
-    def language_normalization(self, lang: str) -> Normalization:
-        return Normalization.from_saved(self.languages[lang])
 
     def target_piece_mask(self, lang: str) -> np.ndarray | None:
         """(V,) bool: the pieces `lang`'s training targets use; None when not recorded."""

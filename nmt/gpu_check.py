@@ -20,8 +20,9 @@ after every stage, so that a run cut short keeps what it measured:
 `python -m nmt.gpu_check bundle` (`make gpu-bundle`), run beforehand on a machine that reaches the
 package registry, gathers into one folder the Multi30k files and the wheels of the packages this
 run imports beyond torch's own (found by running it dry, on the CPU). `run --bundle DIR` installs
-those the GPU machine lacks into a temporary folder and uses the machine's own CUDA PyTorch. So
-this module imports only the standard library at its top: the rest comes after the bundle.
+those the GPU machine lacks into the run's work folder and uses the machine's own CUDA PyTorch. So
+this module imports only the standard library (and nmt's own paths) at its top: the rest comes
+after the bundle.
 """
 
 from __future__ import annotations
@@ -45,11 +46,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from nmt.corpora import LOCAL_MULTI30K, PROJECT_ROOT  # paths only, no third-party import: safe before the bundle
+
 RECIPES = {
-    "transformer": ROOT / "recipes/multi30k/transformer-gpu.yaml",
-    "rnn": ROOT / "recipes/multi30k/rnn-gpu.yaml",
-    "transformer-base": ROOT / "recipes/wmt14-en-de/transformer-base-gpu.yaml",
+    "transformer": PROJECT_ROOT / "recipes/multi30k/transformer-gpu.yaml",
+    "rnn": PROJECT_ROOT / "recipes/multi30k/rnn-gpu.yaml",
+    "transformer-base": PROJECT_ROOT / "recipes/wmt14-en-de/transformer-base-gpu.yaml",
 }
 BASE_VOCAB = 32000
 MULTI30K_FILES = [f"{split}.{lang}" for split in ("train", "val", "test_2016_flickr") for lang in ("de", "en")]
@@ -162,8 +164,8 @@ def unpack_wheel(wheel: Path, target: Path) -> None:
 def git_commit() -> str | None:
     """The tree's commit, with "+changes" when files differ from it; None outside a git checkout."""
     try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+        head = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "-C", str(PROJECT_ROOT), "status", "--porcelain", "--untracked-files=no"],
                                 capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -459,7 +461,7 @@ def run_check(cc: CheckConfig, log: Callable[[str], None] = lambda m: print(m, f
     unknown = set(cc.stages) - set(STAGES)
     if unknown:
         raise SystemExit(f"error: unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
-    corpus = cc.data or (cc.bundle / "multi30k" if cc.bundle and (cc.bundle / "multi30k").is_dir() else ROOT.parent / "shared/data/multi30k")
+    corpus = cc.data or (cc.bundle / "multi30k" if cc.bundle and (cc.bundle / "multi30k").is_dir() else LOCAL_MULTI30K)
     for name in MULTI30K_FILES:
         if not (corpus / f"{name}.gz").is_file() and not (corpus / name).is_file():
             raise SystemExit(f"error: Multi30k file {corpus / name}.gz not found (pass --data or --bundle)")
@@ -562,7 +564,7 @@ def requirement_closure(name: str) -> set[str]:
 @dataclass
 class BundleConfig:
     out: Path = Path("gpu-bundle")
-    data: Path = ROOT.parent / "shared/data/multi30k"
+    data: Path = LOCAL_MULTI30K
     python_version: str = "3.12"  # of the GPU machine
     platforms: list[str] = field(default_factory=lambda: list(WHEEL_PLATFORMS))
 
@@ -604,7 +606,7 @@ def _fill_bundle(bc: BundleConfig, out: Path, log: Callable[[str], None]) -> dic
         subprocess.run(
             [sys.executable, "-m", "nmt.gpu_check", "run", "--dry-run", "--data", str(out / "multi30k"),
              "--out", str(Path(tmp) / "out"), "--record-imports", str(record)],
-            check=True, cwd=ROOT,
+            check=True, cwd=PROJECT_ROOT,
         )
         # Distributions vendored inside another (setuptools carries some) are seen in the dry run's
         # import path only: what is not installed here is left out.

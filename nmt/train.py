@@ -397,7 +397,7 @@ class MultilingualTranslationTask(TranslationTask):
         for d, (split, references) in self.valid_sets.items():
             tgt = d.split("-")[1]
             scores[d] = validate(model, split, references, self.tokenizer, self.config, device, dtype, tgt,
-                                 Normalization.from_saved(self.manifest.languages[tgt]))
+                                 self.manifest.language_normalization(tgt))
         loss = sum(s["loss"] for s in scores.values()) / len(scores)
         result = {
             "loss": round(loss, 4), "ppl": round(math.exp(min(loss, 50.0)), 2),

@@ -216,15 +216,14 @@ def encode_lines(
     non_empty, encoded = [non_empty[k] for k in pieces], [encoded[k] for k in pieces]
     truncated = [first_line + non_empty[k] for k, ids in enumerate(encoded) if len(ids) > decode.max_input_tokens]
     encoded = [ids[: decode.max_input_tokens] for ids in encoded]
-    prefix_ids = None
+    prefix_ids, unknown = None, []
     if prefixes is not None:
         normalize_target = normalize_target or Normalization()
         prefix_ids = tokenizer.encode_tgt([clean_whitespace(normalize_target(prefixes[i])) for i in non_empty])
         unknown = [first_line + i for i, ids in zip(non_empty, prefix_ids) if UNK in ids]
         if decode.prefix_only:  # the translation ends where its prefix does
             prefix_ids = [ids + [EOS] if ids else ids for ids in prefix_ids]
-        return EncodedLines(non_empty, encoded, prefix_ids, truncated, unknown)
-    return EncodedLines(non_empty, encoded, prefix_ids, truncated)
+    return EncodedLines(non_empty, encoded, prefix_ids, truncated, unknown)
 
 
 def collect_translations(
