@@ -89,14 +89,15 @@ def prepare(
     from nmt.data import CleanConfig
     from nmt.monolingual import MonoPrepareConfig, prepare_mono
     from nmt.multilingual import DEFAULT_TEMPERATURE, MultilingualConfig, parse_directions, prepare_multilingual
+    from nmt.normalize import UNICODE_FORMS
     from nmt.prepare import PrepareConfig
     from nmt.prepare import prepare as run_prepare
 
     with user_errors():
         if spm_sample < 1 or workers < 0:
             raise NmtError("--spm-sample must be at least 1 and --workers at least 0")
-        if normalize.upper() not in ("NFC", "NFKC", "NFD", "NFKD", "NONE"):
-            raise NmtError(f"--normalize must be NFC, NFKC, NFD, NFKD or none (got {normalize!r})")
+        if normalize.upper() not in map(str.upper, UNICODE_FORMS):
+            raise NmtError(f"--normalize must be one of {', '.join(UNICODE_FORMS)} (got {normalize!r})")
         if mono:
             _refuse_unused_options(ctx, "--mono", MONO_OPTIONS)
             manifest = prepare_mono(MonoPrepareConfig(

@@ -92,8 +92,11 @@ class _VocabularyRecord:
             values = _known_fields(cls, data)
             values["vocab"] = Vocabulary.from_dict(data["vocab"])
             values["normalization"] = _sides(normalization)
-            return cls(**values)
-        except (KeyError, TypeError):
+            record = cls(**values)
+            for saved in [record.normalization["src"], record.normalization["tgt"], *record.languages.values()]:
+                Normalization.from_saved(saved)  # a known Unicode form and script
+            return record
+        except (KeyError, TypeError, AttributeError, DataError):
             return None
 
     def write(self, directory: Path) -> None:

@@ -20,6 +20,7 @@ from nmt.errors import DataError
 CHINESE_LANGS = ("zh", "zho", "chi", "cmn", "yue", "wuu", "lzh")
 CJK_LANGS = CHINESE_LANGS + ("ja", "jpn", "ko", "kor")
 SCRIPTS = ("simplified", "none")
+UNICODE_FORMS = ("NFC", "NFKC", "NFD", "NFKD", "none")
 
 # Full-width digits and Latin letters (U+FF10-FF19, FF21-FF3A, FF41-FF5A) and the ideographic space.
 _WIDTH = {code: code - 0xFEE0 for code in [*range(0xFF10, 0xFF1A), *range(0xFF21, 0xFF3B), *range(0xFF41, 0xFF5B)]}
@@ -51,6 +52,12 @@ class Normalization:
     fold_width: bool = False  # full-width Latin letters and digits -> ASCII
     cjk_punctuation: bool = False  # ASCII , ! ? : ; . after a Han character -> full-width
     chinese_script: str = "none"  # "simplified": Traditional -> Simplified with OpenCC
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.unicode_form, str) or self.unicode_form.upper() not in map(str.upper, UNICODE_FORMS):
+            raise DataError(f"the Unicode normalization must be one of {', '.join(UNICODE_FORMS)} (got {self.unicode_form!r})")
+        if self.chinese_script not in SCRIPTS:
+            raise DataError(f"Chinese script must be one of {', '.join(SCRIPTS)} (got {self.chinese_script!r})")
 
     def __call__(self, text: str) -> str:
         if self.unicode_form.lower() != "none":

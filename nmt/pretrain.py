@@ -40,6 +40,7 @@ from nmt.tokenizer import (
     MASK,
     PAD,
     SEP,
+    check_prepared_model,
     file_sha256,
     has_reserved_symbols,
     load_sentencepiece,
@@ -68,7 +69,7 @@ class MonoCorpus:
         # (N,) held in memory for batching: 2 bytes per sentence
         lengths = self.source.lengths if self.source is not None else np.diff(self.offsets)
         if self.max_tokens:
-            lengths = np.minimum(lengths, self.max_tokens)
+            lengths = np.minimum(lengths, min(self.max_tokens, np.iinfo(lengths.dtype).max))  # a limit past the dtype cuts nothing
         self.lengths = lengths.astype(np.uint16 if lengths.max(initial=0) <= np.iinfo(np.uint16).max else np.int32)
 
     @classmethod
@@ -181,6 +182,11 @@ class MaskedBatch:
     num_tgt_tokens: int  # chosen positions: what the loss is averaged over
     num_src_tokens: int = 0
     indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    chosen: torch.Tensor | None = None  # (N,) flat positions of the chosen tokens, row-major
+
+    def __post_init__(self) -> None:
+        if self.chosen is None:  # found on the host, where it costs no wait for the device
+            self.chosen = torch.from_numpy(np.flatnonzero(self.targets.cpu().numpy() != PAD))
 
     def to(self, device: torch.device) -> MaskedBatch:
         def move(t):
@@ -188,7 +194,7 @@ class MaskedBatch:
 
         return MaskedBatch(
             move(self.tokens), move(self.segments), move(self.targets), move(self.nsp_labels),
-            self.num_tgt_tokens, self.num_src_tokens, self.indices,
+            self.num_tgt_tokens, self.num_src_tokens, self.indices, move(self.chosen),
         )
 
     def halves(self) -> list[MaskedBatch]:
@@ -226,23 +232,25 @@ def build_masked_batch(
         if segments is not None:
             segments[row, len(corpus[first[row]]) + 2 : len(seq)] = 1
     inputs, targets = mask_tokens(tokens, rng, cfg, vocab_size)
-    tensors = [torch.from_numpy(inputs), None if segments is None else torch.from_numpy(segments), torch.from_numpy(targets)]
+    chosen = np.flatnonzero(targets != PAD)
+    tensors = [torch.from_numpy(inputs), None if segments is None else torch.from_numpy(segments), torch.from_numpy(targets),
+               torch.from_numpy(chosen)]
     labels = None if examples.labels is None else torch.from_numpy(examples.labels[rows])
     if pin_memory:
         tensors = [None if t is None else t.pin_memory() for t in tensors]
         labels = None if labels is None else labels.pin_memory()
     return MaskedBatch(
-        tensors[0], tensors[1], tensors[2], labels, num_tgt_tokens=int((targets != PAD).sum()),
-        num_src_tokens=int((tokens != PAD).sum()), indices=rows,
+        tensors[0], tensors[1], tensors[2], labels, num_tgt_tokens=len(chosen),
+        num_src_tokens=int((tokens != PAD).sum()), indices=rows, chosen=tensors[3],
     )
 
 
 def masked_lm_loss(model: torch.nn.Module, batch: MaskedBatch, label_smoothing: float) -> torch.Tensor:
     """Summed cross-entropy at the chosen positions (+ the next-sentence loss, weighted so that
     after division by the chosen count it counts as its mean over sentences)."""
-    chosen = batch.targets != PAD  # (B, S)
-    logits, nsp_logits = model(batch.tokens, batch.segments, chosen)  # (N, V), (B, 2)
-    loss = F.cross_entropy(logits.float(), batch.targets[chosen], label_smoothing=label_smoothing, reduction="sum")
+    logits, nsp_logits = model(batch.tokens, batch.segments, batch.chosen)  # (N, V), (B, 2)
+    targets = batch.targets.reshape(-1).index_select(0, batch.chosen)  # (N,)
+    loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing, reduction="sum")
     if nsp_logits is not None:
         per_sentence = batch.num_tgt_tokens / max(batch.tokens.shape[0], 1)
         loss = loss + F.cross_entropy(nsp_logits.float(), batch.nsp_labels, reduction="sum") * per_sentence
@@ -264,6 +272,7 @@ class MaskedLMTask:
         if self.manifest.kind != MONOLINGUAL:
             raise DataError(f"{data_dir} is a parallel data dir; nmt pretrain reads a monolingual one (nmt prepare --mono)")
         self.spm_path = self.data_dir / self.manifest.vocab.src_model
+        check_prepared_model(self.spm_path, self.manifest.vocab.src_sha256)
         self.processor = load_sentencepiece(self.spm_path)
         if not has_reserved_symbols(self.processor):
             raise DataError(f"{self.spm_path} does not reserve [MASK], [CLS] and [SEP]: prepare the data again with this version")
@@ -347,10 +356,9 @@ def evaluate_masked_lm(
     for number, rows in enumerate(token_batches(lengths, lengths, config.train.batch_tokens)):
         rng = np.random.default_rng([number, 3])
         batch = build_masked_batch(corpus, examples, rows, config.pretrain, vocab_size, rng).to(device)
-        chosen = batch.targets != PAD
         with autocast(device, dtype):
-            logits, nsp_logits = model(batch.tokens, batch.segments, chosen)
-        targets = batch.targets[chosen]
+            logits, nsp_logits = model(batch.tokens, batch.segments, batch.chosen)
+        targets = batch.targets.reshape(-1).index_select(0, batch.chosen)
         total_loss += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
         correct += int((logits.argmax(-1) == targets).sum())
         chosen_count += len(targets)
@@ -507,8 +515,7 @@ def fill_mask(
     else:
         tokens, segments = [*ids, EOS], None
     tokens = torch.tensor([tokens], device=device)  # (1, S)
-    masked = tokens == MASK
-    logits, _ = model(tokens, segments, masked)  # (M, V)
+    logits, _ = model(tokens, segments, (tokens[0] == MASK).nonzero()[:, 0])  # (M, V)
     probs = logits.float().softmax(-1)
     probs[:, :FIRST_REGULAR_ID] = 0.0  # a special symbol is never the answer
     top = probs.topk(min(top_k, probs.shape[-1] - FIRST_REGULAR_ID), dim=-1)

@@ -272,6 +272,7 @@ def beam_search(
     history = torch.full((B * K, 0), BOS, dtype=torch.long, device=device)  # (N*K, t)
     prev = torch.full((B * K,), BOS, dtype=torch.long, device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+    first_rows = torch.arange(B, device=device)[:, None] * K  # (B, 1) each sentence's first beam row
 
     for t in range(max_steps):
         N = active.shape[0]
@@ -290,18 +291,20 @@ def beam_search(
                       if not _sentence_done(finished[active_list[n]], K, report.best_alive[n], report.at_limit[n])]
         if not alive_list:
             break
-        alive = torch.tensor(alive_list, device=device)  # (N',)
-        rows = (alive[:, None] * K + choice.keep_beams[alive]).view(-1)  # (N'*K,) rows of the old batch
+        keep_beams, keep_tokens, scores = choice.keep_beams, choice.keep_tokens, choice.keep_scores  # (N, K)
         if len(alive_list) < N:  # drop finished sentences (beams of one sentence share memory)
+            alive = torch.tensor(alive_list, device=device)  # (N',): a copy to the device only then
+            rows = (alive[:, None] * K + keep_beams[alive]).view(-1)  # (N'*K,) rows of the old batch
             memory = memory.reorder(rows)
+            keep_tokens, scores, active = keep_tokens[alive], scores[alive], active[alive]
+            active_list = [active_list[n] for n in alive_list]
+        else:
+            rows = (first_rows[:N] + keep_beams).view(-1)  # (N*K,)
         state = state.reorder(rows)
-        history = torch.cat([history[rows], choice.keep_tokens[alive].view(-1, 1)], dim=1)
+        history = torch.cat([history[rows], keep_tokens.view(-1, 1)], dim=1)
         if step_weights is not None:
             weights_history = torch.cat([weights_history[rows], step_weights[rows, None]], dim=1)
-        prev = choice.keep_tokens[alive].view(-1)
-        scores = choice.keep_scores[alive]
-        active = active[alive]
-        active_list = [active_list[n] for n in alive_list]
+        prev = keep_tokens.view(-1)
     return _best_hypotheses(finished, nbest, device)
 
 

@@ -97,7 +97,12 @@ def sequence_lengths(offsets: np.ndarray, block: int = 1 << 20) -> np.ndarray:
     held in memory, 2 bytes per sequence (4 beyond 65,535 tokens). Computed a block at a time, so
     that no 8-byte array of the corpus's size is made on the way."""
     count = len(offsets) - 1
-    longest = max((int(np.diff(offsets[i : i + block + 1]).max(initial=0)) for i in range(0, count, block)), default=0)
+    longest = 0
+    for i in range(0, count, block):
+        lengths = np.diff(offsets[i : i + block + 1])
+        if lengths.min() < 0:  # hand-edited: unchecked, a negative length would wrap to 65,5xx tokens
+            raise ValueError(f"offset {i + int(lengths.argmin()) + 1} is below the one before it")
+        longest = max(longest, int(lengths.max()))
     lengths = np.empty(count, dtype=np.uint16 if longest <= np.iinfo(np.uint16).max else np.int32)
     for i in range(0, count, block):
         lengths[i : i + block] = np.diff(offsets[i : i + block + 1])
@@ -114,9 +119,13 @@ class TokenArray:
             self.offsets = np.load(Path(directory) / f"{stem}.offsets.npy", mmap_mode="r")
         except (OSError, ValueError, SyntaxError) as e:
             raise DataError(f"cannot read {Path(directory) / stem} ({first_line(e)}); run nmt prepare again") from None
-        if self.offsets.ndim != 1 or len(self.offsets) < 1 or int(self.offsets[-1]) != len(self.tokens):
+        if (self.offsets.ndim != 1 or len(self.offsets) < 1 or int(self.offsets[0]) != 0
+                or int(self.offsets[-1]) != len(self.tokens)):
             raise DataError(f"{Path(directory) / stem}: tokens and offsets do not match; run nmt prepare again")
-        self.lengths = sequence_lengths(self.offsets)
+        try:
+            self.lengths = sequence_lengths(self.offsets)
+        except ValueError as e:
+            raise DataError(f"{Path(directory) / stem}: {e}; run nmt prepare again") from None
         self.release_pages()
 
     def release_pages(self) -> None:

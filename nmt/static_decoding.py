@@ -180,16 +180,18 @@ class StaticDecoding:
         """Record one step as a CUDA graph after two warm-up runs on a side stream (what CUDA
         graphs need). Under autocast, the graph casts the weights itself: autocast's cache of
         cast weights is emptied when its region ends, and a graph outlives the region."""
-        device, half = buffers.prev.device.type, buffers.half
+        device, half = buffers.prev.device, buffers.half
         try:
-            uncached = torch.autocast(device, dtype=half, cache_enabled=False) if half else contextlib.nullcontext()
-            with uncached:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
+            uncached = torch.autocast(device.type, dtype=half, cache_enabled=False) if half else contextlib.nullcontext()
+            # On the model's device, not the current one (--device cuda:1): a capture on another
+            # device's stream records nothing, and replaying the empty graph would give stale steps.
+            with torch.cuda.device(device), uncached:
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):
                     for _ in range(2):
                         self._step(buffers)
-                torch.cuda.current_stream().wait_stream(side)
+                torch.cuda.current_stream(device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 # thread_local: the training loop's batch thread may pin memory while a step is
                 # captured for validation, which the default (global) mode would count as an error.

@@ -112,6 +112,16 @@ def has_reserved_symbols(processor: spm.SentencePieceProcessor) -> bool:
     return all(processor.piece_to_id(piece) == i for piece, i in zip(RESERVED_SYMBOLS, (MASK, CLS, SEP)))
 
 
+def check_prepared_model(path: Path, sha256: str) -> None:
+    """A data dir's SentencePiece model must be the one its token files were made with: another
+    one (copied over it) would give ids past its vocabulary, or other words for the same ids."""
+    if not Path(path).is_file():
+        raise DataError(f"{path} is missing; run nmt prepare again")
+    if file_sha256(path) != sha256:
+        raise DataError(f"{path} is not the SentencePiece model the data dir was prepared with "
+                        "(its checksum differs from manifest.json's); run nmt prepare again")
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

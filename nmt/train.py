@@ -59,7 +59,7 @@ from nmt.interfaces import TrainingBatch, TrainingTask
 from nmt.models import build_model
 from nmt.multilingual import changed_weights, direction_weights, epoch_pairs, target_pieces
 from nmt.normalize import Normalization
-from nmt.tokenizer import PAD, Tokenizer
+from nmt.tokenizer import PAD, Tokenizer, check_prepared_model
 from nmt.train_log import LOG_NAME, TENSORBOARD_DIR, TrainLog
 from nmt.translate import decode_outputs, output_tokens, translate_ids
 
@@ -282,6 +282,15 @@ def validate(
     }
 
 
+def validation_set(data_dir: Path, name: str) -> tuple[ParallelSplit, list[str]]:
+    """A held-out split and its reference lines, checked now rather than at the first validation."""
+    split, path = ParallelSplit.load(data_dir, name), Path(data_dir) / f"{name}.tgt.txt"
+    references = list(read_lines(path))
+    if len(references) != len(split):
+        raise DataError(f"{path} has {len(references)} lines for {len(split)} {name} pairs; run nmt prepare again")
+    return split, references
+
+
 class TranslationTask:
     """What the training loop needs to know about translation: the data, the model, the
     batches, the loss and how to validate. `nmt pretrain` gives the same loop a masked-LM task."""
@@ -292,12 +301,14 @@ class TranslationTask:
 
     def __init__(self, config: Config, data_dir: Path, manifest: Manifest, valid_split: bool = True):
         self.config, self.data_dir, self.manifest = config, data_dir, manifest
-        self.tokenizer = Tokenizer(data_dir / manifest.vocab.src_model, data_dir / manifest.vocab.tgt_model)
+        vocab = manifest.vocab
+        for name, sha256 in {vocab.src_model: vocab.src_sha256, vocab.tgt_model: vocab.tgt_sha256}.items():  # once if joint
+            check_prepared_model(data_dir / name, sha256)
+        self.tokenizer = Tokenizer(data_dir / vocab.src_model, data_dir / vocab.tgt_model)
         self.train_split = ParallelSplit.load(data_dir, "train")
         self.tag_ids = tuple(self.tokenizer.tag_id(lang) for lang in manifest.languages)  # never dropped
         if valid_split:
-            self.valid_split = ParallelSplit.load(data_dir, "valid")
-            self.references = list(read_lines(data_dir / "valid.tgt.txt"))
+            self.valid_split, self.references = validation_set(data_dir, "valid")
 
     def describe(self) -> str:
         return f"{len(self.train_split)} training pairs"
@@ -370,10 +381,7 @@ class MultilingualTranslationTask(TranslationTask):
             raise DataError(f"{data_dir}: the directions' counts do not add up to the training pairs; run nmt prepare again")
         self.temperature = config.train.lang_temperature or manifest.lang_temperature or 1.0
         self.weights = direction_weights(config.train.direction_weights, self.directions, data_dir)
-        self.valid_sets = {
-            d: (ParallelSplit.load(data_dir, f"valid.{d}"), list(read_lines(data_dir / f"valid.{d}.tgt.txt")))
-            for d in self.directions
-        }
+        self.valid_sets = {d: validation_set(data_dir, f"valid.{d}") for d in self.directions}
         self.extra_metrics = tuple(f"bleu_{d}" for d in self.directions)
 
     def init_save_dir(self, save_dir: Path) -> None:
@@ -570,7 +578,13 @@ def update_groups(batches: list[np.ndarray], per_update: int, several_processes:
     """An epoch's batches as updates of `per_update` batches. Every process builds the same list
     and takes its share of each; with several, a last update too small to share is left out."""
     last_start = len(batches) - per_update + 1 if several_processes else len(batches)
-    return [batches[i : i + per_update] for i in range(0, max(last_start, 0), per_update)]
+    groups = [batches[i : i + per_update] for i in range(0, max(last_start, 0), per_update)]
+    if not groups:  # else every epoch would pass without an update, and the run never end
+        raise ConfigError(
+            f"the training data makes {len(batches)} batch(es) an epoch, fewer than one update takes ({per_update}: "
+            "train.accum_steps shared by the processes); lower train.batch_tokens or train.accum_steps, or use fewer processes"
+        )
+    return groups
 
 
 def validation_stop(tc: TrainConfig, metric: str, score: float, bad_validations: int) -> str:
@@ -963,6 +977,9 @@ class Trainer:
         st, task = self.state, self.task
         self.validated_at = st.step
         reason = ""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the queued updates' time belongs to the interval, not here
+        began = time.time()
         self.check_finite_weights()
         if self.ranks.is_main:
             valid_started = time.time()
@@ -996,4 +1013,6 @@ class Trainer:
         self.save("last")
         if self.ranks.is_main:
             st.valid_seconds += time.time() - saving_started
-        return VALIDATION_STOPS[self.ranks.agree(VALIDATION_STOPS.index(reason), self.device)]
+        verdict = VALIDATION_STOPS[self.ranks.agree(VALIDATION_STOPS.index(reason), self.device)]
+        self.interval.started += time.time() - began  # the logged throughput counts training only
+        return verdict

@@ -225,3 +225,16 @@ def test_devices_relaunches_the_command_line_as_typed(command, monkeypatch, tmp_
     result = invoke(*typed)
     assert result.exit_code == 0, result.output
     assert launched == [(2, typed, "cpu")]
+
+
+def test_chrf_is_sacrebleus_chrf2_on_characters_only():
+    """chrF as published (character 6-grams, beta 2, no word n-grams: not chrF++), with that
+    signature, and the value sacreBLEU gives."""
+    from sacrebleu.metrics import CHRF
+
+    from nmt.evaluate import score_texts
+
+    hypotheses, references = ["a small dog runs on grass", "two men talk"], ["a little dog runs in the grass", "two men are talking"]
+    (chrf,) = score_texts(hypotheses, references, ("chrf",))
+    assert "nc:6|nw:0" in chrf.signature and "chrF2" in chrf.text
+    assert chrf.score == pytest.approx(CHRF().corpus_score(hypotheses, [references]).score)

@@ -212,6 +212,23 @@ def test_sequence_lengths_in_blocks_equal_the_differences_of_the_offsets():
     assert sequence_lengths(np.array([0, 70_000]), 4).dtype == np.int32 and len(sequence_lengths(np.array([0]))) == 0
 
 
+def test_edited_offsets_that_go_back_are_refused_in_one_line(tmp_path):
+    """Unchecked, a length below 0 wraps to 65,5xx tokens and the sentence before takes its
+    neighbour's tokens: a data dir that loads and trains on garbage."""
+    import numpy as np
+
+    from nmt.errors import DataError
+    from nmt.shards import TokenArray
+
+    np.save(tmp_path / "train.src.tokens.npy", np.arange(10, dtype=np.uint16))
+    for offsets, problem in (([0, 4, 2, 10], "offset 2 is below the one before it"), ([1, 4, 10], "do not match")):
+        np.save(tmp_path / "train.src.offsets.npy", np.array(offsets, dtype=np.int64))
+        with pytest.raises(DataError, match=problem):
+            TokenArray(tmp_path, "train.src")
+    np.save(tmp_path / "train.src.offsets.npy", np.array([0, 4, 4, 10], dtype=np.int64))
+    assert TokenArray(tmp_path, "train.src").lengths.tolist() == [4, 0, 6]
+
+
 def test_counting_sort_by_size_equals_a_stable_argsort():
     import numpy as np
 

@@ -174,3 +174,12 @@ def test_a_transformer_and_rnn_ensemble_averages_probabilities_through_beam_sear
     assert [len(nbest) for nbest in results] == [3] * src.shape[0]
     for nbest in results:
         assert [h.score for h in nbest] == sorted((h.score for h in nbest), reverse=True)
+
+
+def test_sampling_scales_by_the_temperature_before_cutting_to_top_p():
+    """The nucleus is taken from the distribution the tokens are drawn with: a high temperature
+    flattens [0.5, 0.3, 0.2] so that top-p 0.7 keeps all three (0.5 + 0.3 would reach it unscaled)."""
+    log_probs = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    assert Sampling(topp=0.7).distribution(log_probs)[0, 2] == 0.0
+    flattened = Sampling(topp=0.7, temperature=100.0).distribution(log_probs)[0]
+    assert (flattened > 0.3).all() and torch.allclose(flattened.sum(), torch.tensor(1.0))

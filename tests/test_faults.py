@@ -418,3 +418,24 @@ def test_evaluate_and_plot_errors_are_one_line(data_dir, tmp_path):
     assert result.exit_code == 0 and (tmp_path / "curves.png").is_file() and str(tmp_path / "curves.png") in result.output
     assert_one_line_error(runner.invoke(app, ["plot", str(save_dir), "--out", str(tmp_path / "afile" / "c.png")]),
                           "cannot write")
+
+
+def test_a_data_dir_with_a_replaced_model_or_short_references_is_refused_before_training(data_dir, tmp_path):
+    """Found when the run starts, in one line: not a traceback at the first batch (ids past the
+    other model's vocabulary) or at the first validation, after updates that are then lost."""
+    from nmt.errors import DataError
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(data_dir, swapped)
+    other = prepare_toy_data(tmp_path / "other", train=20, vocab_size=30)  # a smaller vocabulary: ids past its end
+    shutil.copy(other / "spm.joint.model", swapped / "spm.joint.model")
+    with pytest.raises(DataError, match="is not the SentencePiece model the data dir was prepared with") as error:
+        train(_config(swapped, tmp_path / "run1", max_steps=2), progress=False)
+    assert len(str(error.value).splitlines()) == 1 and not (tmp_path / "run1").exists()
+
+    short = tmp_path / "short"
+    shutil.copytree(data_dir, short)
+    references = (short / "valid.tgt.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    (short / "valid.tgt.txt").write_text("".join(references[:1]), encoding="utf-8")
+    with pytest.raises(DataError, match=f"valid.tgt.txt has 1 lines for {len(references)} valid pairs"):
+        train(_config(short, tmp_path / "run2", max_steps=2), progress=False)

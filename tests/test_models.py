@@ -6,7 +6,7 @@ import torch
 from nmt.config import ModelConfig
 from nmt.models import build_model
 from nmt.models.attention import MultiHeadAttention, rnn_attention
-from nmt.models.transformer import sinusoidal_positions
+from nmt.models.transformer import sinusoidal_positions, training_flops
 from nmt.tokenizer import BOS, EOS, PAD
 
 V_SRC, V_TGT = 40, 50
@@ -176,3 +176,59 @@ def test_int8_quantized_model_stays_close_to_float():
         exact, approx = model(src, tgt_in).log_softmax(-1), quantized(src, tgt_in).log_softmax(-1)
     error = (exact - approx).abs()
     assert error.mean() < 0.03 and error.max() < 0.3
+
+
+@pytest.mark.parametrize("layers", [(1, 1, "pre"), (3, 2, "post")])
+def test_training_flops_are_every_matrix_product_of_a_training_pass(layers):
+    """The model FLOPs that `nmt bench` divides by the peak: on sentences without padding they
+    are what torch's counter counts for a forward and backward pass (attention by its plain
+    kernel, which the counter sees on every device)."""
+    import numpy as np
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    enc_layers, dec_layers, norm = layers
+    config = ModelConfig(arch="transformer", embed_dim=32, ff_dim=48, heads=2, enc_layers=enc_layers,
+                         dec_layers=dec_layers, norm=norm, dropout=0.0)
+    model = build_model(config, 23, 29)
+    src, tgt_in = torch.randint(4, 23, (3, 7)), torch.randint(4, 29, (3, 5))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(src, tgt_in).sum().backward()
+    assert training_flops(config, 29, np.full(3, 7), np.full(3, 5)) == counter.get_total_flops()
+    # sentence by sentence: a short sentence counts its own lengths, not its batch's padding
+    assert training_flops(config, 29, np.array([7, 2]), np.array([5, 3])) < training_flops(config, 29, np.full(2, 7), np.full(2, 5))
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_layer_norm_sits_where_the_config_says(norm):
+    """Post-norm: each layer's output is layer-normalized (mean 0, variance 1 per position with
+    the initial weights); pre-norm: the residual stream passes through untouched, offset included."""
+    model = build_model(ModelConfig(arch="transformer", embed_dim=32, ff_dim=64, heads=2, enc_layers=1, dec_layers=1,
+                                    norm=norm, dropout=0.0), V_SRC, V_TGT).eval()
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32) + 5.0  # (B, T, D) far from normalized
+    visible = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    decoder = model.decoder_layers[0]
+    outputs = {"encoder": model.encoder_layers[0](x, visible),
+               "decoder": decoder(x, decoder.cross_attn.keys_values(x), visible)[0]}
+    for name, out in outputs.items():
+        normalized = bool(torch.allclose(out.mean(-1), torch.zeros(2, 5), atol=1e-4)
+                          and torch.allclose(out.var(-1, unbiased=False), torch.ones(2, 5), atol=1e-3))
+        assert normalized == (norm == "post"), name
+
+
+@pytest.mark.parametrize("feeding", [True, False])
+def test_input_feeding_gives_the_decoder_its_last_attentional_vector(feeding):
+    """With input feeding, the next step depends on the attentional vector the state carries;
+    without it, not at all."""
+    import dataclasses
+
+    model = build_model(ModelConfig(arch="rnn", cell="lstm", input_feeding=feeding, embed_dim=16, hidden_dim=32,
+                                    enc_layers=1, dec_layers=1, tie_output=False, dropout=0.0), V_SRC, V_TGT).eval()
+    src, _ = random_batch()
+    memory = model.encode(src)
+    state = model.init_state(memory)
+    prev = torch.full((src.shape[0],), BOS)
+    plain, _ = model.decode_step(prev, memory, state)
+    other, _ = model.decode_step(prev, memory, dataclasses.replace(state, att_vec=torch.randn_like(state.att_vec)))
+    assert torch.equal(plain, other) != feeding

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_one_line_error, toy_pairs, write_pairs
 from nmt_cli.main import app
+from torch.utils._python_dispatch import TorchDispatchMode
 from typer.testing import CliRunner
 
 from nmt.checkpoint import load_pretrained, pretrained_source_name
@@ -228,8 +229,8 @@ def test_fill_mask_keeps_the_space_before_a_fill_that_does_not_start_a_word(over
     class FavouringOnePiece:  # a masked LM sure of `inner`, and surer still of the special symbols
         next_sentence = False
 
-        def __call__(self, tokens, segments, masked):
-            logits = torch.zeros(int(masked.sum()), size)
+        def __call__(self, tokens, segments, positions):
+            logits = torch.zeros(len(positions), size)
             logits[:, inner], logits[:, :FIRST_REGULAR_ID] = 10.0, 20.0
             return logits, None
 
@@ -611,3 +612,47 @@ def test_resuming_a_run_from_before_its_text_was_kept_as_a_data_dir(tmp_path):
     result = pretrain(_pretrain_config(tmp_path / "m", max_steps=4, valid_every=2), [tmp_path / "docs.en"],
                       vocab_size=60, resume=True, progress=False)
     assert result.steps == 4  # prepared again with the run's own vocabulary
+
+
+class DeviceWaits(TorchDispatchMode):
+    """Records the operations that make the host wait for a GPU: a value read back (`.item()`)
+    or an output whose size depends on the values (a boolean mask's selection, nonzero)."""
+
+    def __init__(self):
+        super().__init__()
+        self.waits = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        boolean_index = name.startswith("aten.index.") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()))
+        if boolean_index or name.split(".")[1] in ("nonzero", "masked_select", "_local_scalar_dense", "unique"):
+            self.waits.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("next_sentence", [False, True])
+def test_a_pretraining_update_never_waits_for_the_device(next_sentence):
+    """On a GPU, a host that waits in every update cannot queue the next one: the chosen
+    positions come with the batch, found on the host."""
+    from nmt.train import make_optimizer, training_update
+
+    torch.manual_seed(0)
+    model = MaskedLM(ModelConfig(**TINY_MODEL), 60, next_sentence=next_sentence)
+    corpus = _corpus([[7 + (i * j) % 50 for j in range(3 + i % 5)] for i in range(12)], [i // 3 for i in range(12)])
+    examples = Examples(np.arange(12), np.roll(np.arange(12), 1), np.arange(12) % 2) if next_sentence else Examples(np.arange(12))
+    batch = build_masked_batch(corpus, examples, np.arange(12), PretrainConfig(mask_prob=0.3), 60, np.random.default_rng(0))
+    tc = TrainConfig()
+    optimizer = make_optimizer(model, tc)
+    with DeviceWaits() as mode:
+        training_update(model, optimizer, None, [batch], tc, 1e-3, torch.device("cpu"), torch.float32, compute_loss=masked_lm_loss)
+    assert mode.waits == []
+
+
+def test_a_sentence_limit_past_the_stored_lengths_range_cuts_nothing():
+    corpus = _corpus([[7] * 5, [8] * 3], [0, 1])
+    stored = MonoCorpus(corpus.tokens, corpus.offsets, corpus.documents, max_tokens=4)
+    assert stored.lengths.tolist() == [4, 3]
+    lengths = np.array([5, 3], dtype=np.uint16)  # as a data dir stores them
+    source = type("Stored", (), {"lengths": lengths})()
+    assert MonoCorpus(corpus.tokens, corpus.offsets, corpus.documents, 70_000, source).lengths.tolist() == [5, 3]

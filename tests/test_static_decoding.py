@@ -1,9 +1,11 @@
 """Decoding on fixed-shape buffers (`decode.static_cache`, CUDA graphs on a GPU) gives the plain
 incremental decoder's output, in every search."""
 
+import contextlib
 import dataclasses
 import gc
 import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -150,11 +152,71 @@ def test_replayed_steps_give_the_plain_output_batch_after_batch(monkeypatch):
         src = _sources(seed)
         choice = AttentionChoice(2, None)
         decoder = FakeGraphs(model, int(output_limits(src, LIMITS["max_len_a"], LIMITS["max_len_b"], StepRules()).max()))
-        _same(beam_search(model, src, 3, nbest=2, **LIMITS, attention=choice)[0],
-              beam_search(decoder, src, 3, nbest=2, **LIMITS, attention=choice)[0])
+        plain = beam_search(model, src, 3, nbest=2, **LIMITS, attention=choice)
+        replayed = beam_search(decoder, src, 3, nbest=2, **LIMITS, attention=choice)
+        assert len(plain) == len(replayed) == len(src)
+        for plain_nbest, replayed_nbest in zip(plain, replayed):  # later sentences ride the shrinking batch
+            _same(plain_nbest, replayed_nbest)
         _same(greedy_search(model, src, **LIMITS, attention=choice), greedy_search(decoder, src, **LIMITS, attention=choice))
     assert len(FakeGraphs.captures) == 2  # beam (15 rows) and greedy (5 rows) buckets, each captured once
     assert static_decoding.GRAPH_COUNTS["replayed_steps"] > 0 and static_decoding.GRAPH_COUNTS["eager_steps"] == 0
+
+
+class CudaStandIn:
+    """What `capture()` calls of torch.cuda, on the CPU: records on which device (the one given,
+    or the current one) each stream is made and the graph is recorded."""
+
+    def __init__(self, decoder):
+        self.decoder, self.current, self.calls = decoder, "cuda:0", []
+
+    @contextlib.contextmanager
+    def device(self, device):
+        before, self.current = self.current, str(device)
+        yield
+        self.current = before
+
+    def Stream(self, device=None):  # noqa: N802 (torch's name)
+        self.calls.append(("stream", str(device) if device is not None else self.current))
+        return SimpleNamespace(wait_stream=lambda other: None)
+
+    def current_stream(self, device=None):
+        return self.Stream(device)
+
+    def stream(self, stream):
+        return contextlib.nullcontext()
+
+    def CUDAGraph(self):  # noqa: N802
+        return SimpleNamespace()
+
+    @contextlib.contextmanager
+    def graph(self, graph, capture_error_mode="global"):
+        self.calls.append(("capture", self.current))
+        yield
+        graph.replay = ReplayedStep(self.decoder, self.buffers).replay
+
+    def capture(self, buffers):
+        self.buffers = buffers
+
+
+def test_the_real_capture_records_on_the_model_device_and_replays_the_plain_output(monkeypatch):
+    """`capture()` itself, with torch.cuda stood in for: its streams and its recording are on the
+    tensors' device, not the current one (a capture on another device's stream records nothing),
+    and the replayed steps give the plain output."""
+    import nmt.static_decoding as static_decoding
+
+    monkeypatch.setattr(static_decoding, "GRAPH_COUNTS", type(static_decoding.GRAPH_COUNTS)())
+    monkeypatch.setattr(StaticDecoding, "capture_failed", False)
+    model, src = _model(11), _sources(11)
+    decoder = _static(model, src)
+    cuda = CudaStandIn(decoder)
+    for name in ("device", "Stream", "current_stream", "stream", "CUDAGraph", "graph"):
+        monkeypatch.setattr(torch.cuda, name, getattr(cuda, name))
+    real_capture = decoder.capture
+    monkeypatch.setattr(decoder, "graphs_on", lambda device: True)
+    monkeypatch.setattr(decoder, "capture", lambda buffers: cuda.capture(buffers) or real_capture(buffers))
+    _same(greedy_search(model, src, **LIMITS), greedy_search(decoder, src, **LIMITS))
+    assert static_decoding.GRAPH_COUNTS["captured"] == 1 and static_decoding.GRAPH_COUNTS["replayed_steps"] > 0
+    assert cuda.calls and all(device == "cpu" for _, device in cuda.calls)  # the tensors' device throughout
 
 
 def test_translate_decodes_through_the_static_path_when_asked(monkeypatch):

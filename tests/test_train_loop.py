@@ -10,7 +10,7 @@ import nmt.train
 from nmt.batches import Batch
 from nmt.config import TrainConfig
 from nmt.distributed import Ranks
-from nmt.errors import ConfigError
+from nmt.errors import ConfigError, DataError
 from nmt.files import CheckpointInfo, TrainState
 from nmt.train import Interval, Trainer, UpdateResult, process_shares, update_groups, validation_stop
 
@@ -43,6 +43,11 @@ def test_processes_share_out_each_update():
     batches = [[i] for i in range(7)]
     assert update_groups(batches, 2, several_processes=False) == [[[0], [1]], [[2], [3]], [[4], [5]], [[6]]]
     assert update_groups(batches, 2, several_processes=True) == [[[0], [1]], [[2], [3]], [[4], [5]]]
+    # an epoch too small for one update would loop without end: refused
+    for too_few, several in (([[0]], True), ([], False)):
+        with pytest.raises(ConfigError, match=f"makes {len(too_few)} batch.es. an epoch, fewer than one update takes .2") as error:
+            update_groups(too_few, 2, several_processes=several)
+        assert len(str(error.value).splitlines()) == 1
 
 
 def test_logged_loss_leaves_out_updates_whose_loss_was_not_finite():
@@ -119,6 +124,27 @@ def test_files_written_by_earlier_versions_are_read(tmp_path):
         Manifest.read(tmp_path)
 
 
+@pytest.mark.parametrize("damage", [
+    {"vocab": ["spm.joint.model"]}, {"vocab": "spm.joint.model"}, {"normalization": "NFX"},
+    {"normalization": {"src": {"unicode_form": "NFX"}, "tgt": {}}}, {"normalization": {"src": {}}},
+    {"normalization": {"src": {}, "tgt": {"chinese_script": "klingon"}}},
+])
+def test_a_hand_edited_manifest_is_refused_in_one_line(tmp_path, damage):
+    """Not a traceback when read, nor one at the first validation, which normalizes with it."""
+    import json
+
+    from nmt.files import Manifest
+
+    vocab = {"joint": True, "src_model": "spm.joint.model", "tgt_model": "spm.joint.model", "src_size": 40,
+             "tgt_size": 40, "src_sha256": "a", "tgt_sha256": "a"}
+    manifest = {"src_lang": "de", "tgt_lang": "en", "vocab": vocab, "counts": {}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert Manifest.read(tmp_path).target_normalization().unicode_form == "NFC"
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, **damage}))
+    with pytest.raises(DataError, match="damaged or from another version"):
+        Manifest.read(tmp_path)
+
+
 def _stopping_stub(step: int, elapsed: float = 0.0, skipped_run: int = 0, signal: str = "", verdict: str = "", **tc):
     calls = []
     stub = SimpleNamespace(
@@ -164,8 +190,85 @@ def test_time_to_quality_leaves_out_validating_and_saving(monkeypatch):
         state=TrainState(step=100), task=task, tc=TrainConfig(), ranks=Ranks(), model=torch.nn.Linear(1, 1), device=CPU, dtype=None,
         averaged=contextlib.nullcontext, elapsed=lambda: clock[0], save=lambda name: advance(5.0),
         write_log=logged.append, log=lambda message: None, validated_at=0, check_finite_weights=lambda: None,
+        interval=Interval(CPU, started=0.0),  # training began at 0 s
     )
+    stub.interval.add(_result(30.0, False, True), [_batch(10, 100)])  # 100 target tokens in the 10 s
     Trainer.validate_and_save(stub)
     advance(10.0)  # 10 s more of training
     Trainer.validate_and_save(stub)
     assert [record["train_seconds"] for record in logged] == [10.0, 20.0]
+    # nor does the throughput logged next: 100 tokens in 20 s of training, not in the 32 s gone by
+    assert stub.interval.record(100, 1.0, 1e-3, Ranks())["tgt_tokens_per_s"] == 5
+
+
+def _padded_batches() -> list[Batch]:
+    """Two batches of other sentence and token counts, with padding: a loss per sentence or per
+    batch would weigh them otherwise than per token."""
+    first = Batch(torch.tensor([[5, 6, 7, 3], [8, 9, 3, 0]]), torch.tensor([[1, 10, 11, 12], [1, 13, 0, 0]]),
+                  torch.tensor([[10, 11, 12, 3], [13, 3, 0, 0]]), num_tgt_tokens=6, num_src_tokens=7)
+    second = Batch(torch.tensor([[5, 3]]), torch.tensor([[1, 14]]), torch.tensor([[14, 3]]), num_tgt_tokens=2, num_src_tokens=2)
+    return [first, second]
+
+
+def _gradients_of_one_update(tc: TrainConfig) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The gradients an update hands its optimizer (after clipping), and the model."""
+    from conftest import TINY_TRANSFORMER
+
+    from nmt.config import ModelConfig
+    from nmt.models import build_model
+    from nmt.train import training_update
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**TINY_TRANSFORMER), 20, 20)
+    seen = {}
+    optimizer = SimpleNamespace(param_groups=[{}], zero_grad=lambda set_to_none: None,
+                                step=lambda: seen.update({n: p.grad.clone() for n, p in model.named_parameters()}))
+    training_update(model, optimizer, None, _padded_batches(), tc, 1e-3, CPU, torch.float32)
+    return model, seen
+
+
+def test_an_update_follows_the_mean_label_smoothed_loss_per_target_token():
+    """The loss written out by hand: per token, (1 - e) * -log p(target) + e * mean over the
+    vocabulary of -log p, padding left out, summed over both batches and divided by their 8
+    target tokens."""
+    smoothing = 0.1
+    model, gradients = _gradients_of_one_update(TrainConfig(label_smoothing=smoothing, clip_norm=0.0))
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for batch in _padded_batches():
+        log_probs = model(batch.src, batch.tgt_in).log_softmax(-1)  # (B, T, V)
+        real = batch.tgt_out != 0
+        target = -log_probs.gather(-1, batch.tgt_out[..., None])[..., 0]
+        per_token = (1 - smoothing) * target - smoothing * log_probs.mean(-1)
+        total = total + per_token[real].sum()
+    (total / 8).backward()
+    for name, param in model.named_parameters():
+        assert torch.allclose(gradients[name], param.grad, atol=1e-6), name
+
+
+def test_an_update_clips_the_gradient_norm():
+    _, unclipped = _gradients_of_one_update(TrainConfig(clip_norm=0.0))
+    _, clipped = _gradients_of_one_update(TrainConfig(clip_norm=0.01))
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in unclipped.values()]))
+    assert norm > 0.01
+    for name, gradient in unclipped.items():
+        assert torch.allclose(clipped[name], gradient * (0.01 / norm), atol=1e-7), name
+
+
+def test_best_follows_the_highest_dev_score_and_patience_counts_from_it():
+    scores = iter([20.0, 30.0, 25.0, 30.0, 31.0])
+    saved = []
+    task = SimpleNamespace(validate=lambda model, device, dtype: {"loss": 1.0, "ppl": 2.7, "bleu": next(scores)},
+                           metric="bleu", metric_name="BLEU", extra_metrics=())
+    stub = SimpleNamespace(
+        state=TrainState(), task=task, tc=TrainConfig(), ranks=Ranks(), model=torch.nn.Linear(1, 1), device=CPU, dtype=None,
+        averaged=contextlib.nullcontext, elapsed=lambda: 1.0, save=saved.append, write_log=lambda record: None,
+        log=lambda message: None, validated_at=0, check_finite_weights=lambda: None, interval=Interval(CPU),
+    )
+    history = []
+    for step in (100, 200, 300, 400, 500):
+        stub.state.step = step
+        Trainer.validate_and_save(stub)
+        history.append((stub.state.best_step, stub.state.bad_validations))
+    assert history == [(100, 0), (200, 0), (200, 1), (200, 2), (500, 0)]  # a tie does not move best/
+    assert [name for name in saved if name == "best"] == ["best"] * 3

@@ -57,12 +57,14 @@ class MaskedLM(ScaledEmbedding, nn.Module):
     def forward(
         self, tokens: torch.Tensor, segments: torch.Tensor | None = None, predict: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits of the tokens at the positions `predict` (B, S) marks, in row-major order:
-        (N, V), where N = predict.sum() (every position when `predict` is None: (B*S, V)); and
-        next-sentence logits from [CLS] (B, 2), or None without that head."""
+        """Logits of the tokens at the flat positions `predict` (N,) of the (B, S) batch, row-major
+        (every position when `predict` is None: (B*S, V)); and next-sentence logits from [CLS]
+        (B, 2), or None without that head."""
         hidden = self.encode(tokens, segments)  # (B, S, D)
+        flat = hidden.reshape(-1, self.dim)  # (B*S, D)
         # Only the chosen positions go through the output layer: 15% of the work of all of them.
-        chosen = hidden[predict] if predict is not None else hidden.reshape(-1, self.dim)  # (N, D)
+        # Positions, not a mask: a mask's selection waits for the GPU to learn its size.
+        chosen = flat.index_select(0, predict) if predict is not None else flat  # (N, D)
         logits = F.linear(self.mlm_transform(chosen), self.src_embed.weight, self.mlm_bias)  # (N, V)
         nsp_logits = None
         if self.nsp_head is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +29,23 @@ def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
     pe[:, 0::2] = torch.sin(angle)
     pe[:, 1::2] = torch.cos(angle[:, : dim // 2])
     return pe.float()
+
+
+def training_flops(cfg: ModelConfig, tgt_vocab: int, src_lengths: np.ndarray, tgt_lengths: np.ndarray) -> int:
+    """Matrix-product FLOPs of one training pass (forward, and backward at twice its cost) over
+    sentences of these lengths (source with its EOS, target with BOS): the model FLOPs that MFU
+    divides, padding left out. Attention counts every query-key pair computed, the masked
+    future ones of the decoder too, as the kernels compute them."""
+    d, ff = cfg.embed_dim, cfg.ff_dim
+    s, t = np.asarray(src_lengths, dtype=np.int64), np.asarray(tgt_lengths, dtype=np.int64)
+    # multiply-adds of one forward pass, per sentence
+    encoder = cfg.enc_layers * (4 * d * d * s + 2 * d * ff * s + 2 * d * s * s)  # projections, feed-forward, Q·K and weights·V
+    decoder = cfg.dec_layers * (
+        6 * d * d * t + 2 * d * d * s + 2 * d * ff * t  # self Q/K/V/O and cross Q/O per target, cross K/V per source
+        + 2 * d * t * t + 2 * d * t * s  # self- and cross-attention products
+    )
+    output = d * tgt_vocab * t
+    return 6 * int((encoder + decoder + output).sum())  # 2 FLOPs a multiply-add, x3 with the backward pass
 
 
 @dataclass
