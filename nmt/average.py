@@ -24,7 +24,7 @@ from nmt.checkpoint import (
     verify_files,
 )
 from nmt.errors import CheckpointError, ConfigError
-from nmt.files import CheckpointInfo, VocabInfo
+from nmt.files import TRANSLATION, CheckpointInfo, VocabInfo
 from nmt.models import build_model
 from nmt.train_log import LOG_NAME, read_train_log
 
@@ -114,12 +114,14 @@ def average_checkpoints(model_dir: Path, out_dir: Path, last: int = 0, best: int
         raise CheckpointError(f"{out_dir} is {model_dir}, inside it or holds it; give a new --out")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise CheckpointError(f"{out_dir} already exists and is a file or not empty; give a new --out")
+    config, vocab_info = read_config(model_dir), VocabInfo.read(model_dir)
+    if vocab_info.task != TRANSLATION:
+        raise CheckpointError(f"{model_dir} is a pretrained masked LM; nmt average averages translation models")
     chosen = choose_checkpoints(model_dir, last, best)
     infos = [CheckpointInfo.read(c.path) for c in chosen]
     for checkpoint, info in zip(chosen, infos):
         verify_files(checkpoint.path, info)
     averaged = average_weights([c.path / "model.safetensors" for c in chosen])
-    config, vocab_info = read_config(model_dir), VocabInfo.read(model_dir)
     model = build_model(config.model, vocab_info.vocab.src_size, vocab_info.vocab.tgt_size)
     load_weights(model, chosen[0].path / "model.safetensors")  # checks that the weights fit the config
     with torch.no_grad():

@@ -53,7 +53,7 @@ from nmt.devices import (
 )
 from nmt.errors import ConfigError, DataError
 from nmt.evaluate import corpus_bleu
-from nmt.files import Manifest, VocabInfo
+from nmt.files import TRANSLATION, Manifest, VocabInfo
 from nmt.models import build_model
 from nmt.models.dropout import Dropout
 from nmt.models.transformer import training_flops
@@ -397,6 +397,12 @@ def plan_bench(bc: BenchConfig) -> BenchPlan:
     unknown = set(bc.checkpoints) - set(recipes)
     if unknown:
         raise ConfigError(f"--checkpoint {', '.join(sorted(unknown))}: no recipe of that name ({', '.join(recipes)})")
+    for name, save_dir in bc.checkpoints.items():  # it decodes German test sentences into English
+        info = VocabInfo.read(save_dir)
+        if info.task != TRANSLATION or info.multilingual or (info.src_lang, info.tgt_lang) != ("de", "en"):
+            what = "a pretrained masked LM" if info.task != TRANSLATION else \
+                f"a {'multilingual ' if info.multilingual else ''}{info.src_lang}→{info.tgt_lang} model"
+            raise ConfigError(f"--checkpoint {name}={save_dir} is {what}; nmt bench decodes Multi30k de→en")
     configs = {}
     for name, path in recipes.items():
         configs[name] = load_config(path)
@@ -592,7 +598,7 @@ def format_report(report: dict) -> str:
                 text += f"; test BLEU (beam 5) {r['test_bleu_beam5']:.2f}"
             out.append(f"{r['model']:<{w}}{text}")
     if report["decode"]:
-        out += ["", "decoding test_2016_flickr (1,000 sentences from raw text; median of repeats)",
+        out += ["", f"decoding test_2016_flickr ({report['decode'][0]['sentences']:,} sentences from raw text; median of repeats)",
                 f"{'model':<{w}}{'path':<16}{'beam':>5}{'seconds':>9}{'sent/s':>9}{'tok/s':>9}{'vs plain':>9}{'BLEU':>7}{'differ':>7}"]
         plain = {(r["model"], r["beam"]): r for r in report["decode"] if r["path"] == "plain"}
         for r in report["decode"]:

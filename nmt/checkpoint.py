@@ -232,15 +232,18 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
 
 def weights_dir(save_dir: Path, which: str = "best") -> Path:
-    """`save_dir/which` (best or last), or the other one when it holds no weights; its files
-    checked against their checksums."""
+    """`save_dir/which` (best or last), its files checked against their checksums. Without
+    best/ (a run stopped before its first validation) its last/ is the best there is; last/ is
+    never stood in for (an average holds best/ only, and best/ is not the latest weights)."""
     if which not in CHECKPOINT_NAMES:
         raise CheckpointError(f"checkpoint name must be one of {', '.join(CHECKPOINT_NAMES)}")
-    for name in (which, "last" if which == "best" else "best"):
+    for name in (which, "last") if which == "best" else (which,):
         directory = checkpoint_dir(save_dir, name)
         if directory is not None and (directory / "model.safetensors").is_file():
             verify_files(directory, CheckpointInfo.read(directory))
             return directory
+    if which == "last" and checkpoint_dir(save_dir, "best") is not None:
+        raise CheckpointError(f"{save_dir} holds the weights of best/ only (no last/); leave out --checkpoint last")
     raise CheckpointError(f"{save_dir} holds no trained weights (no best/ or last/)")
 
 

@@ -188,13 +188,17 @@ class VocabInfo(_VocabularyRecord):
     # ... and per target language, the pieces its training targets use (`pack_pieces`), which
     # decoding may be restricted to (decode.restrict_vocab); models trained before have none.
     target_pieces: dict = field(default_factory=dict)
+    # the training pairs of the data dir it was trained on (--resume checks them); None before
+    train_pairs: int | None = None
 
     NAME = "vocab.json"
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> VocabInfo:
+        train = manifest.counts.get("train")
         return cls(manifest.vocab, TRANSLATION, manifest.src_lang, manifest.tgt_lang, manifest.normalization,
-                   directions=list(manifest.directions), languages=dict(manifest.languages))
+                   directions=list(manifest.directions), languages=dict(manifest.languages),
+                   train_pairs=train.get("pairs") if isinstance(train, dict) else None)
 
     @property
     def multilingual(self) -> bool:

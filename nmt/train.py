@@ -357,12 +357,20 @@ class TranslationTask:
                         self.manifest.tgt_lang, self.manifest.target_normalization())
 
     def check_resumable(self, save_dir: Path) -> None:
+        """--resume continues on the data the run was trained on: the same vocabulary, languages,
+        directions and training pairs (another data dir would change the batches and the dev set)."""
         check_same_model(save_dir, self.config)
-        saved, data = VocabInfo.read(save_dir).vocab, self.manifest.vocab
-        if (saved.src_sha256, saved.tgt_sha256) != (data.src_sha256, data.tgt_sha256):
+        saved, data = VocabInfo.read(save_dir), VocabInfo.from_manifest(self.manifest)
+        if (saved.vocab.src_sha256, saved.vocab.tgt_sha256) != (data.vocab.src_sha256, data.vocab.tgt_sha256):
             raise CheckpointError(
                 f"the checkpoint in {save_dir} was trained with a different vocabulary than data dir {self.data_dir}"
             )
+        for what, old, new in (("languages", f"{saved.src_lang}-{saved.tgt_lang}", f"{data.src_lang}-{data.tgt_lang}"),
+                               ("directions", ",".join(saved.directions) or "none", ",".join(data.directions) or "none"),
+                               ("training pairs", saved.train_pairs, data.train_pairs)):
+            if old is not None and old != new:  # None: recorded by an earlier version
+                raise CheckpointError(f"the run in {save_dir} was trained on other data ({what} {old}; data dir "
+                                      f"{self.data_dir} has {new}); --resume needs the data dir it was trained on")
 
     def init_save_dir(self, save_dir: Path) -> None:
         init_save_dir(save_dir, self.config, self.data_dir, self.manifest)

@@ -232,7 +232,8 @@ def collect_translations(
 ) -> Translations:
     """One entry per input line from the n-best lists of the non-empty ones (`hyps`, in the
     order of `encoded.non_empty`), written as the training targets were (`decode_outputs`); with
-    `attention`, the map of each best translation."""
+    `attention`, the map of each best translation over the input's own pieces (a multilingual
+    model's language tag left out, so that alignments index the input)."""
     hypotheses: list[list[Hypothesis]] = [[] for _ in range(line_count)]
     texts: list[list[str]] = [[""] for _ in range(line_count)]
     maps: list[AttentionMap | None] = [None for _ in range(line_count)]
@@ -244,11 +245,12 @@ def collect_translations(
             # A row per output token and one for the final EOS; an output cut at the length
             # limit without EOS (CTranslate2's) has no EOS row.
             eos_rows = best.attention.shape[0] - len(best.tokens)
+            tag = len(tokenizer.source_prefix)
             maps[i] = AttentionMap(
                 line=first_line + i,
-                source=tokenizer.src_pieces(ids) + [EOS_LABEL],
+                source=tokenizer.src_pieces(ids[tag:]) + [EOS_LABEL],
                 output=tokenizer.tgt_pieces(best.tokens) + [EOS_LABEL] * eos_rows,
-                weights=best.attention.numpy(),
+                weights=best.attention.numpy()[:, tag:],  # (T, S - tag)
             )
     return Translations(hypotheses, texts, encoded.truncated, maps if attention else None, encoded.unknown_in_prefix)
 

@@ -7,6 +7,7 @@ from nmt_cli.main import app
 from typer.testing import CliRunner
 
 from nmt.bench import BenchConfig, format_report, run_bench
+from nmt.files import VocabInfo, Vocabulary
 
 TINY_RECIPES = {"transformer": TINY_TRANSFORMER, "rnn": {**TINY_RNN, "cell": "lstm"}}
 
@@ -100,7 +101,15 @@ def test_bench_commands_check_their_inputs_and_outputs_first(bench_inputs, tmp_p
     runner = CliRunner()
     write_pairs(tmp_path / "m30k-train" / "train", toy_pairs(300, seed=1), "de", "en")
     scale = ["bench-scale", "--data", str(tmp_path / "m30k-train"), "--pairs", "200", "--ratio", "2"]
-    for args, named in [([*scale, "--out", str(tmp_path)], "cannot write"), ([*scale, "--steps", "0"], "--steps"),
+    vocab = Vocabulary("spm.joint.model", "spm.joint.model", 40, 40, "a", "a")
+    for name, info in (("fr-en", VocabInfo(vocab, src_lang="fr", tgt_lang="en")),
+                       ("many", VocabInfo(vocab, src_lang="de+en", tgt_lang="de+en", directions=["de-en", "en-de"]))):
+        (tmp_path / name).mkdir()
+        info.write(tmp_path / name)
+    bench = ["bench", "--data", str(corpus), "--device", "cpu", "--checkpoint"]
+    for args, named in [([*bench, f"transformer={tmp_path / 'fr-en'}"], "is a fr→en model; nmt bench decodes Multi30k de→en"),
+                        ([*bench, f"transformer={tmp_path / 'many'}"], "is a multilingual de+en→de+en model"),
+                        ([*bench, f"transformer={tmp_path / 'nowhere'}"], "nowhere"),([*scale, "--out", str(tmp_path)], "cannot write"), ([*scale, "--steps", "0"], "--steps"),
                         (["bench-serve", str(tmp_path / "model"), "--lines", "-1"], "--lines must be at least 1"),
                         (["bench-serve", str(tmp_path / "model"), "--out", str(tmp_path)], "cannot write"),
                         (["bench", "--data", str(corpus), "--device", "cpu", "--checkpoint", f"typo={tmp_path}"],

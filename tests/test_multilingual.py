@@ -296,6 +296,22 @@ def test_the_tag_picks_the_target_language(trained):
     assert first.tokens  # something came out
 
 
+def test_attention_maps_cover_the_input_not_the_language_tag(trained):
+    """Alignments and heat-maps index the input's own pieces: the tag the model reads first is
+    left out, so that the first word is position 0."""
+    from nmt.models.attention import AttentionChoice
+    from nmt.translate import LanguageChoice, load_translator
+
+    translator = load_translator([trained], {"beam": 2}, languages=LanguageChoice("bb"))
+    lines = ["w1 w2 w3", "w4 w5"]
+    translations = translator.translate(lines, attention=AttentionChoice())
+    for line, attention_map in zip(lines, translations.attention_maps):
+        pieces = translator.tokenizer.src_pieces(translator.tokenizer.encode_src([line])[0])
+        assert pieces[0] == language_tag("bb")
+        assert attention_map.source[:-1] == pieces[1:] and attention_map.source[-1] != language_tag("bb")
+        assert attention_map.weights.shape == (len(attention_map.output), len(pieces))  # the input's pieces and EOS
+
+
 def test_pivot_translates_through_the_pivot_language(trained, tmp_path):
     from nmt.translate import LanguageChoice, load_translator
 

@@ -656,3 +656,10 @@ def test_a_sentence_limit_past_the_stored_lengths_range_cuts_nothing():
     lengths = np.array([5, 3], dtype=np.uint16)  # as a data dir stores them
     source = type("Stored", (), {"lengths": lengths})()
     assert MonoCorpus(corpus.tokens, corpus.offsets, corpus.documents, 70_000, source).lengths.tolist() == [5, 3]
+
+
+def test_average_names_a_pretrained_model_for_what_it_is(overfit_mlm, tmp_path):
+    root, _ = overfit_mlm
+    result = runner.invoke(app, ["average", str(root / "mlm"), "--last", "2", "--out", str(tmp_path / "avg")])
+    assert_one_line_error(result, "is a pretrained masked LM; nmt average averages translation models")
+    assert not (tmp_path / "avg").exists()

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -277,6 +278,30 @@ def test_resume_refuses_settings_that_change_the_batches(tiny_data, tmp_path):
     with pytest.raises(ConfigError, match="train.direction_weights is"):
         check_same_batches(tmp_path / "m", _config(data_dir, tmp_path / "m", model, direction_weights={"en-cs": 2.0}), 1)
     assert train(_config(data_dir, tmp_path / "m", model, max_steps=4), resume=True, progress=False).steps == 4
+
+
+def test_resume_refuses_another_data_dir(tiny_data, tmp_path):
+    """The same vocabulary is not enough: other pairs (or languages, or directions) would train
+    on other batches and pick best/ on another dev set."""
+    import shutil
+
+    from nmt.errors import CheckpointError
+
+    data_dir, _ = tiny_data
+    model = TINY_MODELS["transformer"]
+    train(_config(data_dir, tmp_path / "m", model, max_steps=2), progress=False)
+    other = tmp_path / "other"
+    shutil.copytree(data_dir, other)  # a copy elsewhere is the same data
+    assert train(_config(other, tmp_path / "m", model, max_steps=3), resume=True, progress=False).steps == 3
+    manifest = Manifest.read(other)
+    renamed = dataclasses.replace(manifest, src_lang="zz")
+    renamed.write(other)
+    with pytest.raises(CheckpointError, match=r"other data \(languages xx-yy; data dir .* has zz-yy\)"):
+        train(_config(other, tmp_path / "m", model, max_steps=4), resume=True, progress=False)
+    fewer = dataclasses.replace(manifest, counts={**manifest.counts, "train": {**manifest.counts["train"], "pairs": 5}})
+    fewer.write(other)
+    with pytest.raises(CheckpointError, match=r"training pairs 12; data dir .* has 5"):
+        train(_config(other, tmp_path / "m", model, max_steps=4), resume=True, progress=False)
 
 
 def test_patience_and_max_epochs_stop_training(tiny_data, tmp_path):

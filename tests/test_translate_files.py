@@ -202,6 +202,9 @@ def test_nmt_average_writes_a_model_dir_that_translates(trained, tmp_path):
     assert all(torch.allclose(written[name], expected[name]) for name in written)
     translated = runner.invoke(app, ["translate", str(out), "--device", "cpu"], input="w1 w2\n")
     assert translated.exit_code == 0 and len(translated.output.splitlines()) == 1
+    # the average is best/ alone: asked for last/, it says so rather than translating with best/
+    assert_one_line_error(runner.invoke(app, ["translate", str(out), "--checkpoint", "last"], input="w1 w2\n"),
+                          "holds the weights of best/ only")
     assert runner.invoke(app, ["average", str(model_dir), "--best", "2", "--out", str(tmp_path / "best2")]).exit_code == 0
     assert_one_line_error(runner.invoke(app, ["average", str(model_dir), "--last", "2", "--out", str(out)]), "not empty")
     assert_one_line_error(runner.invoke(app, ["average", str(model_dir), "--last", "9", "--out", str(tmp_path / "x")]),
