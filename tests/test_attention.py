@@ -200,3 +200,26 @@ def test_heatmap_labels_fall_back_to_installed_fonts_that_have_their_characters(
     assert plots.label_fonts(["知", "か"]) == ["DejaVu Sans", "Han", "Kana"]
     amap = AttentionMap(1, ["知识", "力量", "</s>"], ["Knowledge", "</s>"], np.full((2, 3), 1 / 3))
     assert plots.draw_attention(amap, tmp_path / "map.png", "知识就是力量", "layer 1").stat().st_size > 0
+
+
+def test_the_heatmap_draws_each_weight_in_its_row_and_column(monkeypatch, tmp_path):
+    """Source pieces across (in order), output pieces down (first on top), and the cell of
+    output i and source j holds weights[i, j]."""
+    from nmt import plots
+
+    drawn = []
+
+    class RecordedFigure(plots.Figure):
+        def savefig(self, *args, **kwargs):
+            drawn.append(self)
+            return super().savefig(*args, **kwargs)
+
+    monkeypatch.setattr(plots, "Figure", RecordedFigure)
+    weights = np.array([[0.0, 0.1, 0.9], [0.7, 0.2, 0.1]])  # (2 outputs, 3 source pieces)
+    amap = AttentionMap(1, ["▁ein", "▁Hund", EOS_LABEL], ["▁a", EOS_LABEL], weights)
+    plots.draw_attention(amap, tmp_path / "map.png", "ein Hund", "layer 1")
+    (ax, _) = drawn[0].axes
+    np.testing.assert_array_equal(ax.images[0].get_array(), weights)
+    assert [label.get_text() for label in ax.get_xticklabels()] == amap.source
+    assert [label.get_text() for label in ax.get_yticklabels()] == amap.output
+    assert ax.get_ylim()[0] > ax.get_ylim()[1]  # row 0 (the first output) at the top

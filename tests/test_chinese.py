@@ -164,3 +164,16 @@ def test_japanese_and_korean_bleu_segment_words_with_mecab():
     assert score_texts(hyp, ref, ("bleu",), tokenize="13a")[0].score < 5
     korean = score_texts(["나는 커피를 마신다."], ["나는 커피를 마십니다."], ("bleu",))[0]
     assert "tok:ko-mecab" in korean.signature
+
+
+def test_translation_input_gets_the_source_normalization(zh_data):
+    """Traditional characters reach the model as the Simplified ones it was trained on (which
+    SentencePiece's own normalization does not do), as every engine encodes its input."""
+    from nmt.config import DecodeConfig
+    from nmt.translate import encode_lines
+
+    manifest = Manifest.read(zh_data)
+    tokenizer = Tokenizer(zh_data / manifest.vocab.src_model, zh_data / manifest.vocab.tgt_model)
+    traditional, simplified = (encode_lines(tokenizer, [text], DecodeConfig(), ZH).sources for text in ("知識", "知识"))
+    assert traditional == simplified
+    assert encode_lines(tokenizer, ["知識"], DecodeConfig()).sources != simplified  # what the normalization changes

@@ -227,14 +227,19 @@ def test_devices_relaunches_the_command_line_as_typed(command, monkeypatch, tmp_
     assert launched == [(2, typed, "cpu")]
 
 
-def test_chrf_is_sacrebleus_chrf2_on_characters_only():
-    """chrF as published (character 6-grams, beta 2, no word n-grams: not chrF++), with that
-    signature, and the value sacreBLEU gives."""
-    from sacrebleu.metrics import CHRF
+def test_chrf_and_ter_are_sacrebleus_defaults():
+    """chrF as published (character 6-grams, beta 2, no word n-grams: not chrF++) and TER with
+    sacreBLEU's default options (case-insensitive, punctuation kept, not normalized), with
+    their signatures and the values sacreBLEU gives."""
+    from sacrebleu.metrics import CHRF, TER
 
     from nmt.evaluate import score_texts
 
-    hypotheses, references = ["a small dog runs on grass", "two men talk"], ["a little dog runs in the grass", "two men are talking"]
-    (chrf,) = score_texts(hypotheses, references, ("chrf",))
+    hypotheses = ["A small dog runs on grass .", "two men talk"]
+    references = ["a little dog runs in the grass!", "Two men are talking."]
+    chrf, ter = score_texts(hypotheses, references, ("chrf", "ter"))
     assert "nc:6|nw:0" in chrf.signature and "chrF2" in chrf.text
     assert chrf.score == pytest.approx(CHRF().corpus_score(hypotheses, [references]).score)
+    default_ter = TER()
+    assert ter.score == pytest.approx(default_ter.corpus_score(hypotheses, [references]).score)
+    assert ter.signature == str(default_ter.get_signature()) and "case:lc|tok:tercom|norm:no|punct:yes" in ter.signature

@@ -240,3 +240,11 @@ def test_counting_sort_by_size_equals_a_stable_argsort():
         order = rng.permutation(n).astype(np.int32)
         for block in (1, 3, 1000, 1 << 20):
             assert (sorted_by_size(order, sizes, block) == order[np.argsort(sizes[order], kind="stable")]).all()
+
+
+def test_a_pair_at_the_word_limit_is_kept_and_one_word_more_is_not():
+    from nmt.data import CleanConfig, PairCleaner
+
+    cleaner = PairCleaner(CleanConfig(max_words=5, max_ratio=9.0), "xx", "yy")
+    assert cleaner("w1 w2 w3 w4 w5", "v1 v2 v3 v4 v5") is not None
+    assert cleaner("w1 w2 w3 w4 w5 w6", "v1 v2 v3 v4 v5") is None and cleaner.stats.too_long == 1

@@ -44,6 +44,8 @@ def test_prepare_tsv_carves_fixed_splits(tmp_path):
     first = prepare(_config(tmp_path / "a", **config))
     prepare(_config(tmp_path / "b", **config))
     assert first.counts["train"]["pairs"] == 175
+    assert (first.counts["valid"]["pairs"], first.counts["test"]["pairs"]) == (10, 15)  # each its own size
+    assert len((tmp_path / "a" / "valid.src.txt").read_text().splitlines()) == 10
     assert (tmp_path / "a" / "test.src.txt").read_text() == (tmp_path / "b" / "test.src.txt").read_text()
     test_src = set((tmp_path / "a" / "test.src.txt").read_text().splitlines())
     assert test_src <= {s for s, _ in pairs}
@@ -105,6 +107,12 @@ def test_split_by_carves_both_sets_by_group_when_a_dataset_gives_one(tmp_path):
         (folder / f"{split}.jsonl").write_text("".join(json.dumps({"xx": s, "yy": t}) + "\n" for s, t in toy_pairs(count, seed=seed)))
     manifest = prepare(_config(tmp_path / "data", hf_name=str(folder), split_by="xx", valid_size=8, test_size=8))
     assert manifest.counts["valid"]["pairs"] >= 8 and manifest.counts["test"]["pairs"] >= 8
+    # whole groups, each set at least its own size and not much more
+    rows = [{"xx": f"w{i % 40}", "yy": f"v{i}"} for i in range(200)]  # 40 groups of 5 pairs
+    (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (folder / "validation.jsonl").unlink()
+    manifest = prepare(_config(tmp_path / "grouped", hf_name=str(folder), split_by="xx", valid_size=5, test_size=30))
+    assert (manifest.counts["valid"]["pairs"], manifest.counts["test"]["pairs"]) == (5, 30)
 
 
 def test_a_corpus_with_old_mac_line_ends_is_refused(tmp_path):

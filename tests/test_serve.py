@@ -175,6 +175,8 @@ def test_limits_answer_413(models):
         _error(client.post("/translate", json={**request, "q": "w" * (limits.max_body_bytes + 1)}), 413, "bytes")
         _error(client.post("/translator/translate", json=[{"src": "w1"}] * 4), 413, "lines")
         assert client.post("/translate", json={**request, "q": "w1 w2\nw3"}).status_code == 200
+        assert client.post("/translate", json={**request, "q": "w1\nw2\nw3"}).status_code == 200  # at the limit
+        assert client.post("/translator/translate", json=[{"src": "w1"}] * 3).status_code == 200
     # A character outside the BMP is 12 bytes as a JSON escape pair or percent-encoded: as many
     # as the limit allows still fit the body.
     limits = ServeSettings(max_chars=20_000, max_line_chars=20_000)
@@ -265,6 +267,21 @@ def test_the_worker_batches_waiting_jobs_in_order_one_call_at_a_time():
     # every call holds jobs in the order they came
     flat = [line for call in slow.calls for line in call if line != "s3a" and line != "s3b"]
     assert flat == [f"s{i}{half}" for i in range(8) if i != 3 for half in "ab"]
+
+
+def test_the_oldest_waiting_request_is_served_first_whatever_its_kind():
+    """Requests of other kinds (n-best, attention) wait for a batch of their own; the next batch
+    is the oldest request's kind, so that no kind overtakes an older one."""
+    slow = SlowTranslator(seconds=0.1)
+    worker = BatchingWorker(wait_ms=50)
+    busy = worker.submit(Work(slow, 3, False), ["busy"])  # a kind of its own; the others gather behind it
+    time.sleep(0.02)
+    one, two = Work(slow, 1, False), Work(slow, 2, False)
+    jobs = [worker.submit(work, [line]) for work, line in ((two, "a"), (one, "b"), (two, "c"), (one, "d"))]
+    for job in (busy, *jobs):
+        job.result(5)
+    worker.close()
+    assert slow.calls == [["busy"], ["a", "c"], ["b", "d"]]
 
 
 def test_requests_batched_together_keep_their_own_line_numbers_and_failures():

@@ -1,6 +1,7 @@
 """`nmt translate` on files and pipes (chunks, --stream, --prefix, ensembles) and `nmt average`."""
 
 import json
+import os
 import select
 import shutil
 import subprocess
@@ -54,9 +55,12 @@ def test_chunks_give_the_output_of_the_whole_file_at_once(trained, tmp_path):
 
 def test_stream_answers_each_line_before_the_next_is_written(trained):
     _, model_dir, _ = trained
+    # Python's own buffering, as a pipe gets it: --stream must flush each answer itself.
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
     process = subprocess.Popen(
         [sys.executable, "-m", "cli", "translate", str(model_dir), "--stream", "--device", "cpu"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, text=True, bufsize=1,
+        env=environment,
     )
     try:
         answers = []
@@ -206,6 +210,12 @@ def test_nmt_average_writes_a_model_dir_that_translates(trained, tmp_path):
     assert_one_line_error(runner.invoke(app, ["translate", str(out), "--checkpoint", "last"], input="w1 w2\n"),
                           "holds the weights of best/ only")
     assert runner.invoke(app, ["average", str(model_dir), "--best", "2", "--out", str(tmp_path / "best2")]).exit_code == 0
+    found = update_checkpoints(model_dir)  # --best 1 of these is the one of the highest dev score
+    assert len(found) >= 2 and len({c.score for c in found}) == len(found)
+    assert runner.invoke(app, ["average", str(model_dir), "--best", "1", "--out", str(tmp_path / "best1")]).exit_code == 0
+    expected = load_file(str(max(found, key=lambda c: c.score).path / "model.safetensors"))
+    written = load_file(str(tmp_path / "best1" / "best" / "model.safetensors"))
+    assert all(torch.equal(written[name], expected[name]) for name in written)
     assert_one_line_error(runner.invoke(app, ["average", str(model_dir), "--last", "2", "--out", str(out)]), "not empty")
     assert_one_line_error(runner.invoke(app, ["average", str(model_dir), "--last", "9", "--out", str(tmp_path / "x")]),
                     "fewer than 9", "keep_last=9")
