@@ -185,8 +185,8 @@ class MaskedBatch:
     chosen: torch.Tensor | None = None  # (N,) flat positions of the chosen tokens, row-major
 
     def __post_init__(self) -> None:
-        if self.chosen is None:  # found on the host, where it costs no wait for the device
-            self.chosen = torch.from_numpy(np.flatnonzero(self.targets.cpu().numpy() != PAD))
+        if self.chosen is None:  # a half of a batch (out-of-memory retry): found where its targets are
+            self.chosen = (self.targets.reshape(-1) != PAD).nonzero()[:, 0]
 
     def to(self, device: torch.device) -> MaskedBatch:
         def move(t):

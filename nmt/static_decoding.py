@@ -195,7 +195,7 @@ class StaticDecoding:
                 graph = torch.cuda.CUDAGraph()
                 # thread_local: the training loop's batch thread may pin memory while a step is
                 # captured for validation, which the default (global) mode would count as an error.
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                     buffers.outputs = self._step(buffers)
             buffers.graph = graph
             GRAPH_COUNTS["captured"] += 1

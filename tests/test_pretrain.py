@@ -663,3 +663,22 @@ def test_average_names_a_pretrained_model_for_what_it_is(overfit_mlm, tmp_path):
     result = runner.invoke(app, ["average", str(root / "mlm"), "--last", "2", "--out", str(tmp_path / "avg")])
     assert_one_line_error(result, "is a pretrained masked LM; nmt average averages translation models")
     assert not (tmp_path / "avg").exists()
+
+
+def test_the_halves_of_a_batch_choose_their_own_positions():
+    """The out-of-memory retry splits a batch: each half's chosen positions index its own rows
+    (found where its targets are), and the two losses add up to the whole one."""
+    torch.manual_seed(0)
+    model = MaskedLM(ModelConfig(**TINY_MODEL), 60).eval()
+    corpus = _corpus([[7 + (i * j) % 50 for j in range(3 + i % 5)] for i in range(12)], [0] * 12)
+    batch = build_masked_batch(corpus, Examples(np.arange(12)), np.arange(12), PretrainConfig(mask_prob=0.3), 60,
+                               np.random.default_rng(0))
+    halves = batch.halves()
+    assert len(halves) == 2 and sum(half.num_tgt_tokens for half in halves) == batch.num_tgt_tokens
+    for half in halves:
+        assert half.chosen.device == half.targets.device
+        assert half.chosen.tolist() == np.flatnonzero(half.targets.numpy() != PAD).tolist()
+    with torch.no_grad():
+        whole = masked_lm_loss(model, batch, 0.0)
+        parts = sum(masked_lm_loss(model, half, 0.0) for half in halves)
+    assert torch.allclose(whole, parts, rtol=1e-5)

@@ -176,8 +176,9 @@ class CudaStandIn:
         self.current = before
 
     def Stream(self, device=None):  # noqa: N802 (torch's name)
-        self.calls.append(("stream", str(device) if device is not None else self.current))
-        return SimpleNamespace(wait_stream=lambda other: None)
+        stream = SimpleNamespace(device=str(device) if device is not None else self.current, wait_stream=lambda other: None)
+        self.calls.append(("stream", stream.device))
+        return stream
 
     def current_stream(self, device=None):
         return self.Stream(device)
@@ -189,8 +190,9 @@ class CudaStandIn:
         return SimpleNamespace()
 
     @contextlib.contextmanager
-    def graph(self, graph, capture_error_mode="global"):
-        self.calls.append(("capture", self.current))
+    def graph(self, graph, pool=None, stream=None, capture_error_mode="global"):
+        # without a stream, torch records on one capture stream made once, on the device current then
+        self.calls.append(("capture", stream.device if stream is not None else "the first capture's device"))
         yield
         graph.replay = ReplayedStep(self.decoder, self.buffers).replay
 
