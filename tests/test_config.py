@@ -46,6 +46,8 @@ def test_direction_weights_are_a_mapping_set_from_yaml_or_one_override_each(tmp_
         ({"decode": {"seed": 2**64}}, "decode.seed is too large"),
         ({"decode": {"beam": 10**6}}, "decode.beam must be between"),
         ({"train": {"max_steps": 1.5}}, "train.max_steps must be an integer"),
+        ({"train": {"max_steps": True}}, "train.max_steps must be an integer"),  # not 1
+        ({"train": {"lr": True}}, "train.lr must be a number"),  # not 1.0
         ({"model": {"tie_output": "yes"}}, "model.tie_output must be true or false"),
         ({"model": {"arch": "lstm"}}, "model.arch must be one of"),
         ({"model": {"embed_dim": 250, "heads": 4, "arch": "transformer"}}, "divisible"),

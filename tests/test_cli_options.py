@@ -1,0 +1,142 @@
+"""Each command's options reach the library function it calls: the command is run through
+Typer with every option away from its default, and the call it makes is caught and read."""
+
+from pathlib import Path
+
+import pytest
+from nmt_cli.main import app
+from typer.testing import CliRunner
+
+runner = CliRunner()
+
+
+class Called(Exception):
+    """Raised in place of the library function: what the command passed it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("called")
+        self.positional, self.keywords = args, kwargs
+
+
+def _catch(monkeypatch, module, name: str) -> None:
+    def called(*args, **kwargs):
+        raise Called(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, called)
+
+
+def _call(args: list[str]) -> Called:
+    result = runner.invoke(app, args)
+    assert isinstance(result.exception, Called), result.output
+    return result.exception
+
+
+def test_serve_passes_every_option(monkeypatch, tmp_path):
+    import nmt.serve
+
+    _catch(monkeypatch, nmt.serve, "serve")
+    (tmp_path / "keys").write_text("k2\n")
+    call = _call(["serve", str(tmp_path / "m"), "--host", "0.0.0.0", "--port", "5123", "--api-key", "k1",
+                  "--api-keys-file", str(tmp_path / "keys"), "--max-chars", "900", "--max-line-chars", "90",
+                  "--max-lines", "9", "--max-alternatives", "3", "--timeout", "7.5", "--batch-wait-ms", "2.5",
+                  "--max-batch-lines", "64", "--beam", "3", "--engine", "ctranslate2", "--checkpoint", "last",
+                  "--device", "cpu", "--int8"])
+    models, settings, decode, checkpoint, device, int8, engine = call.positional
+    assert models == [tmp_path / "m"] and decode == {"beam": 3}
+    assert (checkpoint, device, int8, engine) == ("last", "cpu", True, "ctranslate2")
+    assert (settings.host, settings.port, settings.api_keys) == ("0.0.0.0", 5123, frozenset({"k1", "k2"}))
+    assert (settings.max_chars, settings.max_line_chars, settings.max_lines, settings.max_alternatives) == (900, 90, 9, 3)
+    assert (settings.timeout_s, settings.batch_wait_ms, settings.max_batch_lines) == (7.5, 2.5, 64)
+
+
+def test_prepare_passes_every_option(monkeypatch, tmp_path):
+    import nmt.monolingual
+    import nmt.prepare
+
+    _catch(monkeypatch, nmt.prepare, "prepare")
+    call = _call(["prepare", "--train", "c/train", "--valid", "c/valid", "--test", "c/test", "--src", "de", "--tgt", "en",
+                  "--out", str(tmp_path / "d"), "--valid-size", "7", "--test-size", "9", "--seed", "5", "--split-by", "de",
+                  "--normalize", "NFKC", "--chinese-script", "none", "--max-words", "40", "--max-ratio", "2.5",
+                  "--no-dedup", "--vocab-size", "300", "--spm-type", "bpe", "--separate-vocab",
+                  "--character-coverage", "0.99", "--spm-sample", "1000", "--workers", "2", "--overwrite"])
+    (config,) = call.positional
+    assert (config.train_prefix, config.valid_prefix, config.test_prefix) == ("c/train", "c/valid", "c/test")
+    assert (config.src_lang, config.tgt_lang, config.out_dir) == ("de", "en", tmp_path / "d")
+    assert (config.valid_size, config.test_size, config.seed, config.split_by) == (7, 9, 5, "de")
+    clean = config.clean
+    assert (clean.normalization, clean.chinese_script, clean.max_words, clean.max_ratio, clean.dedup) == ("NFKC", "none", 40, 2.5, False)
+    assert (config.vocab_size, config.spm_type, config.joint_vocab, config.character_coverage) == (300, "bpe", False, 0.99)
+    assert (config.spm_max_sentences, config.workers, config.overwrite) == (1000, 2, True)
+
+    _catch(monkeypatch, nmt.monolingual, "prepare_mono")
+    call = _call(["prepare", "--mono", "a.de", "--mono-langs", "de", "--out", str(tmp_path / "m"), "--valid-size", "11",
+                  "--seed", "3", "--vocab-size", "500", "--normalize", "NFD", "--overwrite"])
+    (config,) = call.positional
+    assert (config.files, config.langs, config.valid_sentences, config.seed) == ([Path("a.de")], ["de"], 11, 3)
+    assert (config.vocab_size, config.clean.normalization, config.overwrite) == (500, "NFD", True)
+
+
+def test_translate_passes_every_option(monkeypatch, tmp_path):
+    import nmt.translate
+
+    _catch(monkeypatch, nmt.translate, "translate_file")
+    call = _call(["translate", "m1", "m2", "-i", "in.txt", "-o", "out.txt", "--beam", "3", "--nbest", "2", "--len-penalty", "0.5",
+                  "--max-len-a", "1.5", "--max-len-b", "7", "--batch-tokens", "900", "--no-repeat-ngram", "3",
+                  "--chunk-lines", "50", "--no-static-cache", "--checkpoint", "last", "--device", "cpu", "--replace-invalid",
+                  "--int8", "--tgt-lang", "fr", "--src-lang", "de", "--pivot", "en", "--pivot-model", "p1",
+                  "--restrict-vocab", "--prefix", "prefixes.txt"])
+    model_dirs, input_path, output_path, options, checkpoint, device, replace_invalid = call.positional
+    assert (model_dirs, input_path, output_path) == ([Path("m1"), Path("m2")], Path("in.txt"), Path("out.txt"))
+    assert {key: options[key] for key in ("beam", "nbest", "len_penalty", "max_len_a", "max_len_b", "batch_tokens",
+                                          "no_repeat_ngram", "chunk_lines", "static_cache", "restrict_vocab")} == {
+        "beam": 3, "nbest": 2, "len_penalty": 0.5, "max_len_a": 1.5, "max_len_b": 7, "batch_tokens": 900,
+        "no_repeat_ngram": 3, "chunk_lines": 50, "static_cache": False, "restrict_vocab": True}
+    assert (checkpoint, device, replace_invalid, call.keywords["quantize"]) == ("last", "cpu", True, True)
+    languages = call.keywords["languages"]
+    assert (languages.tgt, languages.src, call.keywords["pivot"], call.keywords["pivot_dirs"]) == ("fr", "de", "en", [Path("p1")])
+    assert call.keywords["prefix_path"] == Path("prefixes.txt")
+
+
+def test_evaluate_passes_every_option(monkeypatch):
+    import nmt.evaluate
+
+    for name in ("score_files", "translate_and_score", "evaluate_directions"):
+        _catch(monkeypatch, nmt.evaluate, name)
+    call = _call(["evaluate", "--hyp", "h", "--ref", "r", "--metrics", "bleu,ter", "--tokenize", "zh", "--lang", "zh"])
+    assert call.positional == (Path("h"), Path("r"), ("bleu", "ter"), "zh", "zh")
+    call = _call(["evaluate", "--src", "s", "--ref", "r", "--model", "m", "--beam", "2", "--tokenize", "intl",
+                  "--lang", "ja", "--tgt-lang", "ja", "--src-lang", "en", "--device", "cpu"])
+    assert call.positional == (Path("m"), Path("s"), Path("r"), {"beam": 2, "restrict_vocab": None}, ("bleu", "chrf", "ter"),
+                               "intl", "cpu", "ja", "ja", "en")
+    call = _call(["evaluate", "--data", "d", "--model", "m", "--beam", "4", "--tokenize", "13a", "--split", "valid"])
+    assert call.positional[:4] == ([Path("m")], Path("d"), "valid", None) and call.positional[4] == {"beam": 4, "restrict_vocab": None}
+    assert call.keywords["tokenize"] == "13a"
+
+
+@pytest.mark.parametrize("command", ["train", "pretrain"])
+def test_train_and_pretrain_pass_resume_and_overwrite(monkeypatch, command):
+    import nmt.pretrain
+    import nmt.train
+
+    _catch(monkeypatch, nmt.train if command == "train" else nmt.pretrain, command)
+    recipe = "recipes/multi30k/transformer-cpu.yaml" if command == "train" else "recipes/multi30k-lowres/pretrain-cpu.yaml"
+    root = Path(__file__).resolve().parents[1]
+    call = _call([command, str(root / recipe), "--out", "o", "--overwrite", "--no-progress", "--set", "train.seed=9"])
+    assert call.keywords["overwrite"] is True and call.keywords["resume"] is False and call.keywords["progress"] is False
+    assert call.positional[0].train.seed == 9 and call.positional[0].save_dir == "o"
+    if command == "pretrain":
+        call = _call([command, str(root / recipe), "--nsp", "--vocab-size", "700"])
+        assert call.positional[0].pretrain.next_sentence is True and call.positional[3] == 700
+
+
+def test_bench_passes_every_option(monkeypatch):
+    import nmt.bench
+
+    _catch(monkeypatch, nmt.bench, "run_bench")
+    call = _call(["bench", "--data", "m30k", "--out", "b.json", "--recipe", "t=r.yaml", "--checkpoint", "t=ck",
+                  "--sections", "train,decode", "--device", "cpu", "--steps", "6", "--repeats", "2", "--vocab-size", "3000",
+                  "--ttq-bleu", "12", "--ttq-minutes", "3", "--work-dir", "w", "--no-cpu-bf16"])
+    (config,) = call.positional
+    assert (config.data, config.out, config.recipes, config.checkpoints) == (Path("m30k"), Path("b.json"), {"t": Path("r.yaml")}, {"t": Path("ck")})
+    assert (config.sections, config.device, config.steps, config.repeats) == (("train", "decode"), "cpu", 6, 2)
+    assert (config.vocab_size, config.ttq_bleu, config.ttq_minutes, config.work_dir, config.cpu_bf16_training) == (3000, 12.0, 3.0, Path("w"), False)
