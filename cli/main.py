@@ -356,7 +356,7 @@ def translate(
     prefix: Annotated[Path | None, typer.Option(help="One target prefix per input line (empty: none) that the translation must start with.")] = None,
     prefix_only: Annotated[bool | None, typer.Option("--prefix-only", help="With --prefix: each prefix is the whole translation (its score with --nbest, its attention with --attention).", show_default=False)] = None,
     stream: Annotated[bool, typer.Option("--stream", help="Translate and write each line as soon as it is read (interactive use, pipes).")] = False,
-    static_cache: Annotated[bool | None, typer.Option("--static-cache/--no-static-cache", help="Transformers: decode on fixed-shape buffers, each step a replayed CUDA graph on a GPU (the incremental path's output; on a GPU another attention kernel may change a few half-precision lines).", show_default=False)] = None,
+    static_cache: Annotated[bool | None, typer.Option("--static-cache/--no-static-cache", help="Transformers: decode on fixed-shape buffers, each step a replayed CUDA graph on a GPU (the incremental path's output; in half precision the fixed shapes may round a few lines otherwise).", show_default=False)] = None,
     chunk_lines: Annotated[int | None, typer.Option(help="Lines read, sorted and translated at a time.")] = None,
     checkpoint: Annotated[str | None, typer.Option(help="Which weights of a checkpoint directory: best (default) or last.", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",

@@ -77,11 +77,14 @@ def choose_checkpoints(model_dir: Path, last: int = 0, best: int = 0) -> list[Up
     kept = read_config(model_dir).train
     kept_by_rule = kept.keep_last if last else kept.keep_best
     found = update_checkpoints(model_dir)
-    if kept_by_rule < wanted or len(found) < wanted:
+    if kept_by_rule < wanted:
         raise CheckpointError(
-            f"{model_dir} keeps {min(kept_by_rule, len(found))} checkpoint(s) by train.keep_{rule}, fewer than {wanted}; "
+            f"{model_dir} keeps {kept_by_rule} checkpoint(s) by train.keep_{rule}, fewer than {wanted}; "
             f"train with --set train.keep_{rule}={wanted}"
         )
+    if len(found) < wanted:  # the run validated fewer times than it could keep
+        raise CheckpointError(f"{model_dir} holds {len(found)} kept checkpoint(s) (one per validation so far), "
+                              f"fewer than {wanted}; ask for fewer, or train longer")
     chosen = found[-last:] if last else sorted(found, key=lambda c: c.score, reverse=True)[:best]
     if last:
         _check_last_validations(model_dir, chosen, last)

@@ -430,10 +430,15 @@ def load_translator(
     models, tokenizer, config = [], None, None
     for model_dir in model_dirs:
         model, model_tokenizer, model_config = load_for_inference(model_dir, checkpoint, torch_device)
-        models.append(quantize_int8(model) if quantize else model)
+        models.append(model)
         tokenizer, config = tokenizer or model_tokenizer, config or model_config
     vocab_info = check_same_vocabulary(model_dirs)
     decode = decode_settings(config.decode, decode_options)
+    if quantize:  # int8 products take fp32 activations: no half-precision autocast around them
+        if resolve_precision(decode.precision, torch_device) != torch.float32:
+            raise ConfigError(f"int8 decoding computes in fp32, not {decode.precision}: leave out --precision "
+                              f"{decode.precision} (or decode.precision in the model's config.yaml) or --int8")
+        models = [quantize_int8(model) for model in models]
     model = models[0] if len(models) == 1 else Ensemble(models)
     generator = sampling_generator(decode, torch_device) if decode.sampling else None
     translator = Translator(model, tokenizer, decode, torch_device, vocab_info.source_normalization(),

@@ -220,6 +220,13 @@ def test_nmt_average_writes_a_model_dir_that_translates(trained, tmp_path):
     assert_one_line_error(runner.invoke(app, ["average", str(model_dir), "--last", "9", "--out", str(tmp_path / "x")]),
                     "fewer than 9", "keep_last=9")
     assert_one_line_error(runner.invoke(app, ["average", str(model_dir), "--out", str(tmp_path / "y")]), "--last N or --best N")
+    # keeping enough, but validated fewer times so far: the advice is not to keep more
+    few = tmp_path / "few"
+    shutil.copytree(model_dir, few)
+    for checkpoint in update_checkpoints(few)[:-1]:
+        shutil.rmtree(checkpoint.path)
+    assert_one_line_error(runner.invoke(app, ["average", str(few), "--best", "2", "--out", str(tmp_path / "w")]),
+                          "holds 1 kept checkpoint(s)", "ask for fewer, or train longer")
     # The latest kept checkpoints are not the last validations when one between was pruned.
     pruned = tmp_path / "pruned"
     shutil.copytree(model_dir, pruned)
@@ -334,3 +341,16 @@ def test_a_model_trained_with_settings_since_refused_still_translates(trained, t
     (model / "config.yaml").write_text(yaml.safe_dump(config))
     result = runner.invoke(app, ["translate", str(model), "--device", "cpu"], input="w1 w2\n")
     assert result.exit_code == 0 and len(result.stdout.splitlines()) == 1, result.output
+
+
+def test_int8_translates_in_fp32_and_refuses_half_precision(trained):
+    """Dynamic int8 products take fp32 activations: with bf16 or fp16 asked for (option or
+    config), a one-line refusal when loading, not a traceback at the first line (or a 500 from serve)."""
+    _, model_dir, rnn_dir = trained
+    for model in (model_dir, rnn_dir):
+        result = runner.invoke(app, ["translate", str(model), "--device", "cpu", "--int8"], input="w1 w2\n")
+        assert result.exit_code == 0 and len(result.output.splitlines()) == 1, result.output
+        for precision in ("bf16", "fp16"):
+            refused = runner.invoke(app, ["translate", str(model), "--device", "cpu", "--int8", "--precision", precision],
+                                    input="w1 w2\n")
+            assert_one_line_error(refused, f"int8 decoding computes in fp32, not {precision}")
