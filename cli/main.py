@@ -198,13 +198,16 @@ def _print_mono_summary(out: Path, manifest) -> None:
     typer.echo(f"vocab: joint {manifest.vocab.type or 'given'}, {manifest.vocab.src_size} pieces")
 
 
-def _relaunch(devices: int, device: str) -> None:
+def _relaunch(devices: int, settings, resume: bool) -> None:
     """Run the user's own command line again in `devices` processes under torchrun (each of
-    them sees WORLD_SIZE and trains instead of relaunching); `device` is checked first."""
+    them sees WORLD_SIZE and trains instead of relaunching); the device and a resumed run's
+    settings are checked first."""
     from nmt.distributed import launch
+    from nmt.train import check_before_launch
 
     with user_errors():
-        code = launch(devices, sys.argv[1:], device)
+        check_before_launch(settings, devices, resume)
+        code = launch(devices, sys.argv[1:], settings.train.device)
     raise typer.Exit(code)
 
 
@@ -255,7 +258,7 @@ def train(
     with user_errors():
         settings = load_config(config, overrides)
     if devices != 1 and "WORLD_SIZE" not in os.environ:
-        _relaunch(devices, settings.train.device)
+        _relaunch(devices, settings, resume)
     with user_errors():
         result = run_train(settings, resume=resume, overwrite=overwrite, progress=progress)
     _report(result)
@@ -291,7 +294,7 @@ def pretrain(
     with user_errors():
         settings = load_config(config, overrides)
     if devices != 1 and "WORLD_SIZE" not in os.environ:
-        _relaunch(devices, settings.train.device)
+        _relaunch(devices, settings, resume)
     with user_errors():
         result = run_pretrain(
             settings, list(text or []), vocab, vocab_size, resume=resume, overwrite=overwrite, progress=progress, data=data,

@@ -550,6 +550,14 @@ def clear_save_dir(save_dir: Path) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
+def check_before_launch(config: Config, processes: int, resume: bool) -> None:
+    """What refuses a run of several processes before torchrun starts them (each of them would
+    print the refusal, among torchrun's own lines): resuming with other batch settings or
+    another number of processes."""
+    if resume and processes >= 1 and has_checkpoint(Path(config.save_dir)) and (Path(config.save_dir) / "config.yaml").is_file():
+        check_same_batches(Path(config.save_dir), config, processes)
+
+
 def check_same_batches(save_dir: Path, config: Config, processes: int) -> None:
     """--resume continues the saved run's list of batches and random states: the settings that
     make them must be the saved run's."""

@@ -280,6 +280,22 @@ def test_resume_refuses_settings_that_change_the_batches(tiny_data, tmp_path):
     assert train(_config(data_dir, tmp_path / "m", model, max_steps=4), resume=True, progress=False).steps == 4
 
 
+def test_a_resume_with_other_processes_is_refused_before_torchrun_starts(tiny_data, tmp_path, monkeypatch):
+    """One line from the launcher, not one per process among torchrun's own."""
+    from conftest import assert_one_line_error
+    from nmt_cli.main import app
+    from typer.testing import CliRunner
+
+    import nmt.distributed
+
+    data_dir, _ = tiny_data
+    train(_config(data_dir, tmp_path / "m", TINY_MODELS["transformer"], max_steps=2), progress=False)
+    monkeypatch.setattr(nmt.distributed, "launch", lambda *args: pytest.fail("torchrun started"))
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "m" / "config.yaml"), "--out", str(tmp_path / "m"),
+                                      "--resume", "--devices", "2", "--device", "cpu", "--set", "train.max_steps=4"])
+    assert_one_line_error(result, "trained with 1 process(es), this one has 2")
+
+
 def test_resume_refuses_another_data_dir(tiny_data, tmp_path):
     """The same vocabulary is not enough: other pairs (or languages, or directions) would train
     on other batches and pick best/ on another dev set."""
