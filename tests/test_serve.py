@@ -160,6 +160,17 @@ def test_errors_are_one_line_json_with_4xx(client):
         _error(client.post(path, content=b"[" * 50_000, headers=json_type), 400, "nested")
     _error(client.post("/translate", content=b'{"q": "w1", "source": "xx", "target": "yy", "alternatives": NaN}',
                        headers={"content-type": "application/json"}), 422, "alternatives")
+    form_type = {"content-type": "application/x-www-form-urlencoded"}
+    for escaped in ("%ED%A0%80", "%FF%FE"):  # a lone surrogate, bytes that are no UTF-8
+        _error(client.post("/translate", content=f"q={escaped}&source=xx&target=yy", headers=form_type), 400, "UTF-8")
+    multipart = (b'--b\r\ncontent-disposition: form-data; name="q"\r\n\r\n\xff\xfe\r\n'
+                 b'--b\r\ncontent-disposition: form-data; name="source"\r\n\r\nxx\r\n'
+                 b'--b\r\ncontent-disposition: form-data; name="target"\r\n\r\nyy\r\n--b--\r\n')
+    multipart_type = {"content-type": "multipart/form-data; boundary=b"}
+    _error(client.post("/translate", content=multipart, headers=multipart_type), 400, "UTF-8")
+    assert client.post("/translate", content=multipart.replace(b"\xff\xfe", b"w1"), headers=multipart_type).status_code == 200
+    _error(client.post("/translate", json={**ok, "alternatives": True}), 422, "alternatives")
+    _error(client.post("/translator/translate", json=[{"src": "w1", "id": True}]), 422, "id")
     _error(client.get("/no-such-page"), 404)
     assert client.get("/health").json()["max_alternatives"] == ServeSettings().max_alternatives
     _error(client.get("/translate"), 405)
@@ -324,6 +335,27 @@ def test_a_request_whose_client_left_is_not_translated():
         assert json.loads(post("after")) == {"translatedText": "AFTER"}
     translated = [line for call in slow.calls for line in call]
     assert "first" in translated and "gone" not in translated
+
+
+def test_a_client_that_leaves_before_its_body_ends_gets_499_and_nothing_logged(models, caplog):
+    import asyncio
+
+    parts = [{"type": "http.request", "body": b'{"q":', "more_body": True}, {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive():
+        return parts.pop(0) if parts else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/translate", "raw_path": b"/translate", "query_string": b"",
+             "root_path": "", "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    asyncio.run(create_app(models)(scope, receive, send))
+    assert sent[0]["status"] == 499
+    assert "Traceback" not in caplog.text and "internal error" not in caplog.text
 
 
 def test_a_cancelled_job_is_skipped():

@@ -19,13 +19,14 @@ from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from nmt.alignment import AttentionMap
 from nmt.data import text_lines
@@ -84,6 +85,15 @@ class RequestError(Exception):
 
 # ---- request and response bodies ---------------------------------------------------------------
 
+def _not_boolean(value):
+    if isinstance(value, bool):  # pydantic would read true as 1
+        raise ValueError("a whole number is needed, not true or false")
+    return value
+
+
+Number = Annotated[int, BeforeValidator(_not_boolean)]  # "2" from a form is still read as 2
+
+
 class TranslateRequest(BaseModel):
     """LibreTranslate's request; `attention` is this server's own addition."""
 
@@ -92,7 +102,7 @@ class TranslateRequest(BaseModel):
     source: str = Field(description="Source language code, or 'auto' when only one source language serves the target.")
     target: str
     format: Literal["text", "html"] = "text"
-    alternatives: int = Field(0, ge=0, description="How many other translations to give besides the best.")
+    alternatives: Number = Field(0, ge=0, description="How many other translations to give besides the best.")
     api_key: str | None = None
     attention: bool = Field(False, description="Also return the cross-attention of each line's translation (q a string).")
 
@@ -120,7 +130,7 @@ class Language(BaseModel):
 class OpenNMTSegment(BaseModel):
     model_config = ConfigDict(extra="ignore")
     src: str
-    id: int | None = None  # the model's number in GET /translator/models (default: the first)
+    id: Number | None = None  # the model's number in GET /translator/models (default: the first)
 
 
 class OpenNMTResult(BaseModel):
@@ -273,10 +283,13 @@ async def _read_body(request: Request, settings: ServeSettings) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"the request body has {int(declared)} bytes; the limit is {limit}")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestError(413, f"the request body has more than {limit} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise RequestError(413, f"the request body has more than {limit} bytes")
+    except ClientDisconnect:  # left before sending the whole body: nothing to answer or log
+        raise RequestError(499, "the client closed the connection") from None
     return bytes(body)
 
 
@@ -301,11 +314,16 @@ async def _read_fields(request: Request, settings: ServeSettings) -> dict:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "application/x-www-form-urlencoded":
         try:
-            fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+            # strict: a %-escaped byte that is no UTF-8 (or a lone surrogate) is refused as well
+            fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, errors="strict")
         except UnicodeDecodeError:
             raise RequestError(400, "the form body is not valid UTF-8") from None
         return {k: v if k == "q" and len(v) > 1 else v[0] for k, v in fields.items()}
-    if kind == "multipart/form-data":
+    if kind == "multipart/form-data":  # its parser would read bytes that are no UTF-8 as Latin-1
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(400, "the form body is not valid UTF-8") from None
         return await _multipart_fields(request, body)
     data = _parse_json(body)
     if not isinstance(data, dict):
