@@ -64,7 +64,7 @@ def prepare(
     corpus: Annotated[list[str] | None, typer.Option(help="A known public corpus: multi30k, iwslt2017-de-en, wmt14-de-en, wmt16-ro-en; with --directions, one for all or one per direction.")] = None,
     directions: Annotated[str | None, typer.Option(help="A multilingual data dir for one model: directions such as de-en,en-de,fr-en (files PREFIX.LANG); each source starts with its target language's tag, <2en>.")] = None,
     zero_shot: Annotated[str | None, typer.Option(help="With --directions: directions to hold valid/test sets for but not train on, e.g. de-fr (read from the --valid/--test prefixes).")] = None,
-    lang_temperature: Annotated[float | None, typer.Option(help="With --directions: sampling temperature of languages (SentencePiece sample) and directions (training): shares ∝ size^(1/T); 1 keeps the natural proportions, more evens them out.  [default: 1.5]", show_default=False)] = None,
+    lang_temperature: Annotated[float | None, typer.Option(help="With --directions: sampling temperature of languages (SentencePiece sample) and directions (training): shares ∝ size^(1/T); 1 keeps the natural proportions, more evens them out (default: 1.5).", show_default=False)] = None,
     data_dir: Annotated[Path | None, typer.Option(help="With --corpus: read it from this folder of local files instead of the Hub.")] = None,
     valid_size: Annotated[int, typer.Option(help="Pairs held out for validation when the input has no valid split.")] = 1000,
     test_size: Annotated[int, typer.Option(help="Pairs held out for testing when the input has no test split.")] = 1000,
@@ -83,7 +83,7 @@ def prepare(
     spm_model: Annotated[Path | None, typer.Option(help="Use this SentencePiece model for both languages instead of training one: a .model file, or a checkpoint directory of `nmt pretrain` (so that its pretrained weights fit the data).")] = None,
     workers: Annotated[int, typer.Option(help="Processes that encode large corpora; 0: one per core.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier data dir at --out (never another kind of folder).")] = False,
 ) -> None:
     """Clean, split, tokenize and binarize a parallel corpus (or monolingual text, with --mono)."""
     from nmt.data import CleanConfig
@@ -557,7 +557,7 @@ def export(
     format: Annotated[str, typer.Option("--format", help="Export format: ctranslate2.")] = "ctranslate2",
     quantization: Annotated[str | None, typer.Option(help="Store the weights as int8 (7 bits, safe on CPUs without VNNI), int8_float16 or float16 (default: float32).")] = None,
     checkpoint: Annotated[str, typer.Option(help="Which weights: best or last.")] = "best",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier export at --out (never another kind of folder).")] = False,
 ) -> None:
     """Write a trained Transformer as a CTranslate2 model directory that translates on its own."""
     from nmt.export import export_model

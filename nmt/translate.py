@@ -255,9 +255,10 @@ def collect_translations(
     return Translations(hypotheses, texts, encoded.truncated, maps if attention else None, encoded.unknown_in_prefix)
 
 
-def format_output(translations: Translations, nbest: int, first_index: int = 0) -> str:
-    """One line per input line; with nbest > 1, 'i ||| text ||| score' lines (i from 0)."""
-    if nbest == 1:
+def format_output(translations: Translations, scored: bool, first_index: int = 0) -> str:
+    """One line per input line; `scored` (an n-best list asked for, even of 1): 'i ||| text |||
+    score' lines (i from 0)."""
+    if not scored:
         return "".join(texts[0] + "\n" for texts in translations.texts)
     out = []
     for i, (hyps, texts) in enumerate(zip(translations.hypotheses, translations.texts), first_index):
@@ -561,6 +562,7 @@ def translate_file(
     lines = _read_stdin(replace_invalid) if input_path is None else read_lines(Path(input_path), replace_invalid=replace_invalid)
     prefixes = None if prefix_path is None else read_lines(Path(prefix_path), replace_invalid)
     chunk_lines = 1 if stream else translator.decode.chunk_lines
+    scored = (decode_options or {}).get("nbest") is not None
     chunks = _chunks(lines, prefixes, chunk_lines, "stdin" if input_path is None else str(input_path), str(prefix_path))
     maps: list[AttentionMap | None] = []
     count, truncated, unknown = 0, 0, 0
@@ -577,7 +579,7 @@ def translate_file(
                     warn(f"warning: line {lineno}: its prefix holds characters the target vocabulary lacks; "
                          "the output has ⁇ in their place")
                 unknown += 1
-            out.write(format_output(result, translator.decode.nbest, count))
+            out.write(format_output(result, scored, count))
             out.flush()
             maps.extend(result.attention_maps or [])
             count += len(chunk)

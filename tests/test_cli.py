@@ -61,6 +61,10 @@ def test_nbest_output(trained):
     assert result.exit_code == 0, result.output
     rows = [line.split(" ||| ") for line in result.stdout.strip().split("\n")]
     assert [r[0] for r in rows] == ["0", "0", "1", "1"]
+    one = runner.invoke(app, ["translate", str(trained / "model"), "-i", str(trained / "in2.txt"), "--beam", "3", "--nbest", "1"])
+    plain = runner.invoke(app, ["translate", str(trained / "model"), "-i", str(trained / "in2.txt"), "--beam", "3"])
+    assert [line.split(" ||| ")[:2] for line in one.stdout.splitlines()] == [["0", rows[0][1]], ["1", rows[2][1]]]
+    assert plain.stdout.splitlines() == [rows[0][1], rows[2][1]]  # the best only, without scores
 
 
 def test_evaluate_json_and_signatures(trained):
