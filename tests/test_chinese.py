@@ -177,3 +177,39 @@ def test_translation_input_gets_the_source_normalization(zh_data):
     traditional, simplified = (encode_lines(tokenizer, [text], DecodeConfig(), ZH).sources for text in ("知識", "知识"))
     assert traditional == simplified
     assert encode_lines(tokenizer, ["知識"], DecodeConfig()).sources != simplified  # what the normalization changes
+
+
+def test_japanese_and_korean_keep_their_text_and_regional_codes_are_read():
+    for lang in ("ja", "jpn", "ko", "kor", "ja_JP"):
+        assert language_normalization(lang) == Normalization("NFC")
+        assert language_normalization(lang)("東京です.") == "東京です."  # no script or punctuation change
+    assert is_chinese("zh_TW") and is_cjk("ja_JP") and not is_chinese("ja")
+    assert language_normalization("zh_TW").chinese_script == "simplified" and bleu_tokenizer("zh_TW") == "zh"
+
+
+def test_the_chosen_unicode_form_is_applied():
+    assert Normalization("NFKC")("ﬁ①") == "fi1" and Normalization("NFC")("ﬁ①") == "ﬁ①"
+    assert len(Normalization("NFD")("é")) == 2 and len(Normalization("NFC")("e\u0301")) == 1
+
+
+def test_a_period_after_a_character_becomes_a_full_stop_only_where_a_sentence_ends():
+    assert ZH("见文件名.txt") == "见文件名.txt"
+    assert ZH("他来了.我走了") == "他来了。我走了" and ZH("他来了. 我走了") == "他来了。 我走了"
+
+
+def test_a_newer_normalization_record_is_read_without_its_new_fields():
+    assert Normalization.from_saved({"unicode_form": "NFKC", "added_later": 1}) == Normalization("NFKC")
+
+
+def test_given_traditional_references_are_written_in_the_script_the_model_writes(tmp_path):
+    rng = random.Random(3)
+    pairs = [(f"sentence {i} is here.", "們" + "".join(rng.choice("我說話你們聽好的") for _ in range(5)) + "。")
+             for i in range(300)]
+    for name, part in (("train", pairs[:260]), ("valid", pairs[260:280]), ("test", pairs[280:])):
+        (tmp_path / f"{name}.en").write_text("".join(en + "\n" for en, _ in part), encoding="utf-8")
+        (tmp_path / f"{name}.zh").write_text("".join(zh + "\n" for _, zh in part), encoding="utf-8")
+    prepare(PrepareConfig(out_dir=tmp_path / "data", src_lang="en", tgt_lang="zh", train_prefix=str(tmp_path / "train"),
+                          valid_prefix=str(tmp_path / "valid"), test_prefix=str(tmp_path / "test"), vocab_size=400))
+    references = (tmp_path / "data" / "test.tgt.txt").read_text(encoding="utf-8").splitlines()
+    assert references == [ZH(zh) for _, zh in pairs[280:]] and all(line.startswith("们") for line in references)
+    assert (tmp_path / "data" / "test.src.txt").read_text(encoding="utf-8").splitlines() == [en for en, _ in pairs[280:]]

@@ -224,6 +224,20 @@ def test_interrupted_replace_is_recovered(data_dir, tmp_path):
     assert not list(save_dir.glob(".last.*"))
 
 
+def test_weights_that_lack_or_add_a_tensor_are_refused_by_name(tmp_path):
+    from safetensors.torch import save_file
+
+    from nmt.checkpoint import load_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    save_file({k: v for k, v in model.state_dict().items() if k != "1.weight"}, tmp_path / "lacks.safetensors")
+    with pytest.raises(CheckpointError, match=r"1\.weight"):
+        load_weights(model, tmp_path / "lacks.safetensors")
+    save_file({**model.state_dict(), "extra": torch.zeros(1)}, tmp_path / "adds.safetensors")
+    with pytest.raises(CheckpointError, match="extra"):
+        load_weights(model, tmp_path / "adds.safetensors")
+
+
 def test_damaged_checkpoint_is_reported_in_one_line(data_dir, tmp_path):
     save_dir = tmp_path / "model"
     train(_config(data_dir, save_dir, max_steps=2), progress=False)

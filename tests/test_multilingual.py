@@ -23,6 +23,7 @@ from nmt.multilingual import (
     MultilingualConfig,
     balanced_sample,
     epoch_pairs,
+    hold_out_everywhere,
     parse_directions,
     prepare_multilingual,
     temperature_weights,
@@ -131,6 +132,22 @@ def test_the_sentencepiece_sample_follows_the_temperature(tmp_path):
         for lang, weight in weights.items():
             assert counts[lang] / len(sample) == pytest.approx(weight, abs=0.01)
         assert sum(s.startswith("z") for s in sample) == counts["cc"]  # the counts are what was yielded
+    sentences, counts = balanced_sample(corpora, 101, 1.0, seed=1)  # --spm-sample caps it
+    assert len(list(sentences)) == sum(counts.values()) == pytest.approx(101, abs=2)
+
+
+def test_a_held_out_sentence_leaves_the_training_pairs_of_every_direction_on_its_side(tmp_path):
+    corpus = write_three_way(tmp_path / "corpus")
+    rows = three_way(300, 1)  # the training rows
+    base = PrepareConfig(out_dir=tmp_path / "x", src_lang="aa", tgt_lang="bb", train_prefix=str(corpus / "train"),
+                         valid_size=0, test_size=0)
+    corpora = {"aa-bb": clean_and_split(base, tmp_path / "w", False)}
+    held_out = {"cc-bb": {"test": [(rows[0][2], rows[0][1])]},  # rows[0]'s bb sentence is a target
+                "bb-aa": {"valid": [(rows[1][1], rows[1][0])]}}  # rows[1]'s aa sentence is a target
+    assert hold_out_everywhere(corpora, held_out) == {"aa-bb": 2}
+    training = list(corpora["aa-bb"].training_pairs())
+    assert (rows[0][0], rows[0][1]) not in training and (rows[1][0], rows[1][1]) not in training
+    assert len(training) == 298
 
 
 def test_an_epoch_draws_each_direction_in_its_temperature_share():
@@ -397,6 +414,8 @@ def test_prepare_directions_errors_are_one_line(tmp_path):
     assert_one_line_error(result, "--zero-shot", "--valid")
     result = runner.invoke(app, [*common, "--directions", "aa-bb", "--tsv", "a.tsv", "--tsv", "b.tsv", "--tsv", "c.tsv"])
     assert_one_line_error(result, "3 --tsv", "1 directions")
+    result = runner.invoke(app, [*common, "--directions", "aa-bb,bb-cc", "--zero-shot", "bb-cc"])
+    assert_one_line_error(result, "bb-cc", "zero-shot direction is one not trained on")
     result = runner.invoke(app, [*common, "--directions", "aa-xx"])
     assert_one_line_error(result, "train.xx")
     for temperature in ("nan", "1e-9"):

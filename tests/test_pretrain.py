@@ -1,6 +1,7 @@
 """Masked-LM pretraining: masking and sentence-pair statistics, the shared training loop,
 fill-mask, and starting translation models from a pretrained encoder (--init)."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ from nmt_cli.main import app
 from torch.utils._python_dispatch import TorchDispatchMode
 from typer.testing import CliRunner
 
-from nmt.checkpoint import load_pretrained, pretrained_source_name
+from nmt.checkpoint import check_pretrained, load_pretrained, pretrained_source_name
 from nmt.config import Config, ModelConfig, PretrainConfig, TrainConfig
 from nmt.errors import CheckpointError, DataError
 from nmt.files import Manifest
@@ -401,6 +402,11 @@ def test_vocabulary_mismatch_is_a_one_line_error(pretrained_and_data, tmp_path):
     assert "vocabulary" in result.output and "--spm-model" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "m" / "best").exists()
+    vocab = Manifest.read(root / "data").vocab  # the pretrained model's, on the source side only
+    other_target = dataclasses.replace(vocab, joint=False, tgt_sha256="0" * 64)
+    check_pretrained(root / "mlm", vocab, ModelConfig(**TINY_MODEL))
+    with pytest.raises(CheckpointError, match="target vocabulary"):
+        check_pretrained(root / "mlm", other_target, ModelConfig(**TINY_MODEL), decoder=True)
 
 
 def test_shape_mismatch_names_the_setting(pretrained_and_data):
