@@ -9,11 +9,44 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from nmt.corpora import LOCAL_MULTI30K
 from nmt.errors import NmtError
 
+try:  # Typer 0.2x carries a copy of Click of its own and raises that copy's exceptions
+    from typer._click import exceptions as click_errors
+except ImportError:
+    from click import exceptions as click_errors
+
+
+class OneLineUsageErrors(TyperGroup):
+    """Usage errors (an unknown option, a missing argument, a value of the wrong kind) in one line
+    on stderr and exit status 2, as other user errors are, not Click's usage box."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except getattr(click_errors, "NoArgsIsHelpError", ()) as e:  # `nmt` alone: the help
+            e.show()
+            sys.exit(e.exit_code)
+        except click_errors.UsageError as e:
+            hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+            typer.echo(f"error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click_errors.ClickException as e:
+            typer.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)  # a command's typer.Exit(code) returns its code
+
+
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     name="nmt",
     help="Neural machine translation: prepare data, train, translate, evaluate.",
     no_args_is_help=True,
@@ -341,8 +374,8 @@ def fill_mask(
 @app.command()
 def translate(
     model_dirs: Annotated[list[Path], typer.Argument(help="Checkpoint directory from nmt train; several make an ensemble (they must share one vocabulary). With --engine ctranslate2: one directory from nmt export.", metavar="MODEL_DIR...")],
-    input: Annotated[Path | None, typer.Option("--input", "-i", help="Text to translate, one sentence per line (default: stdin).")] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write translations (default: stdout).")] = None,
+    input: Annotated[Path | None, typer.Option("--input", "-i", help="Text to translate, one sentence per line (default, or -: stdin).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write translations (default, or -: stdout).")] = None,
     beam: Annotated[int | None, typer.Option(help="Beam size; 1 is greedy search.")] = None,
     nbest: Annotated[int | None, typer.Option(help="Write the N best as 'line ||| text ||| score'.")] = None,
     len_penalty: Annotated[float | None, typer.Option(help="Score = log-prob / length**len_penalty.")] = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from nmt.errors import DataError
@@ -111,11 +112,23 @@ def recover_dir(target: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+def written_in_place(path: Path) -> bool:
+    """A device, pipe or socket (/dev/stdout, /dev/null, a FIFO) is written to as it is: a file
+    renamed onto it would put a plain file in its place."""
+    return (path.exists() and not path.is_file()) or path.absolute().parts[:2] in (("/", "dev"), ("/", "proc"))
+
+
 @contextlib.contextmanager
 def open_text_atomic(path: Path):
     """A text file to write bit by bit that appears at `path` complete, or not at all: written
-    beside it under a temporary name and renamed when the block ends without an error."""
+    beside it under a temporary name and renamed when the block ends without an error. Through
+    a link, the file it names is written; a device or pipe is written to directly."""
     path = Path(path)
+    if written_in_place(path):
+        with open(path, "w", encoding="utf-8", newline="\n") as f:
+            yield f
+        return
+    path = Path(os.path.realpath(path))
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
@@ -126,6 +139,17 @@ def open_text_atomic(path: Path):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+def check_output_apart(output: Path, inputs: Sequence[Path | None], folders: Sequence[Path]) -> None:
+    """Refuse an output file that is one of the `inputs` or inside one of the `folders` (a
+    model or data dir) the command reads: writing it would destroy what it reads."""
+    for given in inputs:
+        if given is not None and output.is_file() and Path(given).is_file() and os.path.samefile(output, given):
+            raise DataError(f"cannot write {output}: it is the input {given}")
+    for folder in folders:
+        if not written_in_place(output) and Path(folder).resolve() in Path(os.path.realpath(output)).parents:
+            raise DataError(f"cannot write {output}: it is inside {folder}, which this command reads")
 
 
 def check_output_file(path: Path) -> None:

@@ -405,6 +405,18 @@ def load_pretrained(model: nn.Module, pretrained_dir: Path, vocab: Vocabulary, c
     return loaded
 
 
+def check_sentencepiece_files(save_dir: Path, vocab: Vocabulary) -> None:
+    """The SentencePiece models in `save_dir` must be those the model was trained with: another
+    one (copied over it) reads and writes other words for the same ids."""
+    for name, sha256 in {(vocab.src_model, vocab.src_sha256), (vocab.tgt_model, vocab.tgt_sha256)}:
+        path = Path(save_dir) / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        if file_sha256(path) != sha256:
+            raise CheckpointError(f"{path} is not the SentencePiece model the model was trained with "
+                                  f"(its checksum differs from {VocabInfo.NAME}'s)")
+
+
 def load_for_inference(save_dir: Path, which: str = "best", device: torch.device | str = "cpu"):
     """Rebuild model, tokenizer and config from a checkpoint directory alone."""
     save_dir = Path(save_dir)
@@ -418,6 +430,7 @@ def load_for_inference(save_dir: Path, which: str = "best", device: torch.device
             "nmt train --init or nmt fill-mask"
         )
     vocab = info.vocab
+    check_sentencepiece_files(save_dir, vocab)
     tokenizer = Tokenizer(save_dir / vocab.src_model, save_dir / vocab.tgt_model)
     if (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) != (vocab.src_size, vocab.tgt_size):
         raise CheckpointError(f"{save_dir}: SentencePiece models do not match vocab.json")

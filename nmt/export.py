@@ -36,12 +36,12 @@ from nmt.checkpoint import load_for_inference, read_config, weights_dir
 from nmt.config import Config, DecodeConfig, ModelConfig, config_from_dict
 from nmt.devices import cpu_flags
 from nmt.errors import CheckpointError, ConfigError, first_line
-from nmt.files import CheckpointInfo, VocabInfo
+from nmt.files import CheckpointInfo, VocabInfo, check_format_version
 from nmt.models.attention import AttentionChoice
 from nmt.models.transformer import Transformer, sinusoidal_positions
 from nmt.normalize import Normalization
 from nmt.search import Hypothesis, max_lengths
-from nmt.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
+from nmt.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, file_sha256
 from nmt.translate import (
     ANY_LANGUAGE,
     EXPORT_RECORD,
@@ -70,6 +70,7 @@ CT2_BATCH_SENTENCES = 32
 # EPYC) and on 31 with oneDNN held to AVX2; with 7-bit weights on 255 in both (ONNX Runtime's
 # `reduce_range` and NNCF's saturation fix make the same trade).
 INT8_WEIGHT_RANGE = 63
+EXPORT_FORMAT_VERSION = 1  # of nmt_export.json
 
 
 @dataclass
@@ -89,7 +90,8 @@ class ExportRecord:
     attention: str  # the cross-attention CTranslate2 returns, in words
     directions: list[str] = field(default_factory=list)  # a multilingual model's (its vocab.json is copied too)
     int8_weight_range: int = 127  # the largest |weight| of int8 weights (exports before 7-bit ones: 127)
-    format_version: int = 1
+    sentencepiece_sha256: dict = field(default_factory=dict)  # as `sentencepiece` (earlier exports: none)
+    format_version: int = EXPORT_FORMAT_VERSION
     nmt_version: str = __version__
 
     def write(self, directory: Path) -> None:
@@ -105,6 +107,8 @@ class ExportRecord:
             raise CheckpointError(f"{directory} is not a directory of nmt export (no {EXPORT_RECORD})")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict):
+                check_format_version(data, path, EXPORT_FORMAT_VERSION, CheckpointError)
             names = {f.name for f in dataclasses.fields(cls)}
             record = cls(**{key: value for key, value in data.items() if key in names})
             sides_named = all(set(getattr(record, name)) >= {"source", "target"} for name in ("languages", "sentencepiece"))
@@ -159,6 +163,7 @@ def export_model(
         format=format,
         languages={"source": vocab_info.src_lang or "", "target": vocab_info.tgt_lang or ""},
         sentencepiece={"source": vocab_info.vocab.src_model, "target": vocab_info.vocab.tgt_model},
+        sentencepiece_sha256={"source": vocab_info.vocab.src_sha256, "target": vocab_info.vocab.tgt_sha256},
         normalization=vocab_info.normalization,
         decode=dataclasses.asdict(config.decode),
         model=dataclasses.asdict(config.model),
@@ -606,6 +611,11 @@ def load_ctranslate2_translator(export_dir: Path, decode_options: dict | None = 
                 raise ConfigError(f"{export_dir} translates {record.languages['source']} -> {record.languages['target']} "
                                   f"only (not {side} {asked})")
     config = record.config()
+    for side, sha256 in record.sentencepiece_sha256.items():
+        path = export_dir / record.sentencepiece[side]
+        if path.is_file() and file_sha256(path) != sha256:
+            raise CheckpointError(f"{path} is not the SentencePiece model the export was made with "
+                                  f"(its checksum differs from {EXPORT_RECORD}'s)")
     tokenizer = Tokenizer(export_dir / record.sentencepiece["source"], export_dir / record.sentencepiece["target"])
     decode = decode_settings(config.decode, decode_options)
     kind, index = ctranslate2_device(device)

@@ -40,7 +40,18 @@ def _read_json(path: Path, missing: str, damaged: str, error: type[Exception]) -
         raise error(damaged) from None
     if not isinstance(data, dict):
         raise error(damaged)
+    check_format_version(data, path, FORMAT_VERSION, error)
     return data
+
+
+def check_format_version(data: dict, path: Path, readable: int, error: type[Exception]) -> None:
+    """Refuse a file of a later format than this nmt reads: fields added later are ignored, and
+    a new format_version means that the meaning of earlier ones changed."""
+    version = data.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise error(f"{path} is damaged (format_version {version!r})")
+    if version > readable:
+        raise error(f"{path} has format version {version}, newer than this nmt reads ({readable}): upgrade nmt")
 
 
 def _sides(saved) -> dict:

@@ -82,7 +82,8 @@ def prepare_mono(config: MonoPrepareConfig, progress: bool = False) -> Manifest:
     if config.spm_model is not None:
         config.spm_model = given_sentencepiece(Path(config.spm_model))
     return build_data_dir(
-        Path(config.out_dir), config.overwrite, lambda tmp_dir: _build_mono_dir(tmp_dir, config, progress), started
+        Path(config.out_dir), config.overwrite, lambda tmp_dir: _build_mono_dir(tmp_dir, config, progress), started,
+        [Path(p) for p in config.files],
     )
 
 

@@ -37,6 +37,7 @@ from nmt.prepare import (
     directory_files,
     encode_training_pairs,
     given_sentencepiece,
+    input_paths,
     sentencepiece_coverage,
     vocabulary_record,
     worker_count_for,
@@ -182,7 +183,8 @@ def prepare_multilingual(config: MultilingualConfig, progress: bool = False) -> 
     base = config.prepare
     if base.spm_model is not None:
         base.spm_model = given_sentencepiece(Path(base.spm_model))
-    return build_data_dir(Path(base.out_dir), base.overwrite, lambda tmp: _build(tmp, config, progress), started)
+    inputs = [*input_paths(base), *map(Path, [*config.tsvs, *config.trains, *config.valids, *config.tests])]
+    return build_data_dir(Path(base.out_dir), base.overwrite, lambda tmp: _build(tmp, config, progress), started, inputs)
 
 
 def with_prefixes(config: MultilingualConfig) -> MultilingualConfig:

@@ -9,7 +9,7 @@ import shutil
 import sys
 import time
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -104,14 +104,24 @@ def prepare(config: PrepareConfig, progress: bool = False) -> Manifest:
         raise DataError("--valid-size and --test-size must be at least 1")
     if config.split_by is not None and config.split_by not in (config.src_lang, config.tgt_lang):
         raise DataError(f"--split-by must be the source or target language ({config.src_lang} or {config.tgt_lang})")
-    return build_data_dir(out_dir, config.overwrite, lambda tmp_dir: _build_data_dir(tmp_dir, config, progress), started)
+    return build_data_dir(out_dir, config.overwrite, lambda tmp_dir: _build_data_dir(tmp_dir, config, progress), started,
+                          input_paths(config))
 
 
-def build_data_dir(out_dir: Path, overwrite: bool, build: Callable[[Path], Manifest], started: float) -> Manifest:
+def input_paths(config: PrepareConfig) -> list[Path]:
+    """The files and folders prepare reads (file prefixes stand for their files)."""
+    given = (config.train_prefix, config.valid_prefix, config.test_prefix, config.tsv, config.corpus_dir,
+             config.hf_name if config.hf_name and Path(config.hf_name).exists() else None)
+    return [Path(p) for p in given if p]
+
+
+def build_data_dir(out_dir: Path, overwrite: bool, build: Callable[[Path], Manifest], started: float,
+                   inputs: Sequence[Path]) -> Manifest:
     """Run `build(tmp_dir)` in a temporary directory beside `out_dir`, write its manifest there
-    and put it in place of `out_dir`: an interrupted build leaves nothing that is read as data."""
+    and put it in place of `out_dir`: an interrupted build leaves nothing that is read as data.
+    `inputs`: what the build reads, which may not lie in `out_dir`."""
     _tidy_leftovers(out_dir)
-    _check_out_dir(out_dir, overwrite)
+    _check_out_dir(out_dir, overwrite, inputs)
     tmp_dir = _make_tmp_dir(out_dir)  # fails now, not after the work, if out_dir cannot be written
     try:
         manifest = build(tmp_dir)
@@ -123,11 +133,15 @@ def build_data_dir(out_dir: Path, overwrite: bool, build: Callable[[Path], Manif
     return manifest
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+def _check_out_dir(out_dir: Path, overwrite: bool, inputs: Sequence[Path]) -> None:
     """Refuse an `out_dir` whose replacing would lose anything but an earlier data dir: the
     user's corpus, a model, the working directory."""
     if out_dir.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
         raise DataError(f"output directory {out_dir} is the current directory or holds it: name a new directory")
+    for given in inputs:
+        if out_dir.resolve() in (given.resolve(), *given.resolve().parents):
+            raise DataError(f"{given} is inside the output directory {out_dir}, which prepare replaces: "
+                            "move it or name another --out")
     check_replaceable(out_dir, overwrite, Manifest.NAME, "a data dir", DataError)
 
 

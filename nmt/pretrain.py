@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nmt.batches import token_batches
-from nmt.checkpoint import check_outside_data_dir, load_weights, read_config, weights_dir
+from nmt.checkpoint import check_outside_data_dir, check_sentencepiece_files, load_weights, read_config, weights_dir
 from nmt.config import Config, PretrainConfig, save_config
 from nmt.data import clean_whitespace
 from nmt.devices import autocast, resolve_device, resolve_precision
@@ -32,7 +32,7 @@ from nmt.models.masked_lm import MaskedLM
 from nmt.monolingual import MONOLINGUAL, MonoPrepareConfig, prepare_mono
 from nmt.normalize import Normalization
 from nmt.prepare import given_sentencepiece
-from nmt.shards import TokenArray
+from nmt.shards import TokenArray, load_array
 from nmt.tokenizer import (
     CLS,
     EOS,
@@ -75,8 +75,8 @@ class MonoCorpus:
     @classmethod
     def load(cls, data_dir: Path, split: str, max_tokens: int | None = None) -> MonoCorpus:
         text = TokenArray(data_dir, f"{split}.text")
-        documents = np.load(Path(data_dir) / f"{split}.documents.npy", mmap_mode="r")
-        if len(documents) != len(text):
+        documents = load_array(Path(data_dir) / f"{split}.documents.npy")
+        if documents.ndim != 1 or len(documents) != len(text):
             raise DataError(f"{data_dir}: {split} sentences and documents differ in number; run nmt prepare again")
         return cls(text.tokens, text.offsets, documents, max_tokens, text)
 
@@ -487,6 +487,7 @@ def load_masked_lm(save_dir: Path, device: torch.device | str = "cpu", which: st
     info = VocabInfo.read(save_dir)
     if info.task != MASKED_LM:
         raise CheckpointError(f"{save_dir} is not a pretrained model from nmt pretrain (use nmt translate)")
+    check_sentencepiece_files(save_dir, info.vocab)
     processor = load_sentencepiece(save_dir / info.vocab.src_model)
     model = MaskedLM(config.model, processor.get_piece_size(), config.pretrain.next_sentence)
     load_weights(model, weights_dir(save_dir, which) / "model.safetensors")

@@ -109,16 +109,22 @@ def sequence_lengths(offsets: np.ndarray, block: int = 1 << 20) -> np.ndarray:
     return lengths
 
 
+def load_array(path: Path) -> np.ndarray:
+    """A data dir's .npy file, memory-mapped; a missing or damaged one (an empty file too) is a
+    one-line error."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise DataError(f"cannot read {path} ({first_line(e)}); run nmt prepare again") from None
+
+
 class TokenArray:
     """A list of token sequences stored as one flat array plus offsets; the tokens stay on disk
     (memory-mapped) and are read as batches need them."""
 
     def __init__(self, directory: Path, stem: str):
-        try:
-            self.tokens = np.load(Path(directory) / f"{stem}.tokens.npy", mmap_mode="r")
-            self.offsets = np.load(Path(directory) / f"{stem}.offsets.npy", mmap_mode="r")
-        except (OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"cannot read {Path(directory) / stem} ({first_line(e)}); run nmt prepare again") from None
+        self.tokens = load_array(Path(directory) / f"{stem}.tokens.npy")
+        self.offsets = load_array(Path(directory) / f"{stem}.offsets.npy")
         if (self.offsets.ndim != 1 or len(self.offsets) < 1 or int(self.offsets[0]) != 0
                 or int(self.offsets[-1]) != len(self.tokens)):
             raise DataError(f"{Path(directory) / stem}: tokens and offsets do not match; run nmt prepare again")

@@ -526,8 +526,9 @@ def open_save_dir(
     # Hidden names are nmt's own (.lock, a save moved aside); a data dir is pretrain --text's.
     others = [p.name for p in save_dir.iterdir() if not p.name.startswith(".") and not (p / Manifest.NAME).is_file()] \
         if save_dir.is_dir() else []
-    if others and not (save_dir / "config.yaml").is_file():
-        raise CheckpointError(f"{save_dir} holds files but no model (no config.yaml); train into a new or empty --out")
+    # vocab.json, not config.yaml, tells a model's: a config of the user's may be kept in a folder
+    if others and not (save_dir / VocabInfo.NAME).is_file():
+        raise CheckpointError(f"{save_dir} holds files but no model (no {VocabInfo.NAME}); train into a new or empty --out")
     exists = has_checkpoint(save_dir)
     if exists and not resume and not overwrite:
         raise CheckpointError(

@@ -77,7 +77,7 @@ def read_train_log(run_dir: Path) -> tuple[list[dict], list[dict]]:
     if not path.is_file():
         raise DataError(f"no {LOG_NAME} in {run_dir}: not a checkpoint directory of nmt train")
     records: dict[str, list[dict]] = {"train": [], "valid": []}
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # a bad byte spoils its record only
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -87,9 +87,11 @@ def read_train_log(run_dir: Path) -> tuple[list[dict], list[dict]]:
                 if f.read(1) == "":  # a last line cut short by a crash
                     break
                 raise DataError(f"{path}, line {lineno}: not a JSON record") from None
-            kind = record.get("type")
-            if kind not in records or "step" not in record:
+            kind = record.get("type") if isinstance(record, dict) else None
+            if kind not in records:
                 continue
+            if not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
+                raise DataError(f"{path}, line {lineno}: a {kind} record without a whole-number step")
             same_kind = records[kind]
             while same_kind and same_kind[-1]["step"] >= record["step"]:
                 same_kind.pop()

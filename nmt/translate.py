@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from nmt.alignment import EOS_LABEL, AttentionMap, AttentionOutput, describe_attention, open_attention_dir
-from nmt.atomic import open_text_atomic
+from nmt.atomic import check_output_apart, open_text_atomic
 from nmt.batches import pad_source
 from nmt.checkpoint import load_for_inference
 from nmt.config import DecodeConfig, ModelConfig
@@ -549,7 +549,8 @@ def translate_file(
     `languages`, `pivot` and `pivot_dirs`). See `load_translator` for the rest.
     """
     model_dirs = [Path(model_dirs)] if isinstance(model_dirs, (str, Path)) else [Path(d) for d in model_dirs]
-    output_path = None if output_path is None else Path(output_path)
+    output_path = None if output_path is None or str(output_path) == "-" else Path(output_path)
+    input_path = None if input_path is None or str(input_path) == "-" else Path(input_path)
     if attention is not None:  # first: -o may name a file in the folder it makes
         open_attention_dir(Path(attention.directory), output_path)
     if output_path is not None:
@@ -557,6 +558,7 @@ def translate_file(
             raise DataError(f"cannot write {output_path or '-o'}: give a file name, not a folder")
         if not output_path.parent.is_dir():
             raise DataError(f"cannot write {output_path}: the folder {output_path.parent} does not exist")
+        check_output_apart(output_path, [input_path, prefix_path], [*model_dirs, *(pivot_dirs or [])])
     translator = load_text_translator(model_dirs, decode_options, checkpoint, device, quantize, engine, languages, pivot,
                                       pivot_dirs)
     lines = _read_stdin(replace_invalid) if input_path is None else read_lines(Path(input_path), replace_invalid=replace_invalid)

@@ -118,8 +118,12 @@ def test_bad_inputs_give_one_line_errors(trained, tmp_path):
     one_line_error(invoke("translate", trained / "model", "-i", tmp_path / "u.a"), "u.a:2: invalid UTF-8")
     one_line_error(invoke("evaluate", "--hyp", tmp_path / "m.a", "--ref", tmp_path / "m.b"), "line counts differ")
     one_line_error(invoke("translate", trained / "data", "-i", tmp_path / "e.a"), "not a checkpoint directory")
-    unknown = invoke("translate", trained / "model", "--beam-size", "3")
-    assert unknown.exit_code == 2 and "No such option" in unknown.output
+    for args, fragment in ((["translate", trained / "model", "--beam-size", "3"], "No such option: --beam-size"),
+                           (["translate", trained / "model", "--beam", "abc"], "'--beam'"),
+                           (["translate"], "Missing argument"), (["no-such-command"], "No such command")):
+        usage = invoke(*args)
+        one_line_error(usage, fragment, "--help")
+        assert usage.exit_code == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

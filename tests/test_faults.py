@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import TINY_TRANSFORMER, assert_one_line_error, prepare_toy_data, toy_pairs, write_pairs
+from conftest import TINY_TRANSFORMER, assert_one_line_error, prepare_toy_data, toy_pairs, train_tiny, write_pairs
 from nmt_cli.main import app
 from typer.testing import CliRunner
 
@@ -453,3 +453,113 @@ def test_a_data_dir_with_a_replaced_model_or_short_references_is_refused_before_
     (short / "valid.tgt.txt").write_text("".join(references[:1]), encoding="utf-8")
     with pytest.raises(DataError, match=f"valid.tgt.txt has 1 lines for {len(references)} valid pairs"):
         train(_config(short, tmp_path / "run2", max_steps=2), progress=False)
+
+
+# ---- what a command writes never destroys what it reads, or a file that is not its own -------
+
+def _cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def model_dir(data_dir, tmp_path_factory):
+    return train_tiny(data_dir, tmp_path_factory.mktemp("faults-model") / "model", TINY, max_steps=10)
+
+
+def test_translate_writes_through_links_and_pipes_and_never_over_what_it_reads(model_dir, tmp_path):
+    import stat
+    import threading
+
+    src = tmp_path / "in.xx"
+    src.write_text("w1 w2\nw3\n", encoding="utf-8")
+    expected = _cli("translate", model_dir, "-i", src).stdout
+    assert _cli("translate", model_dir, "-i", src, "-o", "-").stdout == expected  # - is stdout
+    target = tmp_path / "target.yy"
+    target.write_text("old\n")
+    (tmp_path / "link.yy").symlink_to(target)
+    assert _cli("translate", model_dir, "-i", src, "-o", tmp_path / "link.yy").exit_code == 0
+    assert (tmp_path / "link.yy").is_symlink() and target.read_text(encoding="utf-8") == expected
+    pipe, read = tmp_path / "pipe", []
+    os.mkfifo(pipe)
+    reader = threading.Thread(target=lambda: read.append(pipe.read_text(encoding="utf-8")), daemon=True)
+    reader.start()
+    assert _cli("translate", model_dir, "-i", src, "-o", pipe).exit_code == 0
+    reader.join(30)
+    assert read == [expected] and stat.S_ISFIFO(pipe.stat().st_mode)  # written to, not replaced by a file
+    assert_one_line_error(_cli("translate", model_dir, "-i", src, "-o", src), "is the input")
+    assert src.read_text(encoding="utf-8") == "w1 w2\nw3\n"
+    weights = model_dir / "best" / "model.safetensors"
+    before = weights.read_bytes()
+    assert_one_line_error(_cli("translate", model_dir, "-i", src, "-o", weights), "inside")
+    assert weights.read_bytes() == before
+
+
+def test_prepare_never_replaces_a_folder_holding_its_own_input(data_dir, tmp_path):
+    out = tmp_path / "data"
+    shutil.copytree(data_dir, out)
+    write_pairs(out / "raw" / "train", toy_pairs(60, seed=1))
+    result = _cli("prepare", "--train", out / "raw" / "train", "--src", "xx", "--tgt", "yy", "--valid-size", 5,
+                  "--test-size", 5, "--vocab-size", 40, "--out", out, "--overwrite", "--no-progress")
+    assert_one_line_error(result, "inside the output directory")
+    (out / "mono.xx").write_text("w1 w2\n" * 30, encoding="utf-8")
+    result = _cli("prepare", "--mono", out / "mono.xx", "--valid-size", 2, "--vocab-size", 40, "--out", out,
+                  "--overwrite", "--no-progress")
+    assert_one_line_error(result, "inside the output directory")
+    assert (out / "raw" / "train.xx").is_file() and (out / "mono.xx").is_file()
+
+
+def test_train_keeps_a_config_of_the_users_in_its_output_folder(data_dir, tmp_path):
+    folder = tmp_path / "exp1"
+    folder.mkdir()
+    mine = "# my notes on this run\nmodel:\n  embed_dim: 32\n"
+    (folder / "config.yaml").write_text(mine)
+    result = _cli("train", folder / "config.yaml", "--data", data_dir, "--out", folder, "--no-progress")
+    assert_one_line_error(result, "holds files but no model")
+    assert (folder / "config.yaml").read_text() == mine
+
+
+def test_a_model_dir_with_another_sentencepiece_model_is_refused(model_dir, tmp_path):
+    other = prepare_toy_data(tmp_path / "other", train=60, joint_vocab=False)  # the source side's alone
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    shutil.copyfile(sorted(other.glob("spm.*.model"))[0], copy / "spm.joint.model")
+    src = tmp_path / "in.xx"
+    src.write_text("w1 w2\n", encoding="utf-8")
+    assert_one_line_error(_cli("translate", copy, "-i", src), "spm.joint.model", "not the SentencePiece model")
+
+
+def test_files_of_a_newer_format_are_refused_in_one_line(model_dir, data_dir, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    vocab = json.loads((copy / "vocab.json").read_text())
+    (copy / "vocab.json").write_text(json.dumps({**vocab, "format_version": 99}))
+    src = tmp_path / "in.xx"
+    src.write_text("w1 w2\n", encoding="utf-8")
+    assert_one_line_error(_cli("translate", copy, "-i", src), "format version 99", "upgrade nmt")
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    assert_one_line_error(_cli("train", "--data", data, "--out", tmp_path / "m", "--no-progress"), "format version 99")
+
+
+def test_a_damaged_training_log_or_token_file_is_a_one_line_error(model_dir, data_dir, tmp_path):
+    for name, bad in (("list", "[1, 2]\n"), ("step", '{"type": "train", "step": "x", "loss": 1}\n')):
+        run = tmp_path / name
+        shutil.copytree(model_dir, run)
+        log = (run / "train_log.jsonl").read_text()
+        (run / "train_log.jsonl").write_text(bad + log)
+        result = _cli("plot", run, "--out", tmp_path / f"{name}.png")
+        if name == "list":  # not a record of training: passed over
+            assert result.exit_code == 0, result.output
+        else:
+            assert_one_line_error(result, "train_log.jsonl, line 1")
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    (data / "train.src.tokens.npy").write_bytes(b"")
+    result = _cli("train", "--data", data, "--out", tmp_path / "m", "--no-progress")
+    assert_one_line_error(result, "train.src.tokens.npy", "run nmt prepare again")
+
+
+def test_serve_refuses_a_port_out_of_range(model_dir):
+    assert_one_line_error(_cli("serve", model_dir, "--port", 70000, "--device", "cpu"), "--port must be between 0 and 65535")

@@ -91,6 +91,8 @@ class BackgroundServer:
 
 
 def _listen(host: str, port: int) -> socket.socket:
+    if not 0 <= port <= 65535:  # getaddrinfo would take it modulo 65,536
+        raise ConfigError(f"--port must be between 0 and 65535 (got {port})")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
