@@ -105,3 +105,40 @@ def test_every_recipe_is_bound_by_updates_or_epochs_and_its_readme_names_the_bud
         readme = (path.parent / "README.md").read_text()
         budget = f"{tc.max_steps:,} updates" if tc.max_steps else f"{tc.max_epochs} epochs"
         assert budget in readme, f"{path.parent.name}/README.md does not name {path.name}'s budget ({budget})"
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"model": {"dropout": 1.0}}, "model.dropout"),
+    ({"train": {"seed": 2**32}}, "train.seed"),
+    ({"decode": {"beam": 2, "nbest": 3}}, "decode.nbest"),
+    ({"decode": {"sampling": True, "topp": 0.0}}, "decode.topp"),
+    ({"train": {"lr": 0}}, "train.lr"),
+    ({"train": {"batch_tokens": 0}}, "train.batch_tokens"),
+    ({"model": {"arch": "rnn", "embed_dim": 63, "hidden_dim": 63}}, "hidden_dim"),
+    ({"train": {"word_dropout": 1.0}}, "train.word_dropout"),
+    ({"pretrain": {"mask_prob": 1.0}}, "pretrain.mask_prob"),
+    ({"pretrain": {"mask_prob": 0.0}}, "pretrain.mask_prob"),
+])
+def test_boundary_values_are_refused(data, key):
+    with pytest.raises(ConfigError, match=key):
+        config_from_dict(data)
+
+
+def test_boundary_values_just_inside_are_accepted():
+    config_from_dict({"decode": {"beam": 3, "nbest": 3}, "model": {"dropout": 0.99}, "train": {"seed": 2**32 - 1}})
+
+
+def test_an_empty_section_means_its_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\ntrain:\n  lr: 0.001\n")
+    config = load_config(path)
+    assert config.model == Config().model and config.train.lr == 0.001
+
+
+def test_an_override_value_may_hold_an_equals_sign():
+    assert apply_overrides({}, ["save_dir=runs/lr=3e-4"]) == {"save_dir": "runs/lr=3e-4"}
+
+
+def test_an_override_below_a_value_is_a_one_line_error():
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides({"train": {"lr": 0.1}}, ["train.lr.x=1"])

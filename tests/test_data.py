@@ -248,3 +248,101 @@ def test_a_pair_at_the_word_limit_is_kept_and_one_word_more_is_not():
     cleaner = PairCleaner(CleanConfig(max_words=5, max_ratio=9.0), "xx", "yy")
     assert cleaner("w1 w2 w3 w4 w5", "v1 v2 v3 v4 v5") is not None
     assert cleaner("w1 w2 w3 w4 w5 w6", "v1 v2 v3 v4 v5") is None and cleaner.stats.too_long == 1
+
+
+def _split(tmp_path, src, tgt):
+    from nmt.data import ParallelSplit
+    from nmt.shards import write_token_file
+    write_token_file(tmp_path, "train.src", src, np.dtype(np.uint16))
+    write_token_file(tmp_path, "train.tgt", tgt, np.dtype(np.uint16))
+    return ParallelSplit.load(tmp_path, "train")
+
+
+def test_halves_of_an_odd_batch_keep_every_sentence(tmp_path):
+    from nmt.batches import make_batch
+    split = _split(tmp_path, [[5, 6], [7], [8, 9, 10]], [[11], [12, 13], [14]])
+    batch = make_batch(split, np.array([0, 1, 2]))
+    halves = batch.halves()
+    assert np.concatenate([h.indices for h in halves]).tolist() == [0, 1, 2]
+    assert torch.equal(torch.cat([h.src for h in halves]), batch.src)
+    assert sum(h.num_tgt_tokens for h in halves) == batch.num_tgt_tokens
+
+
+def test_num_src_tokens_counts_the_unpadded_source(tmp_path):
+    from nmt.batches import make_batch
+    split = _split(tmp_path, [[5, 6, 7], [8]], [[11], [12]])
+    assert make_batch(split, np.array([0, 1])).num_src_tokens == 6  # 3+EOS, 1+EOS
+
+
+def test_token_dtype_boundary():
+    from nmt.shards import token_dtype
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.int32
+
+
+def test_a_sentence_of_65536_tokens_keeps_its_length():
+    from nmt.shards import sequence_lengths
+    assert sequence_lengths(np.array([0, 65535])).dtype == np.uint16
+    lengths = sequence_lengths(np.array([0, 65536]))
+    assert lengths.tolist() == [65536]
+
+
+def test_a_truncated_token_file_is_refused(tmp_path):
+    from nmt.shards import TokenArray
+    np.save(tmp_path / "train.src.tokens.npy", np.arange(10, dtype=np.uint16))
+    np.save(tmp_path / "train.src.offsets.npy", np.array([0, 4, 12], dtype=np.int64))
+    with pytest.raises(DataError, match="do not match"):
+        TokenArray(tmp_path, "train.src")
+
+
+def test_one_worker_asked_for_is_one(monkeypatch):
+    import os
+
+    from nmt.shards import worker_count
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert worker_count(1) == 1 and worker_count(3) == 3 and worker_count(0) == 8
+
+
+def test_concatenation_removes_its_inputs(tmp_path):
+    from nmt.shards import TokenArray, concatenate_token_files, write_token_file
+    write_token_file(tmp_path, "a", [[5, 6], [7]], np.dtype(np.uint16))
+    write_token_file(tmp_path, "b", [[8, 9, 10]], np.dtype(np.uint16))
+    assert concatenate_token_files(tmp_path, ["a", "b"], "ab", block=2) == {"sequences": 3, "tokens": 6}
+    joined = TokenArray(tmp_path, "ab")
+    assert [joined[i].tolist() for i in range(3)] == [[5, 6], [7], [8, 9, 10]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ab.offsets.npy", "ab.tokens.npy"]
+
+
+def test_read_tsv_column_past_the_fields_is_a_one_line_error(tmp_path):
+    from nmt.data import read_tsv
+    path = tmp_path / "c.tsv"
+    path.write_text("a\tb\n")
+    with pytest.raises(DataError, match="column 3 was asked for"):
+        list(read_tsv(path, 0, 2))
+
+
+def test_a_dev_split_is_the_valid_set(monkeypatch):
+    import datasets
+
+    from nmt.data import load_hf_corpus
+    rows = {"xx": ["a", "b"], "yy": ["c", "d"]}
+    fake = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows), "dev": datasets.Dataset.from_dict(rows)})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: fake)
+    assert load_hf_corpus("some/dataset", None, "xx", "yy")["valid"] == [("a", "c"), ("b", "d")]
+
+
+def test_a_pair_at_the_ratio_limit_is_kept():
+    from nmt.data import CleanConfig, PairCleaner
+    cleaner = PairCleaner(CleanConfig(max_ratio=3.0), "xx", "yy")
+    assert cleaner("w", "a b c") is not None
+    assert cleaner("w", "a b c d") is None and cleaner.stats.ratio == 1
+
+
+def test_pair_hash_separates_the_sides():
+    from nmt.data import pair_hash
+    assert pair_hash("ab", "c") != pair_hash("a", "bc")
+
+
+def test_split_sides_of_different_counts_are_refused(tmp_path):
+    with pytest.raises(DataError, match="counts differ"):
+        _split(tmp_path, [[5], [6], [7]], [[8], [9]])
+

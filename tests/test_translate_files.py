@@ -354,3 +354,37 @@ def test_int8_translates_in_fp32_and_refuses_half_precision(trained):
             refused = runner.invoke(app, ["translate", str(model), "--device", "cpu", "--int8", "--precision", precision],
                                     input="w1 w2\n")
             assert_one_line_error(refused, f"int8 decoding computes in fp32, not {precision}")
+
+
+def test_average_refuses_a_file_that_lacks_a_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    from nmt.average import average_weights
+    save_file({"a": torch.ones(2), "b": torch.ones(2)}, str(tmp_path / "0.safetensors"))
+    save_file({"a": torch.ones(2)}, str(tmp_path / "1.safetensors"))
+    with pytest.raises(CheckpointError, match="has the tensor b"):
+        average_weights([tmp_path / "0.safetensors", tmp_path / "1.safetensors"])
+
+
+def test_choose_checkpoints_takes_the_newest_or_the_best_in_step_order(tmp_path, monkeypatch):
+    import nmt.average as average
+    from nmt.checkpoint import UpdateCheckpoint
+    from nmt.config import Config
+    found = [UpdateCheckpoint(2, tmp_path / "s2", 0.1), UpdateCheckpoint(4, tmp_path / "s4", 0.2),
+             UpdateCheckpoint(6, tmp_path / "s6", 0.3), UpdateCheckpoint(8, tmp_path / "s8", 0.0)]
+    config = Config()
+    config.train.keep_last = config.train.keep_best = 4
+    monkeypatch.setattr(average, "read_config", lambda d: config)
+    monkeypatch.setattr(average, "update_checkpoints", lambda d: list(found))
+    assert [c.step for c in average.choose_checkpoints(tmp_path, last=2)] == [6, 8]
+    assert [c.step for c in average.choose_checkpoints(tmp_path, best=2)] == [4, 6]
+
+
+def test_the_average_records_the_state_of_its_latest_checkpoint(trained, tmp_path):
+    _, model_dir, _ = trained
+    out = tmp_path / "avg"
+    assert CliRunner().invoke(app, ["average", str(model_dir), "--best", "2", "--out", str(out)]).exit_code == 0
+    chosen = sorted(update_checkpoints(model_dir), key=lambda c: c.score, reverse=True)[:2]
+    info = CheckpointInfo.read(out / "best")
+    assert info.state.step == max(c.step for c in chosen)
+    assert info.averaged == [str(c.path) for c in sorted(chosen, key=lambda c: c.step)]
