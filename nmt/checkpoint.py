@@ -124,8 +124,11 @@ def read_config(save_dir: Path) -> Config:
     if not path.is_file():
         raise CheckpointError(f"{save_dir} is not a checkpoint directory (no config.yaml)")
     try:
-        return saved_config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
-    except (yaml.YAMLError, ConfigError) as e:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not saved:  # nmt writes every setting: an empty one was emptied since
+            raise CheckpointError(f"{path} is empty (it holds the model's settings): copy it back from the run")
+        return saved_config_from_dict(saved)
+    except (yaml.YAMLError, ConfigError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is damaged or from another version: {first_line(e)}") from None
 
 

@@ -518,7 +518,7 @@ def test_train_keeps_a_config_of_the_users_in_its_output_folder(data_dir, tmp_pa
     assert (folder / "config.yaml").read_text() == mine
 
 
-def test_a_model_dir_with_another_sentencepiece_model_is_refused(model_dir, tmp_path):
+def test_a_model_dir_with_another_sentencepiece_model_or_an_emptied_config_is_refused(model_dir, tmp_path):
     other = prepare_toy_data(tmp_path / "other", train=60, joint_vocab=False)  # the source side's alone
     copy = tmp_path / "model"
     shutil.copytree(model_dir, copy)
@@ -526,6 +526,9 @@ def test_a_model_dir_with_another_sentencepiece_model_is_refused(model_dir, tmp_
     src = tmp_path / "in.xx"
     src.write_text("w1 w2\n", encoding="utf-8")
     assert_one_line_error(_cli("translate", copy, "-i", src), "spm.joint.model", "not the SentencePiece model")
+    shutil.copyfile(model_dir / "spm.joint.model", copy / "spm.joint.model")
+    (copy / "config.yaml").write_text("")
+    assert_one_line_error(_cli("translate", copy, "-i", src), "config.yaml is empty")
 
 
 def test_files_of_a_newer_format_are_refused_in_one_line(model_dir, data_dir, tmp_path):
