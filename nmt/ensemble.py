@@ -65,6 +65,9 @@ class Ensemble:
 
 def check_same_vocabulary(model_dirs: Sequence[Path]) -> VocabInfo:
     """The vocab.json the models share; a one-line error naming the first difference otherwise."""
+    for model_dir in model_dirs:
+        if not Path(model_dir).is_dir():
+            raise CheckpointError(f"checkpoint directory not found: {model_dir}")
     first_dir = Path(model_dirs[0])
     first = VocabInfo.read(first_dir)
     for other_dir in model_dirs[1:]:

@@ -428,12 +428,12 @@ def load_translator(
     torch_device = resolve_device(device)
     if quantize and torch_device.type != "cpu":
         raise ConfigError("int8 quantization runs on the CPU only: add --device cpu")
+    vocab_info = check_same_vocabulary(model_dirs)  # first: no model is loaded for nothing
     models, tokenizer, config = [], None, None
     for model_dir in model_dirs:
         model, model_tokenizer, model_config = load_for_inference(model_dir, checkpoint, torch_device)
         models.append(model)
         tokenizer, config = tokenizer or model_tokenizer, config or model_config
-    vocab_info = check_same_vocabulary(model_dirs)
     decode = decode_settings(config.decode, decode_options)
     if quantize:  # int8 products take fp32 activations: no half-precision autocast around them
         if resolve_precision(decode.precision, torch_device) != torch.float32:

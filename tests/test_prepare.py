@@ -148,8 +148,10 @@ def test_overwrite_replaces_only_a_data_dir(toy_corpus, tmp_path, monkeypatch):
     for side in ("xx", "yy"):
         (corpus / f"train.{side}").write_bytes((toy_corpus / f"train.{side}").read_bytes())
     config = dict(train_prefix=str(corpus / "train"), valid_size=10, test_size=10, overwrite=True)
-    with pytest.raises(DataError, match="not a data dir"):  # the corpus itself, or a model
+    with pytest.raises(DataError, match="inside the output directory"):  # the corpus itself
         prepare(_config(corpus, **config))
+    with pytest.raises(DataError, match="not a data dir"):  # a folder of the user's
+        prepare(_config(corpus, **{**config, "train_prefix": str(toy_corpus / "train")}))
     assert (corpus / "train.xx").is_file() and (corpus / "train.yy").is_file()
     (tmp_path / "afile").write_text("mine")
     with pytest.raises(DataError, match="is a file"):
