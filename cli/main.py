@@ -29,8 +29,7 @@ class OneLineUsageErrors(TyperGroup):
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
-        except getattr(click_errors, "NoArgsIsHelpError", ()) as e:  # `nmt` alone: the help
-            e.show()
+        except getattr(click_errors, "NoArgsIsHelpError", ()) as e:  # `nmt` alone: Typer has shown the help
             sys.exit(e.exit_code)
         except click_errors.UsageError as e:
             hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""

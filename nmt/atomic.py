@@ -113,9 +113,13 @@ def recover_dir(target: Path) -> None:
 
 
 def written_in_place(path: Path) -> bool:
-    """A device, pipe or socket (/dev/stdout, /dev/null, a FIFO) is written to as it is: a file
-    renamed onto it would put a plain file in its place."""
-    return (path.exists() and not path.is_file()) or path.absolute().parts[:2] in (("/", "dev"), ("/", "proc"))
+    """A device, pipe or socket (/dev/null, a FIFO) or a standard stream (/dev/stdout, whatever
+    it is redirected to) is written to as it is: a file renamed onto it would put a plain file in
+    its place, or leave the stream empty."""
+    absolute = Path(os.path.abspath(path))
+    stream = str(absolute) in ("/dev/stdout", "/dev/stderr") or absolute.parts[:3] == ("/", "dev", "fd") \
+        or absolute.parts[:2] == ("/", "proc")
+    return stream or (path.exists() and not path.is_file())
 
 
 @contextlib.contextmanager
@@ -124,8 +128,8 @@ def open_text_atomic(path: Path):
     beside it under a temporary name and renamed when the block ends without an error. Through
     a link, the file it names is written; a device or pipe is written to directly."""
     path = Path(path)
-    if written_in_place(path):
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
+    if written_in_place(path):  # appended to: `>> log` redirects keep what the file held
+        with open(path, "a", encoding="utf-8", newline="\n") as f:
             yield f
         return
     path = Path(os.path.realpath(path))

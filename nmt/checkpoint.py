@@ -109,12 +109,12 @@ def init_save_dir(save_dir: Path, config: Config, data_dir: Path, manifest: Mani
     """Write the config, vocabulary description and SentencePiece models into `save_dir`;
     `target_pieces`: a multilingual model's (see `VocabInfo.target_pieces`)."""
     save_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, save_dir / "config.yaml")  # first: it marks the directory as a model's
-    for name in {manifest.vocab.src_model, manifest.vocab.tgt_model}:
-        shutil.copyfile(data_dir / name, save_dir / name)
     info = VocabInfo.from_manifest(manifest)
     info.target_pieces = target_pieces or {}
-    info.write(save_dir)
+    info.write(save_dir)  # first: it marks the directory as a model's (see `open_save_dir`)
+    save_config(config, save_dir / "config.yaml")
+    for name in {manifest.vocab.src_model, manifest.vocab.tgt_model}:
+        shutil.copyfile(data_dir / name, save_dir / name)
 
 
 def read_config(save_dir: Path) -> Config:

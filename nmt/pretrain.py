@@ -337,11 +337,11 @@ class MaskedLMTask:
 
     def init_save_dir(self, save_dir: Path) -> None:
         save_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, save_dir / "config.yaml")  # first: it marks the directory as a model's
         vocab = self.manifest.vocab
-        shutil.copyfile(self.spm_path, save_dir / vocab.src_model)
-        VocabInfo(vocab, MASKED_LM, normalization=self.manifest.normalization,
+        VocabInfo(vocab, MASKED_LM, normalization=self.manifest.normalization,  # first: it marks a model's
                   texts=self.manifest.input.get("mono")).write(save_dir)
+        save_config(self.config, save_dir / "config.yaml")
+        shutil.copyfile(self.spm_path, save_dir / vocab.src_model)
 
 
 def evaluate_masked_lm(

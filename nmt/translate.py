@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -556,8 +557,9 @@ def translate_file(
     if output_path is not None:
         if not str(output_path) or output_path.is_dir():
             raise DataError(f"cannot write {output_path or '-o'}: give a file name, not a folder")
-        if not output_path.parent.is_dir():
-            raise DataError(f"cannot write {output_path}: the folder {output_path.parent} does not exist")
+        folder = Path(os.path.realpath(output_path)).parent  # a link's: where its file is written
+        if not folder.is_dir():
+            raise DataError(f"cannot write {output_path}: the folder {folder} does not exist")
         check_output_apart(output_path, [input_path, prefix_path], [*model_dirs, *(pivot_dirs or [])])
     translator = load_text_translator(model_dirs, decode_options, checkpoint, device, quantize, engine, languages, pivot,
                                       pivot_dirs)

@@ -381,6 +381,22 @@ def test_wrong_directories_and_options_are_one_line_errors(models, tmp_path):
     assert (notes / "keep.txt").read_text(encoding="utf-8") == "mine"
 
 
+def test_an_export_with_another_sentencepiece_model_or_of_a_newer_format_is_refused(models, tmp_path):
+    _, export_dir = models("pre-untied-joint")
+    copy = tmp_path / "export"
+    shutil.copytree(export_dir, copy)
+    source = tmp_path / "in.txt"
+    source.write_text("w1 w2\n", encoding="utf-8")
+    translate = ["translate", str(copy), "-i", str(source), "--engine", "ctranslate2"]
+    assert runner.invoke(app, translate).exit_code == 0
+    record = json.loads((copy / "nmt_export.json").read_text())
+    other = {**record, "sentencepiece_sha256": {**record["sentencepiece_sha256"], "target": "0" * 64}}
+    (copy / "nmt_export.json").write_text(json.dumps(other))
+    assert_one_line_error(runner.invoke(app, translate), "not the SentencePiece model the export was made with")
+    (copy / "nmt_export.json").write_text(json.dumps({**record, "format_version": 99}))
+    assert_one_line_error(runner.invoke(app, translate), "format version 99", "upgrade nmt")
+
+
 def test_an_rnn_is_refused_in_one_line(tmp_path):
     save_config(config_from_dict({"model": TINY_RNN}), tmp_path / "config.yaml")  # read before any weights
     result = runner.invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "out")])

@@ -7,14 +7,24 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TRANSFORMER, assert_one_line_error, prepare_toy_data, toy_pairs, train_tiny, write_pairs
+from conftest import (
+    TINY_TRANSFORMER,
+    assert_one_line_error,
+    prepare_toy_data,
+    set_options,
+    toy_pairs,
+    train_tiny,
+    write_pairs,
+)
 from nmt_cli.main import app
 from typer.testing import CliRunner
 
 from nmt import train as train_module
+from nmt.atomic import written_in_place
 from nmt.batches import Batch
 from nmt.checkpoint import load_for_inference
 from nmt.config import ModelConfig, TrainConfig, config_from_dict
@@ -486,6 +496,14 @@ def test_translate_writes_through_links_and_pipes_and_never_over_what_it_reads(m
     assert _cli("translate", model_dir, "-i", src, "-o", pipe).exit_code == 0
     reader.join(30)
     assert read == [expected] and stat.S_ISFIFO(pipe.stat().st_mode)  # written to, not replaced by a file
+    with open(tmp_path / "log.txt", "a", encoding="utf-8") as log:  # as `>> log.txt -o /dev/stdout` gives it
+        log.write("header\n")
+        log.flush()
+        assert _cli("translate", model_dir, "-i", src, "-o", f"/dev/fd/{log.fileno()}").exit_code == 0
+    assert (tmp_path / "log.txt").read_text(encoding="utf-8") == "header\n" + expected
+    assert written_in_place(Path("/dev/stdout")) and not written_in_place(Path("/dev/shm/model/vocab.json"))
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "x.yy")
+    assert_one_line_error(_cli("translate", model_dir, "-i", src, "-o", tmp_path / "dangling"), "does not exist")
     assert_one_line_error(_cli("translate", model_dir, "-i", src, "-o", src), "is the input")
     assert src.read_text(encoding="utf-8") == "w1 w2\nw3\n"
     weights = model_dir / "best" / "model.safetensors"
@@ -506,9 +524,13 @@ def test_prepare_never_replaces_a_folder_holding_its_own_input(data_dir, tmp_pat
                   "--overwrite", "--no-progress")
     assert_one_line_error(result, "inside the output directory")
     assert (out / "raw" / "train.xx").is_file() and (out / "mono.xx").is_file()
+    write_pairs(tmp_path / "corp", toy_pairs(60, seed=1))  # files corp.xx and corp.yy, then the folder corp/
+    result = _cli("prepare", "--train", tmp_path / "corp", "--src", "xx", "--tgt", "yy", "--valid-size", 5,
+                  "--test-size", 5, "--vocab-size", 40, "--out", tmp_path / "corp", "--no-progress")
+    assert result.exit_code == 0, result.output
 
 
-def test_train_keeps_a_config_of_the_users_in_its_output_folder(data_dir, tmp_path):
+def test_train_keeps_a_config_of_the_users_in_its_output_folder(data_dir, tmp_path, monkeypatch):
     folder = tmp_path / "exp1"
     folder.mkdir()
     mine = "# my notes on this run\nmodel:\n  embed_dim: 32\n"
@@ -516,6 +538,19 @@ def test_train_keeps_a_config_of_the_users_in_its_output_folder(data_dir, tmp_pa
     result = _cli("train", folder / "config.yaml", "--data", data_dir, "--out", folder, "--no-progress")
     assert_one_line_error(result, "holds files but no model")
     assert (folder / "config.yaml").read_text() == mine
+    started = tmp_path / "started"  # what a run killed in its set-up leaves is trained into again
+    train_args = ("train", "--data", data_dir, "--out", started, *set_options("model", TINY),
+                  *set_options("train", {"max_steps": 2, "batch_tokens": 120}), "--no-progress")
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr("nmt.checkpoint.shutil.copyfile", killed)  # while the SentencePiece model is copied
+        assert _cli(*train_args).exit_code != 0
+    assert (started / "config.yaml").is_file()
+    result = _cli(*train_args)
+    assert result.exit_code == 0, result.output
 
 
 def test_a_model_dir_with_another_sentencepiece_model_or_an_emptied_config_is_refused(model_dir, tmp_path):

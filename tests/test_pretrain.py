@@ -465,6 +465,12 @@ def test_wrong_checkpoint_kinds_are_one_line_errors(pretrained_and_data, tmp_pat
     assert result.exit_code == 1 and "not a pretrained model" in result.output
     result = invoke("pretrain", "--text", tmp_path / "missing.txt", "--out", tmp_path / "p")
     assert result.exit_code == 1 and "missing.txt" in result.output
+    copy = tmp_path / "mlm"
+    shutil.copytree(root / "mlm", copy)
+    vocab = json.loads((copy / "vocab.json").read_text())
+    vocab["vocab"]["src_sha256"] = vocab["vocab"]["tgt_sha256"] = "0" * 64  # as if its model were replaced
+    (copy / "vocab.json").write_text(json.dumps(vocab))
+    assert_one_line_error(invoke("fill-mask", copy, "w1 [MASK]"), "not the SentencePiece model")
 
 
 def test_fill_mask_command_reads_arguments_and_stdin(pretrained_and_data):

@@ -319,11 +319,7 @@ async def _read_fields(request: Request, settings: ServeSettings) -> dict:
         except UnicodeDecodeError:
             raise RequestError(400, "the form body is not valid UTF-8") from None
         return {k: v if k == "q" and len(v) > 1 else v[0] for k, v in fields.items()}
-    if kind == "multipart/form-data":  # its parser would read bytes that are no UTF-8 as Latin-1
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise RequestError(400, "the form body is not valid UTF-8") from None
+    if kind == "multipart/form-data":
         return await _multipart_fields(request, body)
     data = _parse_json(body)
     if not isinstance(data, dict):
