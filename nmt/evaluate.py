@@ -86,6 +86,8 @@ def check_scoring(metrics, tokenize: str | None) -> None:
             raise DataError(f"unknown metric {name!r} (choose from {', '.join(METRICS)})")
     if tokenize is not None and tokenize not in BLEU.TOKENIZERS:
         raise DataError(f"unknown BLEU tokenizer {tokenize!r} (choose from {', '.join(BLEU.TOKENIZERS)})")
+    if tokenize is not None and "bleu" in metrics:
+        _bleu(tokenize)  # loaded now: one that cannot be (MeCab missing, offline) fails before translating
 
 
 def _bleu(tokenize: str) -> BLEU:

@@ -408,6 +408,22 @@ def test_average_refuses_an_out_inside_the_model_or_a_file(data_dir, tmp_path):
     assert CliRunner().invoke(app, ["average", str(save_dir), "--last", "2", "--out", str(tmp_path / "avg")]).exit_code == 0
 
 
+def test_a_bleu_tokenizer_that_cannot_load_is_refused_before_translating(data_dir, tmp_path, monkeypatch):
+    import sys
+
+    import nmt.translate
+
+    def translated(*args, **kwargs):
+        raise AssertionError("translated before the tokenizer was loaded")
+
+    monkeypatch.setitem(sys.modules, "MeCab", None)  # as if MeCab were not installed
+    monkeypatch.setattr(nmt.translate, "translate_file", translated)
+    source = data_dir / "test.src.txt"
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(data_dir), "--src", str(source), "--ref", str(source),
+                                      "--tokenize", "ja-mecab"])
+    assert_one_line_error(result, "BLEU tokenizer 'ja-mecab' cannot be loaded")
+
+
 def test_evaluate_and_plot_errors_are_one_line(data_dir, tmp_path):
     runner = CliRunner()
     save_dir = tmp_path / "model"
