@@ -41,7 +41,7 @@ def test_typing_shows_the_translation_and_a_cell_per_source_and_output_piece(chr
     amap = expected.attention_maps[0]
     ARTIFACTS.mkdir(exist_ok=True)
     # Fewer alternatives allowed than the page would show: it asks for what the server allows.
-    with BackgroundServer(models, ServeSettings(max_alternatives=2)) as server, sync_playwright() as playwright:
+    with BackgroundServer(models, ServeSettings(max_alternatives=2, max_line_chars=200)) as server, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
@@ -62,5 +62,14 @@ def test_typing_shows_the_translation_and_a_cell_per_source_and_output_piece(chr
             assert page.locator(".heatmap td.cell").count() == len(amap.source) * len(amap.output)
             assert 1 <= page.locator("#alternatives li").count() <= 2
             page.screenshot(path=str(ARTIFACTS / "serve-page.png"), full_page=True)
+            style = "(selector) => getComputedStyle(document.querySelector(selector)).whiteSpace"
+            assert page.evaluate(style, "#alternatives li") == "pre-wrap"  # an alternative keeps its lines
+            # An unbroken word as long as a line wraps: the box typed into keeps its half of the page.
+            page.evaluate("document.querySelector('#translation').textContent = 'x'.repeat(400)")
+            assert page.locator("#source").bounding_box()["width"] > 400
+            # An error answer (a line past the server's limit) clears the translation of the text before.
+            page.locator("#source").fill("w1 " * 100)
+            page.wait_for_function("() => document.querySelector('#status').className === 'error'", timeout=20_000)
+            assert page.text_content("#translation") == "" and page.locator(".heatmap").count() == 0
         finally:
             browser.close()
