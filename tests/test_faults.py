@@ -409,14 +409,17 @@ def test_average_refuses_an_out_inside_the_model_or_a_file(data_dir, tmp_path):
 
 
 def test_a_bleu_tokenizer_that_cannot_load_is_refused_before_translating(data_dir, tmp_path, monkeypatch):
-    import sys
-
+    import nmt.evaluate
     import nmt.translate
 
     def translated(*args, **kwargs):
         raise AssertionError("translated before the tokenizer was loaded")
 
-    monkeypatch.setitem(sys.modules, "MeCab", None)  # as if MeCab were not installed
+    class WithoutMeCab(nmt.evaluate.BLEU):  # as sacreBLEU's tokenizer is when MeCab is not installed
+        def __init__(self, *args, **kwargs):
+            raise ImportError("Japanese tokenization requires extra dependencies")
+
+    monkeypatch.setattr(nmt.evaluate, "BLEU", WithoutMeCab)
     monkeypatch.setattr(nmt.translate, "translate_file", translated)
     source = data_dir / "test.src.txt"
     result = CliRunner().invoke(app, ["evaluate", "--model", str(data_dir), "--src", str(source), "--ref", str(source),
