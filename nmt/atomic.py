@@ -151,8 +151,11 @@ def check_output_apart(output: Path, inputs: Sequence[Path | None], folders: Seq
     for given in inputs:
         if given is not None and output.is_file() and Path(given).is_file() and os.path.samefile(output, given):
             raise DataError(f"cannot write {output}: it is the input {given}")
+    if written_in_place(output):  # a stream or device is no file of a folder
+        return
+    holders = Path(os.path.realpath(output)).parents
     for folder in folders:
-        if not written_in_place(output) and Path(folder).resolve() in Path(os.path.realpath(output)).parents:
+        if Path(folder).resolve() in holders:
             raise DataError(f"cannot write {output}: it is inside {folder}, which this command reads")
 
 

@@ -35,7 +35,7 @@ from nmt.config import Config, ModelConfig, save_config, saved_config_from_dict
 from nmt.errors import CheckpointError, ConfigError, first_line
 from nmt.files import MASKED_LM, CheckpointInfo, Manifest, TrainState, VocabInfo, Vocabulary
 from nmt.models import build_model
-from nmt.tokenizer import Tokenizer, file_sha256
+from nmt.tokenizer import Tokenizer, check_recorded_model, file_sha256
 
 CHECKPOINT_NAMES = ("best", "last")
 UPDATE_CHECKPOINTS = "checkpoints"  # the folder of train.keep_last / keep_best
@@ -412,12 +412,7 @@ def check_sentencepiece_files(save_dir: Path, vocab: Vocabulary) -> None:
     """The SentencePiece models in `save_dir` must be those the model was trained with: another
     one (copied over it) reads and writes other words for the same ids."""
     for name, sha256 in {(vocab.src_model, vocab.src_sha256), (vocab.tgt_model, vocab.tgt_sha256)}:
-        path = Path(save_dir) / name
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing")
-        if file_sha256(path) != sha256:
-            raise CheckpointError(f"{path} is not the SentencePiece model the model was trained with "
-                                  f"(its checksum differs from {VocabInfo.NAME}'s)")
+        check_recorded_model(Path(save_dir) / name, sha256, "the model was trained with", VocabInfo.NAME, CheckpointError)
 
 
 def load_for_inference(save_dir: Path, which: str = "best", device: torch.device | str = "cpu"):

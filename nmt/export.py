@@ -41,7 +41,7 @@ from nmt.models.attention import AttentionChoice
 from nmt.models.transformer import Transformer, sinusoidal_positions
 from nmt.normalize import Normalization
 from nmt.search import Hypothesis, max_lengths
-from nmt.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, file_sha256
+from nmt.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, check_recorded_model
 from nmt.translate import (
     ANY_LANGUAGE,
     EXPORT_RECORD,
@@ -611,11 +611,10 @@ def load_ctranslate2_translator(export_dir: Path, decode_options: dict | None = 
                 raise ConfigError(f"{export_dir} translates {record.languages['source']} -> {record.languages['target']} "
                                   f"only (not {side} {asked})")
     config = record.config()
-    for side, sha256 in record.sentencepiece_sha256.items():
-        path = export_dir / record.sentencepiece[side]
-        if path.is_file() and file_sha256(path) != sha256:
-            raise CheckpointError(f"{path} is not the SentencePiece model the export was made with "
-                                  f"(its checksum differs from {EXPORT_RECORD}'s)")
+    for side, sha256 in record.sentencepiece_sha256.items():  # a missing one: the Tokenizer's error below
+        if (export_dir / record.sentencepiece[side]).is_file():
+            check_recorded_model(export_dir / record.sentencepiece[side], sha256, "the export was made with",
+                                 EXPORT_RECORD, CheckpointError)
     tokenizer = Tokenizer(export_dir / record.sentencepiece["source"], export_dir / record.sentencepiece["target"])
     decode = decode_settings(config.decode, decode_options)
     kind, index = ctranslate2_device(device)

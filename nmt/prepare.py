@@ -136,10 +136,11 @@ def build_data_dir(out_dir: Path, overwrite: bool, build: Callable[[Path], Manif
 def _check_out_dir(out_dir: Path, overwrite: bool, inputs: Sequence[Path]) -> None:
     """Refuse an `out_dir` whose replacing would lose anything but an earlier data dir: the
     user's corpus, a model, the working directory."""
-    if out_dir.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+    out = out_dir.resolve()
+    if out in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
         raise DataError(f"output directory {out_dir} is the current directory or holds it: name a new directory")
     for given in inputs:  # a file prefix `out` names the files out.LANG, beside the folder out/
-        if out_dir.resolve() in given.resolve().parents or (given.is_dir() and given.resolve() == out_dir.resolve()):
+        if out in given.resolve().parents or (given.is_dir() and given.resolve() == out):
             raise DataError(f"{given} is inside the output directory {out_dir}, which prepare replaces: "
                             "move it or name another --out")
     check_replaceable(out_dir, overwrite, Manifest.NAME, "a data dir", DataError)

@@ -112,14 +112,19 @@ def has_reserved_symbols(processor: spm.SentencePieceProcessor) -> bool:
     return all(processor.piece_to_id(piece) == i for piece, i in zip(RESERVED_SYMBOLS, (MASK, CLS, SEP)))
 
 
-def check_prepared_model(path: Path, sha256: str) -> None:
-    """A data dir's SentencePiece model must be the one its token files were made with: another
-    one (copied over it) would give ids past its vocabulary, or other words for the same ids."""
+def check_recorded_model(path: Path, sha256: str, made_with: str, record: str, error: type[Exception] = DataError,
+                         remedy: str = "") -> None:
+    """A SentencePiece model must be the one `record` holds the checksum of: another one (copied
+    over it) would give ids past its vocabulary, or other words for the same ids."""
     if not Path(path).is_file():
-        raise DataError(f"{path} is missing; run nmt prepare again")
+        raise error(f"{path} is missing{remedy}")
     if file_sha256(path) != sha256:
-        raise DataError(f"{path} is not the SentencePiece model the data dir was prepared with "
-                        "(its checksum differs from manifest.json's); run nmt prepare again")
+        raise error(f"{path} is not the SentencePiece model {made_with} (its checksum differs from {record}'s){remedy}")
+
+
+def check_prepared_model(path: Path, sha256: str) -> None:
+    """A data dir's SentencePiece model must be the one its token files were made with."""
+    check_recorded_model(path, sha256, "the data dir was prepared with", "manifest.json", remedy="; run nmt prepare again")
 
 
 def file_sha256(path: Path) -> str:
