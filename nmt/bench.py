@@ -67,9 +67,12 @@ from nmt.translate import Translations, quantize_int8, translate_lines
 
 SECTIONS = ("train", "ttq", "decode")
 
-# Dense matrix-unit peaks from NVIDIA's datasheets (FLOP/s), by the name torch reports.
+# Dense matrix-unit peaks from NVIDIA's datasheets (FLOP/s), by the name torch reports; the first
+# key the name contains counts, so the NVL cards (lower clocks) come before their SXM namesakes.
 # float32 is the plain FP32 rate: torch leaves TF32 off for matrix products by default.
 DATASHEET_PEAKS = {
+    "H200 NVL": {torch.bfloat16: 835.5e12, torch.float16: 835.5e12, torch.float32: 60e12},
+    "H100 NVL": {torch.bfloat16: 835.5e12, torch.float16: 835.5e12, torch.float32: 60e12},
     "H200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, torch.float32: 66.9e12},
     "H100 80GB HBM3": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, torch.float32: 66.9e12},
     "H100 PCIe": {torch.bfloat16: 756.5e12, torch.float16: 756.5e12, torch.float32: 51.2e12},
@@ -176,9 +179,12 @@ def bench_training(
     tgt_tokens = sum(len(b) + int(split.tgt.lengths[b].sum()) for b in batches)  # + EOS per sentence
     src_tokens = sum(len(b) + int(split.src.lengths[b].sum()) for b in batches)
 
+    # On a GPU the trainer builds batches in a background thread while the updates run, so the
+    # updates alone are timed there; on a CPU it builds each in turn, and so does the bench.
+    ready = [make_batch(split, indices, pin).to(device) for indices in batches] if device.type == "cuda" else None
+
     def run_pass(forward_model: torch.nn.Module) -> None:
-        for indices in batches:
-            batch = make_batch(split, indices, pin).to(device)
+        for batch in ready or (make_batch(split, indices, pin).to(device) for indices in batches):
             training_update(forward_model, optimizer, scaler, [batch], tc, tc.lr * 0.1, device, dtype)
 
     if device.type == "cuda":
@@ -242,6 +248,7 @@ def bench_time_to_quality(
         "updates": reached["step"] if reached else None,
         "best_dev_bleu": result.best_score,
         "trained_seconds": result.seconds,
+        "stop_reason": result.stop_reason,
         "curve": [{k: r[k] for k in ("step", "bleu", "train_seconds")} for r in valid],
     }
 

@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -86,8 +87,9 @@ class CheckConfig:
     def __post_init__(self) -> None:
         if self.dry_run:
             self.device = "cpu"
-            self.transformer_minutes = min(self.transformer_minutes, 0.05)
-            self.rnn_minutes = min(self.rnn_minutes, 0.05)
+            # Enough for a few logged updates after the set-up, which the budget counts, on busy cores.
+            self.transformer_minutes = min(self.transformer_minutes, 0.1)
+            self.rnn_minutes = min(self.rnn_minutes, 0.1)
             self.valid_every = min(self.valid_every, 5)
             self.bench_steps, self.repeats = min(self.bench_steps, 2), 1
 
@@ -184,14 +186,14 @@ def gpu_driver() -> str | None:
 class Run:
     """One gpu-check run: its settings, places, deadline and the report it rewrites after each stage."""
 
-    def __init__(self, cc: CheckConfig, work: Path, corpus: Path, log: Callable[[str], None]):
+    def __init__(self, cc: CheckConfig, work: Path, corpus: Path, log: Callable[[str], None], started: float):
         import torch
 
         from nmt.devices import resolve_device
 
         self.cc, self.work, self.corpus, self.log = cc, work, corpus, log
         self.device = resolve_device(cc.device)
-        self.started = time.monotonic()
+        self.started = started  # when the alarm was set: the installation and torch's import count too
         self.data_dir = work / "data"
         self.report: dict = {"environment": {}, "settings": {}, "stages": {}}
         self.record: dict = {}  # the running stage's record, which the bench stages fill as they go
@@ -234,7 +236,9 @@ class Run:
         except Exception as e:  # a failed stage is reported, and the next one still runs
             text = str(e).strip().splitlines()
             record["status"] = f"failed: {type(e).__name__}: {text[0] if text else ''}"
-            self.log(f"stage {name} {record['status']}")
+            # The whole story, for a failure on a machine that is gone by the time it is read.
+            record["traceback"] = traceback.format_exc().splitlines()[-60:]
+            self.log(f"stage {name} {record['status']}\n" + "\n".join(record["traceback"]))
         record["seconds"] = round(time.monotonic() - started, 1)
         self.save()
         if cut is not None:
@@ -271,6 +275,9 @@ class Run:
             name, load_config(self.config_path(name)), self.data_dir, save_dir, threshold, minutes,
             self.cc.valid_every, self.log, stop_at_threshold=stop,
         )
+        signalled = re.fullmatch(r"signal \((\w+)\)", record["stop_reason"])
+        if signalled:  # training stopped at the signal: so does the run
+            raise Stopped(signal.Signals[signalled.group(1)])
         train_records, _ = read_train_log(save_dir)
         steady = train_records[1:] or train_records  # the first interval holds the warm-up
         record.update(
@@ -475,12 +482,14 @@ def run_check(cc: CheckConfig, log: Callable[[str], None] = lambda m: print(m, f
     try:
         for signum, handler in ((signal.SIGALRM, _out_of_time), (signal.SIGTERM, _stopped), (signal.SIGINT, _stopped)):
             handlers[signum] = signal.signal(signum, handler)
+        started = time.monotonic()
         signal.alarm(max(int(cc.total_minutes * 60), 1))  # the installation counts too
-        run = Run(cc, work, corpus, log)
-        run.report["environment"] = environment(run.device, cc.bundle)
+        # Before torch is imported: torch looks for numpy once, at its import.
+        installed = install_reporting_errors(cc.bundle, work / "site-packages", log)
+        run = Run(cc, work, corpus, log, started)
+        run.report["environment"] = {**environment(run.device, cc.bundle), **installed}
         run.report["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cc).items()}
         run.save()  # a report from the start, whatever happens next
-        install_into_report(run, cc.bundle, log)
         run.run()
     except OutOfTime as e:
         for signum in (signal.SIGTERM, signal.SIGINT):  # a second signal does not cut the report short
@@ -505,17 +514,16 @@ def run_check(cc: CheckConfig, log: Callable[[str], None] = lambda m: print(m, f
     return run.report if run is not None else {"stages": {}}
 
 
-def install_into_report(run: Run, bundle: Path | None, log: Callable[[str], None]) -> None:
-    """Install the bundle's wheels and say in the report which; a failure is reported, and the
-    stages that need a missing package then fail one by one, saying so."""
+def install_reporting_errors(bundle: Path | None, target: Path, log: Callable[[str], None]) -> dict:
+    """Install the bundle's wheels; returns the report's lines on it. A failure is reported, and
+    the stages that need a missing package then fail one by one, saying so."""
     from nmt.errors import first_line
 
     try:
-        run.report["environment"]["installed_from_bundle"] = install_bundle(bundle, run.work / "site-packages", log) if bundle else []
+        return {"installed_from_bundle": install_bundle(bundle, target, log) if bundle else []}
     except Exception as e:
-        run.report["environment"]["install_error"] = f"{type(e).__name__}: {first_line(e)}"
         log(f"installing the bundle failed: {first_line(e)}")
-    run.save()
+        return {"installed_from_bundle": [], "install_error": f"{type(e).__name__}: {first_line(e)}"}
 
 
 def sample_corpus(corpus: Path, out: Path, train_lines: int = 3000, held_out_lines: int = 100) -> Path:

@@ -79,7 +79,10 @@ class StopSignal:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if self.received:  # a second Ctrl-C stops at once
+        if self.received:  # a second signal stops at once, as the caller's own handler would
+            previous = self._previous.get(signum)
+            if callable(previous):
+                previous(signum, frame)
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
 

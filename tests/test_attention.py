@@ -223,3 +223,34 @@ def test_the_heatmap_draws_each_weight_in_its_row_and_column(monkeypatch, tmp_pa
     assert [label.get_text() for label in ax.get_xticklabels()] == amap.source
     assert [label.get_text() for label in ax.get_yticklabels()] == amap.output
     assert ax.get_ylim()[0] > ax.get_ylim()[1]  # row 0 (the first output) at the top
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+@pytest.mark.parametrize("arch", ["transformer", "rnn"])
+def test_asking_for_attention_does_not_change_the_translation(arch, beam):
+    torch.manual_seed(3)
+    model = build_model(MODELS[arch], V, V).eval()
+    src = pad_source(SOURCES)
+    with torch.inference_mode():
+        shown, plain = _search(model, src, beam), _search(model, src, beam, choice=None)
+    assert [h.tokens for h in shown] == [h.tokens for h in plain]
+    assert [h.score for h in shown] == pytest.approx([h.score for h in plain], abs=1e-5)
+
+
+def test_an_ensemble_shows_its_first_models_attention():
+    from nmt.ensemble import Ensemble
+
+    torch.manual_seed(4)
+    transformer, rnn = build_model(MODELS["transformer"], V, V).eval(), build_model(MODELS["rnn"], V, V).eval()
+    with torch.inference_mode():
+        for first, second in ((transformer, rnn), (rnn, transformer)):
+            for sentence in SOURCES:
+                src = pad_source([sentence])
+                hyp = _search(Ensemble([first, second]), src, 3)[0]
+                torch.testing.assert_close(hyp.attention, _forced_attention(first, src, hyp.tokens), atol=1e-5, rtol=1e-4)
+
+
+def test_hard_alignments_are_in_source_order_when_they_cross():
+    weights = np.array([[0.1, 0.8, 0.1], [0.8, 0.1, 0.1], [0.1, 0.1, 0.8]])
+    amap = AttentionMap(1, ["a", "b", EOS_LABEL], ["y", "x", EOS_LABEL], weights)
+    assert hard_alignments(amap) == [(0, 1), (1, 0)]  # as fast_align and Moses list them

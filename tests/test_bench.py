@@ -190,3 +190,16 @@ def test_an_interrupted_bench_writes_what_it_measured(bench_inputs, tmp_path, mo
                               vocab_size=40, work_dir=tmp_path / "work"), log=lambda message: None)
     report = json.loads(out.read_text())
     assert report["interrupted"] and report["matmul"]
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H200", 989.4e12), ("NVIDIA H200 NVL", 835.5e12),
+    ("NVIDIA H100 NVL", 835.5e12), ("NVIDIA H100 PCIe", 756.5e12), ("NVIDIA GeForce RTX 4090", None),
+])
+def test_mfu_divides_by_the_peak_of_the_card_named_not_of_its_namesake(name, peak, monkeypatch):
+    import torch
+
+    from nmt.bench import datasheet_peak
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert datasheet_peak(torch.device("cuda"), torch.bfloat16) == peak

@@ -108,3 +108,11 @@ def test_a_resumed_run_continues_the_average_exactly(data_dir, tmp_path):
 def test_ema_decay_out_of_range_is_refused():
     with pytest.raises(ConfigError, match="ema_decay"):
         config_from_dict({"train": {"ema_decay": 1.0}})
+
+
+def test_training_updates_the_average_once_per_update_with_its_number(data_dir, tmp_path, monkeypatch):
+    steps = []
+    update = WeightAverage.update
+    monkeypatch.setattr(WeightAverage, "update", lambda self, model, step: steps.append(step) or update(self, model, step))
+    train(_config(data_dir, tmp_path / "run", ema_decay=0.9, max_steps=5), progress=False)
+    assert steps == [1, 2, 3, 4, 5]  # the decay's warm-up counts updates from 1, as the formula's test does

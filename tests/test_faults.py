@@ -620,3 +620,30 @@ def test_a_damaged_training_log_or_token_file_is_a_one_line_error(model_dir, dat
 
 def test_serve_refuses_a_port_out_of_range(model_dir):
     assert_one_line_error(_cli("serve", model_dir, "--port", 70000, "--device", "cpu"), "--port must be between 0 and 65535")
+
+
+def test_an_update_whose_loss_alone_is_not_finite_is_skipped():
+    # A loss term that sends no gradient back (here a constant) can be NaN with finite gradients.
+    from nmt.train import translation_loss
+
+    model = build_model(ModelConfig(**TINY), 20, 20)
+    tc = TrainConfig()
+    optimizer = make_optimizer(model, tc)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nan_loss = lambda m, b, s: translation_loss(m, b, s) + torch.tensor(float("nan"))  # noqa: E731
+    _, skipped, finite = training_update(model, optimizer, None, [_batch()], tc, 1e-3, torch.device("cpu"), torch.float32,
+                                         compute_loss=nan_loss)
+    assert bool(skipped) and not bool(finite)
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+
+
+def test_only_skipped_updates_in_a_row_stop_training(data_dir, tmp_path, monkeypatch):
+    real_loss, calls = train_module.token_loss, {"n": 0}
+
+    def every_other_loss_nan(logits, targets, smoothing):
+        calls["n"] += 1
+        return real_loss(logits, targets, smoothing) * (float("nan") if calls["n"] % 2 == 0 else 1.0)
+
+    monkeypatch.setattr(train_module, "token_loss", every_other_loss_nan)
+    result = train(_config(data_dir, tmp_path / "run", max_steps=8, max_skipped_updates=2), progress=False, log=lambda m: None)
+    assert result.stop_reason == "max_steps" and result.steps == 8

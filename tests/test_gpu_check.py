@@ -242,3 +242,42 @@ def test_a_signal_before_the_stages_still_ends_cleanly(multi30k_toy, tmp_path, m
     assert stopped.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) == before
     written = json.loads((tmp_path / "out" / "gpu-check.json").read_text()) if (tmp_path / "out").exists() else {"stages": {}}
     assert all(s["status"] == "skipped: stopped by SIGTERM" for s in written["stages"].values())
+
+
+@pytest.mark.slow
+def test_a_signal_during_training_stops_the_run_not_only_the_training(multi30k_toy, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import nmt.train
+
+    update = nmt.train.training_update
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # training stops after this update
+        return update(*args, **kwargs)
+
+    monkeypatch.setattr(nmt.train, "training_update", terminated)
+    config = CheckConfig(out=tmp_path / "out", data=multi30k_toy, dry_run=True, vocab_size=40,
+                         stages=("prepare", "transformer", "rnn"))
+    with pytest.raises(SystemExit) as stopped:
+        run_check(config, log=lambda message: None)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    written = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
+    assert {name: s["status"] for name, s in written["stages"].items()} == {
+        "prepare": "done", "transformer": "cut short: stopped by SIGTERM", "rnn": "skipped: stopped by SIGTERM"}
+
+
+def test_a_failed_stage_keeps_its_traceback_and_the_bundle_goes_in_before_torch(multi30k_toy, tmp_path, monkeypatch):
+    order = []
+    monkeypatch.setattr(gpu_check, "install_bundle", lambda *args: order.append("install") or ["probe"])
+    built = gpu_check.Run.__init__
+    monkeypatch.setattr(gpu_check.Run, "__init__", lambda self, *args: order.append("run") or built(self, *args))
+    (tmp_path / "bundle").mkdir()
+    config = CheckConfig(out=tmp_path / "out", data=multi30k_toy, bundle=tmp_path / "bundle", dry_run=True,
+                         stages=("bench-decode",))  # no trained model to decode: it fails at once
+    report = run_check(config, log=lambda message: None)
+    assert order == ["install", "run"] and report["environment"]["installed_from_bundle"] == ["probe"]
+    stage = json.loads((tmp_path / "out" / "gpu-check.json").read_text())["stages"]["bench-decode"]
+    assert stage["status"].startswith("failed: RuntimeError: no trained model")
+    assert any("in bench_decode" in line for line in stage["traceback"])

@@ -232,3 +232,13 @@ def test_input_feeding_gives_the_decoder_its_last_attentional_vector(feeding):
     plain, _ = model.decode_step(prev, memory, state)
     other, _ = model.decode_step(prev, memory, dataclasses.replace(state, att_vec=torch.randn_like(state.att_vec)))
     assert torch.equal(plain, other) != feeding
+
+
+def test_attention_dropout_is_off_outside_training():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(embed_dim=32, ff_dim=64, heads=4, attn_dropout=0.3), V_SRC, V_TGT).eval()
+    src, tgt_in = random_batch()
+    with torch.no_grad():
+        assert torch.equal(model(src, tgt_in), model(src, tgt_in))
+    model.train()
+    assert not torch.equal(model(src, tgt_in), model(src, tgt_in))  # and on in training

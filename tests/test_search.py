@@ -155,3 +155,56 @@ def test_beam_with_length_penalty_equals_exhaustive_search_on_a_small_model(arch
     hyps = beam_search(model, src, beam_size=len(allowed) ** L, len_penalty=len_penalty, max_len_a=0, max_len_b=L)
     assert hyps[0][0].tokens == best_seq
     assert hyps[0][0].score == pytest.approx(best_score, abs=1e-4)
+
+
+A, B, C = 4, 5, 6  # the table models' words
+
+
+def test_sampled_nbest_is_most_probable_first():
+    from nmt.search import Sampling, sample_search
+
+    model = TableModel(_table({BOS: {A: 0.5, B: 0.3, C: 0.2}, A: {EOS: 1.0}, B: {EOS: 1.0}, C: {EOS: 1.0}}, V=8))
+    sampling = Sampling(generator=torch.Generator().manual_seed(0))
+    nbest = sample_search(model, torch.tensor([[5, EOS]]), sampling, nbest=8, max_len_a=0, max_len_b=3)[0]
+    scores = [h.score for h in nbest]
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) > 1
+
+
+def test_beam_keeps_k_live_beams_when_one_of_the_k_best_continuations_ends():
+    # The 2 best first steps are EOS and A: the second live beam is B, the third best.
+    model = TableModel(_table({BOS: {EOS: 0.4, A: 0.35, B: 0.25}, A: {A: 0.5, EOS: 0.5}, B: {EOS: 1.0}}, V=8))
+    nbest = beam_search(model, torch.tensor([[5, EOS]]), beam_size=2, len_penalty=0.0, max_len_a=0, max_len_b=3, nbest=2)[0]
+    assert [h.tokens for h in nbest] == [[], [B]]
+
+
+def test_nbest_holds_only_possible_hypotheses():
+    # Fewer finite continuations than 2K (two words, a short limit, a forced prefix): the
+    # impossible ones (score -inf) never end up in the n-best.
+    from nmt.search import StepRules
+
+    model = TableModel(_table({BOS: {A: 0.5, B: 0.5}, A: {EOS: 1.0}, B: {EOS: 1.0}}, V=6))
+    src = torch.tensor([[5, EOS]])
+    for K in (3, 4, 6):
+        for limit in (1, 2, 3):
+            nbest = beam_search(model, src, beam_size=K, len_penalty=0.0, max_len_a=0, max_len_b=limit, nbest=K)[0]
+            assert all(h.score > float("-inf") for h in nbest), (K, limit)
+    forced = StepRules(prefix=torch.tensor([[A, A]]))
+    nbest = beam_search(model, src, beam_size=3, len_penalty=0.0, max_len_a=0, max_len_b=1, nbest=3, rules=forced)[0]
+    assert all(h.score > float("-inf") for h in nbest)
+
+
+def test_the_second_best_is_not_lost_to_stopping_early_or_to_a_worse_one():
+    model = TableModel(_table({BOS: {EOS: 0.5, A: 0.3, B: 0.2}, A: {EOS: 0.1, C: 0.9}, B: {EOS: 1.0}, C: {EOS: 1.0}}, V=8))
+    nbest = beam_search(model, torch.tensor([[5, EOS]]), beam_size=2, len_penalty=0.0, max_len_a=0, max_len_b=4, nbest=2)[0]
+    assert [h.tokens for h in nbest] == [[], [A, C]]
+
+
+def test_with_a_length_penalty_stopping_compares_scores_divided_by_the_same_length():
+    # Length penalty 1, beam 2. After 2 tokens the finished are [] (log 0.33 = -1.11) and [A]
+    # (-1.56 / 2 = -0.78); the best live beam, [B, D], has log-probability -1.24: not better
+    # than -1.11 as it is, but -0.62 divided by its length, and it ends at -1.24 / 3 = -0.41.
+    D = 7
+    model = TableModel(_table({BOS: {A: 0.35, EOS: 0.33, B: 0.32}, A: {EOS: 0.6, C: 0.4}, B: {EOS: 0.1, D: 0.9},
+                               C: {EOS: 1.0}, D: {EOS: 1.0}}, V=8))
+    nbest = beam_search(model, torch.tensor([[5, EOS]]), beam_size=2, len_penalty=1.0, max_len_a=0, max_len_b=4, nbest=2)[0]
+    assert [h.tokens for h in nbest] == [[B, D], [A, C]]

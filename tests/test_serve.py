@@ -500,3 +500,62 @@ def test_a_request_that_gave_up_leaves_no_unread_error(caplog):
     asyncio.run(give_up_then_fail())
     gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+def test_limits_hold_exactly_at_their_bounds():
+    slow = SlowTranslator()
+    limits = ServeSettings(max_chars=20, max_alternatives=2)
+    with TestClient(create_app([ServedModel(slow, "fake")], limits)) as client:
+        request = {"q": "a", "source": "xx", "target": "yy"}
+        assert client.post("/translate", json={**request, "alternatives": 2}).json() == {
+            "translatedText": "A", "alternatives": ["A!", "A!!"]}
+        _error(client.post("/translate", json={**request, "alternatives": 3}), 422, "at most 2")
+        # A body of exactly max_body_bytes (spaces after the JSON object) is read; one byte more is not.
+        body = json.dumps(request).encode()
+        at_limit = body + b" " * (limits.max_body_bytes - len(body))
+        json_type = {"content-type": "application/json"}
+        assert client.post("/translate", content=at_limit, headers=json_type).json() == {"translatedText": "A"}
+        _error(client.post("/translate", content=at_limit + b" ", headers=json_type), 413, "bytes")
+
+
+def test_one_q_in_a_urlencoded_form_is_a_string_as_in_json(client):
+    line = _lines(1)[0]
+    as_json = client.post("/translate", json={"q": line, "source": "xx", "target": "yy"}).json()
+    form = client.post("/translate", data={"q": line, "source": "xx", "target": "yy"})
+    assert form.json() == as_json and isinstance(as_json["translatedText"], str)
+
+
+def test_an_opennmt_id_one_past_the_last_model_is_a_400(client, models):
+    _error(client.post("/translator/translate", json=[{"src": "w1", "id": len(models)}]), 400, "no model with id")
+    assert client.post("/translator/translate", json=[{"src": "w1", "id": len(models) - 1}]).status_code == 200
+
+
+def test_alternatives_widen_a_narrower_beam():
+    from nmt.config import DecodeConfig
+
+    greedy = SlowTranslator(decode=DecodeConfig(beam=1))
+    assert Work(greedy, 3, False).decode().beam == 3  # n-best needs as many beams
+    assert Work(SlowTranslator(decode=DecodeConfig(beam=5)), 3, False).decode().beam == 5
+
+
+def test_a_batch_fills_to_exactly_max_lines_and_pending_counts_the_gathered_jobs():
+    slow = SlowTranslator(seconds=1.0)
+    worker = BatchingWorker(wait_ms=50, max_lines=6)
+    busy = worker.submit(Work(slow, 2, False), ["busy"])  # a kind of its own; the others gather behind it
+    work = Work(slow, 1, False)
+    jobs = [worker.submit(work, [f"s{i}a", f"s{i}b"]) for i in range(3)]
+    time.sleep(0.4)  # gathered (50 ms), while the first call runs (1 s)
+    assert worker.pending == 3
+    for job in (busy, *jobs):
+        job.result(10)
+    worker.close()
+    assert slow.calls == [["busy"], ["s0a", "s0b", "s1a", "s1b", "s2a", "s2b"]]
+
+
+def test_a_slice_of_a_batch_keeps_its_own_truncated_lines():
+    from nmt.serve.batching import _slice
+
+    result = Translations([[Hypothesis([], 0.0)] for _ in range(4)], [["a"], ["b"], ["c"], ["d"]], [2, 4], None)
+    assert _slice(result, 0, 2).truncated == [2]
+    assert _slice(result, 2, 4).truncated == [2]
+    assert _slice(result, 1, 3).truncated == [1]

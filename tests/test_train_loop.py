@@ -272,3 +272,31 @@ def test_best_follows_the_highest_dev_score_and_patience_counts_from_it():
         history.append((stub.state.best_step, stub.state.bad_validations))
     assert history == [(100, 0), (200, 0), (200, 1), (200, 2), (500, 0)]  # a tie does not move best/
     assert [name for name in saved if name == "best"] == ["best"] * 3
+
+
+def test_a_second_signal_during_training_goes_to_the_handler_training_replaced():
+    import os
+    import signal
+
+    from nmt.train import StopSignal
+
+    class Caught(Exception):
+        pass
+
+    def callers_handler(signum, frame):
+        raise Caught
+
+    previous_term = signal.signal(signal.SIGTERM, callers_handler)
+    try:
+        stop = StopSignal()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received == "SIGTERM"  # the first asks training to stop after its update
+        try:
+            with pytest.raises(Caught):
+                os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:
+            pytest.fail("the second signal raised KeyboardInterrupt instead of going to the caller's handler")
+        stop.restore()
+        assert signal.getsignal(signal.SIGTERM) is callers_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
