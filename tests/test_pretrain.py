@@ -694,3 +694,64 @@ def test_the_halves_of_a_batch_choose_their_own_positions():
         whole = masked_lm_loss(model, batch, 0.0)
         parts = sum(masked_lm_loss(model, half, 0.0) for half in halves)
     assert torch.allclose(whole, parts, rtol=1e-5)
+
+
+def test_an_untied_output_layer_starts_from_the_pretrained_embeddings():
+    # With model.tie_output=false and train.init_decoder, the output layer is initialised too.
+    assert pretrained_source_name("output.weight", True) == "src_embed.weight"
+    assert pretrained_source_name("output.weight", False) is None
+
+
+def test_a_run_resumed_during_the_freeze_keeps_the_pretrained_weights_frozen(tmp_path):
+    from safetensors.torch import load_file
+
+    def invoke(*args):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+
+    model = dict(embed_dim=32, ff_dim=64, heads=2, enc_layers=2, dec_layers=2, dropout=0.0, share_embeddings=True)
+
+    def sets(**train):
+        items = [f"model.{k}={v}" for k, v in model.items()]
+        items += [f"train.{k}={v}" for k, v in {"batch_tokens": 300, "valid_every": 10, **train}.items()]
+        return [part for item in items for part in ("--set", item)]
+
+    pairs = toy_pairs(200, seed=1)
+    (tmp_path / "mono.xx").write_text("".join(s + "\n" for s, _ in pairs[100:]), encoding="utf-8")
+    (tmp_path / "mono.yy").write_text("".join(t + "\n" for _, t in pairs[100:]), encoding="utf-8")
+    write_pairs(tmp_path / "c" / "train", pairs[:100])
+    write_pairs(tmp_path / "c" / "valid", toy_pairs(10, seed=2))
+    write_pairs(tmp_path / "c" / "test", toy_pairs(10, seed=3))
+    invoke("pretrain", "--text", tmp_path / "mono.xx", "--text", tmp_path / "mono.yy", "--vocab-size", 50, "--out", tmp_path / "mlm",
+           *sets(max_steps=4), "--no-progress")
+    invoke("prepare", "--train", tmp_path / "c" / "train", "--valid", tmp_path / "c" / "valid", "--test",
+           tmp_path / "c" / "test", "--src", "xx", "--tgt", "yy", "--spm-model", tmp_path / "mlm", "--out", tmp_path / "data")
+    args = ["train", "--data", tmp_path / "data", "--out", tmp_path / "m", "--init", tmp_path / "mlm", "--no-progress"]
+    invoke(*args, *sets(max_steps=2, freeze_init_steps=4))
+    invoke(*args, "--resume", *sets(max_steps=4, freeze_init_steps=4))  # steps 3 and 4 are still frozen
+    trained = load_file(str(tmp_path / "m" / "last" / "model.safetensors"))
+    pretrained = load_file(str(tmp_path / "mlm" / "best" / "model.safetensors"))
+    assert torch.equal(trained["encoder_layers.0.ff.fc1.weight"], pretrained["encoder_layers.0.ff.fc1.weight"])
+
+
+def test_masking_chooses_the_first_regular_token_too():
+    tokens = np.full((4, 5), FIRST_REGULAR_ID)
+    _, targets = mask_tokens(tokens, np.random.default_rng(0), PretrainConfig(mask_prob=1.0), FIRST_REGULAR_ID + 10)
+    assert (targets != PAD).all()
+
+
+def test_random_replacements_may_be_any_regular_token():
+    tokens = np.full((2, 50), FIRST_REGULAR_ID + 1)
+    cfg = PretrainConfig(mask_prob=1.0, mask_token_prob=0.0, random_token_prob=1.0)
+    inputs, _ = mask_tokens(tokens, np.random.default_rng(0), cfg, FIRST_REGULAR_ID + 2)  # two regular tokens
+    assert set(np.unique(inputs)) == {FIRST_REGULAR_ID, FIRST_REGULAR_ID + 1}
+
+
+def test_a_batch_always_gets_one_masked_position():
+    from nmt.tokenizer import EOS
+
+    tokens = np.array([[FIRST_REGULAR_ID + 3, FIRST_REGULAR_ID + 4, EOS, PAD]])
+    for seed in range(5):
+        _, targets = mask_tokens(tokens, np.random.default_rng(seed), PretrainConfig(mask_prob=1e-9), FIRST_REGULAR_ID + 10)
+        chosen = np.flatnonzero(targets != PAD)
+        assert len(chosen) == 1 and chosen[0] in (0, 1)
