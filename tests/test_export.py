@@ -422,3 +422,20 @@ def test_compute_types():
     assert compute_type("fp32", True, "cuda") == "int8_float16"
     assert compute_type("bf16", True, "cuda") == "int8_bfloat16"
     assert compute_type("fp16", False, "cuda") == "float16"
+
+
+def test_position_tables_hold_the_longest_source_and_output_the_settings_let_through():
+    from nmt.config import DecodeConfig
+    from nmt.export import position_rows
+
+    assert position_rows(DecodeConfig(max_input_tokens=3000, max_len_a=0.0, max_len_b=10)) == 3001  # + EOS
+    assert position_rows(DecodeConfig(max_input_tokens=3000, max_len_a=1.5, max_len_b=10)) >= 1.5 * 3000 + 10
+
+
+@pytest.mark.slow
+def test_the_export_records_the_layer_norms_epsilon(models):
+    save_dir, export_dir = models("pre-untied-joint")
+    model = load_for_inference(save_dir, "best", "cpu")[0]
+    written = json.loads((export_dir / "config.json").read_text())
+    # CTranslate2's own default (1e-6) differs from torch's; too little to change the tiny models' outputs.
+    assert written["layer_norm_epsilon"] == model.encoder_layers[0].norm1.eps == 1e-5
