@@ -702,35 +702,17 @@ def test_an_untied_output_layer_starts_from_the_pretrained_embeddings():
     assert pretrained_source_name("output.weight", False) is None
 
 
-def test_a_run_resumed_during_the_freeze_keeps_the_pretrained_weights_frozen(tmp_path):
+def test_a_run_resumed_during_the_freeze_keeps_the_pretrained_weights_frozen(pretrained_and_data, tmp_path):
     from safetensors.torch import load_file
 
-    def invoke(*args):
-        result = CliRunner().invoke(app, [str(a) for a in args])
-        assert result.exit_code == 0, result.output
-
-    model = dict(embed_dim=32, ff_dim=64, heads=2, enc_layers=2, dec_layers=2, dropout=0.0, share_embeddings=True)
-
-    def sets(**train):
-        items = [f"model.{k}={v}" for k, v in model.items()]
-        items += [f"train.{k}={v}" for k, v in {"batch_tokens": 300, "valid_every": 10, **train}.items()]
-        return [part for item in items for part in ("--set", item)]
-
-    pairs = toy_pairs(200, seed=1)
-    (tmp_path / "mono.xx").write_text("".join(s + "\n" for s, _ in pairs[100:]), encoding="utf-8")
-    (tmp_path / "mono.yy").write_text("".join(t + "\n" for _, t in pairs[100:]), encoding="utf-8")
-    write_pairs(tmp_path / "c" / "train", pairs[:100])
-    write_pairs(tmp_path / "c" / "valid", toy_pairs(10, seed=2))
-    write_pairs(tmp_path / "c" / "test", toy_pairs(10, seed=3))
-    invoke("pretrain", "--text", tmp_path / "mono.xx", "--text", tmp_path / "mono.yy", "--vocab-size", 50, "--out", tmp_path / "mlm",
-           *sets(max_steps=4), "--no-progress")
-    invoke("prepare", "--train", tmp_path / "c" / "train", "--valid", tmp_path / "c" / "valid", "--test",
-           tmp_path / "c" / "test", "--src", "xx", "--tgt", "yy", "--spm-model", tmp_path / "mlm", "--out", tmp_path / "data")
-    args = ["train", "--data", tmp_path / "data", "--out", tmp_path / "m", "--init", tmp_path / "mlm", "--no-progress"]
-    invoke(*args, *sets(max_steps=2, freeze_init_steps=4))
-    invoke(*args, "--resume", *sets(max_steps=4, freeze_init_steps=4))  # steps 3 and 4 are still frozen
+    root = pretrained_and_data
+    args = ["train", "--data", root / "data", "--out", tmp_path / "m", "--init", root / "mlm", "--no-progress"]
+    result = invoke(*args, *_tiny_sets(max_steps=2, freeze_init_steps=4))
+    assert result.exit_code == 0, result.output
+    result = invoke(*args, "--resume", *_tiny_sets(max_steps=4, freeze_init_steps=4))  # updates 3 and 4: still frozen
+    assert result.exit_code == 0, result.output
     trained = load_file(str(tmp_path / "m" / "last" / "model.safetensors"))
-    pretrained = load_file(str(tmp_path / "mlm" / "best" / "model.safetensors"))
+    pretrained = load_file(str(root / "mlm" / "best" / "model.safetensors"))
     assert torch.equal(trained["encoder_layers.0.ff.fc1.weight"], pretrained["encoder_layers.0.ff.fc1.weight"])
 
 

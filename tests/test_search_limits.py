@@ -5,6 +5,7 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TableMemory
 
 from nmt.ensemble import check_same_vocabulary
 from nmt.errors import CheckpointError
@@ -13,14 +14,6 @@ from nmt.search import Sampling, greedy_search, max_lengths, sample_search
 from nmt.tokenizer import BOS, EOS, PAD
 
 V = 8
-
-
-@dataclass
-class SourceMemory:
-    src: torch.Tensor
-
-    def reorder(self, indices):
-        return SourceMemory(self.src.index_select(0, indices))
 
 
 @dataclass
@@ -33,7 +26,7 @@ class EndlessModel:
     """Always prefers token 4 by far; EOS comes only when the length limit forces it."""
 
     def encode(self, src):
-        return SourceMemory(src)
+        return TableMemory(src)
 
     def init_state(self, memory):
         return NoState()
@@ -44,14 +37,8 @@ class EndlessModel:
         return F.log_softmax(logits, dim=-1), state
 
 
-class CopyFirstModel:
+class CopyFirstModel(EndlessModel):
     """Outputs its source's first token, then EOS, with (almost) certainty."""
-
-    def encode(self, src):
-        return SourceMemory(src)
-
-    def init_state(self, memory):
-        return NoState()
 
     def decode_step(self, prev_tokens, memory, state):
         logits = torch.full((prev_tokens.shape[0], V), -30.0)
