@@ -4,10 +4,12 @@ Typer with every option away from its default, and the call it makes is caught a
 from pathlib import Path
 
 import pytest
+import torch
 from nmt_cli.main import app
 from typer.testing import CliRunner
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Called(Exception):
@@ -140,3 +142,113 @@ def test_bench_passes_every_option(monkeypatch):
     assert (config.data, config.out, config.recipes, config.checkpoints) == (Path("m30k"), Path("b.json"), {"t": Path("r.yaml")}, {"t": Path("ck")})
     assert (config.sections, config.device, config.steps, config.repeats) == (("train", "decode"), "cpu", 6, 2)
     assert (config.vocab_size, config.ttq_bleu, config.ttq_minutes, config.work_dir, config.cpu_bf16_training) == (3000, 12.0, 3.0, Path("w"), False)
+
+
+def test_train_passes_device_data_init_and_resume(monkeypatch):
+    import nmt.train
+
+    _catch(monkeypatch, nmt.train, "train")
+    call = _call(["train", str(ROOT / "recipes/multi30k/transformer-cpu.yaml"), "--data", "dd", "--out", "o",
+                  "--device", "cpu", "--init", "pre", "--resume"])
+    settings = call.positional[0]
+    assert settings.train.device == "cpu"
+    assert settings.data_dir == "dd"
+    assert settings.train.init == "pre"
+    assert call.keywords["resume"] is True
+
+
+def test_pretrain_passes_data_text_and_vocab(monkeypatch):
+    import nmt.pretrain
+
+    _catch(monkeypatch, nmt.pretrain, "pretrain")
+    call = _call(["pretrain", str(ROOT / "recipes/multi30k-lowres/pretrain-cpu.yaml"), "--data", "mono",
+                  "--device", "cpu", "--resume"])
+    assert call.keywords["data"] == Path("mono") and call.keywords["resume"] is True
+    assert call.positional[0].train.device == "cpu"
+    call = _call(["pretrain", str(ROOT / "recipes/multi30k-lowres/pretrain-cpu.yaml"), "--text", "a.de",
+                  "--vocab", "v.model"])
+    assert call.positional[1:3] == ([Path("a.de")], Path("v.model"))
+
+
+def test_fill_mask_passes_checkpoint_and_device(monkeypatch):
+    import nmt.pretrain
+
+    _catch(monkeypatch, nmt.pretrain, "load_masked_lm")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    call = _call(["fill-mask", "m", "a [MASK] b", "--checkpoint", "last", "--device", "cpu", "--top-k", "2"])
+    assert call.positional == (Path("m"), torch.device("cpu"), "last")
+
+
+def test_translate_passes_sampling_precision_stream_and_engine(monkeypatch):
+    import nmt.translate
+
+    _catch(monkeypatch, nmt.translate, "translate_file")
+    call = _call(["translate", "m", "--sampling", "--topk", "5", "--topp", "0.9", "--temperature", "0.7",
+                  "--seed", "42", "--precision", "bf16", "--stream", "--engine", "ctranslate2",
+                  "--prefix", "p.txt", "--prefix-only"])
+    options = call.positional[3]
+    assert {k: options[k] for k in ("sampling", "topk", "topp", "temperature", "seed", "precision", "prefix_only")} == {
+        "sampling": True, "topk": 5, "topp": 0.9, "temperature": 0.7, "seed": 42, "precision": "bf16", "prefix_only": True}
+    assert call.keywords["stream"] is True and call.keywords["engine"] == "ctranslate2"
+
+
+def test_translate_passes_attention_options(monkeypatch, tmp_path):
+    import nmt.translate
+
+    _catch(monkeypatch, nmt.translate, "translate_file")
+    call = _call(["translate", "m", "--attention", str(tmp_path / "att"), "--attention-lines", "4",
+                  "--attention-layer", "2", "--attention-head", "3", "--attention-words", "--json"])
+    att = call.keywords["attention"]
+    assert (att.directory, att.pictures, att.words, att.json) == (tmp_path / "att", 4, True, True)
+    assert (att.choice.layer, att.choice.head) == (2, 3)
+
+
+def test_export_passes_checkpoint_quantization_and_overwrite(monkeypatch):
+    import nmt.export
+
+    _catch(monkeypatch, nmt.export, "export_model")
+    call = _call(["export", "m", "--out", "e", "--quantization", "int8", "--checkpoint", "last", "--overwrite"])
+    assert call.positional == (Path("m"), Path("e"), "ctranslate2", "int8", "last", True)
+
+
+def test_average_passes_last_and_best_in_their_places(monkeypatch):
+    import nmt.average
+
+    _catch(monkeypatch, nmt.average, "average_checkpoints")
+    call = _call(["average", "m", "--out", "a", "--last", "3"])
+    assert call.positional == (Path("m"), Path("a"), 3, 0)
+    call = _call(["average", "m", "--out", "a", "--best", "2"])
+    assert call.positional == (Path("m"), Path("a"), 0, 2)
+
+
+def test_evaluate_data_passes_pivot_hyp_dir_directions_and_off_target(monkeypatch):
+    import nmt.evaluate
+
+    _catch(monkeypatch, nmt.evaluate, "evaluate_directions")
+    call = _call(["evaluate", "--data", "d", "--model", "m", "--pivot", "en", "--hyp-dir", "h", "--off-target",
+                  "--directions", "de-fr", "--device", "cpu", "--metrics", "chrf"])
+    assert call.positional[5:8] == (("chrf",), "cpu", "en")
+    assert call.positional[3] is not None
+    assert call.keywords["hyp_dir"] == Path("h") and call.keywords["off_target"] is True
+
+
+def test_bench_serve_passes_every_option(monkeypatch):
+    import nmt.serve.bench
+
+    _catch(monkeypatch, nmt.serve.bench, "bench_serve")
+    call = _call(["bench-serve", "m", "--src", "s.txt", "--clients", "1,4", "--lines", "9", "--beam", "2",
+                  "--engine", "ctranslate2", "--device", "cpu", "--out", "r.json"])
+    assert call.positional == (Path("m"), Path("s.txt"), [1, 4], 9, 2, "cpu", "ctranslate2")
+    assert call.keywords["out"] == Path("r.json")
+
+
+def test_bench_scale_passes_every_option(monkeypatch):
+    import nmt.bench_scale
+
+    _catch(monkeypatch, nmt.bench_scale, "run_scale_bench")
+    call = _call(["bench-scale", "--data", "m30k", "--pairs", "500", "--ratio", "5", "--steps", "3", "--work-dir", "w",
+                  "--out", "r.json", "--mono", "--translate", "mdl", "--beam", "2", "--src", "fr", "--tgt", "de"])
+    (config,) = call.positional
+    assert (config.data, config.pairs, config.ratio, config.steps, config.work_dir, config.out) == (
+        Path("m30k"), 500, 5, 3, Path("w"), Path("r.json"))
+    assert (config.mono, config.translate, config.beam, config.src, config.tgt) == (True, Path("mdl"), 2, "fr", "de")

@@ -1,0 +1,132 @@
+"""Atomic writes and the guards on outputs, versioned files read back, and the device choice."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+# --- nmt/atomic.py ---------------------------------------------------------------------------
+
+def test_overwrite_refuses_a_folder_without_the_marker(tmp_path):
+    from nmt.atomic import check_replaceable
+
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep")
+    with pytest.raises(OSError, match="no vocab.json"):
+        check_replaceable(target, True, "vocab.json", "a model")
+    (target / "vocab.json").write_text("{}")
+    check_replaceable(target, True, "vocab.json", "a model")
+
+
+def test_nested_holds_both_ways(tmp_path):
+    from nmt.atomic import nested
+
+    inner = tmp_path / "a" / "b"
+    inner.mkdir(parents=True)
+    assert nested(tmp_path / "a", inner) and nested(inner, tmp_path / "a")
+    assert not nested(tmp_path / "a", tmp_path / "c")
+
+
+def test_complete_dir_picks_the_newest_moved_aside_copy(tmp_path):
+    from nmt.atomic import complete_dir
+
+    old, new = tmp_path / ".m.old-1", tmp_path / ".m.old-2"
+    old.mkdir()
+    new.mkdir()
+    now = time.time()
+    os.utime(old, (now - 100, now - 100))
+    os.utime(new, (now, now))
+    assert complete_dir(tmp_path / "m") == new
+
+
+def test_output_that_is_the_input_under_another_name_is_refused(tmp_path):
+    from nmt.atomic import check_output_apart
+    from nmt.errors import DataError
+
+    given = tmp_path / "in.txt"
+    given.write_text("hello\n")
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(DataError):
+        check_output_apart(tmp_path / "sub" / ".." / "in.txt", [given], [])
+    os.link(given, tmp_path / "hard.txt")
+    with pytest.raises(DataError):
+        check_output_apart(tmp_path / "hard.txt", [given], [])
+
+
+def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
+    from nmt.atomic import open_text_atomic
+
+    target = tmp_path / "out.txt"
+    target.write_text("old\n")
+    with pytest.raises(RuntimeError):
+        with open_text_atomic(target) as f:
+            f.write("half")
+            raise RuntimeError("stop")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+    assert target.read_text() == "old\n"
+
+
+# --- nmt/files.py ----------------------------------------------------------------------------
+
+def test_format_version_one_above_is_refused():
+    from nmt.errors import DataError
+    from nmt.files import check_format_version
+
+    with pytest.raises(DataError, match="newer"):
+        check_format_version({"format_version": 2}, Path("x.json"), 1, DataError)
+    check_format_version({"format_version": 1}, Path("x.json"), 1, DataError)
+
+
+def test_a_boolean_format_version_is_damaged():
+    from nmt.errors import DataError
+    from nmt.files import check_format_version
+
+    with pytest.raises(DataError, match="damaged"):
+        check_format_version({"format_version": True}, Path("x.json"), 1, DataError)
+
+
+def test_a_record_without_normalization_means_nfc():
+    from nmt.files import _sides
+    from nmt.normalize import Normalization
+
+    sides = _sides(None)
+    assert sides["src"] == sides["tgt"] == Normalization.from_saved("NFC").as_dict()
+
+
+def test_checkpoint_info_reads_best_bleu_of_older_files(tmp_path):
+    from nmt.files import CheckpointInfo
+
+    (tmp_path / "info.json").write_text(json.dumps({"step": 10, "best_bleu": 12.5, "best_step": 8}))
+    info = CheckpointInfo.read(tmp_path)
+    assert info.state.best_score == 12.5 and info.state.best_step == 8
+
+
+# --- nmt/devices.py --------------------------------------------------------------------------
+
+def test_auto_precision_is_fp32_on_a_cpu():
+    from nmt.devices import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cpu")) == torch.float32
+
+
+def test_a_gpu_index_equal_to_the_count_is_refused(monkeypatch):
+    from nmt.devices import resolve_device
+    from nmt.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="1 GPUs"):
+        resolve_device("cuda:1")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+
+
+def test_a_device_other_than_cpu_or_cuda_is_refused():
+    from nmt.devices import resolve_device
+    from nmt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unsupported"):
+        resolve_device("meta")
