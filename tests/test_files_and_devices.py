@@ -8,11 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from nmt.atomic import check_output_apart, check_replaceable, complete_dir, nested, open_text_atomic
+from nmt.devices import resolve_device, resolve_precision
+from nmt.errors import ConfigError, DataError
+from nmt.files import CheckpointInfo, _sides, check_format_version
+from nmt.normalize import Normalization
+
 # --- nmt/atomic.py ---------------------------------------------------------------------------
 
 def test_overwrite_refuses_a_folder_without_the_marker(tmp_path):
-    from nmt.atomic import check_replaceable
-
     target = tmp_path / "mine"
     target.mkdir()
     (target / "notes.txt").write_text("keep")
@@ -23,8 +27,6 @@ def test_overwrite_refuses_a_folder_without_the_marker(tmp_path):
 
 
 def test_nested_holds_both_ways(tmp_path):
-    from nmt.atomic import nested
-
     inner = tmp_path / "a" / "b"
     inner.mkdir(parents=True)
     assert nested(tmp_path / "a", inner) and nested(inner, tmp_path / "a")
@@ -32,8 +34,6 @@ def test_nested_holds_both_ways(tmp_path):
 
 
 def test_complete_dir_picks_the_newest_moved_aside_copy(tmp_path):
-    from nmt.atomic import complete_dir
-
     old, new = tmp_path / ".m.old-1", tmp_path / ".m.old-2"
     old.mkdir()
     new.mkdir()
@@ -44,9 +44,6 @@ def test_complete_dir_picks_the_newest_moved_aside_copy(tmp_path):
 
 
 def test_output_that_is_the_input_under_another_name_is_refused(tmp_path):
-    from nmt.atomic import check_output_apart
-    from nmt.errors import DataError
-
     given = tmp_path / "in.txt"
     given.write_text("hello\n")
     (tmp_path / "sub").mkdir()
@@ -58,8 +55,6 @@ def test_output_that_is_the_input_under_another_name_is_refused(tmp_path):
 
 
 def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
-    from nmt.atomic import open_text_atomic
-
     target = tmp_path / "out.txt"
     target.write_text("old\n")
     with pytest.raises(RuntimeError):
@@ -73,33 +68,22 @@ def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
 # --- nmt/files.py ----------------------------------------------------------------------------
 
 def test_format_version_one_above_is_refused():
-    from nmt.errors import DataError
-    from nmt.files import check_format_version
-
     with pytest.raises(DataError, match="newer"):
         check_format_version({"format_version": 2}, Path("x.json"), 1, DataError)
     check_format_version({"format_version": 1}, Path("x.json"), 1, DataError)
 
 
 def test_a_boolean_format_version_is_damaged():
-    from nmt.errors import DataError
-    from nmt.files import check_format_version
-
     with pytest.raises(DataError, match="damaged"):
         check_format_version({"format_version": True}, Path("x.json"), 1, DataError)
 
 
 def test_a_record_without_normalization_means_nfc():
-    from nmt.files import _sides
-    from nmt.normalize import Normalization
-
     sides = _sides(None)
     assert sides["src"] == sides["tgt"] == Normalization.from_saved("NFC").as_dict()
 
 
 def test_checkpoint_info_reads_best_bleu_of_older_files(tmp_path):
-    from nmt.files import CheckpointInfo
-
     (tmp_path / "info.json").write_text(json.dumps({"step": 10, "best_bleu": 12.5, "best_step": 8}))
     info = CheckpointInfo.read(tmp_path)
     assert info.state.best_score == 12.5 and info.state.best_step == 8
@@ -108,15 +92,10 @@ def test_checkpoint_info_reads_best_bleu_of_older_files(tmp_path):
 # --- nmt/devices.py --------------------------------------------------------------------------
 
 def test_auto_precision_is_fp32_on_a_cpu():
-    from nmt.devices import resolve_precision
-
     assert resolve_precision("auto", torch.device("cpu")) == torch.float32
 
 
 def test_a_gpu_index_equal_to_the_count_is_refused(monkeypatch):
-    from nmt.devices import resolve_device
-    from nmt.errors import ConfigError
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ConfigError, match="1 GPUs"):
@@ -125,8 +104,5 @@ def test_a_gpu_index_equal_to_the_count_is_refused(monkeypatch):
 
 
 def test_a_device_other_than_cpu_or_cuda_is_refused():
-    from nmt.devices import resolve_device
-    from nmt.errors import ConfigError
-
     with pytest.raises(ConfigError, match="unsupported"):
         resolve_device("meta")

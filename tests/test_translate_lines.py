@@ -9,6 +9,7 @@ from conftest import TINY_TRANSFORMER, prepare_toy_data, train_tiny
 from nmt_cli.main import app
 from typer.testing import CliRunner
 
+from nmt.checkpoint import load_for_inference
 from nmt.config import DecodeConfig
 from nmt.errors import DataError
 from nmt.search import Hypothesis
@@ -97,8 +98,6 @@ def test_five_truncated_lines_are_each_named_and_more_are_summed_up(model_dir, t
 
 
 def test_a_line_of_exactly_max_input_tokens_is_kept_whole_and_not_warned_of(model_dir):
-    from nmt.checkpoint import load_for_inference
-
     _, tokenizer, _ = load_for_inference(model_dir, "best", "cpu")
     length = len(tokenizer.encode_src(["w1 w2 w3 w4"])[0])
     whole = encode_lines(tokenizer, ["w1 w2 w3 w4"], DecodeConfig(max_input_tokens=length))
@@ -108,8 +107,6 @@ def test_a_line_of_exactly_max_input_tokens_is_kept_whole_and_not_warned_of(mode
 
 
 def test_a_line_the_vocabulary_drops_is_empty_behind_a_language_tag(model_dir):
-    from nmt.checkpoint import load_for_inference
-
     _, tokenizer, _ = load_for_inference(model_dir, "best", "cpu")
     tagged = copy.copy(tokenizer)
     tagged.source_prefix = [5]  # as a multilingual model's --tgt-lang tag
