@@ -33,6 +33,10 @@ class ModelConfig:
     ff_dim: int = 1024
     norm: str = "pre"  # "pre" (LayerNorm before each sublayer) or "post" (original paper)
     attn_dropout: float = 0.0
+    # This encoder layer (1-based) adds no residual connection around its self-attention, so the
+    # encoder's output keeps less of each source position's own token (language), which helps
+    # zero-shot directions of multilingual models (Liu et al., 2021); 0: every layer has it.
+    enc_no_residual_layer: int = 0
     # RNN-attention
     cell: str = "lstm"  # "rnn" (tanh), "gru" or "lstm"
     hidden_dim: int = 512  # encoder output size (both directions together) and decoder state size
@@ -52,6 +56,10 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be in [0, 1)")
         if self.arch == "transformer" and self.embed_dim % self.heads:
             raise ConfigError("model.embed_dim must be divisible by model.heads")
+        if not 0 <= self.enc_no_residual_layer <= self.enc_layers:
+            raise ConfigError(f"model.enc_no_residual_layer must be between 0 (none) and model.enc_layers ({self.enc_layers})")
+        if self.arch != "transformer" and self.enc_no_residual_layer:
+            raise ConfigError("model.enc_no_residual_layer is for Transformers only")
         if self.arch == "rnn":
             if self.hidden_dim % 2:
                 raise ConfigError("model.hidden_dim must be even (the encoder is bidirectional)")

@@ -153,6 +153,9 @@ def export_model(
     if config.model.arch != "transformer":
         raise ConfigError(f"{model_dir} holds an {config.model.arch} model; CTranslate2 has no RNN decoder, "
                           "so only Transformers export (translate it with --engine nmt)")
+    if config.model.enc_no_residual_layer:
+        raise ConfigError(f"{model_dir}'s encoder layer {config.model.enc_no_residual_layer} has no residual connection "
+                          "around its self-attention, which CTranslate2's Transformer has (translate it with --engine nmt)")
     _check_out_dir(model_dir, out_dir, overwrite)
     vocab_info = VocabInfo.read(model_dir)
     weights = weights_dir(model_dir, checkpoint)

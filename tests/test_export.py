@@ -404,6 +404,14 @@ def test_an_rnn_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_encoder_layer_without_its_residual_is_refused_in_one_line(tmp_path):
+    model = {**TINY_TRANSFORMER, "enc_no_residual_layer": 1}
+    save_config(config_from_dict({"model": model}), tmp_path / "config.yaml")
+    result = runner.invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert_one_line_error(result, "encoder layer 1 has no residual connection")
+    assert not (tmp_path / "out").exists()
+
+
 def test_length_limits_are_nmts_per_sentence():
     decode = config_from_dict({"decode": {"max_len_a": 1.2, "max_len_b": 3}}).decode
     sources = [[7] * n for n in (1, 5, 8, 13)]

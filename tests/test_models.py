@@ -6,6 +6,7 @@ import torch
 from nmt.config import ModelConfig
 from nmt.models import build_model
 from nmt.models.attention import MultiHeadAttention, rnn_attention
+from nmt.models.masked_lm import MaskedLM
 from nmt.models.transformer import sinusoidal_positions, training_flops
 from nmt.tokenizer import BOS, EOS, PAD
 
@@ -14,6 +15,7 @@ V_SRC, V_TGT = 40, 50
 MODEL_CONFIGS = [
     ModelConfig(arch="transformer", embed_dim=32, ff_dim=64, heads=4, enc_layers=2, dec_layers=2, norm="pre"),
     ModelConfig(arch="transformer", embed_dim=32, ff_dim=64, heads=2, enc_layers=2, dec_layers=2, norm="post", tie_output=False),
+    ModelConfig(arch="transformer", embed_dim=32, ff_dim=64, heads=4, enc_layers=2, dec_layers=2, enc_no_residual_layer=2),
 ] + [
     ModelConfig(arch="rnn", cell=cell, attention=attention, input_feeding=feeding, embed_dim=16,
                 hidden_dim=32, enc_layers=2, dec_layers=2, tie_output=False)
@@ -24,7 +26,8 @@ MODEL_CONFIGS = [
 
 
 def _ids(config):
-    return f"{config.arch}-{config.norm if config.arch == 'transformer' else config.cell}-{config.attention}-{config.input_feeding}"
+    residual = f"-no-residual-{config.enc_no_residual_layer}" if config.enc_no_residual_layer else ""
+    return f"{config.arch}-{config.norm if config.arch == 'transformer' else config.cell}-{config.attention}-{config.input_feeding}{residual}"
 
 
 def random_batch(B=3, S=7, T=6):
@@ -61,7 +64,7 @@ def test_incremental_decoding_equals_teacher_forcing(config):
     assert torch.allclose(torch.stack(steps, dim=1), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("config", MODEL_CONFIGS[:2] + MODEL_CONFIGS[-2:], ids=_ids)
+@pytest.mark.parametrize("config", MODEL_CONFIGS[:3] + MODEL_CONFIGS[-2:], ids=_ids)
 def test_padding_does_not_change_a_sentence(config):
     model = build_model(config, V_SRC, V_TGT).eval()
     src, tgt_in = random_batch()
@@ -71,7 +74,7 @@ def test_padding_does_not_change_a_sentence(config):
     assert torch.allclose(alone, padded, atol=1e-5)
 
 
-@pytest.mark.parametrize("config", MODEL_CONFIGS[:2] + MODEL_CONFIGS[-2:], ids=_ids)
+@pytest.mark.parametrize("config", MODEL_CONFIGS[:3] + MODEL_CONFIGS[-2:], ids=_ids)
 def test_state_reorder_selects_rows(config):
     model = build_model(config, V_SRC, V_TGT).eval()
     src, tgt_in = random_batch()
@@ -215,6 +218,30 @@ def test_layer_norm_sits_where_the_config_says(norm):
         normalized = bool(torch.allclose(out.mean(-1), torch.zeros(2, 5), atol=1e-4)
                           and torch.allclose(out.var(-1, unbiased=False), torch.ones(2, 5), atol=1e-3))
         assert normalized == (norm == "post"), name
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_an_encoder_layer_without_its_residual_passes_on_only_what_attention_gathered(norm):
+    config = ModelConfig(arch="transformer", embed_dim=32, ff_dim=64, heads=2, enc_layers=3, dec_layers=1, norm=norm,
+                         dropout=0.0, enc_no_residual_layer=2)
+    model = build_model(config, V_SRC, V_TGT).eval()
+    assert [layer.attn_residual for layer in model.encoder_layers] == [True, False, True]
+    assert [layer.attn_residual for layer in MaskedLM(config, V_SRC).encoder_layers] == [True, False, True]
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32)  # (B, S, D)
+    visible = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    for layer in model.encoder_layers:
+        if norm == "pre":
+            h = layer.self_attn(layer.norm1(x), visible)
+            expected = h + layer.ff(layer.norm2(h))
+        else:
+            h = layer.norm1(layer.self_attn(x, visible))
+            expected = layer.norm2(h + layer.ff(h))
+        assert torch.allclose(layer(x, visible), expected, atol=1e-5) == (not layer.attn_residual)
+    plain = build_model(ModelConfig(**{**config.__dict__, "enc_no_residual_layer": 0}), V_SRC, V_TGT).eval()
+    plain.load_state_dict(model.state_dict())  # the same weights by the same names
+    src, tgt_in = random_batch()
+    assert not torch.allclose(plain(src, tgt_in), model(src, tgt_in), atol=1e-3)
 
 
 @pytest.mark.parametrize("feeding", [True, False])

@@ -16,7 +16,7 @@ from torch import nn
 
 from nmt.config import ModelConfig
 from nmt.models.dropout import Dropout
-from nmt.models.transformer import EncoderLayer, ScaledEmbedding, init_transformer_weights
+from nmt.models.transformer import ScaledEmbedding, encoder_layers, init_transformer_weights
 from nmt.tokenizer import PAD
 
 
@@ -28,7 +28,7 @@ class MaskedLM(ScaledEmbedding, nn.Module):
         # Sentence A / sentence B, added to the input for next-sentence prediction only.
         self.segment_embed = nn.Embedding(2, cfg.embed_dim) if next_sentence else None
         self.embed_dropout = Dropout(cfg.dropout)
-        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
+        self.encoder_layers = encoder_layers(cfg)
         self.encoder_norm = nn.LayerNorm(cfg.embed_dim) if cfg.norm == "pre" else nn.Identity()
         # BERT's prediction head: a transform, then the embedding matrix (tied) plus a bias.
         self.mlm_transform = nn.Sequential(nn.Linear(cfg.embed_dim, cfg.embed_dim), nn.GELU(), nn.LayerNorm(cfg.embed_dim))

@@ -107,9 +107,10 @@ class FeedForward(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, attn_residual: bool = True):
         super().__init__()
         self.pre_norm = cfg.norm == "pre"
+        self.attn_residual = attn_residual  # False: the self-attention's output replaces x
         self.self_attn = MultiHeadAttention(cfg.embed_dim, cfg.heads, cfg.attn_dropout)
         self.ff = FeedForward(cfg.embed_dim, cfg.ff_dim, cfg.dropout)
         self.norm1 = nn.LayerNorm(cfg.embed_dim)
@@ -118,11 +119,17 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # x: (B, S, D); mask: (B, 1, 1, S)
+        residual = x if self.attn_residual else 0.0
         if self.pre_norm:
-            x = x + self.dropout(self.self_attn(self.norm1(x), mask))
+            x = residual + self.dropout(self.self_attn(self.norm1(x), mask))
             return x + self.dropout(self.ff(self.norm2(x)))
-        x = self.norm1(x + self.dropout(self.self_attn(x, mask)))
+        x = self.norm1(residual + self.dropout(self.self_attn(x, mask)))
         return self.norm2(x + self.dropout(self.ff(x)))
+
+
+def encoder_layers(cfg: ModelConfig) -> nn.ModuleList:
+    return nn.ModuleList(EncoderLayer(cfg, attn_residual=i != cfg.enc_no_residual_layer)
+                         for i in range(1, cfg.enc_layers + 1))
 
 
 class DecoderLayer(nn.Module):
@@ -222,7 +229,7 @@ class Transformer(ScaledEmbedding, nn.Module):
         self.src_embed = nn.Embedding(src_vocab_size, cfg.embed_dim, padding_idx=PAD)
         self.tgt_embed = self.src_embed if cfg.share_embeddings else nn.Embedding(tgt_vocab_size, cfg.embed_dim, padding_idx=PAD)
         self.embed_dropout = Dropout(cfg.dropout)
-        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
+        self.encoder_layers = encoder_layers(cfg)
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         # Pre-norm leaves the residual stream unnormalized: normalize once at the end.
         self.encoder_norm = nn.LayerNorm(cfg.embed_dim) if cfg.norm == "pre" else nn.Identity()
