@@ -34,7 +34,7 @@ class ModelConfig:
     norm: str = "pre"  # "pre" (LayerNorm before each sublayer) or "post" (original paper)
     attn_dropout: float = 0.0
     # This encoder layer (1-based) adds no residual connection around its self-attention, so the
-    # encoder's output keeps less of each source position's own token (language), which helps
+    # encoder's output keeps less of each source position's own token (and language): proposed for
     # zero-shot directions of multilingual models (Liu et al., 2021); 0: every layer has it.
     enc_no_residual_layer: int = 0
     # RNN-attention
