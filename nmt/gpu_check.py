@@ -264,6 +264,7 @@ class Run:
     def train_and_score(self, name: str, minutes: float, threshold: float, stop: bool) -> dict:
         from nmt.bench import bench_time_to_quality
         from nmt.config import load_config
+        from nmt.train import stopping_signal
         from nmt.train_log import read_train_log
 
         # Leave a minute of the run for decoding the test set.
@@ -275,9 +276,9 @@ class Run:
             name, load_config(self.config_path(name)), self.data_dir, save_dir, threshold, minutes,
             self.cc.valid_every, self.log, stop_at_threshold=stop,
         )
-        signalled = re.fullmatch(r"signal \((\w+)\)", record["stop_reason"])
+        signalled = stopping_signal(record["stop_reason"])
         if signalled:  # training stopped at the signal: so does the run
-            raise Stopped(signal.Signals[signalled.group(1)])
+            raise Stopped(signalled)
         train_records, _ = read_train_log(save_dir)
         steady = train_records[1:] or train_records  # the first interval holds the warm-up
         record.update(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import shutil
 import signal
 import sys
@@ -103,6 +104,17 @@ class TrainResult:
     stop_reason: str
     main_process: bool = True  # False in the other processes of a data-parallel run
     metric_name: str = "BLEU"
+
+
+def signal_stop_reason(name: str) -> str:
+    """The stop reason of a run that a signal stopped, e.g. "signal (SIGTERM)"."""
+    return f"signal ({name})"
+
+
+def stopping_signal(stop_reason: str) -> signal.Signals | None:
+    """The signal that stopped a run with this stop reason; None if it stopped otherwise."""
+    match = re.fullmatch(r"signal \((\w+)\)", stop_reason)
+    return signal.Signals[match.group(1)] if match else None
 
 
 def inverse_sqrt_lr(step: int, peak: float, warmup: int, min_lr: float = 0.0) -> float:
@@ -974,7 +986,7 @@ class Trainer:
                 self.save("last")
                 self.validated_at = st.step  # saved; no final validation on the way out
                 self.log(f"stopped by {name} at step {st.step}; continue with --resume")
-                return f"signal ({name})"
+                return signal_stop_reason(name)
             out_of_time = tc.max_minutes and self.elapsed() >= tc.max_minutes * 60
             if ranks.agree(int(bool(out_of_time)), self.device):
                 return "max_minutes"
