@@ -271,7 +271,7 @@ def train(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Checkpoint directory (overrides save_dir).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config value: section.key=value (repeatable).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (overrides train.device).")] = None,
-    init: Annotated[Path | None, typer.Option(help="Start from a pretrained masked LM: a checkpoint directory of nmt pretrain (overrides train.init).")] = None,
+    init: Annotated[Path | None, typer.Option(help="Start from a pretrained masked LM (a checkpoint directory of nmt pretrain), or fine-tune a translation model on this data: every weight of its best/ (a checkpoint directory of nmt train; prepare the data with --spm-model DIR). A fresh optimizer and learning-rate schedule; overrides train.init.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in the checkpoint directory.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start again, replacing the model in the checkpoint directory.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,

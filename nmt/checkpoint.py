@@ -33,7 +33,7 @@ from torch import nn
 from nmt.atomic import complete_dir, file_mode, recover_dir, replace_dir
 from nmt.config import Config, ModelConfig, save_config, saved_config_from_dict
 from nmt.errors import CheckpointError, ConfigError, first_line
-from nmt.files import MASKED_LM, CheckpointInfo, Manifest, TrainState, VocabInfo, Vocabulary
+from nmt.files import MASKED_LM, TRANSLATION, CheckpointInfo, Manifest, TrainState, VocabInfo, Vocabulary
 from nmt.models import build_model
 from nmt.tokenizer import Tokenizer, check_recorded_model, file_sha256
 
@@ -307,28 +307,58 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 
 
 # ---------------------------------------------------------------------------------------------
-# Starting a translation model from a pretrained masked LM (`nmt train --init`)
+# Starting a translation model from a pretrained masked LM, or from a trained translation model
+# to fine-tune it on other data (`nmt train --init`)
+
+# The model settings that may differ from the --init translation model's: they change no weight.
+FINE_TUNING_MAY_CHANGE = ("dropout", "attn_dropout")
+
 
 def check_pretrained(pretrained_dir: Path, vocab: Vocabulary, model: ModelConfig, decoder: bool = False) -> VocabInfo:
-    """Check that `pretrained_dir` holds a masked LM whose vocabulary is the data's `vocab`
-    (the manifest's: the source side, and the target side too for `decoder`) and whose encoder
-    has the sizes of `model`'s (and of its decoder, for `decoder`); returns its vocab.json."""
+    """Check that `pretrained_dir` can start a model built from `model` on data with `vocab` (the
+    manifest's); returns its vocab.json. A masked LM (nmt pretrain) needs the data's source
+    vocabulary (and target too, for `decoder`) and an encoder of `model`'s sizes (and decoder,
+    for `decoder`); a translation model (nmt train) needs both vocabularies and every weight-
+    shaping model setting to be the data's and `model`'s."""
     pretrained_dir = Path(pretrained_dir)
     if not pretrained_dir.is_dir():
-        raise CheckpointError(f"pretrained model not found: {pretrained_dir}")
+        raise CheckpointError(f"model to start from not found: {pretrained_dir}")
     info = VocabInfo.read(pretrained_dir)
+    if info.task == TRANSLATION:
+        if not info.vocab.joint:
+            raise CheckpointError(f"--init {pretrained_dir} has separate source and target vocabularies; fine-tuning needs "
+                                  "data with the same ones, and nmt prepare --spm-model gives data one joint vocabulary")
+        check_same_vocabulary(pretrained_dir, info, vocab, ("src", "tgt"))
+        check_fine_tuning_model(pretrained_dir, model)
+        return info
     if info.task != MASKED_LM:
-        raise CheckpointError(f"{pretrained_dir} is not a pretrained model from nmt pretrain")
-    sides = ("src", "tgt") if decoder else ("src",)
-    for side in sides:
-        if info.vocab.src_sha256 != vocab.sha256(side):
-            which = "source" if side == "src" else "target"
-            raise CheckpointError(
-                f"the {which} vocabulary of the data differs from the pretrained model's in {pretrained_dir}; "
-                f"prepare the data with --spm-model {pretrained_dir}"
-            )
+        raise CheckpointError(f"{pretrained_dir} is neither a pretrained model (nmt pretrain) nor a translation model")
+    check_same_vocabulary(pretrained_dir, info, vocab, ("src", "tgt") if decoder else ("src",))
     check_pretrained_sizes(pretrained_dir, model, decoder)
     return info
+
+
+def check_same_vocabulary(pretrained_dir: Path, info: VocabInfo, vocab: Vocabulary, sides: tuple[str, ...]) -> None:
+    """The data's SentencePiece model of each side in `sides` must be the one `pretrained_dir`
+    was trained with (a masked LM has one, its source side's)."""
+    for side in sides:
+        if info.vocab.sha256(side if info.task == TRANSLATION else "src") != vocab.sha256(side):
+            which = "source" if side == "src" else "target"
+            raise CheckpointError(
+                f"the {which} vocabulary of the data differs from the one of {pretrained_dir}; "
+                f"prepare the data with --spm-model {pretrained_dir}"
+            )
+
+
+def check_fine_tuning_model(pretrained_dir: Path, model: ModelConfig) -> None:
+    """Fine-tuning loads every weight of the translation model in `pretrained_dir`: `model` must
+    build the same one (only FINE_TUNING_MAY_CHANGE may differ)."""
+    saved = read_config(pretrained_dir).model
+    for field in dataclasses.fields(ModelConfig):
+        old, new = getattr(saved, field.name), getattr(model, field.name)
+        if field.name not in FINE_TUNING_MAY_CHANGE and old != new:
+            raise CheckpointError(f"model.{field.name} is {new!r} but --init {pretrained_dir} was trained with {old!r}; "
+                                  f"set model.{field.name}={old}")
 
 
 def check_pretrained_sizes(pretrained_dir: Path, model: ModelConfig, decoder: bool) -> None:
@@ -383,12 +413,15 @@ def pretrained_source_name(name: str, decoder: bool) -> str | None:
 
 
 def load_pretrained(model: nn.Module, pretrained_dir: Path, vocab: Vocabulary, config: ModelConfig, decoder: bool) -> list[str]:
-    """Copy a pretrained masked LM's weights into `model` (a Transformer built from `config`);
-    returns the names of the parameters loaded. A tensor missing or of another shape is an error
-    naming it."""
+    """Copy the weights of a pretrained masked LM, or of a translation model's best/ (all of
+    them), into `model` (built from `config`); returns the names of the parameters loaded. A
+    tensor missing or of another shape is an error naming it."""
     pretrained_dir = Path(pretrained_dir)
-    check_pretrained(pretrained_dir, vocab, config, decoder)
+    info = check_pretrained(pretrained_dir, vocab, config, decoder)
     directory = weights_dir(pretrained_dir)
+    if info.task == TRANSLATION:
+        load_weights(model, directory / "model.safetensors")
+        return [name for name, _ in model.named_parameters()]
     try:
         tensors = load_file(str(directory / "model.safetensors"))
     except (SafetensorError, OSError) as e:

@@ -116,6 +116,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward pass (falls back to eager if it fails)
     # Start from a pretrained masked LM (a checkpoint dir of `nmt pretrain`): its encoder, and
     # with init_decoder its embeddings, self-attention and feed-forward weights in the decoder.
+    # Or fine-tune a translation model (a checkpoint dir of `nmt train`): every weight of its
+    # best/, with a fresh optimizer and schedule from update 0.
     init: str = ""
     init_decoder: bool = True
     freeze_init_steps: int = 0  # the loaded weights stay fixed for this many updates

@@ -55,7 +55,7 @@ from nmt.distributed import Ranks, init_ranks, rank_device
 from nmt.ema import WeightAverage, load_trained_weights, trained_weights
 from nmt.errors import CheckpointError, ConfigError, DataError, first_line
 from nmt.evaluate import bleu_tokenizer, corpus_bleu
-from nmt.files import CheckpointInfo, Manifest, TrainState, VocabInfo
+from nmt.files import TRANSLATION, CheckpointInfo, Manifest, TrainState, VocabInfo
 from nmt.interfaces import TrainingBatch, TrainingTask
 from nmt.models import build_model
 from nmt.multilingual import changed_weights, direction_weights, epoch_pairs, target_pieces
@@ -338,7 +338,8 @@ class TranslationTask:
         if not tc.init:
             return []
         if resume:  # its own weights; the pretrained model need not be there any more
-            loaded = pretrained_parameters(model, tc.init_decoder)
+            # (train() refused freeze_init_steps with a translation model to start from)
+            loaded = pretrained_parameters(model, tc.init_decoder) if tc.freeze_init_steps else []
         else:
             loaded = load_pretrained(model, Path(tc.init), self.manifest.vocab, self.config.model, tc.init_decoder)
             fresh = [name for name, _ in model.named_parameters() if name not in loaded]
@@ -477,8 +478,11 @@ def train(
     manifest = Manifest.read(data_dir)
     if manifest.kind != "parallel":
         raise DataError(f"{data_dir} is a {manifest.kind} data dir, for nmt pretrain --data; translation needs parallel data")
-    if config.train.init and not resume:  # a wrong pretrained model fails now, not after loading the data
-        check_pretrained(Path(config.train.init), manifest.vocab, config.model, config.train.init_decoder)
+    if config.train.init and not resume:  # a wrong model to start from fails now, not after loading the data
+        info = check_pretrained(Path(config.train.init), manifest.vocab, config.model, config.train.init_decoder)
+        if info.task == TRANSLATION and config.train.freeze_init_steps:
+            raise ConfigError(f"train.freeze_init_steps holds a masked LM's weights fixed, but --init {config.train.init} "
+                              "is a translation model, every weight of which it loads; leave it at 0")
     for key in ("direction_weights", "lang_temperature"):
         if getattr(config.train, key) and not manifest.multilingual:
             raise ConfigError(f"train.{key} needs a multilingual data dir (nmt prepare --directions); {data_dir} has one direction")

@@ -1,7 +1,7 @@
 """The results of run.sh in one JSON: per direction BLEU, chrF2 and off-target rate (trained,
 zero-shot direct, zero-shot through English, every direction with --restrict-vocab, last-5
-average, and the bridge runs with a little de<->fr and de->cs data), their means, the training
-state of each run.
+average, the bridge runs with a little de<->fr and de->cs data, and the main model fine-tuned
+with synthetic pairs for the zero-shot directions), their means, the training state of each run.
 
     python3 results.py WORK_DIR > results.json
 """
@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-BRIDGES = ("bridge", "bridge-cs")  # run.sh's bridge runs: trained in KIND-NAME/, scored into NAME.json
+RUNS = ("bridge", "bridge-cs", "synthetic")  # run.sh's other runs: trained in KIND-NAME/, scored into NAME.json
 
 
 def by_direction(report: dict) -> dict:
@@ -38,13 +38,13 @@ def training_state(run: Path) -> dict:
 
 def main(work: Path) -> dict:
     result = {}
-    for name in ("direct", "pivot", "restricted", "average", *BRIDGES):
+    for name in ("direct", "pivot", "restricted", "average", *RUNS, "synthetic_restricted"):
         path = work / f"{name}.json"
         if path.is_file():
             report = json.loads(path.read_text())
             result[name.replace("-", "_")] = {"directions": by_direction(report), "mean": report["mean"]}
     for kind in ("cpu", "gpu"):
-        runs = {kind: "training", **{f"{kind}-{name}": f"training_{name.replace('-', '_')}" for name in BRIDGES}}
+        runs = {kind: "training", **{f"{kind}-{name}": f"training_{name.replace('-', '_')}" for name in RUNS}}
         for run, key in runs.items():
             if (work / run / "best" / "info.json").is_file():
                 result[key] = {"config": f"transformer-{kind}.yaml", **training_state(work / run)}

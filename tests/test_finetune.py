@@ -1,0 +1,121 @@
+"""Fine-tuning a trained translation model on other data (`nmt train --init MODEL_DIR`)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import assert_one_line_error, prepare_toy_data, toy_pairs, train_tiny, write_pairs
+from nmt_cli.main import app
+from typer.testing import CliRunner
+
+from nmt.checkpoint import check_pretrained, load_pretrained, load_weights, read_training_info
+from nmt.config import ModelConfig
+from nmt.errors import CheckpointError
+from nmt.files import Manifest
+from nmt.models import build_model
+
+runner = CliRunner()
+TINY = dict(embed_dim=32, ff_dim=64, heads=2, enc_layers=1, dec_layers=1, dropout=0.0, share_embeddings=True)
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def tiny_sets(**train) -> list[str]:
+    sets = [f"model.{k}={v}" for k, v in TINY.items()]
+    sets += [f"train.{k}={v}" for k, v in {"batch_tokens": 300, "valid_every": 4, "max_steps": 4, "log_every": 1,
+                                          "valid_max_sentences": 5, **train}.items()]
+    return [part for item in sets for part in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def trained_and_new_data(tmp_path_factory):
+    """A tiny trained model, a data dir of other pairs prepared with its vocabulary (`new-data`)
+    and one with a vocabulary of its own (`own-data`)."""
+    root = tmp_path_factory.mktemp("finetune")
+    train_tiny(prepare_toy_data(root, train=200), root / "model", TINY)
+    write_pairs(root / "new" / "train", toy_pairs(120, seed=7))
+    write_pairs(root / "new" / "valid", toy_pairs(5, seed=8))
+    write_pairs(root / "new" / "test", toy_pairs(5, seed=9))
+    common = ["--train", root / "new" / "train", "--valid", root / "new" / "valid", "--test", root / "new" / "test",
+              "--src", "xx", "--tgt", "yy"]
+    assert invoke("prepare", *common, "--spm-model", root / "model", "--out", root / "new-data").exit_code == 0
+    assert invoke("prepare", *common, "--vocab-size", 45, "--out", root / "own-data").exit_code == 0
+    return root
+
+
+def test_every_weight_of_best_is_loaded(trained_and_new_data):
+    root = trained_and_new_data
+    vocab, config = Manifest.read(root / "new-data").vocab, ModelConfig(**{**TINY, "dropout": 0.3})  # dropout may change
+    model = build_model(config, vocab.src_size, vocab.tgt_size)
+    loaded = load_pretrained(model, root / "model", vocab, config, decoder=True)
+    best = build_model(config, vocab.src_size, vocab.tgt_size)
+    load_weights(best, root / "model" / "best" / "model.safetensors")
+    params, saved = dict(model.named_parameters()), dict(best.named_parameters())
+    assert sorted(loaded) == sorted(params)
+    for name, param in params.items():
+        assert torch.equal(param, saved[name]), name
+
+
+def _first_loss(save_dir) -> float:
+    records = [json.loads(line) for line in (save_dir / "train_log.jsonl").read_text().splitlines()]
+    return next(r["loss"] for r in records if r.get("type") == "train")
+
+
+def test_fine_tuning_continues_from_the_trained_model(trained_and_new_data, tmp_path):
+    root = trained_and_new_data
+    result = invoke("train", "--data", root / "new-data", "--out", tmp_path / "tuned", "--init", root / "model",
+                    *tiny_sets(lr=1e-4, warmup_steps=1), "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "initialised from" in result.output and "0 start fresh" in result.output
+    result = invoke("train", "--data", root / "new-data", "--out", tmp_path / "scratch",
+                    *tiny_sets(lr=1e-4, warmup_steps=1), "--no-progress")
+    assert result.exit_code == 0, result.output
+    # The toy language is learnt already: the first update's loss is far below a fresh model's.
+    assert _first_loss(tmp_path / "tuned") < 0.7 * _first_loss(tmp_path / "scratch")
+    assert read_training_info(tmp_path / "tuned").step == 4  # its own count, from 0
+    out = tmp_path / "hyp.txt"
+    result = invoke("translate", tmp_path / "tuned", "-i", root / "new" / "test.xx", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert len(out.read_text().splitlines()) == 5
+
+
+def test_another_vocabulary_is_a_one_line_error_naming_the_fix(trained_and_new_data, tmp_path):
+    root = trained_and_new_data
+    result = invoke("train", "--data", root / "own-data", "--out", tmp_path / "m", "--init", root / "model",
+                    *tiny_sets(), "--no-progress")
+    assert_one_line_error(result, "vocabulary", f"--spm-model {root / 'model'}")
+    assert not (tmp_path / "m" / "best").exists()
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"ff_dim": 48}, "model.ff_dim is 48 but"),
+    ({"heads": 1}, "model.heads is 1 but"),  # the same tensor shapes, another model
+    ({"norm": "post"}, "model.norm is 'post' but"),
+    ({"tie_output": "false"}, "model.tie_output is False but"),
+])
+def test_a_model_unlike_the_trained_one_is_a_one_line_error(trained_and_new_data, tmp_path, change, named):
+    root = trained_and_new_data
+    sets = [part for k, v in change.items() for part in ("--set", f"model.{k}={v}")]
+    result = invoke("train", "--data", root / "new-data", "--out", tmp_path / "m", "--init", root / "model",
+                    *tiny_sets(), *sets, "--no-progress")
+    assert_one_line_error(result, named, "--init")
+
+
+def test_freezing_a_translation_model_is_refused(trained_and_new_data, tmp_path):
+    root = trained_and_new_data
+    result = invoke("train", "--data", root / "new-data", "--out", tmp_path / "m", "--init", root / "model",
+                    *tiny_sets(freeze_init_steps=2), "--no-progress")
+    assert_one_line_error(result, "train.freeze_init_steps", "translation model")
+
+
+def test_a_model_with_separate_vocabularies_is_refused(trained_and_new_data, tmp_path):
+    root = trained_and_new_data
+    shutil.copytree(root / "model", tmp_path / "separate")
+    info = json.loads((tmp_path / "separate" / "vocab.json").read_text())
+    info["vocab"]["joint"] = False
+    (tmp_path / "separate" / "vocab.json").write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match="separate source and target vocabularies"):
+        check_pretrained(tmp_path / "separate", Manifest.read(root / "new-data").vocab, ModelConfig(**TINY))
