@@ -21,7 +21,8 @@
 #              fine-tuned (nmt train --init) on its six directions plus these six.
 # Each bridge or synthetic run is scored on every direction of its data dir.
 #
-# NMT overrides the command (default: nmt); TRAIN_ARGS adds options to nmt train.
+# NMT overrides the command (default: nmt); TRAIN_ARGS adds options to nmt train; SYNTHETIC_LINES
+# (default 5000) and SYNTHETIC_STEPS (default 1000) size the synthetic run's pairs and fine-tuning.
 set -euo pipefail
 kind=${1:?cpu or gpu}; work=${2:?work dir}; m30k=${3:-../shared/data/multi30k}; runs=${4:-main}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -117,7 +118,7 @@ synthetic_run() {
     scores synthetic_restricted --model "$run-synthetic" --data "$work/data-synthetic" --directions $zero_shot \
         --restrict-vocab --off-target --hyp-dir "$work/hyp-synthetic-restricted"
 }
-SYNTHETIC_LINES=${SYNTHETIC_LINES:-5000}; SYNTHETIC_STEPS=${SYNTHETIC_STEPS:-1500}
+SYNTHETIC_LINES=${SYNTHETIC_LINES:-5000}; SYNTHETIC_STEPS=${SYNTHETIC_STEPS:-1000}
 plan=()  # every name is checked before the first run starts
 for name in ${runs//,/ }; do
     case $name in
