@@ -82,7 +82,7 @@ bridge_run() {
 # de, fr and cs; for each zero-shot direction s-t, WORK/synthetic/s-t.s holds the real sentences
 # of language s and WORK/synthetic/s-t.t the model's translations of their English into t.
 synthetic_pairs() {
-    local lang src tgt reader
+    local lang src tgt reader direction
     mkdir -p "$work/synthetic"
     for lang in en de fr cs; do
         [ -f "$m30k/train.$lang.gz" ] && reader=(gzip -dc "$m30k/train.$lang.gz") || reader=(cat "$m30k/train.$lang")
@@ -110,7 +110,7 @@ synthetic_run() {
         --valid "$m30k/val" --test "$m30k/test_2016_flickr" --spm-model "$run" --out "$work/data-synthetic" --no-progress
     continue_run=(--init "$run")
     has_checkpoint "$run-synthetic" && continue_run=(--resume)
-    # Fine-tuning: a fresh schedule that starts near where the main run's ended (8.8e-4).
+    # Fine-tuning: a fresh schedule that starts near where the CPU config's main run ended (8.8e-4).
     $nmt train "$here/transformer-$kind.yaml" --data "$work/data-synthetic" --out "$run-synthetic" --no-progress \
         "${continue_run[@]}" --set train.max_steps=$SYNTHETIC_STEPS --set train.max_epochs=0 --set train.lr=1e-3 \
         --set train.warmup_steps=100 "${train_args[@]}"
