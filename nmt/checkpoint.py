@@ -354,11 +354,17 @@ def check_fine_tuning_model(pretrained_dir: Path, model: ModelConfig) -> None:
     """Fine-tuning loads every weight of the translation model in `pretrained_dir`: `model` must
     build the same one (only FINE_TUNING_MAY_CHANGE may differ)."""
     saved = read_config(pretrained_dir).model
-    for field in dataclasses.fields(ModelConfig):
-        old, new = getattr(saved, field.name), getattr(model, field.name)
-        if field.name not in FINE_TUNING_MAY_CHANGE and old != new:
-            raise CheckpointError(f"model.{field.name} is {new!r} but --init {pretrained_dir} was trained with {old!r}; "
-                                  f"set model.{field.name}={old}")
+    name = first_model_difference(saved, model, FINE_TUNING_MAY_CHANGE)
+    if name is not None:
+        old, new = getattr(saved, name), getattr(model, name)
+        raise CheckpointError(f"model.{name} is {new!r} but --init {pretrained_dir} was trained with {old!r}; "
+                              f"set model.{name}={old}")
+
+
+def first_model_difference(saved: ModelConfig, model: ModelConfig, may_differ: tuple[str, ...] = ()) -> str | None:
+    """The name of the first model setting, not in `may_differ`, that differs between the two."""
+    return next((field.name for field in dataclasses.fields(ModelConfig) if field.name not in may_differ
+                 and getattr(saved, field.name) != getattr(model, field.name)), None)
 
 
 def check_pretrained_sizes(pretrained_dir: Path, model: ModelConfig, decoder: bool) -> None:

@@ -28,6 +28,7 @@ from nmt.checkpoint import (
     UPDATE_CHECKPOINTS,
     check_outside_data_dir,
     check_pretrained,
+    first_model_difference,
     has_checkpoint,
     init_save_dir,
     load_pretrained,
@@ -338,8 +339,7 @@ class TranslationTask:
         if not tc.init:
             return []
         if resume:  # its own weights; the pretrained model need not be there any more
-            # (train() refused freeze_init_steps with a translation model to start from)
-            loaded = pretrained_parameters(model, tc.init_decoder) if tc.freeze_init_steps else []
+            loaded = pretrained_parameters(model, tc.init_decoder)  # train() refused freezing a translation model
         else:
             loaded = load_pretrained(model, Path(tc.init), self.manifest.vocab, self.config.model, tc.init_decoder)
             fresh = [name for name, _ in model.named_parameters() if name not in loaded]
@@ -450,14 +450,11 @@ def _summarize(names: list[str]) -> str:
 
 
 def check_same_model(save_dir: Path, config: Config) -> None:
-    saved = read_config(save_dir)
-    if saved.model != config.model:
-        for field in dataclasses.fields(saved.model):
-            old, new = getattr(saved.model, field.name), getattr(config.model, field.name)
-            if old != new:
-                raise ConfigError(
-                    f"model.{field.name} is {new!r} but the checkpoint in {save_dir} was built with {old!r}"
-                )
+    saved = read_config(save_dir).model
+    name = first_model_difference(saved, config.model)
+    if name is not None:
+        raise ConfigError(f"model.{name} is {getattr(config.model, name)!r} but the checkpoint in {save_dir} "
+                          f"was built with {getattr(saved, name)!r}")
 
 
 def train(
