@@ -112,7 +112,7 @@ def prepare(
     character_coverage: Annotated[float | None, typer.Option(help="SentencePiece character coverage (default: 0.9995 with byte fallback for Chinese, Japanese and Korean, else 1.0).")] = None,
     chinese_script: Annotated[str, typer.Option(help="Chinese sides: 'simplified' converts Traditional characters to Simplified (OpenCC), 'none' keeps them.")] = "simplified",
     spm_sample: Annotated[int, typer.Option(help="Sentences SentencePiece trains on, sampled at random from the training pairs (half from each side for a joint vocabulary). Its trainer holds them all and sets prepare's peak memory: about 2.7 GB with the default, for sentences of 130 characters; vocabularies of a few thousand to tens of thousands of pieces gain little from more.")] = 800_000,
-    spm_model: Annotated[Path | None, typer.Option(help="Use this SentencePiece model for both languages instead of training one: a .model file, or a checkpoint directory of `nmt pretrain` (so that its pretrained weights fit the data).")] = None,
+    spm_model: Annotated[Path | None, typer.Option(help="Use this SentencePiece model for both languages instead of training one: a .model file, or a checkpoint directory of `nmt pretrain` or `nmt train` (so that its weights fit the data; a model with separate vocabularies gives the data both).")] = None,
     workers: Annotated[int, typer.Option(help="Processes that encode large corpora; 0: one per core.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier data dir at --out (never another kind of folder).")] = False,

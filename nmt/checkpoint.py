@@ -325,9 +325,6 @@ def check_pretrained(pretrained_dir: Path, vocab: Vocabulary, model: ModelConfig
         raise CheckpointError(f"model to start from not found: {pretrained_dir}")
     info = VocabInfo.read(pretrained_dir)
     if info.task == TRANSLATION:
-        if not info.vocab.joint:
-            raise CheckpointError(f"--init {pretrained_dir} has separate source and target vocabularies; fine-tuning needs "
-                                  "data with the same ones, and nmt prepare --spm-model gives data one joint vocabulary")
         check_same_vocabulary(pretrained_dir, info, vocab, ("src", "tgt"))
         check_fine_tuning_model(pretrained_dir, model)
         return info

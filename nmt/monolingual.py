@@ -184,7 +184,7 @@ def _build_mono_dir(directory: Path, config: MonoPrepareConfig, progress: bool) 
 def _sentencepiece(directory: Path, work: Path, config: MonoPrepareConfig, langs: list[str]) -> Path:
     """The given model, or one trained on a random sample of the sentences."""
     if config.spm_model is not None:
-        return copy_sentencepiece(Path(config.spm_model), directory, joint=True)
+        return copy_sentencepiece(Path(config.spm_model), directory / "spm.joint.model")
     with open(work, encoding="utf-8", newline="\n") as f:
         total = sum(1 for _ in f)
     rng = np.random.default_rng(config.seed)

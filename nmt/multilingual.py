@@ -381,7 +381,7 @@ def _sentencepiece(directory: Path, corpora: dict[str, CleanedCorpus], languages
     base = config.prepare
     tags = tuple(language_tag(lang) for lang in languages)
     if base.spm_model is not None:
-        model = copy_sentencepiece(Path(base.spm_model), directory, True)
+        model = copy_sentencepiece(Path(base.spm_model), directory / "spm.joint.model")
         missing = [t for t in tags if load_sentencepiece(model).piece_to_id(t) == UNK]
         if missing:
             raise DataError(f"{base.spm_model} does not reserve the language tags {', '.join(missing)}")

@@ -81,7 +81,9 @@ class PrepareConfig:
     # prepare's largest memory cost: with 800k sentences of 130 characters, prepare peaks at
     # 2.7 GB. More adds little to vocabularies of up to tens of thousands of pieces.
     spm_max_sentences: int = 800_000
-    spm_model: Path | None = None  # use this SentencePiece model (joint) instead of training one
+    # Use these SentencePiece models instead of training them: a model file (joint), or a checkpoint
+    # directory's, separate ones if it has them.
+    spm_model: Path | None = None
     workers: int = 0  # encoding processes; 0: one per core
     overwrite: bool = False
 
@@ -99,7 +101,10 @@ def prepare(config: PrepareConfig, progress: bool = False) -> Manifest:
         raise DataError("source and target languages must differ")
     check_sentencepiece_settings(config.spm_type, config.character_coverage, config.spm_max_sentences)
     if config.spm_model is not None:
-        config.spm_model = given_sentencepiece(Path(config.spm_model))
+        source, target = given_sentencepiece_models(Path(config.spm_model))
+        if source == target and not config.joint_vocab:
+            raise DataError("--spm-model gives one model for both languages; it cannot go with --separate-vocab")
+        config.joint_vocab = source == target  # a checkpoint's separate models stay separate
     if config.valid_size < 1 or config.test_size < 1:
         raise DataError("--valid-size and --test-size must be at least 1")
     if config.split_by is not None and config.split_by not in (config.src_lang, config.tgt_lang):
@@ -436,7 +441,10 @@ def _train_sentencepiece(directory: Path, work: Path, keep: np.ndarray, config: 
     """SentencePiece on a random sample of the training pairs: about `spm_max_sentences`
     sentences for the joint model (half from each side), or that many per side."""
     if config.spm_model is not None:
-        return (copy_sentencepiece(Path(config.spm_model), directory, config.joint_vocab),) * 2
+        source, target = given_sentencepiece_models(Path(config.spm_model))
+        if config.joint_vocab:
+            return (copy_sentencepiece(source, directory / "spm.joint.model"),) * 2
+        return copy_sentencepiece(source, directory / "spm.src.model"), copy_sentencepiece(target, directory / "spm.tgt.model")
     kept = np.flatnonzero(keep)
     per_model = config.spm_max_sentences // 2 if config.joint_vocab else config.spm_max_sentences
     rng = np.random.default_rng(config.seed)
@@ -471,24 +479,35 @@ def sentencepiece_coverage(character_coverage: float | None, langs: tuple[str, .
 
 
 def given_sentencepiece(path: Path) -> Path:
-    """`--spm-model`: a SentencePiece model file, or a checkpoint directory (its model)."""
+    """`--spm-model` for a data dir with one model for all its languages (monolingual,
+    multilingual): a SentencePiece model file, or a checkpoint directory with a joint vocabulary."""
+    source, target = given_sentencepiece_models(path)
+    if source != target:
+        raise DataError(f"{path} has separate source and target vocabularies; this data dir takes one model for all its languages")
+    return source
+
+
+def given_sentencepiece_models(path: Path) -> tuple[Path, Path]:
+    """`--spm-model`: a SentencePiece model file for both languages, or a checkpoint directory's
+    source and target models (the same file when its vocabulary is joint)."""
     if path.is_dir():
         try:
-            path = path / VocabInfo.read(path).vocab.src_model
+            vocab = VocabInfo.read(path).vocab
         except CheckpointError:
             raise DataError(f"{path} is a directory but not a checkpoint directory with a vocab.json") from None
-    if not path.is_file():
-        raise DataError(f"SentencePiece model not found: {path}")
-    return path
+        models = (path / vocab.src_model, path / vocab.tgt_model)
+    else:
+        models = (path, path)
+    for model in models:
+        if not model.is_file():
+            raise DataError(f"SentencePiece model not found: {model}")
+    return models
 
 
-def copy_sentencepiece(model: Path, directory: Path, joint: bool) -> Path:
-    """An existing model (say, the one `nmt pretrain` trained) as the data dir's joint model."""
-    if not joint:
-        raise DataError("--spm-model gives one model for both languages; it cannot go with --separate-vocab")
+def copy_sentencepiece(model: Path, target: Path) -> Path:
+    """An existing model (say, the one `nmt pretrain` trained) copied to `target` in a data dir."""
     if not has_reserved_symbols(load_sentencepiece(model)):
         raise DataError(f"{model} does not reserve [MASK], [CLS] and [SEP] at ids 4-6; train it with this version")
-    target = directory / "spm.joint.model"
     shutil.copyfile(model, target)
     return target
 

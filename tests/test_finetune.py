@@ -1,7 +1,6 @@
 """Fine-tuning a trained translation model on other data (`nmt train --init MODEL_DIR`)."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -9,9 +8,8 @@ from conftest import assert_one_line_error, prepare_toy_data, toy_pairs, train_t
 from nmt_cli.main import app
 from typer.testing import CliRunner
 
-from nmt.checkpoint import check_pretrained, load_pretrained, load_weights, read_training_info
+from nmt.checkpoint import load_pretrained, load_weights, read_training_info
 from nmt.config import ModelConfig
-from nmt.errors import CheckpointError
 from nmt.files import Manifest
 from nmt.models import build_model
 
@@ -111,11 +109,29 @@ def test_freezing_a_translation_model_is_refused(trained_and_new_data, tmp_path)
     assert_one_line_error(result, "train.freeze_init_steps", "translation model")
 
 
-def test_a_model_with_separate_vocabularies_is_refused(trained_and_new_data, tmp_path):
-    root = trained_and_new_data
-    shutil.copytree(root / "model", tmp_path / "separate")
-    info = json.loads((tmp_path / "separate" / "vocab.json").read_text())
-    info["vocab"]["joint"] = False
-    (tmp_path / "separate" / "vocab.json").write_text(json.dumps(info))
-    with pytest.raises(CheckpointError, match="separate source and target vocabularies"):
-        check_pretrained(tmp_path / "separate", Manifest.read(root / "new-data").vocab, ModelConfig(**TINY))
+def test_a_model_with_separate_vocabularies_gives_the_new_data_both(tmp_path):
+    """prepare --spm-model takes a checkpoint's separate source and target models as they are
+    (no --separate-vocab needed), and the model fine-tunes on that data."""
+    separate = {**TINY, "share_embeddings": False}
+    train_tiny(prepare_toy_data(tmp_path, train=200, joint_vocab=False), tmp_path / "model", separate)
+    for split, lines, seed in (("train", 120, 7), ("valid", 5, 8), ("test", 5, 9)):
+        write_pairs(tmp_path / "new" / split, toy_pairs(lines, seed=seed))
+    common = [part for split in ("train", "valid", "test") for part in (f"--{split}", tmp_path / "new" / split)]
+    result = invoke("prepare", *common, "--src", "xx", "--tgt", "yy", "--spm-model", tmp_path / "model",
+                    "--out", tmp_path / "new-data")
+    assert result.exit_code == 0, result.output
+    data, model = Manifest.read(tmp_path / "new-data").vocab, json.loads((tmp_path / "model" / "vocab.json").read_text())["vocab"]
+    assert not data.joint and data.src_sha256 != data.tgt_sha256
+    assert (data.src_sha256, data.tgt_sha256) == (model["src_sha256"], model["tgt_sha256"])
+    result = invoke("train", "--data", tmp_path / "new-data", "--out", tmp_path / "tuned", "--init", tmp_path / "model",
+                    *tiny_sets(), "--set", "model.share_embeddings=false", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "initialised from" in result.output
+    out = tmp_path / "hyp.txt"
+    result = invoke("translate", tmp_path / "tuned", "-i", tmp_path / "new" / "test.xx", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert len(out.read_text().splitlines()) == 5
+    # A data dir with one model for every language cannot take them.
+    (tmp_path / "mono.xx").write_text("w1 w2\n" * 20, encoding="utf-8")
+    result = invoke("prepare", "--mono", tmp_path / "mono.xx", "--spm-model", tmp_path / "model", "--out", tmp_path / "mono")
+    assert_one_line_error(result, "separate source and target vocabularies")
