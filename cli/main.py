@@ -603,7 +603,7 @@ def export(
 @app.command()
 def plot(
     runs: Annotated[list[Path], typer.Argument(help="Checkpoint directories of nmt train; several are drawn over each other.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("training-curves.png"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write (into an existing folder: FOLDER/training-curves.png).")] = Path("training-curves.png"),
 ) -> None:
     """Draw loss, dev BLEU and learning rate against training steps."""
     from nmt.plots import plot_training

@@ -135,7 +135,9 @@ def plot_training(run_dirs: list[Path], out: Path) -> Path:
     (thin lines, one style each)."""
     fig = training_figure(run_dirs)
     out = Path(out)
-    if not out.suffix:  # as matplotlib names it
+    if out.is_dir():  # a folder to put it in
+        out = out / "training-curves.png"
+    elif not out.suffix:  # as matplotlib names it
         out = out.with_suffix(".png")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

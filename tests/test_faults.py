@@ -459,6 +459,9 @@ def test_evaluate_and_plot_errors_are_one_line(data_dir, tmp_path):
     assert [d["zero_shot"] for d in json.loads(result.output)["directions"]] == [False]  # its own direction
     result = runner.invoke(app, ["plot", str(save_dir), "--out", str(tmp_path / "curves")])
     assert result.exit_code == 0 and (tmp_path / "curves.png").is_file() and str(tmp_path / "curves.png") in result.output
+    (tmp_path / "plots").mkdir()  # an existing folder: the PNG goes into it
+    result = runner.invoke(app, ["plot", str(save_dir), "--out", str(tmp_path / "plots")])
+    assert result.exit_code == 0 and (tmp_path / "plots" / "training-curves.png").is_file(), result.output
     assert_one_line_error(runner.invoke(app, ["plot", str(save_dir), "--out", str(tmp_path / "afile" / "c.png")]),
                           "cannot write")
 
