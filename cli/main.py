@@ -465,10 +465,6 @@ def serve(
     from nmt.serve.api import ServeSettings
 
     with user_errors():
-        limits = dict(max_chars=max_chars, max_line_chars=max_line_chars, max_lines=max_lines, timeout=timeout,
-                      max_batch_lines=max_batch_lines)
-        if any(value <= 0 for value in limits.values()) or batch_wait_ms < 0 or max_alternatives < 0:
-            raise NmtError("the limits, --timeout and --max-batch-lines must be positive; --batch-wait-ms and --max-alternatives 0 or more")
         keys = frozenset(api_key or []) | (read_api_keys(api_keys_file) if api_keys_file else frozenset())
         settings = ServeSettings(host=host, port=port, api_keys=keys, max_chars=max_chars, max_line_chars=max_line_chars,
                                  max_lines=max_lines, max_alternatives=max_alternatives, timeout_s=timeout,

@@ -625,6 +625,17 @@ def test_serve_refuses_a_port_out_of_range(model_dir):
     assert_one_line_error(_cli("serve", model_dir, "--port", 70000, "--device", "cpu"), "--port must be between 0 and 65535")
 
 
+@pytest.mark.parametrize("option, value", [("--timeout", "nan"), ("--timeout", "inf"), ("--timeout", 0),
+                                           ("--max-lines", 0), ("--batch-wait-ms", "inf"), ("--batch-wait-ms", "nan"),
+                                           ("--batch-wait-ms", -1), ("--max-alternatives", -1)])
+def test_serve_refuses_limits_it_cannot_keep(model_dir, option, value, monkeypatch):
+    # NaN passes no comparison, and an infinite wait stops the batching worker at its first request.
+    import nmt.serve
+
+    monkeypatch.setattr(nmt.serve, "serve", lambda *args, **kwargs: None)  # accepted: returns at once, not served
+    assert_one_line_error(_cli("serve", model_dir, option, value, "--device", "cpu"), option.removeprefix("--max-"))
+
+
 def test_an_update_whose_loss_alone_is_not_finite_is_skipped():
     # A loss term that sends no gradient back (here a constant) can be NaN with finite gradients.
     from nmt.train import translation_loss

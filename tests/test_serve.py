@@ -164,6 +164,15 @@ def test_errors_are_one_line_json_with_4xx(client):
     for escaped in ("%ED%A0%80", "%FF%FE"):  # a lone surrogate, bytes that are no UTF-8
         _error(client.post("/translate", content=f"q={escaped}&source=xx&target=yy", headers=form_type), 400, "UTF-8")
     _error(client.post("/translate", json={**ok, "alternatives": True}), 422, "alternatives")
+    # A multipart field in a charset that decodes to a lone surrogate (utf-7's +2AA- is U+D800).
+    for field in ("q", "source", "api_key"):
+        parts = {**ok, field: "+2AA-"}
+        body = "".join(f'--XX\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n' for k, v in parts.items())
+        _error(client.post("/translate", content=(body + "--XX--\r\n").encode(),
+                           headers={"content-type": "multipart/form-data; boundary=XX; charset=utf-7"}), 400, "surrogate")
+    # A language code is echoed on one short line.
+    _error(client.post("/translate", json={**ok, "source": "xx\nInjected"}), 400, "'xx\\nInjected'")
+    assert len(_error(client.post("/translate", json={**ok, "target": "y" * 100_000}), 400, "yyy...")) < 200
     _error(client.post("/translator/translate", json=[{"src": "w1", "id": True}]), 422, "id")
     _error(client.get("/no-such-page"), 404)
     assert client.get("/health").json()["max_alternatives"] == ServeSettings().max_alternatives

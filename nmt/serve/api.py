@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import logging
+import threading
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -54,6 +55,12 @@ class ServeSettings:
     def __post_init__(self):
         if any(not key.strip() for key in self.api_keys):
             raise ConfigError("an API key must not be empty")
+        counts = (self.max_chars, self.max_line_chars, self.max_lines, self.max_batch_lines)
+        # NaN passes no comparison and would be taken; a wait past TIMEOUT_MAX stops the worker.
+        if min(counts) < 1 or not 0 < self.timeout_s <= threading.TIMEOUT_MAX:
+            raise ConfigError("the limits, --timeout and --max-batch-lines must be positive (and finite)")
+        if self.max_alternatives < 0 or not 0 <= self.batch_wait_ms <= 1000 * threading.TIMEOUT_MAX:
+            raise ConfigError("--batch-wait-ms and --max-alternatives must be 0 or more (and finite)")
 
     @property
     def max_body_bytes(self) -> int:
@@ -259,6 +266,11 @@ def _code(language: str) -> str:
     return language.strip().lower().replace("_", "-")
 
 
+def _shown(code: str) -> str:
+    """A requested language code as an error message echoes it: on one short line."""
+    return code if code.isprintable() and len(code) <= 20 else repr(code[:20]) + ("..." if len(code) > 20 else "")
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def request_error(request: Request, e: RequestError) -> JSONResponse:
@@ -300,7 +312,13 @@ def _parse_json(body: bytes):
         raise RequestError(400, f"the body is not valid JSON ({e})") from None
     except RecursionError:
         raise RequestError(400, "the body is not valid JSON (nested too deeply)") from None
-    try:  # a \ud800 escape, or its bytes, give a lone surrogate, which no answer can hold either
+    return _valid_unicode(data)
+
+
+def _valid_unicode(data):
+    """`data`, refused if it holds a lone surrogate, which no answer can hold either: a \\ud800
+    escape or its bytes in JSON, or a multipart field in a charset that makes one (utf-7)."""
+    try:
         json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise RequestError(400, "the body holds a lone surrogate (not valid Unicode)") from None
@@ -340,7 +358,7 @@ async def _multipart_fields(request: Request, body: bytes) -> dict:
         values = [v for v in form.getlist(key) if isinstance(v, str)]
         if values:
             fields[key] = values if key == "q" and len(values) > 1 else values[0]
-    return fields
+    return _valid_unicode(fields)
 
 
 def _validate(schema, data):
@@ -379,7 +397,7 @@ def _pick_model(pairs: dict[tuple[str, str], ServedModel], source: str, target: 
             wanted = (sources[0], wanted[1])
     if wanted not in pairs:
         served = ", ".join(sorted(f"{m.source}->{m.target}" for m in pairs.values()))
-        raise RequestError(400, f"no model translates {source}->{target}; this server translates {served}")
+        raise RequestError(400, f"no model translates {_shown(source)}->{_shown(target)}; this server translates {served}")
     return pairs[wanted]
 
 
