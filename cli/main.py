@@ -257,10 +257,11 @@ def _overrides(set_: list[str] | None, data: Path | None, out: Path | None, devi
 def _report(result) -> None:
     if not result.main_process:
         return
+    best = (f"best dev {result.metric_name} {result.best_score:.2f} at step {result.best_step}" if result.best_step
+            else "not validated yet")
     typer.echo(
         f"trained {result.steps} steps ({result.epochs} epochs) in {result.seconds:.0f} s, stopped by "
-        f"{result.stop_reason or 'end'}; best dev {result.metric_name} {result.best_score:.2f} at step {result.best_step}; "
-        f"checkpoints in {result.save_dir}"
+        f"{result.stop_reason or 'end'}; {best}; checkpoints in {result.save_dir}"
     )
 
 

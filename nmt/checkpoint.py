@@ -307,6 +307,18 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 
 
 # ---------------------------------------------------------------------------------------------
+def check_resumed_task(save_dir: Path, task: str) -> None:
+    """--resume continues a run of the same command: a masked LM's directory is not resumed by
+    nmt train, nor a translation model's by nmt pretrain (checked before anything is written)."""
+    if not (Path(save_dir) / VocabInfo.NAME).is_file():
+        return  # no model there: the checkpoint dir's own checks say so
+    saved = VocabInfo.read(save_dir).task
+    if saved != task:
+        kinds = {TRANSLATION: "a translation model (nmt train)", MASKED_LM: "a pretrained masked LM (nmt pretrain)"}
+        raise CheckpointError(f"{save_dir} holds {kinds.get(saved, saved)}, not {kinds[task]}; --resume continues "
+                              "a run of the same command")
+
+
 # Starting a translation model from a pretrained masked LM, or from a trained translation model
 # to fine-tune it on other data (`nmt train --init`)
 

@@ -105,6 +105,8 @@ def prepare(config: PrepareConfig, progress: bool = False) -> Manifest:
         if source == target and not config.joint_vocab:
             raise DataError("--spm-model gives one model for both languages; it cannot go with --separate-vocab")
         config.joint_vocab = source == target  # a checkpoint's separate models stay separate
+        if not config.joint_vocab:
+            check_given_sides(Path(config.spm_model), config.src_lang, config.tgt_lang)
     if config.valid_size < 1 or config.test_size < 1:
         raise DataError("--valid-size and --test-size must be at least 1")
     if config.split_by is not None and config.split_by not in (config.src_lang, config.tgt_lang):
@@ -502,6 +504,14 @@ def given_sentencepiece_models(path: Path) -> tuple[Path, Path]:
         if not model.is_file():
             raise DataError(f"SentencePiece model not found: {model}")
     return models
+
+
+def check_given_sides(model_dir: Path, src_lang: str, tgt_lang: str) -> None:
+    """A checkpoint's separate models serve its own sides: its source model for the source."""
+    info = VocabInfo.read(model_dir)
+    if src_lang == info.tgt_lang or tgt_lang == info.src_lang:
+        raise DataError(f"{model_dir} has a source vocabulary for {info.src_lang} and a target one for {info.tgt_lang}, "
+                        f"but this data is {src_lang}->{tgt_lang}")
 
 
 def copy_sentencepiece(model: Path, target: Path) -> Path:

@@ -21,7 +21,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nmt.batches import token_batches
-from nmt.checkpoint import check_outside_data_dir, check_sentencepiece_files, load_weights, read_config, weights_dir
+from nmt.checkpoint import (
+    check_outside_data_dir,
+    check_resumed_task,
+    check_sentencepiece_files,
+    load_weights,
+    read_config,
+    weights_dir,
+)
 from nmt.config import Config, PretrainConfig, save_config
 from nmt.data import clean_whitespace
 from nmt.devices import autocast, resolve_device, resolve_precision
@@ -424,6 +431,8 @@ def pretrain(
     if config.model.arch != "transformer":
         raise ConfigError("nmt pretrain trains a Transformer encoder: set model.arch to transformer")
     resolve_precision(config.train.precision, resolve_device(config.train.device))
+    if resume:
+        check_resumed_task(Path(config.save_dir), MASKED_LM)
 
     def make_task(ranks: Ranks) -> MaskedLMTask:
         data_dir = Path(data) if data is not None else prepare_text(config, texts, vocab, vocab_size, resume, ranks, progress)

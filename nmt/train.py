@@ -28,6 +28,7 @@ from nmt.checkpoint import (
     UPDATE_CHECKPOINTS,
     check_outside_data_dir,
     check_pretrained,
+    check_resumed_task,
     first_model_difference,
     has_checkpoint,
     init_save_dir,
@@ -475,11 +476,12 @@ def train(
     manifest = Manifest.read(data_dir)
     if manifest.kind != "parallel":
         raise DataError(f"{data_dir} is a {manifest.kind} data dir, for nmt pretrain --data; translation needs parallel data")
-    if config.train.init and not resume:  # a wrong model to start from fails now, not after loading the data
-        info = check_pretrained(Path(config.train.init), manifest.vocab, config.model, config.train.init_decoder)
-        if info.task == TRANSLATION and config.train.freeze_init_steps:
-            raise ConfigError(f"train.freeze_init_steps holds a masked LM's weights fixed, but --init {config.train.init} "
-                              "is a translation model, every weight of which it loads; leave it at 0")
+    if config.model.share_embeddings and not manifest.vocab.joint:  # equal sizes would let it through
+        raise ConfigError(f"model.share_embeddings needs a joint vocabulary, but {data_dir} has separate source and "
+                          "target ones (nmt prepare --separate-vocab); set model.share_embeddings=false")
+    if resume:
+        check_resumed_task(save_dir, TRANSLATION)
+    check_init(config, manifest, resume)
     for key in ("direction_weights", "lang_temperature"):
         if getattr(config.train, key) and not manifest.multilingual:
             raise ConfigError(f"train.{key} needs a multilingual data dir (nmt prepare --directions); {data_dir} has one direction")
@@ -490,6 +492,21 @@ def train(
     return run_training(
         lambda ranks: task_type(config, data_dir, manifest), config, save_dir, resume, overwrite, progress, log, started
     )
+
+
+def check_init(config: Config, manifest: Manifest, resume: bool) -> None:
+    """A wrong model to start from (train.init) fails now, not after loading the data. A resumed
+    run has its own weights and needs the model no more; freezing is still checked if it is there."""
+    init = config.train.init
+    if not init or (resume and not Path(init).is_dir()):
+        return
+    if resume:
+        task = VocabInfo.read(Path(init)).task
+    else:
+        task = check_pretrained(Path(init), manifest.vocab, config.model, config.train.init_decoder).task
+    if task == TRANSLATION and config.train.freeze_init_steps:
+        raise ConfigError(f"train.freeze_init_steps holds a masked LM's weights fixed, but --init {init} "
+                          "is a translation model, every weight of which it loads; leave it at 0")
 
 
 def run_training(
@@ -525,9 +542,7 @@ def _train(
         log, progress = (lambda message: None), False
     task = open_save_dir(make_task, ranks, save_dir, resume, overwrite)
     trainer = Trainer(task, config, ranks, save_dir, log, started)  # the device and precision checked first
-    if overwrite and ranks.is_main:
-        clear_save_dir(save_dir)
-    trainer.start(resume)
+    trainer.start(resume, overwrite)
     return trainer.run(progress)
 
 
@@ -722,9 +737,10 @@ class Trainer:
         self.stop_signal: StopSignal | None = None
         self.plain_progress = False
 
-    def start(self, resume: bool) -> None:
+    def start(self, resume: bool, overwrite: bool = False) -> None:
         """Load initial weights, build the optimizer and the data-parallel and compiled views of
-        the model, then restore the saved run (--resume) or write the new directory's files."""
+        the model, then restore the saved run (--resume) or write the new directory's files
+        (--overwrite: the old run's removed first, now that nothing before can fail)."""
         tc, ranks, device = self.tc, self.ranks, self.device
         self.frozen = self.task.initialize(self.model, resume, self.log)
         self.model.to(device)
@@ -745,6 +761,8 @@ class Trainer:
             if ranks.is_main:  # the settings it goes on with (keep_last, say, which nmt average reads)
                 save_config(self.config, self.save_dir / "config.yaml")
         elif ranks.is_main:
+            if overwrite:
+                clear_save_dir(self.save_dir)
             self.save_dir.mkdir(parents=True, exist_ok=True)
             self.task.init_save_dir(self.save_dir)
         # The model holds its first weights or those of last/ (the average, if it was kept).

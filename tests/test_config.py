@@ -145,3 +145,13 @@ def test_an_override_value_may_hold_an_equals_sign():
 def test_an_override_below_a_value_is_a_one_line_error():
     with pytest.raises(ConfigError, match="not a section"):
         apply_overrides({"train": {"lr": 0.1}}, ["train.lr.x=1"])
+
+
+def test_a_key_given_twice_in_a_config_file_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  embed_dim: 64\n  embed_dim: 32\n")  # the last would win unseen
+    with pytest.raises(ConfigError, match="'embed_dim' is given twice"):
+        load_config(path)
+    path.write_text("model:\n  embed_dim: 64\ntrain:\n  lr: 0.002\nmodel:\n  heads: 2\n")
+    with pytest.raises(ConfigError, match="'model' is given twice"):
+        load_config(path)

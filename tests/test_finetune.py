@@ -1,6 +1,7 @@
 """Fine-tuning a trained translation model on other data (`nmt train --init MODEL_DIR`)."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -123,6 +124,13 @@ def test_a_model_with_separate_vocabularies_gives_the_new_data_both(tmp_path):
     data, model = Manifest.read(tmp_path / "new-data").vocab, json.loads((tmp_path / "model" / "vocab.json").read_text())["vocab"]
     assert not data.joint and data.src_sha256 != data.tgt_sha256
     assert (data.src_sha256, data.tgt_sha256) == (model["src_sha256"], model["tgt_sha256"])
+    # One embedding matrix for two vocabularies of the same size would train without a word.
+    result = invoke("train", "--data", tmp_path / "new-data", "--out", tmp_path / "shared", *tiny_sets(), "--no-progress")
+    assert_one_line_error(result, "model.share_embeddings needs a joint vocabulary", "model.share_embeddings=false")
+    # Its models serve their own sides: not English with the German model.
+    result = invoke("prepare", *common, "--src", "yy", "--tgt", "xx", "--spm-model", tmp_path / "model",
+                    "--out", tmp_path / "reversed")
+    assert_one_line_error(result, "a source vocabulary for xx and a target one for yy", "this data is yy->xx")
     result = invoke("train", "--data", tmp_path / "new-data", "--out", tmp_path / "tuned", "--init", tmp_path / "model",
                     *tiny_sets(), "--set", "model.share_embeddings=false", "--no-progress")
     assert result.exit_code == 0, result.output
@@ -135,3 +143,32 @@ def test_a_model_with_separate_vocabularies_gives_the_new_data_both(tmp_path):
     (tmp_path / "mono.xx").write_text("w1 w2\n" * 20, encoding="utf-8")
     result = invoke("prepare", "--mono", tmp_path / "mono.xx", "--spm-model", tmp_path / "model", "--out", tmp_path / "mono")
     assert_one_line_error(result, "separate source and target vocabularies")
+
+
+def test_a_failing_start_leaves_the_model_that_overwrite_would_replace(trained_and_new_data, tmp_path):
+    """--overwrite removes the old run only once the new one has its weights: an --init model
+    without weights, or with damaged ones, leaves it as it was."""
+    root = trained_and_new_data
+    shutil.copytree(root / "model", tmp_path / "old")
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "old").rglob("*") if p.is_file()}
+    no_weights, damaged = tmp_path / "no-weights", tmp_path / "damaged"
+    shutil.copytree(root / "model", damaged)
+    weights = damaged / "best" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
+    shutil.copytree(root / "model", no_weights, ignore=shutil.ignore_patterns("best", "last", "checkpoints"))
+    for init, fragment in ((no_weights, "no trained weights"), (damaged, "damaged")):
+        result = invoke("train", "--data", root / "new-data", "--out", tmp_path / "old", "--init", init, "--overwrite",
+                        *tiny_sets(), "--no-progress")
+        assert_one_line_error(result, fragment)
+        after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "old").rglob("*") if p.is_file()}
+        assert after == before
+
+
+def test_resuming_a_fine_tuning_run_refuses_freezing_too(trained_and_new_data, tmp_path):
+    root = trained_and_new_data
+    args = ["train", "--data", root / "new-data", "--out", tmp_path / "tuned", "--init", root / "model", "--no-progress"]
+    assert invoke(*args, *tiny_sets()).exit_code == 0
+    result = invoke(*args, "--resume", *tiny_sets(max_steps=8, freeze_init_steps=6))
+    assert_one_line_error(result, "train.freeze_init_steps", "translation model")
+    result = invoke(*args, "--resume", *tiny_sets(max_steps=8))
+    assert result.exit_code == 0, result.output

@@ -465,6 +465,13 @@ def test_wrong_checkpoint_kinds_are_one_line_errors(pretrained_and_data, tmp_pat
     assert result.exit_code == 0 and "0 start fresh" in result.output  # a translation model: fine-tuned (test_finetune.py)
     result = invoke("pretrain", "--text", tmp_path / "missing.txt", "--out", tmp_path / "p")
     assert result.exit_code == 1 and "missing.txt" in result.output
+    # --resume of the other command's run: refused before anything is written into it
+    before = sorted(p.name for p in (tmp_path / "model").iterdir())
+    result = invoke("pretrain", "--text", root / "mono.xx", "--out", tmp_path / "model", "--resume", *_tiny_sets())
+    assert_one_line_error(result, "holds a translation model (nmt train), not a pretrained masked LM")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == before  # no data/ prepared into it
+    result = invoke("train", "--data", root / "data", "--out", root / "mlm", "--resume", *_tiny_sets())
+    assert_one_line_error(result, "holds a pretrained masked LM (nmt pretrain), not a translation model")
     copy = tmp_path / "mlm"
     shutil.copytree(root / "mlm", copy)
     vocab = json.loads((copy / "vocab.json").read_text())
