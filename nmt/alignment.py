@@ -4,6 +4,7 @@ alignments (`i-j` pairs) and the files `nmt translate --attention DIR` writes.""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -42,14 +43,18 @@ class AttentionOutput:
 ATTENTION_FILES = re.compile(r"alignments\.txt|attention\.jsonl|line-\d{6}\.png")  # what --attention writes
 
 
-def open_attention_dir(directory: Path, translation: Path | None = None) -> None:
+def open_attention_dir(directory: Path, translation: Path | None = None, inputs: Sequence[tuple[str, Path | None]] = ()) -> None:
     """Create `directory` for `nmt translate --attention`, or check that it holds only what such
-    a run writes (and `translation`, the -o file): the user's files are never written over."""
+    a run writes (and `translation`, the -o file): the user's files are never written over, nor
+    an input (`inputs`: (option, path)) that has the name of a file it writes."""
     if directory.exists() and not directory.is_dir():
         raise DataError(f"--attention {directory} is a file, not a folder")
     own = translation.resolve() if translation is not None else None
     if own is not None and own.parent == directory.resolve() and ATTENTION_FILES.fullmatch(own.name):
         raise DataError(f"-o {translation} is a file --attention writes: write the translation elsewhere")
+    for option, path in inputs:
+        if path is not None and path.resolve().parent == directory.resolve() and ATTENTION_FILES.fullmatch(path.resolve().name):
+            raise DataError(f"{option} {path} is a file --attention {directory} writes: give another folder")
     others = sorted(p.name for p in directory.iterdir()
                     if not (p.name.startswith(".") or ATTENTION_FILES.fullmatch(p.name) or p.resolve() == own)) \
         if directory.is_dir() else []  # hidden: .DS_Store, a killed run's temporary files

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
+import io
 import os
 import shutil
 from collections.abc import Sequence
@@ -135,14 +137,28 @@ def open_text_atomic(path: Path):
     path = Path(os.path.realpath(path))
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        with open(tmp, "wb") as raw:
+            with _text_writer(raw, gzipped=path.name.endswith(".gz")) as f:
+                yield f
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def _text_writer(raw, gzipped: bool):
+    """UTF-8 text into the binary file `raw`, gzip-compressed for a name ending in .gz (as
+    every input of that name is read); `raw` stays open, to be synced."""
+    stream = gzip.GzipFile(fileobj=raw, mode="wb") if gzipped else raw
+    text = io.TextIOWrapper(stream, encoding="utf-8", newline="\n")
+    yield text
+    text.flush()
+    text.detach()
+    if gzipped:
+        stream.close()  # its trailer; the file it writes into is left open
 
 
 def check_output_apart(output: Path, inputs: Sequence[Path | None], folders: Sequence[Path]) -> None:

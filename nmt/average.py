@@ -132,10 +132,10 @@ def average_checkpoints(model_dir: Path, out_dir: Path, last: int = 0, best: int
             if name in averaged:  # a tied tensor is stored once, under one of its names
                 tensor.copy_(averaged[name])
     # Written beside `out_dir` and renamed when complete: a failed run leaves no half model dir.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         for name in ("config.yaml", vocab_info.NAME, *sorted({vocab_info.vocab.src_model, vocab_info.vocab.tgt_model})):
             shutil.copyfile(model_dir / name, tmp / name)
@@ -145,7 +145,7 @@ def average_checkpoints(model_dir: Path, out_dir: Path, last: int = 0, best: int
             out_dir.rmdir()  # empty: checked above
         replace_dir(tmp, out_dir)
     except OSError as e:
-        raise CheckpointError(f"could not write {out_dir}: {e}") from None
+        raise CheckpointError(f"could not write {out_dir}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return chosen

@@ -159,6 +159,16 @@ def split_files(data_dir: Path, split: str, direction: str, manifest) -> tuple[P
     return Path(data_dir) / f"{stem}.src.txt", Path(data_dir) / f"{stem}.tgt.txt"
 
 
+def make_folder(path: Path, option: str) -> None:
+    """The folder an option names, made if missing; a one-line error where it cannot be."""
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{option} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot write {option} {path}: {e.strerror or e}") from None
+
+
 def evaluate_directions(
     model_dirs: list[Path], data_dir: Path, split: str = "test", directions: list[str] | None = None,
     decode_options: dict | None = None, metrics=METRICS, device: str = "auto", pivot: str | None = None,
@@ -173,8 +183,6 @@ def evaluate_directions(
     from nmt.translate import LanguageChoice, translate_file
 
     check_scoring(metrics, tokenize)
-    if hyp_dir is not None and Path(hyp_dir).exists() and not Path(hyp_dir).is_dir():
-        raise DataError(f"--hyp-dir {hyp_dir} is a file, not a folder")
     manifest = Manifest.read(data_dir)
     if split not in ("valid", "test"):
         raise DataError(f"--split must be valid or test (got {split!r})")
@@ -189,6 +197,8 @@ def evaluate_directions(
                             f"({', '.join(through) if through else 'this data dir has none'})")
         directions = through
     vocab_info = VocabInfo.read(model_dirs[0])
+    if hyp_dir is not None:  # before the translating
+        make_folder(Path(hyp_dir), "--hyp-dir")
     candidates = sorted(vocab_info.languages) or [x for x in (vocab_info.src_lang, vocab_info.tgt_lang) if x]
     # Zero-shot: what the model was not trained on (the data dir may come from another run).
     trained = (set(vocab_info.directions) or set(manifest.directions)
@@ -199,7 +209,6 @@ def evaluate_directions(
             src_lang, tgt_lang = direction.split("-")
             src_path, ref_path = split_files(data_dir, split, direction, manifest)
             hyp_path = Path(hyp_dir or tmp) / f"{split}.{direction}.hyp"
-            hyp_path.parent.mkdir(parents=True, exist_ok=True)
             choice = LanguageChoice(tgt_lang, src_lang)  # a model for other languages stops here
             translate_file(model_dirs, src_path, hyp_path, decode_options, device=device, languages=choice,
                            pivot=pivot, pivot_dirs=pivot_dirs)

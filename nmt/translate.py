@@ -329,9 +329,11 @@ def decode_settings(saved: DecodeConfig, decode_options: dict | None) -> DecodeC
     decode.validate()
     if not decode.sampling and any(name in options for name in SAMPLING_OPTIONS):
         raise ConfigError(f"{', '.join(name for name in SAMPLING_OPTIONS if name in options)}: only with sampling (--sampling)")
-    if options.get("sampling") and any(name in options for name in SEARCH_OPTIONS):
-        raise ConfigError(f"{', '.join(name for name in SEARCH_OPTIONS if name in options)}: not with sampling "
-                          "(it draws each output; --nbest N draws N)")
+    if decode.sampling and any(name in options for name in SEARCH_OPTIONS):
+        given = ", ".join(name for name in SEARCH_OPTIONS if name in options)
+        if options.get("sampling"):
+            raise ConfigError(f"{given}: not with sampling (it draws each output; --nbest N draws N)")
+        raise ConfigError(f"{given}: the model samples (its decode.sampling); add --no-sampling to search instead")
     return decode
 
 
@@ -553,14 +555,17 @@ def translate_file(
     output_path = None if output_path is None or str(output_path) == "-" else Path(output_path)
     input_path = None if input_path is None or str(input_path) == "-" else Path(input_path)
     if attention is not None:  # first: -o may name a file in the folder it makes
-        open_attention_dir(Path(attention.directory), output_path)
+        open_attention_dir(Path(attention.directory), output_path,
+                           [("-i", input_path), ("--prefix", None if prefix_path is None else Path(prefix_path))])
     if output_path is not None:
         if not str(output_path) or output_path.is_dir():
             raise DataError(f"cannot write {output_path or '-o'}: give a file name, not a folder")
         folder = Path(os.path.realpath(output_path)).parent  # a link's: where its file is written
         if not folder.is_dir():
             raise DataError(f"cannot write {output_path}: the folder {folder} does not exist")
-        check_output_apart(output_path, [input_path, prefix_path], [*model_dirs, *(pivot_dirs or [])])
+        # stdin read from a file (`< FILE`) is that file's input as much as -i FILE
+        stdin = Path("/dev/stdin") if input_path is None else None
+        check_output_apart(output_path, [input_path or stdin, prefix_path], [*model_dirs, *(pivot_dirs or [])])
     translator = load_text_translator(model_dirs, decode_options, checkpoint, device, quantize, engine, languages, pivot,
                                       pivot_dirs)
     lines = _read_stdin(replace_invalid) if input_path is None else read_lines(Path(input_path), replace_invalid=replace_invalid)

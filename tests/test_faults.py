@@ -454,6 +454,8 @@ def test_evaluate_and_plot_errors_are_one_line(data_dir, tmp_path):
     (tmp_path / "afile").write_text("x")
     assert_one_line_error(runner.invoke(app, ["evaluate", "--model", str(save_dir), "--data", str(data_dir),
                                               "--hyp-dir", str(tmp_path / "afile")]), "is a file")
+    assert_one_line_error(runner.invoke(app, ["evaluate", "--model", str(save_dir), "--data", str(data_dir),
+                                              "--hyp-dir", str(tmp_path / "afile" / "sub")]), "cannot write --hyp-dir")
     result = runner.invoke(app, ["evaluate", "--model", str(save_dir), "--data", str(data_dir), "--json"])
     assert result.exit_code == 0, result.output
     assert [d["zero_shot"] for d in json.loads(result.output)["directions"]] == [False]  # its own direction

@@ -1,5 +1,6 @@
 """`nmt translate` on files and pipes (chunks, --stream, --prefix, ensembles) and `nmt average`."""
 
+import gzip
 import json
 import os
 import select
@@ -125,7 +126,7 @@ def test_ensembles_of_a_transformer_and_an_rnn_and_their_vocabulary_check(traine
                     "target SentencePiece models differ")
 
 
-def test_sampling_options_from_the_command_line(trained):
+def test_sampling_options_from_the_command_line(trained, tmp_path):
     _, model_dir, _ = trained
     lines = "".join(f"{s}\n" for s in _lines(5))
     args = ["translate", str(model_dir), "--sampling", "--topp", "0.9", "--temperature", "1.2", "--nbest", "7", "--device", "cpu"]
@@ -135,6 +136,15 @@ def test_sampling_options_from_the_command_line(trained):
     assert_one_line_error(runner.invoke(app, ["translate", str(model_dir), "--topk", "3"], input=lines), "topk: only with sampling")
     assert_one_line_error(runner.invoke(app, [*args, "--topp", "1.5"], input=lines), "decode.topp")
     assert_one_line_error(runner.invoke(app, [*args, "--beam", "5"], input=lines), "beam: not with sampling")
+    sampling = tmp_path / "sampling"  # a model whose config samples: --beam does not go unheeded
+    shutil.copytree(model_dir, sampling)
+    config = (sampling / "config.yaml").read_text()
+    (sampling / "config.yaml").write_text(config.replace("sampling: false", "sampling: true"))
+    for option, value in (("--beam", "3"), ("--len-penalty", "2")):
+        assert_one_line_error(runner.invoke(app, ["translate", str(sampling), option, value], input=lines),
+                              "the model samples", "--no-sampling")
+    searched = runner.invoke(app, ["translate", str(sampling), "--no-sampling", "--beam", "3"], input=lines)
+    assert searched.output == runner.invoke(app, ["translate", str(model_dir), "--beam", "3"], input=lines).output
     for option, value in [("--temperature", "nan"), ("--temperature", "1e308"), ("--seed", str(2**64)),
                           ("--beam", str(10**20)), ("--max-len-a", "1e300"), ("--max-len-b", "-5"),
                           ("--len-penalty", "nan"), ("--chunk-lines", str(10**20))]:
@@ -220,6 +230,9 @@ def test_nmt_average_writes_a_model_dir_that_translates(trained, tmp_path):
     assert_one_line_error(runner.invoke(app, ["average", str(model_dir), "--last", "9", "--out", str(tmp_path / "x")]),
                     "fewer than 9", "keep_last=9")
     assert_one_line_error(runner.invoke(app, ["average", str(model_dir), "--out", str(tmp_path / "y")]), "--last N or --best N")
+    (tmp_path / "afile").write_text("mine")
+    assert_one_line_error(runner.invoke(app, ["average", str(model_dir), "--last", "2", "--out", str(tmp_path / "afile" / "sub")]),
+                          "could not write")
     # keeping enough, but validated fewer times so far: the advice is not to keep more
     few = tmp_path / "few"
     shutil.copytree(model_dir, few)
@@ -265,6 +278,19 @@ def test_outputs_that_cannot_be_written_and_inputs_that_are_folders_or_pipes(tra
     assert translate_file(model_dir, fifo, tmp_path / "piped.txt") == expected == 4  # a pipe reads as a file
     writer.join()
     assert (tmp_path / "piped.txt").read_text() == (tmp_path / "file.txt").read_text()
+    # `-o FILE < FILE`: the file read through stdin is the input too
+    victim = tmp_path / "victim.txt"
+    victim.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    with open(victim, "rb") as stdin:
+        process = subprocess.run([sys.executable, "-m", "cli", "translate", str(model_dir), "-o", str(victim)],
+                                 stdin=stdin, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert process.returncode == 1 and "it is the input" in process.stderr and "Traceback" not in process.stderr
+    assert victim.read_text(encoding="utf-8") == source.read_text(encoding="utf-8")
+    # an output named .gz is gzip-compressed, as an input of that name is read
+    assert runner.invoke(app, [*translate, "-o", str(tmp_path / "out.gz")]).exit_code == 0
+    assert gzip.decompress((tmp_path / "out.gz").read_bytes()).decode() == (tmp_path / "file.txt").read_text()
+    scored = runner.invoke(app, ["evaluate", "--hyp", str(tmp_path / "out.gz"), "--ref", str(tmp_path / "file.txt")])
+    assert scored.exit_code == 0 and "chrF2 = 100.00" in scored.output, scored.output
     nbest = runner.invoke(app, [*translate, "--beam", "2", "--nbest", "2"]).output.splitlines()
     assert nbest[-1] == "3 |||  ||| 0.0000" and all(len(row.split(" ||| ")) == 3 for row in nbest)
 
@@ -288,6 +314,15 @@ def test_attention_never_writes_over_the_users_files(trained, tmp_path):
     assert runner.invoke(app, [*translate, "--attention", str(maps), "-o", str(maps / "out.txt")]).exit_code == 0
     assert sorted(p.name for p in maps.iterdir()) == [".DS_Store", "alignments.txt",
                                                       *[f"line-00000{i}.png" for i in (1, 2, 3)], "out.txt"]
+    # An input with the name of a file --attention writes, in its folder: refused, left as it was
+    for option in ("-i", "--prefix"):
+        inside = maps / ("alignments.txt" if option == "-i" else "attention.jsonl")
+        inside.write_text("w1 w2\n", encoding="utf-8")
+        args = ["-i", str(inside)] if option == "-i" else ["-i", str(source), "--prefix", str(inside)]
+        result = runner.invoke(app, ["translate", str(model_dir), *args, "--attention", str(maps)])
+        assert_one_line_error(result, f"{option} {inside} is a file --attention {maps} writes")
+        assert inside.read_text(encoding="utf-8") == "w1 w2\n"
+        inside.unlink()
     source.write_text(_lines(1)[0] + "\n", encoding="utf-8")  # again into the same folder, with fewer lines
     assert runner.invoke(app, [*translate, "--attention", str(maps), "-o", str(maps / "out.txt")]).exit_code == 0
     assert sorted(p.name for p in maps.iterdir()) == [".DS_Store", "alignments.txt", "line-000001.png", "out.txt"]
