@@ -138,7 +138,7 @@ def open_text_atomic(path: Path):
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as raw:
-            with _text_writer(raw, gzipped=path.name.endswith(".gz")) as f:
+            with _text_writer(raw, gzip_name=path.name if path.name.endswith(".gz") else None) as f:
                 yield f
             raw.flush()
             os.fsync(raw.fileno())
@@ -149,15 +149,16 @@ def open_text_atomic(path: Path):
 
 
 @contextlib.contextmanager
-def _text_writer(raw, gzipped: bool):
-    """UTF-8 text into the binary file `raw`, gzip-compressed for a name ending in .gz (as
-    every input of that name is read); `raw` stays open, to be synced."""
-    stream = gzip.GzipFile(fileobj=raw, mode="wb") if gzipped else raw
+def _text_writer(raw, gzip_name: str | None):
+    """UTF-8 text into the binary file `raw`, gzip-compressed when it is to be named `gzip_name`
+    (a name ending in .gz, as every input of that name is read); `raw` stays open, to be synced."""
+    # The name goes into the gzip header, where the temporary file's would go otherwise.
+    stream = gzip.GzipFile(gzip_name, mode="wb", fileobj=raw) if gzip_name else raw
     text = io.TextIOWrapper(stream, encoding="utf-8", newline="\n")
     yield text
     text.flush()
     text.detach()
-    if gzipped:
+    if gzip_name:
         stream.close()  # its trailer; the file it writes into is left open
 
 
