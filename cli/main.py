@@ -230,7 +230,7 @@ def _print_mono_summary(out: Path, manifest) -> None:
     typer.echo(f"vocab: joint {manifest.vocab.type or 'given'}, {manifest.vocab.src_size} pieces")
 
 
-def _relaunch(devices: int, settings, resume: bool) -> None:
+def _relaunch(devices: int, settings, resume: bool, task: str) -> None:
     """Run the user's own command line again in `devices` processes under torchrun (each of
     them sees WORLD_SIZE and trains instead of relaunching); the device and a resumed run's
     settings are checked first."""
@@ -238,7 +238,7 @@ def _relaunch(devices: int, settings, resume: bool) -> None:
     from nmt.train import check_before_launch
 
     with user_errors():
-        check_before_launch(settings, devices, resume)
+        check_before_launch(settings, devices, resume, task)
         code = launch(devices, sys.argv[1:], settings.train.device)
     raise typer.Exit(code)
 
@@ -282,6 +282,7 @@ def train(
     import os
 
     from nmt.config import load_config
+    from nmt.files import TRANSLATION
     from nmt.train import TOO_MANY_SKIPPED
     from nmt.train import train as run_train
 
@@ -291,7 +292,7 @@ def train(
     with user_errors():
         settings = load_config(config, overrides)
     if devices != 1 and "WORLD_SIZE" not in os.environ:
-        _relaunch(devices, settings, resume)
+        _relaunch(devices, settings, resume, TRANSLATION)
     with user_errors():
         result = run_train(settings, resume=resume, overwrite=overwrite, progress=progress)
     _report(result)
@@ -319,6 +320,7 @@ def pretrain(
     import os
 
     from nmt.config import load_config
+    from nmt.files import MASKED_LM
     from nmt.pretrain import pretrain as run_pretrain
 
     overrides = _overrides(set_, None, out, device)
@@ -327,7 +329,7 @@ def pretrain(
     with user_errors():
         settings = load_config(config, overrides)
     if devices != 1 and "WORLD_SIZE" not in os.environ:
-        _relaunch(devices, settings, resume)
+        _relaunch(devices, settings, resume, MASKED_LM)
     with user_errors():
         result = run_pretrain(
             settings, list(text or []), vocab, vocab_size, resume=resume, overwrite=overwrite, progress=progress, data=data,

@@ -3,6 +3,7 @@ alignments (`i-j` pairs) and the files `nmt translate --attention DIR` writes.""
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -52,8 +53,11 @@ def open_attention_dir(directory: Path, translation: Path | None = None, inputs:
     own = translation.resolve() if translation is not None else None
     if own is not None and own.parent == directory.resolve() and ATTENTION_FILES.fullmatch(own.name):
         raise DataError(f"-o {translation} is a file --attention writes: write the translation elsewhere")
+    # What the run writes or removes, through links as its writes go: no input may be one of them.
+    written = {os.path.realpath(p) for p in [directory / "alignments.txt", directory / "attention.jsonl",
+                                              *(directory.glob("line-*.png") if directory.is_dir() else [])]}
     for option, path in inputs:
-        if path is not None and path.resolve().parent == directory.resolve() and ATTENTION_FILES.fullmatch(path.resolve().name):
+        if path is not None and os.path.realpath(path) in written:
             raise DataError(f"{option} {path} is a file --attention {directory} writes: give another folder")
     others = sorted(p.name for p in directory.iterdir()
                     if not (p.name.startswith(".") or ATTENTION_FILES.fullmatch(p.name) or p.resolve() == own)) \

@@ -134,11 +134,12 @@ def open_text_atomic(path: Path):
         with open(path, "a", encoding="utf-8", newline="\n") as f:
             yield f
         return
+    gzip_name = path.name if is_gzip_name(path) else None  # the name as given, as inputs are read
     path = Path(os.path.realpath(path))
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as raw:
-            with _text_writer(raw, gzip_name=path.name if path.name.endswith(".gz") else None) as f:
+            with _text_writer(raw, gzip_name) as f:
                 yield f
             raw.flush()
             os.fsync(raw.fileno())
@@ -155,11 +156,17 @@ def _text_writer(raw, gzip_name: str | None):
     # The name goes into the gzip header, where the temporary file's would go otherwise.
     stream = gzip.GzipFile(gzip_name, mode="wb", fileobj=raw) if gzip_name else raw
     text = io.TextIOWrapper(stream, encoding="utf-8", newline="\n")
-    yield text
-    text.flush()
-    text.detach()
-    if gzip_name:
-        stream.close()  # its trailer; the file it writes into is left open
+    try:
+        yield text
+    finally:
+        text.detach()  # flushed, and `raw` not closed with it
+        if gzip_name:
+            stream.close()  # its trailer; the file it writes into is left open
+
+
+def is_gzip_name(path: Path) -> bool:
+    """Files named .gz are read and written gzip-compressed."""
+    return Path(path).suffix == ".gz"
 
 
 def check_output_apart(output: Path, inputs: Sequence[Path | None], folders: Sequence[Path]) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from nmt.atomic import is_gzip_name
 from nmt.errors import DataError, first_line
 from nmt.normalize import is_cjk, language_normalization
 from nmt.shards import TokenArray
@@ -25,7 +26,7 @@ def open_binary(path: Path):
     if not path.exists():  # not is_file(): a pipe (<(...), a FIFO) reads as well
         raise DataError(f"file not found: {path}")
     try:
-        return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+        return gzip.open(path, "rb") if is_gzip_name(path) else open(path, "rb")
     except OSError as e:  # permission denied, say
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
 

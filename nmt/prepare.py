@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nmt import __version__
-from nmt.atomic import check_replaceable, replace_dir
+from nmt.atomic import check_replaceable, is_gzip_name, replace_dir
 from nmt.corpora import find_corpus
 from nmt.data import (
     CleanConfig,
@@ -553,7 +553,7 @@ def _make_tmp_dir(out_dir: Path) -> Path:
 
 def count_lines(path: Path) -> int | None:
     """Lines of an uncompressed file (a few seconds per GB); None for a .gz file."""
-    if Path(path).suffix == ".gz":
+    if is_gzip_name(path):
         return None
     lines = 0
     with open(path, "rb") as f:

@@ -481,7 +481,7 @@ def train(
                           "target ones (nmt prepare --separate-vocab); set model.share_embeddings=false")
     if resume:
         check_resumed_task(save_dir, TRANSLATION)
-    check_init(config, manifest, resume)
+    check_init(config, manifest, save_dir, resume)
     for key in ("direction_weights", "lang_temperature"):
         if getattr(config.train, key) and not manifest.multilingual:
             raise ConfigError(f"train.{key} needs a multilingual data dir (nmt prepare --directions); {data_dir} has one direction")
@@ -494,17 +494,20 @@ def train(
     )
 
 
-def check_init(config: Config, manifest: Manifest, resume: bool) -> None:
+def check_init(config: Config, manifest: Manifest, save_dir: Path, resume: bool) -> None:
     """A wrong model to start from (train.init) fails now, not after loading the data. A resumed
-    run has its own weights and needs the model no more; freezing is still checked if it is there."""
-    init = config.train.init
-    if not init or (resume and not Path(init).is_dir()):
-        return
+    run has its own weights and needs that model no more: it goes on freezing as it began."""
+    init, freeze = config.train.init, config.train.freeze_init_steps
     if resume:
-        task = VocabInfo.read(Path(init)).task
-    else:
-        task = check_pretrained(Path(init), manifest.vocab, config.model, config.train.init_decoder).task
-    if task == TRANSLATION and config.train.freeze_init_steps:
+        saved = read_config(save_dir).train.freeze_init_steps
+        if init and freeze != saved:
+            raise ConfigError(f"train.freeze_init_steps is {freeze} but the run in {save_dir} was trained with {saved}; "
+                              "--resume needs the same value")
+        return
+    if not init:
+        return
+    task = check_pretrained(Path(init), manifest.vocab, config.model, config.train.init_decoder).task
+    if task == TRANSLATION and freeze:
         raise ConfigError(f"train.freeze_init_steps holds a masked LM's weights fixed, but --init {init} "
                           "is a translation model, every weight of which it loads; leave it at 0")
 
@@ -582,10 +585,12 @@ def clear_save_dir(save_dir: Path) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-def check_before_launch(config: Config, processes: int, resume: bool) -> None:
+def check_before_launch(config: Config, processes: int, resume: bool, task: str) -> None:
     """What refuses a run of several processes before torchrun starts them (each of them would
-    print the refusal, among torchrun's own lines): resuming with other batch settings or
-    another number of processes."""
+    print the refusal, among torchrun's own lines): resuming another command's run (`task`: the
+    kind this one trains), or with other batch settings or another number of processes."""
+    if resume:
+        check_resumed_task(Path(config.save_dir), task)
     if resume and processes >= 1 and has_checkpoint(Path(config.save_dir)) and (Path(config.save_dir) / "config.yaml").is_file():
         check_same_batches(Path(config.save_dir), config, processes)
 

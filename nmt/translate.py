@@ -333,7 +333,8 @@ def decode_settings(saved: DecodeConfig, decode_options: dict | None) -> DecodeC
         given = ", ".join(name for name in SEARCH_OPTIONS if name in options)
         if options.get("sampling"):
             raise ConfigError(f"{given}: not with sampling (it draws each output; --nbest N draws N)")
-        raise ConfigError(f"{given}: the model samples (its decode.sampling); add --no-sampling to search instead")
+        raise ConfigError(f"{given}: for beam search, but the model samples (decode.sampling in its config); "
+                          "nmt translate --no-sampling searches instead")
     return decode
 
 

@@ -153,5 +153,7 @@ def test_a_key_given_twice_in_a_config_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="'embed_dim' is given twice"):
         load_config(path)
     path.write_text("model:\n  embed_dim: 64\ntrain:\n  lr: 0.002\nmodel:\n  heads: 2\n")
-    with pytest.raises(ConfigError, match="'model' is given twice"):
+    with pytest.raises(ConfigError, match=r"'model' is given twice \(line 5\)"):
         load_config(path)
+    path.write_text("model:\n  <<: {embed_dim: 64, heads: 2}\n  heads: 4\n")  # a merge is no repeated key
+    assert (load_config(path).model.embed_dim, load_config(path).model.heads) == (64, 4)

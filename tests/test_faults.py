@@ -628,7 +628,7 @@ def test_serve_refuses_a_port_out_of_range(model_dir):
 
 
 @pytest.mark.parametrize("option, value", [("--timeout", "nan"), ("--timeout", "inf"), ("--timeout", 0),
-                                           ("--max-lines", 0), ("--batch-wait-ms", "inf"), ("--batch-wait-ms", "nan"),
+                                           ("--timeout", "1e12"), ("--max-lines", 0), ("--batch-wait-ms", "inf"), ("--batch-wait-ms", "nan"),
                                            ("--batch-wait-ms", -1), ("--max-alternatives", -1)])
 def test_serve_refuses_limits_it_cannot_keep(model_dir, option, value, monkeypatch):
     # NaN passes no comparison, and an infinite wait stops the batching worker at its first request.

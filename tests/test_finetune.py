@@ -169,6 +169,6 @@ def test_resuming_a_fine_tuning_run_refuses_freezing_too(trained_and_new_data, t
     args = ["train", "--data", root / "new-data", "--out", tmp_path / "tuned", "--init", root / "model", "--no-progress"]
     assert invoke(*args, *tiny_sets()).exit_code == 0
     result = invoke(*args, "--resume", *tiny_sets(max_steps=8, freeze_init_steps=6))
-    assert_one_line_error(result, "train.freeze_init_steps", "translation model")
+    assert_one_line_error(result, "train.freeze_init_steps is 6 but", "--resume needs the same value")
     result = invoke(*args, "--resume", *tiny_sets(max_steps=8))
     assert result.exit_code == 0, result.output

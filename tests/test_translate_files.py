@@ -323,6 +323,10 @@ def test_attention_never_writes_over_the_users_files(trained, tmp_path):
         assert_one_line_error(result, f"{option} {inside} is a file --attention {maps} writes")
         assert inside.read_text(encoding="utf-8") == "w1 w2\n"
         inside.unlink()
+    (maps / "alignments.txt").symlink_to(source)  # through a link, -i would be written over all the same
+    assert_one_line_error(runner.invoke(app, [*translate, "--attention", str(maps)]), "is a file --attention")
+    assert source.read_text(encoding="utf-8") == "".join(line + "\n" for line in _lines(3))
+    (maps / "alignments.txt").unlink()
     source.write_text(_lines(1)[0] + "\n", encoding="utf-8")  # again into the same folder, with fewer lines
     assert runner.invoke(app, [*translate, "--attention", str(maps), "-o", str(maps / "out.txt")]).exit_code == 0
     assert sorted(p.name for p in maps.iterdir()) == [".DS_Store", "alignments.txt", "line-000001.png", "out.txt"]

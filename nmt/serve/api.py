@@ -57,10 +57,11 @@ class ServeSettings:
             raise ConfigError("an API key must not be empty")
         counts = (self.max_chars, self.max_line_chars, self.max_lines, self.max_batch_lines)
         # NaN passes no comparison and would be taken; a wait past TIMEOUT_MAX stops the worker.
+        longest = f"{threading.TIMEOUT_MAX:.0f} s"
         if min(counts) < 1 or not 0 < self.timeout_s <= threading.TIMEOUT_MAX:
-            raise ConfigError("the limits, --timeout and --max-batch-lines must be positive (and finite)")
+            raise ConfigError(f"the limits and --max-batch-lines must be positive, --timeout too and at most {longest}")
         if self.max_alternatives < 0 or not 0 <= self.batch_wait_ms <= 1000 * threading.TIMEOUT_MAX:
-            raise ConfigError("--batch-wait-ms and --max-alternatives must be 0 or more (and finite)")
+            raise ConfigError(f"--max-alternatives must be 0 or more, --batch-wait-ms too and at most {longest}")
 
     @property
     def max_body_bytes(self) -> int:
