@@ -89,7 +89,7 @@ def prepare(
     valid: Annotated[list[str] | None, typer.Option(help="Validation files prefix (with --train); with --directions, one for all or one per direction (then per --zero-shot direction).")] = None,
     test: Annotated[list[str] | None, typer.Option(help="Test files prefix (with --train); with --directions, one for all or one per direction (then per --zero-shot direction).")] = None,
     tsv: Annotated[list[Path] | None, typer.Option(help="Tab-separated corpus (.gz allowed); with --directions, one for all of them or one per direction, in order (repeat the option).")] = None,
-    tsv_langs: Annotated[str | None, typer.Option(help="Language of each TSV column, e.g. en,es.")] = None,
+    tsv_langs: Annotated[list[str] | None, typer.Option(help="Language of each TSV column, e.g. en,es; with several --tsv, one per --tsv in order (without it, each TSV's columns are in its direction's order).")] = None,
     hf: Annotated[str | None, typer.Option(help="Hugging Face dataset id, or a local folder of json/csv/parquet files.")] = None,
     hf_config: Annotated[str | None, typer.Option(help="Dataset config, e.g. de-en.")] = None,
     hf_revision: Annotated[str | None, typer.Option(help="Dataset revision (branch, tag or commit).")] = None,
@@ -141,11 +141,12 @@ def prepare(
             ), progress=progress)
             _print_mono_summary(out, manifest)
             return
-        langs = None
-        if tsv_langs:
-            langs = tuple(x.strip() for x in tsv_langs.split(","))
-            if len(langs) < 2:
-                raise NmtError("--tsv-langs needs one language per column, e.g. en,es")
+        column_langs = [tuple(x.strip() for x in item.split(",")) for item in tsv_langs or []]
+        if any(len(langs) < 2 for langs in column_langs):
+            raise NmtError("--tsv-langs needs one language per column, e.g. en,es")
+        if len(column_langs) > 1 and len(tsv or []) < 2:
+            raise NmtError("several --tsv-langs name the columns of several --tsv inputs (with --directions), one each")
+        langs = column_langs[0] if len(column_langs) == 1 and len(tsv or []) < 2 else None
         tsvs, corpora, trains, valids, tests = (list(x or []) for x in (tsv, corpus, train, valid, test))
         if directions is None and (src is None or tgt is None):
             raise NmtError("--src and --tgt name the languages of a parallel corpus (or give --directions, or --mono FILE)")
@@ -168,7 +169,7 @@ def prepare(
             manifest = prepare_multilingual(MultilingualConfig(
                 config, parse_directions(directions), parse_directions(zero_shot or ""),
                 DEFAULT_TEMPERATURE if lang_temperature is None else lang_temperature, tsvs, corpora,
-                trains, valids, tests,
+                trains, valids, tests, column_langs if len(tsvs) > 1 else [],
             ), progress=progress)
             _print_multilingual_summary(out, manifest)
             return

@@ -222,19 +222,29 @@ def evaluate_directions(
 
 
 def off_target_percent(lines: list[str], lang: str, candidates: list[str]) -> float | None:
-    """% of the non-empty `lines` that py3langid, choosing among the `candidates` it knows, says
-    are not in `lang`; None when it does not know `lang`."""
+    """% of the non-empty `lines` that py3langid, choosing among the `candidates`, says are not
+    in `lang`; None when it does not know one of them (a line in that language would be put
+    down to another)."""
     try:
         from py3langid.langid import MODEL_FILE, LanguageIdentifier
     except ImportError:
         raise DataError("the off-target rate needs the py3langid package (pip install py3langid)") from None
     known = set(_language_identifier(MODEL_FILE, LanguageIdentifier).labels)
-    if lang not in known:
+    labels = {code: _identifier_label(code, known) for code in {lang, *candidates}}
+    if None in labels.values():
         return None
-    identifier = _language_identifier(MODEL_FILE, LanguageIdentifier, tuple(sorted({lang, *candidates} & known)))
+    identifier = _language_identifier(MODEL_FILE, LanguageIdentifier, tuple(sorted(set(labels.values()))))
     texts = [line for line in lines if line.strip()]
-    wrong = sum(identifier.classify(text)[0] != lang for text in texts)
+    wrong = sum(identifier.classify(text)[0] != labels[lang] for text in texts)
     return round(100.0 * wrong / max(len(texts), 1), 2)
+
+
+def _identifier_label(code: str, known: set[str]) -> str | None:
+    """py3langid's name (ISO 639-1) for a language code: zh_TW and cmn are zh; None if it has none."""
+    base = base_language(code)
+    if base in known:
+        return base
+    return "zh" if is_chinese(code) else None
 
 
 @lru_cache(maxsize=4)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from nmt.prepare import (
     _describe_input,
     _references,
     build_data_dir,
+    check_split_settings,
     clean_and_split,
     copy_sentencepiece,
     directory_files,
@@ -61,6 +63,9 @@ DEFAULT_TEMPERATURE = 1.5  # fairseq's default for multilingual sampling
 TARGET_PIECE_MIN_SHARE = 2e-5
 
 
+LANGUAGE_CODE = re.compile(r"[A-Za-z0-9_]+")  # part of file names (PREFIX.zh_TW) and tags (<2zh_TW>)
+
+
 def parse_directions(text: str | list[str]) -> list[str]:
     """"de-en,en-de" (or a list of such) -> ["de-en", "en-de"], checked."""
     items = text.split(",") if isinstance(text, str) else [x for part in text for x in part.split(",")]
@@ -69,8 +74,9 @@ def parse_directions(text: str | list[str]) -> list[str]:
         if not item:
             continue
         parts = item.split("-")
-        if len(parts) != 2 or not all(parts):
-            raise DataError(f"direction {item!r} is not SRC-TGT, e.g. de-en (write regional codes with _, as zh_TW)")
+        if len(parts) != 2 or not all(LANGUAGE_CODE.fullmatch(part) for part in parts):
+            raise DataError(f"direction {item!r} is not SRC-TGT, e.g. de-en (language codes of letters, digits and _, "
+                            "as zh_TW)")
         if parts[0] == parts[1]:
             raise DataError(f"direction {item!r}: source and target languages must differ")
         if item in directions:
@@ -161,9 +167,9 @@ def target_pieces(tgt: TokenArray, directions: list[str], sizes: list[int], voca
 class MultilingualConfig:
     """`nmt prepare --directions`: `prepare` gives the output, cleaning and vocabulary. Inputs
     come one for every direction or one per direction, in order: training file prefixes
-    (`PREFIX.LANG`), TSV files (columns in the direction's order when there is one per
-    direction, else named by --tsv-langs) or corpora; valid and test prefixes one for all or one
-    per direction, the zero-shot ones after the trained ones."""
+    (`PREFIX.LANG`), TSV files (their columns named by --tsv-langs: one for one TSV, one per TSV
+    for several, or none, when each TSV's columns are in its direction's order) or corpora; valid
+    and test prefixes one for all or one per direction, the zero-shot ones after the trained ones."""
 
     prepare: PrepareConfig
     directions: list[str]
@@ -174,6 +180,7 @@ class MultilingualConfig:
     trains: list[str] = field(default_factory=list)
     valids: list[str] = field(default_factory=list)
     tests: list[str] = field(default_factory=list)
+    tsv_langs: list[tuple[str, ...]] = field(default_factory=list)  # the columns of each TSV (several TSVs)
 
 
 def prepare_multilingual(config: MultilingualConfig, progress: bool = False) -> Manifest:
@@ -209,9 +216,9 @@ def check_config(config: MultilingualConfig) -> None:
         if len(given) not in (0, 1, per_direction):
             what = f"{trained} directions" + (f" and {len(config.zero_shot)} zero-shot ones" if per_direction > trained else "")
             raise DataError(f"{len(given)} {name} inputs for {what}: give one for all, or one per direction")
-    if len(config.tsvs) > 1 and base.tsv_langs:
-        raise DataError("--tsv-langs names the columns of one --tsv for all directions; a --tsv per direction "
-                        "has its columns in the direction's order")
+    if len(config.tsvs) > 1 and (base.tsv_langs or len(config.tsv_langs) not in (0, len(config.tsvs))):
+        raise DataError(f"{len(config.tsv_langs) or 1} --tsv-langs for {len(config.tsvs)} --tsv inputs: name each TSV's "
+                        "columns (one --tsv-langs per --tsv, in order), or none when each has its direction's order")
     if len(config.tsvs) == 1 and trained > 1 and not base.tsv_langs:
         raise DataError("one --tsv for several directions: name its columns' languages with --tsv-langs, e.g. de,en")
     if not base.joint_vocab:
@@ -225,6 +232,11 @@ def check_config(config: MultilingualConfig) -> None:
                         "--tsv inputs (use --train prefixes, or --corpus or --hf)")
     if config.zero_shot and not (config.valids and config.tests):
         raise DataError("--zero-shot directions are read from the --valid and --test file prefixes")
+    if (config.corpora or base.hf_name) and (config.valids or config.tests) and (
+            not config.zero_shot or held_out > 1 and held_out in (len(config.valids), len(config.tests))):
+        raise DataError("with --corpus or --hf the trained directions' valid and test sets are the corpus's: --valid and "
+                        "--test give the --zero-shot directions' (one prefix each)")
+    check_split_settings(base)
     if base.split_by is not None:
         missing = [d for d in config.directions if base.split_by not in direction_languages(d)]
         if missing:
@@ -247,8 +259,10 @@ def direction_config(config: MultilingualConfig, index: int) -> PrepareConfig:
     changes: dict = {"src_lang": src, "tgt_lang": tgt, "train_prefix": _pick(config.trains, index),
                      "valid_prefix": _pick(config.valids, index), "test_prefix": _pick(config.tests, index),
                      "tsv": _pick(config.tsvs, index), "corpus": _pick(config.corpora, index)}
-    if len(config.tsvs) > 1:  # one TSV per direction: its columns in the direction's order
-        changes["tsv_langs"] = None
+    if changes["corpus"] is not None or config.prepare.hf_name:  # its own splits; the prefixes are the zero-shot ones'
+        changes["valid_prefix"] = changes["test_prefix"] = None
+    if len(config.tsvs) > 1:  # one TSV per direction: its columns named, or in the direction's order
+        changes["tsv_langs"] = _pick(config.tsv_langs, index)
     return dataclasses.replace(config.prepare, **changes)
 
 
@@ -369,6 +383,8 @@ def _zero_shot_splits(direction: str, config: MultilingualConfig, index: int) ->
     clean, raw = {}, {}
     for split, prefix in (("valid", _pick(config.valids, index)), ("test", _pick(config.tests, index))):
         pairs = list(read_parallel_files(find_side_file(prefix, src), find_side_file(prefix, tgt)))
+        if not pairs:
+            raise DataError(f"the given {split} set of {direction} ({prefix}.{src}, .{tgt}) has no lines")
         clean[split] = [cleaner.normalize_pair(*pair) for pair in pairs]
         raw[split] = _references(pairs, clean[split], cleaner)
     return clean, raw

@@ -107,12 +107,19 @@ def prepare(config: PrepareConfig, progress: bool = False) -> Manifest:
         config.joint_vocab = source == target  # a checkpoint's separate models stay separate
         if not config.joint_vocab:
             check_given_sides(Path(config.spm_model), config.src_lang, config.tgt_lang)
-    if config.valid_size < 1 or config.test_size < 1:
-        raise DataError("--valid-size and --test-size must be at least 1")
+    check_split_settings(config)
     if config.split_by is not None and config.split_by not in (config.src_lang, config.tgt_lang):
         raise DataError(f"--split-by must be the source or target language ({config.src_lang} or {config.tgt_lang})")
     return build_data_dir(out_dir, config.overwrite, lambda tmp_dir: _build_data_dir(tmp_dir, config, progress), started,
                           input_paths(config))
+
+
+def check_split_settings(config: PrepareConfig) -> None:
+    """The sizes and seed of the held-out splits carved out of the training pairs."""
+    if config.valid_size < 1 or config.test_size < 1:
+        raise DataError("--valid-size and --test-size must be at least 1")
+    if config.seed < 0:
+        raise DataError(f"--seed must be 0 or more (got {config.seed})")
 
 
 def input_paths(config: PrepareConfig) -> list[Path]:
@@ -611,6 +618,9 @@ def _read_inputs(config: PrepareConfig, progress: bool = False):
             splits = load_hf_corpus(corpus.hub_id, corpus.config, src, tgt, corpus.revision, corpus.data_dir)
     else:
         splits = load_hf_corpus(config.hf_name, config.hf_config, src, tgt, config.hf_revision)
+    if config.valid_prefix or config.test_prefix:
+        raise DataError("--valid/--test go with --train; --corpus and --hf bring their own splits (one they lack is carved "
+                        "out with --valid-size/--test-size)")
     return splits["train"], {k: v for k, v in splits.items() if k != "train"}, None  # the missing one is carved
 
 

@@ -403,6 +403,12 @@ def test_off_target_counts_lines_in_another_language():
              "Un homme descend la rue à vélo.", ""]
     assert off_target_percent(lines, "de", ["de", "en", "fr"]) == pytest.approx(200 / 3, abs=0.01)
     assert off_target_percent(lines[:1], "de", ["de", "en", "fr"]) == 0.0
+    # Regional and ISO 639-3 codes are the identifier's zh; a language it does not know leaves the rate unknown.
+    chinese = ["我们走吧。", "你好，世界！"]
+    for code in ("zh_TW", "cmn", "zh"):
+        assert off_target_percent(chinese, "en", ["en", code]) == 100.0
+    assert off_target_percent(chinese, "cmn", ["en", "cmn"]) == 0.0
+    assert off_target_percent(lines, "de", ["de", "xx"]) is None
 
 
 def test_prepare_directions_errors_are_one_line(tmp_path):
@@ -421,6 +427,17 @@ def test_prepare_directions_errors_are_one_line(tmp_path):
     for temperature in ("nan", "1e-9"):
         result = runner.invoke(app, [*common, "--directions", "aa-bb", "--lang-temperature", temperature])
         assert_one_line_error(result, "--lang-temperature must be between")
+    for code in ("aa-b/b", "aa-b b", "aa-<2b>"):  # part of file names and tags
+        assert_one_line_error(runner.invoke(app, [*common, "--directions", code]), "is not SRC-TGT")
+    for sizes in (["--valid-size", "0"], ["--test-size", "-5"], ["--seed", "-1"]):
+        result = runner.invoke(app, [*common, "--directions", "aa-bb", *sizes])
+        assert_one_line_error(result, "must be")
+    (corpus / "empty.aa").write_text("")
+    (corpus / "empty.cc").write_text("")
+    sets = ["--valid", str(corpus / "valid"), "--valid", str(corpus / "empty"), "--test", str(corpus / "test"),
+            "--test", str(corpus / "test")]
+    result = runner.invoke(app, [*common, "--directions", "aa-bb", "--zero-shot", "aa-cc", *sets])
+    assert_one_line_error(result, "the given valid set of aa-cc", "has no lines")
     tsv = ["prepare", "--tsv", "a.tsv", "--tsv-langs", "aa,bb", "--out", str(tmp_path / "out"), "--no-progress"]
     result = runner.invoke(app, [*tsv, "--directions", "aa-bb", "--zero-shot", "bb-aa"])
     assert_one_line_error(result, "--zero-shot", "--tsv")
@@ -453,7 +470,16 @@ def test_one_tsv_per_direction(tmp_path):
     assert manifest.direction_cleaning["aa-bb"]["sharing_held_out_sentence"] > 0
     result = runner.invoke(app, ["prepare", "--directions", "aa-bb,aa-cc", "--tsv", str(ab), "--tsv", str(ac),
                                  "--tsv-langs", "bb,aa", "--out", str(tmp_path / "swapped")])
-    assert_one_line_error(result, "--tsv-langs", "a --tsv per direction")
+    assert_one_line_error(result, "1 --tsv-langs for 2 --tsv inputs", "one --tsv-langs per --tsv")
+    # Columns named per TSV: directions against a file's order (bb-aa from an aa-first file) read right.
+    result = runner.invoke(app, ["prepare", "--directions", "bb-aa,cc-aa", "--tsv", str(ab), "--tsv", str(ac),
+                                 "--tsv-langs", "aa,bb", "--tsv-langs", "aa,cc", "--valid-size", "5", "--test-size", "5",
+                                 "--vocab-size", "60", "--out", str(tmp_path / "named"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    for d in ("bb-aa", "cc-aa"):
+        sources = list(read_lines(tmp_path / "named" / f"test.{d}.src.txt"))
+        targets = list(read_lines(tmp_path / "named" / f"test.{d}.tgt.txt"))
+        assert all(line[0] != "w" for line in sources) and all(line.startswith("w") for line in targets)
 
 
 def test_one_tsv_for_several_directions_names_its_columns(tmp_path):

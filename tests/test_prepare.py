@@ -72,6 +72,19 @@ def test_prepare_from_datasets_local_folder(tmp_path):
 
     splits = load_hf_corpus(str(folder), None, "xx", "yy")
     assert not isinstance(splits["train"], list)  # read lazily from the Arrow table, not held as strings
+    # A dataset brings its own splits: --valid/--test files beside it would go unread.
+    write_pairs(tmp_path / "mine", toy_pairs(5, seed=9))
+    with pytest.raises(DataError, match="--valid/--test go with --train; --corpus and --hf bring their own splits"):
+        prepare(_config(tmp_path / "other", hf_name=str(folder), valid_prefix=str(tmp_path / "mine"),
+                        test_prefix=str(tmp_path / "mine")))
+    from nmt.multilingual import MultilingualConfig, prepare_multilingual
+
+    given = _config(tmp_path / "multi", hf_name=str(folder), valid_prefix=str(tmp_path / "mine"))
+    with pytest.raises(DataError, match="--valid and --test give the --zero-shot directions'"):
+        prepare_multilingual(MultilingualConfig(given, ["xx-yy"], valids=[str(tmp_path / "mine")]))
+    for settings, message in (({"seed": -1}, "--seed must be 0 or more"), ({"valid_size": 0}, "--valid-size")):
+        with pytest.raises(DataError, match=message):
+            prepare(_config(tmp_path / "bad", hf_name=str(folder), **settings))
     assert list(splits["train"]) == toy_pairs(120, seed=1) and splits["test"] == toy_pairs(12, seed=3)
 
 
