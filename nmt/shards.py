@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from nmt.errors import DataError, first_line
+from nmt.tokenizer import encode_text, reserved_ids
 
 NPY_HEADER_BYTES = 128  # room for the header of a 1-D array of any length
 
@@ -163,15 +164,15 @@ def _load_worker_models(models: list[str]) -> None:
     for path in models:
         processor = spm.SentencePieceProcessor()
         processor.load(path)
-        _worker_models.append(processor)
+        _worker_models.append((processor, reserved_ids(processor)))
 
 
 def _encode_chunk(rows: list[tuple[str, ...]], dtype: str, prefixes: list[list[int]] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each side of the rows encoded with its model, after that side's `prefixes` ids (a
     language tag): [(tokens, lengths), ...]."""
     encoded = []
-    for side, processor in enumerate(_worker_models):
-        sequences = processor.encode([row[side] for row in rows])
+    for side, (processor, reserved) in enumerate(_worker_models):
+        sequences = encode_text(processor, [row[side] for row in rows], reserved)  # none spelled in the text
         if prefixes and prefixes[side]:
             sequences = [prefixes[side] + ids for ids in sequences]
         encoded.append(flatten(sequences, np.dtype(dtype)))

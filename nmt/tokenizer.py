@@ -18,7 +18,8 @@ from nmt.errors import DataError
 # Fixed special ids, the same in every model this toolkit trains.
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 # Reserved for masked-LM pretraining (`nmt pretrain`), so that one vocabulary serves pretraining
-# and translation. They are user-defined symbols: "[MASK]" written in text encodes to MASK.
+# and translation. They are user-defined symbols: "[MASK]" written in text encodes to MASK, which
+# `nmt fill-mask` wants and nothing else does (see `encode_text`).
 MASK, CLS, SEP = 4, 5, 6
 RESERVED_SYMBOLS = ("[MASK]", "[CLS]", "[SEP]")
 FIRST_REGULAR_ID = 7  # ids below are special: never masked, never drawn as random replacements
@@ -31,6 +32,31 @@ def language_tag(lang: str) -> str:
     """The token a multilingual model's source starts with to ask for `lang`: "<2fr>". Reserved
     in the SentencePiece model (a user-defined symbol, after [MASK], [CLS] and [SEP])."""
     return f"<2{lang}>"
+
+
+def reserved_ids(processor: spm.SentencePieceProcessor) -> frozenset[int]:
+    """The ids of a model's reserved symbols ([MASK], [CLS], [SEP], language tags), which are
+    never part of a translation. (Models trained before they were reserved have none.)"""
+    if not has_reserved_symbols(processor):
+        return frozenset()
+    tags = itertools.takewhile(lambda i: LANGUAGE_TAG.fullmatch(processor.id_to_piece(i)),
+                               range(FIRST_REGULAR_ID, processor.get_piece_size()))  # right after [SEP]
+    return frozenset([MASK, CLS, SEP, *tags])
+
+
+def encode_text(processor: spm.SentencePieceProcessor, lines: list[str], reserved: frozenset[int]) -> list[list[int]]:
+    """`lines` encoded with none of the `reserved` ids: a reserved symbol spelled in the text
+    ("<2de>", "[MASK]") becomes the pieces of its characters, so that no text can choose the
+    output language or stand for a mask."""
+    encoded = processor.encode(lines)
+    if not reserved:
+        return encoded
+    return [ids if reserved.isdisjoint(ids) else _spelled(processor, ids, reserved) for ids in encoded]
+
+
+def _spelled(processor: spm.SentencePieceProcessor, ids: list[int], reserved: frozenset[int]) -> list[int]:
+    return [piece for i in ids
+            for piece in ([processor.piece_to_id(c) for c in processor.id_to_piece(i)] if i in reserved else [i])]
 
 
 # SentencePiece's model depends on the number of threads it trains with (its statistics are
@@ -161,14 +187,17 @@ class Tokenizer:
         return tagged
 
     @functools.cached_property
+    def reserved_source(self) -> frozenset[int]:
+        return reserved_ids(self.src)
+
+    @functools.cached_property
+    def reserved_target(self) -> frozenset[int]:
+        return reserved_ids(self.tgt)
+
+    @functools.cached_property
     def reserved_target_ids(self) -> list[int]:
-        """The target model's reserved symbols ([MASK], [CLS], [SEP], language tags), which are
-        never part of a translation. (Models trained before they were reserved have none.)"""
-        if not has_reserved_symbols(self.tgt):
-            return []
-        tags = itertools.takewhile(lambda i: LANGUAGE_TAG.fullmatch(self.tgt.id_to_piece(i)),
-                                   range(FIRST_REGULAR_ID, self.tgt.get_piece_size()))  # right after [SEP]
-        return [MASK, CLS, SEP, *tags]
+        """The target model's reserved symbols, in id order (see `reserved_ids`)."""
+        return sorted(self.reserved_target)
 
     @property
     def joint(self) -> bool:
@@ -183,11 +212,11 @@ class Tokenizer:
         return self.tgt.get_piece_size()
 
     def encode_src(self, lines: list[str]) -> list[list[int]]:
-        encoded = self.src.encode(lines)
+        encoded = encode_text(self.src, lines, self.reserved_source)
         return [self.source_prefix + ids for ids in encoded] if self.source_prefix else encoded
 
     def encode_tgt(self, lines: list[str]) -> list[list[int]]:
-        return self.tgt.encode(lines)
+        return encode_text(self.tgt, lines, self.reserved_target)
 
     def decode_tgt(self, ids: list[list[int]]) -> list[str]:
         # A byte-fallback piece (<0x0A>) can spell a line break, which would split an output line.

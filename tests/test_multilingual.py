@@ -100,6 +100,13 @@ def test_every_source_starts_with_the_tag_of_its_directions_target(data_dir):
     # ... and never part of a translation, as the pretraining symbols.
     tags = sorted(tokenizer.tag_id(lang) for lang in ("aa", "bb", "cc"))
     assert tokenizer.reserved_target_ids == [MASK, CLS, SEP, *tags]
+    # A tag or mask spelled in the text the model reads is the pieces of its characters: no input
+    # chooses the output language (<2bb> in a line asked for cc) or stands for a mask.
+    tagged = tokenizer.for_target("cc")
+    text = f"w1 {language_tag('bb')} w2 [MASK]"
+    source, target = tagged.encode_src([text])[0], tagged.encode_tgt([text])[0]
+    reserved = {MASK, CLS, SEP, *tags}
+    assert source[0] == tokenizer.tag_id("cc") and not reserved & set(source[1:]) and not reserved & set(target)
 
 
 def test_temperature_weights_follow_the_formula():

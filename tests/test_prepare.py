@@ -388,3 +388,19 @@ def test_sentencepiece_settings_are_checked_before_reading_and_a_small_vocabular
     with pytest.raises(DataError, match="smaller than the .* the text needs"):
         prepare(PrepareConfig(out_dir=tmp_path / "zd", src_lang="en", tgt_lang="zh", vocab_size=30,
                               train_prefix=str(tmp_path / "zh" / "train"), valid_size=5, test_size=5))
+
+
+def test_reserved_symbols_written_in_the_corpus_are_plain_text(tmp_path):
+    """"[MASK]" in a training or test sentence is its characters, not the mask id (nor a tag)."""
+    from nmt.data import ParallelSplit
+    from nmt.tokenizer import CLS, MASK, SEP
+
+    pairs = [(f"{s} [MASK]", f"[SEP] {t}") for s, t in toy_pairs(200, seed=1)]
+    for split, chosen in (("train", pairs[:180]), ("valid", pairs[180:190]), ("test", pairs[190:])):
+        write_pairs(tmp_path / split, chosen)
+    prepare(_config(tmp_path / "data", train_prefix=str(tmp_path / "train"), valid_prefix=str(tmp_path / "valid"),
+                    test_prefix=str(tmp_path / "test")))
+    for split in ("train", "valid", "test"):
+        data = ParallelSplit.load(tmp_path / "data", split)
+        for i in range(len(data)):
+            assert not {MASK, CLS, SEP} & {*data.src[i].tolist(), *data.tgt[i].tolist()}
