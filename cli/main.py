@@ -216,9 +216,11 @@ def _print_multilingual_summary(out: Path, manifest) -> None:
         typer.echo(f"{direction:>7}: " + ", ".join(f"{counts[s]['pairs']} {s}" for s in ("train", "valid", "test") if s in counts) + dropped)
     vocab = manifest.vocab
     sample = manifest.input.get("spm_sample") or {}
+    unk = manifest.valid_unk_percent
     typer.echo(f"vocab: joint {vocab.type or 'given'}, {vocab.src_size} pieces with the tags "
                + " ".join(language_tag(lang) for lang in manifest.languages)
-               + ("; SentencePiece sample: " + ", ".join(f"{lang} {n}" for lang, n in sample.items()) if sample else ""))
+               + ("; SentencePiece sample: " + ", ".join(f"{lang} {n}" for lang, n in sample.items()) if sample else "")
+               + f"; <unk> in valid (the direction with most): {unk['src']}% source, {unk['tgt']}% target tokens")
 
 
 def _print_mono_summary(out: Path, manifest) -> None:
