@@ -377,6 +377,10 @@ class TranslationTask:
         """--resume continues on the data the run was trained on: the same vocabulary, languages,
         directions and training pairs (another data dir would change the batches and the dev set)."""
         check_same_model(save_dir, self.config)
+        freeze, saved_freeze = self.config.train.freeze_init_steps, read_config(save_dir).train.freeze_init_steps
+        if self.config.train.init and freeze != saved_freeze:  # the weights it holds fixed are the init's
+            raise ConfigError(f"train.freeze_init_steps is {freeze} but the run in {save_dir} was trained with "
+                              f"{saved_freeze}; --resume needs the same value")
         saved, data = VocabInfo.read(save_dir), VocabInfo.from_manifest(self.manifest)
         if (saved.vocab.src_sha256, saved.vocab.tgt_sha256) != (data.vocab.src_sha256, data.vocab.tgt_sha256):
             raise CheckpointError(
@@ -481,7 +485,8 @@ def train(
                           "target ones (nmt prepare --separate-vocab); set model.share_embeddings=false")
     if resume:
         check_resumed_task(save_dir, TRANSLATION)
-    check_init(config, manifest, save_dir, resume)
+    if not resume:
+        check_init(config, manifest)
     for key in ("direction_weights", "lang_temperature"):
         if getattr(config.train, key) and not manifest.multilingual:
             raise ConfigError(f"train.{key} needs a multilingual data dir (nmt prepare --directions); {data_dir} has one direction")
@@ -494,20 +499,14 @@ def train(
     )
 
 
-def check_init(config: Config, manifest: Manifest, save_dir: Path, resume: bool) -> None:
-    """A wrong model to start from (train.init) fails now, not after loading the data. A resumed
-    run has its own weights and needs that model no more: it goes on freezing as it began."""
-    init, freeze = config.train.init, config.train.freeze_init_steps
-    if resume:
-        saved = read_config(save_dir).train.freeze_init_steps
-        if init and freeze != saved:
-            raise ConfigError(f"train.freeze_init_steps is {freeze} but the run in {save_dir} was trained with {saved}; "
-                              "--resume needs the same value")
-        return
+def check_init(config: Config, manifest: Manifest) -> None:
+    """A wrong model to start from (train.init) fails now, not after loading the data. (A resumed
+    run has its own weights and needs that model no more: see `check_resumable`.)"""
+    init = config.train.init
     if not init:
         return
     task = check_pretrained(Path(init), manifest.vocab, config.model, config.train.init_decoder).task
-    if task == TRANSLATION and freeze:
+    if task == TRANSLATION and config.train.freeze_init_steps:
         raise ConfigError(f"train.freeze_init_steps holds a masked LM's weights fixed, but --init {init} "
                           "is a translation model, every weight of which it loads; leave it at 0")
 
