@@ -221,6 +221,10 @@ def _print_multilingual_summary(out: Path, manifest) -> None:
                + " ".join(language_tag(lang) for lang in manifest.languages)
                + ("; SentencePiece sample: " + ", ".join(f"{lang} {n}" for lang, n in sample.items()) if sample else "")
                + f"; <unk> in valid (the direction with most): {unk['src']}% source, {unk['tgt']}% target tokens")
+    unsampled = [lang for lang in manifest.languages if sample and lang not in sample]
+    if unsampled:
+        typer.echo(f"warning: {', '.join(unsampled)} only in --zero-shot directions: none of their text is in the "
+                   "SentencePiece sample, so their words may split into many pieces or <unk>", err=True)
 
 
 def _print_mono_summary(out: Path, manifest) -> None:

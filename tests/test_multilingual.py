@@ -445,6 +445,10 @@ def test_prepare_directions_errors_are_one_line(tmp_path):
             "--test", str(corpus / "test")]
     result = runner.invoke(app, [*common, "--directions", "aa-bb", "--zero-shot", "aa-cc", *sets])
     assert_one_line_error(result, "the given valid set of aa-cc", "has no lines")
+    sets = ["--valid", str(corpus / "valid"), "--test", str(corpus / "test"), "--vocab-size", "40"]
+    result = runner.invoke(app, ["prepare", "--train", str(corpus / "train"), "--out", str(tmp_path / "unsampled"),
+                                 "--no-progress", "--directions", "aa-bb", "--zero-shot", "aa-cc", *sets])
+    assert result.exit_code == 0 and "warning: cc only in --zero-shot directions" in result.output, result.output
     tsv = ["prepare", "--tsv", "a.tsv", "--tsv-langs", "aa,bb", "--out", str(tmp_path / "out"), "--no-progress"]
     result = runner.invoke(app, [*tsv, "--directions", "aa-bb", "--zero-shot", "bb-aa"])
     assert_one_line_error(result, "--zero-shot", "--tsv")
