@@ -421,9 +421,10 @@ def _carve_groups(candidates: np.ndarray, groups: np.ndarray, config: PrepareCon
 
 def _references(raw: list[tuple[str, str]], clean: list[tuple[str, str]], cleaner: PairCleaner) -> list[tuple[str, str]]:
     """The held-out pairs as written for translation and scoring: as given, except a target side
-    whose script normalization changes characters (Traditional -> Simplified), which is scored in
-    the script the model writes."""
-    if cleaner.normalize[1].chinese_script == "simplified":
+    whose normalization changes characters the model writes otherwise (Chinese: Traditional ->
+    Simplified, the width and the punctuation), which is scored as the model writes it."""
+    target = cleaner.normalize[1]
+    if target.chinese_script == "simplified" or target.fold_width or target.cjk_punctuation:
         return [(r[0], c[1]) for r, c in zip(raw, clean)]
     return raw
 

@@ -26,6 +26,7 @@ FIRST_REGULAR_ID = 7  # ids below are special: never masked, never drawn as rand
 
 
 LANGUAGE_TAG = re.compile(r"<2[^<>\s]+>")  # the pieces language_tag makes
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # and line or paragraph separators
 
 
 def language_tag(lang: str) -> str:
@@ -64,6 +65,7 @@ def _spelled(processor: spm.SentencePieceProcessor, ids: list[int], reserved: fr
 # recipes' figures were measured with on 2 cores.
 SENTENCEPIECE_THREADS = 2
 MIN_SENTENCEPIECE_SAMPLE = 100  # SentencePiece's trainer samples more than this many sentences
+MIN_CHARACTER_COVERAGE = 0.98  # the least SentencePiece's trainer takes
 
 
 def train_sentencepiece(
@@ -126,8 +128,8 @@ def check_sentencepiece_settings(model_type: str, character_coverage: float | No
     """What SentencePiece would refuse only after the corpus is read, refused before."""
     if model_type not in ("unigram", "bpe"):
         raise DataError(f"SentencePiece model type must be unigram or bpe (got {model_type!r})")
-    if character_coverage is not None and not 0.0 < character_coverage <= 1.0:
-        raise DataError(f"--character-coverage must be in (0, 1] (got {character_coverage})")
+    if character_coverage is not None and not MIN_CHARACTER_COVERAGE <= character_coverage <= 1.0:
+        raise DataError(f"--character-coverage must be between {MIN_CHARACTER_COVERAGE} and 1 (got {character_coverage})")
     if max_sentences <= MIN_SENTENCEPIECE_SAMPLE:
         raise DataError(f"--spm-sample must be more than {MIN_SENTENCEPIECE_SAMPLE} sentences (got {max_sentences})")
 
@@ -219,8 +221,9 @@ class Tokenizer:
         return encode_text(self.tgt, lines, self.reserved_target)
 
     def decode_tgt(self, ids: list[list[int]]) -> list[str]:
-        # A byte-fallback piece (<0x0A>) can spell a line break, which would split an output line.
-        return [text.replace("\n", " ").replace("\r", " ") for text in self.tgt.decode(ids)]
+        # Byte-fallback pieces (<0x0A>, <0x00>) can spell a line break, which would split an output
+        # line, or another control character, which no reader of the text expects (NUL, tab).
+        return [CONTROL_CHARACTERS.sub(" ", text) for text in self.tgt.decode(ids)]
 
     def src_pieces(self, ids: list[int]) -> list[str]:
         return [self.src.id_to_piece(i) for i in ids]

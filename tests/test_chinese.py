@@ -126,12 +126,14 @@ def test_unseen_character_is_encoded_without_unk_and_decoded_without_spaces(zh_d
     # Whatever the model writes, decoding puts no space between Chinese characters.
     rng = np.random.default_rng(0)
     regular = [i for i in range(7, tokenizer.tgt_vocab_size) if "▁" not in tokenizer.tgt.id_to_piece(i)]
-    (random_output,) = tokenizer.decode_tgt([rng.choice(regular, size=30).tolist()])
+    words = [i for i in regular if not tokenizer.tgt.id_to_piece(i).startswith("<0x")]  # bytes: controls become spaces
+    (random_output,) = tokenizer.decode_tgt([rng.choice(words, size=30).tolist()])
     assert " " not in random_output
-    # Byte pieces spell any character, a line break too: an output line never holds one.
-    breaks = [tokenizer.tgt.piece_to_id(piece) for piece in ("<0x0A>", "<0x0D>")]
-    assert tokenizer.tgt.decode([regular[0], *breaks, regular[1]]).count("\n") == 1
-    assert "\n" not in tokenizer.decode_tgt([[regular[0], *breaks, regular[1]]])[0]
+    # Byte pieces spell any character, a line break or NUL too: an output line never holds one.
+    controls = [tokenizer.tgt.piece_to_id(f"<0x{byte:02X}>") for byte in (0x0A, 0x0D, 0x00, 0x09, 0x1C)]
+    assert tokenizer.tgt.decode([regular[0], *controls, regular[1]]).count("\n") == 1
+    (decoded,) = tokenizer.decode_tgt([[regular[0], *controls, regular[1]]])
+    assert decoded.isprintable() and len(decoded.splitlines()) == 1
 
 
 def test_outputs_keep_the_full_width_punctuation_of_the_references(zh_data):
@@ -213,3 +215,11 @@ def test_given_traditional_references_are_written_in_the_script_the_model_writes
     references = (tmp_path / "data" / "test.tgt.txt").read_text(encoding="utf-8").splitlines()
     assert references == [ZH(zh) for _, zh in pairs[280:]] and all(line.startswith("们") for line in references)
     assert (tmp_path / "data" / "test.src.txt").read_text(encoding="utf-8").splitlines() == [en for en, _ in pairs[280:]]
+    # Script kept (--chinese-script none): the width and punctuation are still the model's.
+    test = [(en, "３" + zh[:-1] + ".") for en, zh in pairs[280:]]  # full-width 3, ASCII full stop
+    (tmp_path / "test.zh").write_text("".join(zh + "\n" for _, zh in test), encoding="utf-8")
+    prepare(PrepareConfig(out_dir=tmp_path / "kept", src_lang="en", tgt_lang="zh", train_prefix=str(tmp_path / "train"),
+                          valid_prefix=str(tmp_path / "valid"), test_prefix=str(tmp_path / "test"), vocab_size=400,
+                          clean=CleanConfig(chinese_script="none")))
+    references = (tmp_path / "kept" / "test.tgt.txt").read_text(encoding="utf-8").splitlines()
+    assert references == ["3" + zh for _, zh in pairs[280:]]  # 們 kept; 3 and 。 as the model writes them

@@ -378,7 +378,7 @@ def test_sentencepiece_settings_are_checked_before_reading_and_a_small_vocabular
     from cli.main import app
 
     common = ["prepare", "--train", str(toy_corpus / "train"), "--src", "xx", "--tgt", "yy", "--out", str(tmp_path / "d")]
-    for option, value in (("--spm-sample", "50"), ("--character-coverage", "1.5"), ("--spm-type", "char")):
+    for option, value in (("--spm-sample", "50"), ("--character-coverage", "1.5"), ("--character-coverage", "0.9"), ("--spm-type", "char")):
         result = CliRunner().invoke(app, [*common, option, value])
         assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
         assert option.lstrip("-").replace("spm-type", "model type").replace("-", " ").split()[0] in result.output

@@ -18,13 +18,17 @@ def main(tsv: str, out: str, held_out: int = 1000) -> None:
     if not Path(tsv).is_file():
         sys.exit(f"error: {tsv} not found")
     groups: dict[str, list[str]] = {}
-    with gzip.open(tsv, "rt", encoding="utf-8", newline="\n") as f:
+    opener = gzip.open if tsv.endswith(".gz") else open
+    with opener(tsv, "rt", encoding="utf-8", newline="\n") as f:
         for number, line in enumerate(f, 1):
             fields = line.rstrip("\n").split("\t")
             if len(fields) < 2:
                 sys.exit(f"error: {tsv}:{number}: expected English<TAB>Chinese")
             groups.setdefault(fields[0], []).append(fields[1])
     english = sorted(groups)
+    if len(english) < 4 * held_out:
+        sys.exit(f"error: {tsv} has {len(english)} English sentences; valid and test take {held_out} each, "
+                 "and train needs more than both")
     random.Random(1).shuffle(english)
     splits = {"test": english[:held_out], "valid": english[held_out : 2 * held_out], "train": english[2 * held_out :]}
     out_dir = Path(out)
