@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from nmt import __version__
-from nmt.atomic import check_output_file, write_text_atomic
+from nmt.atomic import check_output_apart, check_output_file, write_text_atomic
 from nmt.batches import make_batch, token_batches
 from nmt.checkpoint import load_for_inference
 from nmt.config import Config, DecodeConfig, load_config
@@ -394,6 +394,7 @@ def plan_bench(bc: BenchConfig) -> BenchPlan:
     unknown = set(bc.sections) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"unknown bench section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    check_output_apart(bc.out, [], list(bc.checkpoints.values()))  # a model the bench decodes
     check_output_file(bc.out)
     for split in ("train", "val", "test_2016_flickr"):
         for lang in ("de", "en"):
@@ -457,9 +458,12 @@ def run_bench(bc: BenchConfig, log: Callable[[str], None] = lambda m: print(m, f
 
 
 def prepare_bench_data(multi30k: Path, data_dir: Path, vocab_size: int, log: Callable[[str], None]) -> None:
-    """Multi30k de→en with a joint vocabulary in `data_dir`, unless it is there already."""
+    """Multi30k de→en with a joint vocabulary in `data_dir`, unless it is there already (prepared
+    from the same files with the same vocabulary size: else it is prepared again)."""
     if (data_dir / "manifest.json").exists():
-        return
+        manifest = Manifest.read(data_dir)
+        if manifest.vocab.requested_size == vocab_size and manifest.input.get("train") == str(multi30k / "train"):
+            return
     log(f"preparing Multi30k de-en ({vocab_size} joint vocabulary) in {data_dir}")
     prepare(PrepareConfig(
         out_dir=data_dir, src_lang="de", tgt_lang="en", train_prefix=str(multi30k / "train"),

@@ -103,7 +103,7 @@ def test_bench_commands_check_their_inputs_and_outputs_first(bench_inputs, tmp_p
     write_pairs(tmp_path / "m30k-train" / "train", toy_pairs(300, seed=1), "de", "en")
     scale = ["bench-scale", "--data", str(tmp_path / "m30k-train"), "--pairs", "200", "--ratio", "2"]
     vocab = Vocabulary("spm.joint.model", "spm.joint.model", 40, 40, "a", "a")
-    for name, info in (("fr-en", VocabInfo(vocab, src_lang="fr", tgt_lang="en")),
+    for name, info in (("fr-en", VocabInfo(vocab, src_lang="fr", tgt_lang="en")), ("de-en", VocabInfo(vocab, src_lang="de", tgt_lang="en")),
                        ("many", VocabInfo(vocab, src_lang="de+en", tgt_lang="de+en", directions=["de-en", "en-de"]))):
         (tmp_path / name).mkdir()
         info.write(tmp_path / name)
@@ -114,7 +114,10 @@ def test_bench_commands_check_their_inputs_and_outputs_first(bench_inputs, tmp_p
                         (["bench-serve", str(tmp_path / "model"), "--lines", "-1"], "--lines must be at least 1"),
                         (["bench-serve", str(tmp_path / "model"), "--out", str(tmp_path)], "cannot write"),
                         (["bench", "--data", str(corpus), "--device", "cpu", "--checkpoint", f"typo={tmp_path}"],
-                         "--checkpoint typo: no recipe of that name")]:
+                         "--checkpoint typo: no recipe of that name"),
+                        ([*bench, f"transformer={tmp_path / 'de-en'}", "--out", str(tmp_path / "de-en" / "config.yaml")],
+                         "is inside"),  # the report would replace a file of the model it decodes
+                        (["bench-serve", str(tmp_path / "de-en"), "--out", str(tmp_path / "de-en" / "vocab.json")], "is inside")]:
         result = runner.invoke(app, args)
         assert result.exit_code == 1 and named in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1

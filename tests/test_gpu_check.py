@@ -281,3 +281,13 @@ def test_a_failed_stage_keeps_its_traceback_and_the_bundle_goes_in_before_torch(
     stage = json.loads((tmp_path / "out" / "gpu-check.json").read_text())["stages"]["bench-decode"]
     assert stage["status"].startswith("failed: RuntimeError: no trained model")
     assert any("in bench_decode" in line for line in stage["traceback"])
+
+
+@pytest.mark.parametrize("threshold, met", [(41.0, "yes"), (30.0, "no"), (0.0, "no")])
+def test_the_time_to_quality_row_names_its_threshold_and_meets_the_target_only_at_41(threshold, met):
+    stage = {"status": "done", "seconds": 50, "train_seconds": 42.0, "dev_bleu_threshold": threshold}
+    report = {"environment": {}, "settings": {}, "stages": {"transformer": stage}}
+    table = gpu_check.format_markdown(report)
+    assert f"| Transformer training seconds to dev BLEU {threshold:g} | 42.0 | ≤ 60 (to 41) | {met} |" in table
+    stage.pop("train_seconds")  # not reached
+    assert "| Transformer training seconds to dev BLEU | not reached or not measured |" in gpu_check.format_markdown(report)

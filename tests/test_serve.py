@@ -458,6 +458,26 @@ def test_bench_serve_checks_every_answer(model_dirs, tmp_path):
     assert set(report["speedup"]) == {"1", "3"}
 
 
+def test_bench_serve_reports_no_ratio_where_nothing_was_answered(tmp_path, monkeypatch):
+    """Every request refused (a line over the server's limit, say): the rows say so, no crash."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import nmt.serve.bench as bench
+
+    refused = bench.LoadResult(clients=1, sentences=1, seconds=1.0, sentences_per_second=0.0, p50_ms=1.0, p99_ms=1.0,
+                               wrong=0, failed=1)
+    fake = SimpleNamespace(translate=lambda lines: SimpleNamespace(texts=[["x"] for _ in lines]), languages=("xx", "yy"),
+                           decode=SimpleNamespace(beam=1))
+    monkeypatch.setattr(bench, "load_text_translator", lambda *args, **kwargs: fake)
+    monkeypatch.setattr(bench, "_server", lambda *args: contextlib.nullcontext("http://127.0.0.1:9"))
+    monkeypatch.setattr(bench, "run_clients", lambda *args: refused)
+    (tmp_path / "src.txt").write_text("w1\n", encoding="utf-8")
+    lines = []
+    report = bench.bench_serve(tmp_path / "model", tmp_path / "src.txt", clients=(1,), echo=lines.append)
+    assert report["speedup"] == {"1": None} and "n/a (no answers)" in lines[-1]
+
+
 def test_bench_serve_counts_requests_that_get_no_answer_as_failed():
     import socket
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nmt.atomic import check_output_file, write_text_atomic
+from nmt.atomic import check_output_apart, check_output_file, write_text_atomic
 from nmt.data import read_lines
 from nmt.errors import DataError
 from nmt.translate import load_text_translator
@@ -50,6 +50,7 @@ def bench_serve(
     if lines is not None and lines < 1:
         raise DataError(f"--lines must be at least 1 (got {lines})")
     if out is not None:
+        check_output_apart(Path(out), [Path(source)], [Path(model_dir)])
         check_output_file(Path(out))
     sources = list(read_lines(Path(source)))[:lines]
     if not sources:
@@ -66,9 +67,11 @@ def bench_serve(
                 echo(f"{mode:>14}: {count:>3} clients  {result.sentences_per_second:8.1f} sentences/s  "
                      f"p50 {result.p50_ms:7.1f} ms  p99 {result.p99_ms:7.1f} ms  wrong {result.wrong}  failed {result.failed}")
                 results[mode].append(result)
-    ratios = {str(b.clients): round(b.sentences_per_second / a.sentences_per_second, 2)
+    # None where one of the two answered nothing (every request refused: see `failed`)
+    ratios = {str(b.clients): round(b.sentences_per_second / a.sentences_per_second, 2) if a.sentences_per_second else None
               for a, b in zip(results["one_at_a_time"], results["batched"])}
-    echo("batched / one at a time: " + ", ".join(f"{n} clients {r}x" for n, r in ratios.items()))
+    echo("batched / one at a time: " + ", ".join(f"{n} clients " + (f"{r}x" if r is not None else "n/a (no answers)")
+                                                 for n, r in ratios.items()))
     report = {"model": str(model_dir), "source": str(source), "sentences": len(sources), "engine": engine,
               "beam": translator.decode.beam, **{mode: [asdict(r) for r in rs] for mode, rs in results.items()},
               "speedup": ratios}
