@@ -485,6 +485,7 @@ def train(
                           "target ones (nmt prepare --separate-vocab); set model.share_embeddings=false")
     if resume:
         check_resumed_task(save_dir, TRANSLATION)
+        config = with_saved_init(config, save_dir)
     if not resume:
         check_init(config, manifest)
     for key in ("direction_weights", "lang_temperature"):
@@ -497,6 +498,15 @@ def train(
     return run_training(
         lambda ranks: task_type(config, data_dir, manifest), config, save_dir, resume, overwrite, progress, log, started
     )
+
+
+def with_saved_init(config: Config, save_dir: Path) -> Config:
+    """A resumed run without --init goes on from the model it began with (train.init of its
+    config): the weights it holds fixed for train.freeze_init_steps are that model's."""
+    if config.train.init or not (save_dir / "config.yaml").is_file():
+        return config
+    saved = read_config(save_dir).train
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, init=saved.init, init_decoder=saved.init_decoder))
 
 
 def check_init(config: Config, manifest: Manifest) -> None:

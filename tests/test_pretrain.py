@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import assert_one_line_error, toy_pairs, write_pairs
 from nmt_cli.main import app
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -716,11 +717,16 @@ def test_a_run_resumed_during_the_freeze_keeps_the_pretrained_weights_frozen(pre
     args = ["train", "--data", root / "data", "--out", tmp_path / "m", "--init", root / "mlm", "--no-progress"]
     result = invoke(*args, *_tiny_sets(max_steps=2, freeze_init_steps=4))
     assert result.exit_code == 0, result.output
-    result = invoke(*args, "--resume", *_tiny_sets(max_steps=4, freeze_init_steps=4))  # updates 3 and 4: still frozen
+    result = invoke(*args, "--resume", *_tiny_sets(max_steps=3, freeze_init_steps=4))  # update 3: still frozen
+    assert result.exit_code == 0, result.output
+    # Resumed without --init, the run goes on from the one it began with: update 4 is frozen too.
+    result = invoke(*[a for a in args if a not in ("--init", root / "mlm")], "--resume",
+                    *_tiny_sets(max_steps=4, freeze_init_steps=4))
     assert result.exit_code == 0, result.output
     trained = load_file(str(tmp_path / "m" / "last" / "model.safetensors"))
     pretrained = load_file(str(root / "mlm" / "best" / "model.safetensors"))
     assert torch.equal(trained["encoder_layers.0.ff.fc1.weight"], pretrained["encoder_layers.0.ff.fc1.weight"])
+    assert yaml.safe_load((tmp_path / "m" / "config.yaml").read_text())["train"]["init"] == str(root / "mlm")
 
 
 def test_masking_chooses_the_first_regular_token_too():
