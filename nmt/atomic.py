@@ -183,6 +183,16 @@ def check_output_apart(output: Path, inputs: Sequence[Path | None], folders: Seq
             raise DataError(f"cannot write {output}: it is inside {folder}, which this command reads")
 
 
+def make_folder(path: Path, option: str) -> None:
+    """The folder an option names, made if missing; a one-line error where it cannot be."""
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{option} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot write {option} {path}: {e.strerror or e}") from None
+
+
 def check_output_file(path: Path) -> None:
     """Refuse, before the work, an output file that cannot be written: a folder, or one in a
     folder that cannot be made."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nmt.atomic import check_output_file, write_text_atomic
+from nmt.atomic import check_output_file, make_folder, write_text_atomic
 from nmt.corpora import LOCAL_MULTI30K
 from nmt.data import find_side_file, read_parallel_files
 from nmt.errors import DataError
@@ -233,6 +233,8 @@ def run_scale_bench(config: ScaleBenchConfig) -> dict:
         raise DataError(f"--steps must be at least 1 (got {config.steps})")
     if config.out:
         check_output_file(Path(config.out))
+    if config.work_dir is not None:
+        make_folder(Path(config.work_dir), "--work-dir")
     source = Path(config.data) / "train"
     pairs = list(read_parallel_files(find_side_file(source, config.src), find_side_file(source, config.tgt)))
     work = Path(config.work_dir) if config.work_dir else Path(tempfile.mkdtemp(prefix="nmt-bench-scale-"))

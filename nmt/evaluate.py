@@ -10,6 +10,7 @@ from pathlib import Path
 
 from sacrebleu.metrics import BLEU, CHRF, TER
 
+from nmt.atomic import make_folder
 from nmt.data import read_lines
 from nmt.errors import DataError, first_line
 from nmt.normalize import HAN_CHARACTER, base_language, is_chinese
@@ -157,16 +158,6 @@ def split_files(data_dir: Path, split: str, direction: str, manifest) -> tuple[P
     """The source and reference text of `direction`'s `split` in a data dir (multilingual or not)."""
     stem = f"{split}.{direction}" if manifest.multilingual else split
     return Path(data_dir) / f"{stem}.src.txt", Path(data_dir) / f"{stem}.tgt.txt"
-
-
-def make_folder(path: Path, option: str) -> None:
-    """The folder an option names, made if missing; a one-line error where it cannot be."""
-    if path.exists() and not path.is_dir():
-        raise DataError(f"{option} {path} is a file, not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot write {option} {path}: {e.strerror or e}") from None
 
 
 def evaluate_directions(

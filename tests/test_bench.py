@@ -111,6 +111,7 @@ def test_bench_commands_check_their_inputs_and_outputs_first(bench_inputs, tmp_p
     for args, named in [([*bench, f"transformer={tmp_path / 'fr-en'}"], "is a fr→en model; nmt bench decodes Multi30k de→en"),
                         ([*bench, f"transformer={tmp_path / 'many'}"], "is a multilingual de+en→de+en model"),
                         ([*bench, f"transformer={tmp_path / 'nowhere'}"], "nowhere"),([*scale, "--out", str(tmp_path)], "cannot write"), ([*scale, "--steps", "0"], "--steps"),
+                        ([*scale, "--work-dir", str(tmp_path / "m30k-train" / "train.de")], "--work-dir"),
                         (["bench-serve", str(tmp_path / "model"), "--lines", "-1"], "--lines must be at least 1"),
                         (["bench-serve", str(tmp_path / "model"), "--out", str(tmp_path)], "cannot write"),
                         (["bench", "--data", str(corpus), "--device", "cpu", "--checkpoint", f"typo={tmp_path}"],
