@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from nmt.atomic import replace_dir
 from nmt.batches import token_batches
 from nmt.checkpoint import (
     check_outside_data_dir,
@@ -344,6 +345,9 @@ class MaskedLMTask:
 
     def init_save_dir(self, save_dir: Path) -> None:
         save_dir.mkdir(parents=True, exist_ok=True)
+        if self.data_dir == save_dir / NEXT_DATA:  # the run starts: its text replaces the old run's
+            replace_dir(self.data_dir, save_dir / "data")  # (open memory maps follow the files)
+            self.data_dir, self.spm_path = save_dir / "data", save_dir / "data" / self.spm_path.name
         vocab = self.manifest.vocab
         VocabInfo(vocab, MASKED_LM, normalization=self.manifest.normalization,  # first: it marks a model's
                   texts=self.manifest.input.get("mono")).write(save_dir)
@@ -441,25 +445,34 @@ def pretrain(
     return run_training(make_task, config, Path(config.save_dir), resume, overwrite, progress, log, started)
 
 
+NEXT_DATA = ".data-next"  # --text prepared for a run that replaces another (hidden: nmt's own)
+
+
 def prepare_text(
     config: Config, texts: list[Path], vocab: Path | None, vocab_size: int, resume: bool, ranks: Ranks, progress: bool,
 ) -> Path:
     """`--text`: the texts prepared as `nmt prepare --mono` does, into SAVE_DIR/data (by the main
-    process; a resumed run uses the data it was prepared with)."""
+    process; a resumed run uses the data it was prepared with). A run that replaces another
+    (--overwrite) prepares them beside it, in SAVE_DIR/.data-next, which takes the place of the
+    old run's data only once the new run starts (`MaskedLMTask.init_save_dir`); after a start
+    that failed it stays there, hidden, until the next run replaces it."""
     save_dir = Path(config.save_dir)
     data_dir = save_dir / "data"
     model = vocabulary_model(Path(vocab)) if vocab is not None else None
     if resume and (data_dir / Manifest.NAME).is_file():
         check_same_text(data_dir, texts, model)
-    elif ranks.is_main:
+        return data_dir
+    target = save_dir / NEXT_DATA if not resume and data_dir.exists() else data_dir
+    ranks.barrier()  # every process has chosen before the main one writes
+    if ranks.is_main:
         if resume:  # a run pretrained before its text was kept as a data dir: its own vocabulary
             model = save_dir / VocabInfo.read(save_dir).vocab.src_model
         prepare_mono(MonoPrepareConfig(
-            out_dir=data_dir, files=[Path(t).resolve() for t in texts], valid_sentences=config.pretrain.valid_sentences,
+            out_dir=target, files=[Path(t).resolve() for t in texts], valid_sentences=config.pretrain.valid_sentences,
             seed=config.train.seed, vocab_size=vocab_size, spm_model=model, overwrite=True,
         ), progress=progress)
     ranks.barrier()
-    return data_dir
+    return target
 
 
 def check_same_text(data_dir: Path, texts: list[Path], vocab_model: Path | None) -> None:

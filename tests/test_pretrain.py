@@ -750,3 +750,22 @@ def test_a_batch_always_gets_one_masked_position():
         _, targets = mask_tokens(tokens, np.random.default_rng(seed), PretrainConfig(mask_prob=1e-9), FIRST_REGULAR_ID + 10)
         chosen = np.flatnonzero(targets != PAD)
         assert len(chosen) == 1 and chosen[0] in (0, 1)
+
+
+def test_an_overwrite_that_cannot_start_keeps_the_old_runs_text(tmp_path):
+    """--text prepared for a run that replaces another takes the old text's place only once the
+    new run starts: the old run stays resumable."""
+    (tmp_path / "a.en").write_text("\n".join(FACTS * 4) + "\n", encoding="utf-8")
+    (tmp_path / "one.en").write_text("\n".join(reversed(FACTS * 4)) + "\n", encoding="utf-8")  # one document: no NSP
+    args = ["pretrain", "--out", tmp_path / "m", "--vocab-size", "50", *_tiny_sets(max_steps=2, valid_every=2), "--no-progress"]
+    assert invoke(*args, "--text", tmp_path / "a.en").exit_code == 0
+    data_before = {p.name: p.read_bytes() for p in (tmp_path / "m" / "data").iterdir() if p.is_file()}
+    result = invoke(*args, "--text", tmp_path / "one.en", "--nsp", "--overwrite")
+    assert result.exit_code == 1 and "error: next-sentence prediction needs at least 2 documents" in result.output
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m" / "data").iterdir() if p.is_file()} == data_before
+    resumed = invoke(*args[:-1], *_tiny_sets(max_steps=4, valid_every=2), "--no-progress", "--text", tmp_path / "a.en", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    # A replacing run that starts takes its own text.
+    assert invoke(*args, "--text", tmp_path / "one.en", "--overwrite").exit_code == 0
+    assert Manifest.read(tmp_path / "m" / "data").input["mono"] == [str((tmp_path / "one.en").resolve())]
+    assert not (tmp_path / "m" / ".data-next").exists()
