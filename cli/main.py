@@ -309,6 +309,7 @@ def train(
 
 @app.command()
 def pretrain(
+    ctx: typer.Context,
     config: Annotated[Path | None, typer.Argument(help="YAML config, e.g. recipes/multi30k-lowres/pretrain-cpu.yaml.")] = None,
     data: Annotated[Path | None, typer.Option(help="A monolingual data dir from nmt prepare --mono (read memory-mapped).")] = None,
     text: Annotated[list[Path] | None, typer.Option(help="Monolingual text instead of --data, prepared as nmt prepare --mono does into OUT/data: one sentence per line, a blank line between documents (.gz allowed; repeatable; the language is the file name's suffix).")] = None,
@@ -334,6 +335,8 @@ def pretrain(
     if nsp is not None:
         overrides.append(f"pretrain.next_sentence={str(nsp).lower()}")
     with user_errors():
+        if data is not None or vocab is not None:  # they bring the vocabulary
+            _refuse_unused_options(ctx, "--data or --vocab", set(ctx.params) - {"vocab_size"})
         settings = load_config(config, overrides)
     if devices != 1 and "WORLD_SIZE" not in os.environ:
         _relaunch(devices, settings, resume, MASKED_LM)

@@ -592,6 +592,9 @@ def test_monolingual_and_parallel_data_dirs_are_not_mixed_up(tmp_path):
     assert result.exit_code == 1 and "parallel data dir" in result.output
     result = invoke("pretrain", "--data", tmp_path / "mono", "--text", tmp_path / "mono.en", "--out", tmp_path / "m")
     assert result.exit_code == 1 and "leave out --text" in result.output
+    for vocabulary in (["--data", tmp_path / "mono"], ["--text", tmp_path / "mono.en", "--vocab", tmp_path / "mono"]):
+        result = invoke("pretrain", *vocabulary, "--vocab-size", 50, "--out", tmp_path / "m")  # they bring the vocabulary
+        assert_one_line_error(result, "--vocab-size does not go with --data or --vocab")
     result = invoke("prepare", "--out", tmp_path / "x", "--train", tmp_path / "nothing")
     assert result.exit_code == 1 and "--src and --tgt" in result.output
     for extra in (["--train", tmp_path / "nothing"], ["--src", "de"], ["--separate-vocab"], ["--test-size", "5"]):
@@ -614,7 +617,8 @@ def test_a_pretraining_that_cannot_start_keeps_the_models_text(tmp_path):
     result = invoke(*args, "--text", tmp_path / "b.en", "--resume")
     assert_one_line_error(result)
     assert "a.en" in result.output
-    result = invoke(*args, "--text", tmp_path / "a.en", "--vocab", tmp_path / "none.model", "--resume")
+    without_size = [*args[:3], *args[5:]]  # --vocab brings the vocabulary
+    result = invoke(*without_size, "--text", tmp_path / "a.en", "--vocab", tmp_path / "none.model", "--resume")
     assert_one_line_error(result)
     assert "none.model" in result.output
     result = invoke(*args, "--text", tmp_path / "a.en", "--resume", "--set", "pretrain.max_tokens=5")
