@@ -237,7 +237,7 @@ def _print_mono_summary(out: Path, manifest) -> None:
     typer.echo(f"vocab: joint {manifest.vocab.type or 'given'}, {manifest.vocab.src_size} pieces")
 
 
-def _relaunch(devices: int, settings, resume: bool, task: str) -> None:
+def _relaunch(devices: int, settings, resume: bool) -> None:
     """Run the user's own command line again in `devices` processes under torchrun (each of
     them sees WORLD_SIZE and trains instead of relaunching); the device and a resumed run's
     settings are checked first."""
@@ -245,7 +245,7 @@ def _relaunch(devices: int, settings, resume: bool, task: str) -> None:
     from nmt.train import check_before_launch
 
     with user_errors():
-        check_before_launch(settings, devices, resume, task)
+        check_before_launch(settings, devices, resume)
         code = launch(devices, sys.argv[1:], settings.train.device)
     raise typer.Exit(code)
 
@@ -289,8 +289,7 @@ def train(
     import os
 
     from nmt.config import load_config
-    from nmt.files import TRANSLATION
-    from nmt.train import TOO_MANY_SKIPPED
+    from nmt.train import TOO_MANY_SKIPPED, training_setup
     from nmt.train import train as run_train
 
     overrides = _overrides(set_, data, out, device)
@@ -299,7 +298,9 @@ def train(
     with user_errors():
         settings = load_config(config, overrides)
     if devices != 1 and "WORLD_SIZE" not in os.environ:
-        _relaunch(devices, settings, resume, TRANSLATION)
+        with user_errors():
+            settings, _ = training_setup(settings, resume)
+        _relaunch(devices, settings, resume)
     with user_errors():
         result = run_train(settings, resume=resume, overwrite=overwrite, progress=progress)
     _report(result)
@@ -328,7 +329,7 @@ def pretrain(
     import os
 
     from nmt.config import load_config
-    from nmt.files import MASKED_LM
+    from nmt.pretrain import check_pretrain_inputs
     from nmt.pretrain import pretrain as run_pretrain
 
     overrides = _overrides(set_, None, out, device)
@@ -339,7 +340,9 @@ def pretrain(
             _refuse_unused_options(ctx, "--data or --vocab", set(ctx.params) - {"vocab_size"})
         settings = load_config(config, overrides)
     if devices != 1 and "WORLD_SIZE" not in os.environ:
-        _relaunch(devices, settings, resume, MASKED_LM)
+        with user_errors():
+            check_pretrain_inputs(settings, list(text or []), vocab, data, resume)
+        _relaunch(devices, settings, resume)
     with user_errors():
         result = run_pretrain(
             settings, list(text or []), vocab, vocab_size, resume=resume, overwrite=overwrite, progress=progress, data=data,

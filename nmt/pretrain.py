@@ -420,6 +420,19 @@ def pretrain(
     SAVE_DIR/data first: with the vocabulary `vocab` (a data dir, checkpoint or SentencePiece
     model), or one trained on the texts with `vocab_size` pieces."""
     started = time.time()
+    check_pretrain_inputs(config, texts, vocab, data, resume)
+
+    def make_task(ranks: Ranks) -> MaskedLMTask:
+        data_dir = Path(data) if data is not None else prepare_text(config, texts, vocab, vocab_size, resume, ranks, progress)
+        return MaskedLMTask(config, data_dir, log)
+
+    return run_training(make_task, config, Path(config.save_dir), resume, overwrite, progress, log, started)
+
+
+def check_pretrain_inputs(config: Config, texts: list[Path] | None, vocab: Path | None, data: Path | None,
+                          resume: bool) -> None:
+    """What refuses a pretraining run before --text is prepared into OUT/data (which --overwrite
+    replaces), and before torchrun starts processes that would each print the refusal."""
     if not config.save_dir:
         raise ConfigError("no checkpoint dir: set save_dir in the config or pass --out")
     if data is not None and (texts or vocab is not None):
@@ -431,18 +444,11 @@ def pretrain(
             raise DataError(f"text file not found: {path}")
     if data is not None:
         check_outside_data_dir(Path(config.save_dir), Path(data))
-    # Checked before --text is prepared into OUT/data, which --overwrite replaces.
     if config.model.arch != "transformer":
         raise ConfigError("nmt pretrain trains a Transformer encoder: set model.arch to transformer")
     resolve_precision(config.train.precision, resolve_device(config.train.device))
     if resume:
         check_resumed_task(Path(config.save_dir), MASKED_LM)
-
-    def make_task(ranks: Ranks) -> MaskedLMTask:
-        data_dir = Path(data) if data is not None else prepare_text(config, texts, vocab, vocab_size, resume, ranks, progress)
-        return MaskedLMTask(config, data_dir, log)
-
-    return run_training(make_task, config, Path(config.save_dir), resume, overwrite, progress, log, started)
 
 
 NEXT_DATA = ".data-next"  # --text prepared for a run that replaces another (hidden: nmt's own)

@@ -471,6 +471,18 @@ def train(
 ) -> TrainResult:
     """Train a model as `config` says, writing checkpoints into `config.save_dir`."""
     started = time.time()
+    config, manifest = training_setup(config, resume)
+    task_type = MultilingualTranslationTask if manifest.multilingual else TranslationTask
+    data_dir, save_dir = Path(config.data_dir), Path(config.save_dir)
+    return run_training(
+        lambda ranks: task_type(config, data_dir, manifest), config, save_dir, resume, overwrite, progress, log, started
+    )
+
+
+def training_setup(config: Config, resume: bool) -> tuple[Config, Manifest]:
+    """The run's config, completed (a resumed run's init, a multilingual data dir's temperature),
+    and its data dir's manifest, checked before anything is loaded, and before torchrun starts
+    processes that would each print the refusal."""
     if not config.data_dir:
         raise ConfigError("no data dir: set data_dir in the config or pass --data")
     if not config.save_dir:
@@ -494,10 +506,7 @@ def train(
     if manifest.multilingual and not config.train.lang_temperature:  # the data dir's, written with the run for --resume
         config = dataclasses.replace(config, train=dataclasses.replace(
             config.train, lang_temperature=manifest.lang_temperature or 1.0))
-    task_type = MultilingualTranslationTask if manifest.multilingual else TranslationTask
-    return run_training(
-        lambda ranks: task_type(config, data_dir, manifest), config, save_dir, resume, overwrite, progress, log, started
-    )
+    return config, manifest
 
 
 def with_saved_init(config: Config, save_dir: Path) -> Config:
@@ -594,12 +603,10 @@ def clear_save_dir(save_dir: Path) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-def check_before_launch(config: Config, processes: int, resume: bool, task: str) -> None:
+def check_before_launch(config: Config, processes: int, resume: bool) -> None:
     """What refuses a run of several processes before torchrun starts them (each of them would
-    print the refusal, among torchrun's own lines): resuming another command's run (`task`: the
-    kind this one trains), or with other batch settings or another number of processes."""
-    if resume:
-        check_resumed_task(Path(config.save_dir), task)
+    print the refusal, among torchrun's own lines), besides the command's own input checks:
+    resuming with other batch settings or another number of processes."""
     if resume and processes >= 1 and has_checkpoint(Path(config.save_dir)) and (Path(config.save_dir) / "config.yaml").is_file():
         check_same_batches(Path(config.save_dir), config, processes)
 

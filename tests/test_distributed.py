@@ -107,3 +107,20 @@ def test_a_missing_gpu_is_one_error_before_any_process_starts(data_dir, tmp_path
     )
     assert result.returncode == 1 and "CUDA is not available" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "--data", "{tmp}/no-data"],
+    ["pretrain", "--text", "{tmp}/missing.en"],
+    ["pretrain", "--data", "{tmp}/no-data", "--vocab-size", "50"],
+])
+def test_user_errors_are_one_line_before_any_process_starts(tmp_path, command):
+    """Refused by the launching command, not by each of the processes among torchrun's lines."""
+    args = [part.format(tmp=tmp_path) for part in command]
+    result = subprocess.run(
+        [sys.executable, "-m", "nmt_cli", *args, "--out", str(tmp_path / "m"), "--device", "cpu", "--devices", "2",
+         "--no-progress", *MODEL, *TRAIN],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1 and result.stderr.startswith("error: "), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
