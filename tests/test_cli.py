@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_TRANSFORMER, set_options, toy_pairs, write_pairs
+from conftest import TINY_TRANSFORMER, prepare_toy_data, set_options, toy_pairs, write_pairs
 from nmt_cli.main import app
 from typer.testing import CliRunner
 
@@ -224,8 +224,10 @@ def test_devices_relaunches_the_command_line_as_typed(command, monkeypatch, tmp_
     import nmt.distributed
 
     (tmp_path / "cfg.yaml").write_text("train:\n  device: cpu\n")  # read first: a wrong config fails once, here
-    typed = [command, str(tmp_path / "cfg.yaml"), "--out", str(tmp_path), "--devices", "2", "--set", "train.lr=0.1",
-             "--no-progress", "--overwrite"]
+    (tmp_path / "mono.xx").write_text("w1 w2\n", encoding="utf-8")
+    inputs = ["--data", str(prepare_toy_data(tmp_path, train=30))] if command == "train" else ["--text", str(tmp_path / "mono.xx")]
+    typed = [command, str(tmp_path / "cfg.yaml"), *inputs, "--out", str(tmp_path / "m"), "--devices", "2",
+             "--set", "train.lr=0.1", "--no-progress", "--overwrite"]
     launched = []
     monkeypatch.setattr(nmt.distributed, "launch", lambda devices, line, device: launched.append((devices, line, device)) or 0)
     monkeypatch.setattr("sys.argv", ["nmt", *typed])
