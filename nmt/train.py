@@ -340,7 +340,8 @@ class TranslationTask:
         if not tc.init:
             return []
         if resume:  # its own weights; the pretrained model need not be there any more
-            loaded = pretrained_parameters(model, tc.init_decoder)  # train() refused freezing a translation model
+            # Freezing is the run's first start's, which refused it with a translation model (check_init).
+            loaded = pretrained_parameters(model, tc.init_decoder)
         else:
             loaded = load_pretrained(model, Path(tc.init), self.manifest.vocab, self.config.model, tc.init_decoder)
             fresh = [name for name, _ in model.named_parameters() if name not in loaded]
@@ -498,7 +499,7 @@ def training_setup(config: Config, resume: bool) -> tuple[Config, Manifest]:
     if resume:
         check_resumed_task(save_dir, TRANSLATION)
         config = with_saved_init(config, save_dir)
-    if not resume:
+    else:
         check_init(config, manifest)
     for key in ("direction_weights", "lang_temperature"):
         if getattr(config.train, key) and not manifest.multilingual:
