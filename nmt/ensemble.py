@@ -49,9 +49,9 @@ class Ensemble:
         return EnsembleMemory([model.encode(src) for model in self.models])
 
     def init_state(self, memory: EnsembleMemory, attention: AttentionChoice | None = None) -> EnsembleState:
-        states = [model.init_state(part) for model, part in zip(self.models[1:], memory.members[1:])]
-        first = self.models[0].init_state(memory.members[0], attention) if attention is not None else self.models[0].init_state(memory.members[0])
-        return EnsembleState([first, *states])
+        first = self.models[0].init_state(memory.members[0], attention)
+        others = [model.init_state(part) for model, part in zip(self.models[1:], memory.members[1:])]
+        return EnsembleState([first, *others])
 
     def decode_step(
         self, prev_tokens: torch.Tensor, memory: EnsembleMemory, state: EnsembleState

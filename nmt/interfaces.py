@@ -46,7 +46,7 @@ class StepDecoder(Protocol):
 
     def encode(self, src: torch.Tensor) -> Reorderable: ...
 
-    def init_state(self, memory: Reorderable) -> DecoderState: ...
+    def init_state(self, memory: Reorderable, attention: AttentionChoice | None = None) -> DecoderState: ...
 
     def decode_step(
         self, prev_tokens: torch.Tensor, memory: Reorderable, state: DecoderState
@@ -56,8 +56,6 @@ class StepDecoder(Protocol):
 @runtime_checkable
 class TranslationModel(StepDecoder, Protocol):
     """Every translation model (Transformer, RNN-attention): incremental and teacher-forced."""
-
-    def init_state(self, memory: Reorderable, attention: AttentionChoice | None = None) -> DecoderState: ...
 
     def decode(self, tgt_in: torch.Tensor, memory: Reorderable) -> torch.Tensor: ...
 

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from nmt.errors import ConfigError
 from nmt.interfaces import StepDecoder, TranslationModel
 from nmt.models.attention import AttentionChoice
 from nmt.tokenizer import BOS, EOS, PAD
@@ -23,10 +24,6 @@ class Hypothesis:
     # (T, S) when asked for: the cross-attention weights with which each output token (the final
     # EOS included) was produced, over the padded source of its batch
     attention: torch.Tensor | None = None
-
-
-def _init_state(model, memory, attention: AttentionChoice | None):
-    return model.init_state(memory) if attention is None else model.init_state(memory, attention)
 
 
 @dataclass
@@ -52,7 +49,9 @@ class FullPrefixDecoding:
     def encode(self, src: torch.Tensor):
         return self.model.encode(src)
 
-    def init_state(self, memory) -> PrefixState:
+    def init_state(self, memory, attention: AttentionChoice | None = None) -> PrefixState:
+        if attention is not None:
+            raise ConfigError("the plain full-prefix decoder keeps no attention weights")
         return PrefixState(None)
 
     def decode_step(self, prev_tokens: torch.Tensor, memory, state: PrefixState) -> tuple[torch.Tensor, PrefixState]:
@@ -186,7 +185,7 @@ def greedy_search(
     sentences = torch.arange(B, device=src.device)
     limits = output_limits(src, max_len_a, max_len_b, rules)  # (B,)
     memory = model.encode(src)
-    state = _init_state(model, memory, attention)
+    state = model.init_state(memory, attention)
     prev = torch.full((B,), BOS, dtype=torch.long, device=src.device)
     finished = torch.zeros(B, dtype=torch.bool, device=src.device)
     scores = torch.zeros(B, device=src.device)
@@ -262,7 +261,7 @@ def beam_search(
     max_steps = int(limits.max())
     memory = model.encode(src)
     memory = memory.reorder(torch.arange(B, device=device).repeat_interleave(K))  # (B*K, ...)
-    state = _init_state(model, memory, attention)
+    state = model.init_state(memory, attention)
     weights_history = torch.zeros(B * K, 0, src.shape[1], device=device) if attention is not None else None  # (N*K, t, S)
 
     active = torch.arange(B, device=device)  # original sentence index of each row group

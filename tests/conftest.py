@@ -134,7 +134,7 @@ class TableModel:
     def encode(self, src):
         return TableMemory(src)
 
-    def init_state(self, memory):
+    def init_state(self, memory, attention=None):
         return TableState(torch.full((memory.src.shape[0],), BOS))
 
     def decode_step(self, prev_tokens, memory, state):

@@ -1,15 +1,19 @@
 """Every model, wrapper, task and batch fits the contracts in nmt.interfaces."""
 
+import inspect
+
 import torch
 from conftest import prepare_toy_data
 
 from nmt.batches import Batch
 from nmt.config import ModelConfig, config_from_dict
+from nmt.ensemble import Ensemble
 from nmt.interfaces import DecoderState, Reorderable, StepDecoder, TrainingBatch, TrainingTask, TranslationModel
 from nmt.models import build_model
 from nmt.models.masked_lm import MaskedLM
 from nmt.pretrain import MaskedBatch, MaskedLMTask
 from nmt.search import FullPrefixDecoding
+from nmt.static_decoding import StaticDecoding
 from nmt.tokenizer import EOS
 from nmt.train import TranslationTask
 from nmt.translate import quantize_int8
@@ -28,10 +32,29 @@ def test_models_and_their_memory_and_state_fit_the_search_contract():
         assert isinstance(memory, Reorderable) and isinstance(state, DecoderState)
         _, state = model.decode_step(torch.tensor([1]), memory, state)
         assert isinstance(state.reorder(torch.tensor([0, 0])), DecoderState)
-        for wrapped in (FullPrefixDecoding(model), quantize_int8(model)):
+        for wrapped in (FullPrefixDecoding(model), quantize_int8(model), Ensemble([model, model])):
             assert isinstance(wrapped, StepDecoder)
             assert isinstance(wrapped.init_state(wrapped.encode(src)), DecoderState)
-    assert not isinstance(MaskedLM, StepDecoder)  # an encoder alone does not translate
+    masked_lm = MaskedLM(CONFIGS[0], 20)
+    assert not isinstance(masked_lm, StepDecoder)  # an encoder alone does not translate
+
+
+def _parameters(method) -> list[str]:
+    return [name for name in inspect.signature(method).parameters if name != "self"]
+
+
+def test_every_step_decoder_takes_the_contracts_parameters():
+    """isinstance checks only the names of the methods: their parameters must match too, since
+    search calls them all the same way."""
+    models = [build_model(config, 20, 20) for config in CONFIGS]
+    step_decoders = [*(type(model) for model in models), FullPrefixDecoding, Ensemble, StaticDecoding]
+    for protocol in (StepDecoder, TranslationModel):
+        for name in ("encode", "init_state", "decode_step", "decode", "forward"):
+            if name not in vars(protocol):
+                continue
+            wanted = _parameters(vars(protocol)[name])
+            for implementation in step_decoders if protocol is StepDecoder else [type(m) for m in models]:
+                assert _parameters(getattr(implementation, name)) == wanted, (implementation.__name__, name)
 
 
 def test_tasks_and_batches_fit_the_training_contract(tmp_path):

@@ -28,7 +28,7 @@ class EndlessModel:
     def encode(self, src):
         return TableMemory(src)
 
-    def init_state(self, memory):
+    def init_state(self, memory, attention=None):
         return NoState()
 
     def decode_step(self, prev_tokens, memory, state):

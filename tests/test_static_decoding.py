@@ -75,7 +75,10 @@ def test_attention_prefixes_banned_ngrams_and_sampling_give_the_plain_output():
         _same(a, b)
 
 
-def test_translate_with_static_cache_gives_the_same_translations():
+def test_translate_with_static_cache_gives_the_same_translations(monkeypatch):
+    import nmt.static_decoding as static_decoding
+
+    monkeypatch.setattr(static_decoding, "GRAPH_COUNTS", type(static_decoding.GRAPH_COUNTS)())
     model = _model(5)
     sources = [[7, 8, 9, 10], [11, 12], [13, 7, 7, 9, 10, 11, 12, 8], [9]]
     plain = DecodeConfig(beam=3, nbest=2, batch_tokens=12, **LIMITS)  # several batches of several lengths
@@ -83,6 +86,7 @@ def test_translate_with_static_cache_gives_the_same_translations():
     for a, b in zip(translate_ids(model, sources, plain, torch.device("cpu")),
                     translate_ids(model, sources, static, torch.device("cpu"))):
         _same(a, b)
+    assert static_decoding.GRAPH_COUNTS["eager_steps"] > 0  # the static path did run
 
 
 def test_the_buffers_keep_one_shape_and_rows_move_with_their_beams():
