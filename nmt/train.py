@@ -200,8 +200,8 @@ def training_update(
     translation loss); the parameters in `frozen` are left as they are.
 
     The summed loss is divided by `normalizer`, by default the group's target tokens, so that
-    the update follows the mean loss per token. Under DistributedDataParallel (a model with
-    `no_sync`) gradients are averaged over processes: there, `normalizer` is the update's target
+    the update follows the mean loss per token. Under DistributedDataParallel gradients are
+    averaged over processes: there, `normalizer` is the update's target
     tokens over all processes divided by their number.
 
     An update whose loss or gradient norm is not finite is skipped. Returns the summed
@@ -211,7 +211,7 @@ def training_update(
     """
     normalizer = normalizer or sum(b.num_tgt_tokens for b in group)
     compute_loss = compute_loss or translation_loss
-    data_parallel = hasattr(model, "no_sync")
+    data_parallel = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     total = torch.zeros((), device=device)
     for i, batch in enumerate(group):
         # Processes exchange gradients once per update: after the group's last batch.

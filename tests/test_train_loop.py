@@ -255,6 +255,25 @@ def test_an_update_clips_the_gradient_norm():
         assert torch.allclose(clipped[name], gradient * (0.01 / norm), atol=1e-7), name
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_skipped_update_leaves_the_weights_and_the_optimizer_state(fused):
+    """The fused optimizer is told to skip through a device tensor (torch's `found_inf`, which
+    spares a host sync per update); the plain one by a branch. Either way nothing moves."""
+    from nmt.train import make_optimizer, step_unless_skipped
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = make_optimizer(model, TrainConfig(), fused=fused)
+    assert getattr(optimizer, "_step_supports_amp_scaling", False) == fused  # else every update syncs
+    for skipped, moves in ((torch.tensor(True), False), (torch.tensor(False), True)):
+        before = [p.detach().clone() for p in model.parameters()]
+        model(torch.ones(1, 3)).sum().backward()
+        step_unless_skipped(optimizer, None, skipped)
+        optimizer.zero_grad(set_to_none=True)
+        changed = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        assert changed == moves
+    assert not hasattr(optimizer, "found_inf")
+
+
 def test_best_follows_the_highest_dev_score_and_patience_counts_from_it():
     scores = iter([20.0, 30.0, 25.0, 30.0, 31.0])
     saved = []
