@@ -171,6 +171,7 @@ def evaluate_directions(
     translations are kept there as SPLIT.DIRECTION.hyp; `off_target` identifies the language of
     each output line among the model's languages (py3langid)."""
     from nmt.files import Manifest, VocabInfo
+    from nmt.multilingual import direction_languages
     from nmt.translate import LanguageChoice, translate_file
 
     check_scoring(metrics, tokenize)
@@ -182,7 +183,7 @@ def evaluate_directions(
     if unknown:
         raise DataError(f"{data_dir} has no {split} set for {', '.join(unknown)} (it has {', '.join(known)})")
     if pivot is not None:  # the directions that go through the pivot: by default, those without it
-        through = [d for d in directions or known if pivot not in d.split("-")]
+        through = [d for d in directions or known if pivot not in direction_languages(d)]
         if directions and len(through) < len(directions) or not through:
             raise DataError(f"--pivot {pivot}: choose --directions without {pivot} "
                             f"({', '.join(through) if through else 'this data dir has none'})")
@@ -197,7 +198,7 @@ def evaluate_directions(
     results = []
     with tempfile.TemporaryDirectory(prefix="nmt-eval-") as tmp:
         for direction in directions or known:
-            src_lang, tgt_lang = direction.split("-")
+            src_lang, tgt_lang = direction_languages(direction)
             src_path, ref_path = split_files(data_dir, split, direction, manifest)
             hyp_path = Path(hyp_dir or tmp) / f"{split}.{direction}.hyp"
             choice = LanguageChoice(tgt_lang, src_lang)  # a model for other languages stops here

@@ -1,7 +1,7 @@
 """`make gpu-check`: every GPU figure the READMEs report, from one unattended command.
 
-A GPU is lent now and then for a few minutes, so measuring is one prepared run that needs nothing
-from the network, keeps to a wall-clock budget, and rewrites `gpu-check.json` and `gpu-check.md`
+Measuring is one prepared run that needs nothing from the network, keeps to a wall-clock budget
+(so that a short stay on a GPU machine is enough), and rewrites `gpu-check.json` and `gpu-check.md`
 after every stage, so that a run cut short keeps what it measured:
 
 1. `prepare`: Multi30k de→en (joint 8k SentencePiece) from local files;

@@ -60,7 +60,7 @@ from nmt.evaluate import bleu_tokenizer, corpus_bleu
 from nmt.files import TRANSLATION, CheckpointInfo, Manifest, TrainState, VocabInfo
 from nmt.interfaces import TrainingBatch, TrainingTask
 from nmt.models import build_model
-from nmt.multilingual import changed_weights, direction_weights, epoch_pairs, target_pieces
+from nmt.multilingual import changed_weights, direction_languages, direction_weights, epoch_pairs, target_pieces
 from nmt.normalize import Normalization
 from nmt.tokenizer import PAD, Tokenizer, check_prepared_model
 from nmt.train_log import LOG_NAME, TENSORBOARD_DIR, TrainLog
@@ -433,7 +433,7 @@ class MultilingualTranslationTask(TranslationTask):
         """Each direction's dev loss and BLEU (`bleu_de-en`, `loss_de-en`), and their means."""
         scores = {}
         for d, (split, references) in self.valid_sets.items():
-            tgt = d.split("-")[1]
+            _, tgt = direction_languages(d)
             scores[d] = validate(model, split, references, self.tokenizer, self.config, device, dtype, tgt,
                                  self.manifest.language_normalization(tgt))
         loss = sum(s["loss"] for s in scores.values()) / len(scores)

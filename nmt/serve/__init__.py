@@ -10,6 +10,7 @@ from pathlib import Path
 
 from nmt.errors import ConfigError, DataError
 from nmt.files import VocabInfo
+from nmt.multilingual import direction_languages
 from nmt.serve.api import ServedModel, ServeSettings, create_app
 from nmt.translate import LanguageChoice, load_text_translator
 
@@ -24,7 +25,7 @@ def load_served_models(model_dirs: Sequence[Path], decode_options: dict | None =
         if info is None or not info.multilingual:
             served.append(ServedModel(load_text_translator([d], decode_options, checkpoint, device, quantize, engine), str(d), engine))
             continue
-        choices = [LanguageChoice(tgt, src) for src, tgt in (direction.split("-") for direction in info.directions)]
+        choices = [LanguageChoice(tgt, src) for src, tgt in map(direction_languages, info.directions)]
         first = load_text_translator([d], decode_options, checkpoint, device, quantize, engine, choices[0])
         served.extend(ServedModel(first.for_languages(info, d, choice), str(d), engine) for choice in choices)
     return served
