@@ -268,7 +268,7 @@ class SavedTraining(NamedTuple):
 
 
 def load_training_state(save_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> SavedTraining:
-    """Restore model (the weights of model.safetensors) and optimizer from `save_dir/last`."""
+    """Restore model (the weights of model.safetensors) and optimizer state from `save_dir/last`."""
     directory = checkpoint_dir(save_dir, "last")
     if directory is None:
         raise CheckpointError(f"nothing to resume: {save_dir} has no last/ checkpoint")
@@ -287,7 +287,14 @@ def load_training_state(save_dir: Path, model: nn.Module, optimizer: torch.optim
             continue
         param_id, name = key.split(".", 1)
         state.setdefault(int(param_id), {})[name] = value
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in info.param_groups or []]
+    # The saved groups say which parameters each held; their settings (betas, weight decay) are
+    # the config's, as `optimizer` was built from it: a resumed run goes on with what config.yaml says.
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.state_dict()["param_groups"]]
+    saved_groups = info.param_groups or []
+    if len(saved_groups) != len(settings):
+        raise CheckpointError(f"{directory}: optimizer state does not match the model "
+                              f"({len(saved_groups)} parameter groups, the model has {len(settings)})")
+    groups = [{**saved, **own} for saved, own in zip(saved_groups, settings)]
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError) as e:

@@ -256,7 +256,10 @@ class TrainState:
     group_in_epoch: int = 0  # updates done in the current epoch
     best_score: float = -1.0  # the best dev score (the task's metric) so far, and its step
     best_step: int = 0
-    bad_validations: int = 0  # validations in a row without a better score
+    bad_validations: int = 0  # scheduled validations in a row without a better score than patience_score
+    # The best score of the validations on the train.valid_every schedule, which patience counts
+    # from; best_score also counts one made at a stop between two (see Trainer.validate_and_save).
+    patience_score: float = -1.0
     seconds: float = 0.0  # training time of the run before this process started (resumed runs)
     valid_seconds: float = 0.0  # of which validating and saving checkpoints
     last_valid: dict = field(default_factory=dict)
@@ -273,6 +276,7 @@ class CheckpointInfo:
     sha256: dict[str, str] = field(default_factory=dict)
     param_groups: list[dict] | None = None
     averaged: list[str] | None = None  # `nmt average`: the checkpoints whose mean these weights are
+    loss_scale: dict | None = None  # last/ under loss scaling (fp16): the gradient scaler's state
     format_version: int = FORMAT_VERSION
 
     NAME = "info.json"
@@ -284,6 +288,8 @@ class CheckpointInfo:
         state = _known_fields(TrainState, data)
         if "best_score" not in data and "best_bleu" in data:  # written before pretraining had a metric of its own
             state["best_score"] = data["best_bleu"]
+        if "patience_score" not in data and "best_score" in state:  # written before the two were apart
+            state["patience_score"] = state["best_score"]
         numbers = {f.name for f in dataclasses.fields(TrainState) if f.type in ("int", "float", int, float)}
         if any(isinstance(state[name], bool) or not isinstance(state[name], (int, float)) for name in numbers & set(state)):
             raise CheckpointError(f"{path} is damaged or from another version")

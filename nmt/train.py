@@ -691,6 +691,7 @@ class Interval:
 
     device: torch.device
     started: float = field(default_factory=time.time)
+    updates: int = 0
     tgt_tokens: int = 0
     src_tokens: int = 0
     wait_seconds: float = 0.0  # waiting for batches (built ahead in a thread on a GPU)
@@ -702,6 +703,7 @@ class Interval:
 
     def add(self, result: UpdateResult, group: list[Batch]) -> None:
         tokens = sum(b.num_tgt_tokens for b in group)
+        self.updates += 1
         self.loss += result.loss
         self.loss_tokens += result.loss_finite.long() * tokens
         self.skipped += result.skipped
@@ -778,7 +780,10 @@ class Trainer:
         if saved:
             self.state = saved.info.state
             restore_random_states(saved.rng, device, ranks)
-            self.validated_at = self.state.step
+            if self.scaler and saved.info.loss_scale:  # else the scale starts high again and skips updates
+                self.scaler.load_state_dict(saved.info.loss_scale)
+            # A run stopped by a signal saved last/ unvalidated: its final validation is still to come.
+            self.validated_at = self.state.last_valid.get("step", -1)
             self.log(f"resuming {self.save_dir} at step {self.state.step} (epoch {self.state.epoch + 1})")
             if ranks.is_main:  # the settings it goes on with (keep_last, say, which nmt average reads)
                 save_config(self.config, self.save_dir / "config.yaml")
@@ -819,8 +824,8 @@ class Trainer:
         if not self.ranks.is_main:
             return
         state = dataclasses.replace(self.state, seconds=self.elapsed(), processes=self.ranks.world)
-        info = CheckpointInfo(state, self.task.metric)
         last = name == "last"
+        info = CheckpointInfo(state, self.task.metric, loss_scale=self.scaler.state_dict() if self.scaler and last else None)
         trained = trained_weights(self.model) if self.ema and last else None
         with self.averaged():
             save_checkpoint(self.save_dir, name, self.model, info, self.optimizer if last else None, rng, trained)
@@ -843,7 +848,10 @@ class Trainer:
         bar = tqdm(total=tc.max_steps or None, initial=st.step, unit="step", disable=not progress or self.plain_progress,
                    file=sys.stderr, dynamic_ncols=True, desc="training")
         self.stop_signal = StopSignal()
-        reason, groups = "", []
+        groups: list[list[np.ndarray]] = []
+        # A resumed run that its last validation had stopped (patience, target_bleu) stays stopped.
+        reason = validation_stop(tc, self.task.metric, st.last_valid[self.task.metric], st.bad_validations) \
+            if self.task.metric in st.last_valid else ""
         try:
             while not reason:
                 if tc.max_epochs and st.epoch >= tc.max_epochs:
@@ -862,6 +870,8 @@ class Trainer:
                 reason = self.run_epoch(groups, bar)
                 if st.group_in_epoch >= len(groups):
                     st.epoch, st.group_in_epoch = st.epoch + 1, 0
+            if self.interval.updates:  # a stop between log steps: the updates since the last one
+                self.log_interval(bar, st.epoch + st.group_in_epoch / max(len(groups), 1))
             if self.validated_at != st.step:  # a stop between validations: one more, for best/ and the log
                 self.validate_and_save(on_schedule=False)
         finally:
@@ -1044,9 +1054,9 @@ class Trainer:
 
     def validate_and_save(self, on_schedule: bool = True) -> str:
         """Validate (main process) and save checkpoints; returns why training should stop, or "".
-        A validation off the train.valid_every schedule (at a stop between two) counts for
-        neither patience nor the kept update checkpoints, so that a run resumed with a larger
-        budget goes on as if it had not stopped."""
+        A validation off the train.valid_every schedule (at a stop between two) may give best/,
+        but counts for neither patience nor the kept update checkpoints, so that a run resumed
+        with a larger budget goes on as if it had not stopped."""
         st, task = self.state, self.task
         self.validated_at = st.step
         reason = ""
@@ -1061,12 +1071,14 @@ class Trainer:
             st.valid_seconds += time.time() - valid_started
             seconds = self.elapsed()  # before saving: the time to quality leaves out the writing
             saving_started = time.time()
-            improved = st.last_valid[task.metric] > st.best_score
+            score = st.last_valid[task.metric]
+            improved = score > st.best_score
             if improved:
-                st.best_score, st.best_step, st.bad_validations = st.last_valid[task.metric], st.step, 0
+                st.best_score, st.best_step = score, st.step
                 self.save("best")
-            elif on_schedule:
-                st.bad_validations += 1
+            if on_schedule:
+                st.bad_validations = 0 if score > st.patience_score else st.bad_validations + 1
+                st.patience_score = max(st.patience_score, score)
             # train_seconds leaves out validating and saving: the time to reach a dev BLEU, as
             # benchmarks count it
             self.write_log({

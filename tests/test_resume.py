@@ -81,3 +81,81 @@ def test_a_run_resumed_mid_epoch_continues_with_the_epochs_next_batches(tmp_path
     assert losses("a") == losses("b")
     a, b = (load_file(str(tmp_path / name / "last" / "model.safetensors")) for name in ("a", "b"))
     assert all(a[name].equal(b[name]) for name in a)
+
+
+def _records(save_dir: Path, kind: str) -> list[dict]:
+    records = [json.loads(line) for line in (save_dir / "train_log.jsonl").read_text().splitlines()]
+    return [r for r in records if r["type"] == kind]
+
+
+def test_patience_counts_only_scheduled_validations_and_a_stopped_run_stays_stopped(tmp_path):
+    # lr ~0: every validation scores the same, so the first one is the best and patience runs out
+    # two validations later, at update 12, whether or not the run stopped (and validated) at 2.
+    data_dir = prepare_toy_data(tmp_path, train=40)
+    settings = dict(valid_every=4, patience=2, lr=1e-12, batch_tokens=60)
+    whole = train(_config(data_dir, tmp_path / "a", max_steps=20, **settings), progress=False)
+    train(_config(data_dir, tmp_path / "b", max_steps=2, **settings), progress=False)
+    resumed = train(_config(data_dir, tmp_path / "b", max_steps=20, **settings), resume=True, progress=False)
+    assert (whole.stop_reason, whole.steps) == (resumed.stop_reason, resumed.steps) == ("patience", 12)
+    assert [r["step"] for r in _records(tmp_path / "b", "valid")] == [2, 4, 8, 12]
+    again = train(_config(data_dir, tmp_path / "a", max_steps=20, **settings), resume=True, progress=False)
+    assert (again.stop_reason, again.steps) == ("patience", 12)  # no more updates, no more validations
+    assert [r["step"] for r in _records(tmp_path / "a", "valid")] == [4, 8, 12]
+
+
+def test_a_run_stopped_by_a_signal_at_its_last_update_validates_it_when_resumed(tmp_path, monkeypatch):
+    from nmt.train import Trainer
+
+    data_dir = prepare_toy_data(tmp_path, train=40)
+    config = _config(data_dir, tmp_path / "m", max_steps=6, valid_every=4)
+    stop_after_update = Trainer.stop_after_update
+
+    def signalled_at_6(self):
+        if self.state.step == 6:
+            self.stop_signal.received = "SIGTERM"
+        return stop_after_update(self)
+
+    monkeypatch.setattr(Trainer, "stop_after_update", signalled_at_6)
+    assert train(config, progress=False).stop_reason == "signal (SIGTERM)"
+    monkeypatch.setattr(Trainer, "stop_after_update", stop_after_update)
+    assert train(config, resume=True, progress=False).stop_reason == "max_steps"
+    assert [r["step"] for r in _records(tmp_path / "m", "valid")] == [4, 6]
+    assert CheckpointInfo.read(tmp_path / "m" / "last").state.last_valid["step"] == 6
+
+
+def test_a_stop_between_log_steps_logs_the_updates_since_the_last_one(tmp_path):
+    data_dir = prepare_toy_data(tmp_path, train=40)
+    train(_config(data_dir, tmp_path / "m", max_steps=5, valid_every=100, log_every=2), progress=False)
+    assert [r["step"] for r in _records(tmp_path / "m", "train")] == [2, 4, 5]
+
+
+def test_a_resumed_run_takes_the_configs_optimizer_settings(tmp_path):
+    data_dir = prepare_toy_data(tmp_path, train=40)
+    train(_config(data_dir, tmp_path / "m", max_steps=2, valid_every=2), progress=False)
+    train(_config(data_dir, tmp_path / "m", max_steps=4, valid_every=2, weight_decay=0.1, betas=[0.8, 0.9]),
+          resume=True, progress=False)
+    (group,) = CheckpointInfo.read(tmp_path / "m" / "last").param_groups
+    assert group["weight_decay"] == 0.1 and group["betas"] == [0.8, 0.9]
+
+
+def test_a_resumed_fp16_run_keeps_its_loss_scale(tmp_path, monkeypatch):
+    """A scale too high for the gradients: the first updates overflow and lower it. Resumed, the
+    run must go on from the lowered scale, not skip those updates again."""
+    import torch
+    from safetensors.torch import load_file
+
+    class HighScale(torch.amp.GradScaler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "init_scale": 2.0**20})
+
+    monkeypatch.setattr(torch.amp, "GradScaler", HighScale)
+    data_dir = prepare_toy_data(tmp_path, train=40)
+    settings = dict(valid_every=100, log_every=1, batch_tokens=60, precision="fp16", device="cpu")
+    train(_config(data_dir, tmp_path / "a", max_steps=12, **settings), progress=False)
+    train(_config(data_dir, tmp_path / "b", max_steps=6, **settings), progress=False)
+    assert CheckpointInfo.read(tmp_path / "b" / "last").loss_scale["scale"] < 2.0**20
+    train(_config(data_dir, tmp_path / "b", max_steps=12, **settings), resume=True, progress=False)
+    skipped = {name: sum(r.get("skipped_updates", 0) for r in _records(tmp_path / name, "train")) for name in "ab"}
+    assert skipped["a"] == skipped["b"] > 0
+    a, b = (load_file(str(tmp_path / name / "last" / "model.safetensors")) for name in ("a", "b"))
+    assert all(a[name].equal(b[name]) for name in a)

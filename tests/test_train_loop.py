@@ -96,7 +96,7 @@ def test_out_of_memory_with_several_processes_stops_with_one_line():
 
 def test_train_state_round_trips_through_info_json(tmp_path):
     state = TrainState(step=12, epoch=1, group_in_epoch=3, best_score=31.5, best_step=10, bad_validations=1,
-                       seconds=40.04, valid_seconds=2.25, last_valid={"step": 12, "bleu": 30.0}, processes=2)
+                       patience_score=31.0, seconds=40.04, valid_seconds=2.25, last_valid={"step": 12, "bleu": 30.0}, processes=2)
     CheckpointInfo(state, "bleu", sha256={"model.safetensors": "ab"}).write(tmp_path)
     restored = CheckpointInfo.read(tmp_path)
     assert restored.state == TrainState(**{**vars(state), "seconds": 40.0, "valid_seconds": 2.2})
@@ -118,7 +118,8 @@ def test_files_written_by_earlier_versions_are_read(tmp_path):
     (tmp_path / "info.json").write_text(json.dumps({"step": 5, "epoch": 0, "group_in_epoch": 5, "best_bleu": 12.0,
                                                     "best_step": 5, "bad_validations": 0, "seconds": 9.0}))
     info = CheckpointInfo.read(tmp_path)
-    assert info.state.best_score == 12.0 and info.state.processes is None and info.metric == "bleu"
+    assert info.state.best_score == info.state.patience_score == 12.0  # patience counted from the best
+    assert info.state.processes is None and info.metric == "bleu"
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(Exception, match="damaged"):
         Manifest.read(tmp_path)
