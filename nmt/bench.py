@@ -46,6 +46,7 @@ from nmt.corpora import LOCAL_MULTI30K, PROJECT_ROOT
 from nmt.data import ParallelSplit, read_lines
 from nmt.devices import (
     cpu_multiplies_natively,
+    gpu_has_bf16,
     grad_scaler,
     keep_freed_memory,
     resolve_device,
@@ -561,7 +562,7 @@ def quality_and_decoding_sections(
         if "decode" not in bc.sections:
             continue
         log(f"decoding test_2016_flickr: {name}")
-        bf16 = gpu and torch.cuda.is_bf16_supported()  # not on GPUs before Ampere
+        bf16 = gpu_has_bf16(plan.device)
         decoded = bench_decoding(
             name, save_dir, lines, references, plan.device, bc.repeats, with_int8=not gpu,
             with_half=bf16 if bc.half_precision_decoding is None else bc.half_precision_decoding,

@@ -55,8 +55,14 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         if device.type != "cuda":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if gpu_has_bf16(device) else torch.float16
     return PRECISIONS[precision]
+
+
+def gpu_has_bf16(device: torch.device) -> bool:
+    """Whether this GPU multiplies bf16 in hardware (Ampere and later). torch's own
+    is_bf16_supported() also says yes where bf16 is only emulated, far slower than fp16."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:

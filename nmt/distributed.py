@@ -97,8 +97,8 @@ def launch(devices: int, command_line: list[str], device: str = "auto") -> int:
 
     if devices < 1:
         raise ConfigError("--devices must be at least 1")
-    resolve_device(device)  # a missing GPU is one error here, not one per process
-    if torch.cuda.is_available() and devices > torch.cuda.device_count():
+    on_gpus = resolve_device(device).type == "cuda"  # a missing GPU is one error here, not one per process
+    if on_gpus and devices > torch.cuda.device_count():
         raise ConfigError(f"--devices {devices} asked for, but this machine has {torch.cuda.device_count()} GPUs")
     try:
         torchrun(["--standalone", f"--nproc_per_node={devices}", "-m", "nmt_cli", *command_line])

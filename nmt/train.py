@@ -168,9 +168,15 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig, fused: bool = True):
     )
 
 
-def compile_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The model's forward compiled by torch.compile, for the varying batch shapes of training."""
-    return torch.compile(model, dynamic=True)
+def compile_model(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
+    """The model's forward compiled by torch.compile, once for the varying batch shapes of training."""
+    import torch.fx.experimental._config as fx_config
+
+    # torch.compile gives sizes that are equal in the first batch one symbol ("duck shapes"): a
+    # first batch with as many source as target positions would tie the two, and the first batch
+    # where they differ would compile forward and backward all over again.
+    fx_config.use_duck_shape = False
+    return torch.compile(model, dynamic=True, backend=backend)
 
 
 class UpdateResult(NamedTuple):

@@ -1,9 +1,11 @@
+import pytest
 import torch
 from conftest import TINY_RNN, TINY_TRANSFORMER, prepare_toy_data
 
 from nmt import devices
 from nmt.config import ModelConfig, config_from_dict
 from nmt.devices import cpu_flags, cpu_multiplies_natively, needs_loss_scaling, slow_precision_note
+from nmt.errors import ConfigError
 from nmt.models import build_model
 from nmt.train import train
 
@@ -31,6 +33,31 @@ def test_native_half_precision_follows_the_flags():
     assert not cpu_multiplies_natively(torch.bfloat16, avx2)
     assert not cpu_multiplies_natively(torch.float16, zen4)  # Zen 4 has no fp16 matrix instructions
     assert cpu_multiplies_natively(torch.float32, frozenset())
+
+
+def test_auto_precision_is_bf16_only_on_gpus_that_multiply_it(monkeypatch):
+    """torch.cuda.is_bf16_supported() also says yes where bf16 is emulated (before Ampere)."""
+    from nmt.devices import resolve_precision
+
+    gpu = torch.device("cuda", 0)
+    for capability, dtype in (((7, 0), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert resolve_precision("auto", gpu) == dtype
+    assert resolve_precision("auto", torch.device("cpu")) == torch.float32
+
+
+def test_processes_on_the_cpu_need_no_gpus_where_the_machine_has_some(monkeypatch):
+    import torch.distributed.run
+
+    from nmt.distributed import launch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    started = []
+    monkeypatch.setattr(torch.distributed.run, "main", lambda args: started.append(args))
+    assert launch(2, ["train"], device="cpu") == 0 and len(started) == 1
+    with pytest.raises(ConfigError, match="has 1 GPUs"):
+        launch(2, ["train"], device="cuda")
 
 
 def test_loss_scaling_for_fp16_and_for_recurrent_layers_in_bf16_on_a_gpu():

@@ -320,3 +320,23 @@ def test_a_second_signal_during_training_goes_to_the_handler_training_replaced()
         assert signal.getsignal(signal.SIGTERM) is callers_handler
     finally:
         signal.signal(signal.SIGTERM, previous_term)
+
+
+def test_compiling_for_training_traces_once_for_every_batch_shape():
+    """Batches whose source and target lengths are equal, then differ: one graph for all
+    (torch's "eager" backend traces as torch.compile does, without generating code)."""
+    import torch._dynamo
+    from conftest import TINY_TRANSFORMER
+    from torch._dynamo.utils import counters
+
+    from nmt.config import ModelConfig
+    from nmt.models import build_model
+    from nmt.train import compile_model
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = compile_model(build_model(ModelConfig(**TINY_TRANSFORMER), 30, 30), backend="eager")
+    for B, S, T in ((2, 5, 5), (2, 7, 9), (3, 4, 6), (5, 8, 3)):
+        compiled(torch.randint(4, 30, (B, S)), torch.randint(4, 30, (B, T))).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
