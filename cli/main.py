@@ -393,7 +393,7 @@ def translate(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write translations (default, or -: stdout).")] = None,
     beam: Annotated[int | None, typer.Option(help="Beam size; 1 is greedy search.")] = None,
     nbest: Annotated[int | None, typer.Option(help="Write the N best as 'line ||| text ||| score'.")] = None,
-    len_penalty: Annotated[float | None, typer.Option(help="Score = log-prob / length**len_penalty.")] = None,
+    len_penalty: Annotated[float | None, typer.Option(help="Score = log-prob / length**len_penalty (greedy too; sampling: the log-prob).")] = None,
     max_len_a: Annotated[float | None, typer.Option(help="Longest output = a * source length + b.")] = None,
     max_len_b: Annotated[int | None, typer.Option(help="Longest output = a * source length + b.")] = None,
     batch_tokens: Annotated[int | None, typer.Option(help="Source tokens per decoding batch.")] = None,

@@ -20,7 +20,7 @@ from nmt.tokenizer import BOS, EOS, PAD
 @dataclass
 class Hypothesis:
     tokens: list[int]  # without BOS and EOS (during beam search, a device tensor until it is over)
-    score: float  # beam: log-prob / length**len_penalty; greedy: log-prob
+    score: float  # log-prob / length**len_penalty (sampling: the log-prob); length counts EOS
     # (T, S) when asked for: the cross-attention weights with which each output token (the final
     # EOS included) was produced, over the padded source of its batch
     attention: torch.Tensor | None = None
@@ -175,11 +175,12 @@ class Sampling:
 @torch.inference_mode()
 def greedy_search(
     model: StepDecoder, src: torch.Tensor, max_len_a: float = 1.5, max_len_b: int = 10, attention: AttentionChoice | None = None,
-    rules: StepRules | None = None, sampling: Sampling | None = None,
+    rules: StepRules | None = None, sampling: Sampling | None = None, len_penalty: float = 0.0,
 ) -> list[Hypothesis]:
     """Pick the most probable token at each step (or, with `sampling`, draw it). src: (B, S).
     With `attention`, each hypothesis keeps the chosen cross-attention weights. The score is
-    the log-probability of the output under the model (not the sampling distribution)."""
+    the log-probability of the output under the model (not the sampling distribution),
+    divided by length**len_penalty as beam search scores it."""
     B = src.shape[0]
     rules = rules or StepRules()
     sentences = torch.arange(B, device=src.device)
@@ -214,7 +215,7 @@ def greedy_search(
     for b, (row, score) in enumerate(zip(out, scores.tolist())):
         length = row.index(EOS) + 1 if EOS in row else len(row)  # output tokens, EOS included
         tokens = row[: length - 1] if EOS in row else row
-        hyps.append(Hypothesis(tokens, score, None if weights is None else weights[b, :length]))
+        hyps.append(Hypothesis(tokens, score / max(length, 1) ** len_penalty, None if weights is None else weights[b, :length]))
     return hyps
 
 

@@ -125,7 +125,7 @@ def _translate_batch(
         sampling = Sampling(decode.topk, decode.topp, decode.temperature, generator)
         hyps = sample_search(model, src, sampling, decode.nbest, *limits, attention, rules)
     elif decode.beam == 1:
-        hyps = [[h] for h in greedy_search(model, src, *limits, attention, rules)]
+        hyps = [[h] for h in greedy_search(model, src, *limits, attention, rules, len_penalty=decode.len_penalty)]
     else:
         hyps = beam_search(model, src, decode.beam, decode.len_penalty, *limits, decode.nbest, attention, rules)
     for i, nbest in zip(indices, hyps):

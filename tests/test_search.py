@@ -57,9 +57,11 @@ def test_beam_one_equals_greedy(config):
     src[:, -1] = EOS
     src[2, 5:] = PAD
     src[2, 4] = EOS
-    greedy = greedy_search(model, src, 1.5, 5)
-    beam = beam_search(model, src, beam_size=1, max_len_a=1.5, max_len_b=5)
-    assert [h.tokens for h in greedy] == [b[0].tokens for b in beam]
+    for len_penalty in (0.0, 1.0, 2.5):  # the same scores too: beam search's, divided by the length
+        greedy = greedy_search(model, src, 1.5, 5, len_penalty=len_penalty)
+        beam = beam_search(model, src, beam_size=1, len_penalty=len_penalty, max_len_a=1.5, max_len_b=5)
+        assert [h.tokens for h in greedy] == [b[0].tokens for b in beam]
+        assert [h.score for h in greedy] == pytest.approx([b[0].score for b in beam], abs=1e-4)
 
 
 def test_batched_beam_equals_one_sentence_at_a_time():
