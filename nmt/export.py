@@ -40,7 +40,7 @@ from nmt.files import CheckpointInfo, VocabInfo, check_format_version
 from nmt.models.attention import AttentionChoice
 from nmt.models.transformer import Transformer, sinusoidal_positions
 from nmt.normalize import Normalization
-from nmt.search import Hypothesis, max_lengths
+from nmt.search import NEW_WORD, Hypothesis, max_lengths
 from nmt.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, check_recorded_model
 from nmt.translate import (
     ANY_LANGUAGE,
@@ -381,6 +381,8 @@ class CTranslate2Translator:
       continuations, normalize by length (EOS included) ** len_penalty and start from one beam,
       so they mostly agree; with a prefix or banned n-grams, the score differences above can
       also change which hypothesis wins.
+    - A prefix that ends in a space: nmt then requires a new word, CTranslate2 may go on with
+      the prefix's last word ("The cat " may become "The cats").
     - Sampling draws from CTranslate2's random generator, seeded with decode.seed when loaded:
       the same seed gives the same samples run after run, not nmt's samples.
     - Attention: only the last decoder layer's, averaged over its heads (the export's alignment
@@ -407,7 +409,8 @@ class CTranslate2Translator:
         self._check(decode, attention)
         encoded = encode_lines(self.tokenizer, lines, decode, self.normalization, prefixes, self.target_normalization,
                                first_line)
-        prefix_ids = encoded.prefixes or [[] for _ in encoded.sources]
+        # CTranslate2 cannot require the token after a prefix to begin a word: its prefix ends with its last token.
+        prefix_ids = [[i for i in ids if i != NEW_WORD] for ids in encoded.prefixes or [[] for _ in encoded.sources]]
         hyps = self._search(encoded.sources, prefix_ids, decode, attention is not None, progress)
         return collect_translations(self.tokenizer, len(lines), encoded, hyps, attention is not None, first_line,
                                     self.target_normalization)
@@ -450,6 +453,8 @@ class CTranslate2Translator:
             if limit:
                 groups.setdefault(limit, []).append(i)
         options = self._options(decode, attention)
+        # CTranslate2 normalizes beam search scores only: greedy ones are divided here, as nmt's are.
+        greedy_penalty = decode.len_penalty if decode.beam == 1 and not decode.sampling else 0.0
         pending = []
         for limit, indices in sorted(groups.items()):
             if limit <= 1:  # room for EOS alone: nmt's output is empty, and CTranslate2 needs a length
@@ -466,18 +471,18 @@ class CTranslate2Translator:
                 # Where fewer hypotheses than asked for can end (a prefix that fills the length
                 # limit), CTranslate2 pads the list with ones of score -inf / length: not outputs.
                 found = [k for k in range(len(result.hypotheses)) if k == 0 or result.scores[k] > IMPOSSIBLE_SCORE]
-                results[i] = [self._hypothesis(result, k, attention) for k in found]
+                results[i] = [self._hypothesis(result, k, attention, greedy_penalty) for k in found]
         return results
 
     def _score(self, sources: list[list[int]], targets: list[list[int]], decode: DecodeConfig) -> list[Hypothesis]:
         """Forced translations (EOS last) scored as nmt's search scores them: the log-probability,
-        over length (EOS included) ** len_penalty in beam search."""
+        over length (EOS included) ** len_penalty (but sampling's)."""
         if not sources:
             return []
         results = self.translator.score_batch([self.tokenizer.src_pieces(ids) for ids in sources],
                                               [self.tokenizer.tgt_pieces(ids[:-1]) for ids in targets])
-        beam = not decode.sampling and decode.beam > 1
-        return [Hypothesis(ids[:-1], float(sum(result.log_probs)) / (len(ids) ** decode.len_penalty if beam else 1.0))
+        len_penalty = 0.0 if decode.sampling else decode.len_penalty
+        return [Hypothesis(ids[:-1], float(sum(result.log_probs)) / len(ids) ** len_penalty)
                 for ids, result in zip(targets, results)]
 
     def _options(self, decode: DecodeConfig, attention: bool) -> dict:
@@ -487,7 +492,7 @@ class CTranslate2Translator:
         return dict(
             **self._batching(decode), asynchronous=True,
             beam_size=1 if decode.sampling else decode.beam, num_hypotheses=decode.nbest,
-            length_penalty=0.0 if greedy else decode.len_penalty,  # nmt's greedy and sampling scores: log-probs
+            length_penalty=0.0 if greedy else decode.len_penalty,  # greedy scores are divided in _search
             no_repeat_ngram_size=decode.no_repeat_ngram,
             suppress_sequences=self._suppressed_pieces,
             max_input_length=0, min_decoding_length=0,  # inputs are cut already; an empty output is allowed
@@ -529,7 +534,7 @@ class CTranslate2Translator:
         except (ValueError, RuntimeError) as e:
             raise ConfigError(f"CTranslate2: {first_line(e)}") from None
 
-    def _hypothesis(self, result, k: int, attention: bool) -> Hypothesis:
+    def _hypothesis(self, result, k: int, attention: bool, len_penalty: float = 0.0) -> Hypothesis:
         pieces = result.hypotheses[k]  # with the final EOS (return_end_token)
         ends = bool(pieces) and pieces[-1] == self.tokenizer.tgt.id_to_piece(EOS)
         tokens = [self.tokenizer.tgt.piece_to_id(piece) for piece in (pieces[:-1] if ends else pieces)]
@@ -537,7 +542,7 @@ class CTranslate2Translator:
         if attention:
             rows = np.asarray(result.attention[k], dtype=np.float32).reshape(len(pieces), -1)  # (T, S)
             weights = torch.from_numpy(with_eos_column(rows))  # (T, S+1)
-        return Hypothesis(tokens, float(result.scores[k]), weights)
+        return Hypothesis(tokens, float(result.scores[k]) / max(len(pieces), 1) ** len_penalty, weights)
 
 
 def decoding_limits(sources: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]], decode: DecodeConfig) -> list[int]:

@@ -5,6 +5,7 @@ n-grams, a forced target prefix) work on the log-probabilities and the tokens so
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -96,16 +97,23 @@ def ban_repeated_ngrams(log_probs: torch.Tensor, history: torch.Tensor, n: int) 
     log_probs.scatter_add_(1, windows[:, :, n - 1], penalty.masked_fill_(repeats, float("-inf")))
 
 
+# In a prefix, after its tokens: the next token must begin a word (the prefix text ended in a
+# space, so "The cat " goes on with a new word, not "The cats").
+NEW_WORD = -1
+
+
 @dataclass
 class StepRules:
     """What every search applies to the model's log-probs at each step, besides the length limit:
     no repeated n-gram of size `no_repeat_ngram` (0: off), none of the `banned` tokens, and a
     forced target prefix per sentence. A forced token keeps the model's log-probability, so
-    scores count the prefix (and a prefix may use banned tokens)."""
+    scores count the prefix (and a prefix may use banned tokens). A prefix may end in NEW_WORD:
+    there, only the `word_starts` tokens are allowed."""
 
     no_repeat_ngram: int = 0
     prefix: torch.Tensor | None = None  # (B, P) target tokens per sentence, PAD after its end
     banned: torch.Tensor | None = None  # (K,) ids an output never holds (reserved symbols, other languages' pieces)
+    word_starts: torch.Tensor | None = None  # (V,) bool: the tokens that begin a word, and EOS
 
     @staticmethod
     def banning(allowed: torch.Tensor | None) -> torch.Tensor | None:
@@ -119,7 +127,7 @@ class StepRules:
 
     def select(self, sentences: torch.Tensor) -> StepRules:
         """The rules of these sentences (repeated or picked), in this order."""
-        return StepRules(self.no_repeat_ngram, None if self.prefix is None else self.prefix[sentences], self.banned)
+        return dataclasses.replace(self, prefix=None if self.prefix is None else self.prefix[sentences])
 
     def apply(self, log_probs: torch.Tensor, history: torch.Tensor, sentences: torch.Tensor) -> torch.Tensor:
         """log_probs: (R, V); history: (R, t) tokens so far; sentences: (R,) each row's sentence."""
@@ -127,6 +135,8 @@ class StepRules:
         forced = None
         if self.prefix is not None and t < self.prefix.shape[1]:
             forced = self.prefix[sentences, t][:, None]  # (R, 1), PAD where the prefix is over
+            new_word = forced == NEW_WORD  # (R, 1)
+            forced = forced.masked_fill(new_word, PAD)
             forced_scores = log_probs.gather(1, forced)  # before the n-gram ban: a prefix may repeat itself
         if self.no_repeat_ngram:
             ban_repeated_ngrams(log_probs, history, self.no_repeat_ngram)
@@ -136,6 +146,8 @@ class StepRules:
             forcing = forced != PAD  # (R, 1)
             log_probs.masked_fill_(forcing, float("-inf"))
             log_probs.scatter_(1, forced, torch.where(forcing, forced_scores, log_probs.gather(1, forced)))
+            if self.word_starts is not None:
+                log_probs.masked_fill_(new_word & ~self.word_starts, float("-inf"))  # (R, V)
         return log_probs
 
 

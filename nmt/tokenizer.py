@@ -201,6 +201,11 @@ class Tokenizer:
         """The target model's reserved symbols, in id order (see `reserved_ids`)."""
         return sorted(self.reserved_target)
 
+    @functools.cached_property
+    def word_start_target_ids(self) -> list[int]:
+        """The target pieces that begin a word ("▁the", not "s"), and EOS."""
+        return [i for i in range(self.tgt_vocab_size) if self.tgt.id_to_piece(i).startswith("▁")] + [EOS]
+
     @property
     def joint(self) -> bool:
         return self.src is self.tgt

@@ -31,7 +31,16 @@ from nmt.files import VocabInfo
 from nmt.interfaces import StepDecoder
 from nmt.models.attention import AttentionChoice
 from nmt.normalize import Normalization
-from nmt.search import Hypothesis, Sampling, StepRules, beam_search, greedy_search, output_limits, sample_search
+from nmt.search import (
+    NEW_WORD,
+    Hypothesis,
+    Sampling,
+    StepRules,
+    beam_search,
+    greedy_search,
+    output_limits,
+    sample_search,
+)
 from nmt.static_decoding import StaticDecoding, StaticStepModel
 from nmt.tokenizer import EOS, PAD, UNK, Tokenizer
 
@@ -75,6 +84,7 @@ def translate_ids(
     prefixes: Sequence[Sequence[int]] | None = None,
     generator: torch.Generator | None = None,
     allowed: torch.Tensor | None = None,
+    word_starts: torch.Tensor | None = None,
 ) -> list[list[Hypothesis]]:
     """Translate token-id sequences (without EOS); returns the n-best list of each, in order.
 
@@ -91,13 +101,14 @@ def translate_ids(
     if decode.sampling and generator is None:
         generator = sampling_generator(decode, device)
     banned = StepRules.banning(None if allowed is None else allowed.to(device))  # once, not per batch
+    word_starts = None if word_starts is None else word_starts.to(device)
     # One autocast region for every batch: the weights are cast to half precision once.
     with autocast(device, resolve_precision(decode.precision, device)):
         # disable=None: no bar when stderr is not a terminal (a log file, CI)
         for indices in tqdm(batches, desc="translating", unit="batch", disable=None if progress else True, file=sys.stderr):
             batch_prefixes = None if prefixes is None else [prefixes[i] for i in indices]
             _translate_batch(model, sources, indices, decode, device, attention, results, batch_prefixes, generator,
-                             banned)
+                             StepRules(decode.no_repeat_ngram, banned=banned, word_starts=word_starts))
     return results
 
 
@@ -108,16 +119,17 @@ def sampling_generator(decode: DecodeConfig, device: torch.device) -> torch.Gene
 def _translate_batch(
     model: StepDecoder, sources: Sequence[Sequence[int]], indices: np.ndarray, decode: DecodeConfig, device: torch.device,
     attention: AttentionChoice | None, results: list[list[Hypothesis]], prefixes: list[Sequence[int]] | None,
-    generator: torch.Generator | None, banned: torch.Tensor | None = None,
+    generator: torch.Generator | None, rules: StepRules,
 ) -> None:
-    """Translate the sources at `indices` as one batch into `results` (never with the `banned` ids)."""
+    """Translate the sources at `indices` as one batch into `results`, under `rules` (their
+    prefix: this batch's `prefixes`)."""
     src = pad_source([sources[i] for i in indices]).to(device)
     prefix = None
     if prefixes is not None and any(prefixes):
         prefix = torch.nn.utils.rnn.pad_sequence(
             [torch.tensor(list(p), dtype=torch.long) for p in prefixes], batch_first=True, padding_value=PAD
         ).to(device)  # (B, P), PAD (0) after each prefix
-    rules = StepRules(decode.no_repeat_ngram, prefix, banned)
+    rules = dataclasses.replace(rules, prefix=prefix)
     limits = (decode.max_len_a, decode.max_len_b)
     if decode.static_cache and isinstance(model, StaticStepModel):  # a capability, not a model type
         model = StaticDecoding(model, int(output_limits(src, *limits, rules).max()))
@@ -170,7 +182,7 @@ def translate_lines(
     (V,) bool, the only tokens an output may hold; never the vocabulary's reserved symbols."""
     encoded = encode_lines(tokenizer, lines, decode, normalize, prefixes, normalize_target, first_line)
     hyps = translate_ids(model, encoded.sources, decode, device, progress, attention, encoded.prefixes, generator,
-                         output_tokens(tokenizer, allowed))
+                         output_tokens(tokenizer, allowed), None if prefixes is None else word_starts(tokenizer))
     return collect_translations(tokenizer, len(lines), encoded, hyps, attention is not None, first_line, normalize_target)
 
 
@@ -182,6 +194,13 @@ def output_tokens(tokenizer: Tokenizer, allowed: torch.Tensor | None = None) -> 
     allowed = torch.ones(tokenizer.tgt_vocab_size, dtype=torch.bool) if allowed is None else allowed.clone()
     allowed[tokenizer.reserved_target_ids] = False
     return allowed
+
+
+def word_starts(tokenizer: Tokenizer) -> torch.Tensor:
+    """(V,) bool: the target tokens that may follow a prefix ending in a space (`NEW_WORD`)."""
+    mask = torch.zeros(tokenizer.tgt_vocab_size, dtype=torch.bool)
+    mask[tokenizer.word_start_target_ids] = True
+    return mask
 
 
 def decode_outputs(tokenizer: Tokenizer, outputs: list[list[int]], normalize_target: Normalization | None) -> list[str]:
@@ -224,6 +243,9 @@ def encode_lines(
         unknown = [first_line + i for i, ids in zip(non_empty, prefix_ids) if UNK in ids]
         if decode.prefix_only:  # the translation ends where its prefix does
             prefix_ids = [ids + [EOS] if ids else ids for ids in prefix_ids]
+        else:  # SentencePiece drops a final space: a prefix that ends in one ends a word
+            prefix_ids = [ids + [NEW_WORD] if ids and prefixes[i][-1:].isspace() else ids
+                          for i, ids in zip(non_empty, prefix_ids)]
     return EncodedLines(non_empty, encoded, prefix_ids, truncated, unknown)
 
 

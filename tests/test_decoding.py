@@ -152,6 +152,31 @@ def test_prefix_starts_the_output_and_its_score_is_the_forced_decodings(arch, be
             assert h.score == pytest.approx(_forced_log_prob(model, src[row][src[row] != PAD], h.tokens), abs=1e-4)
 
 
+@pytest.mark.parametrize("arch", [TINY_TRANSFORMER, TINY_RNN], ids=["transformer", "rnn"])
+@pytest.mark.parametrize("beam", [1, 3])
+def test_after_a_prefix_ending_a_word_only_word_starts_follow(arch, beam):
+    from nmt.search import NEW_WORD
+
+    model, src = _random_model(arch, 4), _random_sources(4, batch=4)
+    prefixes = [[5, NEW_WORD], [9, 9, NEW_WORD], [], [7]]  # V = 12 tokens
+    prefix = torch.nn.utils.rnn.pad_sequence([torch.tensor(p, dtype=torch.long) for p in prefixes], batch_first=True)
+    word_starts = torch.zeros(V, dtype=torch.bool)
+    word_starts[[EOS, 10, 11]] = True
+    rules = StepRules(prefix=prefix, word_starts=word_starts)
+    with torch.no_grad():
+        if beam == 1:
+            hyps = greedy_search(model, src, 1.0, 4, rules=rules)
+        else:
+            hyps = [nbest[0] for nbest in beam_search(model, src, beam, len_penalty=0.0, max_len_a=1.0, max_len_b=4, rules=rules)]
+    for row, (wanted, h) in enumerate(zip(prefixes, hyps)):
+        forced = [token for token in wanted if token != NEW_WORD]
+        assert h.tokens[: len(forced)] == forced
+        if NEW_WORD in wanted:
+            assert len(h.tokens) == len(forced) or h.tokens[len(forced)] in (10, 11)
+        with torch.no_grad():
+            assert h.score == pytest.approx(_forced_log_prob(model, src[row][src[row] != PAD], h.tokens), abs=1e-4)
+
+
 def test_an_ensemble_of_one_model_or_of_two_copies_translates_as_the_model():
     model, src = _random_model(TINY_TRANSFORMER, 5), _random_sources(5)
     alone = beam_search(model, src, 3, nbest=3)

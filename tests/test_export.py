@@ -99,7 +99,7 @@ def _raw_ct2(translator, lines: list[str], beam: int) -> list[tuple[list[int], f
 def test_the_exported_network_scores_greedy_outputs_as_nmt_does(models, variant):
     save_dir, export_dir = models(variant)
     lines = _lines(30)
-    nmt = load_translator([save_dir], {"beam": 1, **LIMIT}, device="cpu").translate(lines)
+    nmt = load_translator([save_dir], {"beam": 1, "len_penalty": 0.0, **LIMIT}, device="cpu").translate(lines)  # log-probs
     assert len({texts[0] for texts in nmt.texts}) > 15  # the inputs get different outputs
     ct2 = _ct2(export_dir, {"beam": 1, **LIMIT})
     for (tokens, score), nbest in zip(_raw_ct2(ct2, lines, beam=1), nmt.hypotheses):

@@ -80,6 +80,22 @@ def test_stream_answers_each_line_before_the_next_is_written(trained):
     assert "".join(answers[:3]) == batch.output
 
 
+def test_a_prefix_ending_in_a_space_is_followed_by_a_new_word(trained, tmp_path):
+    """SentencePiece drops a final space, so without the rule "V " is the piece of "V", which the
+    toy model goes on with ("V2"): the user asked for the word "V" and then another."""
+    _, model_dir, _ = trained
+    source, prefixes = tmp_path / "in.txt", tmp_path / "prefix.txt"
+    source.write_text("w1 w2\nw1 w2\nw3 w4 w5\n", encoding="utf-8")
+    prefixes.write_text("V\nV \nV9 \n", encoding="utf-8")
+    for beam in ("1", "3"):
+        result = runner.invoke(app, ["translate", str(model_dir), "-i", str(source), "--prefix", str(prefixes),
+                                     "--beam", beam, "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+        open_word, new_word, after_v9 = result.output.splitlines()
+        assert open_word.startswith("V") and open_word.split()[0] != "V"  # the rule matters for this line
+        assert new_word.split()[0] == "V" and after_v9.split()[0] == "V9"
+
+
 def test_prefix_file_forces_the_start_of_each_translation(trained, tmp_path):
     _, model_dir, _ = trained
     source, prefixes = tmp_path / "in.txt", tmp_path / "prefix.txt"
