@@ -162,7 +162,13 @@ class StaticDecoding:
         if shape in cache:
             cache.move_to_end(shape)
             return cache[shape]
-        buffers = Buffers(self.model, memory, *shape[2:], half=half)
+        try:
+            buffers = Buffers(self.model, memory, *shape[2:], half=half)
+        except torch.OutOfMemoryError:  # the other shapes' buffers make room for this one's
+            cache.clear()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            buffers = Buffers(self.model, memory, *shape[2:], half=half)
         if self.graphs_on(device) and not StaticDecoding.capture_failed:
             self.capture(buffers)
         cache[shape] = buffers

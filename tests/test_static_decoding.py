@@ -240,3 +240,23 @@ def test_translate_decodes_through_the_static_path_when_asked(monkeypatch):
     assert not calls
     translate_ids(model, [[7, 8, 9]], dataclasses.replace(decode, static_cache=True), torch.device("cpu"))
     assert calls
+
+
+def test_out_of_memory_for_a_new_shape_frees_the_others_and_decodes(monkeypatch):
+    import nmt.static_decoding as static_decoding
+
+    model = _model(9)
+    first, second = _sources(9), _sources(10)[:2]  # 16 and 8 rows of beams: two buckets of shapes
+    beam_search(_static(model, first), first, 3, **LIMITS)
+    assert len(static_decoding._buffers_of[model]) == 1
+    made = static_decoding.Buffers
+
+    def out_of_memory_while_others_are_kept(*args, **kwargs):
+        if static_decoding._buffers_of[model]:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return made(*args, **kwargs)
+
+    monkeypatch.setattr(static_decoding, "Buffers", out_of_memory_while_others_are_kept)
+    for a, b in zip(beam_search(model, second, 3, **LIMITS), beam_search(_static(model, second), second, 3, **LIMITS)):
+        _same(a, b)
+    assert len(static_decoding._buffers_of[model]) == 1
