@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from nmt.atomic import nested, replace_dir
 from nmt.checkpoint import (
     UpdateCheckpoint,
+    copy_model_description,
     load_weights,
     read_config,
     save_checkpoint,
@@ -137,8 +138,7 @@ def average_checkpoints(model_dir: Path, out_dir: Path, last: int = 0, best: int
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-        for name in ("config.yaml", vocab_info.NAME, *sorted({vocab_info.vocab.src_model, vocab_info.vocab.tgt_model})):
-            shutil.copyfile(model_dir / name, tmp / name)
+        copy_model_description(model_dir, tmp)
         latest = infos[-1]
         save_checkpoint(tmp, "best", model, CheckpointInfo(latest.state, latest.metric, averaged=[str(c.path) for c in chosen]))
         if out_dir.exists():

@@ -33,7 +33,7 @@ from torch import nn
 from nmt.atomic import complete_dir, file_mode, recover_dir, replace_dir
 from nmt.config import Config, ModelConfig, save_config, saved_config_from_dict
 from nmt.errors import CheckpointError, ConfigError, first_line
-from nmt.files import MASKED_LM, TRANSLATION, CheckpointInfo, Manifest, TrainState, VocabInfo, Vocabulary
+from nmt.files import MASKED_LM, TRANSLATION, CheckpointInfo, TrainState, VocabInfo, Vocabulary
 from nmt.models import build_model
 from nmt.tokenizer import Tokenizer, check_recorded_model, file_sha256
 
@@ -105,24 +105,40 @@ def recover_checkpoints(save_dir: Path) -> None:
         recover_dir(kept / name)
 
 
-def init_save_dir(save_dir: Path, config: Config, data_dir: Path, manifest: Manifest, target_pieces: dict | None = None) -> None:
-    """Write the config, vocabulary description and SentencePiece models into `save_dir`;
-    `target_pieces`: a multilingual model's (see `VocabInfo.target_pieces`)."""
+CONFIG_NAME = "config.yaml"  # a model directory's full config
+
+
+def init_save_dir(save_dir: Path, config: Config, info: VocabInfo, spm_models: Path) -> None:
+    """Write the vocabulary description, config and SentencePiece models (found in the folder
+    `spm_models`, a data dir) into `save_dir`."""
     save_dir.mkdir(parents=True, exist_ok=True)
-    info = VocabInfo.from_manifest(manifest)
-    info.target_pieces = target_pieces or {}
     info.write(save_dir)  # first: it marks the directory as a model's (see `open_save_dir`)
-    save_config(config, save_dir / "config.yaml")
-    for name in {manifest.vocab.src_model, manifest.vocab.tgt_model}:
-        shutil.copyfile(data_dir / name, save_dir / name)
+    write_config(config, save_dir)
+    for name in sorted({info.vocab.src_model, info.vocab.tgt_model}):
+        shutil.copyfile(Path(spm_models) / name, save_dir / name)
+
+
+def copy_model_description(model_dir: Path, out_dir: Path) -> None:
+    """The files besides the weights that rebuild a model: its config, vocab.json and SentencePiece models."""
+    info = VocabInfo.read(model_dir)
+    for name in (CONFIG_NAME, info.NAME, *sorted({info.vocab.src_model, info.vocab.tgt_model})):
+        shutil.copyfile(Path(model_dir) / name, Path(out_dir) / name)
+
+
+def write_config(config: Config, save_dir: Path) -> None:
+    save_config(config, Path(save_dir) / CONFIG_NAME)
+
+
+def has_config(directory: Path) -> bool:
+    return (Path(directory) / CONFIG_NAME).is_file()
 
 
 def read_config(save_dir: Path) -> Config:
     if not Path(save_dir).is_dir():
         raise CheckpointError(f"checkpoint directory not found: {save_dir}")
-    path = Path(save_dir) / "config.yaml"
+    path = Path(save_dir) / CONFIG_NAME
     if not path.is_file():
-        raise CheckpointError(f"{save_dir} is not a checkpoint directory (no config.yaml)")
+        raise CheckpointError(f"{save_dir} is not a checkpoint directory (no {CONFIG_NAME})")
     try:
         saved = yaml.safe_load(path.read_text(encoding="utf-8"))
         if not saved:  # nmt writes every setting: an empty one was emptied since
@@ -488,13 +504,17 @@ def load_for_inference(save_dir: Path, which: str = "best", device: torch.device
     if (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) != (vocab.src_size, vocab.tgt_size):
         raise CheckpointError(f"{save_dir}: SentencePiece models do not match vocab.json")
     model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    load_saved_weights(model, save_dir, which)
+    model.to(device).eval()
+    return model, tokenizer, config
+
+
+def load_saved_weights(model: nn.Module, save_dir: Path, which: str) -> None:
+    """The weights of `save_dir`'s `which` checkpoint (best, last or an update's) into `model`."""
     for attempt in range(2):  # a save by a running training may replace the files mid-read: look again
         try:
-            directory = weights_dir(save_dir, which)
-            load_weights(model, directory / "model.safetensors")
-            break
+            load_weights(model, weights_dir(save_dir, which) / "model.safetensors")
+            return
         except CheckpointError:
             if attempt == 1:
                 raise
-    model.to(device).eval()
-    return model, tokenizer, config

@@ -32,7 +32,7 @@ from nmt import __version__
 from nmt.alignment import describe_attention
 from nmt.atomic import check_replaceable, nested, replace_dir
 from nmt.batches import pad_source
-from nmt.checkpoint import load_for_inference, read_config, weights_dir
+from nmt.checkpoint import has_config, load_for_inference, read_config, weights_dir
 from nmt.config import Config, DecodeConfig, ModelConfig, config_from_dict
 from nmt.devices import cpu_flags
 from nmt.errors import CheckpointError, ConfigError, first_line
@@ -101,7 +101,7 @@ class ExportRecord:
     def read(cls, directory: Path) -> ExportRecord:
         path = Path(directory) / EXPORT_RECORD
         if not path.is_file():
-            if (Path(directory) / "config.yaml").is_file():
+            if has_config(directory):
                 raise CheckpointError(f"{directory} is a checkpoint directory: translate it with --engine nmt, or "
                                       "export it first with nmt export")
             raise CheckpointError(f"{directory} is not a directory of nmt export (no {EXPORT_RECORD})")

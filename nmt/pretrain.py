@@ -8,7 +8,6 @@ Text: one sentence per line, a blank line between documents; each file starts a 
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -26,11 +25,11 @@ from nmt.checkpoint import (
     check_outside_data_dir,
     check_resumed_task,
     check_sentencepiece_files,
-    load_weights,
+    init_save_dir,
+    load_saved_weights,
     read_config,
-    weights_dir,
 )
-from nmt.config import Config, PretrainConfig, save_config
+from nmt.config import Config, PretrainConfig
 from nmt.data import clean_whitespace
 from nmt.devices import autocast, resolve_device, resolve_precision
 from nmt.distributed import Ranks
@@ -348,11 +347,9 @@ class MaskedLMTask:
         if self.data_dir == save_dir / NEXT_DATA:  # the run starts: its text replaces the old run's
             replace_dir(self.data_dir, save_dir / "data")  # (open memory maps follow the files)
             self.data_dir, self.spm_path = save_dir / "data", save_dir / "data" / self.spm_path.name
-        vocab = self.manifest.vocab
-        VocabInfo(vocab, MASKED_LM, normalization=self.manifest.normalization,  # first: it marks a model's
-                  texts=self.manifest.input.get("mono")).write(save_dir)
-        save_config(self.config, save_dir / "config.yaml")
-        shutil.copyfile(self.spm_path, save_dir / vocab.src_model)
+        info = VocabInfo(self.manifest.vocab, MASKED_LM, normalization=self.manifest.normalization,
+                         texts=self.manifest.input.get("mono"))
+        init_save_dir(save_dir, self.config, info, self.spm_path.parent)
 
 
 def evaluate_masked_lm(
@@ -518,7 +515,7 @@ def load_masked_lm(save_dir: Path, device: torch.device | str = "cpu", which: st
     check_sentencepiece_files(save_dir, info.vocab)
     processor = load_sentencepiece(save_dir / info.vocab.src_model)
     model = MaskedLM(config.model, processor.get_piece_size(), config.pretrain.next_sentence)
-    load_weights(model, weights_dir(save_dir, which) / "model.safetensors")
+    load_saved_weights(model, save_dir, which)
     return model.to(device).eval(), processor
 
 

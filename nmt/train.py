@@ -31,6 +31,7 @@ from nmt.checkpoint import (
     check_resumed_task,
     first_model_difference,
     has_checkpoint,
+    has_config,
     init_save_dir,
     load_pretrained,
     load_training_state,
@@ -42,8 +43,9 @@ from nmt.checkpoint import (
     save_checkpoint,
     training_lock,
     update_checkpoint_name,
+    write_config,
 )
-from nmt.config import Config, TrainConfig, save_config
+from nmt.config import Config, TrainConfig
 from nmt.data import ParallelSplit, read_lines
 from nmt.devices import (
     autocast,
@@ -401,7 +403,7 @@ class TranslationTask:
                                       f"{self.data_dir} has {new}); --resume needs the data dir it was trained on")
 
     def init_save_dir(self, save_dir: Path) -> None:
-        init_save_dir(save_dir, self.config, self.data_dir, self.manifest)
+        init_save_dir(save_dir, self.config, VocabInfo.from_manifest(self.manifest), self.data_dir)
 
 
 class MultilingualTranslationTask(TranslationTask):
@@ -421,8 +423,9 @@ class MultilingualTranslationTask(TranslationTask):
         self.extra_metrics = tuple(f"bleu_{d}" for d in self.directions)
 
     def init_save_dir(self, save_dir: Path) -> None:
-        pieces = target_pieces(self.train_split.tgt, self.directions, self.sizes, self.tokenizer.tgt_vocab_size)
-        init_save_dir(save_dir, self.config, self.data_dir, self.manifest, pieces)
+        info = VocabInfo.from_manifest(self.manifest)
+        info.target_pieces = target_pieces(self.train_split.tgt, self.directions, self.sizes, self.tokenizer.tgt_vocab_size)
+        init_save_dir(save_dir, self.config, info, self.data_dir)
 
     def describe(self) -> str:
         weighted = ", ".join(f"{d} ×{w:g}" for d, w in changed_weights(dict(zip(self.directions, self.weights or []))).items())
@@ -519,7 +522,7 @@ def training_setup(config: Config, resume: bool) -> tuple[Config, Manifest]:
 def with_saved_init(config: Config, save_dir: Path) -> Config:
     """A resumed run without --init goes on from the model it began with (train.init of its
     config): the weights it holds fixed for train.freeze_init_steps are that model's."""
-    if config.train.init or not (save_dir / "config.yaml").is_file():
+    if config.train.init or not has_config(save_dir):
         return config
     saved = read_config(save_dir).train
     return dataclasses.replace(config, train=dataclasses.replace(config.train, init=saved.init, init_decoder=saved.init_decoder))
@@ -614,7 +617,7 @@ def check_before_launch(config: Config, processes: int, resume: bool) -> None:
     """What refuses a run of several processes before torchrun starts them (each of them would
     print the refusal, among torchrun's own lines), besides the command's own input checks:
     resuming with other batch settings or another number of processes."""
-    if resume and processes >= 1 and has_checkpoint(Path(config.save_dir)) and (Path(config.save_dir) / "config.yaml").is_file():
+    if resume and processes >= 1 and has_checkpoint(Path(config.save_dir)) and has_config(config.save_dir):
         check_same_batches(Path(config.save_dir), config, processes)
 
 
@@ -792,7 +795,7 @@ class Trainer:
             self.validated_at = self.state.last_valid.get("step", -1)
             self.log(f"resuming {self.save_dir} at step {self.state.step} (epoch {self.state.epoch + 1})")
             if ranks.is_main:  # the settings it goes on with (keep_last, say, which nmt average reads)
-                save_config(self.config, self.save_dir / "config.yaml")
+                write_config(self.config, self.save_dir)
         elif ranks.is_main:
             if overwrite:
                 clear_save_dir(self.save_dir)
