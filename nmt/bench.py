@@ -54,7 +54,7 @@ from nmt.devices import (
 )
 from nmt.errors import ConfigError, DataError
 from nmt.evaluate import corpus_bleu
-from nmt.files import TRANSLATION, Manifest, VocabInfo
+from nmt.files import TRANSLATION, Manifest, VocabInfo, text_files
 from nmt.models import build_model
 from nmt.models.dropout import Dropout
 from nmt.models.transformer import training_flops
@@ -461,7 +461,7 @@ def run_bench(bc: BenchConfig, log: Callable[[str], None] = lambda m: print(m, f
 def prepare_bench_data(multi30k: Path, data_dir: Path, vocab_size: int, log: Callable[[str], None]) -> None:
     """Multi30k de→en with a joint vocabulary in `data_dir`, unless it is there already (prepared
     from the same files with the same vocabulary size: else it is prepared again)."""
-    if (data_dir / "manifest.json").exists():
+    if (data_dir / Manifest.NAME).exists():
         manifest = Manifest.read(data_dir)
         if manifest.vocab.requested_size == vocab_size and manifest.input.get("train") == str(multi30k / "train"):
             return
@@ -549,8 +549,8 @@ def quality_and_decoding_sections(
     """Time to quality (training each model that no `--checkpoint` names) and the decoding of
     test_2016_flickr with it, appended to `timed` and `decoding` model by model; the
     time-to-quality records get the model's beam-5 test BLEU."""
-    lines = list(read_lines(data_dir / "test.src.txt"))
-    references = list(read_lines(data_dir / "test.tgt.txt"))
+    source, reference = text_files(data_dir, "test")
+    lines, references = list(read_lines(source)), list(read_lines(reference))
     gpu = plan.device.type == "cuda"
     for name, cfg in plan.configs.items():
         save_dir = bc.checkpoints.get(name) or work_dir / f"model-{name}"

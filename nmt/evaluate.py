@@ -156,8 +156,9 @@ class DirectionScores:
 
 def split_files(data_dir: Path, split: str, direction: str, manifest) -> tuple[Path, Path]:
     """The source and reference text of `direction`'s `split` in a data dir (multilingual or not)."""
-    stem = f"{split}.{direction}" if manifest.multilingual else split
-    return Path(data_dir) / f"{stem}.src.txt", Path(data_dir) / f"{stem}.tgt.txt"
+    from nmt.files import text_files
+
+    return text_files(data_dir, f"{split}.{direction}" if manifest.multilingual else split)
 
 
 def evaluate_directions(

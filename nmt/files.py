@@ -4,8 +4,10 @@
     SAVE_DIR/vocab.json         VocabInfo: what the checkpoint translates (or, pretrained, models)
     SAVE_DIR/{best,last}/info.json   CheckpointInfo: the training state and the files' checksums
 
-Everything else reads and writes them through this module. Files written by earlier versions
-are read here too, and what they lack or spell differently is made up here and nowhere else.
+and the names of a data dir's other files (SentencePiece models, held-out text, monolingual
+documents). Everything else reads and writes them through this module. Files written by earlier
+versions are read here too, and what they lack or spell differently is made up here and nowhere
+else.
 """
 
 from __future__ import annotations
@@ -23,6 +25,20 @@ from nmt.normalize import Normalization
 
 FORMAT_VERSION = 1
 TRANSLATION, MASKED_LM = "translation", "masked_lm"  # the tasks a checkpoint can hold
+
+# A data dir's other files, named here so that writers and readers agree:
+SPM_JOINT, SPM_SRC, SPM_TGT = "spm.joint", "spm.src", "spm.tgt"  # SentencePiece models: STEM.model, STEM.vocab
+
+
+def text_files(data_dir: Path, stem: str) -> tuple[Path, Path]:
+    """A held-out split's source and reference text (STEM.src.txt, STEM.tgt.txt), STEM being
+    valid or test, or valid.DIRECTION and test.DIRECTION in a multilingual data dir."""
+    return Path(data_dir) / f"{stem}.src.txt", Path(data_dir) / f"{stem}.tgt.txt"
+
+
+def monolingual_files(data_dir: Path, split: str) -> tuple[str, Path]:
+    """A monolingual split's token files' stem (SPLIT.text) and its sentences' document numbers."""
+    return f"{split}.text", Path(data_dir) / f"{split}.documents.npy"
 
 
 def _known_fields(cls: type, data: dict) -> dict:

@@ -300,11 +300,11 @@ class Run:
         from nmt.checkpoint import load_for_inference
         from nmt.data import read_lines
         from nmt.evaluate import score_texts
-        from nmt.files import VocabInfo
+        from nmt.files import VocabInfo, text_files
 
         model, tokenizer, config = load_for_inference(save_dir, "best", self.device)
-        lines = list(read_lines(self.data_dir / "test.src.txt"))
-        references = list(read_lines(self.data_dir / "test.tgt.txt"))
+        source, reference = text_files(self.data_dir, "test")
+        lines, references = list(read_lines(source)), list(read_lines(reference))
         decode = dataclasses.replace(config.decode, beam=5, nbest=1, sampling=False)
         normalization = VocabInfo.read(save_dir).source_normalization()
         times, translations = time_translation(

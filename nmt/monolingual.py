@@ -26,7 +26,7 @@ from tqdm import tqdm
 from nmt import __version__
 from nmt.data import CleanConfig, clean_whitespace, read_lines
 from nmt.errors import DataError
-from nmt.files import Manifest, Vocabulary
+from nmt.files import SPM_JOINT, Manifest, Vocabulary, monolingual_files
 from nmt.normalize import Normalization, language_normalization
 from nmt.prepare import (
     ENCODE_CHUNK_PAIRS,
@@ -171,11 +171,12 @@ def _build_mono_dir(directory: Path, config: MonoPrepareConfig, progress: bool) 
     counts = {}
     workers = worker_count(config.workers) if (~held).sum() >= PARALLEL_ENCODE_PAIRS else 1
     for split, rows in (("train", ~held), ("valid", held)):
+        text, documents_path = monolingual_files(directory, split)
         with open(work, encoding="utf-8", newline="\n") as f:
             selected = ((line[:-1],) for line, keep in zip(f, rows) if keep)
             (written,) = encode_to_token_files(chunked(selected, ENCODE_CHUNK_PAIRS), [model], directory,
-                                               [f"{split}.text"], dtype, workers if split == "train" else 1)
-        np.save(directory / f"{split}.documents.npy", documents[rows])
+                                               [text], dtype, workers if split == "train" else 1)
+        np.save(documents_path, documents[rows])
         counts[split] = {"sentences": written["sequences"], "tokens": written["tokens"],
                          "documents": len(np.unique(documents[rows]))}
     work.unlink()
@@ -186,7 +187,7 @@ def _build_mono_dir(directory: Path, config: MonoPrepareConfig, progress: bool) 
 def _sentencepiece(directory: Path, work: Path, config: MonoPrepareConfig, langs: list[str]) -> Path:
     """The given model, or one trained on a random sample of the sentences."""
     if config.spm_model is not None:
-        return copy_sentencepiece(Path(config.spm_model), directory / "spm.joint.model")
+        return copy_sentencepiece(Path(config.spm_model), directory / f"{SPM_JOINT}.model")
     with open(work, encoding="utf-8", newline="\n") as f:
         total = sum(1 for _ in f)
     rng = np.random.default_rng(config.seed)
@@ -194,7 +195,7 @@ def _sentencepiece(directory: Path, work: Path, config: MonoPrepareConfig, langs
     chosen[rng.choice(total, size=min(total, config.spm_max_sentences), replace=False)] = True
     with open(work, encoding="utf-8", newline="\n") as f:
         return train_sentencepiece(
-            (line[:-1] for line, keep in zip(f, chosen) if keep), directory / "spm.joint", config.vocab_size,
+            (line[:-1] for line, keep in zip(f, chosen) if keep), directory / SPM_JOINT, config.vocab_size,
             model_type=config.spm_type, max_sentences=config.spm_max_sentences,
             **sentencepiece_coverage(config.character_coverage, tuple(langs)),
         )

@@ -24,7 +24,7 @@ from nmt import __version__
 from nmt.config import LANG_TEMPERATURES
 from nmt.data import PairCleaner, find_side_file, pair_hash, read_parallel_files
 from nmt.errors import ConfigError, DataError
-from nmt.files import Manifest, pack_pieces
+from nmt.files import SPM_JOINT, Manifest, pack_pieces
 from nmt.normalize import language_normalization
 from nmt.prepare import (
     CleanedCorpus,
@@ -397,14 +397,14 @@ def _sentencepiece(directory: Path, corpora: dict[str, CleanedCorpus], languages
     base = config.prepare
     tags = tuple(language_tag(lang) for lang in languages)
     if base.spm_model is not None:
-        model = copy_sentencepiece(Path(base.spm_model), directory / "spm.joint.model")
+        model = copy_sentencepiece(Path(base.spm_model), directory / f"{SPM_JOINT}.model")
         missing = [t for t in tags if load_sentencepiece(model).piece_to_id(t) == UNK]
         if missing:
             raise DataError(f"{base.spm_model} does not reserve the language tags {', '.join(missing)}")
         return model, {}
     sample, counts = balanced_sample(corpora, base.spm_max_sentences, config.lang_temperature, base.seed)
     model = train_sentencepiece(
-        sample, directory / "spm.joint", vocab_size=base.vocab_size, model_type=base.spm_type,
+        sample, directory / SPM_JOINT, vocab_size=base.vocab_size, model_type=base.spm_type,
         max_sentences=base.spm_max_sentences, extra_symbols=tags,
         **sentencepiece_coverage(base.character_coverage, tuple(languages)),
     )

@@ -31,7 +31,7 @@ from nmt.data import (
     read_tsv,
 )
 from nmt.errors import CheckpointError, DataError
-from nmt.files import Manifest, VocabInfo, Vocabulary
+from nmt.files import SPM_JOINT, SPM_SRC, SPM_TGT, Manifest, VocabInfo, Vocabulary, text_files
 from nmt.normalize import is_cjk
 from nmt.shards import chunked, encode_to_token_files, token_dtype, worker_count, write_token_file
 from nmt.tokenizer import (
@@ -277,8 +277,8 @@ def write_eval_split(
     # how much of the text the vocabulary cannot spell
     unk_rate = {side: round(100.0 * sum(seq.count(UNK) for seq in ids) / max(sum(map(len, ids)), 1), 3)
                 for side, ids in (("src", src_ids), ("tgt", tgt_ids))}
-    for side, texts in (("src", [s for s, _ in raw]), ("tgt", [t for _, t in raw])):
-        with open(directory / f"{stem}.{side}.txt", "w", encoding="utf-8", newline="\n") as f:
+    for path, texts in zip(text_files(directory, stem), ([s for s, _ in raw], [t for _, t in raw])):
+        with open(path, "w", encoding="utf-8", newline="\n") as f:
             f.writelines(clean_whitespace(text) + "\n" for text in texts)
     return counts, unk_rate
 
@@ -453,8 +453,8 @@ def _train_sentencepiece(directory: Path, work: Path, keep: np.ndarray, config: 
     if config.spm_model is not None:
         source, target = given_sentencepiece_models(Path(config.spm_model))
         if config.joint_vocab:
-            return (copy_sentencepiece(source, directory / "spm.joint.model"),) * 2
-        return copy_sentencepiece(source, directory / "spm.src.model"), copy_sentencepiece(target, directory / "spm.tgt.model")
+            return (copy_sentencepiece(source, directory / f"{SPM_JOINT}.model"),) * 2
+        return copy_sentencepiece(source, directory / f"{SPM_SRC}.model"), copy_sentencepiece(target, directory / f"{SPM_TGT}.model")
     kept = np.flatnonzero(keep)
     per_model = config.spm_max_sentences // 2 if config.joint_vocab else config.spm_max_sentences
     rng = np.random.default_rng(config.seed)
@@ -472,11 +472,11 @@ def _train_sentencepiece(directory: Path, work: Path, keep: np.ndarray, config: 
     )
     if config.joint_vocab:
         langs = (config.src_lang, config.tgt_lang)
-        model = train_sentencepiece(sample((0, 1)), directory / "spm.joint", **spm_args, **sentencepiece_coverage(config.character_coverage, langs))
+        model = train_sentencepiece(sample((0, 1)), directory / SPM_JOINT, **spm_args, **sentencepiece_coverage(config.character_coverage, langs))
         return model, model
     return (
-        train_sentencepiece(sample((0,)), directory / "spm.src", **spm_args, **sentencepiece_coverage(config.character_coverage, (config.src_lang,))),
-        train_sentencepiece(sample((1,)), directory / "spm.tgt", **spm_args, **sentencepiece_coverage(config.character_coverage, (config.tgt_lang,))),
+        train_sentencepiece(sample((0,)), directory / SPM_SRC, **spm_args, **sentencepiece_coverage(config.character_coverage, (config.src_lang,))),
+        train_sentencepiece(sample((1,)), directory / SPM_TGT, **spm_args, **sentencepiece_coverage(config.character_coverage, (config.tgt_lang,))),
     )
 
 

@@ -34,7 +34,7 @@ from nmt.data import clean_whitespace
 from nmt.devices import autocast, resolve_device, resolve_precision
 from nmt.distributed import Ranks
 from nmt.errors import CheckpointError, ConfigError, DataError
-from nmt.files import MASKED_LM, Manifest, VocabInfo
+from nmt.files import MASKED_LM, Manifest, VocabInfo, monolingual_files
 from nmt.models.masked_lm import MaskedLM
 from nmt.monolingual import MONOLINGUAL, MonoPrepareConfig, prepare_mono
 from nmt.normalize import Normalization
@@ -53,9 +53,6 @@ from nmt.tokenizer import (
     load_sentencepiece,
 )
 from nmt.train import TrainResult, check_same_model, run_training
-
-SPM_NAME = "spm.joint.model"
-
 
 # ---------------------------------------------------------------------------------------------
 # Monolingual text
@@ -81,8 +78,9 @@ class MonoCorpus:
 
     @classmethod
     def load(cls, data_dir: Path, split: str, max_tokens: int | None = None) -> MonoCorpus:
-        text = TokenArray(data_dir, f"{split}.text")
-        documents = load_array(Path(data_dir) / f"{split}.documents.npy")
+        text_stem, documents_path = monolingual_files(data_dir, split)
+        text = TokenArray(data_dir, text_stem)
+        documents = load_array(documents_path)
         if documents.ndim != 1 or len(documents) != len(text):
             raise DataError(f"{data_dir}: {split} sentences and documents differ in number; run nmt prepare again")
         return cls(text.tokens, text.offsets, documents, max_tokens, text)

@@ -59,7 +59,7 @@ from nmt.distributed import Ranks, init_ranks, rank_device
 from nmt.ema import WeightAverage, load_trained_weights, trained_weights
 from nmt.errors import CheckpointError, ConfigError, DataError, first_line
 from nmt.evaluate import bleu_tokenizer, corpus_bleu
-from nmt.files import TRANSLATION, CheckpointInfo, Manifest, TrainState, VocabInfo
+from nmt.files import TRANSLATION, CheckpointInfo, Manifest, TrainState, VocabInfo, text_files
 from nmt.interfaces import TrainingBatch, TrainingTask
 from nmt.models import build_model
 from nmt.multilingual import changed_weights, direction_languages, direction_weights, epoch_pairs, target_pieces
@@ -309,7 +309,7 @@ def validate(
 
 def validation_set(data_dir: Path, name: str) -> tuple[ParallelSplit, list[str]]:
     """A held-out split and its reference lines, checked now rather than at the first validation."""
-    split, path = ParallelSplit.load(data_dir, name), Path(data_dir) / f"{name}.tgt.txt"
+    split, (_, path) = ParallelSplit.load(data_dir, name), text_files(data_dir, name)
     references = list(read_lines(path))
     if len(references) != len(split):
         raise DataError(f"{path} has {len(references)} lines for {len(split)} {name} pairs; run nmt prepare again")
