@@ -33,7 +33,7 @@ from torch import nn
 from nmt.atomic import complete_dir, file_mode, recover_dir, replace_dir
 from nmt.config import Config, ModelConfig, save_config, saved_config_from_dict
 from nmt.errors import CheckpointError, ConfigError, first_line
-from nmt.files import MASKED_LM, TRANSLATION, CheckpointInfo, TrainState, VocabInfo, Vocabulary
+from nmt.files import CONFIG_NAME, MASKED_LM, TRANSLATION, CheckpointInfo, TrainState, VocabInfo, Vocabulary
 from nmt.models import build_model
 from nmt.tokenizer import Tokenizer, check_recorded_model, file_sha256
 
@@ -103,9 +103,6 @@ def recover_checkpoints(save_dir: Path) -> None:
     kept = Path(save_dir) / UPDATE_CHECKPOINTS
     for name in sorted({p.name[1:].split(".")[0] for p in kept.glob(".step-*")}):  # .step-N.tmp-PID, .step-N.old-PID
         recover_dir(kept / name)
-
-
-CONFIG_NAME = "config.yaml"  # a model directory's full config
 
 
 def init_save_dir(save_dir: Path, config: Config, info: VocabInfo, spm_models: Path) -> None:

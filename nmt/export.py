@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import shutil
 import sys
@@ -28,15 +27,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nmt import __version__
 from nmt.alignment import describe_attention
 from nmt.atomic import check_replaceable, nested, replace_dir
 from nmt.batches import pad_source
-from nmt.checkpoint import has_config, load_for_inference, read_config, weights_dir
-from nmt.config import Config, DecodeConfig, ModelConfig, config_from_dict
+from nmt.checkpoint import load_for_inference, read_config, weights_dir
+from nmt.config import DecodeConfig, ModelConfig
 from nmt.devices import cpu_flags
 from nmt.errors import CheckpointError, ConfigError, first_line
-from nmt.files import CheckpointInfo, VocabInfo, check_format_version
+from nmt.files import CheckpointInfo, ExportRecord, VocabInfo
 from nmt.models.attention import AttentionChoice
 from nmt.models.transformer import Transformer, sinusoidal_positions
 from nmt.normalize import Normalization
@@ -44,7 +42,6 @@ from nmt.search import NEW_WORD, Hypothesis, max_lengths
 from nmt.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, check_recorded_model
 from nmt.translate import (
     ANY_LANGUAGE,
-    EXPORT_RECORD,
     LanguageChoice,
     Translations,
     collect_translations,
@@ -70,66 +67,6 @@ CT2_BATCH_SENTENCES = 32
 # EPYC) and on 31 with oneDNN held to AVX2; with 7-bit weights on 255 in both (ONNX Runtime's
 # `reduce_range` and NNCF's saturation fix make the same trade).
 INT8_WEIGHT_RANGE = 63
-EXPORT_FORMAT_VERSION = 1  # of nmt_export.json
-
-
-@dataclass
-class ExportRecord:
-    """`nmt_export.json`: what an export directory holds besides the CTranslate2 model."""
-
-    format: str
-    languages: dict  # {"source": ..., "target": ...} as the data dir named them
-    sentencepiece: dict  # {"source": file name, "target": file name} (the same one when joint)
-    normalization: dict  # {"src": ..., "tgt": ...}: the checkpoint's record (`nmt.files.VocabInfo`)
-    decode: dict  # the checkpoint's decode config: the defaults of translating
-    model: dict  # the checkpoint's model config
-    quantization: str | None  # of the stored weights; None: float32
-    checkpoint: str  # the weights exported (a best/ or last/ directory)
-    step: int  # the training update of those weights
-    max_positions: int  # rows of the position tables: the longest source (EOS included) or output
-    attention: str  # the cross-attention CTranslate2 returns, in words
-    directions: list[str] = field(default_factory=list)  # a multilingual model's (its vocab.json is copied too)
-    int8_weight_range: int = 127  # the largest |weight| of int8 weights (exports before 7-bit ones: 127)
-    sentencepiece_sha256: dict = field(default_factory=dict)  # as `sentencepiece` (earlier exports: none)
-    format_version: int = EXPORT_FORMAT_VERSION
-    nmt_version: str = __version__
-
-    def write(self, directory: Path) -> None:
-        (Path(directory) / EXPORT_RECORD).write_text(json.dumps(dataclasses.asdict(self), indent=2), encoding="utf-8")
-
-    @classmethod
-    def read(cls, directory: Path) -> ExportRecord:
-        path = Path(directory) / EXPORT_RECORD
-        if not path.is_file():
-            if has_config(directory):
-                raise CheckpointError(f"{directory} is a checkpoint directory: translate it with --engine nmt, or "
-                                      "export it first with nmt export")
-            raise CheckpointError(f"{directory} is not a directory of nmt export (no {EXPORT_RECORD})")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(data, dict):
-                check_format_version(data, path, EXPORT_FORMAT_VERSION, CheckpointError)
-            names = {f.name for f in dataclasses.fields(cls)}
-            record = cls(**{key: value for key, value in data.items() if key in names})
-            sides_named = all(set(getattr(record, name)) >= {"source", "target"} for name in ("languages", "sentencepiece"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, AttributeError):
-            sides_named = False
-        if not sides_named:
-            raise CheckpointError(f"{path} is damaged")
-        return record
-
-    def config(self) -> Config:
-        """The checkpoint's model and decode configs (the rest: defaults)."""
-        try:
-            return config_from_dict({"model": self.model, "decode": self.decode})
-        except ConfigError as e:
-            raise CheckpointError(f"{EXPORT_RECORD} is damaged or from another version: {e}") from None
-
-    def source_normalization(self) -> Normalization:
-        return Normalization.from_saved(self.normalization.get("src"))
-
-    def target_normalization(self) -> Normalization:
-        return Normalization.from_saved(self.normalization.get("tgt"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +130,7 @@ def _check_out_dir(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
     """Refuse an `out_dir` whose replacing would lose a model or anything but an earlier export."""
     if nested(out_dir, model_dir):
         raise ConfigError(f"{out_dir} is {model_dir}, inside it or holds it: export to another directory")
-    check_replaceable(out_dir, overwrite, EXPORT_RECORD, "an export", ConfigError)
+    check_replaceable(out_dir, overwrite, ExportRecord.NAME, "an export", ConfigError)
 
 
 def _write_export(model_dir: Path, out_dir: Path, spec, record: ExportRecord) -> None:
@@ -622,7 +559,7 @@ def load_ctranslate2_translator(export_dir: Path, decode_options: dict | None = 
     for side, sha256 in record.sentencepiece_sha256.items():  # a missing one: the Tokenizer's error below
         if (export_dir / record.sentencepiece[side]).is_file():
             check_recorded_model(export_dir / record.sentencepiece[side], sha256, "the export was made with",
-                                 EXPORT_RECORD, CheckpointError)
+                                 ExportRecord.NAME, CheckpointError)
     tokenizer = Tokenizer(export_dir / record.sentencepiece["source"], export_dir / record.sentencepiece["target"])
     decode = decode_settings(config.decode, decode_options)
     kind, index = ctranslate2_device(device)

@@ -3,6 +3,7 @@
     DATA_DIR/manifest.json      Manifest: languages, counts, cleaning, normalization, vocabulary
     SAVE_DIR/vocab.json         VocabInfo: what the checkpoint translates (or, pretrained, models)
     SAVE_DIR/{best,last}/info.json   CheckpointInfo: the training state and the files' checksums
+    EXPORT_DIR/nmt_export.json  ExportRecord: what an export for CTranslate2 holds besides the model
 
 and the names of a data dir's other files (SentencePiece models, held-out text, monolingual
 documents). Everything else reads and writes them through this module. Files written by earlier
@@ -19,11 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
+from nmt import __version__
 from nmt.atomic import write_text_atomic
-from nmt.errors import CheckpointError, DataError
+from nmt.config import Config, config_from_dict
+from nmt.errors import CheckpointError, ConfigError, DataError
 from nmt.normalize import Normalization
 
 FORMAT_VERSION = 1
+EXPORT_FORMAT_VERSION = 1  # of nmt_export.json
+CONFIG_NAME = "config.yaml"  # a model directory's full config (nmt.checkpoint reads and writes it)
 TRANSLATION, MASKED_LM = "translation", "masked_lm"  # the tasks a checkpoint can hold
 
 # A data dir's other files, named here so that writers and readers agree:
@@ -321,3 +326,67 @@ class CheckpointInfo:
 
     def write(self, directory: Path) -> None:
         (Path(directory) / self.NAME).write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
+
+
+@dataclass
+class ExportRecord:
+    """`nmt_export.json`: what an export directory (`nmt export`) holds besides the CTranslate2 model."""
+
+    format: str
+    languages: dict  # {"source": ..., "target": ...} as the data dir named them
+    sentencepiece: dict  # {"source": file name, "target": file name} (the same one when joint)
+    normalization: dict  # {"src": ..., "tgt": ...}: the checkpoint's record (`nmt.files.VocabInfo`)
+    decode: dict  # the checkpoint's decode config: the defaults of translating
+    model: dict  # the checkpoint's model config
+    quantization: str | None  # of the stored weights; None: float32
+    checkpoint: str  # the weights exported (a best/ or last/ directory)
+    step: int  # the training update of those weights
+    max_positions: int  # rows of the position tables: the longest source (EOS included) or output
+    attention: str  # the cross-attention CTranslate2 returns, in words
+    directions: list[str] = field(default_factory=list)  # a multilingual model's (its vocab.json is copied too)
+    int8_weight_range: int = 127  # the largest |weight| of int8 weights (exports before 7-bit ones: 127)
+    sentencepiece_sha256: dict = field(default_factory=dict)  # as `sentencepiece` (earlier exports: none)
+    format_version: int = EXPORT_FORMAT_VERSION
+    nmt_version: str = __version__
+
+    NAME = "nmt_export.json"
+
+    @classmethod
+    def exists(cls, directory: Path) -> bool:
+        return (Path(directory) / cls.NAME).is_file()
+
+    def write(self, directory: Path) -> None:
+        (Path(directory) / self.NAME).write_text(json.dumps(dataclasses.asdict(self), indent=2), encoding="utf-8")
+
+    @classmethod
+    def read(cls, directory: Path) -> ExportRecord:
+        path = Path(directory) / cls.NAME
+        if not path.is_file():
+            if (Path(directory) / CONFIG_NAME).is_file():
+                raise CheckpointError(f"{directory} is a checkpoint directory: translate it with --engine nmt, or "
+                                      "export it first with nmt export")
+            raise CheckpointError(f"{directory} is not a directory of nmt export (no {cls.NAME})")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict):
+                check_format_version(data, path, EXPORT_FORMAT_VERSION, CheckpointError)
+            record = cls(**_known_fields(cls, data))
+            sides_named = all(set(getattr(record, name)) >= {"source", "target"} for name in ("languages", "sentencepiece"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, AttributeError):
+            sides_named = False
+        if not sides_named:
+            raise CheckpointError(f"{path} is damaged")
+        return record
+
+    def config(self) -> Config:
+        """The checkpoint's model and decode configs (the rest: defaults)."""
+        try:
+            return config_from_dict({"model": self.model, "decode": self.decode})
+        except ConfigError as e:
+            raise CheckpointError(f"{self.NAME} is damaged or from another version: {e}") from None
+
+    def source_normalization(self) -> Normalization:
+        return Normalization.from_saved(self.normalization.get("src"))
+
+    def target_normalization(self) -> Normalization:
+        return Normalization.from_saved(self.normalization.get("tgt"))

@@ -27,7 +27,7 @@ from nmt.data import clean_whitespace, decode_lines, read_lines
 from nmt.devices import autocast, resolve_device, resolve_precision
 from nmt.ensemble import Ensemble, check_same_vocabulary
 from nmt.errors import ConfigError, DataError
-from nmt.files import VocabInfo
+from nmt.files import ExportRecord, VocabInfo
 from nmt.interfaces import StepDecoder
 from nmt.models.attention import AttentionChoice
 from nmt.normalize import Normalization
@@ -504,7 +504,6 @@ class PivotTranslator:
 
 
 ENGINES = ("nmt", "ctranslate2")
-EXPORT_RECORD = "nmt_export.json"  # what `nmt export` writes beside the exported model (nmt.export)
 
 
 def load_text_translator(
@@ -532,7 +531,7 @@ def load_text_translator(
         raise ConfigError("--pivot-model goes with --pivot LANG")
     if engine == "nmt":
         for model_dir in model_dirs:
-            if (Path(model_dir) / EXPORT_RECORD).is_file():
+            if ExportRecord.exists(model_dir):
                 raise ConfigError(f"{model_dir} is a CTranslate2 export: translate it with --engine ctranslate2")
         return load_translator(model_dirs, decode_options, checkpoint or "best", device, quantize, languages)
     if engine == "ctranslate2":
