@@ -35,6 +35,7 @@ from nmt.config import Config, ModelConfig, save_config, saved_config_from_dict
 from nmt.errors import CheckpointError, ConfigError, first_line
 from nmt.files import CONFIG_NAME, MASKED_LM, TRANSLATION, CheckpointInfo, TrainState, VocabInfo, Vocabulary
 from nmt.models import build_model
+from nmt.models.masked_lm import translation_weight_source
 from nmt.tokenizer import Tokenizer, check_recorded_model, file_sha256
 
 CHECKPOINT_NAMES = ("best", "last")
@@ -419,32 +420,7 @@ def check_pretrained_sizes(pretrained_dir: Path, model: ModelConfig, decoder: bo
 
 def pretrained_parameters(model: nn.Module, decoder: bool) -> list[str]:
     """The names of `model`'s parameters that --init loads: those with a masked-LM counterpart."""
-    return [name for name, _ in model.named_parameters() if pretrained_source_name(name, decoder) is not None]
-
-
-def pretrained_source_name(name: str, decoder: bool) -> str | None:
-    """The masked-LM tensor that initialises the translation model's tensor `name`, or None.
-
-    The encoder maps by name. The decoder (with `decoder`) takes the embeddings, and in each
-    layer the self-attention, feed-forward and their norms of the encoder layer of the same
-    number; its cross-attention (and the norm before it) has no counterpart and starts fresh.
-    """
-    first, _, rest = name.partition(".")
-    if first in ("src_embed", "encoder_layers", "encoder_norm"):
-        return name
-    if not decoder:
-        return None
-    if first in ("tgt_embed", "output"):  # the masked LM's output layer is its embedding matrix
-        return "src_embed.weight"
-    if first == "decoder_norm":
-        return f"encoder_norm.{rest}"
-    if first == "decoder_layers":
-        number, _, tail = rest.partition(".")
-        part, _, leaf = tail.partition(".")
-        counterpart = {"self_attn": "self_attn", "ff": "ff", "norm1": "norm1", "norm3": "norm2"}.get(part)
-        if counterpart is not None:
-            return f"encoder_layers.{number}.{counterpart}.{leaf}"
-    return None
+    return [name for name, _ in model.named_parameters() if translation_weight_source(name, decoder) is not None]
 
 
 def load_pretrained(model: nn.Module, pretrained_dir: Path, vocab: Vocabulary, config: ModelConfig, decoder: bool) -> list[str]:
@@ -464,7 +440,7 @@ def load_pretrained(model: nn.Module, pretrained_dir: Path, vocab: Vocabulary, c
     params = dict(model.named_parameters())
     loaded = pretrained_parameters(model, decoder)
     for name in loaded:
-        source, param = pretrained_source_name(name, decoder), params[name]
+        source, param = translation_weight_source(name, decoder), params[name]
         if source not in tensors or tensors[source].shape != param.shape:
             found = f"has shape {tuple(tensors[source].shape)}" if source in tensors else "is missing"
             raise CheckpointError(

@@ -16,12 +16,12 @@ from nmt_cli.main import app
 from torch.utils._python_dispatch import TorchDispatchMode
 from typer.testing import CliRunner
 
-from nmt.checkpoint import check_pretrained, load_pretrained, pretrained_source_name
+from nmt.checkpoint import check_pretrained, load_pretrained
 from nmt.config import Config, ModelConfig, PretrainConfig, TrainConfig
 from nmt.errors import CheckpointError, DataError
 from nmt.files import Manifest
 from nmt.models import build_model
-from nmt.models.masked_lm import MaskedLM
+from nmt.models.masked_lm import MaskedLM, translation_weight_source
 from nmt.pretrain import (
     Examples,
     MonoCorpus,
@@ -280,13 +280,13 @@ def test_next_sentence_prediction_learns_which_sentence_follows(tmp_path):
 
 
 def test_decoder_mapping():
-    assert pretrained_source_name("encoder_layers.1.self_attn.q.weight", False) == "encoder_layers.1.self_attn.q.weight"
-    assert pretrained_source_name("decoder_layers.1.self_attn.q.weight", False) is None
-    assert pretrained_source_name("decoder_layers.1.self_attn.q.weight", True) == "encoder_layers.1.self_attn.q.weight"
-    assert pretrained_source_name("decoder_layers.0.norm3.weight", True) == "encoder_layers.0.norm2.weight"
-    assert pretrained_source_name("decoder_layers.0.cross_attn.q.weight", True) is None
-    assert pretrained_source_name("decoder_layers.0.norm2.weight", True) is None
-    assert pretrained_source_name("tgt_embed.weight", True) == "src_embed.weight"
+    assert translation_weight_source("encoder_layers.1.self_attn.q.weight", False) == "encoder_layers.1.self_attn.q.weight"
+    assert translation_weight_source("decoder_layers.1.self_attn.q.weight", False) is None
+    assert translation_weight_source("decoder_layers.1.self_attn.q.weight", True) == "encoder_layers.1.self_attn.q.weight"
+    assert translation_weight_source("decoder_layers.0.norm3.weight", True) == "encoder_layers.0.norm2.weight"
+    assert translation_weight_source("decoder_layers.0.cross_attn.q.weight", True) is None
+    assert translation_weight_source("decoder_layers.0.norm2.weight", True) is None
+    assert translation_weight_source("tgt_embed.weight", True) == "src_embed.weight"
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +333,7 @@ def test_init_copies_the_pretrained_tensors_exactly(pretrained_and_data):
     params = dict(model.named_parameters())
     assert "encoder_layers.0.self_attn.q_proj.weight" in loaded and "decoder_layers.1.self_attn.q_proj.weight" in loaded
     for name in loaded:
-        assert torch.equal(params[name], pretrained[pretrained_source_name(name, True)]), name
+        assert torch.equal(params[name], pretrained[translation_weight_source(name, True)]), name
     fresh = [name for name in params if name not in loaded]
     assert fresh and all("cross_attn" in name or ".norm2." in name for name in fresh)
     assert all(torch.equal(params[name], before[name]) for name in fresh)
@@ -710,8 +710,8 @@ def test_the_halves_of_a_batch_choose_their_own_positions():
 
 def test_an_untied_output_layer_starts_from_the_pretrained_embeddings():
     # With model.tie_output=false and train.init_decoder, the output layer is initialised too.
-    assert pretrained_source_name("output.weight", True) == "src_embed.weight"
-    assert pretrained_source_name("output.weight", False) is None
+    assert translation_weight_source("output.weight", True) == "src_embed.weight"
+    assert translation_weight_source("output.weight", False) is None
 
 
 def test_a_run_resumed_during_the_freeze_keeps_the_pretrained_weights_frozen(pretrained_and_data, tmp_path):

@@ -71,3 +71,27 @@ class MaskedLM(ScaledEmbedding, nn.Module):
             nsp_logits = self.nsp_head(hidden[:, 0])  # (B, 2): position 0 holds [CLS]
         return logits, nsp_logits
 
+
+def translation_weight_source(name: str, decoder: bool) -> str | None:
+    """The masked-LM tensor that initialises the translation model's tensor `name`, or None.
+
+    The encoder maps by name. The decoder (with `decoder`) takes the embeddings, and in each
+    layer the self-attention, feed-forward and their norms of the encoder layer of the same
+    number; its cross-attention (and the norm before it) has no counterpart and starts fresh.
+    """
+    first, _, rest = name.partition(".")
+    if first in ("src_embed", "encoder_layers", "encoder_norm"):
+        return name
+    if not decoder:
+        return None
+    if first in ("tgt_embed", "output"):  # the masked LM's output layer is its embedding matrix
+        return "src_embed.weight"
+    if first == "decoder_norm":
+        return f"encoder_norm.{rest}"
+    if first == "decoder_layers":
+        number, _, tail = rest.partition(".")
+        part, _, leaf = tail.partition(".")
+        counterpart = {"self_attn": "self_attn", "ff": "ff", "norm1": "norm1", "norm3": "norm2"}.get(part)
+        if counterpart is not None:
+            return f"encoder_layers.{number}.{counterpart}.{leaf}"
+    return None
