@@ -204,8 +204,7 @@ class DecodeConfig:
             raise ConfigError(f"decode.topp must be in (0, 1] (got {self.topp!r})")
         # Beyond these, log-probabilities over the temperature leave float32's range.
         _in_range("decode.temperature", self.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE)
-        if not 0 <= self.seed < 2**32:  # a CPU generator keeps 32 bits of a larger seed: 1 and 2**32+1 would draw alike
-            raise ConfigError(f"decode.seed must be in [0, 2**32) (got {self.seed})")
+        _in_range("decode.seed", self.seed, -(2**63), 2**64 - 1)  # taken modulo 2**32 (`sampling_generator`)
 
 
 @dataclass
@@ -248,7 +247,7 @@ class Config:
 # Upper limits of decoding settings: far beyond any use, and within what the search's tensors hold.
 MAX_BEAM = 1000
 MAX_LEN_A, MAX_LEN_B = 1000.0, 100_000
-MAX_LEN_PENALTY = 10.0  # length**len_penalty stays a float for any output length
+MAX_LEN_PENALTY = 100.0
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
 # Language sampling temperatures: beyond them, size^(1/T) leaves float64's range.
 LANG_TEMPERATURES = (0.01, 1000.0)

@@ -38,7 +38,7 @@ from nmt.files import CheckpointInfo, ExportRecord, VocabInfo
 from nmt.models.attention import AttentionChoice
 from nmt.models.transformer import Transformer, sinusoidal_positions
 from nmt.normalize import Normalization
-from nmt.search import NEW_WORD, Hypothesis, max_lengths
+from nmt.search import NEW_WORD, Hypothesis, length_norm, max_lengths
 from nmt.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, check_recorded_model
 from nmt.translate import (
     ANY_LANGUAGE,
@@ -419,7 +419,7 @@ class CTranslate2Translator:
         results = self.translator.score_batch([self.tokenizer.src_pieces(ids) for ids in sources],
                                               [self.tokenizer.tgt_pieces(ids[:-1]) for ids in targets])
         len_penalty = 0.0 if decode.sampling else decode.len_penalty
-        return [Hypothesis(ids[:-1], float(sum(result.log_probs)) / len(ids) ** len_penalty)
+        return [Hypothesis(ids[:-1], float(sum(result.log_probs)) / length_norm(len(ids), len_penalty))
                 for ids, result in zip(targets, results)]
 
     def _options(self, decode: DecodeConfig, attention: bool) -> dict:
@@ -429,7 +429,8 @@ class CTranslate2Translator:
         return dict(
             **self._batching(decode), asynchronous=True,
             beam_size=1 if decode.sampling else decode.beam, num_hypotheses=decode.nbest,
-            length_penalty=0.0 if greedy else decode.len_penalty,  # greedy scores are divided in _search
+            # CTranslate2 normalizes beam search scores; greedy ones are divided in _search, sampling's stay log-probs
+            length_penalty=0.0 if greedy else decode.len_penalty,
             no_repeat_ngram_size=decode.no_repeat_ngram,
             suppress_sequences=self._suppressed_pieces,
             max_input_length=0, min_decoding_length=0,  # inputs are cut already; an empty output is allowed
@@ -479,7 +480,7 @@ class CTranslate2Translator:
         if attention:
             rows = np.asarray(result.attention[k], dtype=np.float32).reshape(len(pieces), -1)  # (T, S)
             weights = torch.from_numpy(with_eos_column(rows))  # (T, S+1)
-        return Hypothesis(tokens, float(result.scores[k]) / max(len(pieces), 1) ** len_penalty, weights)
+        return Hypothesis(tokens, float(result.scores[k]) / length_norm(len(pieces), len_penalty), weights)
 
 
 def decoding_limits(sources: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]], decode: DecodeConfig) -> list[int]:

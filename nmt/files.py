@@ -42,7 +42,8 @@ def text_files(data_dir: Path, stem: str) -> tuple[Path, Path]:
 
 
 def monolingual_files(data_dir: Path, split: str) -> tuple[str, Path]:
-    """A monolingual split's token files' stem (SPLIT.text) and its sentences' document numbers."""
+    """A monolingual split's token files, by their stem (SPLIT.text, as `TokenArray` takes it), and
+    the file of its sentences' document numbers."""
     return f"{split}.text", Path(data_dir) / f"{split}.documents.npy"
 
 

@@ -6,6 +6,7 @@ n-grams, a forced target prefix) work on the log-probabilities and the tokens so
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -60,6 +61,12 @@ class FullPrefixDecoding:
         tokens = new if state.tokens is None else torch.cat([state.tokens, new], dim=1)  # (B, t+1)
         logits = self.model.decode(tokens, memory)[:, -1]  # (B, V)
         return F.log_softmax(logits.float(), dim=-1), PrefixState(tokens)
+
+
+def length_norm(length: int, len_penalty: float) -> float:
+    """What a hypothesis of `length` tokens (EOS included) divides its log-prob by:
+    length**len_penalty, its exponent held within a float's range."""
+    return math.exp(min(max(len_penalty * math.log(max(length, 1)), -700.0), 700.0))
 
 
 def max_lengths(src: torch.Tensor, a: float, b: int) -> torch.Tensor:
@@ -227,7 +234,7 @@ def greedy_search(
     for b, (row, score) in enumerate(zip(out, scores.tolist())):
         length = row.index(EOS) + 1 if EOS in row else len(row)  # output tokens, EOS included
         tokens = row[: length - 1] if EOS in row else row
-        hyps.append(Hypothesis(tokens, score / max(length, 1) ** len_penalty, None if weights is None else weights[b, :length]))
+        hyps.append(Hypothesis(tokens, score / length_norm(length, len_penalty), None if weights is None else weights[b, :length]))
     return hyps
 
 
@@ -357,11 +364,12 @@ def _read_step(choice: _Continuations, at_limit: torch.Tensor, K: int, length: i
     """The step's one read-back from the device. Hypotheses end where EOS is among the first K
     continuations; `length` counts the generated tokens, EOS included."""
     ends = (choice.top_tokens[:, :K] == EOS) & torch.isfinite(choice.top_scores[:, :K])  # (N, K)
-    best_alive = choice.keep_scores[:, :1] / length**len_penalty  # (N, 1)
+    norm = length_norm(length, len_penalty)
+    best_alive = choice.keep_scores[:, :1] / norm  # (N, 1)
     read = torch.cat([choice.top_scores[:, :K], ends.float(), choice.top_beams[:, :K].float(), best_alive,
                       at_limit[:, None].float()], dim=1).tolist()  # (N, 3K+2)
     return _StepReport(
-        ended=[[(int(v[2 * K + j]), v[j] / length**len_penalty) for j in range(K) if v[K + j]] for v in read],
+        ended=[[(int(v[2 * K + j]), v[j] / norm) for j in range(K) if v[K + j]] for v in read],
         best_alive=[v[3 * K] for v in read],
         at_limit=[bool(v[3 * K + 1]) for v in read],
     )

@@ -162,9 +162,13 @@ class StaticDecoding:
         if shape in cache:
             cache.move_to_end(shape)
             return cache[shape]
+        buffers = None
         try:
             buffers = Buffers(self.model, memory, *shape[2:], half=half)
-        except torch.OutOfMemoryError:  # the other shapes' buffers make room for this one's
+        except torch.OutOfMemoryError:
+            pass
+        if buffers is None:  # out of memory: the other shapes' buffers make room for this one's
+            # (outside the except block, whose traceback holds the failed attempt's tensors)
             cache.clear()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

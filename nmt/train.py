@@ -171,7 +171,8 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig, fused: bool = True):
 
 
 def compile_model(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
-    """The model's forward compiled by torch.compile, once for the varying batch shapes of training."""
+    """The model's forward compiled by torch.compile, once for the varying batch shapes of
+    training. Turns torch's duck shapes off for the whole process (see below)."""
     import torch.fx.experimental._config as fx_config
 
     # torch.compile gives sizes that are equal in the first batch one symbol ("duck shapes"): a
@@ -201,6 +202,7 @@ def training_update(
     normalizer: float | None = None,
     compute_loss: Callable | None = None,
     frozen: list[torch.nn.Parameter] | None = None,
+    data_parallel: bool = False,
 ) -> UpdateResult:
     """One optimizer update from the gradients of `group`'s batches added up (accumulation).
 
@@ -208,9 +210,9 @@ def training_update(
     translation loss); the parameters in `frozen` are left as they are.
 
     The summed loss is divided by `normalizer`, by default the group's target tokens, so that
-    the update follows the mean loss per token. Under DistributedDataParallel gradients are
-    averaged over processes: there, `normalizer` is the update's target
-    tokens over all processes divided by their number.
+    the update follows the mean loss per token. With `data_parallel` (`model` is, or compiles, a
+    DistributedDataParallel) gradients are averaged over processes: there, `normalizer` is the
+    update's target tokens over all processes divided by their number.
 
     An update whose loss or gradient norm is not finite is skipped. Returns the summed
     label-smoothed loss (0 when not finite), whether the update was skipped and whether the loss
@@ -219,7 +221,6 @@ def training_update(
     """
     normalizer = normalizer or sum(b.num_tgt_tokens for b in group)
     compute_loss = compute_loss or translation_loss
-    data_parallel = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     total = torch.zeros((), device=device)
     for i, batch in enumerate(group):
         # Processes exchange gradients once per update: after the group's last batch.
@@ -857,16 +858,17 @@ class Trainer:
         bar = tqdm(total=tc.max_steps or None, initial=st.step, unit="step", disable=not progress or self.plain_progress,
                    file=sys.stderr, dynamic_ncols=True, desc="training")
         self.stop_signal = StopSignal()
-        groups: list[list[np.ndarray]] = []
-        # A resumed run that its last validation had stopped (patience, target_bleu) stays stopped.
-        reason = validation_stop(tc, self.task.metric, st.last_valid[self.task.metric], st.bad_validations) \
-            if self.task.metric in st.last_valid else ""
+        reason, groups = "", []
+        stopped = self.resumed_validation_stop()
         try:
             while not reason:
                 if tc.max_epochs and st.epoch >= tc.max_epochs:
                     reason = "max_epochs"
                     break
                 groups = update_groups(self.task.epoch_batches(self.rank_tokens, st.epoch), self.update_batches, self.ranks.active)
+                if stopped:
+                    reason = stopped
+                    break
                 if tc.max_steps and st.step >= tc.max_steps:  # a resumed run that had finished
                     reason = "max_steps"
                     break
@@ -894,6 +896,14 @@ class Trainer:
             last_valid=st.last_valid, seconds=round(self.elapsed(), 1), stop_reason=reason,
             main_process=self.ranks.is_main,
         )
+
+    def resumed_validation_stop(self) -> str:
+        """Why a resumed run's last validation stopped it (patience, target_bleu), or "". One made
+        at a stop between two scheduled ones stops nothing, as it did not when it was made."""
+        last, tc = self.state.last_valid, self.tc
+        if self.task.metric not in last or last.get("step", 0) % tc.valid_every:
+            return ""
+        return validation_stop(tc, self.task.metric, last[self.task.metric], self.state.bad_validations)
 
     def run_epoch(self, groups: list[list[np.ndarray]], bar: tqdm) -> str:
         """The epoch's remaining updates; returns why training stops, or "" at the epoch's end."""
@@ -936,7 +946,7 @@ class Trainer:
 
     def apply(self, group: list[Batch], lr: float, normalizer: float | None) -> UpdateResult:
         return training_update(self.step_model, self.optimizer, self.scaler, group, self.tc, lr, self.device,
-                               self.dtype, normalizer, self.task.loss, self.frozen_now())
+                               self.dtype, normalizer, self.task.loss, self.frozen_now(), self.ranks.active)
 
     def update(self, group: list[Batch], update: list[np.ndarray]) -> UpdateResult:
         """One update: its normalizer, the learning rate, then the out-of-memory retry or the

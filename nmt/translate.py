@@ -90,9 +90,10 @@ def translate_ids(
 
     With `attention`, each hypothesis keeps the chosen cross-attention weights (on the CPU),
     one row per output token (EOS included) over its source tokens and the source EOS.
-    `prefixes`: target tokens each output must start with (empty: none). Sampling draws from
+    `prefixes`: target tokens each output must start with (empty: none), and a final NEW_WORD
+    where the next token must be one of `word_starts` ((V,) bool). Sampling draws from
     `generator` (default: a new one seeded with decode.seed). `allowed`: (V,) bool, the only
-    tokens an output may hold (`StepRules.allowed`).
+    tokens an output may hold (`StepRules.banning`).
     """
     results: list[list[Hypothesis]] = [[] for _ in sources]
     # Sampling repeats each sentence nbest times in its batch: the batch holds that many fewer.
@@ -113,7 +114,9 @@ def translate_ids(
 
 
 def sampling_generator(decode: DecodeConfig, device: torch.device) -> torch.Generator:
-    return torch.Generator(device).manual_seed(decode.seed)
+    # Modulo 2**32, as CTranslate2 takes it: a CPU generator would keep 32 bits of a larger seed
+    # and a CUDA one all 64, so that one seed would draw differently on each.
+    return torch.Generator(device).manual_seed(decode.seed % 2**32)
 
 
 def _translate_batch(
@@ -182,7 +185,7 @@ def translate_lines(
     (V,) bool, the only tokens an output may hold; never the vocabulary's reserved symbols."""
     encoded = encode_lines(tokenizer, lines, decode, normalize, prefixes, normalize_target, first_line)
     hyps = translate_ids(model, encoded.sources, decode, device, progress, attention, encoded.prefixes, generator,
-                         output_tokens(tokenizer, allowed), None if prefixes is None else word_starts(tokenizer))
+                         output_tokens(tokenizer, allowed), None if prefixes is None else word_start_mask(tokenizer))
     return collect_translations(tokenizer, len(lines), encoded, hyps, attention is not None, first_line, normalize_target)
 
 
@@ -196,7 +199,7 @@ def output_tokens(tokenizer: Tokenizer, allowed: torch.Tensor | None = None) -> 
     return allowed
 
 
-def word_starts(tokenizer: Tokenizer) -> torch.Tensor:
+def word_start_mask(tokenizer: Tokenizer) -> torch.Tensor:
     """(V,) bool: the target tokens that may follow a prefix ending in a space (`NEW_WORD`)."""
     mask = torch.zeros(tokenizer.tgt_vocab_size, dtype=torch.bool)
     mask[tokenizer.word_start_target_ids] = True
@@ -217,7 +220,8 @@ class EncodedLines:
 
     non_empty: list[int]  # indices of the lines with text after normalization
     sources: list[list[int]]  # their source ids (no EOS), cut to decode.max_input_tokens
-    prefixes: list[list[int]] | None  # their target prefixes' ids ([]: none); None without prefixes
+    # their target prefixes' ids ([]: none), ending in NEW_WORD where the text ended in a space; None without prefixes
+    prefixes: list[list[int]] | None
     truncated: list[int]  # 1-based numbers of the lines that were cut
     unknown_in_prefix: list[int] = field(default_factory=list)  # 1-based numbers of lines with UNK in the prefix
 

@@ -208,3 +208,12 @@ def test_sampling_scales_by_the_temperature_before_cutting_to_top_p():
     assert Sampling(topp=0.7).distribution(log_probs)[0, 2] == 0.0
     flattened = Sampling(topp=0.7, temperature=100.0).distribution(log_probs)[0]
     assert (flattened > 0.3).all() and torch.allclose(flattened.sum(), torch.tensor(1.0))
+
+
+def test_sampling_seeds_are_taken_modulo_2_to_the_32_on_every_device():
+    from nmt.config import DecodeConfig
+    from nmt.translate import sampling_generator
+
+    cpu = torch.device("cpu")
+    assert sampling_generator(DecodeConfig(seed=2**32 + 5), cpu).initial_seed() == 5
+    assert sampling_generator(DecodeConfig(seed=-1), cpu).initial_seed() == 2**32 - 1

@@ -100,6 +100,7 @@ def test_patience_counts_only_scheduled_validations_and_a_stopped_run_stays_stop
     assert [r["step"] for r in _records(tmp_path / "b", "valid")] == [2, 4, 8, 12]
     again = train(_config(data_dir, tmp_path / "a", max_steps=20, **settings), resume=True, progress=False)
     assert (again.stop_reason, again.steps) == ("patience", 12)  # no more updates, no more validations
+    assert again.epochs == whole.epochs
     assert [r["step"] for r in _records(tmp_path / "a", "valid")] == [4, 8, 12]
 
 
@@ -159,3 +160,17 @@ def test_a_resumed_fp16_run_keeps_its_loss_scale(tmp_path, monkeypatch):
     assert skipped["a"] == skipped["b"] > 0
     a, b = (load_file(str(tmp_path / name / "last" / "model.safetensors")) for name in ("a", "b"))
     assert all(a[name].equal(b[name]) for name in a)
+
+
+def test_a_validation_at_a_stop_between_two_stops_nothing_when_resumed(tmp_path, monkeypatch):
+    """target_bleu is met at every validation: the run stops at the first scheduled one, 4,
+    whether or not it stopped (and validated) at 2 before."""
+    from nmt.train import TranslationTask
+
+    monkeypatch.setattr(TranslationTask, "validate", lambda self, *args: {"loss": 1.0, "ppl": 2.7, "bleu": 50.0})
+    data_dir = prepare_toy_data(tmp_path, train=40)
+    settings = dict(valid_every=4, target_bleu=40.0)
+    whole = train(_config(data_dir, tmp_path / "a", max_steps=20, **settings), progress=False)
+    train(_config(data_dir, tmp_path / "b", max_steps=2, **settings), progress=False)
+    resumed = train(_config(data_dir, tmp_path / "b", max_steps=20, **settings), resume=True, progress=False)
+    assert (whole.stop_reason, whole.steps) == (resumed.stop_reason, resumed.steps) == ("target_bleu", 4)

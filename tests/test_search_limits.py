@@ -1,5 +1,6 @@
 """Search limits, sampling cuts, sampled n-best grouping and the ensemble vocabulary check."""
 
+import math
 from dataclasses import dataclass, replace
 
 import pytest
@@ -111,3 +112,12 @@ def test_an_ensemble_needs_one_vocabulary(tmp_path, changes, message):
 def test_a_model_without_a_recorded_language_may_join_an_ensemble(tmp_path):
     first = _write_vocab(tmp_path / "first")
     check_same_vocabulary([first, _write_vocab(tmp_path / "other", src_lang=None, tgt_lang=None)])
+
+
+def test_length_normalization_stays_finite_for_any_penalty_and_length():
+    from nmt.search import length_norm
+
+    assert length_norm(7, 1.0) == pytest.approx(7.0) and length_norm(7, 0.0) == 1.0
+    for len_penalty in (100.0, -100.0):  # 2000**100 is beyond a float; the score must stay a number
+        norm = length_norm(2000, len_penalty)
+        assert 0.0 < norm < float("inf") and math.isfinite(-3.0 / norm)

@@ -94,6 +94,18 @@ def test_out_of_memory_with_several_processes_stops_with_one_line():
     assert len(str(error.value).splitlines()) == 1 and "batch_tokens" in str(error.value)
 
 
+def test_updates_of_several_processes_exchange_gradients_as_data_parallel_ones(monkeypatch):
+    """Told by the trainer, not guessed from the model: a compiled DistributedDataParallel is
+    no DistributedDataParallel instance."""
+    seen = []
+    monkeypatch.setattr(nmt.train, "training_update", lambda *args: seen.append(args[-1]))
+    for world in (1, 2):
+        stub = SimpleNamespace(step_model=None, optimizer=None, scaler=None, tc=None, device=CPU, dtype=torch.float32,
+                               task=SimpleNamespace(loss=None), frozen_now=lambda: [], ranks=Ranks(rank=0, world=world))
+        Trainer.apply(stub, [], 1e-3, None)
+    assert seen == [False, True]
+
+
 def test_train_state_round_trips_through_info_json(tmp_path):
     state = TrainState(step=12, epoch=1, group_in_epoch=3, best_score=31.5, best_step=10, bad_validations=1,
                        patience_score=31.0, seconds=40.04, valid_seconds=2.25, last_valid={"step": 12, "bleu": 30.0}, processes=2)
@@ -322,10 +334,11 @@ def test_a_second_signal_during_training_goes_to_the_handler_training_replaced()
         signal.signal(signal.SIGTERM, previous_term)
 
 
-def test_compiling_for_training_traces_once_for_every_batch_shape():
+def test_compiling_for_training_traces_once_for_every_batch_shape(monkeypatch):
     """Batches whose source and target lengths are equal, then differ: one graph for all
     (torch's "eager" backend traces as torch.compile does, without generating code)."""
     import torch._dynamo
+    import torch.fx.experimental._config as fx_config
     from conftest import TINY_TRANSFORMER
     from torch._dynamo.utils import counters
 
@@ -333,6 +346,7 @@ def test_compiling_for_training_traces_once_for_every_batch_shape():
     from nmt.models import build_model
     from nmt.train import compile_model
 
+    monkeypatch.setattr(fx_config, "use_duck_shape", True)  # torch's default, put back after the test
     torch._dynamo.reset()
     counters.clear()
     compiled = compile_model(build_model(ModelConfig(**TINY_TRANSFORMER), 30, 30), backend="eager")
