@@ -24,6 +24,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import platform
 import resource
 import statistics
@@ -395,14 +396,18 @@ def plan_bench(bc: BenchConfig) -> BenchPlan:
     unknown = set(bc.sections) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"unknown bench section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
-    check_output_apart(bc.out, [], list(bc.checkpoints.values()))  # a model the bench decodes
-    check_output_file(bc.out)
+    for name, value in (("--ttq-minutes", bc.ttq_minutes), ("--ttq-bleu", bc.ttq_bleu)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{name} must be 0 (the default) or more (got {value})")
     for split in ("train", "val", "test_2016_flickr"):
         for lang in ("de", "en"):
             if not (bc.data / f"{split}.{lang}.gz").exists() and not (bc.data / f"{split}.{lang}").exists():
                 raise DataError(f"Multi30k file {bc.data / f'{split}.{lang}.gz'} not found (pass --data)")
     kind = "gpu" if gpu else "cpu"
     recipes = bc.recipes or {name: PROJECT_ROOT / f"recipes/multi30k/{name}-{kind}.yaml" for name in ("transformer", "rnn")}
+    # Not over a recipe, nor into a model it decodes or the corpus it prepares.
+    check_output_apart(bc.out, list(recipes.values()), [*bc.checkpoints.values(), bc.data])
+    check_output_file(bc.out)
     unknown = set(bc.checkpoints) - set(recipes)
     if unknown:
         raise ConfigError(f"--checkpoint {', '.join(sorted(unknown))}: no recipe of that name ({', '.join(recipes)})")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nmt.atomic import check_output_file, make_folder, write_text_atomic
+from nmt.atomic import check_output_apart, check_output_file, make_folder, write_text_atomic
 from nmt.corpora import LOCAL_MULTI30K
 from nmt.data import find_side_file, read_parallel_files
 from nmt.errors import DataError
@@ -231,7 +231,8 @@ def run_scale_bench(config: ScaleBenchConfig) -> dict:
         raise DataError("--pairs must be at least 100, and --pairs / --ratio too")
     if config.steps < 1:
         raise DataError(f"--steps must be at least 1 (got {config.steps})")
-    if config.out:
+    if config.out:  # not into the corpus, nor the model it translates
+        check_output_apart(Path(config.out), [], [Path(config.data), *([Path(config.translate)] if config.translate else [])])
         check_output_file(Path(config.out))
     if config.work_dir is not None:
         make_folder(Path(config.work_dir), "--work-dir")

@@ -118,7 +118,13 @@ def test_bench_commands_check_their_inputs_and_outputs_first(bench_inputs, tmp_p
                          "--checkpoint typo: no recipe of that name"),
                         ([*bench, f"transformer={tmp_path / 'de-en'}", "--out", str(tmp_path / "de-en" / "config.yaml")],
                          "is inside"),  # the report would replace a file of the model it decodes
-                        (["bench-serve", str(tmp_path / "de-en"), "--out", str(tmp_path / "de-en" / "vocab.json")], "is inside")]:
+                        (["bench-serve", str(tmp_path / "de-en"), "--out", str(tmp_path / "de-en" / "vocab.json")], "is inside"),
+                        # nor over a recipe it trains, the corpus it reads or the model bench-scale translates
+                        (["bench", "--data", str(corpus), "--device", "cpu", "--recipe", f"transformer={recipes['transformer']}",
+                          "--out", str(recipes["transformer"])], "it is the input"),
+                        ([*scale, "--out", str(tmp_path / "m30k-train" / "train.de")], "is inside"),
+                        ([*scale, "--translate", str(tmp_path / "de-en"), "--out", str(tmp_path / "de-en" / "config.yaml")], "is inside"),
+                        (["bench", "--data", str(corpus), "--device", "cpu", "--ttq-minutes", "nan"], "--ttq-minutes must be")]:
         result = runner.invoke(app, args)
         assert result.exit_code == 1 and named in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
