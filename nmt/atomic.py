@@ -66,9 +66,11 @@ def replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_replaceable(target: Path, overwrite: bool, marker: str, kind: str, error: type[Exception] = OSError) -> None:
+def check_replaceable(target: Path, overwrite: bool, marker: str, kind: str, error: type[Exception] = OSError,
+                      holds_folders: bool = False) -> None:
     """Refuse a `target` for `replace_dir` unless it is new, empty, or with `overwrite` an earlier
-    `kind` (one holding `marker`): a folder of the user's is never replaced."""
+    `kind` (one holding `marker`): a folder of the user's is never replaced, nor is a folder put
+    inside an earlier `kind` that holds none of its own (a model written into a data dir)."""
     if target.exists() and not target.is_dir():
         raise error(f"{target} is a file")
     if not target.is_dir() or not any(target.iterdir()):
@@ -77,6 +79,16 @@ def check_replaceable(target: Path, overwrite: bool, marker: str, kind: str, err
         raise error(f"{target} already exists and is not empty; pass --overwrite to replace it")
     if not (target / marker).is_file():
         raise error(f"{target} is not {kind} (no {marker}); --overwrite replaces only {kind}")
+    added = [p.name for p in target.iterdir() if p.is_dir() and not p.name.startswith(".")] if not holds_folders else []
+    if added:
+        raise error(f"{target} holds the folder {sorted(added)[0]}, which {kind} does not: --overwrite would delete it; "
+                    "move it out first")
+
+
+def followed_link(path: Path) -> Path:
+    """Where a link at `path` leads: an output folder given as a link is written through (the
+    folder replaced), never replaced by a folder of its own."""
+    return Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
 
 
 def nested(a: Path, b: Path) -> bool:

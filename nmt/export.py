@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from nmt.alignment import describe_attention
-from nmt.atomic import check_replaceable, nested, replace_dir
+from nmt.atomic import check_replaceable, followed_link, nested, replace_dir
 from nmt.batches import pad_source
 from nmt.checkpoint import load_for_inference, read_config, weights_dir
 from nmt.config import DecodeConfig, ModelConfig
@@ -81,7 +81,7 @@ def export_model(
     model, with what translating needs besides (see the module's docstring). The directory is
     written beside `out_dir` and renamed when complete; an existing one is replaced only with
     `overwrite`."""
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model_dir, out_dir = Path(model_dir), followed_link(Path(out_dir))
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
     if quantization not in (None, *QUANTIZATIONS):

@@ -591,7 +591,7 @@ def make_bundle(bc: BundleConfig, log: Callable[[str], None] = lambda m: print(m
         if not (bc.data / f"{name}.gz").is_file():
             raise SystemExit(f"error: Multi30k file {bc.data / name}.gz not found (pass --data)")
     try:
-        check_replaceable(bc.out, True, "bundle.json", "a gpu-check bundle")
+        check_replaceable(bc.out, True, "bundle.json", "a gpu-check bundle", holds_folders=True)
     except OSError:
         raise SystemExit(f"error: {bc.out} holds files but is not a gpu-check bundle (no bundle.json); "
                          "give another --out or empty it") from None

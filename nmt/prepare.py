@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nmt import __version__
-from nmt.atomic import check_replaceable, is_gzip_name, replace_dir
+from nmt.atomic import check_replaceable, followed_link, is_gzip_name, replace_dir
 from nmt.corpora import find_corpus
 from nmt.data import (
     CleanConfig,
@@ -134,6 +134,7 @@ def build_data_dir(out_dir: Path, overwrite: bool, build: Callable[[Path], Manif
     """Run `build(tmp_dir)` in a temporary directory beside `out_dir`, write its manifest there
     and put it in place of `out_dir`: an interrupted build leaves nothing that is read as data.
     `inputs`: what the build reads, which may not lie in `out_dir`."""
+    out_dir = followed_link(out_dir)
     _tidy_leftovers(out_dir)
     _check_out_dir(out_dir, overwrite, inputs)
     tmp_dir = _make_tmp_dir(out_dir)  # fails now, not after the work, if out_dir cannot be written

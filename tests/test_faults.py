@@ -554,6 +554,24 @@ def test_prepare_never_replaces_a_folder_holding_its_own_input(data_dir, tmp_pat
     assert result.exit_code == 0, result.output
 
 
+def test_prepare_overwrite_keeps_a_folder_put_in_the_data_dir_and_a_link_to_it(data_dir, tmp_path):
+    out = tmp_path / "data"
+    shutil.copytree(data_dir, out)
+    (out / "avg").mkdir()  # say, nmt average ... --out DATA/avg
+    (out / "avg" / "vocab.json").write_text("{}")
+    write_pairs(tmp_path / "corp", toy_pairs(60, seed=1))
+    args = ("--train", tmp_path / "corp", "--src", "xx", "--tgt", "yy", "--valid-size", 5, "--test-size", 5,
+            "--vocab-size", 40, "--overwrite", "--no-progress")
+    assert_one_line_error(_cli("prepare", *args, "--out", out), "holds the folder avg")
+    assert (out / "avg" / "vocab.json").is_file()
+    shutil.rmtree(out / "avg")
+    (tmp_path / "link").symlink_to(out)
+    result = _cli("prepare", *args, "--out", tmp_path / "link")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "link").is_symlink() and (out / "manifest.json").is_file()  # written through the link
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing left beside it
+
+
 def test_train_keeps_a_config_of_the_users_in_its_output_folder(data_dir, tmp_path, monkeypatch):
     folder = tmp_path / "exp1"
     folder.mkdir()
