@@ -48,9 +48,33 @@ def monolingual_files(data_dir: Path, split: str) -> tuple[str, Path]:
 
 
 def _known_fields(cls: type, data: dict) -> dict:
-    """The entries of `data` that are fields of `cls` (later versions may add others)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {key: value for key, value in data.items() if key in names}
+    """The entries of `data` that are fields of `cls` (later versions may add others); a
+    TypeError for one of another JSON kind than its field (a hand-edited file)."""
+    kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+    known = {key: value for key, value in data.items() if key in kinds}
+    for key, value in known.items():
+        if not _fits(kinds[key], value):
+            raise TypeError(f"{key} holds {type(value).__name__}")
+    return known
+
+
+_JSON_KINDS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "dict": (dict,), "list": (list,)}
+
+
+def _fits(annotation, value) -> bool:
+    """Whether `value` is of the JSON kind that a field's annotation ("int", "dict | None",
+    "list[str]") names; fields of other types (records of their own) are checked by those."""
+    for alternative in str(annotation).split("|"):
+        name, _, inner = alternative.strip().partition("[")
+        if name == "None":
+            if value is None:
+                return True
+        elif name not in _JSON_KINDS:
+            return True
+        elif isinstance(value, _JSON_KINDS[name]) and (name == "bool" or not isinstance(value, bool)):
+            # list[X]: each item an X too (dict[K, V] is left to its readers)
+            return name != "list" or not inner or all(_fits(inner.rstrip("]"), item) for item in value)
+    return False
 
 
 def _read_json(path: Path, missing: str, damaged: str, error: type[Exception]) -> dict:
@@ -122,7 +146,7 @@ class _VocabularyRecord:
     def _from_json(cls, data: dict, normalization) -> _VocabularyRecord | None:
         """The record, or None when `data` lacks a field or holds one of the wrong kind."""
         try:
-            values = _known_fields(cls, data)
+            values = _known_fields(cls, {k: v for k, v in data.items() if k not in ("vocab", "normalization")})
             values["vocab"] = Vocabulary.from_dict(data["vocab"])
             values["normalization"] = _sides(normalization)
             record = cls(**values)
@@ -307,16 +331,13 @@ class CheckpointInfo:
     def read(cls, directory: Path) -> CheckpointInfo:
         path = Path(directory) / cls.NAME
         data = _read_json(path, f"{path} is missing or damaged", f"{path} is missing or damaged", CheckpointError)
-        state = _known_fields(TrainState, data)
-        if "best_score" not in data and "best_bleu" in data:  # written before pretraining had a metric of its own
-            state["best_score"] = data["best_bleu"]
-        if "patience_score" not in data and "best_score" in state:  # written before the two were apart
-            state["patience_score"] = state["best_score"]
-        numbers = {f.name for f in dataclasses.fields(TrainState) if f.type in ("int", "float", int, float)}
-        if any(isinstance(state[name], bool) or not isinstance(state[name], (int, float)) for name in numbers & set(state)):
-            raise CheckpointError(f"{path} is damaged or from another version")
         try:
-            return cls(TrainState(**state), **{k: v for k, v in _known_fields(cls, data).items() if k != "state"})
+            if "best_score" not in data and "best_bleu" in data:  # written before pretraining had a metric of its own
+                data["best_score"] = data["best_bleu"]
+            if "patience_score" not in data and "best_score" in data:  # written before the two were apart
+                data["patience_score"] = data["best_score"]
+            state = TrainState(**_known_fields(TrainState, data))
+            return cls(state, **{k: v for k, v in _known_fields(cls, data).items() if k != "state"})
         except TypeError:
             raise CheckpointError(f"{path} is damaged or from another version") from None
 

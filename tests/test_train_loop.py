@@ -1,6 +1,7 @@
 """The pieces of the training loop, each without training a model, and its stops."""
 
 import contextlib
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +11,7 @@ import nmt.train
 from nmt.batches import Batch
 from nmt.config import TrainConfig
 from nmt.distributed import Ranks
-from nmt.errors import ConfigError, DataError
+from nmt.errors import CheckpointError, ConfigError, DataError
 from nmt.files import CheckpointInfo, TrainState
 from nmt.train import Interval, Trainer, UpdateResult, process_shares, update_groups, validation_stop
 
@@ -141,6 +142,9 @@ def test_files_written_by_earlier_versions_are_read(tmp_path):
     {"vocab": ["spm.joint.model"]}, {"vocab": "spm.joint.model"}, {"normalization": "NFX"},
     {"normalization": {"src": {"unicode_form": "NFX"}, "tgt": {}}}, {"normalization": {"src": {}}},
     {"normalization": {"src": {}, "tgt": {"chinese_script": "klingon"}}},
+    {"counts": [1]}, {"directions": "en-es"}, {"src_lang": 5},
+    {"vocab": {"joint": True, "src_model": None, "tgt_model": "spm.joint.model", "src_size": 40, "tgt_size": 40,
+               "src_sha256": "a", "tgt_sha256": "a"}},
 ])
 def test_a_hand_edited_manifest_is_refused_in_one_line(tmp_path, damage):
     """Not a traceback when read, nor one at the first validation, which normalizes with it."""
@@ -156,6 +160,16 @@ def test_a_hand_edited_manifest_is_refused_in_one_line(tmp_path, damage):
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, **damage}))
     with pytest.raises(DataError, match="damaged or from another version"):
         Manifest.read(tmp_path)
+
+
+@pytest.mark.parametrize("damage", [{"sha256": None}, {"param_groups": [5, 6]}, {"param_groups": 5},
+                                    {"last_valid": [1]}, {"step": "7"}, {"step": True}, {"loss_scale": 2.0}])
+def test_a_hand_edited_info_json_is_refused_in_one_line(tmp_path, damage):
+    CheckpointInfo(TrainState(step=7), "bleu").write(tmp_path)
+    data = {**json.loads((tmp_path / "info.json").read_text()), **damage}
+    (tmp_path / "info.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="damaged or from another version"):
+        CheckpointInfo.read(tmp_path)
 
 
 def _stopping_stub(step: int, elapsed: float = 0.0, skipped_run: int = 0, signal: str = "", verdict: str = "", **tc):
