@@ -136,6 +136,8 @@ class TrainConfig:
         for name in ("batch_tokens", "accum_steps", "valid_every", "log_every", "valid_beam"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1")
+        _in_range("train.valid_beam", self.valid_beam, 1, MAX_BEAM)  # as decode.beam
+        _in_range("train.threads", self.threads, 0, MAX_THREADS)  # torch's thread pool fails far beyond
         if self.lr <= 0:
             raise ConfigError("train.lr must be positive")
         if not 0 <= self.seed < 2**32:
@@ -246,6 +248,7 @@ class Config:
 
 # Upper limits of decoding settings: far beyond any use, and within what the search's tensors hold.
 MAX_BEAM = 1000
+MAX_THREADS = 1024
 MAX_LEN_A, MAX_LEN_B = 1000.0, 100_000
 MAX_LEN_PENALTY = 100.0
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3

@@ -35,6 +35,8 @@ def test_direction_weights_are_a_mapping_set_from_yaml_or_one_override_each(tmp_
         ({"train": {"betas": [2, 3]}}, "train.betas must be two numbers in"),
         ({"train": {"weight_decay": -1}}, "train.weight_decay must be 0 or more"),
         ({"train": {"threads": -2}}, "train.threads must be 0 or more"),
+        ({"train": {"threads": 10**6}}, "train.threads must be between"),
+        ({"train": {"valid_beam": 10**9}}, "train.valid_beam must be between"),
         ({"train": {"max_minutes": -1}}, "train.max_minutes must be 0 or more"),
         ({"model": {"attn_dropout": 5}}, r"model.attn_dropout must be in \[0, 1\)"),
         ({"model": []}, "model must be a mapping"),
