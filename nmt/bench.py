@@ -399,6 +399,7 @@ def plan_bench(bc: BenchConfig) -> BenchPlan:
     for name, value in (("--ttq-minutes", bc.ttq_minutes), ("--ttq-bleu", bc.ttq_bleu)):
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"{name} must be 0 (the default) or more (got {value})")
+    check_output_file(bc.out)
     for split in ("train", "val", "test_2016_flickr"):
         for lang in ("de", "en"):
             if not (bc.data / f"{split}.{lang}.gz").exists() and not (bc.data / f"{split}.{lang}").exists():
@@ -407,7 +408,6 @@ def plan_bench(bc: BenchConfig) -> BenchPlan:
     recipes = bc.recipes or {name: PROJECT_ROOT / f"recipes/multi30k/{name}-{kind}.yaml" for name in ("transformer", "rnn")}
     # Not over a recipe, nor into a model it decodes or the corpus it prepares.
     check_output_apart(bc.out, list(recipes.values()), [*bc.checkpoints.values(), bc.data])
-    check_output_file(bc.out)
     unknown = set(bc.checkpoints) - set(recipes)
     if unknown:
         raise ConfigError(f"--checkpoint {', '.join(sorted(unknown))}: no recipe of that name ({', '.join(recipes)})")
