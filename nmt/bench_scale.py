@@ -232,7 +232,7 @@ def run_scale_bench(config: ScaleBenchConfig) -> dict:
     if config.steps < 1:
         raise DataError(f"--steps must be at least 1 (got {config.steps})")
     if config.out:  # not into the corpus, nor the model it translates
-        check_output_apart(Path(config.out), [], [Path(config.data), *([Path(config.translate)] if config.translate else [])])
+        check_output_apart(Path(config.out), [], [Path(p) for p in (config.data, config.translate) if p])
         check_output_file(Path(config.out))
     if config.work_dir is not None:
         make_folder(Path(config.work_dir), "--work-dir")

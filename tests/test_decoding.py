@@ -135,18 +135,26 @@ def _forced_log_prob(model, src_row: torch.Tensor, tokens: list[int]) -> float:
     return float(log_probs.gather(1, torch.tensor([*tokens, EOS])[:, None]).sum())
 
 
+def _padded(prefixes: list[list[int]]) -> torch.Tensor:
+    return torch.nn.utils.rnn.pad_sequence([torch.tensor(p, dtype=torch.long) for p in prefixes], batch_first=True)
+
+
+def _best_hypotheses(model, src, beam: int, rules: StepRules, max_len_a: float, max_len_b: int):
+    """Greedy search's output (beam 1) or beam search's best, without a length penalty."""
+    if beam == 1:
+        return greedy_search(model, src, max_len_a, max_len_b, rules=rules)
+    return [nbest[0] for nbest in beam_search(model, src, beam, len_penalty=0.0, max_len_a=max_len_a,
+                                               max_len_b=max_len_b, rules=rules)]
+
+
 @pytest.mark.parametrize("arch", [TINY_TRANSFORMER, TINY_RNN], ids=["transformer", "rnn"])
 @pytest.mark.parametrize("beam", [1, 3])
 def test_prefix_starts_the_output_and_its_score_is_the_forced_decodings(arch, beam):
     model, src = _random_model(arch, 4), _random_sources(4, batch=4)
     prefixes = [[5, 5, 5], [], [9], [6, 7, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11, 4, 5]]  # the last is longer than the length limit
-    prefix = torch.nn.utils.rnn.pad_sequence([torch.tensor(p, dtype=torch.long) for p in prefixes], batch_first=True)
-    rules = StepRules(no_repeat_ngram=2, prefix=prefix)  # the ban does not touch the prefix itself
+    rules = StepRules(no_repeat_ngram=2, prefix=_padded(prefixes))  # the ban does not touch the prefix itself
     with torch.no_grad():
-        if beam == 1:
-            hyps = greedy_search(model, src, 0.5, 2, rules=rules)
-        else:
-            hyps = [nbest[0] for nbest in beam_search(model, src, beam, len_penalty=0.0, max_len_a=0.5, max_len_b=2, rules=rules)]
+        hyps = _best_hypotheses(model, src, beam, rules, 0.5, 2)
         for row, (wanted, h) in enumerate(zip(prefixes, hyps)):
             assert h.tokens[: len(wanted)] == wanted
             assert h.score == pytest.approx(_forced_log_prob(model, src[row][src[row] != PAD], h.tokens), abs=1e-4)
@@ -159,15 +167,10 @@ def test_after_a_prefix_ending_a_word_only_word_starts_follow(arch, beam):
 
     model, src = _random_model(arch, 4), _random_sources(4, batch=4)
     prefixes = [[5, NEW_WORD], [9, 9, NEW_WORD], [], [7]]  # V = 12 tokens
-    prefix = torch.nn.utils.rnn.pad_sequence([torch.tensor(p, dtype=torch.long) for p in prefixes], batch_first=True)
     word_starts = torch.zeros(V, dtype=torch.bool)
     word_starts[[EOS, 10, 11]] = True
-    rules = StepRules(prefix=prefix, word_starts=word_starts)
     with torch.no_grad():
-        if beam == 1:
-            hyps = greedy_search(model, src, 1.0, 4, rules=rules)
-        else:
-            hyps = [nbest[0] for nbest in beam_search(model, src, beam, len_penalty=0.0, max_len_a=1.0, max_len_b=4, rules=rules)]
+        hyps = _best_hypotheses(model, src, beam, StepRules(prefix=_padded(prefixes), word_starts=word_starts), 1.0, 4)
     for row, (wanted, h) in enumerate(zip(prefixes, hyps)):
         forced = [token for token in wanted if token != NEW_WORD]
         assert h.tokens[: len(forced)] == forced
