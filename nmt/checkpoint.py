@@ -340,6 +340,15 @@ def check_resumed_task(save_dir: Path, task: str) -> None:
                               "a run of the same command")
 
 
+def check_same_model(save_dir: Path, config: Config) -> None:
+    """--resume continues the model the checkpoint holds: every model setting as it was built."""
+    saved = read_config(save_dir).model
+    name = first_model_difference(saved, config.model)
+    if name is not None:
+        raise ConfigError(f"model.{name} is {getattr(config.model, name)!r} but the checkpoint in {save_dir} "
+                          f"was built with {getattr(saved, name)!r}")
+
+
 # Starting a translation model from a pretrained masked LM, or from a trained translation model
 # to fine-tune it on other data (`nmt train --init`)
 

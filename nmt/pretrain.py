@@ -24,6 +24,7 @@ from nmt.batches import token_batches
 from nmt.checkpoint import (
     check_outside_data_dir,
     check_resumed_task,
+    check_same_model,
     check_sentencepiece_files,
     init_save_dir,
     load_saved_weights,
@@ -52,7 +53,7 @@ from nmt.tokenizer import (
     has_reserved_symbols,
     load_sentencepiece,
 )
-from nmt.train import TrainResult, check_same_model, run_training
+from nmt.train import TrainResult, run_training
 
 # ---------------------------------------------------------------------------------------------
 # Monolingual text

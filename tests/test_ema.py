@@ -11,7 +11,8 @@ from nmt.config import config_from_dict
 from nmt.ema import WeightAverage, ema_decay_at
 from nmt.errors import ConfigError
 from nmt.files import CheckpointInfo, Manifest
-from nmt.train import TranslationTask, train
+from nmt.train import train
+from nmt.translation_task import TranslationTask
 
 STEPS = 12
 

@@ -24,6 +24,7 @@ from nmt_cli.main import app
 from typer.testing import CliRunner
 
 from nmt import train as train_module
+from nmt import translation_task
 from nmt.atomic import written_in_place
 from nmt.batches import Batch
 from nmt.checkpoint import load_for_inference
@@ -99,14 +100,14 @@ def test_update_the_loss_scaler_skips_counts_as_skipped(fused):
 
 
 def test_training_skips_non_finite_losses_then_stops_when_they_persist(data_dir, tmp_path, monkeypatch):
-    real_loss, calls = train_module.token_loss, {"n": 0}
+    real_loss, calls = translation_task.token_loss, {"n": 0}
 
     def flaky_loss(logits, targets, smoothing):
         calls["n"] += 1
         loss = real_loss(logits, targets, smoothing)
         return loss * float("nan") if calls["n"] in (3, 4) else loss
 
-    monkeypatch.setattr(train_module, "token_loss", flaky_loss)
+    monkeypatch.setattr(translation_task, "token_loss", flaky_loss)
     messages = []
     result = train(_config(data_dir, tmp_path / "a", max_steps=8), progress=False, log=messages.append)
     assert result.steps == 8 and result.stop_reason == "max_steps"
@@ -116,7 +117,7 @@ def test_training_skips_non_finite_losses_then_stops_when_they_persist(data_dir,
     assert all(r["loss"] == r["loss"] for r in records if "loss" in r)  # no NaN in the log
     assert any("non-finite" in m for m in messages)
 
-    monkeypatch.setattr(train_module, "token_loss", lambda *a: real_loss(*a) * float("nan"))
+    monkeypatch.setattr(translation_task, "token_loss", lambda *a: real_loss(*a) * float("nan"))
     result = train(_config(data_dir, tmp_path / "b", max_steps=50, max_skipped_updates=4), progress=False,
                    log=messages.append)
     assert result.stop_reason == TOO_MANY_SKIPPED and result.steps == 4
@@ -658,7 +659,7 @@ def test_serve_refuses_limits_it_cannot_keep(model_dir, option, value, monkeypat
 
 def test_an_update_whose_loss_alone_is_not_finite_is_skipped():
     # A loss term that sends no gradient back (here a constant) can be NaN with finite gradients.
-    from nmt.train import translation_loss
+    from nmt.translation_task import translation_loss
 
     model = build_model(ModelConfig(**TINY), 20, 20)
     tc = TrainConfig()
@@ -672,12 +673,12 @@ def test_an_update_whose_loss_alone_is_not_finite_is_skipped():
 
 
 def test_only_skipped_updates_in_a_row_stop_training(data_dir, tmp_path, monkeypatch):
-    real_loss, calls = train_module.token_loss, {"n": 0}
+    real_loss, calls = translation_task.token_loss, {"n": 0}
 
     def every_other_loss_nan(logits, targets, smoothing):
         calls["n"] += 1
         return real_loss(logits, targets, smoothing) * (float("nan") if calls["n"] % 2 == 0 else 1.0)
 
-    monkeypatch.setattr(train_module, "token_loss", every_other_loss_nan)
+    monkeypatch.setattr(translation_task, "token_loss", every_other_loss_nan)
     result = train(_config(data_dir, tmp_path / "run", max_steps=8, max_skipped_updates=2), progress=False, log=lambda m: None)
     assert result.stop_reason == "max_steps" and result.steps == 8

@@ -15,8 +15,8 @@ from nmt.pretrain import MaskedBatch, MaskedLMTask
 from nmt.search import FullPrefixDecoding
 from nmt.static_decoding import StaticDecoding
 from nmt.tokenizer import EOS
-from nmt.train import TranslationTask
 from nmt.translate import quantize_int8
+from nmt.translation_task import TranslationTask
 
 CONFIGS = [ModelConfig(embed_dim=16, ff_dim=32, heads=2, enc_layers=1, dec_layers=1),
            ModelConfig(arch="rnn", embed_dim=16, hidden_dim=16, enc_layers=1, dec_layers=1, tie_output=False)]

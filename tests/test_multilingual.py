@@ -190,7 +190,7 @@ def test_parse_directions_rejects_what_is_not_a_direction():
 
 def test_training_epochs_draw_from_the_directions_and_word_dropout_keeps_the_tags(data_dir):
     from nmt.config import config_from_dict
-    from nmt.train import MultilingualTranslationTask
+    from nmt.translation_task import MultilingualTranslationTask
 
     manifest = Manifest.read(data_dir)
     config = config_from_dict({"data_dir": str(data_dir), "train": {"word_dropout": 0.9, "lang_temperature": 100.0}})
@@ -211,7 +211,7 @@ def test_training_epochs_draw_from_the_directions_and_word_dropout_keeps_the_tag
 
 def test_direction_weights_train_a_named_direction_more_and_must_name_the_data_dirs(data_dir):
     from nmt.config import config_from_dict
-    from nmt.train import MultilingualTranslationTask
+    from nmt.translation_task import MultilingualTranslationTask
 
     manifest = Manifest.read(data_dir)
     config = config_from_dict({"data_dir": str(data_dir), "train": {"lang_temperature": 100.0,
@@ -230,7 +230,7 @@ def test_direction_weights_train_a_named_direction_more_and_must_name_the_data_d
 def test_validation_scores_each_direction_on_its_own_set_and_best_follows_their_mean(data_dir, tmp_path, monkeypatch):
     """The dev BLEU of one direction rises at the second validation while the mean falls: best/
     stays at the first, and moves to the third, where the mean is highest."""
-    import nmt.train
+    import nmt.translation_task
     from nmt.config import config_from_dict
     from nmt.train import train
 
@@ -243,7 +243,7 @@ def test_validation_scores_each_direction_on_its_own_set_and_best_follows_their_
         step = 1 + (len(calls) - 1) // len(DIRECTIONS)
         return {"loss": 1.0, "ppl": 2.7, "bleu": scripted[step][tgt_lang], "sentences": len(split)}
 
-    monkeypatch.setattr(nmt.train, "validate", fake_validate)
+    monkeypatch.setattr(nmt.translation_task, "validate", fake_validate)
     config = config_from_dict({
         "data_dir": str(data_dir), "save_dir": str(tmp_path / "run"),
         "model": {"arch": "transformer", "embed_dim": 16, "enc_layers": 1, "dec_layers": 1, "heads": 2, "ff_dim": 32},

@@ -165,7 +165,7 @@ def test_a_resumed_fp16_run_keeps_its_loss_scale(tmp_path, monkeypatch):
 def test_a_validation_at_a_stop_between_two_stops_nothing_when_resumed(tmp_path, monkeypatch):
     """target_bleu is met at every validation: the run stops at the first scheduled one, 4,
     whether or not it stopped (and validated) at 2 before."""
-    from nmt.train import TranslationTask
+    from nmt.translation_task import TranslationTask
 
     monkeypatch.setattr(TranslationTask, "validate", lambda self, *args: {"loss": 1.0, "ppl": 2.7, "bleu": 50.0})
     data_dir = prepare_toy_data(tmp_path, train=40)

@@ -13,8 +13,9 @@ from nmt.errors import ConfigError
 from nmt.files import Manifest
 from nmt.prepare import PrepareConfig, prepare
 from nmt.tokenizer import UNK
-from nmt.train import Trainer, TranslationTask, decaying_lr, inverse_sqrt_lr, train
+from nmt.train import Trainer, decaying_lr, inverse_sqrt_lr, train
 from nmt.translate import translate_lines
+from nmt.translation_task import TranslationTask
 
 TINY_MODELS = {
     "transformer": {"arch": "transformer", "embed_dim": 64, "ff_dim": 128, "heads": 4, "enc_layers": 2,
