@@ -469,6 +469,8 @@ def serve(
     timeout: Annotated[float, typer.Option(help="Seconds a request may wait for its translation (then 503).")] = 30.0,
     batch_wait_ms: Annotated[float, typer.Option(help="Milliseconds to wait for more requests to translate together.")] = 5.0,
     max_batch_lines: Annotated[int, typer.Option(help="Most lines translated in one batch.")] = 256,
+    max_attention_weights: Annotated[int, typer.Option(help="Most attention weights in one answer: the maps of the lines past it are left out.")] = 250_000,
+    cors_origin: Annotated[list[str] | None, typer.Option(help="Let web pages of this origin call the API from a browser (repeatable; * for any).")] = None,
     beam: Annotated[int | None, typer.Option(help="Beam size; 1 is greedy search.")] = None,
     engine: Annotated[str, typer.Option(help="nmt, or ctranslate2 for a directory from nmt export.")] = "nmt",
     checkpoint: Annotated[str | None, typer.Option(help="Which weights of a checkpoint directory: best (default) or last.", show_default=False)] = None,
@@ -484,7 +486,8 @@ def serve(
         keys = frozenset(api_key or []) | (read_api_keys(api_keys_file) if api_keys_file else frozenset())
         settings = ServeSettings(host=host, port=port, api_keys=keys, max_chars=max_chars, max_line_chars=max_line_chars,
                                  max_lines=max_lines, max_alternatives=max_alternatives, timeout_s=timeout,
-                                 batch_wait_ms=batch_wait_ms, max_batch_lines=max_batch_lines)
+                                 batch_wait_ms=batch_wait_ms, max_batch_lines=max_batch_lines,
+                                 max_attention_weights=max_attention_weights, cors_origins=tuple(cors_origin or ()))
         run_server(model_dirs, settings, {"beam": beam}, checkpoint, device, int8, engine, echo=typer.echo)
 
 

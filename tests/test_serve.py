@@ -97,9 +97,12 @@ def test_alternatives_are_the_n_best_of_beam_search(client, models):
     decode = dataclasses.replace(translator.decode, nbest=3, beam=max(3, translator.decode.beam))
     expected = translator.translate([line], decode=decode).texts[0]
     response = client.post("/translate", json={"q": line, "source": "xx", "target": "yy", "alternatives": 2}).json()
-    assert [response["translatedText"], *response["alternatives"]] == expected
+    distinct = [text for k, text in enumerate(expected[1:]) if text != expected[0] and text not in expected[1 : k + 1]]
+    assert [response["translatedText"], *response["alternatives"]] == [expected[0], *distinct]
+    # An empty text has one translation, itself: no alternatives, as LibreTranslate drops those
+    # equal to the translation or to each other.
     listed = client.post("/translate", json={"q": [line, ""], "source": "xx", "target": "yy", "alternatives": 2}).json()
-    assert listed["alternatives"] == [expected[1:], ["", ""]]
+    assert listed["alternatives"] == [distinct, []]
 
 
 def test_models_are_picked_by_language_pair(client, models):
@@ -187,7 +190,7 @@ def test_limits_answer_413(models):
         _error(client.post("/translate", json={**request, "q": "w1 w2\n" * 8}), 413, "lines")
         _error(client.post("/translate", json={**request, "q": "w1 " * 8}), 413, "a line has 24 characters")
         _error(client.post("/translate", json={**request, "q": "w" * (limits.max_body_bytes + 1)}), 413, "bytes")
-        _error(client.post("/translator/translate", json=[{"src": "w1"}] * 4), 413, "lines")
+        _error(client.post("/translator/translate", json=[{"src": "w1"}] * 4), 413, "4 segments")
         assert client.post("/translate", json={**request, "q": "w1 w2\nw3"}).status_code == 200
         assert client.post("/translate", json={**request, "q": "w1\nw2\nw3"}).status_code == 200  # at the limit
         assert client.post("/translator/translate", json=[{"src": "w1"}] * 3).status_code == 200
@@ -588,3 +591,80 @@ def test_a_slice_of_a_batch_keeps_its_own_truncated_lines():
     assert _slice(result, 0, 2).truncated == [2]
     assert _slice(result, 2, 4).truncated == [2]
     assert _slice(result, 1, 3).truncated == [1]
+
+
+def test_attention_maps_stop_at_the_weight_limit(models):
+    """An answer holds the maps of its first lines up to --max-attention-weights in all; a long
+    text still gets its translation."""
+    lines = _lines(3, seed=13)
+    maps = models[0].translator.translate(lines, attention=AttentionChoice()).attention_maps
+    sizes = [m.weights.size for m in maps]
+    request = {"q": "\n".join(lines), "source": "xx", "target": "yy", "attention": True}
+    for limit, shown in ((sizes[0] + sizes[1], [1, 2]), (sizes[0] + sizes[1] - 1, [1]), (sizes[0] - 1, [])):
+        with TestClient(create_app(models, ServeSettings(max_attention_weights=limit))) as client:
+            answer = client.post("/translate", json=request).json()
+        assert [m["line"] for m in answer["attention"]] == shown
+        assert len(answer["translatedText"].split("\n")) == 3
+
+
+def test_a_line_past_the_models_longest_input_is_refused_not_cut(model_dirs):
+    """Translating its first pieces only would answer a part as if it were the whole."""
+    short = load_served_models(model_dirs[:1], {"max_input_tokens": 4}, device="cpu")
+    with TestClient(create_app(short)) as client:
+        request = {"source": "xx", "target": "yy"}
+        assert client.post("/translate", json={**request, "q": "w1 w2"}).status_code == 200
+        _error(client.post("/translate", json={**request, "q": "w1 w2\n" + "w3 " * 10}), 413, "line 2", "4 pieces")
+        _error(client.post("/translator/translate", json=[{"src": "w1"}, {"src": "w2 " * 10}]), 413, "segment 2")
+
+
+def test_auto_source_answers_the_language_it_took(models):
+    with TestClient(create_app(models[:1])) as client:
+        one = client.post("/translate", json={"q": "w1", "source": "auto", "target": "yy"}).json()
+        assert one["detectedLanguage"] == {"language": "xx", "confidence": 100.0}
+        listed = client.post("/translate", json={"q": ["w1", "w2"], "source": "auto", "target": "yy"}).json()
+        assert listed["detectedLanguage"] == [{"language": "xx", "confidence": 100.0}] * 2
+        assert "detectedLanguage" not in client.post("/translate", json={"q": "w1", "source": "xx", "target": "yy"}).json()
+
+
+def test_other_origins_are_let_in_only_when_named(models):
+    preflight = {"Origin": "https://example.org", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}
+    with TestClient(create_app(models)) as client:
+        assert "access-control-allow-origin" not in client.options("/translate", headers=preflight).headers
+    with TestClient(create_app(models, ServeSettings(cors_origins=("https://example.org",)))) as client:
+        assert client.options("/translate", headers=preflight).headers["access-control-allow-origin"] == "https://example.org"
+        answer = client.post("/translate", json={"q": "w1", "source": "xx", "target": "yy"}, headers={"Origin": "https://example.org"})
+        assert answer.headers["access-control-allow-origin"] == "https://example.org"
+        other = client.options("/translate", headers={**preflight, "Origin": "https://elsewhere.org"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_every_reference_of_the_openapi_schema_resolves(client):
+    schema = client.get("/openapi.json").json()
+
+    def references(node):
+        if isinstance(node, dict):
+            yield from ([node["$ref"]] if "$ref" in node else [])
+            for value in node.values():
+                yield from references(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from references(value)
+
+    found = list(references(schema))
+    assert found
+    for ref in found:
+        target = schema
+        for part in ref.removeprefix("#/").split("/"):
+            target = target[part]  # a KeyError names the reference that points nowhere
+    body = schema["paths"]["/translator/translate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["items"]["properties"]["src"]["type"] == "string"
+
+
+def test_opennmt_extras_health_head_and_model_names(client, models):
+    assert client.get("/translator/health").json()["status"] == "ok"
+    assert client.head("/").status_code == 200
+    assert [m["name"] for m in client.get("/translator/models").json()] == ["xx-yy", "zz-yy"]  # no server path
+    huge = b'{"q": "w1", "source": "xx", "target": "yy", "alternatives": ' + b"9" * 5000 + b"}"
+    message = _error(client.post("/translate", content=huge, headers={"content-type": "application/json"}), 400, "5000 digits")
+    assert "sys." not in message

@@ -3,6 +3,7 @@ speak, with a web page to try them (`nmt.serve.api`)."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -59,6 +60,8 @@ def serve(model_dirs: Sequence[Path], settings: ServeSettings, decode_options: d
     echo(f"serving at http://{shown}:{port}/ (LibreTranslate API: POST /translate; OpenNMT-py API: "
          f"POST /translator/translate); Ctrl-C stops")
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    # The form parser warns of each malformed multipart body: a client's error, answered with a 400.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn stops gracefully, then raises the Ctrl-C again for the caller

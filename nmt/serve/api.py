@@ -20,10 +20,13 @@ from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import parse_qs
 
+import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -51,11 +54,15 @@ class ServeSettings:
     timeout_s: float = 30.0  # a request not translated by then answers 503
     batch_wait_ms: float = 5.0  # how long the worker waits for more requests to batch with
     max_batch_lines: int = 256
+    # Weights of the attention maps of one answer: the maps of the lines past it are left out,
+    # as an answer of tens of megabytes would hold every other request up.
+    max_attention_weights: int = 250_000
+    cors_origins: tuple[str, ...] = ()  # web pages of other origins that may call the API ("*": any)
 
     def __post_init__(self):
         if any(not key.strip() for key in self.api_keys):
             raise ConfigError("an API key must not be empty")
-        counts = (self.max_chars, self.max_line_chars, self.max_lines, self.max_batch_lines)
+        counts = (self.max_chars, self.max_line_chars, self.max_lines, self.max_batch_lines, self.max_attention_weights)
         # NaN passes no comparison and would be taken; a wait past TIMEOUT_MAX stops the worker.
         longest = f"{threading.TIMEOUT_MAX:.0f} s"
         if min(counts) < 1 or not 0 < self.timeout_s <= threading.TIMEOUT_MAX:
@@ -122,9 +129,15 @@ class AttentionLine(BaseModel):
     weights: list[list[float]]  # one row per output piece over the source pieces
 
 
+class DetectedLanguage(BaseModel):
+    language: str
+    confidence: float  # 0 to 100, as LibreTranslate's
+
+
 class TranslateResponse(BaseModel):
     translatedText: str | list[str]  # noqa: N815 - LibreTranslate's name
     alternatives: list[str] | list[list[str]] | None = None
+    detectedLanguage: DetectedLanguage | list[DetectedLanguage] | None = None  # noqa: N815 - with source "auto"
     attention: list[AttentionLine] | None = None
     attentionDescription: str | None = None  # noqa: N815
 
@@ -156,7 +169,21 @@ _SEGMENTS = TypeAdapter(list[OpenNMTSegment])
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 403, 413, 422, 503)}
 
 
+def _inlined(schema, defs: dict | None = None):
+    """`schema` with each `{"$ref": "#/$defs/Name"}` replaced by the definition: pydantic's
+    standalone schema refers to its own `$defs`, which the OpenAPI document does not have."""
+    defs = schema.get("$defs", {}) if defs is None else defs
+    if isinstance(schema, dict):
+        if "$ref" in schema:
+            return _inlined(defs[schema["$ref"].rsplit("/", 1)[-1]], defs)
+        return {k: _inlined(v, defs) for k, v in schema.items() if k != "$defs"}
+    if isinstance(schema, list):
+        return [_inlined(v, defs) for v in schema]
+    return schema
+
+
 def _json_body(schema: dict, form: bool) -> dict:
+    schema = _inlined(schema)
     content = {"application/json": {"schema": schema}}
     if form:
         content["application/x-www-form-urlencoded"] = {"schema": schema}
@@ -180,6 +207,9 @@ def create_app(models: Sequence[ServedModel], settings: ServeSettings = ServeSet
     app = FastAPI(title="nmt", summary="Neural machine translation", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.worker = worker
     _add_error_handlers(app)
+    if settings.cors_origins:  # off unless asked for: any page a user visits could use a local server
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"])
 
     async def run(work: Work, lines: list[str], request: Request) -> Translations:
         future = worker.submit(work, lines)
@@ -191,11 +221,12 @@ def create_app(models: Sequence[ServedModel], settings: ServeSettings = ServeSet
         except NmtError as e:
             raise RequestError(400, str(e)) from None
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(resources.files("nmt.serve").joinpath("static/index.html").read_text(encoding="utf-8"))
 
     @app.get("/health")
+    @app.get("/translator/health", include_in_schema=False)  # OpenNMT-py's
     async def health() -> dict:
         return {
             "status": "ok",
@@ -221,7 +252,9 @@ def create_app(models: Sequence[ServedModel], settings: ServeSettings = ServeSet
 
     @app.get("/translator/models")
     async def opennmt_models() -> list[dict]:
-        return [{"model_id": i, "source": m.source, "target": m.target, "name": m.name} for i, m in enumerate(models)]
+        # The folder's name only: the path on the server is no client's business.
+        return [{"model_id": i, "source": m.source, "target": m.target, "name": Path(m.name).name}
+                for i, m in enumerate(models)]
 
     @app.post("/translator/translate", response_model=list[list[OpenNMTResult]], responses=_ERRORS,
               openapi_extra=_json_body(_SEGMENTS.json_schema(), form=False))
@@ -306,9 +339,15 @@ async def _read_body(request: Request, settings: ServeSettings) -> bytes:
     return bytes(body)
 
 
+def _json_int(digits: str) -> int:
+    if len(digits) > 1000:  # Python refuses past 4,300 digits with advice for programmers
+        raise ValueError(f"a number of {len(digits)} digits")
+    return int(digits)
+
+
 def _parse_json(body: bytes):
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_int=_json_int)
     except ValueError as e:  # also invalid UTF-8
         raise RequestError(400, f"the body is not valid JSON ({e})") from None
     except RecursionError:
@@ -402,13 +441,13 @@ def _pick_model(pairs: dict[tuple[str, str], ServedModel], source: str, target: 
     return pairs[wanted]
 
 
-def _check_text(texts: list[str], settings: ServeSettings) -> list[list[str]]:
+def _check_text(texts: list[str], settings: ServeSettings, unit: str = "lines") -> list[list[str]]:
     """Each text's lines, within the limits (413)."""
     lines = [text_lines(text) for text in texts]
     count = sum(len(text) for text in lines)
     chars = sum(len(text) for text in texts)
     if count > settings.max_lines:
-        raise RequestError(413, f"the request has {count} lines; the limit is {settings.max_lines}")
+        raise RequestError(413, f"the request has {count} {unit}; the limit is {settings.max_lines}")
     if chars > settings.max_chars:
         raise RequestError(413, f"the request has {chars} characters; the limit is {settings.max_chars}")
     longest = max((len(line) for text in lines for line in text), default=0)
@@ -429,26 +468,53 @@ async def _translate_libre(body: TranslateRequest, model: ServedModel, settings:
     texts = [body.q] if isinstance(body.q, str) else body.q
     lines = _check_text(texts, settings)
     result = await run(Work(model.translator, 1 + body.alternatives, body.attention), [x for text in lines for x in text])
+    _check_whole(result, model.translator, result.truncated, "line")
     best, others, start = [], [], 0
     for text in lines:
         wanted = 1 + body.alternatives  # a line can have fewer (an empty line has one): repeat its best
         nbest = [found + [found[0]] * (wanted - len(found)) for found in result.texts[start : start + len(text)]]
         best.append("\n".join(line[0] for line in nbest))
-        others.append(["\n".join(line[k] for line in nbest) for k in range(1, 1 + body.alternatives)])
+        others.append(_distinct(["\n".join(line[k] for line in nbest) for k in range(1, wanted)], best[-1]))
         start += len(text)
     one = isinstance(body.q, str)
     response = TranslateResponse(translatedText=best[0] if one else best)
     if body.alternatives:
         response.alternatives = others[0] if one else others
+    if _code(body.source) == "auto":  # the only source language served for the target: no identification
+        detected = DetectedLanguage(language=model.source, confidence=100.0)
+        response.detectedLanguage = detected if one else [detected] * len(texts)
     if body.attention:
-        response.attention = [_attention_line(m) for m in result.attention_maps or [] if m is not None]
+        response.attention = _attention_lines(result.attention_maps or [], settings.max_attention_weights)
         response.attentionDescription = model.translator.describe_attention(AttentionChoice())
     return response
 
 
-def _attention_line(amap: AttentionMap) -> AttentionLine:
-    weights = [[round(float(w), 4) for w in row] for row in amap.weights]
-    return AttentionLine(line=amap.line, source=amap.source, output=amap.output, weights=weights)
+def _check_whole(result: Translations, translator: TextTranslator, cut: list[int], unit: str) -> None:
+    """A text past the model's longest input is refused (413), not translated in part."""
+    if cut:
+        raise RequestError(413, f"{unit} {cut[0]} has more than {translator.decode.max_input_tokens} pieces, the most "
+                                "the model takes: split it")
+
+
+def _distinct(alternatives: list[str], best: str) -> list[str]:
+    """The alternatives that differ from the best translation and from each other, in order, as
+    LibreTranslate gives them (a short n-best list gives fewer)."""
+    return [text for k, text in enumerate(alternatives) if text != best and text not in alternatives[:k]]
+
+
+def _attention_lines(maps: list[AttentionMap | None], max_weights: int) -> list[AttentionLine]:
+    """The maps of the lines, in order, up to `max_weights` weights in all (the lines past it
+    have none)."""
+    lines, total = [], 0
+    for amap in maps:
+        if amap is None:  # an empty line
+            continue
+        total += amap.weights.size
+        if total > max_weights:
+            break
+        weights = np.round(np.asarray(amap.weights, dtype=np.float64), 4).tolist()
+        lines.append(AttentionLine(line=amap.line, source=amap.source, output=amap.output, weights=weights))
+    return lines
 
 
 async def _translate_opennmt(segments: list[OpenNMTSegment], models: Sequence[ServedModel], settings: ServeSettings,
@@ -456,7 +522,7 @@ async def _translate_opennmt(segments: list[OpenNMTSegment], models: Sequence[Se
     """Each segment is one sentence (a line break in it is a space), translated by the model
     its `id` names; the results in the order of the segments, n_best of each."""
     sentences = [" ".join(text_lines(s.src)) for s in segments]
-    _check_text(sentences, settings)
+    _check_text(sentences, settings, unit="segments")
     by_model: dict[int, list[int]] = {}
     for i, segment in enumerate(segments):
         number = 0 if segment.id is None else segment.id
@@ -468,6 +534,7 @@ async def _translate_opennmt(segments: list[OpenNMTSegment], models: Sequence[Se
         translator = models[number].translator
         nbest = translator.decode.nbest
         result = await run(Work(translator, nbest, False), [sentences[i] for i in indices])
+        _check_whole(result, translator, [indices[n - 1] + 1 for n in result.truncated], "segment")
         for i, hyps, texts in zip(indices, result.hypotheses, result.texts):
             scores = [h.score for h in hyps] or [0.0]
             results[i] = [OpenNMTResult(src=segments[i].src, tgt=t, n_best=nbest, pred_score=s) for t, s in zip(texts, scores)]
