@@ -62,6 +62,9 @@ def user_errors():
     except NmtError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
+    except OSError as e:  # a full disk, a name too long: where no more particular message was given
+        typer.echo(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), err=True)
+        raise typer.Exit(1) from None
 
 
 # The options of `nmt prepare` that monolingual text (--mono) uses; the others are a parallel corpus's.
@@ -141,6 +144,11 @@ def prepare(
             ), progress=progress)
             _print_mono_summary(out, manifest)
             return
+        for option, value, needed, given in (("--mono-langs", mono_langs, "--mono", mono), ("--tsv-langs", tsv_langs, "--tsv", tsv),
+                                             ("--hf-config", hf_config, "--hf", hf), ("--hf-revision", hf_revision, "--hf", hf),
+                                             ("--data-dir", data_dir, "--corpus", corpus)):
+            if value and not given:
+                raise NmtError(f"{option} goes with {needed}")
         column_langs = [tuple(x.strip() for x in item.split(",")) for item in tsv_langs or []]
         if any(len(langs) < 2 for langs in column_langs):
             raise NmtError("--tsv-langs needs one language per column, e.g. en,es")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import gzip
 import io
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nmt.errors import DataError
@@ -67,10 +68,11 @@ def replace_dir(new: Path, target: Path) -> None:
 
 
 def check_replaceable(target: Path, overwrite: bool, marker: str, kind: str, error: type[Exception] = OSError,
-                      holds_folders: bool = False) -> None:
+                      holds_folders: bool = False, recognise: Callable[[Path], bool] | None = None) -> None:
     """Refuse a `target` for `replace_dir` unless it is new, empty, or with `overwrite` an earlier
-    `kind` (one holding `marker`): a folder of the user's is never replaced, nor is a folder put
-    inside an earlier `kind` that holds none of its own (a model written into a data dir)."""
+    `kind` (one holding `marker`, which `recognise(marker_path)` reads as its own where a file of
+    that name may be another program's): a folder of the user's is never replaced, nor is a
+    folder put inside an earlier `kind` that holds none of its own (a model written into a data dir)."""
     if target.exists() and not target.is_dir():
         raise error(f"{target} is a file")
     if not target.is_dir() or not any(target.iterdir()):
@@ -79,6 +81,8 @@ def check_replaceable(target: Path, overwrite: bool, marker: str, kind: str, err
         raise error(f"{target} already exists and is not empty; pass --overwrite to replace it")
     if not (target / marker).is_file():
         raise error(f"{target} is not {kind} (no {marker}); --overwrite replaces only {kind}")
+    if recognise is not None and not recognise(target / marker):
+        raise error(f"{target} is not {kind} (its {marker} is not one nmt wrote); --overwrite replaces only {kind}")
     added = [p.name for p in target.iterdir() if p.is_dir() and not p.name.startswith(".")] if not holds_folders else []
     if added:
         raise error(f"{target} holds the folder {sorted(added)[0]}, which {kind} does not: --overwrite would delete it; "
@@ -108,7 +112,7 @@ def complete_dir(target: Path) -> Path | None:
     if target.is_dir():
         return target
     aside = []
-    for path in target.parent.glob(f".{target.name}.old-*"):
+    for path in target.parent.glob(f".{glob.escape(target.name)}.old-*"):
         with contextlib.suppress(FileNotFoundError):  # the writer may remove it meanwhile
             aside.append((path.stat().st_mtime, path))
     return max(aside)[1] if aside else None
@@ -121,7 +125,7 @@ def recover_dir(target: Path) -> None:
     if found is not None and found != target:
         os.replace(found, target)
         fsync_dir(target.parent)
-    for pattern in (f".{target.name}.old-*", f".{target.name}.tmp-*"):
+    for pattern in (f".{glob.escape(target.name)}.old-*", f".{glob.escape(target.name)}.tmp-*"):
         for leftover in target.parent.glob(pattern):
             shutil.rmtree(leftover, ignore_errors=True)
 

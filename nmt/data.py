@@ -3,8 +3,10 @@ of a data dir. Imports no torch: prepare runs without it."""
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
+import math
 import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -143,11 +145,11 @@ def load_hf_corpus(
     """
     import datasets  # slow to import; only prepare needs it
 
-    datasets.logging.set_verbosity_error()
+    # Its readers log a file they cannot read before raising: the error says it, in one line.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     datasets.disable_progress_bars()
     kwargs = {k: v for k, v in (("revision", revision), ("data_dir", data_dir)) if v}
-    if _csv_folder(Path(name)):  # "NA", "null", "nan" are sentences here
-        kwargs.update(keep_default_na=False, na_filter=False)
+    kwargs.update(_csv_options(Path(name)))
     try:
         try:
             loaded = datasets.load_dataset(name, config, **kwargs)
@@ -197,12 +199,24 @@ def _hf_rows(table, src_lang: str, tgt_lang: str, where: str) -> Iterator[tuple[
                 yield _text(src, where), _text(tgt, where)
 
 
-def _csv_folder(path: Path) -> bool:
-    """A local folder whose data files are CSV (the builder `datasets` then uses)."""
+DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".arrow")
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
+
+
+def _csv_options(path: Path) -> dict:
+    """How `datasets` is to read a local folder of CSV or TSV files (compressed or not): "NA",
+    "null" and "nan" are sentences there, not missing values, and a TSV field is taken as it is
+    (a quote in a sentence is no CSV quoting; tab-separated corpora are written without any)."""
     if not path.is_dir():
-        return False
-    suffixes = {p.suffix for p in path.rglob("*") if p.suffix in (".csv", ".json", ".jsonl", ".parquet", ".arrow")}
-    return suffixes == {".csv"}
+        return {}
+    kinds = set()
+    for file in path.rglob("*"):
+        suffixes = file.suffixes[-2:] if file.suffix in COMPRESSED else file.suffixes[-1:]
+        if suffixes and suffixes[0] in DATA_SUFFIXES:
+            kinds.add(suffixes[0])
+    if not kinds or not kinds <= {".csv", ".tsv"}:
+        return {}
+    return {"keep_default_na": False, "na_filter": False, **({"quoting": csv.QUOTE_NONE} if kinds == {".tsv"} else {})}
 
 
 def _text(value, where: str) -> str:
@@ -230,6 +244,12 @@ class CleanConfig:
     max_words: int = 250  # pairs with a longer side, or one of over 20 × max_words characters, are dropped
     max_ratio: float = 3.0  # pairs whose longer side has more than this × the length of the other
     dedup: bool = True
+
+    def __post_init__(self):
+        # NaN would pass every pair (no comparison holds) and make manifest.json no strict JSON.
+        if not (self.max_words >= 1 and 1 <= self.max_ratio < math.inf):
+            raise DataError(f"--max-words must be at least 1 and --max-ratio a number of at least 1 "
+                            f"(got {self.max_words} and {self.max_ratio})")
 
 
 @dataclass

@@ -179,12 +179,15 @@ def evaluate_directions(
     manifest = Manifest.read(data_dir)
     if split not in ("valid", "test"):
         raise DataError(f"--split must be valid or test (got {split!r})")
-    known = manifest.eval_directions() if manifest.multilingual else [f"{manifest.src_lang}-{manifest.tgt_lang}"]
+    # A bilingual data dir's languages may hold a hyphen (zh-TW): its one direction is not split.
+    languages_of = ({d: direction_languages(d) for d in manifest.eval_directions()} if manifest.multilingual
+                    else {f"{manifest.src_lang}-{manifest.tgt_lang}": (manifest.src_lang, manifest.tgt_lang)})
+    known = list(languages_of)
     unknown = [d for d in directions or [] if d not in known]
     if unknown:
         raise DataError(f"{data_dir} has no {split} set for {', '.join(unknown)} (it has {', '.join(known)})")
     if pivot is not None:  # the directions that go through the pivot: by default, those without it
-        through = [d for d in directions or known if pivot not in direction_languages(d)]
+        through = [d for d in directions or known if pivot not in languages_of[d]]
         if directions and len(through) < len(directions) or not through:
             raise DataError(f"--pivot {pivot}: choose --directions without {pivot} "
                             f"({', '.join(through) if through else 'this data dir has none'})")
@@ -199,7 +202,7 @@ def evaluate_directions(
     results = []
     with tempfile.TemporaryDirectory(prefix="nmt-eval-") as tmp:
         for direction in directions or known:
-            src_lang, tgt_lang = direction_languages(direction)
+            src_lang, tgt_lang = languages_of[direction]
             src_path, ref_path = split_files(data_dir, split, direction, manifest)
             hyp_path = Path(hyp_dir or tmp) / f"{split}.{direction}.hyp"
             choice = LanguageChoice(tgt_lang, src_lang)  # a model for other languages stops here

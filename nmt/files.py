@@ -215,6 +215,16 @@ class Manifest(_VocabularyRecord):
         """The directions with valid and test sets: trained, then zero-shot."""
         return self.directions + self.zero_shot
 
+    @staticmethod
+    def written_by_nmt(path: Path) -> bool:
+        """Whether `path` (a manifest.json, a name other programs use too) is a JSON object with
+        the fields every version of prepare wrote (a web extension's manifest.json does not)."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return False
+        return isinstance(data, dict) and {"src_lang", "tgt_lang", "vocab", "counts"} <= data.keys()
+
     @classmethod
     def read(cls, data_dir: Path) -> Manifest:
         path = Path(data_dir) / cls.NAME

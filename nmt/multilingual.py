@@ -40,6 +40,7 @@ from nmt.prepare import (
     encode_training_pairs,
     given_sentencepiece,
     input_paths,
+    prefix_files,
     sentencepiece_coverage,
     vocabulary_record,
     worker_count_for,
@@ -190,7 +191,9 @@ def prepare_multilingual(config: MultilingualConfig, progress: bool = False) -> 
     base = config.prepare
     if base.spm_model is not None:
         base.spm_model = given_sentencepiece(Path(base.spm_model))
-    inputs = [*input_paths(base), *map(Path, [*config.tsvs, *config.trains, *config.valids, *config.tests])]
+    languages = {lang for d in config.directions + config.zero_shot for lang in direction_languages(d)}
+    inputs = [*input_paths(base), *map(Path, config.tsvs),
+              *prefix_files([*config.trains, *config.valids, *config.tests], sorted(languages))]
     return build_data_dir(Path(base.out_dir), base.overwrite, lambda tmp: _build(tmp, config, progress), started, inputs)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import itertools
 import os
 import shutil
@@ -123,10 +124,16 @@ def check_split_settings(config: PrepareConfig) -> None:
 
 
 def input_paths(config: PrepareConfig) -> list[Path]:
-    """The files and folders prepare reads (file prefixes stand for their files)."""
-    given = (config.train_prefix, config.valid_prefix, config.test_prefix, config.tsv, config.corpus_dir,
-             config.hf_name if config.hf_name and Path(config.hf_name).exists() else None)
-    return [Path(p) for p in given if p]
+    """The files and folders prepare reads."""
+    prefixes = (config.train_prefix, config.valid_prefix, config.test_prefix)
+    given = (config.tsv, config.corpus_dir, config.hf_name if config.hf_name and Path(config.hf_name).exists() else None)
+    return [*prefix_files(prefixes, (config.src_lang, config.tgt_lang)), *(Path(p) for p in given if p)]
+
+
+def prefix_files(prefixes: Iterable[str | None], langs: Iterable[str]) -> list[Path]:
+    """The files `PREFIX.LANG` that file prefixes stand for (a folder named PREFIX beside them is
+    no input)."""
+    return [Path(f"{prefix}.{lang}") for prefix in prefixes if prefix for lang in langs]
 
 
 def build_data_dir(out_dir: Path, overwrite: bool, build: Callable[[Path], Manifest], started: float,
@@ -158,7 +165,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool, inputs: Sequence[Path]) -> No
         if out in given.resolve().parents or (given.is_dir() and given.resolve() == out):
             raise DataError(f"{given} is inside the output directory {out_dir}, which prepare replaces: "
                             "move it or name another --out")
-    check_replaceable(out_dir, overwrite, Manifest.NAME, "a data dir", DataError)
+    check_replaceable(out_dir, overwrite, Manifest.NAME, "a data dir", DataError, recognise=Manifest.written_by_nmt)
 
 
 class Stages:
@@ -537,7 +544,7 @@ def _tidy_leftovers(out_dir: Path) -> None:
     aside to replace is put back."""
     if not out_dir.parent.is_dir():
         return
-    for pattern in (f".{out_dir.name}.tmp-*", f".{out_dir.name}.old-*"):
+    for pattern in (f".{glob.escape(out_dir.name)}.tmp-*", f".{glob.escape(out_dir.name)}.old-*"):
         for stale in out_dir.parent.glob(pattern):
             pid = stale.name.rpartition("-")[2]
             if not pid.isdigit() or _process_exists(int(pid)):

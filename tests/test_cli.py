@@ -1,10 +1,14 @@
+import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
 from conftest import TINY_TRANSFORMER, prepare_toy_data, set_options, toy_pairs, write_pairs
 from nmt_cli.main import app
 from typer.testing import CliRunner
+
+from nmt.files import Manifest, VocabInfo
 
 runner = CliRunner()
 
@@ -110,6 +114,14 @@ def test_bad_inputs_give_one_line_errors(trained, tmp_path):
     (tmp_path / "e.b").write_text("x\n\n")
     one_line_error(invoke("prepare", "--train", tmp_path / "e", "--src", "a", "--tgt", "b", "--out", tmp_path / "x"),
                    "no sentence pairs left after cleaning")
+    assert not (tmp_path / "x").exists()
+    corpus = ["--train", trained / "c" / "train", "--src", "xx", "--tgt", "yy", "--out", tmp_path / "x"]
+    for option, value, needed in (("--tsv-langs", "yy,xx", "--tsv"), ("--mono-langs", "xx", "--mono"),
+                                  ("--hf-config", "xx-yy", "--hf"), ("--hf-revision", "main", "--hf"),
+                                  ("--data-dir", tmp_path, "--corpus")):
+        one_line_error(invoke("prepare", *corpus, option, value), f"{option} goes with {needed}")
+    for option, value in (("--max-ratio", "nan"), ("--max-ratio", "0.5"), ("--max-ratio", "inf"), ("--max-words", "0")):
+        one_line_error(invoke("prepare", *corpus, option, value), "--max-ratio a number of at least 1")
     assert not (tmp_path / "x").exists()
     (tmp_path / "bad.yaml").write_text("model:\n  n_layers: 3\n")
     one_line_error(invoke("train", tmp_path / "bad.yaml", "--data", trained / "data", "--out", tmp_path / "m"),
@@ -253,3 +265,24 @@ def test_chrf_and_ter_are_sacrebleus_defaults():
     default_ter = TER()
     assert ter.score == pytest.approx(default_ter.corpus_score(hypotheses, [references]).score)
     assert ter.signature == str(default_ter.get_signature()) and "case:lc|tok:tercom|norm:no|punct:yes" in ter.signature
+
+
+def test_evaluate_data_takes_a_language_code_with_a_hyphen(trained, tmp_path):
+    """prepare takes codes such as zh-TW for a bilingual data dir; its one direction is not split
+    at each hyphen."""
+    data, model = tmp_path / "data", tmp_path / "model"
+    shutil.copytree(trained / "data", data)
+    shutil.copytree(trained / "model", model)
+    dataclasses.replace(Manifest.read(data), src_lang="xx-XA").write(data)
+    dataclasses.replace(VocabInfo.read(model), src_lang="xx-XA").write(model)
+    result = invoke("evaluate", "--data", data, "--model", model, "--json", "--metrics", "bleu")
+    assert result.exit_code == 0, result.output
+    assert [d["direction"] for d in json.loads(result.stdout)["directions"]] == ["xx-XA-yy"]
+
+
+def test_an_os_error_is_one_line(trained, tmp_path):
+    """A name longer than the file system takes, a full disk: one line, not a traceback."""
+    long_name = tmp_path / ("x" * 300)
+    result = invoke("prepare", "--train", trained / "c" / "train", "--src", "xx", "--tgt", "yy", "--vocab-size", "50",
+                    "--out", long_name)
+    one_line_error(result, "name too long")

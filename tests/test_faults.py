@@ -682,3 +682,18 @@ def test_only_skipped_updates_in_a_row_stop_training(data_dir, tmp_path, monkeyp
     monkeypatch.setattr(translation_task, "token_loss", every_other_loss_nan)
     result = train(_config(data_dir, tmp_path / "run", max_steps=8, max_skipped_updates=2), progress=False, log=lambda m: None)
     assert result.stop_reason == "max_steps" and result.steps == 8
+
+
+def test_leftovers_are_found_by_the_folder_name_taken_literally(tmp_path):
+    """A name with glob characters (run[1]) never reaches another folder's moved-aside copy (run1's)."""
+    from nmt.atomic import recover_dir
+    from nmt.prepare import _tidy_leftovers
+
+    aside = tmp_path / ".run1.old-999999"  # run1's previous version, moved aside by a killed replace
+    aside.mkdir()
+    (aside / "weights").write_text("kept")
+    recover_dir(tmp_path / "run[1]")
+    _tidy_leftovers(tmp_path / "run[1]")
+    assert (aside / "weights").read_text() == "kept" and not (tmp_path / "run[1]").exists()
+    recover_dir(tmp_path / "run1")  # its own folder's is put back
+    assert (tmp_path / "run1" / "weights").read_text() == "kept"

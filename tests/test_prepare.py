@@ -98,6 +98,17 @@ def test_local_files_keep_words_csv_reads_as_missing_and_bad_files_are_one_line(
         rows = [*words, *toy_pairs(count, seed=seed)]
         (folder / f"{split}.csv").write_text("xx,yy\n" + "".join(f"{s},{t}\n" for s, t in rows), encoding="utf-8")
     assert load_hf_corpus(str(folder), None, "xx", "yy")["test"][:2] == words
+    # TSV and compressed files too; a quote in a TSV field is part of the sentence
+    quoted = [('"Hallo Welt', "NA"), ('"x" y', 'a "b"'), ("null", "c")]
+    for suffix, separator in ((".tsv", "\t"), (".tsv.gz", "\t"), (".csv.gz", ",")):
+        other = tmp_path / f"copy{suffix}"
+        other.mkdir()
+        rows = quoted if separator == "\t" else words
+        text = f"xx{separator}yy\n" + "".join(f"{s}{separator}{t}\n" for s, t in [*rows, *toy_pairs(20, seed=1)])
+        write = gzip.open if suffix.endswith(".gz") else open
+        with write(other / f"train{suffix}", "wt", encoding="utf-8") as f:
+            f.write(text)
+        assert list(load_hf_corpus(str(other), None, "xx", "yy")["train"]) == [*rows, *toy_pairs(20, seed=1)], suffix
     jsonl = tmp_path / "jsonl_copy"  # a CSV of notes beside JSON lines does not make it a CSV dataset
     (jsonl / "stats").mkdir(parents=True)
     (jsonl / "stats" / "lengths.csv").write_text("a,b\n1,2\n")
@@ -175,6 +186,20 @@ def test_overwrite_replaces_only_a_data_dir(toy_corpus, tmp_path, monkeypatch):
             prepare(_config(out, **config))
     prepare(_config(tmp_path / "data", **config))
     prepare(_config(tmp_path / "data", **config))  # a data dir is replaced
+    # A manifest.json of another program's (a web extension's) makes no data dir
+    extension = tmp_path / "extension"
+    extension.mkdir()
+    (extension / "manifest.json").write_text('{"manifest_version": 3}')
+    (extension / "background.js").write_text("mine")
+    with pytest.raises(DataError, match="not a data dir"):
+        prepare(_config(extension, **config))
+    assert (extension / "background.js").read_text() == "mine"
+    # Files PREFIX.LANG beside a folder PREFIX: the folder is the output, the files the input
+    beside = tmp_path / "beside"
+    for side in ("xx", "yy"):
+        (tmp_path / f"beside.{side}").write_bytes((toy_corpus / f"train.{side}").read_bytes())
+    prepare(_config(beside, **{**config, "train_prefix": str(beside)}))
+    prepare(_config(beside, **{**config, "train_prefix": str(beside)}))
 
 
 def test_held_out_pairs_leave_train_with_every_copy_when_duplicates_are_kept(tmp_path):
