@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from nmt.atomic import nested, replace_dir
+from nmt.atomic import followed_link, nested, replace_dir
 from nmt.checkpoint import (
     UpdateCheckpoint,
     copy_model_description,
@@ -111,7 +111,7 @@ def _check_last_validations(model_dir: Path, chosen: list[UpdateCheckpoint], las
 def average_checkpoints(model_dir: Path, out_dir: Path, last: int = 0, best: int = 0) -> list[UpdateCheckpoint]:
     """Write `out_dir`: a model directory like `model_dir` (config, vocabulary, SentencePiece
     models) whose best/ holds the mean of the chosen checkpoints. Returns the checkpoints."""
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model_dir, out_dir = Path(model_dir), followed_link(Path(out_dir))  # a link is written through, as export's
     if not model_dir.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {model_dir}")
     if nested(out_dir, model_dir):  # training would replace it, or it the model

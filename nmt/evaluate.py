@@ -72,7 +72,7 @@ def score_texts(
     scores = []
     tokenize = tokenize or bleu_tokenizer(lang, references)
     for name in metrics:
-        metric = _bleu(tokenize) if name == "bleu" else CHRF() if name == "chrf" else TER()
+        metric = _bleu(tokenize) if name == "bleu" else CHRF() if name == "chrf" else _ter(tokenize)
         result = metric.corpus_score(hypotheses, [references])
         scores.append(Score(name, float(result.score), str(metric.get_signature()), str(result)))
     return scores
@@ -89,6 +89,14 @@ def check_scoring(metrics, tokenize: str | None) -> None:
         raise DataError(f"unknown BLEU tokenizer {tokenize!r} (choose from {', '.join(BLEU.TOKENIZERS)})")
     if tokenize is not None and "bleu" in metrics:
         _bleu(tokenize)  # loaded now: one that cannot be (MeCab missing, offline) fails before translating
+
+
+def _ter(bleu_tokenize: str) -> TER:
+    """TER splits Chinese and Japanese text into characters where BLEU segments it (sacreBLEU's
+    asian_support, which works on normalized text): otherwise an unsegmented line is one word,
+    and TER only tells whether a line matches its reference exactly."""
+    segmented = bleu_tokenize in ("zh", "ja-mecab")
+    return TER(normalized=segmented, asian_support=segmented)
 
 
 def _bleu(tokenize: str) -> BLEU:

@@ -109,6 +109,7 @@ def export_model(
         model=dataclasses.asdict(config.model),
         quantization=quantization,
         checkpoint=str(weights),
+        checkpoint_asked=checkpoint,
         step=CheckpointInfo.read(weights).state.step,
         max_positions=positions,
         attention=describe_attention(config.model, AttentionChoice()),
@@ -295,6 +296,12 @@ def _set_special_tokens(config, tokenizer: Tokenizer) -> None:
 # Translating with an export
 
 
+def _one_choice(decode: DecodeConfig) -> bool:
+    """Sampling from the most probable token alone: CTranslate2 runs it as greedy search, which
+    gives one hypothesis, so the n samples asked for are that one n times (as nmt's sampling gives)."""
+    return decode.sampling and decode.topk == 1
+
+
 @dataclass
 class CTranslate2Translator:
     """`nmt.translate.TextTranslator` on an export directory: the input is normalized, cleaned,
@@ -409,6 +416,8 @@ class CTranslate2Translator:
                 # limit), CTranslate2 pads the list with ones of score -inf / length: not outputs.
                 found = [k for k in range(len(result.hypotheses)) if k == 0 or result.scores[k] > IMPOSSIBLE_SCORE]
                 results[i] = [self._hypothesis(result, k, attention, greedy_penalty) for k in found]
+        if _one_choice(decode):  # every sample is the same
+            results = [found * decode.nbest if len(found) == 1 else found for found in results]
         return results
 
     def _score(self, sources: list[list[int]], targets: list[list[int]], decode: DecodeConfig) -> list[Hypothesis]:
@@ -428,7 +437,7 @@ class CTranslate2Translator:
         greedy = decode.sampling or decode.beam == 1
         return dict(
             **self._batching(decode), asynchronous=True,
-            beam_size=1 if decode.sampling else decode.beam, num_hypotheses=decode.nbest,
+            beam_size=1 if decode.sampling else decode.beam, num_hypotheses=1 if _one_choice(decode) else decode.nbest,
             # CTranslate2 normalizes beam search scores; greedy ones are divided in _search, sampling's stay log-probs
             length_penalty=0.0 if greedy else decode.len_penalty,
             no_repeat_ngram_size=decode.no_repeat_ngram,
@@ -548,7 +557,7 @@ def load_ctranslate2_translator(export_dir: Path, decode_options: dict | None = 
     export_dir = Path(export_dir)
     record = ExportRecord.read(export_dir)
     exported = Path(record.checkpoint).name
-    if checkpoint is not None and checkpoint != exported:
+    if checkpoint is not None and checkpoint not in (exported, record.checkpoint_asked):
         raise ConfigError(f"{export_dir} holds the weights of {exported}/ only (not {checkpoint}): "
                           f"export the checkpoint directory with --checkpoint {checkpoint}")
     if not record.directions:

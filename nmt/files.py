@@ -378,6 +378,8 @@ class ExportRecord:
     directions: list[str] = field(default_factory=list)  # a multilingual model's (its vocab.json is copied too)
     int8_weight_range: int = 127  # the largest |weight| of int8 weights (exports before 7-bit ones: 127)
     sentencepiece_sha256: dict = field(default_factory=dict)  # as `sentencepiece` (earlier exports: none)
+    # The --checkpoint asked for: "best" of a run stopped before its first validation exports last/.
+    checkpoint_asked: str = ""
     format_version: int = EXPORT_FORMAT_VERSION
     nmt_version: str = __version__
 

@@ -259,6 +259,9 @@ def test_sampling_is_seeded_and_nbest_is_sorted(models):
         assert load_ctranslate2_translator(export_dir, decode, "cpu", threads=2).translator.num_translators == workers
     with pytest.raises(ConfigError, match="only with sampling"):
         _ct2(export_dir, {"topk": 3})
+    # topk 1: every sample is the greedy translation, n times, as nmt's own sampling gives
+    greedy = _ct2(export_dir, {"beam": 1}).translate(lines).texts
+    assert _ct2(export_dir, {**options, "topk": 1}).translate(lines).texts == [[t[0]] * 4 for t in greedy]
 
 
 @pytest.mark.slow
@@ -367,6 +370,15 @@ def test_wrong_directories_and_options_are_one_line_errors(models, tmp_path):
     assert result.exit_code == 0, result.output
     assert (export_dir / "model.bin").stat().st_mtime_ns != before
     assert json.loads((export_dir / "nmt_export.json").read_text())["checkpoint"].endswith("last")
+    assert_one_line_error(runner.invoke(app, ["translate", str(export_dir), "-i", str(source), "--engine", "ctranslate2",
+                                              "--checkpoint", "best"]), "weights of last/")
+    # A run stopped before its first validation: best is its last/, exported and translated so
+    unvalidated = tmp_path / "unvalidated"
+    shutil.copytree(save_dir, unvalidated, ignore=shutil.ignore_patterns("best"))
+    assert runner.invoke(app, ["export", str(unvalidated), "--out", str(tmp_path / "unvalidated-export")]).exit_code == 0
+    result = runner.invoke(app, ["translate", str(tmp_path / "unvalidated-export"), "-i", str(source), "--engine",
+                                 "ctranslate2", "--checkpoint", "best"])
+    assert result.exit_code == 0, result.output
     for out in (save_dir / "best", save_dir, save_dir.parent):  # replacing it would lose the model
         assert_one_line_error(runner.invoke(app, ["export", str(save_dir), "--out", str(out), "--overwrite"]),
                               "export to another directory")

@@ -407,6 +407,14 @@ def test_average_refuses_an_out_inside_the_model_or_a_file(data_dir, tmp_path):
     for out, message in ((save_dir / "last" / "avg", "inside it"), (tmp_path / "afile", "is a file")):
         assert_one_line_error(CliRunner().invoke(app, ["average", str(save_dir), "--last", "2", "--out", str(out)]), message)
     assert CliRunner().invoke(app, ["average", str(save_dir), "--last", "2", "--out", str(tmp_path / "avg")]).exit_code == 0
+    # A link to an empty folder, or to none yet, is written through (as export and prepare do)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "to-empty").symlink_to(tmp_path / "empty")
+    (tmp_path / "to-new").symlink_to(tmp_path / "new")
+    for link in ("to-empty", "to-new"):
+        result = CliRunner().invoke(app, ["average", str(save_dir), "--last", "2", "--out", str(tmp_path / link)])
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / link).is_symlink() and (tmp_path / link / "best" / "model.safetensors").is_file()
 
 
 def test_a_bleu_tokenizer_that_cannot_load_is_refused_before_translating(data_dir, tmp_path, monkeypatch):
