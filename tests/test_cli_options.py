@@ -41,7 +41,8 @@ def test_serve_passes_every_option(monkeypatch, tmp_path):
     call = _call(["serve", str(tmp_path / "m"), "--host", "0.0.0.0", "--port", "5123", "--api-key", "k1",
                   "--api-keys-file", str(tmp_path / "keys"), "--max-chars", "900", "--max-line-chars", "90",
                   "--max-lines", "9", "--max-alternatives", "3", "--timeout", "7.5", "--batch-wait-ms", "2.5",
-                  "--max-batch-lines", "64", "--beam", "3", "--engine", "ctranslate2", "--checkpoint", "last",
+                  "--max-batch-lines", "64", "--max-attention-weights", "1000", "--cors-origin", "https://a.example",
+                  "--cors-origin", "*", "--beam", "3", "--engine", "ctranslate2", "--checkpoint", "last",
                   "--device", "cpu", "--int8"])
     models, settings, decode, checkpoint, device, int8, engine = call.positional
     assert models == [tmp_path / "m"] and decode == {"beam": 3}
@@ -49,6 +50,7 @@ def test_serve_passes_every_option(monkeypatch, tmp_path):
     assert (settings.host, settings.port, settings.api_keys) == ("0.0.0.0", 5123, frozenset({"k1", "k2"}))
     assert (settings.max_chars, settings.max_line_chars, settings.max_lines, settings.max_alternatives) == (900, 90, 9, 3)
     assert (settings.timeout_s, settings.batch_wait_ms, settings.max_batch_lines) == (7.5, 2.5, 64)
+    assert (settings.max_attention_weights, settings.cors_origins) == (1000, ("https://a.example", "*"))
 
 
 def test_prepare_passes_every_option(monkeypatch, tmp_path):
