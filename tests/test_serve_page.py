@@ -73,3 +73,45 @@ def test_typing_shows_the_translation_and_a_cell_per_source_and_output_piece(chr
             assert page.text_content("#translation") == "" and page.locator(".heatmap").count() == 0
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_the_page_keeps_going_when_things_go_wrong(chromium, tmp_path):
+    """Languages that fail to load are asked for again; a proxy's HTML error page gives its
+    status; lines whose maps the answer leaves out are named; right-to-left text runs right to
+    left; a wide map scrolls by itself."""
+    from playwright.sync_api import sync_playwright
+
+    data = prepare_toy_data(tmp_path, train=200)
+    models = load_served_models([train_tiny(data, tmp_path / "model", TINY_TRANSFORMER)], device="cpu")
+    first, second = (src for src, _ in toy_pairs(2, seed=14))
+    one_map = models[0].translator.translate([first], attention=AttentionChoice()).attention_maps[0].weights.size
+    settings = ServeSettings(max_attention_weights=one_map, max_line_chars=2000, max_chars=4000)
+    with BackgroundServer(models, settings) as server, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 800})
+            page.route("**/languages", lambda route: route.abort())
+            page.goto(server.url + "/")
+            page.wait_for_function("() => document.querySelector('#status').className === 'error'", timeout=20_000)
+            page.unroute("**/languages")
+            page.locator("#source").fill(f"{first}\n\n{second}")  # typing asks for the languages again
+            page.wait_for_function("() => document.querySelectorAll('.heatmap').length === 1", timeout=20_000)
+            assert page.text_content(".heatmap caption") == "line 1"
+            assert "line 3" in page.text_content("#attention-note")  # the empty line 2 has no map to miss
+            assert len(page.text_content("#translation").split("\n")) == 3
+            page.route("**/translate", lambda route: route.fulfill(status=502, content_type="text/html", body="<html>bad gateway</html>"))
+            page.locator("#source").fill(first + " ")
+            page.wait_for_function("() => document.querySelector('#status').textContent === 'error 502'", timeout=20_000)
+            page.unroute("**/translate")
+            direction = "(selector) => getComputedStyle(document.querySelector(selector)).direction"
+            page.locator("#source").fill("שלום עולם")
+            assert page.evaluate(direction, "#source") == "rtl"
+            wide = {"translatedText": "v1", "attentionDescription": "d", "attention": [
+                {"line": 1, "source": ["▁w1"] * 200, "output": ["▁v1", "</s>"], "weights": [[0.005] * 200] * 2}]}
+            page.route("**/translate", lambda route: route.fulfill(status=200, json=wide))
+            page.locator("#source").fill("w1 " * 200)
+            page.wait_for_function("() => document.querySelectorAll('.heatmap td.cell').length === 400", timeout=20_000)
+            assert page.evaluate("document.documentElement.scrollWidth") <= 1000
+        finally:
+            browser.close()
