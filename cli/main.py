@@ -245,7 +245,7 @@ def _print_mono_summary(out: Path, manifest) -> None:
     typer.echo(f"vocab: joint {manifest.vocab.type or 'given'}, {manifest.vocab.src_size} pieces")
 
 
-def _relaunch(devices: int, settings, resume: bool) -> None:
+def _relaunch(devices: int, settings, resume: bool, overwrite: bool) -> None:
     """Run the user's own command line again in `devices` processes under torchrun (each of
     them sees WORLD_SIZE and trains instead of relaunching); the device and a resumed run's
     settings are checked first."""
@@ -253,7 +253,7 @@ def _relaunch(devices: int, settings, resume: bool) -> None:
     from nmt.train import check_before_launch
 
     with user_errors():
-        check_before_launch(settings, devices, resume)
+        check_before_launch(settings, devices, resume, overwrite)
         code = launch(devices, sys.argv[1:], settings.train.device)
     raise typer.Exit(code)
 
@@ -265,7 +265,7 @@ def _overrides(set_: list[str] | None, data: Path | None, out: Path | None, devi
     if out is not None:
         overrides.append(f"save_dir={json.dumps(str(out))}")
     if device is not None:
-        overrides.append(f"train.device={device}")
+        overrides.append(f"train.device={json.dumps(device)}")  # a string, as --device 0 is too
     return overrides
 
 
@@ -308,7 +308,7 @@ def train(
     if devices != 1 and "WORLD_SIZE" not in os.environ:
         with user_errors():
             settings, _ = training_setup(settings, resume)
-        _relaunch(devices, settings, resume)
+        _relaunch(devices, settings, resume, overwrite)
     with user_errors():
         result = run_train(settings, resume=resume, overwrite=overwrite, progress=progress)
     _report(result)
@@ -350,7 +350,7 @@ def pretrain(
     if devices != 1 and "WORLD_SIZE" not in os.environ:
         with user_errors():
             check_pretrain_inputs(settings, list(text or []), vocab, data, resume)
-        _relaunch(devices, settings, resume)
+        _relaunch(devices, settings, resume, overwrite)
     with user_errors():
         result = run_pretrain(
             settings, list(text or []), vocab, vocab_size, resume=resume, overwrite=overwrite, progress=progress, data=data,

@@ -408,12 +408,13 @@ def first_model_difference(saved: ModelConfig, model: ModelConfig, may_differ: t
 
 def check_pretrained_sizes(pretrained_dir: Path, model: ModelConfig, decoder: bool) -> None:
     """The layers --init copies must be the pretrained encoder's, one for one: a Transformer with
-    its width, heads, feed-forward size, norm placement and number of layers; with `decoder`, at
-    most as many decoder layers (each takes the encoder layer of its number)."""
+    its width, heads, feed-forward size, norm placement, number of layers and the layer without a
+    residual connection; with `decoder`, at most as many decoder layers (each takes the encoder
+    layer of its number)."""
     if model.arch != "transformer":
         raise CheckpointError(f"--init {pretrained_dir} needs model.arch transformer (a pretrained Transformer encoder)")
     saved = read_config(pretrained_dir).model
-    for key in ("embed_dim", "heads", "ff_dim", "norm", "enc_layers"):
+    for key in ("embed_dim", "heads", "ff_dim", "norm", "enc_layers", "enc_no_residual_layer"):
         if getattr(model, key) != getattr(saved, key):
             raise CheckpointError(
                 f"model.{key} is {getattr(model, key)} but --init {pretrained_dir} needs {getattr(saved, key)}, "

@@ -140,6 +140,8 @@ class TrainConfig:
         _in_range("train.threads", self.threads, 0, MAX_THREADS)  # torch's thread pool fails far beyond
         if self.lr <= 0:
             raise ConfigError("train.lr must be positive")
+        if self.min_lr > self.lr:  # the schedule would rise after its warmup instead of decaying
+            raise ConfigError(f"train.min_lr must be at most train.lr (got {self.min_lr:g} and {self.lr:g})")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"train.seed must be in [0, 2**32) (got {self.seed})")
         if len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas):
@@ -362,7 +364,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         node = data
         parts = dotted.strip().split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or a section left empty in the YAML file (`train:`)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: '{part}' is not a section")
         node[parts[-1]] = value

@@ -255,7 +255,8 @@ class VocabInfo(_VocabularyRecord):
     # ... and per target language, the pieces its training targets use (`pack_pieces`), which
     # decoding may be restricted to (decode.restrict_vocab); models trained before have none.
     target_pieces: dict = field(default_factory=dict)
-    # the training pairs of the data dir it was trained on (--resume checks them); None before
+    # the training pairs (a masked LM: sentences) of the data dir it was trained on (--resume
+    # checks them); None before
     train_pairs: int | None = None
 
     NAME = "vocab.json"

@@ -30,7 +30,7 @@ from nmt.checkpoint import (
     load_saved_weights,
     read_config,
 )
-from nmt.config import Config, PretrainConfig
+from nmt.config import Config, PretrainConfig, TrainConfig
 from nmt.data import clean_whitespace
 from nmt.devices import autocast, resolve_device, resolve_precision
 from nmt.distributed import Ranks
@@ -330,10 +330,20 @@ class MaskedLMTask:
     def validate(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> dict:
         return evaluate_masked_lm(model, self.valid_corpus, self.valid_examples, self.config, self.vocab_size, device, dtype)
 
+    @property
+    def train_sentences(self) -> int | None:
+        train = self.manifest.counts.get("train")
+        return train.get("sentences") if isinstance(train, dict) else None
+
     def check_resumable(self, save_dir: Path) -> None:
         check_same_model(save_dir, self.config)
-        if VocabInfo.read(save_dir).vocab.src_sha256 != self.manifest.vocab.src_sha256:
+        info = VocabInfo.read(save_dir)
+        if info.vocab.src_sha256 != self.manifest.vocab.src_sha256:
             raise CheckpointError(f"the model in {save_dir} was pretrained with another vocabulary than {self.data_dir}'s")
+        if info.train_pairs is not None and info.train_pairs != self.train_sentences:  # None: recorded before
+            raise CheckpointError(f"the run in {save_dir} was pretrained on other text ({info.train_pairs} training "
+                                  f"sentences; {self.data_dir} has {self.train_sentences}); --resume needs the text it "
+                                  "was pretrained on")
         saved = read_config(save_dir).pretrain
         if saved.next_sentence != self.pc.next_sentence:
             raise ConfigError(f"the model in {save_dir} was pretrained with next_sentence={saved.next_sentence}")
@@ -347,7 +357,7 @@ class MaskedLMTask:
             replace_dir(self.data_dir, save_dir / "data")  # (open memory maps follow the files)
             self.data_dir, self.spm_path = save_dir / "data", save_dir / "data" / self.spm_path.name
         info = VocabInfo(self.manifest.vocab, MASKED_LM, normalization=self.manifest.normalization,
-                         texts=self.manifest.input.get("mono"))
+                         texts=self.manifest.input.get("mono"), train_pairs=self.train_sentences)
         init_save_dir(save_dir, self.config, info, self.spm_path.parent)
 
 
@@ -442,6 +452,10 @@ def check_pretrain_inputs(config: Config, texts: list[Path] | None, vocab: Path 
         check_outside_data_dir(Path(config.save_dir), Path(data))
     if config.model.arch != "transformer":
         raise ConfigError("nmt pretrain trains a Transformer encoder: set model.arch to transformer")
+    tc, defaults = config.train, TrainConfig()
+    for key in ("init", "freeze_init_steps", "word_dropout", "lang_temperature", "direction_weights"):
+        if getattr(tc, key) != getattr(defaults, key):  # nmt train's: pretraining would ignore them
+            raise ConfigError(f"train.{key} is for nmt train (translation); nmt pretrain does not use it")
     resolve_precision(config.train.precision, resolve_device(config.train.device))
     if resume:
         check_resumed_task(Path(config.save_dir), MASKED_LM)

@@ -30,6 +30,7 @@ from nmt.checkpoint import (
     check_outside_data_dir,
     check_pretrained,
     check_resumed_task,
+    check_same_model,
     has_checkpoint,
     has_config,
     load_training_state,
@@ -293,22 +294,30 @@ def training_setup(config: Config, resume: bool) -> tuple[Config, Manifest]:
 def with_saved_init(config: Config, save_dir: Path) -> Config:
     """A resumed run without --init goes on from the model it began with (train.init of its
     config): the weights it holds fixed for train.freeze_init_steps are that model's."""
-    if config.train.init or not has_config(save_dir):
+    if not has_config(save_dir):
         return config
     saved = read_config(save_dir).train
+    if config.train.init and (not saved.init or Path(config.train.init).resolve() != Path(saved.init).resolve()):
+        began = f"from {saved.init}" if saved.init else "from scratch"
+        raise ConfigError(f"the run in {save_dir} began {began}; --resume goes on from its own weights: leave out --init")
     return dataclasses.replace(config, train=dataclasses.replace(config.train, init=saved.init, init_decoder=saved.init_decoder))
 
 
 def check_init(config: Config, manifest: Manifest) -> None:
     """A wrong model to start from (train.init) fails now, not after loading the data. (A resumed
     run has its own weights and needs that model no more: see `check_resumable`.)"""
-    init = config.train.init
+    init, tc = config.train.init, config.train
     if not init:
+        for key, default in (("freeze_init_steps", 0), ("init_decoder", True)):
+            if getattr(tc, key) != default:
+                raise ConfigError(f"train.{key} is about the weights of --init, and none is given")
         return
-    task = check_pretrained(Path(init), manifest.vocab, config.model, config.train.init_decoder).task
-    if task == TRANSLATION and config.train.freeze_init_steps:
-        raise ConfigError(f"train.freeze_init_steps holds a masked LM's weights fixed, but --init {init} "
-                          "is a translation model, every weight of which it loads; leave it at 0")
+    task = check_pretrained(Path(init), manifest.vocab, config.model, tc.init_decoder).task
+    for key, default, what in (("freeze_init_steps", 0, "holds a masked LM's weights fixed"),
+                               ("init_decoder", True, "leaves a masked LM's weights out of the decoder")):
+        if task == TRANSLATION and getattr(tc, key) != default:
+            raise ConfigError(f"train.{key} {what}, but --init {init} is a translation model, every weight of which "
+                              f"it loads; leave it at {str(default).lower()}")
 
 
 def run_training(
@@ -356,19 +365,7 @@ def open_save_dir(
     if ranks.is_main:
         recover_checkpoints(save_dir)
     ranks.barrier()
-    # Hidden names are nmt's own (.lock, a save moved aside); a data dir is pretrain --text's.
-    others = [p.name for p in save_dir.iterdir() if not p.name.startswith(".") and not (p / Manifest.NAME).is_file()] \
-        if save_dir.is_dir() else []
-    # vocab.json, not config.yaml, tells a model's: a config of the user's may be kept in a folder
-    if others and not (save_dir / VocabInfo.NAME).is_file():
-        raise CheckpointError(f"{save_dir} holds files but no model (no {VocabInfo.NAME}); train into a new or empty --out")
-    exists = has_checkpoint(save_dir)
-    if exists and not resume and not overwrite:
-        raise CheckpointError(
-            f"{save_dir} already holds a model; pass --resume to continue it or --overwrite to start again"
-        )
-    if resume and not exists:
-        raise CheckpointError(f"nothing to resume: {save_dir} holds no checkpoint")
+    check_save_dir(save_dir, resume, overwrite)
     task = make_task(ranks)
     if resume:
         task.check_resumable(save_dir)
@@ -384,12 +381,36 @@ def clear_save_dir(save_dir: Path) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-def check_before_launch(config: Config, processes: int, resume: bool) -> None:
+def check_save_dir(save_dir: Path, resume: bool, overwrite: bool) -> None:
+    """`save_dir` may be trained into as asked: new or empty, a model to --resume, or one to
+    --overwrite; never a folder of the user's."""
+    # Hidden names are nmt's own (.lock, a save moved aside); a data dir is pretrain --text's.
+    others = [p.name for p in save_dir.iterdir() if not p.name.startswith(".") and not (p / Manifest.NAME).is_file()] \
+        if save_dir.is_dir() else []
+    # vocab.json, not config.yaml, tells a model's: a config of the user's may be kept in a folder
+    if others and not (save_dir / VocabInfo.NAME).is_file():
+        raise CheckpointError(f"{save_dir} holds files but no model (no {VocabInfo.NAME}); train into a new or empty --out")
+    exists = has_checkpoint(save_dir)
+    if exists and not resume and not overwrite:
+        raise CheckpointError(
+            f"{save_dir} already holds a model; pass --resume to continue it or --overwrite to start again"
+        )
+    if resume and not exists:
+        raise CheckpointError(f"nothing to resume: {save_dir} holds no checkpoint")
+
+
+def check_before_launch(config: Config, processes: int, resume: bool, overwrite: bool) -> None:
     """What refuses a run of several processes before torchrun starts them (each of them would
-    print the refusal, among torchrun's own lines), besides the command's own input checks:
-    resuming with other batch settings or another number of processes."""
-    if resume and processes >= 1 and has_checkpoint(Path(config.save_dir)) and has_config(config.save_dir):
-        check_same_batches(Path(config.save_dir), config, processes)
+    print the refusal, among torchrun's own lines), besides the command's own input checks: a
+    checkpoint dir that may not be trained into as asked, and resuming another model, with
+    other batch settings or another number of processes."""
+    save_dir = Path(config.save_dir)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    check_save_dir(save_dir, resume, overwrite)
+    if resume and processes >= 1 and has_config(save_dir):
+        check_same_model(save_dir, config)
+        check_same_batches(save_dir, config, processes)
 
 
 def check_same_batches(save_dir: Path, config: Config, processes: int) -> None:

@@ -123,6 +123,7 @@ def test_bad_inputs_give_one_line_errors(trained, tmp_path):
     for option, value in (("--max-ratio", "nan"), ("--max-ratio", "0.5"), ("--max-ratio", "inf"), ("--max-words", "0")):
         one_line_error(invoke("prepare", *corpus, option, value), "--max-ratio a number of at least 1")
     assert not (tmp_path / "x").exists()
+    one_line_error(invoke("train", "--data", trained / "data", "--out", tmp_path / "d0", "--device", "0"), "device '0'")
     (tmp_path / "bad.yaml").write_text("model:\n  n_layers: 3\n")
     one_line_error(invoke("train", tmp_path / "bad.yaml", "--data", trained / "data", "--out", tmp_path / "m"),
                    "unknown config key 'model.n_layers'")
@@ -286,3 +287,17 @@ def test_an_os_error_is_one_line(trained, tmp_path):
     result = invoke("prepare", "--train", trained / "c" / "train", "--src", "xx", "--tgt", "yy", "--vocab-size", "50",
                     "--out", long_name)
     one_line_error(result, "name too long")
+
+
+def test_several_processes_are_refused_before_torchrun_starts_them(trained, monkeypatch):
+    """Each process would print the refusal, among torchrun's own lines: one line instead."""
+    import nmt.distributed
+
+    def launched(*args):
+        raise AssertionError("torchrun started")
+
+    monkeypatch.setattr(nmt.distributed, "launch", launched)
+    args = ["train", "--data", trained / "data", "--out", trained / "model", "--devices", "2", "--device", "cpu"]
+    one_line_error(invoke(*args, *TINY), "already holds a model")
+    one_line_error(invoke(*args, *TINY, "--resume", "--set", "model.ff_dim=48"), "model.ff_dim is 48")
+    one_line_error(invoke(*args, *TINY, "--resume", "--overwrite"), "exclude each other")

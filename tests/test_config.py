@@ -159,3 +159,15 @@ def test_a_key_given_twice_in_a_config_file_is_an_error(tmp_path):
         load_config(path)
     path.write_text("model:\n  <<: {embed_dim: 64, heads: 2}\n  heads: 4\n")  # a merge is no repeated key
     assert (load_config(path).model.embed_dim, load_config(path).model.heads) == (64, 4)
+
+
+def test_an_override_fills_a_section_left_empty_in_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\ntrain:\n")  # empty sections: YAML's null
+    assert load_config(path, ["train.lr=1e-3"]).train.lr == 1e-3
+
+
+def test_the_floor_of_the_learning_rate_is_not_above_its_peak():
+    with pytest.raises(ConfigError, match="train.min_lr must be at most train.lr"):
+        config_from_dict({"train": {"lr": 5e-4, "min_lr": 1e-2}})
+    assert config_from_dict({"train": {"lr": 5e-4, "min_lr": 5e-4}}).train.min_lr == 5e-4

@@ -108,6 +108,14 @@ def test_freezing_a_translation_model_is_refused(trained_and_new_data, tmp_path)
     result = invoke("train", "--data", root / "new-data", "--out", tmp_path / "m", "--init", root / "model",
                     *tiny_sets(freeze_init_steps=2), "--no-progress")
     assert_one_line_error(result, "train.freeze_init_steps", "translation model")
+    result = invoke("train", "--data", root / "new-data", "--out", tmp_path / "m", "--init", root / "model",
+                    *tiny_sets(init_decoder="false"), "--no-progress")  # every weight loads all the same
+    assert_one_line_error(result, "train.init_decoder", "translation model")
+    for setting in ("freeze_init_steps=2", "init_decoder=false"):  # about --init's weights: without it, none
+        result = invoke("train", "--data", root / "new-data", "--out", tmp_path / "m", *tiny_sets(),
+                        "--set", f"train.{setting}", "--no-progress")
+        assert_one_line_error(result, f"train.{setting.split('=')[0]}", "none is given")
+    assert not (tmp_path / "m").exists()
 
 
 def test_a_model_with_separate_vocabularies_gives_the_new_data_both(tmp_path):
@@ -172,3 +180,12 @@ def test_resuming_a_fine_tuning_run_refuses_freezing_too(trained_and_new_data, t
     assert_one_line_error(result, "train.freeze_init_steps is 6 but", "--resume needs the same value")
     result = invoke(*args, "--resume", *tiny_sets(max_steps=8))
     assert result.exit_code == 0, result.output
+    # Another --init for a resumed run would be written into its config, its weights never loaded
+    other = tmp_path / "other-model"
+    shutil.copytree(root / "model", other)
+    moved = [part if part != root / "model" else other for part in args]
+    result = invoke(*moved, "--resume", *tiny_sets(max_steps=9))
+    assert_one_line_error(result, f"began from {root / 'model'}", "leave out --init")
+    scratch = ["train", "--data", root / "new-data", "--out", tmp_path / "scratch", "--no-progress"]
+    assert invoke(*scratch, *tiny_sets(max_steps=2)).exit_code == 0
+    assert_one_line_error(invoke(*scratch, "--init", root / "model", "--resume", *tiny_sets(max_steps=3)), "began from scratch")

@@ -424,6 +424,7 @@ def test_shape_mismatch_names_the_setting(pretrained_and_data):
     ({"norm": "post"}, "model.norm is post"),
     ({"enc_layers": 1}, "model.enc_layers is 1"),  # the pretrained second layer would be dropped
     ({"dec_layers": 3}, "model.dec_layers is 3"),  # a decoder layer without a counterpart (1 is fine)
+    ({"enc_no_residual_layer": 1}, "model.enc_no_residual_layer is 1"),  # the layer computes otherwise
     ({"arch": "rnn", "tie_output": "false"}, "needs model.arch transformer"),
 ])
 def test_init_refuses_a_model_unlike_the_pretrained_one(pretrained_and_data, tmp_path, change, named):
@@ -479,6 +480,24 @@ def test_wrong_checkpoint_kinds_are_one_line_errors(pretrained_and_data, tmp_pat
     vocab["vocab"]["src_sha256"] = vocab["vocab"]["tgt_sha256"] = "0" * 64  # as if its model were replaced
     (copy / "vocab.json").write_text(json.dumps(vocab))
     assert_one_line_error(invoke("fill-mask", copy, "w1 [MASK]"), "not the SentencePiece model")
+
+
+def test_a_pretraining_run_resumes_only_on_its_own_text(pretrained_and_data, tmp_path):
+    """Its batches and the dev set that picks best/ are those of its text: other text of the
+    same vocabulary is refused, as nmt train refuses another data dir."""
+    root = pretrained_and_data
+    shutil.copytree(root / "mlm", tmp_path / "mlm")
+    (tmp_path / "other.xx").write_text("".join(s + "\n" for s, _ in toy_pairs(60, seed=5)), encoding="utf-8")
+    assert invoke("prepare", "--mono", tmp_path / "other.xx", "--spm-model", root / "mlm", "--valid-size", 5,
+                  "--out", tmp_path / "other", "--no-progress").exit_code == 0
+    result = invoke("pretrain", "--data", tmp_path / "other", "--out", tmp_path / "mlm", "--resume",
+                    *_tiny_sets(max_steps=25), "--no-progress")
+    *_, last = result.output.strip().splitlines()  # after the line that describes the text
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert last.startswith("error: ") and "pretrained on other text" in last and "--resume needs the text" in last
+    result = invoke("pretrain", "--data", root / "mlm" / "data", "--out", tmp_path / "mlm", "--resume",
+                    *_tiny_sets(max_steps=22), "--no-progress")
+    assert result.exit_code == 0, result.output
 
 
 def test_fill_mask_command_reads_arguments_and_stdin(pretrained_and_data):
@@ -595,6 +614,10 @@ def test_monolingual_and_parallel_data_dirs_are_not_mixed_up(tmp_path):
     for vocabulary in (["--data", tmp_path / "mono"], ["--text", tmp_path / "mono.en", "--vocab", tmp_path / "mono"]):
         result = invoke("pretrain", *vocabulary, "--vocab-size", 50, "--out", tmp_path / "m")  # they bring the vocabulary
         assert_one_line_error(result, "--vocab-size does not go with --data or --vocab")
+    for setting in ("word_dropout=0.1", "freeze_init_steps=2", "init=elsewhere", "direction_weights.de-en=2"):
+        result = invoke("pretrain", "--data", tmp_path / "mono", "--out", tmp_path / "m", "--set", f"train.{setting}",
+                        *_tiny_sets(max_steps=1), "--no-progress")
+        assert_one_line_error(result, f"train.{setting.split('=')[0].split('.')[0]} is for nmt train")
     result = invoke("prepare", "--out", tmp_path / "x", "--train", tmp_path / "nothing")
     assert result.exit_code == 1 and "--src and --tgt" in result.output
     for extra in (["--train", tmp_path / "nothing"], ["--src", "de"], ["--separate-vocab"], ["--test-size", "5"]):
