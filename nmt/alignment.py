@@ -71,9 +71,12 @@ def open_attention_dir(directory: Path, translation: Path | None = None, inputs:
 
 
 def describe_attention(model: ModelConfig, choice: AttentionChoice) -> str:
-    """Which weights a map shows, in words, e.g. 'transformer, decoder layer 6 of 6, mean of 8 heads'."""
+    """Which weights a map shows, in words, e.g. 'transformer, decoder layer 6 of 6, mean of 8 heads';
+    a ConfigError for a layer or head the model lacks."""
     if model.arch == "rnn":
+        choice.check_exists(None, None)
         return f"rnn ({model.cell}), {model.attention} attention"
+    choice.check_exists(model.dec_layers, model.heads)
     layer = choice.layer or model.dec_layers
     heads = f"mean of {model.heads} heads" if choice.head is None else f"head {choice.head} of {model.heads}"
     return f"transformer, decoder layer {layer} of {model.dec_layers}, {heads}"

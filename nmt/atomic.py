@@ -8,6 +8,7 @@ import gzip
 import io
 import os
 import shutil
+import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -152,17 +153,30 @@ def open_text_atomic(path: Path):
         return
     gzip_name = path.name if is_gzip_name(path) else None  # the name as given, as inputs are read
     path = Path(os.path.realpath(path))
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp = _temporary_beside(path)
     try:
         with open(tmp, "wb") as raw:
             with _text_writer(raw, gzip_name) as f:
                 yield f
             raw.flush()
             os.fsync(raw.fileno())
+        with contextlib.suppress(FileNotFoundError):  # a file written again keeps its permissions (0600 stays private)
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+NAME_MAX = 255  # bytes in one file name, on the file systems Linux uses
+
+
+def _temporary_beside(path: Path) -> Path:
+    """A hidden temporary name beside `path` (.NAME.tmp-PID), NAME cut short where the whole
+    would pass the longest name the file system takes."""
+    suffix = f".tmp-{os.getpid()}"
+    name = os.fsencode(path.name)[: NAME_MAX - 1 - len(suffix)]
+    return path.parent / f".{name.decode('utf-8', 'ignore')}{suffix}"  # a character cut in two is left out
 
 
 @contextlib.contextmanager

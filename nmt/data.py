@@ -71,11 +71,12 @@ def text_lines(text: str) -> list[str]:
 def read_lines(path: Path, replace_invalid: bool = False, corpus: bool = False) -> Iterator[str]:
     """Yield the lines of a UTF-8 text file (plain or .gz) without their line ending. A
     `corpus` is a regular file (prepare may read it more than once, which a pipe does not
-    allow) and a NUL byte in it is an error."""
+    allow). A NUL byte is an error (UTF-16 read as UTF-8 has them everywhere) unless invalid
+    bytes are to be replaced, in a corpus always."""
     if corpus and Path(path).exists() and not Path(path).is_file():
         raise DataError(f"{path} is not a regular file: give a corpus as a file, not a pipe")
     with open_binary(path) as f:
-        yield from decode_lines(f, str(path), replace_invalid, refuse_nul=corpus)
+        yield from decode_lines(f, str(path), replace_invalid, refuse_nul=corpus or not replace_invalid)
 
 
 def read_parallel_files(src_path: Path, tgt_path: Path) -> Iterator[tuple[str, str]]:

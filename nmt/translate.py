@@ -592,8 +592,12 @@ def translate_file(
         # stdin read from a file (`< FILE`) is that file's input as much as -i FILE
         stdin = Path("/dev/stdin") if input_path is None else None
         check_output_apart(output_path, [input_path or stdin, prefix_path], [*model_dirs, *(pivot_dirs or [])])
+    elif Path("/dev/stdout").is_file():  # redirected into a file (`>> FILE`): the input would grow as it is read
+        check_output_apart(Path("/dev/stdout"), [input_path or Path("/dev/stdin"), prefix_path], [])
     translator = load_text_translator(model_dirs, decode_options, checkpoint, device, quantize, engine, languages, pivot,
                                       pivot_dirs)
+    if attention is not None:  # a layer or head the model lacks: refused before anything is written
+        translator.describe_attention(attention.choice)
     lines = _read_stdin(replace_invalid) if input_path is None else read_lines(Path(input_path), replace_invalid=replace_invalid)
     prefixes = None if prefix_path is None else read_lines(Path(prefix_path), replace_invalid)
     chunk_lines = 1 if stream else translator.decode.chunk_lines
@@ -700,4 +704,4 @@ def _write_attention(maps, attention: AttentionOutput, model_dirs: list[Path], t
 def _read_stdin(replace_invalid: bool) -> Iterator[str]:
     if sys.stdin is None:
         raise DataError("the standard input is closed: give -i FILE")
-    return decode_lines(sys.stdin.buffer, "<stdin>", replace_invalid)
+    return decode_lines(sys.stdin.buffer, "<stdin>", replace_invalid, refuse_nul=not replace_invalid)

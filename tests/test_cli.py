@@ -184,6 +184,10 @@ def test_translate_writes_attention_heatmaps_alignments_and_weights(trained, tmp
     one_line_error(invoke("translate", trained / "model", "-i", tmp_path / "in.txt", "--json"), "need --attention DIR")
     one_line_error(invoke("translate", trained / "model", "-i", tmp_path / "in.txt", "--attention", tmp_path / "x",
                           "--attention-layer", "2"), "attention layer 2 does not exist")
+    # refused before the first line is written, though that line (empty) needs no attention
+    late = runner.invoke(app, ["translate", str(trained / "model"), "--stream", "--attention", str(tmp_path / "y"),
+                               "--attention-head", "3"], input="\nw1 w2\n")
+    assert late.exit_code == 1 and late.stdout == "" and "attention head 3 does not exist" in late.output
 
 
 def test_plot_draws_training_curves_of_several_runs(trained, tmp_path):

@@ -39,7 +39,9 @@ def test_a_nul_byte_is_an_error_and_a_byte_order_mark_is_not_text(tmp_path):
     path.write_bytes("one\ntwo\n".encode("utf-16-le"))
     with pytest.raises(DataError, match=r"utf16.txt:1: a NUL byte \(a UTF-16"):
         list(read_lines(path, corpus=True))
-    assert list(read_lines(path))[0] == "o\x00n\x00e\x00"  # text to translate may hold any character
+    with pytest.raises(DataError, match=r"utf16.txt:1: a NUL byte"):  # text to translate too: no UTF-8 text has one
+        list(read_lines(path))
+    assert list(read_lines(path, replace_invalid=True))[0] == "o\x00n\x00e\x00"  # taken as it is
     path.write_bytes("\ufeffone\n\ufefftwo\n".encode())
     assert list(read_lines(path)) == ["one", "\ufefftwo"]  # only the file's first character is a mark
     assert clean_whitespace("\ufefftwo\x01\x7f words\x9f") == "two words"

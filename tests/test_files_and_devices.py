@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -63,6 +64,19 @@ def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
             raise RuntimeError("stop")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
     assert target.read_text() == "old\n"
+
+
+def test_an_atomic_write_keeps_the_files_permissions_and_takes_the_longest_names(tmp_path):
+    private = tmp_path / "private.txt"
+    private.write_text("old\n")
+    private.chmod(0o600)
+    with open_text_atomic(private) as f:
+        f.write("new\n")
+    assert private.read_text() == "new\n" and stat.S_IMODE(private.stat().st_mode) == 0o600
+    for name in ("a" * 255, "é" * 127):  # 255 and 254 bytes: the temporary name beside it is cut short
+        with open_text_atomic(tmp_path / name) as f:
+            f.write("x\n")
+        assert (tmp_path / name).read_text() == "x\n"
 
 
 # --- nmt/files.py ----------------------------------------------------------------------------

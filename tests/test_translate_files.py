@@ -302,6 +302,14 @@ def test_outputs_that_cannot_be_written_and_inputs_that_are_folders_or_pipes(tra
                                  stdin=stdin, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert process.returncode == 1 and "it is the input" in process.stderr and "Traceback" not in process.stderr
     assert victim.read_text(encoding="utf-8") == source.read_text(encoding="utf-8")
+    # `-i FILE >> FILE` (or `< FILE >> FILE`): the input would grow as it is read, never ending
+    for stdin_is_input in (False, True):
+        with open(victim, "rb") as stdin, open(victim, "ab") as stdout:
+            args = [] if stdin_is_input else ["-i", str(victim)]
+            process = subprocess.run([sys.executable, "-m", "cli", "translate", str(model_dir), *args], stdin=stdin,
+                                     stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=120)
+        assert process.returncode == 1 and "it is the input" in process.stderr and "Traceback" not in process.stderr
+        assert victim.read_text(encoding="utf-8") == source.read_text(encoding="utf-8")
     # an output named .gz is gzip-compressed, as an input of that name is read
     assert runner.invoke(app, [*translate, "-o", str(tmp_path / "out.gz")]).exit_code == 0
     assert gzip.decompress((tmp_path / "out.gz").read_bytes()).decode() == (tmp_path / "file.txt").read_text()

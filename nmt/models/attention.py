@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nmt.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class AttentionChoice:
@@ -20,6 +22,16 @@ class AttentionChoice:
 
     layer: int | None = None
     head: int | None = None
+
+    def check_exists(self, layers: int | None, heads: int | None) -> None:
+        """A ConfigError for a layer or head that a decoder of `layers` layers of `heads` heads
+        lacks (None, None: an RNN decoder, which has a single attention)."""
+        if layers is None and (self.layer is not None or self.head is not None):
+            raise ConfigError("an RNN decoder has a single attention: there is no layer or head to choose")
+        if self.layer is not None and not 1 <= self.layer <= layers:
+            raise ConfigError(f"attention layer {self.layer} does not exist: the decoder has {layers} layers")
+        if self.head is not None and not 1 <= self.head <= heads:
+            raise ConfigError(f"attention head {self.head} does not exist: each layer has {heads} heads")
 
 
 class RNNAttention(nn.Module):

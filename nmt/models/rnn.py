@@ -12,7 +12,6 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from nmt.config import ModelConfig
-from nmt.errors import ConfigError
 from nmt.models.attention import AttentionChoice, rnn_attention
 from nmt.models.dropout import Dropout
 from nmt.tokenizer import PAD
@@ -93,8 +92,8 @@ class RNNSeq2Seq(nn.Module):
 
     def init_state(self, memory: RNNMemory, attention: AttentionChoice | None = None) -> RNNState:
         """`attention`: keep the attention weights of each step (state.attention)."""
-        if attention is not None and (attention.layer is not None or attention.head is not None):
-            raise ConfigError("an RNN decoder has a single attention: there is no layer or head to choose")
+        if attention is not None:
+            attention.check_exists(None, None)
         B = memory.states.shape[0]
         weights = memory.mask.to(memory.states.dtype)[:, :, None]  # (B, S, 1)
         mean = (memory.states * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, D)

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmt.config import ModelConfig
-from nmt.errors import ConfigError
 from nmt.models.attention import AttentionChoice, MultiHeadAttention
 from nmt.models.dropout import Dropout
 from nmt.tokenizer import PAD
@@ -323,8 +322,5 @@ class Transformer(ScaledEmbedding, nn.Module):
         if attention is None:
             return None
         layers = len(self.decoder_layers)
-        if attention.layer is not None and not 1 <= attention.layer <= layers:
-            raise ConfigError(f"attention layer {attention.layer} does not exist: the decoder has {layers} layers")
-        if attention.head is not None and not 1 <= attention.head <= self.heads:
-            raise ConfigError(f"attention head {attention.head} does not exist: each layer has {self.heads} heads")
+        attention.check_exists(layers, self.heads)
         return AttentionChoice(attention.layer or layers, attention.head)
