@@ -12,7 +12,7 @@ import typer
 from typer.core import TyperGroup
 
 from nmt.corpora import LOCAL_MULTI30K
-from nmt.errors import NmtError
+from nmt.errors import NmtError, first_line
 
 try:  # Typer 0.2x carries a copy of Click of its own and raises that copy's exceptions
     from typer._click import exceptions as click_errors
@@ -63,7 +63,8 @@ def user_errors():
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     except OSError as e:  # a full disk, a name too long: where no more particular message was given
-        typer.echo(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), err=True)
+        names = " -> ".join(str(name) for name in (e.filename, e.filename2) if name)
+        typer.echo(f"error: {e.strerror or first_line(e)}" + (f": {names}" if names else ""), err=True)
         raise typer.Exit(1) from None
 
 
@@ -145,8 +146,7 @@ def prepare(
             _print_mono_summary(out, manifest)
             return
         for option, value, needed, given in (("--mono-langs", mono_langs, "--mono", mono), ("--tsv-langs", tsv_langs, "--tsv", tsv),
-                                             ("--hf-config", hf_config, "--hf", hf), ("--hf-revision", hf_revision, "--hf", hf),
-                                             ("--data-dir", data_dir, "--corpus", corpus)):
+                                             ("--hf-config", hf_config, "--hf", hf), ("--hf-revision", hf_revision, "--hf", hf)):
             if value and not given:
                 raise NmtError(f"{option} goes with {needed}")
         column_langs = [tuple(x.strip() for x in item.split(",")) for item in tsv_langs or []]

@@ -96,6 +96,15 @@ def followed_link(path: Path) -> Path:
     return Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
 
 
+def same_place(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file or folder: the same one where both exist (links, other
+    spellings), else the same absolute path."""
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
 def nested(a: Path, b: Path) -> bool:
     """Whether `a` and `b` are one folder, or one holds the other."""
     a, b = Path(a).resolve(), Path(b).resolve()

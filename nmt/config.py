@@ -70,6 +70,10 @@ class ModelConfig:
                 )
 
 
+# The training settings of translation alone (nmt train): nmt pretrain refuses them set.
+TRANSLATION_ONLY = {"translation_only": True}
+
+
 @dataclass
 class TrainConfig:
     batch_tokens: int = 4096  # padded tokens per batch: sentences × longest side
@@ -84,19 +88,19 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip_norm: float = 1.0  # 0 turns clipping off
     label_smoothing: float = 0.1
-    word_dropout: float = 0.0  # share of the source tokens replaced by <unk> in training batches
+    word_dropout: float = field(default=0.0, metadata=TRANSLATION_ONLY)  # share of the source tokens replaced by <unk>
     # A multilingual data dir: each direction's share of an epoch ∝ size^(1/T); 0: the data dir's
     # temperature (nmt prepare --lang-temperature)
-    lang_temperature: float = 0.0
+    lang_temperature: float = field(default=0.0, metadata=TRANSLATION_ONLY)
     # A multilingual data dir: each direction's share multiplied by its weight here (1 if not
     # named) before the shares are normalized, e.g. {en-cs: 2.0} to train one direction more.
-    direction_weights: dict[str, float] = field(default_factory=dict)
+    direction_weights: dict[str, float] = field(default_factory=dict, metadata=TRANSLATION_ONLY)
     max_steps: int = 0  # 0: no limit
     max_epochs: int = 0  # 0: no limit
     max_minutes: float = 0.0  # wall-clock training budget; 0: no limit
     valid_every: int = 1000  # updates between validations
-    valid_max_sentences: int = 0  # dev sentences decoded for BLEU; 0: all
-    valid_beam: int = 1
+    valid_max_sentences: int = field(default=0, metadata=TRANSLATION_ONLY)  # dev sentences decoded for BLEU; 0: all
+    valid_beam: int = field(default=1, metadata=TRANSLATION_ONLY)
     patience: int = 0  # validations without a better dev BLEU before stopping; 0: off
     target_bleu: float = 0.0  # stop once the dev BLEU reaches this; 0: off
     max_skipped_updates: int = 20  # stop after this many updates in a row skipped (non-finite loss, out of memory); 0: never
@@ -118,9 +122,9 @@ class TrainConfig:
     # with init_decoder its embeddings, self-attention and feed-forward weights in the decoder.
     # Or fine-tune a translation model (a checkpoint dir of `nmt train`): every weight of its
     # best/, with a fresh optimizer and schedule from update 0.
-    init: str = ""
-    init_decoder: bool = True
-    freeze_init_steps: int = 0  # the loaded weights stay fixed for this many updates
+    init: str = field(default="", metadata=TRANSLATION_ONLY)
+    init_decoder: bool = field(default=True, metadata=TRANSLATION_ONLY)
+    freeze_init_steps: int = field(default=0, metadata=TRANSLATION_ONLY)  # the loaded weights stay fixed for this many updates
 
     def validate(self) -> None:
         _choice("train.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))

@@ -34,7 +34,7 @@ def open_binary(path: Path):
 
 
 def decode_lines(binary_lines: Iterable[bytes], name: str, replace_invalid: bool = False,
-                 refuse_nul: bool = False) -> Iterator[str]:
+                 refuse_nul: bool = False, refuse_cr_lines: bool = False) -> Iterator[str]:
     """Decode UTF-8 lines, naming the file and line of invalid bytes, and strip the line ending.
 
     Only `\\n` ends a line: a stray `\\r` or Unicode line separator inside a sentence must not
@@ -44,9 +44,10 @@ def decode_lines(binary_lines: Iterable[bytes], name: str, replace_invalid: bool
     lineno = 0
     try:
         for lineno, raw in enumerate(binary_lines, 1):
-            if refuse_nul and b"\0" in raw:  # a corpus: UTF-16 read as UTF-8 has them everywhere
-                raise DataError(f"{name}:{lineno}: a NUL byte (a UTF-16 or binary file? nmt reads UTF-8)")
-            if refuse_nul and lineno == 1 and raw.endswith(b"\r") and b"\r" in raw[:-1]:  # no LF at all
+            if refuse_nul and b"\0" in raw:  # UTF-16 read as UTF-8 has them everywhere
+                raise DataError(f"{name}:{lineno}: a NUL byte (a UTF-16 or binary file? nmt reads UTF-8; "
+                                "nmt translate --replace-invalid takes such bytes as they are)")
+            if refuse_cr_lines and lineno == 1 and raw.endswith(b"\r") and b"\r" in raw[:-1]:  # no LF at all
                 raise DataError(f"{name}: its lines end in CR alone (an old Mac file?); nmt reads LF or CRLF line ends")
             try:
                 line = raw.decode("utf-8", errors=errors)
@@ -76,7 +77,8 @@ def read_lines(path: Path, replace_invalid: bool = False, corpus: bool = False) 
     if corpus and Path(path).exists() and not Path(path).is_file():
         raise DataError(f"{path} is not a regular file: give a corpus as a file, not a pipe")
     with open_binary(path) as f:
-        yield from decode_lines(f, str(path), replace_invalid, refuse_nul=corpus or not replace_invalid)
+        yield from decode_lines(f, str(path), replace_invalid, refuse_nul=corpus or not replace_invalid,
+                                refuse_cr_lines=corpus)
 
 
 def read_parallel_files(src_path: Path, tgt_path: Path) -> Iterator[tuple[str, str]]:

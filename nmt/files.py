@@ -223,7 +223,9 @@ class Manifest(_VocabularyRecord):
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return False
-        return isinstance(data, dict) and {"src_lang", "tgt_lang", "vocab", "counts"} <= data.keys()
+        required = {f.name for f in dataclasses.fields(Manifest)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        return isinstance(data, dict) and required <= data.keys()
 
     @classmethod
     def read(cls, data_dir: Path) -> Manifest:

@@ -7,6 +7,8 @@ Text: one sentence per line, a blank line between documents; each file starts a 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import sys
 import time
@@ -452,10 +454,12 @@ def check_pretrain_inputs(config: Config, texts: list[Path] | None, vocab: Path 
         check_outside_data_dir(Path(config.save_dir), Path(data))
     if config.model.arch != "transformer":
         raise ConfigError("nmt pretrain trains a Transformer encoder: set model.arch to transformer")
-    tc, defaults = config.train, TrainConfig()
-    for key in ("init", "freeze_init_steps", "word_dropout", "lang_temperature", "direction_weights"):
-        if getattr(tc, key) != getattr(defaults, key):  # nmt train's: pretraining would ignore them
-            raise ConfigError(f"train.{key} is for nmt train (translation); nmt pretrain does not use it")
+    defaults = TrainConfig()
+    for setting in dataclasses.fields(TrainConfig):  # nmt train's: pretraining would ignore them
+        key = setting.name
+        if setting.metadata.get("translation_only") and getattr(config.train, key) != getattr(defaults, key):
+            raise ConfigError(f"train.{key} is for nmt train (translation) and nmt pretrain does not use it: leave it "
+                              f"out of the config (or --set train.{key}={json.dumps(getattr(defaults, key))})")
     resolve_precision(config.train.precision, resolve_device(config.train.device))
     if resume:
         check_resumed_task(Path(config.save_dir), MASKED_LM)

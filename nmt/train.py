@@ -1,7 +1,7 @@
 """`nmt train`: token-bucketed batches, AdamW with inverse-square-root warmup, label smoothing,
 mixed precision, periodic validation (loss and BLEU), best/last checkpoints and exact resume.
-One loop for every task: translation (`nmt.translation_task`) and masked-LM pretraining
-(`nmt.pretrain`)."""
+Its setup, and the one loop every task runs: translation (`nmt.translation_task`) and
+masked-LM pretraining (`nmt.pretrain`)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from nmt.atomic import same_place
 from nmt.batches import Batch, BatchPrefetcher
 from nmt.checkpoint import (
     UPDATE_CHECKPOINTS,
@@ -297,9 +298,10 @@ def with_saved_init(config: Config, save_dir: Path) -> Config:
     if not has_config(save_dir):
         return config
     saved = read_config(save_dir).train
-    if config.train.init and (not saved.init or Path(config.train.init).resolve() != Path(saved.init).resolve()):
+    if config.train.init and not (saved.init and same_place(config.train.init, saved.init)):
         began = f"from {saved.init}" if saved.init else "from scratch"
-        raise ConfigError(f"the run in {save_dir} began {began}; --resume goes on from its own weights: leave out --init")
+        raise ConfigError(f"the run in {save_dir} began {began}; --resume goes on from its own weights: leave out "
+                          f"--init (and train.init) or give {saved.init or 'none'}")
     return dataclasses.replace(config, train=dataclasses.replace(config.train, init=saved.init, init_decoder=saved.init_decoder))
 
 
@@ -308,8 +310,8 @@ def check_init(config: Config, manifest: Manifest) -> None:
     run has its own weights and needs that model no more: see `check_resumable`.)"""
     init, tc = config.train.init, config.train
     if not init:
-        for key, default in (("freeze_init_steps", 0), ("init_decoder", True)):
-            if getattr(tc, key) != default:
+        for key in ("freeze_init_steps", "init_decoder"):
+            if getattr(tc, key) != getattr(TrainConfig(), key):
                 raise ConfigError(f"train.{key} is about the weights of --init, and none is given")
         return
     task = check_pretrained(Path(init), manifest.vocab, config.model, tc.init_decoder).task

@@ -118,10 +118,11 @@ def test_bad_inputs_give_one_line_errors(trained, tmp_path):
     corpus = ["--train", trained / "c" / "train", "--src", "xx", "--tgt", "yy", "--out", tmp_path / "x"]
     for option, value, needed in (("--tsv-langs", "yy,xx", "--tsv"), ("--mono-langs", "xx", "--mono"),
                                   ("--hf-config", "xx-yy", "--hf"), ("--hf-revision", "main", "--hf"),
-                                  ("--data-dir", tmp_path, "--corpus")):
+                                  ("--data-dir", tmp_path, "--corpus")):  # the last refused by the library
         one_line_error(invoke("prepare", *corpus, option, value), f"{option} goes with {needed}")
-    for option, value in (("--max-ratio", "nan"), ("--max-ratio", "0.5"), ("--max-ratio", "inf"), ("--max-words", "0")):
-        one_line_error(invoke("prepare", *corpus, option, value), "--max-ratio a number of at least 1")
+    for option, value, got in (("--max-ratio", "nan", "250 and nan"), ("--max-ratio", "0.5", "250 and 0.5"),
+                               ("--max-ratio", "inf", "250 and inf"), ("--max-words", "0", "0 and 3.0")):
+        one_line_error(invoke("prepare", *corpus, option, value), "--max-ratio a number of at least 1", f"(got {got})")
     assert not (tmp_path / "x").exists()
     one_line_error(invoke("train", "--data", trained / "data", "--out", tmp_path / "d0", "--device", "0"), "device '0'")
     (tmp_path / "bad.yaml").write_text("model:\n  n_layers: 3\n")

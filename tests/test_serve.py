@@ -593,6 +593,12 @@ def test_a_slice_of_a_batch_keeps_its_own_truncated_lines():
     assert _slice(result, 1, 3).truncated == [1]
 
 
+def test_alternatives_leave_out_copies_of_the_best_and_of_each_other():
+    from nmt.serve.api import _distinct
+
+    assert _distinct(["a", "b", "a", "c", "b"], "b") == ["a", "c"]
+
+
 def test_attention_maps_stop_at_the_weight_limit(models):
     """An answer holds the maps of its first lines up to --max-attention-weights in all; a long
     text still gets its translation."""
@@ -614,6 +620,7 @@ def test_a_line_past_the_models_longest_input_is_refused_not_cut(model_dirs):
         request = {"source": "xx", "target": "yy"}
         assert client.post("/translate", json={**request, "q": "w1 w2"}).status_code == 200
         _error(client.post("/translate", json={**request, "q": "w1 w2\n" + "w3 " * 10}), 413, "line 2", "4 pieces")
+        _error(client.post("/translate", json={**request, "q": ["w1\nw2", "w1\n" + "w3 " * 10]}), 413, "text 2, line 2")
         _error(client.post("/translator/translate", json=[{"src": "w1"}, {"src": "w2 " * 10}]), 413, "segment 2")
 
 
@@ -637,6 +644,9 @@ def test_other_origins_are_let_in_only_when_named(models):
         assert answer.headers["access-control-allow-origin"] == "https://example.org"
         other = client.options("/translate", headers={**preflight, "Origin": "https://elsewhere.org"})
         assert "access-control-allow-origin" not in other.headers
+    for never_sent in ("https://example.org/", "example.org", "https://example.org/page"):
+        with pytest.raises(ConfigError, match="scheme://host"):
+            ServeSettings(cors_origins=(never_sent,))
 
 
 def test_every_reference_of_the_openapi_schema_resolves(client):

@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import threading
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
@@ -67,6 +68,9 @@ class ServeSettings:
         longest = f"{threading.TIMEOUT_MAX:.0f} s"
         if min(counts) < 1 or not 0 < self.timeout_s <= threading.TIMEOUT_MAX:
             raise ConfigError(f"the limits and --max-batch-lines must be positive, --timeout too and at most {longest}")
+        for origin in self.cors_origins:  # browsers send scheme://host[:port]: a path or a final / never matches
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ConfigError(f"--cors-origin {origin!r}: give scheme://host[:port] (no path), or * for any")
         if self.max_alternatives < 0 or not 0 <= self.batch_wait_ms <= 1000 * threading.TIMEOUT_MAX:
             raise ConfigError(f"--max-alternatives must be 0 or more, --batch-wait-ms too and at most {longest}")
 
@@ -253,7 +257,7 @@ def create_app(models: Sequence[ServedModel], settings: ServeSettings = ServeSet
     @app.get("/translator/models")
     async def opennmt_models() -> list[dict]:
         # The folder's name only: the path on the server is no client's business.
-        return [{"model_id": i, "source": m.source, "target": m.target, "name": Path(m.name).name}
+        return [{"model_id": i, "source": m.source, "target": m.target, "name": Path(m.name).resolve().name}
                 for i, m in enumerate(models)]
 
     @app.post("/translator/translate", response_model=list[list[OpenNMTResult]], responses=_ERRORS,
@@ -468,7 +472,9 @@ async def _translate_libre(body: TranslateRequest, model: ServedModel, settings:
     texts = [body.q] if isinstance(body.q, str) else body.q
     lines = _check_text(texts, settings)
     result = await run(Work(model.translator, 1 + body.alternatives, body.attention), [x for text in lines for x in text])
-    _check_whole(result, model.translator, result.truncated, "line")
+    if result.truncated:
+        text, line = _text_and_line(lines, result.truncated[0])
+        _refuse_cut(model.translator, f"line {line}" if isinstance(body.q, str) else f"text {text}, line {line}")
     best, others, start = [], [], 0
     for text in lines:
         wanted = 1 + body.alternatives  # a line can have fewer (an empty line has one): repeat its best
@@ -489,11 +495,19 @@ async def _translate_libre(body: TranslateRequest, model: ServedModel, settings:
     return response
 
 
-def _check_whole(result: Translations, translator: TextTranslator, cut: list[int], unit: str) -> None:
-    """A text past the model's longest input is refused (413), not translated in part."""
-    if cut:
-        raise RequestError(413, f"{unit} {cut[0]} has more than {translator.decode.max_input_tokens} pieces, the most "
-                                "the model takes: split it")
+def _refuse_cut(translator: TextTranslator, where: str) -> None:
+    """A line past the model's longest input is refused (413), not translated in part."""
+    raise RequestError(413, f"{where} has more than {translator.decode.max_input_tokens} pieces, the most the model "
+                            "takes: split it")
+
+
+def _text_and_line(lines: list[list[str]], number: int) -> tuple[int, int]:
+    """Which text of a request (from 1) and which of its lines the `number`th line of them all is."""
+    for text, its_lines in enumerate(lines, 1):
+        if number <= len(its_lines):
+            return text, number
+        number -= len(its_lines)
+    raise ValueError(number)
 
 
 def _distinct(alternatives: list[str], best: str) -> list[str]:
@@ -534,7 +548,8 @@ async def _translate_opennmt(segments: list[OpenNMTSegment], models: Sequence[Se
         translator = models[number].translator
         nbest = translator.decode.nbest
         result = await run(Work(translator, nbest, False), [sentences[i] for i in indices])
-        _check_whole(result, translator, [indices[n - 1] + 1 for n in result.truncated], "segment")
+        if result.truncated:
+            _refuse_cut(translator, f"segment {indices[result.truncated[0] - 1] + 1}")
         for i, hyps, texts in zip(indices, result.hypotheses, result.texts):
             scores = [h.score for h in hyps] or [0.0]
             results[i] = [OpenNMTResult(src=segments[i].src, tgt=t, n_best=nbest, pred_score=s) for t, s in zip(texts, scores)]
