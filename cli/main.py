@@ -532,7 +532,10 @@ def evaluate(
             if model is None or hyp is not None or src is not None or ref is not None or lang or tgt_lang or src_lang:
                 raise NmtError("--data goes with --model (and no --hyp, --src, --ref, --lang, --tgt-lang or --src-lang: "
                                "each direction names its languages)")
-            results = evaluate_directions([model], data, split, parse_directions(directions) if directions else None,
+            chosen = None if directions is None else parse_directions(directions)
+            if chosen == []:  # "--directions ," is no choice of all of them
+                raise NmtError("--directions names no direction")
+            results = evaluate_directions([model], data, split, chosen,
                                           decode_options, names, device, pivot, hyp_dir=hyp_dir, off_target=off_target,
                                           tokenize=tokenize)
             _print_direction_scores(results, json_output)

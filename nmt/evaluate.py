@@ -181,7 +181,7 @@ def evaluate_directions(
     each output line among the model's languages (py3langid)."""
     from nmt.files import Manifest, VocabInfo
     from nmt.multilingual import direction_languages
-    from nmt.translate import LanguageChoice, translate_file
+    from nmt.translate import LanguageChoice, check_language_choices, translate_file
 
     check_scoring(metrics, tokenize)
     manifest = Manifest.read(data_dir)
@@ -204,6 +204,9 @@ def evaluate_directions(
     if hyp_dir is not None:  # before the translating
         make_folder(Path(hyp_dir), "--hyp-dir")
     candidates = sorted(vocab_info.languages) or [x for x in (vocab_info.src_lang, vocab_info.tgt_lang) if x]
+    if off_target:
+        check_identifiable(candidates)
+    check_language_choices(model_dirs, pivot_dirs, [languages_of[d] for d in directions or known], pivot, decode_options)
     # Zero-shot: what the model was not trained on (the data dir may come from another run).
     trained = (set(vocab_info.directions) or set(manifest.directions)
                or {f"{vocab_info.src_lang or manifest.src_lang}-{vocab_info.tgt_lang or manifest.tgt_lang}"})
@@ -229,18 +232,33 @@ def off_target_percent(lines: list[str], lang: str, candidates: list[str]) -> fl
     """% of the non-empty `lines` that py3langid, choosing among the `candidates`, says are not
     in `lang`; None when it does not know one of them (a line in that language would be put
     down to another)."""
+    known, model_file, identifier_type = _py3langid()
+    labels = {code: _identifier_label(code, known) for code in {lang, *candidates}}
+    if None in labels.values():
+        return None
+    identifier = _language_identifier(model_file, identifier_type, tuple(sorted(set(labels.values()))))
+    texts = [line for line in lines if line.strip()]
+    wrong = sum(identifier.classify(text)[0] != labels[lang] for text in texts)
+    return round(100.0 * wrong / max(len(texts), 1), 2)
+
+
+def check_identifiable(codes: list[str]) -> None:
+    """The off-target rate needs py3langid to know every language of the model (a line in one
+    it does not know would be put down to another): refused before anything is translated."""
+    known = _py3langid()[0]
+    unknown = [code for code in codes if _identifier_label(code, known) is None]
+    if unknown:
+        raise DataError(f"--off-target: py3langid does not know the language {unknown[0]!r} (it names languages by "
+                        "ISO 639-1 codes, such as de or zh)")
+
+
+def _py3langid():
+    """The labels py3langid knows, its model file and identifier type."""
     try:
         from py3langid.langid import MODEL_FILE, LanguageIdentifier
     except ImportError:
         raise DataError("the off-target rate needs the py3langid package (pip install py3langid)") from None
-    known = set(_language_identifier(MODEL_FILE, LanguageIdentifier).labels)
-    labels = {code: _identifier_label(code, known) for code in {lang, *candidates}}
-    if None in labels.values():
-        return None
-    identifier = _language_identifier(MODEL_FILE, LanguageIdentifier, tuple(sorted(set(labels.values()))))
-    texts = [line for line in lines if line.strip()]
-    wrong = sum(identifier.classify(text)[0] != labels[lang] for text in texts)
-    return round(100.0 * wrong / max(len(texts), 1), 2)
+    return set(_language_identifier(MODEL_FILE, LanguageIdentifier).labels), MODEL_FILE, LanguageIdentifier
 
 
 def _identifier_label(code: str, known: set[str]) -> str | None:

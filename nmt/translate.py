@@ -21,7 +21,7 @@ from tqdm import tqdm
 from nmt.alignment import EOS_LABEL, AttentionMap, AttentionOutput, describe_attention, open_attention_dir
 from nmt.atomic import check_output_apart, open_text_atomic
 from nmt.batches import pad_source
-from nmt.checkpoint import load_for_inference
+from nmt.checkpoint import load_for_inference, read_config
 from nmt.config import DecodeConfig, ModelConfig
 from nmt.data import clean_whitespace, decode_lines, read_lines
 from nmt.devices import autocast, resolve_device, resolve_precision
@@ -412,6 +412,8 @@ def language_settings(vocab_info: VocabInfo, model_dir: Path, choice: LanguageCh
     for lang in (choice.tgt, choice.src):
         if lang and lang not in vocab_info.languages:
             raise ConfigError(f"{model_dir} does not know the language {lang!r}; it knows {known}")
+    if choice.src == choice.tgt:
+        raise ConfigError(f"--src-lang and --tgt-lang are both {choice.tgt}: nothing to translate")
     if choice.src:
         source = vocab_info.language_normalization(choice.src)
     else:  # the input's language is not given: the normalization every language shares
@@ -422,6 +424,19 @@ def language_settings(vocab_info: VocabInfo, model_dir: Path, choice: LanguageCh
     allowed = target_language_pieces(vocab_info, model_dir, choice.tgt) if restrict_vocab else None
     return LanguageSettings(choice.tgt, source, vocab_info.language_normalization(choice.tgt),
                             (choice.src or "", choice.tgt), allowed)
+
+
+def check_language_choices(model_dirs: Sequence[Path], pivot_dirs: Sequence[Path] | None,
+                           directions: list[tuple[str, str]], pivot: str | None, decode_options: dict | None) -> None:
+    """Each (source, target) direction against each model that would translate it (both legs
+    through a pivot), before anything is translated: a run of many directions does not stop
+    halfway."""
+    restrict = decode_settings(read_config(Path(model_dirs[0])).decode, decode_options).restrict_vocab
+    for src, tgt in directions:
+        legs = [(model_dirs, src, tgt)] if pivot is None else [(model_dirs, src, pivot), (pivot_dirs or model_dirs, pivot, tgt)]
+        for dirs, leg_src, leg_tgt in legs:
+            for model_dir in map(Path, dirs):
+                language_settings(VocabInfo.read(model_dir), model_dir, LanguageChoice(leg_tgt, leg_src), restrict)
 
 
 def target_language_pieces(vocab_info: VocabInfo, model_dir: Path, lang: str) -> np.ndarray:
@@ -521,6 +536,8 @@ def load_text_translator(
     language first, with the same models, then into the target with `pivot_dirs` (default: the
     same models again)."""
     if pivot is not None:
+        if not pivot.strip():
+            raise ConfigError("--pivot names no language")
         if pivot in (languages.src, languages.tgt):
             raise ConfigError(f"--pivot {pivot} is the source or target language itself")
         if not pivot_dirs and engine == "nmt" and not VocabInfo.read(Path(model_dirs[0])).multilingual:

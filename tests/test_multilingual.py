@@ -7,6 +7,7 @@ import dataclasses
 import json
 import random
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from typer.testing import CliRunner
 
 from nmt.data import ParallelSplit, read_lines
 from nmt.errors import ConfigError, DataError
-from nmt.files import CheckpointInfo, Manifest
+from nmt.files import CheckpointInfo, Manifest, VocabInfo
 from nmt.multilingual import (
     MultilingualConfig,
     balanced_sample,
@@ -354,8 +355,13 @@ def test_pivot_translates_through_the_pivot_language(trained, tmp_path):
 
 
 def test_evaluate_scores_each_direction_of_a_multilingual_data_dir(trained, data_dir, tmp_path):
+    # No language identifier knows the toy languages: refused before anything is translated
+    refused = runner.invoke(app, ["evaluate", "--model", str(trained), "--data", str(data_dir), "--beam", "1",
+                                  "--hyp-dir", str(tmp_path / "hyps"), "--off-target"])
+    assert_one_line_error(refused, "--off-target: py3langid does not know the language")
+    assert not list((tmp_path / "hyps").glob("*.hyp"))
     result = runner.invoke(app, ["evaluate", "--model", str(trained), "--data", str(data_dir), "--json", "--beam", "1",
-                                 "--hyp-dir", str(tmp_path / "hyps"), "--off-target"])
+                                 "--hyp-dir", str(tmp_path / "hyps")])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     directions = {r["direction"]: r for r in report["directions"]}
@@ -365,7 +371,9 @@ def test_evaluate_scores_each_direction_of_a_multilingual_data_dir(trained, data
     assert report["mean"]["zero-shot"]["bleu"] == pytest.approx(directions["bb-cc"]["scores"][0]["score"], abs=0.01)
     hyps = list(read_lines(tmp_path / "hyps" / "test.bb-cc.hyp"))
     assert len(hyps) == 10
-    assert all(r["off_target_percent"] is None for r in directions.values())  # no identifier knows the toy languages
+    assert all(r["off_target_percent"] is None for r in directions.values())  # not asked for
+    assert_one_line_error(runner.invoke(app, ["evaluate", "--model", str(trained), "--data", str(data_dir),
+                                              "--directions", ","]), "--directions names no direction")
     result = runner.invoke(app, ["evaluate", "--model", str(trained), "--data", str(data_dir), "--directions", "cc-aa"])
     assert_one_line_error(result, "cc-aa", "aa-bb")
     # Through a pivot: by default the directions without it; one with it is refused before translating.
@@ -570,9 +578,29 @@ def test_evaluate_asks_the_language_identifier_about_each_directions_output(trai
         return 12.5
 
     monkeypatch.setattr(nmt.evaluate, "off_target_percent", identify)
+    monkeypatch.setattr(nmt.evaluate, "check_identifiable", lambda codes: None)  # it knows no toy language
     results = nmt.evaluate.evaluate_directions([trained], data_dir, "test", ["aa-bb", "bb-cc"], {"beam": 1}, off_target=True)
     assert asked == [(10, "bb", ("aa", "bb", "cc")), (10, "cc", ("aa", "bb", "cc"))]
     assert [r.off_target for r in results] == [12.5, 12.5]
+
+
+def test_every_direction_is_checked_before_the_first_is_translated(trained, data_dir, tmp_path, monkeypatch):
+    """A direction the model cannot translate as asked (here: restricted to pieces it never
+    recorded for cc) stops the run before the directions ahead of it are translated."""
+    import nmt.translate
+    from nmt.errors import ConfigError
+    from nmt.evaluate import evaluate_directions
+
+    model = tmp_path / "model"
+    shutil.copytree(trained, model)
+    info = VocabInfo.read(model)
+    del info.target_pieces["cc"]
+    info.write(model)
+    monkeypatch.setattr(nmt.translate, "translate_file", lambda *args, **kwargs: pytest.fail("translated"))
+    with pytest.raises(ConfigError, match="never translated into cc"):
+        evaluate_directions([model], data_dir, "test", ["aa-bb", "aa-cc"], {"beam": 1, "restrict_vocab": True})
+    with pytest.raises(ConfigError, match="both aa: nothing to translate"):
+        nmt.translate.check_language_choices([trained], None, [("aa", "aa")], None, None)
 
 
 def test_a_bilingual_model_refuses_other_languages(trained, tmp_path):
@@ -585,6 +613,8 @@ def test_a_bilingual_model_refuses_other_languages(trained, tmp_path):
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["translate", str(bilingual), "--pivot", "zz"], input="w1\n")
     assert_one_line_error(result, "--pivot needs a multilingual model")
+    assert_one_line_error(runner.invoke(app, ["translate", str(trained), "--tgt-lang", "bb", "--pivot", ""], input="w1\n"),
+                          "--pivot names no language")
 
 
 def test_a_model_records_the_pieces_of_each_target_language(trained, data_dir):
