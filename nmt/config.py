@@ -70,7 +70,8 @@ class ModelConfig:
                 )
 
 
-# The training settings of translation alone (nmt train): nmt pretrain refuses them set.
+# The settings of how translation alone trains (nmt train): nmt pretrain refuses them set. (Those
+# of its validation, which a config shared by both commands may hold, it leaves.)
 TRANSLATION_ONLY = {"translation_only": True}
 
 
@@ -99,8 +100,8 @@ class TrainConfig:
     max_epochs: int = 0  # 0: no limit
     max_minutes: float = 0.0  # wall-clock training budget; 0: no limit
     valid_every: int = 1000  # updates between validations
-    valid_max_sentences: int = field(default=0, metadata=TRANSLATION_ONLY)  # dev sentences decoded for BLEU; 0: all
-    valid_beam: int = field(default=1, metadata=TRANSLATION_ONLY)
+    valid_max_sentences: int = 0  # dev sentences decoded for BLEU; 0: all
+    valid_beam: int = 1
     patience: int = 0  # validations without a better dev BLEU before stopping; 0: off
     target_bleu: float = 0.0  # stop once the dev BLEU reaches this; 0: off
     max_skipped_updates: int = 20  # stop after this many updates in a row skipped (non-finite loss, out of memory); 0: never

@@ -32,6 +32,7 @@ from nmt.checkpoint import (
     check_pretrained,
     check_resumed_task,
     check_same_model,
+    checkpoint_dir,
     has_checkpoint,
     has_config,
     load_training_state,
@@ -469,6 +470,18 @@ def validation_stop(tc: TrainConfig, metric: str, score: float, bad_validations:
     return ""
 
 
+def with_saved_best(state: TrainState, save_dir: Path) -> TrainState:
+    """A run stopped between saving best/ and last/ (a full disk: last/ is the larger, or a kill)
+    left a best/ better than last/ knows: the resumed run replaces it only with a better one."""
+    best = checkpoint_dir(save_dir, "best")
+    if best is None:
+        return state
+    saved = CheckpointInfo.read(best).state
+    if saved.best_score <= state.best_score:
+        return state
+    return dataclasses.replace(state, best_score=saved.best_score, best_step=saved.best_step)
+
+
 def random_states(device: torch.device, ranks: Ranks) -> dict[str, torch.Tensor]:
     """The random generators' states; with several processes, every process's (a collective call)."""
     rng = {"cpu": torch.get_rng_state()}
@@ -581,7 +594,7 @@ class Trainer:
         self.step_model = compile_model(self.eager_model) if tc.compile else self.eager_model
         saved = load_training_state(self.save_dir, self.model, self.optimizer) if resume else None
         if saved:
-            self.state = saved.info.state
+            self.state = with_saved_best(saved.info.state, self.save_dir)
             restore_random_states(saved.rng, device, ranks)
             if self.scaler and saved.info.loss_scale:  # else the scale starts high again and skips updates
                 self.scaler.load_state_dict(saved.info.loss_scale)
@@ -655,10 +668,11 @@ class Trainer:
         stopped = self.resumed_validation_stop()
         try:
             while not reason:
+                # The epoch's groups first, also where the run stops: its summary counts the epochs by them.
+                groups = update_groups(self.task.epoch_batches(self.rank_tokens, st.epoch), self.update_batches, self.ranks.active)
                 if tc.max_epochs and st.epoch >= tc.max_epochs:
                     reason = "max_epochs"
                     break
-                groups = update_groups(self.task.epoch_batches(self.rank_tokens, st.epoch), self.update_batches, self.ranks.active)
                 if stopped:
                     reason = stopped
                     break

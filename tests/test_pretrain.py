@@ -615,7 +615,7 @@ def test_monolingual_and_parallel_data_dirs_are_not_mixed_up(tmp_path):
         result = invoke("pretrain", *vocabulary, "--vocab-size", 50, "--out", tmp_path / "m")  # they bring the vocabulary
         assert_one_line_error(result, "--vocab-size does not go with --data or --vocab")
     for setting in ("word_dropout=0.1", "freeze_init_steps=2", "init=elsewhere", "direction_weights.de-en=2",
-                    "init_decoder=false", "valid_beam=3"):
+                    "init_decoder=false"):
         result = invoke("pretrain", "--data", tmp_path / "mono", "--out", tmp_path / "m", "--set", f"train.{setting}",
                         *_tiny_sets(max_steps=1), "--no-progress")
         assert_one_line_error(result, f"train.{setting.split('=')[0].split('.')[0]} is for nmt train")

@@ -174,3 +174,26 @@ def test_a_validation_at_a_stop_between_two_stops_nothing_when_resumed(tmp_path,
     train(_config(data_dir, tmp_path / "b", max_steps=2, **settings), progress=False)
     resumed = train(_config(data_dir, tmp_path / "b", max_steps=20, **settings), resume=True, progress=False)
     assert (whole.stop_reason, whole.steps) == (resumed.stop_reason, resumed.steps) == ("target_bleu", 4)
+
+
+def test_a_best_saved_after_the_last_last_is_kept_on_resume(tmp_path):
+    """Killed (or out of disk) between saving best/ and last/: last/ knows an older best score,
+    and the resumed run must not replace best/ with a worse model."""
+    data_dir = prepare_toy_data(tmp_path, train=40)
+    train(_config(data_dir, tmp_path / "m", max_steps=8, valid_every=4), progress=False)
+    best = CheckpointInfo.read(tmp_path / "m" / "best")
+    best.state.best_score, best.state.best_step = 99.0, 8  # a score no validation of the toy reaches
+    best.write(tmp_path / "m" / "best")
+    assert CheckpointInfo.read(tmp_path / "m" / "last").state.best_score < 99.0
+    train(_config(data_dir, tmp_path / "m", max_steps=12, valid_every=4), resume=True, progress=False)
+    assert CheckpointInfo.read(tmp_path / "m" / "best").state.best_score == 99.0  # not replaced
+    assert CheckpointInfo.read(tmp_path / "m" / "last").state.best_score == 99.0
+
+
+def test_a_resumed_run_already_past_max_epochs_reports_its_epochs(tmp_path):
+    data_dir = prepare_toy_data(tmp_path, train=40)
+    first = train(_config(data_dir, tmp_path / "m", max_epochs=1, valid_every=100), progress=False)
+    train(_config(data_dir, tmp_path / "m", max_steps=first.steps + 1, valid_every=100), resume=True, progress=False)
+    again = train(_config(data_dir, tmp_path / "m", max_epochs=1, valid_every=100), resume=True, progress=False)
+    assert again.stop_reason == "max_epochs" and again.steps == first.steps + 1
+    assert again.epochs == round(1 + 1 / first.steps, 2)  # one update into the second epoch
