@@ -428,13 +428,14 @@ def _carve_groups(candidates: np.ndarray, groups: np.ndarray, config: PrepareCon
 
 
 def _references(raw: list[tuple[str, str]], clean: list[tuple[str, str]], cleaner: PairCleaner) -> list[tuple[str, str]]:
-    """The held-out pairs as written for translation and scoring: as given, except a target side
-    whose normalization changes characters the model writes otherwise (Chinese: Traditional ->
-    Simplified, the width and the punctuation), which is scored as the model writes it."""
+    """The held-out pairs as written for translation and scoring: as given, but a target side in
+    the target's normalization, as the model writes it: its Unicode form (a reference with its
+    accents decomposed, NFD, would match no NFC output) and, for Chinese, the script, the width
+    and the punctuation."""
     target = cleaner.normalize[1]
     if target.chinese_script == "simplified" or target.fold_width or target.cjk_punctuation:
         return [(r[0], c[1]) for r, c in zip(raw, clean)]
-    return raw
+    return [(src, target(tgt)) for src, tgt in raw]
 
 
 def _work_lines(work: Path) -> Iterator[tuple[str, str]]:

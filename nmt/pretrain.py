@@ -51,9 +51,11 @@ from nmt.tokenizer import (
     PAD,
     SEP,
     check_prepared_model,
+    encode_text,
     file_sha256,
     has_reserved_symbols,
     load_sentencepiece,
+    reserved_ids,
 )
 from nmt.train import TrainResult, run_training
 
@@ -543,7 +545,9 @@ def fill_mask(
 ) -> FilledLine:
     """The `top_k` most likely pieces for each [MASK] in `text` (one piece per mask)."""
     # As the pretraining text was (the checkpoint's record, VocabInfo.source_normalization).
-    encoded = processor.encode(clean_whitespace((normalize or Normalization())(text)))
+    # [MASK] alone is a symbol here: [CLS], [SEP] or a tag written in the text is its characters, as in pretraining.
+    encoded = encode_text(processor, [clean_whitespace((normalize or Normalization())(text))],
+                          reserved_ids(processor) - {MASK})[0]
     # SentencePiece splits " [MASK]" into a bare "▁" and [MASK]; in pretraining the mask took a
     # whole piece, space included, so the bare "▁" goes (and comes back before a fill that is
     # not the start of a word).

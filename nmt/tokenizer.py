@@ -57,7 +57,17 @@ def encode_text(processor: spm.SentencePieceProcessor, lines: list[str], reserve
 
 def _spelled(processor: spm.SentencePieceProcessor, ids: list[int], reserved: frozenset[int]) -> list[int]:
     return [piece for i in ids
-            for piece in ([processor.piece_to_id(c) for c in processor.id_to_piece(i)] if i in reserved else [i])]
+            for piece in ([p for c in processor.id_to_piece(i) for p in _character(processor, c)] if i in reserved else [i])]
+
+
+def _character(processor: spm.SentencePieceProcessor, character: str) -> list[int]:
+    """The piece of one character, or where the vocabulary lacks it, its UTF-8 bytes' pieces, as
+    SentencePiece's byte fallback spells it (a vocabulary without them: <unk>, as anywhere)."""
+    piece = processor.piece_to_id(character)
+    if piece != processor.unk_id():
+        return [piece]
+    byte_pieces = [processor.piece_to_id(f"<0x{byte:02X}>") for byte in character.encode()]
+    return [piece] if processor.unk_id() in byte_pieces else byte_pieces
 
 
 # SentencePiece's model depends on the number of threads it trains with (its statistics are

@@ -35,7 +35,16 @@ def test_prepare_from_files_with_given_splits(toy_corpus, tmp_path):
     assert not list(tmp_path.glob(".data.tmp-*"))
 
 
-def test_prepare_tsv_carves_fixed_splits(tmp_path):
+def test_given_references_are_in_the_unicode_form_the_model_writes(toy_corpus, tmp_path):
+    """A reference with decomposed accents (NFD) would match no output, which is NFC: a perfect
+    translation would lose BLEU."""
+    decomposed = ["cafe\u0301  w1", "nin\u0303o w2"]
+    write_pairs(tmp_path / "given", [("w1 w2", decomposed[0]), ("w3", decomposed[1])])
+    out = tmp_path / "data"
+    prepare(_config(out, train_prefix=str(toy_corpus / "train"), valid_prefix=str(tmp_path / "given"),
+                    test_prefix=str(tmp_path / "given")))
+    assert (out / "test.tgt.txt").read_text().splitlines() == ["café w1", "niño w2"]
+
     path = tmp_path / "c.tsv.gz"
     pairs = toy_pairs(200, seed=4)
     with gzip.open(path, "wt", encoding="utf-8") as f:
@@ -429,3 +438,17 @@ def test_reserved_symbols_written_in_the_corpus_are_plain_text(tmp_path):
         data = ParallelSplit.load(tmp_path / "data", split)
         for i in range(len(data)):
             assert not {MASK, CLS, SEP} & {*data.src[i].tolist(), *data.tgt[i].tolist()}
+
+
+def test_reserved_symbols_are_spelled_in_byte_pieces_where_the_vocabulary_lacks_a_letter(tmp_path):
+    """A byte-fallback vocabulary (Chinese, Japanese, Korean) spells "[SEP]" written in a text
+    with the byte pieces of a letter it lacks (E), as any other unknown character: no <unk>."""
+    from nmt.tokenizer import Tokenizer, train_sentencepiece
+
+    text = [f"{s} {t}" for s, t in toy_pairs(300, seed=1)] + ["[ ] < > S P M A K C L 2 x"] * 5
+    model = train_sentencepiece(text, tmp_path / "spm", 320, byte_fallback=True, extra_symbols=("<2xx>",))
+    tokenizer = Tokenizer(model, model)
+    line = "w1 [SEP] [MASK] <2xx> w2"
+    ids = tokenizer.encode_tgt([line])[0]
+    assert tokenizer.tgt.unk_id() not in ids and tokenizer.tgt.piece_to_id("E") == tokenizer.tgt.unk_id()
+    assert tokenizer.decode_tgt([ids])[0] == line

@@ -33,7 +33,7 @@ from nmt.pretrain import (
     pretrain,
     sentence_pairs,
 )
-from nmt.tokenizer import FIRST_REGULAR_ID, MASK, PAD, load_sentencepiece
+from nmt.tokenizer import CLS, FIRST_REGULAR_ID, MASK, PAD, SEP, load_sentencepiece
 
 runner = CliRunner()
 TINY_MODEL = dict(embed_dim=32, ff_dim=64, heads=2, enc_layers=2, dec_layers=2, dropout=0.0, share_embeddings=True)
@@ -242,6 +242,15 @@ def test_fill_mask_keeps_the_space_before_a_fill_that_does_not_start_a_word(over
     assert filled.masks[0].candidates[0][0] == processor.id_to_piece(inner)
     filled = fill_mask(FavouringOnePiece(), processor, "[MASK] red fox", top_k=1)
     assert filled.text == f"{processor.id_to_piece(inner)} red fox"
+
+    class SeeingTokens(FavouringOnePiece):
+        def __call__(self, tokens, segments, positions):
+            seen.extend(tokens[0].tolist())
+            return super().__call__(tokens, segments, positions)
+
+    seen = []  # [SEP] and [CLS] written in the text are their characters, as pretraining spelled them
+    fill_mask(SeeingTokens(), processor, "the [SEP] red [CLS] [MASK]", top_k=1)
+    assert SEP not in seen and CLS not in seen and seen.count(MASK) == 1
 
 
 def test_pretrain_resume_matches_uninterrupted_run(tmp_path):
