@@ -291,3 +291,27 @@ def test_the_time_to_quality_row_names_its_threshold_and_meets_the_target_only_a
     assert f"| Transformer training seconds to dev BLEU {threshold:g} | 42.0 | ≤ 60 (to 41) | {met} |" in table
     stage.pop("train_seconds")  # not reached
     assert "| Transformer training seconds to dev BLEU | not reached or not measured |" in gpu_check.format_markdown(report)
+
+
+@pytest.mark.slow
+def test_the_training_figures_stay_when_decoding_the_test_set_fails(multi30k_toy, tmp_path, monkeypatch):
+    def failing(self, save_dir):
+        raise RuntimeError("out of memory while decoding")
+
+    monkeypatch.setattr(gpu_check.Run, "score_test", failing)
+    config = CheckConfig(out=tmp_path / "out", data=multi30k_toy, dry_run=True, vocab_size=40,
+                         stages=("prepare", "transformer"))
+    run_check(config, log=lambda message: None)
+    stage = json.loads((tmp_path / "out" / "gpu-check.json").read_text())["stages"]["transformer"]
+    assert stage["status"].startswith("failed: RuntimeError: out of memory")
+    assert stage["tgt_tokens_per_s"] > 0 and stage["curve"] and stage["trained_seconds"] > 0
+
+
+def test_the_deadline_comes_again_should_its_first_signal_be_lost():
+    """An error raised while OutOfTime unwinds (a CUDA graph capture ended halfway) replaces it,
+    and a fallback may catch that one: the alarm is set again, for 15 s later."""
+    import signal
+
+    with pytest.raises(gpu_check.OutOfTime):
+        gpu_check._out_of_time(signal.SIGALRM, None)
+    assert signal.alarm(0) == 15  # what was left of the alarm it set, now disarmed
