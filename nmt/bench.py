@@ -394,6 +394,8 @@ def plan_bench(bc: BenchConfig) -> BenchPlan:
     device = resolve_device(bc.device)
     gpu = device.type == "cuda"
     unknown = set(bc.sections) - set(SECTIONS)
+    if not bc.sections:  # it would prepare the data and measure nothing
+        raise ConfigError(f"no bench section given; choose from {', '.join(SECTIONS)}")
     if unknown:
         raise ConfigError(f"unknown bench section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
     for name, value in (("--ttq-minutes", bc.ttq_minutes), ("--ttq-bleu", bc.ttq_bleu)):

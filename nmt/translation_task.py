@@ -120,7 +120,14 @@ class TranslationTask:
             self.valid_split, self.references = validation_set(data_dir, "valid")
 
     def describe(self) -> str:
-        return f"{len(self.train_split)} training pairs"
+        return f"{len(self.train_split)} training pairs{self.over_budget_note()}"
+
+    def over_budget_note(self) -> str:
+        """The pairs longer than a batch may hold: each is trained alone, past the budget (and,
+        on a GPU, may run out of memory every epoch), which the user should hear of."""
+        split, budget = self.train_split, self.config.train.batch_tokens
+        over = int((np.maximum(split.src.lengths, split.tgt.lengths) + 1 > budget).sum())  # + BOS/EOS, as batches count
+        return f"; {over} of them longer than train.batch_tokens ({budget}), each trained as a batch of its own" if over else ""
 
     def build_model(self) -> torch.nn.Module:
         return build_model(self.config.model, self.tokenizer.src_vocab_size, self.tokenizer.tgt_vocab_size)
@@ -214,7 +221,8 @@ class MultilingualTranslationTask(TranslationTask):
     def describe(self) -> str:
         weighted = ", ".join(f"{d} ×{w:g}" for d, w in changed_weights(dict(zip(self.directions, self.weights or []))).items())
         return (f"{len(self.train_split)} training pairs in {len(self.directions)} directions "
-                f"(sampling temperature {self.temperature:g}{'; weights ' + weighted if weighted else ''})")
+                f"(sampling temperature {self.temperature:g}{'; weights ' + weighted if weighted else ''})"
+                f"{self.over_budget_note()}")
 
     def epoch_batches(self, batch_tokens: int, epoch: int) -> list[np.ndarray]:
         split, tc = self.train_split, self.config.train

@@ -87,6 +87,8 @@ def test_bench_cli_reports_bad_input_in_one_line(tmp_path):
     assert "not found" in result.output and len(result.output.strip().splitlines()) == 1
     result = runner.invoke(app, ["bench", "--sections", "train,speed", "--device", "cpu"])
     assert result.exit_code == 1 and "unknown bench section" in result.output
+    result = runner.invoke(app, ["bench", "--sections", ",", "--device", "cpu", "--out", str(tmp_path / "b.json")])
+    assert result.exit_code == 1 and "no bench section given" in result.output
     result = runner.invoke(app, ["bench", "--recipe", "transformer", "--device", "cpu"])
     assert result.exit_code == 1 and "NAME=PATH" in result.output
     (tmp_path / "afile").write_text("x")

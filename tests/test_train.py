@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from nmt.checkpoint import load_for_inference
 from nmt.config import DecodeConfig, config_from_dict
+from nmt.data import ParallelSplit
 from nmt.errors import ConfigError
 from nmt.files import Manifest
 from nmt.prepare import PrepareConfig, prepare
@@ -380,6 +381,20 @@ def test_word_dropout_is_applied_to_training_batches_only(tiny_data, tmp_path):
     model = plain.build_model()
     cpu = torch.device("cpu")
     assert dropping.validate(model, cpu, torch.float32) == plain.validate(model, cpu, torch.float32)
+
+
+def test_pairs_longer_than_a_batch_are_named_when_training_starts(tiny_data, tmp_path):
+    data_dir, _ = tiny_data
+    manifest = Manifest.read(data_dir)
+    split = ParallelSplit.load(data_dir, "train")
+    longest = int(np.maximum(split.src.lengths, split.tgt.lengths).max()) + 1
+    fits = TranslationTask(_config(data_dir, tmp_path / "m", TINY_MODELS["transformer"], batch_tokens=longest), data_dir, manifest)
+    assert fits.describe() == f"{len(split)} training pairs"
+    tight = TranslationTask(_config(data_dir, tmp_path / "m", TINY_MODELS["transformer"], batch_tokens=longest - 1),
+                            data_dir, manifest)
+    over = int((np.maximum(split.src.lengths, split.tgt.lengths) + 1 == longest).sum())
+    assert tight.describe().endswith(f"; {over} of them longer than train.batch_tokens ({longest - 1}), "
+                                     "each trained as a batch of its own")
 
 
 def test_an_update_budget_gives_the_same_model_on_a_slow_machine(tiny_data, tmp_path, monkeypatch):
