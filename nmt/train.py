@@ -309,18 +309,20 @@ def with_saved_init(config: Config, save_dir: Path) -> Config:
 def check_init(config: Config, manifest: Manifest) -> None:
     """A wrong model to start from (train.init) fails now, not after loading the data. (A resumed
     run has its own weights and needs that model no more: see `check_resumable`.)"""
-    init, tc = config.train.init, config.train
+    init, tc, defaults = config.train.init, config.train, TrainConfig()
+    # What each setting does to a masked LM's weights: nothing to a model given none, or a translation model's.
+    doing = {"freeze_init_steps": "holds a masked LM's weights fixed",
+             "init_decoder": "leaves a masked LM's weights out of the decoder"}
+    changed = [key for key in doing if getattr(tc, key) != getattr(defaults, key)]
     if not init:
-        for key in ("freeze_init_steps", "init_decoder"):
-            if getattr(tc, key) != getattr(TrainConfig(), key):
-                raise ConfigError(f"train.{key} is about the weights of --init, and none is given")
+        if changed:
+            raise ConfigError(f"train.{changed[0]} is about the weights of --init, and none is given")
         return
     task = check_pretrained(Path(init), manifest.vocab, config.model, tc.init_decoder).task
-    for key, default, what in (("freeze_init_steps", 0, "holds a masked LM's weights fixed"),
-                               ("init_decoder", True, "leaves a masked LM's weights out of the decoder")):
-        if task == TRANSLATION and getattr(tc, key) != default:
-            raise ConfigError(f"train.{key} {what}, but --init {init} is a translation model, every weight of which "
-                              f"it loads; leave it at {str(default).lower()}")
+    if task == TRANSLATION and changed:
+        key = changed[0]
+        raise ConfigError(f"train.{key} {doing[key]}, but --init {init} is a translation model, every weight of which "
+                          f"it loads; leave it at {str(getattr(defaults, key)).lower()}")
 
 
 def run_training(

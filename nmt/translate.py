@@ -432,11 +432,12 @@ def check_language_choices(model_dirs: Sequence[Path], pivot_dirs: Sequence[Path
     through a pivot), before anything is translated: a run of many directions does not stop
     halfway."""
     restrict = decode_settings(read_config(Path(model_dirs[0])).decode, decode_options).restrict_vocab
+    infos = {Path(d): VocabInfo.read(Path(d)) for d in [*model_dirs, *(pivot_dirs or [])]}  # each read once
     for src, tgt in directions:
         legs = [(model_dirs, src, tgt)] if pivot is None else [(model_dirs, src, pivot), (pivot_dirs or model_dirs, pivot, tgt)]
         for dirs, leg_src, leg_tgt in legs:
             for model_dir in map(Path, dirs):
-                language_settings(VocabInfo.read(model_dir), model_dir, LanguageChoice(leg_tgt, leg_src), restrict)
+                language_settings(infos[model_dir], model_dir, LanguageChoice(leg_tgt, leg_src), restrict)
 
 
 def target_language_pieces(vocab_info: VocabInfo, model_dir: Path, lang: str) -> np.ndarray:
@@ -613,8 +614,8 @@ def translate_file(
         check_output_apart(Path("/dev/stdout"), [input_path or Path("/dev/stdin"), prefix_path], [])
     translator = load_text_translator(model_dirs, decode_options, checkpoint, device, quantize, engine, languages, pivot,
                                       pivot_dirs)
-    if attention is not None:  # a layer or head the model lacks: refused before anything is written
-        translator.describe_attention(attention.choice)
+    # A layer or head the model lacks is refused here, before anything is written.
+    described = None if attention is None else translator.describe_attention(attention.choice)
     lines = _read_stdin(replace_invalid) if input_path is None else read_lines(Path(input_path), replace_invalid=replace_invalid)
     prefixes = None if prefix_path is None else read_lines(Path(prefix_path), replace_invalid)
     chunk_lines = 1 if stream else translator.decode.chunk_lines
@@ -646,7 +647,7 @@ def translate_file(
     if unknown > 5:
         warn(f"warning: {unknown} prefixes held characters the target vocabulary lacks")
     if attention is not None:
-        _write_attention(maps, attention, model_dirs, translator, warn)
+        _write_attention(maps, attention, model_dirs, described, warn)
     return count
 
 
@@ -710,11 +711,12 @@ def _output_file(path: Path):
         raise DataError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def _write_attention(maps, attention: AttentionOutput, model_dirs: list[Path], translator: TextTranslator, warn) -> None:
+def _write_attention(maps, attention: AttentionOutput, model_dirs: list[Path], described: str, warn) -> None:
+    """`described`: which weights the maps show, in words (`TextTranslator.describe_attention`)."""
     from nmt.plots import write_attention  # matplotlib: only when pictures are asked for
 
     title = "model " + " + ".join(str(d) for d in model_dirs)
-    pictures, directory = write_attention(maps, attention, title, translator.describe_attention(attention.choice))
+    pictures, directory = write_attention(maps, attention, title, described)
     warn(f"attention: {pictures} heat-map(s) and alignments.txt in {directory}")
 
 
