@@ -44,10 +44,10 @@ class AttentionOutput:
 ATTENTION_FILES = re.compile(r"alignments\.txt|attention\.jsonl|line-\d{6}\.png")  # what --attention writes
 
 
-def open_attention_dir(directory: Path, translation: Path | None = None, inputs: Sequence[tuple[str, Path | None]] = ()) -> None:
-    """Create `directory` for `nmt translate --attention`, or check that it holds only what such
-    a run writes (and `translation`, the -o file): the user's files are never written over, nor
-    an input (`inputs`: (option, path)) that has the name of a file it writes."""
+def check_attention_dir(directory: Path, translation: Path | None = None, inputs: Sequence[tuple[str, Path | None]] = ()) -> None:
+    """Check that `directory`, for `nmt translate --attention`, is new or holds only what such a
+    run writes (and `translation`, the -o file): the user's files are never written over, nor an
+    input (`inputs`: (option, path)) that has the name of a file it writes."""
     if directory.exists() and not directory.is_dir():
         raise DataError(f"--attention {directory} is a file, not a folder")
     own = translation.resolve() if translation is not None else None
@@ -64,10 +64,6 @@ def open_attention_dir(directory: Path, translation: Path | None = None, inputs:
         if directory.is_dir() else []  # hidden: .DS_Store, a killed run's temporary files
     if others:
         raise DataError(f"--attention {directory} holds files it does not write ({others[0]}, ...): give a new or empty folder")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot write --attention {directory}: {e.strerror or e}") from None
 
 
 def describe_attention(model: ModelConfig, choice: AttentionChoice) -> str:

@@ -67,6 +67,24 @@ def cut_unfinished_record(path: Path) -> None:
             f.truncate(start + tail.rfind(b"\n") + 1)
 
 
+# The fields of each record kind that readers of the log (`nmt plot`, `nmt average`) rely on;
+# a train record's loss is null when every update of its interval was skipped.
+REQUIRED_NUMBERS = {"train": ("loss", "lr"), "valid": ("loss",)}
+
+
+def _not_a_number(record: dict, required: tuple[str, ...]) -> str | None:
+    """The first field of `record` that should hold a number and does not: one of `required`,
+    or a score ("bleu", "accuracy", "bleu_de-en", ...) that is there."""
+    scores = [key for key in record if key in ("bleu", "accuracy") or key.startswith("bleu_")]
+    for key in (*required, *scores):
+        value = record.get(key)
+        if value is None and key == "loss" and record["type"] == "train" and key in record:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return key
+    return None
+
+
 def read_train_log(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """The training and the validation records of a run, by step.
 
@@ -92,6 +110,8 @@ def read_train_log(run_dir: Path) -> tuple[list[dict], list[dict]]:
                 continue
             if not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
                 raise DataError(f"{path}, line {lineno}: a {kind} record without a whole-number step")
+            if (field := _not_a_number(record, REQUIRED_NUMBERS[kind])) is not None:
+                raise DataError(f"{path}, line {lineno}: a {kind} record whose {field!r} is not a number")
             same_kind = records[kind]
             while same_kind and same_kind[-1]["step"] >= record["step"]:
                 same_kind.pop()

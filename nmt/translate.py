@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nmt.alignment import EOS_LABEL, AttentionMap, AttentionOutput, describe_attention, open_attention_dir
-from nmt.atomic import check_output_apart, open_text_atomic
+from nmt.alignment import EOS_LABEL, AttentionMap, AttentionOutput, check_attention_dir, describe_attention
+from nmt.atomic import check_output_apart, make_folder, open_text_atomic, same_place
 from nmt.batches import pad_source
 from nmt.checkpoint import load_for_inference, read_config
 from nmt.config import DecodeConfig, ModelConfig
@@ -598,14 +598,15 @@ def translate_file(
     model_dirs = [Path(model_dirs)] if isinstance(model_dirs, (str, Path)) else [Path(d) for d in model_dirs]
     output_path = None if output_path is None or str(output_path) == "-" else Path(output_path)
     input_path = None if input_path is None or str(input_path) == "-" else Path(input_path)
-    if attention is not None:  # first: -o may name a file in the folder it makes
-        open_attention_dir(Path(attention.directory), output_path,
-                           [("-i", input_path), ("--prefix", None if prefix_path is None else Path(prefix_path))])
+    attention_dir = None if attention is None else Path(attention.directory)
+    if attention_dir is not None:
+        check_attention_dir(attention_dir, output_path,
+                            [("-i", input_path), ("--prefix", None if prefix_path is None else Path(prefix_path))])
     if output_path is not None:
         if not str(output_path) or output_path.is_dir():
             raise DataError(f"cannot write {output_path or '-o'}: give a file name, not a folder")
         folder = Path(os.path.realpath(output_path)).parent  # a link's: where its file is written
-        if not folder.is_dir():
+        if not folder.is_dir() and not (attention_dir is not None and same_place(folder, attention_dir)):
             raise DataError(f"cannot write {output_path}: the folder {folder} does not exist")
         # stdin read from a file (`< FILE`) is that file's input as much as -i FILE
         stdin = Path("/dev/stdin") if input_path is None else None
@@ -616,6 +617,8 @@ def translate_file(
                                       pivot_dirs)
     # A layer or head the model lacks is refused here, before anything is written.
     described = None if attention is None else translator.describe_attention(attention.choice)
+    if attention_dir is not None:  # made once nothing is left to refuse
+        make_folder(attention_dir, "--attention")
     lines = _read_stdin(replace_invalid) if input_path is None else read_lines(Path(input_path), replace_invalid=replace_invalid)
     prefixes = None if prefix_path is None else read_lines(Path(prefix_path), replace_invalid)
     chunk_lines = 1 if stream else translator.decode.chunk_lines

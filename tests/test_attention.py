@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from nmt.alignment import EOS_LABEL, AttentionMap, hard_alignments, merge_words, word_groups
 from nmt.batches import pad_source
 from nmt.config import ModelConfig
-from nmt.errors import ConfigError
+from nmt.errors import ConfigError, DataError
 from nmt.models import build_model
 from nmt.models.attention import AttentionChoice
 from nmt.search import beam_search, greedy_search
@@ -174,6 +174,20 @@ def test_train_log_reads_back_a_resumed_run_and_a_cut_last_line(tmp_path):
     train, valid = read_train_log(tmp_path)
     assert [r["step"] for r in train] == [10, 20, 30] and train[-1]["loss"] == 2.5
     assert [r["bleu"] for r in valid] == [5.0]
+
+
+@pytest.mark.parametrize("record, field", [
+    ({"type": "train", "step": 1, "lr": 1e-3}, "loss"),  # null means every update skipped; absent is an edit
+    ({"type": "train", "step": 1, "loss": 2.0, "lr": "1e-3"}, "lr"),
+    ({"type": "valid", "step": 1, "loss": {}, "bleu": 3.0}, "loss"),
+    ({"type": "valid", "step": 1, "loss": 2.0, "bleu": "3"}, "bleu"),
+    ({"type": "valid", "step": 1, "loss": 2.0, "bleu": 3.0, "bleu_de-en": None}, "bleu_de-en"),
+])
+def test_train_log_names_a_record_without_the_numbers_its_readers_plot(tmp_path, record, field):
+    good = {"type": "train", "step": 0, "loss": None, "lr": 1e-3}
+    (tmp_path / "train_log.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=f"line 2: a {record['type']} record whose '{field}' is not a number"):
+        read_train_log(tmp_path)
 
 
 def test_train_log_without_tensorboard_warns_and_keeps_the_json_log(tmp_path, monkeypatch):

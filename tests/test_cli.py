@@ -185,6 +185,10 @@ def test_translate_writes_attention_heatmaps_alignments_and_weights(trained, tmp
     one_line_error(invoke("translate", trained / "model", "-i", tmp_path / "in.txt", "--json"), "need --attention DIR")
     one_line_error(invoke("translate", trained / "model", "-i", tmp_path / "in.txt", "--attention", tmp_path / "x",
                           "--attention-layer", "2"), "attention layer 2 does not exist")
+    assert not (tmp_path / "x").exists()  # a refused run leaves no folder behind
+    into_new = invoke("translate", trained / "model", "-i", tmp_path / "in.txt", "--attention", tmp_path / "new",
+                      "-o", tmp_path / "new" / "out.txt")  # -o in the folder --attention makes
+    assert into_new.exit_code == 0 and (tmp_path / "new" / "out.txt").is_file(), into_new.output
     # refused before the first line is written, though that line (empty) needs no attention
     late = runner.invoke(app, ["translate", str(trained / "model"), "--stream", "--attention", str(tmp_path / "y"),
                                "--attention-head", "3"], input="\nw1 w2\n")
