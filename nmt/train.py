@@ -861,9 +861,10 @@ class Trainer:
         if not ranks.active or st.step % tc.log_every == 0:
             if ranks.agree(int(bool(self.stop_signal.received)), self.device):
                 name = self.stop_signal.received or "SIGTERM"
-                self.check_finite_weights()
-                self.save("last")
-                self.validated_at = st.step  # saved; no final validation on the way out
+                if self.validated_at != st.step:  # else validating this update saved last/ already
+                    self.check_finite_weights()
+                    self.save("last")
+                    self.validated_at = st.step  # saved; no final validation on the way out
                 self.log(f"stopped by {name} at step {st.step}; continue with --resume")
                 return signal_stop_reason(name)
             out_of_time = tc.max_minutes and self.elapsed() >= tc.max_minutes * 60

@@ -179,8 +179,15 @@ def _stopping_stub(step: int, elapsed: float = 0.0, skipped_run: int = 0, signal
         device=CPU, longest_skipped_run=torch.tensor(skipped_run), stop_signal=SimpleNamespace(received=signal),
         elapsed=lambda: elapsed, log=lambda message: calls.append(("log", message)),
         save=lambda name: calls.append(("save", name)), check_finite_weights=lambda: None,
-        validate_and_save=lambda: calls.append(("validate", step)) or verdict, validated_at=-1,
+        validated_at=-1,
     )
+
+    def validate_and_save():  # saves last/, as the trainer's does
+        stub.validated_at = step
+        calls.extend([("validate", step), ("save", "last")])
+        return verdict
+
+    stub.validate_and_save = validate_and_save
     return stub, calls
 
 
@@ -198,6 +205,8 @@ def test_stop_decision_after_an_update():
     assert reason == "signal (SIGTERM)" and ("save", "last") in calls
     reason, calls = stop(10, valid_every=5, verdict="patience")
     assert reason == "patience" and ("validate", 10) in calls
+    reason, calls = stop(10, valid_every=5, signal="SIGINT")  # the signal came while validating
+    assert reason == "signal (SIGINT)" and calls.count(("save", "last")) == 1, calls
     assert stop(11, valid_every=5, verdict="patience")[1] == []  # no validation between
 
 
