@@ -19,7 +19,6 @@ def token_batches(
     tgt_lengths: np.ndarray,
     batch_tokens: int,
     seed: int | None = None,
-    max_sentences: int = 0,
 ) -> list[np.ndarray]:
     """Group sentence indices into batches of similar length.
 
@@ -45,8 +44,6 @@ def token_batches(
     position, in_batch = 0, 0  # sentences placed so far; of them, in the open batch
     for size, count in zip(values.tolist(), counts.tolist()):
         capacity = max(1, batch_tokens // size)
-        if max_sentences:
-            capacity = min(capacity, max_sentences)
         taken = 0
         if in_batch:
             taken = min(count, max(0, capacity - in_batch))

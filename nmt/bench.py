@@ -57,7 +57,7 @@ from nmt.errors import ConfigError, DataError
 from nmt.evaluate import corpus_bleu
 from nmt.files import TRANSLATION, Manifest, VocabInfo, text_files
 from nmt.models import build_model
-from nmt.models.dropout import Dropout
+from nmt.models.dropout import use_torch_masks
 from nmt.models.transformer import training_flops
 from nmt.prepare import PrepareConfig, prepare
 from nmt.search import FullPrefixDecoding
@@ -168,9 +168,8 @@ def bench_training(
     dtype = torch.float32 if plain else resolve_precision(tc.precision, device)
     torch.manual_seed(tc.seed)
     model = build_model(config.model, *vocab_sizes).to(device).train()
-    for module in model.modules():
-        if isinstance(module, Dropout):
-            module.cpu_mask = not plain  # plain: torch's own CPU dropout mask
+    if plain:
+        use_torch_masks(model)
     if device.type == "cpu" and not plain:
         keep_freed_memory()  # as `nmt train` does on the CPU
     optimizer = make_optimizer(model, tc, fused=not plain)

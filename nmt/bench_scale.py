@@ -28,6 +28,7 @@ from nmt.corpora import LOCAL_MULTI30K
 from nmt.data import find_side_file, read_parallel_files
 from nmt.errors import DataError
 from nmt.files import Manifest
+from nmt.shards import worker_count
 from nmt.train_log import LOG_NAME
 
 # A small Transformer: the point is the data path, not the model.
@@ -255,7 +256,7 @@ def run_scale_bench(config: ScaleBenchConfig) -> dict:
     }
     report = {"kind": "monolingual" if config.mono else "parallel", "large": large, "small": small,
               "ratio_large_to_small": growth, "source": str(source),
-              "cores": _cores()}
+              "cores": worker_count()}
     return _written(report, config)
 
 
@@ -266,13 +267,9 @@ def _translate_report(config: ScaleBenchConfig, pairs: list[tuple[str, str]], wo
         "kind": "translate", "model": str(config.translate), "beam": config.beam, "large": large, "small": small,
         "ratio_large_to_small": {key: round(large[key] / max(small[key], 1e-9), 2)
                                  for key in ("translate_seconds", "translate_peak_rss_bytes")},
-        "stream_latency": stream_latency(config, pairs), "source": str(source), "cores": _cores(),
+        "stream_latency": stream_latency(config, pairs), "source": str(source), "cores": worker_count(),
     }
     return _written(report, config)
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _written(report: dict, config: ScaleBenchConfig) -> dict:

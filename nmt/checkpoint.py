@@ -367,17 +367,17 @@ def check_pretrained(pretrained_dir: Path, vocab: Vocabulary, model: ModelConfig
         raise CheckpointError(f"model to start from not found: {pretrained_dir}")
     info = VocabInfo.read(pretrained_dir)
     if info.task == TRANSLATION:
-        check_same_vocabulary(pretrained_dir, info, vocab, ("src", "tgt"))
+        check_init_vocabulary(pretrained_dir, info, vocab, ("src", "tgt"))
         check_fine_tuning_model(pretrained_dir, model)
         return info
     if info.task != MASKED_LM:
         raise CheckpointError(f"{pretrained_dir} is neither a pretrained model (nmt pretrain) nor a translation model")
-    check_same_vocabulary(pretrained_dir, info, vocab, ("src", "tgt") if decoder else ("src",))
+    check_init_vocabulary(pretrained_dir, info, vocab, ("src", "tgt") if decoder else ("src",))
     check_pretrained_sizes(pretrained_dir, model, decoder)
     return info
 
 
-def check_same_vocabulary(pretrained_dir: Path, info: VocabInfo, vocab: Vocabulary, sides: tuple[str, ...]) -> None:
+def check_init_vocabulary(pretrained_dir: Path, info: VocabInfo, vocab: Vocabulary, sides: tuple[str, ...]) -> None:
     """The data's SentencePiece model of each side in `sides` must be the one `pretrained_dir`
     was trained with (a masked LM has one, its source side's)."""
     for side in sides:

@@ -164,10 +164,16 @@ class TrainConfig:
                 raise ConfigError(f"train.direction_weights.{direction} must be a positive number (got {weight!r})")
 
 
+# The decode settings that only sampling uses, and those of beam search that sampling does not:
+# `nmt translate` refuses them given with the other kind of decoding.
+SAMPLING_ONLY = {"sampling_only": True}
+SEARCH_ONLY = {"search_only": True}
+
+
 @dataclass
 class DecodeConfig:
-    beam: int = 5
-    len_penalty: float = 1.0  # hypothesis score = log-prob / length**len_penalty
+    beam: int = field(default=5, metadata=SEARCH_ONLY)
+    len_penalty: float = field(default=1.0, metadata=SEARCH_ONLY)  # hypothesis score = log-prob / length**len_penalty
     max_len_a: float = 1.5  # longest output = a * source length + b
     max_len_b: int = 10
     nbest: int = 1
@@ -189,10 +195,10 @@ class DecodeConfig:
     # 1/temperature, cut to the topk most probable (0: all) and to the smallest set reaching
     # topp; nbest gives that many samples per line. The same seed draws the same samples.
     sampling: bool = False
-    topk: int = 0
-    topp: float = 1.0
-    temperature: float = 1.0
-    seed: int = 1
+    topk: int = field(default=0, metadata=SAMPLING_ONLY)
+    topp: float = field(default=1.0, metadata=SAMPLING_ONLY)
+    temperature: float = field(default=1.0, metadata=SAMPLING_ONLY)
+    seed: int = field(default=1, metadata=SAMPLING_ONLY)
     chunk_lines: int = 10000  # a file is read, sorted and translated this many lines at a time
 
     def validate(self) -> None:

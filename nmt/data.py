@@ -7,7 +7,6 @@ import csv
 import gzip
 import hashlib
 import math
-import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,12 +267,6 @@ class CleanStats:
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
-
-
-def normalize_text(text: str, form: str) -> str:
-    if form.lower() == "none":
-        return text
-    return unicodedata.normalize(form.upper(), text)
 
 
 # Control characters (category Cc) that str.split() keeps, and U+FEFF (a byte-order mark or

@@ -63,7 +63,7 @@ class Ensemble:
         return mean, EnsembleState(states, states[0].attention)
 
 
-def check_same_vocabulary(model_dirs: Sequence[Path]) -> VocabInfo:
+def shared_vocabulary(model_dirs: Sequence[Path]) -> VocabInfo:
     """The vocab.json the models share; a one-line error naming the first difference otherwise."""
     for model_dir in model_dirs:
         if not Path(model_dir).is_dir():
@@ -86,7 +86,7 @@ def _first_difference(a: VocabInfo, b: VocabInfo) -> str:
         lang_a, lang_b = (a.src_lang, b.src_lang) if side == "src" else (a.tgt_lang, b.tgt_lang)
         if lang_a and lang_b and lang_a != lang_b:
             return f"the {name} languages differ ({lang_a} and {lang_b})"
-        size_a, size_b = getattr(a.vocab, f"{side}_size"), getattr(b.vocab, f"{side}_size")
+        size_a, size_b = a.vocab.size(side), b.vocab.size(side)
         if size_a != size_b:
             return f"the {name} vocabularies differ in size ({size_a} and {size_b} pieces)"
         if a.vocab.sha256(side) != b.vocab.sha256(side):

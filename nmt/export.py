@@ -39,6 +39,7 @@ from nmt.models.attention import AttentionChoice
 from nmt.models.transformer import Transformer, sinusoidal_positions
 from nmt.normalize import Normalization
 from nmt.search import NEW_WORD, Hypothesis, length_norm, max_lengths
+from nmt.shards import worker_count
 from nmt.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, check_recorded_model
 from nmt.translate import (
     ANY_LANGUAGE,
@@ -577,7 +578,7 @@ def load_ctranslate2_translator(export_dir: Path, decode_options: dict | None = 
         print("warning: int8 computation with 8-bit weights can overflow on a CPU without VNNI and change "
               "translations; export with --quantization int8 (7-bit weights) and translate that export",
               file=sys.stderr)
-    cores = threads or len(os.sched_getaffinity(0))
+    cores = worker_count(threads)
     # Workers draw from their own random streams, in whatever order they take batches: sampling
     # repeats itself only with one worker, which then gets every core.
     workers = 1 if kind != "cpu" or decode.sampling else cores

@@ -132,6 +132,9 @@ class Vocabulary:
     def sha256(self, side: str) -> str:
         return self.src_sha256 if side == "src" else self.tgt_sha256
 
+    def size(self, side: str) -> int:
+        return self.src_size if side == "src" else self.tgt_size
+
 
 class _VocabularyRecord:
     """What manifest.json and vocab.json share: a vocabulary, a normalization record per side,

@@ -25,7 +25,7 @@ from nmt.checkpoint import load_for_inference, read_config
 from nmt.config import DecodeConfig, ModelConfig
 from nmt.data import clean_whitespace, decode_lines, read_lines
 from nmt.devices import autocast, resolve_device, resolve_precision
-from nmt.ensemble import Ensemble, check_same_vocabulary
+from nmt.ensemble import Ensemble, shared_vocabulary
 from nmt.errors import ConfigError, DataError
 from nmt.files import ExportRecord, VocabInfo
 from nmt.interfaces import StepDecoder
@@ -343,8 +343,8 @@ class TextTranslator(Protocol):
         """Which weights the attention maps show, in words."""
 
 
-SAMPLING_OPTIONS = ("topk", "topp", "temperature", "seed")  # decode options that only sampling uses
-SEARCH_OPTIONS = ("beam", "len_penalty")  # decode options that sampling does not use
+SAMPLING_OPTIONS = tuple(f.name for f in dataclasses.fields(DecodeConfig) if f.metadata.get("sampling_only"))
+SEARCH_OPTIONS = tuple(f.name for f in dataclasses.fields(DecodeConfig) if f.metadata.get("search_only"))
 
 
 def decode_settings(saved: DecodeConfig, decode_options: dict | None) -> DecodeConfig:
@@ -474,7 +474,7 @@ def load_translator(
     torch_device = resolve_device(device)
     if quantize and torch_device.type != "cpu":
         raise ConfigError("int8 quantization runs on the CPU only: add --device cpu")
-    vocab_info = check_same_vocabulary(model_dirs)  # first: no model is loaded for nothing
+    vocab_info = shared_vocabulary(model_dirs)  # first: no model is loaded for nothing
     models, tokenizer, config = [], None, None
     for model_dir in model_dirs:
         model, model_tokenizer, model_config = load_for_inference(model_dir, checkpoint, torch_device)

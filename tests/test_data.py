@@ -149,7 +149,7 @@ def test_word_dropout_changes_the_source_only(tmp_path):
     assert torch.equal(dropped.tgt_in, plain.tgt_in) and torch.equal(dropped.tgt_out, plain.tgt_out)
 
 
-def _sequential_token_batches(src_lengths, tgt_lengths, batch_tokens, seed=None, max_sentences=0):
+def _sequential_token_batches(src_lengths, tgt_lengths, batch_tokens, seed=None):
     """token_batches written as the plain loop over sentences it must equal."""
     sizes = np.maximum(src_lengths, tgt_lengths) + 1
     rng = np.random.default_rng(seed) if seed is not None else None
@@ -158,7 +158,7 @@ def _sequential_token_batches(src_lengths, tgt_lengths, batch_tokens, seed=None,
     batches, start = [], 0
     for pos, index in enumerate(order):
         count = pos - start
-        if count and (int(sizes[index]) * (count + 1) > batch_tokens or count == max_sentences):
+        if count and int(sizes[index]) * (count + 1) > batch_tokens:
             batches.append(order[start:pos])
             start = pos
     if start < len(order):
@@ -173,10 +173,10 @@ def test_token_batches_equal_the_sentence_by_sentence_definition():
     for trial in range(200):
         n, longest = int(rng.integers(1, 300)), int(rng.integers(2, 80))
         src, tgt = rng.integers(0, longest, n), rng.integers(0, longest, n)
-        batch_tokens, max_sentences = int(rng.integers(1, 600)), int(rng.choice([0, 1, 3, 17]))
+        batch_tokens = int(rng.integers(1, 600))
         seed = None if trial % 2 else trial
-        fast = token_batches(src, tgt, batch_tokens, seed, max_sentences)
-        plain = _sequential_token_batches(src, tgt, batch_tokens, seed, max_sentences)
+        fast = token_batches(src, tgt, batch_tokens, seed)
+        plain = _sequential_token_batches(src, tgt, batch_tokens, seed)
         assert len(fast) == len(plain) and all((a == b).all() for a, b in zip(fast, plain))
 
 

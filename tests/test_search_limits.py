@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TableMemory
 
-from nmt.ensemble import check_same_vocabulary
+from nmt.ensemble import shared_vocabulary
 from nmt.errors import CheckpointError
 from nmt.files import Normalization, VocabInfo, Vocabulary
 from nmt.search import Sampling, greedy_search, max_lengths, sample_search
@@ -104,14 +104,14 @@ def _write_vocab(directory, **changes):
 ])
 def test_an_ensemble_needs_one_vocabulary(tmp_path, changes, message):
     first = _write_vocab(tmp_path / "first")
-    assert check_same_vocabulary([first, _write_vocab(tmp_path / "same")]).vocab == VocabInfo.read(first).vocab
+    assert shared_vocabulary([first, _write_vocab(tmp_path / "same")]).vocab == VocabInfo.read(first).vocab
     with pytest.raises(CheckpointError, match=message):
-        check_same_vocabulary([first, _write_vocab(tmp_path / "other", **changes)])
+        shared_vocabulary([first, _write_vocab(tmp_path / "other", **changes)])
 
 
 def test_a_model_without_a_recorded_language_may_join_an_ensemble(tmp_path):
     first = _write_vocab(tmp_path / "first")
-    check_same_vocabulary([first, _write_vocab(tmp_path / "other", src_lang=None, tgt_lang=None)])
+    shared_vocabulary([first, _write_vocab(tmp_path / "other", src_lang=None, tgt_lang=None)])
 
 
 def test_length_normalization_stays_finite_for_any_penalty_and_length():

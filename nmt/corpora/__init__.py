@@ -15,7 +15,6 @@ from pathlib import Path
 
 from nmt.errors import DataError
 
-SAMPLE_TSV = Path(__file__).parent / "tatoeba-en-es-15k.tsv.gz"
 # The project's tree (recipes/ beside nmt/), and the local copy of Multi30k beside it that the
 # benchmarks read by default, wherever they are run from.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

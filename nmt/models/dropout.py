@@ -49,3 +49,10 @@ class Dropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def use_torch_masks(model: nn.Module) -> None:
+    """Every `Dropout` of `model` draws torch's own mask on the CPU too (`nmt bench`'s plain baseline)."""
+    for module in model.modules():
+        if isinstance(module, Dropout):
+            module.cpu_mask = False
