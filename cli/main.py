@@ -509,6 +509,7 @@ def evaluate(
     split: Annotated[str, typer.Option(help="With --data: valid or test.")] = "test",
     directions: Annotated[str | None, typer.Option(help="With --data: only these directions, e.g. de-fr,fr-de.")] = None,
     pivot: Annotated[str | None, typer.Option(help="With --data: translate through this language.")] = None,
+    pivot_model: Annotated[list[Path] | None, typer.Option(help="With --pivot: the model(s) for the second step (default: --model).")] = None,
     hyp_dir: Annotated[Path | None, typer.Option(help="With --data: keep the translations here (SPLIT.DIRECTION.hyp).")] = None,
     off_target: Annotated[bool, typer.Option("--off-target", help="With --data: also the share of output lines in another language than the target (py3langid).")] = False,
     beam: Annotated[int | None, typer.Option(help="Beam size when translating --src or --data.")] = None,
@@ -522,74 +523,20 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (with --src or --data).")] = "auto",
 ) -> None:
     """Score translations against references with sacreBLEU."""
-    from nmt.evaluate import evaluate_directions, score_files, translate_and_score
+    from nmt.evaluate import EvaluateRequest
+    from nmt.evaluate import evaluate as run_evaluate
     from nmt.multilingual import parse_directions
 
-    names = tuple(m.strip().lower() for m in metrics.split(",") if m.strip())
-    decode_options = {"beam": beam, "restrict_vocab": restrict_vocab}
     with user_errors():
-        if data is not None:
-            if model is None or hyp is not None or src is not None or ref is not None or lang or tgt_lang or src_lang:
-                raise NmtError("--data goes with --model (and no --hyp, --src, --ref, --lang, --tgt-lang or --src-lang: "
-                               "each direction names its languages)")
-            chosen = None if directions is None else parse_directions(directions)
-            if chosen == []:  # "--directions ," is no choice of all of them
-                raise NmtError("--directions names no direction")
-            results = evaluate_directions([model], data, split, chosen,
-                                          decode_options, names, device, pivot, hyp_dir=hyp_dir, off_target=off_target,
-                                          tokenize=tokenize)
-            _print_direction_scores(results, json_output)
-            return
-        if pivot or hyp_dir or directions or off_target:
-            raise NmtError("--directions, --pivot, --hyp-dir and --off-target go with --data")
-        if ref is None:
-            raise NmtError("give --ref with --hyp or --src (or --data with --model)")
-        if (hyp is None) == (src is None):
-            raise NmtError("give either --hyp, or --src with --model")
-        if (tgt_lang or src_lang) and src is None:
-            raise NmtError("--tgt-lang and --src-lang go with --src and --model")
-        if restrict_vocab is not None and src is None:
-            raise NmtError("--restrict-vocab goes with --src or --data, and --model")
-        if src is not None:
-            if model is None:
-                raise NmtError("--src needs --model")
-            scores = translate_and_score(model, src, ref, decode_options, names, tokenize, device, lang, tgt_lang, src_lang)
-        else:
-            scores = score_files(hyp, ref, names, tokenize, lang)
-    if json_output:
-        typer.echo(json.dumps([s.as_dict() for s in scores], indent=2))
-    else:
-        for s in scores:
-            typer.echo(f"{s.text}\n  signature: {s.signature}")
-
-
-def _print_direction_scores(results, json_output: bool) -> None:
-    """A table of the directions' scores with the mean of the trained and of the zero-shot ones."""
-    groups = {"trained": [r for r in results if not r.zero_shot], "zero-shot": [r for r in results if r.zero_shot]}
-    means = {name: {s.metric: round(sum(r.scores[i].score for r in group) / len(group), 2)
-                    for i, s in enumerate(group[0].scores)} for name, group in groups.items() if group}
-    if json_output:
-        typer.echo(json.dumps({"directions": [r.as_dict() for r in results], "mean": means}, indent=2))
-        return
-    metric_names = [s.metric for s in results[0].scores]
-    off = any(r.off_target is not None for r in results)
-    typer.echo(f"{'direction':<14}  " + "  ".join(f"{m:>7}" for m in metric_names) + ("  off-target %" if off else ""))
-    for r in results:
-        typer.echo(f"{r.direction + (' *' if r.zero_shot else ''):<14}  " + "  ".join(f"{s.score:7.2f}" for s in r.scores)
-                   + (f"  {r.off_target:12.2f}" if r.off_target is not None else ""))
-    for name, mean in means.items():
-        typer.echo(f"{'mean ' + name:<14}  " + "  ".join(f"{mean[m]:7.2f}" for m in metric_names))
-    for metric in metric_names:  # one per metric, or one per tokenizer when directions use several
-        directions_of: dict[str, list[str]] = {}
-        for r in results:
-            for s in r.scores:
-                if s.metric == metric:
-                    directions_of.setdefault(s.signature, []).append(r.direction)
-        for signature, directions in directions_of.items():
-            which = f" ({', '.join(directions)})" if len(directions_of) > 1 else ""
-            typer.echo(f"{metric} signature{which}: {signature}")
-    if groups["zero-shot"]:
-        typer.echo("* zero-shot: a direction the model was not trained on")
+        report = run_evaluate(EvaluateRequest(
+            hyp=hyp, ref=ref, src=src, model=model, data=data, split=split,
+            directions=None if directions is None else parse_directions(directions), pivot=pivot,
+            pivot_models=pivot_model, hyp_dir=hyp_dir, off_target=off_target,
+            decode_options={"beam": beam, "restrict_vocab": restrict_vocab},
+            metrics=tuple(m.strip().lower() for m in metrics.split(",") if m.strip()), tokenize=tokenize, lang=lang,
+            tgt_lang=tgt_lang, src_lang=src_lang, device=device,
+        ))
+    typer.echo(json.dumps(report.as_json(), indent=2) if json_output else report.text())
 
 
 @app.command()

@@ -228,6 +228,118 @@ def evaluate_directions(
     return results
 
 
+@dataclass
+class EvaluateRequest:
+    """What `nmt evaluate` is asked for: `hyp` scored against `ref`; `src` translated with
+    `model` and scored against `ref`; or each direction of the `data` dir's `split` translated
+    with `model` and scored (`directions`, `pivot`, `pivot_models`, `hyp_dir` and `off_target`
+    go with this one, see `evaluate_directions`)."""
+
+    hyp: Path | None = None
+    ref: Path | None = None
+    src: Path | None = None
+    model: Path | None = None
+    data: Path | None = None
+    split: str = "test"
+    directions: list[str] | None = None
+    pivot: str | None = None
+    pivot_models: list[Path] | None = None
+    hyp_dir: Path | None = None
+    off_target: bool = False
+    decode_options: dict | None = None  # translating: beam, restrict_vocab (None: the model's)
+    metrics: tuple[str, ...] = METRICS
+    tokenize: str | None = None
+    lang: str | None = None  # of the references, which picks BLEU's tokenizer
+    tgt_lang: str | None = None  # with src: a multilingual model's target language
+    src_lang: str | None = None
+    device: str = "auto"
+
+
+@dataclass
+class ScoreReport:
+    """The scores of one set of translations."""
+
+    scores: list[Score]
+
+    def as_json(self) -> list[dict]:
+        return [s.as_dict() for s in self.scores]
+
+    def text(self) -> str:
+        return "\n".join(f"{s.text}\n  signature: {s.signature}" for s in self.scores)
+
+
+@dataclass
+class DirectionReport:
+    """The scores of each direction of a data dir's split, and their means."""
+
+    directions: list[DirectionScores]
+
+    def means(self) -> dict[str, dict[str, float]]:
+        """Each metric's mean over the trained and over the zero-shot directions."""
+        groups = {"trained": [r for r in self.directions if not r.zero_shot],
+                  "zero-shot": [r for r in self.directions if r.zero_shot]}
+        return {name: {s.metric: round(sum(r.scores[i].score for r in group) / len(group), 2)
+                       for i, s in enumerate(group[0].scores)} for name, group in groups.items() if group}
+
+    def as_json(self) -> dict:
+        return {"directions": [r.as_dict() for r in self.directions], "mean": self.means()}
+
+    def text(self) -> str:
+        """A table of the directions' scores and means, then each metric's signature(s)."""
+        results = self.directions
+        metric_names = [s.metric for s in results[0].scores]
+        off = any(r.off_target is not None for r in results)
+        lines = [f"{'direction':<14}  " + "  ".join(f"{m:>7}" for m in metric_names) + ("  off-target %" if off else "")]
+        for r in results:
+            lines.append(f"{r.direction + (' *' if r.zero_shot else ''):<14}  " + "  ".join(f"{s.score:7.2f}" for s in r.scores)
+                         + (f"  {r.off_target:12.2f}" if r.off_target is not None else ""))
+        for name, mean in self.means().items():
+            lines.append(f"{'mean ' + name:<14}  " + "  ".join(f"{mean[m]:7.2f}" for m in metric_names))
+        for metric in metric_names:  # one per metric, or one per tokenizer when directions use several
+            directions_of: dict[str, list[str]] = {}
+            for r in results:
+                for s in r.scores:
+                    if s.metric == metric:
+                        directions_of.setdefault(s.signature, []).append(r.direction)
+            for signature, directions in directions_of.items():
+                which = f" ({', '.join(directions)})" if len(directions_of) > 1 else ""
+                lines.append(f"{metric} signature{which}: {signature}")
+        if any(r.zero_shot for r in results):
+            lines.append("* zero-shot: a direction the model was not trained on")
+        return "\n".join(lines)
+
+
+def evaluate(request: EvaluateRequest) -> ScoreReport | DirectionReport:
+    """`nmt evaluate`: the options of one of its three ways checked together, then that way run."""
+    r = request
+    if r.data is not None:
+        if r.model is None or r.hyp is not None or r.src is not None or r.ref is not None or r.lang or r.tgt_lang or r.src_lang:
+            raise DataError("--data goes with --model (and no --hyp, --src, --ref, --lang, --tgt-lang or --src-lang: "
+                            "each direction names its languages)")
+        if r.directions == []:  # "--directions ," is no choice of all of them
+            raise DataError("--directions names no direction")
+        return DirectionReport(evaluate_directions(
+            [r.model], r.data, r.split, r.directions, r.decode_options, r.metrics, r.device, r.pivot,
+            pivot_dirs=r.pivot_models, hyp_dir=r.hyp_dir, off_target=r.off_target, tokenize=r.tokenize,
+        ))
+    if r.pivot or r.pivot_models or r.hyp_dir or r.directions is not None or r.off_target:
+        raise DataError("--directions, --pivot, --pivot-model, --hyp-dir and --off-target go with --data")
+    if r.ref is None:
+        raise DataError("give --ref with --hyp or --src (or --data with --model)")
+    if (r.hyp is None) == (r.src is None):
+        raise DataError("give either --hyp, or --src with --model")
+    if (r.tgt_lang or r.src_lang) and r.src is None:
+        raise DataError("--tgt-lang and --src-lang go with --src and --model")
+    if (r.decode_options or {}).get("restrict_vocab") is not None and r.src is None:
+        raise DataError("--restrict-vocab goes with --src or --data, and --model")
+    if r.src is None:
+        return ScoreReport(score_files(r.hyp, r.ref, r.metrics, r.tokenize, r.lang))
+    if r.model is None:
+        raise DataError("--src needs --model")
+    return ScoreReport(translate_and_score(r.model, r.src, r.ref, r.decode_options, r.metrics, r.tokenize, r.device,
+                                           r.lang, r.tgt_lang, r.src_lang))
+
+
 def off_target_percent(lines: list[str], lang: str, candidates: list[str]) -> float | None:
     """% of the non-empty `lines` that py3langid, choosing among the `candidates`, says are not
     in `lang`; None when it does not know one of them (a line in that language would be put

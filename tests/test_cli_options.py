@@ -228,10 +228,11 @@ def test_evaluate_data_passes_pivot_hyp_dir_directions_and_off_target(monkeypatc
 
     _catch(monkeypatch, nmt.evaluate, "evaluate_directions")
     call = _call(["evaluate", "--data", "d", "--model", "m", "--pivot", "en", "--hyp-dir", "h", "--off-target",
-                  "--directions", "de-fr", "--device", "cpu", "--metrics", "chrf"])
+                  "--directions", "de-fr", "--device", "cpu", "--metrics", "chrf", "--pivot-model", "p"])
     assert call.positional[5:8] == (("chrf",), "cpu", "en")
-    assert call.positional[3] is not None
+    assert call.positional[3] == ["de-fr"]
     assert call.keywords["hyp_dir"] == Path("h") and call.keywords["off_target"] is True
+    assert call.keywords["pivot_dirs"] == [Path("p")]
 
 
 def test_bench_serve_passes_every_option(monkeypatch):

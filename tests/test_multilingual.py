@@ -381,6 +381,9 @@ def test_evaluate_scores_each_direction_of_a_multilingual_data_dir(trained, data
     result = runner.invoke(app, pivoted)
     assert result.exit_code == 0, result.output
     assert [r["direction"] for r in json.loads(result.stdout)["directions"]] == ["bb-cc"]
+    second = runner.invoke(app, [*pivoted, "--pivot-model", str(trained)])  # named for the second step: the same
+    assert second.exit_code == 0 and json.loads(second.stdout) == json.loads(result.stdout), second.output
+    assert_one_line_error(runner.invoke(app, [*pivoted[:-2], "--pivot-model", str(trained)]), "--pivot-model goes with --pivot")
     assert_one_line_error(runner.invoke(app, [*pivoted, "--directions", "bb-cc,aa-bb"]), "--pivot aa", "bb-cc")
     table = runner.invoke(app, ["evaluate", "--model", str(trained), "--data", str(data_dir), "--beam", "1",
                                 "--directions", "aa-bb,bb-aa"])
