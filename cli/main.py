@@ -367,31 +367,14 @@ def fill_mask(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Show the best fill of each [MASK] in a sentence and its top-k candidates with their probabilities."""
-    import sys
-
     from nmt.data import decode_lines
-    from nmt.devices import resolve_device
-    from nmt.files import VocabInfo
-    from nmt.pretrain import fill_mask as run_fill_mask
-    from nmt.pretrain import load_masked_lm
+    from nmt.pretrain import fill_mask_lines
 
     with user_errors():
-        if top_k < 1:
-            raise NmtError("--top-k must be at least 1")
-        resolved = resolve_device(device)
-        model, processor = load_masked_lm(model_dir, resolved, checkpoint)
-        normalize = VocabInfo.read(model_dir).source_normalization()
-        lines = text if text else decode_lines(sys.stdin.buffer, "<stdin>")
-        for line in lines:
-            if any("\udc80" <= c <= "\udcff" for c in line):  # undecodable bytes of an argument
-                raise NmtError("the text is not valid UTF-8")
-            if not line.strip():
-                continue
-            filled = run_fill_mask(model, processor, line, top_k, resolved, normalize)
+        for filled in fill_mask_lines(model_dir, text or decode_lines(sys.stdin.buffer, "<stdin>"), top_k, checkpoint, device):
             typer.echo(filled.text)
             for number, mask in enumerate(filled.masks, 1):
-                options = ", ".join(f"{piece} {p:.3f}" for piece, p in mask.candidates)
-                typer.echo(f"  [MASK] {number}: {options}")
+                typer.echo(f"  [MASK] {number}: " + ", ".join(f"{piece} {p:.3f}" for piece, p in mask.candidates))
 
 
 @app.command()

@@ -12,7 +12,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -578,3 +578,19 @@ def fill_mask(
         word_start = processor.id_to_piece(best).startswith("▁")
         filled[position] = [best] if word_start or not after_space[row] else [space, best]
     return FilledLine(processor.decode([t for piece in filled for t in piece]), masks)
+
+
+def fill_mask_lines(save_dir: Path, lines: Iterable[str], top_k: int = 5, which: str = "best",
+                    device: str = "auto") -> Iterator[FilledLine]:
+    """`nmt fill-mask`: each non-blank line filled by the masked LM in `save_dir` (its `which`
+    weights), normalized as its pretraining text was."""
+    if top_k < 1:
+        raise DataError("--top-k must be at least 1")
+    resolved = resolve_device(device)
+    model, processor = load_masked_lm(save_dir, resolved, which)
+    normalize = VocabInfo.read(save_dir).source_normalization()
+    for line in lines:
+        if any("\udc80" <= c <= "\udcff" for c in line):  # undecodable bytes of a command-line argument
+            raise DataError("the text is not valid UTF-8")
+        if line.strip():
+            yield fill_mask(model, processor, line, top_k, resolved, normalize)
