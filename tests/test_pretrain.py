@@ -521,6 +521,7 @@ def test_fill_mask_command_reads_arguments_and_stdin(pretrained_and_data):
     assert sum(line.startswith("  [MASK]") for line in result.output.splitlines()) == 3
     result = invoke("fill-mask", root / "mlm", "no mask here")
     assert result.exit_code == 1 and "no [MASK]" in result.output
+    assert_one_line_error(invoke("fill-mask", root / "mlm", "w1 [MASK]", "--top-k", 0), "--top-k must be at least 1")
     for result in (runner.invoke(app, ["fill-mask", str(root / "mlm")], input=b"\xff [MASK]\n"),
                    invoke("fill-mask", root / "mlm", "w1 \udcff [MASK]")):  # bytes no UTF-8 decoding gives
         assert_one_line_error(result, "UTF-8")
