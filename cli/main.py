@@ -1,8 +1,9 @@
-"""The `nmt` command: each subcommand parses its options and calls one library function."""
+"""The `nmt` command: each subcommand parses its options, hands them to the library and prints what it returns."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -68,11 +69,6 @@ def user_errors():
         raise typer.Exit(1) from None
 
 
-# The options of `nmt prepare` that monolingual text (--mono) uses; the others are a parallel corpus's.
-MONO_OPTIONS = {"out", "mono", "mono_langs", "valid_size", "seed", "normalize", "chinese_script", "vocab_size", "spm_type",
-                "character_coverage", "spm_sample", "spm_model", "workers", "overwrite", "progress"}
-
-
 def _refuse_unused_options(ctx: typer.Context, name: str, used: set[str]) -> None:
     """A one-line error for an option given on the command line that `name` does not use."""
     for param in ctx.command.params:
@@ -123,7 +119,6 @@ def prepare(
 ) -> None:
     """Clean, split, tokenize and binarize a parallel corpus (or monolingual text, with --mono)."""
     from nmt.data import CleanConfig
-    from nmt.monolingual import MonoPrepareConfig, prepare_mono
     from nmt.multilingual import DEFAULT_TEMPERATURE, MultilingualConfig, parse_directions, prepare_multilingual
     from nmt.normalize import UNICODE_FORMS
     from nmt.prepare import PrepareConfig
@@ -135,15 +130,9 @@ def prepare(
         if normalize.upper() not in map(str.upper, UNICODE_FORMS):
             raise NmtError(f"--normalize must be one of {', '.join(UNICODE_FORMS)} (got {normalize!r})")
         if mono:
-            _refuse_unused_options(ctx, "--mono", MONO_OPTIONS)
-            manifest = prepare_mono(MonoPrepareConfig(
-                out_dir=out, files=list(mono), langs=[x.strip() for x in mono_langs.split(",")] if mono_langs else None,
-                valid_sentences=valid_size, seed=seed,
-                clean=CleanConfig(normalization=normalize, chinese_script=chinese_script), vocab_size=vocab_size,
-                spm_type=spm_type, character_coverage=character_coverage, spm_max_sentences=spm_sample,
-                spm_model=spm_model, workers=workers, overwrite=overwrite,
-            ), progress=progress)
-            _print_mono_summary(out, manifest)
+            used = inspect.signature(_prepare_mono).parameters
+            _refuse_unused_options(ctx, "--mono", set(used))
+            _prepare_mono(**{name: ctx.params[name] for name in used})
             return
         for option, value, needed, given in (("--mono-langs", mono_langs, "--mono", mono), ("--tsv-langs", tsv_langs, "--tsv", tsv),
                                              ("--hf-config", hf_config, "--hf", hf), ("--hf-revision", hf_revision, "--hf", hf)):
@@ -207,6 +196,24 @@ def prepare(
         f"vocab: {kind} {vocab.type or 'given'}, {vocab.src_size} source / {vocab.tgt_size} target pieces; "
         f"<unk> in valid: {unk['src']}% source, {unk['tgt']}% target tokens"
     )
+
+
+def _prepare_mono(out: Path, mono: list[Path], mono_langs: str | None, valid_size: int, seed: int, normalize: str,
+                  chinese_script: str, vocab_size: int, spm_type: str, character_coverage: float | None, spm_sample: int,
+                  spm_model: Path | None, workers: int, overwrite: bool, progress: bool) -> None:
+    """`nmt prepare --mono`: its parameters are the options monolingual text takes (prepare
+    refuses the others)."""
+    from nmt.data import CleanConfig
+    from nmt.monolingual import MonoPrepareConfig, prepare_mono
+
+    manifest = prepare_mono(MonoPrepareConfig(
+        out_dir=out, files=list(mono), langs=[x.strip() for x in mono_langs.split(",")] if mono_langs else None,
+        valid_sentences=valid_size, seed=seed,
+        clean=CleanConfig(normalization=normalize, chinese_script=chinese_script), vocab_size=vocab_size,
+        spm_type=spm_type, character_coverage=character_coverage, spm_max_sentences=spm_sample,
+        spm_model=spm_model, workers=workers, overwrite=overwrite,
+    ), progress=progress)
+    _print_mono_summary(out, manifest)
 
 
 def _print_multilingual_summary(out: Path, manifest) -> None:
