@@ -61,7 +61,7 @@ from nmt.models.dropout import use_torch_masks
 from nmt.models.transformer import training_flops
 from nmt.prepare import PrepareConfig, prepare
 from nmt.search import FullPrefixDecoding
-from nmt.static_decoding import GRAPH_COUNTS
+from nmt.static_decoding import GRAPH_COUNTS, StaticStepModel
 from nmt.tokenizer import Tokenizer
 from nmt.train import compile_model, make_optimizer, train, training_update
 from nmt.train_log import read_train_log
@@ -289,7 +289,7 @@ def bench_decoding(
         paths.append(("nmt-int8", quantize_int8(model), "fp32", False))
     if with_half:
         paths.append(("nmt-bf16", model, "bf16", False))
-    if config.model.arch == "transformer":  # fixed-shape steps (CUDA graphs on a GPU)
+    if isinstance(model, StaticStepModel):  # fixed-shape steps (CUDA graphs on a GPU), as translate decides
         paths += [("nmt-static", model, "fp32", True)] + ([("nmt-static-bf16", model, "bf16", True)] if with_half else [])
     records, texts_of = [], {}
     for beam in (1, 5):

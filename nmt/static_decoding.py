@@ -2,7 +2,7 @@
 
 A plain decoder step grows its keys/values by one position (a new tensor each step) and its
 batch shrinks as sentences finish, so every step launches its kernels anew, one by one, from
-Python. `StaticDecoding` wraps a model with `static_buffers`/`static_step` (the Transformer):
+Python. `StaticDecoding` wraps a model with the `StaticStepModel` methods (the Transformer):
 all steps run on buffers of one shape (rows, source and output lengths rounded up to buckets),
 a smaller batch or a shorter source uses their first rows and columns, so one step is captured
 once as a CUDA graph and replayed with a single launch, batch after batch. On a CPU, or when
@@ -16,7 +16,6 @@ called on is not used again (search always goes on with the reordered one).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sys
 import weakref
 from collections import Counter, OrderedDict
@@ -26,6 +25,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from nmt.errors import first_line
+from nmt.interfaces import Reorderable
 from nmt.models.attention import AttentionChoice
 
 # What the buffers did in this process: graphs captured, captures that failed, steps replayed
@@ -37,13 +37,21 @@ CACHED_SHAPES_CUDA = 8
 CACHED_SHAPES = 4
 
 
+class MaskedMemory(Reorderable, Protocol):
+    mask: torch.Tensor  # (B, S) True at real source tokens
+
+
 @runtime_checkable
 class StaticStepModel(Protocol):
     """A model that can decode one step on fixed-shape buffers (see Transformer.static_step)."""
 
-    def encode(self, src: torch.Tensor): ...
+    def encode(self, src: torch.Tensor) -> MaskedMemory: ...
 
-    def static_buffers(self, rows: int, length: int, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
+    def static_memory(self, memory: MaskedMemory, rows: int, source_length: int) -> MaskedMemory: ...
+
+    def load_static_memory(self, buffers: MaskedMemory, memory: MaskedMemory) -> None: ...
+
+    def static_buffers(self, rows: int, length: int, memory: MaskedMemory) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
 
     def static_step(self, prev_tokens: torch.Tensor, memory, buffers: list, position: torch.Tensor,
                     attention: AttentionChoice | None = None) -> tuple[torch.Tensor, torch.Tensor | None]: ...
@@ -61,16 +69,12 @@ class Buffers:
 
     def __init__(self, model: StaticStepModel, memory, capacity: int, source_length: int, length: int,
                  attention: AttentionChoice | None, half: torch.dtype | None = None):
-        k = memory.cross_kv[0][0]  # (B, H, S, Dh)
-        self.capacity, self.source_length = capacity, source_length
-        shape = (capacity, k.shape[1], source_length, k.shape[3])  # (C, H, S, Dh)
-        self.memory = dataclasses.replace(
-            memory, mask=torch.ones(capacity, source_length, dtype=torch.bool, device=k.device),
-            cross_kv=[(k.new_zeros(shape), k.new_zeros(shape)) for _ in memory.cross_kv],
-        )
-        self.caches = model.static_buffers(capacity, length, k)
-        self.prev = torch.zeros(capacity, dtype=torch.long, device=k.device)
-        self.position = torch.zeros(1, dtype=torch.long, device=k.device)
+        self.model, self.capacity, self.source_length = model, capacity, source_length
+        self.memory = model.static_memory(memory, capacity, source_length)
+        device = memory.mask.device
+        self.caches = model.static_buffers(capacity, length, memory)
+        self.prev = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.attention = attention
         self.source = None  # the memory object whose rows the buffers hold
         self.rows = 0  # rows of that memory
@@ -84,13 +88,8 @@ class Buffers:
         they are there already."""
         if memory is self.source:
             return
-        rows, columns = memory.mask.shape
-        self.memory.mask[:rows].fill_(False)
-        self.memory.mask[:rows, :columns].copy_(memory.mask)
-        for (k, v), (new_k, new_v) in zip(self.memory.cross_kv, memory.cross_kv):
-            k[:rows, :, :columns].copy_(new_k)
-            v[:rows, :, :columns].copy_(new_v)
-        self.source, self.rows, self.columns = memory, rows, columns
+        self.model.load_static_memory(self.memory, memory)
+        self.source, (self.rows, self.columns) = memory, memory.mask.shape
 
     def move_rows(self, indices: torch.Tensor) -> None:
         """Row i of the caches becomes what row indices[i] was (beams follow their parents)."""

@@ -60,6 +60,17 @@ def test_greedy_and_beam_search_give_the_plain_output(seed, norm):
         _same(a, b)
 
 
+def test_under_bf16_autocast_the_buffers_hold_autocasts_keys_and_give_the_plain_output():
+    model, src = _model(4), _sources(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = greedy_search(model, src, **LIMITS)
+        decoder = _static(model, src)
+        state = decoder.init_state(decoder.encode(src))
+        static = greedy_search(decoder, src, **LIMITS)
+    assert {keys.dtype for keys, _ in state.buffers.caches} == {torch.bfloat16}  # as the step's new keys
+    assert [h.tokens for h in plain] == [h.tokens for h in static]
+
+
 def test_attention_prefixes_banned_ngrams_and_sampling_give_the_plain_output():
     model, src = _model(3), _sources(3)
     choice = AttentionChoice(1, None)
@@ -113,7 +124,7 @@ def test_the_position_table_a_captured_step_read_stays_allocated_when_it_grows()
     table must not free the one that graphs of other shapes still read."""
     model = _model(9)
     captured = weakref.ref(model.positions)
-    model.static_buffers(2, 3000, torch.zeros(1))  # past the table's 1,024 positions
+    model.static_buffers(2, 3000, model.encode(torch.tensor([[5, 6]])))  # past the table's 1,024 positions
     gc.collect()
     assert model.positions.shape[0] >= 3000
     assert captured() is not None and torch.equal(model.positions[: captured().shape[0]], captured())

@@ -287,8 +287,31 @@ class Transformer(ScaledEmbedding, nn.Module):
         logits = self.output(self.decoder_norm(x[:, 0]))  # (B, V)
         return F.log_softmax(logits.float(), dim=-1), TransformerState(new_kv, state.step + 1, choice, attention)
 
-    def static_buffers(self, rows: int, length: int, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Zeroed self-attention buffers for `rows` outputs of up to `length` tokens, one pair per layer."""
+    @staticmethod
+    def static_memory(memory: TransformerMemory, rows: int, source_length: int) -> TransformerMemory:
+        """Fixed-shape memory for `rows` sources of up to `source_length` tokens, which
+        `load_static_memory` fills: what static_step reads (the mask and the cross-attention
+        keys/values; no encoder states)."""
+        k = memory.cross_kv[0][0]  # (B, H, S, Dh)
+        shape = (rows, k.shape[1], source_length, k.shape[3])  # (C, H, S, Dh)
+        return TransformerMemory(memory.states[:0], torch.ones(rows, source_length, dtype=torch.bool, device=k.device),
+                                 [(k.new_zeros(shape), k.new_zeros(shape)) for _ in memory.cross_kv])
+
+    @staticmethod
+    def load_static_memory(buffers: TransformerMemory, memory: TransformerMemory) -> None:
+        """Copy `memory` into the first rows and columns of `buffers` (from `static_memory`), the
+        columns past its source masked."""
+        rows, columns = memory.mask.shape
+        buffers.mask[:rows].fill_(False)
+        buffers.mask[:rows, :columns].copy_(memory.mask)
+        for (k, v), (new_k, new_v) in zip(buffers.cross_kv, memory.cross_kv):
+            k[:rows, :, :columns].copy_(new_k)
+            v[:rows, :, :columns].copy_(new_v)
+
+    def static_buffers(self, rows: int, length: int, memory: TransformerMemory) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Zeroed self-attention buffers for `rows` outputs of up to `length` tokens, one pair per
+        layer, of the type of `memory`'s keys (autocast's, where it runs)."""
+        like = memory.cross_kv[0][0]
         self._embed_positions(length)
         shape = (rows, self.heads, length, self.dim // self.heads)  # (B, H, L, Dh)
         return [(like.new_zeros(shape), like.new_zeros(shape)) for _ in self.decoder_layers]
