@@ -235,8 +235,9 @@ def step_unless_skipped(optimizer: torch.optim.Optimizer, scaler: torch.amp.Grad
         # so the caller counts them as skipped updates too.
         scaler.step(optimizer)
         scaler.update()
-    elif getattr(optimizer, "_step_supports_amp_scaling", False):
-        # Fused AdamW takes the decision as a tensor and skips on the device: no host sync.
+    elif optimizer.defaults.get("fused"):
+        # Fused AdamW takes the decision as a tensor (found_inf, as GradScaler gives it) and skips
+        # on the device: no host sync.
         optimizer.found_inf = skipped.float()
         try:
             optimizer.step()
