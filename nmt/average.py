@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from nmt.atomic import followed_link, nested, replace_dir
+from nmt.atomic import replace_dir
 from nmt.checkpoint import (
     UpdateCheckpoint,
     copy_model_description,
@@ -27,6 +27,7 @@ from nmt.checkpoint import (
 from nmt.errors import CheckpointError, ConfigError
 from nmt.files import TRANSLATION, CheckpointInfo, VocabInfo
 from nmt.models import build_model
+from nmt.paths import followed_link, nested
 from nmt.train_log import LOG_NAME, read_train_log
 
 

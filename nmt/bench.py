@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from nmt import __version__
-from nmt.atomic import check_output_apart, check_output_file, write_text_atomic
+from nmt.atomic import write_text_atomic
 from nmt.batches import make_batch, token_batches
 from nmt.checkpoint import load_for_inference
 from nmt.config import Config, DecodeConfig, load_config
@@ -59,6 +59,7 @@ from nmt.files import TRANSLATION, Manifest, VocabInfo, text_files
 from nmt.models import build_model
 from nmt.models.dropout import use_torch_masks
 from nmt.models.transformer import training_flops
+from nmt.paths import check_output_apart, check_output_file
 from nmt.prepare import PrepareConfig, prepare
 from nmt.search import FullPrefixDecoding
 from nmt.static_decoding import GRAPH_COUNTS, StaticStepModel

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from nmt.atomic import check_output_apart, check_output_file, make_folder, write_text_atomic
+from nmt.atomic import write_text_atomic
 from nmt.corpora import LOCAL_MULTI30K
 from nmt.data import find_side_file, read_parallel_files
 from nmt.errors import DataError
 from nmt.files import Manifest
+from nmt.paths import check_output_apart, check_output_file, make_folder
 from nmt.shards import worker_count
 from nmt.train_log import LOG_NAME
 

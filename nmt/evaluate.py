@@ -10,10 +10,10 @@ from pathlib import Path
 
 from sacrebleu.metrics import BLEU, CHRF, TER
 
-from nmt.atomic import make_folder
 from nmt.data import read_lines
 from nmt.errors import DataError, first_line
 from nmt.normalize import HAN_CHARACTER, base_language, is_chinese
+from nmt.paths import make_folder
 
 METRICS = ("bleu", "chrf", "ter")
 

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from nmt.alignment import describe_attention
-from nmt.atomic import check_replaceable, followed_link, nested, replace_dir
+from nmt.atomic import check_replaceable, replace_dir
 from nmt.batches import pad_source
 from nmt.checkpoint import load_for_inference, read_config, weights_dir
 from nmt.config import DecodeConfig, ModelConfig
@@ -38,6 +38,7 @@ from nmt.files import CheckpointInfo, ExportRecord, VocabInfo
 from nmt.models.attention import AttentionChoice
 from nmt.models.transformer import Transformer, sinusoidal_positions
 from nmt.normalize import Normalization
+from nmt.paths import followed_link, nested
 from nmt.search import NEW_WORD, Hypothesis, length_norm, max_lengths
 from nmt.shards import worker_count
 from nmt.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, check_recorded_model

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nmt import __version__
-from nmt.atomic import check_replaceable, followed_link, is_gzip_name, replace_dir
+from nmt.atomic import check_replaceable, is_gzip_name, replace_dir
 from nmt.corpora import find_corpus
 from nmt.data import (
     CleanConfig,
@@ -34,6 +34,7 @@ from nmt.data import (
 from nmt.errors import CheckpointError, DataError
 from nmt.files import SPM_JOINT, SPM_SRC, SPM_TGT, Manifest, VocabInfo, Vocabulary, text_files
 from nmt.normalize import is_cjk
+from nmt.paths import followed_link
 from nmt.shards import chunked, encode_to_token_files, token_dtype, worker_count, write_token_file
 from nmt.tokenizer import (
     UNK,

@@ -24,7 +24,6 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from nmt.atomic import same_place
 from nmt.batches import Batch, BatchPrefetcher
 from nmt.checkpoint import (
     UPDATE_CHECKPOINTS,
@@ -60,6 +59,7 @@ from nmt.errors import CheckpointError, ConfigError, DataError, first_line
 from nmt.files import TRANSLATION, CheckpointInfo, Manifest, TrainState, VocabInfo
 from nmt.interfaces import TrainingBatch, TrainingTask
 from nmt.multilingual import changed_weights
+from nmt.paths import same_place
 from nmt.train_log import LOG_NAME, TENSORBOARD_DIR, TrainLog
 from nmt.translation_task import MultilingualTranslationTask, TranslationTask, translation_loss
 

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from nmt.alignment import EOS_LABEL, AttentionMap, AttentionOutput, check_attention_dir, describe_attention
-from nmt.atomic import check_output_apart, make_folder, open_text_atomic, same_place
+from nmt.atomic import open_text_atomic
 from nmt.batches import pad_source
 from nmt.checkpoint import load_for_inference, read_config
 from nmt.config import DecodeConfig, ModelConfig
@@ -31,6 +31,7 @@ from nmt.files import ExportRecord, VocabInfo
 from nmt.interfaces import StepDecoder
 from nmt.models.attention import AttentionChoice
 from nmt.normalize import Normalization
+from nmt.paths import check_output_apart, make_folder, same_place
 from nmt.search import (
     NEW_WORD,
     Hypothesis,

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from nmt.atomic import check_output_apart, check_replaceable, complete_dir, nested, open_text_atomic
+from nmt.atomic import check_replaceable, complete_dir, open_text_atomic
 from nmt.devices import resolve_device, resolve_precision
 from nmt.errors import ConfigError, DataError
 from nmt.files import CheckpointInfo, _sides, check_format_version
 from nmt.normalize import Normalization
+from nmt.paths import check_output_apart, nested
 
 # --- nmt/atomic.py ---------------------------------------------------------------------------
 

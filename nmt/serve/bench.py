@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from nmt.atomic import check_output_apart, check_output_file, write_text_atomic
+from nmt.atomic import write_text_atomic
 from nmt.data import read_lines
 from nmt.errors import DataError
+from nmt.paths import check_output_apart, check_output_file
 from nmt.translate import load_text_translator
 
 # How each server is started: batching is the default; one at a time takes one request per batch.
