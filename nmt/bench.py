@@ -634,4 +634,10 @@ def format_report(report: dict) -> str:
             if "lines_differing_from_fp32" in r:
                 out.append(f"{r['model']} {r['path']} beam {r['beam']}: {r['lines_differing_from_fp32']} of "
                            f"{r['sentences']} lines differ from fp32")
+        for r in report["decode"]:
+            if "cuda_graphs" in r:  # a failed capture decodes eagerly: seen here, not only in the JSON
+                counts = r["cuda_graphs"]
+                out.append(f"{r['model']} {r['path']} beam {r['beam']}: {counts.get('replayed_steps', 0):,} steps replayed "
+                           f"as CUDA graphs, {counts.get('eager_steps', 0):,} eager; {counts.get('captured', 0)} graphs "
+                           f"captured, {counts.get('failed', 0)} captures failed")
     return "\n".join(out)

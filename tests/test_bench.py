@@ -78,6 +78,8 @@ def test_bench_measures_every_section_against_its_baseline(bench_inputs, tmp_pat
     assert "training" in table and "decoding test_2016_flickr" in table and "time to quality" in table
     assert "transformer ct2-int8 (int8) beam 5:" in table
     assert "rnn nmt step in bfloat16:" in table
+    eager = sum(decode[key]["cuda_graphs"]["eager_steps"] for key in static if key[2] == 5)  # the CPU has no graphs
+    assert eager > 0 and f"transformer nmt-static beam 5: 0 steps replayed as CUDA graphs, {eager:,} eager" in table
 
 
 def test_bench_cli_reports_bad_input_in_one_line(tmp_path):
