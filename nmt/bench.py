@@ -41,7 +41,7 @@ import torch
 from nmt import __version__
 from nmt.atomic import write_text_atomic
 from nmt.batches import make_batch, token_batches
-from nmt.checkpoint import load_for_inference
+from nmt.checkpoint import load_for_inference, read_config
 from nmt.config import Config, DecodeConfig, load_config
 from nmt.corpora import LOCAL_MULTI30K, PROJECT_ROOT
 from nmt.data import ParallelSplit, read_lines
@@ -53,7 +53,7 @@ from nmt.devices import (
     resolve_device,
     resolve_precision,
 )
-from nmt.errors import ConfigError, DataError
+from nmt.errors import ConfigError, DataError, NmtError
 from nmt.evaluate import corpus_bleu
 from nmt.files import TRANSLATION, Manifest, VocabInfo, text_files
 from nmt.models import build_model
@@ -562,7 +562,7 @@ def quality_and_decoding_sections(
     for name, cfg in plan.configs.items():
         save_dir = bc.checkpoints.get(name) or work_dir / f"model-{name}"
         record = None
-        if name not in bc.checkpoints and ("ttq" in bc.sections or not (save_dir / "best").exists()):
+        if name not in bc.checkpoints and ("ttq" in bc.sections or not trained_before(save_dir, cfg, data_dir)):
             log(f"time to dev BLEU {plan.threshold}: {name} (at most {plan.minutes} minutes)")
             record = bench_time_to_quality(name, cfg, data_dir, save_dir, plan.threshold, plan.minutes, bc.ttq_valid_every, log)
             timed.append(record)
@@ -578,6 +578,20 @@ def quality_and_decoding_sections(
         decoding.extend(decoded)
         if record is not None:
             record["test_bleu_beam5"] = next(r for r in decoded if r["path"] == "nmt" and r["beam"] == 5)["bleu"]
+
+
+def trained_before(save_dir: Path, config: Config, data_dir: Path) -> bool:
+    """Whether the work dir's model of an earlier run can be decoded again: trained as `config`
+    builds its model, on the vocabulary of `data_dir` (else a changed recipe or data would be
+    measured with a stale model)."""
+    if not (save_dir / "best").is_dir():
+        return False
+    try:
+        saved, vocab = read_config(save_dir).model, VocabInfo.read(save_dir).vocab
+    except NmtError:  # a damaged or half-written model: trained again
+        return False
+    data = Manifest.read(data_dir).vocab
+    return saved == config.model and (vocab.src_sha256, vocab.tgt_sha256) == (data.src_sha256, data.tgt_sha256)
 
 
 def format_report(report: dict) -> str:

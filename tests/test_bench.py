@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -217,3 +218,19 @@ def test_mfu_divides_by_the_peak_of_the_card_named_not_of_its_namesake(name, pea
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert datasheet_peak(torch.device("cuda"), torch.bfloat16) == peak
+
+
+def test_a_work_dirs_model_is_decoded_again_only_if_its_recipe_and_data_built_it(tmp_path):
+    from conftest import TINY_TRANSFORMER, prepare_toy_data, train_tiny
+
+    from nmt.bench import trained_before
+    from nmt.checkpoint import read_config
+
+    data = prepare_toy_data(tmp_path, train=100)
+    model = train_tiny(data, tmp_path / "model", TINY_TRANSFORMER, max_steps=4, valid_every=2)
+    config = read_config(model)
+    assert trained_before(model, config, data)
+    wider = dataclasses.replace(config, model=dataclasses.replace(config.model, embed_dim=64))
+    assert not trained_before(model, wider, data)  # the recipe changed
+    assert not trained_before(model, config, prepare_toy_data(tmp_path / "other", train=100, joint_vocab=False))
+    assert not trained_before(tmp_path / "nothing", config, data)
