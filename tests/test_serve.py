@@ -481,6 +481,30 @@ def test_bench_serve_reports_no_ratio_where_nothing_was_answered(tmp_path, monke
     assert report["speedup"] == {"1": None} and "n/a (no answers)" in lines[-1]
 
 
+def test_bench_serve_warms_each_server_up_before_timing_it(tmp_path, monkeypatch):
+    import contextlib
+    from types import SimpleNamespace
+
+    import nmt.serve.bench as bench
+
+    fake = SimpleNamespace(translate=lambda lines: SimpleNamespace(texts=[["x"] for _ in lines]), languages=("xx", "yy"),
+                           decode=SimpleNamespace(beam=1))
+    calls = []
+
+    def run_clients(url, sources, expected, pair, clients):
+        calls.append((len(sources), clients))
+        return bench.LoadResult(clients, len(sources), 1.0, float(len(calls)), 1.0, 1.0, 0, 0)
+
+    monkeypatch.setattr(bench, "load_text_translator", lambda *args, **kwargs: fake)
+    monkeypatch.setattr(bench, "_server", lambda *args: contextlib.nullcontext("http://127.0.0.1:9"))
+    monkeypatch.setattr(bench, "run_clients", run_clients)
+    (tmp_path / "src.txt").write_text("w1\n" * 40, encoding="utf-8")
+    report = bench.bench_serve(tmp_path / "model", tmp_path / "src.txt", clients=(1, 8), echo=lambda line: None)
+    warm_up = (bench.WARM_UP_LINES, 1)
+    assert calls == [warm_up, (40, 1), (40, 8)] * 2  # each server: untimed lines first, then each client count
+    assert [r["sentences_per_second"] for mode in ("one_at_a_time", "batched") for r in report[mode]] == [2.0, 3.0, 5.0, 6.0]
+
+
 def test_bench_serve_counts_requests_that_get_no_answer_as_failed():
     import socket
 

@@ -41,6 +41,9 @@ class LoadResult:
     failed: int  # requests that did not answer 200 (left out of sentences_per_second)
 
 
+WARM_UP_LINES = 16
+
+
 def bench_serve(
     model_dir: Path, source: Path, clients: Sequence[int] = (1, 8, 32), lines: int | None = None, beam: int | None = None,
     device: str = "auto", engine: str = "nmt", echo: Callable[[str], None] = print, out: Path | None = None,
@@ -62,6 +65,9 @@ def bench_serve(
     results: dict[str, list[LoadResult]] = {}
     for mode, options in MODES.items():
         with _server(model_dir, beam, device, engine, options) as url:
+            # Untimed first requests: what a server does once (allocations, a GPU's first kernels)
+            # is no part of its steady throughput.
+            run_clients(url, sources[:WARM_UP_LINES], expected[:WARM_UP_LINES], pair, 1)
             results[mode] = []
             for count in clients:
                 result = run_clients(url, sources, expected, pair, count)
