@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -148,10 +149,27 @@ def measure_matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int) 
     return 2 * size**3 * count / statistics.median(times)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start `peak_memory_mb`'s count again, so that a row's peak is its own, not the largest of
+    the rows before it: the GPU allocator's; on Linux the process's peak resident set (VmHWM),
+    which then starts from what is resident now."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory_mb(device: torch.device) -> float:
+    """The peak since `reset_peak_memory`: GPU memory allocated, or the process's resident set
+    (the peak of the whole run where the system has no VmHWM to reset)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS, KiB on Linux
+    with contextlib.suppress(OSError):
+        found = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+        if found:
+            return int(found.group(1)) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def bench_training(
@@ -189,8 +207,7 @@ def bench_training(
         for batch in ready or (make_batch(split, indices, pin).to(device) for indices in batches):
             training_update(forward_model, optimizer, scaler, [batch], tc, tc.lr * 0.1, device, dtype)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     run_pass(model)  # warm-up
     flops = None  # model FLOPs of a pass, on the real tokens: for the Transformer only
     if config.model.arch == "transformer":

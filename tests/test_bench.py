@@ -234,3 +234,24 @@ def test_a_work_dirs_model_is_decoded_again_only_if_its_recipe_and_data_built_it
     assert not trained_before(model, wider, data)  # the recipe changed
     assert not trained_before(model, config, prepare_toy_data(tmp_path / "other", train=100, joint_vocab=False))
     assert not trained_before(tmp_path / "nothing", config, data)
+
+
+def test_a_rows_peak_memory_leaves_out_the_peaks_of_the_rows_before_it():
+    import subprocess
+    import sys
+
+    # A process of its own: the glibc settings of an earlier CPU training in this one would keep
+    # the freed memory resident.
+    script = """
+import numpy as np, torch
+from nmt.bench import peak_memory_mb, reset_peak_memory
+cpu = torch.device("cpu")
+earlier = np.ones(400 * 2**20 // 8)  # 400 MB resident, then freed
+del earlier
+reset_peak_memory(cpu)
+before = peak_memory_mb(cpu)
+row = np.ones(50 * 2**20 // 8)
+print(peak_memory_mb(cpu) - before)
+"""
+    grown = float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+    assert 45 < grown < 100  # this row's 50 MB; not the 400 before it
