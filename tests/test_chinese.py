@@ -232,3 +232,41 @@ def test_given_traditional_references_are_written_in_the_script_the_model_writes
                           clean=CleanConfig(chinese_script="none")))
     references = (tmp_path / "kept" / "test.tgt.txt").read_text(encoding="utf-8").splitlines()
     assert references == ["3" + zh for _, zh in pairs[280:]]  # 們 kept; 3 and 。 as the model writes them
+
+
+def test_width_folding_covers_every_full_width_digit_and_letter():
+    """Width folding covers all of 0-9, A-Z, a-z and nothing next to them."""
+    fold = Normalization(fold_width=True)
+    assert fold("０１２３４５６７８９") == "0123456789"
+    assert fold("ＡＢＣＤＥＦＧＨＩＪＫＬＭＮＯＰＱＲＳＴＵＶＷＸＹＺ") == "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    assert fold("ａｂｃｄｅｆｇｈｉｊｋｌｍｎｏｐｑｒｓｔｕｖｗｘｙｚ") == "abcdefghijklmnopqrstuvwxyz"
+    assert fold("／：＠［｀｛") == "／：＠［｀｛"  # the full-width symbols around the ranges stay
+
+
+def test_dev_bleu_of_outputs_equal_to_chinese_references_is_100(tmp_path, monkeypatch):
+    """Dev BLEU is scored on the output written as nmt translate writes it (target normalization)."""
+    import torch
+    from conftest import TINY_TRANSFORMER
+
+    from nmt.config import config_from_dict
+    from nmt.search import Hypothesis
+    from nmt.translation_task import TranslationTask
+
+    rng = random.Random(0)
+    chars = "的一是不了人我在有他这中大来上个国到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可里后小么心多天而能好"
+    lines = []
+    for i in range(300):
+        zh = "".join(rng.choice(chars) for _ in range(4)) + "，" + "".join(rng.choice(chars) for _ in range(4)) + "！"
+        lines.append(f"sentence number {i} is here.\t{zh}\n")
+    (tmp_path / "c.tsv").write_text("".join(lines), encoding="utf-8")
+    data_dir = tmp_path / "data"
+    prepare(PrepareConfig(out_dir=data_dir, src_lang="en", tgt_lang="zh", tsv=tmp_path / "c.tsv", tsv_langs=("en", "zh"),
+                          valid_size=10, test_size=10, vocab_size=400))
+    config = config_from_dict({"data_dir": str(data_dir), "save_dir": str(tmp_path / "m"), "model": TINY_TRANSFORMER,
+                               "train": {"valid_max_sentences": 10}})
+    task = TranslationTask(config, data_dir, Manifest.read(data_dir))
+    assert all("，" in r for r in task.references)
+    perfect = [[Hypothesis(ids, 0.0)] for ids in task.tokenizer.encode_tgt(task.references)]
+    monkeypatch.setattr("nmt.translation_task.translate_ids", lambda model, sources, *a, **k: perfect[: len(sources)])
+    model = task.build_model().eval()
+    assert task.validate(model, torch.device("cpu"), torch.float32)["bleu"] == 100.0

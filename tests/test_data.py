@@ -348,3 +348,12 @@ def test_split_sides_of_different_counts_are_refused(tmp_path):
     with pytest.raises(DataError, match="counts differ"):
         _split(tmp_path, [[5], [6], [7]], [[8], [9]])
 
+
+def test_word_dropout_of_one_drops_every_regular_token_the_first_regular_id_too():
+    """Word dropout must be able to drop the first regular id too."""
+    from nmt.batches import drop_source_tokens
+    from nmt.tokenizer import EOS, FIRST_REGULAR_ID, PAD, UNK
+
+    src = torch.tensor([[FIRST_REGULAR_ID, FIRST_REGULAR_ID + 1, 300, EOS], [FIRST_REGULAR_ID, EOS, PAD, PAD]])
+    dropped = drop_source_tokens(src, 1.0, np.random.default_rng(0))
+    assert dropped.tolist() == [[UNK, UNK, UNK, EOS], [UNK, EOS, PAD, PAD]]

@@ -117,3 +117,16 @@ def test_training_updates_the_average_once_per_update_with_its_number(data_dir, 
     monkeypatch.setattr(WeightAverage, "update", lambda self, model, step: steps.append(step) or update(self, model, step))
     train(_config(data_dir, tmp_path / "run", ema_decay=0.9, max_steps=5), progress=False)
     assert steps == [1, 2, 3, 4, 5]  # the decay's warm-up counts updates from 1, as the formula's test does
+
+
+def test_trained_weights_of_another_shape_are_refused(tmp_path):
+    """Trained weights of another shape are refused, even a broadcastable one."""
+    from nmt.ema import load_trained_weights, trained_weights
+    from nmt.errors import CheckpointError
+
+    model = torch.nn.Linear(3, 2)
+    weights = trained_weights(model)
+    weights["weight"] = torch.zeros(1, 3)  # (1, 3) broadcasts into (2, 3): copy_ alone would not complain
+    with pytest.raises(CheckpointError, match="do not match the model .first: weight"):
+        load_trained_weights(model, weights, tmp_path)
+    assert not torch.equal(model.weight, torch.zeros(2, 3))

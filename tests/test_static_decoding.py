@@ -271,3 +271,29 @@ def test_out_of_memory_for_a_new_shape_frees_the_others_and_decodes(monkeypatch)
     for a, b in zip(beam_search(model, second, 3, **LIMITS), beam_search(_static(model, second), second, 3, **LIMITS)):
         _same(a, b)
     assert len(static_decoding._buffers_of[model]) == 1
+
+
+def test_the_least_recently_used_buffers_go_and_the_newest_stay(monkeypatch):
+    """The buffers of the newest shape stay cached; the least recently used shape goes."""
+    import nmt.static_decoding as static_decoding
+    from nmt.config import ModelConfig
+    from nmt.models import build_model
+    from nmt.static_decoding import StaticDecoding
+    from nmt.tokenizer import EOS
+
+    monkeypatch.setattr(static_decoding, "CACHED_SHAPES", 2)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**TINY_TRANSFORMER), 14, 14).eval()
+    decoder = StaticDecoding(model, 16)
+
+    def buffers(rows):  # 1, 2, 4 rows: three shapes
+        src = torch.full((rows, 4), 7)
+        src[:, -1] = EOS
+        with torch.no_grad():
+            return decoder.init_state(decoder.encode(src)).buffers
+
+    first, second = buffers(1), buffers(2)
+    assert buffers(1) is first  # reused, and now the most recently used
+    third = buffers(4)  # evicts the least recently used: the 2-row buffers
+    assert buffers(4) is third and buffers(1) is first
+    assert buffers(2) is not second

@@ -6,14 +6,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import TINY_TRANSFORMER, prepare_toy_data
 
 import nmt.train
 from nmt.batches import Batch
-from nmt.config import TrainConfig
+from nmt.config import TrainConfig, config_from_dict
 from nmt.distributed import Ranks
 from nmt.errors import CheckpointError, ConfigError, DataError
-from nmt.files import CheckpointInfo, TrainState
+from nmt.files import CheckpointInfo, Manifest, TrainState
 from nmt.train import Interval, Trainer, UpdateResult, process_shares, update_groups, validation_stop
+from nmt.translation_task import TranslationTask
 
 CPU = torch.device("cpu")
 
@@ -257,7 +259,7 @@ def _gradients_of_one_update(tc: TrainConfig) -> tuple[torch.nn.Module, dict[str
     torch.manual_seed(0)
     model = build_model(ModelConfig(**TINY_TRANSFORMER), 20, 20)
     seen = {}
-    optimizer = SimpleNamespace(param_groups=[{}], zero_grad=lambda set_to_none: None,
+    optimizer = SimpleNamespace(param_groups=[{}], defaults={}, zero_grad=lambda set_to_none: None,
                                 step=lambda: seen.update({n: p.grad.clone() for n, p in model.named_parameters()}))
     training_update(model, optimizer, None, _padded_batches(), tc, 1e-3, CPU, torch.float32)
     return model, seen
@@ -299,7 +301,7 @@ def test_a_skipped_update_leaves_the_weights_and_the_optimizer_state(fused):
 
     model = torch.nn.Linear(3, 2)
     optimizer = make_optimizer(model, TrainConfig(), fused=fused)
-    assert getattr(optimizer, "_step_supports_amp_scaling", False) == fused  # else every update syncs
+    assert bool(optimizer.defaults.get("fused")) == fused  # else every update syncs
     for skipped, moves in ((torch.tensor(True), False), (torch.tensor(False), True)):
         before = [p.detach().clone() for p in model.parameters()]
         model(torch.ones(1, 3)).sum().backward()
@@ -377,3 +379,31 @@ def test_compiling_for_training_traces_once_for_every_batch_shape(monkeypatch):
         compiled(torch.randint(4, 30, (B, S)), torch.randint(4, 30, (B, T))).sum().backward()
     assert counters["stats"]["unique_graphs"] == 1
     torch._dynamo.reset()
+
+
+def _task(tmp_path, data_dir, **train):
+    config = config_from_dict({"data_dir": str(data_dir), "save_dir": str(tmp_path / "m"), "model": TINY_TRANSFORMER,
+                               "train": {"batch_tokens": 60, **train}})
+    return TranslationTask(config, data_dir, Manifest.read(data_dir))
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    return prepare_toy_data(tmp_path_factory.mktemp("toy"), train=60)
+
+
+def test_update_tokens_are_the_target_tokens_of_the_batches_built(toy_data, tmp_path):
+    """The distributed normalizer counts each sentence's EOS, as the built batches do."""
+    task = _task(tmp_path, toy_data)
+    update = task.epoch_batches(60, 1)[:3]
+    built = [task.make_batch(indices, False, 1, number) for number, indices in enumerate(update)]
+    assert task.update_tokens(update) == sum(batch.num_tgt_tokens for batch in built)
+
+
+def test_each_epoch_draws_other_batches_and_the_same_epoch_the_same(toy_data, tmp_path):
+    """Each epoch has batches of its own, and an epoch's batches are the same on every call."""
+    task = _task(tmp_path, toy_data, seed=1)
+    one, again, two = (task.epoch_batches(60, epoch) for epoch in (1, 1, 2))
+    one, again, two = ([b.tolist() for b in batches] for batches in (one, again, two))
+    assert one == again and one != two
+    assert sorted(sum(one, [])) == sorted(sum(two, []))  # both the whole split
