@@ -16,8 +16,11 @@ from functools import lru_cache
 
 from nmt.errors import DataError
 
-# ISO 639-1 and 639-3 codes (Tatoeba names its files with the latter: cmn, jpn, kor)
-CHINESE_LANGS = ("zh", "zho", "chi", "cmn", "yue", "wuu", "lzh")
+# ISO 639-1 and 639-3 codes (Tatoeba names its files with the latter: cmn, jpn, kor); the Chinese
+# ones are the macrolanguage and its members written in Han characters (Mandarin, Cantonese, Wu,
+# Classical Chinese, Hakka, Gan, Xiang, Jin, Min, Pu-Xian, Huizhou).
+CHINESE_LANGS = ("zh", "zho", "chi", "cmn", "yue", "wuu", "lzh", "hak", "gan", "hsn", "cjy", "nan", "cdo", "mnp", "czo",
+                 "cpx", "czh")
 CJK_LANGS = CHINESE_LANGS + ("ja", "jpn", "ko", "kor")
 SCRIPTS = ("simplified", "none")
 UNICODE_FORMS = ("NFC", "NFKC", "NFD", "NFKD", "none")

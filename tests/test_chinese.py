@@ -36,6 +36,7 @@ def test_other_languages_keep_their_text_and_script_can_stay():
     assert language_normalization("en")("ＡＢＣ 知識,") == "ＡＢＣ 知識,"
     assert not is_chinese("en") and is_chinese("zh") and is_chinese("zh-TW") and is_chinese("cmn")
     assert is_chinese("zho") and is_cjk("jpn") and is_cjk("kor")  # Tatoeba's ISO 639-3 names
+    assert is_chinese("yue") and is_chinese("hak") and is_chinese("nan") and not is_chinese("nap")  # Sinitic, not Neapolitan
     assert bleu_tokenizer("zho") == "zh" and bleu_tokenizer("jpn") == "ja-mecab"
     traditional = language_normalization("zh", chinese_script="none")
     assert traditional("知識ＡＢＣ") == "知識ABC"
