@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -21,15 +23,47 @@ except ImportError:
     from click import exceptions as click_errors
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a supervisor's or `timeout`'s stop), raised where the command is, so that it stops
+    as on Ctrl-C: temporary files removed, worker and server processes stopped."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises `Terminated` while the command runs (Python's default ends the process
+    where it is, cleaning nothing up); yields a list that holds the signal once it came."""
+    received: list[int] = []
+
+    def interrupt(signum, frame):
+        received.append(signum)
+        raise Terminated
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+        yield received
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class OneLineUsageErrors(TyperGroup):
     """Usage errors (an unknown option, a missing argument, a value of the wrong kind) in one line
-    on stderr and exit status 2, as other user errors are, not Click's usage box."""
+    on stderr and exit status 2, as other user errors are, not Click's usage box. SIGTERM stops a
+    command as Ctrl-C does, with exit status 143."""
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        with sigterm_as_interrupt() as terminated:
+            code = self._main_with_one_line_errors(*args, **kwargs)
+        sys.exit(128 + signal.SIGTERM if terminated else code if isinstance(code, int) else 0)
+
+    def _main_with_one_line_errors(self, *args, **kwargs):
+        """The command's exit code (a command's typer.Exit(code) returns its code)."""
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(*args, standalone_mode=False, **kwargs)
         except getattr(click_errors, "NoArgsIsHelpError", ()) as e:  # `nmt` alone: Typer has shown the help
             sys.exit(e.exit_code)
         except click_errors.UsageError as e:
@@ -42,7 +76,6 @@ class OneLineUsageErrors(TyperGroup):
         except typer.Abort:
             typer.echo("Aborted!", err=True)
             sys.exit(1)
-        sys.exit(code if isinstance(code, int) else 0)  # a command's typer.Exit(code) returns its code
 
 
 app = typer.Typer(

@@ -705,3 +705,34 @@ def test_leftovers_are_found_by_the_folder_name_taken_literally(tmp_path):
     assert (aside / "weights").read_text() == "kept" and not (tmp_path / "run[1]").exists()
     recover_dir(tmp_path / "run1")  # its own folder's is put back
     assert (tmp_path / "run1" / "weights").read_text() == "kept"
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does_and_its_temporary_file_goes(tmp_path):
+    """Python's default SIGTERM ends the process where it is; a command cleans up instead (here
+    the -o file written beside its name) and exits with status 143. In a process of its own: a
+    default handler would end the test run."""
+    script = f"""
+import os, signal, sys, time
+from pathlib import Path
+import nmt.translate
+from nmt.atomic import open_text_atomic
+from nmt_cli.main import app
+
+def translate_file(*args, **kwargs):
+    with open_text_atomic(Path({str(tmp_path)!r}) / "out.txt") as f:
+        f.write("half a translation")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # interrupted at once
+
+nmt.translate.translate_file = translate_file
+app(["translate", "model"])
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 128 + signal.SIGTERM, run.stderr
+    assert list(tmp_path.iterdir()) == []  # no hidden .out.txt.tmp-PID left
+
+
+def test_a_command_gives_sigterm_back_to_the_handler_it_found():
+    before = signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(app, ["evaluate"])  # a one-line error
+    assert result.exit_code == 1 and signal.getsignal(signal.SIGTERM) == before
