@@ -37,6 +37,7 @@ from nmt.files import CONFIG_NAME, MASKED_LM, TRANSLATION, CheckpointInfo, Train
 from nmt.models import build_model
 from nmt.models.masked_lm import translation_weight_source
 from nmt.tokenizer import Tokenizer, check_recorded_model, file_sha256
+from nmt.train_log import LOG_NAME, TENSORBOARD_DIR
 
 CHECKPOINT_NAMES = ("best", "last")
 UPDATE_CHECKPOINTS = "checkpoints"  # the folder of train.keep_last / keep_best
@@ -94,6 +95,50 @@ def has_checkpoint(save_dir: Path) -> bool:
         (found := checkpoint_dir(save_dir, name)) is not None and (found / "model.safetensors").is_file()
         for name in CHECKPOINT_NAMES
     )
+
+
+# `nmt train --overwrite` sets the model it replaces aside here, and deletes it only once the new
+# run has saved a checkpoint: a run that fails (or is killed) before that gives it back.
+REPLACED = ".replaced"
+# What a training run writes into its directory besides the SentencePiece models vocab.json names
+# (pretraining's text, prepared, is its data/).
+RUN_FILES = ("best", "last", UPDATE_CHECKPOINTS, LOG_NAME, TENSORBOARD_DIR, CONFIG_NAME, VocabInfo.NAME, "data")
+
+
+def _run_files(save_dir: Path) -> list[Path]:
+    names = list(RUN_FILES)
+    with contextlib.suppress(CheckpointError, OSError):
+        info = VocabInfo.read(save_dir)
+        names += [info.vocab.src_model, info.vocab.tgt_model]
+    return [save_dir / name for name in dict.fromkeys(names) if (save_dir / name).exists() or (save_dir / name).is_symlink()]
+
+
+def set_aside_replaced(save_dir: Path) -> None:
+    """--overwrite: move the model in `save_dir` into its .replaced/ (see REPLACED)."""
+    aside = Path(save_dir) / REPLACED
+    aside.mkdir()
+    for path in _run_files(Path(save_dir)):
+        os.replace(path, aside / path.name)
+
+
+def drop_replaced(save_dir: Path) -> None:
+    """The new run has saved: the model it replaces goes."""
+    if (Path(save_dir) / REPLACED).is_dir():
+        shutil.rmtree(Path(save_dir) / REPLACED)
+
+
+def restore_replaced(save_dir: Path) -> bool:
+    """Give back the model an --overwrite run set aside, in place of what that run wrote before
+    it failed or was killed; whether there was one."""
+    aside = Path(save_dir) / REPLACED
+    if not aside.is_dir():
+        return False
+    for path in _run_files(Path(save_dir)):
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    for path in aside.iterdir():
+        os.replace(path, Path(save_dir) / path.name)
+    aside.rmdir()
+    return True
 
 
 def recover_checkpoints(save_dir: Path) -> None:
@@ -261,6 +306,9 @@ def weights_dir(save_dir: Path, which: str = "best") -> Path:
             return directory
     if which == "last" and checkpoint_dir(save_dir, "best") is not None:
         raise CheckpointError(f"{save_dir} holds the weights of best/ only (no last/); leave out --checkpoint last")
+    if (Path(save_dir) / REPLACED).is_dir():
+        raise CheckpointError(f"{save_dir} holds no trained weights yet: an --overwrite run stopped before its first "
+                              "checkpoint; nmt train into it again puts the model it was replacing back first")
     raise CheckpointError(f"{save_dir} holds no trained weights (no best/ or last/)")
 
 

@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import math
 import re
-import shutil
 import signal
 import sys
 import threading
@@ -26,12 +25,12 @@ from tqdm import tqdm
 
 from nmt.batches import Batch, BatchPrefetcher
 from nmt.checkpoint import (
-    UPDATE_CHECKPOINTS,
     check_outside_data_dir,
     check_pretrained,
     check_resumed_task,
     check_same_model,
     checkpoint_dir,
+    drop_replaced,
     has_checkpoint,
     has_config,
     load_training_state,
@@ -39,7 +38,9 @@ from nmt.checkpoint import (
     read_config,
     read_training_info,
     recover_checkpoints,
+    restore_replaced,
     save_checkpoint,
+    set_aside_replaced,
     training_lock,
     update_checkpoint_name,
     write_config,
@@ -60,7 +61,7 @@ from nmt.files import TRANSLATION, CheckpointInfo, Manifest, TrainState, VocabIn
 from nmt.interfaces import TrainingBatch, TrainingTask
 from nmt.multilingual import changed_weights
 from nmt.paths import same_place
-from nmt.train_log import LOG_NAME, TENSORBOARD_DIR, TrainLog
+from nmt.train_log import TrainLog
 from nmt.translation_task import MultilingualTranslationTask, TranslationTask, translation_loss
 
 TOO_MANY_SKIPPED = "skipped updates"
@@ -357,10 +358,17 @@ def _train(
         torch.set_num_threads(config.train.threads)
     if not ranks.is_main:  # one process writes the log and checkpoints, and validates
         log, progress = (lambda message: None), False
+    if ranks.is_main and restore_replaced(save_dir):
+        log(f"note: an --overwrite run stopped before its first checkpoint: {save_dir} holds the model it was replacing again")
     task = open_save_dir(make_task, ranks, save_dir, resume, overwrite)
     trainer = Trainer(task, config, ranks, save_dir, log, started)  # the device and precision checked first
-    trainer.start(resume, overwrite)
-    return trainer.run(progress)
+    try:
+        trainer.start(resume, overwrite)
+        return trainer.run(progress)
+    except BaseException:
+        if ranks.is_main and restore_replaced(save_dir):  # stopped before its first checkpoint
+            log(f"{save_dir} holds the model that --overwrite was to replace again")
+        raise
 
 
 def open_save_dir(
@@ -378,13 +386,6 @@ def open_save_dir(
         check_same_batches(save_dir, task.config, ranks.world)
     ranks.barrier()  # every process has looked before the main one clears anything
     return task
-
-
-def clear_save_dir(save_dir: Path) -> None:
-    """--overwrite: remove what a training run wrote (a model's directory, checked by `open_save_dir`)."""
-    for name in ("best", "last", UPDATE_CHECKPOINTS, LOG_NAME, TENSORBOARD_DIR):
-        path = save_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def check_save_dir(save_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -608,7 +609,7 @@ class Trainer:
                 write_config(self.config, self.save_dir)
         elif ranks.is_main:
             if overwrite:
-                clear_save_dir(self.save_dir)
+                set_aside_replaced(self.save_dir)
             self.save_dir.mkdir(parents=True, exist_ok=True)
             self.task.init_save_dir(self.save_dir)
         # The model holds its first weights or those of last/ (the average, if it was kept).
@@ -648,6 +649,7 @@ class Trainer:
         trained = trained_weights(self.model) if self.ema and last else None
         with self.averaged():
             save_checkpoint(self.save_dir, name, self.model, info, self.optimizer if last else None, rng, trained)
+        drop_replaced(self.save_dir)
 
     def averaged(self):
         """A block in which the model holds the moving average of its weights, if one is kept."""

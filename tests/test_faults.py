@@ -386,6 +386,44 @@ def test_overwrite_keeps_the_model_when_the_new_run_cannot_start(data_dir, tmp_p
     assert (save_dir / "best" / "model.safetensors").is_file() and (save_dir / "last" / "model.safetensors").is_file()
 
 
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+            and not p.name.startswith(".")}
+
+
+def test_overwrite_keeps_the_model_until_the_new_run_has_saved(data_dir, tmp_path, monkeypatch):
+    """A run that fails after it began, before its first checkpoint, gives the model back; one
+    killed there leaves it aside, and the next run into the folder puts it back; once the new
+    run has saved, the old model is gone."""
+    save_dir = tmp_path / "model"
+    train(_config(data_dir, save_dir, max_steps=2), progress=False)
+    before = _files(save_dir)
+
+    def failing_run(self, progress):
+        assert not (save_dir / "best").exists() and (save_dir / ".replaced" / "best").is_dir()  # set aside
+        raise RuntimeError("out of memory, say")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module.Trainer, "run", failing_run)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            train(_config(data_dir, save_dir, max_steps=3, lr=1e-3), overwrite=True, progress=False)
+    assert _files(save_dir) == before and not (save_dir / ".replaced").exists()
+
+    killed = []  # a run killed before its first checkpoint: its finally never runs
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module.Trainer, "run", lambda self, progress: killed.append(True))
+        patch.setattr(train_module, "restore_replaced", lambda save_dir: False)
+        train(_config(data_dir, save_dir, max_steps=3, lr=1e-3), overwrite=True, progress=False)
+    assert killed and (save_dir / ".replaced").is_dir()
+    assert_one_line_error(CliRunner().invoke(app, ["translate", str(save_dir)], input="w1\n"),
+                          "an --overwrite run stopped before its first checkpoint")
+    result = train(_config(data_dir, save_dir, max_steps=4), resume=True, progress=False)  # puts it back, goes on
+    assert result.steps == 4 and not (save_dir / ".replaced").exists()
+
+    train(_config(data_dir, save_dir, max_steps=2), overwrite=True, progress=False)
+    assert not (save_dir / ".replaced").exists() and (save_dir / "last" / "model.safetensors").is_file()
+
+
 def test_a_resumed_run_records_its_settings_and_its_log_stays_readable(data_dir, tmp_path):
     from nmt.checkpoint import read_config
     from nmt.train_log import read_train_log
