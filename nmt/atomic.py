@@ -154,6 +154,25 @@ def open_text_atomic(path: Path):
             os.remove(tmp)
 
 
+@contextlib.contextmanager
+def written_atomic(path: Path):
+    """A temporary path beside `path` for a writer that takes a file name (matplotlib's, say): the
+    file it writes there is renamed onto `path` when the block ends without an error, and removed
+    otherwise, so that `path` holds the earlier file or the complete new one."""
+    path = Path(os.path.realpath(path))
+    tmp = _temporary_beside(path)
+    try:
+        yield tmp
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
 NAME_MAX = 255  # bytes in one file name, on the file systems Linux uses
 
 

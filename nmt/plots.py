@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from nmt.alignment import AttentionMap, AttentionOutput, format_alignments, hard_alignments, merge_words
-from nmt.atomic import write_text_atomic
+from nmt.atomic import write_text_atomic, written_atomic
 from nmt.errors import DataError, first_line
 from nmt.train_log import read_train_log
 
@@ -114,9 +114,9 @@ def draw_attention(amap: AttentionMap, path: Path, title: str, description: str)
         0.5, 1 - 0.1 / height, textwrap.shorten(title, chars) + "\n" + textwrap.shorten(description, chars),
         ha="center", va="top", fontsize=10, fontfamily=fonts,
     )
-    with warnings.catch_warnings():  # characters no installed font has are drawn as boxes
+    with warnings.catch_warnings(), written_atomic(path) as tmp:  # characters no installed font has are drawn as boxes
         warnings.filterwarnings("ignore", message="Glyph .* missing")
-        fig.savefig(path, dpi=DPI)
+        fig.savefig(tmp, dpi=DPI, format="png")
     return path
 
 
@@ -141,7 +141,8 @@ def plot_training(run_dirs: list[Path], out: Path) -> Path:
         out = out.with_suffix(".png")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=DPI)
+        with written_atomic(out) as tmp:  # a failed write (a full disk) keeps the earlier picture
+            fig.savefig(tmp, dpi=DPI, format=out.suffix[1:].lower())
     except OSError as e:
         raise DataError(f"cannot write {out}: {e.strerror or e}") from None
     except ValueError as e:  # a suffix matplotlib has no format for
@@ -229,10 +230,8 @@ def write_attention(
     drawn = [m for m in maps if m is not None]
     if output.pictures:
         drawn = drawn[: output.pictures]
-    names = {f"line-{m.line:06d}.png" for m in drawn}
+    for old in directory.glob("line-*.png"):  # first: a run stopped while drawing leaves no earlier run's map
+        old.unlink()
     for m in drawn:
         draw_attention(m, directory / f"line-{m.line:06d}.png", f"line {m.line} · {title}", description)
-    for old in directory.glob("line-*.png"):  # an earlier run's maps of lines this one has not drawn
-        if old.name not in names:
-            old.unlink()
     return len(drawn), directory

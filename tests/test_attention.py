@@ -1,5 +1,6 @@
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,3 +269,48 @@ def test_hard_alignments_are_in_source_order_when_they_cross():
     weights = np.array([[0.1, 0.8, 0.1], [0.8, 0.1, 0.1], [0.1, 0.1, 0.8]])
     amap = AttentionMap(1, ["a", "b", EOS_LABEL], ["y", "x", EOS_LABEL], weights)
     assert hard_alignments(amap) == [(0, 1), (1, 0)]  # as fast_align and Moses list them
+
+
+def test_a_stop_while_drawing_leaves_no_earlier_runs_map_and_no_half_picture(tmp_path, monkeypatch):
+    import nmt.plots
+    from nmt.alignment import AttentionOutput
+    from nmt.plots import write_attention
+
+    for line in (1, 2, 3):  # an earlier run's maps of the same lines
+        (tmp_path / f"line-00000{line}.png").write_bytes(b"earlier run")
+    amap = AttentionMap(1, ["a", EOS_LABEL], ["x", EOS_LABEL], np.array([[0.9, 0.1], [0.2, 0.8]]))
+    maps = [dataclasses.replace(amap, line=line) for line in (1, 2, 3)]
+    drawn = []
+
+    def savefig(self, path, **options):  # the second picture is cut short (Ctrl-C, a full disk)
+        Path(path).write_bytes(b"half a picture")
+        drawn.append(path)
+        if len(drawn) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(nmt.plots.Figure, "savefig", savefig)
+    with pytest.raises(KeyboardInterrupt):
+        write_attention(maps, AttentionOutput(tmp_path, AttentionChoice()), "title", "description")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alignments.txt", "line-000001.png"]  # this run's only
+    assert (tmp_path / "line-000001.png").read_bytes() == b"half a picture"  # (the first one, complete here)
+
+
+def test_a_plot_that_cannot_be_written_keeps_the_earlier_picture(tmp_path, monkeypatch):
+    import errno
+
+    import nmt.plots
+    from nmt.plots import plot_training
+
+    log = [{"type": "train", "step": s, "loss": 3.0 / s, "lr": 1e-3} for s in (1, 2)]
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    (tmp_path / "curves.png").write_bytes(b"the earlier picture")
+
+    def savefig(self, path, **options):  # the disk fills up halfway
+        Path(path).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(nmt.plots.Figure, "savefig", savefig)
+    with pytest.raises(DataError, match="No space left on device"):
+        plot_training([tmp_path], tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes() == b"the earlier picture"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "train_log.jsonl"]
