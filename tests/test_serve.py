@@ -317,6 +317,30 @@ def test_requests_batched_together_keep_their_own_line_numbers_and_failures():
     assert ["a", "b", "boom", "c", "d", "e"] in slow.calls  # tried together first
 
 
+def test_a_stalled_upload_gets_408_and_holds_neither_the_server_nor_its_stop():
+    import socket
+
+    from nmt.serve import BackgroundServer
+
+    translator = SlowTranslator(seconds=0.0)
+    server = BackgroundServer([ServedModel(translator, "m")], ServeSettings(timeout_s=0.5))
+    with server, socket.create_connection(("127.0.0.1", server.port)) as stalled:
+        stalled.sendall(b"POST /translate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                        b"content-length: 1000\r\n\r\n{\"q\": \"a")  # and no more
+        stalled.settimeout(10)
+        answer = stalled.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 408") and "did not all arrive within 0.5 s" in answer, answer
+        body = json.dumps({"q": "b", "source": "xx", "target": "yy"}).encode()
+        request = urllib.request.Request(server.url + "/translate", body, {"content-type": "application/json"})
+        assert json.loads(urllib.request.urlopen(request, timeout=10).read()) == {"translatedText": "B"}
+        with socket.create_connection(("127.0.0.1", server.port)) as idle:  # a second one, open as the server stops
+            idle.sendall(b"POST /translate HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{")
+            time.sleep(0.1)
+            stopping = time.monotonic()
+            server.__exit__(None, None, None)
+            assert not server.thread.is_alive() and time.monotonic() - stopping < 5
+
+
 def test_a_request_whose_client_left_is_not_translated():
     import socket
 

@@ -4,6 +4,7 @@ speak, with a web page to try them (`nmt.serve.api`)."""
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -59,7 +60,7 @@ def serve(model_dirs: Sequence[Path], settings: ServeSettings, decode_options: d
         echo(f"model {model.source}->{model.target}: {model.name} ({model.engine})")
     echo(f"serving at http://{shown}:{port}/ (LibreTranslate API: POST /translate; OpenNMT-py API: "
          f"POST /translator/translate); Ctrl-C stops")
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn_config(app, settings))
     # The form parser warns of each malformed multipart body: a client's error, answered with a 400.
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
     try:
@@ -78,7 +79,7 @@ class BackgroundServer:
         self.sock = _listen("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(models, settings), log_level="warning", access_log=False))
+        self.server = uvicorn.Server(uvicorn_config(create_app(models, settings), settings))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> BackgroundServer:
@@ -92,6 +93,15 @@ class BackgroundServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+def uvicorn_config(app, settings: ServeSettings):
+    """uvicorn's settings: quiet, and a stop that waits for the requests in flight no longer than a
+    request may take (then closes the connections left, a client that never finishes included)."""
+    import uvicorn
+
+    return uvicorn.Config(app, log_level="warning", access_log=False,
+                          timeout_graceful_shutdown=max(1, math.ceil(settings.timeout_s)))
 
 
 def _listen(host: str, port: int) -> socket.socket:

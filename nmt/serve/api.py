@@ -327,11 +327,20 @@ def _add_error_handlers(app: FastAPI) -> None:
 # ---- reading a request --------------------------------------------------------------------------
 
 async def _read_body(request: Request, settings: ServeSettings) -> bytes:
-    """The body, refused (413) past `max_body_bytes` before it is all read."""
+    """The body, refused (413) past `max_body_bytes` before it is all read, and (408) when it has
+    not all come within the request timeout: a stalled upload would hold its connection, and the
+    server's shutdown, for as long as its client liked."""
     limit = settings.max_body_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"the request body has {int(declared)} bytes; the limit is {limit}")
+    try:
+        return await asyncio.wait_for(_body_up_to(request, limit), settings.timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"the request body did not all arrive within {settings.timeout_s:g} s") from None
+
+
+async def _body_up_to(request: Request, limit: int) -> bytes:
     body = bytearray()
     try:
         async for chunk in request.stream():
