@@ -6,9 +6,13 @@ rank from the environment torchrun sets. With one process every method here is a
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import datetime
 import os
+import signal
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +77,7 @@ def init_ranks(device_name: str) -> Ranks:
     if world <= 1:
         return Ranks()
     ranks = Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    stop_with_launcher()
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     if device_name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {device_name!r} was asked for, but CUDA is not available on this machine")
@@ -81,6 +86,21 @@ def init_ranks(device_name: str) -> Ranks:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     return ranks
+
+
+def stop_with_launcher() -> None:
+    """This process (a worker torchrun started) gets SIGTERM when torchrun's process ends, killed
+    though it may be: it then saves last/ and stops, as on Ctrl-C, instead of training on
+    unwatched and holding the checkpoint directory's lock (Linux; elsewhere nothing changes)."""
+    libc_name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    prctl = getattr(ctypes.CDLL(libc_name), "prctl", None) if libc_name else None
+    if prctl is None:
+        return
+    launcher = os.getppid()
+    PR_SET_PDEATHSIG = 1  # from linux/prctl.h
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != launcher:  # it ended before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def rank_device(ranks: Ranks, device: torch.device) -> torch.device:
@@ -93,6 +113,7 @@ def rank_device(ranks: Ranks, device: torch.device) -> torch.device:
 def launch(devices: int, command_line: list[str], device: str = "auto") -> int:
     """Run `nmt COMMAND_LINE` (a train or pretrain command, as the user typed it) in `devices`
     processes on this machine, through torchrun; `device` (train.device) is checked before."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun
 
     if devices < 1:
@@ -100,11 +121,15 @@ def launch(devices: int, command_line: list[str], device: str = "auto") -> int:
     on_gpus = resolve_device(device).type == "cuda"  # a missing GPU is one error here, not one per process
     if on_gpus and devices > torch.cuda.device_count():
         raise ConfigError(f"--devices {devices} asked for, but this machine has {torch.cuda.device_count()} GPUs")
-    try:
-        torchrun(["--standalone", f"--nproc_per_node={devices}", "-m", "nmt_cli", *command_line])
-    except SystemExit as e:
-        return int(e.code or 0)
-    except Exception as e:  # torchrun reports a failed worker as ChildFailedError, after its output
-        print(f"error: training failed in a worker process ({type(e).__name__})", file=sys.stderr)
-        return 1
+    # torchrun's log folder, which it would leave in the temporary directory after every run
+    with tempfile.TemporaryDirectory(prefix="nmt-torchrun-") as logs:
+        try:
+            torchrun(["--standalone", f"--nproc_per_node={devices}", f"--log-dir={logs}", "-m", "nmt_cli", *command_line])
+        except SystemExit as e:
+            return int(e.code or 0)
+        except SignalException as e:  # Ctrl-C or SIGTERM: the workers stopped and saved, and said so
+            return 128 + int(e.sigval)
+        except Exception as e:  # torchrun reports a failed worker as ChildFailedError, after its output
+            print(f"error: training failed in a worker process ({type(e).__name__})", file=sys.stderr)
+            return 1
     return 0

@@ -124,3 +124,41 @@ def test_user_errors_are_one_line_before_any_process_starts(tmp_path, command):
     )
     assert result.returncode == 1 and result.stderr.startswith("error: "), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def _start_long_run(data_dir, out, tmp):
+    """Two processes training for as long as they are let; returns once they have logged."""
+    import os
+    import time
+
+    tmp.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nmt_cli", "train", "--data", str(data_dir), "--out", str(out), "--device", "cpu",
+         "--devices", "2", "--no-progress", *MODEL, *TRAIN, "--set", "train.max_steps=100000", "--set", "train.valid_every=100000",
+         "--set", "train.max_minutes=2"],  # should the workers outlive the test, not for long
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "TMPDIR": str(tmp)},
+    )
+    deadline = time.monotonic() + 300
+    while not (out / "train_log.jsonl").is_file() or '"type": "train"' not in (out / "train_log.jsonl").read_text():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
+        time.sleep(0.2)
+    return process
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_the_workers_stop_and_save_when_the_launcher_is_stopped_or_killed(data_dir, tmp_path, signal_name):
+    """SIGTERM to torchrun's process: the workers save last/ and it exits with 143. Killed (the
+    OOM killer, kill -9): the workers stop all the same, not training on unwatched. Either way
+    torchrun's log folder is not left in the temporary directory."""
+    import os
+    import signal
+
+    process = _start_long_run(data_dir, tmp_path / "m", tmp_path / "tmp")
+    os.kill(process.pid, getattr(signal, signal_name))
+    output = process.communicate(timeout=100)[0]  # the pipe ends when the workers have too
+    assert "stopped by SIGTERM at step" in output, output
+    assert (tmp_path / "m" / "last" / "model.safetensors").is_file()
+    if signal_name == "SIGTERM":
+        assert process.returncode == 128 + signal.SIGTERM and "error" not in output, output
+        assert [p.name for p in (tmp_path / "tmp").iterdir() if "torch" in p.name and "inductor" not in p.name] == []
