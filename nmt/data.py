@@ -136,7 +136,7 @@ HF_SPLIT_NAMES = {
 
 def load_hf_corpus(
     name: str, config: str | None, src_lang: str, tgt_lang: str, revision: str | None = None,
-    data_dir: str | None = None,
+    data_dir: str | None = None, cache_dir: Path | None = None,
 ) -> dict[str, Iterable[tuple[str, str]]]:
     """Load a parallel corpus with Hugging Face `datasets`: a Hub id or a local folder/file.
 
@@ -150,7 +150,7 @@ def load_hf_corpus(
     # Its readers log a file they cannot read before raising: the error says it, in one line.
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     datasets.disable_progress_bars()
-    kwargs = {k: v for k, v in (("revision", revision), ("data_dir", data_dir)) if v}
+    kwargs = {k: v for k, v in (("revision", revision), ("data_dir", data_dir), ("cache_dir", cache_dir and str(cache_dir))) if v}
     kwargs.update(_csv_options(Path(name)))
     try:
         try:

@@ -295,7 +295,8 @@ def write_eval_split(
 def clean_and_split(config: PrepareConfig, work: Path, progress: bool, stages: Stages | None = None) -> CleanedCorpus:
     """Read `config`'s input into the work files `work/train.{src,tgt}` (cleaned), find the
     duplicates and hold out valid and test (given, or carved out of train)."""
-    train_pairs, given_eval, expected_pairs = _read_inputs(config, progress)
+    # A local folder read with `datasets` becomes Arrow files in its cache: here, in the work folder.
+    train_pairs, given_eval, expected_pairs = _read_inputs(config, progress, work / "datasets-cache")
     if len(given_eval) == 1 and config.split_by is not None:  # a dataset's lone split: both carved by group
         given_eval = {}
     if given_eval and config.split_by is not None:
@@ -590,9 +591,11 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-def _read_inputs(config: PrepareConfig, progress: bool = False):
+def _read_inputs(config: PrepareConfig, progress: bool = False, local_cache: Path | None = None):
     """Returns (train pairs iterable, {split: pairs} for the splits the input provides, the
-    number of training pairs when it is cheap to know for the progress bar, else None)."""
+    number of training pairs when it is cheap to know for the progress bar, else None).
+    `local_cache`: where `datasets` keeps what it reads from a local folder (a Hub dataset's
+    download goes to its own cache, for the next run)."""
     chosen = [x is not None for x in (config.train_prefix, config.tsv, config.hf_name, config.corpus)]
     if sum(chosen) != 1:
         raise DataError("give exactly one input: --train PREFIX, --tsv FILE, --hf NAME or --corpus NAME")
@@ -624,11 +627,13 @@ def _read_inputs(config: PrepareConfig, progress: bool = False):
             # A copy of the Hub repository holds a folder per config (or parquet export): this corpus's.
             local = next((Path(config.corpus_dir) / sub for sub in (corpus.data_dir, corpus.config)
                           if sub and (Path(config.corpus_dir) / sub).is_dir()), Path(config.corpus_dir))
-            splits = load_hf_corpus(str(local), None, src, tgt)
+            splits = load_hf_corpus(str(local), None, src, tgt, cache_dir=local_cache)
         else:
             splits = load_hf_corpus(corpus.hub_id, corpus.config, src, tgt, corpus.revision, corpus.data_dir)
     else:
-        splits = load_hf_corpus(config.hf_name, config.hf_config, src, tgt, config.hf_revision)
+        local = Path(config.hf_name).exists()
+        splits = load_hf_corpus(config.hf_name, config.hf_config, src, tgt, config.hf_revision,
+                                cache_dir=local_cache if local else None)
     if config.valid_prefix or config.test_prefix:
         raise DataError("--valid/--test go with --train; --corpus and --hf bring their own splits (one they lack is carved "
                         "out with --valid-size/--test-size)")

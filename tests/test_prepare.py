@@ -67,7 +67,10 @@ def test_prepare_separate_vocab_bpe(toy_corpus, tmp_path):
     assert manifest.vocab.src_model == "spm.src.model" and manifest.vocab.tgt_model == "spm.tgt.model"
 
 
-def test_prepare_from_datasets_local_folder(tmp_path):
+def test_prepare_from_datasets_local_folder(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
     folder = tmp_path / "hub_copy"
     folder.mkdir()
     for split, seed, count in (("train", 1, 120), ("validation", 2, 10), ("test", 3, 12)):
@@ -76,6 +79,7 @@ def test_prepare_from_datasets_local_folder(tmp_path):
                 f.write(json.dumps({"xx": s, "yy": t}) + "\n")
     manifest = prepare(_config(tmp_path / "data", hf_name=str(folder)))
     assert manifest.counts["valid"]["pairs"] == 10 and manifest.counts["test"]["pairs"] == 12
+    assert not list(tmp_path.rglob("*.arrow"))  # no copy of the local corpus kept in a cache
     assert manifest.input["datasets"] == str(folder)
     from nmt.data import load_hf_corpus
 
