@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import itertools
@@ -145,12 +146,19 @@ def build_data_dir(out_dir: Path, overwrite: bool, build: Callable[[Path], Manif
     out_dir = followed_link(out_dir)
     _tidy_leftovers(out_dir)
     _check_out_dir(out_dir, overwrite, inputs)
+    made = [p for p in out_dir.absolute().parents if not p.exists()]  # the folders above out_dir it makes
     tmp_dir = _make_tmp_dir(out_dir)  # fails now, not after the work, if out_dir cannot be written
     try:
         manifest = build(tmp_dir)
         manifest.seconds = round(time.time() - started, 1)
         manifest.write(tmp_dir)
         replace_dir(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        for folder in made:  # deepest first: a failed run leaves no empty folders of its making
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return manifest

@@ -456,3 +456,11 @@ def test_reserved_symbols_are_spelled_in_byte_pieces_where_the_vocabulary_lacks_
     ids = tokenizer.encode_tgt([line])[0]
     assert tokenizer.tgt.unk_id() not in ids and tokenizer.tgt.piece_to_id("E") == tokenizer.tgt.unk_id()
     assert tokenizer.decode_tgt([ids])[0] == line
+
+
+def test_a_failed_prepare_leaves_no_folders_of_its_making(tmp_path):
+    (tmp_path / "bad.xx").write_text("a\nb\n", encoding="utf-8")
+    (tmp_path / "bad.yy").write_text("a\n", encoding="utf-8")  # a line short
+    with pytest.raises(DataError):
+        prepare(_config(tmp_path / "new" / "deeper" / "data", train_prefix=str(tmp_path / "bad")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.xx", "bad.yy"]
