@@ -139,7 +139,7 @@ def open_text_atomic(path: Path):
         return
     gzip_name = path.name if is_gzip_name(path) else None  # the name as given, as inputs are read
     path = Path(os.path.realpath(path))
-    tmp = _temporary_beside(path)
+    tmp = temporary_beside(path)
     try:
         with open(tmp, "wb") as raw:
             with _text_writer(raw, gzip_name) as f:
@@ -160,7 +160,7 @@ def written_atomic(path: Path):
     file it writes there is renamed onto `path` when the block ends without an error, and removed
     otherwise, so that `path` holds the earlier file or the complete new one."""
     path = Path(os.path.realpath(path))
-    tmp = _temporary_beside(path)
+    tmp = temporary_beside(path)
     try:
         yield tmp
         with open(tmp, "rb") as written:
@@ -176,12 +176,28 @@ def written_atomic(path: Path):
 NAME_MAX = 255  # bytes in one file name, on the file systems Linux uses
 
 
-def _temporary_beside(path: Path) -> Path:
-    """A hidden temporary name beside `path` (.NAME.tmp-PID), NAME cut short where the whole
-    would pass the longest name the file system takes."""
+def temporary_beside(path: Path) -> Path:
+    """A hidden temporary name beside `path` (.NAME.tmp-PID) for a file or folder to be renamed
+    onto it, NAME cut short where the whole would pass the longest name the file system takes.
+    What a killed process left under such names (its PID no longer running, or this one's) is
+    removed first."""
     suffix = f".tmp-{os.getpid()}"
-    name = os.fsencode(path.name)[: NAME_MAX - 1 - len(suffix)]
-    return path.parent / f".{name.decode('utf-8', 'ignore')}{suffix}"  # a character cut in two is left out
+    name = os.fsencode(path.name)[: NAME_MAX - 1 - len(suffix)].decode("utf-8", "ignore")  # a character cut in two is left out
+    for left in path.parent.glob(f".{glob.escape(name)}.tmp-*"):
+        pid = left.name.rsplit("-", 1)[1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _running(int(pid))):
+            shutil.rmtree(left, ignore_errors=True) if left.is_dir() and not left.is_symlink() else left.unlink(missing_ok=True)
+    return path.parent / f".{name}{suffix}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 @contextlib.contextmanager

@@ -5,7 +5,6 @@ The mean of checkpoints near the end of training usually translates better than 
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from nmt.atomic import replace_dir
+from nmt.atomic import replace_dir, temporary_beside
 from nmt.checkpoint import (
     UpdateCheckpoint,
     copy_model_description,
@@ -134,8 +133,7 @@ def average_checkpoints(model_dir: Path, out_dir: Path, last: int = 0, best: int
             if name in averaged:  # a tied tensor is stored once, under one of its names
                 tensor.copy_(averaged[name])
     # Written beside `out_dir` and renamed when complete: a failed run leaves no half model dir.
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary_beside(out_dir)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()

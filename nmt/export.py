@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from nmt.alignment import describe_attention
-from nmt.atomic import check_replaceable, replace_dir
+from nmt.atomic import check_replaceable, replace_dir, temporary_beside
 from nmt.batches import pad_source
 from nmt.checkpoint import load_for_inference, read_config, weights_dir
 from nmt.config import DecodeConfig, ModelConfig
@@ -138,8 +137,7 @@ def _check_out_dir(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
 
 def _write_export(model_dir: Path, out_dir: Path, spec, record: ExportRecord) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary_beside(out_dir)
     try:
         tmp.mkdir()
         spec.validate()

@@ -121,3 +121,17 @@ def test_a_gpu_index_equal_to_the_count_is_refused(monkeypatch):
 def test_a_device_other_than_cpu_or_cuda_is_refused():
     with pytest.raises(ConfigError, match="unsupported"):
         resolve_device("meta")
+
+
+def test_a_killed_writers_temporary_files_go_at_the_next_write_and_a_running_ones_stay(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / f".out.txt.tmp-{int(dead.stdout)}"  # a process that is gone
+    left.write_text("half")
+    (tmp_path / ".out.txt.tmp-1").write_text("init's, running")  # PID 1 always runs
+    (tmp_path / ".out.txt.tmp-folder").mkdir()  # not a PID: not ours to judge
+    with open_text_atomic(tmp_path / "out.txt") as f:
+        f.write("whole\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.txt.tmp-1", ".out.txt.tmp-folder", "out.txt"]
