@@ -92,8 +92,13 @@ def _run_measured(command: list[str]) -> tuple[float, int, float]:
     """Run a command; returns (wall seconds, peak resident memory in bytes, start time)."""
     started = time.time()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
+    try:
+        output = process.stdout.read()
+        _, status, usage = os.wait4(process.pid, 0)
+    except BaseException:  # stopped here (SIGTERM to this process alone): the measured command stops too
+        process.terminate()
+        process.wait()
+        raise
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         tail = output.decode("utf-8", "replace").strip().splitlines()[-1:] or ["(no output)"]

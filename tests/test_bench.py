@@ -255,3 +255,28 @@ print(peak_memory_mb(cpu) - before)
 """
     grown = float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
     assert 45 < grown < 100  # this row's 50 MB; not the 400 before it
+
+
+def test_a_stopped_scale_bench_stops_the_command_it_measures(tmp_path):
+    import os
+    import signal
+    import sys
+
+    from nmt.bench_scale import _run_measured
+
+    pid_file = tmp_path / "pid"
+    command = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"]
+
+    def stop(signum, frame):  # as the SIGTERM handler of the command line does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, 3.0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run_measured(command)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    with pytest.raises(ProcessLookupError):  # gone, not left running
+        os.kill(int(pid_file.read_text()), 0)
