@@ -143,9 +143,13 @@ class _server:
 
     def __enter__(self) -> str:
         self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for line in self.process.stdout:
-            if found := re.search(r"http://[^/\s]+", line):
-                return found.group(0)
+        try:
+            for line in self.process.stdout:
+                if found := re.search(r"http://[^/\s]+", line):
+                    return found.group(0)
+        except BaseException:  # stopped while the server starts: it stops too
+            self.__exit__()
+            raise
         self.process.wait()
         raise DataError(f"nmt serve did not start: {self.process.stderr.read().strip()}")
 
