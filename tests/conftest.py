@@ -107,6 +107,15 @@ def train_tiny(data_dir: Path, save_dir: Path, model: dict, overwrite: bool = Fa
     return save_dir
 
 
+@pytest.fixture(scope="module")
+def tiny_trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(data dir, model): the toy language and a tiny Transformer trained for 100 updates,
+    validated at 30, 60, 90 (the last 2 kept) and, off schedule, at 100."""
+    root = tmp_path_factory.mktemp("tiny")
+    data = prepare_toy_data(root, train=200)
+    return data, train_tiny(data, root / "model", TINY_TRANSFORMER, max_steps=100, valid_every=30, keep_last=2)
+
+
 # A hand-built step decoder for search tests: the next token's distribution depends on the
 # previous token only.
 @dataclass

@@ -271,3 +271,11 @@ def test_dev_bleu_of_outputs_equal_to_chinese_references_is_100(tmp_path, monkey
     monkeypatch.setattr("nmt.translation_task.translate_ids", lambda model, sources, *a, **k: perfect[: len(sources)])
     model = task.build_model().eval()
     assert task.validate(model, torch.device("cpu"), torch.float32)["bleu"] == 100.0
+
+
+def test_japanese_ter_is_counted_in_characters_as_bleu_segments_it():
+    from nmt.evaluate import score_texts
+
+    hyp, ref = ["私は毎朝コーヒーを飲む。"], ["私は毎朝コーヒーを飲みます。"]
+    (ter,) = score_texts(hyp, ref, ("ter",), lang="ja")
+    assert "asian:yes" in ter.signature and ter.score < 50  # unsegmented, the line is one wrong word: 100

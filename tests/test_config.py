@@ -171,3 +171,17 @@ def test_the_floor_of_the_learning_rate_is_not_above_its_peak():
     with pytest.raises(ConfigError, match="train.min_lr must be at most train.lr"):
         config_from_dict({"train": {"lr": 5e-4, "min_lr": 1e-2}})
     assert config_from_dict({"train": {"lr": 5e-4, "min_lr": 5e-4}}).train.min_lr == 5e-4
+
+
+def test_mask_and_random_token_shares_may_add_up_to_exactly_one():
+    config = config_from_dict({"pretrain": {"mask_token_prob": 0.5, "random_token_prob": 0.5}})
+    assert (config.pretrain.mask_token_prob, config.pretrain.random_token_prob) == (0.5, 0.5)
+    with pytest.raises(ConfigError, match="add up to at most 1"):
+        config_from_dict({"pretrain": {"mask_token_prob": 0.75, "random_token_prob": 0.5}})
+
+
+def test_label_smoothing_of_one_is_refused():
+    """A label smoothing of 1 would train towards a uniform target."""
+    with pytest.raises(ConfigError, match=r"train.label_smoothing must be in \[0, 1\)"):
+        config_from_dict({"train": {"label_smoothing": 1.0}})
+    assert config_from_dict({"train": {"label_smoothing": 0.99}}).train.label_smoothing == 0.99

@@ -96,3 +96,11 @@ def test_training_in_bf16_on_such_a_cpu_says_so_once(tmp_path, monkeypatch):
     train(config, progress=False, log=messages.append)
     assert sum("no bf16 matrix instructions" in m for m in messages) == 1
     assert any("bfloat16" in m for m in messages if m.startswith("model:"))
+
+
+def test_each_process_takes_the_gpu_of_its_local_rank():
+    from nmt.distributed import Ranks, rank_device
+
+    assert rank_device(Ranks(rank=3, world=4, local_rank=1), torch.device("cuda")) == torch.device("cuda", 1)
+    assert rank_device(Ranks(rank=3, world=4, local_rank=1), torch.device("cpu")) == torch.device("cpu")
+    assert rank_device(Ranks(), torch.device("cuda", 0)) == torch.device("cuda", 0)

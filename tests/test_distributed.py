@@ -162,3 +162,28 @@ def test_the_workers_stop_and_save_when_the_launcher_is_stopped_or_killed(data_d
     if signal_name == "SIGTERM":
         assert process.returncode == 128 + signal.SIGTERM and "error" not in output, output
         assert [p.name for p in (tmp_path / "tmp").iterdir() if "torch" in p.name and "inductor" not in p.name] == []
+
+
+def _agree_and_sum(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from nmt.distributed import Ranks
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        ranks, cpu = Ranks(rank, 2, rank), torch.device("cpu")
+        result = {"agree": ranks.agree(2 if rank == 0 else 0, cpu), "sum": ranks.sum([rank + 1.0, 10.0], cpu)}
+        (__import__("pathlib").Path(out_dir) / f"{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_processes_agree_on_the_largest_code_and_sum_elementwise(tmp_path):
+    """Processes agree on the largest code: a stop only the main process decides on (patience,
+    target_bleu: it alone validates) is taken by all."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agree_and_sum, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert results == [{"agree": 2, "sum": [3.0, 20.0]}] * 2

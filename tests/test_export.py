@@ -3,6 +3,7 @@ network computes what nmt's does, and its translator keeps nmt's input and outpu
 
 import json
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -459,3 +460,73 @@ def test_the_export_records_the_layer_norms_epsilon(models):
     written = json.loads((export_dir / "config.json").read_text())
     # CTranslate2's own default (1e-6) differs from torch's; too little to change the tiny models' outputs.
     assert written["layer_norm_epsilon"] == model.encoder_layers[0].norm1.eps == 1e-5
+
+
+def test_only_8_bit_int8_weights_are_warned_of():
+    """Only exports with 8-bit int8 weights (made before the 7-bit ones) are warned of: on CPUs
+    without VNNI the warning would otherwise be needless."""
+    from nmt.export import INT8_WEIGHT_RANGE, _eight_bit_weights
+
+    def record(quantization, weight_range):
+        return types.SimpleNamespace(quantization=quantization, int8_weight_range=weight_range)
+
+    assert not _eight_bit_weights(record("int8", INT8_WEIGHT_RANGE), quantize=False)
+    assert not _eight_bit_weights(record("int8_float16", INT8_WEIGHT_RANGE), quantize=True)
+    assert _eight_bit_weights(record("int8", 127), quantize=False)  # an export from before 7-bit weights
+    assert _eight_bit_weights(record(None, INT8_WEIGHT_RANGE), quantize=True)  # float weights quantized at load
+    assert not _eight_bit_weights(record(None, INT8_WEIGHT_RANGE), quantize=False)
+
+
+def test_int8_float16_weights_keep_seven_bits_too(tmp_path):
+    from nmt.export import INT8_WEIGHT_RANGE, quantize_spec, transformer_spec
+    from nmt.files import Manifest
+    from nmt.models import build_model
+    from nmt.tokenizer import Tokenizer
+
+    data = prepare_toy_data(tmp_path, train=200)
+    manifest = Manifest.read(data)
+    tokenizer = Tokenizer(data / manifest.vocab.src_model, data / manifest.vocab.tgt_model)
+    config = config_from_dict({"model": TINY_TRANSFORMER}).model
+    model = build_model(config, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size).eval()
+    spec = transformer_spec(model, config, tokenizer, 64)
+    spec.validate()
+    quantize_spec(spec, "int8_float16", INT8_WEIGHT_RANGE)
+    variables = spec.variables()
+    quantized = [name for name in variables if f"{name}_scale" in variables]
+    assert quantized
+    for name in quantized:
+        assert np.abs(variables[name].numpy().astype(np.int32)).max() == INT8_WEIGHT_RANGE, name
+
+
+def test_ctranslate2_never_outputs_the_reserved_symbols(tiny_trained, tmp_path):
+    """[MASK], [CLS], [SEP] and a multilingual model's tags are never outputs, as in nmt's own search."""
+    from nmt.export import export_model, load_ctranslate2_translator
+
+    _, model = tiny_trained
+    export_model(model, tmp_path / "ct2")
+    translator = load_ctranslate2_translator(tmp_path / "ct2", {"beam": 1}, "cpu", threads=1)
+    banned = {pieces[0] for pieces in translator._suppressed_pieces}
+    assert {"[MASK]", "[CLS]", "[SEP]", "<pad>", "<s>"} <= banned
+
+
+def test_ctranslate2_refuses_a_gpu_index_equal_to_the_count(monkeypatch):
+    import ctranslate2
+
+    from nmt.export import ctranslate2_device
+
+    monkeypatch.setattr(ctranslate2, "get_cuda_device_count", lambda: 1)
+    assert ctranslate2_device("cuda:0") == ("cuda", 0) and ctranslate2_device("cuda") == ("cuda", 0)
+    with pytest.raises(ConfigError, match="CTranslate2 sees 1 GPUs"):
+        ctranslate2_device("cuda:1")
+
+
+def test_a_bilingual_export_takes_its_own_languages_and_refuses_others(tiny_trained, tmp_path):
+    from nmt.export import export_model, load_ctranslate2_translator
+    from nmt.translate import LanguageChoice
+
+    _, model = tiny_trained
+    export_model(model, tmp_path / "ct2")
+    load_ctranslate2_translator(tmp_path / "ct2", None, "cpu", threads=1, languages=LanguageChoice("yy", "xx"))
+    for choice, side in ((LanguageChoice("zz"), "target zz"), (LanguageChoice("yy", "zz"), "source zz")):
+        with pytest.raises(ConfigError, match=f"translates xx -> yy only \\(not {side}\\)"):
+            load_ctranslate2_translator(tmp_path / "ct2", None, "cpu", threads=1, languages=choice)

@@ -741,3 +741,24 @@ def test_the_recipe_gives_cpu_and_gpu_runs_work_dirs_of_their_own(tmp_path, kind
                             capture_output=True, text=True)
     assert result.returncode == 2 and f"holds a {other} run" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [other]
+
+
+def test_the_manifests_valid_and_test_totals_are_the_trained_directions(tmp_path):
+    from nmt.files import Manifest
+
+    manifest = Manifest.read(prepare_three_way(tmp_path))
+    for split in ("valid", "test"):
+        trained = sum(manifest.direction_counts[d][split]["pairs"] for d in manifest.directions)
+        assert manifest.counts[split]["pairs"] == trained
+        assert manifest.direction_counts["bb-cc"][split]["pairs"] > 0  # the zero-shot one has its own
+
+
+def test_the_mean_of_each_metric_is_over_that_metric():
+    from nmt.evaluate import DirectionReport, DirectionScores, Score
+
+    def scores(bleu, chrf):
+        return [Score("bleu", bleu, "", ""), Score("chrf", chrf, "", "")]
+
+    report = DirectionReport([DirectionScores("aa-bb", scores(10.0, 40.0)), DirectionScores("bb-aa", scores(20.0, 60.0)),
+                              DirectionScores("bb-cc", scores(1.0, 30.0), zero_shot=True)])
+    assert report.means() == {"trained": {"bleu": 15.0, "chrf": 50.0}, "zero-shot": {"bleu": 1.0, "chrf": 30.0}}

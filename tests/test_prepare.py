@@ -464,3 +464,52 @@ def test_a_failed_prepare_leaves_no_folders_of_its_making(tmp_path):
     with pytest.raises(DataError):
         prepare(_config(tmp_path / "new" / "deeper" / "data", train_prefix=str(tmp_path / "bad")))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.xx", "bad.yy"]
+
+
+def test_blank_lines_of_a_tsv_file_are_skipped(tmp_path):
+    from nmt.data import read_tsv
+
+    path = tmp_path / "c.tsv"
+    path.write_text("a\tb\n\n  \nc\td\n", encoding="utf-8")
+    assert list(read_tsv(path, 0, 1)) == [("a", "b"), ("c", "d")]
+
+
+def test_a_chinese_side_counts_its_characters_not_its_spaces():
+    from nmt.data import CleanConfig, PairCleaner
+
+    cleaner = PairCleaner(CleanConfig(max_words=4, max_ratio=9.0), "zh", "en")
+    assert cleaner("我们 走吧", "let us go") == ("我们 走吧", "let us go")  # 4 characters
+    assert cleaner("我们 走吧 了", "let us go") is None and cleaner.stats.too_long == 1
+
+
+def test_split_by_keeps_whole_groups_of_its_languages_sentences_out_of_train(tmp_path):
+    from nmt.prepare import prepare
+
+    # 40 xx sentences, each with 5 different yy translations
+    write_pairs(tmp_path / "c" / "train", [(f"w{i % 40}", f"v{i}") for i in range(200)])
+    out = tmp_path / "data"
+    prepare(_config(out, train_prefix=str(tmp_path / "c" / "train"), split_by="xx", valid_size=5, test_size=10))
+    held = {split: (out / f"{split}.src.txt").read_text(encoding="utf-8").splitlines() for split in ("valid", "test")}
+    for split, sentences in held.items():
+        assert all(sentences.count(s) == 5 for s in sentences), (split, sentences)  # every pair of the sentence
+    assert not set(held["valid"]) & set(held["test"])
+
+
+def test_a_dataset_with_a_valid_split_only_gets_a_test_set_of_test_size(tmp_path):
+    from nmt.prepare import prepare
+
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for split, seed, count in (("train", 1, 150), ("validation", 2, 10)):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps({"xx": s, "yy": t}) + "\n"
+                                                       for s, t in toy_pairs(count, seed=seed)))
+    manifest = prepare(_config(tmp_path / "data", hf_name=str(folder), valid_size=5, test_size=12))
+    assert (manifest.counts["valid"]["pairs"], manifest.counts["test"]["pairs"]) == (10, 12)
+
+
+def test_the_sentencepiece_sample_must_be_more_than_its_minimum():
+    from nmt.tokenizer import MIN_SENTENCEPIECE_SAMPLE, check_sentencepiece_settings
+
+    with pytest.raises(DataError, match=f"more than {MIN_SENTENCEPIECE_SAMPLE}"):
+        check_sentencepiece_settings("unigram", None, MIN_SENTENCEPIECE_SAMPLE)
+    check_sentencepiece_settings("unigram", None, MIN_SENTENCEPIECE_SAMPLE + 1)

@@ -807,3 +807,19 @@ def test_an_overwrite_that_cannot_start_keeps_the_old_runs_text(tmp_path):
     assert invoke(*args, "--text", tmp_path / "one.en", "--overwrite").exit_code == 0
     assert Manifest.read(tmp_path / "m" / "data").input["mono"] == [str((tmp_path / "one.en").resolve())]
     assert not (tmp_path / "m" / ".data-next").exists()
+
+
+def test_pair_lengths_are_what_the_built_rows_hold_less_the_one_batching_adds():
+    """A pair's length counts its [CLS] and [SEP]: batches of pairs stay within train.batch_tokens."""
+    from nmt.config import PretrainConfig
+    from nmt.pretrain import Examples, MonoCorpus, build_masked_batch
+    from nmt.tokenizer import PAD
+
+    sentences = [[10, 11], [12, 13, 14], [15], [16, 17, 18, 19]]
+    corpus = MonoCorpus(np.array([t for s in sentences for t in s], dtype=np.int64),
+                        np.concatenate([[0], np.cumsum([len(s) for s in sentences])]).astype(np.int64),
+                        np.array([0, 0, 1, 1], dtype=np.int64))
+    for examples in (Examples(None), Examples(np.array([0, 2]), np.array([1, 3]), np.array([1, 1]))):
+        rows = np.arange(len(sentences) if examples.a is None else 2)
+        batch = build_masked_batch(corpus, examples, rows, PretrainConfig(), 50, np.random.default_rng(0))
+        assert ((batch.tokens != PAD).sum(1).numpy() == examples.lengths(corpus)[rows] + 1).all()

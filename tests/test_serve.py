@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nmt.alignment import AttentionMap
+from nmt.config import DecodeConfig
 from nmt.errors import ConfigError
 from nmt.files import VocabInfo
 from nmt.models.attention import AttentionChoice
@@ -726,3 +727,65 @@ def test_opennmt_extras_health_head_and_model_names(client, models):
     huge = b'{"q": "w1", "source": "xx", "target": "yy", "alternatives": ' + b"9" * 5000 + b"}"
     message = _error(client.post("/translate", content=huge, headers={"content-type": "application/json"}), 400, "5000 digits")
     assert "sys." not in message
+
+
+class Echo:
+    """A TextTranslator that writes each line in capitals after `mark`; an empty line has no
+    attention map, as the real translators give none."""
+
+    def __init__(self, languages=("xx", "yy"), mark=""):
+        self.decode, self.languages, self.mark, self.calls = DecodeConfig(beam=1), languages, mark, []
+
+    def translate(self, lines, prefixes=None, attention=None, first_line=1, progress=False, decode=None):
+        self.calls.append(list(lines))
+        nbest = (decode or self.decode).nbest
+        texts = [[(self.mark + line.upper()) if line else "" for _ in range(nbest)] for line in lines]
+        maps = None
+        if attention is not None:
+            maps = [AttentionMap(first_line + i, ["a", "</s>"], ["A", "</s>"], np.full((2, 2), 0.5)) if line else None
+                    for i, line in enumerate(lines)]
+        return Translations([[Hypothesis([7], -1.0)] if line else [] for line in lines], texts, [], maps)
+
+    def describe_attention(self, choice):
+        return "fake"
+
+
+def test_opennmt_results_keep_the_order_of_the_segments_across_models():
+    models = [ServedModel(Echo(("xx", "yy")), "first"), ServedModel(Echo(("zz", "yy"), mark="2:"), "second")]
+    with TestClient(create_app(models)) as client:
+        segments = [{"src": "a", "id": 0}, {"src": "b", "id": 1}, {"src": "c"}, {"src": "d", "id": 1}]
+        answer = client.post("/translator/translate", json=segments)
+        assert answer.status_code == 200, answer.text
+        assert [(r["src"], r["tgt"]) for r in answer.json()[0]] == [("a", "A"), ("b", "2:B"), ("c", "C"), ("d", "2:D")]
+
+
+def test_an_opennmt_segment_with_a_line_break_is_one_sentence():
+    echo = Echo()
+    with TestClient(create_app([ServedModel(echo, "m")], ServeSettings(max_lines=1))) as client:
+        answer = client.post("/translator/translate", json=[{"src": "w1\nw2"}])
+        assert answer.status_code == 200, answer.text
+        assert answer.json()[0][0]["tgt"] == "W1 W2" and echo.calls == [["w1 w2"]]
+
+
+def test_attention_maps_go_on_past_an_empty_line():
+    with TestClient(create_app([ServedModel(Echo(), "m")])) as client:
+        answer = client.post("/translate", json={"q": "a\n\nb", "source": "xx", "target": "yy", "attention": True}).json()
+    assert answer["translatedText"] == "A\n\nB"
+    assert [m["line"] for m in answer["attention"]] == [1, 3]
+
+
+def test_an_empty_q_in_a_form_is_an_empty_text_as_in_json():
+    """`q=` in a form is an empty text, as `"q": ""` is in JSON."""
+    with TestClient(create_app([ServedModel(Echo(), "m")])) as client:
+        as_json = client.post("/translate", json={"q": "", "source": "xx", "target": "yy"})
+        form = client.post("/translate", data={"q": "", "source": "xx", "target": "yy"})
+    assert as_json.status_code == form.status_code == 200, form.text
+    assert form.json() == as_json.json() == {"translatedText": ""}
+
+
+def test_the_bearer_scheme_is_read_in_any_case():
+    """The scheme of an Authorization header has no case (RFC 7235)."""
+    with TestClient(create_app([ServedModel(Echo(), "m")], ServeSettings(api_keys=frozenset({"k1"})))) as client:
+        for scheme in ("Bearer", "bearer", "BEARER"):
+            answer = client.post("/translator/translate", json=[{"src": "a"}], headers={"Authorization": f"{scheme} k1"})
+            assert answer.status_code == 200, (scheme, answer.text)

@@ -451,3 +451,16 @@ def test_the_average_records_the_state_of_its_latest_checkpoint(trained, tmp_pat
     info = CheckpointInfo.read(out / "best")
     assert info.state.step == max(c.step for c in chosen)
     assert info.averaged == [str(c.path) for c in sorted(chosen, key=lambda c: c.step)]
+
+
+def test_average_last_ignores_the_validation_at_a_stop_between_two(tiny_trained, tmp_path):
+    """The validation at a stop between two scheduled ones keeps no checkpoint: --last N counts
+    the scheduled ones."""
+    from nmt.average import average_checkpoints
+    from nmt.train_log import read_train_log
+
+    _, model = tiny_trained
+    _, valid = read_train_log(model)
+    assert [r["step"] for r in valid] == [30, 60, 90, 100] and valid[-1].get("scheduled") is False
+    chosen = average_checkpoints(model, tmp_path / "averaged", last=2)
+    assert [c.step for c in chosen] == [60, 90]

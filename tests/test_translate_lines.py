@@ -5,13 +5,13 @@ import copy
 from pathlib import Path
 
 import pytest
-from conftest import TINY_TRANSFORMER, prepare_toy_data, train_tiny
+from conftest import TINY_TRANSFORMER, prepare_toy_data, toy_pairs, train_tiny
 from nmt_cli.main import app
 from typer.testing import CliRunner
 
 from nmt.checkpoint import load_for_inference
 from nmt.config import DecodeConfig
-from nmt.errors import DataError
+from nmt.errors import ConfigError, DataError
 from nmt.search import Hypothesis
 from nmt.translate import PivotTranslator, Translations, _chunks, encode_lines, format_output, translate_file
 
@@ -149,3 +149,36 @@ def test_replace_invalid_applies_to_the_standard_input(model_dir):
     assert len(result.stdout.split("\n")) == 3
     refused = runner.invoke(app, ["translate", str(model_dir), "--device", "cpu"], input=b"w1 w2\nw3 \xff w4\n")
     assert refused.exit_code != 0 and "<stdin>:2: invalid UTF-8" in refused.output
+
+
+def test_a_prefix_ending_in_a_space_may_end_the_translation_there(tiny_trained):
+    """After a prefix that ends a word, the translation may end there (EOS may follow it)."""
+    from nmt.tokenizer import EOS
+    from nmt.translate import load_translator, word_start_mask
+
+    _, model = tiny_trained
+    translator = load_translator([model], {"beam": 1}, device="cpu")
+    assert bool(word_start_mask(translator.tokenizer)[EOS])
+    lines = [src for src, _ in toy_pairs(6, seed=5)]
+    free = [texts[0] for texts in translator.translate(lines).texts]
+    assert all(free)
+    prefixed = translator.translate(lines, [text + " " for text in free]).texts
+    assert [texts[0] for texts in prefixed] == free
+
+
+def test_a_bilingual_model_refuses_another_source_language(tiny_trained):
+    from nmt.translate import LanguageChoice, load_translator
+
+    _, model = tiny_trained
+    load_translator([model], device="cpu", languages=LanguageChoice("yy", "xx"))
+    with pytest.raises(ConfigError, match=r"translates from xx only \(not zz\)"):
+        load_translator([model], device="cpu", languages=LanguageChoice("yy", "zz"))
+
+
+def test_one_translation_per_line_unless_nbest_is_given_whatever_the_checkpoint_says():
+    from nmt.translate import decode_settings
+
+    saved = DecodeConfig(beam=5, nbest=3)
+    assert decode_settings(saved, None).nbest == 1
+    assert decode_settings(saved, {"nbest": None, "beam": 4}).nbest == 1
+    assert decode_settings(saved, {"nbest": 2}).nbest == 2
