@@ -6,13 +6,13 @@ rank from the environment torchrun sets. With one process every method here is a
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import datetime
 import os
 import signal
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -89,18 +89,18 @@ def init_ranks(device_name: str) -> Ranks:
 
 
 def stop_with_launcher() -> None:
-    """This process (a worker torchrun started) gets SIGTERM when torchrun's process ends, killed
-    though it may be: it then saves last/ and stops, as on Ctrl-C, instead of training on
-    unwatched and holding the checkpoint directory's lock (Linux; elsewhere nothing changes)."""
-    libc_name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
-    prctl = getattr(ctypes.CDLL(libc_name), "prctl", None) if libc_name else None
-    if prctl is None:
-        return
+    """This process (a worker torchrun started) gets one SIGTERM when torchrun's process ends,
+    killed though it may be: it then saves last/ and stops, as on Ctrl-C, instead of training on
+    unwatched and holding the checkpoint directory's lock. (Linux's parent-death signal would
+    come once for each of the dying parent's threads, and a second SIGTERM stops at once.)"""
     launcher = os.getppid()
-    PR_SET_PDEATHSIG = 1  # from linux/prctl.h
-    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != launcher:  # it ended before the request was made
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def rank_device(ranks: Ranks, device: torch.device) -> torch.device:
