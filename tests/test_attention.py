@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -314,3 +315,36 @@ def test_a_plot_that_cannot_be_written_keeps_the_earlier_picture(tmp_path, monke
         plot_training([tmp_path], tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes() == b"the earlier picture"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "train_log.jsonl"]
+
+
+def test_a_plot_drawn_again_keeps_the_pictures_permissions(tmp_path):
+    """A picture drawn again in place of an earlier one keeps that file's permissions (a private
+    0600 one stays private), as every other file nmt writes again does."""
+    from nmt.plots import plot_training
+
+    log = [{"type": "train", "step": s, "loss": 3.0 / s, "lr": 1e-3} for s in (1, 2)]
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    out = plot_training([tmp_path], tmp_path / "curves.png")
+    out.chmod(0o600)
+    plot_training([tmp_path], out)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+def test_runs_of_the_same_folder_name_are_told_apart_by_their_paths(tmp_path):
+    """Two runs whose folders have one name (a/model, b/model) are labelled by their full paths,
+    else their curves would carry one label."""
+    from nmt.plots import training_figure
+
+    runs = []
+    for parent in ("a", "b"):
+        run = tmp_path / parent / "model"
+        run.mkdir(parents=True)
+        (run / "train_log.jsonl").write_text(json.dumps({"type": "train", "step": 1, "loss": 2.0, "lr": 1e-3}) + "\n")
+        runs.append(run)
+    loss_ax = training_figure(runs).axes[0]
+    assert [line.get_label() for line in loss_ax.get_lines()] == [f"{runs[0]} train", f"{runs[1]} train"]
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "train_log.jsonl").write_text((runs[0] / "train_log.jsonl").read_text())
+    labels = [line.get_label() for line in training_figure([runs[0], one]).axes[0].get_lines()]
+    assert labels == ["model train", "one train"]  # distinct names stay short

@@ -280,3 +280,26 @@ def test_a_stopped_scale_bench_stops_the_command_it_measures(tmp_path):
         signal.signal(signal.SIGALRM, previous)
     with pytest.raises(ProcessLookupError):  # gone, not left running
         os.kill(int(pid_file.read_text()), 0)
+
+
+def test_the_report_gives_each_path_its_speed_against_the_plain_one():
+    """'vs plain' is how many times faster than the plain PyTorch path: target tokens/s over the
+    plain ones in training, the plain seconds over the path's in decoding."""
+    from nmt.bench import format_report
+
+    def train_row(path, tokens):
+        return {"model": "transformer", "path": path, "dtype": "float32", "tgt_tokens_per_s": tokens,
+                "tokens_per_s": 2 * tokens, "flops_per_s": None, "peak_memory_mb": 100.0}
+
+    def decode_row(path, seconds):
+        return {"model": "transformer", "path": path, "precision": "fp32", "beam": 5, "sentences": 20,
+                "seconds": seconds, "sentences_per_s": 20 / seconds, "tokens_per_s": 100 / seconds, "bleu": 10.0,
+                "lines_differing_from_plain": 0}
+
+    report = {"nmt_version": "0", "torch": "2", "device": "cpu", "matmul": {}, "time_to_quality": [],
+              "train": [train_row("plain", 1000.0), train_row("nmt", 3000.0)],
+              "decode": [decode_row("plain", 8.0), decode_row("nmt", 2.0)]}
+    lines = format_report(report).splitlines()
+    nmt_train = next(line for line in lines if line.startswith("transformer") and " nmt " in line and "float32" in line)
+    nmt_decode = next(line for line in lines if line.startswith("transformer") and " nmt " in line and "2.00" in line)
+    assert "3.00x" in nmt_train and "4.00x" in nmt_decode

@@ -255,3 +255,23 @@ def test_bench_scale_passes_every_option(monkeypatch):
     assert (config.data, config.pairs, config.ratio, config.steps, config.work_dir, config.out) == (
         Path("m30k"), 500, 5, 3, Path("w"), Path("r.json"))
     assert (config.mono, config.translate, config.beam, config.src, config.tgt) == (True, Path("mdl"), 2, "fr", "de")
+
+
+def test_train_exits_with_status_1_when_too_many_updates_were_skipped(monkeypatch, tmp_path):
+    """A run stopped because its updates kept being skipped (a diverged model) fails the command,
+    for scripts and CI to see; one stopped by its budget does not."""
+    from nmt_cli.main import app
+    from typer.testing import CliRunner
+
+    import nmt.train
+    from nmt.train import TOO_MANY_SKIPPED, TrainResult
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes/multi30k/transformer-cpu.yaml"
+    for reason, status in ((TOO_MANY_SKIPPED, 1), ("max_steps", 0)):
+        def stopped(config, reason=reason, **options):
+            return TrainResult(Path(config.save_dir), 4, 0.1, 1.0, 2, {}, 1.0, reason)
+
+        monkeypatch.setattr(nmt.train, "train", stopped)
+        result = CliRunner().invoke(app, ["train", str(recipe), "--out", str(tmp_path / "o"), "--no-progress"])
+        assert result.exit_code == status, result.output
+        assert f"stopped by {reason}" in result.output

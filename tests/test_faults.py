@@ -774,3 +774,43 @@ def test_a_command_gives_sigterm_back_to_the_handler_it_found():
     before = signal.getsignal(signal.SIGTERM)
     result = CliRunner().invoke(app, ["evaluate"])  # a one-line error
     assert result.exit_code == 1 and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_second_training_lock_on_the_same_directory_is_refused_while_the_first_is_held(tmp_path):
+    """Two runs of nmt train take the lock the same way: the second one is refused as long as
+    the first one holds it, and gets it once the first has finished."""
+    from nmt.checkpoint import training_lock
+    from nmt.errors import CheckpointError
+
+    with training_lock(tmp_path / "model"):
+        with pytest.raises(CheckpointError, match="another training run is using"):
+            with training_lock(tmp_path / "model"):
+                pass
+    with training_lock(tmp_path / "model"):
+        pass
+
+
+def test_an_overwrite_run_that_fails_after_saving_best_keeps_its_best_not_the_replaced_model(tmp_path, monkeypatch):
+    """The model that --overwrite replaces goes once the new run has saved a checkpoint, best/
+    included: a failure in the save of last/ that follows leaves the new best/, and no
+    .replaced/ to give the old model back later."""
+    import nmt.train
+    from nmt.errors import CheckpointError
+    from nmt.train import train
+
+    data_dir = prepare_toy_data(tmp_path, train=40)
+    save_dir = tmp_path / "model"
+    train(_config(data_dir, save_dir, max_steps=2, valid_every=2), progress=False)
+    old_best = (save_dir / "best" / "model.safetensors").read_bytes()
+    real_save = nmt.train.save_checkpoint
+
+    def full_disk_at_last(save_dir, name, *args, **kwargs):
+        if name == "last":
+            raise CheckpointError(f"could not save {save_dir / name}: No space left on device")
+        return real_save(save_dir, name, *args, **kwargs)
+
+    monkeypatch.setattr(nmt.train, "save_checkpoint", full_disk_at_last)
+    with pytest.raises(CheckpointError, match="No space left"):
+        train(_config(data_dir, save_dir, max_steps=2, valid_every=2, lr=1e-3), overwrite=True, progress=False)
+    assert not (save_dir / ".replaced").exists()
+    assert (save_dir / "best" / "model.safetensors").read_bytes() != old_best  # the new run's

@@ -135,3 +135,65 @@ def test_a_killed_writers_temporary_files_go_at_the_next_write_and_a_running_one
     with open_text_atomic(tmp_path / "out.txt") as f:
         f.write("whole\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.txt.tmp-1", ".out.txt.tmp-folder", "out.txt"]
+
+
+def test_a_manifest_json_lacking_a_field_every_prepare_wrote_is_not_nmts(tmp_path):
+    """Manifest.written_by_nmt asks for every field that all versions of prepare wrote: another
+    program's manifest.json that shares some of their names is not taken for a data dir's."""
+    from nmt.files import Manifest
+
+    path = tmp_path / "manifest.json"
+    written = {"src_lang": "de", "tgt_lang": "en", "vocab": {}, "counts": {}, "kind": "parallel"}
+    path.write_text(json.dumps(written))
+    assert Manifest.written_by_nmt(path)
+    for key in ("src_lang", "tgt_lang", "vocab", "counts"):
+        path.write_text(json.dumps({k: v for k, v in written.items() if k != key}))
+        assert not Manifest.written_by_nmt(path), key
+    for text in ('["src_lang", "tgt_lang", "vocab", "counts"]', "{not json"):
+        path.write_text(text)
+        assert not Manifest.written_by_nmt(path)
+
+
+def test_a_leftover_temporary_of_this_process_goes_at_its_next_write(tmp_path):
+    """What an earlier, failed write of this same process left under the temporary name (a
+    folder, say) is removed before the name is used again."""
+    from nmt.atomic import open_text_atomic
+
+    left = tmp_path / f".out.txt.tmp-{os.getpid()}"
+    left.mkdir()
+    (left / "part").write_text("half")
+    with open_text_atomic(tmp_path / "out.txt") as f:
+        f.write("whole\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+    assert (tmp_path / "out.txt").read_text() == "whole\n"
+
+
+def test_same_place_compares_paths_that_do_not_exist_in_their_absolute_form(tmp_path, monkeypatch):
+    """Where a path does not exist, two spellings of one absolute path are one place: a
+    relative one, one through '..'."""
+    from nmt.paths import same_place
+
+    monkeypatch.chdir(tmp_path)
+    assert same_place("model", tmp_path / "model")
+    assert same_place("new/../model", tmp_path / "model")
+    assert not same_place("model", tmp_path / "other")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert same_place("link", tmp_path / "real")  # both exist: the same folder
+
+
+def test_an_output_inside_a_folder_given_by_another_spelling_is_refused(tmp_path, monkeypatch):
+    """A folder the command reads is compared in its resolved form: given through a link or as a
+    relative path, an output inside it is still refused."""
+    from nmt.errors import DataError
+    from nmt.paths import check_output_apart
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (tmp_path / "link").symlink_to(model)
+    with pytest.raises(DataError, match="inside"):
+        check_output_apart(model / "out.txt", [], [tmp_path / "link"])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="inside"):
+        check_output_apart(model / "out.txt", [], [Path("model")])
+    check_output_apart(tmp_path / "out.txt", [], [Path("model")])  # beside it: fine

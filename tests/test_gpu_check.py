@@ -2,6 +2,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
@@ -315,3 +316,38 @@ def test_the_deadline_comes_again_should_its_first_signal_be_lost():
     with pytest.raises(gpu_check.OutOfTime):
         gpu_check._out_of_time(signal.SIGALRM, None)
     assert signal.alarm(0) == 15  # what was left of the alarm it set, now disarmed
+
+
+def test_a_figure_exactly_at_its_target_meets_it():
+    """'≥ N' and '≤ N' include N; a time to quality counts only on the way to its dev BLEU."""
+    from nmt.gpu_check import Target
+
+    assert Target("≥", 360_000).met(360_000, {}) and not Target("≥", 360_000).met(359_999, {})
+    assert Target("≤", 0.5).met(0.5, {}) and not Target("≤", 0.5).met(0.51, {})
+    assert Target("≤", 60, dev_bleu=41.0).met(60, {"dev_bleu_threshold": 41.0})
+    assert not Target("≤", 60, dev_bleu=41.0).met(60, {"dev_bleu_threshold": 40.0})
+
+
+def test_training_leaves_a_minute_of_the_run_for_decoding_the_test_set(tmp_path, monkeypatch):
+    """A training stage gets its budget, cut to what the run has left less one minute, in
+    which the test set is decoded."""
+    import nmt.bench
+    from nmt import gpu_check
+    from nmt.gpu_check import CheckConfig
+
+    budgets = []
+
+    class Measured(Exception):
+        pass
+
+    def time_to_quality(name, config, data_dir, save_dir, threshold, minutes, *args, **kwargs):
+        budgets.append(minutes)
+        raise Measured
+
+    monkeypatch.setattr(nmt.bench, "bench_time_to_quality", time_to_quality)
+    cc = CheckConfig(out=tmp_path / "out", device="cpu", total_minutes=9.0)
+    for left, expected in ((150.0, 1.5), (9 * 60.0, 2.5)):  # 150 s: 90 s for training; plenty: the budget
+        run = gpu_check.Run(cc, tmp_path, tmp_path, lambda message: None, started=time.monotonic() - (9 * 60 - left))
+        with pytest.raises(Measured):
+            run.train_and_score("transformer", 2.5, 41.0, True)
+        assert budgets[-1] == pytest.approx(expected, abs=0.02)

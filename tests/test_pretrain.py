@@ -823,3 +823,14 @@ def test_pair_lengths_are_what_the_built_rows_hold_less_the_one_batching_adds():
         rows = np.arange(len(sentences) if examples.a is None else 2)
         batch = build_masked_batch(corpus, examples, rows, PretrainConfig(), 50, np.random.default_rng(0))
         assert ((batch.tokens != PAD).sum(1).numpy() == examples.lengths(corpus)[rows] + 1).all()
+
+
+def test_a_valid_size_larger_than_a_small_text_holds_out_a_tenth_at_most():
+    """--valid-size is cut to a tenth of the sentences: a small text keeps nine tenths of its
+    sentences (here its short documents, whole) for pretraining."""
+    from nmt.monolingual import hold_out
+
+    documents = np.repeat(np.arange(30), 3)  # 90 sentences in documents of 3
+    held = hold_out(documents, 1000, 0)
+    assert 1 <= held.sum() <= 9 and (~held).sum() >= 81
+    assert len(np.intersect1d(documents[held], documents[~held])) == 0  # whole documents

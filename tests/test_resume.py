@@ -197,3 +197,33 @@ def test_a_resumed_run_already_past_max_epochs_reports_its_epochs(tmp_path):
     again = train(_config(data_dir, tmp_path / "m", max_epochs=1, valid_every=100), resume=True, progress=False)
     assert again.stop_reason == "max_epochs" and again.steps == first.steps + 1
     assert again.epochs == round(1 + 1 / first.steps, 2)  # one update into the second epoch
+
+
+def test_a_run_resumed_after_its_time_ran_out_makes_no_more_updates(tmp_path):
+    """train.max_minutes counts the training time of the earlier processes of a run: resumed
+    with less time than it has had already, it stops before its first update."""
+    from nmt.files import CheckpointInfo
+    from nmt.train import train
+
+    data_dir = prepare_toy_data(tmp_path, train=40)
+    train(_config(data_dir, tmp_path / "m", max_steps=4, valid_every=4), progress=False)
+    seconds = CheckpointInfo.read(tmp_path / "m" / "last").state.seconds
+    assert seconds > 0
+    result = train(_config(data_dir, tmp_path / "m", max_minutes=seconds / 2 / 60, valid_every=4),
+                   resume=True, progress=False)
+    assert (result.steps, result.stop_reason) == (4, "max_minutes")
+
+
+def test_kept_update_checkpoints_are_named_by_their_zero_padded_step(tmp_path):
+    """checkpoints/step-0000090 before checkpoints/step-0000100: the folder names sort as their
+    steps do, in `ls` as in a file browser."""
+    from nmt.checkpoint import update_checkpoint_name, update_checkpoints
+    from nmt.files import CheckpointInfo, TrainState
+
+    for step in (90, 100):
+        directory = tmp_path / update_checkpoint_name(step)
+        directory.mkdir(parents=True)
+        (directory / "model.safetensors").write_bytes(b"")
+        CheckpointInfo(TrainState(step=step, last_valid={"bleu": 1.0})).write(directory)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000090", "step-0000100"]
+    assert [c.path.name for c in update_checkpoints(tmp_path)] == ["step-0000090", "step-0000100"]

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -411,3 +412,16 @@ def test_an_update_budget_gives_the_same_model_on_a_slow_machine(tiny_data, tmp_
     monkeypatch.setattr(Trainer, "elapsed", lambda self: 1000.0 * self.state.step)  # 3.6 updates an hour
     assert train(_config(data_dir, tmp_path / "slower", TINY_MODELS["transformer"], **budget),
                  progress=False).steps == 4
+
+
+def test_the_inverse_sqrt_schedule_never_falls_below_min_lr():
+    """train.min_lr is a floor under the inverse-square-root decay as under the decaying schedules:
+    the rate follows peak·sqrt(warmup/step) until that passes min_lr, then stays at min_lr."""
+    from nmt.config import TrainConfig
+    from nmt.train import inverse_sqrt_lr, scheduled_lr
+
+    assert inverse_sqrt_lr(200, 1e-3, 100, min_lr=6e-4) == pytest.approx(1e-3 * math.sqrt(0.5))  # above the floor
+    assert inverse_sqrt_lr(400, 1e-3, 100, min_lr=6e-4) == pytest.approx(6e-4)  # 5e-4 unfloored
+    assert inverse_sqrt_lr(10_000, 1e-3, 100, min_lr=6e-4) == pytest.approx(6e-4)
+    tc = TrainConfig(lr=1e-3, warmup_steps=100, min_lr=6e-4)  # the default schedule, inverse_sqrt
+    assert scheduled_lr(400, tc) == pytest.approx(6e-4)

@@ -464,3 +464,21 @@ def test_average_last_ignores_the_validation_at_a_stop_between_two(tiny_trained,
     assert [r["step"] for r in valid] == [30, 60, 90, 100] and valid[-1].get("scheduled") is False
     chosen = average_checkpoints(model, tmp_path / "averaged", last=2)
     assert [c.step for c in chosen] == [60, 90]
+
+
+def test_an_input_reached_through_a_link_to_a_file_attention_writes_is_refused(tmp_path):
+    """The files --attention writes are compared with the inputs where they lead: an -i given
+    as a link to the folder's alignments.txt would be written over all the same."""
+    from nmt.alignment import check_attention_dir
+    from nmt.errors import DataError
+
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    (maps / "alignments.txt").write_text("w1 w2\n", encoding="utf-8")
+    link = tmp_path / "input.txt"
+    link.symlink_to(maps / "alignments.txt")
+    with pytest.raises(DataError, match="is a file --attention"):
+        check_attention_dir(maps, None, [("-i", link)])
+    with pytest.raises(DataError, match="is a file --attention"):  # another spelling of the same file
+        check_attention_dir(maps, None, [("-i", maps / "sub" / ".." / "alignments.txt")])
+    assert (maps / "alignments.txt").read_text(encoding="utf-8") == "w1 w2\n"
