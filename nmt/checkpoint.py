@@ -97,12 +97,14 @@ def has_checkpoint(save_dir: Path) -> bool:
     )
 
 
-# `nmt train --overwrite` sets the model it replaces aside here, and deletes it only once the new
-# run has saved a checkpoint: a run that fails (or is killed) before that gives it back.
-REPLACED = ".replaced"
-# What a training run writes into its directory besides the SentencePiece models vocab.json names
-# (pretraining's text, prepared, is its data/).
-RUN_FILES = ("best", "last", UPDATE_CHECKPOINTS, LOG_NAME, TENSORBOARD_DIR, CONFIG_NAME, VocabInfo.NAME, "data")
+# `nmt train --overwrite` sets the model it replaces aside (in .replacing/, then renamed
+# .replaced/ when all of it is there) and deletes it (renamed .dropping/ first) once the new run
+# has saved a checkpoint: a run that fails, or is killed, before then gives it back. Each step
+# can be cut short and taken up again by `restore_replaced`.
+REPLACING, REPLACED, RESTORING, DROPPING = ".replacing", ".replaced", ".restoring", ".dropping"
+# What a training run writes into its directory besides the SentencePiece models vocab.json
+# names. (A folder of data in it, even one pretraining prepared, is left where it is.)
+RUN_FILES = ("best", "last", UPDATE_CHECKPOINTS, LOG_NAME, TENSORBOARD_DIR, CONFIG_NAME, VocabInfo.NAME)
 
 
 def _run_files(save_dir: Path) -> list[Path]:
@@ -113,30 +115,58 @@ def _run_files(save_dir: Path) -> list[Path]:
     return [save_dir / name for name in dict.fromkeys(names) if (save_dir / name).exists() or (save_dir / name).is_symlink()]
 
 
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+
+
 def set_aside_replaced(save_dir: Path) -> None:
-    """--overwrite: move the model in `save_dir` into its .replaced/ (see REPLACED)."""
-    aside = Path(save_dir) / REPLACED
-    aside.mkdir()
-    for path in _run_files(Path(save_dir)):
-        os.replace(path, aside / path.name)
+    """--overwrite: move the model in `save_dir` aside (see REPLACED)."""
+    save_dir = Path(save_dir)
+    (save_dir / REPLACING).mkdir()
+    for path in _run_files(save_dir):
+        os.replace(path, save_dir / REPLACING / path.name)
+    os.replace(save_dir / REPLACING, save_dir / REPLACED)
+
+
+def has_set_aside_model(save_dir: Path) -> bool:
+    """Whether an --overwrite run that stopped before its first checkpoint left the model it was
+    replacing aside (the next training run in `save_dir` gives it back)."""
+    return any((Path(save_dir) / name).is_dir() for name in (REPLACING, REPLACED, RESTORING))
 
 
 def drop_replaced(save_dir: Path) -> None:
     """The new run has saved: the model it replaces goes."""
     if (Path(save_dir) / REPLACED).is_dir():
-        shutil.rmtree(Path(save_dir) / REPLACED)
+        os.replace(Path(save_dir) / REPLACED, Path(save_dir) / DROPPING)
+        shutil.rmtree(Path(save_dir) / DROPPING, ignore_errors=True)
 
 
 def restore_replaced(save_dir: Path) -> bool:
-    """Give back the model an --overwrite run set aside, in place of what that run wrote before
-    it failed or was killed; whether there was one."""
-    aside = Path(save_dir) / REPLACED
+    """Give back the model an --overwrite run set aside, in place of what that run wrote, unless
+    that run has saved a checkpoint; finish a set-aside, drop or restore that was cut short.
+    Whether a model was given back."""
+    save_dir = Path(save_dir)
+    shutil.rmtree(save_dir / DROPPING, ignore_errors=True)
+    if _put_back(save_dir, save_dir / REPLACING):  # the run had written nothing yet
+        return True
+    if (save_dir / REPLACED).is_dir():
+        if has_checkpoint(save_dir):  # the new run's model stays
+            drop_replaced(save_dir)
+            return False
+        written = [path for path in _run_files(save_dir) if not (save_dir / REPLACED / path.name).exists()]
+        os.replace(save_dir / REPLACED, save_dir / RESTORING)
+        for path in written:  # what the new run wrote that the old model has no file of
+            _remove(path)
+    return _put_back(save_dir, save_dir / RESTORING)
+
+
+def _put_back(save_dir: Path, aside: Path) -> bool:
+    """Move each file of `aside` back into `save_dir` (in place of one of its name there)."""
     if not aside.is_dir():
         return False
-    for path in _run_files(Path(save_dir)):
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     for path in aside.iterdir():
-        os.replace(path, Path(save_dir) / path.name)
+        _remove(save_dir / path.name)
+        os.replace(path, save_dir / path.name)
     aside.rmdir()
     return True
 
@@ -306,7 +336,7 @@ def weights_dir(save_dir: Path, which: str = "best") -> Path:
             return directory
     if which == "last" and checkpoint_dir(save_dir, "best") is not None:
         raise CheckpointError(f"{save_dir} holds the weights of best/ only (no last/); leave out --checkpoint last")
-    if (Path(save_dir) / REPLACED).is_dir():
+    if has_set_aside_model(save_dir):
         raise CheckpointError(f"{save_dir} holds no trained weights yet: an --overwrite run stopped before its first "
                               "checkpoint; nmt train into it again puts the model it was replacing back first")
     raise CheckpointError(f"{save_dir} holds no trained weights (no best/ or last/)")

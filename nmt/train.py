@@ -33,6 +33,7 @@ from nmt.checkpoint import (
     drop_replaced,
     has_checkpoint,
     has_config,
+    has_set_aside_model,
     load_training_state,
     prune_update_checkpoints,
     read_config,
@@ -397,7 +398,7 @@ def check_save_dir(save_dir: Path, resume: bool, overwrite: bool) -> None:
     # vocab.json, not config.yaml, tells a model's: a config of the user's may be kept in a folder
     if others and not (save_dir / VocabInfo.NAME).is_file():
         raise CheckpointError(f"{save_dir} holds files but no model (no {VocabInfo.NAME}); train into a new or empty --out")
-    exists = has_checkpoint(save_dir)
+    exists = has_checkpoint(save_dir) or has_set_aside_model(save_dir)  # given back before the run starts
     if exists and not resume and not overwrite:
         raise CheckpointError(
             f"{save_dir} already holds a model; pass --resume to continue it or --overwrite to start again"
@@ -584,7 +585,7 @@ class Trainer:
     def start(self, resume: bool, overwrite: bool = False) -> None:
         """Load initial weights, build the optimizer and the data-parallel and compiled views of
         the model, then restore the saved run (--resume) or write the new directory's files
-        (--overwrite: the old run's removed first, now that nothing before can fail)."""
+        (--overwrite: the old run's set aside first, until the new run saves; see REPLACED)."""
         tc, ranks, device = self.tc, self.ranks, self.device
         self.frozen = self.task.initialize(self.model, resume, self.log)
         self.model.to(device)

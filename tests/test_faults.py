@@ -27,7 +27,7 @@ from nmt import train as train_module
 from nmt import translation_task
 from nmt.atomic import written_in_place
 from nmt.batches import Batch
-from nmt.checkpoint import load_for_inference
+from nmt.checkpoint import load_for_inference, read_config
 from nmt.config import ModelConfig, TrainConfig, config_from_dict
 from nmt.errors import CheckpointError
 from nmt.models import build_model
@@ -814,3 +814,51 @@ def test_an_overwrite_run_that_fails_after_saving_best_keeps_its_best_not_the_re
         train(_config(data_dir, save_dir, max_steps=2, valid_every=2, lr=1e-3), overwrite=True, progress=False)
     assert not (save_dir / ".replaced").exists()
     assert (save_dir / "best" / "model.safetensors").read_bytes() != old_best  # the new run's
+
+
+def test_overwrite_leaves_a_data_folder_in_out_and_a_stop_while_dropping_keeps_the_new_model(tmp_path, monkeypatch):
+    """Only a run's own files are set aside (a prepared data dir in --out stays where it is, even
+    the one trained on); the old model's deletion, cut short, never costs the new one."""
+    import nmt.checkpoint
+
+    out = tmp_path / "run"
+    shutil.copytree(prepare_toy_data(tmp_path / "toy", train=40), out / "data")
+    train(_config(out / "data", out, max_steps=2, valid_every=2), progress=False)
+    train(_config(out / "data", out, max_steps=2, valid_every=2, lr=1e-3), overwrite=True, progress=False)
+    assert (out / "data" / "manifest.json").is_file() and not (out / ".replaced").exists()
+
+    real_rmtree, cut = shutil.rmtree, []
+
+    def cut_short_once(path, *args, **kwargs):  # a second Ctrl-C while the old model is deleted
+        if Path(path).name == ".dropping" and Path(path).exists() and not cut:
+            cut.append(path)
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(nmt.checkpoint.shutil, "rmtree", cut_short_once)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(out / "data", out, max_steps=2, valid_every=2, lr=2e-3), overwrite=True, progress=False)
+    monkeypatch.undo()
+    assert cut and (out / "best" / "model.safetensors").is_file()  # the new run's, not taken back
+    assert read_config(out).train.lr == 2e-3
+    assert not [p.name for p in out.iterdir() if p.name in (".replaced", ".dropping", ".restoring", ".replacing")]
+
+
+def test_a_set_aside_cut_short_is_put_back_and_resume_finds_a_set_aside_model(tmp_path):
+    from nmt.checkpoint import REPLACED, REPLACING, restore_replaced, set_aside_replaced
+    from nmt.train import check_save_dir
+
+    data_dir = prepare_toy_data(tmp_path, train=40)
+    save_dir = tmp_path / "model"
+    train(_config(data_dir, save_dir, max_steps=2, valid_every=2), progress=False)
+    before = _files(save_dir)
+    (save_dir / REPLACING).mkdir()  # killed while moving the model aside: best/ moved, the rest not
+    os.replace(save_dir / "best", save_dir / REPLACING / "best")
+    assert restore_replaced(save_dir) and _files(save_dir) == before
+    set_aside_replaced(save_dir)  # an --overwrite run killed after writing its files, before its first checkpoint
+    for path in (save_dir / REPLACED).iterdir():
+        if path.is_file():
+            shutil.copy(path, save_dir / path.name)
+    check_save_dir(save_dir, resume=True, overwrite=False)  # resumable: given back when the run starts
+    result = train(_config(data_dir, save_dir, max_steps=4, valid_every=2), resume=True, progress=False)
+    assert result.steps == 4 and not (save_dir / REPLACED).exists()
