@@ -69,7 +69,8 @@ class Buffers:
 
     def __init__(self, model: StaticStepModel, memory, capacity: int, source_length: int, length: int,
                  attention: AttentionChoice | None, half: torch.dtype | None = None):
-        self.model, self.capacity, self.source_length = model, capacity, source_length
+        # (No reference to the model: the cache of buffers is keyed by it, weakly.)
+        self.capacity, self.source_length = capacity, source_length
         self.memory = model.static_memory(memory, capacity, source_length)
         device = memory.mask.device
         self.caches = model.static_buffers(capacity, length, memory)
@@ -83,12 +84,12 @@ class Buffers:
         self.graph = None  # torch.cuda.CUDAGraph, once captured
         self.outputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
-    def load_memory(self, memory) -> None:
+    def load_memory(self, model: StaticStepModel, memory) -> None:
         """Copy `memory`'s rows into the first rows (masking the columns past its source), unless
         they are there already."""
         if memory is self.source:
             return
-        self.model.load_static_memory(self.memory, memory)
+        model.load_static_memory(self.memory, memory)
         self.source, (self.rows, self.columns) = memory, memory.mask.shape
 
     def move_rows(self, indices: torch.Tensor) -> None:
@@ -129,14 +130,14 @@ class StaticDecoding:
 
     def init_state(self, memory, attention: AttentionChoice | None = None) -> StaticState:
         buffers = self._buffers(memory, self.model.resolve_attention(attention))
-        buffers.load_memory(memory)
+        buffers.load_memory(self.model, memory)
         return StaticState(buffers, memory.mask.shape[0], 0)
 
     def decode_step(self, prev_tokens: torch.Tensor, memory, state: StaticState) -> tuple[torch.Tensor, StaticState]:
         buffers, rows = state.buffers, prev_tokens.shape[0]
         if state.step >= self.length:
             raise ValueError(f"step {state.step + 1} of outputs decoded for {self.length} tokens at most")
-        buffers.load_memory(memory)
+        buffers.load_memory(self.model, memory)
         buffers.prev[:rows].copy_(prev_tokens)
         buffers.position.fill_(state.step)
         if buffers.graph is not None:

@@ -297,3 +297,17 @@ def test_the_least_recently_used_buffers_go_and_the_newest_stay(monkeypatch):
     third = buffers(4)  # evicts the least recently used: the 2-row buffers
     assert buffers(4) is third and buffers(1) is first
     assert buffers(2) is not second
+
+
+def test_a_model_decoded_with_fixed_shapes_is_freed_with_its_buffers():
+    """The buffers are cached per model, weakly: a model no longer used goes, and its buffers
+    (a GPU's graphs and their memory pools) with it."""
+    from nmt.static_decoding import _buffers_of
+
+    model, src = _model(5), _sources(5)
+    greedy_search(_static(model, src), src, **LIMITS)
+    assert model in _buffers_of
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
