@@ -88,11 +88,16 @@ def init_ranks(device_name: str) -> Ranks:
     return ranks
 
 
+LAUNCHER_WATCH = "nmt-launcher-watch"
+
+
 def stop_with_launcher() -> None:
     """This process (a worker torchrun started) gets one SIGTERM when torchrun's process ends,
     killed though it may be: it then saves last/ and stops, as on Ctrl-C, instead of training on
     unwatched and holding the checkpoint directory's lock. (Linux's parent-death signal would
     come once for each of the dying parent's threads, and a second SIGTERM stops at once.)"""
+    if any(thread.name == LAUNCHER_WATCH for thread in threading.enumerate()):  # one per process
+        return
     launcher = os.getppid()
 
     def watch() -> None:
@@ -100,7 +105,7 @@ def stop_with_launcher() -> None:
             time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+    threading.Thread(target=watch, name=LAUNCHER_WATCH, daemon=True).start()
 
 
 def rank_device(ranks: Ranks, device: torch.device) -> torch.device:
@@ -108,6 +113,9 @@ def rank_device(ranks: Ranks, device: torch.device) -> torch.device:
     if ranks.active and device.type == "cuda":
         return torch.device("cuda", ranks.local_rank)
     return device
+
+
+SHUTDOWN_SECONDS = 600
 
 
 def launch(devices: int, command_line: list[str], device: str = "auto") -> int:
@@ -121,14 +129,17 @@ def launch(devices: int, command_line: list[str], device: str = "auto") -> int:
     on_gpus = resolve_device(device).type == "cuda"  # a missing GPU is one error here, not one per process
     if on_gpus and devices > torch.cuda.device_count():
         raise ConfigError(f"--devices {devices} asked for, but this machine has {torch.cuda.device_count()} GPUs")
+    # After Ctrl-C or SIGTERM torchrun waits this long (30 s by default) before it kills the
+    # processes: they stop at the next log step, which may be further off, and save last/ first.
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_SECONDS))
     # torchrun's log folder, which it would leave in the temporary directory after every run
     with tempfile.TemporaryDirectory(prefix="nmt-torchrun-") as logs:
         try:
             torchrun(["--standalone", f"--nproc_per_node={devices}", f"--log-dir={logs}", "-m", "nmt_cli", *command_line])
         except SystemExit as e:
             return int(e.code or 0)
-        except SignalException as e:  # Ctrl-C or SIGTERM: the workers stopped and saved, and said so
-            return 128 + int(e.sigval)
+        except SignalException:  # Ctrl-C or SIGTERM: the processes stopped and saved, and said so, as one does
+            return 0
         except Exception as e:  # torchrun reports a failed worker as ChildFailedError, after its output
             print(f"error: training failed in a worker process ({type(e).__name__})", file=sys.stderr)
             return 1

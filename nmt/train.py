@@ -73,20 +73,27 @@ class StopSignal:
     """Ctrl-C (SIGINT) and SIGTERM ask training to stop after the current update, which is then
     saved as `last/`, instead of killing it mid-step."""
 
+    # A signal again within this many seconds is the same stop delivered twice (a batch system
+    # signals every process, and torchrun passes it on too), not a second Ctrl-C.
+    SAME_STOP_SECONDS = 1.0
+
     def __init__(self):
         self.received = ""
+        self.received_at = 0.0
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if self.received and time.monotonic() - self.received_at < self.SAME_STOP_SECONDS:
+            return
         if self.received:  # a second signal stops at once, as the caller's own handler would
             previous = self._previous.get(signum)
             if callable(previous):
                 previous(signum, frame)
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+        self.received, self.received_at = signal.Signals(signum).name, time.monotonic()
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -148,7 +148,7 @@ def _start_long_run(data_dir, out, tmp):
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
 def test_the_workers_stop_and_save_when_the_launcher_is_stopped_or_killed(data_dir, tmp_path, signal_name):
-    """SIGTERM to torchrun's process: the workers save last/ and it exits with 143. Killed (the
+    """SIGTERM to torchrun's process: the workers save last/ and it exits with 0. Killed (the
     OOM killer, kill -9): the workers stop all the same, not training on unwatched. Either way
     torchrun's log folder is not left in the temporary directory."""
     import os
@@ -159,8 +159,8 @@ def test_the_workers_stop_and_save_when_the_launcher_is_stopped_or_killed(data_d
     output = process.communicate(timeout=100)[0]  # the pipe ends when the workers have too
     assert "stopped by SIGTERM at step" in output, output
     assert (tmp_path / "m" / "last" / "model.safetensors").is_file()
-    if signal_name == "SIGTERM":
-        assert process.returncode == 128 + signal.SIGTERM and "error" not in output, output
+    if signal_name == "SIGTERM":  # stopped and saved: exit status 0, as with one process
+        assert process.returncode == 0 and "error" not in output, output
         assert [p.name for p in (tmp_path / "tmp").iterdir() if "torch" in p.name and "inductor" not in p.name] == []
 
 
