@@ -51,13 +51,19 @@ def sigterm_as_interrupt():
 class OneLineUsageErrors(TyperGroup):
     """Usage errors (an unknown option, a missing argument, a value of the wrong kind) in one line
     on stderr and exit status 2, as other user errors are, not Click's usage box. SIGTERM stops a
-    command as Ctrl-C does, with exit status 143."""
+    command as Ctrl-C does, with exit status 143 (training saves last/ first and exits 0)."""
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
-        with sigterm_as_interrupt() as terminated:
-            code = self._main_with_one_line_errors(*args, **kwargs)
+        terminated: list[int] = []
+        try:
+            with sigterm_as_interrupt() as terminated:
+                code = self._main_with_one_line_errors(*args, **kwargs)
+        except Terminated:  # between the command's end and the handler's return
+            code = None
+        except SystemExit as e:  # a one-line error, or Typer's Abort of an interrupted command (Typer < 0.13)
+            code = e.code
         sys.exit(128 + signal.SIGTERM if terminated else code if isinstance(code, int) else 0)
 
     def _main_with_one_line_errors(self, *args, **kwargs):
