@@ -185,12 +185,13 @@ def temporary_beside(path: Path) -> Path:
     name = os.fsencode(path.name)[: NAME_MAX - 1 - len(suffix)].decode("utf-8", "ignore")  # a character cut in two is left out
     for left in path.parent.glob(f".{glob.escape(name)}.tmp-*"):
         pid = left.name.rsplit("-", 1)[1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _running(int(pid))):
+        if pid.isdigit() and (int(pid) == os.getpid() or not process_running(int(pid))):
             shutil.rmtree(left, ignore_errors=True) if left.is_dir() and not left.is_symlink() else left.unlink(missing_ok=True)
     return path.parent / f".{name}{suffix}"
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether a process of this PID runs (a writer that may still be using its temporary files)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

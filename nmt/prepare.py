@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nmt import __version__
-from nmt.atomic import check_replaceable, is_gzip_name, replace_dir
+from nmt.atomic import check_replaceable, is_gzip_name, process_running, replace_dir, temporary_beside
 from nmt.corpora import find_corpus
 from nmt.data import (
     CleanConfig,
@@ -147,8 +147,9 @@ def build_data_dir(out_dir: Path, overwrite: bool, build: Callable[[Path], Manif
     _tidy_leftovers(out_dir)
     _check_out_dir(out_dir, overwrite, inputs)
     made = [p for p in out_dir.absolute().parents if not p.exists()]  # the folders above out_dir it makes
-    tmp_dir = _make_tmp_dir(out_dir)  # fails now, not after the work, if out_dir cannot be written
+    tmp_dir = temporary_beside(out_dir)
     try:
+        _make_tmp_dir(out_dir, tmp_dir)  # fails now, not after the work, if out_dir cannot be written
         manifest = build(tmp_dir)
         manifest.seconds = round(time.time() - started, 1)
         manifest.write(tmp_dir)
@@ -558,7 +559,7 @@ def _tidy_leftovers(out_dir: Path) -> None:
     for pattern in (f".{glob.escape(out_dir.name)}.tmp-*", f".{glob.escape(out_dir.name)}.old-*"):
         for stale in out_dir.parent.glob(pattern):
             pid = stale.name.rpartition("-")[2]
-            if not pid.isdigit() or _process_exists(int(pid)):
+            if not pid.isdigit() or process_running(int(pid)):
                 continue
             if pattern.endswith("old-*") and not out_dir.exists():
                 os.replace(stale, out_dir)
@@ -566,16 +567,14 @@ def _tidy_leftovers(out_dir: Path) -> None:
                 shutil.rmtree(stale, ignore_errors=True)
 
 
-def _make_tmp_dir(out_dir: Path) -> Path:
-    """An empty directory beside `out_dir`, where the data dir is built before it is renamed."""
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+def _make_tmp_dir(out_dir: Path, tmp_dir: Path) -> None:
+    """`tmp_dir`, an empty directory beside `out_dir`, where the data dir is built before it is renamed."""
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp_dir, ignore_errors=True)
         tmp_dir.mkdir()
     except OSError as e:
         raise DataError(f"cannot write the output directory {out_dir}: {e.strerror or e}") from None
-    return tmp_dir
 
 
 def count_lines(path: Path) -> int | None:
@@ -587,16 +586,6 @@ def count_lines(path: Path) -> int | None:
         while block := f.read(1 << 24):
             lines += block.count(b"\n")
     return lines
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _read_inputs(config: PrepareConfig, progress: bool = False, local_cache: Path | None = None):

@@ -464,6 +464,11 @@ def test_a_failed_prepare_leaves_no_folders_of_its_making(tmp_path):
     with pytest.raises(DataError):
         prepare(_config(tmp_path / "new" / "deeper" / "data", train_prefix=str(tmp_path / "bad")))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.xx", "bad.yy"]
+    write_pairs(tmp_path / "bad", toy_pairs(60))  # good pairs, into a name the file system cannot take
+    with pytest.raises(OSError, match="File name too long"):
+        prepare(_config(tmp_path / "new" / "deeper" / ("x" * 300), train_prefix=str(tmp_path / "bad"),
+                        valid_size=5, test_size=5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.xx", "bad.yy"]
 
 
 def test_blank_lines_of_a_tsv_file_are_skipped(tmp_path):
