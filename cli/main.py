@@ -686,7 +686,7 @@ def bench(
     vocab_size: Annotated[int, typer.Option(help="Joint vocabulary size (0: 8000 on a GPU, 5000 on a CPU).")] = 0,
     ttq_bleu: Annotated[float, typer.Option(help="Dev BLEU to reach for time to quality (0: 35 on a GPU, 20 on a CPU).")] = 0.0,
     ttq_minutes: Annotated[float, typer.Option(help="Longest training for time to quality (0: 10 minutes).")] = 0.0,
-    work_dir: Annotated[Path | None, typer.Option(help="Keep the prepared data and trained models here; a later run decodes them again where its recipe and data built them (else trains again).")] = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Keep the prepared data and trained models here; a later run decodes a model again where its model settings and vocabulary are the recipe's and the data's (else trains it again).")] = None,
     cpu_bf16: Annotated[bool | None, typer.Option("--cpu-bf16/--no-cpu-bf16", help="On a CPU, also time the training step in bf16 (default: where the CPU has bf16 instructions, AVX512_BF16 or AMX).", show_default=False)] = None,
 ) -> None:
     """Measure training and decoding speed on Multi30k de-en; print a table and write JSON."""
