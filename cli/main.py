@@ -62,7 +62,7 @@ class OneLineUsageErrors(TyperGroup):
                 code = self._main_with_one_line_errors(*args, **kwargs)
         except Terminated:  # between the command's end and the handler's return
             code = None
-        except SystemExit as e:  # a one-line error, or Typer's Abort of an interrupted command (Typer < 0.13)
+        except SystemExit as e:  # a one-line error
             code = e.code
         sys.exit(128 + signal.SIGTERM if terminated else code if isinstance(code, int) else 0)
 
