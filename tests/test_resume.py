@@ -199,14 +199,22 @@ def test_a_resumed_run_already_past_max_epochs_reports_its_epochs(tmp_path):
     assert again.epochs == round(1 + 1 / first.steps, 2)  # one update into the second epoch
 
 
-def test_a_run_resumed_after_its_time_ran_out_makes_no_more_updates(tmp_path):
+def test_a_run_resumed_after_its_time_ran_out_makes_no_more_updates(tmp_path, monkeypatch):
     """train.max_minutes counts the training time of the earlier processes of a run: resumed
     with less time than it has had already, it stops before its first update."""
+    import itertools
+    import time
+    from types import SimpleNamespace
+
+    import nmt.train
     from nmt.files import CheckpointInfo
     from nmt.train import train
 
     data_dir = prepare_toy_data(tmp_path, train=40)
-    train(_config(data_dir, tmp_path / "m", max_steps=4, valid_every=4), progress=False)
+    with monkeypatch.context() as patch:  # a clock a second further on at each look: the time saved is not 0.0
+        clock = itertools.count(time.time(), 1.0)
+        patch.setattr(nmt.train, "time", SimpleNamespace(time=lambda: next(clock), monotonic=time.monotonic))
+        train(_config(data_dir, tmp_path / "m", max_steps=4, valid_every=4), progress=False)
     seconds = CheckpointInfo.read(tmp_path / "m" / "last").state.seconds
     assert seconds > 0
     result = train(_config(data_dir, tmp_path / "m", max_minutes=seconds / 2 / 60, valid_every=4),
