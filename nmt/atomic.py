@@ -138,20 +138,8 @@ def open_text_atomic(path: Path):
             yield f
         return
     gzip_name = path.name if is_gzip_name(path) else None  # the name as given, as inputs are read
-    path = Path(os.path.realpath(path))
-    tmp = temporary_beside(path)
-    try:
-        with open(tmp, "wb") as raw:
-            with _text_writer(raw, gzip_name) as f:
-                yield f
-            raw.flush()
-            os.fsync(raw.fileno())
-        with contextlib.suppress(FileNotFoundError):  # a file written again keeps its permissions (0600 stays private)
-            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+    with written_atomic(path) as tmp, open(tmp, "wb") as raw, _text_writer(raw, gzip_name) as f:
+        yield f
 
 
 @contextlib.contextmanager
@@ -165,7 +153,7 @@ def written_atomic(path: Path):
         yield tmp
         with open(tmp, "rb") as written:
             os.fsync(written.fileno())
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):  # a file written again keeps its permissions (0600 stays private)
             os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
         os.replace(tmp, path)
     finally:
@@ -186,8 +174,14 @@ def temporary_beside(path: Path) -> Path:
     for left in path.parent.glob(f".{glob.escape(name)}.tmp-*"):
         pid = left.name.rsplit("-", 1)[1]
         if pid.isdigit() and (int(pid) == os.getpid() or not process_running(int(pid))):
-            shutil.rmtree(left, ignore_errors=True) if left.is_dir() and not left.is_symlink() else left.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                remove_entry(left)
     return path.parent / f".{name}{suffix}"
+
+
+def remove_entry(path: Path) -> None:
+    """Remove a file, a link or a folder with what it holds (nothing where nothing is)."""
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
 
 
 def process_running(pid: int) -> bool:

@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from nmt.atomic import complete_dir, file_mode, recover_dir, replace_dir
+from nmt.atomic import complete_dir, file_mode, recover_dir, remove_entry, replace_dir
 from nmt.config import Config, ModelConfig, save_config, saved_config_from_dict
 from nmt.errors import CheckpointError, ConfigError, first_line
 from nmt.files import CONFIG_NAME, MASKED_LM, TRANSLATION, CheckpointInfo, TrainState, VocabInfo, Vocabulary
@@ -115,10 +115,6 @@ def _run_files(save_dir: Path) -> list[Path]:
     return [save_dir / name for name in dict.fromkeys(names) if (save_dir / name).exists() or (save_dir / name).is_symlink()]
 
 
-def _remove(path: Path) -> None:
-    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
-
-
 def set_aside_replaced(save_dir: Path) -> None:
     """--overwrite: move the model in `save_dir` aside (see REPLACED)."""
     save_dir = Path(save_dir)
@@ -156,7 +152,7 @@ def restore_replaced(save_dir: Path) -> bool:
         written = [path for path in _run_files(save_dir) if not (save_dir / REPLACED / path.name).exists()]
         os.replace(save_dir / REPLACED, save_dir / RESTORING)
         for path in written:  # what the new run wrote that the old model has no file of
-            _remove(path)
+            remove_entry(path)
     return _put_back(save_dir, save_dir / RESTORING)
 
 
@@ -165,7 +161,7 @@ def _put_back(save_dir: Path, aside: Path) -> bool:
     if not aside.is_dir():
         return False
     for path in aside.iterdir():
-        _remove(save_dir / path.name)
+        remove_entry(save_dir / path.name)
         os.replace(path, save_dir / path.name)
     aside.rmdir()
     return True
