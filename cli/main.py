@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import signal
 import sys
@@ -157,151 +156,30 @@ def prepare(
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier data dir at --out (never another kind of folder).")] = False,
 ) -> None:
     """Clean, split, tokenize and binarize a parallel corpus (or monolingual text, with --mono)."""
-    from nmt.data import CleanConfig
-    from nmt.multilingual import DEFAULT_TEMPERATURE, MultilingualConfig, parse_directions, prepare_multilingual
-    from nmt.normalize import UNICODE_FORMS
-    from nmt.prepare import PrepareConfig
-    from nmt.prepare import prepare as run_prepare
+    from nmt.multilingual import parse_directions
+    from nmt.prepare_request import MONO_OPTIONS, PrepareRequest, prepare_data, summary, warnings
+
+    def split(text: str) -> tuple[str, ...]:
+        return tuple(x.strip() for x in text.split(","))
 
     with user_errors():
-        if spm_sample < 1 or workers < 0:
-            raise NmtError("--spm-sample must be at least 1 and --workers at least 0")
-        if normalize.upper() not in map(str.upper, UNICODE_FORMS):
-            raise NmtError(f"--normalize must be one of {', '.join(UNICODE_FORMS)} (got {normalize!r})")
         if mono:
-            used = inspect.signature(_prepare_mono).parameters
-            _refuse_unused_options(ctx, "--mono", set(used))
-            _prepare_mono(**{name: ctx.params[name] for name in used})
-            return
-        for option, value, needed, given in (("--mono-langs", mono_langs, "--mono", mono), ("--tsv-langs", tsv_langs, "--tsv", tsv),
-                                             ("--hf-config", hf_config, "--hf", hf), ("--hf-revision", hf_revision, "--hf", hf)):
-            if value and not given:
-                raise NmtError(f"{option} goes with {needed}")
-        column_langs = [tuple(x.strip() for x in item.split(",")) for item in tsv_langs or []]
-        if any(len(langs) < 2 for langs in column_langs):
-            raise NmtError("--tsv-langs needs one language per column, e.g. en,es")
-        if len(column_langs) > 1 and len(tsv or []) < 2:
-            raise NmtError("several --tsv-langs name the columns of several --tsv inputs (with --directions), one each")
-        langs = column_langs[0] if len(column_langs) == 1 and len(tsv or []) < 2 else None
-        tsvs, corpora, trains, valids, tests = (list(x or []) for x in (tsv, corpus, train, valid, test))
-        if directions is None and (src is None or tgt is None):
-            raise NmtError("--src and --tgt name the languages of a parallel corpus (or give --directions, or --mono FILE)")
-        if directions is None and any(len(x) > 1 for x in (tsvs, corpora, trains, valids, tests)):
-            raise NmtError("several --train, --valid, --test, --tsv or --corpus inputs go with --directions, one per direction")
-        config = PrepareConfig(
-            out_dir=out, src_lang=src or "", tgt_lang=tgt or "", train_prefix=(trains or [None])[0],
-            valid_prefix=(valids or [None])[0], test_prefix=(tests or [None])[0], tsv=tsvs[0] if tsvs else None, tsv_langs=langs, hf_name=hf, hf_config=hf_config,
-            hf_revision=hf_revision, corpus=corpora[0] if corpora else None, corpus_dir=data_dir, valid_size=valid_size,
-            test_size=test_size, seed=seed, split_by=split_by,
-            clean=CleanConfig(normalization=normalize, chinese_script=chinese_script, max_words=max_words,
-                              max_ratio=max_ratio, dedup=dedup),
-            vocab_size=vocab_size, spm_type=spm_type, joint_vocab=joint_vocab,
-            character_coverage=character_coverage, spm_max_sentences=spm_sample, spm_model=spm_model, workers=workers,
-            overwrite=overwrite,
+            _refuse_unused_options(ctx, "--mono", {*MONO_OPTIONS, "progress"})
+        request = PrepareRequest(
+            out=out, src=src, tgt=tgt, mono=list(mono or []), mono_langs=None if mono_langs is None else list(split(mono_langs)),
+            train=list(train or []), valid=list(valid or []), test=list(test or []), tsv=list(tsv or []),
+            tsv_langs=[split(item) for item in tsv_langs or []], hf=hf, hf_config=hf_config, hf_revision=hf_revision,
+            corpus=list(corpus or []), directions=None if directions is None else parse_directions(directions),
+            zero_shot=parse_directions(zero_shot or ""), lang_temperature=lang_temperature, data_dir=data_dir,
+            valid_size=valid_size, test_size=test_size, seed=seed, split_by=split_by, normalize=normalize,
+            max_words=max_words, max_ratio=max_ratio, dedup=dedup, vocab_size=vocab_size, spm_type=spm_type,
+            joint_vocab=joint_vocab, character_coverage=character_coverage, chinese_script=chinese_script,
+            spm_sample=spm_sample, spm_model=spm_model, workers=workers, overwrite=overwrite,
         )
-        if directions is not None:
-            if src or tgt:
-                raise NmtError("--directions names the languages; leave out --src and --tgt")
-            manifest = prepare_multilingual(MultilingualConfig(
-                config, parse_directions(directions), parse_directions(zero_shot or ""),
-                DEFAULT_TEMPERATURE if lang_temperature is None else lang_temperature, tsvs, corpora,
-                trains, valids, tests, column_langs if len(tsvs) > 1 else [],
-            ), progress=progress)
-            _print_multilingual_summary(out, manifest)
-            return
-        if zero_shot or lang_temperature is not None:
-            raise NmtError("--zero-shot and --lang-temperature go with --directions")
-        manifest = run_prepare(config, progress=progress)
-    cleaning = manifest.cleaning
-    stages = ", ".join(f"{name} {seconds} s" for name, seconds in manifest.stage_seconds.items())
-    typer.echo(
-        f"prepared {out} ({manifest.src_lang} -> {manifest.tgt_lang}) in {manifest.seconds} s ({stages}); "
-        f"{manifest.disk_bytes / 1e6:.1f} MB on disk"
-    )
-    typer.echo(
-        "cleaning: {pairs_read} pairs read; changed: {normalized} by normalization, "
-        "{whitespace_fixed} by whitespace; dropped: {empty} empty, {too_long} too long, {ratio} by length "
-        "ratio, {duplicates} duplicates, {overlap_with_valid_test} also in valid/test".format(**cleaning)
-    )
-    for split, counts in manifest.counts.items():
-        typer.echo(
-            f"{split:>5}: {counts['pairs']:>8} pairs, {counts['src_tokens']:>9} source tokens, "
-            f"{counts['tgt_tokens']:>9} target tokens"
-        )
-    vocab = manifest.vocab
-    kind = "joint" if vocab.joint else "separate"
-    unk = manifest.valid_unk_percent
-    typer.echo(
-        f"vocab: {kind} {vocab.type or 'given'}, {vocab.src_size} source / {vocab.tgt_size} target pieces; "
-        f"<unk> in valid: {unk['src']}% source, {unk['tgt']}% target tokens"
-    )
-
-
-def _prepare_mono(out: Path, mono: list[Path], mono_langs: str | None, valid_size: int, seed: int, normalize: str,
-                  chinese_script: str, vocab_size: int, spm_type: str, character_coverage: float | None, spm_sample: int,
-                  spm_model: Path | None, workers: int, overwrite: bool, progress: bool) -> None:
-    """`nmt prepare --mono`: its parameters are the options monolingual text takes (prepare
-    refuses the others)."""
-    from nmt.data import CleanConfig
-    from nmt.monolingual import MonoPrepareConfig, prepare_mono
-
-    manifest = prepare_mono(MonoPrepareConfig(
-        out_dir=out, files=list(mono), langs=[x.strip() for x in mono_langs.split(",")] if mono_langs else None,
-        valid_sentences=valid_size, seed=seed,
-        clean=CleanConfig(normalization=normalize, chinese_script=chinese_script), vocab_size=vocab_size,
-        spm_type=spm_type, character_coverage=character_coverage, spm_max_sentences=spm_sample,
-        spm_model=spm_model, workers=workers, overwrite=overwrite,
-    ), progress=progress)
-    _print_mono_summary(out, manifest)
-
-
-def _print_multilingual_summary(out: Path, manifest) -> None:
-    from nmt.tokenizer import language_tag
-
-    stages = ", ".join(f"{name} {seconds} s" for name, seconds in manifest.stage_seconds.items())
-    typer.echo(f"prepared {out} (multilingual: {', '.join(manifest.directions)}"
-               + (f"; zero-shot {', '.join(manifest.zero_shot)}" if manifest.zero_shot else "")
-               + f") in {manifest.seconds} s ({stages}); {manifest.disk_bytes / 1e6:.1f} MB on disk")
-    for direction, counts in manifest.direction_counts.items():
-        cleaning = manifest.direction_cleaning.get(direction)
-        dropped = "" if cleaning is None else (
-            "; read {pairs_read}, dropped {empty} empty, {too_long} too long, {ratio} by ratio, {duplicates} duplicates, "
-            "{overlap_with_valid_test} in valid/test, {sharing_held_out_sentence} sharing a sentence with a held-out set".format(**cleaning))
-        typer.echo(f"{direction:>7}: " + ", ".join(f"{counts[s]['pairs']} {s}" for s in ("train", "valid", "test") if s in counts) + dropped)
-    vocab = manifest.vocab
-    sample = manifest.input.get("spm_sample") or {}
-    unk = manifest.valid_unk_percent
-    typer.echo(f"vocab: joint {vocab.type or 'given'}, {vocab.src_size} pieces with the tags "
-               + " ".join(language_tag(lang) for lang in manifest.languages)
-               + ("; SentencePiece sample: " + ", ".join(f"{lang} {n}" for lang, n in sample.items()) if sample else "")
-               + f"; <unk> in valid (the direction with most): {unk['src']}% source, {unk['tgt']}% target tokens")
-    unsampled = [lang for lang in manifest.languages if sample and lang not in sample]
-    if unsampled:
-        typer.echo(f"warning: {', '.join(unsampled)} only in --zero-shot directions: none of their text is in the "
-                   "SentencePiece sample, so their words may split into many pieces or <unk>", err=True)
-
-
-def _print_mono_summary(out: Path, manifest) -> None:
-    stages = ", ".join(f"{name} {seconds} s" for name, seconds in manifest.stage_seconds.items())
-    typer.echo(f"prepared {out} (monolingual, {manifest.src_lang}) in {manifest.seconds} s ({stages}); "
-               f"{manifest.disk_bytes / 1e6:.1f} MB on disk")
-    for split, counts in manifest.counts.items():
-        typer.echo(f"{split:>5}: {counts['sentences']:>8} sentences, {counts['tokens']:>9} tokens, "
-                   f"{counts['documents']:>6} documents")
-    typer.echo(f"vocab: joint {manifest.vocab.type or 'given'}, {manifest.vocab.src_size} pieces")
-
-
-def _relaunch(devices: int, settings, resume: bool, overwrite: bool) -> None:
-    """Run the user's own command line again in `devices` processes under torchrun (each of
-    them sees WORLD_SIZE and trains instead of relaunching); the device and a resumed run's
-    settings are checked first."""
-    from nmt.distributed import launch
-    from nmt.train import check_before_launch
-
-    with user_errors():
-        check_before_launch(settings, devices, resume, overwrite)
-        code = launch(devices, sys.argv[1:], settings.train.device)
-    raise typer.Exit(code)
+        manifest = prepare_data(request, progress=progress)
+    typer.echo(summary(out, manifest))
+    for warning in warnings(manifest):
+        typer.echo(f"warning: {warning}", err=True)
 
 
 def _overrides(set_: list[str] | None, data: Path | None, out: Path | None, device: str | None) -> list[str]:
@@ -340,10 +218,9 @@ def train(
     devices: Annotated[int, typer.Option(help="Data-parallel processes on this machine, started with torchrun: one per GPU (or CPU processes with --device cpu).")] = 1,
 ) -> None:
     """Train a model on a prepared data directory."""
-    import os
-
     from nmt.config import load_config
-    from nmt.train import TOO_MANY_SKIPPED, training_setup
+    from nmt.distributed import Launch
+    from nmt.train import TOO_MANY_SKIPPED
     from nmt.train import train as run_train
 
     overrides = _overrides(set_, data, out, device)
@@ -351,15 +228,11 @@ def train(
         overrides.append(f"train.init={json.dumps(str(init))}")
     with user_errors():
         settings = load_config(config, overrides)
-    if devices != 1 and "WORLD_SIZE" not in os.environ:
-        with user_errors():
-            settings, _ = training_setup(settings, resume)
-        _relaunch(devices, settings, resume, overwrite)
-    with user_errors():
-        result = run_train(settings, resume=resume, overwrite=overwrite, progress=progress)
+        result = run_train(settings, resume=resume, overwrite=overwrite, progress=progress,
+                           launch=Launch(devices, sys.argv[1:]))
     _report(result)
-    if result.stop_reason == TOO_MANY_SKIPPED:
-        raise typer.Exit(1)
+    if result.exit_code or result.stop_reason == TOO_MANY_SKIPPED:
+        raise typer.Exit(result.exit_code or 1)
 
 
 @app.command()
@@ -380,10 +253,8 @@ def pretrain(
     devices: Annotated[int, typer.Option(help="Data-parallel processes on this machine, started with torchrun.")] = 1,
 ) -> None:
     """Pretrain a Transformer encoder as a masked language model, for nmt train --init to start from."""
-    import os
-
     from nmt.config import load_config
-    from nmt.pretrain import check_pretrain_inputs
+    from nmt.distributed import Launch
     from nmt.pretrain import pretrain as run_pretrain
 
     overrides = _overrides(set_, None, out, device)
@@ -393,15 +264,13 @@ def pretrain(
         if data is not None or vocab is not None:  # they bring the vocabulary
             _refuse_unused_options(ctx, "--data or --vocab", set(ctx.params) - {"vocab_size"})
         settings = load_config(config, overrides)
-    if devices != 1 and "WORLD_SIZE" not in os.environ:
-        with user_errors():
-            check_pretrain_inputs(settings, list(text or []), vocab, data, resume)
-        _relaunch(devices, settings, resume, overwrite)
-    with user_errors():
         result = run_pretrain(
             settings, list(text or []), vocab, vocab_size, resume=resume, overwrite=overwrite, progress=progress, data=data,
+            launch=Launch(devices, sys.argv[1:]),
         )
     _report(result)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
 
 
 @app.command("fill-mask")

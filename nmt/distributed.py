@@ -118,7 +118,22 @@ def rank_device(ranks: Ranks, device: torch.device) -> torch.device:
 SHUTDOWN_SECONDS = 600
 
 
-def launch(devices: int, command_line: list[str], device: str = "auto") -> int:
+@dataclass
+class Launch:
+    """Asked for: a run in `devices` processes on this machine, each started by torchrun with
+    `command_line` (the user's own `train ...` or `pretrain ...`, without the program name)."""
+
+    devices: int
+    command_line: list[str]
+
+    @property
+    def starts_processes(self) -> bool:
+        """Whether this process starts the others instead of training: several are asked for,
+        and this is not already one of them (torchrun sets WORLD_SIZE in those)."""
+        return self.devices != 1 and "WORLD_SIZE" not in os.environ
+
+
+def start_processes(devices: int, command_line: list[str], device: str = "auto") -> int:
     """Run `nmt COMMAND_LINE` (a train or pretrain command, as the user typed it) in `devices`
     processes on this machine, through torchrun; `device` (train.device) is checked before."""
     from torch.distributed.elastic.multiprocessing.api import SignalException

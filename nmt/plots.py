@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from nmt.alignment import AttentionMap, AttentionOutput, format_alignments, hard_alignments, merge_words
 from nmt.atomic import write_text_atomic, written_atomic
 from nmt.errors import DataError, first_line
-from nmt.train_log import read_train_log
+from nmt.train_log import direction_keys, read_train_log, score_key
 
 DPI = 100
 CELL = 0.3  # inches per token in a heat-map: room for a 9-point label
@@ -120,13 +120,18 @@ def draw_attention(amap: AttentionMap, path: Path, title: str, description: str)
     return path
 
 
-SCORE_NAMES = {"bleu": "BLEU", "accuracy": "masked accuracy"}
+SCORE_NAMES = {"bleu": "BLEU", "accuracy": "masked accuracy"}  # for logs written before records named their score
+
+
+def score_name(record: dict) -> str:
+    key = score_key(record)
+    return record.get("metric_name") or SCORE_NAMES.get(key, key)
 
 
 def direction_scores(valid: list[dict]) -> dict[str, list[float]]:
-    """A multilingual run's dev BLEU per direction (the `bleu_de-en` entries of its records)."""
-    directions = [key[len("bleu_"):] for key in valid[0] if key.startswith("bleu_")] if valid else []
-    return {d: [r.get(f"bleu_{d}", float("nan")) for r in valid] for d in directions}
+    """A multilingual run's dev score per direction (the `bleu_de-en` entries of its records)."""
+    directions = direction_keys(valid[0]) if valid else {}
+    return {d: [r.get(key, float("nan")) for r in valid] for d, key in directions.items()}
 
 
 def plot_training(run_dirs: list[Path], out: Path) -> Path:
@@ -166,6 +171,7 @@ def training_figure(run_dirs: list[Path]) -> Figure:
 
     fig = Figure(figsize=(15, 4.5), dpi=DPI)
     loss_ax, bleu_ax, lr_ax = fig.subplots(1, 3)
+    score_names: list[str] = []
     for index, (name, (_, train, valid)) in enumerate(zip(names, runs)):
         colour = f"C{index % 10}"
         if train:
@@ -177,15 +183,15 @@ def training_figure(run_dirs: list[Path]) -> Figure:
             steps = [r["step"] for r in valid]
             loss_ax.plot(steps, [r["loss"] for r in valid], color=colour, linestyle="--", marker="o",
                          markersize=3, label=f"{name} dev")
-            metric = "bleu" if "bleu" in valid[0] else "accuracy"
-            scores = [r.get(metric, float("nan")) for r in valid]
-            bleu_ax.plot(steps, scores, color=colour, marker="o", markersize=3, label=f"{name} ({SCORE_NAMES[metric]})")
+            scores = [r.get(score_key(valid[0]), float("nan")) for r in valid]
+            score_names.append(score_name(valid[0]))
+            bleu_ax.plot(steps, scores, color=colour, marker="o", markersize=3, label=f"{name} ({score_names[-1]})")
             for k, (direction, scores) in enumerate(direction_scores(valid).items()):
                 bleu_ax.plot(steps, scores, color=colour, linewidth=0.9, marker=".", markersize=3, label=f"{name} {direction}",
                              linestyle=DIRECTION_STYLES[k % len(DIRECTION_STYLES)], alpha=0.8)
     for ax, title, ylabel in (
         (loss_ax, "loss per target token", "loss (train: label-smoothed)"),
-        (bleu_ax, "dev score", "BLEU / masked accuracy %"),
+        (bleu_ax, "dev score", " / ".join(dict.fromkeys(score_names)) or "score"),
         (lr_ax, "learning rate", "lr"),
     ):
         ax.set_title(title)

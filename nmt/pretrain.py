@@ -35,7 +35,7 @@ from nmt.checkpoint import (
 from nmt.config import Config, PretrainConfig, TrainConfig
 from nmt.data import clean_whitespace
 from nmt.devices import autocast, resolve_device, resolve_precision
-from nmt.distributed import Ranks
+from nmt.distributed import Launch, Ranks
 from nmt.errors import CheckpointError, ConfigError, DataError
 from nmt.files import MASKED_LM, Manifest, VocabInfo, monolingual_files
 from nmt.models.masked_lm import MaskedLM
@@ -57,7 +57,7 @@ from nmt.tokenizer import (
     load_sentencepiece,
     reserved_ids,
 )
-from nmt.train import TrainResult, run_training
+from nmt.train import TrainResult, launched_run, run_training
 
 # ---------------------------------------------------------------------------------------------
 # Monolingual text
@@ -424,13 +424,17 @@ def pretrain(
     progress: bool = True,
     log: Callable[[str], None] = lambda message: tqdm.write(message, file=sys.stderr),
     data: Path | None = None,
+    launch: Launch | None = None,
 ) -> TrainResult:
     """Pretrain a masked LM into `config.save_dir` on a monolingual data dir (`data`, from
     `nmt prepare --mono`), or on `texts`, which go through that same preparation into
     SAVE_DIR/data first: with the vocabulary `vocab` (a data dir, checkpoint or SentencePiece
-    model), or one trained on the texts with `vocab_size` pieces."""
+    model), or one trained on the texts with `vocab_size` pieces. With a `launch` of several
+    processes, start them, each running that command line."""
     started = time.time()
     check_pretrain_inputs(config, texts, vocab, data, resume)
+    if launch is not None and launch.starts_processes:
+        return launched_run(config, launch, resume, overwrite, started)
 
     def make_task(ranks: Ranks) -> MaskedLMTask:
         data_dir = Path(data) if data is not None else prepare_text(config, texts, vocab, vocab_size, resume, ranks, progress)

@@ -55,7 +55,7 @@ from nmt.devices import (
     resolve_precision,
     slow_precision_note,
 )
-from nmt.distributed import Ranks, init_ranks, rank_device
+from nmt.distributed import Launch, Ranks, init_ranks, rank_device, start_processes
 from nmt.ema import WeightAverage, load_trained_weights, trained_weights
 from nmt.errors import CheckpointError, ConfigError, DataError, first_line
 from nmt.files import TRANSLATION, CheckpointInfo, Manifest, TrainState, VocabInfo
@@ -110,8 +110,9 @@ class TrainResult:
     last_valid: dict
     seconds: float
     stop_reason: str
-    main_process: bool = True  # False in the other processes of a data-parallel run
+    main_process: bool = True  # False in the other processes of a data-parallel run, and in the one that started them
     metric_name: str = "BLEU"
+    exit_code: int = 0  # of torchrun, in the process that started the others (`Launch`)
 
 
 def signal_stop_reason(name: str) -> str:
@@ -262,10 +263,14 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = lambda message: tqdm.write(message, file=sys.stderr),
+    launch: Launch | None = None,
 ) -> TrainResult:
-    """Train a model as `config` says, writing checkpoints into `config.save_dir`."""
+    """Train a model as `config` says, writing checkpoints into `config.save_dir`; or, with a
+    `launch` of several processes, start them, each running that command line."""
     started = time.time()
     config, manifest = training_setup(config, resume)
+    if launch is not None and launch.starts_processes:
+        return launched_run(config, launch, resume, overwrite, started)
     task_type = MultilingualTranslationTask if manifest.multilingual else TranslationTask
     data_dir, save_dir = Path(config.data_dir), Path(config.save_dir)
     return run_training(
@@ -412,6 +417,13 @@ def check_save_dir(save_dir: Path, resume: bool, overwrite: bool) -> None:
         )
     if resume and not exists:
         raise CheckpointError(f"nothing to resume: {save_dir} holds no checkpoint")
+
+
+def launched_run(config: Config, launch: Launch, resume: bool, overwrite: bool, started: float) -> TrainResult:
+    """Start the processes of a data-parallel run and wait for them; they report the run."""
+    check_before_launch(config, launch.devices, resume, overwrite)
+    code = start_processes(launch.devices, launch.command_line, config.train.device)
+    return TrainResult(Path(config.save_dir), 0, 0.0, 0.0, 0, {}, time.time() - started, "", main_process=False, exit_code=code)
 
 
 def check_before_launch(config: Config, processes: int, resume: bool, overwrite: bool) -> None:
@@ -921,8 +933,8 @@ class Trainer:
                 st.patience_score = max(st.patience_score, score)
             # train_seconds leaves out validating and saving: the time to reach a dev BLEU, as
             # benchmarks count it
-            self.write_log({
-                "type": "valid", **st.last_valid, "seconds": round(seconds, 1),
+            self.write_log({  # the record names its score, for the log's readers (nmt plot, nmt average)
+                "type": "valid", **st.last_valid, "metric": task.metric, "metric_name": task.metric_name, "seconds": round(seconds, 1),
                 "train_seconds": round(seconds - st.valid_seconds, 1), **({} if on_schedule else {"scheduled": False}),
             })
             self.log(

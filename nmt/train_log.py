@@ -12,12 +12,8 @@ from nmt.errors import CheckpointError, DataError
 
 LOG_NAME = "train_log.jsonl"
 TENSORBOARD_DIR = "tensorboard"
-# Which record fields become TensorBoard scalars, under which tag.
-TENSORBOARD_SCALARS = {
-    "train": {"loss": "train/loss", "lr": "train/lr", "tgt_tokens_per_s": "train/target_tokens_per_s"},
-    "valid": {"loss": "dev/loss", "ppl": "dev/ppl", "bleu": "dev/bleu", "accuracy": "dev/masked_accuracy",
-              "nsp_accuracy": "dev/nsp_accuracy"},
-}
+# The record kinds TensorBoard shows, under which tag prefix: each of their number fields is a scalar.
+TENSORBOARD_PREFIXES = {"train": "train", "valid": "dev"}
 
 
 class TrainLog:
@@ -42,9 +38,10 @@ class TrainLog:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.writer is not None:
-            for key, tag in TENSORBOARD_SCALARS.get(record.get("type"), {}).items():
-                if record.get(key) is not None:
-                    self.writer.add_scalar(tag, record[key], record["step"])
+            prefix = TENSORBOARD_PREFIXES.get(record.get("type"))
+            for key, value in record.items() if prefix else ():
+                if is_number(value) and key != "step":
+                    self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
             self.writer.flush()
 
     def close(self) -> None:
@@ -72,15 +69,35 @@ def cut_unfinished_record(path: Path) -> None:
 REQUIRED_NUMBERS = {"train": ("loss", "lr"), "valid": ("loss",)}
 
 
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def score_key(record: dict) -> str:
+    """The key of a validation record's dev score: the one it names (`metric`), or in a log
+    written before records named it, BLEU's, or for `nmt pretrain`, masked accuracy's."""
+    metric = record.get("metric")
+    if isinstance(metric, str) and metric:
+        return metric
+    return "bleu" if "bleu" in record else "accuracy"
+
+
+def direction_keys(record: dict) -> dict[str, str]:
+    """A multilingual run's validation record: direction -> the key of its dev score
+    (`bleu_de-en`)."""
+    prefix = score_key(record) + "_"
+    return {key[len(prefix):]: key for key in record if key.startswith(prefix)}
+
+
 def _not_a_number(record: dict, required: tuple[str, ...]) -> str | None:
     """The first field of `record` that should hold a number and does not: one of `required`,
-    or a score ("bleu", "accuracy", "bleu_de-en", ...) that is there."""
-    scores = [key for key in record if key in ("bleu", "accuracy") or key.startswith("bleu_")]
+    or a validation record's scores (overall and per direction)."""
+    scores = [score_key(record), *direction_keys(record).values()] if record["type"] == "valid" else []
     for key in (*required, *scores):
         value = record.get(key)
         if value is None and key == "loss" and record["type"] == "train" and key in record:
             continue
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        if not is_number(value):
             return key
     return None
 

@@ -348,3 +348,25 @@ def test_runs_of_the_same_folder_name_are_told_apart_by_their_paths(tmp_path):
     (one / "train_log.jsonl").write_text((runs[0] / "train_log.jsonl").read_text())
     labels = [line.get_label() for line in training_figure([runs[0], one]).axes[0].get_lines()]
     assert labels == ["model train", "one train"]  # distinct names stay short
+
+
+def test_the_plot_shows_the_score_each_log_names(tmp_path):
+    """A validation record names its dev score (`metric`, `metric_name`): a task with another
+    score is drawn under its own name, per direction too; a log written before records named it
+    is read as BLEU (or masked accuracy, where that is what it holds)."""
+    from nmt.plots import training_figure
+
+    records = {
+        "new": [{"type": "valid", "step": s, "loss": 2.0, "chrf": 30.0 + s, "chrf_de-en": 20.0 + s, "bleu_de-en": 1.0,
+                 "metric": "chrf", "metric_name": "chrF"} for s in (1, 2)],
+        "old": [{"type": "valid", "step": s, "loss": 2.0, "bleu": 10.0 * s, "bleu_fr-en": 5.0} for s in (1, 2)],
+        "mlm": [{"type": "valid", "step": s, "loss": 2.0, "accuracy": 40.0 + s} for s in (1, 2)],
+    }
+    for name, lines in records.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    score_ax = training_figure([tmp_path / name for name in records]).axes[1]
+    curves = {line.get_label(): list(line.get_ydata()) for line in score_ax.get_lines()}
+    assert curves == {"new (chrF)": [31.0, 32.0], "new de-en": [21.0, 22.0], "old (BLEU)": [10.0, 20.0],
+                      "old fr-en": [5.0, 5.0], "mlm (masked accuracy)": [41.0, 42.0]}
+    assert score_ax.get_ylabel() == "chrF / BLEU / masked accuracy"

@@ -243,7 +243,7 @@ def test_command_summaries_are_single_sentences():
 
 @pytest.mark.parametrize("command", ["train", "pretrain"])
 def test_devices_relaunches_the_command_line_as_typed(command, monkeypatch, tmp_path):
-    import nmt.distributed
+    import nmt.train
 
     (tmp_path / "cfg.yaml").write_text("train:\n  device: cpu\n")  # read first: a wrong config fails once, here
     (tmp_path / "mono.xx").write_text("w1 w2\n", encoding="utf-8")
@@ -251,12 +251,14 @@ def test_devices_relaunches_the_command_line_as_typed(command, monkeypatch, tmp_
     typed = [command, str(tmp_path / "cfg.yaml"), *inputs, "--out", str(tmp_path / "m"), "--devices", "2",
              "--set", "train.lr=0.1", "--no-progress", "--overwrite"]
     launched = []
-    monkeypatch.setattr(nmt.distributed, "launch", lambda devices, line, device: launched.append((devices, line, device)) or 0)
+    monkeypatch.setattr(nmt.train, "start_processes", lambda devices, line, device: launched.append((devices, line, device)) or 0)
     monkeypatch.setattr("sys.argv", ["nmt", *typed])
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     result = invoke(*typed)
     assert result.exit_code == 0, result.output
     assert launched == [(2, typed, "cpu")]
+    monkeypatch.setattr(nmt.train, "start_processes", lambda devices, line, device: 3)  # torchrun's status when a worker failed
+    assert invoke(*typed).exit_code == 3
 
 
 def test_chrf_and_ter_are_sacrebleus_defaults():
@@ -300,12 +302,12 @@ def test_an_os_error_is_one_line(trained, tmp_path):
 
 def test_several_processes_are_refused_before_torchrun_starts_them(trained, monkeypatch):
     """Each process would print the refusal, among torchrun's own lines: one line instead."""
-    import nmt.distributed
+    import nmt.train
 
     def launched(*args):
         raise AssertionError("torchrun started")
 
-    monkeypatch.setattr(nmt.distributed, "launch", launched)
+    monkeypatch.setattr(nmt.train, "start_processes", launched)
     args = ["train", "--data", trained / "data", "--out", trained / "model", "--devices", "2", "--device", "cpu"]
     one_line_error(invoke(*args, *TINY), "already holds a model")
     one_line_error(invoke(*args, *TINY, "--resume", "--set", "model.ff_dim=48"), "model.ff_dim is 48")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import typer
 from nmt_cli.main import app
 from typer.testing import CliRunner
 
@@ -54,10 +55,9 @@ def test_serve_passes_every_option(monkeypatch, tmp_path):
 
 
 def test_prepare_passes_every_option(monkeypatch, tmp_path):
-    import nmt.monolingual
-    import nmt.prepare
+    import nmt.prepare_request
 
-    _catch(monkeypatch, nmt.prepare, "prepare")
+    _catch(monkeypatch, nmt.prepare_request, "prepare")
     call = _call(["prepare", "--train", "c/train", "--valid", "c/valid", "--test", "c/test", "--src", "de", "--tgt", "en",
                   "--out", str(tmp_path / "d"), "--valid-size", "7", "--test-size", "9", "--seed", "5", "--split-by", "de",
                   "--normalize", "NFKC", "--chinese-script", "none", "--max-words", "40", "--max-ratio", "2.5",
@@ -72,12 +72,22 @@ def test_prepare_passes_every_option(monkeypatch, tmp_path):
     assert (config.vocab_size, config.spm_type, config.joint_vocab, config.character_coverage) == (300, "bpe", False, 0.99)
     assert (config.spm_max_sentences, config.workers, config.overwrite) == (1000, 2, True)
 
-    _catch(monkeypatch, nmt.monolingual, "prepare_mono")
+    _catch(monkeypatch, nmt.prepare_request, "prepare_mono")
     call = _call(["prepare", "--mono", "a.de", "--mono-langs", "de", "--out", str(tmp_path / "m"), "--valid-size", "11",
                   "--seed", "3", "--vocab-size", "500", "--normalize", "NFD", "--overwrite"])
     (config,) = call.positional
     assert (config.files, config.langs, config.valid_sentences, config.seed) == ([Path("a.de")], ["de"], 11, 3)
     assert (config.vocab_size, config.clean.normalization, config.overwrite) == (500, "NFD", True)
+
+
+def test_prepare_options_are_the_fields_of_its_request():
+    import dataclasses
+
+    from nmt.prepare_request import PrepareRequest
+
+    command = typer.main.get_command(app).commands["prepare"]
+    options = {param.name for param in command.params if param.param_type_name == "option"} - {"progress"}
+    assert options == {f.name for f in dataclasses.fields(PrepareRequest)}
 
 
 def test_translate_passes_every_option(monkeypatch, tmp_path):

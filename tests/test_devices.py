@@ -49,15 +49,15 @@ def test_auto_precision_is_bf16_only_on_gpus_that_multiply_it(monkeypatch):
 def test_processes_on_the_cpu_need_no_gpus_where_the_machine_has_some(monkeypatch):
     import torch.distributed.run
 
-    from nmt.distributed import launch
+    from nmt.distributed import start_processes
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     started = []
     monkeypatch.setattr(torch.distributed.run, "main", lambda args: started.append(args))
-    assert launch(2, ["train"], device="cpu") == 0 and len(started) == 1
+    assert start_processes(2, ["train"], device="cpu") == 0 and len(started) == 1
     with pytest.raises(ConfigError, match="has 1 GPUs"):
-        launch(2, ["train"], device="cuda")
+        start_processes(2, ["train"], device="cuda")
 
 
 def test_loss_scaling_for_fp16_and_for_recurrent_layers_in_bf16_on_a_gpu():

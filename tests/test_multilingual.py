@@ -261,6 +261,7 @@ def test_validation_scores_each_direction_on_its_own_set_and_best_follows_their_
     valid = [r for r in log if r["type"] == "valid"]
     assert [r["bleu"] for r in valid] == [20.0, pytest.approx(50 / 3, abs=0.01), 30.0]
     assert valid[1]["bleu_aa-bb"] == 50.0 and valid[1]["bleu_bb-aa"] == 0.0
+    assert (valid[0]["metric"], valid[0]["metric_name"]) == ("bleu", "BLEU")  # what the log's readers go by
     assert CheckpointInfo.read(tmp_path / "run" / "best").state.step == 3
 
 

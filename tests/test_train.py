@@ -289,11 +289,11 @@ def test_a_resume_with_other_processes_is_refused_before_torchrun_starts(tiny_da
     from nmt_cli.main import app
     from typer.testing import CliRunner
 
-    import nmt.distributed
+    import nmt.train
 
     data_dir, _ = tiny_data
     train(_config(data_dir, tmp_path / "m", TINY_MODELS["transformer"], max_steps=2), progress=False)
-    monkeypatch.setattr(nmt.distributed, "launch", lambda *args: pytest.fail("torchrun started"))
+    monkeypatch.setattr(nmt.train, "start_processes", lambda *args: pytest.fail("torchrun started"))
     result = CliRunner().invoke(app, ["train", str(tmp_path / "m" / "config.yaml"), "--out", str(tmp_path / "m"),
                                       "--resume", "--devices", "2", "--device", "cpu", "--set", "train.max_steps=4"])
     assert_one_line_error(result, "trained with 1 process(es), this one has 2")
@@ -341,12 +341,14 @@ def test_masked_lm_accuracy_goes_to_tensorboard(tmp_path):
     from nmt.train_log import TrainLog
 
     log = TrainLog(tmp_path, tensorboard=True, warn=print)
-    log.write({"type": "valid", "step": 3, "loss": 2.0, "ppl": 7.4, "accuracy": 41.5, "nsp_accuracy": 80.0})
+    log.write({"type": "valid", "step": 3, "loss": 2.0, "ppl": 7.4, "accuracy": 41.5, "nsp_accuracy": 80.0,
+               "metric": "accuracy", "metric_name": "masked accuracy"})
     log.close()
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
-    assert [e.value for e in events.Scalars("dev/masked_accuracy")] == [41.5]
+    assert [e.value for e in events.Scalars("dev/accuracy")] == [41.5]
     assert [e.value for e in events.Scalars("dev/nsp_accuracy")] == [80.0]
+    assert set(events.Tags()["scalars"]) == {"dev/loss", "dev/ppl", "dev/accuracy", "dev/nsp_accuracy"}  # numbers only, no step
 
 
 @pytest.mark.slow
