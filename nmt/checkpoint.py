@@ -103,7 +103,8 @@ def has_checkpoint(save_dir: Path) -> bool:
 # can be cut short and taken up again by `restore_replaced`.
 REPLACING, REPLACED, RESTORING, DROPPING = ".replacing", ".replaced", ".restoring", ".dropping"
 # What a training run writes into its directory besides the SentencePiece models vocab.json
-# names. (A folder of data in it, even one pretraining prepared, is left where it is.)
+# names (tests/test_faults.py checks this against a run with every output). A folder of data in
+# it, even one pretraining prepared, is left where it is.
 RUN_FILES = ("best", "last", UPDATE_CHECKPOINTS, LOG_NAME, TENSORBOARD_DIR, CONFIG_NAME, VocabInfo.NAME)
 
 

@@ -862,3 +862,19 @@ def test_a_set_aside_cut_short_is_put_back_and_resume_finds_a_set_aside_model(tm
     check_save_dir(save_dir, resume=True, overwrite=False)  # resumable: given back when the run starts
     result = train(_config(data_dir, save_dir, max_steps=4, valid_every=2), resume=True, progress=False)
     assert result.steps == 4 and not (save_dir / REPLACED).exists()
+
+
+def test_overwrite_sets_aside_everything_a_run_wrote_and_nothing_else(tiny_trained, tmp_path):
+    """--overwrite moves the earlier model aside by the names of what a run writes: a file a run
+    writes that is not among them would stay beside the new model (and a user's own file must)."""
+    from nmt.checkpoint import REPLACED, restore_replaced, set_aside_replaced
+
+    save_dir = tmp_path / "model"
+    shutil.copytree(tiny_trained[1], save_dir)
+    assert {"best", "last", "tensorboard"} <= {p.name for p in save_dir.iterdir()}  # a run with every kind of output
+    (save_dir / "notes.txt").write_text("mine\n")
+    before = _files(save_dir)
+    set_aside_replaced(save_dir)
+    left = sorted(p.name for p in save_dir.iterdir() if p.name != ".lock")  # the training lock stays where it is
+    assert left == sorted([REPLACED, "notes.txt"])
+    assert restore_replaced(save_dir) and _files(save_dir) == before
