@@ -362,6 +362,9 @@ class CTranslate2Translator:
     def describe_attention(self, choice: AttentionChoice) -> str:
         return describe_attention(self.model_config, AttentionChoice()) + " (CTranslate2)"
 
+    def too_long(self, lines: Sequence[str]) -> list[int]:
+        return encode_lines(self.tokenizer, lines, self.decode, self.normalization).truncated
+
     def for_languages(self, vocab_info: VocabInfo, model_dir: Path, choice: LanguageChoice) -> CTranslate2Translator:
         return with_languages(self, vocab_info, model_dir, choice)
 

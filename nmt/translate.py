@@ -324,6 +324,9 @@ class Translator:
     def describe_attention(self, choice: AttentionChoice) -> str:
         return describe_attention(self.model_config, choice)
 
+    def too_long(self, lines: Sequence[str]) -> list[int]:
+        return encode_lines(self.tokenizer, lines, self.decode, self.normalization).truncated
+
     def for_languages(self, vocab_info: VocabInfo, model_dir: Path, choice: LanguageChoice) -> Translator:
         return with_languages(self, vocab_info, model_dir, choice)
 
@@ -342,6 +345,10 @@ class TextTranslator(Protocol):
 
     def describe_attention(self, choice: AttentionChoice) -> str:
         """Which weights the attention maps show, in words."""
+
+    def too_long(self, lines: Sequence[str]) -> list[int]:
+        """1-based numbers of the lines with more pieces than the model takes
+        (decode.max_input_tokens): `translate` would cut them. Found before translating."""
 
 
 SAMPLING_OPTIONS = tuple(f.name for f in dataclasses.fields(DecodeConfig) if f.metadata.get("sampling_only"))
@@ -522,6 +529,10 @@ class PivotTranslator:
 
     def describe_attention(self, choice: AttentionChoice) -> str:
         return self.second.describe_attention(choice) + f", translating from the pivot ({self.first.languages[1]})"
+
+    def too_long(self, lines: Sequence[str]) -> list[int]:
+        """The lines too long for the first step (the second step's input is known only after it)."""
+        return self.first.too_long(lines)
 
 
 ENGINES = ("nmt", "ctranslate2")

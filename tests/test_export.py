@@ -206,6 +206,18 @@ def test_a_line_of_characters_the_vocabulary_drops_is_an_empty_line(models):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_the_lines_too_long_are_found_before_translating_as_translating_finds_them(models):
+    """A server refuses them before it translates anything: `too_long` must name the lines
+    `translate` cuts, in either engine."""
+    save_dir, export_dir = models("pre-untied-joint")
+    lines = ["w1", "w1 w2 w3 w4 w5 w6", "", "w2 w3 w4 w5 w6 w7 w8", "w3 w4"]
+    native = load_translator([save_dir], {"max_input_tokens": 4}, device="cpu")
+    ct2 = _ct2(export_dir, {"max_input_tokens": 4})
+    assert native.too_long(lines) == ct2.too_long(lines) == [2, 4]
+    assert native.translate(lines).truncated == ct2.translate(lines).truncated == [2, 4]
+
+
 def test_a_length_limit_past_the_exports_positions_is_warned_of_once(models, capsys):
     _, export_dir = models("pre-untied-joint")
     translator = _ct2(export_dir, {"beam": 1, "max_len_a": 0, "max_len_b": _export_positions(export_dir) + 10})

@@ -260,6 +260,9 @@ class SlowTranslator:
     def describe_attention(self, choice):
         return "none"
 
+    def too_long(self, lines):
+        return []
+
 
 def test_a_slow_translation_answers_503_and_the_server_keeps_answering():
     slow = SlowTranslator(seconds=0.5)
@@ -668,14 +671,19 @@ def test_attention_maps_stop_at_the_weight_limit(models):
 
 
 def test_a_line_past_the_models_longest_input_is_refused_not_cut(model_dirs):
-    """Translating its first pieces only would answer a part as if it were the whole."""
+    """Translating its first pieces only would answer a part as if it were the whole; the
+    request is refused before any of it is translated."""
     short = load_served_models(model_dirs[:1], {"max_input_tokens": 4}, device="cpu")
+    translated = []
+    translate = short[0].translator.translate
+    short[0].translator.translate = lambda lines, **options: translated.append(lines) or translate(lines, **options)
     with TestClient(create_app(short)) as client:
         request = {"source": "xx", "target": "yy"}
         assert client.post("/translate", json={**request, "q": "w1 w2"}).status_code == 200
         _error(client.post("/translate", json={**request, "q": "w1 w2\n" + "w3 " * 10}), 413, "line 2", "4 pieces")
         _error(client.post("/translate", json={**request, "q": ["w1\nw2", "w1\n" + "w3 " * 10]}), 413, "text 2, line 2")
         _error(client.post("/translator/translate", json=[{"src": "w1"}, {"src": "w2 " * 10}]), 413, "segment 2")
+    assert translated == [["w1 w2"]]
 
 
 def test_auto_source_answers_the_language_it_took(models):
@@ -753,6 +761,9 @@ class Echo:
 
     def describe_attention(self, choice):
         return "fake"
+
+    def too_long(self, lines):
+        return []
 
 
 def test_opennmt_results_keep_the_order_of_the_segments_across_models():

@@ -125,11 +125,15 @@ class _Fake:
         return Translations([[Hypothesis([5], -1.0)] for _ in lines], [[f"{line}!"] for line in lines],
                             [n for n in self.truncated if first_line <= n < first_line + len(lines)])
 
+    def too_long(self, lines):
+        return [n for n in self.truncated if n <= len(lines)]
+
 
 def test_pivot_warns_of_lines_cut_in_either_step_and_translates_into_the_pivot_once():
     first, second = _Fake([2]), _Fake([3])
     result = PivotTranslator(first, second).translate(["a", "b", "c"])
     assert result.truncated == [2, 3] and result.texts == [["a!!"], ["b!!"], ["c!!"]]
+    assert PivotTranslator(first, second).too_long(["a", "b", "c"]) == [2]  # the input's: the second step's is not known yet
     assert [decode.nbest for decode in first.asked] == [1]  # the best translation into the pivot only
 
 

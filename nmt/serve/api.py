@@ -480,10 +480,13 @@ async def _translate_libre(body: TranslateRequest, model: ServedModel, settings:
         raise RequestError(422, "attention: only with q as one string")
     texts = [body.q] if isinstance(body.q, str) else body.q
     lines = _check_text(texts, settings)
-    result = await run(Work(model.translator, 1 + body.alternatives, body.attention), [x for text in lines for x in text])
-    if result.truncated:
-        text, line = _text_and_line(lines, result.truncated[0])
-        _refuse_cut(model.translator, f"line {line}" if isinstance(body.q, str) else f"text {text}, line {line}")
+    every_line = [x for text in lines for x in text]
+    one = isinstance(body.q, str)
+    too_long = model.translator.too_long(every_line)  # refused before any line is translated
+    if too_long:
+        text, line = _text_and_line(lines, too_long[0])
+        _refuse_cut(model.translator, f"line {line}" if one else f"text {text}, line {line}")
+    result = await run(Work(model.translator, 1 + body.alternatives, body.attention), every_line)
     best, others, start = [], [], 0
     for text in lines:
         wanted = 1 + body.alternatives  # a line can have fewer (an empty line has one): repeat its best
@@ -491,7 +494,6 @@ async def _translate_libre(body: TranslateRequest, model: ServedModel, settings:
         best.append("\n".join(line[0] for line in nbest))
         others.append(_distinct(["\n".join(line[k] for line in nbest) for k in range(1, wanted)], best[-1]))
         start += len(text)
-    one = isinstance(body.q, str)
     response = TranslateResponse(translatedText=best[0] if one else best)
     if body.alternatives:
         response.alternatives = others[0] if one else others
@@ -552,13 +554,15 @@ async def _translate_opennmt(segments: list[OpenNMTSegment], models: Sequence[Se
         if not 0 <= number < len(models):
             raise RequestError(400, f"no model with id {number}; ids 0 to {len(models) - 1} (GET /translator/models)")
         by_model.setdefault(number, []).append(i)
+    for number, indices in by_model.items():  # before any segment is translated
+        too_long = models[number].translator.too_long([sentences[i] for i in indices])
+        if too_long:
+            _refuse_cut(models[number].translator, f"segment {indices[too_long[0] - 1] + 1}")
     results: list[list[OpenNMTResult]] = [[] for _ in segments]
     for number, indices in by_model.items():
         translator = models[number].translator
         nbest = translator.decode.nbest
         result = await run(Work(translator, nbest, False), [sentences[i] for i in indices])
-        if result.truncated:
-            _refuse_cut(translator, f"segment {indices[result.truncated[0] - 1] + 1}")
         for i, hyps, texts in zip(indices, result.hypotheses, result.texts):
             scores = [h.score for h in hyps] or [0.0]
             results[i] = [OpenNMTResult(src=segments[i].src, tgt=t, n_best=nbest, pred_score=s) for t, s in zip(texts, scores)]
