@@ -210,3 +210,15 @@ def test_with_a_length_penalty_stopping_compares_scores_divided_by_the_same_leng
                                C: {EOS: 1.0}, D: {EOS: 1.0}}, V=8))
     nbest = beam_search(model, torch.tensor([[5, EOS]]), beam_size=2, len_penalty=1.0, max_len_a=0, max_len_b=4, nbest=2)[0]
     assert [h.tokens for h in nbest] == [[B, D], [A, C]]
+
+
+def test_a_sentence_is_done_when_its_finished_hypotheses_tie_the_best_live_beam():
+    """The stopping rule: K finished hypotheses all at least as good as the best live beam
+    could be (a tie included, else the search goes on for nothing), or the length limit."""
+    from nmt.search import Hypothesis, _sentence_done
+
+    finished = [Hypothesis([5], -1.0), Hypothesis([6], -2.0)]
+    assert _sentence_done(finished, 2, best_alive=-2.0, at_limit=False)  # a tie
+    assert not _sentence_done(finished, 2, best_alive=-1.5, at_limit=False)
+    assert not _sentence_done(finished[:1], 2, best_alive=-3.0, at_limit=False)  # fewer than K finished
+    assert _sentence_done(finished[:1], 2, best_alive=0.0, at_limit=True)

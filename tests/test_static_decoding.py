@@ -311,3 +311,16 @@ def test_a_model_decoded_with_fixed_shapes_is_freed_with_its_buffers():
     del model
     gc.collect()
     assert gone() is None
+
+
+def test_a_step_past_the_length_decoded_for_is_refused():
+    """The buffers hold `length` positions: a further step would write past them (past the
+    end of the cache where the length fills its bucket)."""
+    model, src = _model(3), _sources(3)
+    decoder = StaticDecoding(model, 16)
+    memory = decoder.encode(src)
+    state, prev = decoder.init_state(memory), torch.full((5,), 2)
+    for _ in range(16):
+        _, state = decoder.decode_step(prev, memory, state)
+    with pytest.raises(ValueError, match="step 17 of outputs decoded for 16 tokens at most"):
+        decoder.decode_step(prev, memory, state)
