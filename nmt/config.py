@@ -187,7 +187,8 @@ class DecodeConfig:
     # use, so that a zero-shot direction cannot drift into another language's words.
     restrict_vocab: bool = False
     # Transformers: decode on fixed-shape buffers (keys/values written in place), each step a
-    # replayed CUDA graph on a GPU; the same output as without. Other models ignore it.
+    # replayed CUDA graph on a GPU; the same output as without. Other models ignore it (an
+    # ensemble's Transformers take it).
     static_cache: bool = False
     # A given prefix is the whole translation (EOS is forced after it): its score and attention.
     prefix_only: bool = False

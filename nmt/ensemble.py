@@ -6,7 +6,7 @@ works, since each is used only through the model interface."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import torch
 
 from nmt.errors import CheckpointError
 from nmt.files import VocabInfo
-from nmt.interfaces import DecoderState, Reorderable, TranslationModel
+from nmt.interfaces import DecoderState, Reorderable, StepDecoder
 from nmt.models.attention import AttentionChoice
 
 
@@ -42,8 +42,12 @@ class Ensemble:
     """Models sharing one vocabulary, as one step decoder: log of the mean of their probabilities.
     With `attention`, the first model's cross-attention weights stand for the ensemble's."""
 
-    def __init__(self, models: Sequence[TranslationModel]):
+    def __init__(self, models: Sequence[StepDecoder]):
         self.models = list(models)
+
+    def with_members(self, change: Callable[[StepDecoder], StepDecoder]) -> Ensemble:
+        """The ensemble of each model changed (decoding with fixed-shape steps, say)."""
+        return Ensemble([change(model) for model in self.models])
 
     def encode(self, src: torch.Tensor) -> EnsembleMemory:
         return EnsembleMemory([model.encode(src) for model in self.models])

@@ -19,13 +19,14 @@ import contextlib
 import sys
 import weakref
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from nmt.errors import first_line
-from nmt.interfaces import Reorderable
+from nmt.interfaces import Reorderable, StepDecoder
 from nmt.models.attention import AttentionChoice
 
 # What the buffers did in this process: graphs captured, captures that failed, steps replayed
@@ -57,6 +58,23 @@ class StaticStepModel(Protocol):
                     attention: AttentionChoice | None = None) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
     def resolve_attention(self, attention: AttentionChoice | None) -> AttentionChoice | None: ...
+
+
+@runtime_checkable
+class MemberDecoders(Protocol):
+    """A step decoder made of others (an ensemble), rebuilt with each of them changed."""
+
+    def with_members(self, change: Callable[[StepDecoder], StepDecoder]) -> StepDecoder: ...
+
+
+def with_fixed_shapes(model: StepDecoder, length: int) -> StepDecoder:
+    """`model` decoding outputs of up to `length` tokens with fixed-shape steps where it can:
+    itself, or each of its members that can (the others as they are)."""
+    if isinstance(model, StaticStepModel):  # capabilities, not model types
+        return StaticDecoding(model, length)
+    if isinstance(model, MemberDecoders):
+        return model.with_members(lambda member: with_fixed_shapes(member, length))
+    return model
 
 
 def bucket(size: int, step: int) -> int:

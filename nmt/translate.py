@@ -42,7 +42,7 @@ from nmt.search import (
     output_limits,
     sample_search,
 )
-from nmt.static_decoding import StaticDecoding, StaticStepModel
+from nmt.static_decoding import with_fixed_shapes
 from nmt.tokenizer import EOS, PAD, UNK, Tokenizer
 
 
@@ -135,8 +135,8 @@ def _translate_batch(
         ).to(device)  # (B, P), PAD (0) after each prefix
     rules = dataclasses.replace(rules, prefix=prefix)
     limits = (decode.max_len_a, decode.max_len_b)
-    if decode.static_cache and isinstance(model, StaticStepModel):  # a capability, not a model type
-        model = StaticDecoding(model, int(output_limits(src, *limits, rules).max()))
+    if decode.static_cache:
+        model = with_fixed_shapes(model, int(output_limits(src, *limits, rules).max()))
     if decode.sampling:
         sampling = Sampling(decode.topk, decode.topp, decode.temperature, generator)
         hyps = sample_search(model, src, sampling, decode.nbest, *limits, attention, rules)

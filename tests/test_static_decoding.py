@@ -324,3 +324,25 @@ def test_a_step_past_the_length_decoded_for_is_refused():
         _, state = decoder.decode_step(prev, memory, state)
     with pytest.raises(ValueError, match="step 17 of outputs decoded for 16 tokens at most"):
         decoder.decode_step(prev, memory, state)
+
+
+def test_an_ensemble_decodes_its_transformers_with_fixed_shapes_and_gives_the_plain_output(monkeypatch):
+    """decode.static_cache reaches the members of an ensemble that can take it (an RNN beside
+    them decodes as it always does)."""
+    from conftest import TINY_RNN
+
+    from nmt.ensemble import Ensemble
+
+    calls = []
+    original = StaticDecoding.decode_step
+    monkeypatch.setattr(StaticDecoding, "decode_step", lambda self, *args: calls.append(self.model) or original(self, *args))
+    torch.manual_seed(4)
+    rnn = build_model(ModelConfig(**TINY_RNN), V, V).eval()
+    ensemble = Ensemble([_model(5), rnn, _model(6, "post")])
+    sources = [[7, 8, 9, 10], [11, 12], [13, 7, 7, 9, 10, 11, 12, 8], [9]]
+    plain = DecodeConfig(beam=3, nbest=2, batch_tokens=12, **LIMITS)
+    static = dataclasses.replace(plain, static_cache=True)
+    for a, b in zip(translate_ids(ensemble, sources, plain, torch.device("cpu")),
+                    translate_ids(ensemble, sources, static, torch.device("cpu"))):
+        _same(a, b)
+    assert {id(model) for model in calls} == {id(ensemble.models[0]), id(ensemble.models[2])}
