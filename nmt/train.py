@@ -69,9 +69,14 @@ TOO_MANY_SKIPPED = "skipped updates"
 VALIDATION_STOPS = ("", "patience", "target_bleu")
 
 
+class StopRequested(Exception):
+    """A stop signal arrived in a `StopSignal.interrupting` block."""
+
+
 class StopSignal:
     """Ctrl-C (SIGINT) and SIGTERM ask training to stop after the current update, which is then
-    saved as `last/`, instead of killing it mid-step."""
+    saved as `last/`, instead of killing it mid-step; in an `interrupting` block (a validation,
+    which may take minutes a supervisor does not wait), they stop it at once."""
 
     # A signal again within this many seconds is the same stop delivered twice (a batch system
     # signals every process, and torchrun passes it on too), not a second Ctrl-C.
@@ -80,6 +85,7 @@ class StopSignal:
     def __init__(self):
         self.received = ""
         self.received_at = 0.0
+        self._interrupting = False
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -94,6 +100,20 @@ class StopSignal:
                 previous(signum, frame)
             raise KeyboardInterrupt
         self.received, self.received_at = signal.Signals(signum).name, time.monotonic()
+        if self._interrupting:
+            raise StopRequested(self.received)
+
+    @contextlib.contextmanager
+    def interrupting(self):
+        """A block that a stop signal ends (StopRequested) where it is, rather than after it; it
+        does not start once a signal has come."""
+        if self.received:
+            raise StopRequested(self.received)
+        self._interrupting = True
+        try:
+            yield
+        finally:
+            self._interrupting = False
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -904,6 +924,23 @@ class Trainer:
             raise ConfigError(f"training diverged: the weights are no longer finite at step {self.state.step} "
                               f"(lower train.lr); nothing is saved over what {self.save_dir} held")
 
+    def validated(self) -> bool:
+        """Validate the model (its moving average, if kept) into state.last_valid; False when a
+        stop signal cut the validation short (the weights are the trained ones again)."""
+        started, training = time.time(), self.model.training
+        interrupting = self.stop_signal.interrupting() if self.stop_signal else contextlib.nullcontext()
+        try:
+            with self.averaged(), interrupting:  # the trained weights come back with no signal cutting that short
+                valid = self.task.validate(self.model, self.device, self.dtype)
+        except StopRequested as stop:
+            self.model.train(training)  # where validating left it
+            self.log(f"step {self.state.step}: validation stopped by {stop}")
+            return False
+        finally:
+            self.state.valid_seconds += time.time() - started
+        self.state.last_valid = {"step": self.state.step, **valid}
+        return True
+
     def validate_and_save(self, on_schedule: bool = True) -> str:
         """Validate (main process) and save checkpoints; returns why training should stop, or "".
         A validation off the train.valid_every schedule (at a stop between two) may give best/,
@@ -916,13 +953,10 @@ class Trainer:
             torch.cuda.synchronize(self.device)  # the queued updates' time belongs to the interval, not here
         began = time.time()
         self.check_finite_weights()
-        if self.ranks.is_main:
-            valid_started = time.time()
-            with self.averaged():
-                st.last_valid = {"step": st.step, **task.validate(self.model, self.device, self.dtype)}
-            st.valid_seconds += time.time() - valid_started
-            seconds = self.elapsed()  # before saving: the time to quality leaves out the writing
-            saving_started = time.time()
+        validated = self.ranks.is_main and self.validated()
+        seconds = self.elapsed()  # before saving: the time to quality leaves out the writing
+        saving_started = time.time()
+        if validated:
             score = st.last_valid[task.metric]
             improved = score > st.best_score
             if improved:

@@ -878,3 +878,30 @@ def test_overwrite_sets_aside_everything_a_run_wrote_and_nothing_else(tiny_train
     left = sorted(p.name for p in save_dir.iterdir() if p.name != ".lock")  # the training lock stays where it is
     assert left == sorted([REPLACED, "notes.txt"])
     assert restore_replaced(save_dir) and _files(save_dir) == before
+
+
+def test_a_signal_during_a_validation_stops_it_at_once_and_saves_the_update(data_dir, tmp_path, monkeypatch):
+    """A validation can take minutes that a supervisor does not wait after SIGTERM: the signal
+    ends it where it is, last/ holds the update it followed, and a resumed run goes on from there."""
+    save_dir = tmp_path / "run"
+    real_validate = translation_task.validate
+
+    def signalled_validate(model, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(60)  # a long validation
+        pytest.fail("the validation went on")
+
+    monkeypatch.setattr(translation_task, "validate", signalled_validate)
+    messages, started = [], time.monotonic()
+    result = train(_config(data_dir, save_dir, max_steps=8, valid_every=3), progress=False, log=messages.append)
+    assert time.monotonic() - started < 30
+    assert (result.stop_reason, result.steps) == ("signal (SIGINT)", 3)
+    assert "step 3: validation stopped by SIGINT" in messages
+    from nmt.files import CheckpointInfo
+
+    assert CheckpointInfo.read(save_dir / "last").state.step == 3 and not (save_dir / "best").exists()
+    records = [json.loads(line) for line in (save_dir / "train_log.jsonl").read_text().splitlines()]
+    assert not [r for r in records if r["type"] == "valid"]
+    monkeypatch.setattr(translation_task, "validate", real_validate)
+    resumed = train(_config(data_dir, save_dir, max_steps=8, valid_every=3), resume=True, progress=False)
+    assert (resumed.stop_reason, resumed.steps, resumed.best_step) == ("max_steps", 8, 6)

@@ -228,8 +228,9 @@ def test_time_to_quality_leaves_out_validating_and_saving(monkeypatch):
         state=TrainState(step=100), task=task, tc=TrainConfig(), ranks=Ranks(), model=torch.nn.Linear(1, 1), device=CPU, dtype=None,
         averaged=contextlib.nullcontext, elapsed=lambda: clock[0], save=lambda name: advance(5.0),
         write_log=logged.append, log=lambda message: None, validated_at=0, check_finite_weights=lambda: None,
-        interval=Interval(CPU, started=0.0),  # training began at 0 s
+        interval=Interval(CPU, started=0.0), stop_signal=None,  # training began at 0 s
     )
+    stub.validated = lambda: Trainer.validated(stub)
     stub.interval.add(_result(30.0, False, True), [_batch(10, 100)])  # 100 target tokens in the 10 s
     Trainer.validate_and_save(stub)
     advance(10.0)  # 10 s more of training
@@ -320,8 +321,9 @@ def test_best_follows_the_highest_dev_score_and_patience_counts_from_it():
     stub = SimpleNamespace(
         state=TrainState(), task=task, tc=TrainConfig(), ranks=Ranks(), model=torch.nn.Linear(1, 1), device=CPU, dtype=None,
         averaged=contextlib.nullcontext, elapsed=lambda: 1.0, save=saved.append, write_log=lambda record: None,
-        log=lambda message: None, validated_at=0, check_finite_weights=lambda: None, interval=Interval(CPU),
+        log=lambda message: None, validated_at=0, check_finite_weights=lambda: None, interval=Interval(CPU), stop_signal=None,
     )
+    stub.validated = lambda: Trainer.validated(stub)
     history = []
     for step in (100, 200, 300, 400, 500):
         stub.state.step = step
