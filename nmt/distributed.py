@@ -89,6 +89,7 @@ def init_ranks(device_name: str) -> Ranks:
 
 
 LAUNCHER_WATCH = "nmt-launcher-watch"
+LAUNCHER_PID = "NMT_LAUNCHER_PID"  # set for the processes `start_processes` starts
 
 
 def stop_with_launcher() -> None:
@@ -98,7 +99,9 @@ def stop_with_launcher() -> None:
     come once for each of the dying parent's threads, and a second SIGTERM stops at once.)"""
     if any(thread.name == LAUNCHER_WATCH for thread in threading.enumerate()):  # one per process
         return
-    launcher = os.getppid()
+    # The launcher as `start_processes` named it: one that died before this watch began is
+    # noticed too (the process is then another's child).
+    launcher = int(os.environ.get(LAUNCHER_PID, os.getppid()))
 
     def watch() -> None:
         while os.getppid() == launcher:
@@ -147,6 +150,7 @@ def start_processes(devices: int, command_line: list[str], device: str = "auto")
     # After Ctrl-C or SIGTERM torchrun waits this long (30 s by default) before it kills the
     # processes: they stop at the next log step, which may be further off, and save last/ first.
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_SECONDS))
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # torchrun runs in this process: the workers' parent
     # torchrun's log folder, which it would leave in the temporary directory after every run
     with tempfile.TemporaryDirectory(prefix="nmt-torchrun-") as logs:
         try:

@@ -187,3 +187,21 @@ def test_processes_agree_on_the_largest_code_and_sum_elementwise(tmp_path):
     mp.spawn(_agree_and_sum, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     results = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
     assert results == [{"agree": 2, "sum": [3.0, 20.0]}] * 2
+
+
+@pytest.mark.parametrize("launcher_alive", [True, False])
+def test_a_worker_whose_launcher_died_before_it_began_watching_stops(launcher_alive):
+    """A worker is told its launcher's process id: if that process is gone already when the
+    watch starts (the worker is then another process's child), it stops all the same."""
+    import os
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    launcher = str(os.getpid()) if launcher_alive else gone.stdout.strip()
+    script = ("import time\nfrom nmt.distributed import stop_with_launcher\n"
+              "stop_with_launcher()\ntime.sleep(4)\nprint('trained on')\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "NMT_LAUNCHER_PID": launcher})
+    if launcher_alive:
+        assert run.returncode == 0 and "trained on" in run.stdout, run.stderr
+    else:
+        assert run.returncode == -15 and "trained on" not in run.stdout, run.stderr  # SIGTERM, as when it dies later
