@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from nmt.atomic import replace_dir
 from nmt.batches import token_batches
 from nmt.checkpoint import (
+    REPLACED,
     check_outside_data_dir,
     check_resumed_task,
     check_same_model,
@@ -358,6 +360,9 @@ class MaskedLMTask:
     def init_save_dir(self, save_dir: Path) -> None:
         save_dir.mkdir(parents=True, exist_ok=True)
         if self.data_dir == save_dir / NEXT_DATA:  # the run starts: its text replaces the old run's
+            if (save_dir / "data").is_dir() and (save_dir / REPLACED).is_dir():
+                # which goes with the model set aside, and comes back with it should this run stop before it saves
+                os.replace(save_dir / "data", save_dir / REPLACED / "data")
             replace_dir(self.data_dir, save_dir / "data")  # (open memory maps follow the files)
             self.data_dir, self.spm_path = save_dir / "data", save_dir / "data" / self.spm_path.name
         info = VocabInfo(self.manifest.vocab, MASKED_LM, normalization=self.manifest.normalization,
@@ -480,8 +485,9 @@ def prepare_text(
     """`--text`: the texts prepared as `nmt prepare --mono` does, into SAVE_DIR/data (by the main
     process; a resumed run uses the data it was prepared with). A run that replaces another
     (--overwrite) prepares them beside it, in SAVE_DIR/.data-next, which takes the place of the
-    old run's data only once the new run starts (`MaskedLMTask.init_save_dir`); after a start
-    that failed it stays there, hidden, until the next run replaces it."""
+    old run's data only once the new run starts (`MaskedLMTask.init_save_dir`; the old data goes
+    aside with the old model, and comes back with it if the run stops before it saves); after a
+    start that failed it stays there, hidden, until the next run replaces it."""
     save_dir = Path(config.save_dir)
     data_dir = save_dir / "data"
     model = vocabulary_model(Path(vocab)) if vocab is not None else None

@@ -834,3 +834,32 @@ def test_a_valid_size_larger_than_a_small_text_holds_out_a_tenth_at_most():
     held = hold_out(documents, 1000, 0)
     assert 1 <= held.sum() <= 9 and (~held).sum() >= 81
     assert len(np.intersect1d(documents[held], documents[~held])) == 0  # whole documents
+
+
+def test_an_overwrite_that_stops_before_it_saves_gives_back_the_models_text_too(tmp_path, monkeypatch):
+    """--text with --overwrite: the new text replaces data/ once the run starts; should the run
+    stop before its first checkpoint, the old model comes back with the text it was trained on,
+    so that --resume goes on with it."""
+    import nmt.train
+
+    (tmp_path / "a.en").write_text("\n".join(FACTS * 4) + "\n", encoding="utf-8")
+    (tmp_path / "b.en").write_text("\n".join(reversed(FACTS * 4)) + "\n", encoding="utf-8")
+    pretrain(_pretrain_config(tmp_path / "m", max_steps=2, valid_every=2), [tmp_path / "a.en"], vocab_size=50, progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m" / "data").iterdir() if p.is_file()}
+
+    def fails(self, progress):
+        raise RuntimeError("stopped before the first checkpoint")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(nmt.train.Trainer, "run", fails)
+        with pytest.raises(RuntimeError):
+            pretrain(_pretrain_config(tmp_path / "m", max_steps=2, valid_every=2), [tmp_path / "b.en"], vocab_size=50,
+                     overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m" / "data").iterdir() if p.is_file()} == before
+    result = pretrain(_pretrain_config(tmp_path / "m", max_steps=4, valid_every=2), [tmp_path / "a.en"], resume=True,
+                      progress=False)
+    assert result.steps == 4
+    replaced = pretrain(_pretrain_config(tmp_path / "m", max_steps=2, valid_every=2), [tmp_path / "b.en"], vocab_size=50,
+                        overwrite=True, progress=False)
+    assert replaced.steps == 2 and Manifest.read(tmp_path / "m" / "data").input["mono"] == [str((tmp_path / "b.en").resolve())]
+    assert [p.name for p in (tmp_path / "m").iterdir() if p.name.startswith(".") and p.name != ".lock"] == []
