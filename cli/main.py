@@ -156,8 +156,7 @@ def prepare(
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier data dir at --out (never another kind of folder).")] = False,
 ) -> None:
     """Clean, split, tokenize and binarize a parallel corpus (or monolingual text, with --mono)."""
-    from nmt.multilingual import parse_directions
-    from nmt.prepare_request import MONO_OPTIONS, PrepareRequest, prepare_data, summary, warnings
+    from nmt.prepare_request import MONO_OPTIONS, PrepareRequest, prepare_data, prepare_warnings, summary
 
     def split(text: str) -> tuple[str, ...]:
         return tuple(x.strip() for x in text.split(","))
@@ -166,11 +165,10 @@ def prepare(
         if mono:
             _refuse_unused_options(ctx, "--mono", {*MONO_OPTIONS, "progress"})
         request = PrepareRequest(
-            out=out, src=src, tgt=tgt, mono=list(mono or []), mono_langs=None if mono_langs is None else list(split(mono_langs)),
+            out=out, src=src, tgt=tgt, mono=list(mono or []), mono_langs=list(split(mono_langs)) if mono_langs else None,
             train=list(train or []), valid=list(valid or []), test=list(test or []), tsv=list(tsv or []),
             tsv_langs=[split(item) for item in tsv_langs or []], hf=hf, hf_config=hf_config, hf_revision=hf_revision,
-            corpus=list(corpus or []), directions=None if directions is None else parse_directions(directions),
-            zero_shot=parse_directions(zero_shot or ""), lang_temperature=lang_temperature, data_dir=data_dir,
+            corpus=list(corpus or []), directions=directions, zero_shot=zero_shot or "", lang_temperature=lang_temperature, data_dir=data_dir,
             valid_size=valid_size, test_size=test_size, seed=seed, split_by=split_by, normalize=normalize,
             max_words=max_words, max_ratio=max_ratio, dedup=dedup, vocab_size=vocab_size, spm_type=spm_type,
             joint_vocab=joint_vocab, character_coverage=character_coverage, chinese_script=chinese_script,
@@ -178,7 +176,7 @@ def prepare(
         )
         manifest = prepare_data(request, progress=progress)
     typer.echo(summary(out, manifest))
-    for warning in warnings(manifest):
+    for warning in prepare_warnings(manifest):
         typer.echo(f"warning: {warning}", err=True)
 
 

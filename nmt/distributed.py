@@ -6,6 +6,7 @@ rank from the environment torchrun sets. With one process every method here is a
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import signal
@@ -136,6 +137,21 @@ class Launch:
         return self.devices != 1 and "WORLD_SIZE" not in os.environ
 
 
+@contextlib.contextmanager
+def launcher_pid_set():
+    """LAUNCHER_PID names this process (torchrun runs in it: the workers' parent) while it
+    starts workers, and what it named before afterwards."""
+    before = os.environ.get(LAUNCHER_PID)
+    os.environ[LAUNCHER_PID] = str(os.getpid())
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[LAUNCHER_PID]
+        else:
+            os.environ[LAUNCHER_PID] = before
+
+
 def start_processes(devices: int, command_line: list[str], device: str = "auto") -> int:
     """Run `nmt COMMAND_LINE` (a train or pretrain command, as the user typed it) in `devices`
     processes on this machine, through torchrun; `device` (train.device) is checked before."""
@@ -150,9 +166,8 @@ def start_processes(devices: int, command_line: list[str], device: str = "auto")
     # After Ctrl-C or SIGTERM torchrun waits this long (30 s by default) before it kills the
     # processes: they stop at the next log step, which may be further off, and save last/ first.
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_SECONDS))
-    os.environ[LAUNCHER_PID] = str(os.getpid())  # torchrun runs in this process: the workers' parent
     # torchrun's log folder, which it would leave in the temporary directory after every run
-    with tempfile.TemporaryDirectory(prefix="nmt-torchrun-") as logs:
+    with tempfile.TemporaryDirectory(prefix="nmt-torchrun-") as logs, launcher_pid_set():
         try:
             torchrun(["--standalone", f"--nproc_per_node={devices}", f"--log-dir={logs}", "-m", "nmt_cli", *command_line])
         except SystemExit as e:

@@ -48,6 +48,7 @@ from nmt.translate import (
     collect_translations,
     decode_settings,
     encode_lines,
+    lines_too_long,
     restricting_one_language,
     with_languages,
 )
@@ -363,7 +364,7 @@ class CTranslate2Translator:
         return describe_attention(self.model_config, AttentionChoice()) + " (CTranslate2)"
 
     def too_long(self, lines: Sequence[str]) -> list[int]:
-        return encode_lines(self.tokenizer, lines, self.decode, self.normalization).truncated
+        return lines_too_long(self.tokenizer, lines, self.decode, self.normalization)
 
     def for_languages(self, vocab_info: VocabInfo, model_dir: Path, choice: LanguageChoice) -> CTranslate2Translator:
         return with_languages(self, vocab_info, model_dir, choice)

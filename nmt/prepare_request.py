@@ -1,7 +1,7 @@
 """What `nmt prepare` is asked for, in one request: a parallel corpus (`nmt.prepare`), several
 directions for one multilingual model (`nmt.multilingual`) or monolingual text for pretraining
 (`nmt.monolingual`). `prepare_data` checks that the options fit together, picks the way and
-returns the data dir's manifest; `summary` and `warnings` say what it made."""
+returns the data dir's manifest; `summary` and `prepare_warnings` say what it made."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from nmt.data import CleanConfig
 from nmt.errors import DataError
 from nmt.files import Manifest
 from nmt.monolingual import MONOLINGUAL, MonoPrepareConfig, prepare_mono
-from nmt.multilingual import DEFAULT_TEMPERATURE, MultilingualConfig, prepare_multilingual
+from nmt.multilingual import DEFAULT_TEMPERATURE, MultilingualConfig, parse_directions, prepare_multilingual
 from nmt.normalize import UNICODE_FORMS
 from nmt.prepare import PrepareConfig, prepare
 from nmt.tokenizer import language_tag
@@ -39,8 +39,8 @@ class PrepareRequest:
     hf_config: str | None = None
     hf_revision: str | None = None
     corpus: list[str] = field(default_factory=list)
-    directions: list[str] | None = None
-    zero_shot: list[str] = field(default_factory=list)
+    directions: str | list[str] | None = None  # "de-en,en-de" or a list of such
+    zero_shot: str | list[str] = ""
     lang_temperature: float | None = None  # None: DEFAULT_TEMPERATURE (with directions only)
     data_dir: Path | None = None
     valid_size: int = 1000
@@ -121,9 +121,9 @@ def _parallel_config(request: PrepareRequest) -> PrepareConfig:
     one_tsv = len(request.tsv_langs) == 1 and len(request.tsv) < 2
     return PrepareConfig(
         out_dir=request.out, src_lang=request.src or "", tgt_lang=request.tgt or "",
-        train_prefix=first(request.train), valid_prefix=first(request.valid), test_prefix=first(request.test),
-        tsv=first(request.tsv), tsv_langs=request.tsv_langs[0] if one_tsv else None, hf_name=request.hf,
-        hf_config=request.hf_config, hf_revision=request.hf_revision, corpus=first(request.corpus),
+        train_prefix=_first(request.train), valid_prefix=_first(request.valid), test_prefix=_first(request.test),
+        tsv=_first(request.tsv), tsv_langs=request.tsv_langs[0] if one_tsv else None, hf_name=request.hf,
+        hf_config=request.hf_config, hf_revision=request.hf_revision, corpus=_first(request.corpus),
         corpus_dir=request.data_dir, valid_size=request.valid_size, test_size=request.test_size, seed=request.seed,
         split_by=request.split_by,
         clean=CleanConfig(normalization=request.normalize, chinese_script=request.chinese_script,
@@ -134,13 +134,13 @@ def _parallel_config(request: PrepareRequest) -> PrepareConfig:
     )
 
 
-def first(values: list):
+def _first(values: list):
     return values[0] if values else None
 
 
 def _multilingual_config(request: PrepareRequest) -> MultilingualConfig:
     return MultilingualConfig(
-        _parallel_config(request), list(request.directions or []), list(request.zero_shot),
+        _parallel_config(request), parse_directions(request.directions or ""), parse_directions(request.zero_shot),
         DEFAULT_TEMPERATURE if request.lang_temperature is None else request.lang_temperature,
         list(request.tsv), list(request.corpus), list(request.train), list(request.valid), list(request.test),
         list(request.tsv_langs) if len(request.tsv) > 1 else [],
@@ -158,7 +158,7 @@ def summary(out: Path, manifest: Manifest) -> str:
     return _parallel_summary(out, manifest, stages)
 
 
-def warnings(manifest: Manifest) -> list[str]:
+def prepare_warnings(manifest: Manifest) -> list[str]:
     """What the user should know about the data dir: a language seen only in zero-shot
     directions has none of its text in the SentencePiece sample."""
     sample = manifest.input.get("spm_sample") or {}

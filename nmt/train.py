@@ -66,11 +66,13 @@ from nmt.train_log import TrainLog
 from nmt.translation_task import MultilingualTranslationTask, TranslationTask, translation_loss
 
 TOO_MANY_SKIPPED = "skipped updates"
-VALIDATION_STOPS = ("", "patience", "target_bleu")
+SIGNALLED = "signal"  # a validation a stop signal cut short: every process stops at this update
+VALIDATION_STOPS = ("", "patience", "target_bleu", SIGNALLED)
 
 
-class StopRequested(Exception):
-    """A stop signal arrived in a `StopSignal.interrupting` block."""
+class StopRequested(BaseException):
+    """A stop signal arrived in a `StopSignal.interrupting` block (not an Exception, which a
+    handler of errors on the way might take for one)."""
 
 
 class StopSignal:
@@ -712,6 +714,8 @@ class Trainer:
         reason, groups = "", []
         stopped = self.resumed_validation_stop()
         try:
+            if not stopped and st.step and st.step % tc.valid_every == 0 and self.validated_at != st.step:
+                stopped = self.validate_and_save()  # a scheduled validation a signal cut short, made now
             while not reason:
                 # The epoch's groups first, also where the run stops: its summary counts the epochs by them.
                 groups = update_groups(self.task.epoch_batches(self.rank_tokens, st.epoch), self.update_batches, self.ranks.active)
@@ -903,19 +907,23 @@ class Trainer:
         # log steps, so that all stop at the same update.
         if not ranks.active or st.step % tc.log_every == 0:
             if ranks.agree(int(bool(self.stop_signal.received)), self.device):
-                name = self.stop_signal.received or "SIGTERM"
-                if self.validated_at != st.step:  # else validating this update saved last/ already
-                    self.check_finite_weights()
-                    self.save("last")
-                    self.validated_at = st.step  # saved; no final validation on the way out
-                self.log(f"stopped by {name} at step {st.step}; continue with --resume")
-                return signal_stop_reason(name)
+                return self.stopped_by_signal()
             out_of_time = tc.max_minutes and self.elapsed() >= tc.max_minutes * 60
             if ranks.agree(int(bool(out_of_time)), self.device):
                 return "max_minutes"
         if tc.max_steps and st.step >= tc.max_steps:
             return "max_steps"
         return ""
+
+    def stopped_by_signal(self) -> str:
+        """Save last/ (unless validating this update did) and say how to go on."""
+        name = self.stop_signal.received if self.stop_signal and self.stop_signal.received else "SIGTERM"
+        if self.validated_at != self.state.step:
+            self.check_finite_weights()
+            self.save("last")
+            self.validated_at = self.state.step  # saved; no final validation on the way out
+        self.log(f"stopped by {name} at step {self.state.step}; continue with --resume")
+        return signal_stop_reason(name)
 
     def check_finite_weights(self) -> None:
         """A finite loss and gradient can still take a step too large for the weights (an absurd
@@ -927,13 +935,15 @@ class Trainer:
     def validated(self) -> bool:
         """Validate the model (its moving average, if kept) into state.last_valid; False when a
         stop signal cut the validation short (the weights are the trained ones again)."""
-        started, training = time.time(), self.model.training
+        started, training, grad = time.time(), self.model.training, torch.is_grad_enabled()
         interrupting = self.stop_signal.interrupting() if self.stop_signal else contextlib.nullcontext()
         try:
             with self.averaged(), interrupting:  # the trained weights come back with no signal cutting that short
                 valid = self.task.validate(self.model, self.device, self.dtype)
-        except StopRequested as stop:
-            self.model.train(training)  # where validating left it
+        except StopRequested as stop:  # raised where validating was: put back what it may have left changed
+            self.model.train(training)
+            torch.set_grad_enabled(grad)
+            torch.set_autocast_enabled(self.device.type, False)
             self.log(f"step {self.state.step}: validation stopped by {stop}")
             return False
         finally:
@@ -954,6 +964,8 @@ class Trainer:
         began = time.time()
         self.check_finite_weights()
         validated = self.ranks.is_main and self.validated()
+        if self.ranks.is_main and not validated:
+            reason = SIGNALLED
         seconds = self.elapsed()  # before saving: the time to quality leaves out the writing
         saving_started = time.time()
         if validated:
@@ -986,4 +998,4 @@ class Trainer:
             st.valid_seconds += time.time() - saving_started
         verdict = VALIDATION_STOPS[self.ranks.agree(VALIDATION_STOPS.index(reason), self.device)]
         self.interval.started += time.time() - began  # the logged throughput counts training only
-        return verdict
+        return self.stopped_by_signal() if verdict == SIGNALLED else verdict

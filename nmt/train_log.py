@@ -92,7 +92,10 @@ def direction_keys(record: dict) -> dict[str, str]:
 def _not_a_number(record: dict, required: tuple[str, ...]) -> str | None:
     """The first field of `record` that should hold a number and does not: one of `required`,
     or a validation record's scores (overall and per direction)."""
-    scores = [score_key(record), *direction_keys(record).values()] if record["type"] == "valid" else []
+    scores = []
+    if record["type"] == "valid":  # the score it names, or in a log from before records named it, those it holds
+        key = score_key(record)
+        scores = [*([key] if "metric" in record or key in record else []), *direction_keys(record).values()]
     for key in (*required, *scores):
         value = record.get(key)
         if value is None and key == "loss" and record["type"] == "train" and key in record:

@@ -254,6 +254,11 @@ def encode_lines(
     return EncodedLines(non_empty, encoded, prefix_ids, truncated, unknown)
 
 
+def lines_too_long(tokenizer: Tokenizer, lines: Sequence[str], decode: DecodeConfig, normalize: Normalization) -> list[int]:
+    """1-based numbers of the lines that `encode_lines` cuts to decode.max_input_tokens."""
+    return encode_lines(tokenizer, lines, decode, normalize).truncated
+
+
 def collect_translations(
     tokenizer: Tokenizer, line_count: int, encoded: EncodedLines, hyps: list[list[Hypothesis]], attention: bool,
     first_line: int = 1, normalize_target: Normalization | None = None,
@@ -325,7 +330,7 @@ class Translator:
         return describe_attention(self.model_config, choice)
 
     def too_long(self, lines: Sequence[str]) -> list[int]:
-        return encode_lines(self.tokenizer, lines, self.decode, self.normalization).truncated
+        return lines_too_long(self.tokenizer, lines, self.decode, self.normalization)
 
     def for_languages(self, vocab_info: VocabInfo, model_dir: Path, choice: LanguageChoice) -> Translator:
         return with_languages(self, vocab_info, model_dir, choice)

@@ -312,3 +312,19 @@ def test_several_processes_are_refused_before_torchrun_starts_them(trained, monk
     one_line_error(invoke(*args, *TINY), "already holds a model")
     one_line_error(invoke(*args, *TINY, "--resume", "--set", "model.ff_dim=48"), "model.ff_dim is 48")
     one_line_error(invoke(*args, *TINY, "--resume", "--overwrite"), "exclude each other")
+
+
+def test_a_process_torchrun_started_trains_instead_of_starting_others(monkeypatch, tmp_path):
+    """torchrun sets WORLD_SIZE in each process it starts: they must not start processes again."""
+    import nmt.train
+
+    monkeypatch.setattr(nmt.train, "start_processes", lambda *args: pytest.fail("torchrun started again"))
+    monkeypatch.setattr(nmt.train, "run_training", lambda *args: "trained")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    from nmt.config import config_from_dict
+    from nmt.distributed import Launch
+
+    config = config_from_dict({"data_dir": str(prepare_toy_data(tmp_path, train=30)), "save_dir": str(tmp_path / "m")})
+    assert nmt.train.train(config, launch=Launch(2, ["train"])) == "trained"
+    monkeypatch.delenv("WORLD_SIZE")
+    assert not Launch(1, ["train"]).starts_processes and Launch(2, ["train"]).starts_processes

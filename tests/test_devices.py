@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from conftest import TINY_RNN, TINY_TRANSFORMER, prepare_toy_data
@@ -54,8 +56,10 @@ def test_processes_on_the_cpu_need_no_gpus_where_the_machine_has_some(monkeypatc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     started = []
-    monkeypatch.setattr(torch.distributed.run, "main", lambda args: started.append(args))
+    monkeypatch.setattr(torch.distributed.run, "main", lambda args: started.append((args, os.environ["NMT_LAUNCHER_PID"])))
+    monkeypatch.delenv("NMT_LAUNCHER_PID", raising=False)
     assert start_processes(2, ["train"], device="cpu") == 0 and len(started) == 1
+    assert started[0][1] == str(os.getpid()) and "NMT_LAUNCHER_PID" not in os.environ  # for the workers only
     with pytest.raises(ConfigError, match="has 1 GPUs"):
         start_processes(2, ["train"], device="cuda")
 

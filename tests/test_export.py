@@ -206,7 +206,6 @@ def test_a_line_of_characters_the_vocabulary_drops_is_an_empty_line(models):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_the_lines_too_long_are_found_before_translating_as_translating_finds_them(models):
     """A server refuses them before it translates anything: `too_long` must name the lines
     `translate` cuts, in either engine."""
@@ -218,6 +217,7 @@ def test_the_lines_too_long_are_found_before_translating_as_translating_finds_th
     assert native.translate(lines).truncated == ct2.translate(lines).truncated == [2, 4]
 
 
+@pytest.mark.slow
 def test_a_length_limit_past_the_exports_positions_is_warned_of_once(models, capsys):
     _, export_dir = models("pre-untied-joint")
     translator = _ct2(export_dir, {"beam": 1, "max_len_a": 0, "max_len_b": _export_positions(export_dir) + 10})

@@ -1,5 +1,6 @@
 """Faults during training and damaged checkpoints: work is never lost, errors are one line."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -752,6 +754,7 @@ def test_sigterm_stops_a_command_as_ctrl_c_does_and_its_temporary_file_goes(tmp_
     script = f"""
 import os, signal, sys, time
 from pathlib import Path
+from types import SimpleNamespace
 import nmt.translate
 from nmt.atomic import open_text_atomic
 from nmt_cli.main import app
@@ -903,5 +906,44 @@ def test_a_signal_during_a_validation_stops_it_at_once_and_saves_the_update(data
     records = [json.loads(line) for line in (save_dir / "train_log.jsonl").read_text().splitlines()]
     assert not [r for r in records if r["type"] == "valid"]
     monkeypatch.setattr(translation_task, "validate", real_validate)
-    resumed = train(_config(data_dir, save_dir, max_steps=8, valid_every=3), resume=True, progress=False)
-    assert (resumed.stop_reason, resumed.steps, resumed.best_step) == ("max_steps", 8, 6)
+    resumed = train(_config(data_dir, save_dir, max_steps=8, valid_every=3, keep_last=5), resume=True, progress=False)
+    assert (resumed.stop_reason, resumed.steps) == ("max_steps", 8)
+    records = [json.loads(line) for line in (save_dir / "train_log.jsonl").read_text().splitlines()]
+    # the validation cut short is made when the run goes on, as if it had not stopped
+    assert [r["step"] for r in records if r["type"] == "valid"] == [3, 6, 8]
+    assert sorted(p.name for p in (save_dir / "checkpoints").iterdir()) == ["step-0000003", "step-0000006"]
+
+
+def test_a_validation_cut_short_gives_back_the_trained_weights_and_the_training_mode(data_dir, tmp_path, monkeypatch):
+    """The moving average of the weights is swapped out again and the model trains as before:
+    with several processes, the others decide to stop at the next log step only."""
+    from nmt.train import StopRequested, Trainer
+
+    stub_signal = SimpleNamespace(interrupting=contextlib.nullcontext, received="", restore=lambda: None)
+    weights = {}
+
+    def cut_short(model, *args, **kwargs):
+        weights["averaged"] = [p.detach().clone() for p in model.parameters()]
+        model.eval()
+        torch.set_grad_enabled(False)  # as an interrupted `torch.no_grad()` block leaves it
+        stub_signal.received = "SIGTERM"
+        raise StopRequested("SIGTERM")
+
+    monkeypatch.setattr(translation_task, "validate", cut_short)
+    monkeypatch.setattr(train_module, "StopSignal", lambda: stub_signal)
+    trainer_holder = {}
+    real_validated = Trainer.validated
+
+    def validated(self):
+        trainer_holder["trained"] = [p.detach().clone() for p in self.model.parameters()]
+        result = real_validated(self)
+        trainer_holder["after"] = [p.detach().clone() for p in self.model.parameters()]
+        trainer_holder["training"], trainer_holder["grad"] = self.model.training, torch.is_grad_enabled()
+        return result
+
+    monkeypatch.setattr(Trainer, "validated", validated)
+    result = train(_config(data_dir, tmp_path / "run", max_steps=6, valid_every=3, ema_decay=0.5), progress=False)
+    assert result.stop_reason == "signal (SIGTERM)" and result.steps == 3
+    assert all(torch.equal(a, b) for a, b in zip(trainer_holder["trained"], trainer_holder["after"]))
+    assert not all(torch.equal(a, b) for a, b in zip(weights["averaged"], trainer_holder["after"]))  # the average was in
+    assert trainer_holder["training"] and trainer_holder["grad"]

@@ -518,3 +518,17 @@ def test_the_sentencepiece_sample_must_be_more_than_its_minimum():
     with pytest.raises(DataError, match=f"more than {MIN_SENTENCEPIECE_SAMPLE}"):
         check_sentencepiece_settings("unigram", None, MIN_SENTENCEPIECE_SAMPLE)
     check_sentencepiece_settings("unigram", None, MIN_SENTENCEPIECE_SAMPLE + 1)
+
+
+def test_a_prepare_request_checks_directions_as_the_command_does(tmp_path):
+    """The library call parses and checks directions given as text, as `nmt prepare` does, and
+    options that go only with --directions are refused before a direction is read."""
+    from nmt.prepare_request import PrepareRequest, prepare_data
+
+    with pytest.raises(DataError, match="direction 'bad' is not SRC-TGT"):
+        prepare_data(PrepareRequest(out=tmp_path / "d", directions="bad", train=["c/train"]))
+    with pytest.raises(DataError, match="--zero-shot and --lang-temperature go with --directions"):
+        prepare_data(PrepareRequest(out=tmp_path / "d", src="de", tgt="en", train=["c/train"], zero_shot="bad"))
+    with pytest.raises(DataError, match="leave out --src and --tgt"):
+        prepare_data(PrepareRequest(out=tmp_path / "d", src="de", tgt="en", directions="bad", train=["c/train"]))
+    assert not (tmp_path / "d").exists()
