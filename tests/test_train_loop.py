@@ -190,6 +190,7 @@ def _stopping_stub(step: int, elapsed: float = 0.0, skipped_run: int = 0, signal
         return verdict
 
     stub.validate_and_save = validate_and_save
+    stub.stopped_by_signal = lambda: Trainer.stopped_by_signal(stub)
     return stub, calls
 
 
