@@ -406,12 +406,24 @@ def restricting_one_language(model_dir: Path) -> ConfigError:
                        "language's pieces (decode.restrict_vocab) is for multilingual models")
 
 
+def as_spelled(lang: str | None, languages) -> str | None:
+    """`lang` as the model spells it, where it differs only in case and `-`/`_` from one of
+    `languages` (zh-tw for zh_TW); else as given."""
+    def key(code: str) -> str:
+        return code.strip().lower().replace("-", "_")
+
+    same = [known for known in languages if known and lang and key(known) == key(lang)]
+    return same[0] if len(same) == 1 and lang not in languages else lang
+
+
 def language_settings(vocab_info: VocabInfo, model_dir: Path, choice: LanguageChoice,
                       restrict_vocab: bool = False) -> LanguageSettings:
     """Check `choice` against what the model translates; a one-line error names the languages it
     knows. `restrict_vocab`: also the target language's pieces (decode.restrict_vocab)."""
     if restrict_vocab and not vocab_info.multilingual:
         raise restricting_one_language(model_dir)
+    languages = vocab_info.languages if vocab_info.multilingual else (vocab_info.src_lang, vocab_info.tgt_lang)
+    choice = LanguageChoice(as_spelled(choice.tgt, languages), as_spelled(choice.src, languages))
     if not vocab_info.multilingual:
         if choice.tgt and vocab_info.tgt_lang and choice.tgt != vocab_info.tgt_lang:
             raise ConfigError(f"{model_dir} translates into {vocab_info.tgt_lang} only (not {choice.tgt})")

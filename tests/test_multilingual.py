@@ -412,6 +412,7 @@ def test_evaluate_translates_a_source_file_from_and_into_the_named_languages(tra
     assert result.exit_code == 0, result.output
     assert [s["metric"] for s in json.loads(result.stdout)] == ["bleu", "chrf", "ter"]
     assert_one_line_error(runner.invoke(app, args + ["--src-lang", "zz"]), "does not know the language 'zz'")
+    assert runner.invoke(app, [*args[:-1], "BB", "--src-lang", "Aa", "--json"]).stdout == result.stdout  # codes as spelled
     assert_one_line_error(runner.invoke(app, ["evaluate", "--hyp", str(source), "--ref", str(reference), "--src-lang", "aa"]),
                           "--src-lang go with --src")
 

@@ -186,3 +186,12 @@ def test_one_translation_per_line_unless_nbest_is_given_whatever_the_checkpoint_
     assert decode_settings(saved, None).nbest == 1
     assert decode_settings(saved, {"nbest": None, "beam": 4}).nbest == 1
     assert decode_settings(saved, {"nbest": 2}).nbest == 2
+
+
+def test_a_language_code_is_taken_as_the_model_spells_it():
+    from nmt.translate import as_spelled
+
+    assert as_spelled("zh-tw", ["zh_TW", "en"]) == "zh_TW" and as_spelled("EN", ("de", "en")) == "en"
+    assert as_spelled("de", ["de", "DE"]) == "de"  # the exact spelling first
+    assert as_spelled("pt-br", ["pt_BR", "pt-BR"]) == "pt-br"  # two could be meant: as given (refused later)
+    assert as_spelled(None, ["en"]) is None and as_spelled("fr", ["de", "en"]) == "fr"
