@@ -103,4 +103,12 @@ def _traditional_to_simplified():
         import opencc
     except ImportError:
         raise DataError("Traditional -> Simplified conversion needs the opencc package (pip install opencc)") from None
-    return opencc.OpenCC("t2s").convert
+    convert = opencc.OpenCC("t2s").convert
+
+    def simplified(text: str) -> str:
+        # What a pass changed is converted again: OpenCC maps 薴 to 苧, which it maps to 苎, and
+        # normalizing normalized text must change nothing.
+        once = convert(text)
+        return once if once == text else convert(once)
+
+    return simplified

@@ -26,7 +26,8 @@ def test_full_width_and_traditional_to_simplified_on_known_examples():
     assert ZH("版本3.5很好") == "版本3.5很好"  # a period between digits is not a full stop
 
 
-@pytest.mark.parametrize("text", ["ＡＢＣ１２３，知識就是力量.", "誰？Who? 我們,你們.", "plain English, unchanged."])
+@pytest.mark.parametrize("text", ["ＡＢＣ１２３，知識就是力量.", "誰？Who? 我們,你們.", "plain English, unchanged.",
+                                  "薴麻"])  # OpenCC: 薴 -> 苧 -> 苎
 def test_chinese_normalization_is_idempotent(text):
     once = ZH(text)
     assert ZH(once) == once
