@@ -39,9 +39,9 @@ class TrainLog:
         self.file.flush()
         if self.writer is not None:
             prefix = TENSORBOARD_PREFIXES.get(record.get("type"))
-            for key, value in record.items() if prefix else ():
-                if is_number(value) and key != "step":
-                    self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+            numbers = {key: value for key, value in record.items() if is_number(value) and key != "step"} if prefix else {}
+            for key, value in numbers.items():
+                self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
             self.writer.flush()
 
     def close(self) -> None:
