@@ -62,6 +62,8 @@ def test_direction_weights_are_a_mapping_set_from_yaml_or_one_override_each(tmp_
         ({"train": {"direction_weights": {"en-cs": "x"}}}, "train.direction_weights.en-cs must be a number"),
         ({"train": {"direction_weights": {"en-cs": 0}}}, "train.direction_weights.en-cs must be a positive number"),
         ({"train": {"seed": -1}}, r"train.seed must be in \[0, 2\*\*32\)"),
+        ({"model": {"tie_output": 1}}, "model.tie_output must be true or false"),  # not taken for true
+        ({"train": {"betas": ["x", 0.9]}}, r"train.betas\[0\] must be a number"),
     ],
 )
 def test_bad_configs_name_the_key(data, message):
@@ -185,3 +187,20 @@ def test_label_smoothing_of_one_is_refused():
     with pytest.raises(ConfigError, match=r"train.label_smoothing must be in \[0, 1\)"):
         config_from_dict({"train": {"label_smoothing": 1.0}})
     assert config_from_dict({"train": {"label_smoothing": 0.99}}).train.label_smoothing == 0.99
+
+
+def test_overrides_are_read_as_a_user_types_them(tmp_path):
+    """`--set` values: list items checked and converted one by one (YAML 1.1 reads 3e-1 as a
+    string), an empty value clears a setting, text that is not YAML stays text, and spaces
+    around the key do not matter."""
+    assert load_config(None, ["train.betas=[3e-1, 0.9]"]).train.betas == [0.3, 0.9]
+    assert load_config(None, ["train.init="]).train.init == "" and load_config(None, ["data_dir= "]).data_dir == ""
+    assert load_config(None, ["save_dir=@runs/x"]).save_dir == "@runs/x"
+    assert load_config(None, ["train.lr = 0.002"]).train.lr == 0.002 and load_config(None, [" data_dir=d"]).data_dir == "d"
+
+
+def test_a_config_file_of_comments_only_means_the_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing yet\n")
+    assert load_config(path) == Config()
+    assert load_config(path, ["data_dir=d"]).data_dir == "d"
