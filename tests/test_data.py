@@ -194,6 +194,7 @@ def test_batch_prefetcher_returns_every_update_in_order_and_raises_failures(ahea
 
     with BatchPrefetcher(build, 3, 7, ahead) as prefetcher:
         assert [prefetcher.next() for _ in range(4)] == [[3], [4], [5], [6]]
+        assert not prefetcher.pending  # nothing built past the end
     assert sorted(built) == [3, 4, 5, 6]
     with BatchPrefetcher(build, 6, 9, ahead) as prefetcher:
         assert prefetcher.next() == [6]
@@ -268,6 +269,7 @@ def test_halves_of_an_odd_batch_keep_every_sentence(tmp_path):
     assert np.concatenate([h.indices for h in halves]).tolist() == [0, 1, 2]
     assert torch.equal(torch.cat([h.src for h in halves]), batch.src)
     assert sum(h.num_tgt_tokens for h in halves) == batch.num_tgt_tokens
+    assert sum(h.num_src_tokens for h in halves) == batch.num_src_tokens != batch.num_tgt_tokens
 
 
 def test_num_src_tokens_counts_the_unpadded_source(tmp_path):
@@ -357,3 +359,8 @@ def test_word_dropout_of_one_drops_every_regular_token_the_first_regular_id_too(
     src = torch.tensor([[FIRST_REGULAR_ID, FIRST_REGULAR_ID + 1, 300, EOS], [FIRST_REGULAR_ID, EOS, PAD, PAD]])
     dropped = drop_source_tokens(src, 1.0, np.random.default_rng(0))
     assert dropped.tolist() == [[UNK, UNK, UNK, EOS], [UNK, EOS, PAD, PAD]]
+
+
+def test_an_empty_corpus_has_no_batches():
+    empty = np.array([], dtype=np.int64)
+    assert token_batches(empty, empty, 100) == [] and token_batches(empty, empty, 100, seed=3) == []
