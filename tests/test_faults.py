@@ -947,3 +947,27 @@ def test_a_validation_cut_short_gives_back_the_trained_weights_and_the_training_
     assert all(torch.equal(a, b) for a, b in zip(trainer_holder["trained"], trainer_holder["after"]))
     assert not all(torch.equal(a, b) for a, b in zip(weights["averaged"], trainer_holder["after"]))  # the average was in
     assert trainer_holder["training"] and trainer_holder["grad"]
+
+
+def test_kept_checkpoints_without_weights_or_a_score_are_read_for_what_they_are(tmp_path):
+    """A step folder a pruning left without its weights is not a checkpoint; one saved with no
+    dev score ranks below every scored one (BLEU 0 included)."""
+    from nmt.checkpoint import save_checkpoint, update_checkpoint_name, update_checkpoints
+    from nmt.files import CheckpointInfo, TrainState
+
+    model = torch.nn.Linear(2, 2)
+    for step, last_valid in ((10, {"bleu": 0.0}), (20, {}), (30, {"bleu": 5.0})):
+        save_checkpoint(tmp_path, update_checkpoint_name(step), model, CheckpointInfo(TrainState(step=step, last_valid=last_valid), "bleu"))
+    assert [(c.step, c.score) for c in update_checkpoints(tmp_path)] == [(10, 0.0), (20, float("-inf")), (30, 5.0)]
+    (tmp_path / update_checkpoint_name(10) / "model.safetensors").unlink()
+    assert [c.step for c in update_checkpoints(tmp_path)] == [20, 30]
+
+
+def test_a_missing_checkpoint_file_is_named_as_missing(tmp_path):
+    from nmt.checkpoint import load_weights, verify_files
+    from nmt.files import CheckpointInfo, TrainState
+
+    with pytest.raises(CheckpointError, match="optimizer.safetensors is missing"):
+        verify_files(tmp_path, CheckpointInfo(TrainState(), "bleu", sha256={"optimizer.safetensors": "00"}))
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_weights(torch.nn.Linear(2, 2), tmp_path / "none.safetensors")

@@ -441,6 +441,41 @@ def test_choose_checkpoints_takes_the_newest_or_the_best_in_step_order(tmp_path,
     monkeypatch.setattr(average, "update_checkpoints", lambda d: list(found))
     assert [c.step for c in average.choose_checkpoints(tmp_path, last=2)] == [6, 8]
     assert [c.step for c in average.choose_checkpoints(tmp_path, best=2)] == [4, 6]
+    config.train.keep_last = 2  # a third of the latest is kept only as one of the best
+    with pytest.raises(CheckpointError, match=r"keeps 2 checkpoint\(s\) by train.keep_last"):
+        average.choose_checkpoints(tmp_path, last=3)
+    # equal scores: the older one, as keep_best keeps
+    found[:] = [UpdateCheckpoint(2, tmp_path / "s2", 5.0), UpdateCheckpoint(4, tmp_path / "s4", 7.0),
+                UpdateCheckpoint(6, tmp_path / "s6", 7.0)]
+    assert [c.step for c in average.choose_checkpoints(tmp_path, best=1)] == [4]
+
+
+def test_average_last_refuses_when_a_validation_between_was_pruned(tmp_path, monkeypatch):
+    import nmt.average as average
+    from nmt.checkpoint import UpdateCheckpoint
+    from nmt.config import Config
+
+    config = Config()
+    config.train.keep_last = 2
+    monkeypatch.setattr(average, "read_config", lambda d: config)
+    monkeypatch.setattr(average, "update_checkpoints", lambda d: [UpdateCheckpoint(s, tmp_path / f"s{s}", 1.0) for s in (2, 4, 8)])
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps({"type": "valid", "step": s, "loss": 1.0, "bleu": 1.0}) + "\n"
+                                                      for s in (2, 4, 6, 8)))
+    with pytest.raises(CheckpointError, match="step 6 was pruned"):
+        average.choose_checkpoints(tmp_path, last=2)
+
+
+def test_average_refuses_a_damaged_checkpoint(trained, tmp_path):
+    """Safetensors files carry no checksum: the one in info.json is compared before averaging."""
+    _, model_dir, _ = trained
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    weights = update_checkpoints(copy)[-1].path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    result = CliRunner().invoke(app, ["average", str(copy), "--last", "2", "--out", str(tmp_path / "avg")])
+    assert_one_line_error(result, "checksum does not match")
 
 
 def test_the_average_records_the_state_of_its_latest_checkpoint(trained, tmp_path):
