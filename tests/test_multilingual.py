@@ -30,6 +30,7 @@ from nmt.multilingual import (
     temperature_weights,
 )
 from nmt.prepare import PrepareConfig, clean_and_split
+from nmt.prepare_request import prepare_warnings
 from nmt.tokenizer import CLS, MASK, SEP, Tokenizer, language_tag
 
 runner = CliRunner()
@@ -462,6 +463,12 @@ def test_prepare_directions_errors_are_one_line(tmp_path):
     result = runner.invoke(app, ["prepare", "--train", str(corpus / "train"), "--out", str(tmp_path / "unsampled"),
                                  "--no-progress", "--directions", "aa-bb", "--zero-shot", "aa-cc", *sets])
     assert result.exit_code == 0 and "warning: cc only in --zero-shot directions" in result.output, result.output
+    manifest = Manifest.read(tmp_path / "unsampled")
+    for direction, counts in manifest.direction_counts.items():  # each split of each direction
+        line = ", ".join(f"{counts[split]['pairs']} {split}" for split in ("train", "valid", "test") if split in counts)
+        assert f"{direction}: {line}" in result.output and ("train" in counts) == (direction == "aa-bb")
+    given_model = dataclasses.replace(manifest, input={**manifest.input, "spm_sample": {}})
+    assert prepare_warnings(given_model) == []  # a given SentencePiece model: no sample that could leave a language out
     tsv = ["prepare", "--tsv", "a.tsv", "--tsv-langs", "aa,bb", "--out", str(tmp_path / "out"), "--no-progress"]
     result = runner.invoke(app, [*tsv, "--directions", "aa-bb", "--zero-shot", "bb-aa"])
     assert_one_line_error(result, "--zero-shot", "--tsv")
