@@ -184,6 +184,9 @@ def test_train_log_reads_back_a_resumed_run_and_a_cut_last_line(tmp_path):
     ({"type": "valid", "step": 1, "loss": {}, "bleu": 3.0}, "loss"),
     ({"type": "valid", "step": 1, "loss": 2.0, "bleu": "3"}, "bleu"),
     ({"type": "valid", "step": 1, "loss": 2.0, "bleu": 3.0, "bleu_de-en": None}, "bleu_de-en"),
+    ({"type": "valid", "step": 1, "loss": 2.0, "bleu": True}, "bleu"),  # not 1
+    ({"type": "valid", "step": 1, "loss": 2.0, "bleu": 3.0, "metric": "chrf"}, "chrf"),  # the score it names is not there
+    ({"type": "valid", "step": 1, "loss": 2.0, "bleu": "3", "metric": ""}, "bleu"),  # an empty name: as before names
 ])
 def test_train_log_names_a_record_without_the_numbers_its_readers_plot(tmp_path, record, field):
     good = {"type": "train", "step": 0, "loss": None, "lr": 1e-3}
@@ -370,3 +373,4 @@ def test_the_plot_shows_the_score_each_log_names(tmp_path):
     assert curves == {"new (chrF)": [31.0, 32.0], "new de-en": [21.0, 22.0], "old (BLEU)": [10.0, 20.0],
                       "old fr-en": [5.0, 5.0], "mlm (masked accuracy)": [41.0, 42.0]}
     assert score_ax.get_ylabel() == "chrF / BLEU / masked accuracy"
+    assert training_figure([tmp_path / "old", tmp_path / "old"]).axes[1].get_ylabel() == "BLEU"  # each name once
