@@ -257,6 +257,7 @@ def test_devices_relaunches_the_command_line_as_typed(command, monkeypatch, tmp_
     result = invoke(*typed)
     assert result.exit_code == 0, result.output
     assert launched == [(2, typed, "cpu")]
+    assert "trained" not in result.output  # the processes report the run, not the one that started them
     monkeypatch.setattr(nmt.train, "start_processes", lambda devices, line, device: 3)  # torchrun's status when a worker failed
     assert invoke(*typed).exit_code == 3
 

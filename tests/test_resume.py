@@ -124,6 +124,32 @@ def test_a_run_stopped_by_a_signal_at_its_last_update_validates_it_when_resumed(
     assert CheckpointInfo.read(tmp_path / "m" / "last").state.last_valid["step"] == 6
 
 
+def test_a_run_stopped_by_a_signal_between_validations_validates_on_schedule_when_resumed(tmp_path, monkeypatch):
+    """Saved at the stop, not validated there (nor on the way out); resumed, it validates where
+    the schedule says, as if it had not stopped."""
+    from nmt.checkpoint import update_checkpoints
+    from nmt.train import Trainer
+
+    data_dir = prepare_toy_data(tmp_path, train=40)
+    config = _config(data_dir, tmp_path / "m", max_steps=10, valid_every=4, keep_last=5)
+    stop_after_update = Trainer.stop_after_update
+
+    def signalled_at_5(self):
+        if self.state.step == 5:
+            self.stop_signal.received = "SIGTERM"
+        return stop_after_update(self)
+
+    monkeypatch.setattr(Trainer, "stop_after_update", signalled_at_5)
+    messages = []
+    assert train(config, progress=False, log=messages.append).stop_reason == "signal (SIGTERM)"
+    assert [r["step"] for r in _records(tmp_path / "m", "valid")] == [4]
+    assert not [m for m in messages if "validation" in m]  # none begun on the way out
+    monkeypatch.setattr(Trainer, "stop_after_update", stop_after_update)
+    assert train(config, resume=True, progress=False).stop_reason == "max_steps"
+    assert [r["step"] for r in _records(tmp_path / "m", "valid")] == [4, 8, 10]
+    assert [c.step for c in update_checkpoints(tmp_path / "m")] == [4, 8]
+
+
 def test_a_stop_between_log_steps_logs_the_updates_since_the_last_one(tmp_path):
     data_dir = prepare_toy_data(tmp_path, train=40)
     train(_config(data_dir, tmp_path / "m", max_steps=5, valid_every=100, log_every=2), progress=False)

@@ -174,14 +174,15 @@ def test_a_hand_edited_info_json_is_refused_in_one_line(tmp_path, damage):
         CheckpointInfo.read(tmp_path)
 
 
-def _stopping_stub(step: int, elapsed: float = 0.0, skipped_run: int = 0, signal: str = "", verdict: str = "", **tc):
+def _stopping_stub(step: int, elapsed: float = 0.0, skipped_run: int = 0, signal: str = "", verdict: str = "",
+                   validated_at: int = -1, **tc):
     calls = []
     stub = SimpleNamespace(
         state=TrainState(step=step), tc=TrainConfig(**{"log_every": 10, "valid_every": 1000, **tc}), ranks=Ranks(),
         device=CPU, longest_skipped_run=torch.tensor(skipped_run), stop_signal=SimpleNamespace(received=signal),
         elapsed=lambda: elapsed, log=lambda message: calls.append(("log", message)),
         save=lambda name: calls.append(("save", name)), check_finite_weights=lambda: None,
-        validated_at=-1,
+        validated_at=validated_at,
     )
 
     def validate_and_save():  # saves last/, as the trainer's does
@@ -332,6 +333,51 @@ def test_best_follows_the_highest_dev_score_and_patience_counts_from_it():
         history.append((stub.state.best_step, stub.state.bad_validations))
     assert history == [(100, 0), (200, 0), (200, 1), (200, 2), (500, 0)]  # a tie does not move best/
     assert [name for name in saved if name == "best"] == ["best"] * 3
+
+
+def test_an_interrupting_block_ends_at_a_signal_and_only_inside_it():
+    import signal
+
+    from nmt.train import StopRequested, StopSignal
+
+    stop = StopSignal()
+    try:
+        with stop.interrupting():
+            pass
+        stop._handle(signal.SIGTERM, None)  # after the block: noted, training stops after its update
+        assert stop.received == "SIGTERM"
+        with pytest.raises(StopRequested), stop.interrupting():  # a stop already asked for: not begun
+            pytest.fail("the block began")
+    finally:
+        stop.restore()
+    other = StopSignal()
+    try:
+        with pytest.raises(StopRequested), other.interrupting():
+            other._handle(signal.SIGINT, None)
+            pytest.fail("the block went on")
+    finally:
+        other.restore()
+
+
+def test_a_validation_cut_short_stops_every_process_at_this_update():
+    """The main process alone validates: its cut-short validation is the verdict all of them
+    agree on, not a signal the others would weigh only at the next log step."""
+    saved = []
+    stub = SimpleNamespace(
+        state=TrainState(step=3), tc=TrainConfig(), device=CPU, validated_at=0, interval=Interval(CPU),
+        ranks=SimpleNamespace(is_main=True, agree=lambda code, device: code), validated=lambda: False,
+        check_finite_weights=lambda: None, elapsed=lambda: 1.0, save=saved.append, log=lambda message: None,
+        stop_signal=SimpleNamespace(received="SIGINT"), task=None,
+    )
+    stub.stopped_by_signal = lambda: Trainer.stopped_by_signal(stub)
+    assert Trainer.validate_and_save(stub) == "signal (SIGINT)" and saved == ["last"]
+
+
+def test_a_stop_another_process_asked_for_is_named_sigterm(monkeypatch):
+    """torchrun passes a signal on to the other processes; one that did not see it itself stops
+    as if it had been sent SIGTERM."""
+    stub, calls = _stopping_stub(8, validated_at=8)
+    assert Trainer.stopped_by_signal(stub) == "signal (SIGTERM)" and ("save", "last") not in calls
 
 
 def test_a_second_signal_during_training_goes_to_the_handler_training_replaced():
