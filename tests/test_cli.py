@@ -317,6 +317,7 @@ def test_several_processes_are_refused_before_torchrun_starts_them(trained, monk
 
 def test_a_process_torchrun_started_trains_instead_of_starting_others(monkeypatch, tmp_path):
     """torchrun sets WORLD_SIZE in each process it starts: they must not start processes again."""
+    import nmt.pretrain
     import nmt.train
 
     monkeypatch.setattr(nmt.train, "start_processes", lambda *args: pytest.fail("torchrun started again"))
@@ -327,5 +328,9 @@ def test_a_process_torchrun_started_trains_instead_of_starting_others(monkeypatc
 
     config = config_from_dict({"data_dir": str(prepare_toy_data(tmp_path, train=30)), "save_dir": str(tmp_path / "m")})
     assert nmt.train.train(config, launch=Launch(2, ["train"])) == "trained"
+    monkeypatch.setattr(nmt.pretrain, "run_training", lambda *args: "pretrained")
+    config.data_dir = ""
+    (tmp_path / "mono.xx").write_text("w1 w2\n", encoding="utf-8")
+    assert nmt.pretrain.pretrain(config, [tmp_path / "mono.xx"], launch=Launch(2, ["pretrain"])) == "pretrained"
     monkeypatch.delenv("WORLD_SIZE")
     assert not Launch(1, ["train"]).starts_processes and Launch(2, ["train"]).starts_processes

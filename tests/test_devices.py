@@ -60,6 +60,9 @@ def test_processes_on_the_cpu_need_no_gpus_where_the_machine_has_some(monkeypatc
     monkeypatch.delenv("NMT_LAUNCHER_PID", raising=False)
     assert start_processes(2, ["train"], device="cpu") == 0 and len(started) == 1
     assert started[0][1] == str(os.getpid()) and "NMT_LAUNCHER_PID" not in os.environ  # for the workers only
+    monkeypatch.setenv("NMT_LAUNCHER_PID", "123")  # this process a worker of another launcher
+    start_processes(2, ["train"], device="cpu")
+    assert started[1][1] == str(os.getpid()) and os.environ["NMT_LAUNCHER_PID"] == "123"
     with pytest.raises(ConfigError, match="has 1 GPUs"):
         start_processes(2, ["train"], device="cuda")
 

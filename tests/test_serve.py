@@ -683,7 +683,15 @@ def test_a_line_past_the_models_longest_input_is_refused_not_cut(model_dirs):
         _error(client.post("/translate", json={**request, "q": "w1 w2\n" + "w3 " * 10}), 413, "line 2", "4 pieces")
         _error(client.post("/translate", json={**request, "q": ["w1\nw2", "w1\n" + "w3 " * 10]}), 413, "text 2, line 2")
         _error(client.post("/translator/translate", json=[{"src": "w1"}, {"src": "w2 " * 10}]), 413, "segment 2")
+        long = "w3 " * 10
+        _error(client.post("/translate", json={**request, "q": ["w1\n" + long]}), 413, "text 1, line 2")
+        _error(client.post("/translate", json={**request, "q": "w1\n" + long + "\n" + long}), 413, "line 2")  # the first
     assert translated == [["w1 w2"]]
+    # several models: a segment is numbered among all of them, and checked against its own model's limit
+    mixed = load_served_models(model_dirs[1:], {"max_input_tokens": 100}, device="cpu") + short
+    with TestClient(create_app(mixed)) as client:
+        segments = [{"src": "w1", "id": 1}, {"src": "w3 " * 10, "id": 0}, {"src": "w2 " * 10, "id": 1}]
+        _error(client.post("/translator/translate", json=segments), 413, "segment 3")
 
 
 def test_auto_source_answers_the_language_it_took(models):
