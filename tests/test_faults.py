@@ -927,6 +927,7 @@ def test_a_validation_cut_short_gives_back_the_trained_weights_and_the_training_
         weights["averaged"] = [p.detach().clone() for p in model.parameters()]
         model.eval()
         torch.set_grad_enabled(False)  # as an interrupted `torch.no_grad()` block leaves it
+        torch.set_autocast_enabled("cpu", True)  # and an interrupted autocast block
         stub_signal.received = "SIGTERM"
         raise StopRequested("SIGTERM")
 
@@ -940,6 +941,7 @@ def test_a_validation_cut_short_gives_back_the_trained_weights_and_the_training_
         result = real_validated(self)
         trainer_holder["after"] = [p.detach().clone() for p in self.model.parameters()]
         trainer_holder["training"], trainer_holder["grad"] = self.model.training, torch.is_grad_enabled()
+        trainer_holder["autocast"] = torch.is_autocast_enabled("cpu")
         return result
 
     monkeypatch.setattr(Trainer, "validated", validated)
@@ -947,7 +949,7 @@ def test_a_validation_cut_short_gives_back_the_trained_weights_and_the_training_
     assert result.stop_reason == "signal (SIGTERM)" and result.steps == 3
     assert all(torch.equal(a, b) for a, b in zip(trainer_holder["trained"], trainer_holder["after"]))
     assert not all(torch.equal(a, b) for a, b in zip(weights["averaged"], trainer_holder["after"]))  # the average was in
-    assert trainer_holder["training"] and trainer_holder["grad"]
+    assert trainer_holder["training"] and trainer_holder["grad"] and not trainer_holder["autocast"]
 
 
 def test_kept_checkpoints_without_weights_or_a_score_are_read_for_what_they_are(tmp_path):
