@@ -104,21 +104,26 @@ def test_patience_counts_only_scheduled_validations_and_a_stopped_run_stays_stop
     assert [r["step"] for r in _records(tmp_path / "a", "valid")] == [4, 8, 12]
 
 
-def test_a_run_stopped_by_a_signal_at_its_last_update_validates_it_when_resumed(tmp_path, monkeypatch):
+def _signalled_at(step: int, monkeypatch) -> None:
+    """Training is sent SIGTERM during update `step` (in this test's monkeypatch context)."""
     from nmt.train import Trainer
 
-    data_dir = prepare_toy_data(tmp_path, train=40)
-    config = _config(data_dir, tmp_path / "m", max_steps=6, valid_every=4)
     stop_after_update = Trainer.stop_after_update
 
-    def signalled_at_6(self):
-        if self.state.step == 6:
+    def signalled(self):
+        if self.state.step == step:
             self.stop_signal.received = "SIGTERM"
         return stop_after_update(self)
 
-    monkeypatch.setattr(Trainer, "stop_after_update", signalled_at_6)
-    assert train(config, progress=False).stop_reason == "signal (SIGTERM)"
-    monkeypatch.setattr(Trainer, "stop_after_update", stop_after_update)
+    monkeypatch.setattr(Trainer, "stop_after_update", signalled)
+
+
+def test_a_run_stopped_by_a_signal_at_its_last_update_validates_it_when_resumed(tmp_path, monkeypatch):
+    data_dir = prepare_toy_data(tmp_path, train=40)
+    config = _config(data_dir, tmp_path / "m", max_steps=6, valid_every=4)
+    with monkeypatch.context() as patch:
+        _signalled_at(6, patch)
+        assert train(config, progress=False).stop_reason == "signal (SIGTERM)"
     assert train(config, resume=True, progress=False).stop_reason == "max_steps"
     assert [r["step"] for r in _records(tmp_path / "m", "valid")] == [4, 6]
     assert CheckpointInfo.read(tmp_path / "m" / "last").state.last_valid["step"] == 6
@@ -128,23 +133,15 @@ def test_a_run_stopped_by_a_signal_between_validations_validates_on_schedule_whe
     """Saved at the stop, not validated there (nor on the way out); resumed, it validates where
     the schedule says, as if it had not stopped."""
     from nmt.checkpoint import update_checkpoints
-    from nmt.train import Trainer
 
     data_dir = prepare_toy_data(tmp_path, train=40)
     config = _config(data_dir, tmp_path / "m", max_steps=10, valid_every=4, keep_last=5)
-    stop_after_update = Trainer.stop_after_update
-
-    def signalled_at_5(self):
-        if self.state.step == 5:
-            self.stop_signal.received = "SIGTERM"
-        return stop_after_update(self)
-
-    monkeypatch.setattr(Trainer, "stop_after_update", signalled_at_5)
     messages = []
-    assert train(config, progress=False, log=messages.append).stop_reason == "signal (SIGTERM)"
+    with monkeypatch.context() as patch:
+        _signalled_at(5, patch)
+        assert train(config, progress=False, log=messages.append).stop_reason == "signal (SIGTERM)"
     assert [r["step"] for r in _records(tmp_path / "m", "valid")] == [4]
     assert not [m for m in messages if "validation" in m]  # none begun on the way out
-    monkeypatch.setattr(Trainer, "stop_after_update", stop_after_update)
     assert train(config, resume=True, progress=False).stop_reason == "max_steps"
     assert [r["step"] for r in _records(tmp_path / "m", "valid")] == [4, 8, 10]
     assert [c.step for c in update_checkpoints(tmp_path / "m")] == [4, 8]
