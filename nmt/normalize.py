@@ -3,7 +3,8 @@ records it in the data dir; the checkpoint keeps it, and `nmt translate` applies
 side's to its input, so that a model sees text at translate time as it saw it in training.
 
 For Chinese: full-width Latin letters and digits become ASCII, ASCII sentence punctuation after
-a Chinese character becomes its full-width form (the form Chinese text uses), and Traditional
+a Chinese character (or between a Latin letter or digit and one, or ending a line of Chinese)
+becomes its full-width form (the form Chinese text uses), and Traditional
 characters become Simplified (OpenCC), so that one sentence in two scripts is one sentence.
 """
 
@@ -34,6 +35,14 @@ _FULL_PUNCTUATION = {",": "，", "!": "！", "?": "？", ":": "：", ";": "；",
 # ASCII punctuation right after a Han character; a period only where a sentence would end
 # (not "3.5" or "e.g." after a character).
 _PUNCTUATION = re.compile(rf"(?<=[{_HAN}])(?:[,!?:;]|\.(?=\s|$|[{_HAN}]))")
+# After a Latin letter or digit: before a Han character ("CD,不是吗?"), and a ! or ? ending a line
+# of Chinese ("为什么要担心Tom?"); not between digits ("2:30").
+_PUNCTUATION_BEFORE_HAN = re.compile(rf"(?<=[A-Za-z0-9])[,!?:;](?=[{_HAN}])")
+_PUNCTUATION_ENDING = re.compile(r"(?<=[A-Za-z0-9])[!?](?=\s*$)")
+
+
+def _full_width(match: re.Match) -> str:
+    return _FULL_PUNCTUATION[match.group(0)]
 
 
 def base_language(lang: str) -> str:
@@ -53,7 +62,7 @@ def is_cjk(lang: str) -> bool:
 class Normalization:
     unicode_form: str = "NFC"  # NFC, NFKC, NFD, NFKD or none
     fold_width: bool = False  # full-width Latin letters and digits -> ASCII
-    cjk_punctuation: bool = False  # ASCII , ! ? : ; . after a Han character -> full-width
+    cjk_punctuation: bool = False  # ASCII , ! ? : ; . after a Han character (and see below) -> full-width
     chinese_script: str = "none"  # "simplified": Traditional -> Simplified with OpenCC
 
     def __post_init__(self) -> None:
@@ -70,7 +79,9 @@ class Normalization:
         if self.chinese_script == "simplified":
             text = _traditional_to_simplified()(text)
         if self.cjk_punctuation:
-            text = _PUNCTUATION.sub(lambda m: _FULL_PUNCTUATION[m.group(0)], text)
+            text = _PUNCTUATION_BEFORE_HAN.sub(_full_width, _PUNCTUATION.sub(_full_width, text))
+            if HAN_CHARACTER.search(text):
+                text = _PUNCTUATION_ENDING.sub(_full_width, text)
         return text
 
     def as_dict(self) -> dict:

@@ -24,10 +24,13 @@ def test_full_width_and_traditional_to_simplified_on_known_examples():
     assert ZH("你好,世界!你是誰?") == "你好，世界！你是谁？"
     assert ZH("他走了.") == "他走了。"
     assert ZH("版本3.5很好") == "版本3.5很好"  # a period between digits is not a full stop
+    # after a letter or digit: before a Han character, or a ! or ? ending a line of Chinese
+    assert ZH("这是我的CD,不是吗?") == "这是我的CD，不是吗？" and ZH("为什么要担心Tom?") == "为什么要担心Tom？"
+    assert ZH("汤姆每天2:30回家。") == "汤姆每天2:30回家。" and ZH("Is it Tom?") == "Is it Tom?"  # a time; no Chinese
 
 
 @pytest.mark.parametrize("text", ["ＡＢＣ１２３，知識就是力量.", "誰？Who? 我們,你們.", "plain English, unchanged.",
-                                  "薴麻"])  # OpenCC: 薴 -> 苧 -> 苎
+                                  "薴麻", "我的CD,Tom的CD?"])  # OpenCC: 薴 -> 苧 -> 苎
 def test_chinese_normalization_is_idempotent(text):
     once = ZH(text)
     assert ZH(once) == once
