@@ -4,7 +4,7 @@ side's to its input, so that a model sees text at translate time as it saw it in
 
 For Chinese: full-width Latin letters and digits become ASCII, ASCII sentence punctuation after
 a Chinese character (or between a Latin letter or digit and one, or ending a line of Chinese)
-becomes its full-width form (the form Chinese text uses), and Traditional
+and brackets around Chinese text become their full-width forms (the forms Chinese text uses), and Traditional
 characters become Simplified (OpenCC), so that one sentence in two scripts is one sentence.
 """
 
@@ -31,7 +31,7 @@ _WIDTH = {code: code - 0xFEE0 for code in [*range(0xFF10, 0xFF1A), *range(0xFF21
 _WIDTH[0x3000] = ord(" ")
 _HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 HAN_CHARACTER = re.compile(f"[{_HAN}]")  # CJK ideographs (with extension A and compatibility)
-_FULL_PUNCTUATION = {",": "，", "!": "！", "?": "？", ":": "：", ";": "；", ".": "。"}
+_FULL_PUNCTUATION = {",": "，", "!": "！", "?": "？", ":": "：", ";": "；", ".": "。", "(": "（", ")": "）"}
 # ASCII punctuation right after a Han character; a period only where a sentence would end
 # (not "3.5" or "e.g." after a character).
 _PUNCTUATION = re.compile(rf"(?<=[{_HAN}])(?:[,!?:;]|\.(?=\s|$|[{_HAN}]))")
@@ -39,6 +39,8 @@ _PUNCTUATION = re.compile(rf"(?<=[{_HAN}])(?:[,!?:;]|\.(?=\s|$|[{_HAN}]))")
 # of Chinese ("为什么要担心Tom?"); not between digits ("2:30").
 _PUNCTUATION_BEFORE_HAN = re.compile(rf"(?<=[A-Za-z0-9])[,!?:;](?=[{_HAN}])")
 _PUNCTUATION_ENDING = re.compile(r"(?<=[A-Za-z0-9])[!?](?=\s*$)")
+# Brackets around Chinese text: "(" before a Han character, ")" after one.
+_BRACKETS = re.compile(rf"\((?=[{_HAN}])|(?<=[{_HAN}])\)")
 
 
 def _full_width(match: re.Match) -> str:
@@ -79,7 +81,7 @@ class Normalization:
         if self.chinese_script == "simplified":
             text = _traditional_to_simplified()(text)
         if self.cjk_punctuation:
-            text = _PUNCTUATION_BEFORE_HAN.sub(_full_width, _PUNCTUATION.sub(_full_width, text))
+            text = _PUNCTUATION_BEFORE_HAN.sub(_full_width, _PUNCTUATION.sub(_full_width, _BRACKETS.sub(_full_width, text)))
             if HAN_CHARACTER.search(text):
                 text = _PUNCTUATION_ENDING.sub(_full_width, text)
         return text

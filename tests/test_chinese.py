@@ -27,6 +27,7 @@ def test_full_width_and_traditional_to_simplified_on_known_examples():
     # after a letter or digit: before a Han character, or a ! or ? ending a line of Chinese
     assert ZH("这是我的CD,不是吗?") == "这是我的CD，不是吗？" and ZH("为什么要担心Tom?") == "为什么要担心Tom？"
     assert ZH("汤姆每天2:30回家。") == "汤姆每天2:30回家。" and ZH("Is it Tom?") == "Is it Tom?"  # a time; no Chinese
+    assert ZH("学会尊敬他(她)。") == "学会尊敬他（她）。" and ZH("版本(v2)很好") == "版本(v2)很好"  # brackets around Chinese
 
 
 @pytest.mark.parametrize("text", ["ＡＢＣ１２３，知識就是力量.", "誰？Who? 我們,你們.", "plain English, unchanged.",
