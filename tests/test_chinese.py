@@ -284,3 +284,27 @@ def test_japanese_ter_is_counted_in_characters_as_bleu_segments_it():
     hyp, ref = ["私は毎朝コーヒーを飲む。"], ["私は毎朝コーヒーを飲みます。"]
     (ter,) = score_texts(hyp, ref, ("ter",), lang="ja")
     assert "asian:yes" in ter.signature and ter.score < 50  # unsegmented, the line is one wrong word: 100
+
+
+def test_bleus_tokenizer_is_recognised_from_the_references_or_given_by_language():
+    """Korean: Hangul over a third of the non-space characters; Japanese: Han and kana over a
+    third, with kana over a twentieth; Chinese: Han without kana. A given language wins, read
+    by its base code."""
+    assert bleu_tokenizer(None, ["한국어 문장 abcdefg"]) == "ko-mecab"  # 5 Hangul of 12 letters
+    assert bleu_tokenizer(None, ["漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字のは"]) == "ja-mecab"  # 2 kana of 20
+    assert bleu_tokenizer(None, ["我们 说 话 a b c d e"]) == "zh"  # 4 Han of 9 letters, spaces not counted
+    assert bleu_tokenizer("ja-JP", ["我们说话"]) == "ja-mecab" and bleu_tokenizer("ko_KR", None) == "ko-mecab"
+    assert score_texts(["我们说话"], ["我们说话"], ("bleu",), lang="ja")[0].signature.count("tok:ja-mecab") == 1
+
+
+def test_score_reports_give_each_signature_and_name_the_directions_of_each():
+    from nmt.evaluate import DirectionReport, DirectionScores, Score, ScoreReport
+
+    bleu = Score("bleu", 12.345678, "tok:13a", "BLEU = 12.35 ...")
+    assert ScoreReport([bleu]).text() == "BLEU = 12.35 ...\n  signature: tok:13a"
+    assert ScoreReport([bleu]).as_json()[0]["score"] == 12.3457
+    chinese = Score("bleu", 30.0, "tok:zh", "BLEU = 30.00 ...")
+    mixed = DirectionReport([DirectionScores("de-en", [bleu]), DirectionScores("en-zh", [chinese])]).text()
+    assert "bleu signature (de-en): tok:13a" in mixed and "bleu signature (en-zh): tok:zh" in mixed
+    one = DirectionReport([DirectionScores("de-en", [bleu]), DirectionScores("fr-en", [bleu])]).text()
+    assert "bleu signature: tok:13a" in one  # one tokenizer for all: not named per direction
