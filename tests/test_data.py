@@ -1,4 +1,5 @@
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -364,3 +365,26 @@ def test_word_dropout_of_one_drops_every_regular_token_the_first_regular_id_too(
 def test_an_empty_corpus_has_no_batches():
     empty = np.array([], dtype=np.int64)
     assert token_batches(empty, empty, 100) == [] and token_batches(empty, empty, 100, seed=3) == []
+
+
+def test_a_text_files_name_gives_its_language_only_where_it_is_a_language_code():
+    from nmt.monolingual import LANGUAGE_UNKNOWN, file_language
+
+    assert [file_language(Path(n)) for n in ("news.de", "news.de.gz", "mono.zh-TW.txt", "a.eng.txt")] == ["de", "de", "zh-TW", "eng"]
+    assert [file_language(Path(n)) for n in ("notes.text", "news.e1", "news.txt", "news")] == [LANGUAGE_UNKNOWN] * 4
+
+
+def test_local_csv_and_tsv_folders_are_read_literally_and_without_quoting_only_when_all_tsv(tmp_path):
+    import csv
+
+    from nmt.data import _csv_options, _text
+
+    (tmp_path / "tsv").mkdir()
+    (tmp_path / "tsv" / "train.tsv").write_text("a\tb\n")
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "train.tsv").write_text("a\tb\n")
+    (tmp_path / "mixed" / "valid.csv.gz").write_bytes(b"")
+    assert _csv_options(tmp_path / "tsv")["quoting"] == csv.QUOTE_NONE
+    assert "quoting" not in _csv_options(tmp_path / "mixed") and _csv_options(tmp_path / "mixed")["na_filter"] is False
+    assert _text(None, "row 1") == ""  # a missing value: an empty sentence, dropped as such
+
