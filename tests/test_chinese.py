@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from nmt.data import CleanConfig, PairCleaner, ParallelSplit
+from nmt.errors import DataError
 from nmt.evaluate import bleu_tokenizer, score_texts
 from nmt.files import Manifest, VocabInfo
 from nmt.normalize import Normalization, is_chinese, is_cjk, language_normalization
@@ -308,3 +309,9 @@ def test_score_reports_give_each_signature_and_name_the_directions_of_each():
     assert "bleu signature (de-en): tok:13a" in mixed and "bleu signature (en-zh): tok:zh" in mixed
     one = DirectionReport([DirectionScores("de-en", [bleu]), DirectionScores("fr-en", [bleu])]).text()
     assert "bleu signature: tok:13a" in one  # one tokenizer for all: not named per direction
+    ten = Score("bleu", 10.0, "tok:13a", "")
+    report = DirectionReport([DirectionScores("aa-bb", [ten]), DirectionScores("bb-cc", [ten], zero_shot=True)]).text()
+    assert [line.split()[:2] for line in report.splitlines() if line.startswith("mean")] == [["mean", "trained"], ["mean", "zero-shot"]]
+    assert "* zero-shot: a direction the model was not trained on" in report
+    with pytest.raises(DataError, match="2 hypotheses but 1 references"):
+        score_texts(["a", "b"], ["a"])

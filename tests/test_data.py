@@ -388,3 +388,48 @@ def test_local_csv_and_tsv_folders_are_read_literally_and_without_quoting_only_w
     assert "quoting" not in _csv_options(tmp_path / "mixed") and _csv_options(tmp_path / "mixed")["na_filter"] is False
     assert _text(None, "row 1") == ""  # a missing value: an empty sentence, dropped as such
 
+
+
+def test_a_text_files_language_is_its_last_code_and_each_file_is_normalized_for_its_own(tmp_path):
+    from nmt.data import CleanConfig
+    from nmt.monolingual import file_language, read_documents
+
+    assert file_language(Path("news.2019.de.gz")) == "de"
+    (tmp_path / "x.en").write_text("\nhello\n\n\nworld\n")
+    (tmp_path / "x.zh").write_text("漢語\n")
+    documents = list(read_documents([tmp_path / "x.en", tmp_path / "x.zh"], ["en", "zh"], CleanConfig()))
+    assert documents == [(0, "hello"), (1, "world"), (2, "汉语")]  # blank lines end a document once; zh made Simplified
+
+
+def test_held_out_documents_fill_the_count_exactly_and_tails_take_at_least_two_lines():
+    from nmt.monolingual import hold_out
+
+    held = hold_out(np.repeat(np.arange(20), 5), 10, 0)  # documents that fit exactly: two whole ones
+    assert held.sum() == 10 and len(np.unique(np.repeat(np.arange(20), 5)[held])) == 2
+    assert hold_out(np.repeat(np.arange(100), 60), 100, 0).sum() == 100  # tails until the count, not past it
+    assert hold_out(np.repeat(np.arange(7), 3), 1000, 0).sum() == 3  # documents too short for tails: one whole
+    documents = np.repeat(np.arange(3), [5000, 8, 8])
+    held = hold_out(documents, 500, 0)
+    assert all(held[documents == d].sum() in (0, 2) for d in (1, 2))  # a short document's tail: 2 lines
+
+
+def test_cleaning_counts_changes_to_either_side_and_pairs_hash_to_64_bits():
+    import math
+
+    from nmt.data import CleanConfig, PairCleaner, pair_hash
+    from nmt.errors import DataError
+
+    cleaner = PairCleaner(CleanConfig())
+    cleaner("fine", "gut  so")
+    cleaner("fine", "Cafe\u0301")
+    assert (cleaner.stats.whitespace_fixed, cleaner.stats.normalized) == (1, 1)
+    assert any(pair_hash(f"s{i}", "t") >= 2**32 for i in range(10))
+    with pytest.raises(DataError):
+        CleanConfig(max_ratio=math.inf)
+
+
+def test_a_side_file_may_be_compressed(tmp_path):
+    from nmt.data import find_side_file
+
+    (tmp_path / "train.de.gz").write_bytes(gzip.compress(b"a\n"))
+    assert find_side_file(tmp_path / "train", "de") == tmp_path / "train.de.gz"
