@@ -32,15 +32,17 @@ _WIDTH[0x3000] = ord(" ")
 _HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 HAN_CHARACTER = re.compile(f"[{_HAN}]")  # CJK ideographs (with extension A and compatibility)
 _FULL_PUNCTUATION = {",": "，", "!": "！", "?": "？", ":": "：", ";": "；", ".": "。", "(": "（", ")": "）"}
-# ASCII punctuation right after a Han character; a period only where a sentence would end
-# (not "3.5" or "e.g." after a character).
-_PUNCTUATION = re.compile(rf"(?<=[{_HAN}])(?:[,!?:;]|\.(?=\s|$|[{_HAN}]))")
-# After a Latin letter or digit: before a Han character ("CD,不是吗?"), and a ! or ? ending a line
-# of Chinese ("为什么要担心Tom?"); not between digits ("2:30").
-_PUNCTUATION_BEFORE_HAN = re.compile(rf"(?<=[A-Za-z0-9])[,!?:;](?=[{_HAN}])")
+# Chinese text's places for full-width punctuation, found in one pass: ASCII punctuation right
+# after a Han character (a period only where a sentence would end, not "3.5" or "e.g." after a
+# character); after a Latin letter or digit, before a Han character ("CD,不是吗"; not between
+# digits, "2:30"); brackets around Chinese text ("(" before a Han character, ")" after one).
+_PUNCTUATION = re.compile(
+    rf"(?<=[{_HAN}])(?:[,!?:;)]|\.(?=\s|$|[{_HAN}]))"
+    rf"|(?<=[A-Za-z0-9])[,!?:;](?=[{_HAN}])"
+    rf"|\((?=[{_HAN}])"
+)
+# A ! or ? ending a line of Chinese after a Latin letter or digit ("为什么要担心Tom?").
 _PUNCTUATION_ENDING = re.compile(r"(?<=[A-Za-z0-9])[!?](?=\s*$)")
-# Brackets around Chinese text: "(" before a Han character, ")" after one.
-_BRACKETS = re.compile(rf"\((?=[{_HAN}])|(?<=[{_HAN}])\)")
 
 
 def _full_width(match: re.Match) -> str:
@@ -81,7 +83,7 @@ class Normalization:
         if self.chinese_script == "simplified":
             text = _traditional_to_simplified()(text)
         if self.cjk_punctuation:
-            text = _PUNCTUATION_BEFORE_HAN.sub(_full_width, _PUNCTUATION.sub(_full_width, _BRACKETS.sub(_full_width, text)))
+            text = _PUNCTUATION.sub(_full_width, text)
             if HAN_CHARACTER.search(text):
                 text = _PUNCTUATION_ENDING.sub(_full_width, text)
         return text

@@ -964,7 +964,7 @@ class Trainer:
         began = time.time()
         self.check_finite_weights()
         validated = self.ranks.is_main and self.validated()
-        if self.ranks.is_main and not validated:
+        if self.ranks.is_main and not validated:  # a signal cut it short
             reason = SIGNALLED
         seconds = self.elapsed()  # before saving: the time to quality leaves out the writing
         saving_started = time.time()
