@@ -411,8 +411,9 @@ def test_a_second_signal_during_training_goes_to_the_handler_training_replaced()
 
 
 def test_compiling_for_training_traces_once_for_every_batch_shape(monkeypatch):
-    """Batches whose source and target lengths are equal, then differ: one graph for all
-    (torch's "eager" backend traces as torch.compile does, without generating code)."""
+    """Batches whose source and target lengths are equal, then differ: one graph for all, with
+    dropout inside it on the CPU too (torch's "eager" backend traces as torch.compile does,
+    without generating code)."""
     import torch._dynamo
     import torch.fx.experimental._config as fx_config
     from conftest import TINY_TRANSFORMER
@@ -425,7 +426,7 @@ def test_compiling_for_training_traces_once_for_every_batch_shape(monkeypatch):
     monkeypatch.setattr(fx_config, "use_duck_shape", True)  # torch's default, put back after the test
     torch._dynamo.reset()
     counters.clear()
-    compiled = compile_model(build_model(ModelConfig(**TINY_TRANSFORMER), 30, 30), backend="eager")
+    compiled = compile_model(build_model(ModelConfig(**{**TINY_TRANSFORMER, "dropout": 0.1}), 30, 30), backend="eager")
     for B, S, T in ((2, 5, 5), (2, 7, 9), (3, 4, 6), (5, 8, 3)):
         compiled(torch.randint(4, 30, (B, S)), torch.randint(4, 30, (B, T))).sum().backward()
     assert counters["stats"]["unique_graphs"] == 1

@@ -5,7 +5,8 @@ takes 24 ms for a (2500, 1024) activation, more than the matrix product that mad
 a sixth of a training update of the Multi30k CPU Transformer. Here the mask comes from numpy's
 SFC64 generator, 16 random bits per element (a few ms). Its seed is drawn from torch's generator,
 so `torch.manual_seed` and the random state that training saves still decide every mask. Other
-devices keep torch's dropout, whose kernels draw their own counter-based numbers.
+devices keep torch's dropout, whose kernels draw their own counter-based numbers, and so does a
+model that torch.compile traces: numpy's generator would split its graph at every dropout.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if x.device.type != "cpu" or not self.cpu_mask:
+        if x.device.type != "cpu" or not self.cpu_mask or torch.compiler.is_compiling():
             return F.dropout(x, self.p, True)
         return x * cpu_keep_multiplier(x.shape, self.p, x.dtype)
 
