@@ -325,12 +325,13 @@ def test_read_tsv_column_past_the_fields_is_a_one_line_error(tmp_path):
         list(read_tsv(path, 0, 2))
 
 
-def test_a_dev_split_is_the_valid_set(monkeypatch):
+@pytest.mark.parametrize("name", ["validation", "valid", "dev", "val"])
+def test_a_split_named_as_datasets_name_them_is_the_valid_set(monkeypatch, name):
     import datasets
 
     from nmt.data import load_hf_corpus
     rows = {"xx": ["a", "b"], "yy": ["c", "d"]}
-    fake = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows), "dev": datasets.Dataset.from_dict(rows)})
+    fake = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows), name: datasets.Dataset.from_dict(rows)})
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: fake)
     assert load_hf_corpus("some/dataset", None, "xx", "yy")["valid"] == [("a", "c"), ("b", "d")]
 
