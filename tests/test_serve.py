@@ -134,6 +134,21 @@ def test_opennmt_api_gives_src_tgt_n_best_and_score(client, models):
     _error(client.post("/translator/translate", json={"src": "w1"}), 422)
 
 
+def test_opennmt_api_gives_n_best_results_for_every_segment_the_empty_one_too(model_dirs):
+    """Clients read result k of segment i at i * n_best + k: an empty segment gives n_best too."""
+    served = load_served_models(model_dirs[:1], {"beam": 2, "nbest": 2}, device="cpu")
+    lines = [_lines(1, seed=3)[0], "", _lines(1, seed=4)[0]]
+    expected = served[0].translator.translate(lines)
+    with TestClient(create_app(served)) as client:
+        response = client.post("/translator/translate", json=[{"src": line} for line in lines])
+    results = response.json()[0]
+    assert [(r["src"], r["tgt"], r["n_best"]) for r in results] == [
+        (lines[0], expected.texts[0][0], 2), (lines[0], expected.texts[0][1], 2), ("", "", 2), ("", "", 2),
+        (lines[2], expected.texts[2][0], 2), (lines[2], expected.texts[2][1], 2)]
+    assert [r["pred_score"] for r in results[2:4]] == [0.0, 0.0]
+    assert results[1]["pred_score"] == pytest.approx(expected.hypotheses[0][1].score, abs=1e-4)
+
+
 def test_attention_has_a_row_per_output_piece_over_the_source_pieces(client, models):
     line = _lines(1, seed=11)[0]
     expected = models[0].translator.translate([line], attention=AttentionChoice()).attention_maps[0]

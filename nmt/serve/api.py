@@ -564,6 +564,7 @@ async def _translate_opennmt(segments: list[OpenNMTSegment], models: Sequence[Se
         nbest = translator.decode.nbest
         result = await run(Work(translator, nbest, False), [sentences[i] for i in indices])
         for i, hyps, texts in zip(indices, result.hypotheses, result.texts):
-            scores = [h.score for h in hyps] or [0.0]
-            results[i] = [OpenNMTResult(src=segments[i].src, tgt=t, n_best=nbest, pred_score=s) for t, s in zip(texts, scores)]
+            found = list(zip(texts, [h.score for h in hyps])) or [("", 0.0)]  # an empty segment has no hypothesis
+            found += [found[0]] * (nbest - len(found))  # n_best results for every segment, as clients index them
+            results[i] = [OpenNMTResult(src=segments[i].src, tgt=t, n_best=nbest, pred_score=s) for t, s in found]
     return [r for segment_results in results for r in segment_results]
