@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from nmt.alignment import AttentionMap
 from nmt.config import DecodeConfig
-from nmt.errors import ConfigError
+from nmt.errors import ConfigError, DataError
 from nmt.files import VocabInfo
 from nmt.models.attention import AttentionChoice
 from nmt.search import Hypothesis
@@ -223,6 +223,7 @@ def test_api_keys_are_required_when_given(models):
     with TestClient(create_app(models, ServeSettings(api_keys=frozenset({"k1", "k2"})))) as client:
         request = {"q": "w1", "source": "xx", "target": "yy"}
         _error(client.post("/translate", json=request), 403, "API key is required")
+        _error(client.post("/translate", json={"q": 5}), 403, "API key is required")  # no schema hints without a key
         _error(client.post("/translate", json={**request, "api_key": "nope"}), 403, "invalid API key")
         assert client.post("/translate", json={**request, "api_key": "k2"}).status_code == 200
         assert client.post("/translate", data={**request, "api_key": "k1"}).status_code == 200
@@ -239,8 +240,11 @@ def test_api_keys_are_required_when_given(models):
 
 def test_a_keys_file_skips_comments_blank_lines_and_a_byte_order_mark(tmp_path):
     keys = tmp_path / "keys.txt"
-    keys.write_bytes("\ufeffk1\r\n# a comment\n\n  k2  \n".encode())
+    keys.write_bytes("\ufeffk1\r\n# a comment\n\n  k2  \n   # an indented comment\n".encode())
     assert read_api_keys(keys) == {"k1", "k2"}
+    keys.write_text("# only comments\n\n  # and blanks\n")  # a server open to all is never what was asked
+    with pytest.raises(DataError, match="holds no API key"):
+        read_api_keys(keys)
 
 
 class SlowTranslator:
