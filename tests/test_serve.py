@@ -324,6 +324,32 @@ def test_the_oldest_waiting_request_is_served_first_whatever_its_kind():
     assert slow.calls == [["busy"], ["a", "c"], ["b", "d"]]
 
 
+def test_the_worker_never_mixes_models_and_takes_a_job_longer_than_a_batch():
+    first, second = SlowTranslator(seconds=0.1), SlowTranslator()
+    worker = BatchingWorker(wait_ms=50, max_lines=2)
+    busy = worker.submit(Work(first, 1, False), ["busy"])  # the others gather behind it
+    time.sleep(0.08)  # past the 50 ms wait: translating
+    jobs = [worker.submit(Work(translator, 1, False), [line])
+            for translator, line in ((first, "a"), (second, "b"), (first, "c"), (second, "d"))]
+    longer = worker.submit(Work(second, 1, False), ["e", "f", "g"])  # more lines than a batch holds: alone
+    assert [job.result(5).texts for job in (busy, *jobs, longer)] == [
+        [["BUSY"]], [["A"]], [["B"]], [["C"]], [["D"]], [["E"], ["F"], ["G"]]]
+    worker.close()
+    assert first.calls == [["busy"], ["a", "c"]] and second.calls == [["b", "d"], ["e", "f", "g"]]
+
+
+def test_closing_the_worker_translates_what_waits_and_ends_its_thread():
+    slow = SlowTranslator(seconds=0.2)
+    worker = BatchingWorker(wait_ms=1)
+    busy = worker.submit(Work(slow, 1, False), ["busy"])
+    time.sleep(0.05)
+    waiting = [worker.submit(Work(slow, 1, False), [line]) for line in ("a", "b")]
+    started = time.monotonic()
+    worker.close()
+    assert time.monotonic() - started < 2 and not worker._thread.is_alive()
+    assert [job.result(0).texts for job in (busy, *waiting)] == [[["BUSY"]], [["A"]], [["B"]]]
+
+
 def test_requests_batched_together_keep_their_own_line_numbers_and_failures():
     slow = SlowTranslator(seconds=0.1)
     worker = BatchingWorker(wait_ms=50)
