@@ -764,6 +764,43 @@ def test_other_origins_are_let_in_only_when_named(models):
             ServeSettings(cors_origins=(never_sent,))
 
 
+class RefusingTranslator(SlowTranslator):
+    """Refuses a line holding "refused" as a translator refuses options it cannot honour."""
+
+    def translate(self, lines, *args, **kwargs):
+        if any("refused" in line for line in lines):
+            raise ConfigError("this engine cannot do that")
+        return super().translate(lines, *args, **kwargs)
+
+
+def test_requests_as_clients_write_them(models):
+    def fake(source: str, target: str) -> ServedModel:
+        translator = RefusingTranslator()
+        translator.languages = (source, target)
+        return ServedModel(translator, f"{source}-{target}")
+
+    served = [fake("pt-BR", "yy"), fake("xx", "zz"), fake("xx", "aa")]
+    with TestClient(create_app(served, ServeSettings(cors_origins=("*",)))) as client:
+        def translated(response):
+            assert response.status_code == 200, response.text
+            return response.json()["translatedText"]
+
+        assert translated(client.post("/translate", json={"q": "a", "source": " pt_br ", "target": "YY"})) == "A"
+        assert client.get("/languages").json()[1] == {"code": "xx", "name": "xx", "targets": ["aa", "zz"]}
+        form = {"content-type": "Application/X-WWW-Form-Urlencoded; charset=UTF-8"}
+        assert translated(client.post("/translate", content="q=a&source=xx&target=zz", headers=form)) == "A"
+        # A repeated field: q a list of texts, any other its first value.
+        assert translated(client.post("/translate", content="q=a&q=b&source=xx&source=yy&target=zz", headers=form)) == ["A", "B"]
+        multipart = client.post("/translate", data={"q": ["a", "b"], "source": "xx", "target": "zz"}, files={"f": ("f.txt", b"x")})
+        assert translated(multipart) == ["A", "B"]
+        _error(client.post("/translate", json={"q": ["a", "b"], "source": "xx", "target": "zz", "attention": True}),
+               422, "q as one string")
+        _error(client.post("/translate", json={"q": "refused", "source": "xx", "target": "zz"}), 400, "cannot do that")
+        _error(client.post("/translator/translate", json=[{"src": "a", "id": -1}]), 400, "no model with id -1")
+        preflight = {"Origin": "https://anywhere.example", "Access-Control-Request-Method": "POST"}
+        assert client.options("/translate", headers=preflight).headers["access-control-allow-origin"] == "*"
+
+
 def test_every_reference_of_the_openapi_schema_resolves(client):
     schema = client.get("/openapi.json").json()
 
