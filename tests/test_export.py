@@ -165,6 +165,9 @@ def test_prefix_and_no_repeated_ngrams_are_honoured(models):
         ct2 = _ct2(export_dir, options).translate(lines, prefixes)
         assert ct2.texts == nmt.texts
         assert ct2.texts[0][0].startswith("V3 V3") and ct2.texts[2][0].startswith("V5")
+    # A prefix ending in a space: CTranslate2 cannot hold the next piece to a word's start, but
+    # starts the output with the prefix all the same.
+    assert _ct2(export_dir, {"beam": 1}).translate(lines[:2], ["V3 ", "V5 V1 "]).texts[0][0].startswith("V3")
     free = _ct2(export_dir, {"beam": 1}).translate(lines)
     assert any(_repeats_a_bigram(h[0].tokens) for h in free.hypotheses)  # the model repeats itself when let
     for beam in (1, 4):
@@ -275,6 +278,9 @@ def test_sampling_is_seeded_and_nbest_is_sorted(models):
     # topk 1: every sample is the greedy translation, n times, as nmt's own sampling gives
     greedy = _ct2(export_dir, {"beam": 1}).translate(lines).texts
     assert _ct2(export_dir, {**options, "topk": 1}).translate(lines).texts == [[t[0]] * 4 for t in greedy]
+    # So does a nucleus of the most probable piece alone, and a temperature near 0, from all pieces.
+    for narrowed in ({"topp": 1e-6}, {"temperature": 1e-3}):
+        assert _ct2(export_dir, {**options, "topk": 0, **narrowed}).translate(lines).texts == [[t[0]] * 4 for t in greedy]
 
 
 @pytest.mark.slow
@@ -519,6 +525,32 @@ def test_ctranslate2_never_outputs_the_reserved_symbols(tiny_trained, tmp_path):
     translator = load_ctranslate2_translator(tmp_path / "ct2", {"beam": 1}, "cpu", threads=1)
     banned = {pieces[0] for pieces in translator._suppressed_pieces}
     assert {"[MASK]", "[CLS]", "[SEP]", "<pad>", "<s>"} <= banned
+
+    class Recording:  # CTranslate2's translator, its calls' options kept
+        def __init__(self, inner):
+            self.inner, self.calls = inner, []
+
+        def translate_batch(self, *args, **options):
+            self.calls.append(options)
+            return self.inner.translate_batch(*args, **options)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    translator.translator = recording = Recording(translator.translator)
+    translator.translate(["w1 w2", "w3"])
+    assert recording.calls and all(call["suppress_sequences"] == translator._suppressed_pieces for call in recording.calls)
+
+
+@pytest.mark.slow
+def test_sources_fill_the_exports_positions_and_an_output_limit_of_one_is_empty(models):
+    _, export_dir = models("pre-untied-joint")
+    rows = _ct2(export_dir, {"beam": 1}).max_positions
+    assert _ct2(export_dir, {"beam": 1, "max_input_tokens": rows - 1}).translate(["w1"]).texts[0][0]  # and EOS
+    with pytest.raises(ConfigError, match="max_input_tokens"):
+        _ct2(export_dir, {"beam": 1, "max_input_tokens": rows}).translate(["w1"])
+    # Room for EOS alone: the empty output nmt gives.
+    assert _ct2(export_dir, {"beam": 1, "max_len_a": 0, "max_len_b": 1}).translate(["w1"]).texts == [[""]]
 
 
 def test_ctranslate2_refuses_a_gpu_index_equal_to_the_count(monkeypatch):
