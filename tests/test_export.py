@@ -278,9 +278,11 @@ def test_sampling_is_seeded_and_nbest_is_sorted(models):
     # topk 1: every sample is the greedy translation, n times, as nmt's own sampling gives
     greedy = _ct2(export_dir, {"beam": 1}).translate(lines).texts
     assert _ct2(export_dir, {**options, "topk": 1}).translate(lines).texts == [[t[0]] * 4 for t in greedy]
-    # So does a nucleus of the most probable piece alone, and a temperature near 0, from all pieces.
-    for narrowed in ({"topp": 1e-6}, {"temperature": 1e-3}):
-        assert _ct2(export_dir, {**options, "topk": 0, **narrowed}).translate(lines).texts == [[t[0]] * 4 for t in greedy]
+    # So does a nucleus of the most probable piece alone, from all pieces; and a temperature near
+    # 0 draws other samples than 1 with the same seed.
+    assert _ct2(export_dir, {**options, "topk": 0, "topp": 1e-6}).translate(lines).texts == [[t[0]] * 4 for t in greedy]
+    cold, warm = ({**options, "topk": 0, "temperature": t} for t in (1e-3, 1.0))
+    assert _ct2(export_dir, cold).translate(lines).texts != _ct2(export_dir, warm).translate(lines).texts
 
 
 @pytest.mark.slow
