@@ -32,21 +32,27 @@ _WIDTH[0x3000] = ord(" ")
 _HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 HAN_CHARACTER = re.compile(f"[{_HAN}]")  # CJK ideographs (with extension A and compatibility)
 _FULL_PUNCTUATION = {",": "，", "!": "！", "?": "？", ":": "：", ";": "；", ".": "。", "(": "（", ")": "）"}
-# Chinese text's places for full-width punctuation, found in one pass: ASCII punctuation right
-# after a Han character (a period only where a sentence would end, not "3.5" or "e.g." after a
-# character); after a Latin letter or digit, before a Han character ("CD,不是吗"; not between
-# digits, "2:30"); brackets around Chinese text ("(" before a Han character, ")" after one).
+# Chinese text's places for full-width punctuation, found in one pass: both brackets of a
+# bracketed text holding Chinese ("(我是Tom)"; what is inside is then looked at alone); ASCII
+# punctuation right after a Han character, a run of ! and ? whole ("真的?!"; a period only where
+# a sentence would end, not "3.5" or "e.g." after a character); after a Latin letter or digit,
+# before a Han character ("CD,不是吗"; not between digits, "2:30"); an unclosed bracket before a
+# Han character and an unopened one after one.
 _PUNCTUATION = re.compile(
-    rf"(?<=[{_HAN}])(?:[,!?:;)]|\.(?=\s|$|[{_HAN}]))"
+    rf"\([^()]*[{_HAN}][^()]*\)"
+    rf"|(?<=[{_HAN}])(?:[!?]+|[,:;)]|\.(?=\s|$|[{_HAN}]))"
     rf"|(?<=[A-Za-z0-9])[,!?:;](?=[{_HAN}])"
     rf"|\((?=[{_HAN}])"
 )
-# A ! or ? ending a line of Chinese after a Latin letter or digit ("为什么要担心Tom?").
-_PUNCTUATION_ENDING = re.compile(r"(?<=[A-Za-z0-9])[!?](?=\s*$)")
+# A run of ! and ? ending a line of Chinese after a Latin letter or digit ("为什么要担心Tom?").
+_PUNCTUATION_ENDING = re.compile(r"(?<=[A-Za-z0-9])[!?]+(?=\s*$)")
 
 
 def _full_width(match: re.Match) -> str:
-    return _FULL_PUNCTUATION[match.group(0)]
+    found = match.group(0)
+    if len(found) > 1 and found[0] == "(":  # a bracketed text: its brackets, and what is inside on its own
+        return "（" + _PUNCTUATION.sub(_full_width, found[1:-1]) + "）"
+    return "".join(_FULL_PUNCTUATION[c] for c in found)
 
 
 def base_language(lang: str) -> str:

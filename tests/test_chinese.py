@@ -6,6 +6,8 @@ import random
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nmt.data import CleanConfig, PairCleaner, ParallelSplit
 from nmt.errors import DataError
@@ -29,6 +31,8 @@ def test_full_width_and_traditional_to_simplified_on_known_examples():
     assert ZH("这是我的CD,不是吗?") == "这是我的CD，不是吗？" and ZH("为什么要担心Tom?") == "为什么要担心Tom？"
     assert ZH("汤姆每天2:30回家。") == "汤姆每天2:30回家。" and ZH("Is it Tom?") == "Is it Tom?"  # a time; no Chinese
     assert ZH("学会尊敬他(她)。") == "学会尊敬他（她）。" and ZH("版本(v2)很好") == "版本(v2)很好"  # brackets around Chinese
+    assert ZH("(我是Tom)") == "（我是Tom）" and ZH("(Tom是我)") == "（Tom是我）" and ZH("(see 图3) (v2)") == "（see 图3） (v2)"
+    assert ZH("你好!!") == "你好！！" and ZH("真的?!") == "真的？！" and ZH("你担心Tom?!") == "你担心Tom？！"  # runs whole
 
 
 @pytest.mark.parametrize("text", ["ＡＢＣ１２３，知識就是力量.", "誰？Who? 我們,你們.", "plain English, unchanged.",
@@ -38,9 +42,17 @@ def test_chinese_normalization_is_idempotent(text):
     assert ZH(once) == once
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="我是你好電腦Tom3 ,.!?:;()（）！", max_size=24))
+def test_chinese_normalization_of_any_mix_is_idempotent(text):
+    once = ZH(text)
+    assert ZH(once) == once
+
+
 def test_other_languages_keep_their_text_and_script_can_stay():
     assert language_normalization("en")("ＡＢＣ 知識,") == "ＡＢＣ 知識,"
     assert not is_chinese("en") and is_chinese("zh") and is_chinese("zh-TW") and is_chinese("cmn")
+    assert is_chinese("ZH_TW") and language_normalization("ZH").cjk_punctuation  # codes as users type them
     assert is_chinese("zho") and is_cjk("jpn") and is_cjk("kor")  # Tatoeba's ISO 639-3 names
     assert is_chinese("yue") and is_chinese("hak") and is_chinese("nan") and not is_chinese("nap")  # Sinitic, not Neapolitan
     assert bleu_tokenizer("zho") == "zh" and bleu_tokenizer("jpn") == "ja-mecab"
