@@ -8,7 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nmt.alignment import EOS_LABEL, AttentionMap, hard_alignments, merge_words, word_groups
+from nmt.alignment import (
+    EOS_LABEL,
+    AttentionMap,
+    describe_attention,
+    format_alignments,
+    hard_alignments,
+    merge_words,
+    word_groups,
+)
 from nmt.batches import pad_source
 from nmt.config import ModelConfig
 from nmt.errors import ConfigError, DataError
@@ -273,6 +281,19 @@ def test_hard_alignments_are_in_source_order_when_they_cross():
     weights = np.array([[0.1, 0.8, 0.1], [0.8, 0.1, 0.1], [0.1, 0.1, 0.8]])
     amap = AttentionMap(1, ["a", "b", EOS_LABEL], ["y", "x", EOS_LABEL], weights)
     assert hard_alignments(amap) == [(0, 1), (1, 0)]  # as fast_align and Moses list them
+    assert format_alignments([(0, 1), (2, 0)]) == "0-1 2-0"  # source index first
+    # The output's EOS row is no pair, even where it looked most at a word.
+    eos_on_a_word = AttentionMap(1, ["a", "b", EOS_LABEL], ["y", EOS_LABEL], np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1]]))
+    assert hard_alignments(eos_on_a_word) == [(0, 0)]
+
+
+def test_words_and_descriptions_of_the_attention_shown():
+    assert word_groups(["\u2581我", "叫", "T", "om", EOS_LABEL]) == [[0], [1], [2, 3], [4]]  # no Latin joined to Han
+    words = merge_words(AttentionMap(1, ["\u2581", "我", EOS_LABEL], ["x", EOS_LABEL], np.full((2, 3), 1 / 3)))
+    assert words.source == ["\u2581", "我", EOS_LABEL]  # a lone word mark keeps a label
+    model = ModelConfig(arch="transformer", dec_layers=6, heads=8)
+    assert describe_attention(model, AttentionChoice()) == "transformer, decoder layer 6 of 6, mean of 8 heads"
+    assert describe_attention(model, AttentionChoice(layer=2, head=3)) == "transformer, decoder layer 2 of 6, head 3 of 8"
 
 
 def test_a_stop_while_drawing_leaves_no_earlier_runs_map_and_no_half_picture(tmp_path, monkeypatch):
