@@ -229,6 +229,26 @@ def test_direction_weights_train_a_named_direction_more_and_must_name_the_data_d
         MultilingualTranslationTask(config, data_dir, manifest)
 
 
+def test_a_direction_weighted_below_one_trains_on_another_part_of_its_pairs_each_epoch(data_dir):
+    from nmt.config import config_from_dict
+    from nmt.translation_task import MultilingualTranslationTask
+
+    manifest = Manifest.read(data_dir)
+    config = config_from_dict({"data_dir": str(data_dir), "train": {"direction_weights": {"aa-cc": 0.5}}})
+    task = MultilingualTranslationTask(config, data_dir, manifest)
+    assert "sampling temperature 1.5; weights aa-cc ×0.5" in task.describe()  # the data dir's temperature
+    offsets = np.cumsum([0] + task.sizes)
+    drawn = []
+    for epoch in (0, 1):
+        pairs = np.concatenate(task.epoch_batches(300, epoch))
+        shares = [((pairs >= offsets[i]) & (pairs < offsets[i + 1])).sum() for i in range(len(DIRECTIONS))]
+        assert shares[2] == pytest.approx(shares[0] / 2, abs=3) and shares[0] == pytest.approx(shares[1], abs=2)
+        drawn.append(set(pairs[pairs >= offsets[2]].tolist()))
+    assert drawn[0] != drawn[1]  # not the same half every epoch
+    config.train.lang_temperature = 5.0  # the config's temperature before the data dir's
+    assert "sampling temperature 5" in MultilingualTranslationTask(config, data_dir, manifest).describe()
+
+
 def test_validation_scores_each_direction_on_its_own_set_and_best_follows_their_mean(data_dir, tmp_path, monkeypatch):
     """The dev BLEU of one direction rises at the second validation while the mean falls: best/
     stays at the first, and moves to the third, where the mean is highest."""
