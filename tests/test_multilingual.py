@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import SRC_WORDS, TGT_WORDS, assert_one_line_error
 from nmt_cli.main import app
 from typer.testing import CliRunner
@@ -247,6 +248,33 @@ def test_a_direction_weighted_below_one_trains_on_another_part_of_its_pairs_each
     assert drawn[0] != drawn[1]  # not the same half every epoch
     config.train.lang_temperature = 5.0  # the config's temperature before the data dir's
     assert "sampling temperature 5" in MultilingualTranslationTask(config, data_dir, manifest).describe()
+
+
+def test_dev_translation_takes_the_dev_settings_and_never_writes_a_tag(data_dir, monkeypatch):
+    import nmt.translation_task
+    from nmt.config import config_from_dict
+    from nmt.models import build_model
+    from nmt.search import Hypothesis
+    from nmt.translation_task import MultilingualTranslationTask
+
+    config = config_from_dict({"data_dir": str(data_dir), "model": {"arch": "transformer", "embed_dim": 32, "enc_layers": 1,
+                                                                   "dec_layers": 1, "heads": 2, "ff_dim": 64},
+                               "train": {"valid_max_sentences": 3, "valid_beam": 2}, "decode": {"beam": 5, "nbest": 4}})
+    task = MultilingualTranslationTask(config, data_dir, Manifest.read(data_dir))
+    calls = []
+
+    def recording(model, sources, decode, device, allowed=None, **options):
+        calls.append((len(sources), decode.beam, decode.nbest, allowed))
+        return [[Hypothesis([], 0.0)] for _ in sources]
+
+    monkeypatch.setattr(nmt.translation_task, "translate_ids", recording)
+    vocab = task.tokenizer.tgt_vocab_size
+    result = task.validate(build_model(config.model, vocab, vocab), torch.device("cpu"), torch.float32)
+    assert result["sentences"] == 3 * len(DIRECTIONS) and len(calls) == len(DIRECTIONS)
+    tags = [task.tokenizer.tag_id(lang) for lang in ("aa", "bb", "cc")]
+    for count, beam, nbest, allowed in calls:
+        assert (count, beam, nbest) == (3, 2, 1)
+        assert not allowed[tags].any() and allowed[task.tokenizer.tgt.piece_to_id("V3")]
 
 
 def test_validation_scores_each_direction_on_its_own_set_and_best_follows_their_mean(data_dir, tmp_path, monkeypatch):
