@@ -480,6 +480,27 @@ def test_off_target_counts_lines_in_another_language():
     assert off_target_percent(lines, "de", ["de", "xx"]) is None
 
 
+def test_a_datasets_corpus_trains_its_directions_and_prefixes_give_the_zero_shot_ones(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    corpus = write_three_way(tmp_path / "corpus")
+    folder = tmp_path / "hub_copy"
+    folder.mkdir()
+    for split, seed, count in (("train", 1, 300), ("validation", 2, 12), ("test", 3, 10)):
+        rows = three_way(count, seed)
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(dict(zip(("aa", "bb", "cc"), r))) + "\n" for r in rows))
+    args = ["prepare", "--hf", str(folder), "--directions", "aa-bb,aa-cc", "--vocab-size", "60", "--no-progress",
+            "--out", str(tmp_path / "data")]
+    result = runner.invoke(app, [*args, "--zero-shot", "bb-cc", "--valid", str(corpus / "valid"), "--test", str(corpus / "test")])
+    assert result.exit_code == 0, result.output
+    manifest = Manifest.read(tmp_path / "data")
+    assert manifest.directions == ["aa-bb", "aa-cc"] and manifest.zero_shot == ["bb-cc"]
+    assert manifest.direction_counts["bb-cc"]["test"]["pairs"] == 10 and manifest.direction_counts["aa-cc"]["train"]["pairs"] > 250
+    result = runner.invoke(app, [*args, "--valid", str(corpus / "valid"), "--overwrite"])  # no zero-shot direction to read
+    assert_one_line_error(result, "the corpus's", "--zero-shot")
+
+
 def test_prepare_directions_errors_are_one_line(tmp_path):
     corpus = write_three_way(tmp_path / "corpus")
     common = ["prepare", "--train", str(corpus / "train"), "--out", str(tmp_path / "out"), "--no-progress"]
@@ -493,6 +514,13 @@ def test_prepare_directions_errors_are_one_line(tmp_path):
     assert_one_line_error(result, "bb-cc", "zero-shot direction is one not trained on")
     result = runner.invoke(app, [*common, "--directions", "aa-xx"])
     assert_one_line_error(result, "train.xx")
+    result = runner.invoke(app, [*common, "--directions", "aa-bb", "--separate-vocab"])
+    assert_one_line_error(result, "one joint vocabulary")
+    result = runner.invoke(app, [*common, "--directions", "aa-bb,aa-cc", "--split-by", "bb"])
+    assert_one_line_error(result, "--split-by bb: not a language of aa-cc")
+    result = runner.invoke(app, ["prepare", "--tsv", "a.tsv", "--tsv-langs", "aa,bb", "--directions", "aa-bb",
+                                 "--zero-shot", "bb-cc", "--valid", "v", "--test", "t", "--out", str(tmp_path / "out")])
+    assert_one_line_error(result, "--zero-shot", "--tsv")
     for temperature in ("nan", "1e-9"):
         result = runner.invoke(app, [*common, "--directions", "aa-bb", "--lang-temperature", temperature])
         assert_one_line_error(result, "--lang-temperature must be between")
