@@ -271,6 +271,8 @@ def test_dev_translation_takes_the_dev_settings_and_never_writes_a_tag(data_dir,
     vocab = task.tokenizer.tgt_vocab_size
     result = task.validate(build_model(config.model, vocab, vocab), torch.device("cpu"), torch.float32)
     assert result["sentences"] == 3 * len(DIRECTIONS) and len(calls) == len(DIRECTIONS)
+    losses = [result[f"loss_{d}"] for d in DIRECTIONS]
+    assert len(set(losses)) > 1 and result["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-4)  # their mean
     tags = [task.tokenizer.tag_id(lang) for lang in ("aa", "bb", "cc")]
     for count, beam, nbest, allowed in calls:
         assert (count, beam, nbest) == (3, 2, 1)
