@@ -162,6 +162,9 @@ def test_unseen_character_is_encoded_without_unk_and_decoded_without_spaces(zh_d
     assert tokenizer.tgt.decode([regular[0], *controls, regular[1]]).count("\n") == 1
     (decoded,) = tokenizer.decode_tgt([[regular[0], *controls, regular[1]]])
     assert decoded.isprintable() and len(decoded.splitlines()) == 1
+    separators = [tokenizer.tgt.piece_to_id(f"<0x{byte:02X}>") for byte in "\u2028\u2029".encode()]  # Python splits lines there
+    (decoded,) = tokenizer.decode_tgt([[regular[0], *separators, regular[1]]])
+    assert len(decoded.splitlines()) == 1
 
 
 def test_outputs_keep_the_full_width_punctuation_of_the_references(zh_data):
