@@ -146,6 +146,22 @@ def test_the_sentencepiece_sample_follows_the_temperature(tmp_path):
     assert len(list(sentences)) == sum(counts.values()) == pytest.approx(101, abs=2)
 
 
+def test_a_sample_of_all_holds_each_distinct_sentence_once_wherever_it_first_occurs(tmp_path):
+    """aa's sentences 0-29 come with aa-bb, 20-49 with aa-cc: 50 distinct, 20 of them first seen
+    in the second direction."""
+    rows = three_way(50, 1)
+    for name, lang, part in (("one", "bb", rows[:30]), ("two", "cc", rows[20:])):
+        (tmp_path / f"{name}.aa").write_text("".join(r[0] + "\n" for r in part), encoding="utf-8")
+        (tmp_path / f"{name}.{lang}").write_text("".join(r[1 if lang == "bb" else 2] + "\n" for r in part), encoding="utf-8")
+    corpora = {f"aa-{lang}": clean_and_split(PrepareConfig(out_dir=tmp_path / "x", src_lang="aa", tgt_lang=lang, valid_size=0,
+                                                           test_size=0, train_prefix=str(tmp_path / name)), tmp_path / name, False)
+               for name, lang in (("one", "bb"), ("two", "cc"))}
+    sentences, counts = balanced_sample(corpora, 100_000, 1.0, seed=1)
+    assert counts == {"aa": 50, "bb": 30, "cc": 30}
+    sample = list(sentences)
+    assert sorted(s for s in sample if s.startswith("w")) == sorted(r[0] for r in rows)
+
+
 def test_a_held_out_sentence_leaves_the_training_pairs_of_every_direction_on_its_side(tmp_path):
     corpus = write_three_way(tmp_path / "corpus")
     rows = three_way(300, 1)  # the training rows
