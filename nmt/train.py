@@ -188,8 +188,10 @@ def compile_model(model: torch.nn.Module, backend: str = "inductor") -> torch.nn
 
     # torch.compile gives sizes that are equal in the first batch one symbol ("duck shapes"): a
     # first batch with as many source as target positions would tie the two, and the first batch
-    # where they differ would compile forward and backward all over again.
-    fx_config.use_duck_shape = False
+    # where they differ would compile forward and backward all over again. (An older torch lacks
+    # the setting: it compiles that once more.)
+    if hasattr(fx_config, "use_duck_shape"):
+        fx_config.use_duck_shape = False
     return torch.compile(model, dynamic=True, backend=backend)
 
 

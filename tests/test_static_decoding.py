@@ -62,7 +62,7 @@ def test_greedy_and_beam_search_give_the_plain_output(seed, norm):
 
 def test_under_bf16_autocast_the_buffers_hold_autocasts_keys_and_give_the_plain_output():
     model, src = _model(4), _sources(4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():  # as translating runs
         plain = greedy_search(model, src, **LIMITS)
         decoder = _static(model, src)
         state = decoder.init_state(decoder.encode(src))
