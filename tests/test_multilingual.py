@@ -750,8 +750,9 @@ def test_a_language_keeps_only_the_pieces_that_are_not_stray_in_its_targets():
     from nmt.multilingual import target_pieces
     from nmt.tokenizer import EOS
 
-    # aa-bb targets: 99,990 of piece 10, 8 of piece 11 (stray), 2 of piece 12; bb-aa: 3 of piece 13
-    sentences = [[10] * 9999 for _ in range(10)] + [[11] * 8 + [12] * 2] + [[13, 13, 13]]
+    # aa-bb targets: 99,990 of piece 10, 5 of piece 11 (the least kept), 3 of 12 and 2 of 14 (stray);
+    # bb-aa: 3 of piece 13
+    sentences = [[10] * 9999 for _ in range(10)] + [[11] * 5 + [12] * 3 + [14] * 2] + [[13, 13, 13]]
     tokens = np.array([t for s in sentences for t in s], dtype=np.uint16)
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in sentences])])
     tgt = SimpleNamespace(tokens=tokens, offsets=offsets)
