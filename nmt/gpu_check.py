@@ -279,9 +279,6 @@ class Run:
             name, load_config(self.config_path(name)), self.data_dir, save_dir, threshold, minutes,
             self.cc.valid_every, self.log, stop_at_threshold=stop,
         )
-        signalled = stopping_signal(record["stop_reason"])
-        if signalled:  # training stopped at the signal: so does the run
-            raise Stopped(signalled)
         train_records, _ = read_train_log(save_dir)
         steady = train_records[1:] or train_records  # the first interval holds the warm-up
         record.update(
@@ -294,6 +291,9 @@ class Run:
         )
         self.record.update(record)  # on disk before decoding: a failure or a cut there keeps the training figures
         self.save()
+        signalled = stopping_signal(record["stop_reason"])
+        if signalled:  # training stopped at the signal (its figures kept above): so does the run
+            raise Stopped(signalled)
         self.record.update(self.score_test(save_dir))
         return self.record
 

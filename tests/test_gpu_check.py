@@ -134,6 +134,33 @@ def test_a_signal_stops_the_run_and_keeps_each_row_measured(multi30k_toy, tmp_pa
     assert [r["model"] for r in written["stages"]["bench-train"]["report"]["train"]] == ["transformer"]
 
 
+@pytest.mark.slow
+def test_a_signal_during_training_keeps_the_training_figures(multi30k_toy, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import nmt.train
+
+    update = nmt.train.training_update
+    updates: list[int] = []
+
+    def terminated_at_the_sixth(*args, **kwargs):
+        updates.append(1)
+        if len(updates) == 6:  # a few updates measured first
+            os.kill(os.getpid(), signal.SIGTERM)
+        return update(*args, **kwargs)
+
+    monkeypatch.setattr(nmt.train, "training_update", terminated_at_the_sixth)
+    config = CheckConfig(out=tmp_path / "out", data=multi30k_toy, dry_run=True, vocab_size=40,
+                         stages=("prepare", "transformer"))
+    with pytest.raises(SystemExit) as stopped:
+        run_check(config, log=lambda message: None)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    stage = json.loads((tmp_path / "out" / "gpu-check.json").read_text())["stages"]["transformer"]
+    assert stage["status"] == "cut short: stopped by SIGTERM"
+    assert stage["tgt_tokens_per_s"] > 0 and "curve" in stage, stage
+
+
 def _wheel(folder, name, module_text):
     """A minimal pure-Python wheel of distribution `name` with one module."""
     path = folder / f"{name}-1.0-py3-none-any.whl"
