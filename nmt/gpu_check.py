@@ -538,7 +538,15 @@ def run_check(cc: CheckConfig, log: Callable[[str], None] = lambda m: print(m, f
     if stopped is not None:
         log(f"gpu-check {stopped.reason}; what it measured is in {cc.out}")
         raise SystemExit(128 + stopped.signum)
-    return run.report if run is not None else {"stages": {}}
+    if run is None:  # out of time before the run began (installing the bundle took it all): nothing ran
+        from nmt.atomic import write_text_atomic
+
+        report = {"environment": {}, "settings": {}, "stages": {n: {"status": f"skipped: {OutOfTime.reason}"} for n in cc.stages}}
+        cc.out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(cc.out / "gpu-check.json", json.dumps(report, indent=2) + "\n")
+        write_text_atomic(cc.out / "gpu-check.md", format_markdown(report))
+        return report
+    return run.report
 
 
 def install_reporting_errors(bundle: Path | None, target: Path, log: Callable[[str], None]) -> dict:

@@ -161,6 +161,19 @@ def test_a_signal_during_training_keeps_the_training_figures(multi30k_toy, tmp_p
     assert stage["tgt_tokens_per_s"] > 0 and "curve" in stage, stage
 
 
+def test_out_of_time_while_installing_the_bundle_reports_every_stage_skipped(multi30k_toy, tmp_path, monkeypatch, capsys):
+    import nmt.gpu_check
+
+    (tmp_path / "bundle").mkdir()
+    monkeypatch.setattr(nmt.gpu_check, "install_bundle", lambda *args: time.sleep(3) or [])  # a slow pip
+    nmt.gpu_check.main(["run", "--dry-run", "--data", str(multi30k_toy), "--bundle", str(tmp_path / "bundle"),
+                        "--out", str(tmp_path / "out"), "--total-minutes", "0.01", "--stages", "prepare,rnn"])
+    written = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
+    assert {name: s["status"] for name, s in written["stages"].items()} == {
+        "prepare": "skipped: the run's time limit was reached", "rnn": "skipped: the run's time limit was reached"}
+    assert "| rnn | skipped" in capsys.readouterr().out
+
+
 def _wheel(folder, name, module_text):
     """A minimal pure-Python wheel of distribution `name` with one module."""
     path = folder / f"{name}-1.0-py3-none-any.whl"
