@@ -293,13 +293,15 @@ def time_translation(
 
 def bench_decoding(
     name: str, save_dir: Path, lines: list[str], references: list[str], device: torch.device, repeats: int,
-    with_int8: bool, with_half: bool = False, ctranslate2_dir: Path | None = None,
+    with_int8: bool, with_half: bool = False, ctranslate2_dir: Path | None = None, records: list[dict] | None = None,
 ) -> list[dict]:
     """Greedy and beam 5 with the plain path, the incremental one, (`with_int8`) int8 Linear
     layers or (`with_half`) bf16 autocast, and for Transformers the fixed-shape steps of
     `decode.static_cache` (CUDA graphs on a GPU); each record counts the lines that differ from
     the plain path's output, and the others also those that differ from the incremental fp32 one. With
-    `ctranslate2_dir`, a Transformer is also exported there and decoded by CTranslate2 (beam 5)."""
+    `ctranslate2_dir`, a Transformer is also exported there and decoded by CTranslate2 (beam 5).
+    The records are appended to `records` as each is measured (a run cut short keeps them), and
+    returned."""
     model, tokenizer, config = load_for_inference(save_dir, "best", device)
     normalization = VocabInfo.read(save_dir).source_normalization()
     paths = [("plain", FullPrefixDecoding(model), "fp32", False), ("nmt", model, "fp32", False)]
@@ -309,7 +311,8 @@ def bench_decoding(
         paths.append(("nmt-bf16", model, "bf16", False))
     if isinstance(model, StaticStepModel):  # fixed-shape steps (CUDA graphs on a GPU), as translate decides
         paths += [("nmt-static", model, "fp32", True)] + ([("nmt-static-bf16", model, "bf16", True)] if with_half else [])
-    records, texts_of = [], {}
+    records = [] if records is None else records
+    first, texts_of = len(records), {}
     for beam in (1, 5):
         for path_name, decoder, precision, static in paths:
             decode = dataclasses.replace(config.decode, beam=beam, nbest=1, precision=precision, sampling=False,
@@ -327,7 +330,7 @@ def bench_decoding(
             records.append(record)
     if ctranslate2_dir is not None and config.model.arch == "transformer":
         records += bench_ctranslate2(name, save_dir, ctranslate2_dir, lines, references, device, repeats, records, texts_of)
-    return records
+    return records[first:]
 
 
 def bench_ctranslate2(
@@ -590,9 +593,8 @@ def quality_and_decoding_sections(
         decoded = bench_decoding(
             name, save_dir, lines, references, plan.device, bc.repeats, with_int8=not gpu,
             with_half=bf16 if bc.half_precision_decoding is None else bc.half_precision_decoding,
-            ctranslate2_dir=work_dir / f"export-{name}" if bc.ctranslate2 else None,
+            ctranslate2_dir=work_dir / f"export-{name}" if bc.ctranslate2 else None, records=decoding,
         )
-        decoding.extend(decoded)
         if record is not None:
             record["test_bleu_beam5"] = next(r for r in decoded if r["path"] == "nmt" and r["beam"] == 5)["bleu"]
 

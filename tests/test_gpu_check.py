@@ -174,6 +174,30 @@ def test_out_of_time_while_installing_the_bundle_reports_every_stage_skipped(mul
     assert "| rnn | skipped" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_out_of_time_while_decoding_keeps_the_rows_measured(multi30k_toy, tmp_path, monkeypatch):
+    import nmt.bench
+    import nmt.gpu_check
+
+    timed = nmt.bench.time_translation
+    calls: list[int] = []
+
+    def out_of_time_at_the_fifth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise nmt.gpu_check.OutOfTime
+        return timed(*args, **kwargs)
+
+    monkeypatch.setattr(nmt.bench, "time_translation", out_of_time_at_the_fifth)
+    monkeypatch.setattr(nmt.gpu_check.Run, "score_test", lambda self, save_dir: {})  # not under study here
+    config = CheckConfig(out=tmp_path / "out", data=multi30k_toy, dry_run=True, vocab_size=40,
+                         stages=("prepare", "transformer", "bench-decode"))
+    run_check(config, log=lambda message: None)
+    stage = json.loads((tmp_path / "out" / "gpu-check.json").read_text())["stages"]["bench-decode"]
+    assert stage["status"] == "cut short: the run's time limit was reached"
+    assert [(r["path"], r["beam"]) for r in stage["report"]["decode"]] == [("plain", 1), ("nmt", 1), ("nmt-int8", 1), ("nmt-bf16", 1)]
+
+
 def _wheel(folder, name, module_text):
     """A minimal pure-Python wheel of distribution `name` with one module."""
     path = folder / f"{name}-1.0-py3-none-any.whl"
