@@ -198,6 +198,25 @@ def test_out_of_time_while_decoding_keeps_the_rows_measured(multi30k_toy, tmp_pa
     assert [(r["path"], r["beam"]) for r in stage["report"]["decode"]] == [("plain", 1), ("nmt", 1), ("nmt-int8", 1), ("nmt-bf16", 1)]
 
 
+def test_bench_figures_meet_their_targets_at_the_bound_and_not_past_it():
+    from nmt.gpu_check import bench_figures
+
+    def row(path, fp32_differing=None, plain_differing=0):
+        found = {"model": "transformer", "path": path, "beam": 5, "seconds": 0.4, "bleu": 41.0, "sentences": 1000,
+                 "lines_differing_from_plain": plain_differing}
+        return found if fp32_differing is None else {**found, "lines_differing_from_fp32": fp32_differing}
+
+    train = [{"model": "transformer-base", "path": "nmt", "dtype": "bfloat16", "tgt_tokens_per_s": 1e5, "mfu": mfu}
+             for mfu in (0.40, 0.3999)]
+    decode = [row("nmt"), row("nmt", plain_differing=3), row("nmt-bf16", 10), row("nmt-bf16", 11)]
+    report = {"stages": {"bench-train": {"report": {"train": train}}, "bench-decode": {"report": {"decode": decode}}}}
+    met = [(label.split(":")[-1].strip(), value, ok) for label, value, _, ok in bench_figures(report) if ok is not None]
+    assert met == [("Transformer-base bf16 MFU (of datasheet peak)", 0.4, True),
+                   ("Transformer-base bf16 MFU (of datasheet peak)", 0.3999, False),
+                   ("lines differing from the plain path", 0, True), ("lines differing from the plain path", 3, False),
+                   ("lines equal to fp32", "99.0%", True), ("lines equal to fp32", "98.9%", False)]
+
+
 def _wheel(folder, name, module_text):
     """A minimal pure-Python wheel of distribution `name` with one module."""
     path = folder / f"{name}-1.0-py3-none-any.whl"
