@@ -267,6 +267,7 @@ def test_without_pip_the_wheels_are_unpacked(tmp_path, monkeypatch):
 def test_bundle_leaves_out_what_torch_brings():
     closure = requirement_closure("torch")
     assert {"torch", "filelock", "sympy"} <= closure and "sentencepiece" not in closure
+    assert "numpy" not in closure  # an extra of torch's (torch[opt-einsum] and the like) is not what it brings
 
 
 def test_command_line_options_and_unknown_stages(tmp_path):
