@@ -217,13 +217,14 @@ def test_bench_figures_meet_their_targets_at_the_bound_and_not_past_it():
                    ("lines equal to fp32", "99.0%", True), ("lines equal to fp32", "98.9%", False)]
 
 
-def _wheel(folder, name, module_text):
+def _wheel(folder, name, module_text, requires=()):
     """A minimal pure-Python wheel of distribution `name` with one module."""
     path = folder / f"{name}-1.0-py3-none-any.whl"
     info = f"{name}-1.0.dist-info"
     with zipfile.ZipFile(path, "w") as z:
         z.writestr(f"{name}.py", module_text)
-        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+        needs = "".join(f"Requires-Dist: {r}\n" for r in requires)
+        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n{needs}")
         z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         z.writestr(f"{info}/RECORD", "")
     return path
@@ -232,8 +233,9 @@ def _wheel(folder, name, module_text):
 def test_bundle_installs_only_what_this_python_lacks(tmp_path, monkeypatch):
     wheels = tmp_path / "bundle" / "wheels"
     wheels.mkdir(parents=True)
-    _wheel(wheels, "nmt_bundle_probe", "ANSWER = 42\n")
+    _wheel(wheels, "nmt_bundle_probe", "ANSWER = 42\n", requires=["numpy"])  # installed here, not in the bundle
     _wheel(wheels, "sentencepiece", "raise ImportError('the installed sentencepiece must be used')\n")
+    monkeypatch.setattr(gpu_check, "unpack_wheel", lambda *args: pytest.fail("pip refused: unpacked instead"))
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setenv("PYTHONPATH", "")
     installed = install_bundle(tmp_path / "bundle", tmp_path / "site", log=lambda message: None)
