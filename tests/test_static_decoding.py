@@ -62,9 +62,11 @@ def test_greedy_and_beam_search_give_the_plain_output(seed, norm):
 
 def test_under_bf16_autocast_the_buffers_hold_autocasts_keys_and_give_the_plain_output():
     model, src = _model(4), _sources(4)
+    decoder = _static(model, src)
+    with torch.inference_mode():  # buffers of the same shapes in fp32 first: not the ones autocast gets
+        greedy_search(decoder, src, **LIMITS)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():  # as translating runs
         plain = greedy_search(model, src, **LIMITS)
-        decoder = _static(model, src)
         state = decoder.init_state(decoder.encode(src))
         static = greedy_search(decoder, src, **LIMITS)
     assert {keys.dtype for keys, _ in state.buffers.caches} == {torch.bfloat16}  # as the step's new keys
