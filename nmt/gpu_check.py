@@ -217,11 +217,7 @@ class Run:
         return path
 
     def save(self) -> None:
-        from nmt.atomic import write_text_atomic
-
-        self.cc.out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.cc.out / "gpu-check.json", json.dumps(self.report, indent=2) + "\n")
-        write_text_atomic(self.cc.out / "gpu-check.md", format_markdown(self.report))
+        write_report(self.cc.out, self.report)
 
     def stage(self, name: str, measure: Callable[[], dict]) -> None:
         """Run one stage and write the report, whatever the stage's outcome."""
@@ -539,14 +535,19 @@ def run_check(cc: CheckConfig, log: Callable[[str], None] = lambda m: print(m, f
         log(f"gpu-check {stopped.reason}; what it measured is in {cc.out}")
         raise SystemExit(128 + stopped.signum)
     if run is None:  # out of time before the run began (installing the bundle took it all): nothing ran
-        from nmt.atomic import write_text_atomic
-
         report = {"environment": {}, "settings": {}, "stages": {n: {"status": f"skipped: {OutOfTime.reason}"} for n in cc.stages}}
-        cc.out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(cc.out / "gpu-check.json", json.dumps(report, indent=2) + "\n")
-        write_text_atomic(cc.out / "gpu-check.md", format_markdown(report))
+        write_report(cc.out, report)
         return report
     return run.report
+
+
+def write_report(out: Path, report: dict) -> None:
+    """gpu-check.json and gpu-check.md in `out`, each replaced whole."""
+    from nmt.atomic import write_text_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "gpu-check.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / "gpu-check.md", format_markdown(report))
 
 
 def install_reporting_errors(bundle: Path | None, target: Path, log: Callable[[str], None]) -> dict:
