@@ -134,6 +134,19 @@ def test_a_signal_stops_the_run_and_keeps_each_row_measured(multi30k_toy, tmp_pa
     assert [r["model"] for r in written["stages"]["bench-train"]["report"]["train"]] == ["transformer"]
 
 
+def _calling_at(n: int, interrupt, function):
+    """`function`, with `interrupt()` called at its n-th call, before it runs."""
+    calls: list[int] = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            interrupt()
+        return function(*args, **kwargs)
+
+    return wrapped
+
+
 @pytest.mark.slow
 def test_a_signal_during_training_keeps_the_training_figures(multi30k_toy, tmp_path, monkeypatch):
     import os
@@ -141,16 +154,11 @@ def test_a_signal_during_training_keeps_the_training_figures(multi30k_toy, tmp_p
 
     import nmt.train
 
-    update = nmt.train.training_update
-    updates: list[int] = []
+    def terminate():
+        os.kill(os.getpid(), signal.SIGTERM)
 
-    def terminated_at_the_sixth(*args, **kwargs):
-        updates.append(1)
-        if len(updates) == 6:  # a few updates measured first
-            os.kill(os.getpid(), signal.SIGTERM)
-        return update(*args, **kwargs)
-
-    monkeypatch.setattr(nmt.train, "training_update", terminated_at_the_sixth)
+    # A few updates measured first.
+    monkeypatch.setattr(nmt.train, "training_update", _calling_at(6, terminate, nmt.train.training_update))
     config = CheckConfig(out=tmp_path / "out", data=multi30k_toy, dry_run=True, vocab_size=40,
                          stages=("prepare", "transformer"))
     with pytest.raises(SystemExit) as stopped:
@@ -162,11 +170,9 @@ def test_a_signal_during_training_keeps_the_training_figures(multi30k_toy, tmp_p
 
 
 def test_out_of_time_while_installing_the_bundle_reports_every_stage_skipped(multi30k_toy, tmp_path, monkeypatch, capsys):
-    import nmt.gpu_check
-
     (tmp_path / "bundle").mkdir()
-    monkeypatch.setattr(nmt.gpu_check, "install_bundle", lambda *args: time.sleep(3) or [])  # a slow pip
-    nmt.gpu_check.main(["run", "--dry-run", "--data", str(multi30k_toy), "--bundle", str(tmp_path / "bundle"),
+    monkeypatch.setattr(gpu_check, "install_bundle", lambda *args: time.sleep(3) or [])  # a slow pip
+    gpu_check.main(["run", "--dry-run", "--data", str(multi30k_toy), "--bundle", str(tmp_path / "bundle"),
                         "--out", str(tmp_path / "out"), "--total-minutes", "0.01", "--stages", "prepare,rnn"])
     written = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
     assert {name: s["status"] for name, s in written["stages"].items()} == {
@@ -177,19 +183,12 @@ def test_out_of_time_while_installing_the_bundle_reports_every_stage_skipped(mul
 @pytest.mark.slow
 def test_out_of_time_while_decoding_keeps_the_rows_measured(multi30k_toy, tmp_path, monkeypatch):
     import nmt.bench
-    import nmt.gpu_check
 
-    timed = nmt.bench.time_translation
-    calls: list[int] = []
+    def out_of_time():
+        raise gpu_check.OutOfTime
 
-    def out_of_time_at_the_fifth(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise nmt.gpu_check.OutOfTime
-        return timed(*args, **kwargs)
-
-    monkeypatch.setattr(nmt.bench, "time_translation", out_of_time_at_the_fifth)
-    monkeypatch.setattr(nmt.gpu_check.Run, "score_test", lambda self, save_dir: {})  # not under study here
+    monkeypatch.setattr(nmt.bench, "time_translation", _calling_at(5, out_of_time, nmt.bench.time_translation))
+    monkeypatch.setattr(gpu_check.Run, "score_test", lambda self, save_dir: {})  # not under study here
     config = CheckConfig(out=tmp_path / "out", data=multi30k_toy, dry_run=True, vocab_size=40,
                          stages=("prepare", "transformer", "bench-decode"))
     run_check(config, log=lambda message: None)
