@@ -332,6 +332,53 @@ def test_validation_scores_each_direction_on_its_own_set_and_best_follows_their_
     assert CheckpointInfo.read(tmp_path / "run" / "best").state.step == 3
 
 
+def test_each_directions_dev_output_is_written_with_its_target_languages_normalization(tmp_path, monkeypatch):
+    """A Chinese target's dev translations get Chinese normalization (width, punctuation,
+    script) before BLEU, and the other directions their own."""
+    import nmt.translation_task
+    from nmt.config import config_from_dict
+    from nmt.models import build_model
+    from nmt.normalize import language_normalization
+    from nmt.translation_task import MultilingualTranslationTask
+
+    corpus = write_three_way(tmp_path / "corpus")
+    for path in corpus.glob("*.cc"):
+        path.rename(path.with_suffix(".zh"))
+    prepare_multilingual(MultilingualConfig(
+        PrepareConfig(out_dir=tmp_path / "data", src_lang="", tgt_lang="", train_prefix=str(corpus / "train"),
+                      valid_prefix=str(corpus / "valid"), test_prefix=str(corpus / "test"), vocab_size=300),
+        ["aa-bb", "aa-zh"], [], 1.5,  # a Chinese side takes byte pieces too
+    ))
+    calls = {}
+
+    def fake_validate(model, split, references, tokenizer, config, device, dtype, tgt_lang=None, normalize_target=None):
+        calls[tgt_lang] = normalize_target
+        return {"loss": 1.0, "ppl": 2.7, "bleu": 1.0, "sentences": len(split)}
+
+    monkeypatch.setattr(nmt.translation_task, "validate", fake_validate)
+    config = config_from_dict({"data_dir": str(tmp_path / "data"), "model": {
+        "arch": "transformer", "embed_dim": 16, "enc_layers": 1, "dec_layers": 1, "heads": 2, "ff_dim": 32}})
+    task = MultilingualTranslationTask(config, tmp_path / "data", Manifest.read(tmp_path / "data"))
+    vocab = task.tokenizer.tgt_vocab_size
+    task.validate(build_model(config.model, vocab, vocab), torch.device("cpu"), torch.float32)
+    assert calls == {"bb": language_normalization("bb"), "zh": language_normalization("zh")}
+    assert calls["zh"] != calls["bb"]
+
+
+def test_the_manifest_gives_the_unk_share_of_the_direction_with_most(tmp_path):
+    """Characters never seen in training, in bb's dev sentences only: <unk> in the target of
+    aa-bb and the source of bb-aa, the first two directions of three."""
+    corpus = write_three_way(tmp_path / "corpus")
+    lines = (corpus / "valid.bb").read_text(encoding="utf-8").splitlines()
+    (corpus / "valid.bb").write_text("".join(f"{line} ǂ\n" for line in lines), encoding="utf-8")
+    unk = prepare_multilingual(MultilingualConfig(
+        PrepareConfig(out_dir=tmp_path / "data", src_lang="", tgt_lang="", train_prefix=str(corpus / "train"),
+                      valid_prefix=str(corpus / "valid"), test_prefix=str(corpus / "test"), vocab_size=60),
+        DIRECTIONS, [], 1.5,
+    )).valid_unk_percent
+    assert unk["src"] > 0 and unk["tgt"] > 0, unk
+
+
 def test_the_training_plot_shows_each_direction(trained, tmp_path):
     from nmt.plots import plot_training, training_figure
 
