@@ -379,6 +379,20 @@ def test_the_manifest_gives_the_unk_share_of_the_direction_with_most(tmp_path):
     assert unk["src"] > 0 and unk["tgt"] > 0, unk
 
 
+def test_training_refuses_a_data_dir_whose_direction_counts_are_not_its_training_pairs(data_dir, tmp_path):
+    """A manifest that does not match the token files (a data dir edited or half rewritten): a
+    one-line error, since the directions' shares would be drawn from the wrong pairs."""
+    stale = tmp_path / "stale"
+    shutil.copytree(data_dir, stale)
+    manifest = json.loads((stale / "manifest.json").read_text())
+    manifest["direction_counts"]["bb-aa"]["train"]["pairs"] -= 1
+    (stale / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["train", "--data", str(stale), "--out", str(tmp_path / "run"), "--no-progress",
+                                 "--set", "model.embed_dim=16", "--set", "model.ff_dim=32", "--set", "train.max_steps=1"])
+    assert_one_line_error(result, str(stale), "do not add up", "nmt prepare")
+    assert not (tmp_path / "run" / "last").exists()
+
+
 def test_the_training_plot_shows_each_direction(trained, tmp_path):
     from nmt.plots import plot_training, training_figure
 
