@@ -190,8 +190,6 @@ class Run:
     """One gpu-check run: its settings, places, deadline and the report it rewrites after each stage."""
 
     def __init__(self, cc: CheckConfig, work: Path, corpus: Path, log: Callable[[str], None], started: float):
-        import torch
-
         from nmt.devices import resolve_device
 
         self.cc, self.work, self.corpus, self.log = cc, work, corpus, log
@@ -200,7 +198,6 @@ class Run:
         self.data_dir = work / "data"
         self.report: dict = {"environment": {}, "settings": {}, "stages": {}}
         self.record: dict = {}  # the running stage's record, which the bench stages fill as they go
-        self.torch = torch
 
     def seconds_left(self) -> float:
         return self.cc.total_minutes * 60 - (time.monotonic() - self.started)
@@ -261,7 +258,7 @@ class Run:
         return {"prepare_seconds": manifest.seconds, "counts": manifest.counts}
 
     def train_and_score(self, name: str, minutes: float, threshold: float, stop: bool) -> dict:
-        from nmt.bench import bench_time_to_quality
+        from nmt.bench import bench_time_to_quality, peak_memory_mb, reset_peak_memory
         from nmt.config import load_config
         from nmt.train import stopping_signal
         from nmt.train_log import read_train_log
@@ -269,8 +266,7 @@ class Run:
         # Leave a minute of the run for decoding the test set.
         minutes = max(min(minutes, (self.seconds_left() - 60) / 60), 0.02)
         save_dir = self.work / f"model-{name}"
-        if self.device.type == "cuda":
-            self.torch.cuda.reset_peak_memory_stats(self.device)
+        reset_peak_memory(self.device)
         record = bench_time_to_quality(
             name, load_config(self.config_path(name)), self.data_dir, save_dir, threshold, minutes,
             self.cc.valid_every, self.log, stop_at_threshold=stop,
@@ -282,8 +278,7 @@ class Run:
             tgt_tokens_per_s=_median(r["tgt_tokens_per_s"] for r in steady),
             tokens_per_s=_median(r["tokens_per_s"] for r in steady),
             batch_wait_fraction=_median(r.get("batch_wait_fraction") for r in steady),
-            peak_memory_mb=round(self.torch.cuda.max_memory_allocated(self.device) / 2**20)
-            if self.device.type == "cuda" else None,
+            peak_memory_mb=round(peak_memory_mb(self.device)) if self.device.type == "cuda" else None,
         )
         self.record.update(record)  # on disk before decoding: a failure or a cut there keeps the training figures
         self.save()

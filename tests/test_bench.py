@@ -257,6 +257,19 @@ print(peak_memory_mb(cpu) - before)
     assert 45 < grown < 100  # this row's 50 MB; not the 400 before it
 
 
+def test_on_a_gpu_a_rows_peak_is_the_allocators_own_in_mebibytes(monkeypatch):
+    import torch
+
+    from nmt.bench import peak_memory_mb, reset_peak_memory
+
+    allocated, resets = [3 * 2**30], []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: resets.append(device))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated[0])
+    gpu = torch.device("cuda", 0)
+    reset_peak_memory(gpu)
+    assert resets == [gpu] and peak_memory_mb(gpu) == 3072.0
+
+
 def test_a_stopped_scale_bench_stops_the_command_it_measures(tmp_path):
     import os
     import signal
