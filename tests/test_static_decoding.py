@@ -227,15 +227,69 @@ def test_the_real_capture_records_on_the_model_device_and_replays_the_plain_outp
     monkeypatch.setattr(StaticDecoding, "capture_failed", False)
     model, src = _model(11), _sources(11)
     decoder = _static(model, src)
-    cuda = CudaStandIn(decoder)
-    for name in ("device", "Stream", "current_stream", "stream", "CUDAGraph", "graph"):
-        monkeypatch.setattr(torch.cuda, name, getattr(cuda, name))
-    real_capture = decoder.capture
-    monkeypatch.setattr(decoder, "graphs_on", lambda device: True)
-    monkeypatch.setattr(decoder, "capture", lambda buffers: cuda.capture(buffers) or real_capture(buffers))
+    cuda = _stand_in_cuda(monkeypatch, decoder)
     _same(greedy_search(model, src, **LIMITS), greedy_search(decoder, src, **LIMITS))
     assert static_decoding.GRAPH_COUNTS["captured"] == 1 and static_decoding.GRAPH_COUNTS["replayed_steps"] > 0
     assert cuda.calls and all(device == "cpu" for _, device in cuda.calls)  # the tensors' device throughout
+
+
+def _stand_in_cuda(monkeypatch, decoder, graph=None) -> CudaStandIn:
+    cuda = CudaStandIn(decoder)
+    for name in ("device", "Stream", "current_stream", "stream", "CUDAGraph", "graph"):
+        monkeypatch.setattr(torch.cuda, name, getattr(cuda, name))
+    if graph is not None:
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+    real_capture = decoder.capture
+    monkeypatch.setattr(decoder, "graphs_on", lambda device: True)
+    monkeypatch.setattr(decoder, "capture", lambda buffers: cuda.capture(buffers) or real_capture(buffers))
+    return cuda
+
+
+def test_a_failed_capture_warns_once_and_every_later_batch_decodes_without_graphs(monkeypatch, capsys):
+    import nmt.static_decoding as static_decoding
+
+    monkeypatch.setattr(static_decoding, "GRAPH_COUNTS", type(static_decoding.GRAPH_COUNTS)())
+    monkeypatch.setattr(StaticDecoding, "capture_failed", False)
+    model, src = _model(12), _sources(12)
+    decoder = _static(model, src)
+
+    def refusing(graph, pool=None, stream=None, capture_error_mode="global"):
+        raise RuntimeError("operation not permitted when stream is capturing\nCUDA kernel errors might be ...")
+
+    _stand_in_cuda(monkeypatch, decoder, graph=refusing)
+    _same(greedy_search(model, src, **LIMITS), greedy_search(decoder, src, **LIMITS))
+    for plain, static in zip(beam_search(model, src, 3, **LIMITS), beam_search(decoder, src, 3, **LIMITS)):
+        _same(plain, static)  # another bucket of shapes: not captured again
+    counts = static_decoding.GRAPH_COUNTS
+    assert (counts["failed"], counts["captured"], counts["replayed_steps"]) == (1, 0, 0) and counts["eager_steps"] > 0
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings == ["warning: CUDA graph capture failed (operation not permitted when stream is capturing); "
+                        "decoding goes on without it"]
+
+
+def test_under_autocast_the_graph_is_recorded_with_autocasts_cache_off(monkeypatch):
+    """A graph outlives the autocast region it was captured in, whose cache of cast weights is
+    emptied when the region ends: the recorded step must cast the weights itself."""
+    import nmt.static_decoding as static_decoding
+
+    monkeypatch.setattr(static_decoding, "GRAPH_COUNTS", type(static_decoding.GRAPH_COUNTS)())
+    monkeypatch.setattr(StaticDecoding, "capture_failed", False)
+    model, src = _model(13), _sources(13)
+    decoder = _static(model, src)
+    cuda, recorded = _stand_in_cuda(monkeypatch, decoder), []
+    stand_in_graph = cuda.graph
+
+    @contextlib.contextmanager
+    def recording(graph, pool=None, stream=None, capture_error_mode="global"):
+        recorded.append((torch.is_autocast_cache_enabled(), torch.get_autocast_dtype("cpu")))
+        with stand_in_graph(graph, pool, stream, capture_error_mode):
+            yield
+
+    monkeypatch.setattr(torch.cuda, "graph", recording)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
+        plain, static = greedy_search(model, src, **LIMITS), greedy_search(decoder, src, **LIMITS)
+    assert recorded == [(False, torch.bfloat16)]
+    assert [h.tokens for h in plain] == [h.tokens for h in static]
 
 
 def test_translate_decodes_through_the_static_path_when_asked(monkeypatch):
