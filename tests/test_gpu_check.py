@@ -393,6 +393,20 @@ def test_the_training_figures_stay_when_decoding_the_test_set_fails(multi30k_toy
     assert stage["tgt_tokens_per_s"] > 0 and stage["curve"] and stage["trained_seconds"] > 0
 
 
+@pytest.mark.parametrize("minutes, seconds", [(9.0, 540), (0.2, 12), (0.001, 1)])
+def test_the_runs_deadline_is_its_total_minutes_from_before_the_installation(minutes, seconds, multi30k_toy, tmp_path,
+                                                                              monkeypatch):
+    import signal
+
+    alarms, order = [], []
+    monkeypatch.setattr(signal, "alarm", lambda s: alarms.append(s) or 0)
+    monkeypatch.setattr(gpu_check, "install_reporting_errors", lambda *args: order.append(("install", len(alarms))) or {})
+    monkeypatch.setattr(gpu_check.Run, "run", lambda self: None)
+    run_check(CheckConfig(out=tmp_path / "out", data=multi30k_toy, device="cpu", total_minutes=minutes), log=lambda m: None)
+    assert alarms[0] == seconds and order == [("install", 1)]  # armed before the bundle goes in
+    assert alarms[-1] == 0  # and disarmed at the end
+
+
 def test_the_deadline_comes_again_should_its_first_signal_be_lost():
     """An error raised while OutOfTime unwinds (a CUDA graph capture ended halfway) replaces it,
     and a fallback may catch that one: the alarm is set again, for 15 s later."""
