@@ -1,7 +1,9 @@
 import dataclasses
 import json
+import statistics
 
 import pytest
+import torch
 import yaml
 from conftest import TINY_RNN, TINY_TRANSFORMER, toy_pairs, write_multi30k_toy, write_pairs
 from nmt_cli.main import app
@@ -44,6 +46,7 @@ def test_bench_measures_every_section_against_its_baseline(bench_inputs, tmp_pat
     for record in train.values():
         assert record["updates"] == 3 and len(record["seconds_all_repeats"]) == 2
         assert record["tokens_per_s"] > record["tgt_tokens_per_s"] > 0
+        assert record["seconds_per_update"] * 3 == pytest.approx(statistics.median(record["seconds_all_repeats"]))
     for path, dtype in passes:  # model FLOPs are counted for the Transformer
         record = train[("transformer", path, dtype)]
         assert record["flops_per_s"] > 0 and 0 < record["mfu_of_measured_matmul"] < 1
@@ -71,7 +74,9 @@ def test_bench_measures_every_section_against_its_baseline(bench_inputs, tmp_pat
         assert decode[key]["speed_vs_nmt_fp32"] == pytest.approx(speed) and 0 <= decode[key]["lines_differing_from_nmt_fp32"] <= 20
     for (_, path, _), record in decode.items():
         assert record["sentences"] == 20 and record["sentences_per_s"] > 0
-        assert record["repeats"] == (1 if path == "plain" else 2)
+        assert record["repeats"] == len(record["seconds_all_repeats"]) == (1 if path == "plain" else 2)
+        assert record["seconds"] == pytest.approx(statistics.median(record["seconds_all_repeats"]))
+        assert record["sentences_per_s"] == pytest.approx(20 / record["seconds"])
         if path == "nmt":  # the incremental path translates exactly as the plain one
             assert record["lines_differing_from_plain"] == 0
 
@@ -212,8 +217,6 @@ def test_an_interrupted_bench_writes_what_it_measured(bench_inputs, tmp_path, mo
     ("NVIDIA H100 NVL", 835.5e12), ("NVIDIA H100 PCIe", 756.5e12), ("NVIDIA GeForce RTX 4090", None),
 ])
 def test_mfu_divides_by_the_peak_of_the_card_named_not_of_its_namesake(name, peak, monkeypatch):
-    import torch
-
     from nmt.bench import datasheet_peak
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
@@ -258,8 +261,6 @@ print(peak_memory_mb(cpu) - before)
 
 
 def test_on_a_gpu_a_rows_peak_is_the_allocators_own_in_mebibytes(monkeypatch):
-    import torch
-
     from nmt.bench import peak_memory_mb, reset_peak_memory
 
     allocated, resets = [3 * 2**30], []
@@ -293,6 +294,35 @@ def test_a_stopped_scale_bench_stops_the_command_it_measures(tmp_path):
         signal.signal(signal.SIGALRM, previous)
     with pytest.raises(ProcessLookupError):  # gone, not left running
         os.kill(int(pid_file.read_text()), 0)
+
+
+def test_the_plain_training_baseline_is_plain_pytorch_and_nmts_step_its_own(tmp_path, monkeypatch):
+    """The "vs plain" ratio is against fp32 PyTorch with its own masks, an unfused optimizer and no
+    compiling, whatever the recipe asks for; nmt's step takes the recipe's precision, fusing and
+    compiling."""
+    from conftest import prepare_toy_data
+
+    import nmt.bench
+    from nmt.bench import bench_training
+    from nmt.config import config_from_dict
+    from nmt.data import ParallelSplit
+
+    data = prepare_toy_data(tmp_path, train=40)
+    config = config_from_dict({"data_dir": str(data), "model": TINY_TRANSFORMER,
+                               "train": {"precision": "bf16", "compile": True, "batch_tokens": 200}})
+    calls = []
+    monkeypatch.setattr(nmt.bench, "use_torch_masks", lambda model: calls.append("torch masks"))
+    monkeypatch.setattr(nmt.bench, "keep_freed_memory", lambda: calls.append("keep freed memory"))
+    monkeypatch.setattr(nmt.bench, "compile_model", lambda model: calls.append("compiled") or model)
+    make_optimizer = nmt.bench.make_optimizer
+    monkeypatch.setattr(nmt.bench, "make_optimizer", lambda model, tc, fused: calls.append(f"fused {fused}")
+                        or make_optimizer(model, tc, fused=fused))
+    split = ParallelSplit.load(data, "train")
+    plain = bench_training("transformer", config, split, (40, 40), torch.device("cpu"), True, steps=1, repeats=1)
+    assert (plain["dtype"], plain["path"], plain["compiled"], calls) == ("float32", "plain", False, ["torch masks", "fused False"])
+    calls.clear()
+    nmt_step = bench_training("transformer", config, split, (40, 40), torch.device("cpu"), False, steps=1, repeats=1)
+    assert (nmt_step["dtype"], nmt_step["path"], calls) == ("bfloat16", "nmt", ["keep freed memory", "fused True", "compiled"])
 
 
 def test_the_report_gives_each_path_its_speed_against_the_plain_one():
