@@ -2,10 +2,12 @@
 records it in the data dir; the checkpoint keeps it, and `nmt translate` applies the source
 side's to its input, so that a model sees text at translate time as it saw it in training.
 
-For Chinese: full-width Latin letters and digits become ASCII, ASCII sentence punctuation after
-a Chinese character (or between a Latin letter or digit and one, or ending a line of Chinese)
-and brackets around Chinese text become their full-width forms (the forms Chinese text uses), and Traditional
-characters become Simplified (OpenCC), so that one sentence in two scripts is one sentence.
+For Chinese: the full-width forms of ASCII become ASCII (as SentencePiece's NFKC makes them, so
+that a model can write its references), then ASCII sentence punctuation after a Chinese character
+or a closing quote (or between a Latin letter or digit and one, or ending a line of Chinese) and
+brackets around Chinese text become their full-width forms (the forms Chinese text uses), and
+Traditional characters become Simplified (OpenCC), so that one sentence in two scripts is one
+sentence.
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ CJK_LANGS = CHINESE_LANGS + ("ja", "jpn", "ko", "kor")
 SCRIPTS = ("simplified", "none")
 UNICODE_FORMS = ("NFC", "NFKC", "NFD", "NFKD", "none")
 
-# Full-width digits and Latin letters (U+FF10-FF19, FF21-FF3A, FF41-FF5A) and the ideographic space.
-_WIDTH = {code: code - 0xFEE0 for code in [*range(0xFF10, 0xFF1A), *range(0xFF21, 0xFF3B), *range(0xFF41, 0xFF5B)]}
-_WIDTH[0x3000] = ord(" ")
+# The full-width and small forms of ASCII (U+FF01-FF5E, FE50-FE6B) and the ideographic space: what
+# SentencePiece's NFKC makes ASCII, so that a model can write its references. The punctuation
+# rules below then give back the full-width forms Chinese text uses.
+_WIDTH = {code: ord(unicodedata.normalize("NFKC", chr(code))) for code in [*range(0xFF01, 0xFF5F), *range(0xFE50, 0xFE6C), 0x3000]
+          if len(unicodedata.normalize("NFKC", chr(code))) == 1 and unicodedata.normalize("NFKC", chr(code)).isascii()}
 _HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 HAN_CHARACTER = re.compile(f"[{_HAN}]")  # CJK ideographs (with extension A and compatibility)
+_CLOSING_QUOTES = "”」』"  # after which punctuation is Chinese text's, as after a character
 _FULL_PUNCTUATION = {",": "，", "!": "！", "?": "？", ":": "：", ";": "；", ".": "。", "(": "（", ")": "）"}
 # Chinese text's places for full-width punctuation, found in one pass: both brackets of a
 # bracketed text holding Chinese ("(我是Tom)"; what is inside is then looked at alone); ASCII
@@ -40,7 +45,7 @@ _FULL_PUNCTUATION = {",": "，", "!": "！", "?": "？", ":": "：", ";": "；",
 # Han character and an unopened one after one.
 _PUNCTUATION = re.compile(
     rf"\([^()]*[{_HAN}][^()]*\)"
-    rf"|(?<=[{_HAN}])(?:[!?]+|[,:;)]|\.(?=\s|$|[{_HAN}]))"
+    rf"|(?<=[{_HAN}{_CLOSING_QUOTES}])(?:[!?]+|[,:;)]|\.(?=\s|$|[{_HAN}]))"
     rf"|(?<=[A-Za-z0-9])[,!?:;](?=[{_HAN}])"
     rf"|\((?=[{_HAN}])"
 )
@@ -71,7 +76,7 @@ def is_cjk(lang: str) -> bool:
 @dataclass(frozen=True)
 class Normalization:
     unicode_form: str = "NFC"  # NFC, NFKC, NFD, NFKD or none
-    fold_width: bool = False  # full-width Latin letters and digits -> ASCII
+    fold_width: bool = False  # full-width (and small) forms of ASCII -> ASCII
     cjk_punctuation: bool = False  # ASCII , ! ? : ; . after a Han character (and see below) -> full-width
     chinese_script: str = "none"  # "simplified": Traditional -> Simplified with OpenCC
 

@@ -3,6 +3,7 @@ filters, SentencePiece without <unk>, BLEU's zh tokenizer, and splits by English
 
 import json
 import random
+import unicodedata
 
 import numpy as np
 import pytest
@@ -33,6 +34,9 @@ def test_full_width_and_traditional_to_simplified_on_known_examples():
     assert ZH("学会尊敬他(她)。") == "学会尊敬他（她）。" and ZH("版本(v2)很好") == "版本(v2)很好"  # brackets around Chinese
     assert ZH("(我是Tom)") == "（我是Tom）" and ZH("(Tom是我)") == "（Tom是我）" and ZH("(see 图3) (v2)") == "（see 图3） (v2)"
     assert ZH("你好!!") == "你好！！" and ZH("真的?!") == "真的？！" and ZH("你担心Tom?!") == "你担心Tom？！"  # runs whole
+    # full-width forms SentencePiece makes ASCII stay so where no rule gives them back
+    assert ZH("汤姆每天2：30回家。") == "汤姆每天2:30回家。" and ZH("多赚7％。") == "多赚7%。" and ZH("时候﹐我") == "时候，我"
+    assert ZH("他唱“祝你生日快乐”，然后") == "他唱“祝你生日快乐”，然后" and ZH("他唱“快乐”,然后") == "他唱“快乐”，然后"
 
 
 @pytest.mark.parametrize("text", ["ＡＢＣ１２３，知識就是力量.", "誰？Who? 我們,你們.", "plain English, unchanged.",
@@ -256,13 +260,27 @@ def test_given_traditional_references_are_written_in_the_script_the_model_writes
     assert references == ["3" + zh for _, zh in pairs[280:]]  # 們 kept; 3 and 。 as the model writes them
 
 
-def test_width_folding_covers_every_full_width_digit_and_letter():
-    """Width folding covers all of 0-9, A-Z, a-z and nothing next to them."""
+def test_width_folding_makes_ascii_what_sentencepieces_nfkc_makes_ascii():
+    """Every full-width and small form of ASCII, and nothing that NFKC keeps or makes otherwise."""
     fold = Normalization(fold_width=True)
     assert fold("０１２３４５６７８９") == "0123456789"
     assert fold("ＡＢＣＤＥＦＧＨＩＪＫＬＭＮＯＰＱＲＳＴＵＶＷＸＹＺ") == "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     assert fold("ａｂｃｄｅｆｇｈｉｊｋｌｍｎｏｐｑｒｓｔｕｖｗｘｙｚ") == "abcdefghijklmnopqrstuvwxyz"
-    assert fold("／：＠［｀｛") == "／：＠［｀｛"  # the full-width symbols around the ranges stay
+    assert fold("！＂＃＄％＆＇（）＊＋，－．／：；＜＝＞？＠［＼］＾＿｀｛｜｝～") == "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
+    assert fold("﹐﹒﹔﹕﹖﹗\u3000") == ",.;:?! "
+    assert fold("。、「」“”…①") == "。、「」“”…①"  # Chinese punctuation stays; and what NFKC makes more than one character
+    for code in [*range(0xFF01, 0xFF5F), *range(0xFE50, 0xFE6C)]:
+        nfkc = unicodedata.normalize("NFKC", chr(code))
+        assert fold(chr(code)) == (nfkc if nfkc.isascii() and len(nfkc) == 1 else chr(code)), hex(code)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="我是你好電腦Tom3 ,.!?:;()（）！？，：％－＂﹐”「」。2", max_size=24))
+def test_a_model_can_write_its_chinese_references(text):
+    """A reference as prepare writes it, through SentencePiece's NFKC (which makes full-width
+    punctuation ASCII) and the target normalization of the output, comes back unchanged."""
+    reference = ZH(text)
+    assert ZH(unicodedata.normalize("NFKC", reference)) == reference
 
 
 def test_dev_bleu_of_outputs_equal_to_chinese_references_is_100(tmp_path, monkeypatch):
