@@ -70,9 +70,10 @@ def score_texts(
     if not references:
         raise DataError("nothing to score: no lines")
     scores = []
-    tokenize = tokenize or bleu_tokenizer(lang, references)
+    by_language = bleu_tokenizer(lang, references)
+    tokenize = tokenize or by_language
     for name in metrics:
-        metric = _bleu(tokenize) if name == "bleu" else CHRF() if name == "chrf" else _ter(tokenize)
+        metric = _bleu(tokenize) if name == "bleu" else CHRF() if name == "chrf" else _ter(by_language)
         result = metric.corpus_score(hypotheses, [references])
         scores.append(Score(name, float(result.score), str(metric.get_signature()), str(result)))
     return scores
@@ -91,11 +92,12 @@ def check_scoring(metrics, tokenize: str | None) -> None:
         _bleu(tokenize)  # loaded now: one that cannot be (MeCab missing, offline) fails before translating
 
 
-def _ter(bleu_tokenize: str) -> TER:
-    """TER splits Chinese and Japanese text into characters where BLEU segments it (sacreBLEU's
-    asian_support, which works on normalized text): otherwise an unsegmented line is one word,
-    and TER only tells whether a line matches its reference exactly."""
-    segmented = bleu_tokenize in ("zh", "ja-mecab")
+def _ter(language_tokenize: str) -> TER:
+    """TER splits Chinese and Japanese text into characters (sacreBLEU's asian_support, which
+    works on normalized text), whatever tokenizer BLEU was given: otherwise an unsegmented line is
+    one word, and TER only tells whether a line matches its reference exactly. `language_tokenize`:
+    the BLEU tokenizer of the text's language (`bleu_tokenizer`)."""
+    segmented = language_tokenize in ("zh", "ja-mecab")
     return TER(normalized=segmented, asian_support=segmented)
 
 
@@ -138,6 +140,7 @@ def translate_and_score(
 
     check_scoring(metrics, tokenize)
     lang = lang or tgt_lang or VocabInfo.read(model_dir).tgt_lang
+    check_scoring(metrics, tokenize or bleu_tokenizer(lang))  # the language's tokenizer loads before translating
     with tempfile.TemporaryDirectory(prefix="nmt-eval-") as tmp:
         hyp_path = Path(tmp) / "hyp.txt"
         translate_file(model_dir, src_path, hyp_path, decode_options, device=device, languages=LanguageChoice(tgt_lang, src_lang))
@@ -207,6 +210,8 @@ def evaluate_directions(
     if off_target:
         check_identifiable(candidates)
     check_language_choices(model_dirs, pivot_dirs, [languages_of[d] for d in directions or known], pivot, decode_options)
+    for tgt_lang in {languages_of[d][1] for d in directions or known}:  # each target's tokenizer loads before translating
+        check_scoring(metrics, tokenize or bleu_tokenizer(tgt_lang))
     # Zero-shot: what the model was not trained on (the data dir may come from another run).
     trained = (set(vocab_info.directions) or set(manifest.directions)
                or {f"{vocab_info.src_lang or manifest.src_lang}-{vocab_info.tgt_lang or manifest.tgt_lang}"})

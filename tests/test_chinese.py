@@ -97,13 +97,18 @@ def test_bleu_uses_the_zh_tokenizer_for_chinese_targets():
     assert bleu_tokenizer("en") == "13a" and bleu_tokenizer(None, ["Knowledge is power."]) == "13a"
 
 
-def test_ter_splits_chinese_into_characters_as_bleu_does():
+def test_ter_splits_chinese_into_characters_whatever_bleus_tokenizer():
     """Unsplit, a Chinese line is one word, and TER only tells whether it matches exactly."""
     hyp, ref = ["今天天气好。", "我是一个学生。"], ["今天天气很好。", "我是学生。"]
     (ter,) = score_texts(hyp, ref, ("ter",), lang="zh")
     assert "asian:yes" in ter.signature and 20 < ter.score < 40  # 3 edits in 11 characters and punctuation
     (english,) = score_texts(["a b c"], ["a b d"], ("ter",), lang="en")
     assert "asian:no" in english.signature and round(english.score, 2) == 33.33
+    for tokenize in ("char", "13a", "none"):  # whatever BLEU's tokenizer: TER's is the language's
+        (given,) = score_texts(hyp, ref, ("ter",), tokenize, lang="zh")
+        assert (given.score, given.signature) == (ter.score, ter.signature)
+    (from_references,) = score_texts(hyp, ref, ("ter",), "char")
+    assert (from_references.score, from_references.signature) == (ter.score, ter.signature)
 
 
 def _toy_zh_corpus(path, seed=0):

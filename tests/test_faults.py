@@ -476,6 +476,35 @@ def test_a_bleu_tokenizer_that_cannot_load_is_refused_before_translating(data_di
     assert_one_line_error(result, "BLEU tokenizer 'ja-mecab' cannot be loaded")
 
 
+@pytest.mark.parametrize("source", ["language", "data dir"])
+def test_a_tokenizer_the_target_language_picks_is_loaded_before_translating(source, data_dir, model_dir, monkeypatch):
+    """Japanese (from --lang, or a data dir's target language) picks MeCab: missing, it is
+    refused before anything is translated."""
+    import nmt.evaluate
+    import nmt.translate
+
+    def translated(*args, **kwargs):
+        raise AssertionError("translated before the tokenizer was loaded")
+
+    class WithoutMeCab(nmt.evaluate.BLEU):
+        def __init__(self, *args, tokenize=None, **kwargs):
+            if tokenize == "ja-mecab":
+                raise ImportError("Japanese tokenization requires extra dependencies")
+            super().__init__(*args, tokenize=tokenize, **kwargs)
+
+    monkeypatch.setattr(nmt.evaluate, "BLEU", WithoutMeCab)
+    monkeypatch.setattr(nmt.translate, "translate_file", translated)
+    source_file = data_dir / "test.src.txt"
+    if source == "language":
+        arguments = ["--src", str(source_file), "--ref", str(source_file), "--lang", "ja"]
+    else:
+        japanese = nmt.evaluate.bleu_tokenizer
+        monkeypatch.setattr(nmt.evaluate, "bleu_tokenizer", lambda lang=None, references=None: japanese("ja"))
+        arguments = ["--data", str(data_dir)]
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(model_dir), *arguments])
+    assert_one_line_error(result, "BLEU tokenizer 'ja-mecab' cannot be loaded")
+
+
 def test_evaluate_and_plot_errors_are_one_line(data_dir, tmp_path):
     runner = CliRunner()
     save_dir = tmp_path / "model"
