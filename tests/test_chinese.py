@@ -188,6 +188,17 @@ def test_outputs_keep_the_full_width_punctuation_of_the_references(zh_data):
     assert decode_outputs(tokenizer, [ids], manifest.target_normalization()) == [reference]
 
 
+def test_a_traditional_prefix_is_written_in_the_script_of_the_targets(zh_data):
+    from nmt.config import DecodeConfig
+    from nmt.translate import encode_lines
+
+    manifest = Manifest.read(zh_data)
+    tokenizer = Tokenizer(zh_data / manifest.vocab.src_model, zh_data / manifest.vocab.tgt_model)
+    encoded = encode_lines(tokenizer, ["sentence number 1 is here."], DecodeConfig(), prefixes=["我們"],
+                           normalize_target=manifest.target_normalization())
+    assert encoded.prefixes == tokenizer.encode_tgt(["我们"]) != tokenizer.encode_tgt(["我們"])
+
+
 def test_normalize_none_turns_every_step_off():
     off = language_normalization("zh", unicode_form="none")
     assert off("ＡＢＣ知識,") == "ＡＢＣ知識,"
@@ -333,6 +344,7 @@ def test_bleus_tokenizer_is_recognised_from_the_references_or_given_by_language(
     assert bleu_tokenizer(None, ["漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字のは"]) == "ja-mecab"  # 2 kana of 20
     assert bleu_tokenizer(None, ["我们 说 话 a b c d e"]) == "zh"  # 4 Han of 9 letters, spaces not counted
     assert bleu_tokenizer("ja-JP", ["我们说话"]) == "ja-mecab" and bleu_tokenizer("ko_KR", None) == "ko-mecab"
+    assert bleu_tokenizer(None, ["我们说话我们说话我们说话我们说话我们说话我们说话我们说话的时候の"]) == "zh"  # 1 kana of 30: a stray one
     assert score_texts(["我们说话"], ["我们说话"], ("bleu",), lang="ja")[0].signature.count("tok:ja-mecab") == 1
 
 
@@ -351,5 +363,7 @@ def test_score_reports_give_each_signature_and_name_the_directions_of_each():
     report = DirectionReport([DirectionScores("aa-bb", [ten]), DirectionScores("bb-cc", [ten], zero_shot=True)]).text()
     assert [line.split()[:2] for line in report.splitlines() if line.startswith("mean")] == [["mean", "trained"], ["mean", "zero-shot"]]
     assert "* zero-shot: a direction the model was not trained on" in report
+    rows = {line.split()[0]: line.split()[1] for line in report.splitlines()[1:3]}
+    assert rows == {"aa-bb": "10.00", "bb-cc": "*"}  # the zero-shot direction marked in its row
     with pytest.raises(DataError, match="2 hypotheses but 1 references"):
         score_texts(["a", "b"], ["a"])

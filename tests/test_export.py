@@ -253,6 +253,9 @@ def test_attention_is_the_last_layers_mean_over_heads(models):
         np.testing.assert_allclose(ours.weights, theirs.weights, atol=1e-5)  # the source EOS column included
     assert translator.describe_attention(AttentionChoice()).startswith("transformer, decoder layer 2 of 2, mean of 2 heads")
     translator.translate(lines, attention=AttentionChoice(layer=2))
+    cut = _ct2(export_dir, {"beam": 1, "max_len_a": 0.0, "max_len_b": 2}).translate(lines[:-1], attention=AttentionChoice())
+    assert all(len(m.output) == m.weights.shape[0] for m in cut.attention_maps)  # a label for each row
+    assert any(m.output[-1] != EOS_LABEL for m in cut.attention_maps)  # an output cut at the limit: no EOS row
     for choice in (AttentionChoice(layer=1), AttentionChoice(head=1)):
         with pytest.raises(ConfigError, match="last decoder layer"):
             translator.translate(lines, attention=choice)

@@ -197,3 +197,70 @@ def test_an_output_inside_a_folder_given_by_another_spelling_is_refused(tmp_path
     with pytest.raises(DataError, match="inside"):
         check_output_apart(model / "out.txt", [], [Path("model")])
     check_output_apart(tmp_path / "out.txt", [], [Path("model")])  # beside it: fine
+
+
+# --- vocab.json and nmt_export.json read back ------------------------------------------------
+
+def _vocab_json(**changes) -> dict:
+    vocab = {"src_model": "spm.model", "tgt_model": "spm.model", "src_size": 100, "tgt_size": 100,
+             "src_sha256": "a" * 64, "tgt_sha256": "a" * 64}
+    return {"vocab": {**vocab, **changes.pop("vocab", {})}, "src_lang": "de", "tgt_lang": "en", **changes}
+
+
+@pytest.mark.parametrize("changes", [{"vocab": {"src_size": True}}, {"train_pairs": False}, {"texts": [1, 2]},
+                                     {"directions": ["de-en", None]}, {"src_lang": 3}])
+def test_a_vocab_json_field_of_another_kind_is_damaged(changes, tmp_path):
+    """A hand-edited file: true is not a size, nor a number a name."""
+    from nmt.errors import CheckpointError
+    from nmt.files import VocabInfo
+
+    (tmp_path / "vocab.json").write_text(json.dumps(_vocab_json()))
+    assert VocabInfo.read(tmp_path).vocab.src_size == 100
+    (tmp_path / "vocab.json").write_text(json.dumps(_vocab_json(**changes)))
+    with pytest.raises(CheckpointError, match="vocab.json is damaged"):
+        VocabInfo.read(tmp_path)
+
+
+def test_packed_pieces_must_cover_the_whole_vocabulary():
+    import numpy as np
+
+    from nmt.errors import CheckpointError
+    from nmt.files import pack_pieces, unpack_pieces
+
+    mask = np.arange(16) % 3 == 0
+    assert (unpack_pieces(pack_pieces(mask), 16) == mask).all() and (unpack_pieces(pack_pieces(mask), 10) == mask[:10]).all()
+    with pytest.raises(CheckpointError, match="do not cover the vocabulary"):
+        unpack_pieces(pack_pieces(mask), 17)
+
+
+def test_an_ensemble_names_the_first_side_whose_sentencepiece_models_differ():
+    from nmt.ensemble import _first_difference
+    from nmt.files import VocabInfo
+
+    def info(**vocab):
+        return VocabInfo._from_json(_vocab_json(vocab=vocab), None)
+
+    assert _first_difference(info(), info()) == ""
+    assert "target SentencePiece models differ" in _first_difference(info(), info(tgt_sha256="b" * 64))
+    assert "source SentencePiece models differ" in _first_difference(info(), info(src_sha256="b" * 64, tgt_sha256="b" * 64))
+    assert "target vocabularies differ in size (100 and 120 pieces)" in _first_difference(info(), info(tgt_size=120))
+
+
+def test_an_export_record_gives_each_side_its_own_normalization_and_needs_both_sides_named(tmp_path):
+    from nmt.errors import CheckpointError
+    from nmt.files import ExportRecord
+
+    (tmp_path / "model").mkdir()
+    record = ExportRecord(format="ctranslate2", languages={"source": "de", "target": "en"},
+                          sentencepiece={"source": "a", "target": "b"},
+                          normalization={"src": Normalization("NFKC").as_dict(), "tgt": Normalization("NFD").as_dict()},
+                          decode={}, model={}, quantization=None, checkpoint="best", step=1, max_positions=8, attention="")
+    record.write(tmp_path / "model")
+    read = ExportRecord.read(tmp_path / "model")
+    assert read.source_normalization() == Normalization("NFKC") and read.target_normalization() == Normalization("NFD")
+    for field_name in ("languages", "sentencepiece"):
+        damaged = json.loads((tmp_path / "model" / ExportRecord.NAME).read_text())
+        del damaged[field_name]["target"]
+        (tmp_path / "model" / ExportRecord.NAME).write_text(json.dumps(damaged))
+        with pytest.raises(CheckpointError, match="is damaged"):
+            ExportRecord.read(tmp_path / "model")

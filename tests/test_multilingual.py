@@ -71,6 +71,19 @@ def prepare_three_way(root: Path, directions=DIRECTIONS, zero_shot=("bb-cc",), t
     return root / "data"
 
 
+def prepare_with_chinese(root: Path) -> Path:
+    """Directions aa-bb and aa-zh, zh being the toy cc under Chinese's name (and normalization)."""
+    corpus = write_three_way(root / "corpus")
+    for path in corpus.glob("*.cc"):
+        path.rename(path.with_suffix(".zh"))
+    prepare_multilingual(MultilingualConfig(
+        PrepareConfig(out_dir=root / "data", src_lang="", tgt_lang="", train_prefix=str(corpus / "train"),
+                      valid_prefix=str(corpus / "valid"), test_prefix=str(corpus / "test"), vocab_size=300),
+        ["aa-bb", "aa-zh"], [], 1.5,  # a Chinese side takes byte pieces too
+    ))
+    return root / "data"
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return prepare_three_way(tmp_path_factory.mktemp("multilingual"))
@@ -341,14 +354,7 @@ def test_each_directions_dev_output_is_written_with_its_target_languages_normali
     from nmt.normalize import language_normalization
     from nmt.translation_task import MultilingualTranslationTask
 
-    corpus = write_three_way(tmp_path / "corpus")
-    for path in corpus.glob("*.cc"):
-        path.rename(path.with_suffix(".zh"))
-    prepare_multilingual(MultilingualConfig(
-        PrepareConfig(out_dir=tmp_path / "data", src_lang="", tgt_lang="", train_prefix=str(corpus / "train"),
-                      valid_prefix=str(corpus / "valid"), test_prefix=str(corpus / "test"), vocab_size=300),
-        ["aa-bb", "aa-zh"], [], 1.5,  # a Chinese side takes byte pieces too
-    ))
+    prepare_with_chinese(tmp_path)
     calls = {}
 
     def fake_validate(model, split, references, tokenizer, config, device, dtype, tgt_lang=None, normalize_target=None):
@@ -520,6 +526,17 @@ def test_evaluate_scores_each_direction_of_a_multilingual_data_dir(trained, data
     labelled = [line.split(":")[0] for line in table.stdout.splitlines() if "signature" in line]
     assert labelled == ["bleu signature", "chrf signature", "ter signature"]  # one per metric, named
 
+
+
+def test_evaluate_scores_each_direction_with_its_target_languages_tokenizer(tmp_path):
+    from conftest import TINY_TRANSFORMER, train_tiny
+
+    from nmt.evaluate import evaluate_directions
+
+    data = prepare_with_chinese(tmp_path)
+    model = train_tiny(data, tmp_path / "run", TINY_TRANSFORMER, max_steps=2, valid_every=2)
+    signatures = {r.direction: r.scores[0].signature for r in evaluate_directions([model], data, metrics=("bleu",))}
+    assert "tok:zh" in signatures["aa-zh"] and "tok:13a" in signatures["aa-bb"], signatures
 
 
 def test_evaluate_marks_zero_shot_what_the_model_was_not_trained_on(trained, tmp_path):
@@ -782,6 +799,11 @@ def test_a_bilingual_model_refuses_other_languages(trained, tmp_path):
     assert_one_line_error(result, "--pivot needs a multilingual model")
     assert_one_line_error(runner.invoke(app, ["translate", str(trained), "--tgt-lang", "bb", "--pivot", ""], input="w1\n"),
                           "--pivot names no language")
+    from nmt.translate import check_language_choices
+
+    check_language_choices([trained], None, [("aa", "cc")], "bb", None)  # the same model both ways: it knows bb -> cc
+    with pytest.raises(ConfigError, match="translates into yy only"):  # a second model for the second step: it does not
+        check_language_choices([trained], [bilingual], [("aa", "cc")], "bb", None)
 
 
 def test_a_model_records_the_pieces_of_each_target_language(trained, data_dir):

@@ -72,6 +72,9 @@ def test_the_summary_says_what_each_data_dir_holds(tmp_path):
     assert "vocab: joint" in text and f"<unk> in valid: {unk['src']}% source, {unk['tgt']}% target" in text
     separate = prepare_toy_data(tmp_path / "separate", train=30, joint_vocab=False)
     assert "vocab: separate" in summary(separate, Manifest.read(separate))
+    sizes = Manifest.read(separate)
+    sizes.vocab = dataclasses.replace(sizes.vocab, src_size=100, tgt_size=200)
+    assert "100 source / 200 target pieces" in summary(separate, sizes)
     assert prepare_warnings(manifest) == []
 
 

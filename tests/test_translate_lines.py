@@ -2,10 +2,11 @@
 the right lines, pivoting, and the standard input."""
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY_TRANSFORMER, prepare_toy_data, toy_pairs, train_tiny
+from conftest import TINY_TRANSFORMER, assert_one_line_error, prepare_toy_data, toy_pairs, train_tiny
 from nmt_cli.main import app
 from typer.testing import CliRunner
 
@@ -49,6 +50,11 @@ def test_a_prefix_file_with_more_lines_than_the_input_is_refused_at_any_chunk_si
         assert [p for _, prefixes in chunks for p in prefixes] == ["p1", "p2", "p3"]
 
 
+def test_an_empty_last_prefix_past_the_input_is_one_line_too_many():
+    with pytest.raises(DataError, match="prefix.txt has more lines than in.txt"):
+        list(_chunks(["a"], ["p", ""], 1, "in.txt", "prefix.txt"))
+
+
 def test_a_short_prefix_file_names_its_own_line_count_past_the_first_chunk():
     with pytest.raises(DataError, match="prefix.txt has 3 lines but in.txt has more"):
         list(_chunks(["a"] * 5, ["p"] * 3, 2, "in.txt", "prefix.txt"))
@@ -59,6 +65,57 @@ def test_a_prefix_after_an_empty_input_line_stays_with_its_own_line(model_dir, t
     assert out[0] == "" and out[1].startswith("V9 V9 V9") and out[2].startswith("V0")
     out, warnings = _translate(model_dir, tmp_path, ["", "w1 w2"], {"beam": 2}, prefixes=["", "V9 漢"])
     assert len(warnings) == 1 and warnings[0].startswith("warning: line 2: its prefix"), warnings
+
+
+def test_prefix_warnings_and_attention_maps_name_the_lines_of_the_file_across_chunks(model_dir, tmp_path):
+    from nmt.alignment import AttentionOutput
+
+    source, prefix_path, out = tmp_path / "in.txt", tmp_path / "prefix.txt", tmp_path / "out.txt"
+    source.write_text("w1 w2\n\nw3\nw1 w4\nw2\n", encoding="utf-8")
+    prefix_path.write_text("\n\n\nV9 漢\n\n", encoding="utf-8")
+    warnings = []
+    translate_file(model_dir, source, out, {"chunk_lines": 2, "beam": 2}, device="cpu", warn=warnings.append,
+                   prefix_path=prefix_path, attention=AttentionOutput(tmp_path / "att", json=True))
+    assert warnings[0].startswith("warning: line 4: its prefix holds characters")
+    records = [json.loads(line) for line in (tmp_path / "att" / "attention.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in records] == [1, 3, 4, 5]
+    assert sorted(p.name for p in (tmp_path / "att").glob("line-*.png")) == [f"line-{n:06d}.png" for n in (1, 3, 4, 5)]
+
+
+def test_five_prefixes_with_characters_the_vocabulary_lacks_are_each_named_and_more_are_summed_up(model_dir, tmp_path):
+    _, warnings = _translate(model_dir, tmp_path, ["w1"] * 7, {"beam": 2, "chunk_lines": 3}, prefixes=["V9 漢"] * 7)
+    assert [w.split(": its")[0] for w in warnings[:5]] == [f"warning: line {n}" for n in range(1, 6)]
+    assert warnings[5:] == ["warning: 7 prefixes held characters the target vocabulary lacks"]
+
+
+def test_a_prefix_ending_in_any_whitespace_ends_a_word(model_dir):
+    _, tokenizer, _ = load_for_inference(model_dir, "best", "cpu")
+    encoded = encode_lines(tokenizer, ["w1"] * 4, DecodeConfig(), prefixes=["V9 ", "V9\t", "V9\u00a0", "V9"])
+    assert encoded.prefixes[0] == encoded.prefixes[1] == encoded.prefixes[2] != encoded.prefixes[3]
+
+
+def test_line_and_paragraph_separators_in_a_line_are_spaces(model_dir):
+    _, tokenizer, _ = load_for_inference(model_dir, "best", "cpu")
+    lines = ["w1 w2", "w1\u2028w2", "w1\x1fw2", "w1\u0085w2"]
+    sources = encode_lines(tokenizer, lines, DecodeConfig()).sources
+    assert all(ids == sources[0] for ids in sources), sources
+
+
+def test_decode_batches_cover_every_line_once_longest_first_within_the_token_budget():
+    import random
+
+    from nmt.translate import decode_batches
+
+    rng = random.Random(3)
+    for _ in range(50):
+        lengths = [rng.randint(1, 30) for _ in range(rng.randint(1, 40))]
+        budget = rng.randint(32, 200)
+        batches = decode_batches(lengths, budget)
+        assert sorted(int(i) for b in batches for i in b) == list(range(len(lengths)))
+        order = [lengths[i] for b in batches for i in b]
+        assert order == sorted(lengths, reverse=True)
+        for b in batches:  # padded to its longest (+ EOS); one line alone may exceed the budget
+            assert len(b) == 1 or len(b) * (max(lengths[i] for i in b) + 1) <= budget
 
 
 # --- n-best output: 'i ||| text ||| score' ---------------------------------------------------
@@ -135,6 +192,19 @@ def test_pivot_warns_of_lines_cut_in_either_step_and_translates_into_the_pivot_o
     assert result.truncated == [2, 3] and result.texts == [["a!!"], ["b!!"], ["c!!"]]
     assert PivotTranslator(first, second).too_long(["a", "b", "c"]) == [2]  # the input's: the second step's is not known yet
     assert [decode.nbest for decode in first.asked] == [1]  # the best translation into the pivot only
+    later = PivotTranslator(_Fake([4]), _Fake([5])).translate(["d", "e"], first_line=4)  # a later chunk's lines
+    assert later.truncated == [4, 5]
+
+
+def test_pivot_errors_are_found_before_loading_a_model(tmp_path):
+    from nmt.translate import LanguageChoice, load_text_translator
+
+    for pivot in ("", " "):
+        with pytest.raises(ConfigError, match="--pivot names no language"):
+            load_text_translator([tmp_path], pivot=pivot)
+    for choice in (LanguageChoice("bb", "aa"), LanguageChoice("aa", "bb")):
+        with pytest.raises(ConfigError, match="--pivot aa is the source or target language itself"):
+            load_text_translator([tmp_path], languages=choice, pivot="aa")
 
 
 # --- reading the input -----------------------------------------------------------------------
@@ -144,6 +214,23 @@ def test_dash_reads_the_standard_input(model_dir):
     plain = runner.invoke(app, ["translate", str(model_dir), "--device", "cpu"], input="w1 w2\n\nw3\n")
     assert dash.exit_code == 0, dash.output
     assert dash.stdout == plain.stdout and len(dash.stdout.split("\n")) == 4
+
+
+def test_replace_invalid_applies_to_the_prefix_file_too(model_dir, tmp_path):
+    (tmp_path / "in.txt").write_text("w1 w2\nw3\n", encoding="utf-8")
+    (tmp_path / "prefix.txt").write_bytes(b"\nV9 \xff\n")
+    options = ["translate", str(model_dir), "-i", str(tmp_path / "in.txt"), "--prefix", str(tmp_path / "prefix.txt"),
+               "--device", "cpu"]
+    result = runner.invoke(app, [*options, "--replace-invalid"])
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 2 and result.stdout.splitlines()[1].startswith("V9")
+    refused = runner.invoke(app, options)
+    assert_one_line_error(refused, "prefix.txt:2: invalid UTF-8")
+
+
+def test_a_nul_byte_on_the_standard_input_is_refused(model_dir):
+    refused = runner.invoke(app, ["translate", str(model_dir), "--device", "cpu"], input=b"w1 w2\nw\x003\n")
+    assert_one_line_error(refused, "<stdin>:2: a NUL byte")
 
 
 def test_replace_invalid_applies_to_the_standard_input(model_dir):
