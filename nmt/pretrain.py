@@ -195,10 +195,16 @@ class MaskedBatch:
     num_src_tokens: int = 0
     indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     chosen: torch.Tensor | None = None  # (N,) flat positions of the chosen tokens, row-major
+    # The weight of each sentence's next-sentence loss: the batch's chosen positions per sentence,
+    # so that after division by them it counts as its mean. The halves of a batch keep the whole
+    # batch's, so that their losses add up to its loss.
+    nsp_weight: float | None = None
 
     def __post_init__(self) -> None:
         if self.chosen is None:  # a half of a batch (out-of-memory retry): found where its targets are
             self.chosen = (self.targets.reshape(-1) != PAD).nonzero()[:, 0]
+        if self.nsp_weight is None:
+            self.nsp_weight = self.num_tgt_tokens / max(self.tokens.shape[0], 1)
 
     def to(self, device: torch.device) -> MaskedBatch:
         def move(t):
@@ -206,7 +212,7 @@ class MaskedBatch:
 
         return MaskedBatch(
             move(self.tokens), move(self.segments), move(self.targets), move(self.nsp_labels),
-            self.num_tgt_tokens, self.num_src_tokens, self.indices, move(self.chosen),
+            self.num_tgt_tokens, self.num_src_tokens, self.indices, move(self.chosen), self.nsp_weight,
         )
 
     def halves(self) -> list[MaskedBatch]:
@@ -219,7 +225,7 @@ class MaskedBatch:
             parts.append(MaskedBatch(
                 self.tokens[rows], None if self.segments is None else self.segments[rows], targets,
                 None if self.nsp_labels is None else self.nsp_labels[rows], int((targets != PAD).sum()),
-                int((self.tokens[rows] != PAD).sum()), self.indices[rows],
+                int((self.tokens[rows] != PAD).sum()), self.indices[rows], nsp_weight=self.nsp_weight,
             ))
         return parts
 
@@ -264,8 +270,7 @@ def masked_lm_loss(model: torch.nn.Module, batch: MaskedBatch, label_smoothing: 
     targets = batch.targets.reshape(-1).index_select(0, batch.chosen)  # (N,)
     loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing, reduction="sum")
     if nsp_logits is not None:
-        per_sentence = batch.num_tgt_tokens / max(batch.tokens.shape[0], 1)
-        loss = loss + F.cross_entropy(nsp_logits.float(), batch.nsp_labels, reduction="sum") * per_sentence
+        loss = loss + F.cross_entropy(nsp_logits.float(), batch.nsp_labels, reduction="sum") * batch.nsp_weight
     return loss
 
 

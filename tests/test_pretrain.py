@@ -754,6 +754,17 @@ def test_the_halves_of_a_batch_choose_their_own_positions():
         whole = masked_lm_loss(model, batch, 0.0)
         parts = sum(masked_lm_loss(model, half, 0.0) for half in halves)
     assert torch.allclose(whole, parts, rtol=1e-5)
+    # With next-sentence prediction: halves with other shares of the chosen positions per sentence
+    nsp = MaskedLM(ModelConfig(**TINY_MODEL), 60, next_sentence=True).eval()
+    pairs = Examples(np.arange(12), np.roll(np.arange(12), 1), np.arange(12) % 2)
+    batch = build_masked_batch(corpus, pairs, np.arange(12), PretrainConfig(mask_prob=0.3, next_sentence=True), 60,
+                               np.random.default_rng(1))
+    halves = batch.halves()
+    assert halves[0].num_tgt_tokens != halves[1].num_tgt_tokens
+    with torch.no_grad():
+        whole = masked_lm_loss(nsp, batch, 0.0)
+        parts = sum(masked_lm_loss(nsp, half.to(torch.device("cpu")), 0.0) for half in halves)
+    assert torch.allclose(whole, parts, rtol=1e-5)
 
 
 def test_an_untied_output_layer_starts_from_the_pretrained_embeddings():
