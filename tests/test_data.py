@@ -225,7 +225,9 @@ def test_edited_offsets_that_go_back_are_refused_in_one_line(tmp_path):
     from nmt.shards import TokenArray
 
     np.save(tmp_path / "train.src.tokens.npy", np.arange(10, dtype=np.uint16))
-    for offsets, problem in (([0, 4, 2, 10], "offset 2 is below the one before it"), ([1, 4, 10], "do not match")):
+    for offsets, problem in (([0, 4, 2, 10], "offset 2 is below the one before it"),
+                             ([0, 4, 3, 10], "offset 2 is below the one before it"),  # by one: a length of 65,535
+                             ([1, 4, 10], "do not match")):
         np.save(tmp_path / "train.src.offsets.npy", np.array(offsets, dtype=np.int64))
         with pytest.raises(DataError, match=problem):
             TokenArray(tmp_path, "train.src")

@@ -205,3 +205,11 @@ def test_a_worker_whose_launcher_died_before_it_began_watching_stops(launcher_al
         assert run.returncode == 0 and "trained on" in run.stdout, run.stderr
     else:
         assert run.returncode == -15 and "trained on" not in run.stdout, run.stderr  # SIGTERM, as when it dies later
+
+
+def test_one_process_keeps_the_gpu_it_was_given_and_zero_devices_go_to_the_launcher_to_be_refused(monkeypatch):
+    from nmt.distributed import Launch, Ranks, rank_device
+
+    assert rank_device(Ranks(), torch.device("cuda", 1)) == torch.device("cuda", 1)  # --device cuda:1, one process
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert Launch(0, ["train"]).starts_processes and not Launch(1, ["train"]).starts_processes

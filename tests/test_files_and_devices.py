@@ -28,6 +28,49 @@ def test_overwrite_refuses_a_folder_without_the_marker(tmp_path):
     check_replaceable(target, True, "vocab.json", "a model")
 
 
+def test_a_directory_replaced_by_a_process_killed_between_its_renames_keeps_the_old_copy(tmp_path, monkeypatch):
+    from nmt import atomic
+
+    target, new = tmp_path / "last", tmp_path / ".last.tmp-1"
+    for folder, text in ((target, "old"), (new, "new")):
+        folder.mkdir()
+        (folder / "weights").write_text(text)
+    rename = os.replace
+
+    def killed_before_the_new_copy_is_in_place(source, destination):
+        if str(source) == str(new):
+            raise KeyboardInterrupt
+        return rename(source, destination)
+
+    monkeypatch.setattr(atomic.os, "replace", killed_before_the_new_copy_is_in_place)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.replace_dir(new, target)
+    monkeypatch.setattr(atomic.os, "replace", rename)
+    assert (complete_dir(target) / "weights").read_text() == "old"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o077, 0o600), (0o002, 0o664), (0o022, 0o644)])
+def test_written_files_take_the_mode_the_umask_gives(umask, mode):
+    from nmt.atomic import file_mode
+
+    previous = os.umask(umask)
+    try:
+        assert file_mode() == mode
+    finally:
+        os.umask(previous)
+
+
+def test_a_process_of_another_user_counts_as_running(monkeypatch):
+    """Its temporary files are not leftovers to remove: signalling it is refused, not failed."""
+    from nmt import atomic
+
+    def refused(pid, signal):
+        raise PermissionError
+
+    monkeypatch.setattr(atomic.os, "kill", refused)
+    assert atomic.process_running(1)
+
+
 def test_nested_holds_both_ways(tmp_path):
     inner = tmp_path / "a" / "b"
     inner.mkdir(parents=True)

@@ -460,3 +460,69 @@ def test_each_epoch_draws_other_batches_and_the_same_epoch_the_same(toy_data, tm
     one, again, two = ([b.tolist() for b in batches] for batches in (one, again, two))
     assert one == again and one != two
     assert sorted(sum(one, [])) == sorted(sum(two, []))  # both the whole split
+
+
+# --- the steps of an update, one by one ------------------------------------------------------
+
+def test_without_warmup_the_inverse_square_root_schedule_starts_at_its_peak():
+    from nmt.train import inverse_sqrt_lr
+
+    assert [inverse_sqrt_lr(step, 1e-3, 0) for step in (1, 10, 1000)] == [1e-3] * 3
+
+
+def test_one_non_finite_tensor_is_divergence_and_never_saved():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    with torch.no_grad():
+        model[1].bias[0] = float("nan")
+    with pytest.raises(ConfigError, match="diverged"):
+        Trainer.check_finite_weights(SimpleNamespace(model=model, state=SimpleNamespace(step=3), save_dir="run"))
+
+
+def test_processes_exchange_gradients_once_with_the_last_batch_of_an_update():
+    """Accumulating batches in DistributedDataParallel: every backward but the last runs under
+    no_sync, so the gradients are summed over processes once per update."""
+    synced, exchanging = [False], []
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            synced[0] = True
+            try:
+                yield
+            finally:
+                synced[0] = False
+
+    def loss(model, batch, label_smoothing):
+        exchanging.append(not synced[0])
+        return model.w * 2
+
+    model = Model()
+    batches = [SimpleNamespace(num_tgt_tokens=2) for _ in range(3)]
+    nmt.train.training_update(model, torch.optim.AdamW(model.parameters()), None, batches, TrainConfig(), 1e-3,
+                              torch.device("cpu"), torch.float32, 6.0, loss, None, True)
+    assert exchanging == [False, False, True]
+
+
+def test_each_process_divides_its_loss_by_its_share_of_the_updates_tokens():
+    """DistributedDataParallel averages gradients over processes: each process divides by the
+    update's target tokens over the number of processes, so that the average is per token."""
+    normalizers = []
+    trainer = SimpleNamespace(ranks=Ranks(rank=0, world=2), task=SimpleNamespace(update_tokens=lambda update: 16),
+                              state=SimpleNamespace(step=0), tc=TrainConfig(warmup_steps=10),
+                              apply=lambda group, lr, normalizer: normalizers.append(normalizer))
+    Trainer.update(trainer, [], [])
+    assert normalizers == [8.0]
+
+
+def test_a_damaged_line_inside_the_training_log_is_an_error_not_its_end(tmp_path):
+    from nmt.train_log import read_train_log
+
+    record = {"type": "train", "step": 1, "loss": 1.0, "lr": 1e-3}
+    lines = [json.dumps(record), '{"type": "tra', json.dumps({**record, "step": 2})]
+    (tmp_path / "train_log.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="line 2: not a JSON record"):
+        read_train_log(tmp_path)
