@@ -89,6 +89,8 @@ def test_loss_counts_only_the_chosen_positions():
     weights = (batch.targets != PAD).reshape(-1).float()
     assert batch.num_tgt_tokens == int(weights.sum()) > 0
     assert torch.allclose(loss, (per_position * weights).sum(), rtol=1e-5)
+    smoothed = F.cross_entropy(logits, batch.targets.reshape(-1), ignore_index=PAD, reduction="sum", label_smoothing=0.1)
+    assert torch.allclose(masked_lm_loss(model, batch, 0.1), smoothed, rtol=1e-5) and not torch.allclose(smoothed, loss)
 
 
 def _corpus(sentences: list[list[int]], documents: list[int]) -> MonoCorpus:
@@ -112,6 +114,12 @@ def test_sentence_pairs_are_half_consecutive_and_negatives_from_other_documents(
     assert (documents[b[negative]] != documents[a[negative]]).all()
     # A sentence is an A only where its document goes on after it.
     assert (documents[a + 1] == documents[a]).all()
+    # A document of nearly every line: most first draws of a negative fall in it and are drawn again.
+    crowded = _corpus([[7 + i % 90] for i in range(202)], [0] * 200 + [1, 1])
+    for seed in range(5):
+        a, b, labels = sentence_pairs(crowded, np.random.default_rng(seed))
+        negative = labels == 0
+        assert (crowded.documents[b[negative]] != crowded.documents[a[negative]]).all()
 
 
 def test_sentence_pairs_need_two_documents():
@@ -813,6 +821,9 @@ def test_a_batch_always_gets_one_masked_position():
         _, targets = mask_tokens(tokens, np.random.default_rng(seed), PretrainConfig(mask_prob=1e-9), FIRST_REGULAR_ID + 10)
         chosen = np.flatnonzero(targets != PAD)
         assert len(chosen) == 1 and chosen[0] in (0, 1)
+    positions = {int(np.flatnonzero(mask_tokens(tokens, np.random.default_rng(seed), PretrainConfig(mask_prob=1e-9),
+                                                FIRST_REGULAR_ID + 10)[1] != PAD)[0]) for seed in range(20)}
+    assert positions == {0, 1}  # drawn among the regular tokens, not always the first
 
 
 def test_an_overwrite_that_cannot_start_keeps_the_old_runs_text(tmp_path):
