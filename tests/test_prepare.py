@@ -532,3 +532,78 @@ def test_a_prepare_request_checks_directions_as_the_command_does(tmp_path):
     with pytest.raises(DataError, match="leave out --src and --tgt"):
         prepare_data(PrepareRequest(out=tmp_path / "d", src="de", tgt="en", directions="bad", train=["c/train"]))
     assert not (tmp_path / "d").exists()
+
+
+def test_kept_counts_each_distinct_pair_once_and_the_seed_picks_the_held_out_pairs(tmp_path):
+    pairs = toy_pairs(150, seed=8)
+    write_pairs(tmp_path / "twice", pairs + pairs[:30])
+    manifests = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        manifests[name] = prepare(_config(tmp_path / name, train_prefix=str(tmp_path / "twice"), valid_size=10,
+                                          test_size=10, seed=seed))
+    cleaning, counts = manifests["a"].cleaning, manifests["a"].counts
+    assert (cleaning["duplicates"], cleaning["kept"]) == (30, 150)
+    assert cleaning["kept"] == sum(counts[split]["pairs"] for split in ("train", "valid", "test"))
+    held = {name: (tmp_path / name / "test.src.txt").read_text() for name in manifests}
+    assert held["a"] == held["b"] != held["c"]
+
+
+def test_the_unk_share_of_the_dev_set_is_a_percentage_of_its_tokens(toy_corpus, tmp_path):
+    valid = [(src, f"{tgt} ǂ") for src, tgt in toy_pairs(20, seed=2)]  # one character training never saw, per line
+    write_pairs(tmp_path / "valid", valid)
+    out = tmp_path / "data"
+    manifest = prepare(_config(out, train_prefix=str(toy_corpus / "train"), valid_prefix=str(tmp_path / "valid"),
+                               test_prefix=str(toy_corpus / "test")))
+    tokenizer = Tokenizer(out / manifest.vocab.src_model, out / manifest.vocab.tgt_model)
+    ids = tokenizer.encode_tgt([tgt for _, tgt in valid])
+    expected = 100.0 * sum(seq.count(1) for seq in ids) / sum(map(len, ids))  # <unk> is id 1
+    assert manifest.valid_unk_percent == {"src": 0.0, "tgt": pytest.approx(expected, abs=1e-3)} and 3 < expected < 30
+
+
+def test_held_out_sets_that_take_every_training_pair_leave_none_to_train_on(tmp_path):
+    pairs = toy_pairs(40, seed=4)
+    write_pairs(tmp_path / "train", pairs)
+    write_pairs(tmp_path / "valid", pairs[:20])
+    write_pairs(tmp_path / "test", pairs[20:])
+    with pytest.raises(DataError, match="no training pairs left once valid/test pairs are removed"):
+        prepare(_config(tmp_path / "d", train_prefix=str(tmp_path / "train"), valid_prefix=str(tmp_path / "valid"),
+                        test_prefix=str(tmp_path / "test")))
+
+
+def test_a_carved_test_set_takes_its_copies_out_of_train_when_a_dataset_gives_only_valid(tmp_path):
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    train = toy_pairs(150, seed=1)
+    for split, rows in (("train", train + train), ("validation", toy_pairs(10, seed=2))):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps({"xx": s, "yy": t}) + "\n" for s, t in rows))
+    manifest = prepare(_config(tmp_path / "data", hf_name=str(folder), valid_size=5, test_size=12,
+                               clean=CleanConfig(dedup=False)))
+    assert manifest.cleaning["overlap_with_valid_test"] == 12  # the second copy of each test pair
+    assert manifest.counts["train"]["pairs"] == 2 * (150 - 12)
+
+
+def test_sentencepiece_learns_from_a_sample_of_at_most_its_sentences(toy_corpus, tmp_path, monkeypatch):
+    import nmt.prepare
+
+    seen = []
+    train = nmt.prepare.train_sentencepiece
+
+    def counting(sentences, *args, **kwargs):
+        sentences = list(sentences)
+        seen.append(len(sentences))
+        return train(sentences, *args, **kwargs)
+
+    monkeypatch.setattr(nmt.prepare, "train_sentencepiece", counting)
+    given = dict(train_prefix=str(toy_corpus / "train"), valid_prefix=str(toy_corpus / "valid"),
+                 test_prefix=str(toy_corpus / "test"), spm_max_sentences=120)
+    prepare(_config(tmp_path / "joint", **given))
+    prepare(_config(tmp_path / "separate", **given, joint_vocab=False))
+    assert seen == [120, 120, 120]  # joint: 60 pairs, both sides; separate: 120 of each side
+
+
+def test_a_line_too_long_in_characters_is_dropped_at_twenty_per_allowed_word():
+    from nmt.data import PairCleaner
+
+    cleaner = PairCleaner(CleanConfig(max_words=10), "xx", "yy")
+    assert cleaner("a" * 200, "b") is not None and cleaner("b", "a" * 200) is not None
+    assert cleaner("a" * 201, "b") is None and cleaner("b", "a" * 201) is None
