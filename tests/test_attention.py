@@ -395,3 +395,33 @@ def test_the_plot_shows_the_score_each_log_names(tmp_path):
                       "old fr-en": [5.0, 5.0], "mlm (masked accuracy)": [41.0, 42.0]}
     assert score_ax.get_ylabel() == "chrF / BLEU / masked accuracy"
     assert training_figure([tmp_path / "old", tmp_path / "old"]).axes[1].get_ylabel() == "BLEU"  # each name once
+
+
+def test_a_run_without_json_removes_an_earlier_runs_weights_and_words_merges_the_pieces(tmp_path, monkeypatch):
+    import nmt.plots
+    from nmt.alignment import AttentionOutput
+    from nmt.plots import write_attention
+
+    monkeypatch.setattr(nmt.plots, "draw_attention", lambda *args: None)
+    amap = AttentionMap(1, ["▁a", "b", EOS_LABEL], ["▁x", "y", EOS_LABEL], np.array([[0.5, 0.4, 0.1], [0.1, 0.1, 0.8],
+                                                                                     [0.2, 0.1, 0.7]]))
+    write_attention([amap], AttentionOutput(tmp_path, AttentionChoice(), json=True), "title", "description")
+    assert json.loads((tmp_path / "attention.jsonl").read_text())["source"] == ["▁a", "b", EOS_LABEL]
+    write_attention([amap], AttentionOutput(tmp_path, AttentionChoice(), words=True), "title", "description")
+    assert not (tmp_path / "attention.jsonl").exists()  # its weights would disagree with these alignments
+    write_attention([amap], AttentionOutput(tmp_path, AttentionChoice(), words=True, json=True), "title", "description")
+    merged = json.loads((tmp_path / "attention.jsonl").read_text())
+    assert (merged["source"], merged["output"]) == (["ab", EOS_LABEL], ["xy", EOS_LABEL])  # whole words
+
+
+def test_the_heatmaps_top_margin_grows_with_the_longest_source_label_and_its_left_with_the_output():
+    from nmt.plots import heatmap_size
+
+    def size(source, output):
+        return heatmap_size(AttentionMap(1, source, output, np.zeros((len(output), len(source)))))
+
+    width, height, margins = size(["a", EOS_LABEL], ["x", EOS_LABEL])
+    _, taller, wider_top = size(["a" * 30, EOS_LABEL], ["x", EOS_LABEL])
+    assert wider_top["top"] > margins["top"] and taller > height and wider_top["left"] == margins["left"]
+    _, _, wider_left = size(["a", EOS_LABEL], ["x" * 30, EOS_LABEL])
+    assert wider_left["left"] > margins["left"] and wider_left["top"] == margins["top"]

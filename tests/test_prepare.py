@@ -61,6 +61,20 @@ def test_given_references_are_in_the_unicode_form_the_model_writes(toy_corpus, t
     assert first.vocab.joint
 
 
+@pytest.mark.parametrize("tgt_lang", ["yy", "zh"])
+def test_given_sources_are_written_as_given_whatever_the_target_side_gets(tgt_lang, tmp_path):
+    """The source of a held-out pair is what the user gave (translate normalizes its input
+    itself); only the reference takes the target's normalization (for Chinese, its script too)."""
+    write_pairs(tmp_path / "given", [("cafe\u0301 w1", "我們 w1"), ("w3", "w2")], tgt=tgt_lang)
+    write_pairs(tmp_path / "train", toy_pairs(300, seed=1), tgt=tgt_lang)
+    out = tmp_path / "data"
+    prepare(_config(out, tgt_lang=tgt_lang, vocab_size=300, train_prefix=str(tmp_path / "train"),
+                    valid_prefix=str(tmp_path / "given"), test_prefix=str(tmp_path / "given")))
+    assert (out / "test.src.txt").read_text(encoding="utf-8").splitlines() == ["cafe\u0301 w1", "w3"]
+    references = (out / "test.tgt.txt").read_text(encoding="utf-8").splitlines()
+    assert references == (["我们 w1", "w2"] if tgt_lang == "zh" else ["我們 w1", "w2"])
+
+
 def test_prepare_separate_vocab_bpe(toy_corpus, tmp_path):
     manifest = prepare(_config(tmp_path / "d", train_prefix=str(toy_corpus / "train"), joint_vocab=False,
                                spm_type="bpe", valid_size=10, test_size=10))
