@@ -140,7 +140,8 @@ def translate_and_score(
 
     check_scoring(metrics, tokenize)
     lang = lang or tgt_lang or VocabInfo.read(model_dir).tgt_lang
-    check_scoring(metrics, tokenize or bleu_tokenizer(lang))  # the language's tokenizer loads before translating
+    if tokenize is None:  # the language's tokenizer loads before translating too
+        check_scoring(metrics, bleu_tokenizer(lang))
     with tempfile.TemporaryDirectory(prefix="nmt-eval-") as tmp:
         hyp_path = Path(tmp) / "hyp.txt"
         translate_file(model_dir, src_path, hyp_path, decode_options, device=device, languages=LanguageChoice(tgt_lang, src_lang))
@@ -210,8 +211,9 @@ def evaluate_directions(
     if off_target:
         check_identifiable(candidates)
     check_language_choices(model_dirs, pivot_dirs, [languages_of[d] for d in directions or known], pivot, decode_options)
-    for tgt_lang in {languages_of[d][1] for d in directions or known}:  # each target's tokenizer loads before translating
-        check_scoring(metrics, tokenize or bleu_tokenizer(tgt_lang))
+    if tokenize is None:  # each target language's tokenizer loads before translating too
+        for tgt_lang in sorted({languages_of[d][1] for d in directions or known}):
+            check_scoring(metrics, bleu_tokenizer(tgt_lang))
     # Zero-shot: what the model was not trained on (the data dir may come from another run).
     trained = (set(vocab_info.directions) or set(manifest.directions)
                or {f"{vocab_info.src_lang or manifest.src_lang}-{vocab_info.tgt_lang or manifest.tgt_lang}"})

@@ -3,11 +3,11 @@ records it in the data dir; the checkpoint keeps it, and `nmt translate` applies
 side's to its input, so that a model sees text at translate time as it saw it in training.
 
 For Chinese: the full-width forms of ASCII become ASCII (as SentencePiece's NFKC makes them, so
-that a model can write its references), then ASCII sentence punctuation after a Chinese character
-or a closing quote (or between a Latin letter or digit and one, or ending a line of Chinese) and
-brackets around Chinese text become their full-width forms (the forms Chinese text uses), and
-Traditional characters become Simplified (OpenCC), so that one sentence in two scripts is one
-sentence.
+that a model can write them), then ASCII sentence punctuation after a Chinese character or a
+closing mark (or between a Latin letter, digit, % or bracket and one, or ending a line of
+Chinese) and brackets around Chinese text become their full-width forms (the forms Chinese text
+uses), and Traditional characters become Simplified (OpenCC), so that one sentence in two
+scripts is one sentence.
 """
 
 from __future__ import annotations
@@ -28,29 +28,37 @@ CJK_LANGS = CHINESE_LANGS + ("ja", "jpn", "ko", "kor")
 SCRIPTS = ("simplified", "none")
 UNICODE_FORMS = ("NFC", "NFKC", "NFD", "NFKD", "none")
 
+
+def _ascii_form(code: int) -> int | None:
+    """The ASCII character NFKC makes of the character `code`, if it makes one."""
+    folded = unicodedata.normalize("NFKC", chr(code))
+    return ord(folded) if len(folded) == 1 and folded.isascii() else None
+
+
 # The full-width and small forms of ASCII (U+FF01-FF5E, FE50-FE6B) and the ideographic space: what
-# SentencePiece's NFKC makes ASCII, so that a model can write its references. The punctuation
-# rules below then give back the full-width forms Chinese text uses.
-_WIDTH = {code: ord(unicodedata.normalize("NFKC", chr(code))) for code in [*range(0xFF01, 0xFF5F), *range(0xFE50, 0xFE6C), 0x3000]
-          if len(unicodedata.normalize("NFKC", chr(code))) == 1 and unicodedata.normalize("NFKC", chr(code)).isascii()}
+# SentencePiece's NFKC makes ASCII, so that a model can write those of its references. The
+# punctuation rules below then give back the full-width forms Chinese text uses.
+_WIDTH = {code: _ascii_form(code) for code in [*range(0xFF01, 0xFF5F), *range(0xFE50, 0xFE6C), 0x3000]
+          if _ascii_form(code) is not None}
 _HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 HAN_CHARACTER = re.compile(f"[{_HAN}]")  # CJK ideographs (with extension A and compatibility)
-_CLOSING_QUOTES = "”」』"  # after which punctuation is Chinese text's, as after a character
+_CLOSING_MARKS = "”」』》〉】〕…"  # after which punctuation is Chinese text's, as after a character
 _FULL_PUNCTUATION = {",": "，", "!": "！", "?": "？", ":": "：", ";": "；", ".": "。", "(": "（", ")": "）"}
 # Chinese text's places for full-width punctuation, found in one pass: both brackets of a
 # bracketed text holding Chinese ("(我是Tom)"; what is inside is then looked at alone); ASCII
-# punctuation right after a Han character, a run of ! and ? whole ("真的?!"; a period only where
-# a sentence would end, not "3.5" or "e.g." after a character); after a Latin letter or digit,
-# before a Han character ("CD,不是吗"; not between digits, "2:30"); an unclosed bracket before a
-# Han character and an unopened one after one.
+# punctuation right after a Han character or a closing mark ("》,"), a run of ! and ? whole
+# ("真的?!"; a period only where a sentence would end, not "3.5" or "e.g." after a character);
+# after a Latin letter, a digit, % or a bracket, before a Han character ("CD,不是吗"; not between
+# digits, "2:30"); an unclosed bracket before a Han character and an unopened one after one.
 _PUNCTUATION = re.compile(
     rf"\([^()]*[{_HAN}][^()]*\)"
-    rf"|(?<=[{_HAN}{_CLOSING_QUOTES}])(?:[!?]+|[,:;)]|\.(?=\s|$|[{_HAN}]))"
-    rf"|(?<=[A-Za-z0-9])[,!?:;](?=[{_HAN}])"
+    rf"|(?<=[{_HAN}{_CLOSING_MARKS}])(?:[!?]+|[,:;]|\.(?=\s|$|[{_HAN}]))"
+    rf"|(?<=[{_HAN}])\)"
+    rf"|(?<=[A-Za-z0-9%)])[,!?:;](?=[{_HAN}])"
     rf"|\((?=[{_HAN}])"
 )
-# A run of ! and ? ending a line of Chinese after a Latin letter or digit ("为什么要担心Tom?").
-_PUNCTUATION_ENDING = re.compile(r"(?<=[A-Za-z0-9])[!?]+(?=\s*$)")
+# A run of ! and ? ending a line of Chinese after a Latin letter, digit or % ("为什么要担心Tom?").
+_PUNCTUATION_ENDING = re.compile(r"(?<=[A-Za-z0-9%])[!?]+(?=\s*$)")
 
 
 def _full_width(match: re.Match) -> str:

@@ -149,7 +149,8 @@ def stopping_signal(stop_reason: str) -> signal.Signals | None:
 
 
 def inverse_sqrt_lr(step: int, peak: float, warmup: int, min_lr: float = 0.0) -> float:
-    """Linear warmup to `peak` over `warmup` updates, then peak·sqrt(warmup/step)."""
+    """Linear warmup to `peak` over `warmup` updates, then peak·sqrt(warmup/step); without
+    warmup, `peak` throughout (the formula would give 0)."""
     if warmup <= 0:
         return peak
     if step < warmup:

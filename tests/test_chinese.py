@@ -37,6 +37,10 @@ def test_full_width_and_traditional_to_simplified_on_known_examples():
     # full-width forms SentencePiece makes ASCII stay so where no rule gives them back
     assert ZH("汤姆每天2：30回家。") == "汤姆每天2:30回家。" and ZH("多赚7％。") == "多赚7%。" and ZH("时候﹐我") == "时候，我"
     assert ZH("他唱“祝你生日快乐”，然后") == "他唱“祝你生日快乐”，然后" and ZH("他唱“快乐”,然后") == "他唱“快乐”，然后"
+    for text in ("《红楼梦》，我喜欢", "我读了《红楼梦》！", "他（她）；然后", "【注】：见下", "好……，然后"):  # after closing marks
+        assert ZH(text) == text
+    assert ZH("占7％，其他") == "占7%，其他" and ZH("增长了7%!") == "增长了7%！"
+    assert ZH("他说(“OK”)") == "他说(“OK”)"  # a bracket holding no Chinese keeps both halves ASCII
 
 
 @pytest.mark.parametrize("text", ["ＡＢＣ１２３，知識就是力量.", "誰？Who? 我們,你們.", "plain English, unchanged.",
@@ -47,7 +51,7 @@ def test_chinese_normalization_is_idempotent(text):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(alphabet="我是你好電腦Tom3 ,.!?:;()（）！", max_size=24))
+@given(st.text(alphabet="我是你好電腦Tom3 ,.!?:;()（）！？，％%“”《》…", max_size=24))
 def test_chinese_normalization_of_any_mix_is_idempotent(text):
     once = ZH(text)
     assert ZH(once) == once
@@ -291,7 +295,7 @@ def test_width_folding_makes_ascii_what_sentencepieces_nfkc_makes_ascii():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(alphabet="我是你好電腦Tom3 ,.!?:;()（）！？，：％－＂﹐”「」。2", max_size=24))
+@given(st.text(alphabet="我是你好電腦Tom3 ,.!?:;()（）！？，：％%－＂﹐“”「」《》【】。2", max_size=24))
 def test_a_model_can_write_its_chinese_references(text):
     """A reference as prepare writes it, through SentencePiece's NFKC (which makes full-width
     punctuation ASCII) and the target normalization of the output, comes back unchanged."""
@@ -344,7 +348,7 @@ def test_bleus_tokenizer_is_recognised_from_the_references_or_given_by_language(
     assert bleu_tokenizer(None, ["漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字漢字のは"]) == "ja-mecab"  # 2 kana of 20
     assert bleu_tokenizer(None, ["我们 说 话 a b c d e"]) == "zh"  # 4 Han of 9 letters, spaces not counted
     assert bleu_tokenizer("ja-JP", ["我们说话"]) == "ja-mecab" and bleu_tokenizer("ko_KR", None) == "ko-mecab"
-    assert bleu_tokenizer(None, ["我们说话我们说话我们说话我们说话我们说话我们说话我们说话的时候の"]) == "zh"  # 1 kana of 30: a stray one
+    assert bleu_tokenizer(None, ["我们说话我们说话我们说话我们说话我们说话我们说话我们说话的时候の"]) == "zh"  # 1 kana of 32: a stray one
     assert score_texts(["我们说话"], ["我们说话"], ("bleu",), lang="ja")[0].signature.count("tok:ja-mecab") == 1
 
 

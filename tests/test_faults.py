@@ -498,8 +498,9 @@ def test_a_tokenizer_the_target_language_picks_is_loaded_before_translating(sour
     if source == "language":
         arguments = ["--src", str(source_file), "--ref", str(source_file), "--lang", "ja"]
     else:
-        japanese = nmt.evaluate.bleu_tokenizer
-        monkeypatch.setattr(nmt.evaluate, "bleu_tokenizer", lambda lang=None, references=None: japanese("ja"))
+        by_language = nmt.evaluate.bleu_tokenizer  # the data dir's target language (yy) taken for Japanese
+        monkeypatch.setattr(nmt.evaluate, "bleu_tokenizer",
+                            lambda lang=None, references=None: by_language("ja" if lang == "yy" else lang, references))
         arguments = ["--data", str(data_dir)]
     result = CliRunner().invoke(app, ["evaluate", "--model", str(model_dir), *arguments])
     assert_one_line_error(result, "BLEU tokenizer 'ja-mecab' cannot be loaded")

@@ -464,7 +464,7 @@ def test_each_epoch_draws_other_batches_and_the_same_epoch_the_same(toy_data, tm
 
 # --- the steps of an update, one by one ------------------------------------------------------
 
-def test_without_warmup_the_inverse_square_root_schedule_starts_at_its_peak():
+def test_without_warmup_the_inverse_square_root_schedule_keeps_its_peak():
     from nmt.train import inverse_sqrt_lr
 
     assert [inverse_sqrt_lr(step, 1e-3, 0) for step in (1, 10, 1000)] == [1e-3] * 3
