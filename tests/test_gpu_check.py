@@ -450,3 +450,25 @@ def test_training_leaves_a_minute_of_the_run_for_decoding_the_test_set(tmp_path,
         with pytest.raises(Measured):
             run.train_and_score("transformer", 2.5, 41.0, True)
         assert budgets[-1] == pytest.approx(expected, abs=0.02)
+
+
+def test_a_training_stage_records_its_peak_gpu_memory_from_a_reset_before_it(tmp_path, monkeypatch):
+    import torch
+
+    import nmt.bench
+    import nmt.train_log
+
+    events = []
+    monkeypatch.setattr(nmt.bench, "reset_peak_memory", lambda device: events.append(("reset", device)))
+    monkeypatch.setattr(nmt.bench, "peak_memory_mb", lambda device: 1234.4)
+    monkeypatch.setattr(nmt.bench, "bench_time_to_quality",
+                        lambda *args, **kwargs: events.append(("trained", None)) or {"stop_reason": "max_steps"})
+    monkeypatch.setattr(nmt.train_log, "read_train_log", lambda save_dir: ([], None))
+    run = gpu_check.Run(CheckConfig(out=tmp_path / "out", device="cpu"), tmp_path, tmp_path, lambda message: None,
+                        started=time.monotonic())
+    run.device = torch.device("cuda", 0)  # as on the GPU machine
+    monkeypatch.setattr(run, "score_test", lambda save_dir: {})
+    record = run.train_and_score("transformer", 1.0, 41.0, True)
+    assert record["peak_memory_mb"] == 1234 and events == [("reset", run.device), ("trained", None)]
+    run.device = torch.device("cpu")
+    assert run.train_and_score("transformer", 1.0, 41.0, True)["peak_memory_mb"] is None  # a GPU figure only
