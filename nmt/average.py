@@ -72,7 +72,7 @@ def choose_checkpoints(model_dir: Path, last: int = 0, best: int = 0) -> list[Up
 
     Training keeps the union of its last keep_last and best keep_best: the N latest of them are
     the last N validations only when keep_last >= N (and likewise for the best)."""
-    if (last > 0) == (best > 0):
+    if (last > 0) == (best > 0) or min(last, best) < 0:
         raise ConfigError("give either --last N or --best N (N at least 1)")
     rule, wanted = ("last", last) if last else ("best", best)
     kept = read_config(model_dir).train

@@ -62,10 +62,12 @@ class MonoPrepareConfig:
 
 
 def file_language(path: Path) -> str:
-    """The language a file's name gives: `news.de`, `news.de.gz`, `mono.zh-TW.txt` -> de, de, zh-TW."""
+    """The language a file's name gives: `news.de`, `news.de.gz`, `mono.zh-TW.txt`, `mono.zh_TW`
+    -> de, de, zh-TW, zh_TW."""
     parts = [p for p in Path(path).name.split(".")[1:] if p not in ("gz", "txt")]
     lang = parts[-1] if parts else ""
-    return lang if 2 <= len(lang.split("-")[0]) <= 3 and lang.replace("-", "").isalpha() else LANGUAGE_UNKNOWN
+    base = lang.replace("_", "-").split("-")[0]
+    return lang if 2 <= len(base) <= 3 and lang.replace("-", "").replace("_", "").isalpha() else LANGUAGE_UNKNOWN
 
 
 def prepare_mono(config: MonoPrepareConfig, progress: bool = False) -> Manifest:

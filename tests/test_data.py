@@ -373,7 +373,8 @@ def test_an_empty_corpus_has_no_batches():
 def test_a_text_files_name_gives_its_language_only_where_it_is_a_language_code():
     from nmt.monolingual import LANGUAGE_UNKNOWN, file_language
 
-    assert [file_language(Path(n)) for n in ("news.de", "news.de.gz", "mono.zh-TW.txt", "a.eng.txt")] == ["de", "de", "zh-TW", "eng"]
+    assert [file_language(Path(n)) for n in ("news.de", "news.de.gz", "mono.zh-TW.txt", "a.eng.txt", "news.zh_TW")] == [
+        "de", "de", "zh-TW", "eng", "zh_TW"]
     assert [file_language(Path(n)) for n in ("notes.text", "news.e1", "news.txt", "news")] == [LANGUAGE_UNKNOWN] * 4
 
 

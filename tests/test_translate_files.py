@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from nmt.average import average_weights
 from nmt.checkpoint import prune_update_checkpoints, update_checkpoint_name, update_checkpoints
-from nmt.errors import CheckpointError
+from nmt.errors import CheckpointError, ConfigError
 from nmt.files import CheckpointInfo, TrainState
 from nmt.translate import translate_file
 
@@ -441,6 +441,9 @@ def test_choose_checkpoints_takes_the_newest_or_the_best_in_step_order(tmp_path,
     monkeypatch.setattr(average, "update_checkpoints", lambda d: list(found))
     assert [c.step for c in average.choose_checkpoints(tmp_path, last=2)] == [6, 8]
     assert [c.step for c in average.choose_checkpoints(tmp_path, best=2)] == [4, 6]
+    for last, best in ((-1, 2), (2, -1), (-3, 1), (0, 0), (1, 1)):  # one of the two, and a count
+        with pytest.raises(ConfigError, match="give either --last N or --best N"):
+            average.choose_checkpoints(tmp_path, last=last, best=best)
     config.train.keep_last = 2  # a third of the latest is kept only as one of the best
     with pytest.raises(CheckpointError, match=r"keeps 2 checkpoint\(s\) by train.keep_last"):
         average.choose_checkpoints(tmp_path, last=3)
