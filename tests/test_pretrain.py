@@ -154,6 +154,17 @@ def test_documents_and_held_out_split(tmp_path):
     assert len(train) + len(valid) == 92 and 7 <= len(valid) <= 9
     assert len(np.unique(np.concatenate([train.documents, valid.documents]))) == 31
     assert len(np.intersect1d(train.documents, valid.documents)) == 0  # whole documents held out
+    for split, corpus in (("train", train), ("valid", valid)):  # each split counts its own documents
+        assert manifest.counts[split]["documents"] == len(np.unique(corpus.documents))
+    other = prepare_mono(MonoPrepareConfig(out_dir=tmp_path / "seed2", files=[text, tmp_path / "more.en"],
+                                           valid_sentences=9, vocab_size=40, seed=2))
+    assert set(MonoCorpus.load(tmp_path / "seed2", "valid").documents) != set(valid.documents)  # the seed picks them
+    assert (manifest.split_seed, other.split_seed) == (1, 2)
+    with pytest.raises(DataError, match="2 --mono files but 1 languages"):
+        prepare_mono(MonoPrepareConfig(out_dir=tmp_path / "d", files=[text, tmp_path / "more.en"], langs=["en"]))
+    for options in ({"valid_sentences": 0}, {"seed": -1}):
+        with pytest.raises(DataError, match="--valid-size must be at least 1 and --seed 0 or more"):
+            prepare_mono(MonoPrepareConfig(out_dir=tmp_path / "d", files=[text], **options))
 
 
 def test_held_out_split_stays_near_its_size_and_spans_documents():
