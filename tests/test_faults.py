@@ -455,6 +455,34 @@ def test_average_refuses_an_out_inside_the_model_or_a_file(data_dir, tmp_path):
         result = CliRunner().invoke(app, ["average", str(save_dir), "--last", "2", "--out", str(tmp_path / link)])
         assert result.exit_code == 0, result.output
         assert (tmp_path / link).is_symlink() and (tmp_path / link / "best" / "model.safetensors").is_file()
+    # an --out in folders that do not exist yet
+    result = CliRunner().invoke(app, ["average", str(save_dir), "--last", "2", "--out", str(tmp_path / "a" / "b" / "avg")])
+    assert result.exit_code == 0 and (tmp_path / "a" / "b" / "avg" / "best" / "model.safetensors").is_file()
+
+
+def test_average_refuses_weights_unlike_the_config_and_leaves_nothing_when_it_cannot_write(data_dir, tmp_path, monkeypatch):
+    import yaml
+
+    import nmt.average
+
+    save_dir = tmp_path / "model"
+    train(_config(data_dir, save_dir, max_steps=4, valid_every=2, keep_last=2), progress=False)
+    edited = tmp_path / "edited"
+    shutil.copytree(save_dir, edited)
+    config = yaml.safe_load((edited / "config.yaml").read_text())
+    config["model"]["ff_dim"] *= 2
+    (edited / "config.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["average", str(edited), "--last", "2", "--out", str(tmp_path / "avg")])
+    assert_one_line_error(result, "does not match the model config")
+    (tmp_path / "out").mkdir()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(nmt.average, "save_checkpoint", full_disk)
+    result = CliRunner().invoke(app, ["average", str(save_dir), "--last", "2", "--out", str(tmp_path / "out" / "avg")])
+    assert_one_line_error(result, "could not write", "No space left on device")
+    assert list((tmp_path / "out").iterdir()) == []  # no half model dir, no temporary folder
 
 
 def test_a_bleu_tokenizer_that_cannot_load_is_refused_before_translating(data_dir, tmp_path, monkeypatch):
