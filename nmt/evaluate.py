@@ -93,10 +93,11 @@ def check_scoring(metrics, tokenize: str | None) -> None:
 
 
 def _ter(language_tokenize: str) -> TER:
-    """TER splits Chinese and Japanese text into characters (sacreBLEU's asian_support, which
-    works on normalized text), whatever tokenizer BLEU was given: otherwise an unsegmented line is
-    one word, and TER only tells whether a line matches its reference exactly. `language_tokenize`:
-    the BLEU tokenizer of the text's language (`bleu_tokenizer`)."""
+    """TER splits the Han characters of Chinese and Japanese text apart (sacreBLEU's asian_support,
+    which works on normalized text; kana runs stay whole), whatever tokenizer BLEU was given:
+    otherwise an unsegmented line is one word, and TER only tells whether a line matches its
+    reference exactly. `language_tokenize`: the BLEU tokenizer of the text's language
+    (`bleu_tokenizer`)."""
     segmented = language_tokenize in ("zh", "ja-mecab")
     return TER(normalized=segmented, asian_support=segmented)
 
