@@ -10,6 +10,7 @@ from nmt_cli.main import app
 from typer.testing import CliRunner
 
 from nmt.bench import BenchConfig, format_report, run_bench
+from nmt.errors import DataError
 from nmt.files import VocabInfo, Vocabulary
 
 TINY_RECIPES = {"transformer": TINY_TRANSFORMER, "rnn": {**TINY_RNN, "cell": "lstm"}}
@@ -150,15 +151,19 @@ def test_scale_bench_reports_both_corpus_sizes_and_their_ratios(tmp_path):
 
     write_pairs(tmp_path / "m30k" / "train", toy_pairs(300, seed=1), "de", "en")
     report = run_scale_bench(ScaleBenchConfig(data=tmp_path / "m30k", pairs=2000, ratio=10, steps=3, vocab_size=60,
-                                              out=tmp_path / "scale.json"))
+                                              out=tmp_path / "scale.json", work_dir=tmp_path / "work"))
     assert json.loads((tmp_path / "scale.json").read_text()) == report
     for size, pairs in (("large", 2000), ("small", 200)):
         figures = report[size]
         assert figures["pairs"] == pairs and 0 < figures["train_pairs"] < pairs  # valid/test and duplicates left out
-        assert figures["prepare_peak_rss_bytes"] > 0 and figures["train_peak_rss_bytes"] > 0
+        # bytes: a process that imports torch holds far more than 20 MiB
+        assert figures["prepare_peak_rss_bytes"] > 20 * 2**20 and figures["train_peak_rss_bytes"] > 20 * 2**20
+        assert (tmp_path / "work" / size / "data" / "manifest.json").is_file()  # a --work-dir is kept
         assert 0 < figures["train_setup_seconds"] < figures["train_startup_seconds"] < figures["train_seconds"]
         assert set(figures["prepare_stage_seconds"]) == {"read_clean", "dedup_split", "sentencepiece", "encode", "valid_test"}
     assert report["ratio_large_to_small"]["data_dir_bytes"] > 1
+    with pytest.raises(DataError, match="--pairs / --ratio too"):
+        run_scale_bench(ScaleBenchConfig(data=tmp_path / "m30k", pairs=500, ratio=10))
 
 
 @pytest.mark.slow
