@@ -92,6 +92,13 @@ def check_scoring(metrics, tokenize: str | None) -> None:
         _bleu(tokenize)  # loaded now: one that cannot be (MeCab missing, offline) fails before translating
 
 
+def check_language_tokenizers(metrics, tokenize: str | None, languages) -> None:
+    """Without a given tokenizer, load the one each target language picks (before translating)."""
+    if tokenize is None:
+        for lang in sorted(set(languages), key=str):
+            check_scoring(metrics, bleu_tokenizer(lang))
+
+
 def _ter(language_tokenize: str) -> TER:
     """TER splits the Han characters of Chinese and Japanese text apart (sacreBLEU's asian_support,
     which works on normalized text; kana runs stay whole), whatever tokenizer BLEU was given:
@@ -141,8 +148,7 @@ def translate_and_score(
 
     check_scoring(metrics, tokenize)
     lang = lang or tgt_lang or VocabInfo.read(model_dir).tgt_lang
-    if tokenize is None:  # the language's tokenizer loads before translating too
-        check_scoring(metrics, bleu_tokenizer(lang))
+    check_language_tokenizers(metrics, tokenize, [lang])
     with tempfile.TemporaryDirectory(prefix="nmt-eval-") as tmp:
         hyp_path = Path(tmp) / "hyp.txt"
         translate_file(model_dir, src_path, hyp_path, decode_options, device=device, languages=LanguageChoice(tgt_lang, src_lang))
@@ -212,9 +218,7 @@ def evaluate_directions(
     if off_target:
         check_identifiable(candidates)
     check_language_choices(model_dirs, pivot_dirs, [languages_of[d] for d in directions or known], pivot, decode_options)
-    if tokenize is None:  # each target language's tokenizer loads before translating too
-        for tgt_lang in sorted({languages_of[d][1] for d in directions or known}):
-            check_scoring(metrics, bleu_tokenizer(tgt_lang))
+    check_language_tokenizers(metrics, tokenize, [languages_of[d][1] for d in directions or known])
     # Zero-shot: what the model was not trained on (the data dir may come from another run).
     trained = (set(vocab_info.directions) or set(manifest.directions)
                or {f"{vocab_info.src_lang or manifest.src_lang}-{vocab_info.tgt_lang or manifest.tgt_lang}"})

@@ -104,6 +104,11 @@ class OutOfTime(BaseException):
     reason = "the run's time limit was reached"
 
 
+def skipped(reason: str) -> dict:
+    """The record of a stage that never ran."""
+    return {"status": f"skipped: {reason}"}
+
+
 class Stopped(OutOfTime):
     """SIGTERM or SIGINT (a machine taken back, Ctrl-C): the run ends as when its time is spent,
     keeping what it measured, then exits with the signal's status."""
@@ -362,7 +367,7 @@ class Run:
         }
         for name in self.cc.stages:
             if self.seconds_left() <= 0:
-                self.report["stages"][name] = {"status": "skipped: the run's time limit was reached"}
+                self.report["stages"][name] = skipped(OutOfTime.reason)
                 self.save()
                 continue
             self.stage(name, measures[name])
@@ -516,7 +521,7 @@ def run_check(cc: CheckConfig, log: Callable[[str], None] = lambda m: print(m, f
         stopped = e if isinstance(e, Stopped) else None
         if run is not None:
             for name in cc.stages:
-                run.report["stages"].setdefault(name, {"status": f"skipped: {e.reason}"})
+                run.report["stages"].setdefault(name, skipped(e.reason))
             run.save()
     finally:
         signal.alarm(0)
@@ -530,7 +535,7 @@ def run_check(cc: CheckConfig, log: Callable[[str], None] = lambda m: print(m, f
         log(f"gpu-check {stopped.reason}; what it measured is in {cc.out}")
         raise SystemExit(128 + stopped.signum)
     if run is None:  # out of time before the run began (installing the bundle took it all): nothing ran
-        report = {"environment": {}, "settings": {}, "stages": {n: {"status": f"skipped: {OutOfTime.reason}"} for n in cc.stages}}
+        report = {"environment": {}, "settings": {}, "stages": {n: skipped(OutOfTime.reason) for n in cc.stages}}
         write_report(cc.out, report)
         return report
     return run.report

@@ -27,7 +27,7 @@ from nmt import __version__
 from nmt.data import CleanConfig, clean_whitespace, read_lines
 from nmt.errors import DataError
 from nmt.files import SPM_JOINT, Manifest, Vocabulary, monolingual_files
-from nmt.normalize import Normalization, language_normalization
+from nmt.normalize import Normalization, base_language, language_normalization
 from nmt.prepare import (
     ENCODE_CHUNK_PAIRS,
     PARALLEL_ENCODE_PAIRS,
@@ -66,8 +66,8 @@ def file_language(path: Path) -> str:
     -> de, de, zh-TW, zh_TW."""
     parts = [p for p in Path(path).name.split(".")[1:] if p not in ("gz", "txt")]
     lang = parts[-1] if parts else ""
-    base = lang.replace("_", "-").split("-")[0]
-    return lang if 2 <= len(base) <= 3 and lang.replace("-", "").replace("_", "").isalpha() else LANGUAGE_UNKNOWN
+    known = 2 <= len(base_language(lang)) <= 3 and lang.replace("-", "").replace("_", "").isalpha()
+    return lang if known else LANGUAGE_UNKNOWN
 
 
 def prepare_mono(config: MonoPrepareConfig, progress: bool = False) -> Manifest:

@@ -38,8 +38,8 @@ def _ascii_form(code: int) -> int | None:
 # The full-width and small forms of ASCII (U+FF01-FF5E, FE50-FE6B) and the ideographic space: what
 # SentencePiece's NFKC makes ASCII, so that a model can write those of its references. The
 # punctuation rules below then give back the full-width forms Chinese text uses.
-_WIDTH = {code: _ascii_form(code) for code in [*range(0xFF01, 0xFF5F), *range(0xFE50, 0xFE6C), 0x3000]
-          if _ascii_form(code) is not None}
+_WIDTH = {code: folded for code in [*range(0xFF01, 0xFF5F), *range(0xFE50, 0xFE6C), 0x3000]
+          if (folded := _ascii_form(code)) is not None}
 _HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 HAN_CHARACTER = re.compile(f"[{_HAN}]")  # CJK ideographs (with extension A and compatibility)
 _CLOSING_MARKS = "”」』》〉】〕…"  # after which punctuation is Chinese text's, as after a character
