@@ -184,7 +184,7 @@ def _measure_translate(config: ScaleBenchConfig, pairs: list[tuple[str, str]], c
             f.write("".join(pairs[i][0] + "\n" for i in rng.integers(0, len(pairs), min(100_000, count - start)).tolist()))
     seconds, rss, _ = _run_measured([
         sys.executable, "-m", "nmt_cli", "translate", str(config.translate), "-i", str(source), "-o", str(output),
-        "--device", "cpu", *(["--beam", str(config.beam)] if config.beam else []),
+        "--device", "cpu", *(["--beam", str(config.beam)] if config.beam is not None else []),
     ])
     with open(output, "rb") as f:
         written = sum(1 for _ in f)
@@ -198,7 +198,7 @@ def stream_latency(config: ScaleBenchConfig, pairs: list[tuple[str, str]]) -> di
     errors = tempfile.TemporaryFile()  # the child's stderr, for the message if it fails
     process = subprocess.Popen(
         [sys.executable, "-m", "nmt_cli", "translate", str(config.translate), "--stream", "--device", "cpu",
-         *(["--beam", str(config.beam)] if config.beam else [])],
+         *(["--beam", str(config.beam)] if config.beam is not None else [])],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True, bufsize=1,
     )
     rng = np.random.default_rng(config.seed + 1)
@@ -226,10 +226,13 @@ def stream_latency(config: ScaleBenchConfig, pairs: list[tuple[str, str]]) -> di
     finally:
         process.kill()
         errors.close()
-    ordered = sorted(latencies)
-    return {"lines": len(latencies), "first_answer_seconds": round(first, 2),
-            "median_seconds": round(ordered[len(ordered) // 2], 4), "p90_seconds": round(ordered[int(0.9 * len(ordered))], 4),
-            "max_seconds": round(ordered[-1], 4)}
+    return {"lines": len(latencies), "first_answer_seconds": round(first, 2), **latency_figures(latencies)}
+
+
+def latency_figures(seconds: list[float]) -> dict:
+    """Median, 90th percentile (numpy's linear interpolation, as `bench-serve`'s p50/p99) and maximum."""
+    median, p90 = np.percentile(seconds, [50, 90]).tolist()
+    return {"median_seconds": round(median, 4), "p90_seconds": round(p90, 4), "max_seconds": round(max(seconds), 4)}
 
 
 def run_scale_bench(config: ScaleBenchConfig) -> dict:
@@ -238,6 +241,8 @@ def run_scale_bench(config: ScaleBenchConfig) -> dict:
         raise DataError("--pairs must be at least 100, and --pairs / --ratio too")
     if config.steps < 1:
         raise DataError(f"--steps must be at least 1 (got {config.steps})")
+    if config.beam is not None and config.beam < 1:
+        raise DataError(f"--beam must be at least 1 (got {config.beam})")
     if config.out:  # not into the corpus, nor the model it translates
         check_output_apart(Path(config.out), [], [Path(p) for p in (config.data, config.translate) if p])
         check_output_file(Path(config.out))

@@ -122,6 +122,7 @@ def test_bench_commands_check_their_inputs_and_outputs_first(bench_inputs, tmp_p
     for args, named in [([*bench, f"transformer={tmp_path / 'fr-en'}"], "is a fr→en model; nmt bench decodes Multi30k de→en"),
                         ([*bench, f"transformer={tmp_path / 'many'}"], "is a multilingual de+en→de+en model"),
                         ([*bench, f"transformer={tmp_path / 'nowhere'}"], "nowhere"),([*scale, "--out", str(tmp_path)], "cannot write"), ([*scale, "--steps", "0"], "--steps"),
+                        ([*scale, "--translate", str(tmp_path / "de-en"), "--beam", "0"], "--beam must be at least 1"),
                         ([*scale, "--work-dir", str(tmp_path / "m30k-train" / "train.de")], "--work-dir"),
                         (["bench-serve", str(tmp_path / "model"), "--lines", "-1"], "--lines must be at least 1"),
                         (["bench-serve", str(tmp_path / "model"), "--out", str(tmp_path)], "cannot write"),
@@ -198,6 +199,13 @@ def test_scale_bench_of_monolingual_text(tmp_path):
         figures = report[size]
         assert figures["sentences"] == sentences and 0 < figures["train_sentences"] < sentences
         assert 0 < figures["train_setup_seconds"] < figures["train_startup_seconds"] < figures["train_seconds"]
+
+
+def test_stream_latency_figures_are_percentiles_of_the_latencies():
+    from nmt.bench_scale import latency_figures
+
+    assert latency_figures([0.4, 0.1, 0.3, 0.2]) == {"median_seconds": 0.25, "p90_seconds": 0.37, "max_seconds": 0.4}
+    assert latency_figures([float(s) for s in range(1, 11)])["p90_seconds"] == 9.1  # not the maximum, 10
 
 
 def test_an_interrupted_bench_writes_what_it_measured(bench_inputs, tmp_path, monkeypatch):

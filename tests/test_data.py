@@ -415,6 +415,12 @@ def test_held_out_documents_fill_the_count_exactly_and_tails_take_at_least_two_l
     documents = np.repeat(np.arange(3), [5000, 8, 8])
     held = hold_out(documents, 500, 0)
     assert all(held[documents == d].sum() in (0, 2) for d in (1, 2))  # a short document's tail: 2 lines
+    documents = np.repeat(np.arange(4), [25, 25, 1000, 1000])  # whole documents make exactly half the count
+    held = hold_out(documents, 100, 0)
+    assert held.sum() == 50 and set(np.unique(documents[held]).tolist()) == {0, 1}
+    documents = np.repeat(np.arange(3), [4000, 4, 4])  # a 4-line document is long enough for a tail
+    held = hold_out(documents, 500, 0)
+    assert held[documents == 0].sum() == 399 and held[documents == 1].sum() == held[documents == 2].sum() == 2
 
 
 def test_cleaning_counts_changes_to_either_side_and_pairs_hash_to_64_bits():

@@ -167,6 +167,23 @@ def test_documents_and_held_out_split(tmp_path):
             prepare_mono(MonoPrepareConfig(out_dir=tmp_path / "d", files=[text], **options))
 
 
+def test_monolingual_sentencepiece_learns_from_a_sample_of_at_most_its_sentences(tmp_path, monkeypatch):
+    import nmt.monolingual
+    from nmt.monolingual import MonoPrepareConfig, prepare_mono
+
+    sampled, train_sentencepiece = [], nmt.monolingual.train_sentencepiece
+
+    def counting(sentences, *args, **options):
+        sampled.append(list(sentences))
+        return train_sentencepiece(sampled[-1], *args, **options)
+
+    monkeypatch.setattr(nmt.monolingual, "train_sentencepiece", counting)
+    text = tmp_path / "text.en"
+    text.write_text("".join(f"sentence {i}\n" for i in range(300)), encoding="utf-8")
+    prepare_mono(MonoPrepareConfig(out_dir=tmp_path / "data", files=[text], vocab_size=40, spm_max_sentences=120))
+    assert len(sampled[0]) == len(set(sampled[0])) == 120
+
+
 def test_held_out_split_stays_near_its_size_and_spans_documents():
     from nmt.monolingual import hold_out
 

@@ -264,12 +264,18 @@ def test_nmt_average_writes_a_model_dir_that_translates(trained, tmp_path):
                           f"step {kept[-1].step} was pruned")
 
 
-def test_bench_scale_measures_translation_memory_and_stream_latency(trained, tmp_path):
+def test_bench_scale_measures_translation_memory_and_stream_latency(trained, tmp_path, monkeypatch):
+    import subprocess
+
     from nmt.bench_scale import ScaleBenchConfig, run_scale_bench
 
     root, model_dir, _ = trained
+    launched, popen = [], subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda command, **options: launched.append(command) or popen(command, **options))
     report = run_scale_bench(ScaleBenchConfig(data=root / "c", src="xx", tgt="yy", pairs=400, ratio=4, translate=model_dir,
                                               beam=2, stream_lines=3, out=tmp_path / "report.json"))
+    translations = [command for command in launched if "translate" in command]
+    assert len(translations) == 3 and all(command[command.index("--beam") + 1] == "2" for command in translations)
     assert report["large"]["output_lines"] == 400 and report["small"]["output_lines"] == 100
     assert report["large"]["translate_peak_rss_bytes"] > 0 and report["stream_latency"]["lines"] == 3
     assert json.loads((tmp_path / "report.json").read_text())["kind"] == "translate"
