@@ -66,6 +66,29 @@ def test_the_feed_forward_sublayer_is_relu_between_two_linear_maps():
     assert torch.allclose(ff(x), ff.fc2(F.relu(ff.fc1(x))), atol=1e-6)
 
 
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_dropout_acts_on_the_embeddings_each_sublayers_output_and_the_feed_forwards_hidden_units(norm, monkeypatch):
+    from nmt.models.dropout import Dropout
+
+    model = build_model(ModelConfig(**{**TRANSFORMER, "norm": norm, "dropout": 0.1}), V, V).train()
+    monkeypatch.setattr(Dropout, "forward", lambda self, x: torch.zeros_like(x))  # every unit dropped
+    torch.manual_seed(1)
+    for module in model.modules():  # biases made nonzero: a sublayer whose hidden units are dropped still adds one
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            torch.nn.init.normal_(module.bias)
+    x, memory = torch.randn(2, 4, 16), torch.randn(2, 5, 16)  # (B, T, D), (B, S, D)
+    visible = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    encoder, decoder = model.encoder_layers[0], model.decoder_layers[0]
+    with torch.no_grad():
+        assert torch.equal(model._embed(model.src_embed, _tokens(0)), torch.zeros(2, 6, 16))
+        assert torch.allclose(encoder.ff(x), encoder.ff.fc2.bias.expand_as(x))  # ReLU units dropped: fc2's bias
+        # With each sublayer's output dropped, only the residual path (and post-norm's norms) remains.
+        kept = x if norm == "pre" else encoder.norm2(encoder.norm1(x))
+        assert torch.allclose(encoder(x, visible[..., :4]), kept, atol=1e-6)
+        kept = x if norm == "pre" else decoder.norm3(decoder.norm2(decoder.norm1(x)))
+        assert torch.allclose(decoder(x, decoder.cross_attn.keys_values(memory), visible)[0], kept, atol=1e-6)
+
+
 def test_a_pre_norm_model_normalizes_the_last_layers_output_once():
     model = build_model(ModelConfig(**{**TRANSFORMER, "norm": "pre"}), V, V).eval()
     src, tgt_in = _tokens(2), _tokens(3, S=4)
