@@ -126,6 +126,7 @@ def prepare(
     train: Annotated[list[str] | None, typer.Option(help="Training files prefix: PREFIX.SRC and PREFIX.TGT (.gz allowed); with --directions, one for all or one per direction.")] = None,
     valid: Annotated[list[str] | None, typer.Option(help="Validation files prefix (with --train); with --directions, one for all or one per direction (then per --zero-shot direction).")] = None,
     test: Annotated[list[str] | None, typer.Option(help="Test files prefix (with --train); with --directions, one for all or one per direction (then per --zero-shot direction).")] = None,
+    tagged_train: Annotated[str | None, typer.Option(help="More training pairs, PREFIX.SRC and PREFIX.TGT (.gz allowed), each source after the reserved [CLS] symbol: back-translations tagged as synthetic, which the model learns to tell from real sources (Caswell et al., 2019). Never held out for valid/test.")] = None,
     tsv: Annotated[list[Path] | None, typer.Option(help="Tab-separated corpus (.gz allowed); with --directions, one for all of them or one per direction, in order (repeat the option).")] = None,
     tsv_langs: Annotated[list[str] | None, typer.Option(help="Language of each TSV column, e.g. en,es; with several --tsv, one per --tsv in order (without it, each TSV's columns are in its direction's order).")] = None,
     hf: Annotated[str | None, typer.Option(help="Hugging Face dataset id, or a local folder of json/csv/parquet files.")] = None,
@@ -166,7 +167,7 @@ def prepare(
             _refuse_unused_options(ctx, "--mono", {*MONO_OPTIONS, "progress"})
         request = PrepareRequest(
             out=out, src=src, tgt=tgt, mono=list(mono or []), mono_langs=list(split(mono_langs)) if mono_langs else None,
-            train=list(train or []), valid=list(valid or []), test=list(test or []), tsv=list(tsv or []),
+            train=list(train or []), valid=list(valid or []), test=list(test or []), tagged_train=tagged_train, tsv=list(tsv or []),
             tsv_langs=[split(item) for item in tsv_langs or []], hf=hf, hf_config=hf_config, hf_revision=hf_revision,
             corpus=list(corpus or []), directions=directions, zero_shot=zero_shot or "", lang_temperature=lang_temperature, data_dir=data_dir,
             valid_size=valid_size, test_size=test_size, seed=seed, split_by=split_by, normalize=normalize,

@@ -38,6 +38,7 @@ from nmt.normalize import is_cjk
 from nmt.paths import followed_link
 from nmt.shards import chunked, encode_to_token_files, token_dtype, worker_count, write_token_file
 from nmt.tokenizer import (
+    CLS,
     UNK,
     Tokenizer,
     check_sentencepiece_settings,
@@ -67,6 +68,10 @@ class PrepareConfig:
     hf_revision: str | None = None
     corpus: str | None = None  # a name from nmt.corpora.CORPORA
     corpus_dir: Path | None = None  # read `corpus` from these local files instead of the Hub
+    # More training pairs (`PREFIX.LANG` files), each source after the reserved [CLS] symbol: tagged
+    # back-translation (Caswell et al., 2019), synthetic sources the model can tell from real ones.
+    # Never carved into valid or test.
+    tagged_train_prefix: str | None = None
     # Splits carved out of the training corpus when the input has none (fixed seed).
     valid_size: int = 1000
     test_size: int = 1000
@@ -127,7 +132,7 @@ def check_split_settings(config: PrepareConfig) -> None:
 
 def input_paths(config: PrepareConfig) -> list[Path]:
     """The files and folders prepare reads."""
-    prefixes = (config.train_prefix, config.valid_prefix, config.test_prefix)
+    prefixes = (config.train_prefix, config.valid_prefix, config.test_prefix, config.tagged_train_prefix)
     given = (config.tsv, config.corpus_dir, config.hf_name if config.hf_name and Path(config.hf_name).exists() else None)
     return [*prefix_files(prefixes, (config.src_lang, config.tgt_lang)), *(Path(p) for p in given if p)]
 
@@ -204,9 +209,13 @@ class CleanedCorpus:
     stats: CleanStats
     overlap: int  # training pairs dropped because valid or test holds them
     cleaner: PairCleaner
+    tagged_from: int  # the work pairs from this one on are --tagged-train's (len(keep): none)
 
     def training_pairs(self) -> Iterator[tuple[str, str]]:
         return _work_pairs(self.work, self.keep)
+
+    def tagged_pairs(self) -> int:
+        return int(self.keep[self.tagged_from :].sum())
 
     def cleaning(self) -> dict:
         return {**self.stats.as_dict(), "overlap_with_valid_test": self.overlap}
@@ -270,15 +279,20 @@ def encode_training_pairs(
     corpus: CleanedCorpus, models: list[Path], directory: Path, stem: str, dtype: np.dtype, config: PrepareConfig,
     progress: bool, prefixes: list[list[int]] | None = None,
 ) -> dict:
-    """The corpus's training pairs as the token files STEM.src and STEM.tgt; returns their counts."""
-    train_count = int(corpus.keep.sum())
+    """The corpus's training pairs as the token files STEM.src and STEM.tgt; returns their counts.
+    `prefixes`: ids that start every pair's sides (a language tag); without them, --tagged-train's
+    sources start with [CLS]."""
+    train_count, tagged = int(corpus.keep.sum()), corpus.tagged_pairs()
+    prefixed_from = 0 if prefixes or not tagged else train_count - tagged
+    prefixes = prefixes or ([[CLS], []] if tagged else None)
     with tqdm(total=train_count, desc="encoding", unit=" pairs", unit_scale=True, file=sys.stderr,
               disable=None if progress else True, mininterval=1.0) as bar:
         src_counts, tgt_counts = encode_to_token_files(
             chunked(corpus.training_pairs(), ENCODE_CHUNK_PAIRS), models, directory, [f"{stem}.src", f"{stem}.tgt"],
-            dtype, worker_count_for(train_count, config), on_chunk=bar.update, prefixes=prefixes,
+            dtype, worker_count_for(train_count, config), on_chunk=bar.update, prefixes=prefixes, prefixed_from=prefixed_from,
         )
-    return {"pairs": train_count, "src_tokens": src_counts["tokens"], "tgt_tokens": tgt_counts["tokens"]}
+    counts = {"pairs": train_count, "src_tokens": src_counts["tokens"], "tgt_tokens": tgt_counts["tokens"]}
+    return {**counts, "tagged_pairs": tagged} if tagged else counts
 
 
 def write_eval_split(
@@ -312,7 +326,9 @@ def clean_and_split(config: PrepareConfig, work: Path, progress: bool, stages: S
         raise DataError("--split-by applies when valid and test are carved out of the training data, not given")
     cleaner = PairCleaner(config.clean, config.src_lang, config.tgt_lang)
     group_side = None if config.split_by is None else (config.src_lang, config.tgt_lang).index(config.split_by)
-    hashes, groups = _clean_to_work_files(train_pairs, cleaner, work, group_side, expected_pairs, progress)
+    tagged = () if config.tagged_train_prefix is None else read_parallel_files(
+        find_side_file(config.tagged_train_prefix, config.src_lang), find_side_file(config.tagged_train_prefix, config.tgt_lang))
+    hashes, groups, tagged_from = _clean_to_work_files(train_pairs, cleaner, work, group_side, expected_pairs, progress, tagged)
     stats = cleaner.stats
     if stages:
         stages.done("read_clean")
@@ -326,40 +342,47 @@ def clean_and_split(config: PrepareConfig, work: Path, progress: bool, stages: S
             sizes = {"valid_size": config.valid_size if split == "valid" else 0,
                      "test_size": config.test_size if split == "test" else 0}
             before = int(keep.sum())
-            eval_raw[split] = eval_clean[split] = _carve_out(dataclasses.replace(config, **sizes), work, keep, None, hashes)[split]
+            eval_raw[split] = eval_clean[split] = _carve_out(dataclasses.replace(config, **sizes), work, keep, None, hashes,
+                                                             tagged_from)[split]
             overlap += before - int(keep.sum()) - len(eval_clean[split])  # copies of them (--no-dedup)
     else:
         before = int(keep.sum())
-        eval_raw = eval_clean = _carve_out(config, work, keep, groups, hashes)
+        eval_raw = eval_clean = _carve_out(config, work, keep, groups, hashes, tagged_from)
         overlap = before - int(keep.sum()) - sum(map(len, eval_clean.values()))  # copies of them (--no-dedup)
     if not keep.any():
         raise DataError("no training pairs left once valid/test pairs are removed")
     if stages:
         stages.done("dedup_split")
-    return CleanedCorpus(work, keep, eval_raw, eval_clean, stats, overlap, cleaner)
+    return CleanedCorpus(work, keep, eval_raw, eval_clean, stats, overlap, cleaner, tagged_from)
 
 
 def _clean_to_work_files(
     pairs: Iterable[tuple[str, str]], cleaner: PairCleaner, work: Path, group_side: int | None,
-    expected_pairs: int | None, progress: bool,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Write the pairs `cleaner` keeps to `work/train.{src,tgt}`; returns the hash of each written
-    pair and, with `group_side`, the hash of its sentence on that side."""
+    expected_pairs: int | None, progress: bool, tagged: Iterable[tuple[str, str]] = (),
+) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Write the pairs `cleaner` keeps to `work/train.{src,tgt}`, then the `tagged` ones; returns
+    the hash of each written pair, with `group_side` the hash of its sentence on that side, and
+    the number of pairs written before the tagged ones."""
     work.mkdir(parents=True, exist_ok=True)
     hash_list, group_list = array("Q"), array("Q")
     with open(work / "train.src", "w", encoding="utf-8", newline="\n") as src_file, \
             open(work / "train.tgt", "w", encoding="utf-8", newline="\n") as tgt_file:
-        for src, tgt in tqdm(pairs, desc="reading", unit=" pairs", unit_scale=True, file=sys.stderr,
-                             total=expected_pairs, disable=None if progress else True, mininterval=1.0):
-            pair = cleaner(src, tgt)
-            if pair is not None:
-                src_file.write(pair[0] + "\n")
-                tgt_file.write(pair[1] + "\n")
-                hash_list.append(pair_hash(*pair))
-                if group_side is not None:
-                    group_list.append(pair_hash(pair[group_side], ""))
+        def write(pairs: Iterable[tuple[str, str]], total: int | None) -> None:
+            for src, tgt in tqdm(pairs, desc="reading", unit=" pairs", unit_scale=True, file=sys.stderr,
+                                 total=total, disable=None if progress else True, mininterval=1.0):
+                pair = cleaner(src, tgt)
+                if pair is not None:
+                    src_file.write(pair[0] + "\n")
+                    tgt_file.write(pair[1] + "\n")
+                    hash_list.append(pair_hash(*pair))
+                    if group_side is not None:
+                        group_list.append(pair_hash(pair[group_side], ""))
+
+        write(pairs, expected_pairs)
+        tagged_from = len(hash_list)
+        write(tagged, None)
     groups = np.frombuffer(group_list, dtype=np.uint64) if group_side is not None else None
-    return np.frombuffer(hash_list, dtype=np.uint64), groups
+    return np.frombuffer(hash_list, dtype=np.uint64), groups, tagged_from
 
 
 def _first_of_duplicates(hashes: np.ndarray, dedup: bool, stats: CleanStats) -> np.ndarray:
@@ -393,10 +416,11 @@ def _hold_out_given(
 
 
 def _carve_out(config: PrepareConfig, work: Path, keep: np.ndarray, groups: np.ndarray | None,
-               hashes: np.ndarray) -> dict[str, list[tuple[str, str]]]:
-    """Valid and test pairs drawn at random from the kept work pairs (whole groups with
-    --split-by), and dropped from `keep` in place with every copy of them (kept without dedup)."""
-    candidates = np.flatnonzero(keep)
+               hashes: np.ndarray, tagged_from: int) -> dict[str, list[tuple[str, str]]]:
+    """Valid and test pairs drawn at random from the kept work pairs before the tagged ones (whole
+    groups with --split-by), and dropped from `keep` in place with every copy of them (kept
+    without dedup, or tagged)."""
+    candidates = np.flatnonzero(keep[:tagged_from])
     _, first = np.unique(hashes[candidates], return_index=True)
     candidates = candidates[np.sort(first)]  # one of each pair: without dedup, copies stay in train
     needed = config.valid_size + config.test_size
@@ -638,6 +662,8 @@ def _read_inputs(config: PrepareConfig, progress: bool = False, local_cache: Pat
 
 
 def _describe_input(config: PrepareConfig) -> dict:
+    if config.tagged_train_prefix is not None:
+        return {**_describe_input(dataclasses.replace(config, tagged_train_prefix=None)), "tagged_train": config.tagged_train_prefix}
     if config.train_prefix is not None:
         return {"train": config.train_prefix, "valid": config.valid_prefix, "test": config.test_prefix}
     if config.tsv is not None:

@@ -39,6 +39,7 @@ class PrepareRequest:
     hf_config: str | None = None
     hf_revision: str | None = None
     corpus: list[str] = field(default_factory=list)
+    tagged_train: str | None = None
     directions: str | list[str] | None = None  # "de-en,en-de" or a list of such
     zero_shot: str | list[str] = ""
     lang_temperature: float | None = None  # None: DEFAULT_TEMPERATURE (with directions only)
@@ -113,6 +114,8 @@ def _check_parallel_options(request: PrepareRequest) -> None:
         raise DataError("several --train, --valid, --test, --tsv or --corpus inputs go with --directions, one per direction")
     if request.directions is not None and (request.src or request.tgt):
         raise DataError("--directions names the languages; leave out --src and --tgt")
+    if request.directions is not None and request.tagged_train is not None:
+        raise DataError("--tagged-train goes with one language pair (--src and --tgt), not --directions")
 
 
 def _parallel_config(request: PrepareRequest) -> PrepareConfig:
@@ -124,7 +127,7 @@ def _parallel_config(request: PrepareRequest) -> PrepareConfig:
         train_prefix=_first(request.train), valid_prefix=_first(request.valid), test_prefix=_first(request.test),
         tsv=_first(request.tsv), tsv_langs=request.tsv_langs[0] if one_tsv else None, hf_name=request.hf,
         hf_config=request.hf_config, hf_revision=request.hf_revision, corpus=_first(request.corpus),
-        corpus_dir=request.data_dir, valid_size=request.valid_size, test_size=request.test_size, seed=request.seed,
+        corpus_dir=request.data_dir, tagged_train_prefix=request.tagged_train, valid_size=request.valid_size, test_size=request.test_size, seed=request.seed,
         split_by=request.split_by,
         clean=CleanConfig(normalization=request.normalize, chinese_script=request.chinese_script,
                           max_words=request.max_words, max_ratio=request.max_ratio, dedup=request.dedup),
@@ -179,7 +182,8 @@ def _parallel_summary(out: Path, manifest: Manifest, stages: str) -> str:
         "ratio, {duplicates} duplicates, {overlap_with_valid_test} also in valid/test".format(**manifest.cleaning),
     ]
     lines += [f"{split:>5}: {counts['pairs']:>8} pairs, {counts['src_tokens']:>9} source tokens, "
-              f"{counts['tgt_tokens']:>9} target tokens" for split, counts in manifest.counts.items()]
+              f"{counts['tgt_tokens']:>9} target tokens" + (f" ({counts['tagged_pairs']} pairs tagged)" if "tagged_pairs" in counts else "")
+              for split, counts in manifest.counts.items()]
     lines.append(f"vocab: {'joint' if vocab.joint else 'separate'} {vocab.type or 'given'}, {vocab.src_size} source / "
                  f"{vocab.tgt_size} target pieces; <unk> in valid: {unk['src']}% source, {unk['tgt']}% target tokens")
     return "\n".join(lines)

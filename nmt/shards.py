@@ -167,14 +167,15 @@ def _load_worker_models(models: list[str]) -> None:
         _worker_models.append((processor, reserved_ids(processor)))
 
 
-def _encode_chunk(rows: list[tuple[str, ...]], dtype: str, prefixes: list[list[int]] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each side of the rows encoded with its model, after that side's `prefixes` ids (a
-    language tag): [(tokens, lengths), ...]."""
+def _encode_chunk(rows: list[tuple[str, ...]], dtype: str, prefixes: list[list[int]] | None = None,
+                  prefixed_from: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each side of the rows encoded with its model, the rows from `prefixed_from` on after that
+    side's `prefixes` ids (a language tag): [(tokens, lengths), ...]."""
     encoded = []
     for side, (processor, reserved) in enumerate(_worker_models):
         sequences = encode_text(processor, [row[side] for row in rows], reserved)  # none spelled in the text
         if prefixes and prefixes[side]:
-            sequences = [prefixes[side] + ids for ids in sequences]
+            sequences = [ids if i < prefixed_from else prefixes[side] + ids for i, ids in enumerate(sequences)]
         encoded.append(flatten(sequences, np.dtype(dtype)))
     return encoded
 
@@ -198,10 +199,12 @@ def encode_to_token_files(
     workers: int = 1,
     on_chunk=lambda rows: None,
     prefixes: list[list[int]] | None = None,
+    prefixed_from: int = 0,
 ) -> list[dict]:
     """Encode chunks of rows of texts (one per side: (source, target) pairs, or 1-tuples of
     monolingual sentences) into one token file per side, STEMS[i], with MODELS[i], in order;
-    `prefixes[i]`: ids that start every sequence of side i.
+    `prefixes[i]`: ids that start every sequence of side i from row `prefixed_from` on (a tag on
+    every row, or on a tail of them).
 
     With more than one worker, chunks are encoded in worker processes, a bounded number at a
     time, so memory holds a few chunks whatever the corpus size. Returns the counts of each side.
@@ -213,12 +216,18 @@ def encode_to_token_files(
             writer.append(tokens, lengths)
         on_chunk(size)
 
+    def starts(chunks: Iterable[list]) -> Iterator[tuple[list, int]]:  # each chunk, and its first prefixed row
+        first_row = 0
+        for chunk in chunks:
+            yield chunk, max(0, prefixed_from - first_row)
+            first_row += len(chunk)
+
     paths = [str(model) for model in models]
     if workers <= 1:
         _load_worker_models(paths)
         try:
-            for chunk in chunks:
-                write(_encode_chunk(chunk, dtype.str, prefixes), len(chunk))
+            for chunk, start in starts(chunks):
+                write(_encode_chunk(chunk, dtype.str, prefixes, start), len(chunk))
         finally:
             _worker_models.clear()
     else:
@@ -227,8 +236,8 @@ def encode_to_token_files(
             workers, mp_context=get_context("spawn"), initializer=_load_worker_models, initargs=(paths,),
         ) as pool:
             pending: deque = deque()
-            for chunk in chunks:
-                pending.append((pool.submit(_encode_chunk, chunk, dtype.str, prefixes), len(chunk)))
+            for chunk, start in starts(chunks):
+                pending.append((pool.submit(_encode_chunk, chunk, dtype.str, prefixes, start), len(chunk)))
                 if len(pending) >= 2 * workers:
                     future, size = pending.popleft()
                     write(future.result(), size)

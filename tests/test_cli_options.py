@@ -59,12 +59,13 @@ def test_prepare_passes_every_option(monkeypatch, tmp_path):
 
     _catch(monkeypatch, nmt.prepare_request, "prepare")
     call = _call(["prepare", "--train", "c/train", "--valid", "c/valid", "--test", "c/test", "--src", "de", "--tgt", "en",
-                  "--out", str(tmp_path / "d"), "--valid-size", "7", "--test-size", "9", "--seed", "5", "--split-by", "de",
+                  "--tagged-train", "c/bt", "--out", str(tmp_path / "d"), "--valid-size", "7", "--test-size", "9", "--seed", "5", "--split-by", "de",
                   "--normalize", "NFKC", "--chinese-script", "none", "--max-words", "40", "--max-ratio", "2.5",
                   "--no-dedup", "--vocab-size", "300", "--spm-type", "bpe", "--separate-vocab",
                   "--character-coverage", "0.99", "--spm-sample", "1000", "--workers", "2", "--overwrite"])
     (config,) = call.positional
     assert (config.train_prefix, config.valid_prefix, config.test_prefix) == ("c/train", "c/valid", "c/test")
+    assert config.tagged_train_prefix == "c/bt"
     assert (config.src_lang, config.tgt_lang, config.out_dir) == ("de", "en", tmp_path / "d")
     assert (config.valid_size, config.test_size, config.seed, config.split_by) == (7, 9, 5, "de")
     clean = config.clean

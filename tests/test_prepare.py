@@ -621,3 +621,45 @@ def test_a_line_too_long_in_characters_is_dropped_at_twenty_per_allowed_word():
     cleaner = PairCleaner(CleanConfig(max_words=10), "xx", "yy")
     assert cleaner("a" * 200, "b") is not None and cleaner("b", "a" * 200) is not None
     assert cleaner("a" * 201, "b") is None and cleaner("b", "a" * 201) is None
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tagged_training_pairs_follow_the_real_ones_after_cls_and_are_never_held_out(tmp_path, monkeypatch, workers):
+    import nmt.prepare
+    from nmt.prepare_request import summary
+    from nmt.tokenizer import CLS
+
+    if workers > 1:  # worker processes, and a chunk that holds real and tagged pairs
+        monkeypatch.setattr(nmt.prepare, "PARALLEL_ENCODE_PAIRS", 0)
+    monkeypatch.setattr(nmt.prepare, "ENCODE_CHUNK_PAIRS", 7)
+    real = toy_pairs(60, seed=1)
+    synthetic = [pair for pair in toy_pairs(200, seed=2) if pair[0] not in dict(real)][:80]
+    write_pairs(tmp_path / "c" / "train", real)
+    write_pairs(tmp_path / "c" / "bt", [("[CLS] " + synthetic[0][0], synthetic[0][1]), *synthetic[1:], ("", "dropped")])
+    out = tmp_path / "data"
+    manifest = prepare(_config(out, train_prefix=str(tmp_path / "c" / "train"), tagged_train_prefix=str(tmp_path / "c" / "bt"),
+                               valid_size=5, test_size=5, workers=workers))
+    assert manifest.counts["train"]["pairs"] == 50 + 80 and manifest.counts["train"]["tagged_pairs"] == 80
+    assert manifest.input["tagged_train"] == str(tmp_path / "c" / "bt")
+    assert "130 pairs" in summary(out, manifest) and "(80 pairs tagged)" in summary(out, manifest)
+    held_out = {s for split in ("valid", "test") for s in (out / f"{split}.src.txt").read_text().splitlines()}
+    assert len(held_out) == 10 and held_out <= {s for s, _ in real}  # carved from the real pairs only
+    tokenizer = Tokenizer(out / manifest.vocab.src_model, out / manifest.vocab.tgt_model)
+    split = ParallelSplit.load(out, "train")
+    sources = [split.src[i].tolist() for i in range(len(split))]
+    kept_real = [s for s, _ in real if s not in held_out]
+    assert sources[:50] == tokenizer.encode_src(kept_real)  # as given, no tag
+    synthetic[0] = ("[CLS] " + synthetic[0][0], synthetic[0][1])  # a tag spelled in the text stays text
+    assert sources[50:] == [[CLS, *ids] for ids in tokenizer.encode_src([s for s, _ in synthetic])]
+    assert [split.tgt[i].tolist() for i in range(50, 130)] == tokenizer.encode_tgt([t for _, t in synthetic])
+
+
+def test_tagged_training_pairs_are_refused_with_directions_and_missing_files(toy_corpus, tmp_path):
+    from nmt.prepare_request import PrepareRequest, prepare_data
+
+    with pytest.raises(DataError, match="--tagged-train goes with one language pair"):
+        prepare_data(PrepareRequest(out=tmp_path / "d", directions="xx-yy,yy-xx", train=[str(toy_corpus / "train")],
+                                    tagged_train=str(toy_corpus / "train")))
+    with pytest.raises(DataError, match="nowhere"):
+        prepare(_config(tmp_path / "d", train_prefix=str(toy_corpus / "train"), tagged_train_prefix=str(tmp_path / "nowhere")))
+    assert not (tmp_path / "d").exists()

@@ -94,18 +94,17 @@ if [[ $extras == *" tuned "* ]]; then
     CONFIG="$here/translate-tuned.yaml" train_and_score scratch-tuned "$work/data-lowres"
     CONFIG="$here/translate-tuned.yaml" train_and_score scratch-tuned-2k "$work/data-lowres-2k"
     # Back-translation with the same settings: en->de tuned like de->en, its beam and its sampled
-    # translations tagged (Caswell et al. 2019: the synthetic sources start with the reserved [CLS]
-    # symbol, so the model can tell them from real German) and the real pairs given three times (a
-    # quarter of the training pairs), kept apart by --no-dedup.
+    # translations tagged (`--tagged-train`, Caswell et al. 2019: the synthetic sources start with
+    # the reserved [CLS] symbol, so the model can tell them from real German) and the real pairs
+    # given three times (a quarter of the training pairs), kept apart by --no-dedup.
     CONFIG="$here/translate-tuned.yaml" train_and_score en-de-tuned "$work/data-lowres-en-de"
+    for side in de en; do cat "$text/lowres.$side" "$text/lowres.$side" "$text/lowres.$side" > "$text/lowres-x3.$side"; done
     for method in beam topk10; do  # with the untuned loop's options
         read -r -a options <<< "${method_options[$method]}"
         method=tuned-$method
         backtranslate "$method" "$work/en-de-tuned" "${options[@]}"
-        sed 's/^/[CLS] /' "$text/bt-$method.de" > "$text/bt-$method.tagged.de"
-        cat "$text/lowres.de" "$text/lowres.de" "$text/lowres.de" "$text/bt-$method.tagged.de" > "$text/lowres+bt-$method.de"
-        cat "$text/lowres.en" "$text/lowres.en" "$text/lowres.en" "$text/mono.en" > "$text/lowres+bt-$method.en"
-        prepare_pairs "$work/data-bt-$method" "$text/lowres+bt-$method" de en --no-dedup
+        cp "$text/mono.en" "$text/bt-$method.en"  # the English each synthetic German line translates
+        prepare_pairs "$work/data-bt-$method" "$text/lowres-x3" de en --no-dedup --tagged-train "$text/bt-$method"
         CONFIG="$here/translate-tuned.yaml" train_and_score "bt-$method" "$work/data-bt-$method"
     done
     if [[ $extras == *" pretrained "* ]]; then
