@@ -71,7 +71,7 @@ test: install browser
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
-# The edit loop: every test but those marked slow (under 30 s on 2 cores).
+# The edit loop: every test but those marked slow (about 2 minutes on 2 cores).
 test-fast: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not slow"
