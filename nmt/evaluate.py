@@ -13,7 +13,7 @@ from sacrebleu.metrics import BLEU, CHRF, TER
 from nmt.data import read_lines
 from nmt.errors import DataError, first_line
 from nmt.normalize import HAN_CHARACTER, base_language, is_chinese
-from nmt.paths import make_folder
+from nmt.paths import check_output_apart, make_folder
 
 METRICS = ("bleu", "chrf", "ter")
 
@@ -214,6 +214,8 @@ def evaluate_directions(
     vocab_info = VocabInfo.read(model_dirs[0])
     if hyp_dir is not None:  # before the translating
         make_folder(Path(hyp_dir), "--hyp-dir")
+        for direction in directions or known:  # never into the data dir (a link to its reference, say)
+            check_output_apart(Path(hyp_dir) / f"{split}.{direction}.hyp", [], [data_dir])
     candidates = sorted(vocab_info.languages) or [x for x in (vocab_info.src_lang, vocab_info.tgt_lang) if x]
     if off_target:
         check_identifiable(candidates)

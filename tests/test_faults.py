@@ -32,6 +32,7 @@ from nmt.batches import Batch
 from nmt.checkpoint import load_for_inference, read_config
 from nmt.config import ModelConfig, TrainConfig, config_from_dict
 from nmt.errors import CheckpointError
+from nmt.files import Manifest
 from nmt.models import build_model
 from nmt.models.transformer import Transformer
 from nmt.tokenizer import BOS, EOS, PAD
@@ -563,6 +564,15 @@ def test_evaluate_and_plot_errors_are_one_line(data_dir, tmp_path):
                                               "--hyp-dir", str(tmp_path / "afile")]), "is a file")
     assert_one_line_error(runner.invoke(app, ["evaluate", "--model", str(save_dir), "--data", str(data_dir),
                                               "--hyp-dir", str(tmp_path / "afile" / "sub")]), "cannot write --hyp-dir")
+    reference, manifest = data_dir / "test.tgt.txt", Manifest.read(data_dir)
+    given, linked = reference.read_bytes(), tmp_path / "linked-hyps"
+    linked.mkdir()
+    (linked / f"test.{manifest.src_lang}-{manifest.tgt_lang}.hyp").symlink_to(reference)  # not written over
+    assert_one_line_error(runner.invoke(app, ["evaluate", "--model", str(save_dir), "--data", str(data_dir),
+                                              "--hyp-dir", str(linked)]), "inside", str(data_dir))
+    assert reference.read_bytes() == given
+    assert_one_line_error(runner.invoke(app, ["evaluate", "--model", str(save_dir), "--data", str(data_dir),
+                                              "--hyp-dir", str(data_dir)]), "inside")
     result = runner.invoke(app, ["evaluate", "--model", str(save_dir), "--data", str(data_dir), "--json"])
     assert result.exit_code == 0, result.output
     assert [d["zero_shot"] for d in json.loads(result.output)["directions"]] == [False]  # its own direction
