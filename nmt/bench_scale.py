@@ -246,7 +246,10 @@ def run_scale_bench(config: ScaleBenchConfig) -> dict:
     if config.out:  # not into the corpus, nor the model it translates
         check_output_apart(Path(config.out), [], [Path(p) for p in (config.data, config.translate) if p])
         check_output_file(Path(config.out))
-    if config.work_dir is not None:
+    if config.work_dir is not None:  # a new folder: what it holds would be written over
+        if Path(config.work_dir).is_dir() and any(Path(config.work_dir).iterdir()):
+            raise DataError(f"--work-dir {config.work_dir} is not empty; give a new or empty folder for the corpora, "
+                            "data dirs and models the bench makes")
         make_folder(Path(config.work_dir), "--work-dir")
     source = Path(config.data) / "train"
     pairs = list(read_parallel_files(find_side_file(source, config.src), find_side_file(source, config.tgt)))

@@ -124,6 +124,7 @@ def test_bench_commands_check_their_inputs_and_outputs_first(bench_inputs, tmp_p
                         ([*bench, f"transformer={tmp_path / 'nowhere'}"], "nowhere"),([*scale, "--out", str(tmp_path)], "cannot write"), ([*scale, "--steps", "0"], "--steps"),
                         ([*scale, "--translate", str(tmp_path / "de-en"), "--beam", "0"], "--beam must be at least 1"),
                         ([*scale, "--work-dir", str(tmp_path / "m30k-train" / "train.de")], "--work-dir"),
+                        ([*scale, "--work-dir", str(tmp_path / "de-en")], "is not empty"),  # a model, say
                         (["bench-serve", str(tmp_path / "model"), "--lines", "-1"], "--lines must be at least 1"),
                         (["bench-serve", str(tmp_path / "model"), "--out", str(tmp_path)], "cannot write"),
                         (["bench", "--data", str(corpus), "--device", "cpu", "--checkpoint", f"typo={tmp_path}"],
