@@ -222,3 +222,49 @@ def test_a_sentence_is_done_when_its_finished_hypotheses_tie_the_best_live_beam(
     assert not _sentence_done(finished, 2, best_alive=-1.5, at_limit=False)
     assert not _sentence_done(finished[:1], 2, best_alive=-3.0, at_limit=False)  # fewer than K finished
     assert _sentence_done(finished[:1], 2, best_alive=0.0, at_limit=True)
+
+
+class CountingModel(TableModel):
+    """A table model that records the batch rows of each decode_step."""
+
+    def __init__(self, table):
+        super().__init__(table)
+        self.rows = []
+
+    def decode_step(self, prev_tokens, memory, state):
+        self.rows.append(prev_tokens.shape[0])
+        return super().decode_step(prev_tokens, memory, state)
+
+
+def test_greedy_search_stops_once_every_row_has_ended():
+    model = CountingModel(_table({BOS: {A: 1.0}, A: {EOS: 1.0}}, V=8))
+    hyps = greedy_search(model, torch.tensor([[5, EOS], [6, EOS]]), max_len_a=0, max_len_b=10)
+    assert [h.tokens for h in hyps] == [[A], [A]]
+    assert len(model.rows) == 2  # not 10, the length limit
+
+
+def test_beam_search_keeps_k_finished_and_stops_once_they_beat_the_live_beams():
+    model = CountingModel(_table({BOS: {EOS: 0.4, A: 0.35, B: 0.25}, A: {EOS: 0.9, C: 0.1}, B: {EOS: 0.8, C: 0.2},
+                                  C: {C: 1.0}}, V=8))
+    nbest = beam_search(model, torch.tensor([[5, EOS]]), beam_size=2, len_penalty=0.0, max_len_a=0, max_len_b=10, nbest=2)[0]
+    assert [h.tokens for h in nbest] == [[], [A]]
+    assert len(model.rows) == 2  # [] and [A] beat every live beam after two steps
+
+
+def test_a_sentence_at_its_length_limit_leaves_the_batch():
+    # Sentence 0 may hold only EOS: at its limit it has 1 finished hypothesis, fewer than K,
+    # and is done all the same; after the first step only sentence 1's 3 beams are decoded.
+    model = CountingModel(_table({BOS: {A: 0.6, B: 0.4}, A: {A: 0.5, EOS: 0.5}, B: {B: 0.5, EOS: 0.5}}, V=8))
+    src = torch.tensor([[5, EOS, PAD, PAD, PAD], [5, 5, 5, 5, EOS]])
+    beam_search(model, src, beam_size=3, len_penalty=0.0, max_len_a=1.0, max_len_b=0)
+    assert model.rows[0] == 6 and len(model.rows) > 1 and set(model.rows[1:]) == {3}
+
+
+def test_every_sample_starts_with_its_own_sentences_prefix():
+    from nmt.search import Sampling, StepRules, sample_search
+
+    model = TableModel(_table({BOS: {A: 0.5, B: 0.5}, A: {EOS: 1.0}, B: {EOS: 1.0}, C: {EOS: 1.0}}, V=8))
+    rules = StepRules(prefix=torch.tensor([[C], [B]]))
+    samples = sample_search(model, torch.tensor([[5, EOS], [6, EOS]]), Sampling(generator=torch.Generator().manual_seed(0)),
+                            nbest=3, max_len_a=0, max_len_b=3, rules=rules)
+    assert [[h.tokens for h in nbest] for nbest in samples] == [[[C]] * 3, [[B]] * 3]

@@ -895,3 +895,76 @@ def test_the_bearer_scheme_is_read_in_any_case():
         for scheme in ("Bearer", "bearer", "BEARER"):
             answer = client.post("/translator/translate", json=[{"src": "a"}], headers={"Authorization": f"{scheme} k1"})
             assert answer.status_code == 200, (scheme, answer.text)
+
+
+def test_requests_batched_together_number_their_attention_maps_from_1():
+    slow = SlowTranslator(seconds=0.1)
+    worker = BatchingWorker(wait_ms=50)
+    busy = worker.submit(Work(slow, 1, False), ["busy"])  # the others gather behind it
+    time.sleep(0.02)
+    work = Work(slow, 1, True)
+    jobs = [worker.submit(work, lines) for lines in (["a", "b"], ["c", "d", "e"])]
+    assert [[m.line for m in job.result(5).attention_maps] for job in jobs] == [[1, 2], [1, 2, 3]]
+    busy.result(5)
+    worker.close()
+    assert ["a", "b", "c", "d", "e"] in slow.calls  # one batch, which succeeded
+
+
+def test_closing_translates_the_waiting_jobs_of_every_kind_and_ends_the_thread():
+    slow = SlowTranslator(seconds=0.2)
+    worker = BatchingWorker(wait_ms=1)
+    busy = worker.submit(Work(slow, 1, False), ["busy"])
+    time.sleep(0.05)
+    waiting = [worker.submit(Work(slow, nbest, False), [line]) for nbest, line in ((1, "a"), (2, "b"))]
+    worker.close()
+    assert not worker._thread.is_alive()
+    assert [job.result(0).texts for job in (busy, *waiting)] == [[["BUSY"]], [["A"]], [["B", "B!"]]]
+
+
+def test_closing_an_idle_worker_ends_its_thread_at_once():
+    worker = BatchingWorker()
+    started = time.monotonic()
+    worker.close()
+    assert not worker._thread.is_alive() and time.monotonic() - started < 2
+
+
+def test_a_job_that_comes_within_the_wait_joins_the_first_jobs_batch():
+    slow = SlowTranslator()
+    worker = BatchingWorker(wait_ms=500)
+    first = worker.submit(Work(slow, 1, False), ["a"])
+    time.sleep(0.05)
+    second = worker.submit(Work(slow, 1, False), ["b"])
+    assert [first.result(5).texts, second.result(5).texts] == [[["A"]], [["B"]]]
+    worker.close()
+    assert slow.calls == [["a", "b"]]
+
+
+def test_jobs_that_waited_behind_a_batch_start_without_a_second_wait():
+    class Timed(SlowTranslator):
+        def translate(self, lines, *args, **kwargs):
+            self.starts.append(time.monotonic())
+            return super().translate(lines, *args, **kwargs)
+
+    slow = Timed(seconds=0.3)
+    slow.starts = []
+    worker = BatchingWorker(wait_ms=1000)
+    jobs = [worker.submit(Work(slow, nbest, False), ["x"]) for nbest in (1, 2)]  # two kinds: two batches
+    for job in jobs:
+        job.result(10)
+    worker.close()
+    assert slow.starts[1] - slow.starts[0] < 0.3 + 0.5  # the second began when the first ended, not 1 s later
+
+
+def test_an_error_of_any_kind_goes_to_its_request_and_the_worker_goes_on():
+    class Refusing(SlowTranslator):
+        def translate(self, lines, *args, **kwargs):
+            if "bad" in lines:
+                raise ConfigError("refused")  # an NmtError, not a RuntimeError
+            return super().translate(lines, *args, **kwargs)
+
+    worker = BatchingWorker(wait_ms=1)
+    translator = Refusing()
+    with pytest.raises(ConfigError, match="refused"):
+        worker.submit(Work(translator, 1, False), ["bad"]).result(5)
+    assert worker.submit(Work(translator, 1, False), ["ok"]).result(5).texts == [["OK"]]
+    worker.close()
