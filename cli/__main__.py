@@ -1,3 +1,3 @@
-from nmt_cli.main import app
+from nmt_cli.main import main
 
-app()
+main()

@@ -102,9 +102,13 @@ def user_errors():
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     except OSError as e:  # a full disk, a name too long: where no more particular message was given
-        names = " -> ".join(str(name) for name in (e.filename, e.filename2) if name)
-        typer.echo(f"error: {e.strerror or first_line(e)}" + (f": {names}" if names else ""), err=True)
+        typer.echo(_os_error_line(e), err=True)
         raise typer.Exit(1) from None
+
+
+def _os_error_line(e: OSError) -> str:
+    names = " -> ".join(str(name) for name in (e.filename, e.filename2) if name)
+    return f"error: {e.strerror or first_line(e)}" + (f": {names}" if names else "")
 
 
 def _refuse_unused_options(ctx: typer.Context, name: str, used: set[str]) -> None:
@@ -575,5 +579,15 @@ def bench(
     typer.echo(f"\nwritten to {out}")
 
 
+def main() -> None:
+    """The `nmt` command. A command's last output (a summary, the scores) written to a full disk
+    or a closed pipe is a one-line error too, as its own writes are."""
+    try:
+        app()
+    except OSError as e:
+        typer.echo(_os_error_line(e), err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -1042,3 +1042,13 @@ def test_a_missing_checkpoint_file_is_named_as_missing(tmp_path):
         verify_files(tmp_path, CheckpointInfo(TrainState(), "bleu", sha256={"optimizer.safetensors": "00"}))
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_weights(torch.nn.Linear(2, 2), tmp_path / "none.safetensors")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_last_output_to_a_full_disk_is_a_one_line_error(tmp_path):
+    text = tmp_path / "h.txt"
+    text.write_text("a dog runs\n", encoding="utf-8")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "nmt_cli", "evaluate", "--hyp", str(text), "--ref", str(text)],
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == ["error: No space left on device"], done.stderr
