@@ -80,7 +80,7 @@ def prepare_mono(config: MonoPrepareConfig, progress: bool = False) -> Manifest:
             raise DataError(f"text file not found: {path}")
     if config.langs is not None and len(config.langs) != len(config.files):
         raise DataError(f"{len(config.files)} --mono files but {len(config.langs)} languages")
-    check_sentencepiece_settings(config.spm_type, config.character_coverage, config.spm_max_sentences)
+    check_sentencepiece_settings(config.spm_type, config.character_coverage, config.spm_max_sentences, config.vocab_size)
     if config.valid_sentences < 1 or config.seed < 0:
         raise DataError("--valid-size must be at least 1 and --seed 0 or more")
     if config.spm_model is not None:

@@ -226,7 +226,7 @@ def check_config(config: MultilingualConfig) -> None:
         raise DataError("one --tsv for several directions: name its columns' languages with --tsv-langs, e.g. de,en")
     if not base.joint_vocab:
         raise DataError("a multilingual data dir has one joint vocabulary (no --separate-vocab)")
-    check_sentencepiece_settings(base.spm_type, base.character_coverage, base.spm_max_sentences)
+    check_sentencepiece_settings(base.spm_type, base.character_coverage, base.spm_max_sentences, base.vocab_size)
     overlap = set(config.zero_shot) & set(config.directions)
     if overlap:
         raise DataError(f"{', '.join(sorted(overlap))}: a zero-shot direction is one not trained on")

@@ -107,7 +107,7 @@ def prepare(config: PrepareConfig, progress: bool = False) -> Manifest:
     out_dir = Path(config.out_dir)
     if config.src_lang == config.tgt_lang:
         raise DataError("source and target languages must differ")
-    check_sentencepiece_settings(config.spm_type, config.character_coverage, config.spm_max_sentences)
+    check_sentencepiece_settings(config.spm_type, config.character_coverage, config.spm_max_sentences, config.vocab_size)
     if config.spm_model is not None:
         source, target = given_sentencepiece_models(Path(config.spm_model))
         if source == target and not config.joint_vocab:

@@ -94,7 +94,7 @@ def train_sentencepiece(
     `vocab_size` is a soft limit, so that a small corpus gets a smaller vocabulary instead of
     an error. `extra_symbols` (language tags) are reserved after the pretraining symbols.
     """
-    check_sentencepiece_settings(model_type, character_coverage, max_sentences)
+    check_sentencepiece_settings(model_type, character_coverage, max_sentences, vocab_size)
     model = io.BytesIO()  # written here rather than to model_prefix, whose path the model would record
     options = dict(
         sentence_iterator=iter(sentences),
@@ -134,8 +134,11 @@ def train_sentencepiece(
     return path
 
 
-def check_sentencepiece_settings(model_type: str, character_coverage: float | None, max_sentences: int) -> None:
+def check_sentencepiece_settings(model_type: str, character_coverage: float | None, max_sentences: int,
+                                 vocab_size: int) -> None:
     """What SentencePiece would refuse only after the corpus is read, refused before."""
+    if vocab_size <= FIRST_REGULAR_ID:
+        raise DataError(f"--vocab-size must be more than {FIRST_REGULAR_ID}, the special and reserved pieces (got {vocab_size})")
     if model_type not in ("unigram", "bpe"):
         raise DataError(f"SentencePiece model type must be unigram or bpe (got {model_type!r})")
     if character_coverage is not None and not MIN_CHARACTER_COVERAGE <= character_coverage <= 1.0:

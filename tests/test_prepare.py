@@ -526,12 +526,15 @@ def test_a_dataset_with_a_valid_split_only_gets_a_test_set_of_test_size(tmp_path
     assert (manifest.counts["valid"]["pairs"], manifest.counts["test"]["pairs"]) == (10, 12)
 
 
-def test_the_sentencepiece_sample_must_be_more_than_its_minimum():
-    from nmt.tokenizer import MIN_SENTENCEPIECE_SAMPLE, check_sentencepiece_settings
+def test_the_sentencepiece_sample_and_vocabulary_must_be_more_than_their_minimum(toy_corpus, tmp_path):
+    from nmt.tokenizer import FIRST_REGULAR_ID, MIN_SENTENCEPIECE_SAMPLE, check_sentencepiece_settings
 
     with pytest.raises(DataError, match=f"more than {MIN_SENTENCEPIECE_SAMPLE}"):
-        check_sentencepiece_settings("unigram", None, MIN_SENTENCEPIECE_SAMPLE)
-    check_sentencepiece_settings("unigram", None, MIN_SENTENCEPIECE_SAMPLE + 1)
+        check_sentencepiece_settings("unigram", None, MIN_SENTENCEPIECE_SAMPLE, 100)
+    check_sentencepiece_settings("unigram", None, MIN_SENTENCEPIECE_SAMPLE + 1, FIRST_REGULAR_ID + 1)
+    for size in (0, 3, FIRST_REGULAR_ID):  # SentencePiece's own assertion, before: not naming the option
+        with pytest.raises(DataError, match=f"--vocab-size must be more than {FIRST_REGULAR_ID}"):
+            prepare(_config(tmp_path / "d", train_prefix=str(toy_corpus / "train"), vocab_size=size))
 
 
 def test_a_prepare_request_checks_directions_as_the_command_does(tmp_path):
