@@ -6,6 +6,7 @@ returns the data dir's manifest; `summary` and `prepare_warnings` say what it ma
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from nmt.multilingual import DEFAULT_TEMPERATURE, MultilingualConfig, parse_dire
 from nmt.normalize import UNICODE_FORMS
 from nmt.prepare import PrepareConfig, prepare
 from nmt.tokenizer import language_tag
+
+BILINGUAL_LANGUAGE_CODE = re.compile(r"[A-Za-z0-9_-]+")  # a file name's suffix; zh-TW too, outside --directions
 
 
 @dataclass
@@ -71,6 +74,11 @@ def prepare_data(request: PrepareRequest, progress: bool = False) -> Manifest:
         raise DataError("--spm-sample must be at least 1 and --workers at least 0")
     if request.normalize.upper() not in map(str.upper, UNICODE_FORMS):
         raise DataError(f"--normalize must be one of {', '.join(UNICODE_FORMS)} (got {request.normalize!r})")
+    for option, codes in (("--src", [request.src]), ("--tgt", [request.tgt]), ("--mono-langs", request.mono_langs or []),
+                          ("--tsv-langs", [code for langs in request.tsv_langs for code in langs])):
+        for code in codes:
+            if code is not None and not BILINGUAL_LANGUAGE_CODE.fullmatch(code):
+                raise DataError(f"{option}: {code!r} is not a language code (letters, digits, _ and -, as de or zh-TW)")
     if request.mono:
         return prepare_mono(_mono_config(**{name: getattr(request, name) for name in MONO_OPTIONS}), progress=progress)
     _check_parallel_options(request)

@@ -18,6 +18,10 @@ SENTENCES = [f"sentence {i} of document {i // 3} says w{i} and w{i + 1}" for i i
 
 @pytest.mark.parametrize("options, message", [
     ({**PARALLEL, "spm_sample": 0}, "--spm-sample must be at least 1"),
+    ({**PARALLEL, "src": ""}, "--src: '' is not a language code"),
+    ({**PARALLEL, "tgt": "e n"}, "--tgt: 'e n' is not a language code"),
+    ({"tsv": ["x.tsv"], "tsv_langs": [("de", "../x")], "src": "de", "tgt": "en"}, "--tsv-langs: '../x' is not"),
+    ({"mono": ["x.de"], "mono_langs": ["d e"]}, "--mono-langs: 'd e' is not"),
     ({**PARALLEL, "workers": -1}, "--workers at least 0"),
     ({**PARALLEL, "normalize": "NFX"}, "--normalize must be one of"),
     ({**PARALLEL, "lang_temperature": 2.0}, "--zero-shot and --lang-temperature go with --directions"),
