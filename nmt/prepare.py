@@ -622,6 +622,8 @@ def _read_inputs(config: PrepareConfig, progress: bool = False, local_cache: Pat
         raise DataError("give exactly one input: --train PREFIX, --tsv FILE, --hf NAME or --corpus NAME")
     if config.corpus_dir is not None and config.corpus is None:
         raise DataError("--data-dir goes with --corpus")
+    if config.corpus_dir is not None and not Path(config.corpus_dir).is_dir():  # else read as a Hub id, with retries
+        raise DataError(f"--data-dir {config.corpus_dir}: folder not found")
     src, tgt = config.src_lang, config.tgt_lang
     given: dict[str, list[tuple[str, str]]] = {}
     if config.train_prefix is not None:

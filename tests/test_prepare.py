@@ -666,3 +666,10 @@ def test_tagged_training_pairs_are_refused_with_directions_and_missing_files(toy
     with pytest.raises(DataError, match="nowhere"):
         prepare(_config(tmp_path / "d", train_prefix=str(toy_corpus / "train"), tagged_train_prefix=str(tmp_path / "nowhere")))
     assert not (tmp_path / "d").exists()
+
+
+def test_a_corpus_data_dir_that_is_not_a_folder_is_refused_before_the_hub_is_asked(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for given in (tmp_path / "nope", tmp_path / "afile"):
+        with pytest.raises(DataError, match=f"--data-dir {given}: folder not found"):
+            prepare(_config(tmp_path / "d", src_lang="de", tgt_lang="en", corpus="multi30k", corpus_dir=given))
