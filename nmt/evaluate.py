@@ -212,10 +212,10 @@ def evaluate_directions(
                             f"({', '.join(through) if through else 'this data dir has none'})")
         directions = through
     vocab_info = VocabInfo.read(model_dirs[0])
-    if hyp_dir is not None:  # before the translating
-        make_folder(Path(hyp_dir), "--hyp-dir")
-        for direction in directions or known:  # never into the data dir (a link to its reference, say)
+    if hyp_dir is not None:  # before the translating; never into the data dir (a link to its reference, say)
+        for direction in directions or known:
             check_output_apart(Path(hyp_dir) / f"{split}.{direction}.hyp", [], [data_dir])
+        make_folder(Path(hyp_dir), "--hyp-dir")
     candidates = sorted(vocab_info.languages) or [x for x in (vocab_info.src_lang, vocab_info.tgt_lang) if x]
     if off_target:
         check_identifiable(candidates)
