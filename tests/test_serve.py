@@ -350,20 +350,23 @@ def test_closing_the_worker_translates_what_waits_and_ends_its_thread():
     assert [job.result(0).texts for job in (busy, *waiting)] == [[["BUSY"]], [["A"]], [["B"]]]
 
 
-def test_requests_batched_together_keep_their_own_line_numbers_and_failures():
+@pytest.mark.parametrize("failing", [True, False], ids=["retried-one-by-one", "one-batch"])
+def test_requests_batched_together_keep_their_own_line_numbers_and_failures(failing):
     slow = SlowTranslator(seconds=0.1)
     worker = BatchingWorker(wait_ms=50)
     busy = worker.submit(Work(slow, 1, False), ["busy"])  # the others gather behind it
     time.sleep(0.02)
     work = Work(slow, 1, True)
-    jobs = [worker.submit(work, lines) for lines in (["a", "b"], ["boom"], ["c", "d", "e"])]
+    groups = [["a", "b"], *([["boom"]] if failing else []), ["c", "d", "e"]]
+    jobs = [worker.submit(work, lines) for lines in groups]
     assert busy.result(5).texts == [["BUSY"]]
     assert [m.line for m in jobs[0].result(5).attention_maps] == [1, 2]
-    assert [m.line for m in jobs[2].result(5).attention_maps] == [1, 2, 3]
-    with pytest.raises(RuntimeError, match="boom"):
-        jobs[1].result(5)
+    assert [m.line for m in jobs[-1].result(5).attention_maps] == [1, 2, 3]  # counted from its own first line
+    if failing:
+        with pytest.raises(RuntimeError, match="boom"):
+            jobs[1].result(5)
     worker.close()
-    assert ["a", "b", "boom", "c", "d", "e"] in slow.calls  # tried together first
+    assert [line for lines in groups for line in lines] in slow.calls  # tried together first
 
 
 def test_a_stalled_upload_gets_408_and_holds_neither_the_server_nor_its_stop():
@@ -895,19 +898,6 @@ def test_the_bearer_scheme_is_read_in_any_case():
         for scheme in ("Bearer", "bearer", "BEARER"):
             answer = client.post("/translator/translate", json=[{"src": "a"}], headers={"Authorization": f"{scheme} k1"})
             assert answer.status_code == 200, (scheme, answer.text)
-
-
-def test_requests_batched_together_number_their_attention_maps_from_1():
-    slow = SlowTranslator(seconds=0.1)
-    worker = BatchingWorker(wait_ms=50)
-    busy = worker.submit(Work(slow, 1, False), ["busy"])  # the others gather behind it
-    time.sleep(0.02)
-    work = Work(slow, 1, True)
-    jobs = [worker.submit(work, lines) for lines in (["a", "b"], ["c", "d", "e"])]
-    assert [[m.line for m in job.result(5).attention_maps] for job in jobs] == [[1, 2], [1, 2, 3]]
-    busy.result(5)
-    worker.close()
-    assert ["a", "b", "c", "d", "e"] in slow.calls  # one batch, which succeeded
 
 
 def test_closing_translates_the_waiting_jobs_of_every_kind_and_ends_the_thread():
