@@ -937,12 +937,12 @@ def test_jobs_that_waited_behind_a_batch_start_without_a_second_wait():
 
     slow = Timed(seconds=0.3)
     slow.starts = []
-    worker = BatchingWorker(wait_ms=1000)
+    worker = BatchingWorker(wait_ms=3000)
     jobs = [worker.submit(Work(slow, nbest, False), ["x"]) for nbest in (1, 2)]  # two kinds: two batches
     for job in jobs:
-        job.result(10)
+        job.result(20)
     worker.close()
-    assert slow.starts[1] - slow.starts[0] < 0.3 + 0.5  # the second began when the first ended, not 1 s later
+    assert slow.starts[1] - slow.starts[0] < 0.3 + 2.0  # the second began when the first ended, not 3 s later
 
 
 def test_an_error_of_any_kind_goes_to_its_request_and_the_worker_goes_on():
