@@ -920,7 +920,7 @@ def test_closing_an_idle_worker_ends_its_thread_at_once():
 
 def test_a_job_that_comes_within_the_wait_joins_the_first_jobs_batch():
     slow = SlowTranslator()
-    worker = BatchingWorker(wait_ms=500)
+    worker = BatchingWorker(wait_ms=2000)  # far beyond the 50 ms sleep, even on a busy machine
     first = worker.submit(Work(slow, 1, False), ["a"])
     time.sleep(0.05)
     second = worker.submit(Work(slow, 1, False), ["b"])
