@@ -10,6 +10,7 @@ from nmt_cli.main import app
 from typer.testing import CliRunner
 
 from nmt.bench import BenchConfig, format_report, run_bench
+from nmt.devices import cpu_multiplies_natively
 from nmt.errors import DataError
 from nmt.files import VocabInfo, Vocabulary
 
@@ -50,7 +51,9 @@ def test_bench_measures_every_section_against_its_baseline(bench_inputs, tmp_pat
         assert record["seconds_per_update"] * 3 == pytest.approx(statistics.median(record["seconds_all_repeats"]))
     for path, dtype in passes:  # model FLOPs are counted for the Transformer
         record = train[("transformer", path, dtype)]
-        assert record["flops_per_s"] > 0 and 0 < record["mfu_of_measured_matmul"] < 1
+        assert record["flops_per_s"] > 0 and record["mfu_of_measured_matmul"] > 0
+        if cpu_multiplies_natively(getattr(torch, dtype)):  # else the measured bf16 product is emulated, no ceiling
+            assert record["mfu_of_measured_matmul"] < 1
     assert set(report["matmul"]) == {"float32", "bfloat16"}
     for model in recipes:
         record = train[(model, "nmt", "bfloat16")]

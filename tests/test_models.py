@@ -150,6 +150,30 @@ def test_forward_and_search_under_bf16_autocast(config):
     assert len(hyps) == src.shape[0]
 
 
+@pytest.mark.parametrize("feeding", [True, False])
+def test_the_recurrence_runs_in_fp32_under_cpu_autocast_without_bf16_instructions(monkeypatch, feeding):
+    """On such CPUs oneDNN can't build a training-mode bf16 LSTM ("could not create a primitive
+    descriptor"): the recurrent layers run in fp32 there, the rest under autocast."""
+    import nmt.models.rnn
+
+    monkeypatch.setattr(nmt.models.rnn, "_cpu_has_half_instructions", lambda dtype: False)
+    config = ModelConfig(arch="rnn", cell="lstm", input_feeding=feeding, embed_dim=16, hidden_dim=32,
+                         enc_layers=2, dec_layers=1, dropout=0.0, tie_output=False)
+    model = build_model(config, V_SRC, V_TGT).train()
+    src, tgt_in = random_batch()
+    with torch.no_grad():
+        fp32_states = model.encode(src).states
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        memory = model.encode(src)
+        logits = model(src, tgt_in)
+        _, state = model.decode_step(tgt_in[:, 0], memory, model.init_state(memory))
+    assert memory.states.dtype == torch.float32 and torch.equal(memory.states, fp32_states)
+    assert state.hidden.dtype == state.cell.dtype == torch.float32
+    assert logits.dtype == torch.bfloat16  # the output projection still runs under autocast
+    logits.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.decoder.parameters())
+
+
 def test_the_decoder_cache_keeps_the_autocast_dtype():
     """Under bf16 autocast the encoder output is fp32 (its final layer norm), while the keys the
     decoder's projections make are bf16: the cache must not be promoted to fp32 at every step."""

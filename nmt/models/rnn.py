@@ -4,14 +4,16 @@ decoder that attends over the encoder states at every step, with optional input 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from nmt.config import ModelConfig
+from nmt.devices import cpu_multiplies_natively
 from nmt.models.attention import AttentionChoice, rnn_attention
 from nmt.models.dropout import Dropout
 from nmt.tokenizer import PAD
@@ -53,6 +55,29 @@ def _rnn_class(cell: str) -> type[nn.RNNBase]:
     return {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[cell]
 
 
+HiddenState = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
+
+
+@functools.cache
+def _cpu_has_half_instructions(dtype: torch.dtype) -> bool:
+    return cpu_multiplies_natively(dtype)
+
+
+def _run_recurrent(layer: nn.RNNBase, x: torch.Tensor | PackedSequence, hx: HiddenState = None):
+    """`layer(x, hx)` as autocast runs it, except on a CPU without instructions for autocast's
+    half-precision type: there oneDNN can't build a bf16 LSTM for most shapes ("could not create
+    a primitive descriptor"), and emulated bf16 would be slower than fp32 anyway, so the
+    recurrence runs in fp32 and returns fp32 states."""
+    device = x.data.device if isinstance(x, PackedSequence) else x.device
+    if (device.type != "cpu" or not torch.is_autocast_enabled("cpu")
+            or _cpu_has_half_instructions(torch.get_autocast_dtype("cpu"))):
+        return layer(x, hx)
+    if hx is not None:
+        hx = tuple(h.float() for h in hx) if isinstance(hx, tuple) else hx.float()
+    with torch.autocast("cpu", enabled=False):
+        return layer(x.float(), hx)
+
+
 class RNNSeq2Seq(nn.Module):
     def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int):
         super().__init__()
@@ -86,7 +111,7 @@ class RNNSeq2Seq(nn.Module):
         mask = src != PAD  # (B, S)
         x = self.dropout(self.src_embed(src))  # (B, S, E)
         packed = pack_padded_sequence(x, mask.sum(1).cpu(), batch_first=True, enforce_sorted=False)
-        states, _ = self.encoder(packed)
+        states, _ = _run_recurrent(self.encoder, packed)
         states, _ = pad_packed_sequence(states, batch_first=True, total_length=src.shape[1])  # (B, S, D)
         return RNNMemory(states, mask, self.attention.project_keys(states))
 
@@ -113,7 +138,7 @@ class RNNSeq2Seq(nn.Module):
         hx = (state.hidden, state.cell) if self.is_lstm else state.hidden
         # Under autocast the state may be bf16/fp16 while embeddings stay fp32: the recurrent
         # layer needs input and state in one dtype.
-        dec_out, hx = self.decoder(x[:, None, :].to(state.hidden.dtype), hx)  # (B, 1, D)
+        dec_out, hx = _run_recurrent(self.decoder, x[:, None, :].to(state.hidden.dtype), hx)  # (B, 1, D)
         hidden, cell = hx if self.is_lstm else (hx, None)
         att_vec, weights = self._attentional(dec_out, memory)  # (B, 1, D), (B, 1, S)
         attention = weights[:, 0] if state.keep_attention else None
@@ -131,7 +156,7 @@ class RNNSeq2Seq(nn.Module):
             att_vec = torch.stack(att_vecs, dim=1)  # (B, T, D)
         else:  # the recurrence runs over the whole target at once, attention after it
             hx = (state.hidden, state.cell) if self.is_lstm else state.hidden
-            dec_out, _ = self.decoder(embedded.to(state.hidden.dtype), hx)  # (B, T, D)
+            dec_out, _ = _run_recurrent(self.decoder, embedded.to(state.hidden.dtype), hx)  # (B, T, D)
             att_vec, _ = self._attentional(dec_out, memory)
         return self.output(self.dropout(att_vec))
 
