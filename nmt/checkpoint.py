@@ -116,6 +116,17 @@ def _run_files(save_dir: Path) -> list[Path]:
     return [save_dir / name for name in dict.fromkeys(names) if (save_dir / name).exists() or (save_dir / name).is_symlink()]
 
 
+def model_dir_contents(model_dir: Path) -> list[Path]:
+    """What of `model_dir` is the model's own: an output written there must be none of these and
+    in none of them. A training run's directory may hold the user's files besides (a recipe's
+    test.hyp); any other directory (an export) is the model's as a whole."""
+    model_dir = Path(model_dir)
+    if not has_config(model_dir):
+        return [model_dir]
+    hidden = [model_dir / name for name in (".lock", REPLACING, REPLACED, RESTORING, DROPPING)]
+    return _run_files(model_dir) + [path for path in hidden if path.exists()]
+
+
 def set_aside_replaced(save_dir: Path) -> None:
     """--overwrite: move the model in `save_dir` aside (see REPLACED)."""
     save_dir = Path(save_dir)

@@ -336,8 +336,10 @@ class ParallelSplit:
     tgt: TokenArray
 
     @classmethod
-    def load(cls, data_dir: Path, split: str) -> ParallelSplit:
-        pair = cls(TokenArray(data_dir, f"{split}.src"), TokenArray(data_dir, f"{split}.tgt"))
+    def load(cls, data_dir: Path, split: str, vocab_sizes: tuple[int, int] | None = None) -> ParallelSplit:
+        """`vocab_sizes`: (source, target) pieces; ids outside them are refused."""
+        src_size, tgt_size = vocab_sizes or (None, None)
+        pair = cls(TokenArray(data_dir, f"{split}.src", src_size), TokenArray(data_dir, f"{split}.tgt", tgt_size))
         if len(pair.src) != len(pair.tgt):
             raise DataError(f"{data_dir}: {split} source and target counts differ; run nmt prepare again")
         return pair

@@ -354,8 +354,7 @@ class CTranslate2Translator:
         self._check(decode, attention)
         encoded = encode_lines(self.tokenizer, lines, decode, self.normalization, prefixes, self.target_normalization,
                                first_line)
-        # CTranslate2 cannot require the token after a prefix to begin a word: its prefix ends with its last token.
-        prefix_ids = [[i for i in ids if i != NEW_WORD] for ids in encoded.prefixes or [[] for _ in encoded.sources]]
+        prefix_ids = encoded.prefixes or [[] for _ in encoded.sources]
         hyps = self._search(encoded.sources, prefix_ids, decode, attention is not None, progress)
         return collect_translations(self.tokenizer, len(lines), encoded, hyps, attention is not None, first_line,
                                     self.target_normalization)
@@ -386,6 +385,8 @@ class CTranslate2Translator:
         """The n-best list of each source, in order: one CTranslate2 call per length limit, all
         submitted at once so that its workers (one per core) decode several groups together."""
         limits = decoding_limits(sources, prefixes, decode)
+        # CTranslate2 cannot require the token after a prefix to begin a word: its prefix ends with its last token.
+        prefixes = [[i for i in ids if i != NEW_WORD] for ids in prefixes]
         results: list[list[Hypothesis]] = [[] for _ in sources]
         if decode.prefix_only:  # a whole translation given: scored, not searched
             forced = [i for i, prefix in enumerate(prefixes) if prefix]
@@ -498,7 +499,8 @@ class CTranslate2Translator:
 
 def decoding_limits(sources: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]], decode: DecodeConfig) -> list[int]:
     """nmt's longest output per sentence, EOS included: a·|src| + b as the search computes it
-    (`nmt.search.max_lengths`), and room for a forced prefix and EOS."""
+    (`nmt.search.output_limits`), and room for a forced prefix and EOS; a prefix's final NEW_WORD
+    counts, as there, for the word that must begin after it."""
     if not sources:
         return []
     limits = max_lengths(pad_source(sources), decode.max_len_a, decode.max_len_b).tolist()

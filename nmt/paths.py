@@ -32,18 +32,21 @@ def nested(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def check_output_apart(output: Path, inputs: Sequence[Path | None], folders: Sequence[Path]) -> None:
-    """Refuse an output file that is one of the `inputs` or inside one of the `folders` (a
-    model or data dir) the command reads: writing it would destroy what it reads."""
+def check_output_apart(output: Path, inputs: Sequence[Path | None], owned: Sequence[Path]) -> None:
+    """Refuse an output file that is one of the `inputs`, or one of the files and folders in
+    `owned` (a data dir, a model's own files) or inside one: writing it would destroy what the
+    command reads."""
     for given in inputs:
         if given is not None and output.is_file() and Path(given).is_file() and os.path.samefile(output, given):
             raise DataError(f"cannot write {output}: it is the input {given}")
     if written_in_place(output):  # a stream or device is no file of a folder
         return
-    holders = Path(os.path.realpath(output)).parents
-    for folder in folders:
-        if Path(folder).resolve() in holders:
-            raise DataError(f"cannot write {output}: it is inside {folder}, which this command reads")
+    written = Path(os.path.realpath(output))
+    for path in owned:
+        if Path(path).resolve() == written:
+            raise DataError(f"cannot write {output}: it is {path}, which this command reads")
+        if Path(path).resolve() in written.parents:
+            raise DataError(f"cannot write {output}: it is inside {path}, which this command reads")
 
 
 def make_folder(path: Path, option: str) -> None:

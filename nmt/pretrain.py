@@ -84,9 +84,9 @@ class MonoCorpus:
         self.lengths = lengths.astype(np.uint16 if lengths.max(initial=0) <= np.iinfo(np.uint16).max else np.int32)
 
     @classmethod
-    def load(cls, data_dir: Path, split: str, max_tokens: int | None = None) -> MonoCorpus:
+    def load(cls, data_dir: Path, split: str, max_tokens: int | None = None, vocab_size: int | None = None) -> MonoCorpus:
         text_stem, documents_path = monolingual_files(data_dir, split)
-        text = TokenArray(data_dir, text_stem)
+        text = TokenArray(data_dir, text_stem, vocab_size)
         documents = load_array(documents_path)
         if documents.ndim != 1 or len(documents) != len(text):
             raise DataError(f"{data_dir}: {split} sentences and documents differ in number; run nmt prepare again")
@@ -295,8 +295,8 @@ class MaskedLMTask:
             raise DataError(f"{self.spm_path} does not reserve [MASK], [CLS] and [SEP]: prepare the data again with this version")
         self.vocab_size = self.processor.get_piece_size()
         # Memory-mapped: resident memory holds 2 bytes per sentence, whatever the corpus size.
-        self.train_corpus = MonoCorpus.load(self.data_dir, "train", self.pc.max_tokens)
-        self.valid_corpus = MonoCorpus.load(self.data_dir, "valid", self.pc.max_tokens)
+        self.train_corpus = MonoCorpus.load(self.data_dir, "train", self.pc.max_tokens, self.vocab_size)
+        self.valid_corpus = MonoCorpus.load(self.data_dir, "valid", self.pc.max_tokens, self.vocab_size)
         counts = self.manifest.counts["train"]
         log(f"pretraining text: {counts['sentences']} sentences, {counts['tokens']} tokens, "
             f"{counts['documents']} documents; {len(self.valid_corpus)} held out")

@@ -123,7 +123,9 @@ class TokenArray:
     """A list of token sequences stored as one flat array plus offsets; the tokens stay on disk
     (memory-mapped) and are read as batches need them."""
 
-    def __init__(self, directory: Path, stem: str):
+    def __init__(self, directory: Path, stem: str, vocab_size: int | None = None):
+        """`vocab_size`: refuse ids outside a vocabulary of that many pieces (read once, now: an
+        id past the embedding table would stop training with an IndexError mid-run)."""
         self.tokens = load_array(Path(directory) / f"{stem}.tokens.npy")
         self.offsets = load_array(Path(directory) / f"{stem}.offsets.npy")
         if (self.offsets.ndim != 1 or len(self.offsets) < 1 or int(self.offsets[0]) != 0
@@ -133,6 +135,9 @@ class TokenArray:
             self.lengths = sequence_lengths(self.offsets)
         except ValueError as e:
             raise DataError(f"{Path(directory) / stem}: {e}; run nmt prepare again") from None
+        if vocab_size is not None and len(self.tokens) and int(self.tokens.max()) >= vocab_size:
+            raise DataError(f"{Path(directory) / stem}: token id {int(self.tokens.max())} is outside the vocabulary of "
+                            f"{vocab_size} pieces; run nmt prepare again")
         self.release_pages()
 
     def release_pages(self) -> None:

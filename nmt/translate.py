@@ -21,7 +21,7 @@ from tqdm import tqdm
 from nmt.alignment import EOS_LABEL, AttentionMap, AttentionOutput, check_attention_dir, describe_attention
 from nmt.atomic import open_text_atomic
 from nmt.batches import pad_source
-from nmt.checkpoint import load_for_inference, read_config
+from nmt.checkpoint import load_for_inference, model_dir_contents, read_config
 from nmt.config import DecodeConfig, ModelConfig
 from nmt.data import clean_whitespace, decode_lines, read_lines
 from nmt.devices import autocast, resolve_device, resolve_precision
@@ -639,7 +639,8 @@ def translate_file(
             raise DataError(f"cannot write {output_path}: the folder {folder} does not exist")
         # stdin read from a file (`< FILE`) is that file's input as much as -i FILE
         stdin = Path("/dev/stdin") if input_path is None else None
-        check_output_apart(output_path, [input_path or stdin, prefix_path], [*model_dirs, *(pivot_dirs or [])])
+        model_contents = [path for model_dir in [*model_dirs, *(pivot_dirs or [])] for path in model_dir_contents(model_dir)]
+        check_output_apart(output_path, [input_path or stdin, prefix_path], model_contents)
     elif Path("/dev/stdout").is_file():  # redirected into a file (`>> FILE`): the input would grow as it is read
         check_output_apart(Path("/dev/stdout"), [input_path or Path("/dev/stdin"), prefix_path], [])
     translator = load_text_translator(model_dirs, decode_options, checkpoint, device, quantize, engine, languages, pivot,

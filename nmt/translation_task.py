@@ -91,9 +91,9 @@ def validate(
     }
 
 
-def validation_set(data_dir: Path, name: str) -> tuple[ParallelSplit, list[str]]:
+def validation_set(data_dir: Path, name: str, vocab_sizes: tuple[int, int]) -> tuple[ParallelSplit, list[str]]:
     """A held-out split and its reference lines, checked now rather than at the first validation."""
-    split, (_, path) = ParallelSplit.load(data_dir, name), text_files(data_dir, name)
+    split, (_, path) = ParallelSplit.load(data_dir, name, vocab_sizes), text_files(data_dir, name)
     references = list(read_lines(path))
     if len(references) != len(split):
         raise DataError(f"{path} has {len(references)} lines for {len(split)} {name} pairs; run nmt prepare again")
@@ -114,10 +114,11 @@ class TranslationTask:
         for name, sha256 in {vocab.src_model: vocab.src_sha256, vocab.tgt_model: vocab.tgt_sha256}.items():  # once if joint
             check_prepared_model(data_dir / name, sha256)
         self.tokenizer = Tokenizer(data_dir / vocab.src_model, data_dir / vocab.tgt_model)
-        self.train_split = ParallelSplit.load(data_dir, "train")
+        self.vocab_sizes = (self.tokenizer.src_vocab_size, self.tokenizer.tgt_vocab_size)
+        self.train_split = ParallelSplit.load(data_dir, "train", self.vocab_sizes)
         self.tag_ids = tuple(self.tokenizer.tag_id(lang) for lang in manifest.languages)  # never dropped
         if valid_split:
-            self.valid_split, self.references = validation_set(data_dir, "valid")
+            self.valid_split, self.references = validation_set(data_dir, "valid", self.vocab_sizes)
 
     def describe(self) -> str:
         return f"{len(self.train_split)} training pairs{self.over_budget_note()}"
@@ -210,7 +211,7 @@ class MultilingualTranslationTask(TranslationTask):
             raise DataError(f"{data_dir}: the directions' counts do not add up to the training pairs; run nmt prepare again")
         self.temperature = config.train.lang_temperature or manifest.lang_temperature or 1.0
         self.weights = direction_weights(config.train.direction_weights, self.directions, data_dir)
-        self.valid_sets = {d: validation_set(data_dir, f"valid.{d}") for d in self.directions}
+        self.valid_sets = {d: validation_set(data_dir, f"valid.{d}", self.vocab_sizes) for d in self.directions}
         self.extra_metrics = tuple(f"bleu_{d}" for d in self.directions)
 
     def init_save_dir(self, save_dir: Path) -> None:

@@ -7,6 +7,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_RNN, TINY_TRANSFORMER, assert_one_line_error, prepare_toy_data, toy_pairs, train_tiny
 from nmt_cli.main import app
 from typer.testing import CliRunner
@@ -28,8 +29,8 @@ from nmt.export import (
     with_eos_column,
 )
 from nmt.models.attention import AttentionChoice
-from nmt.search import max_lengths
-from nmt.tokenizer import EOS
+from nmt.search import NEW_WORD, StepRules, max_lengths, output_limits
+from nmt.tokenizer import EOS, PAD
 from nmt.translate import load_translator, translate_file
 
 runner = CliRunner()
@@ -168,6 +169,10 @@ def test_prefix_and_no_repeated_ngrams_are_honoured(models):
     # A prefix ending in a space: CTranslate2 cannot hold the next piece to a word's start, but
     # starts the output with the prefix all the same.
     assert _ct2(export_dir, {"beam": 1}).translate(lines[:2], ["V3 ", "V5 V1 "]).texts[0][0].startswith("V3")
+    short = {"beam": 1, "max_len_a": 0, "max_len_b": 1}  # the limit leaves room for the prefix, a word and EOS
+    nmt = load_translator([save_dir], short, device="cpu").translate(lines[:2], ["V3 ", "V5 V1 "])
+    ct2 = _ct2(export_dir, short).translate(lines[:2], ["V3 ", "V5 V1 "])
+    assert [len(h[0].tokens) for h in ct2.hypotheses] == [len(h[0].tokens) for h in nmt.hypotheses]
     free = _ct2(export_dir, {"beam": 1}).translate(lines)
     assert any(_repeats_a_bigram(h[0].tokens) for h in free.hypotheses)  # the model repeats itself when let
     for beam in (1, 4):
@@ -453,6 +458,10 @@ def test_length_limits_are_nmts_per_sentence():
     sources = [[7] * n for n in (1, 5, 8, 13)]
     assert decoding_limits(sources, [[]] * 4, decode) == max_lengths(pad_source(sources), 1.2, 3).tolist() == [4, 9, 12, 18]
     assert decoding_limits(sources, [[], [], [9] * 20, []], decode) == [4, 9, 21, 18]  # a prefix and EOS fit
+    prefixes = [[], [], [9] * 20 + [NEW_WORD], []]  # and the word begun after it
+    rules = StepRules(prefix=torch.tensor([ids + [PAD] * (21 - len(ids)) for ids in prefixes]))
+    assert decoding_limits(sources, prefixes, decode) == output_limits(pad_source(sources), 1.2, 3, rules).tolist()
+    assert decoding_limits(sources, prefixes, decode) == [4, 9, 22, 18]
 
 
 def test_the_source_eos_column_is_what_each_row_leaves():

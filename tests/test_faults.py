@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import (
@@ -651,6 +652,14 @@ def test_translate_writes_through_links_and_pipes_and_never_over_what_it_reads(m
     before = weights.read_bytes()
     assert_one_line_error(_cli("translate", model_dir, "-i", src, "-o", weights), "inside")
     assert weights.read_bytes() == before
+    for own_file in ("config.yaml", "vocab.json", "train_log.jsonl", next(model_dir.glob("spm*.model")).name):
+        before = (model_dir / own_file).read_bytes()
+        assert_one_line_error(_cli("translate", model_dir, "-i", src, "-o", model_dir / own_file), "which this command reads")
+        assert (model_dir / own_file).read_bytes() == before
+    for _ in range(2):  # a file of the user's beside the model's own: written, and written again
+        assert _cli("translate", model_dir, "-i", src, "-o", model_dir / "test.hyp").exit_code == 0
+        assert (model_dir / "test.hyp").read_text(encoding="utf-8") == expected
+    (model_dir / "test.hyp").unlink()
 
 
 def test_prepare_never_replaces_a_folder_holding_its_own_input(data_dir, tmp_path):
@@ -756,6 +765,13 @@ def test_a_damaged_training_log_or_token_file_is_a_one_line_error(model_dir, dat
     (data / "train.src.tokens.npy").write_bytes(b"")
     result = _cli("train", "--data", data, "--out", tmp_path / "m", "--no-progress")
     assert_one_line_error(result, "train.src.tokens.npy", "run nmt prepare again")
+    shutil.rmtree(data)
+    shutil.copytree(data_dir, data)
+    tokens = np.load(data / "valid.tgt.tokens.npy")
+    tokens[-1] = np.iinfo(tokens.dtype).max  # an id past the embedding table: an IndexError mid-run unchecked
+    np.save(data / "valid.tgt.tokens.npy", tokens)
+    result = _cli("train", "--data", data, "--out", tmp_path / "m", "--no-progress")
+    assert_one_line_error(result, "valid.tgt", f"token id {np.iinfo(tokens.dtype).max} is outside the vocabulary")
 
 
 def test_serve_refuses_a_port_out_of_range(model_dir):

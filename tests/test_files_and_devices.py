@@ -242,6 +242,22 @@ def test_an_output_inside_a_folder_given_by_another_spelling_is_refused(tmp_path
     check_output_apart(tmp_path / "out.txt", [], [Path("model")])  # beside it: fine
 
 
+def test_a_folder_without_a_training_config_is_the_models_own_as_a_whole(tmp_path):
+    """An export directory holds no config.yaml: nothing may be written into it, while a training
+    run's directory keeps only its own files from outputs (tests/test_faults.py)."""
+    from nmt.checkpoint import model_dir_contents
+    from nmt.errors import DataError
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.bin").write_bytes(b"weights")
+    assert model_dir_contents(export) == [export]
+    with pytest.raises(DataError, match="inside"):
+        check_output_apart(export / "test.hyp", [], model_dir_contents(export))
+    with pytest.raises(DataError, match="it is .*model.bin, which this command reads"):
+        check_output_apart(export / "model.bin", [], [export / "model.bin"])
+
+
 # --- vocab.json and nmt_export.json read back ------------------------------------------------
 
 def _vocab_json(**changes) -> dict:

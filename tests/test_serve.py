@@ -689,13 +689,13 @@ def test_a_batch_fills_to_exactly_max_lines_and_pending_counts_the_gathered_jobs
     assert slow.calls == [["busy"], ["s0a", "s0b", "s1a", "s1b", "s2a", "s2b"]]
 
 
-def test_a_slice_of_a_batch_keeps_its_own_truncated_lines():
+def test_a_slice_of_a_batch_keeps_its_own_numbered_lines():
     from nmt.serve.batching import _slice
 
-    result = Translations([[Hypothesis([], 0.0)] for _ in range(4)], [["a"], ["b"], ["c"], ["d"]], [2, 4], None)
-    assert _slice(result, 0, 2).truncated == [2]
-    assert _slice(result, 2, 4).truncated == [2]
-    assert _slice(result, 1, 3).truncated == [1]
+    result = Translations([[Hypothesis([], 0.0)] for _ in range(4)], [["a"], ["b"], ["c"], ["d"]], [2, 4], None, [1, 3])
+    assert _slice(result, 0, 2).truncated == [2] and _slice(result, 0, 2).unknown_in_prefix == [1]
+    assert _slice(result, 2, 4).truncated == [2] and _slice(result, 2, 4).unknown_in_prefix == [1]
+    assert _slice(result, 1, 3).truncated == [1] and _slice(result, 1, 3).unknown_in_prefix == [2]
 
 
 def test_alternatives_leave_out_copies_of_the_best_and_of_each_other():

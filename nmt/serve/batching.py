@@ -136,5 +136,8 @@ def _slice(result: Translations, start: int, end: int) -> Translations:
     maps = None
     if result.attention_maps is not None:
         maps = [m and dataclasses.replace(m, line=m.line - start) for m in result.attention_maps[start:end]]
-    truncated = [n - start for n in result.truncated if start < n <= end]
-    return Translations(result.hypotheses[start:end], result.texts[start:end], truncated, maps)
+    def numbers(lines: list[int]) -> list[int]:  # 1-based numbers of the batch's lines
+        return [n - start for n in lines if start < n <= end]
+
+    return Translations(result.hypotheses[start:end], result.texts[start:end], numbers(result.truncated), maps,
+                        numbers(result.unknown_in_prefix))
