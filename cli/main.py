@@ -429,6 +429,8 @@ def evaluate(
     from nmt.multilingual import parse_directions
 
     with user_errors():
+        if sys.stdout is None:  # the scores are this command's only output
+            raise NmtError("the standard output is closed: nowhere to print the scores")
         report = run_evaluate(EvaluateRequest(
             hyp=hyp, ref=ref, src=src, model=model, data=data, split=split,
             directions=None if directions is None else parse_directions(directions), pivot=pivot,

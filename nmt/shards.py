@@ -135,9 +135,10 @@ class TokenArray:
             self.lengths = sequence_lengths(self.offsets)
         except ValueError as e:
             raise DataError(f"{Path(directory) / stem}: {e}; run nmt prepare again") from None
-        if vocab_size is not None and len(self.tokens) and int(self.tokens.max()) >= vocab_size:
-            raise DataError(f"{Path(directory) / stem}: token id {int(self.tokens.max())} is outside the vocabulary of "
-                            f"{vocab_size} pieces; run nmt prepare again")
+        largest = int(self.tokens.max(initial=0)) if vocab_size is not None else 0
+        if vocab_size is not None and largest >= vocab_size:
+            raise DataError(f"{Path(directory) / stem}: token id {largest} is outside the vocabulary of {vocab_size} "
+                            "pieces; run nmt prepare again")
         self.release_pages()
 
     def release_pages(self) -> None:

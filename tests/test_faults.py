@@ -536,6 +536,19 @@ def test_a_tokenizer_the_target_language_picks_is_loaded_before_translating(sour
     assert_one_line_error(result, "BLEU tokenizer 'ja-mecab' cannot be loaded")
 
 
+def test_a_closed_standard_output_is_refused_where_it_is_the_output(model_dir, tmp_path):
+    """Python gives a process started with its standard output closed `sys.stdout = None`, and
+    printing to it then does nothing: scores or translations would be lost with exit status 0."""
+    two = tmp_path / "two.txt"
+    two.write_text("w1 w2\nw3\n", encoding="utf-8")
+    for command, problem in ((["evaluate", "--hyp", two, "--ref", two], "nowhere to print the scores"),
+                             (["translate", model_dir, "-i", two], "give -o FILE")):
+        process = subprocess.run([sys.executable, "-m", "nmt_cli", *map(str, command)], preexec_fn=lambda: os.close(1),
+                                 stderr=subprocess.PIPE, text=True, timeout=120)
+        assert process.returncode == 1 and process.stderr.strip().splitlines() == [
+            f"error: the standard output is closed: {problem}"], process.stderr
+
+
 def test_evaluate_and_plot_errors_are_one_line(data_dir, tmp_path):
     runner = CliRunner()
     save_dir = tmp_path / "model"

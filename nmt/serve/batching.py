@@ -136,6 +136,7 @@ def _slice(result: Translations, start: int, end: int) -> Translations:
     maps = None
     if result.attention_maps is not None:
         maps = [m and dataclasses.replace(m, line=m.line - start) for m in result.attention_maps[start:end]]
+
     def numbers(lines: list[int]) -> list[int]:  # 1-based numbers of the batch's lines
         return [n - start for n in lines if start < n <= end]
 
