@@ -41,6 +41,7 @@ from nmt.train_log import LOG_NAME, TENSORBOARD_DIR
 
 CHECKPOINT_NAMES = ("best", "last")
 UPDATE_CHECKPOINTS = "checkpoints"  # the folder of train.keep_last / keep_best
+LOCK_NAME = ".lock"  # held by the training run that writes the directory
 TRAINED_WEIGHTS = "weights."  # optimizer.safetensors: the trained weights, when model.safetensors holds their average
 
 
@@ -57,7 +58,7 @@ def training_lock(save_dir: Path):
     import fcntl
 
     save_dir = Path(os.path.realpath(save_dir))  # "new/../mine" must not count "mine" as made here
-    lock = save_dir / ".lock"
+    lock = save_dir / LOCK_NAME
     created = [path for path in (*reversed(save_dir.parents), save_dir, lock) if not path.exists()]
     try:
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +124,7 @@ def model_dir_contents(model_dir: Path) -> list[Path]:
     model_dir = Path(model_dir)
     if not has_config(model_dir):
         return [model_dir]
-    hidden = [model_dir / name for name in (".lock", REPLACING, REPLACED, RESTORING, DROPPING)]
+    hidden = [model_dir / name for name in (LOCK_NAME, REPLACING, REPLACED, RESTORING, DROPPING)]
     return _run_files(model_dir) + [path for path in hidden if path.exists()]
 
 

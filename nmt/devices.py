@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 
 import torch
 
@@ -65,6 +66,7 @@ def gpu_has_bf16(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
+@functools.cache  # read once: an RNN asks at every decoding step under autocast
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
     """The instruction-set flags of this CPU as Linux lists them ("flags" on x86, "Features" on
     ARM); empty where they can't be read."""

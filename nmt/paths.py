@@ -43,9 +43,10 @@ def check_output_apart(output: Path, inputs: Sequence[Path | None], owned: Seque
         return
     written = Path(os.path.realpath(output))
     for path in owned:
-        if Path(path).resolve() == written:
+        resolved = Path(path).resolve()
+        if resolved == written:
             raise DataError(f"cannot write {output}: it is {path}, which this command reads")
-        if Path(path).resolve() in written.parents:
+        if resolved in written.parents:
             raise DataError(f"cannot write {output}: it is inside {path}, which this command reads")
 
 

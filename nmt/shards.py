@@ -135,8 +135,7 @@ class TokenArray:
             self.lengths = sequence_lengths(self.offsets)
         except ValueError as e:
             raise DataError(f"{Path(directory) / stem}: {e}; run nmt prepare again") from None
-        largest = int(self.tokens.max(initial=0)) if vocab_size is not None else 0
-        if vocab_size is not None and largest >= vocab_size:
+        if vocab_size is not None and (largest := int(self.tokens.max(initial=0))) >= vocab_size:
             raise DataError(f"{Path(directory) / stem}: token id {largest} is outside the vocabulary of {vocab_size} "
                             "pieces; run nmt prepare again")
         self.release_pages()

@@ -156,7 +156,7 @@ def test_the_recurrence_runs_in_fp32_under_cpu_autocast_without_bf16_instruction
     descriptor"): the recurrent layers run in fp32 there, the rest under autocast."""
     import nmt.models.rnn
 
-    monkeypatch.setattr(nmt.models.rnn, "_cpu_has_half_instructions", lambda dtype: False)
+    monkeypatch.setattr(nmt.models.rnn, "cpu_multiplies_natively", lambda dtype: False)
     config = ModelConfig(arch="rnn", cell="lstm", input_feeding=feeding, embed_dim=16, hidden_dim=32,
                          enc_layers=2, dec_layers=1, dropout=0.0, tie_output=False)
     model = build_model(config, V_SRC, V_TGT).train()

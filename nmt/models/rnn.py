@@ -4,7 +4,6 @@ decoder that attends over the encoder states at every step, with optional input 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -58,11 +57,6 @@ def _rnn_class(cell: str) -> type[nn.RNNBase]:
 HiddenState = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
 
 
-@functools.cache
-def _cpu_has_half_instructions(dtype: torch.dtype) -> bool:
-    return cpu_multiplies_natively(dtype)
-
-
 def _run_recurrent(layer: nn.RNNBase, x: torch.Tensor | PackedSequence, hx: HiddenState = None):
     """`layer(x, hx)` as autocast runs it, except on a CPU without instructions for autocast's
     half-precision type: there oneDNN can't build a bf16 LSTM for most shapes ("could not create
@@ -70,7 +64,7 @@ def _run_recurrent(layer: nn.RNNBase, x: torch.Tensor | PackedSequence, hx: Hidd
     recurrence runs in fp32 and returns fp32 states."""
     device = x.data.device if isinstance(x, PackedSequence) else x.device
     if (device.type != "cpu" or not torch.is_autocast_enabled("cpu")
-            or _cpu_has_half_instructions(torch.get_autocast_dtype("cpu"))):
+            or cpu_multiplies_natively(torch.get_autocast_dtype("cpu"))):
         return layer(x, hx)
     if hx is not None:
         hx = tuple(h.float() for h in hx) if isinstance(hx, tuple) else hx.float()
